@@ -1,0 +1,443 @@
+"""Checkpoints: Orbax training checkpoints (resharding on restore) and facet checkpoints.
+
+Training checkpoints (`Checkpointer`) wrap `orbax.checkpoint.CheckpointManager`.
+Each step folder holds up to three items:
+
+  state  any pytree (embedding tables, sparse optimizer slots, dense params,
+         optax state, step), written with `ocp.args.StandardSave`;
+  meta   a JSON object (data-iterator position, config, RNG seeds, ...);
+  vocab  vocabularies as plain arrays (int64 ids, or UTF-8 bytes + offsets for
+         string ids): no pickle anywhere.
+
+Restoring onto another mesh (8 -> 4 -> 1 devices, row-sharded -> replicated)
+works by passing a target tree of `jax.ShapeDtypeStruct(shape, dtype,
+sharding=NamedSharding(new_mesh, spec))`; `abstract_like` builds one. Orbax
+reads each device's slice straight from the stored chunks.
+
+A trainer resumes exactly by saving its `TrainState` as `state` and its
+`BatchIterator.state()` (plus anything else that decides the next batch) as
+`meta`, then on start-up: `step = ckpt.latest_step()`; if not None,
+`state, meta = ckpt.restore(step, target=abstract_like(fresh_state, shardings))`
+and `iterator.restore(meta["data"])`. Save typed PRNG keys as
+`jax.random.key_data(key)` (plain uint32 arrays).
+
+Facet checkpoints (`save_facet` / `load_facet`) hand pretrained tables to the
+ranker: a folder with `facet.json`, `tables/<entity>.npy` (float32 [R, D]) and
+`vocab/<entity>.npy` (raw ids in row order), written atomically and loaded
+with `np.load(mmap_mode="r", allow_pickle=False)`.
+
+Dimension legend: R table rows, D embedding dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FACET_FORMAT_VERSION = 1
+_FACET_JSON = "facet.json"
+
+
+# ----------------------------------------------------------------------------- vocab codec
+
+
+def _vocab_array(v) -> np.ndarray:
+    """Raw ids as an int64 or unicode array (accepts Vocab-like objects)."""
+    for attr in ("raw_ids", "ids"):
+        if not isinstance(v, np.ndarray) and hasattr(v, attr):
+            v = getattr(v, attr)
+            break
+    arr = np.asarray(v)
+    if arr.dtype.kind == "O":
+        if not all(isinstance(x, str) for x in arr.reshape(-1)):
+            raise ValueError("vocabulary of Python objects must hold only str ids")
+        arr = arr.astype(np.str_)
+    if arr.ndim != 1:
+        raise ValueError(f"vocabulary must be 1-D raw ids in row order, got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "U":
+        return arr
+    raise ValueError(f"vocabulary ids must be integers or strings, got dtype {arr.dtype}")
+
+
+def _encode_vocab(v) -> dict[str, np.ndarray]:
+    arr = _vocab_array(v)
+    if arr.dtype.kind != "U":
+        return {"ids": arr}
+    encoded = [s.encode("utf-8") for s in arr.tolist()]
+    lengths = np.fromiter((len(b) for b in encoded), np.int64, len(encoded))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    # One trailing pad byte keeps the array non-empty (all-empty strings).
+    data = np.frombuffer(b"".join(encoded) + b"\0", np.uint8).copy()
+    return {"utf8": data, "offsets": offsets}
+
+
+def _decode_vocab(enc: Mapping[str, Any]) -> np.ndarray:
+    if "ids" in enc:
+        return np.asarray(enc["ids"], np.int64)
+    data = np.asarray(enc["utf8"], np.uint8).tobytes()
+    off = np.asarray(enc["offsets"], np.int64)
+    return np.array([data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:], strict=True)], np.str_)
+
+
+# ----------------------------------------------------------------------------- Orbax
+
+
+def abstract_like(tree, shardings=None):
+    """Abstract restore target for `tree`, optionally placed on new shardings.
+
+    Args:
+      tree: pytree of jax.Array / np.ndarray / jax.ShapeDtypeStruct / scalars.
+      shardings: None (jax.Array leaves keep their own sharding), one
+        `jax.sharding.Sharding` for every array leaf (a NamedSharding whose
+        spec does not fit a leaf, e.g. a scalar step or a dim the mesh does not
+        divide, is replaced by the replicated P() on the same mesh for that
+        leaf), or a pytree with the structure of `tree` holding a Sharding (or
+        None) per leaf.
+
+    Returns:
+      Same structure; jax.Array / ShapeDtypeStruct leaves become
+      `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`. NumPy leaves without
+      a sharding become ShapeDtypeStruct without sharding (restored as NumPy);
+      Python scalars stay as they are (restored as scalars).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        per_leaf = [_fit(shardings, getattr(x, "shape", None)) for x in leaves]
+    else:
+        per_leaf = jax.tree.leaves(
+            shardings, is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding)
+        )
+        if len(per_leaf) != len(leaves):
+            raise ValueError(
+                f"shardings has {len(per_leaf)} leaves but the tree has {len(leaves)}"
+            )
+
+    def one(x, s):
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+            s = s if s is not None else getattr(x, "sharding", None)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        if isinstance(x, np.ndarray):
+            if s is None:
+                return jax.ShapeDtypeStruct(x.shape, x.dtype)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return x
+
+    return jax.tree.unflatten(treedef, [one(x, s) for x, s in zip(leaves, per_leaf, strict=True)])
+
+
+def _fit(sharding, shape):
+    """`sharding` if it can place an array of `shape`, else replicated on its mesh."""
+    if not isinstance(sharding, jax.sharding.NamedSharding) or shape is None:
+        return sharding
+    try:
+        sharding.check_compatible_aval(tuple(shape))
+        for dim, axes in zip(shape, sharding.spec, strict=False):
+            axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            size = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+            if dim % size:
+                raise ValueError(f"{dim} not divisible by {size}")
+    except ValueError:
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding
+
+
+class Checkpointer:
+    """Orbax `CheckpointManager` with `state` (pytree), `meta` (JSON) and `vocab` items.
+
+    Args:
+      directory: root folder; one sub-folder per saved step.
+      keep: number of most recent checkpoints kept (None keeps all).
+      save_interval_steps: `save` is a no-op unless step % interval == 0
+        (or force=True, or no checkpoint exists yet).
+      async_save: write in a background thread; `save` returns once device
+        arrays are copied to host, so the caller may donate them afterwards.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            create=True,
+            # A run killed mid-save leaves a *.orbax-checkpoint-tmp-* folder; the
+            # restarted run removes it and resumes from the last committed step.
+            cleanup_tmp_directories=True,
+        )
+        self._mgr = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(
+        self,
+        step: int,
+        state,
+        meta: dict | None = None,
+        *,
+        vocabs: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves `state` (pytree), `meta` (JSON dict) and `vocabs` at `step`.
+
+        Args:
+          step: the training step (checkpoint id).
+          state: any pytree of arrays / scalars.
+          meta: JSON-serialisable dict (e.g. {"data": iterator.state(), "config": ...}).
+          vocabs: name -> raw ids in row order (int or str arrays), optional.
+          force: save even if `step` is off the save interval.
+
+        Returns:
+          True if a checkpoint was started.
+        """
+        meta = {} if meta is None else meta
+        try:
+            json.dumps(meta)
+        except TypeError as e:
+            raise ValueError(f"checkpoint meta must be JSON-serialisable: {e}") from None
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if vocabs:
+            enc = {name: _encode_vocab(v) for name, v in vocabs.items()}
+            items["vocab"] = ocp.args.StandardSave(enc)
+        return self._mgr.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step, or None."""
+        return self._mgr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of all kept checkpoints, ascending."""
+        return sorted(self._mgr.all_steps())
+
+    def _resolve(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        elif int(step) not in self._mgr.all_steps():
+            raise FileNotFoundError(
+                f"{self.directory}: no checkpoint at step {step}; have {self.all_steps()}"
+            )
+        return int(step)
+
+    def restore(self, step: int | None = None, *, target=None) -> tuple[Any, dict]:
+        """Restores `(state, meta)`.
+
+        Args:
+          step: which checkpoint; None = latest.
+          target: abstract (or concrete) tree with the saved structure; its
+            `jax.ShapeDtypeStruct.sharding`s place the restored arrays (another
+            mesh, other PartitionSpecs). None restores the saved structure as
+            nested dicts with the saved shardings (same devices only).
+
+        Returns:
+          (state, meta).
+        """
+        step = self._resolve(step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        )
+        out = self._mgr.restore(step, args=args)
+        return out["state"], dict(out["meta"] or {})
+
+    def restore_vocabs(self, step: int | None = None) -> dict[str, np.ndarray]:
+        """Vocabularies saved with `step` (None = latest); {} if none were saved."""
+        step = self._resolve(step)
+        if not (self.directory / str(step) / "vocab").exists():
+            return {}
+        out = self._mgr.restore(step, args=ocp.args.Composite(vocab=ocp.args.StandardRestore()))
+        return {name: _decode_vocab(enc) for name, enc in out["vocab"].items()}
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------- facets
+
+
+@dataclasses.dataclass(frozen=True)
+class Facet:
+    """A pretrained facet: entity tables and their vocabularies.
+
+    Attributes:
+      facet: facet name, e.g. "cl" (contrastive) or "kg" (knowledge graph).
+      tables: entity type -> float32 [R, D] (read-only memmap).
+      vocabs: entity type -> [R] raw ids in row order (int64 or str).
+      metrics: the pretraining job's metrics (JSON).
+    """
+
+    facet: str
+    tables: dict[str, np.ndarray]
+    vocabs: dict[str, np.ndarray]
+    metrics: dict
+
+
+def _to_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _fsync_path(path: pathlib.Path, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_facet(
+    path: str | os.PathLike,
+    *,
+    facet: str,
+    tables: Mapping[str, Any],
+    vocabs: Mapping[str, Any],
+    metrics: dict | None = None,
+) -> pathlib.Path:
+    """Writes a facet checkpoint atomically (replacing an existing one at `path`).
+
+    In a multi-process run every process must call this (sharded tables are
+    gathered collectively); only process 0 writes.
+
+    Args:
+      path: the facet folder.
+      facet: facet name ("cl", "kg", ...).
+      tables: entity type -> [R, D] table (np.ndarray or jax.Array).
+      vocabs: entity type -> raw ids in row order (int or str array, or a
+        Vocab-like object with `.raw_ids` / `.ids`); one per table.
+      metrics: JSON-serialisable pretraining metrics.
+
+    Returns:
+      The facet folder.
+    """
+    path = pathlib.Path(path).absolute()
+    if set(tables) != set(vocabs):
+        raise ValueError(
+            f"facet {facet!r}: tables {sorted(tables)} and vocabs {sorted(vocabs)} differ"
+        )
+    host_tables = {name: _to_host(t) for name, t in tables.items()}
+    if jax.process_index() != 0:
+        return path
+    meta = {"format_version": FACET_FORMAT_VERSION, "facet": facet, "tables": {}, "metrics": metrics or {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        (tmp / "tables").mkdir(parents=True)
+        (tmp / "vocab").mkdir()
+        for name in sorted(host_tables):
+            t = host_tables[name]
+            if t.ndim != 2:
+                raise ValueError(f"facet {facet!r} table {name!r}: expected [R, D], got {t.shape}")
+            v = _vocab_array(vocabs[name])
+            if v.shape[0] != t.shape[0]:
+                raise ValueError(
+                    f"facet {facet!r} table {name!r}: {t.shape[0]} rows but vocab has {v.shape[0]} ids"
+                )
+            np.save(tmp / "tables" / f"{name}.npy", t.astype(np.float32, copy=False), allow_pickle=False)
+            np.save(tmp / "vocab" / f"{name}.npy", v, allow_pickle=False)
+            meta["tables"][name] = {
+                "rows": int(t.shape[0]),
+                "dim": int(t.shape[1]),
+                "table": f"tables/{name}.npy",
+                "vocab": f"vocab/{name}.npy",
+            }
+        (tmp / _FACET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
+        for p in tmp.rglob("*"):
+            _fsync_path(p, directory=p.is_dir())
+        _fsync_path(tmp, directory=True)
+        trash = None
+        if path.exists():
+            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)
+        os.rename(tmp, path)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        _fsync_path(path.parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def load_facet(path: str | os.PathLike) -> Facet:
+    """Loads a facet checkpoint written by `save_facet` (tables mmap'd read-only).
+
+    Args:
+      path: the facet folder.
+
+    Returns:
+      Facet(facet, tables, vocabs, metrics).
+
+    Raises:
+      FileNotFoundError / ValueError: naming the missing or inconsistent file.
+    """
+    path = pathlib.Path(path)
+    mpath = path / _FACET_JSON
+    try:
+        meta = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{mpath}: missing; {path} is not a facet checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+    if meta.get("format_version") != FACET_FORMAT_VERSION:
+        raise ValueError(f"{mpath}: unsupported format_version {meta.get('format_version')}")
+    tables, vocabs = {}, {}
+    for name, e in meta["tables"].items():
+        tpath, vpath = path / e["table"], path / e["vocab"]
+        try:
+            t = np.load(tpath, mmap_mode="r", allow_pickle=False)
+            v = np.load(vpath, allow_pickle=False)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err.filename}: missing (listed in {mpath})") from None
+        except ValueError as err:
+            raise ValueError(f"{tpath} or {vpath}: unreadable .npy ({err})") from None
+        if t.shape != (e["rows"], e["dim"]):
+            raise ValueError(f"{tpath}: shape {t.shape}, {mpath} says {(e['rows'], e['dim'])}")
+        if v.shape != (e["rows"],):
+            raise ValueError(f"{vpath}: shape {v.shape}, {mpath} says ({e['rows']},)")
+        tables[name], vocabs[name] = t, v
+    return Facet(facet=meta["facet"], tables=tables, vocabs=vocabs, metrics=meta.get("metrics") or {})

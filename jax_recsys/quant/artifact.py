@@ -1,0 +1,598 @@
+"""The serving artifact: quantized tables + vocabularies + ranker params, versioned.
+
+Layout (the contract in docs/ARCHITECTURE.md, "Serving artifact"):
+
+    ART/
+      manifest.json            format_version, version, tables, ranker, files, sizes, report
+      tables/<name>.codes.npy  uint8 [R, ceil(D/2)] (int4) | uint8 [R, D] (int8) | float32 [R, D]
+      tables/<name>.scale.npy  [R] (float16 by default); absent for float32 tables
+      tables/<name>.bias.npy   [R]
+      vocab/<name>.npy         raw ids in row order (int64 or unicode; never object)
+      ranker/config.json       the ranker's config (JSON)
+      ranker/params/<leaf>.npy dense parameters, one file per leaf path
+
+`manifest["files"]` maps every file (relative path) except manifest.json to
+its sha256; `manifest["sizes"]` to its size in bytes. The version id is the
+first 16 hex digits of sha256 over the sorted lines "<relpath>\\0<sha256>\\n"
+(`compute_version`), so equal content gives an equal version and any changed
+byte gives a new one. Servers and the ranker compare versions and refuse to
+pair different ones.
+
+Writing is atomic: everything goes into a hidden temporary sibling folder,
+every file and folder is fsync'ed, then the folder is renamed into place. A
+failure removes the temporary folder, so a half-written artifact is never
+visible under the final name.
+
+This module imports only NumPy and the standard library (the embedding server
+uses it).
+
+Dimension legend: R table rows, D embedding dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import uuid
+
+import numpy as np
+
+from jax_recsys.quant import rowwise
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_DTYPE_OF_BITS = {4: "int4", 8: "int8", 32: "float32"}
+_BITS_OF_DTYPE = {v: k for k, v in _DTYPE_OF_BITS.items()}
+
+
+class ArtifactError(ValueError):
+    """A serving artifact is missing, damaged, inconsistent or of the wrong version."""
+
+
+class Manifest(dict):
+    """The parsed manifest.json: a plain dict with attribute shortcuts."""
+
+    @property
+    def version(self) -> str:
+        return self["version"]
+
+    @property
+    def format_version(self) -> int:
+        return self["format_version"]
+
+    @property
+    def tables(self) -> dict:
+        return self["tables"]
+
+    @property
+    def ranker(self) -> dict | None:
+        return self.get("ranker")
+
+    @property
+    def files(self) -> dict[str, str]:
+        return self["files"]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self.get("sizes", {})
+
+    @property
+    def report(self) -> dict:
+        return self.get("report") or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A loaded serving artifact; table arrays are read-only memmaps.
+
+    Attributes:
+      path: the artifact folder.
+      version: the content version id (16 hex digits).
+      manifest: the parsed manifest.
+      tables: name -> QuantizedTable (mmap'd).
+      vocabs: name -> raw ids in row order (mmap'd).
+      ranker_config: the ranker's JSON config, or None.
+      ranker_params: leaf path -> array, or {}.
+    """
+
+    path: pathlib.Path
+    version: str
+    manifest: Manifest
+    tables: dict[str, rowwise.QuantizedTable]
+    vocabs: dict[str, np.ndarray]
+    ranker_config: dict | None
+    ranker_params: dict[str, np.ndarray]
+
+    def lookup(self, table: str, rows) -> np.ndarray:
+        """Dequantized float32 rows.shape + (D,) of `table` (see `dequantize_rows`)."""
+        if table not in self.tables:
+            raise KeyError(f"artifact {self.path} has no table {table!r}; has {sorted(self.tables)}")
+        return rowwise.dequantize_rows(self.tables[table], rows)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def compute_version(files: dict[str, str]) -> str:
+    """Version id: first 16 hex of sha256 over sorted (relpath, sha256) pairs.
+
+    Args:
+      files: relative path -> hex sha256 of the file.
+
+    Returns:
+      16 hex characters.
+    """
+    h = hashlib.sha256()
+    for rel, digest in sorted(files.items()):
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _sha256_file(path: pathlib.Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _dump_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"{kind} name {name!r} is not a safe file name (letters, digits, '_', '.', '-')"
+        )
+
+
+def _param_file_name(leaf: str, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.\-]", "_", leaf).strip(".") or "param"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _save_npy(path: pathlib.Path, arr: np.ndarray, what: str) -> None:
+    arr = np.asarray(arr)
+    if arr.dtype.hasobject:
+        raise ValueError(
+            f"{what}: object arrays cannot be stored without pickle; convert to int64 or str"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, arr, allow_pickle=False)
+
+
+def _expected_arrays(name: str, entry: dict) -> dict[str, tuple[tuple, np.dtype]]:
+    """kind -> (shape, dtype) expected from a manifest table entry."""
+    rows, dim, dtype = int(entry["rows"]), int(entry["dim"]), entry["dtype"]
+    if dtype not in _BITS_OF_DTYPE:
+        raise ArtifactError(f"{MANIFEST}: table {name!r} has unknown dtype {dtype!r}")
+    bits = _BITS_OF_DTYPE[dtype]
+    if bits == 32:
+        return {"codes": ((rows, dim), np.dtype(np.float32))}
+    sdt = np.dtype(entry["scale_dtype"])
+    return {
+        "codes": ((rows, rowwise.packed_dim(dim, bits)), np.dtype(np.uint8)),
+        "scale": ((rows,), sdt),
+        "bias": ((rows,), sdt),
+    }
+
+
+# ----------------------------------------------------------------------------- write
+
+
+def write_artifact(
+    out_dir: str | os.PathLike,
+    *,
+    tables: dict[str, np.ndarray | rowwise.QuantizedTable],
+    vocabs: dict[str, np.ndarray],
+    bits: int = 4,
+    ranker_config: dict | None = None,
+    ranker_params: dict[str, np.ndarray] | None = None,
+    report: dict | None = None,
+    chunk_rows: int = 65536,
+    scale_dtype=np.float16,
+    overwrite: bool = False,
+) -> Manifest:
+    """Writes a serving artifact atomically.
+
+    Args:
+      out_dir: the artifact folder to create.
+      tables: name -> float [R, D] table (ndarray or memmap; quantized chunk by
+        chunk at `bits`) or an already quantized QuantizedTable (kept as is).
+      vocabs: name -> raw ids in row order ([R], int or unicode). Every table
+        needs one; vocabularies without a table are refused.
+      bits: 4 (default), 8, or 32 (store float32 rows unquantized).
+      ranker_config: JSON-serialisable ranker config, stored as ranker/config.json.
+      ranker_params: leaf path (e.g. "mlp/layers/0/kernel") -> array.
+      report: free-form JSON-serialisable report (quality/size deltas) kept in
+        the manifest.
+      chunk_rows: rows per quantization chunk (bounds memory).
+      scale_dtype: storage dtype of per-row scale and bias.
+      overwrite: replace an existing artifact of a different version at `out_dir`.
+
+    Returns:
+      The written Manifest (equal content at `out_dir` is left untouched and its
+      manifest returned).
+
+    Raises:
+      ArtifactError: `out_dir` holds something else and overwrite is False.
+      ValueError: bad table, vocab or parameter input (nothing is left behind).
+    """
+    out = pathlib.Path(out_dir).absolute()
+    if set(vocabs) - set(tables):
+        raise ValueError(f"vocabs without a table: {sorted(set(vocabs) - set(tables))}")
+    if set(tables) - set(vocabs):
+        raise ValueError(f"tables without a vocab: {sorted(set(tables) - set(vocabs))}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = _write_into(
+            tmp,
+            tables=tables,
+            vocabs=vocabs,
+            bits=bits,
+            ranker_config=ranker_config,
+            ranker_params=ranker_params,
+            report=report,
+            chunk_rows=chunk_rows,
+            scale_dtype=scale_dtype,
+        )
+        if out.exists():
+            try:
+                existing = verify_artifact(out, mode="sizes")
+            except ArtifactError:
+                existing = None  # not an artifact, or a damaged one: never 'equal'
+            if existing is not None and existing.get("version") == manifest.version:
+                shutil.rmtree(tmp)
+                return existing
+            if not overwrite and not (out.is_dir() and not any(out.iterdir())):
+                what = f"artifact version {existing.version}" if existing else "other or damaged files"
+                raise ArtifactError(
+                    f"{out} already holds {what}; new version is {manifest.version} "
+                    "(pass overwrite=True to replace it)"
+                )
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_into(
+    root: pathlib.Path,
+    *,
+    tables,
+    vocabs,
+    bits,
+    ranker_config,
+    ranker_params,
+    report,
+    chunk_rows,
+    scale_dtype,
+) -> Manifest:
+    if bits not in rowwise.SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {rowwise.SUPPORTED_BITS}, got {bits}")
+    table_entries = {}
+    for name in sorted(tables):
+        _check_name("table", name)
+        src = tables[name]
+        tdir = root / "tables"
+        if isinstance(src, rowwise.QuantizedTable):
+            q = src
+            names = rowwise.table_file_names(name, q.bits)
+            arrays = {"codes": q.codes, "scale": q.scale, "bias": q.bias}
+            for kind, fname in names.items():
+                _save_npy(tdir / fname, arrays[kind], f"table {name!r} {kind}")
+            rows, dim, tbits = q.num_rows, q.dim, q.bits
+            sdt = None if q.bits == 32 else np.dtype(q.scale.dtype).name
+        else:
+            if getattr(src, "ndim", None) != 2:
+                raise ValueError(f"table {name!r}: expected [R, D], got shape {getattr(src, 'shape', None)}")
+            rowwise.quantize_table_chunked(
+                src, tdir, name, bits=bits, chunk_rows=chunk_rows, scale_dtype=scale_dtype
+            )
+            names = rowwise.table_file_names(name, bits)
+            rows, dim, tbits = int(src.shape[0]), int(src.shape[1]), bits
+            sdt = None if bits == 32 else np.dtype(scale_dtype).name
+        vocab = np.asarray(vocabs[name])
+        if vocab.shape != (rows,):
+            raise ValueError(f"vocab {name!r}: shape {vocab.shape} does not match table rows {rows}")
+        if vocab.dtype.kind not in "iuU":
+            raise ValueError(f"vocab {name!r}: dtype {vocab.dtype} must be integer or unicode str")
+        _save_npy(root / "vocab" / f"{name}.npy", vocab, f"vocab {name!r}")
+        files = {k: f"tables/{v}" for k, v in names.items()}
+        files["vocab"] = f"vocab/{name}.npy"
+        table_entries[name] = {
+            "rows": rows,
+            "dim": dim,
+            "dtype": _DTYPE_OF_BITS[tbits],
+            "scale_dtype": sdt,
+            "files": files,
+        }
+    ranker = None
+    if ranker_config is not None or ranker_params:
+        ranker = {"config": None, "params": {}}
+        if ranker_config is not None:
+            (root / "ranker").mkdir(exist_ok=True)
+            (root / "ranker" / "config.json").write_text(_dump_json(ranker_config))
+            ranker["config"] = "ranker/config.json"
+        taken: set[str] = set()
+        for leaf in sorted(ranker_params or {}):
+            rel = f"ranker/params/{_param_file_name(leaf, taken)}.npy"
+            _save_npy(root / rel, ranker_params[leaf], f"ranker param {leaf!r}")
+            ranker["params"][leaf] = rel
+    files, sizes = {}, {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        _fsync_file(path)
+        files[rel] = _sha256_file(path)
+        sizes[rel] = path.stat().st_size
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        version=compute_version(files),
+        tables=table_entries,
+        ranker=ranker,
+        files=files,
+        sizes=sizes,
+        report=report or {},
+    )
+    (root / MANIFEST).write_text(_dump_json(manifest))
+    _fsync_file(root / MANIFEST)
+    for d in sorted({p.parent for p in root.rglob("*")}, key=lambda p: -len(p.parts)):
+        _fsync_dir(d)
+    # Round-trip through JSON so the returned manifest equals what load reads.
+    return Manifest(json.loads((root / MANIFEST).read_text()))
+
+
+# ----------------------------------------------------------------------------- read
+
+
+def _read_manifest(path: pathlib.Path) -> Manifest:
+    mpath = path / MANIFEST
+    try:
+        data = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{mpath}: missing; {path} is not a serving artifact") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{mpath}: expected a JSON object")
+    for key in ("format_version", "version", "tables", "files"):
+        if key not in data:
+            raise ArtifactError(f"{mpath}: missing key {key!r}")
+    if data["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: format_version {data['format_version']} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    return Manifest(data)
+
+
+def _referenced_files(manifest: Manifest) -> list[str]:
+    refs = [rel for t in manifest.tables.values() for rel in t["files"].values()]
+    ranker = manifest.ranker or {}
+    if ranker.get("config"):
+        refs.append(ranker["config"])
+    refs.extend((ranker.get("params") or {}).values())
+    return refs
+
+
+def verify_artifact(path: str | os.PathLike, *, mode: str = "full") -> Manifest:
+    """Checks an artifact's files against its manifest.
+
+    Modes:
+      "full": every file exists, has the recorded size and sha256, and the
+        version id matches the recorded hashes (reads every byte: use before
+        deployment or in tests).
+      "sizes": every file exists with the recorded size and the version id
+        matches the recorded hashes; no hashing of file contents. This is
+        cheap (stat calls only) and is what the embedding server runs at
+        start-up; it catches truncated and missing files, not bit flips.
+
+    Args:
+      path: the artifact folder.
+      mode: "full" or "sizes".
+
+    Returns:
+      The manifest.
+
+    Raises:
+      ArtifactError: naming the first offending file.
+    """
+    if mode not in ("full", "sizes"):
+        raise ValueError(f"mode must be 'full' or 'sizes', got {mode!r}")
+    root = pathlib.Path(path)
+    manifest = _read_manifest(root)
+    mpath = root / MANIFEST
+    if compute_version(manifest.files) != manifest.version:
+        raise ArtifactError(
+            f"{mpath}: version {manifest.version} does not match the recorded file hashes "
+            f"({compute_version(manifest.files)}); the manifest was edited"
+        )
+    for rel in sorted(_referenced_files(manifest)):
+        if rel not in manifest.files:
+            raise ArtifactError(f"{mpath}: references {rel} which has no checksum entry")
+    for rel, digest in sorted(manifest.files.items()):
+        fpath = root / rel
+        if not fpath.is_file():
+            raise ArtifactError(f"{fpath}: missing (listed in {mpath})")
+        want = manifest.sizes.get(rel)
+        size = fpath.stat().st_size
+        if want is not None and size != want:
+            raise ArtifactError(
+                f"{fpath}: size {size} bytes, manifest says {want} (truncated or replaced)"
+            )
+        if mode == "full" and _sha256_file(fpath) != digest:
+            raise ArtifactError(f"{fpath}: sha256 mismatch (file changed since export)")
+    return manifest
+
+
+def _load_npy(root: pathlib.Path, rel: str, *, mmap: bool, shape=None, dtype=None) -> np.ndarray:
+    fpath = root / rel
+    if not fpath.is_file():
+        raise ArtifactError(f"{fpath}: missing (listed in {root / MANIFEST})")
+    try:
+        arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{fpath}: unreadable or truncated .npy ({e})") from None
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise ArtifactError(f"{fpath}: shape {arr.shape}, manifest says {tuple(shape)}")
+    if dtype is not None and arr.dtype != dtype:
+        raise ArtifactError(f"{fpath}: dtype {arr.dtype}, manifest says {dtype}")
+    return arr
+
+
+def load_artifact(
+    path: str | os.PathLike,
+    *,
+    verify: bool | str = True,
+    expected_version: str | None = None,
+) -> Artifact:
+    """Opens a serving artifact; tables and vocabularies are mmap'd read-only.
+
+    Args:
+      path: the artifact folder.
+      verify: True or "full" = full checksum pass (`verify_artifact`), "sizes" =
+        sizes only (fast start-up), False = no file-level check (shapes and
+        dtypes are still checked against the manifest).
+      expected_version: refuse the artifact unless its version equals this.
+
+    Returns:
+      The Artifact.
+
+    Raises:
+      ArtifactError: naming the offending file.
+    """
+    root = pathlib.Path(path)
+    manifest = _read_manifest(root)
+    if expected_version is not None and manifest.version != expected_version:
+        raise ArtifactError(
+            f"{root / MANIFEST}: version {manifest.version} does not match the expected "
+            f"version {expected_version}; refusing to pair different versions"
+        )
+    if verify:
+        verify_artifact(root, mode="full" if verify is True else verify)
+    tables, vocabs = {}, {}
+    for name, entry in manifest.tables.items():
+        try:
+            expected = _expected_arrays(name, entry)
+            files = entry["files"]
+            arrays = {}
+            for kind, (shape, dtype) in expected.items():
+                if kind not in files:
+                    raise ArtifactError(f"{root / MANIFEST}: table {name!r} lists no {kind} file")
+                arrays[kind] = _load_npy(root, files[kind], mmap=True, shape=shape, dtype=dtype)
+            bits = _BITS_OF_DTYPE[entry["dtype"]]
+            tables[name] = rowwise.QuantizedTable(
+                codes=arrays["codes"],
+                scale=arrays.get("scale"),
+                bias=arrays.get("bias"),
+                dim=int(entry["dim"]),
+                bits=bits,
+            )
+            if "vocab" in files:
+                vocabs[name] = _load_npy(root, files["vocab"], mmap=True, shape=(int(entry["rows"]),))
+        except KeyError as e:
+            raise ArtifactError(f"{root / MANIFEST}: table {name!r} lacks key {e}") from None
+    ranker = manifest.ranker or {}
+    ranker_config = None
+    if ranker.get("config"):
+        cpath = root / ranker["config"]
+        try:
+            ranker_config = json.loads(cpath.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{cpath}: missing (listed in {root / MANIFEST})") from None
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{cpath}: not valid JSON ({e})") from None
+    ranker_params = {
+        leaf: _load_npy(root, rel, mmap=False) for leaf, rel in (ranker.get("params") or {}).items()
+    }
+    return Artifact(
+        path=root,
+        version=manifest.version,
+        manifest=manifest,
+        tables=tables,
+        vocabs=vocabs,
+        ranker_config=ranker_config,
+        ranker_params=ranker_params,
+    )
+
+
+def table_size_report(manifest: dict) -> dict:
+    """Bytes per table against float32 and float16 storage of the same rows.
+
+    Args:
+      manifest: a Manifest (or the dict from manifest.json).
+
+    Returns:
+      {"tables": {name: {"rows", "dim", "dtype", "bytes", "fp32_bytes",
+      "fp16_bytes", "ratio_vs_fp32", "ratio_vs_fp16"}}, "total": {...}}; bytes
+      count codes + scale + bias payload (no .npy headers, no vocab).
+    """
+    out, tot = {}, {"bytes": 0, "fp32_bytes": 0, "fp16_bytes": 0}
+    for name, e in sorted(manifest["tables"].items()):
+        rows, dim = int(e["rows"]), int(e["dim"])
+        bits = _BITS_OF_DTYPE[e["dtype"]]
+        per_row = rowwise.bytes_per_row(dim, bits, e.get("scale_dtype") or np.float16)
+        row = {
+            "rows": rows,
+            "dim": dim,
+            "dtype": e["dtype"],
+            "bytes": rows * per_row,
+            "fp32_bytes": rows * dim * 4,
+            "fp16_bytes": rows * dim * 2,
+        }
+        for k in tot:
+            tot[k] += row[k]
+        out[name] = row
+    for row in [*out.values(), tot]:
+        row["ratio_vs_fp32"] = row["bytes"] / row["fp32_bytes"] if row["fp32_bytes"] else 0.0
+        row["ratio_vs_fp16"] = row["bytes"] / row["fp16_bytes"] if row["fp16_bytes"] else 0.0
+    return {"tables": out, "total": tot}

@@ -1,0 +1,190 @@
+"""Tests for jax_recsys.quant.artifact: write/load round trip and refusal of bad artifacts."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jax_recsys.quant import artifact, rowwise
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    tables = {
+        "user": rng.standard_normal((20, 8)).astype(np.float32),
+        "pin": rng.standard_normal((11, 5)).astype(np.float32),
+    }
+    vocabs = {"user": np.arange(100, 120, dtype=np.int64), "pin": np.array([f"p{i}" for i in range(11)])}
+    params = {"mlp/layers/0/kernel": rng.standard_normal((4, 3)).astype(np.float32),
+              "mlp/layers/0/bias": np.zeros(3, np.float32)}
+    return tables, vocabs, params
+
+
+def _write(path, seed=0, **kw):
+    tables, vocabs, params = _inputs(seed)
+    return artifact.write_artifact(
+        path, tables=tables, vocabs=vocabs, ranker_config={"hidden": [4, 3]},
+        ranker_params=params, report={"auc_delta": -0.0001}, chunk_rows=7, **kw,
+    )
+
+
+def test_roundtrip(tmp_path):
+    tables, vocabs, params = _inputs()
+    m = _write(tmp_path / "art")
+    assert len(m.version) == 16 and int(m.version, 16) >= 0
+    assert m["tables"]["user"] == {
+        "rows": 20, "dim": 8, "dtype": "int4", "scale_dtype": "float16",
+        "files": {"codes": "tables/user.codes.npy", "scale": "tables/user.scale.npy",
+                  "bias": "tables/user.bias.npy", "vocab": "vocab/user.npy"},
+    }
+    assert m.version == artifact.compute_version(m.files)
+    art = artifact.load_artifact(tmp_path / "art", expected_version=m.version)
+    assert art.version == m.version and art.manifest == m
+    # Tables are mmap'd, read-only, and equal to one-shot quantization.
+    assert isinstance(art.tables["user"].codes, np.memmap)
+    ref = rowwise.quantize_rows(tables["user"], bits=4)
+    np.testing.assert_array_equal(art.tables["user"].codes, ref.codes)
+    rows = np.array([19, 0, 3])
+    np.testing.assert_array_equal(art.lookup("user", rows), rowwise.dequantize_rows(ref, rows))
+    np.testing.assert_allclose(art.lookup("pin", np.arange(11)), tables["pin"], atol=0.35)
+    np.testing.assert_array_equal(art.vocabs["pin"], vocabs["pin"])
+    np.testing.assert_array_equal(art.vocabs["user"], vocabs["user"])
+    assert art.ranker_config == {"hidden": [4, 3]}
+    for k, v in params.items():
+        np.testing.assert_array_equal(art.ranker_params[k], v)
+    assert art.manifest.report == {"auc_delta": -0.0001}
+    # Plain numpy can read every file without pickle.
+    for rel in m.files:
+        if rel.endswith(".npy"):
+            np.load(tmp_path / "art" / rel, mmap_mode="r", allow_pickle=False)
+
+
+def test_version_is_content_derived_and_write_is_idempotent(tmp_path):
+    m1 = _write(tmp_path / "a")
+    m2 = _write(tmp_path / "b")
+    assert m1.version == m2.version
+    assert _write(tmp_path / "a").version == m1.version  # same content: no error
+    m3 = _write(tmp_path / "c", seed=1)
+    assert m3.version != m1.version
+    with pytest.raises(artifact.ArtifactError, match=f"already holds artifact version {m1.version}"):
+        _write(tmp_path / "a", seed=1)
+    assert artifact.load_artifact(tmp_path / "a").version == m1.version
+    m4 = _write(tmp_path / "a", seed=1, overwrite=True)
+    assert artifact.load_artifact(tmp_path / "a").version == m4.version == m3.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+def test_prequantized_int8_and_fp32_tables(tmp_path):
+    tables, vocabs, _ = _inputs()
+    q8 = rowwise.quantize_rows(tables["user"], bits=8)
+    m = artifact.write_artifact(tmp_path / "x", tables={"user": q8, "pin": tables["pin"]},
+                                vocabs=vocabs, bits=32)
+    assert m.tables["user"]["dtype"] == "int8" and m.tables["pin"]["dtype"] == "float32"
+    art = artifact.load_artifact(tmp_path / "x")
+    np.testing.assert_array_equal(art.lookup("pin", np.arange(11)), tables["pin"])
+    np.testing.assert_array_equal(art.lookup("user", np.arange(20)), rowwise.dequantize_rows(q8))
+    assert art.ranker_config is None and art.ranker_params == {}
+
+
+def test_truncated_file_refused(tmp_path):
+    _write(tmp_path / "art")
+    f = tmp_path / "art" / "tables" / "user.codes.npy"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size - 10)
+    for verify in (True, "sizes"):
+        with pytest.raises(artifact.ArtifactError, match=r"user\.codes\.npy.*(size|truncated)"):
+            artifact.load_artifact(tmp_path / "art", verify=verify)
+    with pytest.raises(artifact.ArtifactError, match=r"user\.codes\.npy.*truncated"):
+        artifact.load_artifact(tmp_path / "art", verify=False)
+
+
+def test_checksum_mismatch_refused(tmp_path):
+    _write(tmp_path / "art")
+    f = tmp_path / "art" / "tables" / "pin.scale.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    artifact.verify_artifact(tmp_path / "art", mode="sizes")  # same size: the fast mode passes
+    with pytest.raises(artifact.ArtifactError, match=r"pin\.scale\.npy: sha256 mismatch"):
+        artifact.verify_artifact(tmp_path / "art")
+    with pytest.raises(artifact.ArtifactError, match=r"pin\.scale\.npy: sha256 mismatch"):
+        artifact.load_artifact(tmp_path / "art")
+
+
+def test_missing_table_file_refused(tmp_path):
+    _write(tmp_path / "art")
+    os.remove(tmp_path / "art" / "tables" / "pin.bias.npy")
+    for verify in (True, "sizes", False):
+        with pytest.raises(artifact.ArtifactError, match=r"pin\.bias\.npy: missing"):
+            artifact.load_artifact(tmp_path / "art", verify=verify)
+
+
+def test_manifest_edits_refused(tmp_path):
+    m = _write(tmp_path / "art")
+    mpath = tmp_path / "art" / "manifest.json"
+    edited = json.loads(mpath.read_text())
+    edited["tables"]["ghost"] = dict(edited["tables"]["pin"])
+    edited["tables"]["ghost"]["files"] = {k: v.replace("pin", "ghost") for k, v in edited["tables"]["pin"]["files"].items()}
+    mpath.write_text(json.dumps(edited))
+    with pytest.raises(artifact.ArtifactError, match=r"ghost\.(codes|scale|bias)\.npy which has no checksum entry"):
+        artifact.load_artifact(tmp_path / "art")
+    with pytest.raises(artifact.ArtifactError, match=r"ghost\.codes\.npy: missing"):
+        artifact.load_artifact(tmp_path / "art", verify=False)
+    # Declared shape differs from the file.
+    edited = json.loads(json.dumps(m))
+    edited["tables"]["pin"]["rows"] = 12
+    mpath.write_text(json.dumps(edited))
+    with pytest.raises(artifact.ArtifactError, match=r"pin\.codes\.npy: shape \(11, 3\), manifest says \(12, 3\)"):
+        artifact.load_artifact(tmp_path / "art", verify=False)
+    # Changed hash list without a new version id.
+    edited = json.loads(json.dumps(m))
+    edited["files"]["vocab/pin.npy"] = "0" * 64
+    mpath.write_text(json.dumps(edited))
+    with pytest.raises(artifact.ArtifactError, match="manifest.json: version .* was edited"):
+        artifact.verify_artifact(tmp_path / "art", mode="sizes")
+
+
+def test_version_mismatch_refused(tmp_path):
+    m = _write(tmp_path / "art")
+    with pytest.raises(artifact.ArtifactError, match=f"manifest.json: version {m.version} does not match the expected version 0123456789abcdef"):
+        artifact.load_artifact(tmp_path / "art", expected_version="0123456789abcdef")
+    with pytest.raises(artifact.ArtifactError, match="manifest.json: missing"):
+        artifact.load_artifact(tmp_path / "nothing")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    tables, vocabs, params = _inputs()
+    tables["pin"][4, 2] = np.nan
+    with pytest.raises(ValueError, match="row 4"):
+        artifact.write_artifact(tmp_path / "art", tables=tables, vocabs=vocabs, ranker_params=params)
+    assert list(tmp_path.iterdir()) == []
+    tables, vocabs, _ = _inputs()
+    with pytest.raises(ValueError, match="vocab 'pin'.*rows 11"):
+        artifact.write_artifact(tmp_path / "art", tables=tables, vocabs={**vocabs, "pin": np.arange(3)})
+    with pytest.raises(ValueError, match="object arrays"):
+        artifact.write_artifact(tmp_path / "art", tables=tables, vocabs=vocabs,
+                                ranker_params={"p": np.array([None])})
+    assert list(tmp_path.iterdir()) == []
+    # A failure while replacing keeps the old artifact intact.
+    m = _write(tmp_path / "art")
+    bad = dict(tables, pin=np.full((11, 5), np.inf, np.float32))
+    with pytest.raises(ValueError, match="row 0"):
+        artifact.write_artifact(tmp_path / "art", tables=bad, vocabs=vocabs, overwrite=True)
+    assert artifact.load_artifact(tmp_path / "art").version == m.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_size_report(tmp_path):
+    rng = np.random.default_rng(0)
+    m = artifact.write_artifact(tmp_path / "art", tables={"user": rng.standard_normal((1000, 64)).astype(np.float32)},
+                                vocabs={"user": np.arange(1000)})
+    rep = artifact.table_size_report(m)
+    u = rep["tables"]["user"]
+    assert u["bytes"] == 36_000 and u["fp32_bytes"] == 256_000 and u["fp16_bytes"] == 128_000
+    assert u["ratio_vs_fp32"] == pytest.approx(0.140625) and u["ratio_vs_fp32"] <= 0.141
+    assert u["ratio_vs_fp16"] == pytest.approx(0.28125)
+    assert rep["total"]["bytes"] == 36_000
+    # The payload arithmetic matches the files on disk up to .npy headers.
+    on_disk = sum(m.sizes[f"tables/user.{k}.npy"] for k in ("codes", "scale", "bias"))
+    assert 36_000 < on_disk <= 36_000 + 3 * 128

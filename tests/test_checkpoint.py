@@ -1,0 +1,171 @@
+"""Tests for jax_recsys.checkpoint: Orbax save/restore, cross-mesh restore, facets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_recsys import checkpoint
+
+
+def _mesh(n):
+    return jax.make_mesh(
+        (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+    )
+
+
+def _state(mesh):
+    rows = jax.device_put(
+        jnp.arange(16 * 4, dtype=jnp.float32).reshape(16, 4) / 7, NamedSharding(mesh, P("data"))
+    )
+    slot = jax.device_put(jnp.linspace(0, 1, 16, dtype=jnp.float32), NamedSharding(mesh, P("data")))
+    params = {"w": jnp.full((3, 2), 0.5, jnp.float32), "b": jnp.array([1.0, -2.0])}
+    opt_state = optax.adam(1e-3).init(params)
+    return {
+        "emb": {"tables": {"user": rows}, "slots": {"user": {"acc": slot}}},
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.array(7, jnp.int32),
+    }
+
+
+def _assert_tree_equal(a, b):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_restore_exact_with_meta_and_vocabs(tmp_path, devices):
+    mesh = _mesh(8)
+    state = _state(mesh)
+    meta = {"data": {"epoch": 1, "position": 96, "seed": 3}, "config": {"lr": 0.1}}
+    vocabs = {"user": np.array([10, 3, 99], np.int64), "pin": np.array(["a", "", "ünï", "pin/7"])}
+    ck = checkpoint.Checkpointer(tmp_path / "ck", keep=2, async_save=True)
+    assert ck.latest_step() is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ck.restore()
+    assert ck.save(7, state, meta, vocabs=vocabs)
+    ck.wait()
+    assert ck.latest_step() == 7
+    got, got_meta = ck.restore(target=checkpoint.abstract_like(state))
+    _assert_tree_equal(got, state)
+    # The optax state keeps its namedtuple structure when a target is given.
+    assert isinstance(got["opt_state"][0], optax.ScaleByAdamState)
+    assert got["emb"]["tables"]["user"].sharding.spec == P("data")
+    assert got_meta == meta
+    v = ck.restore_vocabs(7)
+    np.testing.assert_array_equal(v["user"], vocabs["user"])
+    np.testing.assert_array_equal(v["pin"], vocabs["pin"])
+    assert v["pin"].dtype.kind == "U"
+    ck.close()
+
+
+def test_keep_and_interval(tmp_path):
+    ck = checkpoint.Checkpointer(tmp_path, keep=2, save_interval_steps=2, async_save=False)
+    tree = {"x": np.arange(3.0)}
+    saved = [ck.save(s, {"x": tree["x"] + s}, {"s": s}) for s in range(1, 7)]
+    # Orbax always writes the first checkpoint, then every 2nd step.
+    assert saved == [True, True, False, True, False, True]
+    assert ck.save(7, tree, {}, force=True)
+    assert ck.all_steps() == [6, 7]
+    state, meta = ck.restore(6)
+    np.testing.assert_array_equal(state["x"], np.arange(3.0) + 6)
+    assert meta == {"s": 6}
+    with pytest.raises(FileNotFoundError, match="step 2"):
+        ck.restore(2)
+    assert ck.restore_vocabs() == {}
+    with pytest.raises(ValueError, match="JSON"):
+        ck.save(8, tree, {"bad": object()})
+    ck.close()
+
+
+def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
+    ck = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ck.save(3, {"x": np.arange(4)}, {"data": {"position": 12}})
+    ck.close()
+    # What a process killed in the middle of saving step 5 leaves behind.
+    partial = tmp_path / "5.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"x" * 10)
+    ck = checkpoint.Checkpointer(tmp_path, async_save=False)
+    assert ck.latest_step() == 3
+    state, meta = ck.restore()
+    np.testing.assert_array_equal(state["x"], np.arange(4))
+    assert meta == {"data": {"position": 12}}
+    # The resumed run's next save waits for the background clean-up of the partial folder.
+    ck.save(5, {"x": np.arange(4) + 1}, {"data": {"position": 20}})
+    assert not partial.exists()
+    assert ck.all_steps() == [3, 5]
+    ck.close()
+
+
+def test_restore_onto_other_meshes(tmp_path, devices):
+    """Saved row-sharded over 8 devices; restored on 4, on 1, and replicated."""
+    state = _state(_mesh(8))
+    ck = checkpoint.Checkpointer(tmp_path, async_save=False)
+    ck.save(1, state, {})
+    for n, spec in [(4, P("data")), (1, P("data")), (4, P())]:
+        mesh = _mesh(n)
+        target = checkpoint.abstract_like(state, NamedSharding(mesh, spec))
+        got, _ = ck.restore(1, target=target)
+        _assert_tree_equal(got, state)
+        user = got["emb"]["tables"]["user"]
+        assert user.sharding.mesh.devices.size == n
+        assert user.sharding.spec == spec
+        if spec == P("data"):
+            assert user.addressable_shards[0].data.shape == (16 // n, 4)
+        else:
+            assert all(s.data.shape == (16, 4) for s in user.addressable_shards)
+    ck.close()
+
+
+def test_abstract_like_per_leaf_shardings():
+    mesh = _mesh(2)
+    tree = {"a": jnp.zeros((4, 2)), "n": np.zeros(3, np.int32), "k": 5}
+    sh = {"a": NamedSharding(mesh, P("data")), "n": None, "k": None}
+    out = checkpoint.abstract_like(tree, sh)
+    assert out["a"].sharding == NamedSharding(mesh, P("data"))
+    assert out["n"].shape == (3,) and out["n"].dtype == np.int32
+    assert out["k"] == 5
+    with pytest.raises(ValueError, match="leaves"):
+        checkpoint.abstract_like(tree, {"a": None, "n": None})
+
+
+def test_facet_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    tables = {
+        "user": rng.standard_normal((5, 3)).astype(np.float32),
+        "pin": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32),
+    }
+    vocabs = {"user": np.array([5, 1, 2, 9, 4]), "pin": np.array(["p0", "p1", "x", "y"], object)}
+    path = checkpoint.save_facet(
+        tmp_path / "cl", facet="cl", tables=tables, vocabs=vocabs, metrics={"recall@10": 0.25}
+    )
+    f = checkpoint.load_facet(path)
+    assert f.facet == "cl" and f.metrics == {"recall@10": 0.25}
+    np.testing.assert_array_equal(f.tables["user"], tables["user"])
+    np.testing.assert_array_equal(f.tables["pin"], np.asarray(tables["pin"]))
+    assert f.vocabs["user"].dtype == np.int64
+    np.testing.assert_array_equal(f.vocabs["user"], [5, 1, 2, 9, 4])
+    np.testing.assert_array_equal(f.vocabs["pin"], ["p0", "p1", "x", "y"])
+    # Saving again replaces it atomically and leaves no temporary folders behind.
+    checkpoint.save_facet(path, facet="cl", tables={"user": tables["user"] * 2},
+                          vocabs={"user": vocabs["user"]})
+    f2 = checkpoint.load_facet(path)
+    assert set(f2.tables) == {"user"}
+    np.testing.assert_array_equal(f2.tables["user"], tables["user"] * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cl"]
+
+
+def test_facet_bad_input_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="'user'.*5 rows but vocab has 2"):
+        checkpoint.save_facet(tmp_path / "kg", facet="kg",
+                              tables={"user": np.zeros((5, 2))}, vocabs={"user": np.arange(2)})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="facet.json"):
+        checkpoint.load_facet(tmp_path / "kg")
