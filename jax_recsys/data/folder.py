@@ -1,0 +1,685 @@
+"""Dataset folder format: the on-disk contract between data producers and trainers.
+
+A dataset folder holds tables (interactions, impressions, feature tables), an
+optional knowledge graph and an optional ``dataset.json`` describing them:
+
+```
+DIR/
+  dataset.json                 optional (see below); absent -> tables are discovered
+  <table>.csv | <table>.tsv    header row, one example per line
+  <table>/<column>.npy         one .npy per column, all of the same length
+  kg/train.txt valid.txt test.txt [entity_types.tsv]
+```
+
+``dataset.json``::
+
+    {"format_version": 1, "name": str, "num_days": int | null,
+     "tables": {name: {"path": rel, "columns": [...], "rows": int}},
+     "kg": "kg" | null,
+     "splits": {window_name: [start_day, end_day]}}     # half-open day windows
+
+Writers: :func:`write_table` (one shot), :class:`TableWriter` (streaming: chunks
+are appended to the ``.npy`` column files and the npy header is fixed at
+``close()``, so producers never hold a whole table in memory) and
+:func:`write_dataset_json`. Reader: :class:`DatasetFolder`; ``.npy`` columns
+are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
+int64, other numbers -> float64, anything else -> ``np.str_`` ids).
+
+Bad input raises :class:`DataError` (a ``ValueError``) naming the file, the
+column and the line. Nothing is dropped silently: ``on_bad_lines="skip"``
+skips ragged or unparsable lines and reports how many (a warning and
+``DatasetFolder.skipped``).
+
+Dimension legend: R rows of a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+# Columns that must hold numbers wherever they appear (a string there is an error).
+NUMERIC_COLUMNS = frozenset(
+    {"timestamp", "day", "click", "conversion", "engagement_type", "label", "weight"}
+)
+
+# Day-window aliases accepted by DatasetFolder.day_window.
+WINDOW_ALIASES = {
+    "train": "ranker_train",
+    "valid": "ranker_valid",
+    "test": "ranker_test",
+    "pretrain": "fresh_pretrain",
+    "stale": "stale_pretrain",
+    "fresh": "fresh_pretrain",
+}
+
+_NPY_HEADER_BYTES = 256  # fixed-size header so TableWriter can rewrite it in place
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, column and line where known.
+
+    Attributes:
+      file: the offending file (str) or None.
+      column: the offending column or None.
+      line: 1-based line number in the file (header = line 1) or None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | os.PathLike | None = None,
+        column: str | None = None,
+        line: int | None = None,
+    ):
+        self.file = None if file is None else str(file)
+        self.column = column
+        self.line = line
+        where = []
+        if self.file is not None:
+            where.append(self.file + (f":{line}" if line is not None else ""))
+        elif line is not None:
+            where.append(f"line {line}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _check_columns(columns: Mapping[str, np.ndarray], where: str) -> int:
+    if not columns:
+        raise DataError("a table needs at least one column", file=where)
+    rows = None
+    for name, col in columns.items():
+        col = np.asarray(col)
+        if col.dtype == object:
+            raise DataError(
+                "object arrays are not allowed; use np.str_ or numbers", file=where, column=name
+            )
+        if col.ndim < 1:
+            raise DataError("columns must be at least 1-D", file=where, column=name)
+        if rows is None:
+            rows = col.shape[0]
+        elif col.shape[0] != rows:
+            raise DataError(
+                f"columns of different lengths: {col.shape[0]} rows, expected {rows}",
+                file=where,
+                column=name,
+            )
+    return int(rows)
+
+
+def write_table(directory: str | os.PathLike, name: str, columns: Mapping[str, np.ndarray]) -> dict:
+    """Writes a table as ``directory/name/<column>.npy`` (one shot).
+
+    Args:
+      directory: the dataset folder.
+      name: table name (the sub-folder).
+      columns: column name -> array with R rows (numbers or ``np.str_``).
+
+    Returns:
+      The table's ``dataset.json`` entry ``{"path", "columns", "rows"}``.
+    """
+    tdir = pathlib.Path(directory) / name
+    rows = _check_columns(columns, str(tdir))
+    tdir.mkdir(parents=True, exist_ok=True)
+    for col, arr in columns.items():
+        np.save(tdir / f"{col}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+    return {"path": name, "columns": list(columns), "rows": rows}
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    descr = np.lib.format.dtype_to_descr(dtype)
+    header = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
+    body_len = _NPY_HEADER_BYTES - 10
+    if len(header) + 1 > body_len:
+        raise DataError(f"npy header too long for shape {shape}")
+    header = header.ljust(body_len - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + header.encode("latin1")
+
+
+class TableWriter:
+    """Streams a table to ``directory/name/<column>.npy`` chunk by chunk.
+
+    The first ``append`` fixes the columns, dtypes and trailing shapes; the npy
+    headers carry the final row count after ``close()``. Usable as a context
+    manager. Memory use is one chunk.
+
+    Args:
+      directory: the dataset folder.
+      name: table name (the sub-folder).
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str):
+        self.directory = pathlib.Path(directory)
+        self.name = name
+        self.path = self.directory / name
+        self.rows = 0
+        self._files: dict[str, object] = {}
+        self._spec: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self._closed = False
+
+    def append(self, columns: Mapping[str, np.ndarray]) -> None:
+        """Appends one chunk (same columns, dtypes and trailing shapes every time)."""
+        if self._closed:
+            raise DataError("append after close", file=self.path)
+        n = _check_columns(columns, str(self.path))
+        if not self._spec:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for col, arr in columns.items():
+                arr = np.asarray(arr)
+                self._spec[col] = (arr.dtype, arr.shape[1:])
+                f = open(self.path / f"{col}.npy", "wb")  # noqa: SIM115 (closed in close())
+                f.write(_npy_header(arr.dtype, (0,) + arr.shape[1:]))
+                self._files[col] = f
+        if set(columns) != set(self._spec):
+            raise DataError(
+                f"chunk columns {sorted(columns)} differ from the first chunk's "
+                f"{sorted(self._spec)}",
+                file=self.path,
+            )
+        for col, arr in columns.items():
+            arr = np.asarray(arr)
+            dtype, trailing = self._spec[col]
+            if arr.dtype.kind in "US" and arr.dtype.itemsize > dtype.itemsize:
+                raise DataError(
+                    f"strings wider than the first chunk's {dtype}; append a "
+                    "first chunk with the widest dtype",
+                    file=self.path,
+                    column=col,
+                )
+            if arr.shape[1:] != trailing:
+                raise DataError(
+                    f"trailing shape {arr.shape[1:]} != {trailing}", file=self.path, column=col
+                )
+            # memoryview of a contiguous array: no extra copy of the chunk.
+            self._files[col].write(memoryview(np.ascontiguousarray(arr, dtype=dtype)).cast("B"))
+        self.rows += n
+
+    def close(self) -> dict:
+        """Fixes the npy headers; returns the table's ``dataset.json`` entry."""
+        if not self._closed:
+            if not self._spec:
+                raise DataError("empty table: nothing was appended", file=self.path)
+            for col, f in self._files.items():
+                dtype, trailing = self._spec[col]
+                f.seek(0)
+                f.write(_npy_header(dtype, (self.rows,) + trailing))
+                f.close()
+            self._closed = True
+        return {"path": self.name, "columns": list(self._spec), "rows": self.rows}
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            for f in self._files.values():
+                f.close()
+            self._closed = True
+
+
+def write_dataset_json(
+    directory: str | os.PathLike,
+    *,
+    name: str,
+    tables: Mapping[str, dict],
+    num_days: int | None = None,
+    kg: str | None = None,
+    splits: Mapping[str, Sequence[int]] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> dict:
+    """Writes ``directory/dataset.json``.
+
+    Args:
+      directory: the dataset folder.
+      name: dataset name.
+      tables: table name -> ``{"path", "columns", "rows"}`` (as returned by the writers).
+      num_days: number of days covered, or None.
+      kg: relative path of the knowledge-graph folder, or None.
+      splits: window name -> ``[start_day, end_day)``.
+      extra: further JSON-serialisable keys (e.g. the generator config).
+
+    Returns:
+      The written dictionary.
+    """
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "num_days": num_days,
+        "tables": {k: dict(v) for k, v in tables.items()},
+        "kg": kg,
+        "splits": {k: [int(v[0]), int(v[1])] for k, v in (splits or {}).items()},
+    }
+    if extra:
+        meta.update(extra)
+    path = pathlib.Path(directory) / "dataset.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return meta
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _parse_column(
+    values: list[str], lines: np.ndarray, *, file: str, column: str, kind: str | None
+) -> np.ndarray:
+    """Turns one text column into int64, float64 or np.str_ (see module docstring)."""
+    arr = np.asarray(values, dtype=np.str_)
+    if kind is None and column in NUMERIC_COLUMNS:
+        kind = "number"
+    if kind == "str":
+        return arr
+    empty = arr == ""
+    if kind is None and column.endswith("_id") and empty.any():
+        i = int(np.argmax(empty))
+        raise DataError("empty id", file=file, column=column, line=int(lines[i]))
+    if kind in ("int", "number", None):
+        try:
+            return arr.astype(np.int64)
+        except (ValueError, OverflowError):
+            if kind == "int":
+                _raise_first_bad(arr, lines, np.int64, file, column, "an integer")
+    if kind in ("float", "number", None):
+        try:
+            return arr.astype(np.float64)
+        except ValueError:
+            if kind is not None:
+                _raise_first_bad(arr, lines, np.float64, file, column, "a number")
+    if kind is not None:
+        raise DataError(f"unknown column kind {kind!r}", file=file, column=column)
+    return arr
+
+
+def _raise_first_bad(arr, lines, dtype, file, column, what):
+    for i, v in enumerate(arr):
+        try:
+            dtype(v)
+        except (ValueError, OverflowError):
+            raise DataError(
+                f"cannot parse {str(v)!r} as {what}", file=file, column=column, line=int(lines[i])
+            ) from None
+    raise DataError(f"cannot parse column as {what}", file=file, column=column)
+
+
+def read_text_table(
+    path: str | os.PathLike,
+    *,
+    columns: Sequence[str] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    on_bad_lines: str = "error",
+) -> tuple[dict[str, np.ndarray], int]:
+    """Reads a CSV (``,``) or TSV (tab) file with a header row.
+
+    Args:
+      path: a ``.csv`` or ``.tsv`` file.
+      columns: columns to return (default all); a missing one is a DataError.
+      kinds: optional column -> "int" | "float" | "number" | "str" to force a type;
+        otherwise integers -> int64, other numbers -> float64, the rest -> np.str_,
+        and NUMERIC_COLUMNS must be numbers.
+      on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines are skipped
+        and counted).
+
+    Returns:
+      (column name -> array, number of skipped lines).
+    """
+    path = pathlib.Path(path)
+    file = str(path)
+    if on_bad_lines not in ("error", "skip"):
+        raise ValueError(f"on_bad_lines must be 'error' or 'skip', got {on_bad_lines!r}")
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    kinds = dict(kinds or {})
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError("empty file: no header row", file=file, line=1) from None
+        header = [h.strip() for h in header]
+        seen = set()
+        for h in header:
+            if not h:
+                raise DataError("empty column name in header", file=file, line=1)
+            if h in seen:
+                raise DataError("duplicate column in header", file=file, column=h, line=1)
+            seen.add(h)
+        wanted = list(header) if columns is None else list(columns)
+        for c in wanted:
+            if c not in seen:
+                raise DataError(
+                    f"missing required column (header has {header})", file=file, column=c, line=1
+                )
+        idx = [header.index(c) for c in wanted]
+        ncol = len(header)
+        values: list[list[str]] = [[] for _ in wanted]
+        lines: list[int] = []
+        skipped = 0
+        line_no = reader.line_num
+        for row in reader:
+            start_line = line_no + 1
+            line_no = reader.line_num
+            if not row:  # blank line
+                continue
+            if len(row) != ncol:
+                if on_bad_lines == "skip":
+                    skipped += 1
+                    continue
+                raise DataError(
+                    f"ragged row: {len(row)} fields, header has {ncol}", file=file, line=start_line
+                )
+            for j, i in enumerate(idx):
+                values[j].append(row[i])
+            lines.append(start_line)
+    if not lines:
+        raise DataError("empty table: header but no rows", file=file, line=1)
+    lines_arr = np.asarray(lines, dtype=np.int64)
+    if on_bad_lines == "skip":
+        # Drop rows whose forced/numeric columns do not parse, counting them.
+        keep = np.ones(len(lines_arr), dtype=bool)
+        for j, c in enumerate(wanted):
+            kind = kinds.get(c, "number" if c in NUMERIC_COLUMNS else None)
+            if kind in ("int", "float", "number"):
+                caster = np.int64 if kind == "int" else float
+                for i, v in enumerate(values[j]):
+                    try:
+                        caster(v)
+                    except (ValueError, OverflowError):
+                        keep[i] = False
+        if not keep.all():
+            skipped += int((~keep).sum())
+            values = [[v for v, k in zip(col, keep, strict=True) if k] for col in values]
+            lines_arr = lines_arr[keep]
+            if not len(lines_arr):
+                raise DataError("empty table: every row was bad", file=file)
+    out = {
+        c: _parse_column(values[j], lines_arr, file=file, column=c, kind=kinds.get(c))
+        for j, c in enumerate(wanted)
+    }
+    if skipped:
+        warnings.warn(f"{file}: skipped {skipped} bad lines (on_bad_lines='skip')", stacklevel=2)
+    return out, skipped
+
+
+def read_npy_table(
+    path: str | os.PathLike, *, columns: Sequence[str] | None = None, mmap: bool = True
+) -> dict[str, np.ndarray]:
+    """Reads a column folder ``path/<column>.npy`` (memory-mapped by default).
+
+    Args:
+      path: the table folder.
+      columns: columns to return (default all, sorted by name).
+      mmap: memory-map the columns (``mmap_mode="r"``).
+
+    Returns:
+      column name -> array; all columns have the same length.
+    """
+    path = pathlib.Path(path)
+    available = sorted(p.stem for p in path.glob("*.npy"))
+    if not available:
+        raise DataError("no <column>.npy files in table folder", file=path)
+    wanted = available if columns is None else list(columns)
+    out = {}
+    rows = None
+    for c in wanted:
+        f = path / f"{c}.npy"
+        if not f.exists():
+            raise DataError(f"missing required column (have {available})", file=f, column=c)
+        try:
+            arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except ValueError as e:
+            raise DataError(f"unreadable npy column: {e}", file=f, column=c) from None
+        if arr.ndim < 1:
+            raise DataError("column is a scalar", file=f, column=c)
+        if rows is None:
+            rows = arr.shape[0]
+        elif arr.shape[0] != rows:
+            raise DataError(
+                f"columns of different lengths: {arr.shape[0]} rows, expected "
+                f"{rows} (from {wanted[0]!r})",
+                file=f,
+                column=c,
+            )
+        out[c] = arr
+    if rows == 0:
+        raise DataError("empty table: 0 rows", file=path)
+    return out
+
+
+def read_table(
+    path: str | os.PathLike,
+    *,
+    columns: Sequence[str] | None = None,
+    kinds: Mapping[str, str] | None = None,
+    on_bad_lines: str = "error",
+) -> dict[str, np.ndarray]:
+    """Reads a table given as a ``.csv``/``.tsv`` file or an npy column folder.
+
+    Args:
+      path: the file or folder.
+      columns: columns to return (default all).
+      kinds: forced column types for text tables (see :func:`read_text_table`).
+      on_bad_lines: "error" or "skip" (text tables only).
+
+    Returns:
+      column name -> array.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return read_npy_table(path, columns=columns)
+    if path.suffix in (".csv", ".tsv"):
+        return read_text_table(path, columns=columns, kinds=kinds, on_bad_lines=on_bad_lines)[0]
+    if not path.exists():
+        raise DataError("table not found", file=path)
+    raise DataError("unknown table format (want .csv, .tsv or a folder of .npy)", file=path)
+
+
+def select_days(
+    cols: Mapping[str, np.ndarray],
+    start: int,
+    end: int,
+    *,
+    day_column: str = "day",
+    allow_empty: bool = False,
+) -> dict[str, np.ndarray]:
+    """Rows whose day lies in the half-open window ``[start, end)``.
+
+    If the table has no ``day`` column but has ``timestamp`` (seconds), the day
+    is ``timestamp // 86400``.
+
+    Args:
+      cols: column name -> array (R rows).
+      start: first day (inclusive).
+      end: last day (exclusive).
+      day_column: the day column's name.
+      allow_empty: return an empty selection instead of raising.
+
+    Returns:
+      the selected rows, column name -> array.
+    """
+    if day_column in cols:
+        day = np.asarray(cols[day_column])
+    elif "timestamp" in cols:
+        day = np.asarray(cols["timestamp"]) // 86400
+    else:
+        raise DataError(
+            f"no {day_column!r} or 'timestamp' column to select days by", column=day_column
+        )
+    if end <= start:
+        raise DataError(f"empty day window [{start}, {end})")
+    mask = (day >= start) & (day < end)
+    if not allow_empty and not mask.any():
+        raise DataError(
+            f"empty split: no rows with {day_column} in [{start}, {end})", column=day_column
+        )
+    # Contiguous windows (the world writes days in order) avoid a full-table copy.
+    idx = np.flatnonzero(mask)
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+        return {k: v[idx[0] : idx[-1] + 1] for k, v in cols.items()}
+    return {k: np.asarray(v)[mask] for k, v in cols.items()}
+
+
+class DatasetFolder:
+    """Reader for a dataset folder (see the module docstring).
+
+    Args:
+      path: the folder. ``dataset.json`` is optional: without it, ``*.csv``,
+        ``*.tsv`` and sub-folders of ``*.npy`` are tables and ``kg/`` (if it holds
+        ``train.txt``) is the knowledge graph.
+      on_bad_lines: "error" or "skip" for CSV/TSV tables.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, on_bad_lines: str = "error"):
+        self.path = pathlib.Path(path)
+        self.on_bad_lines = on_bad_lines
+        self.skipped: dict[str, int] = {}
+        if not self.path.is_dir():
+            raise DataError("dataset folder not found", file=self.path)
+        meta_path = self.path / "dataset.json"
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e.msg}", file=meta_path, line=e.lineno) from None
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise DataError(
+                    f"unsupported format_version {meta.get('format_version')!r}", file=meta_path
+                )
+            for name, t in meta.get("tables", {}).items():
+                if "path" not in t:
+                    raise DataError(f"table {name!r} has no 'path'", file=meta_path)
+                if not (self.path / t["path"]).exists():
+                    raise DataError(
+                        f"table {name!r} path {t['path']!r} does not exist", file=meta_path
+                    )
+            meta.setdefault("splits", {})
+            meta.setdefault("kg", None)
+            meta.setdefault("num_days", None)
+            self.meta = meta
+        else:
+            self.meta = self._discover()
+
+    def _discover(self) -> dict:
+        tables: dict[str, dict] = {}
+        for p in sorted(self.path.iterdir()):
+            if p.is_file() and p.suffix in (".csv", ".tsv"):
+                name = p.stem
+            elif p.is_dir() and any(p.glob("*.npy")):
+                name = p.name
+            else:
+                continue
+            if name in tables:
+                raise DataError(
+                    f"two tables named {name!r}: {tables[name]['path']!r} and {p.name!r}", file=p
+                )
+            tables[name] = {"path": p.name}
+        kg = "kg" if (self.path / "kg" / "train.txt").exists() else None
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.path.name,
+            "num_days": None,
+            "tables": tables,
+            "kg": kg,
+            "splits": {},
+        }
+
+    @property
+    def table_names(self) -> list[str]:
+        """Names of the tables in the folder."""
+        return list(self.meta["tables"])
+
+    def has_table(self, name: str) -> bool:
+        """Whether the folder has a table called ``name``."""
+        return name in self.meta["tables"]
+
+    def table_path(self, name: str) -> pathlib.Path:
+        """Path of table ``name`` (a file or a column folder)."""
+        if not self.has_table(name):
+            raise DataError(f"no table {name!r} (have {self.table_names})", file=self.path)
+        return self.path / self.meta["tables"][name]["path"]
+
+    def table(
+        self,
+        name: str,
+        columns: Iterable[str] | None = None,
+        *,
+        kinds: Mapping[str, str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Reads a table.
+
+        Args:
+          name: table name.
+          columns: columns to return (all by default); a missing one is a DataError.
+          kinds: forced column types for text tables ("int", "float", "number", "str").
+
+        Returns:
+          column name -> array (npy columns memory-mapped).
+        """
+        path = self.table_path(name)
+        cols = None if columns is None else list(columns)
+        if path.is_dir():
+            return read_npy_table(path, columns=cols)
+        out, skipped = read_text_table(
+            path, columns=cols, kinds=kinds, on_bad_lines=self.on_bad_lines
+        )
+        if skipped:
+            self.skipped[name] = skipped
+        return out
+
+    def num_rows(self, name: str) -> int:
+        """Row count of a table (from dataset.json if recorded, else by reading it)."""
+        t = self.meta["tables"].get(name, {})
+        if "rows" in t:
+            return int(t["rows"])
+        return len(next(iter(self.table(name).values())))
+
+    @property
+    def kg_path(self) -> pathlib.Path | None:
+        """The knowledge-graph folder (train/valid/test.txt), or None."""
+        kg = self.meta.get("kg")
+        return None if kg is None else self.path / kg
+
+    @property
+    def splits(self) -> dict[str, tuple[int, int]]:
+        """Window name -> (start_day, end_day), half-open."""
+        return {k: (int(v[0]), int(v[1])) for k, v in self.meta.get("splits", {}).items()}
+
+    def day_window(self, name: str) -> tuple[int, int]:
+        """The half-open day window ``name`` (aliases: train, valid, test, pretrain,
+        stale, fresh -> ranker_train, ranker_valid, ranker_test, fresh_pretrain,
+        stale_pretrain, fresh_pretrain).
+
+        Args:
+          name: window name.
+
+        Returns:
+          (start_day, end_day).
+        """
+        splits = self.splits
+        key = name if name in splits else WINDOW_ALIASES.get(name, name)
+        if key not in splits:
+            raise DataError(
+                f"no day window {name!r} (have {sorted(splits)})", file=self.path / "dataset.json"
+            )
+        start, end = splits[key]
+        if end <= start:
+            raise DataError(
+                f"empty day window {name!r}: [{start}, {end})", file=self.path / "dataset.json"
+            )
+        return start, end

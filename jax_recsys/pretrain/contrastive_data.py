@@ -1,0 +1,279 @@
+"""Training and held-out (user, pin) pairs for contrastive pretraining, from a dataset folder.
+
+Positives come from an interactions table (the world's `engagements`, or any
+user-brought table with `user_id`, `item_id` and `day` or `timestamp` columns) in
+a day window [window_start, window_end), or a named window of the folder's
+`dataset.json` splits (e.g. `fresh_pretrain`, `stale_pretrain`). Days come from
+the `day` column, or, when the table has none, from `timestamp` as
+timestamp // 86400 (the dataset folder's convention).
+Each pair is weighted by its engagement type (`type_weights[t]`, configurable;
+weight 1 when the table has no type column).
+
+Conversions. The world's offsite `conversions` are (user, advertiser) events. Each
+conversion in the window becomes ONE (user, pin) pair with weight
+`conversion_weight`, the pin drawn uniformly (seeded, once at load) from that
+advertiser's pins in the `items` table (item_id -> advertiser_id). Conversions of
+advertisers with no pins are skipped (counted). So the user tower learns
+user–advertiser affinity through the advertiser's pins.
+
+Vocabularies: every user and pin in the training pairs gets a row, in ascending
+raw-id order. Held-out pairs come from the later days [eval_start, eval_end)
+(default: the `eval_days` days after the window), deduplicated; pairs whose user
+or pin has no row are dropped (counted): they cannot be scored.
+
+The pin sampling probabilities for the logQ correction are counted up front over
+the training window (`pin_freq`, sums to 1 over the pin rows).
+
+Legend: P pairs, R pin rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+SECONDS_PER_DAY = 86400
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContrastiveDataConfig:
+    """Where the positives come from.
+
+    Attributes:
+      path: dataset folder.
+      table: interactions table name.
+      user_column, item_column: id columns of that table.
+      day_column: day column; when the table lacks it, days are derived from
+        `timestamp_column`.
+      timestamp_column: seconds; used only when there is no day column.
+      type_column: engagement type column (absent -> every weight 1).
+      type_weights: weight of engagement type t (t indexes the tuple; the world
+        uses 0=save, 1=click, 2=closeup).
+      window: a named day window of the folder (dataset.json "splits", aliases
+        "fresh"/"stale" allowed); used when window_start/window_end are None.
+        "auto": the folder's `fresh_pretrain` window when it has one, else none.
+      window_start, window_end: training days [start, end); None (and no
+        `window`) = first day / the day `eval_days` before the last.
+      eval_start, eval_end: held-out days [start, end); None = window_end /
+        eval_start + eval_days.
+      eval_days: default length of the held-out window.
+      use_conversions: add conversion pairs when the folder has the tables.
+      conversions_table, advertiser_column: the conversion log and its column.
+      items_table: maps pins to advertisers (and side features).
+      conversion_weight: weight of a conversion pair.
+      pin_side_features: columns of the items table used as pin side features.
+      max_eval_pairs: cap on held-out pairs (uniform sample, seeded).
+      seed: for the conversion pin draw and the held-out sample.
+    """
+
+    path: str
+    table: str = "engagements"
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    day_column: str = "day"
+    timestamp_column: str = "timestamp"
+    type_column: str = "engagement_type"
+    type_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+    window: str | None = "auto"
+    window_start: int | None = None
+    window_end: int | None = None
+    eval_start: int | None = None
+    eval_end: int | None = None
+    eval_days: int = 1
+    use_conversions: bool = True
+    conversions_table: str = "conversions"
+    advertiser_column: str = "advertiser_id"
+    items_table: str = "items"
+    conversion_weight: float = 2.0
+    pin_side_features: tuple[str, ...] = ()
+    max_eval_pairs: int = 20000
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContrastivePairs:
+    """Pairs as table rows, plus the vocabularies (raw ids in row order).
+
+    Attributes:
+      user_ids, pin_ids: raw ids of the user and pin rows ([R_user], [R]).
+      train_user, train_pin: [P] int32 rows of the training pairs.
+      train_weight: [P] float32 pair weights.
+      eval_user, eval_pin: [Q] int32 rows of the held-out pairs.
+      pin_freq: [R] float64 training frequency of each pin row (sums to 1).
+      pin_side: side feature -> [R] int32 compact ids (-1 = missing).
+      side_vocab_sizes: side feature -> number of values.
+      stats: counts for the report (window, pairs, dropped held-out pairs...).
+    """
+
+    user_ids: np.ndarray
+    pin_ids: np.ndarray
+    train_user: np.ndarray
+    train_pin: np.ndarray
+    train_weight: np.ndarray
+    eval_user: np.ndarray
+    eval_pin: np.ndarray
+    pin_freq: np.ndarray
+    pin_side: dict[str, np.ndarray]
+    side_vocab_sizes: dict[str, int]
+    stats: dict
+
+
+def _days(cols: dict[str, np.ndarray], cfg: ContrastiveDataConfig, table: str) -> np.ndarray:
+    if cfg.day_column in cols:
+        return np.asarray(cols[cfg.day_column]).astype(np.int64)
+    if cfg.timestamp_column in cols:
+        ts = np.asarray(cols[cfg.timestamp_column]).astype(np.int64)
+        return ts // SECONDS_PER_DAY
+    raise ValueError(
+        f"{cfg.path}: table {table!r} has neither a {cfg.day_column!r} nor a "
+        f"{cfg.timestamp_column!r} column; columns are {sorted(cols)}"
+    )
+
+
+def _columns(folder, table: str, wanted: list[str], path: str) -> dict[str, np.ndarray]:
+    if not folder.has_table(table):
+        raise ValueError(f"{path}: dataset folder has no table {table!r}")
+    cols = folder.table(table)
+    missing = [c for c in wanted if c not in cols]
+    if missing:
+        raise ValueError(
+            f"{path}: table {table!r} lacks column(s) {missing}; it has {sorted(cols)}"
+        )
+    return cols
+
+
+def _lookup(vocab_sorted: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Rows of `raw` in a sorted vocabulary, -1 where absent."""
+    if vocab_sorted.size == 0:
+        return np.full(raw.shape, -1, np.int64)
+    pos = np.searchsorted(vocab_sorted, raw)
+    pos_c = np.minimum(pos, vocab_sorted.size - 1)
+    return np.where(vocab_sorted[pos_c] == raw, pos_c, -1)
+
+
+def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
+    """Reads training and held-out pairs from a dataset folder.
+
+    Args:
+      cfg: what to read.
+      folder: an open DatasetFolder (default: opened from `cfg.path`).
+
+    Returns:
+      The pairs, vocabularies and logQ frequencies.
+
+    Raises:
+      ValueError: naming the folder, table and column when something is missing,
+        or when the training window holds no pairs.
+    """
+    if folder is None:
+        from jax_recsys.data.folder import DatasetFolder
+
+        folder = DatasetFolder(cfg.path)
+    rng = np.random.default_rng(cfg.seed)
+    cols = _columns(folder, cfg.table, [cfg.user_column, cfg.item_column], cfg.path)
+    users = np.asarray(cols[cfg.user_column])
+    items = np.asarray(cols[cfg.item_column])
+    days = _days(cols, cfg, cfg.table)
+    if cfg.type_column in cols:
+        types = np.asarray(cols[cfg.type_column]).astype(np.int64)
+        tw = np.asarray(cfg.type_weights, np.float32)
+        bad = (types < 0) | (types >= tw.size)
+        if bad.any():
+            raise ValueError(
+                f"{cfg.path}: table {cfg.table!r} column {cfg.type_column!r} has value "
+                f"{int(types[bad][0])} outside [0, {tw.size}) of type_weights {cfg.type_weights}"
+            )
+        weights = tw[types]
+    else:
+        weights = np.ones(users.shape, np.float32)
+
+    last_day = int(days.max()) if days.size else 0
+    window = cfg.window
+    if window == "auto":
+        window = "fresh_pretrain" if "fresh_pretrain" in folder.splits else None
+    named = folder.day_window(window) if window else None
+    w_end = (cfg.window_end if cfg.window_end is not None
+             else named[1] if named else last_day + 1 - cfg.eval_days)
+    w_start = (cfg.window_start if cfg.window_start is not None
+               else named[0] if named else int(days.min(initial=0)))
+    e_start = cfg.eval_start if cfg.eval_start is not None else w_end
+    e_end = cfg.eval_end if cfg.eval_end is not None else e_start + cfg.eval_days
+    in_train = (days >= w_start) & (days < w_end)
+    in_eval = (days >= e_start) & (days < e_end)
+    tr_u, tr_p, tr_w = users[in_train], items[in_train], weights[in_train]
+    stats = {
+        "window": window or "",
+        "window_start": int(w_start), "window_end": int(w_end),
+        "eval_start": int(e_start), "eval_end": int(e_end),
+        "engagement_pairs": int(tr_u.size),
+    }
+
+    conv_pairs = 0
+    if (cfg.use_conversions and folder.has_table(cfg.conversions_table)
+            and folder.has_table(cfg.items_table)):
+        conv = _columns(folder, cfg.conversions_table,
+                        [cfg.user_column, cfg.advertiser_column], cfg.path)
+        it = _columns(folder, cfg.items_table, [cfg.item_column, cfg.advertiser_column],
+                      cfg.path)
+        cdays = _days(conv, cfg, cfg.conversions_table)
+        keep = (cdays >= w_start) & (cdays < w_end)
+        c_user = np.asarray(conv[cfg.user_column])[keep]
+        c_adv = np.asarray(conv[cfg.advertiser_column])[keep]
+        it_pin = np.asarray(it[cfg.item_column])
+        it_adv = np.asarray(it[cfg.advertiser_column])
+        order = np.argsort(it_adv, kind="stable")
+        adv_sorted, pin_by_adv = it_adv[order], it_pin[order]
+        lo = np.searchsorted(adv_sorted, c_adv, "left")
+        hi = np.searchsorted(adv_sorted, c_adv, "right")
+        has = hi > lo
+        pick = lo[has] + (rng.random(int(has.sum())) * (hi - lo)[has]).astype(np.int64)
+        c_pin = pin_by_adv[pick]
+        conv_pairs = int(has.sum())
+        stats["conversions_without_pins"] = int((~has).sum())
+        tr_u = np.concatenate([tr_u, c_user[has].astype(tr_u.dtype, copy=False)])
+        tr_p = np.concatenate([tr_p, c_pin.astype(tr_p.dtype, copy=False)])
+        tr_w = np.concatenate([tr_w, np.full(conv_pairs, cfg.conversion_weight, np.float32)])
+    stats["conversion_pairs"] = conv_pairs
+    if tr_u.size == 0:
+        raise ValueError(
+            f"{cfg.path}: no training pairs in table {cfg.table!r} for days "
+            f"[{w_start}, {w_end}) (data has days {int(days.min(initial=0))}..{last_day})"
+        )
+
+    user_ids, train_user = np.unique(tr_u, return_inverse=True)
+    pin_ids, train_pin = np.unique(tr_p, return_inverse=True)
+    counts = np.bincount(train_pin, minlength=pin_ids.size).astype(np.float64)
+
+    ev_u = _lookup(user_ids, users[in_eval])
+    ev_p = _lookup(pin_ids, items[in_eval])
+    ok = (ev_u >= 0) & (ev_p >= 0)
+    pairs = np.unique(np.stack([ev_u[ok], ev_p[ok]], axis=1), axis=0)
+    stats["eval_pairs_total"] = int(in_eval.sum())
+    stats["eval_pairs_unseen_dropped"] = int((~ok).sum())
+    if pairs.shape[0] > cfg.max_eval_pairs:
+        pairs = pairs[np.sort(rng.choice(pairs.shape[0], cfg.max_eval_pairs, replace=False))]
+    stats["eval_pairs"] = int(pairs.shape[0])
+
+    pin_side, side_sizes = {}, {}
+    if cfg.pin_side_features:
+        it = _columns(folder, cfg.items_table, [cfg.item_column, *cfg.pin_side_features],
+                      cfg.path)
+        row = _lookup(pin_ids, np.asarray(it[cfg.item_column]))
+        found = row >= 0
+        for name in cfg.pin_side_features:
+            values, compact = np.unique(np.asarray(it[name])[found], return_inverse=True)
+            side = np.full(pin_ids.size, -1, np.int32)
+            side[row[found]] = compact
+            pin_side[name], side_sizes[name] = side, int(max(values.size, 1))
+    stats.update(users=int(user_ids.size), pins=int(pin_ids.size), train_pairs=int(tr_u.size))
+    logging.info("contrastive data: %s", stats)
+    return ContrastivePairs(
+        user_ids=user_ids, pin_ids=pin_ids,
+        train_user=train_user.astype(np.int32), train_pin=train_pin.astype(np.int32),
+        train_weight=tr_w.astype(np.float32),
+        eval_user=pairs[:, 0].astype(np.int32), eval_pin=pairs[:, 1].astype(np.int32),
+        pin_freq=counts / counts.sum(), pin_side=pin_side, side_vocab_sizes=side_sizes,
+        stats=stats,
+    )

@@ -1,0 +1,457 @@
+"""The ranker ablation: which ID tables and which pretrained facets help, over seeds.
+
+Variants (`DEFAULT_VARIANTS`), all on the same data, architecture and budget:
+
+  no_large_tables   coarse features only (the baseline)
+  scratch           + user/pin/advertiser ID tables trained from scratch
+  cl                + the contrastive facet (user, pin), fine-tuned
+  kg                + the knowledge-graph facet (user, pin, advertiser), fine-tuned
+  cl_kg             + both facets, fine-tuned
+  cl_kg_frozen      + both facets, frozen (scratch tables still train)
+  cl_kg_stale       + both facets pretrained on the stale window, fine-tuned
+
+Every pretrained variant keeps the scratch table and adds the facets (concatenated),
+so "scratch" isolates the effect of ID capacity and the facet rows isolate the
+effect of pretraining.
+
+Pretraining runs are shared: each needed (facet, window) pair is pretrained once, by
+a caller-supplied `pretrainers[facet](window, out_dir) -> facet_dir` function (the
+launch script wires in `jax_recsys.pretrain`), or taken from `facet_dirs`; a facet
+dir that already holds a checkpoint is reused, and so are finished ranker runs
+(their metrics.json), so an interrupted ablation resumes.
+
+Reported per variant: mean and standard deviation over seeds of the test AUC of CTR
+(all impressions), CVR (clicked impressions) and CTCVR (all impressions), and the
+relative AUC gain over the no-large-tables baseline of the same seed,
+
+    RelaImpr = (AUC_variant - AUC_base) / (AUC_base - 0.5)
+
+(Yan et al. 2014; the usual "relative AUC gain" of the CTR literature: the share of
+the baseline's lift over random that the variant adds), averaged over seeds.
+
+`evaluate_with_tables` is the hook for rows computed after training (e.g. "INT4
+served"): it re-scores saved rankers with substituted tables and adds the row.
+
+Dimension legend: R rows of an entity table, D_e entity width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from jax_recsys.ranking import facets as facets_lib
+from jax_recsys.ranking import model as model_lib
+from jax_recsys.ranking import train as train_lib
+
+TASKS = ("ctr", "cvr", "ctcvr")
+BASELINE = "no_large_tables"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One row of the ablation table.
+
+    Attributes:
+      name: short id (folder names, JSON keys).
+      label: the row label in ablation.md.
+      large_tables: False for the coarse-features-only baseline.
+      facets: pretrained facets added to the scratch tables.
+      mode: "finetune" or "freeze" for the pretrained facets.
+      window: pretraining window of the facets: "fresh" or "stale".
+    """
+
+    name: str
+    label: str
+    large_tables: bool = True
+    facets: tuple[str, ...] = ()
+    mode: str = "finetune"
+    window: str = "fresh"
+
+
+DEFAULT_VARIANTS = (
+    Variant(name=BASELINE, label="no large tables (baseline)", large_tables=False),
+    Variant(name="scratch", label="large tables from scratch"),
+    Variant(name="cl", label="+ contrastive facet", facets=("cl",)),
+    Variant(name="kg", label="+ knowledge-graph facet", facets=("kg",)),
+    Variant(name="cl_kg", label="+ both facets (fine-tuned)", facets=("cl", "kg")),
+    Variant(name="cl_kg_frozen", label="+ both facets, frozen", facets=("cl", "kg"), mode="freeze"),
+    Variant(
+        name="cl_kg_stale", label="+ both facets, stale pretraining window", facets=("cl", "kg"),
+        window="stale",
+    ),
+)
+VARIANTS = {v.name: v for v in DEFAULT_VARIANTS}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AblationConfig:
+    """The ablation.
+
+    Attributes:
+      base: data, architecture and optimisation shared by every run; its `entities`
+        and `seed` are replaced per variant and seed.
+      entities: (entity, impressions column) pairs that get ID tables.
+      scratch_dim: width of each entity's scratch facet.
+      scratch_init_scale: scratch init stddev (None: 1/sqrt(dim)).
+      facet_target_norm: mean row norm the pretrained tables are rescaled to (None: keep).
+      facet_learning_rate: row LR of fine-tuned facets (None: base.table_learning_rate *
+        base.finetune_lr_scale).
+      variants: names from `VARIANTS`, in table order (must include the baseline).
+      seeds: seeds; each variant runs once per seed.
+      facet_dirs: ("cl/fresh", dir) style pairs of existing facet checkpoints.
+      save_ranker_variants: variants whose trained rankers are kept (for export and
+        `evaluate_with_tables`); other runs keep only their metrics.
+    """
+
+    base: train_lib.TrainConfig
+    entities: tuple[tuple[str, str], ...] = facets_lib.STANDARD_ENTITIES
+    scratch_dim: int = 32
+    scratch_init_scale: float | None = None
+    facet_target_norm: float | None = 1.0
+    facet_learning_rate: float | None = None
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    facet_dirs: tuple[tuple[str, str], ...] = ()
+    save_ranker_variants: tuple[str, ...] = ("cl_kg",)
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
+        if BASELINE not in self.variants:
+            raise ValueError(f"the variants must include the baseline {BASELINE!r}")
+        if not self.seeds:
+            raise ValueError("AblationConfig.seeds is empty")
+
+
+Pretrainer = Callable[[str, pathlib.Path], str | pathlib.Path]
+
+
+def obtain_facets(
+    config: AblationConfig,
+    workdir: pathlib.Path,
+    *,
+    pretrainers: Mapping[str, Pretrainer],
+    log: Callable[[str], None] = print,
+) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
+    """Loads (pretraining first if needed) every (facet, window) the variants use.
+
+    Args:
+      config: the ablation config.
+      workdir: the ablation folder; pretraining goes to WORKDIR/pretrain/<facet>_<window>.
+      pretrainers: facet -> fn(window, out_dir) returning the facet checkpoint dir.
+      log: progress printer.
+
+    Returns:
+      ({(facet, window): loaded Facet}, {"facet/window": {"path", "seconds", "metrics"}}).
+    """
+    from jax_recsys import checkpoint
+
+    given = dict(config.facet_dirs)
+    needed = []
+    for name in config.variants:
+        v = VARIANTS[name]
+        for f in v.facets:
+            if (f, v.window) not in needed:
+                needed.append((f, v.window))
+    loaded, info = {}, {}
+    for facet, window in needed:
+        key = f"{facet}/{window}"
+        t0 = time.time()
+        if key in given and given[key]:
+            path = pathlib.Path(given[key])
+        else:
+            out = workdir / "pretrain" / f"{facet}_{window}"
+            path = out / f"facet_{facet}"
+            if (path / "facet.json").exists():
+                log(f"ablation: reusing pretrained {key} at {path}")
+            elif facet in pretrainers:
+                log(f"ablation: pretraining {key} into {out}")
+                path = pathlib.Path(pretrainers[facet](window, out))
+            else:
+                raise ValueError(
+                    f"variant needs facet {key!r}: give facet_dirs[{key!r}] or a pretrainer for {facet!r}"
+                )
+        loaded[(facet, window)] = checkpoint.load_facet(path)
+        info[key] = {
+            "path": str(path),
+            "seconds": time.time() - t0,
+            "metrics": _scalars(loaded[(facet, window)].metrics),
+        }
+    return loaded, info
+
+
+def _scalars(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (d or {}).items() if isinstance(v, int | float | str | bool)}
+
+
+def _variant_config(config: AblationConfig, variant: Variant, seed: int, loaded) -> train_lib.TrainConfig:
+    if variant.large_tables:
+        available = {f: list(loaded[(f, variant.window)].tables) for f in variant.facets}
+        entities = facets_lib.build_entities(
+            entities=config.entities,
+            scratch_dim=config.scratch_dim,
+            pretrained=variant.facets,
+            mode=variant.mode,
+            available=available,
+            learning_rate=config.facet_learning_rate,
+            target_norm=config.facet_target_norm,
+            scratch_init_scale=config.scratch_init_scale,
+        )
+    else:
+        entities = ()
+    return dataclasses.replace(config.base, entities=entities, seed=seed, facet_paths=())
+
+
+def run_ablation(
+    config: AblationConfig,
+    workdir: str | pathlib.Path,
+    *,
+    pretrainers: Mapping[str, Pretrainer] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs every variant for every seed and writes ablation.json / ablation.md.
+
+    Args:
+      config: the ablation config.
+      workdir: output folder: pretrain/, runs/<variant>_s<seed>/ (metrics.json, and
+        ranker/ for `save_ranker_variants`), ablation.json, ablation.md.
+      pretrainers: facet -> fn(window, out_dir) -> facet dir, for facets not in
+        `config.facet_dirs`.
+      log: progress printer.
+
+    Returns:
+      The ablation.json content.
+    """
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    loaded, pretrain_info = obtain_facets(config, workdir, pretrainers=pretrainers or {}, log=log)
+    id_columns = tuple(dict.fromkeys(c for _, c in config.entities))
+    data = train_lib.prepare_data(config.base.data, id_columns=id_columns)
+    runs: dict[str, dict[int, dict]] = {}
+    facet_stats: dict[str, list] = {}
+    for name in config.variants:
+        variant = VARIANTS[name]
+        runs[name] = {}
+        for seed in config.seeds:
+            rdir = workdir / "runs" / f"{name}_s{seed}"
+            mpath = rdir / "metrics.json"
+            if mpath.exists():
+                res = json.loads(mpath.read_text())
+                log(f"ablation: reusing {rdir}")
+            else:
+                log(f"ablation: {variant.label} (seed {seed})")
+                tc = _variant_config(config, variant, seed, loaded)
+                facets = {f: loaded[(f, variant.window)] for f in variant.facets}
+                res = train_lib.train_and_evaluate(tc, None, data=data, facets=facets, log=log)
+                ranker = res.pop("ranker")
+                rdir.mkdir(parents=True, exist_ok=True)
+                if name in config.save_ranker_variants:
+                    model_lib.save_ranker(rdir / "ranker", ranker)
+                mpath.write_text(json.dumps(res, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
+            runs[name][seed] = res["test"]
+            if seed == config.seeds[0]:
+                facet_stats[name] = res.get("facets", [])
+    result = {
+        "relative_gain": "RelaImpr = (AUC - AUC_base) / (AUC_base - 0.5), per seed against the "
+        "no-large-tables run of the same seed, then mean and std over seeds",
+        "seeds": list(config.seeds),
+        "data_path": str(config.base.data.path),
+        "data": dataclasses.asdict(config.base.data),
+        "windows": {k: list(v) for k, v in data.windows.items()},
+        "pretraining": pretrain_info,
+        "facet_coverage": facet_stats,
+        "variants": {},
+        "order": list(config.variants),
+        "seconds": time.time() - t0,
+    }
+    for name in config.variants:
+        result["variants"][name] = summarize_variant(
+            label=VARIANTS[name].label, per_seed=runs[name], baseline=runs[BASELINE]
+        )
+    write_report(workdir, result)
+    return result
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def summarize_variant(
+    *, label: str, per_seed: Mapping[int, Mapping[str, float]], baseline: Mapping[int, Mapping[str, float]]
+) -> dict[str, Any]:
+    """Mean/std over seeds of each task's AUC, log loss, NE and RelaImpr vs the baseline.
+
+    Args:
+      label: row label.
+      per_seed: seed -> test metrics (`train.evaluate_predictions` keys) of the variant.
+      baseline: seed -> test metrics of the no-large-tables baseline.
+
+    Returns:
+      {"label", "per_seed", and per task "<task>_auc_mean"/"_std", "<task>_relaimpr_mean"/
+      "_std", "<task>_ne_mean", "<task>_log_loss_mean"}.
+    """
+    out: dict[str, Any] = {"label": label, "per_seed": {str(s): dict(m) for s, m in per_seed.items()}}
+    for task in TASKS:
+        aucs = [m[f"{task}_auc"] for m in per_seed.values()]
+        out[f"{task}_auc_mean"], out[f"{task}_auc_std"] = _mean_std(aucs)
+        gains = []
+        for s, m in per_seed.items():
+            b = baseline.get(s) or baseline.get(str(s))
+            if b is None:
+                continue
+            gains.append(relaimpr(m[f"{task}_auc"], b[f"{task}_auc"]))
+        out[f"{task}_relaimpr_mean"], out[f"{task}_relaimpr_std"] = _mean_std(gains)
+        out[f"{task}_ne_mean"], _ = _mean_std([m[f"{task}_ne"] for m in per_seed.values()])
+        out[f"{task}_log_loss_mean"], _ = _mean_std([m[f"{task}_log_loss"] for m in per_seed.values()])
+    return out
+
+
+def relaimpr(auc: float, auc_base: float) -> float:
+    """Relative AUC gain (AUC - AUC_base) / (AUC_base - 0.5)."""
+    if auc_base is None or auc is None or auc_base <= 0.5:
+        return float("nan")
+    return (auc - auc_base) / (auc_base - 0.5)
+
+
+def _fmt(mean: float, std: float, pct: bool = False) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    if pct:
+        return f"{100 * mean:+.1f}% ± {100 * std:.1f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def render_markdown(result: Mapping[str, Any]) -> str:
+    """The ablation table as Markdown."""
+    lines = [
+        "# Ranker ablation",
+        "",
+        f"Seeds: {result['seeds']}. Test window: days {result['windows'].get('test')}. "
+        "AUC: mean ± std over seeds. Gain: relative AUC gain over the no-large-tables "
+        "baseline, RelaImpr = (AUC − AUC_base) / (AUC_base − 0.5), per seed, mean ± std. "
+        "CVR AUC is on clicked impressions (pCVR vs conversion); CTCVR AUC is on all "
+        "impressions (pCTR·pCVR vs click∧conversion).",
+        "",
+        "| variant | CTR AUC | CTR gain | CVR AUC | CVR gain | CTCVR AUC | CTCVR gain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in result["order"]:
+        r = result["variants"][name]
+        cells = [r["label"]]
+        for task in TASKS:
+            cells.append(_fmt(r[f"{task}_auc_mean"], r[f"{task}_auc_std"]))
+            if name == BASELINE:
+                cells.append("—")
+            else:
+                cells.append(_fmt(r[f"{task}_relaimpr_mean"], r[f"{task}_relaimpr_std"], pct=True))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    cov = result.get("facet_coverage") or {}
+    seen = set()
+    cov_lines = []
+    for name in result["order"]:
+        window = VARIANTS[name].window if name in VARIANTS else "?"
+        for s in cov.get(name, []):
+            key = (s["facet"], window, s["entity"])
+            if key in seen:
+                continue
+            seen.add(key)
+            cov_lines.append(
+                f"- {s['facet']}/{s['entity']} ({window} window): {s['found']} of {s['rows']} ranker "
+                f"ids found, {s['missing']} fresh rows; facet table {s['facet_rows']} rows"
+            )
+    if cov_lines:
+        lines += ["Pretrained ids found in the ranker's vocabulary (first seed):", "", *cov_lines, ""]
+    pre = result.get("pretraining") or {}
+    if pre:
+        lines += ["Pretraining runs (shared across variants):", ""]
+        for key, p in pre.items():
+            lines.append(f"- {key}: {p['path']} ({p['seconds']:.0f} s)")
+        lines.append("")
+    lines.append(f"Total time: {result.get('seconds', float('nan')):.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: str | pathlib.Path, result: Mapping[str, Any]) -> None:
+    """Writes ablation.json, ablation.md and metrics.json into `workdir`."""
+    workdir = pathlib.Path(workdir)
+    text = json.dumps(result, indent=2, sort_keys=True, default=train_lib._json_default) + "\n"
+    (workdir / "ablation.json").write_text(text)
+    (workdir / "metrics.json").write_text(text)
+    (workdir / "ablation.md").write_text(render_markdown(result))
+
+
+def evaluate_with_tables(
+    workdir: str | pathlib.Path,
+    *,
+    transform: Callable[[model_lib.TrainedRanker], Mapping[str, np.ndarray]],
+    name: str,
+    label: str,
+    source_variant: str = "cl_kg",
+    data_path: str | None = None,
+) -> dict[str, Any]:
+    """Adds a row computed from saved rankers with substituted tables (e.g. INT4 served).
+
+    For every seed of `source_variant` whose ranker was saved, the ranker is re-scored
+    on the test window with `transform(ranker)` as its tables; the row is added to
+    ablation.json/ablation.md (after the existing rows).
+
+    Args:
+      workdir: a finished ablation folder.
+      transform: ranker -> {entity: [R, D_e] table} to evaluate with (e.g. quantize and
+        dequantize each of `ranker.tables`).
+      name: the new row's id.
+      label: the new row's label.
+      source_variant: the variant whose rankers are re-scored.
+      data_path: dataset folder (None: the one recorded in the first run's config).
+
+    Returns:
+      The new row's summary.
+    """
+    workdir = pathlib.Path(workdir)
+    result = json.loads((workdir / "ablation.json").read_text())
+    per_seed: dict[int, dict] = {}
+    data = None
+    for seed in result["seeds"]:
+        rdir = workdir / "runs" / f"{source_variant}_s{seed}" / "ranker"
+        if not rdir.exists():
+            continue
+        ranker = model_lib.load_ranker(rdir)
+        if data is None:
+            recorded = dict(result.get("data") or {"path": result.get("data_path")})
+            if data_path:
+                recorded["path"] = data_path
+            if not recorded.get("path"):
+                raise ValueError("evaluate_with_tables: pass data_path (not recorded in ablation.json)")
+            for k, v in recorded.items():
+                if isinstance(v, list):
+                    recorded[k] = tuple(v)
+            dcfg = dataclasses.replace(train_lib.DataConfig(**recorded), valid_window="")
+            cols = tuple(ranker.entity_columns[e] for e in ranker.entity_columns)
+            data = train_lib.prepare_data(dcfg, id_columns=cols)
+        if not all(np.array_equal(np.asarray(data.vocabs[ranker.entity_columns[e]]), np.asarray(v))
+                   for e, v in ranker.vocabs.items()):
+            raise ValueError(f"{rdir}: vocabulary differs from the data's; wrong data_path?")
+        per_seed[seed] = train_lib.evaluate_ranker(ranker, data.splits["test"], tables=transform(ranker))
+    if not per_seed:
+        raise ValueError(f"no saved rankers of variant {source_variant!r} under {workdir / 'runs'}")
+    base = {int(k): v for k, v in result["variants"][BASELINE]["per_seed"].items()}
+    row = summarize_variant(label=label, per_seed=per_seed, baseline=base)
+    result["variants"][name] = row
+    if name not in result["order"]:
+        result["order"].append(name)
+    write_report(workdir, result)
+    return row

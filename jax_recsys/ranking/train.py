@@ -1,0 +1,677 @@
+"""Training and evaluation of the CTR/CVR ranker on a dataset folder's impressions.
+
+`train_and_evaluate(config, workdir)` is the whole job:
+
+1. `prepare_data`: reads the impressions table, builds each entity's vocabulary (every
+   raw id that occurs in the impressions table, sorted: ids seen only in valid/test keep
+   their initial vector -- random for scratch facets, the pretrained one otherwise), maps
+   id columns to rows and splits by the day windows of dataset.json.
+2. resolves every entity's facets (`facets.resolve_facets`: scratch, or pretrained
+   tables mapped by raw id) and builds one engine table per (entity, facet)
+   (`jax_recsys.embedding`, row-wise Adagrad with a per-facet learning rate; frozen
+   facets are passed to the step as frozen tables and stay bit-identical);
+3. trains with the engine's one step shape (`make_train_step`, ESMM loss) for
+   `num_epochs` over the training window, logging the loss every `log_every` steps;
+4. saves the trained ranker (`model.save_ranker`: tables per entity as .npy, vocabs,
+   dense params, config JSON) to WORKDIR/ranker;
+5. evaluates the *saved* ranker on the validation and test windows with
+   `evaluate_ranker` -- host-side row gather + the pure serving score function, the
+   same path the INT4 export and the serving ranker use (pass `tables=` to evaluate
+   with substituted, e.g. dequantized, tables) -- and returns/writes metrics.
+
+Metrics per task (`evaluate_predictions`): CTR over all impressions (pCTR vs click);
+CVR on clicked impressions only (pCVR vs conversion: the post-click conversion rate
+the CVR head estimates); CTCVR over all impressions (pCTR * pCVR vs click AND
+conversion). Each has AUC, log loss, normalized entropy and calibration
+(sum predicted / sum observed).
+
+The "no large tables" ranker is a config with no entities: the engine is skipped and a
+dense-only optax step of the same shape trains the coarse-feature model.
+
+Dimension legend: B batch, R rows of an entity's vocabulary, D_e entity width,
+N examples of a split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_recsys.ranking import facets as facets_lib
+from jax_recsys.ranking import model as model_lib
+
+LABEL_COLUMNS = ("click", "conversion")
+_NOT_COARSE = ("day", "timestamp", "click", "conversion", "user_id", "item_id", "advertiser_id")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the ranker's data comes from.
+
+    Attributes:
+      path: dataset folder (see docs/ARCHITECTURE.md).
+      table: impressions table name.
+      train_window, valid_window, test_window: day-window names in dataset.json
+        (``ranker_train`` ...) or explicit half-open ``(start_day, end_day)`` pairs.
+        An empty valid window name ("") skips validation.
+      click_column, conversion_column: label columns (0/1).
+      coarse_features: coarse categorical columns (non-negative ints); None picks every
+        integer column that is not an id, label, day or timestamp column.
+      max_train_examples: keep only the first N training impressions (0: all).
+    """
+
+    path: str
+    table: str = "impressions"
+    train_window: str | tuple[int, int] = "ranker_train"
+    valid_window: str | tuple[int, int] = "ranker_valid"
+    test_window: str | tuple[int, int] = "ranker_test"
+    click_column: str = "click"
+    conversion_column: str = "conversion"
+    coarse_features: tuple[str, ...] | None = None
+    max_train_examples: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One ranker training run.
+
+    Attributes:
+      data: the data.
+      entities: ID entities and their facets; empty = the "no large tables" ranker.
+      facet_paths: (facet name, facet checkpoint dir) pairs for pretrained facets.
+      model: dense architecture; its entity_dims and coarse_vocab_sizes are filled in
+        from the resolved facets and the data.
+      batch_size: global batch B (a multiple of the device count).
+      num_epochs: passes over the training window (fractions allowed).
+      dense_learning_rate: Adam learning rate of the dense part.
+      dense_weight_decay: AdamW decoupled weight decay of the dense part.
+      warmup_steps: linear warm-up of the dense learning rate.
+      table_learning_rate: row-wise Adagrad learning rate of scratch tables.
+      table_initial_accumulator: Adagrad's starting accumulator per row.
+      finetune_lr_scale: default learning rate of fine-tuned pretrained facets as a
+        fraction of table_learning_rate (~1/10 is common practice).
+      cvr_weight: weight of the CTCVR term of the ESMM loss.
+      seed: seeds initialisation and the data order.
+      log_every: print the training loss every N steps (0: never).
+      eval_batch_size: batch size of the evaluation.
+    """
+
+    data: DataConfig
+    entities: tuple[facets_lib.EntitySpec, ...] = ()
+    facet_paths: tuple[tuple[str, str], ...] = ()
+    model: model_lib.RankerConfig = model_lib.RankerConfig()
+    batch_size: int = 4096
+    num_epochs: float = 1.0
+    dense_learning_rate: float = 1e-3
+    dense_weight_decay: float = 0.0
+    warmup_steps: int = 0
+    table_learning_rate: float = 0.05
+    table_initial_accumulator: float = 1e-6
+    finetune_lr_scale: float = 0.1
+    cvr_weight: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    eval_batch_size: int = 16384
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankerData:
+    """Impressions mapped to rows, split by day windows (reusable across runs).
+
+    Attributes:
+      vocabs: entity column -> [R] raw ids in row order.
+      coarse_sizes: (coarse feature, number of values) pairs.
+      splits: split name ("train", "valid", "test") -> column -> [N] arrays, with id
+        columns already mapped to int32 rows and labels as float32.
+      windows: split name -> (start_day, end_day).
+    """
+
+    vocabs: dict[str, np.ndarray]
+    coarse_sizes: tuple[tuple[str, int], ...]
+    splits: dict[str, dict[str, np.ndarray]]
+    windows: dict[str, tuple[int, int]]
+
+
+def _window(folder, w) -> tuple[int, int]:
+    if isinstance(w, str):
+        return folder.day_window(w)
+    start, end = (int(x) for x in w)
+    return start, end
+
+
+def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData:
+    """Reads impressions, builds vocabularies for `id_columns`, splits by day windows.
+
+    Args:
+      data: the DataConfig.
+      id_columns: impression columns holding entity raw ids (e.g. user_id, item_id).
+
+    Returns:
+      RankerData.
+
+    Raises:
+      jax_recsys.data.folder.DataError / ValueError naming the table and column.
+    """
+    from jax_recsys.data import folder as folder_lib
+
+    folder = folder_lib.DatasetFolder(data.path)
+    cols = folder.table(data.table)
+    where = f"{folder.table_path(data.table)}"
+    for c in (data.click_column, data.conversion_column, *id_columns):
+        if c not in cols:
+            raise folder_lib.DataError(
+                f"impressions table lacks column {c!r} (has {sorted(cols)})", file=where, column=c
+            )
+    if data.coarse_features is None:
+        coarse = tuple(
+            c
+            for c in cols
+            if c not in _NOT_COARSE and c not in id_columns and np.asarray(cols[c]).dtype.kind in "iu"
+        )
+    else:
+        coarse = tuple(data.coarse_features)
+    sizes = []
+    for c in coarse:
+        if c not in cols:
+            raise folder_lib.DataError(f"coarse feature {c!r} not in the table", file=where, column=c)
+        v = np.asarray(cols[c])
+        if v.dtype.kind not in "iu":
+            raise folder_lib.DataError(
+                f"coarse feature {c!r} must be integer, got {v.dtype}", file=where, column=c
+            )
+        if v.size and v.min() < 0:
+            i = int(np.argmin(v))
+            raise folder_lib.DataError(
+                f"coarse feature {c!r} has negative value {v[i]}", file=where, column=c, line=i + 2
+            )
+        sizes.append((c, int(v.max()) + 1 if v.size else 1))
+    vocabs = {c: np.unique(np.asarray(cols[c])) for c in id_columns}
+    windows = {"train": data.train_window, "valid": data.valid_window, "test": data.test_window}
+    splits, wins = {}, {}
+    for split, w in windows.items():
+        if w == "" or w is None:
+            continue
+        start, end = _window(folder, w)
+        sel = folder_lib.select_days(cols, start, end)
+        n = len(sel[data.click_column])
+        if split == "train" and data.max_train_examples:
+            n = min(n, data.max_train_examples)
+        out = {}
+        for c in id_columns:
+            out[c] = np.searchsorted(vocabs[c], np.asarray(sel[c][:n])).astype(np.int32)
+        for c in coarse:
+            out[c] = np.asarray(sel[c][:n]).astype(np.int32)
+        out["click"] = np.asarray(sel[data.click_column][:n]).astype(np.float32)
+        out["conversion"] = np.asarray(sel[data.conversion_column][:n]).astype(np.float32)
+        splits[split] = out
+        wins[split] = (start, end)
+    return RankerData(vocabs=vocabs, coarse_sizes=tuple(sizes), splits=splits, windows=wins)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def evaluate_predictions(
+    *, click: np.ndarray, conversion: np.ndarray, p_ctr: np.ndarray, p_cvr: np.ndarray
+) -> dict[str, float]:
+    """Per-task ranking metrics of CTR, CVR (clicked only) and CTCVR predictions.
+
+    Args:
+      click: [N] 0/1 click labels.
+      conversion: [N] 0/1 conversion labels (conversions after a click).
+      p_ctr: [N] predicted P(click).
+      p_cvr: [N] predicted P(conversion | click).
+
+    Returns:
+      {"ctr_auc", "ctr_log_loss", "ctr_ne", "ctr_calibration", same for "cvr_" (on
+      clicked impressions) and "ctcvr_" (pCTR * pCVR vs click AND conversion), plus
+      "num_examples", "num_clicks", "num_conversions"}. A task whose labels are all
+      equal gets NaN AUC.
+    """
+    from jax_recsys import metrics as m
+
+    click = np.asarray(click, np.float64)
+    conv = np.asarray(conversion, np.float64) * click
+    p_ctr = np.asarray(p_ctr, np.float64)
+    p_cvr = np.asarray(p_cvr, np.float64)
+    clicked = click > 0
+    tasks = {
+        "ctr": (click, p_ctr),
+        "cvr": (conv[clicked], p_cvr[clicked]),
+        "ctcvr": (conv, p_ctr * p_cvr),
+    }
+    out: dict[str, float] = {
+        "num_examples": int(click.size),
+        "num_clicks": int(clicked.sum()),
+        "num_conversions": int(conv.sum()),
+    }
+    for name, (y, p) in tasks.items():
+        if y.size == 0:
+            for k in ("auc", "log_loss", "ne", "calibration"):
+                out[f"{name}_{k}"] = float("nan")
+            continue
+        both = 0 < y.sum() < y.size
+        out[f"{name}_auc"] = float(m.auc(y, p)) if both else float("nan")
+        out[f"{name}_log_loss"] = float(m.log_loss(y, p))
+        out[f"{name}_ne"] = float(m.normalized_entropy(y, p)) if both else float("nan")
+        out[f"{name}_calibration"] = float(m.calibration(y, p)) if y.sum() > 0 else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def predict(
+    ranker: model_lib.TrainedRanker,
+    columns: Mapping[str, np.ndarray],
+    *,
+    tables: Mapping[str, np.ndarray] | None = None,
+    batch_size: int = 16384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """pCTR and pCVR of a trained ranker on impressions given as entity *rows*.
+
+    Rows are gathered on the host from the ranker's (or the substituted) tables and
+    scored with the pure serving score function, so this is exactly what a serving
+    ranker computes from embeddings fetched from the embedding servers.
+
+    Args:
+      ranker: a TrainedRanker (from `train_and_evaluate` or `model.load_ranker`).
+      columns: entity id column -> int [N] rows of the ranker's vocabulary (-1 = unknown:
+        zero embedding), coarse feature -> int [N].
+      tables: optional entity -> [R, D_e] replacement tables (e.g. INT4-dequantized).
+      batch_size: scoring batch size.
+
+    Returns:
+      (p_ctr [N], p_cvr [N]) float32.
+    """
+    tables = dict(ranker.tables if tables is None else tables)
+    for ent, _ in ranker.config.entity_dims:
+        if ent not in tables:
+            raise ValueError(f"predict: no table for entity {ent!r}")
+    score = _jitted_score_fn(ranker.config)
+    params = {k: jnp.asarray(v) for k, v in ranker.params.items()}
+    coarse_names = [n for n, _ in ranker.config.coarse_vocab_sizes]
+    n = len(next(iter(columns.values())))
+    p_ctr = np.empty(n, np.float32)
+    p_cvr = np.empty(n, np.float32)
+    bs = max(1, min(batch_size, n))
+    for lo in range(0, n, bs):
+        hi = min(lo + bs, n)
+        pad = bs - (hi - lo)
+        emb = {}
+        for ent, _dim in ranker.config.entity_dims:
+            rows = np.asarray(columns[ranker.entity_columns[ent]][lo:hi], np.int64)
+            tab = tables[ent]
+            vals = np.asarray(tab[np.clip(rows, 0, len(tab) - 1)], np.float32)
+            vals[rows < 0] = 0.0
+            emb[ent] = np.pad(vals, ((0, pad), (0, 0)))
+        coarse = {c: np.pad(np.asarray(columns[c][lo:hi], np.int32), (0, pad)) for c in coarse_names}
+        ctr_l, cvr_l = score(params, entity_emb=emb, coarse_ids=coarse)
+        p_ctr[lo:hi] = np.asarray(jax.nn.sigmoid(ctr_l))[: hi - lo]
+        p_cvr[lo:hi] = np.asarray(jax.nn.sigmoid(cvr_l))[: hi - lo]
+    return p_ctr, p_cvr
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_score_fn(config: model_lib.RankerConfig):
+    # One compiled scorer per architecture, shared by every evaluation in the process.
+    return jax.jit(model_lib.make_score_fn(config))
+
+
+def evaluate_ranker(
+    ranker: model_lib.TrainedRanker,
+    columns: Mapping[str, np.ndarray],
+    *,
+    tables: Mapping[str, np.ndarray] | None = None,
+    batch_size: int = 16384,
+) -> dict[str, float]:
+    """Evaluates a trained ranker (optionally with substituted tables) on one split.
+
+    This is the hook the INT4 export uses: pass the dequantized tables as `tables`.
+
+    Args:
+      ranker: the trained ranker.
+      columns: a split of `RankerData.splits` (rows, coarse features, click, conversion).
+      tables: optional entity -> [R, D_e] replacement tables.
+      batch_size: scoring batch size.
+
+    Returns:
+      `evaluate_predictions` metrics.
+    """
+    p_ctr, p_cvr = predict(ranker, columns, tables=tables, batch_size=batch_size)
+    return evaluate_predictions(
+        click=columns["click"], conversion=columns["conversion"], p_ctr=p_ctr, p_cvr=p_cvr
+    )
+
+
+def raw_to_rows(ranker: model_lib.TrainedRanker, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps raw-id impression columns onto a trained ranker's rows (-1 for unknown ids).
+
+    Args:
+      ranker: the trained ranker.
+      raw: column -> [N] (entity id columns hold raw ids; others pass through).
+
+    Returns:
+      The same columns with entity id columns as int64 rows.
+    """
+    out = dict(raw)
+    for ent, col in ranker.entity_columns.items():
+        out[col] = facets_lib.match_rows(np.asarray(raw[col]), ranker.vocabs[ent])
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _dense_tx(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    if config.warmup_steps > 0:
+        lr = optax.linear_schedule(0.0, config.dense_learning_rate, config.warmup_steps)
+    else:
+        lr = config.dense_learning_rate
+    return optax.adamw(lr, weight_decay=config.dense_weight_decay)
+
+
+def _make_loss_fn(config: TrainConfig, tables: list[facets_lib.FacetTable], coarse_names):
+    by_entity: dict[str, list[str]] = {}
+    for t in tables:
+        by_entity.setdefault(t.entity, []).append(t.name)
+
+    def loss_fn(*, rows, params, batch):
+        emb = {
+            ent: jnp.concatenate([rows[n] for n in names], axis=-1) if len(names) > 1 else rows[names[0]]
+            for ent, names in by_entity.items()
+        }
+        coarse = {c: batch.ids[c] for c in coarse_names}
+        ctr_logit, cvr_logit = params(entity_emb=emb, coarse_ids=coarse)
+        return model_lib.esmm_loss(
+            ctr_logit=ctr_logit,
+            cvr_logit=cvr_logit,
+            click=batch.labels["click"],
+            conversion=batch.labels["conversion"],
+            mask=batch.mask,
+            cvr_weight=config.cvr_weight,
+        )
+
+    return loss_fn
+
+
+def _dense_only_step(loss_fn, graphdef, tx):
+    """The same step shape as the engine's, for a ranker without ID tables."""
+
+    def step(state, batch):
+        params, opt_state, n = state
+
+        def objective(p):
+            return loss_fn(rows={}, params=nnx.merge(graphdef, p), batch=batch)
+
+        (loss, aux), g = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, n + 1), {"loss": loss, **aux}
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | pathlib.Path | None,
+    *,
+    data: RankerData | None = None,
+    facets: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
+    """Trains a ranker, saves it to WORKDIR/ranker, evaluates it, writes metrics.json.
+
+    Args:
+      config: the run's TrainConfig.
+      workdir: output folder (None: nothing is written; the ranker is returned in the
+        result under "ranker").
+      data: prepared data to reuse across runs (None: `prepare_data(config.data, ...)`).
+      facets: facet name -> loaded facet checkpoint to reuse (None: load
+        `config.facet_paths` with `jax_recsys.checkpoint.load_facet`).
+      log: progress printer.
+      mesh: device mesh for the tables and the batch (None: all devices, axis "data").
+
+    Returns:
+      metrics dict: "test" and "valid" task metrics, "facets" (found/missing ids per
+      pretrained facet), "train" (steps, final loss, loss curve, examples/s), plus
+      "ranker": the TrainedRanker object (not written to JSON).
+    """
+    from jax_recsys import distributed
+    from jax_recsys.data.batching import BatchIterator
+
+    t0 = time.time()
+    id_columns = tuple(dict.fromkeys(e.column for e in config.entities))
+    if data is None:
+        data = prepare_data(config.data, id_columns=id_columns)
+    missing_cols = [c for c in id_columns if c not in data.vocabs]
+    if missing_cols:
+        raise ValueError(f"prepared data lacks id columns {missing_cols}")
+    if facets is None:
+        needed = {f.source for e in config.entities for f in e.facets if f.source != facets_lib.SCRATCH}
+        paths = dict(config.facet_paths)
+        facets = {}
+        for name in sorted(needed):
+            if name not in paths:
+                raise ValueError(f"facet {name!r} is used but config.facet_paths has no path for it")
+            from jax_recsys import checkpoint
+
+            facets[name] = checkpoint.load_facet(paths[name])
+    tables = facets_lib.resolve_facets(
+        config.entities,
+        vocabs={e.name: data.vocabs[e.column] for e in config.entities},
+        facets=facets,
+        table_learning_rate=config.table_learning_rate,
+        finetune_lr_scale=config.finetune_lr_scale,
+        seed=config.seed,
+    )
+    coarse_names = tuple(n for n, _ in data.coarse_sizes)
+    rcfg = dataclasses.replace(
+        config.model,
+        entity_dims=facets_lib.entity_dims(tables),
+        coarse_vocab_sizes=data.coarse_sizes,
+    )
+    graphdef, params = model_lib.init_dense(rcfg, seed=config.seed)
+    train_cols = data.splits["train"]
+    clicks = float(train_cols["click"].sum())
+    model_lib.set_head_biases(
+        params,
+        ctr_rate=clicks / max(len(train_cols["click"]), 1),
+        cvr_rate=float((train_cols["click"] * train_cols["conversion"]).sum()) / max(clicks, 1.0),
+    )
+    n_train = len(train_cols["click"])
+    mesh = mesh or distributed.global_mesh()
+    n_dev = int(np.prod(list(mesh.shape.values())))
+    bs = max(n_dev, (config.batch_size // n_dev) * n_dev)
+    steps_per_epoch = max(1, n_train // bs)
+    total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
+    tx = _dense_tx(config, total_steps)
+    loss_fn = _make_loss_fn(config, tables, coarse_names)
+
+    feature_cols: dict[str, np.ndarray] = {}
+    for t in tables:
+        feature_cols[t.name] = train_cols[config_entity_column(config, t.entity)]
+    for c in coarse_names:
+        feature_cols[c] = train_cols[c]
+    feature_cols["click"] = train_cols["click"]
+    feature_cols["conversion"] = train_cols["conversion"]
+    it = BatchIterator(
+        feature_cols,
+        batch_size=bs,
+        id_features=[t.name for t in tables] + list(coarse_names),
+        label_features=["click", "conversion"],
+        shuffle=True,
+        seed=config.seed,
+        drop_remainder=True,
+    )
+
+    ec = None
+    if tables:
+        from jax_recsys.embedding import collection as collection_lib
+        from jax_recsys.embedding import specs
+        from jax_recsys.embedding import train_step as ts
+
+        tspecs = [
+            specs.TableSpec(
+                name=t.name,
+                rows=len(data.vocabs[config_entity_column(config, t.entity)]),
+                dim=t.dim,
+                init_scale=t.init_scale,
+                optimizer=specs.RowAdagrad(
+                    learning_rate=t.learning_rate,
+                    initial_accumulator=config.table_initial_accumulator,
+                ),
+            )
+            for t in tables
+        ]
+        fspecs = [specs.FeatureSpec(name=t.name, table=t.name) for t in tables]
+        ec = collection_lib.EmbeddingCollection(tables=tspecs, features=fspecs, mesh=mesh)
+        frozen = [t.name for t in tables if not t.trainable]
+        state = ts.init_train_state(
+            collection=ec,
+            key=jax.random.key(config.seed),
+            params=params,
+            dense_tx=tx,
+            initial_values={t.name: t.values for t in tables if t.values is not None},
+        )
+        # Commit the dense state to its replicated sharding up front: otherwise the
+        # second step sees differently-placed inputs and compiles the step again.
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = ts.TrainState(
+            emb=state.emb,
+            params=jax.device_put(state.params, replicated),
+            opt_state=jax.device_put(state.opt_state, replicated),
+            step=jax.device_put(state.step, replicated),
+        )
+        step_fn = ts.make_train_step(
+            collection=ec, loss_fn=loss_fn, dense_tx=tx, model_graphdef=graphdef, frozen_tables=frozen
+        )
+
+        def put(batch):
+            return ts.shard_batch(batch, mesh=mesh)
+    else:
+        state = jax.device_put((params, tx.init(params), jnp.zeros((), jnp.int32)), jax.devices()[0])
+        step_fn = _dense_only_step(loss_fn, graphdef, tx)
+
+        def put(batch):
+            return jax.tree.map(jnp.asarray, batch)
+
+    log(
+        f"ranker: {n_train} train impressions, batch {bs}, {total_steps} steps, "
+        f"tables {[(t.name, t.dim, 'ft' if t.trainable else 'frozen', t.learning_rate) for t in tables]}"
+    )
+    curve = []
+    t_train = time.time()
+    loss_ema = None
+    step = 0
+    t_first = t_train
+    while step < total_steps:
+        for batch in it:
+            if step >= total_steps:
+                break
+            state, metrics = step_fn(state, put(batch))
+            loss = float(metrics["loss"])  # blocks on the step: keeps few programs in flight
+            if step == 0:
+                t_first = time.time()  # the first step compiles: not throughput
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"ranker loss is {loss} at step {step}")
+            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+            step += 1
+            if config.log_every and (step % config.log_every == 0 or step == total_steps):
+                curve.append((step, loss_ema))
+                log(
+                    f"  step {step}/{total_steps} loss {loss:.4f} (ema {loss_ema:.4f}) "
+                    f"ctr {float(metrics['bce_ctr']):.4f} ctcvr {float(metrics['bce_ctcvr']):.4f} "
+                    f"{(step - 1) * bs / max(time.time() - t_first, 1e-9):.0f} ex/s"
+                )
+    train_s = time.time() - t_train
+    steady_s = time.time() - t_first if step > 1 else float("nan")
+
+    if ec is not None:
+        flat_tables = ec.export_tables(state.emb)
+        dense_params = state.params
+    else:
+        flat_tables = {}
+        dense_params = state[0]
+    ranker = model_lib.TrainedRanker(
+        config=rcfg,
+        params=model_lib.flatten_params(dense_params),
+        tables={
+            ent: np.concatenate([flat_tables[t.name] for t in tables if t.entity == ent], axis=1)
+            for ent, _ in rcfg.entity_dims
+        },
+        vocabs={e.name: data.vocabs[e.column] for e in config.entities},
+        entity_columns={e.name: e.column for e in config.entities},
+        facet_layout={
+            ent: [(t.source, t.dim, t.trainable) for t in tables if t.entity == ent]
+            for ent, _ in rcfg.entity_dims
+        },
+    )
+    result: dict[str, Any] = {
+        "train": {
+            "steps": step,
+            "batch_size": bs,
+            "examples": step * bs,
+            "final_loss_ema": loss_ema,
+            "loss_curve": curve,
+            "seconds": train_s,
+            "examples_per_s": (step - 1) * bs / steady_s if step > 1 else float("nan"),
+        },
+        "facets": [t.stats.as_dict() for t in tables if t.stats is not None],
+        "windows": {k: list(v) for k, v in data.windows.items()},
+    }
+    for split in ("valid", "test"):
+        if split in data.splits:
+            result[split] = evaluate_ranker(
+                ranker, data.splits[split], batch_size=config.eval_batch_size
+            )
+    result["seconds"] = time.time() - t0
+    if "test" in result:
+        te = result["test"]
+        log(
+            f"ranker test: CTR AUC {te['ctr_auc']:.4f}  CVR AUC {te['cvr_auc']:.4f}  "
+            f"CTCVR AUC {te['ctcvr_auc']:.4f}  CTR NE {te['ctr_ne']:.4f}  ({result['seconds']:.0f}s)"
+        )
+    if workdir is not None:
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        model_lib.save_ranker(workdir / "ranker", ranker)
+        (workdir / "metrics.json").write_text(
+            json.dumps(result, indent=2, sort_keys=True, default=_json_default) + "\n"
+        )
+    result["ranker"] = ranker
+    return result
+
+
+def config_entity_column(config: TrainConfig, entity: str) -> str:
+    """The impressions column of `entity` in `config`."""
+    for e in config.entities:
+        if e.name == entity:
+            return e.column
+    raise ValueError(f"no entity {entity!r} in the config")
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

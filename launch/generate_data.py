@@ -1,0 +1,37 @@
+"""Writes the synthetic ads world as a dataset folder.
+
+  python -m launch.generate_data --config=configs/world.py[:smoke|:large] --workdir=DIR
+
+DIR is the dataset folder itself (dataset.json, tables, kg/, world_summary.json);
+DIR/metrics.json repeats the summary.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output dataset folder.", required=True)
+
+
+def main(argv):
+    del argv
+    from jax_recsys.data import world
+
+    cfg = _CONFIG.value
+    fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in cfg.world.items()}
+    wcfg = world.WorldConfig(**fields)
+    if cfg.num_days:
+        wcfg = world.days_override(wcfg, cfg.num_days)
+    summary = world.generate_world(wcfg, _WORKDIR.value, progress=cfg.progress)
+    text = json.dumps(summary, indent=1)
+    print(text)
+    with open(f"{_WORKDIR.value}/metrics.json", "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,85 @@
+"""User–pin contrastive pretraining: writes WORKDIR/facet_cl and WORKDIR/metrics.json.
+
+  python -m launch.pretrain_contrastive --config=configs/contrastive.py[:smoke] \
+      --workdir=DIR --config.data.path=DATASET_DIR \
+      [--config.data.window_start=0 --config.data.window_end=20]
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+
+
+def _unset(v):
+    return None if v in (-1, "") else v
+
+
+def _table_optimizer(t):
+    from jax_recsys.embedding import specs
+
+    kinds = {"row_adagrad": lambda: specs.RowAdagrad(
+                 learning_rate=t.table_learning_rate,
+                 initial_accumulator=t.table_initial_accumulator),
+             "sgd": lambda: specs.SGD(learning_rate=t.table_learning_rate),
+             "lazy_adam": lambda: specs.LazyAdam(learning_rate=t.table_learning_rate)}
+    if t.table_optimizer not in kinds:
+        raise ValueError(f"train.table_optimizer must be one of {sorted(kinds)}, "
+                         f"got {t.table_optimizer!r}")
+    return kinds[t.table_optimizer]()
+
+
+def _dataset_path(cfg, workdir: pathlib.Path) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    from jax_recsys.data import world
+
+    out = workdir / "world"
+    if not (out / "dataset.json").exists():
+        logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
+        world.generate_world(world.scale_config(cfg.data.world_config), out)
+    return str(out)
+
+
+def main(argv):
+    del argv
+    common.setup(_WORKDIR.value)
+    from jax_recsys.pretrain import contrastive_data, contrastive_train
+
+    cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    d, m, t = cfg.data, cfg.model, cfg.train
+    data = contrastive_data.ContrastiveDataConfig(
+        path=_dataset_path(cfg, workdir), table=d.table, user_column=d.user_column,
+        item_column=d.item_column, day_column=d.day_column,
+        timestamp_column=d.timestamp_column, type_column=d.type_column,
+        type_weights=tuple(d.type_weights), window=_unset(d.window),
+        window_start=_unset(d.window_start), window_end=_unset(d.window_end),
+        eval_days=d.eval_days, use_conversions=d.use_conversions,
+        conversion_weight=d.conversion_weight, pin_side_features=tuple(d.pin_side_features),
+        max_eval_pairs=d.max_eval_pairs, seed=d.seed,
+    )
+    config = contrastive_train.ContrastiveConfig(
+        dim=m.dim, project=m.project, temperature=m.temperature, use_logq=m.use_logq,
+        remove_accidental_hits=m.remove_accidental_hits, uniform_negatives=m.uniform_negatives,
+        export=m.export, batch_size=t.batch_size, num_epochs=t.num_epochs,
+        max_steps=_unset(t.max_steps), table_optimizer=_table_optimizer(t),
+        dense_learning_rate=t.dense_learning_rate, eval_every=t.eval_every,
+        eval_ks=tuple(t.eval_ks), eval_loss_batches=t.eval_loss_batches,
+        log_every=t.log_every, seed=t.seed,
+    )
+    metrics = contrastive_train.train_and_evaluate(
+        pairs=contrastive_data.load_pairs(data), config=config, workdir=workdir)
+    common.write_json(workdir / "metrics.json", metrics)
+    logging.info("recall@10 %.4f (popularity %.4f), held-out loss %.4f",
+                 metrics["recall@10"], metrics["pop_recall@10"], metrics["heldout_loss"])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,72 @@
+"""Knowledge-graph pretraining: writes WORKDIR/facet_kg and WORKDIR/metrics.json.
+
+  python -m launch.pretrain_kg --config=configs/kg.py[:smoke] --workdir=DIR \
+      --config.data.path=DATASET_DIR      # a dataset folder (reads its kg/)
+  python -m launch.pretrain_kg --config=configs/kg_triples.py --workdir=DIR \
+      --config.data.path=TRIPLE_DIR       # any train/valid/test.txt folder
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+
+
+def _unset(v):
+    return None if v in (-1, -1.0, "") else v
+
+
+def _dataset_path(cfg, workdir: pathlib.Path) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    if not cfg.data.world_config:
+        raise app.UsageError("set --config.data.path to a triple folder")
+    from jax_recsys.data import world
+
+    out = workdir / "world"
+    if not (out / "dataset.json").exists():
+        logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
+        world.generate_world(world.scale_config(cfg.data.world_config), out)
+    return str(out)
+
+
+def main(argv):
+    del argv
+    common.setup(_WORKDIR.value)
+    from jax_recsys.pretrain import kg_eval, kg_train
+
+    cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    m, t, e = cfg.model, cfg.train, cfg.eval
+    metrics = kg_train.train_and_evaluate(
+        data=kg_train.KGDataConfig(path=_dataset_path(cfg, workdir), unseen=cfg.data.unseen),
+        model=kg_train.KGModelConfig(model=m.model, dim=m.dim, gamma=m.gamma,
+                                     rel_dim=_unset(m.rel_dim), init_scale=_unset(m.init_scale)),
+        train_config=kg_train.KGTrainConfig(
+            chunk_size=t.chunk_size, uniform_negatives=t.uniform_negatives,
+            chunks_per_batch=t.chunks_per_batch, corrupt=t.corrupt, loss=t.loss, margin=t.margin,
+            adversarial_temperature=t.adversarial_temperature, regularization=t.regularization,
+            entity_learning_rate=t.entity_learning_rate,
+            entity_initial_accumulator=t.entity_initial_accumulator,
+            relation_learning_rate=t.relation_learning_rate, num_epochs=t.num_epochs,
+            max_steps=_unset(t.max_steps), seed=t.seed, log_every=t.log_every,
+            eval_every_epochs=t.eval_every_epochs),
+        eval_config=kg_eval.KGEvalConfig(block_size=e.block_size,
+                                         max_triples=_unset(e.max_triples), sides=tuple(e.sides)),
+        workdir=workdir,
+        log_fn=lambda d: logging.info("%s", d),
+    )
+    common.write_json(workdir / "metrics.json", metrics)
+    split = "test" if "test_mrr" in metrics else "valid"
+    logging.info("%s filtered MRR %.4f, Hits@10 %.4f; %.0f positive triples/s", split,
+                 metrics[f"{split}_mrr"], metrics[f"{split}_hits@10"], metrics["positives_per_s"])
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,132 @@
+"""CTR + CVR ranker: trains, saves WORKDIR/ranker, evaluates, writes WORKDIR/metrics.json.
+
+  python -m launch.train_ranker --config=configs/ranker.py[:smoke] --workdir=DIR \
+      --config.data.path=DATASET_DIR [--config.facets=cl,kg \
+      --config.facet_paths.cl=... --config.facet_paths.kg=...]
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import common
+
+# Flags are defined only when this module runs as the entry point, so run_ablation can
+# import the config helpers below without a duplicate --config flag.
+_CONFIG = None
+_WORKDIR = None
+
+
+def _define_flags():
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+
+
+def _opt(v):
+    return None if v is None or v == -1 or v == -1.0 else v
+
+
+def _names(s) -> tuple[str, ...]:
+    if isinstance(s, list | tuple):
+        return tuple(str(x) for x in s if str(x))
+    return tuple(x.strip() for x in str(s).split(",") if x.strip())
+
+
+def dataset_path(cfg, workdir: pathlib.Path) -> str:
+    """cfg.data.path, or a freshly generated world in WORKDIR/world when it is empty."""
+    if cfg.data.path:
+        return cfg.data.path
+    from jax_recsys.data import world
+
+    out = workdir / "world"
+    if not (out / "dataset.json").exists():
+        logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
+        world.generate_world(world.scale_config(cfg.data.world_config), out)
+    return str(out)
+
+
+def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None, seed=None):
+    """Turns the ranker ConfigDict into a `jax_recsys.ranking.train.TrainConfig`.
+
+    Args:
+      cfg: the ConfigDict of configs/ranker.py.
+      data_path: the dataset folder.
+      facets: facet name -> loaded checkpoint (to know which entities each covers);
+        None: every pretrained facet goes to every entity.
+      pretrained, mode, seed: overrides of cfg.facets, cfg.facet_mode, cfg.train.seed.
+
+    Returns:
+      The TrainConfig (facet_paths from cfg.facet_paths).
+    """
+    from jax_recsys.ranking import facets as facets_lib
+    from jax_recsys.ranking import model, train
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    coarse = _names(d.coarse_features)
+    data = train.DataConfig(
+        path=data_path, table=d.table, train_window=d.train_window,
+        valid_window=d.valid_window, test_window=d.test_window, click_column=d.click_column,
+        conversion_column=d.conversion_column, coarse_features=coarse or None,
+        max_train_examples=d.max_train_examples,
+    )
+    pretrained = _names(cfg.facets) if pretrained is None else tuple(pretrained)
+    entities = facets_lib.build_entities(
+        entities=[tuple(e.split(":")) for e in _names(cfg.entities)],
+        scratch_dim=cfg.scratch_dim,
+        pretrained=pretrained,
+        mode=mode or cfg.facet_mode,
+        available=None if facets is None else {k: list(f.tables) for k, f in facets.items()},
+        learning_rate=_opt(cfg.facet_learning_rate),
+        target_norm=_opt(cfg.facet_target_norm),
+        scratch_init_scale=_opt(cfg.scratch_init_scale),
+    )
+    return train.TrainConfig(
+        data=data,
+        entities=entities,
+        facet_paths=tuple((k, v) for k, v in cfg.facet_paths.items() if v),
+        model=model.RankerConfig(
+            coarse_dim=m.coarse_dim, num_cross_layers=m.num_cross_layers, cross_rank=m.cross_rank,
+            mlp_dims=tuple(m.mlp_dims), head_dims=tuple(m.head_dims), entity_norm=m.entity_norm,
+        ),
+        batch_size=t.batch_size, num_epochs=t.num_epochs,
+        dense_learning_rate=t.dense_learning_rate, dense_weight_decay=t.dense_weight_decay,
+        warmup_steps=t.warmup_steps, table_learning_rate=t.table_learning_rate,
+        table_initial_accumulator=t.table_initial_accumulator,
+        finetune_lr_scale=t.finetune_lr_scale, cvr_weight=t.cvr_weight,
+        seed=t.seed if seed is None else seed, log_every=t.log_every,
+        eval_batch_size=t.eval_batch_size,
+    )
+
+
+def main(argv):
+    del argv
+    common.setup(_WORKDIR.value)
+    from jax_recsys import checkpoint
+    from jax_recsys.ranking import train
+
+    cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    paths = {k: v for k, v in cfg.facet_paths.items() if v}
+    missing = [f for f in _names(cfg.facets) if f not in paths]
+    if missing:
+        raise app.UsageError(f"facets {missing} need --config.facet_paths.<name>=DIR")
+    facets = {k: checkpoint.load_facet(v) for k, v in paths.items() if k in _names(cfg.facets)}
+    tc = train_config(cfg, data_path=dataset_path(cfg, workdir), facets=facets)
+    metrics = train.train_and_evaluate(tc, None, facets=facets, log=logging.info)
+    ranker = metrics.pop("ranker")
+    from jax_recsys.ranking import model
+
+    model.save_ranker(workdir / "ranker", ranker)
+    metrics["config"] = cfg.to_dict()
+    common.write_json(workdir / "metrics.json", metrics)
+    te = metrics["test"]
+    logging.info("test CTR AUC %.4f, CVR AUC %.4f, CTCVR AUC %.4f", te["ctr_auc"], te["cvr_auc"],
+                 te["ctcvr_auc"])
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

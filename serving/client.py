@@ -1,0 +1,423 @@
+"""Client of the embedding shard servers: routing, fan-out, retries, version pinning.
+
+``EmbeddingClient`` turns ``lookup_many({table: rows})`` into one request per
+shard that owns any of the rows (contiguous row ranges, see
+``serving.codec.shard_range``), sends them in parallel with a deadline,
+retries a shard's request on its next replica when one is unreachable, and
+reassembles the float32 rows in the caller's order. Duplicate rows are sent
+once. Responses from a version other than the pinned one are refused
+(``VersionMismatch``); with no pinned version, all shards of one call must
+agree.
+
+Imports NumPy, gRPC and the generated protobuf code (never JAX), so the ranker
+service and tools can use it anywhere.
+
+Dimension legend: n rows asked for, u unique rows, D embedding dim, S shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from serving import codec
+from serving.protos import embedding_pb2 as pb
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class ServingError(RuntimeError):
+    """A lookup that could not be answered.
+
+    Attributes:
+      code: the gRPC status code of the (last) failure, or None.
+      shard: index of the failing shard, or None.
+    """
+
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, shard: int | None = None
+    ):
+        super().__init__(message)
+        self.code = code
+        self.shard = shard
+
+
+class VersionMismatch(ServingError):
+    """A shard answered (or could only answer) another artifact version."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardSpec:
+    """Where one shard lives and which rows it holds.
+
+    Attributes:
+      addresses: ``host:port`` of the primary first, then its replicas.
+      ranges: table -> ``(lo, hi)``, the rows ``[lo, hi)`` this shard holds.
+    """
+
+    addresses: tuple[str, ...]
+    ranges: Mapping[str, tuple[int, int]]
+
+
+def routing_from_manifest(
+    manifest: Mapping | str, addresses: Sequence[Sequence[str] | str]
+) -> list[ShardSpec]:
+    """Routing table for an artifact split over ``len(addresses)`` shards.
+
+    Args:
+      manifest: the artifact's manifest dict, or the artifact folder.
+      addresses: per shard, its address or [primary, replicas...].
+
+    Returns:
+      One ``ShardSpec`` per shard.
+    """
+    if not isinstance(manifest, Mapping):
+        manifest = codec.read_manifest(manifest)
+    table_rows = {name: int(t["rows"]) for name, t in manifest["tables"].items()}
+    ranges = codec.table_ranges(table_rows, len(addresses))
+    return [
+        ShardSpec(addresses=(a,) if isinstance(a, str) else tuple(a), ranges=r)
+        for a, r in zip(addresses, ranges, strict=True)
+    ]
+
+
+def _as_spec(shard: ShardSpec | Mapping) -> ShardSpec:
+    if isinstance(shard, ShardSpec):
+        spec = shard
+    else:  # {"addresses": [...], "lo": lo, "hi": hi, "tables": [...]} or {"ranges": {...}}
+        if "ranges" in shard:
+            ranges = {t: (int(lo), int(hi)) for t, (lo, hi) in shard["ranges"].items()}
+        else:
+            tables = shard.get("tables")
+            if tables is None:
+                raise ValueError(f"shard {dict(shard)} needs 'ranges' or 'tables' with 'lo'/'hi'")
+            ranges = {t: (int(shard["lo"]), int(shard["hi"])) for t in tables}
+        addrs = shard["addresses"]
+        spec = ShardSpec(
+            addresses=(addrs,) if isinstance(addrs, str) else tuple(addrs), ranges=ranges
+        )
+    if not spec.addresses:
+        raise ValueError("a shard needs at least one address")
+    return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """Per table: shard boundaries for a searchsorted, and each shard's index."""
+
+    starts: np.ndarray  # int64 [k], sorted lo of each shard holding rows
+    ends: np.ndarray  # int64 [k]
+    shards: np.ndarray  # int64 [k]
+
+
+class EmbeddingClient:
+    """Looks up rows on a set of embedding shard servers (see module docstring).
+
+    Args:
+      shards: one entry per shard: a ``ShardSpec`` or a dict
+        ``{"addresses": [primary, replicas...], "ranges": {table: (lo, hi)}}``
+        (or ``"lo"``, ``"hi"``, ``"tables"`` when all tables share one range).
+      version: the artifact version to pin (requests carry it; answers from
+        another version raise ``VersionMismatch``); None accepts whatever the
+        shards serve as long as they agree within one call.
+      deadline_s: time budget of one ``lookup``/``lookup_many`` call, retries
+        included.
+      max_workers: threads that call shards in parallel (the caller's thread
+        takes one shard itself).
+      dims: table -> D, so that empty lookups have the right shape (learned
+        from answers otherwise).
+      root_certificates: PEM bytes of the CA for TLS servers; None: plaintext.
+      max_message_bytes: gRPC receive/send limit.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardSpec | Mapping],
+        *,
+        version: str | None = None,
+        deadline_s: float = 1.0,
+        max_workers: int = 8,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = 64 << 20,
+        dims: Mapping[str, int] | None = None,
+    ):
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=max(1, max_workers), thread_name_prefix="emb-client"
+        )
+        self._dims = dict(dims or {})
+        self._specs = [_as_spec(s) for s in shards]
+        if not self._specs:
+            raise ValueError("EmbeddingClient needs at least one shard")
+        self.version = version
+        self.deadline_s = float(deadline_s)
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # A restarted shard should be found again quickly.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            ("grpc.enable_retries", 0),
+        ]
+        creds = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lookup: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        for spec in self._specs:
+            for addr in spec.addresses:
+                if addr in self._channels:
+                    continue
+                ch = (
+                    grpc.secure_channel(addr, creds, options=options)
+                    if creds
+                    else grpc.insecure_channel(addr, options=options)
+                )
+                self._channels[addr] = ch
+                self._lookup[addr] = ch.unary_unary(codec.LOOKUP_METHOD)
+        self._routes = self._build_routes()
+        self._preferred = [0] * len(self._specs)  # replica that answered last
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_artifact(
+        cls,
+        artifact: Mapping | str,
+        addresses: Sequence[Sequence[str] | str],
+        *,
+        pin: bool = True,
+        **kwargs,
+    ) -> EmbeddingClient:
+        """A client for an artifact split over ``len(addresses)`` shards.
+
+        Args:
+          artifact: the artifact folder or its manifest dict.
+          addresses: per shard, its address or [primary, replicas...].
+          pin: pin the artifact's version.
+          **kwargs: passed to the constructor.
+
+        Returns:
+          The client.
+        """
+        manifest = artifact if isinstance(artifact, Mapping) else codec.read_manifest(artifact)
+        version = manifest["version"] if pin else None
+        dims = {name: int(t["dim"]) for name, t in manifest["tables"].items()}
+        return cls(routing_from_manifest(manifest, addresses), version=version, dims=dims, **kwargs)
+
+    def _build_routes(self) -> dict[str, _Route]:
+        per_table: dict[str, list[tuple[int, int, int]]] = {}
+        for i, spec in enumerate(self._specs):
+            for table, (lo, hi) in spec.ranges.items():
+                if hi > lo:
+                    per_table.setdefault(table, []).append((int(lo), int(hi), i))
+        routes = {}
+        for table, items in per_table.items():
+            items.sort()
+            for (_, hi_a, a), (lo_b, _, b) in zip(items, items[1:], strict=False):
+                if lo_b < hi_a:
+                    raise ValueError(f"table {table!r}: shards {a} and {b} overlap")
+            arr = np.array(items, dtype=np.int64)
+            routes[table] = _Route(starts=arr[:, 0], ends=arr[:, 1], shards=arr[:, 2])
+        return routes
+
+    @property
+    def tables(self) -> list[str]:
+        """Tables this client can route."""
+        return sorted(self._routes)
+
+    def close(self) -> None:
+        """Closes all channels."""
+        self._pool.shutdown(wait=False)
+        for ch in self._channels.values():
+            ch.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- lookups ----
+
+    def lookup(self, table: str, rows: np.ndarray) -> np.ndarray:
+        """Rows of one table.
+
+        Args:
+          table: table name.
+          rows: int [n] global table rows.
+
+        Returns:
+          float32 [n, D] in the order of ``rows``.
+        """
+        return self.lookup_many({table: rows})[table]
+
+    def lookup_many(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Rows of several tables, one request per shard involved.
+
+        Args:
+          rows: table -> int [n_t] global table rows.
+
+        Returns:
+          table -> float32 [n_t, D_t] in the order of the given rows.
+
+        Raises:
+          ValueError: unknown table or rows outside the table.
+          VersionMismatch: a shard serves another version than the pinned one
+            (or, unpinned, shards disagree).
+          ServingError: a shard failed (``.code`` says how: UNAVAILABLE,
+            DEADLINE_EXCEEDED, INVALID_ARGUMENT, ...) on every replica.
+        """
+        deadline = time.monotonic() + self.deadline_s
+        # Route unique rows of each table to the shards holding them.
+        plan: dict[int, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+        inverses: dict[str, tuple[np.ndarray, int]] = {}
+        for table, rows_n in rows.items():
+            route = self._routes.get(table)
+            if route is None:
+                raise ValueError(f"unknown table {table!r}; tables: {self.tables}")
+            rows_n = np.asarray(rows_n)
+            if rows_n.ndim != 1 or (rows_n.size and not np.issubdtype(rows_n.dtype, np.integer)):
+                raise ValueError(
+                    f"table {table!r}: rows must be a 1-D integer array, got "
+                    f"{rows_n.dtype} {rows_n.shape}"
+                )
+            uniq_u, inv_n = np.unique(rows_n.astype(np.int64, copy=False), return_inverse=True)
+            inverses[table] = (inv_n, uniq_u.size)
+            if uniq_u.size == 0:
+                continue
+            k_u = np.searchsorted(route.starts, uniq_u, side="right") - 1
+            ok = (k_u >= 0) & (uniq_u < route.ends[np.maximum(k_u, 0)])
+            if not ok.all():
+                bad = int(uniq_u[~ok][0])
+                raise ValueError(
+                    f"table {table!r}: row {bad} is outside every shard's range "
+                    f"(rows [{int(route.starts[0])}, {int(route.ends[-1])}))"
+                )
+            # uniq_u is sorted, so each shard's rows are one contiguous slice.
+            bounds = np.searchsorted(k_u, np.arange(route.shards.size + 1))
+            for k in range(route.shards.size):
+                a, b = bounds[k], bounds[k + 1]
+                if b > a:
+                    plan.setdefault(int(route.shards[k]), []).append(
+                        (table, slice(int(a), int(b)), uniq_u[a:b])
+                    )
+        uniq_values: dict[str, np.ndarray] = {}
+        if plan:
+            results = self._fan_out(plan, deadline)
+            versions = set()
+            for shard, (version, tables) in results.items():
+                versions.add(version)
+                for (table, pos_u, _), values in zip(plan[shard], tables, strict=True):
+                    out = uniq_values.get(table)
+                    n_unique = inverses[table][1]
+                    if out is None and pos_u.stop - pos_u.start == n_unique:
+                        uniq_values[table] = values  # one shard had them all: no copy
+                        self._dims[table] = values.shape[1]
+                        continue
+                    if out is None:
+                        out = np.empty((n_unique, values.shape[1]), np.float32)
+                        uniq_values[table] = out
+                    elif out.shape[1] != values.shape[1]:
+                        raise ServingError(
+                            f"table {table!r}: shards disagree on dim "
+                            f"({out.shape[1]} vs {values.shape[1]})",
+                            shard=shard,
+                        )
+                    out[pos_u] = values
+                    self._dims[table] = values.shape[1]
+            if len(versions) > 1:
+                raise VersionMismatch(f"shards answered different versions {sorted(versions)}")
+        result = {}
+        for table, (inv_n, n_unique) in inverses.items():
+            if n_unique == 0:
+                result[table] = np.zeros((0, self._dims.get(table, 0)), np.float32)
+            else:
+                result[table] = np.take(uniq_values[table], inv_n.reshape(-1), axis=0)
+        return result
+
+    def _request(self, shard: int, items) -> bytes:
+        req = pb.LookupRequest(
+            expected_version=self.version or "", request_id=uuid.uuid4().hex[:16]
+        )
+        for table, _, rows_u in items:
+            req.tables.add(table=table, ids=codec.encode_ids(rows_u))
+        return req.SerializeToString()
+
+    def _fan_out(self, plan, deadline: float) -> dict[int, tuple[str, list[np.ndarray]]]:
+        # Blocking calls: gRPC Python's .future() starts a thread per call on an
+        # idle channel (~1 ms); a persistent pool plus one call inline is cheaper.
+        shards = list(plan)
+        futs = {
+            shard: self._pool.submit(self._call, shard, plan[shard], deadline)
+            for shard in shards[1:]
+        }
+        results = {shards[0]: self._call(shards[0], plan[shards[0]], deadline)}
+        for shard, fut in futs.items():
+            results[shard] = fut.result()
+        return results
+
+    def _call(self, shard: int, items, deadline: float) -> tuple[str, list[np.ndarray]]:
+        payload = self._request(shard, items)
+        addresses = self._specs[shard].addresses
+        replica = self._preferred[shard]
+        tried = 0
+        while True:
+            addr = addresses[replica]
+            try:
+                raw = self._lookup[addr](payload, timeout=max(deadline - time.monotonic(), 1e-3))
+                break
+            except grpc.RpcError as e:
+                code = e.code()
+                tried += 1
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise VersionMismatch(
+                        f"shard {shard} ({addr}): {e.details()}", code=code, shard=shard
+                    ) from None
+                if (
+                    code not in _RETRYABLE
+                    or tried >= len(addresses)
+                    or time.monotonic() >= deadline
+                ):
+                    raise ServingError(
+                        f"shard {shard} ({addr}): {code.name}: {e.details()}",
+                        code=code,
+                        shard=shard,
+                    ) from None
+                replica = (replica + 1) % len(addresses)
+        if self._preferred[shard] != replica:
+            with self._lock:
+                self._preferred[shard] = replica
+        resp = pb.LookupResponse.FromString(raw)
+        if self.version and resp.version != self.version:
+            raise VersionMismatch(
+                f"shard {shard} answered version {resp.version!r}, pinned {self.version!r}",
+                shard=shard,
+            )
+        if len(resp.tables) != len(items):
+            raise ServingError(
+                f"shard {shard}: {len(resp.tables)} tables in response, asked {len(items)}",
+                shard=shard,
+            )
+        values = []
+        for (table, _, rows_u), got in zip(items, resp.tables, strict=True):
+            if got.table != table:
+                raise ServingError(
+                    f"shard {shard}: answered table {got.table!r} for {table!r}", shard=shard
+                )
+            try:
+                values.append(
+                    codec.decode_values(
+                        got.values,
+                        n=rows_u.size,
+                        dim=got.dim,
+                        what=f"shard {shard} table {table!r}",
+                    )
+                )
+            except codec.CodecError as e:
+                raise ServingError(str(e), shard=shard) from None
+        return resp.version, values

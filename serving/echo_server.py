@@ -1,0 +1,97 @@
+"""Raw-bytes gRPC echo server: the transport floor for the serving benchmark.
+
+It answers one unary method, ``/jax_recsys.serving.Echo/Echo``, with no
+protobuf and no work: the request's first 8 bytes (little-endian uint64) give
+the response size, and the server returns that many (cached) bytes. Sending a
+request as large as a lookup request and asking for a response as large as a
+lookup response measures what gRPC itself costs on the same payloads, so
+``lookup_p50 / echo_p50`` shows what the embedding server adds.
+
+Imports NumPy-free stdlib + gRPC only.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from concurrent import futures
+
+import grpc
+
+ECHO_METHOD = "/jax_recsys.serving.Echo/Echo"
+_MAX_RESPONSE = 256 << 20
+
+
+class _Echo:
+    def __init__(self) -> None:
+        self._cache: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if len(request) < 8:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "echo request needs an 8-byte size")
+        (size,) = struct.unpack_from("<Q", request)
+        if size > _MAX_RESPONSE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"echo size {size} > {_MAX_RESPONSE}")
+        out = self._cache.get(size)
+        if out is None:
+            with self._lock:
+                out = self._cache.setdefault(size, bytes(size))
+        return out
+
+
+def echo_request(*, request_bytes: int, response_bytes: int) -> bytes:
+    """Builds an echo request of ``request_bytes`` asking for ``response_bytes`` back.
+
+    Args:
+      request_bytes: total request size (at least 8).
+      response_bytes: size of the response the server sends.
+
+    Returns:
+      The request payload.
+    """
+    return struct.pack("<Q", response_bytes) + bytes(max(0, request_bytes - 8))
+
+
+def start_echo_server(
+    *, host: str = "127.0.0.1", port: int = 0, workers: int = 8
+) -> tuple[grpc.Server, int]:
+    """Starts an echo server.
+
+    Args:
+      host: interface to bind (loopback by default).
+      port: port, 0 picks a free one.
+      workers: handler threads.
+
+    Returns:
+      ``(server, bound_port)``; stop it with ``server.stop(grace)``.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        options=[
+            ("grpc.max_receive_message_length", _MAX_RESPONSE),
+            ("grpc.max_send_message_length", _MAX_RESPONSE),
+        ],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(_Echo())
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("jax_recsys.serving.Echo", {"Echo": handler}),)
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"echo server could not bind {host}:{port}")
+    server.start()
+    return server, bound
+
+
+def serve_forever(port_queue, *, host: str = "127.0.0.1", workers: int = 8) -> None:
+    """Runs an echo server until the process is killed (multiprocessing target).
+
+    Args:
+      port_queue: a ``multiprocessing`` queue; the bound port is put on it.
+      host: interface to bind.
+      workers: handler threads.
+    """
+    server, bound = start_echo_server(host=host, port=0, workers=workers)
+    port_queue.put(bound)
+    server.wait_for_termination()

@@ -1,0 +1,499 @@
+"""CPU embedding shard server: row lookups over gRPC from a mmap'd serving artifact.
+
+One server holds shard i of S of every table of a serving artifact: the
+contiguous row range ``[lo, hi)`` given by ``serving.codec.shard_range``. The
+INT4/INT8 codes stay memory-mapped; a lookup gathers the requested rows,
+dequantizes only those (``jax_recsys.quant.rowwise.dequantize_rows``) and
+answers float32 rows as raw bytes (``serving/protos/embedding.proto``).
+
+Robustness: every malformed request (bad protobuf, byte lengths not a
+multiple of 8, empty, unknown table, ids outside the shard, too many ids) is
+answered INVALID_ARGUMENT with a message, a pinned version the server does
+not hold FAILED_PRECONDITION; nothing a client sends can crash the server.
+
+Versions: ``swap(path)`` loads a new artifact while serving. Each request
+takes one immutable snapshot of the served versions when it starts, so
+requests in flight finish on the version they started with; for
+``swap_window_s`` after a swap both the old and the new version are served
+(chosen by ``expected_version``) so the shards and the ranker can switch
+together without a failed request.
+
+This module imports NumPy, gRPC, the stdlib and the NumPy-only parts of
+``jax_recsys.quant`` -- never JAX (tests/test_serving_server.py checks).
+
+Dimension legend: n ids in a request, D embedding dim, R table rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from jax_recsys.quant import artifact as artifact_lib
+from jax_recsys.quant import rowwise
+from serving import codec
+from serving.protos import embedding_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_LATENCY_WINDOW = 8192
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How one embedding shard server runs.
+
+    Attributes:
+      artifact: path of the serving artifact folder.
+      shard: which shard of ``num_shards`` this server holds.
+      num_shards: S, shards every table is split into (contiguous row ranges).
+      host: interface to bind; loopback unless told otherwise.
+      port: port to bind; 0 picks a free one (read ``EmbeddingServer.port``).
+      workers: handler threads.
+      max_ids_per_request: more ids (summed over tables) is INVALID_ARGUMENT.
+      max_message_bytes: gRPC send/receive limit (larger messages are
+        RESOURCE_EXHAUSTED by gRPC itself).
+      max_concurrent_rpcs: requests beyond this are RESOURCE_EXHAUSTED
+        (None: unbounded queue).
+      tls_cert: PEM server certificate file; with ``tls_key``, serve TLS only.
+      tls_key: PEM private key file.
+      verify: artifact check at load: "sizes" (stat only, fast start-up),
+        "full" (sha256 of every file) or "none".
+      swap_window_s: how long the previous version stays servable after a swap.
+      log_every_s: period of the request/latency log line (0: never).
+    """
+
+    artifact: str
+    shard: int = 0
+    num_shards: int = 1
+    host: str = "127.0.0.1"
+    port: int = 0
+    workers: int = 8
+    max_ids_per_request: int = 1 << 16
+    max_message_bytes: int = 64 << 20
+    max_concurrent_rpcs: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    verify: str = "sizes"
+    swap_window_s: float = 60.0
+    log_every_s: float = 30.0
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardTable:
+    name: str
+    lo: int
+    hi: int
+    rows: int
+    dim: int
+    dtype: str
+    q: rowwise.QuantizedTable  # rows [lo, hi) only, still mmap'd
+
+
+@dataclasses.dataclass(frozen=True)
+class _Version:
+    version: str
+    path: str
+    tables: dict[str, _ShardTable]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """What a request sees: replaced whole (never mutated) on swap/retire."""
+
+    current: str
+    versions: dict[str, _Version]
+
+
+def _slice_rows(q: rowwise.QuantizedTable, lo: int, hi: int) -> rowwise.QuantizedTable:
+    """Rows [lo, hi) of every per-row array of ``q`` (views: stays mmap'd)."""
+    rows = q.codes.shape[0]
+    changes = {}
+    for field in dataclasses.fields(q):
+        value = getattr(q, field.name)
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == rows:
+            changes[field.name] = value[lo:hi]
+    return dataclasses.replace(q, **changes)
+
+
+def load_shard(path: str, *, shard: int, num_shards: int, verify: str = "sizes") -> _Version:
+    """Loads one shard of every table of an artifact (mmap'd views).
+
+    Args:
+      path: artifact folder.
+      shard: i.
+      num_shards: S.
+      verify: "sizes", "full" or "none" (see ``ServerConfig.verify``).
+
+    Returns:
+      The loaded version.
+    """
+    if verify not in ("sizes", "full", "none"):
+        raise ValueError(f"verify must be 'sizes', 'full' or 'none', got {verify!r}")
+    art = artifact_lib.load_artifact(path, verify=False if verify == "none" else verify)
+    meta = art.manifest["tables"] if isinstance(art.manifest, dict) else None
+    tables = {}
+    for name, q in art.tables.items():
+        rows = int(q.codes.shape[0])
+        lo, hi = codec.shard_range(rows, shard, num_shards)
+        dtype = str(meta[name].get("dtype", "")) if meta else f"int{q.bits}"
+        tables[name] = _ShardTable(
+            name=name,
+            lo=lo,
+            hi=hi,
+            rows=rows,
+            dim=int(q.dim),
+            dtype=dtype,
+            q=_slice_rows(q, lo, hi),
+        )
+    return _Version(version=str(art.version), path=str(path), tables=tables)
+
+
+class _Stats:
+    """Request counters and a window of recent lookup latencies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.codes: collections.Counter[str] = collections.Counter()
+        self.ids = 0
+        self.latencies_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+
+    def record(self, code: grpc.StatusCode, *, ids: int = 0, latency_s: float | None = None):
+        with self._lock:
+            self.codes[code.name] += 1
+            self.ids += ids
+            if latency_s is not None:
+                self.latencies_s.append(latency_s)
+
+    def summary(self) -> dict:
+        with self._lock:
+            lat = np.array(self.latencies_s) if self.latencies_s else np.zeros(1)
+            return {
+                "requests": int(sum(self.codes.values())),
+                "by_code": dict(self.codes),
+                "ids": self.ids,
+                "lookup_p50_ms": float(np.percentile(lat, 50) * 1e3),
+                "lookup_p99_ms": float(np.percentile(lat, 99) * 1e3),
+            }
+
+
+class EmbeddingServer:
+    """One embedding shard server (see module docstring).
+
+    Usage::
+
+      server = EmbeddingServer(ServerConfig(artifact=path, shard=0, num_shards=2))
+      port = server.start()
+      ...
+      server.swap(new_path)          # serves old + new for swap_window_s
+      server.stop(grace=5).wait()
+    """
+
+    def __init__(self, config: ServerConfig):
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if config.max_ids_per_request < 1:
+            raise ValueError(f"max_ids_per_request must be >= 1, got {config.max_ids_per_request}")
+        self.config = config
+        first = load_shard(
+            config.artifact,
+            shard=config.shard,
+            num_shards=config.num_shards,
+            verify=config.verify,
+        )
+        self._snapshot = _Snapshot(current=first.version, versions={first.version: first})
+        self._swap_lock = threading.Lock()
+        self._retire_timers: list[threading.Timer] = []
+        self._stats = _Stats()
+        self._stopping = threading.Event()
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._log_thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> int:
+        """Binds and starts serving.
+
+        Returns:
+          The bound port.
+        """
+        cfg = self.config
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="emb"),
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
+        # Raw-bytes handlers: we parse the protobuf ourselves so garbage bytes
+        # become INVALID_ARGUMENT with a message rather than gRPC's INTERNAL.
+        handlers = {
+            "Lookup": grpc.unary_unary_rpc_method_handler(self._lookup),
+            "Info": grpc.unary_unary_rpc_method_handler(self._info),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(codec.SERVICE_NAME, handlers),)
+        )
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is not None:
+            with open(cfg.tls_key, "rb") as f:
+                key = f.read()
+            with open(cfg.tls_cert, "rb") as f:
+                cert = f.read()
+            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        server.start()
+        self._server, self.port = server, port
+        for service in ("", codec.SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.log_every_s > 0:
+            self._log_thread = threading.Thread(target=self._log_loop, daemon=True)
+            self._log_thread.start()
+        log.info(
+            "shard %d/%d serving version %s on %s:%d",
+            cfg.shard,
+            cfg.num_shards,
+            self.version,
+            cfg.host,
+            port,
+        )
+        return port
+
+    def stop(self, grace: float | None = 5.0) -> threading.Event:
+        """Stops accepting requests; in-flight ones get ``grace`` seconds to finish.
+
+        Args:
+          grace: seconds; None aborts in-flight requests at once.
+
+        Returns:
+          An event set when the server has fully stopped.
+        """
+        self._stopping.set()
+        for t in self._retire_timers:
+            t.cancel()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is None:
+            done = threading.Event()
+            done.set()
+            return done
+        return self._server.stop(grace)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the server stops (or ``timeout``); True if it stopped."""
+        return self._server.wait_for_termination(timeout) if self._server else True
+
+    def __enter__(self) -> EmbeddingServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=1.0).wait()
+
+    # ---- versions ----
+
+    @property
+    def version(self) -> str:
+        """The version served to requests that pin none."""
+        return self._snapshot.current
+
+    @property
+    def versions(self) -> list[str]:
+        """Every version servable now (two during a swap window)."""
+        return list(self._snapshot.versions)
+
+    def swap(self, path: str, *, window_s: float | None = None) -> str:
+        """Loads another artifact and makes it the current version, without a pause.
+
+        The previous version stays servable (to requests pinning it) for
+        ``window_s`` seconds, then is retired; requests in flight always finish
+        on the version they started with.
+
+        Args:
+          path: the new artifact folder.
+          window_s: overrides ``config.swap_window_s``.
+
+        Returns:
+          The new version id.
+        """
+        cfg = self.config
+        new = load_shard(path, shard=cfg.shard, num_shards=cfg.num_shards, verify=cfg.verify)
+        with self._swap_lock:
+            old = self._snapshot
+            if new.version == old.current:
+                return new.version
+            # Keep only the outgoing current version next to the new one.
+            versions = {old.current: old.versions[old.current], new.version: new}
+            self._snapshot = _Snapshot(current=new.version, versions=versions)
+        window = cfg.swap_window_s if window_s is None else window_s
+        log.info("swapped %s -> %s (old kept %.1fs)", old.current, new.version, window)
+        timer = threading.Timer(window, self.retire, args=(old.current,))
+        timer.daemon = True
+        timer.start()
+        self._retire_timers = [t for t in self._retire_timers if t.is_alive()] + [timer]
+        return new.version
+
+    def retire(self, version: str) -> bool:
+        """Stops serving a non-current version (requests pinning it then fail).
+
+        Args:
+          version: the version to drop.
+
+        Returns:
+          True if it was dropped.
+        """
+        with self._swap_lock:
+            snap = self._snapshot
+            if version == snap.current or version not in snap.versions:
+                return False
+            versions = {v: t for v, t in snap.versions.items() if v != version}
+            self._snapshot = _Snapshot(current=snap.current, versions=versions)
+        log.info("retired version %s", version)
+        return True
+
+    # ---- stats ----
+
+    def stats(self) -> dict:
+        """Counters since start: requests by status code, ids, recent p50/p99."""
+        out = self._stats.summary()
+        out.update(version=self.version, versions=self.versions, shard=self.config.shard)
+        return out
+
+    def _log_loop(self) -> None:
+        while not self._stopping.wait(self.config.log_every_s):
+            log.info("stats %s", self.stats())
+
+    # ---- handlers ----
+
+    def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        snap = self._snapshot
+        cur = snap.versions[snap.current]
+        resp = pb.InfoResponse(
+            version=snap.current,
+            versions=list(snap.versions),
+            shard=self.config.shard,
+            num_shards=self.config.num_shards,
+        )
+        for t in cur.tables.values():
+            resp.tables.add(table=t.name, lo=t.lo, hi=t.hi, rows=t.rows, dim=t.dim, dtype=t.dtype)
+        return resp.SerializeToString()
+
+    def _lookup(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            payload, n_ids = self._handle_lookup(request)
+        except _BadRequest as e:
+            self._stats.record(e.code)
+            context.abort(e.code, e.message)
+        except Exception as e:  # never let a request take the server down
+            log.exception("lookup failed")
+            self._stats.record(grpc.StatusCode.INTERNAL)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        self._stats.record(grpc.StatusCode.OK, ids=n_ids, latency_s=time.perf_counter() - t0)
+        return payload
+
+    def _handle_lookup(self, request: bytes) -> tuple[bytes, int]:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
+        try:
+            req = pb.LookupRequest.FromString(request)
+        except DecodeError as e:
+            raise _BadRequest(bad, f"request is not a LookupRequest protobuf: {e}") from None
+        snap = self._snapshot  # one snapshot for the whole request
+        if req.expected_version:
+            ver = snap.versions.get(req.expected_version)
+            if ver is None:
+                raise _BadRequest(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"version {req.expected_version!r} not served here; "
+                    f"shard {self.config.shard} serves {sorted(snap.versions)}",
+                )
+        else:
+            ver = snap.versions[snap.current]
+        if not req.tables:
+            raise _BadRequest(bad, "empty request: no tables")
+        total = 0
+        decoded = []
+        for entry in req.tables:
+            table = ver.tables.get(entry.table)
+            if table is None:
+                raise _BadRequest(
+                    bad, f"unknown table {entry.table!r}; tables: {sorted(ver.tables)}"
+                )
+            try:
+                ids_n = codec.decode_ids(entry.ids, what=f"ids of table {entry.table!r}")
+            except codec.CodecError as e:
+                raise _BadRequest(bad, str(e)) from None
+            total += ids_n.size
+            if total > self.config.max_ids_per_request:
+                raise _BadRequest(
+                    bad, f"too many ids: more than {self.config.max_ids_per_request} per request"
+                )
+            decoded.append((table, ids_n))
+        if total == 0:
+            raise _BadRequest(bad, "empty request: no ids")
+        resp = pb.LookupResponse(version=ver.version, request_id=req.request_id)
+        for table, ids_n in decoded:
+            resp.tables.add(table=table.name, dim=table.dim, values=self._rows(table, ids_n))
+        return resp.SerializeToString(), total
+
+    @staticmethod
+    def _rows(table: _ShardTable, ids_n: np.ndarray) -> bytes:
+        if ids_n.size == 0:
+            return b""
+        # EmbeddingClient sends sorted unique ids: skip the sort and the re-gather.
+        presorted = ids_n.size == 1 or bool(np.all(ids_n[1:] > ids_n[:-1]))
+        if presorted:
+            lo_id, hi_id = int(ids_n[0]), int(ids_n[-1])
+        else:
+            lo_id, hi_id = int(ids_n.min()), int(ids_n.max())
+        if lo_id < table.lo or hi_id >= table.hi:
+            bad_id = lo_id if lo_id < table.lo else hi_id
+            raise _BadRequest(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"table {table.name!r}: id {bad_id} outside this shard's rows "
+                f"[{table.lo}, {table.hi}) (table has {table.rows} rows)",
+            )
+        if presorted:
+            return codec.encode_values(rowwise.dequantize_rows(table.q, ids_n - table.lo))
+        uniq_u, inverse_n = np.unique(ids_n, return_inverse=True)
+        values_ud = rowwise.dequantize_rows(table.q, uniq_u - table.lo)
+        return codec.encode_values(values_ud[inverse_n])
+
+
+def serve(config: ServerConfig) -> EmbeddingServer:
+    """Builds and starts a server (convenience for launch scripts and tests).
+
+    Args:
+      config: the server configuration.
+
+    Returns:
+      The started server; its bound port is ``server.port``.
+    """
+    server = EmbeddingServer(config)
+    server.start()
+    return server

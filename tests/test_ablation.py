@@ -1,0 +1,114 @@
+"""Ablation runner: shared pretraining, every variant x seed, report arithmetic, the INT4 hook."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jax_recsys import checkpoint
+from jax_recsys.data import folder
+from jax_recsys.ranking import ablation as A
+from jax_recsys.ranking import model as M
+from jax_recsys.ranking import train as T
+
+
+def test_relaimpr_and_summary_hand_computed():
+    assert A.relaimpr(0.66, 0.6) == pytest.approx(0.6)
+    assert math.isnan(A.relaimpr(0.7, 0.5))
+    m = lambda ctr, cvr: {"ctr_auc": ctr, "cvr_auc": cvr, "ctcvr_auc": ctr, "ctr_ne": 0.9,  # noqa: E731
+                          "cvr_ne": 0.9, "ctcvr_ne": 0.9, "ctr_log_loss": 0.1, "cvr_log_loss": 0.2,
+                          "ctcvr_log_loss": 0.05}
+    base = {0: m(0.60, 0.70), 1: m(0.62, 0.70)}
+    var = {0: m(0.62, 0.74), 1: m(0.62, 0.72)}
+    s = A.summarize_variant(label="x", per_seed=var, baseline=base)
+    assert s["ctr_auc_mean"] == pytest.approx(0.62) and s["ctr_auc_std"] == pytest.approx(0.0)
+    # CTR gains per seed: 0.02/0.10 = 0.2 and 0/0.12 = 0 -> mean 0.1, sample std 0.1414.
+    assert s["ctr_relaimpr_mean"] == pytest.approx(0.1)
+    assert s["ctr_relaimpr_std"] == pytest.approx(math.sqrt(0.02))
+    assert s["cvr_relaimpr_mean"] == pytest.approx((0.2 + 0.1) / 2)
+    b = A.summarize_variant(label="b", per_seed=base, baseline=base)
+    assert b["ctr_relaimpr_mean"] == 0.0
+    md = A.render_markdown({"seeds": [0, 1], "windows": {"test": [5, 6]}, "order": ["no_large_tables", "cl"],
+                            "variants": {"no_large_tables": b, "cl": s}, "seconds": 1.0})
+    assert "| x | 0.6200 ± 0.0000 | +10.0% ± 14.1 |" in md
+
+
+def test_config_rejects_unknown_variants():
+    base = T.TrainConfig(data=T.DataConfig(path="nowhere"))
+    with pytest.raises(ValueError, match="unknown ablation variants"):
+        A.AblationConfig(base=base, variants=("no_large_tables", "magic"))
+    with pytest.raises(ValueError, match="baseline"):
+        A.AblationConfig(base=base, variants=("scratch",))
+
+
+def _write_data(path, n=2048, seed=0):
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, 32, n)
+    p = rng.integers(0, 24, n)
+    logit = -2.0 + 3.0 * ((u % 2) == (p % 2))
+    click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    conv = (click * (rng.random(n) < 0.3)).astype(np.int8)
+    day = np.repeat(np.arange(4), n // 4).astype(np.int32)
+    t = folder.write_table(path, "impressions", {
+        "user_id": (100 + u).astype(np.int64), "item_id": (500 + p).astype(np.int64),
+        "advertiser_id": (p % 3).astype(np.int64), "day": day, "timestamp": day.astype(np.int64),
+        "click": click, "conversion": conv, "hour": rng.integers(0, 3, n).astype(np.int64),
+    })
+    folder.write_dataset_json(path, name="tiny", tables={"impressions": t}, num_days=4,
+                              splits={"ranker_train": [0, 2], "ranker_valid": [2, 3], "ranker_test": [3, 4]})
+
+
+@pytest.mark.slow
+def test_ablation_runs_every_variant_and_shares_pretraining(tmp_path):
+    _write_data(tmp_path / "data")
+    calls = []
+
+    def fake_pretrainer(facet):
+        def run(window, out):
+            calls.append((facet, window))
+            rng = np.random.default_rng(len(calls))
+            ents = {"cl": ("user", "pin"), "kg": ("user", "pin", "advertiser")}[facet]
+            ids = {"user": 100 + np.arange(30), "pin": 500 + np.arange(24), "advertiser": np.arange(3)}
+            checkpoint.save_facet(out / f"facet_{facet}", facet=facet,
+                                  tables={e: rng.normal(size=(len(ids[e]), 4)).astype(np.float32) for e in ents},
+                                  vocabs={e: ids[e] for e in ents})
+            return out / f"facet_{facet}"
+        return run
+
+    base = T.TrainConfig(
+        data=T.DataConfig(path=str(tmp_path / "data")), batch_size=256, num_epochs=1.0, log_every=0,
+        model=M.RankerConfig(mlp_dims=(8,), head_dims=(4,), num_cross_layers=1),
+    )
+    variants = ("no_large_tables", "scratch", "cl_kg", "cl_kg_stale")
+    cfg = A.AblationConfig(base=base, scratch_dim=4, seeds=(0, 1), variants=variants)
+    res = A.run_ablation(cfg, tmp_path / "abl", pretrainers={"cl": fake_pretrainer("cl"), "kg": fake_pretrainer("kg")},
+                         log=lambda s: None)
+    # One pretraining per (facet, window), shared by all variants and seeds.
+    assert sorted(calls) == [("cl", "fresh"), ("cl", "stale"), ("kg", "fresh"), ("kg", "stale")]
+    assert list(res["variants"]) == list(variants)
+    for name, row in res["variants"].items():
+        assert set(row["per_seed"]) == {"0", "1"}, name
+        assert 0.0 <= row["ctr_auc_mean"] <= 1.0
+    assert res["variants"]["no_large_tables"]["ctr_relaimpr_mean"] == 0.0
+    cov = {(s["facet"], s["entity"]): s for s in res["facet_coverage"]["cl_kg"]}
+    assert cov[("cl", "user")]["found"] == 30 and cov[("cl", "user")]["missing"] == 2
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "+ both facets, stale pretraining window" in md and "RelaImpr" in md
+    on_disk = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert on_disk["variants"]["cl_kg"]["ctr_auc_mean"] == pytest.approx(res["variants"]["cl_kg"]["ctr_auc_mean"])
+    assert (tmp_path / "abl" / "runs" / "cl_kg_s1" / "ranker" / "config.json").exists()
+    assert not (tmp_path / "abl" / "runs" / "scratch_s0" / "ranker").exists()
+
+    # The INT4 hook: identity tables reproduce the variant's row; zeroed tables change it.
+    same = A.evaluate_with_tables(tmp_path / "abl", transform=lambda r: dict(r.tables), name="same", label="same")
+    assert same["ctr_auc_mean"] == pytest.approx(res["variants"]["cl_kg"]["ctr_auc_mean"], abs=1e-6)
+    A.evaluate_with_tables(tmp_path / "abl", name="zero", label="+ both facets, zero tables",
+                           transform=lambda r: {e: np.zeros_like(t) for e, t in r.tables.items()})
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "+ both facets, zero tables" in md
+
+    # Re-running reuses the finished runs and pretraining (no new pretrainer calls).
+    again = A.run_ablation(cfg, tmp_path / "abl", pretrainers={}, log=lambda s: None)
+    assert len(calls) == 4
+    assert again["variants"]["scratch"]["ctr_auc_mean"] == res["variants"]["scratch"]["ctr_auc_mean"]

@@ -1,0 +1,199 @@
+"""Specs, planner, padding, id checks, hashing and OOV of the embedding engine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_recsys.embedding import collection, lookup, sharding, specs
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
+
+
+@pytest.mark.parametrize("field,value", [("dim", 0), ("dim", -3), ("rows", 0), ("rows", 2.5)])
+def test_bad_table_sizes_raise(field, value):
+    kw = dict(name="user", rows=10, dim=4)
+    kw[field] = value
+    with pytest.raises(ValueError, match=f"'user': {field} must be an int > 0"):
+        specs.TableSpec(**kw)
+
+
+def test_bad_spec_fields_raise():
+    with pytest.raises(ValueError, match="unknown sharding 'diagonal'"):
+        specs.TableSpec(name="t", rows=4, dim=4, sharding="diagonal")
+    with pytest.raises(ValueError, match="unknown initializer"):
+        specs.TableSpec(name="t", rows=4, dim=4, initializer="glorot")
+    with pytest.raises(ValueError, match="optimizer must be"):
+        specs.TableSpec(name="t", rows=4, dim=4, optimizer="adam")
+    with pytest.raises(ValueError, match="pooling must be"):
+        specs.FeatureSpec(name="f", table="t", pooling="max")
+    with pytest.raises(ValueError, match="learning_rate"):
+        specs.SGD(learning_rate=-1.0)
+    with pytest.raises(TypeError):
+        specs.TableSpec("t", 4, 4)  # keyword-only
+
+
+def test_unknown_table_and_duplicates_raise():
+    t = specs.TableSpec(name="user", rows=4, dim=2)
+    with pytest.raises(ValueError, match="feature 'pin_id' reads unknown table 'pin'"):
+        specs.validate_specs([t], [specs.FeatureSpec(name="pin_id", table="pin")])
+    with pytest.raises(ValueError, match="duplicate table names"):
+        specs.validate_specs([t, t], [])
+    with pytest.raises(ValueError, match="unknown tables \\['item'\\]"):
+        sharding.plan_shardings([t], num_shards=2, overrides={"item": "row_wise"})
+    with pytest.raises(ValueError, match="axis 'model' is not one of them"):
+        collection.EmbeddingCollection(tables=[t], features=[], mesh=_mesh(2), axis="model")
+
+
+def test_plan_for_other_mesh_is_rejected():
+    t = specs.TableSpec(name="user", rows=4, dim=2)
+    plan = sharding.plan_shardings([t], num_shards=4)
+    with pytest.raises(ValueError, match="plan is for 4 shards"):
+        collection.EmbeddingCollection(tables=[t], features=[], mesh=_mesh(2), plan=plan)
+
+
+def test_planner_picks_by_size_and_respects_overrides():
+    small = specs.TableSpec(name="small", rows=10, dim=4)  # 160 B + 40 B acc
+    medium = specs.TableSpec(name="medium", rows=1000, dim=8)
+    big = specs.TableSpec(name="big", rows=100_000, dim=8)
+    pinned = specs.TableSpec(name="pinned", rows=10, dim=4, sharding="column_wise")
+    cfg = sharding.PlannerConfig(replicate_max_bytes=1000, table_wise_max_bytes=100_000)
+    plan = sharding.plan_shardings([small, medium, big, pinned], num_shards=4, config=cfg,
+                                   overrides={"big": "row_wise"})
+    got = {k: p.sharding.value for k, p in plan.placements.items()}
+    assert got == {"small": "replicated", "medium": "table_wise", "big": "row_wise",
+                   "pinned": "column_wise"}
+    plan = sharding.plan_shardings([big], num_shards=4, config=cfg, overrides={"big": "replicated"})
+    assert plan.placements["big"].sharding == sharding.ShardingType.REPLICATED
+    assert "big: replicated" in plan.describe()
+
+
+def test_planner_memory_budget():
+    big = specs.TableSpec(name="big", rows=1000, dim=16, optimizer=specs.LazyAdam())
+    # values 64 KB + m, v 128 KB + step 4 KB = 196 KB total; 49 KB per device on 4.
+    plan = sharding.plan_shardings([big], num_shards=4,
+                                   config=sharding.PlannerConfig(memory_budget_bytes=50_000,
+                                                                 replicate_max_bytes=0))
+    assert sharding.storage_bytes_per_device(plan.storages["big"]) == 250 * 16 * 4 * 3 + 250 * 4
+    with pytest.raises(ValueError, match="MiB per device"):
+        sharding.plan_shardings([big], num_shards=2,
+                                config=sharding.PlannerConfig(memory_budget_bytes=50_000,
+                                                              replicate_max_bytes=0))
+
+
+def test_table_wise_packs_tables_on_owners():
+    ts = [specs.TableSpec(name=n, rows=r, dim=4, sharding="table_wise")
+          for n, r in [("a", 30), ("b", 20), ("c", 10), ("d", 5)]]
+    plan = sharding.plan_shardings(ts, num_shards=2)
+    assert len(plan.storages) == 1
+    st = next(iter(plan.storages.values()))
+    owners = {n: plan.placements[n].owner for n in "abcd"}
+    # largest first onto the least-loaded device (ties -> lowest index):
+    # a(30)->0, b(20)->1, c(10)->1 (20 < 30), d(5)->0 (30 == 30): blocks of 35 and 30 rows.
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert st.rows == 2 * 35 and st.local_rows == 35
+    assert plan.placements["a"].row_base == 0
+    assert plan.placements["b"].row_base == 35
+    assert plan.placements["c"].row_base == 55
+    assert plan.placements["d"].row_base == 30
+    # each table's rows lie entirely inside its owner's block
+    for n, t in zip("abcd", ts, strict=True):
+        base = plan.placements[n].row_base
+        assert base // 35 == owners[n] and (base + t.rows - 1) // 35 == owners[n]
+    # a different dim goes to another group
+    ts.append(specs.TableSpec(name="e", rows=5, dim=8, sharding="table_wise"))
+    assert len(sharding.plan_shardings(ts, num_shards=2).storages) == 2
+
+
+def test_rows_not_divisible_are_padded_with_zeros():
+    t = specs.TableSpec(name="user", rows=37, dim=6, initializer="ones", sharding="row_wise")
+    c = specs.TableSpec(name="col", rows=5, dim=6, initializer="ones", sharding="column_wise")
+    ec = collection.EmbeddingCollection(tables=[t, c], features=[], mesh=_mesh(8))
+    st = ec.init(jax.random.key(0))
+    assert st.tables["user"].shape == (40, 6)
+    assert st.tables["col"].shape == (5, 8)
+    full = np.asarray(st.tables["user"])
+    np.testing.assert_array_equal(full[:37], 1.0)
+    np.testing.assert_array_equal(full[37:], 0.0)
+    np.testing.assert_array_equal(np.asarray(st.tables["col"])[:, 6:], 0.0)
+    assert st.slots["user"]["acc"].shape == (40,)
+    assert st.tables["user"].sharding.spec == jax.sharding.PartitionSpec("data", None)
+    np.testing.assert_array_equal(ec.export_tables(st)["user"], np.ones((37, 6)))
+
+
+def test_init_does_not_depend_on_mesh_and_accepts_initial_values():
+    t = specs.TableSpec(name="user", rows=37, dim=6)
+    v1 = collection.EmbeddingCollection(tables=[t], features=[], mesh=_mesh(1)).init(jax.random.key(3))
+    ec8 = collection.EmbeddingCollection(tables=[t], features=[], mesh=_mesh(8))
+    v8 = ec8.init(jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(v1.tables["user"]), ec8.export_tables(v8)["user"])
+    assert 0.25 < float(np.std(np.asarray(v1.tables["user"]))) * np.sqrt(6) < 2.0
+    given = np.arange(37 * 6, dtype=np.float32).reshape(37, 6)
+    st = ec8.init(jax.random.key(0), initial_values={"user": given})
+    np.testing.assert_array_equal(ec8.export_tables(st)["user"], given)
+    with pytest.raises(ValueError, match="has shape \\(3, 6\\)"):
+        ec8.init(jax.random.key(0), initial_values={"user": given[:3]})
+
+
+def test_check_ids_names_feature_and_position():
+    tabs = {"user": specs.TableSpec(name="user", rows=10, dim=2)}
+    feats = {"u": specs.FeatureSpec(name="u", table="user", pooling="sum", max_ids=3),
+             "h": specs.FeatureSpec(name="h", table="user", id_mode="hash")}
+    ok = np.array([[0, 9, -1], [-1, -1, -1]])
+    lookup.check_ids({"u": ok, "h": np.array([10**12, -5])}, features=feats, tables=tabs)
+    with pytest.raises(ValueError, match=r"feature 'u': id 10 at position \(1, 2\).*'user' with 10 rows"):
+        lookup.check_ids({"u": np.array([[0, 1, 2], [3, 4, 10]])}, features=feats, tables=tabs)
+    with pytest.raises(ValueError, match="id -2 at position"):
+        lookup.check_ids({"u": np.array([[0, -2, 2]])}, features=feats, tables=tabs)
+    with pytest.raises(ValueError, match="L=2 per example but max_ids=3"):
+        lookup.check_ids({"u": np.zeros((2, 2), int)}, features=feats, tables=tabs)
+    with pytest.raises(ValueError, match="must be integers"):
+        lookup.check_ids({"u": np.zeros((2, 3))}, features=feats, tables=tabs)
+    with pytest.raises(ValueError, match="unknown feature 'x'"):
+        lookup.check_ids({"x": np.zeros((2,), int)}, features=feats, tables=tabs)
+
+
+def test_hashing_is_deterministic_in_range_and_host_matches_device():
+    raw = np.array([0, 1, 2, 12345, 2**31 - 1, 7, 7, -1, -9], dtype=np.int64)
+    h = lookup.hash_ids_np(raw, rows=101)
+    assert h.dtype == np.int32
+    assert h[7] == -1 and h[8] == 100  # padding stays, other negatives -> OOV row R-1
+    assert np.all((h[:7] >= 0) & (h[:7] < 100))
+    assert h[5] == h[6]
+    dev = np.asarray(lookup.hash_ids(jnp.asarray(raw.astype(np.int32)), rows=101))
+    np.testing.assert_array_equal(dev, h)
+    # ids beyond int32 on the host still land in range
+    big = lookup.hash_ids_np(np.array([2**40, 2**40 + 1, 3 * 2**33]), rows=101)
+    assert np.all((big >= 0) & (big < 100))
+    # spreads: 10k ids over 100 buckets, no bucket is empty or holds > 3x the mean
+    counts = np.bincount(lookup.hash_ids_np(np.arange(10_000) * 1000, rows=101), minlength=101)
+    assert counts[:100].min() > 0 and counts[:100].max() < 300 and counts[100] == 0
+
+
+def test_oov_and_direct_id_modes():
+    t = specs.TableSpec(name="user", rows=5, dim=2)
+    f_oov = specs.FeatureSpec(name="u", table="user", id_mode="oov")
+    f_dir = specs.FeatureSpec(name="d", table="user")
+    ids = jnp.array([0, 3, 4, 5, 100, -1, -7])
+    np.testing.assert_array_equal(lookup.map_ids(ids, feature=f_oov, rows=t.rows),
+                                  [0, 3, 4, 4, 4, -1, 4])
+    np.testing.assert_array_equal(lookup.map_ids(ids, feature=f_dir, rows=t.rows),
+                                  [0, 3, 4, -1, -1, -1, -1])
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        specs.validate_specs([specs.TableSpec(name="one", rows=1, dim=2)],
+                             [specs.FeatureSpec(name="o", table="one", id_mode="oov")])
+
+
+def test_state_from_another_mesh_is_rejected():
+    t = specs.TableSpec(name="user", rows=37, dim=4, sharding="row_wise")
+    f = specs.FeatureSpec(name="u", table="user")
+    st1 = collection.EmbeddingCollection(tables=[t], features=[f], mesh=_mesh(1)).init(jax.random.key(0))
+    ec8 = collection.EmbeddingCollection(tables=[t], features=[f], mesh=_mesh(8))
+    ids = {"u": np.zeros((8,), np.int32)}
+    with pytest.raises(ValueError, match=r"storage 'user' .* has shape \(37, 4\) .* expects \(40, 4\)"):
+        ec8.lookup(st1.tables, ids)
+    with pytest.raises(ValueError, match="was the state made for another mesh"):
+        ec8.apply_gradients(st1, ids, {"u": jnp.ones((8, 4))})

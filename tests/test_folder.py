@@ -1,0 +1,195 @@
+"""Dataset folder: CSV/TSV/npy round trips, streaming writer, and precise errors."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from jax_recsys.data import folder
+from jax_recsys.data.folder import DataError, DatasetFolder
+
+
+def _write(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.write_text(text)
+    return path
+
+
+def test_csv_round_trip_types(tmp_path):
+    _write(
+        tmp_path / "interactions.csv",
+        "user_id,item_id,timestamp,click,score\n"
+        "u1,10,86400,1,0.5\n"
+        "u2,11,86401,0,1.25\n"
+        '"u,3",10,172800,1,2\n',
+    )
+    ds = DatasetFolder(tmp_path)
+    assert ds.table_names == ["interactions"]
+    t = ds.table("interactions")
+    assert t["user_id"].dtype.kind == "U"
+    np.testing.assert_array_equal(t["user_id"], ["u1", "u2", "u,3"])
+    assert t["item_id"].dtype == np.int64
+    np.testing.assert_array_equal(t["item_id"], [10, 11, 10])
+    assert t["timestamp"].dtype == np.int64
+    assert t["score"].dtype == np.float64
+    np.testing.assert_allclose(t["score"], [0.5, 1.25, 2.0])
+    np.testing.assert_array_equal(t["click"], [1, 0, 1])
+    sub = ds.table("interactions", columns=["item_id"])
+    assert list(sub) == ["item_id"]
+
+
+def test_tsv_and_npy_tables_discovered(tmp_path):
+    _write(tmp_path / "users.tsv", "user_id\tcountry\n7\tFR\n8\tDE\n")
+    folder.write_table(
+        tmp_path, "items", {"item_id": np.array([3, 4, 5]), "name": np.array(["a", "bb", "c"])}
+    )
+    ds = DatasetFolder(tmp_path)
+    assert sorted(ds.table_names) == ["items", "users"]
+    u = ds.table("users")
+    np.testing.assert_array_equal(u["user_id"], [7, 8])
+    np.testing.assert_array_equal(u["country"], ["FR", "DE"])
+    it = ds.table("items")
+    assert isinstance(it["item_id"], np.memmap)  # npy columns are memory-mapped
+    np.testing.assert_array_equal(it["item_id"], [3, 4, 5])
+    np.testing.assert_array_equal(it["name"], ["a", "bb", "c"])
+    assert ds.kg_path is None and not ds.has_table("nope")
+
+
+def test_table_writer_chunks_equal_one_shot(tmp_path):
+    rng = np.random.default_rng(0)
+    cols = {
+        "a": rng.integers(0, 100, 1000),
+        "b": rng.standard_normal((1000, 3)).astype(np.float32),
+        "c": rng.integers(0, 2, 1000).astype(np.int8),
+    }
+    one = folder.write_table(tmp_path / "one", "t", cols)
+    with folder.TableWriter(tmp_path / "many", "t") as w:
+        for s in (slice(0, 1), slice(1, 400), slice(400, 1000)):
+            w.append({k: v[s] for k, v in cols.items()})
+    many = w.close()
+    assert one["rows"] == many["rows"] == 1000
+    for c in cols:
+        a = (tmp_path / "one" / "t" / f"{c}.npy").read_bytes()
+        b = (tmp_path / "many" / "t" / f"{c}.npy").read_bytes()
+        np.testing.assert_array_equal(np.load(tmp_path / "many" / "t" / f"{c}.npy"), cols[c])
+        # Same data bytes (headers differ only by padding).
+        assert a[-cols[c].nbytes :] == b[-cols[c].nbytes :]
+
+
+def test_table_writer_rejects_mismatched_chunks(tmp_path):
+    w = folder.TableWriter(tmp_path, "t")
+    w.append({"a": np.arange(3)})
+    with pytest.raises(DataError, match="differ"):
+        w.append({"b": np.arange(3)})
+    with pytest.raises(DataError, match="wider"):
+        w2 = folder.TableWriter(tmp_path, "s")
+        w2.append({"s": np.array(["ab"])})
+        w2.append({"s": np.array(["abcdef"])})
+    with pytest.raises(DataError, match="empty table"):
+        folder.TableWriter(tmp_path, "e").close()
+
+
+def test_dataset_json_windows_and_select_days(tmp_path):
+    t = folder.write_table(
+        tmp_path,
+        "imp",
+        {"user_id": np.array([1, 2, 3, 4, 5]), "day": np.array([0, 0, 1, 2, 2], np.int32)},
+    )
+    folder.write_dataset_json(
+        tmp_path,
+        name="tiny",
+        tables={"imp": t},
+        num_days=3,
+        splits={"ranker_train": (0, 2), "ranker_test": (2, 3)},
+    )
+    ds = DatasetFolder(tmp_path)
+    assert ds.meta["num_days"] == 3 and ds.num_rows("imp") == 5
+    assert ds.day_window("ranker_train") == (0, 2)
+    assert ds.day_window("test") == (2, 3)  # alias
+    sel = folder.select_days(ds.table("imp"), *ds.day_window("train"))
+    np.testing.assert_array_equal(sel["user_id"], [1, 2, 3])
+    sel = folder.select_days({"user_id": np.array([1, 2]), "timestamp": np.array([5, 90000])}, 1, 2)
+    np.testing.assert_array_equal(sel["user_id"], [2])
+    with pytest.raises(DataError, match="no day window 'valid'"):
+        ds.day_window("valid")
+    with pytest.raises(DataError, match="empty split"):
+        folder.select_days(ds.table("imp"), 5, 7)
+
+
+def _err(fn) -> DataError:
+    with pytest.raises(DataError) as e:
+        fn()
+    return e.value
+
+
+def test_missing_required_column_names_file_and_column(tmp_path):
+    p = _write(tmp_path / "x.csv", "user_id,item_id\n1,2\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("x", columns=["user_id", "timestamp"]))
+    assert e.file == str(p) and e.column == "timestamp" and e.line == 1
+    assert "x.csv:1" in str(e) and "'timestamp'" in str(e)
+
+
+def test_unparsable_value_names_line(tmp_path):
+    p = _write(tmp_path / "x.csv", "user_id,timestamp\n1,10\n2,11\n3,noon\n4,12\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("x"))
+    assert (e.file, e.column, e.line) == (str(p), "timestamp", 4)
+    assert "'noon'" in str(e)
+    # A forced kind applies to any column.
+    _write(tmp_path / "y.tsv", "item_id\tprice\n1\t2.5\n2\tcheap\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("y", kinds={"price": "float"}))
+    assert (e.column, e.line) == ("price", 3)
+
+
+def test_duplicate_header_ragged_rows_empty_tables(tmp_path):
+    _write(tmp_path / "dup.csv", "user_id,item_id,user_id\n1,2,3\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("dup"))
+    assert e.column == "user_id" and e.line == 1 and "duplicate" in str(e)
+    _write(tmp_path / "rag.csv", "user_id,item_id\n1,2\n3\n4,5\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("rag"))
+    assert e.line == 3 and "ragged" in str(e)
+    _write(tmp_path / "hdr.csv", "user_id,item_id\n")
+    assert "empty table" in str(_err(lambda: DatasetFolder(tmp_path).table("hdr")))
+    _write(tmp_path / "nothing.csv", "")
+    assert "empty file" in str(_err(lambda: DatasetFolder(tmp_path).table("nothing")))
+    _write(tmp_path / "ids.csv", "user_id,x\n1,a\n,b\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("ids"))
+    assert (e.column, e.line) == ("user_id", 3) and "empty id" in str(e)
+
+
+def test_skip_bad_lines_reports_count(tmp_path):
+    _write(tmp_path / "x.csv", "user_id,timestamp\n1,10\n2\n3,x\n4,12\n")
+    ds = DatasetFolder(tmp_path, on_bad_lines="skip")
+    with pytest.warns(UserWarning, match="skipped 2 bad lines"):
+        t = ds.table("x")
+    np.testing.assert_array_equal(t["user_id"], [1, 4])
+    np.testing.assert_array_equal(t["timestamp"], [10, 12])
+    assert ds.skipped == {"x": 2}
+
+
+def test_npy_columns_of_different_lengths(tmp_path):
+    d = tmp_path / "t"
+    d.mkdir()
+    np.save(d / "a.npy", np.arange(3))
+    np.save(d / "b.npy", np.arange(4))
+    e = _err(lambda: DatasetFolder(tmp_path).table("t"))
+    assert e.column == "b" and "different lengths" in str(e)
+    e = _err(lambda: folder.write_table(tmp_path, "w", {"a": np.arange(2), "b": np.arange(3)}))
+    assert e.column == "b"
+
+
+def test_bad_dataset_json(tmp_path):
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"format_version": 1, "name": "x", "tables": {"imp": {"path": "missing"}}})
+    )
+    assert "does not exist" in str(_err(lambda: DatasetFolder(tmp_path)))
+    (tmp_path / "dataset.json").write_text("{not json")
+    e = _err(lambda: DatasetFolder(tmp_path))
+    assert e.line == 1 and "dataset.json" in e.file
+    (tmp_path / "dataset.json").write_text(json.dumps({"format_version": 99}))
+    assert "format_version" in str(_err(lambda: DatasetFolder(tmp_path)))
+
+
+def test_kg_folder_discovered(tmp_path):
+    (tmp_path / "kg").mkdir()
+    _write(tmp_path / "kg" / "train.txt", "a\tr\tb\n")
+    assert DatasetFolder(tmp_path).kg_path == tmp_path / "kg"

@@ -1,0 +1,158 @@
+"""Tests for jax_recsys.data.kg: exact integer triples and vocabularies from tiny typed
+and untyped folders, every error with its file:line, the unseen policy, and the
+filter index (answers, masks, membership) against hand-computed sets."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from jax_recsys import metrics
+from jax_recsys.data.folder import DataError
+from jax_recsys.data.kg import KnowledgeGraph, TripleIndex, read_triples
+
+
+def _write(d: pathlib.Path, **files: str) -> pathlib.Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (d / name.replace("_txt", ".txt").replace("_tsv", ".tsv")).write_text(text)
+    return d
+
+
+TYPED_TRAIN = (
+    "user:2\tengaged\tpin:10\n"
+    "user:1\tengaged\tpin:7\n"
+    "user:2\tengaged\tpin:7\n"
+    "pin:7\towned_by\tadvertiser:3\n"
+    "pin:10\towned_by\tadvertiser:3\n"
+)
+TYPES = ("user:1\tuser\nuser:2\tuser\npin:7\tpin\npin:10\tpin\nadvertiser:3\tadvertiser\n"
+         "user:9\tuser\n")
+
+
+def _typed(tmp_path, **extra):
+    files = dict(train_txt=TYPED_TRAIN, valid_txt="user:1\tengaged\tpin:10\n",
+                 test_txt="pin:10\towned_by\tadvertiser:3\n", entity_types_tsv=TYPES)
+    files.update(extra)
+    return _write(tmp_path / "kg", **files)
+
+
+def test_typed_folder_exact(tmp_path):
+    kg = read_triples(_typed(tmp_path))
+    assert isinstance(kg, KnowledgeGraph)
+    assert kg.entity_types == ("advertiser", "pin", "user")
+    # Prefixes stripped, integer raw ids, numeric order; user:9 has no train triple.
+    assert kg.vocabs["user"].ids.tolist() == [1, 2]
+    assert kg.vocabs["pin"].ids.tolist() == [7, 10]
+    assert kg.vocabs["advertiser"].ids.tolist() == [3]
+    assert kg.vocabs["pin"].dtype == np.int64
+    assert kg.num_rows == {"advertiser": 1, "pin": 2, "user": 2}
+    assert kg.relations == ("engaged", "owned_by")
+    assert kg.relation_types == {"engaged": ("user", "pin"), "owned_by": ("pin", "advertiser")}
+    np.testing.assert_array_equal(kg.splits["train"], [[1, 0, 1], [0, 0, 0], [1, 0, 0],
+                                                       [0, 1, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(kg.splits["valid"], [[0, 0, 1]])
+    np.testing.assert_array_equal(kg.splits["test"], [[1, 1, 0]])
+    assert kg.splits["train"].dtype == np.int64
+    paths = kg.save_vocabs(tmp_path / "vocab")
+    assert np.load(paths["pin"], allow_pickle=False).tolist() == [7, 10]
+
+
+def test_untyped_folder_string_ids(tmp_path):
+    d = _write(tmp_path / "u", train_txt="b\tr1\ta\r\na\tr2\tc\n\nc\tr1\tb\n",
+               test_txt="a\tr1\tb\n")
+    kg = read_triples(d)
+    assert kg.entity_types == ("entity",)
+    assert kg.vocabs["entity"].ids.tolist() == ["a", "b", "c"]
+    assert kg.relation_types == {"r1": ("entity", "entity"), "r2": ("entity", "entity")}
+    np.testing.assert_array_equal(kg.splits["train"], [[1, 0, 0], [0, 1, 2], [2, 0, 1]])
+    assert set(kg.splits) == {"train", "test"}
+    # normalize_ids=False keeps prefixed strings as they are.
+    kg2 = read_triples(_typed(tmp_path), normalize_ids=False)
+    assert kg2.vocabs["pin"].ids.tolist() == ["pin:10", "pin:7"]
+
+
+@pytest.mark.parametrize("files,match,line", [
+    (dict(train_txt="a\tr\tb\na\tr\n"), "expected 3 tab-separated fields, got 2", 2),
+    (dict(train_txt="a r b\n"), "separated by tabs", 1),
+    (dict(train_txt=""), "empty file", None),
+    (dict(train_txt="a\tr\tb\n", valid_txt="\n"), "empty file", None),
+    (dict(train_txt="a\tr\t\n"), "empty field", 1),
+    (dict(train_txt="a\tr\tb\n", test_txt="a\tr\tb\nz\tr\tb\n"), "'z' does not occur", 2),
+    (dict(train_txt="a\tr\tb\n", valid_txt="a\tq\tb\n"), "relation 'q' does not occur", 1),
+])
+def test_errors_name_file_and_line(tmp_path, files, match, line):
+    d = _write(tmp_path / "bad", **files)
+    with pytest.raises(DataError, match=match) as e:
+        read_triples(d)
+    assert e.value.line == line
+    assert e.value.file is not None
+
+
+def test_type_errors(tmp_path):
+    bad_rel = TYPED_TRAIN + "pin:7\tengaged\tpin:10\n"
+    with pytest.raises(DataError, match="head type 'pin' here but 'user' on line 1") as e:
+        read_triples(_typed(tmp_path / "a", train_txt=bad_rel))
+    assert e.value.line == 6 and e.value.file.endswith("train.txt")
+    with pytest.raises(DataError, match="'user:5' has no type") as e:
+        read_triples(_typed(tmp_path / "b", train_txt=TYPED_TRAIN + "user:5\tengaged\tpin:7\n"))
+    assert e.value.line == 6
+    with pytest.raises(DataError, match="type 'pin' here but 'user' on line 1") as e:
+        read_triples(_typed(tmp_path / "c", entity_types_tsv=TYPES + "user:1\tpin\n"))
+    assert e.value.file.endswith("entity_types.tsv") and e.value.line == 7
+    # A valid triple whose types contradict train's relation types.
+    with pytest.raises(DataError, match="tail type 'advertiser' here") as e:
+        read_triples(_typed(tmp_path / "d", valid_txt="user:1\tengaged\tadvertiser:3\n"))
+    assert e.value.file.endswith("valid.txt") and e.value.line == 1
+
+
+def test_unseen_skip_reports_count(tmp_path):
+    d = _write(tmp_path / "s", train_txt="a\tr\tb\nb\tr\tc\n",
+               valid_txt="a\tr\tc\nz\tr\ta\na\tq\tb\n")
+    with pytest.warns(UserWarning, match="skipped 2 triples"):
+        kg = read_triples(d, unseen="skip")
+    assert kg.skipped == {"valid": 2}
+    np.testing.assert_array_equal(kg.splits["valid"], [[0, 0, 2]])
+
+
+def test_filter_index_exact(tmp_path):
+    d = _write(tmp_path / "f", train_txt="a\tr\tb\na\tr\tc\nb\tr\tc\nb\ts\ta\n",
+               test_txt="a\tr\ta\n")
+    kg = read_triples(d)  # rows: a=0 b=1 c=2; relations r=0 s=1
+    idx = kg.filter_index()
+    assert isinstance(idx, TripleIndex) and idx.num_triples == 5
+    # Tail queries (a, r, ?) -> {a, b, c}; (b, r, ?) -> {c}; (c, s, ?) -> {}.
+    ans = idx.answers(side="tail", anchor=[0, 1, 2], rel=[0, 0, 1])
+    assert [sorted(x for x in row if x >= 0) for row in ans.tolist()] == [[0, 1, 2], [2], []]
+    ans_t = idx.answers(side="tail", anchor=[0], rel=[0], target=[1])
+    assert sorted(x for x in ans_t[0].tolist() if x >= 0) == [0, 2]
+    # Head queries (?, r, c) -> {a, b}; (?, s, a) -> {b}.
+    q, a = idx.answer_pairs(side="head", anchor=[2, 0], rel=[0, 1])
+    assert q.tolist() == [0, 0, 1] and a.tolist() == [0, 1, 1]
+    mask = idx.mask(side="tail", anchor=[1], rel=[0], num_rows=3)
+    np.testing.assert_array_equal(mask, [[False, False, True]])
+    np.testing.assert_array_equal(idx.contains([0, 0, 2], [0, 1, 0], [1, 1, 0]),
+                                  [True, False, False])
+    # Filtered rank of (b, r, c): scores over all 3 tails, target c masked with the rest.
+    scores = np.array([[0.9, 0.1, 0.5]])
+    raw = metrics.realistic_rank(scores[:, 2], scores, np.eye(3, dtype=bool)[[2]])
+    filt = metrics.realistic_rank(scores[:, 2], scores, mask)
+    assert raw.tolist() == [2.0] and filt.tolist() == [2.0]
+    mask_a = idx.mask(side="tail", anchor=[0], rel=[0], num_rows=3)  # (a, r, b)
+    assert metrics.realistic_rank(np.array([0.1]), scores, mask_a).tolist() == [1.0]
+    train_only = kg.filter_index(["train"])
+    assert not train_only.contains([0], [0], [0])[0]
+
+
+def test_triple_index_random_against_sets():
+    rng = np.random.default_rng(0)
+    t3 = np.stack([rng.integers(0, 20, 300), rng.integers(0, 4, 300),
+                   rng.integers(0, 20, 300)], axis=1)
+    idx = TripleIndex(t3, max_rows=20)
+    truth = {}
+    for h, r, t in t3.tolist():
+        truth.setdefault((h, r), set()).add(t)
+    anchor, rel = rng.integers(0, 20, 50), rng.integers(0, 4, 50)
+    mask = idx.mask(side="tail", anchor=anchor, rel=rel, num_rows=20)
+    for i, (h, r) in enumerate(zip(anchor.tolist(), rel.tolist(), strict=True)):
+        assert set(np.flatnonzero(mask[i]).tolist()) == truth.get((h, r), set())

@@ -1,0 +1,96 @@
+"""Facet assembly: pretrained vectors land in the right ranker rows, by raw id."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from jax_recsys.ranking import facets as F
+
+
+@dataclasses.dataclass
+class _Ckpt:
+    tables: dict
+    vocabs: dict
+
+
+def test_match_rows_int_and_str_ids():
+    np.testing.assert_array_equal(F.match_rows(np.array([10, 20, 30]), np.array([30, 10])), [1, -1, 0])
+    # A string facet vocabulary (e.g. raw ids read from a text KG) matches integer ranker ids.
+    np.testing.assert_array_equal(F.match_rows(np.array([10, 20, 30]), np.array(["30", "7"])), [-1, -1, 0])
+    np.testing.assert_array_equal(F.match_rows(np.array(["a", "b"]), np.array([], dtype=np.int64)), [-1, -1])
+    with pytest.raises(ValueError, match="duplicate"):
+        F.match_rows(np.array([1]), np.array([3, 3]))
+
+
+def test_align_puts_the_facet_vector_in_the_row_of_the_same_raw_id():
+    ranker_ids = np.array([10, 20, 30, 40])
+    facet_ids = np.array([40, 5, 10])
+    facet_table = np.array([[4.0, 4.0], [5.0, 5.0], [1.0, -1.0]], np.float32)
+    table, stats = F.align_facet_table(
+        entity="user", facet="cl", ranker_ids=ranker_ids, facet_ids=facet_ids,
+        facet_table=facet_table, seed=0, target_norm=None,
+    )
+    np.testing.assert_array_equal(table[0], [1.0, -1.0])  # raw id 10
+    np.testing.assert_array_equal(table[3], [4.0, 4.0])  # raw id 40
+    assert (stats.found, stats.missing, stats.rows, stats.facet_rows) == (2, 2, 4, 3)
+    # Missing ids (20, 30) get fresh random rows, not copies and not zeros.
+    assert not np.allclose(table[1], table[2]) and np.all(table[1:3] != 0)
+    # Deterministic by seed.
+    again, _ = F.align_facet_table(
+        entity="user", facet="cl", ranker_ids=ranker_ids, facet_ids=facet_ids,
+        facet_table=facet_table, seed=0, target_norm=None,
+    )
+    np.testing.assert_array_equal(table, again)
+
+
+def test_align_rescales_to_the_target_mean_norm():
+    facet_table = np.array([[3.0, 4.0], [0.0, 10.0]], np.float32)  # norms 5 and 10: mean 7.5
+    table, stats = F.align_facet_table(
+        entity="pin", facet="kg", ranker_ids=np.array([1, 2]), facet_ids=np.array([2, 1]),
+        facet_table=facet_table, seed=0, target_norm=1.5,
+    )
+    np.testing.assert_allclose(stats.scale, 0.2)
+    np.testing.assert_allclose(table, [[0.0, 2.0], [0.6, 0.8]], rtol=1e-6)
+
+
+def test_align_rejects_table_vocab_mismatch():
+    with pytest.raises(ValueError, match="vocabulary has 2 ids"):
+        F.align_facet_table(entity="user", facet="cl", ranker_ids=np.array([1]), facet_ids=np.array([1, 2]),
+                            facet_table=np.zeros((3, 2)), seed=0)
+
+
+def test_resolve_facets_learning_rates_modes_and_layout():
+    ckpt = _Ckpt(tables={"user": np.eye(3, dtype=np.float32)}, vocabs={"user": np.array([7, 8, 9])})
+    ents = (
+        F.EntitySpec(name="user", column="user_id", facets=(
+            F.FacetSpec(source="scratch", dim=4),
+            F.FacetSpec(source="cl", mode="freeze", target_norm=None),
+        )),
+        F.EntitySpec(name="pin", column="item_id", facets=(F.FacetSpec(source="scratch", dim=2, learning_rate=0.3),)),
+    )
+    out = F.resolve_facets(
+        ents, vocabs={"user": np.array([9, 1]), "pin": np.array([0, 1, 2])}, facets={"cl": ckpt},
+        table_learning_rate=0.05, finetune_lr_scale=0.1, seed=0,
+    )
+    assert [t.name for t in out] == ["user__scratch", "user__cl", "pin__scratch"]
+    assert [t.learning_rate for t in out] == pytest.approx([0.05, 0.005, 0.3])
+    assert [t.trainable for t in out] == [True, False, True]
+    np.testing.assert_array_equal(out[1].values[0], [0.0, 0.0, 1.0])  # raw id 9 = facet row 2
+    assert out[1].stats.missing == 1
+    assert F.entity_dims(out) == (("user", 7), ("pin", 2))
+
+
+def test_resolve_facets_errors_name_entity_and_facet():
+    ents = (F.EntitySpec(name="user", column="user_id", facets=(F.FacetSpec(source="kg"),)),)
+    with pytest.raises(ValueError, match="'kg'"):
+        F.resolve_facets(ents, vocabs={"user": np.array([1])}, facets={}, table_learning_rate=0.1,
+                         finetune_lr_scale=0.1, seed=0)
+    ckpt = _Ckpt(tables={"pin": np.zeros((1, 2))}, vocabs={"pin": np.array([1])})
+    with pytest.raises(ValueError, match="no table 'user'"):
+        F.resolve_facets(ents, vocabs={"user": np.array([1])}, facets={"kg": ckpt}, table_learning_rate=0.1,
+                         finetune_lr_scale=0.1, seed=0)
+    with pytest.raises(ValueError, match="mode"):
+        F.FacetSpec(source="cl", mode="thaw")
+    with pytest.raises(ValueError, match="twice"):
+        F.EntitySpec(name="u", column="c", facets=(F.FacetSpec(source="cl"), F.FacetSpec(source="cl")))

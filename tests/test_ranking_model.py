@@ -1,0 +1,148 @@
+"""Ranker dense model, ESMM loss, param (de)serialisation and the serving score function."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_recsys.ranking import model as M
+
+
+def _cfg(**kw):
+    base = dict(
+        entity_dims=(("user", 4), ("pin", 6)),
+        coarse_vocab_sizes=(("hour", 3), ("device", 2)),
+        coarse_dim=2,
+        num_cross_layers=2,
+        mlp_dims=(8,),
+        head_dims=(4,),
+    )
+    base.update(kw)
+    return M.RankerConfig(**base)
+
+
+def _inputs(b=5):
+    rng = np.random.default_rng(0)
+    emb = {"user": rng.normal(size=(b, 4)).astype(np.float32), "pin": rng.normal(size=(b, 6)).astype(np.float32)}
+    coarse = {"hour": np.array([0, 1, 2, 0, 1][:b]), "device": np.array([0, 1, 0, 1, 0][:b])}
+    return emb, coarse
+
+
+def test_esmm_loss_hand_computed():
+    # pCTR = [0.5, 0.75], pCVR = [0.5, 0.5] -> pCTCVR = [0.25, 0.375]; ctcvr labels [1, 0].
+    ctr_logit = jnp.array([0.0, math.log(3.0)])
+    cvr_logit = jnp.array([0.0, 0.0])
+    loss, aux = M.esmm_loss(
+        ctr_logit=ctr_logit, cvr_logit=cvr_logit, click=jnp.array([1.0, 0.0]), conversion=jnp.array([1.0, 1.0])
+    )
+    bce_ctr = (-math.log(0.5) - math.log(0.25)) / 2
+    bce_ctcvr = (-math.log(0.25) - math.log(1 - 0.375)) / 2
+    np.testing.assert_allclose(float(aux["bce_ctr"]), bce_ctr, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["bce_ctcvr"]), bce_ctcvr, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), bce_ctr + bce_ctcvr, rtol=1e-5)
+    # cvr_weight scales the second term; a masked example does not count.
+    loss2, _ = M.esmm_loss(
+        ctr_logit=ctr_logit, cvr_logit=cvr_logit, click=jnp.array([1.0, 0.0]),
+        conversion=jnp.array([1.0, 1.0]), mask=jnp.array([1.0, 0.0]), cvr_weight=0.5,
+    )
+    np.testing.assert_allclose(float(loss2), -math.log(0.5) + 0.5 * -math.log(0.25), rtol=1e-5)
+
+
+def test_esmm_loss_is_finite_for_extreme_logits():
+    big = jnp.array([-80.0, 80.0, 80.0, -80.0])
+    loss, aux = M.esmm_loss(
+        ctr_logit=big, cvr_logit=-big, click=jnp.array([1.0, 0.0, 1.0, 0.0]),
+        conversion=jnp.array([1.0, 0.0, 1.0, 1.0]),
+    )
+    assert np.isfinite(float(loss))
+    g = jax.grad(lambda a: M.esmm_loss(ctr_logit=a, cvr_logit=-big, click=jnp.ones(4), conversion=jnp.ones(4))[0])(big)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_cross_layer_hand_computed():
+    layer = M.CrossLayer(2, 0, rngs=nnx.Rngs(0))
+    layer.full.kernel[...] = jnp.eye(2)
+    layer.full.bias[...] = jnp.array([1.0, 0.0])
+    x0 = jnp.array([[1.0, 2.0]])
+    x = jnp.array([[3.0, 4.0]])
+    # x0 * (W x + b) + x = [1*(3+1), 2*4] + [3, 4] = [7, 12]
+    np.testing.assert_allclose(np.asarray(layer(x0, x)), [[7.0, 12.0]])
+
+
+def test_low_rank_cross_layer_shapes_and_value():
+    layer = M.CrossLayer(3, 1, rngs=nnx.Rngs(0))
+    layer.down.kernel[...] = jnp.ones((3, 1))
+    layer.up.kernel[...] = jnp.ones((1, 3))
+    layer.up.bias[...] = jnp.zeros(3)
+    x = jnp.array([[1.0, 2.0, 3.0]])
+    # U V^T x = 6 per coordinate -> x * 6 + x
+    np.testing.assert_allclose(np.asarray(layer(x, x)), [[7.0, 14.0, 21.0]])
+
+
+def test_model_outputs_and_config_json_round_trip():
+    cfg = _cfg()
+    assert M.RankerConfig.from_dict(cfg.to_dict()) == cfg
+    graphdef, params = M.init_dense(cfg, seed=1)
+    emb, coarse = _inputs()
+    ctr, cvr = M.make_apply_fn(graphdef)(params, entity_emb=emb, coarse_ids=coarse)
+    assert ctr.shape == (5,) and cvr.shape == (5,)
+    assert not np.allclose(np.asarray(ctr), np.asarray(cvr))
+
+
+def test_flatten_unflatten_and_score_fn_equal_the_model():
+    cfg = _cfg(cross_rank=2, entity_norm="none")
+    graphdef, params = M.init_dense(cfg, seed=3)
+    flat = M.flatten_params(params)
+    assert "trunk/0/kernel" in flat and all(isinstance(v, np.ndarray) for v in flat.values())
+    emb, coarse = _inputs()
+    ref = M.make_apply_fn(graphdef)(params, entity_emb=emb, coarse_ids=coarse)
+    back = M.make_apply_fn(graphdef)(M.unflatten_params(cfg, flat), entity_emb=emb, coarse_ids=coarse)
+    score = jax.jit(M.make_score_fn(cfg.to_dict()))
+    got = score(flat, entity_emb=emb, coarse_ids=coarse)
+    for a, b, c in zip(ref, back, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="dim"):
+        M.RankerConfig(entity_dims=(("user", 0),))
+    with pytest.raises(ValueError, match="entity_norm"):
+        M.RankerConfig(entity_dims=(("user", 2),), entity_norm="batchnorm")
+    with pytest.raises(ValueError, match="at least one"):
+        M.init_dense(M.RankerConfig())
+    cfg = _cfg()
+    graphdef, params = M.init_dense(cfg)
+    emb, coarse = _inputs()
+    with pytest.raises(KeyError, match="pin"):
+        M.make_apply_fn(graphdef)(params, entity_emb={"user": emb["user"]}, coarse_ids=coarse)
+    with pytest.raises(ValueError, match="width"):
+        M.make_apply_fn(graphdef)(params, entity_emb={**emb, "pin": emb["user"]}, coarse_ids=coarse)
+    flat = M.flatten_params(params)
+    flat.pop("trunk/0/bias")
+    with pytest.raises(ValueError, match="trunk/0/bias"):
+        M.unflatten_params(cfg, flat)
+
+
+def test_save_and_load_ranker_round_trip(tmp_path):
+    cfg = _cfg()
+    _, params = M.init_dense(cfg)
+    tables = {"user": np.arange(12, dtype=np.float32).reshape(3, 4),
+              "pin": np.ones((2, 6), np.float32)}
+    r = M.TrainedRanker(
+        config=cfg, params=M.flatten_params(params), tables=tables,
+        vocabs={"user": np.array([5, 7, 9]), "pin": np.array(["a", "b"])},
+        entity_columns={"user": "user_id", "pin": "item_id"},
+        facet_layout={"user": [("scratch", 4, True)], "pin": [("cl", 6, False)]},
+    )
+    M.save_ranker(tmp_path / "ranker", r)
+    back = M.load_ranker(tmp_path / "ranker")
+    assert back.config == cfg
+    np.testing.assert_array_equal(back.tables["user"], tables["user"])
+    np.testing.assert_array_equal(back.vocabs["pin"], ["a", "b"])
+    assert back.facet_layout["pin"] == [("cl", 6, False)]
+    for k, v in r.params.items():
+        np.testing.assert_array_equal(back.params[k], v)

@@ -1,0 +1,272 @@
+"""Embedding client: routing, order, replicas, version pinning, dead shards.
+
+Real servers on loopback (in-process, and real subprocesses started through
+``launch.serve_embeddings`` for the kill/restart test), ports bound at run time.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from jax_recsys.quant import artifact, rowwise
+from serving import client as client_lib
+from serving import codec
+from serving import embedding_server as es
+from serving.protos import embedding_pb2 as pb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    tables = {
+        "user": rng.normal(size=(90, 4)).astype(np.float32),
+        "pin": rng.normal(size=(10, 6)).astype(np.float32),
+    }
+    path = str(tmp_path_factory.mktemp("client_art") / "art")
+    artifact.write_artifact(
+        path, tables=tables, vocabs={k: np.arange(len(v)) for k, v in tables.items()}
+    )
+    return artifact.load_artifact(path)
+
+
+def _expected(art, table, rows):
+    return rowwise.dequantize_rows(art.tables[table], np.asarray(rows))
+
+
+@pytest.fixture(scope="module")
+def three_shards(art):
+    servers = [
+        es.serve(
+            es.ServerConfig(artifact=str(art.path), shard=i, num_shards=3, log_every_s=0, workers=2)
+        )
+        for i in range(3)
+    ]
+    yield [f"127.0.0.1:{s.port}" for s in servers]
+    for s in servers:
+        s.stop(0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_routing_from_manifest_matches_server_ranges(art):
+    specs = client_lib.routing_from_manifest(str(art.path), ["h0:1", ["h1:1", "h1r:1"], "h2:1"])
+    assert [s.ranges["user"] for s in specs] == [(0, 30), (30, 60), (60, 90)]
+    assert [s.ranges["pin"] for s in specs] == [(0, 3), (3, 6), (6, 10)]
+    assert specs[1].addresses == ("h1:1", "h1r:1")
+
+
+def test_lookup_many_reassembles_in_caller_order_across_shards(art, three_shards):
+    client = client_lib.EmbeddingClient.from_artifact(str(art.path), three_shards, deadline_s=10)
+    user_rows = np.array([89, 0, 45, 45, 30, 29, 60, 0, 89])  # every shard, duplicates
+    pin_rows = np.array([9, 2, 3])
+    got = client.lookup_many({"user": user_rows, "pin": pin_rows})
+    np.testing.assert_array_equal(got["user"], _expected(art, "user", user_rows))
+    np.testing.assert_array_equal(got["pin"], _expected(art, "pin", pin_rows))
+    # One table, one shard only; and an empty lookup keeps the table's dim.
+    np.testing.assert_array_equal(client.lookup("user", [31]), _expected(art, "user", [31]))
+    assert client.lookup("pin", np.array([], np.int64)).shape == (0, 6)
+    client.close()
+
+
+def test_client_accepts_plain_dict_shards(art, three_shards):
+    shards = [
+        {"addresses": [a], "ranges": r}
+        for a, r in zip(three_shards, codec.table_ranges({"user": 90, "pin": 10}, 3), strict=True)
+    ]
+    client = client_lib.EmbeddingClient(shards, deadline_s=10)  # unpinned
+    np.testing.assert_array_equal(client.lookup("pin", [7, 1]), _expected(art, "pin", [7, 1]))
+    client.close()
+
+
+def test_bad_rows_are_refused_before_any_rpc(art):
+    # Addresses nobody listens on: a ValueError proves no RPC was needed.
+    client = client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"] * 3)
+    with pytest.raises(ValueError, match="row 90 is outside"):
+        client.lookup("user", [1, 90])
+    with pytest.raises(ValueError, match="row -1 is outside"):
+        client.lookup("user", [-1])
+    with pytest.raises(ValueError, match="unknown table 'x'"):
+        client.lookup("x", [1])
+    with pytest.raises(ValueError, match="1-D integer"):
+        client.lookup("user", np.array([1.5]))
+    client.close()
+
+
+def test_pinned_version_mismatch_is_refused(art, three_shards):
+    client = client_lib.EmbeddingClient.from_artifact(str(art.path), three_shards)
+    client.version = "0000000000000000"
+    with pytest.raises(client_lib.VersionMismatch) as e:
+        client.lookup("user", [1])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    client.close()
+
+
+def _fake_shard(version):
+    """A shard that ignores expected_version and answers zeros as `version`."""
+
+    def lookup(raw, context):
+        req = pb.LookupRequest.FromString(raw)
+        resp = pb.LookupResponse(version=version)
+        for t in req.tables:
+            n = len(t.ids) // 8
+            resp.tables.add(table=t.table, dim=4, values=bytes(16 * n))
+        return resp.SerializeToString()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                codec.SERVICE_NAME, {"Lookup": grpc.unary_unary_rpc_method_handler(lookup)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_response_from_another_version_is_refused(art, three_shards):
+    fake, addr = _fake_shard("ffffffffffffffff")
+    try:
+        addrs = [three_shards[0], addr, three_shards[2]]
+        pinned = client_lib.EmbeddingClient.from_artifact(str(art.path), addrs, deadline_s=5)
+        with pytest.raises(client_lib.VersionMismatch, match="answered version 'ffff"):
+            pinned.lookup("user", [0, 40])
+        # Unpinned: shards of one call must still agree.
+        loose = client_lib.EmbeddingClient.from_artifact(str(art.path), addrs, pin=False)
+        with pytest.raises(client_lib.VersionMismatch, match="different versions"):
+            loose.lookup("user", [0, 40])
+        assert loose.lookup("user", [40]).tolist() == [[0.0] * 4]
+        pinned.close()
+        loose.close()
+    finally:
+        fake.stop(0)
+
+
+def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(art, three_shards):
+    dead = f"127.0.0.1:{_free_port()}"
+    with_replica = [three_shards[0], [dead, three_shards[1]], three_shards[2]]
+    client = client_lib.EmbeddingClient.from_artifact(str(art.path), with_replica, deadline_s=5)
+    rows = np.array([5, 35, 65])
+    np.testing.assert_array_equal(client.lookup("user", rows), _expected(art, "user", rows))
+    client.close()
+
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), [three_shards[0], dead, three_shards[2]], deadline_s=0.5
+    )
+    t0 = time.monotonic()
+    with pytest.raises(client_lib.ServingError) as e:
+        client.lookup("user", rows)
+    assert time.monotonic() - t0 < 0.5 + 0.25
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.shard == 1
+    np.testing.assert_array_equal(client.lookup("user", [5, 65]), _expected(art, "user", [5, 65]))
+    client.close()
+
+
+def _spawn_shard(art, shard, num_shards, port=0):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.serve_embeddings",
+            f"--artifact={art.path}",
+            f"--shard={shard}",
+            f"--num_shards={num_shards}",
+            f"--port={port}",
+            "--workers=2",
+            "--log_every_s=0",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"shard {shard} did not start (rc={proc.wait()})")
+    event = json.loads(line)
+    assert event["event"] == "serving" and event["version"] == art.version
+    return proc, event["port"]
+
+
+@pytest.mark.multiprocess
+def test_killed_shard_gives_clean_unavailable_and_recovers_after_restart(art):
+    procs = [_spawn_shard(art, i, 2) for i in range(2)]
+    try:
+        addrs = [f"127.0.0.1:{port}" for _, port in procs]
+        deadline_s = 1.0
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), addrs, deadline_s=deadline_s
+        )
+        rows = np.array([3, 44, 50, 89, 3])
+        want = _expected(art, "user", rows)
+        for _ in range(20):
+            np.testing.assert_array_equal(client.lookup("user", rows), want)
+
+        procs[1][0].send_signal(signal.SIGKILL)  # mid-stream, no goodbye
+        procs[1][0].wait(10)
+        errors = 0
+        for _ in range(10):
+            t0 = time.monotonic()
+            try:
+                client.lookup("user", rows)
+            except client_lib.ServingError as e:
+                assert e.code == grpc.StatusCode.UNAVAILABLE and e.shard == 1, e
+                errors += 1
+            assert time.monotonic() - t0 < deadline_s + 0.5
+            # The live shard keeps answering its own rows.
+            np.testing.assert_array_equal(client.lookup("user", [3, 44]), want[:2])
+        assert errors == 10
+
+        procs[1] = _spawn_shard(art, 1, 2, port=procs[1][1])
+        t_end = time.monotonic() + 10
+        while True:
+            try:
+                got = client.lookup("user", rows)
+                break
+            except client_lib.ServingError:
+                assert time.monotonic() < t_end, "client did not reconnect to the restarted shard"
+                time.sleep(0.05)
+        np.testing.assert_array_equal(got, want)
+
+        # A hung shard (stopped, connection open) fails at the deadline, not later.
+        procs[0][0].send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(client_lib.ServingError) as e:
+                client.lookup("user", rows)
+            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.shard == 0
+            assert time.monotonic() - t0 < deadline_s + 0.5
+        finally:
+            procs[0][0].send_signal(signal.SIGCONT)
+        np.testing.assert_array_equal(client.lookup("user", rows), want)
+        client.close()
+
+        # SIGTERM: graceful stop, exit code 0, final stats line.
+        proc = procs[0][0]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

@@ -1,0 +1,459 @@
+"""Embedding shard server: exact values, bad input, fuzzing, swaps, TLS, no JAX.
+
+Real servers on loopback with ports bound at run time (port 0).
+"""
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jax_recsys.quant import artifact, rowwise
+from serving import client as client_lib
+from serving import codec
+from serving import embedding_server as es
+from serving.protos import embedding_pb2 as pb
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BAD = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _tables(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "user": rng.normal(size=(100, 8)).astype(np.float32),
+        "pin": rng.normal(size=(37, 5)).astype(np.float32),  # odd dim: packed nibbles
+    }
+
+
+def _write(path, seed, bits=4):
+    tables = _tables(seed)
+    vocabs = {k: np.arange(v.shape[0], dtype=np.int64) + 1000 for k, v in tables.items()}
+    artifact.write_artifact(path, tables=tables, vocabs=vocabs, bits=bits)
+    return artifact.load_artifact(path)
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving_art")
+    return {
+        "a": _write(str(root / "a"), 0),
+        "b": _write(str(root / "b"), 1),
+        "int8": _write(str(root / "int8"), 2, bits=8),
+    }
+
+
+def _expected(art, table, rows):
+    return rowwise.dequantize_rows(art.tables[table], np.asarray(rows))
+
+
+def _start(art, shard=0, num_shards=1, **kw):
+    cfg = es.ServerConfig(
+        artifact=str(art.path), shard=shard, num_shards=num_shards, log_every_s=0, **kw
+    )
+    return es.serve(cfg)
+
+
+def _raw(port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, channel.unary_unary(codec.LOOKUP_METHOD)
+
+
+def _req(tables, version=""):
+    req = pb.LookupRequest(expected_version=version)
+    for name, ids in tables:
+        req.tables.add(
+            table=name,
+            ids=ids if isinstance(ids, bytes) else codec.encode_ids(np.asarray(ids, np.int64)),
+        )
+    return req.SerializeToString()
+
+
+def _parse(raw):
+    resp = pb.LookupResponse.FromString(raw)
+    return resp.version, {
+        t.table: np.frombuffer(t.values, "<f4").reshape(-1, t.dim) for t in resp.tables
+    }
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+@pytest.mark.parametrize("which", ["a", "int8"])
+def test_values_equal_dequantized_artifact_exactly(arts, num_shards, which):
+    art = arts[which]
+    servers = [_start(art, i, num_shards) for i in range(num_shards)]
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [f"127.0.0.1:{s.port}" for s in servers], deadline_s=10
+        )
+        rng = np.random.default_rng(3)
+        user_rows = np.concatenate([rng.integers(0, 100, 40), [0, 99, 99, 50, 0]])
+        pin_rows = np.array([36, 0, 18, 18, 5])
+        got = client.lookup_many({"user": user_rows, "pin": pin_rows})
+        np.testing.assert_array_equal(got["user"], _expected(art, "user", user_rows))
+        np.testing.assert_array_equal(got["pin"], _expected(art, "pin", pin_rows))
+        assert got["user"].dtype == np.float32 and got["pin"].shape == (5, 5)
+        # ...and the values are really the table's, within INT quantization error.
+        src = _tables({"a": 0, "int8": 2}[which])
+        step = 2.0 / (15 if which == "a" else 255)
+        assert np.abs(got["user"] - src["user"][user_rows]).max() < 8 * step
+        client.close()
+    finally:
+        for s in servers:
+            s.stop(0)
+
+
+def test_shard_answers_only_its_rows_and_reports_its_ranges(arts):
+    art = arts["a"]
+    server = _start(art, 1, 2)
+    try:
+        ch, lookup = _raw(server.port)
+        version, vals = _parse(lookup(_req([("user", [50, 99, 50])]), timeout=5))
+        assert version == art.version
+        np.testing.assert_array_equal(vals["user"], _expected(art, "user", [50, 99, 50]))
+        with pytest.raises(grpc.RpcError) as e:
+            lookup(_req([("user", [49])]), timeout=5)
+        assert e.value.code() == BAD and "[50, 100)" in e.value.details()
+        info = pb.InfoResponse.FromString(ch.unary_unary(codec.INFO_METHOD)(b"", timeout=5))
+        ranges = {t.table: (t.lo, t.hi, t.rows, t.dim, t.dtype) for t in info.tables}
+        assert ranges == {"user": (50, 100, 100, 8, "int4"), "pin": (18, 37, 37, 5, "int4")}
+        assert (info.shard, info.num_shards, info.version) == (1, 2, art.version)
+        ch.close()
+    finally:
+        server.stop(0)
+
+
+BAD_REQUESTS = [
+    ("not protobuf", b"\xff\xff\xff", BAD, "not a LookupRequest"),
+    ("empty request", b"", BAD, "no tables"),
+    ("no ids", _req([("user", [])]), BAD, "no ids"),
+    ("ids not multiple of 8", _req([("user", b"\x01" * 12)]), BAD, "not a multiple of 8"),
+    ("unknown table", _req([("nope", [1])]), BAD, "unknown table 'nope'"),
+    ("negative id", _req([("user", [3, -1])]), BAD, "id -1 outside"),
+    ("id past the table", _req([("user", [100])]), BAD, "id 100 outside"),
+    ("sorted ids past the table", _req([("user", [0, 5, 100])]), BAD, "id 100 outside"),
+    ("huge id", _req([("pin", [2**62])]), BAD, "outside"),
+    ("too many ids", _req([("user", np.zeros(65, np.int64))]), BAD, "too many ids"),
+    (
+        "too many over tables",
+        _req([("user", np.zeros(40)), ("pin", np.zeros(40))]),
+        BAD,
+        "too many ids",
+    ),
+    (
+        "version",
+        _req([("user", [1])], version="feedfacefeedface"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "not served here",
+    ),
+]
+
+
+def test_each_bad_input_gets_its_status_and_server_keeps_answering(arts):
+    art = arts["a"]
+    server = _start(art, max_ids_per_request=64)
+    try:
+        _, lookup = _raw(server.port)
+        for name, payload, code, message in BAD_REQUESTS:
+            with pytest.raises(grpc.RpcError) as e:
+                lookup(payload, timeout=5)
+            assert e.value.code() == code, name
+            assert message in e.value.details(), (name, e.value.details())
+            version, vals = _parse(lookup(_req([("user", [7, 7])], art.version), timeout=5))
+            assert version == art.version
+            np.testing.assert_array_equal(vals["user"], _expected(art, "user", [7, 7]))
+        stats = server.stats()
+        assert stats["by_code"]["INVALID_ARGUMENT"] == len(BAD_REQUESTS) - 1
+        assert stats["by_code"]["FAILED_PRECONDITION"] == 1
+        assert stats["by_code"]["OK"] == len(BAD_REQUESTS)
+    finally:
+        server.stop(0)
+
+
+def _malformed(rng):
+    kind = rng.integers(8)
+    if kind == 0:
+        return rng.bytes(int(rng.integers(0, 200)))
+    if kind == 1:  # valid envelope, random ids bytes of any length
+        return _req([("user", rng.bytes(int(rng.integers(0, 80))))])
+    if kind == 2:
+        return _req([("user", rng.integers(-(2**63), 2**63 - 1, 3, dtype=np.int64))])
+    if kind == 3:
+        return _req([(rng.choice(["", "usr", "pin\x00", "ü"]), [1])])
+    if kind == 4:
+        return _req([("pin", [int(rng.integers(37, 10**6))])])
+    if kind == 5:
+        return _req([("user", [1])], version=rng.bytes(8).hex())
+    if kind == 6:  # a valid request with random bytes appended/truncated
+        good = _req([("user", [1, 2])])
+        cut = int(rng.integers(1, len(good)))
+        return good[:cut] + rng.bytes(int(rng.integers(0, 5)))
+    return _req([("user", [1]), ("user", rng.bytes(7))])
+
+
+def test_randomized_malformed_stream_leaves_server_healthy(arts):
+    art = arts["a"]
+    server = _start(art, workers=4)
+    try:
+        ch, lookup = _raw(server.port)
+        rng = np.random.default_rng(0)
+        codes = {}
+        for _ in range(40):  # 40 waves of 50 concurrent requests = 2000
+            futs = [lookup.future(_malformed(rng), timeout=10) for _ in range(50)]
+            for f in futs:
+                try:
+                    f.result()
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+                codes[code] = codes.get(code, 0) + 1
+        # Only the documented codes; nothing internal, nothing dropped.
+        allowed = {grpc.StatusCode.OK, BAD, grpc.StatusCode.FAILED_PRECONDITION}
+        assert set(codes) <= allowed, codes
+        assert codes[BAD] > 1000 and sum(codes.values()) == 2000
+        health = health_pb2_grpc.HealthStub(ch)
+        status = health.Check(
+            health_pb2.HealthCheckRequest(service=codec.SERVICE_NAME), timeout=5
+        ).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        rows = np.arange(100)[::-1]
+        _, vals = _parse(lookup(_req([("user", rows)]), timeout=5))
+        np.testing.assert_array_equal(vals["user"], _expected(art, "user", rows))
+        ch.close()
+    finally:
+        server.stop(0)
+
+
+def test_swap_under_concurrent_load_has_no_failed_request(arts):
+    a, b = arts["a"], arts["b"]
+    servers = [_start(a, i, 2, workers=4) for i in range(2)]
+    addrs = [f"127.0.0.1:{s.port}" for s in servers]
+    expected = {v.version: v for v in (a, b)}
+    rows = np.array([0, 13, 49, 50, 77, 99, 13])
+    stop = threading.Event()
+    failures, seen, done = [], {0: set(), 1: set()}, collections.Counter()
+
+    def wait_until(cond):  # progress-based, not sleep-based: robust on a busy box
+        t_end = time.monotonic() + 20
+        while not cond() and not failures:
+            assert time.monotonic() < t_end, (seen, done)
+            time.sleep(0.01)
+
+    def unpinned(shard):  # raw calls: check each response's version against its values
+        ch, lookup = _raw(servers[shard].port)
+        my_rows = rows[(rows >= 50) == bool(shard)]
+        try:
+            while not stop.is_set():
+                version, vals = _parse(lookup(_req([("user", my_rows)]), timeout=5))
+                seen[shard].add(version)
+                want = _expected(expected[version], "user", my_rows)
+                if not np.array_equal(vals["user"], want):
+                    failures.append(f"shard {shard}: values do not match version {version}")
+        except Exception as e:  # noqa: BLE001 -- any failure fails the test below
+            failures.append(repr(e))
+        finally:
+            ch.close()
+
+    def pinned(art, started):  # a client pinned to one version, like a ranker
+        client = client_lib.EmbeddingClient.from_artifact(str(art.path), addrs, deadline_s=5)
+        started.wait()
+        try:
+            while not stop.is_set():
+                got = client.lookup("user", rows)
+                if not np.array_equal(got, _expected(art, "user", rows)):
+                    failures.append(f"pinned {art.version}: wrong values")
+                done[art.version] += 1
+        except Exception as e:  # noqa: BLE001
+            failures.append(repr(e))
+        finally:
+            client.close()
+
+    now, after_swap = threading.Event(), threading.Event()
+    now.set()
+    threads = [threading.Thread(target=unpinned, args=(i,)) for i in range(2)]
+    threads += [
+        threading.Thread(target=pinned, args=(a, now)),
+        threading.Thread(target=pinned, args=(b, after_swap)),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: seen[0] and seen[1] and done[a.version] >= 3)
+        for s in servers:
+            assert s.swap(str(b.path), window_s=60) == b.version
+            assert s.versions == [a.version, b.version]
+        after_swap.set()
+        n_old = done[a.version]
+        wait_until(
+            lambda: (
+                b.version in seen[0]
+                and b.version in seen[1]
+                and done[b.version] >= 3
+                and done[a.version] >= n_old + 3
+            )
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    try:
+        assert not failures, failures[:5]
+        assert seen[0] == seen[1] == {a.version, b.version}
+        # After the window, the old version is refused with FAILED_PRECONDITION.
+        for s in servers:
+            assert s.retire(a.version) and s.version == b.version
+        old = client_lib.EmbeddingClient.from_artifact(str(a.path), addrs, deadline_s=5)
+        with pytest.raises(client_lib.VersionMismatch, match="not served here"):
+            old.lookup("user", rows)
+        old.close()
+    finally:
+        for s in servers:
+            s.stop(0)
+
+
+def test_old_version_retires_after_the_swap_window(arts):
+    a, b = arts["a"], arts["b"]
+    server = _start(a)
+    try:
+        server.swap(str(b.path), window_s=0.2)
+        assert server.versions == [a.version, b.version]
+        t_end = time.monotonic() + 10
+        while server.versions != [b.version]:
+            assert time.monotonic() < t_end, server.versions
+            time.sleep(0.02)
+        assert server.swap(str(b.path)) == b.version  # same version: no-op
+        assert server.versions == [b.version]
+    finally:
+        server.stop(0)
+
+
+def test_health_reports_not_serving_during_graceful_stop(arts):
+    server = _start(arts["a"])
+    ch, _ = _raw(server.port)
+    health = health_pb2_grpc.HealthStub(ch)
+    req = health_pb2.HealthCheckRequest(service="")
+    assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert server.stop(grace=2).wait(10)
+    with pytest.raises(grpc.RpcError) as e:
+        health.Check(req, timeout=2)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    ch.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_tls_server_serves_tls_clients_only(arts, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    art = arts["a"]
+    server = _start(art, tls_cert=str(cert), tls_key=str(key))
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path),
+            [f"localhost:{server.port}"],
+            deadline_s=10,
+            root_certificates=cert.read_bytes(),
+        )
+        np.testing.assert_array_equal(client.lookup("user", [4, 2]), _expected(art, "user", [4, 2]))
+        client.close()
+        plain = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [f"localhost:{server.port}"], deadline_s=2
+        )
+        with pytest.raises(client_lib.ServingError) as e:
+            plain.lookup("user", [4])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        plain.close()
+    finally:
+        server.stop(0)
+
+
+def test_server_and_client_import_no_jax():
+    code = (
+        "import sys\n"
+        "import serving.embedding_server, serving.client, serving.echo_server\n"
+        "import launch.serve_embeddings\n"
+        "bad = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax')))\n"
+        "assert not bad, bad\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.multiprocess
+def test_launch_script_swaps_on_sighup_and_stops_on_sigterm(arts, tmp_path):
+    a, b = arts["a"], arts["b"]
+    current = tmp_path / "current"
+    current.symlink_to(a.path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.serve_embeddings",
+            f"--artifact={current}",
+            "--port=0",
+            "--workers=2",
+            "--log_every_s=0",
+            "--verify=full",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        event = json.loads(proc.stdout.readline())
+        assert event["event"] == "serving" and event["version"] == a.version
+        ch, lookup = _raw(event["port"])
+        assert _parse(lookup(_req([("user", [1])]), timeout=5))[0] == a.version
+        tmp_link = tmp_path / "next"
+        tmp_link.symlink_to(b.path)
+        os.replace(tmp_link, current)  # atomic repoint, then tell the server
+        proc.send_signal(signal.SIGHUP)
+        assert json.loads(proc.stdout.readline()) == {"event": "swapped", "version": b.version}
+        version, vals = _parse(lookup(_req([("user", [1, 2])]), timeout=5))
+        assert version == b.version
+        np.testing.assert_array_equal(vals["user"], _expected(b, "user", [1, 2]))
+        # The old version is still servable to pinned callers during the window.
+        assert _parse(lookup(_req([("user", [1])], a.version), timeout=5))[0] == a.version
+        ch.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert json.loads(out.strip().splitlines()[-1])["stats"]["by_code"]["OK"] == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

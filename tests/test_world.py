@@ -1,0 +1,332 @@
+"""Synthetic world: determinism, schema, long tail, label logic, KG typing, day windows."""
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jax_recsys.data import folder, world
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny(**kw) -> world.WorldConfig:
+    cfg = world.scale_config(
+        "smoke", engagements_per_day=3_000, conversions_per_day=300, impressions_per_day=1_000
+    )
+    return dataclasses.replace(world.days_override(cfg, 6), **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke_world")
+    t0 = time.perf_counter()
+    summary = world.generate_world(world.scale_config("smoke"), out, progress=False)
+    return out, summary, time.perf_counter() - t0
+
+
+def _digest(root: pathlib.Path) -> dict[str, str]:
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in (".npy", ".txt", ".tsv")
+    )
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_smoke_world_is_fast(smoke):
+    _, summary, seconds = smoke
+    assert seconds < 10.0, f"smoke world took {seconds:.1f}s"
+    assert summary["events"] == sum(
+        summary["rows"][t] for t in ("engagements", "conversions", "impressions")
+    )
+
+
+def test_deterministic_by_seed(tmp_path):
+    world.generate_world(_tiny(), tmp_path / "a", progress=False)
+    world.generate_world(_tiny(), tmp_path / "b", progress=False)
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert len(a) > 20 and a == b
+    world.generate_world(_tiny(seed=1), tmp_path / "c", progress=False)
+    c = _digest(tmp_path / "c")
+    assert c["engagements/item_id.npy"] != a["engagements/item_id.npy"]
+    assert c["kg/train.txt"] != a["kg/train.txt"]
+
+
+def test_chunk_size_changes_nothing_but_chunking(tmp_path):
+    # Chunks have their own random streams; the *statistics* must not depend on them.
+    s1 = world.generate_world(_tiny(), tmp_path / "a", progress=False)
+    s2 = world.generate_world(_tiny(chunk_events=700), tmp_path / "b", progress=False)
+    for t in ("engagements", "impressions", "users", "items"):
+        assert s1["rows"][t] == s2["rows"][t]
+    assert abs(s1["click_rate"] - s2["click_rate"]) < 0.03
+
+
+SCHEMA = {
+    "engagements": {
+        "user_id": np.int64,
+        "item_id": np.int64,
+        "day": np.int32,
+        "timestamp": np.int64,
+        "engagement_type": np.int8,
+    },
+    "conversions": {
+        "user_id": np.int64,
+        "advertiser_id": np.int64,
+        "day": np.int32,
+        "timestamp": np.int64,
+        "source": np.int8,
+    },
+    "impressions": {
+        "user_id": np.int64,
+        "item_id": np.int64,
+        "advertiser_id": np.int64,
+        "day": np.int32,
+        "timestamp": np.int64,
+        "click": np.int8,
+        "conversion": np.int8,
+        "pin_category": np.int32,
+        "hour": np.int32,
+        "device": np.int32,
+        "country": np.int32,
+        "position": np.int32,
+    },
+    "users": {"user_id": np.int64, "country": np.int32, "device": np.int32},
+    "items": {
+        "item_id": np.int64,
+        "advertiser_id": np.int64,
+        "board_id": np.int64,
+        "topic": np.int32,
+        "keyword_id": np.int64,
+        "created_day": np.int32,
+        "is_ad": np.int8,
+    },
+    "advertisers": {"advertiser_id": np.int64, "category": np.int32},
+}
+
+
+def test_schema_of_every_table(smoke):
+    out, summary, _ = smoke
+    ds = folder.DatasetFolder(out)
+    assert sorted(ds.table_names) == sorted(SCHEMA)
+    cfg = world.scale_config("smoke")
+    for name, cols in SCHEMA.items():
+        t = ds.table(name)
+        assert set(t) == set(cols), name
+        assert ds.meta["tables"][name]["columns"] == list(cols)
+        for c, dt in cols.items():
+            assert t[c].dtype == dt, (name, c, t[c].dtype)
+            assert len(t[c]) == summary["rows"][name] == ds.num_rows(name)
+    assert ds.meta["num_days"] == cfg.num_days
+    assert ds.meta["world_config"]["seed"] == cfg.seed
+    assert ds.kg_path == out / "kg"
+    e = ds.table("engagements")
+    assert e["user_id"].max() < cfg.num_users and e["item_id"].max() < cfg.num_pins
+    assert set(np.unique(e["engagement_type"])) == {0, 1, 2}
+    items = ds.table("items")
+    np.testing.assert_array_equal(items["item_id"], np.arange(cfg.num_pins))
+    ad = items["is_ad"] == 1
+    assert (items["advertiser_id"][ad] >= 0).all() and (items["advertiser_id"][~ad] == -1).all()
+    # An ad pin's advertiser is in the pin's topic (category); boards/keywords too.
+    adv = ds.table("advertisers")
+    np.testing.assert_array_equal(adv["category"][items["advertiser_id"][ad]], items["topic"][ad])
+    np.testing.assert_array_equal(items["board_id"] % cfg.num_topics, items["topic"])
+    np.testing.assert_array_equal(items["keyword_id"] % cfg.num_topics, items["topic"])
+    imp = ds.table("impressions")
+    np.testing.assert_array_equal(imp["advertiser_id"], items["advertiser_id"][imp["item_id"]])
+    assert (items["is_ad"][imp["item_id"]] == 1).all()
+    np.testing.assert_array_equal(
+        imp["pin_category"], items["topic"][imp["item_id"]] // cfg.topics_per_category
+    )
+
+
+def test_long_tail_and_volumes(smoke):
+    out, summary, _ = smoke
+    ds = folder.DatasetFolder(out)
+    e, imp = ds.table("engagements"), ds.table("impressions")
+    cfg = world.scale_config("smoke")
+    counts = np.sort(np.bincount(e["item_id"], minlength=cfg.num_pins))
+    share = counts[: int(0.8 * len(counts))].sum() / counts.sum()
+    assert share == pytest.approx(
+        summary["tail"]["engagement_share_least_popular_80pct_pins"], abs=1e-4
+    )
+    assert share < 0.4  # a uniform world would give 0.8
+    user_imp = np.bincount(imp["user_id"], minlength=cfg.num_users)
+    seen = user_imp > 0
+    assert (user_imp[seen] < 5).mean() > 0.3  # most impressed users are rare in ad labels
+    assert len(e["user_id"]) >= 5 * len(imp["user_id"])  # engagements >> impressions
+    assert summary["engagement_impression_ratio"] == pytest.approx(
+        len(e["user_id"]) / len(imp["user_id"]), rel=1e-3
+    )
+
+
+def test_labels_conversions_only_after_clicks(smoke):
+    out, summary, _ = smoke
+    imp = folder.DatasetFolder(out).table("impressions")
+    click, conv = imp["click"], imp["conversion"]
+    assert set(np.unique(click)) == {0, 1}
+    assert (conv <= click).all()
+    assert 0.005 < click.mean() < 0.2
+    assert conv.sum() > 0
+    assert summary["click_rate"] == pytest.approx(click.mean(), abs=1e-5)
+    # The world has signal beyond the coarse features, and coarse features have some.
+    o = summary["oracle"]
+    assert o["click_auc_true_logit"] > o["click_auc_coarse_effects_only"] > 0.55
+    # Ad conversions are also in the conversion log.
+    convs = folder.DatasetFolder(out).table("conversions")
+    assert int((convs["source"] == 1).sum()) == int(conv.sum())
+
+
+def test_day_windows_respected(smoke):
+    out, _, _ = smoke
+    ds = folder.DatasetFolder(out)
+    cfg = world.scale_config("smoke")
+    assert ds.splits == {k: tuple(v) for k, v in cfg.windows().items()}
+    for name in ("engagements", "conversions", "impressions"):
+        t = ds.table(name)
+        assert (np.diff(t["day"]) >= 0).all()  # written in day order
+        np.testing.assert_array_equal(t["timestamp"] // 86400, t["day"])
+        assert t["day"].max() < cfg.num_days
+    e = ds.table("engagements")
+    assert set(np.unique(e["day"])) == set(range(cfg.num_days))  # logs on every day
+    imp = ds.table("impressions")
+    assert imp["day"].min() == cfg.impression_start_day
+    items = ds.table("items")
+    assert (items["created_day"][e["item_id"]] <= e["day"]).all()  # no pin before creation
+    assert (items["created_day"][imp["item_id"]] <= imp["day"]).all()
+    train = folder.select_days(imp, *ds.day_window("train"))
+    assert set(np.unique(train["day"])) == set(range(*cfg.ranker_train_days))
+
+
+def test_interests_concentrate_and_drift(smoke):
+    out, _, _ = smoke
+    ds = folder.DatasetFolder(out)
+    cfg = world.scale_config("smoke")
+    e, topic = ds.table("engagements"), ds.table("items")["topic"]
+    heavy = np.argsort(np.bincount(e["user_id"], minlength=cfg.num_users))[-200:]
+
+    def hist(lo, hi):
+        sel = (e["day"] >= lo) & (e["day"] < hi) & np.isin(e["user_id"], heavy)
+        key = np.searchsorted(np.sort(heavy), e["user_id"][sel]) * cfg.num_topics
+        h = np.bincount(key + topic[e["item_id"][sel]], minlength=200 * cfg.num_topics)
+        h = h.reshape(200, cfg.num_topics).astype(float)
+        return h / np.maximum(h.sum(1, keepdims=True), 1)
+
+    early, mid, late = hist(0, 4), hist(5, 9), hist(10, 14)
+    assert early.max(1).mean() > 3.0 / cfg.num_topics  # far from uniform over topics
+    # Interests drift: the share of each user's early favourite topic falls over time.
+    fav = early.argmax(1)
+    rows = np.arange(len(fav))
+    shares = [h[rows, fav].mean() for h in (early, mid, late)]
+    assert shares[0] > shares[1] > shares[2] and shares[0] - shares[2] > 0.1, shares
+
+
+def _read_kg(path: pathlib.Path, split: str):
+    rows = [ln.split("\t") for ln in (path / f"{split}.txt").read_text().splitlines()]
+    assert all(len(r) == 3 for r in rows)
+    return rows
+
+
+def test_kg_entities_typed_consistently(smoke):
+    out, summary, _ = smoke
+    ds = folder.DatasetFolder(out)
+    cfg = world.scale_config("smoke")
+    types = dict(
+        ln.split("\t") for ln in (ds.kg_path / "entity_types.tsv").read_text().splitlines()
+    )
+    assert set(types.values()) == {"user", "pin", "advertiser", "board", "keyword"}
+    assert all(k.split(":")[0] == v for k, v in types.items())
+    rel_types = {}
+    train_entities = set()
+    per_split = {}
+    for split in ("train", "valid", "test"):
+        rows = _read_kg(ds.kg_path, split)
+        per_split[split] = rows
+        for h, r, t in rows:
+            assert h in types and t in types, (split, h, r, t)
+            rel_types.setdefault(r, set()).add((types[h], types[t]))
+            if split == "train":
+                train_entities.update((h, t))
+    assert {r: next(iter(v)) for r, v in rel_types.items()} == {
+        r: tuple(v) for r, v in summary["kg"]["relations"].items()
+    }
+    assert all(len(v) == 1 for v in rel_types.values())
+    assert len(per_split["valid"]) > 0 and len(per_split["test"]) > 0
+    for split in ("valid", "test"):
+        assert all(h in train_entities and t in train_entities for h, _, t in per_split[split])
+    for rel, c in summary["kg"]["triples"].items():
+        assert sum(1 for s in per_split.values() for _, r, _ in s if r == rel) == sum(c.values())
+    # "engaged" edges are exactly the window's save/click pairs; "converted" the window's.
+    e = folder.select_days(ds.table("engagements"), *cfg.kg_days)
+    sel = np.isin(e["engagement_type"], cfg.kg_engagement_types)
+    want = set(zip(e["user_id"][sel].tolist(), e["item_id"][sel].tolist(), strict=True))
+    got = {(int(h[5:]), int(t[4:])) for s in per_split.values() for h, r, t in s if r == "engaged"}
+    assert got == want
+    c = folder.select_days(ds.table("conversions"), *cfg.kg_days)
+    want = set(zip(c["user_id"].tolist(), c["advertiser_id"].tolist(), strict=True))
+    got = {
+        (int(h[5:]), int(t[11:])) for s in per_split.values() for h, r, t in s if r == "converted"
+    }
+    assert got == want
+
+
+def test_kg_spill_partitions_give_same_graph(tmp_path):
+    # Several spill partitions (bounded memory) give the same triples; only the
+    # random train/valid/test assignment depends on the partitioning.
+    world.generate_world(_tiny(), tmp_path / "a", progress=False)
+    world.generate_world(_tiny(kg_partition_rows=2_000), tmp_path / "b", progress=False)
+
+    def triples(root):
+        return sorted(
+            ln
+            for s in ("train", "valid", "test")
+            for ln in (root / "kg" / f"{s}.txt").read_text().splitlines()
+        )
+
+    a, b = triples(tmp_path / "a"), triples(tmp_path / "b")
+    assert len(a) > 1000 and a == b
+    assert not (tmp_path / "b" / "_kg_spill").exists()
+
+
+def test_config_errors_and_days_override():
+    with pytest.raises(ValueError, match="unknown world scale"):
+        world.scale_config("huge")
+    with pytest.raises(ValueError, match="ranker_test"):
+        world.WorldConfig(ranker_test_days=(27, 29)).validate()
+    cfg = world.days_override(world.scale_config("default"), 8)
+    cfg.validate()
+    w = cfg.windows()
+    assert w["stale_pretrain"][0] == 0 and w["ranker_test"][1] == 8
+    order = ["stale_pretrain", "fresh_pretrain", "ranker_train", "ranker_valid", "ranker_test"]
+    for a, b in zip(order, order[1:], strict=False):
+        assert w[a][1] == w[b][0] and w[a][0] < w[a][1]
+    assert cfg.impression_start_day == w["ranker_train"][0]
+
+
+def test_launch_generate_data(tmp_path):
+    out = tmp_path / "ds"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.generate_data",
+            "--config=configs/world.py:smoke",
+            f"--workdir={out}",
+            "--config.num_days=6",
+            "--config.world.seed=3",
+            "--config.progress=False",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seed"] == 3 and metrics["rows"]["impressions"] > 0
+    ds = folder.DatasetFolder(out)
+    assert ds.meta["num_days"] == 6 and ds.has_table("engagements")
