@@ -1,0 +1,77 @@
+"""Training-curve logging: JSON lines (always) and TensorBoard events (if tensorboardX is installed).
+
+Every trainer appends one record per logged step to `WORKDIR/history.jsonl`
+(`{"step": int, "name": value, ...}`); the pipeline report draws its curves from
+these files. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+
+
+class MetricWriter:
+    """Appends scalar metrics to `<workdir>/history.jsonl` (and TensorBoard if available).
+
+    Args:
+      workdir: run folder; None disables writing (e.g. on processes other than 0).
+      tensorboard: also write TensorBoard event files under `<workdir>/tb` when the
+        optional `tensorboardX` package is importable.
+    """
+
+    def __init__(self, workdir: str | os.PathLike | None, *, tensorboard: bool = True):
+        self._path = None
+        self._tb = None
+        if workdir is None:
+            return
+        wd = pathlib.Path(workdir)
+        wd.mkdir(parents=True, exist_ok=True)
+        self._path = wd / "history.jsonl"
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter  # optional dependency
+            except ImportError:
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(str(wd / "tb"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Records `metrics` at `step` (non-finite values are kept as null)."""
+        if self._path is None:
+            return
+        rec = {"step": int(step)}
+        for k, v in metrics.items():
+            v = float(v)
+            rec[k] = v if math.isfinite(v) else None
+        with open(self._path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and v is not None:
+                    self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """Reads a history.jsonl file (missing file: empty list; bad lines raise with the line number)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "history.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not a JSON line: {e}") from e
+    return out
