@@ -68,12 +68,10 @@ def _worker(kind: str, rows: int, n_dev: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jax_recsys.data.batching import Batch
-    from jax_recsys.embedding import collection, specs
-    from jax_recsys.embedding import train_step as ts
+    from jax_recsys.embedding import collection, specs, train_step as ts
 
     assert len(jax.devices()) == n_dev, (jax.devices(), n_dev)
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

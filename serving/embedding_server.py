@@ -38,8 +38,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from jax_recsys.quant import artifact as artifact_lib
-from jax_recsys.quant import rowwise
+from jax_recsys.quant import artifact as artifact_lib, rowwise
 from serving import codec
 from serving.protos import embedding_pb2 as pb
 

@@ -8,9 +8,7 @@ import pytest
 
 from jax_recsys import checkpoint
 from jax_recsys.data import folder
-from jax_recsys.ranking import ablation as A
-from jax_recsys.ranking import model as M
-from jax_recsys.ranking import train as T
+from jax_recsys.ranking import ablation as A, model as M, train as T
 
 
 def test_relaimpr_and_summary_hand_computed():

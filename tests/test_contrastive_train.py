@@ -10,8 +10,7 @@ from jax_recsys import checkpoint
 from jax_recsys.data.folder import write_table
 from jax_recsys.distributed import global_mesh
 from jax_recsys.embedding import specs
-from jax_recsys.pretrain import contrastive_data as cd
-from jax_recsys.pretrain import contrastive_train as ct
+from jax_recsys.pretrain import contrastive_data as cd, contrastive_train as ct
 
 
 def planted_world(path, *, users=300, pins=100, clusters=10, days=4, per_user_day=5, seed=0):

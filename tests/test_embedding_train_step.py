@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 
 from jax_recsys.data.batching import Batch
-from jax_recsys.embedding import collection, specs
-from jax_recsys.embedding import train_step as ts
+from jax_recsys.embedding import collection, specs, train_step as ts
 
 B = 32
 

@@ -7,9 +7,7 @@ import pytest
 
 from jax_recsys import checkpoint
 from jax_recsys.data import folder
-from jax_recsys.ranking import facets as F
-from jax_recsys.ranking import model as M
-from jax_recsys.ranking import train as T
+from jax_recsys.ranking import facets as F, model as M, train as T
 
 NUM_USERS, NUM_PINS = 48, 40
 

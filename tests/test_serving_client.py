@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 
 from jax_recsys.quant import artifact, rowwise
-from serving import client as client_lib
-from serving import codec
-from serving import embedding_server as es
+from serving import client as client_lib, codec, embedding_server as es
 from serving.protos import embedding_pb2 as pb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,13 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import shard_map
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_recsys.embedding import lookup as lookup_lib
-from jax_recsys.embedding import optimizers as opt_lib
-from jax_recsys.embedding import sharding as sharding_lib
-from jax_recsys.embedding import specs as specs_lib
+from jax_recsys.embedding import (
+    lookup as lookup_lib,
+    optimizers as opt_lib,
+    sharding as sharding_lib,
+    specs as specs_lib,
+)
 
 ShardingType = sharding_lib.ShardingType
 

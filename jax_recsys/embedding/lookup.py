@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_recsys.embedding import sharding as sharding_lib
-from jax_recsys.embedding import specs as specs_lib
+from jax_recsys.embedding import sharding as sharding_lib, specs as specs_lib
 
 ShardingType = sharding_lib.ShardingType
 

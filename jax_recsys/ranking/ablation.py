@@ -47,9 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_recsys.ranking import facets as facets_lib
-from jax_recsys.ranking import model as model_lib
-from jax_recsys.ranking import train as train_lib
+from jax_recsys.ranking import facets as facets_lib, model as model_lib, train as train_lib
 
 TASKS = ("ctr", "cvr", "ctcvr")
 BASELINE = "no_large_tables"
