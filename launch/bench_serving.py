@@ -19,6 +19,24 @@ Targets on loopback (quiet machine, 1 client): lookup p50 <= 1.0 ms, p99 <=
 2-core box expect several times that; the ratios are what carry over.
 Run time: about ``(1 + len(shards)) * len(clients) * (duration_s + 1)`` s plus
 writing the artifact (~10 s for 1M rows).
+
+End-to-end ranking (``--parts=rank``): a ranking artifact (user and pin tables
+of ``--rank_rows`` x ``--dim``, an advertiser table, a DCN-v2 ranker) served
+by ``launch.serve_ranker`` in a separate process, monolithic (tables in the
+ranker process) and hybrid (``--rank_shards`` embedding shard processes);
+closed-loop clients each send one user x ``--rank_candidates`` candidates per
+Rank call. One JSON line per mode and client count, and one per mode with the
+service's own counters (how many requests the batcher merged):
+
+  {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards",
+   "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
+   "p50_vs_monolithic", "p99_vs_monolithic", ...}
+  {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
+   "candidates_per_batch", "server_p50_ms", "by_code", ...}
+
+Target: hybrid p50 and p99 within 1.15x of monolithic (the paper's "neutral
+end-to-end latency"). Smoke (~2 min on a busy 2-core box): ``--parts=rank
+--rank_rows=20000 --rank_clients=1,2 --duration_s=1 --warmup=5``.
 """
 
 from __future__ import annotations
@@ -44,6 +62,13 @@ _DURATION = flags.DEFINE_float("duration_s", 3.0, "Measured seconds per point.")
 _WARMUP = flags.DEFINE_integer("warmup", 50, "Unmeasured requests per client first.")
 _SERVER_WORKERS = flags.DEFINE_integer("server_workers", 8, "Handler threads per server.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the artifact goes (default: temp dir).")
+_PARTS = flags.DEFINE_list("parts", ["lookup", "rank"], "What to measure: lookup, rank.")
+_RANK_ROWS = flags.DEFINE_integer(
+    "rank_rows", 1_000_000, "User and pin rows of the ranking artifact."
+)
+_RANK_CANDIDATES = flags.DEFINE_integer("rank_candidates", 500, "Candidates per Rank call.")
+_RANK_SHARDS = flags.DEFINE_integer("rank_shards", 2, "Embedding shards of the hybrid ranker.")
+_RANK_CLIENTS = flags.DEFINE_list("rank_clients", ["1", "4"], "Concurrent Rank clients.")
 
 _TABLE = "item"
 
@@ -68,6 +93,17 @@ def _client_loop(task: dict) -> dict:
 
         def one(i):
             call(payload, timeout=5)
+
+        close = channel.close
+    elif task["kind"] == "rank":
+        import grpc
+
+        channel = grpc.insecure_channel(task["address"])
+        call = channel.unary_unary(task["method"])
+        payloads = [_rank_payload(rng, task) for _ in range(64)]
+
+        def one(i):
+            call(payloads[i % len(payloads)], timeout=10)
 
         close = channel.close
     else:
@@ -136,6 +172,21 @@ class _ClientPool:
             self.task_q.put(None)
         for p in self.procs:
             p.join(10)
+
+
+def _rank_payload(rng, task) -> bytes:
+    """One serialized RankRequest: a random user x ``candidates`` random pins."""
+    from serving import codec
+    from serving.protos import embedding_pb2 as pb
+
+    c = task["candidates"]
+    req = pb.RankRequest(
+        user_row=int(rng.integers(0, task["rows"])),
+        candidate_ids=codec.encode_ids(rng.integers(0, task["rows"], c)),
+    )
+    req.context["advertiser"] = codec.encode_ids(rng.integers(0, task["advertisers"], c))
+    req.context["hour"] = codec.encode_ids(rng.integers(0, 24, c))
+    return req.SerializeToString()
 
 
 # ---- servers ----
@@ -207,8 +258,7 @@ def _write_artifact(out_dir: str) -> dict:
 
 def _server_compute(artifact_dir: str) -> dict:
     """In-process cost of one lookup without gRPC: decode, dedup, dequantize, encode."""
-    from serving import codec
-    from serving import embedding_server as es
+    from serving import codec, embedding_server as es
     from serving.protos import embedding_pb2 as pb
 
     server = es.EmbeddingServer(es.ServerConfig(artifact=artifact_dir, log_every_s=0))
@@ -233,6 +283,172 @@ def _server_compute(artifact_dir: str) -> dict:
     }
 
 
+def _spawn_ranker(artifact_dir: str, shard_ports: list[int]) -> tuple[subprocess.Popen, dict]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.serve_ranker",
+            f"--artifact={artifact_dir}",
+            f"--shards={shards}",
+            "--port=0",
+            "--deadline_s=5",
+            "--log_every_s=0",
+        ],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"ranker did not start (rc={proc.wait()})")
+    return proc, json.loads(line)
+
+
+def _stop_ranker(proc: subprocess.Popen) -> dict:
+    """SIGTERM; returns the service's final stats line."""
+    proc.terminate()
+    out = proc.communicate(timeout=60)[0]
+    for line in out.splitlines():
+        if line.startswith("{") and '"stopped"' in line:
+            return json.loads(line)["stats"]
+    return {}
+
+
+def _write_rank_artifact(out_dir: str) -> tuple[str, int]:
+    """A ranking artifact: user/pin/advertiser INT tables and a DCN-v2 ranker."""
+    from jax_recsys.quant import artifact
+    from jax_recsys.ranking import model as model_lib
+
+    rows, dim = _RANK_ROWS.value, _DIM.value
+    advertisers = max(rows // 100, 1)
+    shapes = {
+        "user": (rows, dim),
+        "pin": (rows, dim),
+        "advertiser": (advertisers, max(dim // 2, 1)),
+    }
+    rng = np.random.default_rng(1)
+    tables = {}
+    for name, (r, d) in shapes.items():
+        src = np.lib.format.open_memmap(
+            os.path.join(out_dir, f"rank_src_{name}.npy"), mode="w+", dtype=np.float32, shape=(r, d)
+        )
+        for lo in range(0, r, 1 << 16):
+            hi = min(lo + (1 << 16), r)
+            src[lo:hi] = rng.normal(size=(hi - lo, d)).astype(np.float32)
+        src.flush()
+        tables[name] = src
+    config = model_lib.RankerConfig(
+        entity_dims=tuple((n, d) for n, (_, d) in shapes.items()),
+        coarse_vocab_sizes=(("hour", 24),),
+    )
+    _, params = model_lib.init_dense(config, seed=0)
+    t0 = time.perf_counter()
+    path = os.path.join(out_dir, "rank_art")
+    manifest = artifact.write_artifact(
+        path,
+        tables=tables,
+        vocabs={n: np.arange(r, dtype=np.int64) for n, (r, _) in shapes.items()},
+        bits=_BITS.value,
+        ranker_config=config.to_dict(),
+        ranker_params=model_lib.flatten_params(params),
+        overwrite=True,
+    )
+    del tables, src
+    for name in shapes:
+        os.remove(os.path.join(out_dir, f"rank_src_{name}.npy"))
+    print(
+        json.dumps(
+            {
+                "bench": "serving",
+                "kind": "rank_artifact",
+                "rows": rows,
+                "dim": dim,
+                "advertisers": advertisers,
+                "bits": _BITS.value,
+                "version": manifest["version"],
+                "write_s": round(time.perf_counter() - t0, 3),
+            }
+        ),
+        flush=True,
+    )
+    return path, advertisers
+
+
+def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
+    """End-to-end Rank latency: monolithic vs hybrid (shards in other processes)."""
+    art_dir, advertisers = _write_rank_artifact(workdir)
+    clients = [int(c) for c in _RANK_CLIENTS.value]
+    common = {
+        "bench": "serving",
+        "kind": "rank",
+        "candidates": _RANK_CANDIDATES.value,
+        "rows": _RANK_ROWS.value,
+        "dim": _DIM.value,
+        "bits": _BITS.value,
+        "cpus": os.cpu_count(),
+    }
+    task = dict(
+        base,
+        kind="rank",
+        rows=_RANK_ROWS.value,
+        advertisers=advertisers,
+        candidates=_RANK_CANDIDATES.value,
+        method="/jax_recsys.serving.RankerService/Rank",
+    )
+    mono: dict[int, dict] = {}
+    shard_procs = [_spawn_shard(art_dir, i, _RANK_SHARDS.value) for i in range(_RANK_SHARDS.value)]
+    try:
+        for mode, ports in (("monolithic", []), ("hybrid", [p for _, p in shard_procs])):
+            proc, info = _spawn_ranker(art_dir, ports)
+            try:
+                for c in clients:
+                    lat = pool.run(dict(task, address=f"127.0.0.1:{info['port']}"), c)
+                    s = _stats(lat, _DURATION.value)
+                    s.pop("ids_per_s")
+                    line = {
+                        **common,
+                        "mode": mode,
+                        "shards": len(ports),
+                        "clients": c,
+                        "device": info.get("device"),
+                        **s,
+                    }
+                    if mode == "monolithic":
+                        mono[c] = s
+                    else:
+                        line.update(
+                            p50_vs_monolithic=round(s["p50_ms"] / mono[c]["p50_ms"], 3),
+                            p99_vs_monolithic=round(s["p99_ms"] / mono[c]["p99_ms"], 3),
+                            target_vs_monolithic=1.15,
+                        )
+                    print(json.dumps(line), flush=True)
+            finally:
+                stats = _stop_ranker(proc)
+            print(
+                json.dumps(
+                    {
+                        **common,
+                        "kind": "rank_service",
+                        "mode": mode,
+                        "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
+                        "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
+                        "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),
+                        "by_code": stats.get("by_code"),
+                    }
+                ),
+                flush=True,
+            )
+    finally:
+        for proc, _ in shard_procs:
+            proc.terminate()
+            proc.wait(30)
+
+
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
     return {
         "requests": int(lat_s.size),
@@ -246,10 +462,33 @@ def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
 
 def main(argv):
     del argv
+    parts = set(_PARTS.value)
+    unknown = parts - {"lookup", "rank"}
+    if unknown:
+        raise app.UsageError(f"--parts: unknown {sorted(unknown)}; known: lookup, rank")
     shard_counts = [int(s) for s in _SHARDS.value]
-    client_counts = [int(c) for c in _CLIENTS.value]
+    client_counts = [int(c) for c in _CLIENTS.value] if "lookup" in parts else []
+    rank_clients = [int(c) for c in _RANK_CLIENTS.value] if "rank" in parts else []
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
     os.makedirs(workdir, exist_ok=True)
+    base = {
+        "warmup": _WARMUP.value,
+        "duration_s": _DURATION.value,
+        "rows": _ROWS.value,
+        "ids": _IDS.value,
+    }
+    pool = _ClientPool(max(client_counts + rank_clients))
+    try:
+        if "lookup" in parts:
+            _lookup_bench(workdir, pool, base, shard_counts, client_counts)
+        if "rank" in parts:
+            _rank_bench(workdir, pool, base)
+    finally:
+        pool.close()
+
+
+def _lookup_bench(workdir, pool, base, shard_counts, client_counts) -> None:
+    """Embedding lookups against the raw-bytes echo floor."""
     manifest = _write_artifact(workdir)
     art_dir = os.path.join(workdir, "art")
     common = {
@@ -264,7 +503,6 @@ def main(argv):
 
     from serving import echo_server
 
-    pool = _ClientPool(max(client_counts))
     ctx = mp.get_context("spawn")
     port_q = ctx.Queue()
     echo = ctx.Process(
@@ -275,12 +513,6 @@ def main(argv):
     )
     echo.start()
     echo_addr = f"127.0.0.1:{port_q.get(timeout=60)}"
-    base = {
-        "warmup": _WARMUP.value,
-        "duration_s": _DURATION.value,
-        "rows": _ROWS.value,
-        "ids": _IDS.value,
-    }
     # Same payloads as a 1-shard lookup: int64 ids in, float32 rows out (+ a little framing).
     echo_task = dict(
         base,
@@ -329,10 +561,7 @@ def main(argv):
                 for proc, _ in procs:
                     proc.terminate()
                     proc.wait(30)
-        # End-to-end ranking (ranker service + shards) is measured here once
-        # serving/ranker_service.py exists; not implemented in this script yet.
     finally:
-        pool.close()
         echo.terminate()
         echo.join(10)
 

@@ -1,0 +1,100 @@
+r"""Runs the ranker service: jitted CTR/CVR scoring fed by the embedding shards.
+
+  python -m launch.serve_ranker --artifact=ART --shards=127.0.0.1:50051,127.0.0.1:50052 --port=0
+  python -m launch.serve_ranker --artifact=ART --port=0          # monolithic: tables in process
+
+The scorer runs on the default JAX device (GPU when present). Prints one JSON
+line on stdout once serving, e.g. ``{"event": "serving", "port": 40125,
+"mode": "hybrid", "version": "...", "device": "cuda:0"}``, so scripts and tests
+can bind port 0 and read the port back. SIGTERM/SIGINT stop it; SIGHUP swaps in
+the artifact --artifact points to now (a symlink to the current version):
+swap the shards first (``serve_embeddings`` also swaps on SIGHUP), then the
+ranker. Request contract and status codes: ``serving/ranker_service.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import signal
+import threading
+
+from absl import app, flags, logging
+
+from serving import ranker_service
+
+_ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
+_SHARDS = flags.DEFINE_list(
+    "shards", [], "host:port of each embedding shard in shard order; empty = monolithic."
+)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 for all).")
+_PORT = flags.DEFINE_integer("port", 0, "Port; 0 picks a free one (printed).")
+_DEADLINE = flags.DEFINE_float("deadline_s", 1.0, "Time budget of one Rank call.")
+_MAX_CANDIDATES = flags.DEFINE_integer("max_candidates", 2048, "Candidates per request limit.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch_candidates", 4096, "Candidates per scored batch.")
+_MIN_BUCKET = flags.DEFINE_integer("min_bucket", 64, "Smallest padded batch (power of two).")
+_BATCH_WAIT = flags.DEFINE_float("batch_wait_s", 0.001, "Batcher wait under concurrent load.")
+_WORKERS = flags.DEFINE_integer("workers", 16, "gRPC handler threads.")
+_SWAP_WINDOW = flags.DEFINE_float("swap_window_s", 60.0, "Old version kept after a swap.")
+_VERIFY = flags.DEFINE_enum("verify", "sizes", ["sizes", "full", "none"], "Artifact check at load.")
+_LOG_EVERY = flags.DEFINE_float("log_every_s", 30.0, "Stats log period (0: off).")
+
+
+def main(argv):
+    del argv
+    std_logging.getLogger("serving").setLevel(std_logging.INFO)
+    config = ranker_service.RankerServiceConfig(
+        artifact=_ARTIFACT.value,
+        shards=tuple(_SHARDS.value),
+        host=_HOST.value,
+        port=_PORT.value,
+        deadline_s=_DEADLINE.value,
+        max_candidates=_MAX_CANDIDATES.value,
+        max_batch_candidates=_MAX_BATCH.value,
+        min_bucket=_MIN_BUCKET.value,
+        batch_wait_s=_BATCH_WAIT.value,
+        workers=_WORKERS.value,
+        swap_window_s=_SWAP_WINDOW.value,
+        verify=_VERIFY.value,
+    )
+    service = ranker_service.serve(config)
+    stop, swap = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: swap.set())
+    print(
+        json.dumps(
+            {
+                "event": "serving",
+                "port": service.port,
+                "host": config.host,
+                "mode": config.mode,
+                "shards": list(config.shards),
+                "version": service.version,
+                "device": ranker_service.default_device(),
+                "pid": os.getpid(),
+            }
+        ),
+        flush=True,
+    )
+    last_log = 0.0
+    ticks = 0
+    while not stop.wait(0.2):
+        ticks += 1
+        if swap.is_set():
+            swap.clear()
+            try:
+                version = service.swap(os.path.realpath(config.artifact))
+                print(json.dumps({"event": "swapped", "version": version}), flush=True)
+            except Exception as e:  # a bad new artifact must not take the ranker down
+                logging.error("swap failed, still serving %s: %s", service.version, e)
+        if _LOG_EVERY.value > 0 and ticks * 0.2 - last_log >= _LOG_EVERY.value:
+            last_log = ticks * 0.2
+            logging.info("stats %s", service.stats())
+    service.stop(grace=2.0)
+    print(json.dumps({"event": "stopped", "stats": service.stats()}), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

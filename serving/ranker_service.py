@@ -1,0 +1,953 @@
+"""Ranker service: CPU-GPU hybrid serving of the CTR/CVR ranker over gRPC.
+
+The service loads a serving artifact's ranker (``ranker/config.json`` and the
+dense parameters), jits its pure score function
+(``jax_recsys.ranking.model.make_score_fn``) on the default JAX device (the GPU
+when there is one, the CPU otherwise) and answers ``RankerService.Rank``
+(``serving/protos/embedding.proto``): one user and C candidate pins in, the
+pCTR and pCVR of every candidate out (float32 [C] each, probabilities).
+
+Embeddings come from one of two places, with the same numbers:
+
+- **hybrid** (``shards`` given): the CPU embedding shard servers
+  (``serving.embedding_server``) through ``serving.client.EmbeddingClient``,
+  pinned to the artifact's version;
+- **monolithic** (no shards): the artifact's INT4/INT8 tables in this process,
+  dequantized with the same ``jax_recsys.quant.rowwise.dequantize_rows``. The
+  two modes give bit-identical scores (tests/test_ranker_service.py).
+
+Request contract (what the proto leaves open):
+
+- the user: ``user_raw_id`` is mapped through the artifact's vocabulary of the
+  user table; **an unknown raw id is not an error**: the user is scored as a
+  cold-start user with a zero embedding (what offline evaluation does for ids
+  outside the ranker's vocabulary, ``ranking.train.predict`` rows of -1).
+  ``user_row`` must be a row of the user table (else INVALID_ARGUMENT). A
+  request naming no user is INVALID_ARGUMENT when the ranker has a user table.
+- ``candidate_ids``: little-endian int64 [C] rows of the candidate table
+  (``pin``), 1 <= C <= ``max_candidates``, every row in [0, R).
+- ``context``: the ranker's other inputs, every one required, each
+  little-endian **int64** [C] (per candidate) or [1] (same for all):
+  ``context[entity]`` rows of every other entity table of the ranker (e.g. the
+  candidates' ``advertiser`` rows; -1 = unknown, zero embedding) and
+  ``context[feature]`` for every coarse categorical feature (values >= 0).
+  The ranker has no float features, so int64 replaces the proto comment's
+  float32 here. Unknown keys are refused (typos must not score silently).
+
+Status codes: malformed bytes, empty or too many candidates, rows out of
+range, missing/unknown context -> INVALID_ARGUMENT; ``expected_version`` not
+held -> FAILED_PRECONDITION; an embedding shard down or past the deadline ->
+UNAVAILABLE (within ``deadline_s``); nothing a client sends stops the service.
+
+Batching and pipelining: handler threads put requests on a queue. A fetch
+thread takes the first waiting request plus every request queued behind it (up
+to ``max_batch_candidates`` candidates; under concurrent load it waits up to
+``batch_wait_s`` for more, an idle service adds no wait), fetches all their
+rows in one ``lookup_many`` (one request per shard), and hands the batch to a
+compute thread, which pads it to a power-of-two bucket (compiled once at start,
+so serving never recompiles) and runs the jitted scorer. Fetching batch k+1
+overlaps scoring batch k.
+
+Versions: ``swap(path)`` loads a new artifact while serving (after the shard
+servers have swapped, ``EmbeddingServer.swap``); each request takes the
+version snapshot current when it arrives (or the one it pins) and finishes on
+it, with a client pinned to that version; the previous version stays servable
+for ``swap_window_s``. No request fails during a swap.
+
+Dimension legend: C candidates of one request, T candidates of a batch, P
+padded batch (bucket), D_e width of entity e, J requests in a batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent import futures
+
+import grpc
+import jax
+import numpy as np
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from jax_recsys.quant import artifact as artifact_lib, rowwise
+from jax_recsys.ranking import model as model_lib
+from serving import client as client_lib, codec
+from serving.protos import embedding_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "jax_recsys.serving.RankerService"
+RANK_METHOD = f"/{SERVICE_NAME}/Rank"
+
+_LATENCY_WINDOW = 8192
+_BAD = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankerServiceConfig:
+    """How the ranker service runs.
+
+    Attributes:
+      artifact: serving artifact folder (tables, vocabularies, ranker).
+      shards: ``host:port`` of each embedding shard, in shard order (shard i of
+        S); empty = monolithic (tables in this process).
+      host: interface to bind.
+      port: port to bind; 0 picks a free one (``RankerService.port``).
+      deadline_s: time budget of one Rank call (embedding fetch included); a
+        dead shard is reported UNAVAILABLE within it.
+      max_candidates: C above this is INVALID_ARGUMENT.
+      max_batch_candidates: candidates of all requests scored in one batch
+        (rounded up to a power of two; at least ``max_candidates``).
+      min_bucket: smallest padded batch; buckets are powers of two from here.
+      batch_wait_s: under concurrent load, how long the batcher waits for more
+        requests after draining the queue (an idle service never waits).
+      workers: gRPC handler threads.
+      user_entity: the ranker entity of the request's user.
+      candidate_entity: the ranker entity of ``candidate_ids``.
+      swap_window_s: how long the previous version stays servable after a swap.
+      verify: artifact check at load: "sizes", "full" or "none".
+      warmup: compile every bucket at load (else on first use).
+      check_shards: at load, ask every shard (Info) whether it serves the
+        artifact's version; refuse to start (or swap) when one does not.
+    """
+
+    artifact: str
+    shards: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 0
+    deadline_s: float = 1.0
+    max_candidates: int = 2048
+    max_batch_candidates: int = 4096
+    min_bucket: int = 64
+    batch_wait_s: float = 0.001
+    workers: int = 16
+    user_entity: str = "user"
+    candidate_entity: str = "pin"
+    swap_window_s: float = 60.0
+    verify: str = "sizes"
+    warmup: bool = True
+    check_shards: bool = True
+
+    def __post_init__(self):
+        if self.max_candidates < 1:
+            raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if self.max_batch_candidates < self.max_candidates:
+            raise ValueError(
+                f"max_batch_candidates ({self.max_batch_candidates}) must be >= "
+                f"max_candidates ({self.max_candidates})"
+            )
+        if self.min_bucket < 1 or self.deadline_s <= 0:
+            raise ValueError(f"bad min_bucket={self.min_bucket} or deadline_s={self.deadline_s}")
+        if self.verify not in ("sizes", "full", "none"):
+            raise ValueError(f"verify must be 'sizes', 'full' or 'none', got {self.verify!r}")
+
+    @property
+    def mode(self) -> str:
+        """ "hybrid" (embedding shards) or "monolithic" (tables in process)."""
+        return "hybrid" if self.shards else "monolithic"
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The padded batch sizes P (powers of two, min_bucket .. max batch)."""
+        top = _next_pow2(self.max_batch_candidates)
+        out, p = [], _next_pow2(self.min_bucket)
+        while p < top:
+            out.append(p)
+            p *= 2
+        out.append(top)
+        return tuple(out)
+
+
+class RankError(Exception):
+    """A Rank request that cannot be answered; carries its gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _decode_int64(payload: bytes, what: str) -> np.ndarray:
+    try:
+        return codec.decode_ids(payload, what=what)
+    except codec.CodecError as e:
+        raise RankError(_BAD, str(e)) from None
+
+
+# ----------------------------------------------------------------------------- scorer
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_scorer(config_json: str):
+    """One compiled scorer per architecture, shared across versions (no recompile on swap)."""
+    score_fn = model_lib.make_score_fn(model_lib.RankerConfig.from_dict(config_json))
+
+    def probs(params, entity_emb, coarse_ids):
+        ctr_logit, cvr_logit = score_fn(params, entity_emb=entity_emb, coarse_ids=coarse_ids)
+        return jax.nn.sigmoid(ctr_logit), jax.nn.sigmoid(cvr_logit)
+
+    return jax.jit(probs)
+
+
+def _ranker_config(raw: Mapping | None, path) -> model_lib.RankerConfig:
+    if raw is None:
+        raise artifact_lib.ArtifactError(f"{path}: the artifact has no ranker config")
+    # export may wrap the RankerConfig dict next to other metadata.
+    if "entity_dims" not in raw and isinstance(raw.get("ranker"), Mapping):
+        raw = raw["ranker"]
+    try:
+        return model_lib.RankerConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError) as e:
+        raise artifact_lib.ArtifactError(
+            f"{path}/ranker/config.json: bad ranker config: {e}"
+        ) from e
+
+
+class _VocabIndex:
+    """Raw id -> row of one vocabulary (int or str ids) by binary search."""
+
+    def __init__(self, vocab: np.ndarray):
+        vocab = np.asarray(vocab)
+        self._int = vocab.dtype.kind in "iu"
+        if vocab.size > 1 and not bool(np.all(vocab[1:] > vocab[:-1])):
+            self._order = np.argsort(vocab, kind="stable")
+            self._sorted = vocab[self._order]
+        else:
+            self._order = None
+            self._sorted = vocab
+
+    def row(self, raw_id: str) -> int:
+        """The row of ``raw_id``, or -1 when the vocabulary does not hold it."""
+        if self._int:
+            try:
+                key = int(raw_id)
+            except ValueError:
+                return -1
+            if not np.iinfo(np.int64).min <= key <= np.iinfo(np.int64).max:
+                return -1
+        else:
+            key = raw_id
+        i = int(np.searchsorted(self._sorted, key))
+        if i >= self._sorted.size or self._sorted[i] != key:
+            return -1
+        return int(self._order[i]) if self._order is not None else i
+
+
+class _LocalTables:
+    """Monolithic fetcher: the artifact's tables in this process."""
+
+    def __init__(self, art: artifact_lib.Artifact):
+        self._tables = art.tables
+
+    def lookup_many(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for table, rows_n in rows.items():
+            # Same arithmetic as the shard server: sorted unique rows, dequantize, re-gather.
+            uniq_u, inv_n = np.unique(np.asarray(rows_n, np.int64), return_inverse=True)
+            values_ud = rowwise.dequantize_rows(self._tables[table], uniq_u)
+            out[table] = np.take(values_ud, inv_n.reshape(-1), axis=0)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class _Version:
+    """Everything one artifact version needs to answer requests."""
+
+    version: str
+    path: str
+    config: model_lib.RankerConfig
+    scorer: object  # jitted (params, entity_emb, coarse_ids) -> (p_ctr [P], p_cvr [P])
+    params: dict[str, jax.Array]
+    fetcher: object  # EmbeddingClient or _LocalTables
+    table_rows: dict[str, int]
+    user_index: _VocabIndex | None
+    context_entities: tuple[str, ...]
+    coarse: tuple[str, ...]
+    has_user: bool
+    has_candidate: bool
+    candidate_rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+    """What a request sees: replaced whole (never mutated) on swap/retire."""
+
+    current: str
+    versions: dict[str, _Version]
+
+
+@dataclasses.dataclass
+class _Job:
+    """One validated request waiting for its scores."""
+
+    ver: _Version
+    user_row: int  # -1: unknown user, zero embedding
+    cand_c: np.ndarray  # int64 [C]
+    context: dict[str, np.ndarray]  # name -> int64 [C]
+    deadline: float  # time.monotonic()
+    future: futures.Future
+
+    @property
+    def size(self) -> int:
+        return int(self.cand_c.size)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.codes: collections.Counter[str] = collections.Counter()
+        self.latencies_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        self.batches = 0
+        self.batched_requests = 0
+        self.batched_candidates = 0
+
+    def record(self, code: grpc.StatusCode, latency_s: float | None = None) -> None:
+        with self._lock:
+            self.codes[code.name] += 1
+            if latency_s is not None:
+                self.latencies_s.append(latency_s)
+
+    def batch(self, requests: int, candidates: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batched_requests += requests
+            self.batched_candidates += candidates
+
+    def summary(self) -> dict:
+        with self._lock:
+            lat = np.array(self.latencies_s) if self.latencies_s else np.zeros(1)
+            return {
+                "requests": int(sum(self.codes.values())),
+                "by_code": dict(self.codes),
+                "batches": self.batches,
+                "requests_per_batch": self.batched_requests / max(self.batches, 1),
+                "candidates_per_batch": self.batched_candidates / max(self.batches, 1),
+                "rank_p50_ms": float(np.percentile(lat, 50) * 1e3),
+                "rank_p99_ms": float(np.percentile(lat, 99) * 1e3),
+            }
+
+
+# ----------------------------------------------------------------------------- service
+
+
+class RankerService:
+    """The ranker service (see module docstring).
+
+    Usage::
+
+      svc = RankerService(RankerServiceConfig(artifact=art, shards=("h:1", "h:2")))
+      port = svc.start()            # gRPC; or call svc.rank(request) in process
+      ...
+      svc.swap(new_art)             # after the shards swapped
+      svc.stop()
+    """
+
+    def __init__(self, config: RankerServiceConfig):
+        self.config = config
+        first = self._load(config.artifact)
+        self._snapshot = _Snapshot(current=first.version, versions={first.version: first})
+        self._swap_lock = threading.Lock()
+        self._timers: list[threading.Timer] = []
+        self._stats = _Stats()
+        self._stopping = threading.Event()
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._compute_q: queue.Queue = queue.Queue(maxsize=2)
+        self._carry: _Job | None = None
+        self._threads = [
+            threading.Thread(target=self._fetch_loop, name="rank-fetch", daemon=True),
+            threading.Thread(target=self._compute_loop, name="rank-compute", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self._server: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self.port: int | None = None
+
+    # ---- loading ----
+
+    def _load(self, path: str) -> _Version:
+        cfg = self.config
+        art = artifact_lib.load_artifact(path, verify=False if cfg.verify == "none" else cfg.verify)
+        rcfg = _ranker_config(art.ranker_config, art.path)
+        tables = art.manifest.tables
+        for ent, dim in rcfg.entity_dims:
+            if ent not in tables:
+                raise artifact_lib.ArtifactError(
+                    f"{art.path}: the ranker needs table {ent!r}; artifact has {sorted(tables)}"
+                )
+            if int(tables[ent]["dim"]) != dim:
+                raise artifact_lib.ArtifactError(
+                    f"{art.path}: table {ent!r} has dim {tables[ent]['dim']}, ranker expects {dim}"
+                )
+        ents = [e for e, _ in rcfg.entity_dims]
+        has_user = cfg.user_entity in ents
+        user_index = None
+        if has_user and cfg.user_entity in art.vocabs:
+            user_index = _VocabIndex(art.vocabs[cfg.user_entity])
+        table_rows = {name: int(t["rows"]) for name, t in tables.items()}
+        if cfg.candidate_entity not in table_rows:
+            raise artifact_lib.ArtifactError(
+                f"{art.path}: no candidate table {cfg.candidate_entity!r}; has {sorted(table_rows)}"
+            )
+        scorer = _jitted_scorer(json.dumps(rcfg.to_dict(), sort_keys=True))
+        params = model_lib.unflatten_params(rcfg, art.ranker_params)  # validates every leaf
+        del params
+        dev = jax.devices()[0]
+        params = {k: jax.device_put(np.asarray(v), dev) for k, v in art.ranker_params.items()}
+        if cfg.shards:
+            if cfg.check_shards:
+                _check_shards(cfg.shards, art.version, cfg.deadline_s)
+            fetcher = client_lib.EmbeddingClient.from_artifact(
+                art.manifest, list(cfg.shards), pin=True, deadline_s=cfg.deadline_s
+            )
+        else:
+            fetcher = _LocalTables(art)
+        ver = _Version(
+            version=art.version,
+            path=str(art.path),
+            config=rcfg,
+            scorer=scorer,
+            params=params,
+            fetcher=fetcher,
+            table_rows=table_rows,
+            user_index=user_index,
+            context_entities=tuple(
+                e for e in ents if e not in (cfg.user_entity, cfg.candidate_entity)
+            ),
+            coarse=tuple(n for n, _ in rcfg.coarse_vocab_sizes),
+            has_user=has_user,
+            has_candidate=cfg.candidate_entity in ents,
+            candidate_rows=table_rows[cfg.candidate_entity],
+        )
+        if cfg.warmup:
+            t0 = time.perf_counter()
+            for p in cfg.buckets:
+                jax.block_until_ready(ver.scorer(ver.params, *self._zeros(ver, p)))
+            log.info("compiled %d buckets in %.1fs", len(cfg.buckets), time.perf_counter() - t0)
+        return ver
+
+    @staticmethod
+    def _zeros(ver: _Version, p: int):
+        emb = {e: np.zeros((p, d), np.float32) for e, d in ver.config.entity_dims}
+        coarse = {c: np.zeros((p,), np.int32) for c in ver.coarse}
+        return emb, coarse
+
+    # ---- lifecycle ----
+
+    def start(self) -> int:
+        """Binds and starts the gRPC server.
+
+        Returns:
+          The bound port.
+        """
+        cfg = self.config
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rank"),
+            options=[("grpc.so_reuseport", 0)],
+        )
+        # Raw-bytes handler: garbage bytes become INVALID_ARGUMENT with a message.
+        handlers = {"Rank": grpc.unary_unary_rpc_method_handler(self._rank_rpc)}
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        address = f"{cfg.host}:{cfg.port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        server.start()
+        self._server, self.port = server, port
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ranker (%s) serving version %s on %s:%d", cfg.mode, self.version, cfg.host, port)
+        return port
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """Stops the gRPC server (in-flight requests get ``grace`` s) and the pipeline."""
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        self._stopping.set()
+        for t in self._timers:
+            t.cancel()
+        for t in self._threads:
+            t.join(5)
+        for ver in self._snapshot.versions.values():
+            ver.fetcher.close()
+
+    def __enter__(self) -> RankerService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace=1.0)
+
+    # ---- versions ----
+
+    @property
+    def version(self) -> str:
+        """The version unpinned requests get."""
+        return self._snapshot.current
+
+    @property
+    def versions(self) -> list[str]:
+        """Every version servable now (two during a swap window)."""
+        return list(self._snapshot.versions)
+
+    def swap(self, path: str, *, window_s: float | None = None) -> str:
+        """Loads another artifact and serves it to new requests, without a pause.
+
+        Swap the embedding shards first (they keep the old version servable for
+        their window); requests in flight here finish on the old version with a
+        client pinned to it. The old version stays servable to requests pinning
+        it for ``window_s``.
+
+        Args:
+          path: the new artifact folder.
+          window_s: overrides ``config.swap_window_s``.
+
+        Returns:
+          The new version id.
+        """
+        new = self._load(path)
+        with self._swap_lock:
+            old = self._snapshot
+            if new.version == old.current:
+                new.fetcher.close()
+                return new.version
+            versions = {old.current: old.versions[old.current], new.version: new}
+            dropped = [v for k, v in old.versions.items() if k not in versions]
+            self._snapshot = _Snapshot(current=new.version, versions=versions)
+        for ver in dropped:
+            self._close_later(ver)
+        window = self.config.swap_window_s if window_s is None else window_s
+        log.info("ranker swapped %s -> %s (old kept %.1fs)", old.current, new.version, window)
+        self._timer(window, self.retire, old.current)
+        return new.version
+
+    def retire(self, version: str) -> bool:
+        """Stops serving a non-current version; returns True if it was dropped."""
+        with self._swap_lock:
+            snap = self._snapshot
+            if version == snap.current or version not in snap.versions:
+                return False
+            ver = snap.versions[version]
+            self._snapshot = _Snapshot(
+                current=snap.current,
+                versions={k: v for k, v in snap.versions.items() if k != version},
+            )
+        self._close_later(ver)
+        log.info("ranker retired version %s", version)
+        return True
+
+    def _close_later(self, ver: _Version) -> None:
+        # Requests that took this version before it was dropped finish within their deadline.
+        self._timer(2 * self.config.deadline_s + 1.0, ver.fetcher.close)
+
+    def _timer(self, delay: float, fn, *args) -> None:
+        t = threading.Timer(delay, fn, args=args)
+        t.daemon = True
+        t.start()
+        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+
+    def stats(self) -> dict:
+        """Counters since start: requests by code, batching, recent p50/p99."""
+        out = self._stats.summary()
+        out.update(version=self.version, versions=self.versions, mode=self.config.mode)
+        return out
+
+    # ---- requests ----
+
+    def rank(self, request: pb.RankRequest, *, timeout_s: float | None = None) -> pb.RankResponse:
+        """Scores one request in process (what the gRPC handler calls).
+
+        Args:
+          request: the RankRequest.
+          timeout_s: time budget; default ``config.deadline_s``.
+
+        Returns:
+          The RankResponse (pCTR, pCVR as little-endian float32 [C]).
+
+        Raises:
+          RankError: with the gRPC status code the request gets.
+        """
+        budget = self.config.deadline_s
+        if timeout_s is not None:
+            budget = max(min(timeout_s, budget), 1e-3)
+        job = self._validate(request, deadline=time.monotonic() + budget)
+        self._queue.put(job)
+        try:
+            ctr_c, cvr_c = job.future.result(timeout=budget + 0.25)
+        except futures.TimeoutError:
+            job.future.cancel()
+            raise RankError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no scores within the deadline ({budget:.3f}s): embedding shards slow or down",
+            ) from None
+        return pb.RankResponse(
+            ctr=codec.encode_values(ctr_c),
+            cvr=codec.encode_values(cvr_c),
+            version=job.ver.version,
+            request_id=request.request_id,
+        )
+
+    def _rank_rpc(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            try:
+                req = pb.RankRequest.FromString(request)
+            except DecodeError as e:
+                raise RankError(_BAD, f"request is not a RankRequest protobuf: {e}") from None
+            remaining = context.time_remaining()
+            resp = self.rank(req, timeout_s=remaining)
+        except RankError as e:
+            self._stats.record(e.code)
+            context.abort(e.code, e.message)
+        except Exception as e:  # never let a request take the service down
+            log.exception("rank failed")
+            self._stats.record(grpc.StatusCode.INTERNAL)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        self._stats.record(grpc.StatusCode.OK, time.perf_counter() - t0)
+        return resp.SerializeToString()
+
+    def _validate(self, req: pb.RankRequest, *, deadline: float) -> _Job:
+        cfg = self.config
+        snap = self._snapshot  # one snapshot for the whole request
+        if req.expected_version:
+            ver = snap.versions.get(req.expected_version)
+            if ver is None:
+                raise RankError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"version {req.expected_version!r} not served; the ranker serves "
+                    f"{sorted(snap.versions)}",
+                )
+        else:
+            ver = snap.versions[snap.current]
+        cand_c = _decode_int64(req.candidate_ids, "candidate_ids")
+        c = cand_c.size
+        if c == 0:
+            raise RankError(_BAD, "empty request: no candidate_ids")
+        if c > cfg.max_candidates:
+            raise RankError(_BAD, f"too many candidates: {c} > max_candidates {cfg.max_candidates}")
+        lo, hi = int(cand_c.min()), int(cand_c.max())
+        if lo < 0 or hi >= ver.candidate_rows:
+            raise RankError(
+                _BAD,
+                f"candidate_ids: row {lo if lo < 0 else hi} outside table "
+                f"{cfg.candidate_entity!r} rows [0, {ver.candidate_rows})",
+            )
+        user_row = -1
+        which = req.WhichOneof("user")
+        if ver.has_user:
+            rows = ver.table_rows[cfg.user_entity]
+            if which is None:
+                raise RankError(_BAD, "no user: set user_raw_id or user_row")
+            if which == "user_row":
+                user_row = int(req.user_row)
+                if not 0 <= user_row < rows:
+                    raise RankError(
+                        _BAD,
+                        f"user_row {user_row} outside table {cfg.user_entity!r} rows [0, {rows})",
+                    )
+            elif ver.user_index is not None:
+                user_row = ver.user_index.row(req.user_raw_id)  # -1: cold-start user
+        known = set(ver.context_entities) | set(ver.coarse)
+        unknown = sorted(set(req.context) - known)
+        if unknown:
+            raise RankError(_BAD, f"unknown context keys {unknown}; expected {sorted(known)}")
+        context = {}
+        for name in (*ver.context_entities, *ver.coarse):
+            if name not in req.context:
+                raise RankError(_BAD, f"context {name!r} missing (int64 [C] or [1] expected)")
+            v = _decode_int64(req.context[name], f"context {name!r}")
+            if v.size == 1:
+                v = np.broadcast_to(v, (c,))
+            elif v.size != c:
+                raise RankError(
+                    _BAD,
+                    f"context {name!r} has {v.size} values; expected {c} (one per candidate) or 1",
+                )
+            if name in ver.coarse:
+                if v.min() < 0:
+                    raise RankError(_BAD, f"context {name!r}: negative coarse value {int(v.min())}")
+            else:
+                rows = ver.table_rows[name]
+                if v.min() < -1 or v.max() >= rows:
+                    raise RankError(
+                        _BAD, f"context {name!r}: rows must lie in [-1, {rows}) (-1 = unknown)"
+                    )
+            context[name] = v
+        return _Job(
+            ver=ver,
+            user_row=user_row,
+            cand_c=cand_c,
+            context=context,
+            deadline=deadline,
+            future=futures.Future(),
+        )
+
+    # ---- pipeline: fetch thread -> compute thread ----
+
+    def _next_batch(self) -> list[_Job] | None:
+        cfg = self.config
+        first = self._carry
+        self._carry = None
+        if first is None:
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                return None
+        jobs, total = [first], first.size
+        wait_until = time.monotonic() + cfg.batch_wait_s
+        while True:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                # An idle service answers at once; under load, wait briefly for stragglers.
+                if len(jobs) == 1 or time.monotonic() >= wait_until:
+                    break
+                try:
+                    nxt = self._queue.get(timeout=max(wait_until - time.monotonic(), 1e-5))
+                except queue.Empty:
+                    break
+            if total + nxt.size > cfg.max_batch_candidates or nxt.ver is not first.ver:
+                self._carry = nxt  # next batch starts with it
+                break
+            jobs.append(nxt)
+            total += nxt.size
+        return jobs
+
+    def _fetch_loop(self) -> None:
+        while not self._stopping.is_set():
+            jobs = self._next_batch()
+            if not jobs:
+                continue
+            now = time.monotonic()
+            live = []
+            for job in jobs:
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                if now >= job.deadline:
+                    job.future.set_exception(
+                        RankError(grpc.StatusCode.UNAVAILABLE, "deadline passed while queued")
+                    )
+                    continue
+                live.append(job)
+            if not live:
+                continue
+            try:
+                batch = self._fetch(live)
+            except RankError as e:
+                for job in live:
+                    job.future.set_exception(e)
+                continue
+            except Exception as e:
+                log.exception("fetch failed")
+                err = RankError(grpc.StatusCode.INTERNAL, f"fetch failed: {type(e).__name__}: {e}")
+                for job in live:
+                    job.future.set_exception(err)
+                continue
+            while not self._stopping.is_set():
+                try:
+                    self._compute_q.put((live, batch), timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    def _fetch(self, jobs: list[_Job]):
+        """Rows for a batch of jobs of one version: (entity_emb [T, D_e], coarse [T])."""
+        cfg = self.config
+        ver = jobs[0].ver
+        sizes = np.array([j.size for j in jobs])
+        total = int(sizes.sum())
+        want: dict[str, np.ndarray] = {}
+        if ver.has_user:
+            users_j = np.array([j.user_row for j in jobs], np.int64)
+            want[cfg.user_entity] = users_j[users_j >= 0]
+        if ver.has_candidate:
+            want[cfg.candidate_entity] = np.concatenate([j.cand_c for j in jobs])
+        ctx = {
+            name: np.concatenate([j.context[name] for j in jobs]).astype(np.int64, copy=False)
+            for name in (*ver.context_entities, *ver.coarse)
+        }
+        for ent in ver.context_entities:
+            want[ent] = ctx[ent][ctx[ent] >= 0]
+        want = {t: r for t, r in want.items() if r.size}
+        remaining = min(j.deadline for j in jobs) - time.monotonic()
+        try:
+            got = ver.fetcher.lookup_many(want) if want else {}
+        except client_lib.VersionMismatch as e:
+            raise RankError(grpc.StatusCode.FAILED_PRECONDITION, f"embedding shards: {e}") from None
+        except client_lib.ServingError as e:
+            code = e.code
+            if code in (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise RankError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"embedding shards unavailable (budget {remaining:.3f}s): {e}",
+                ) from None
+            raise RankError(grpc.StatusCode.INTERNAL, f"embedding shards: {e}") from None
+        emb: dict[str, np.ndarray] = {}
+        for ent, dim in ver.config.entity_dims:
+            out_td = np.zeros((total, dim), np.float32)
+            if ent == cfg.user_entity:
+                if ent in got:
+                    known_j = users_j >= 0
+                    per_job = np.zeros((len(jobs), dim), np.float32)
+                    per_job[known_j] = got[ent]
+                    out_td[:] = np.repeat(per_job, sizes, axis=0)
+            elif ent == cfg.candidate_entity:
+                out_td[:] = got[ent]
+            elif ent in got:
+                out_td[ctx[ent] >= 0] = got[ent]
+            emb[ent] = out_td
+        coarse = {c: ctx[c].astype(np.int32) for c in ver.coarse}
+        return emb, coarse
+
+    def _compute_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                jobs, (emb, coarse) = self._compute_q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                self._score(jobs, emb, coarse)
+            except Exception as e:
+                log.exception("scoring failed")
+                err = RankError(
+                    grpc.StatusCode.INTERNAL, f"scoring failed: {type(e).__name__}: {e}"
+                )
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(err)
+
+    def _score(self, jobs: list[_Job], emb_td: dict, coarse_t: dict) -> None:
+        ver = jobs[0].ver
+        total = sum(j.size for j in jobs)
+        p = next(b for b in self.config.buckets if b >= total)
+        pad = p - total
+        emb_pd = {e: np.pad(v, ((0, pad), (0, 0))) for e, v in emb_td.items()}
+        coarse_p = {c: np.pad(v, (0, pad)) for c, v in coarse_t.items()}
+        ctr_p, cvr_p = ver.scorer(ver.params, emb_pd, coarse_p)
+        ctr_p, cvr_p = np.asarray(ctr_p, np.float32), np.asarray(cvr_p, np.float32)
+        self._stats.batch(len(jobs), total)
+        lo = 0
+        for job in jobs:
+            hi = lo + job.size
+            job.future.set_result((ctr_p[lo:hi].copy(), cvr_p[lo:hi].copy()))
+            lo = hi
+
+
+def _check_shards(addresses: Sequence[str], version: str, timeout_s: float) -> None:
+    """Refuses to pair with shards that do not serve ``version`` (Info on each)."""
+    for i, addr in enumerate(addresses):
+        with grpc.insecure_channel(addr) as ch:
+            info = ch.unary_unary(codec.INFO_METHOD)
+            try:
+                raw = info(pb.InfoRequest().SerializeToString(), timeout=max(timeout_s, 1.0))
+            except grpc.RpcError as e:
+                raise client_lib.ServingError(
+                    f"embedding shard {i} ({addr}) did not answer Info: {e.code().name}",
+                    code=e.code(),
+                    shard=i,
+                ) from None
+        resp = pb.InfoResponse.FromString(raw)
+        if version not in resp.versions:
+            raise client_lib.VersionMismatch(
+                f"embedding shard {i} ({addr}) serves {list(resp.versions)}, not the ranker's "
+                f"version {version}; swap the shards first",
+                shard=i,
+            )
+        if resp.num_shards != len(addresses) or resp.shard != i:
+            raise client_lib.ServingError(
+                f"embedding shard at {addr} is shard {resp.shard} of {resp.num_shards}, "
+                f"listed as shard {i} of {len(addresses)}",
+                shard=i,
+            )
+
+
+def rank_request(
+    *,
+    candidates: np.ndarray,
+    user_raw_id: str | None = None,
+    user_row: int | None = None,
+    context: Mapping[str, np.ndarray | int] | None = None,
+    expected_version: str = "",
+    request_id: str = "",
+) -> pb.RankRequest:
+    """Builds a RankRequest from NumPy inputs (for clients, tools and tests).
+
+    Args:
+      candidates: int [C] candidate rows.
+      user_raw_id: the user's raw id (exclusive with ``user_row``).
+      user_row: the user's row.
+      context: name -> int [C] or scalar (see module docstring).
+      expected_version: pin a version ("" = current).
+      request_id: echoed back.
+
+    Returns:
+      The request.
+    """
+    req = pb.RankRequest(
+        candidate_ids=codec.encode_ids(np.asarray(candidates, np.int64).reshape(-1)),
+        expected_version=expected_version,
+        request_id=request_id,
+    )
+    if user_raw_id is not None and user_row is not None:
+        raise ValueError("give user_raw_id or user_row, not both")
+    if user_raw_id is not None:
+        req.user_raw_id = str(user_raw_id)
+    elif user_row is not None:
+        req.user_row = int(user_row)
+    for name, v in (context or {}).items():
+        req.context[name] = codec.encode_ids(np.asarray(v, np.int64).reshape(-1))
+    return req
+
+
+def decode_response(resp: pb.RankResponse | bytes) -> tuple[np.ndarray, np.ndarray, str]:
+    """(p_ctr [C], p_cvr [C], version) of a RankResponse (or its bytes)."""
+    if isinstance(resp, bytes):
+        resp = pb.RankResponse.FromString(resp)
+    ctr = np.frombuffer(resp.ctr, codec.VALUES_DTYPE)
+    cvr = np.frombuffer(resp.cvr, codec.VALUES_DTYPE)
+    return ctr, cvr, resp.version
+
+
+def serve(config: RankerServiceConfig) -> RankerService:
+    """Builds and starts a ranker service; its bound port is ``service.port``."""
+    service = RankerService(config)
+    service.start()
+    return service
+
+
+def default_device() -> str:
+    """The device the scorer runs on (for logs and benchmark lines)."""
+    return str(jax.devices()[0])
+
+
+__all__ = [
+    "RANK_METHOD",
+    "RankError",
+    "RankerService",
+    "RankerServiceConfig",
+    "decode_response",
+    "default_device",
+    "rank_request",
+    "serve",
+]

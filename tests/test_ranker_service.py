@@ -1,0 +1,413 @@
+"""Ranker service: hybrid == monolithic exactly, batching, bad input, dead shard, live swap.
+
+Real embedding shard servers and ranker services on loopback, ports bound at
+run time (port 0); the serving artifact is built here from a tiny ranker.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_recsys.quant import artifact
+from jax_recsys.ranking import model as model_lib
+from serving import embedding_server as es, ranker_service as rs
+
+CFG = model_lib.RankerConfig(
+    entity_dims=(("user", 8), ("pin", 6), ("advertiser", 4)),
+    coarse_vocab_sizes=(("hour", 3),),
+    coarse_dim=2,
+    num_cross_layers=1,
+    mlp_dims=(8,),
+    head_dims=(4,),
+)
+ROWS = {"user": 50, "pin": 40, "advertiser": 7}
+USER_IDS = np.random.default_rng(123).permutation(50).astype(np.int64) + 1000  # unsorted vocab
+BAD = grpc.StatusCode.INVALID_ARGUMENT
+_REF_SCORE = jax.jit(model_lib.make_score_fn(CFG))
+
+
+def _params(seed):
+    """Dense params of CFG filled from NumPy (init_dense's eager ops take ~20 s on a busy box)."""
+    model = nnx.eval_shape(lambda: model_lib.DenseRanker(CFG, rngs=nnx.Rngs(0)))
+    pure = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
+    rng = np.random.default_rng(seed)
+    flat = {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): rng.normal(
+            0.0, 0.4, leaf.shape
+        ).astype(np.float32)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
+    }
+    model_lib.unflatten_params(CFG, flat)  # same leaf names and shapes as flatten_params
+    return flat
+
+
+def _write(path, seed):
+    rng = np.random.default_rng(seed)
+    tables = {
+        name: rng.normal(size=(rows, dim)).astype(np.float32)
+        for (name, dim), rows in zip(CFG.entity_dims, ROWS.values(), strict=True)
+    }
+    vocabs = {"user": USER_IDS, "pin": np.arange(40) + 5000, "advertiser": np.arange(7) + 9000}
+    artifact.write_artifact(
+        path,
+        tables=tables,
+        vocabs=vocabs,
+        ranker_config=CFG.to_dict(),
+        ranker_params=_params(seed),
+    )
+    return artifact.load_artifact(path)
+
+
+def _reference(art, *, user_row, cands, adv, hour):
+    """pCTR, pCVR computed independently: dequantized rows -> unjitted score function."""
+    c = len(cands)
+    user = (
+        np.zeros((c, 8), np.float32)
+        if user_row < 0
+        else np.repeat(art.lookup("user", [user_row]), c, 0)
+    )
+    adv = np.broadcast_to(np.asarray(adv), (c,))
+    adv_emb = np.where((adv >= 0)[:, None], art.lookup("advertiser", np.maximum(adv, 0)), 0.0)
+    emb = {"user": user, "pin": art.lookup("pin", np.asarray(cands)), "advertiser": adv_emb}
+    coarse = {"hour": np.broadcast_to(np.asarray(hour), (c,)).astype(np.int32)}
+    # Padded to one shape so the reference compiles once.
+    emb = {k: np.pad(v, ((0, 64 - c), (0, 0))) for k, v in emb.items()}
+    coarse = {k: np.pad(v, (0, 64 - c)) for k, v in coarse.items()}
+    ctr, cvr = _REF_SCORE(art.ranker_params, entity_emb=emb, coarse_ids=coarse)
+    ctr, cvr = np.asarray(ctr, np.float64)[:c], np.asarray(cvr, np.float64)[:c]
+    return 1 / (1 + np.exp(-ctr)), 1 / (1 + np.exp(-cvr))
+
+
+def _svc(art, shards=(), **kw):
+    cfg = rs.RankerServiceConfig(
+        artifact=str(art.path),
+        shards=tuple(f"127.0.0.1:{s.port}" for s in shards),
+        max_candidates=48,
+        max_batch_candidates=64,
+        min_bucket=32,
+        **kw,
+    )
+    return rs.serve(cfg)
+
+
+def _shards(art, n=2, **kw):
+    return [
+        es.serve(
+            es.ServerConfig(artifact=str(art.path), shard=i, num_shards=n, log_every_s=0, **kw)
+        )
+        for i in range(n)
+    ]
+
+
+def _call(port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = channel.unary_unary(rs.RANK_METHOD)
+    return channel, lambda req, timeout=10: rs.decode_response(
+        stub(req if isinstance(req, bytes) else req.SerializeToString(), timeout=timeout)
+    )
+
+
+@pytest.fixture(scope="module")
+def arts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranker_art")
+    return {"a": _write(str(root / "a"), 0), "b": _write(str(root / "b"), 1)}
+
+
+@pytest.fixture(scope="module")
+def stack(arts):
+    """2 shards of artifact a, a hybrid and a monolithic ranker on it."""
+    shards = _shards(arts["a"])
+    hybrid = _svc(arts["a"], shards)
+    mono = _svc(arts["a"])
+    yield {"shards": shards, "hybrid": hybrid, "mono": mono}
+    hybrid.stop(grace=0)
+    mono.stop(grace=0)
+    for s in shards:
+        s.stop(grace=0).wait()
+
+
+CASES = [
+    # (user, candidates, advertiser context, hour context)
+    ({"user_raw_id": "1007"}, [0, 39, 5, 5, 21], [0, 6, 1, 1, 3], [0, 1, 2, 2, 1]),
+    ({"user_row": 49}, list(range(40)), 3, 2),  # context broadcast from one value
+    ({"user_raw_id": "no-such-user"}, [17, 18], [-1, 2], 0),  # cold user, unknown advertiser
+    ({"user_row": 0}, [1] * 48, list(range(7)) * 6 + [0] * 6, 1),  # max_candidates, repeats
+]
+
+
+def _row(user):
+    """The user table row a case names (-1 for an id outside the vocabulary)."""
+    if "user_row" in user:
+        return user["user_row"]
+    hit = np.flatnonzero(USER_IDS.astype(str) == user["user_raw_id"])
+    return int(hit[0]) if hit.size else -1
+
+
+def test_hybrid_equals_monolithic_exactly_and_matches_reference(arts, stack):
+    ch_h, hybrid = _call(stack["hybrid"].port)
+    ch_m, mono = _call(stack["mono"].port)
+    version = arts["a"].version
+    for user, cands, adv, hour in CASES:
+        req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+        ctr_h, cvr_h, v_h = hybrid(req)
+        ctr_m, cvr_m, v_m = mono(req)
+        assert v_h == v_m == version
+        assert ctr_h.shape == (len(cands),)
+        assert np.array_equal(ctr_h, ctr_m) and np.array_equal(cvr_h, cvr_m)
+        ref_ctr, ref_cvr = _reference(
+            arts["a"], user_row=_row(user), cands=cands, adv=adv, hour=hour
+        )
+        np.testing.assert_allclose(ctr_h, ref_ctr, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(cvr_h, ref_cvr, rtol=2e-5, atol=1e-6)
+        assert np.all((ctr_h > 0) & (ctr_h < 1))
+    # A cold-start user is scored as the zero user row, not as any real user.
+    cold, _, _ = hybrid(
+        rs.rank_request(candidates=[3], user_raw_id="x", context={"advertiser": 0, "hour": 0})
+    )
+    real, _, _ = hybrid(
+        rs.rank_request(candidates=[3], user_row=0, context={"advertiser": 0, "hour": 0})
+    )
+    assert cold[0] != real[0]
+    ch_h.close()
+    ch_m.close()
+
+
+def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack):
+    svc = stack["mono"]
+    reqs = [
+        rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+        for user, cands, adv, hour in CASES
+    ]
+    singles = [svc.rank(r) for r in reqs]
+    # Stop the pipeline threads of a fresh service, queue the requests, batch by hand.
+    fresh = _svc(arts["a"])
+    fresh._stopping.set()
+    for t in fresh._threads:
+        t.join(5)
+    for r in reqs:
+        fresh._queue.put(fresh._validate(r, deadline=time.monotonic() + 10))
+    batches = []
+    while (b := fresh._next_batch()) is not None:
+        batches.append(b)
+    # 5 + 40 + 2 fit in 64 candidates; the 48-candidate request starts a second batch.
+    assert [len(b) for b in batches] == [3, 1]
+    for b in batches:
+        for job in b:
+            job.future.set_running_or_notify_cancel()
+        fresh._score(b, *fresh._fetch(b))
+    got = [j.future.result() for b in batches for j in b]
+    for single, (ctr, cvr) in zip(singles, got, strict=True):
+        np.testing.assert_allclose(ctr, rs.decode_response(single)[0], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(cvr, rs.decode_response(single)[1], rtol=2e-5, atol=1e-6)
+    fresh.stop(grace=0)
+
+
+def test_bad_inputs_get_their_codes_and_service_keeps_answering(arts, stack):
+    ch, call = _call(stack["hybrid"].port)
+    ctx = {"advertiser": 1, "hour": 0}
+    good = rs.rank_request(candidates=[1, 2], user_row=3, context=ctx)
+    bad = {"garbage bytes": b"\xff\xff\xff"}
+    malformed = rs.rank_request(candidates=[1], user_row=3, context=ctx)
+    malformed.candidate_ids = b"\x01\x02\x03"
+    bad["candidate bytes not a multiple of 8"] = malformed
+    bad["empty candidates"] = rs.rank_request(candidates=[], user_row=3, context=ctx)
+    bad["too many candidates"] = rs.rank_request(candidates=[0] * 49, user_row=3, context=ctx)
+    bad["candidate row out of range"] = rs.rank_request(candidates=[40], user_row=3, context=ctx)
+    bad["negative candidate"] = rs.rank_request(candidates=[-1], user_row=3, context=ctx)
+    bad["user row out of range"] = rs.rank_request(candidates=[1], user_row=50, context=ctx)
+    bad["no user"] = rs.rank_request(candidates=[1], context=ctx)
+    bad["missing context"] = rs.rank_request(candidates=[1], user_row=3, context={"hour": 0})
+    bad["unknown context"] = rs.rank_request(candidates=[1], user_row=3, context={**ctx, "huor": 1})
+    bad["context wrong length"] = rs.rank_request(
+        candidates=[1, 2, 3], user_row=3, context={"advertiser": [1, 2], "hour": 0}
+    )
+    bad["advertiser out of range"] = rs.rank_request(
+        candidates=[1], user_row=3, context={"advertiser": 7, "hour": 0}
+    )
+    bad["negative coarse"] = rs.rank_request(
+        candidates=[1], user_row=3, context={"advertiser": 1, "hour": -2}
+    )
+    for what, req in bad.items():
+        with pytest.raises(grpc.RpcError) as e:
+            call(req)
+        assert e.value.code() == BAD, what
+        assert e.value.details(), what
+    wrong = rs.rank_request(candidates=[1], user_row=3, context=ctx, expected_version="0" * 16)
+    with pytest.raises(grpc.RpcError) as e:
+        call(wrong)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert arts["a"].version in e.value.details()
+    pinned = rs.rank_request(
+        candidates=[1, 2], user_row=3, context=ctx, expected_version=arts["a"].version
+    )
+    assert np.array_equal(call(pinned)[0], call(good)[0])
+    assert stack["hybrid"].stats()["by_code"]["INVALID_ARGUMENT"] >= len(bad)
+    ch.close()
+
+
+def test_dead_shard_is_unavailable_within_deadline_and_refusals_at_start(arts):
+    shards = _shards(arts["a"])
+    svc = _svc(arts["a"], shards, deadline_s=0.5)
+    ch, call = _call(svc.port)
+    ctx = {"advertiser": 0, "hour": 0}
+    call(rs.rank_request(candidates=[0, 39], user_row=0, context=ctx))
+    shards[1].stop(grace=0).wait()
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        call(
+            rs.rank_request(candidates=[0, 39], user_row=0, context=ctx)
+        )  # row 39 lives on shard 1
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - t0 < 0.5 + 0.5
+    assert "shard 1" in e.value.details()
+    ch.close()
+    svc.stop(grace=0)
+    # The ranker refuses shards that are down or serve another version.
+    with pytest.raises(Exception, match="shard 1"):
+        _svc(arts["a"], shards, deadline_s=0.5)
+    other = _shards(arts["b"])
+    with pytest.raises(Exception, match="swap the shards first"):
+        _svc(arts["a"], other)
+    for s in [shards[0], *other]:
+        s.stop(grace=0).wait()
+
+
+def test_swap_under_concurrent_load_fails_no_request(arts):
+    a, b = arts["a"], arts["b"]
+    shards = _shards(a, swap_window_s=30)
+    svc = _svc(a, shards, deadline_s=5.0, swap_window_s=30)
+    ch, call = _call(svc.port)
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(6):
+        c = int(rng.integers(1, 20))
+        cases.append(
+            (
+                int(rng.integers(0, 50)),
+                rng.integers(0, 40, c),
+                rng.integers(-1, 7, c),
+                rng.integers(0, 3, c),
+            )
+        )
+    expect = {
+        art.version: [
+            _reference(art, user_row=u, cands=cd, adv=ad, hour=h) for u, cd, ad, h in cases
+        ]
+        for art in (a, b)
+    }
+    results, errors = [], []
+    stop = threading.Event()
+
+    def client(k):
+        i = k
+        while not stop.is_set():
+            u, cd, ad, h = cases[i % len(cases)]
+            req = rs.rank_request(candidates=cd, user_row=u, context={"advertiser": ad, "hour": h})
+            sent = time.monotonic()
+            try:
+                ctr, cvr, version = call(req)
+                results.append((i % len(cases), ctr, cvr, version, sent))
+            except grpc.RpcError as e:
+                errors.append(f"{e.code().name}: {e.details()}")
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    for s in shards:  # the shards first (they keep serving a for the window) ...
+        s.swap(str(b.path))
+    new = svc.swap(str(b.path))  # ... then the ranker
+    t_swap = time.monotonic()
+    assert new == b.version and svc.version == b.version
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    seen = {r[3] for r in results}
+    assert seen == {a.version, b.version}
+    for i, ctr, cvr, version, _ in results:
+        np.testing.assert_allclose(ctr, expect[version][i][0], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(cvr, expect[version][i][1], rtol=2e-5, atol=1e-6)
+    # A request sent after the swap returned is scored on the new version.
+    after = [r[3] for r in results if r[4] > t_swap]
+    assert after and set(after) == {b.version}
+    # The old version stays pinnable during the window; retiring it makes it a precondition failure.
+    pinned = rs.rank_request(
+        candidates=[1], user_row=0, context={"advertiser": 0, "hour": 0}, expected_version=a.version
+    )
+    assert call(pinned)[2] == a.version
+    assert svc.retire(a.version)
+    with pytest.raises(grpc.RpcError) as e:
+        call(pinned)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert svc.stats()["by_code"].get("OK", 0) == len(results) + 1
+    ch.close()
+    svc.stop(grace=0)
+    for s in shards:
+        s.stop(grace=0).wait()
+
+
+@pytest.mark.slow  # a fresh process imports JAX and compiles: ~10 s on a busy 2-core box
+def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts, tmp_path):
+    """launch.serve_ranker as a real process: JSON port line, Rank, SIGHUP swap, SIGTERM stats."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    link = tmp_path / "current"
+    os.symlink(arts["a"].path, link)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.serve_ranker",
+            f"--artifact={link}",
+            "--port=0",
+            "--max_candidates=48",
+            "--max_batch_candidates=64",
+            "--min_bucket=64",
+            "--log_every_s=0",
+        ],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info["event"] == "serving" and info["mode"] == "monolithic"
+        assert info["version"] == arts["a"].version
+        ch, call = _call(info["port"])
+        req = rs.rank_request(candidates=[4, 5], user_row=1, context={"advertiser": 2, "hour": 1})
+        ctr, cvr, version = call(req)
+        ref_ctr, ref_cvr = _reference(arts["a"], user_row=1, cands=[4, 5], adv=2, hour=1)
+        np.testing.assert_allclose(ctr, ref_ctr, rtol=2e-5, atol=1e-6)
+        assert version == arts["a"].version
+        os.remove(link)
+        os.symlink(arts["b"].path, link)
+        proc.send_signal(signal.SIGHUP)
+        assert json.loads(proc.stdout.readline()) == {
+            "event": "swapped",
+            "version": arts["b"].version,
+        }
+        assert call(req)[2] == arts["b"].version
+        ch.close()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        stopped = json.loads(out.strip().splitlines()[-1])
+        assert stopped["event"] == "stopped" and stopped["stats"]["by_code"] == {"OK": 2}
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
