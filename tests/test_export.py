@@ -1,0 +1,382 @@
+"""INT4 export: gate, artifact round trip, exact size arithmetic, the ablation's INT4 row."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jax_recsys import metrics
+from jax_recsys.data import folder
+from jax_recsys.quant import artifact as AR, export as X, rowwise
+from jax_recsys.ranking import ablation as A, facets as F, model as M, train as T
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_USERS, NUM_PINS, DIM = 48, 40, 5  # odd dim: exercises the INT4 pad nibble
+
+
+def _write_world(path, n=6144, seed=0):
+    """Impressions whose click depends on a planted user x pin parity affinity."""
+    rng = np.random.default_rng(seed)
+    user_raw = 1000 + np.arange(NUM_USERS) * 3
+    pin_raw = 50 + np.arange(NUM_PINS) * 7
+    u = rng.integers(0, NUM_USERS, n)
+    p = rng.integers(0, NUM_PINS, n)
+    hour = rng.integers(0, 4, n)
+    logit = -2.0 + 3.0 * ((u % 2) == (p % 2)) + 0.3 * hour
+    click = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    conversion = (click * (rng.random(n) < np.where(u % 3 == 0, 0.7, 0.1))).astype(np.int8)
+    day = np.repeat(np.arange(6), n // 6).astype(np.int32)
+    t = folder.write_table(
+        path,
+        "impressions",
+        {
+            "user_id": user_raw[u].astype(np.int64),
+            "item_id": pin_raw[p].astype(np.int64),
+            "day": day,
+            "timestamp": day.astype(np.int64) * 86400,
+            "click": click,
+            "conversion": conversion,
+            "hour": hour.astype(np.int64),
+        },
+    )
+    folder.write_dataset_json(
+        path,
+        name="tiny",
+        tables={"impressions": t},
+        num_days=6,
+        splits={"ranker_train": [0, 4], "ranker_valid": [4, 5], "ranker_test": [5, 6]},
+    )
+
+
+@dataclasses.dataclass
+class Trained:
+    data: pathlib.Path
+    run: pathlib.Path
+    ranker_dir: pathlib.Path
+    test_metrics: dict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny trained ranker (user + pin scratch tables), saved as launch.train_ranker does."""
+    root = tmp_path_factory.mktemp("export")
+    _write_world(root / "data")
+    ents = tuple(
+        F.EntitySpec(name=n, column=c, facets=(F.FacetSpec(source="scratch", dim=DIM),))
+        for n, c in (("user", "user_id"), ("pin", "item_id"))
+    )
+    cfg = T.TrainConfig(
+        data=T.DataConfig(path=str(root / "data")),
+        entities=ents,
+        batch_size=256,
+        num_epochs=4.0,
+        log_every=0,
+        dense_learning_rate=1e-2,
+        table_learning_rate=0.3,
+        model=M.RankerConfig(mlp_dims=(16,), head_dims=(8,), num_cross_layers=1),
+    )
+    # One device: the export does not care how the ranker was trained; compiles faster.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    res = T.train_and_evaluate(cfg, root / "run", log=lambda s: None, mesh=mesh)
+    # Record the data the way launch.train_ranker does (metrics.json "config").
+    meta = json.loads((root / "run" / "metrics.json").read_text())
+    meta["config"] = {
+        "data": {
+            "path": str(root / "data"),
+            "world_config": "smoke",
+            "table": "impressions",
+            "train_window": "ranker_train",
+            "valid_window": "ranker_valid",
+            "test_window": "ranker_test",
+            "click_column": "click",
+            "conversion_column": "conversion",
+            "coarse_features": "",
+            "max_train_examples": 0,
+        }
+    }
+    (root / "run" / "metrics.json").write_text(json.dumps(meta))
+    return Trained(
+        data=root / "data",
+        run=root / "run",
+        ranker_dir=root / "run" / "ranker",
+        test_metrics=res["test"],
+    )
+
+
+def _leftovers(parent: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_export_passes_the_gate_and_the_artifact_serves_the_evaluated_tables(trained, tmp_path):
+    out = tmp_path / "art"
+    rep = X.export_ranker(
+        X.ExportConfig(ranker_dir=str(trained.ranker_dir), out_dir=str(out)), log=lambda s: None
+    )
+    assert rep["gate"]["passed"] and rep["gate"]["failed_tasks"] == []
+    art = AR.load_artifact(out, verify=True)  # full sha256 pass
+    assert art.version == rep["version"] and len(art.version) == 16
+    ranker = M.load_ranker(trained.ranker_dir)
+    assert sorted(art.tables) == ["pin", "user"]
+    for ent, t in ranker.tables.items():
+        q = art.tables[ent]
+        assert (q.bits, q.num_rows, q.dim) == (4, t.shape[0], DIM)
+        assert q.codes.shape == (t.shape[0], 3) and q.scale.dtype == np.float16
+        want = rowwise.quantize_rows(np.asarray(t), bits=4)
+        np.testing.assert_array_equal(q.codes, want.codes)
+        np.testing.assert_array_equal(art.vocabs[ent], ranker.vocabs[ent])
+        # Every element within half a quantization step of the trained value.
+        err = np.abs(rowwise.dequantize_rows(q) - np.asarray(t))
+        assert np.all(err <= q.scale.astype(np.float32)[:, None] / 2 + 1e-6)
+        assert rep["quant_error"][ent]["max_abs_error"] == pytest.approx(float(err.max()), rel=1e-6)
+        assert rep["quant_error"][ent]["max_error_in_half_steps"] <= 1.0 + 1e-4
+    # Ranker config and params round-trip; the config is RankerConfig.to_dict() plus extras.
+    assert M.RankerConfig.from_dict(art.ranker_config) == ranker.config
+    assert art.ranker_config["entity_columns"] == {"user": "user_id", "pin": "item_id"}
+    assert set(art.ranker_params) == set(ranker.params)
+    for k, v in ranker.params.items():
+        np.testing.assert_array_equal(art.ranker_params[k], v)
+    # The full-precision numbers equal the trainer's own test evaluation; the quantized
+    # ones are what the served artifact gives.
+    q = rep["quality"]
+    for task in X.TASKS:
+        assert q[task]["auc_full"] == pytest.approx(trained.test_metrics[f"{task}_auc"], abs=1e-9)
+        assert q[task]["auc_delta"] == pytest.approx(q[task]["auc_quant"] - q[task]["auc_full"])
+        assert rep["gate"]["auc_drop"][task] == pytest.approx(-q[task]["auc_delta"])
+        assert rep["gate"]["auc_drop"][task] <= 1e-3
+        assert 0 <= q[task]["auc_delta_se"] < 0.05
+    split, window = X.load_test_split(ranker, X.resolve_data_config(trained.ranker_dir, ranker))
+    assert window == (5, 6) and rep["num_test_examples"] == len(split["click"]) == 1024
+    served = T.evaluate_ranker(
+        ranker, split, tables={e: art.lookup(e, np.arange(len(v))) for e, v in art.vocabs.items()}
+    )
+    assert served["ctr_auc"] == pytest.approx(q["ctr"]["auc_quant"], abs=1e-9)
+    assert served["cvr_log_loss"] == pytest.approx(q["cvr"]["log_loss_quant"], rel=1e-6)
+    # The report is next to the artifact and in the manifest; nothing else is left behind.
+    on_disk = json.loads((tmp_path / X.REPORT_NAME).read_text())
+    assert on_disk["version"] == art.version and on_disk["quality"] == json.loads(json.dumps(q))
+    assert art.manifest.report["gate"]["passed"] is True
+    assert on_disk["artifact_bytes"] == sum(
+        f.stat().st_size for f in out.rglob("*") if f.is_file() and f.name != "manifest.json"
+    )
+    assert _leftovers(tmp_path) == []
+    text = X.format_report(rep)
+    assert "gate: PASSED" in text and "user" in text and art.version in text
+    # Exporting the same ranker again gives the same version (content-derived).
+    again = X.export_ranker(
+        X.ExportConfig(ranker_dir=str(trained.ranker_dir), out_dir=str(out)), log=lambda s: None
+    )
+    assert again["version"] == rep["version"]
+
+
+def test_size_report_arithmetic_is_exact(trained, tmp_path):
+    rep = X.export_ranker(
+        X.ExportConfig(
+            ranker_dir=str(trained.ranker_dir), out_dir=str(tmp_path / "a"), max_auc_drop=1.0
+        ),
+        log=lambda s: None,
+    )
+    users = len(M.load_ranker(trained.ranker_dir).vocabs["user"])
+    assert users == NUM_USERS
+    u = rep["sizes"]["tables"]["user"]
+    # dim 5 -> 3 packed bytes + fp16 scale (2) + fp16 bias (2) = 7 bytes per row.
+    assert (u["bytes"], u["fp32_bytes"], u["fp16_bytes"]) == (48 * 7, 48 * 20, 48 * 10)
+    assert u["ratio_vs_fp32"] == pytest.approx(7 / 20) and u["ratio_vs_fp16"] == pytest.approx(0.7)
+    tot = rep["sizes"]["total"]
+    assert tot["bytes"] == (48 + 40) * 7 and tot["ratio_vs_fp32"] == pytest.approx(0.35)
+    # Payload on disk: codes/scale/bias files are the payload plus one .npy header each.
+    art = AR.load_artifact(tmp_path / "a")
+    assert art.tables["user"].nbytes == u["bytes"]
+
+
+def test_gate_failure_writes_nothing_and_keeps_the_previous_artifact(trained, tmp_path):
+    out = tmp_path / "art"
+    good = X.export_ranker(
+        X.ExportConfig(ranker_dir=str(trained.ranker_dir), out_dir=str(out), bits=8),
+        log=lambda s: None,
+    )
+    cfg = X.ExportConfig(
+        ranker_dir=str(trained.ranker_dir), out_dir=str(out), max_auc_drop=-1.0, overwrite=True
+    )
+    with pytest.raises(X.ExportGateError, match="failed the quality gate") as e:
+        X.export_ranker(cfg, log=lambda s: None)
+    assert e.value.report["gate"]["passed"] is False
+    assert e.value.report["gate"]["failed_tasks"] == list(X.TASKS)
+    assert AR.verify_artifact(out).version == good["version"]  # untouched (still the INT8 one)
+    assert AR.load_artifact(out).tables["user"].bits == 8
+    assert _leftovers(tmp_path) == []
+    assert json.loads((tmp_path / X.REPORT_NAME).read_text())["gate"]["passed"] is False
+    # A fresh output folder is not created at all.
+    with pytest.raises(X.ExportGateError):
+        X.export_ranker(dataclasses.replace(cfg, out_dir=str(tmp_path / "new")), log=lambda s: None)
+    assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
+
+
+def test_gate_catches_a_broken_quantizer(trained, tmp_path, monkeypatch):
+    real = rowwise.quantize_table_chunked
+
+    def broken(src, out_dir, name, **kw):
+        paths = real(src, out_dir, name, **kw)
+        scale = np.load(paths["scale"], mmap_mode="r+")
+        scale[:] = 0  # every row collapses to its minimum
+        scale.flush()
+        return paths
+
+    monkeypatch.setattr(rowwise, "quantize_table_chunked", broken)
+    with pytest.raises(X.ExportGateError) as e:
+        X.export_ranker(
+            X.ExportConfig(ranker_dir=str(trained.ranker_dir), out_dir=str(tmp_path / "art")),
+            log=lambda s: None,
+        )
+    rep = e.value.report
+    # The planted signal lives in the user x pin tables: CTR AUC collapses.
+    assert "ctr" in rep["gate"]["failed_tasks"] and rep["gate"]["auc_drop"]["ctr"] > 0.05
+    assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
+
+
+def test_paired_auc_delta_by_hand_and_against_the_pairwise_definition():
+    # a: 0.9 beats both negatives, 0.4 beats one -> 0.75; b ranks both positives first.
+    auc_a, auc_b, se = X.paired_auc_delta([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1], [0.9, 0.6, 0.5, 0.1])
+    assert (auc_a, auc_b) == (0.75, 1.0)
+    # Placements: positives a [1, .5] b [1, 1]; negatives a [.5, 1] b [1, 1]:
+    # var = var([0, .5]) / 2 + var([.5, 0]) / 2 = .125 / 2 + .125 / 2.
+    assert se == pytest.approx(np.sqrt(0.125))
+    rng = np.random.default_rng(3)
+    y = rng.random(60) < 0.3
+    a = np.round(rng.normal(size=60), 1)  # ties, counted 1/2
+    b = np.round(a + 0.5 * rng.normal(size=60), 1)
+    psi = [
+        (s[y][:, None] > s[~y][None, :]) + 0.5 * (s[y][:, None] == s[~y][None, :]) for s in (a, b)
+    ]
+    d10 = psi[1].mean(1) - psi[0].mean(1)
+    d01 = psi[1].mean(0) - psi[0].mean(0)
+    want = np.sqrt(np.var(d10, ddof=1) / y.sum() + np.var(d01, ddof=1) / (~y).sum())
+    got = X.paired_auc_delta(y, a, b)
+    assert got[0] == pytest.approx(metrics.auc(y, a)) and got[1] == pytest.approx(metrics.auc(y, b))
+    assert got[2] == pytest.approx(want)
+    assert X.paired_auc_delta(y, a, a)[2] == 0.0
+    assert all(np.isnan(X.paired_auc_delta([0, 0], [1, 2], [1, 2])))
+
+
+def test_gate_with_noise_z_passes_drops_within_the_paired_error():
+    def quality(drop, se):
+        return {"auc_full": 0.7, "auc_quant": 0.7 - drop, "auc_delta_se": se}
+
+    q = {"ctr": quality(0.002, 0.0005), "cvr": quality(0.004, 0.003), "ctcvr": quality(-0.01, 0.01)}
+    strict = X._gate(q, 0.001)
+    assert strict["failed_tasks"] == ["ctr", "cvr"] and not strict["passed"]
+    assert strict["auc_drop"]["ctcvr"] == pytest.approx(-0.01)
+    lenient = X._gate(q, 0.001, noise_z=2.0)  # cvr: 0.004 <= 2 * 0.003; ctr: 0.002 > 0.001
+    assert lenient["failed_tasks"] == ["ctr"] and lenient["within_noise_tasks"] == ["cvr"]
+    q["ctr"] = quality(0.002, 0.0011)
+    assert X._gate(q, 0.001, noise_z=2.0)["passed"]
+    q["cvr"] = {"auc_full": float("nan"), "auc_quant": float("nan"), "auc_delta_se": None}
+    assert X._gate(q, 0.001)["skipped_tasks"] == ["cvr"]
+
+
+def test_dequantized_table_gathers_like_dequantize_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 6)).astype(np.float32)
+    q = X.quantize_in_memory(x, bits=4, chunk_rows=8)
+    whole = rowwise.quantize_rows(x, bits=4)
+    np.testing.assert_array_equal(q.codes, whole.codes)
+    np.testing.assert_array_equal(q.scale, whole.scale)
+    np.testing.assert_array_equal(q.bias, whole.bias)
+    view = X.DequantizedTable(q)
+    full = rowwise.dequantize_rows(whole)
+    assert view.shape == (37, 6) and len(view) == 37
+    np.testing.assert_array_equal(view[np.array([[3, 0], [36, 3]])], full[[[3, 0], [36, 3]]])
+    np.testing.assert_array_equal(view[2:5], full[2:5])
+    np.testing.assert_array_equal(view[-1], full[-1])
+    np.testing.assert_array_equal(np.asarray(view), full)
+
+
+def test_recorded_data_is_found_or_the_error_says_where_it_looked(trained, tmp_path):
+    ranker = M.load_ranker(trained.ranker_dir)
+    d = X.resolve_data_config(trained.ranker_dir, ranker)
+    assert d.path == str(trained.data) and d.test_window == "ranker_test"
+    assert (d.train_window, d.valid_window, d.coarse_features) == ("", "", ("hour",))
+    # An ablation run's ranker: ABL/runs/<variant>_s<seed>/ranker with ABL/ablation.json.
+    abl_ranker = tmp_path / "abl" / "runs" / "cl_kg_s0" / "ranker"
+    shutil.copytree(trained.ranker_dir, abl_ranker)
+    with pytest.raises(ValueError, match="--data=DATASET") as e:
+        X.resolve_data_config(abl_ranker, ranker)
+    assert "ablation.json" in str(e.value)
+    (tmp_path / "abl" / "ablation.json").write_text(
+        json.dumps({"data": {"path": "/elsewhere", "test_window": [5, 6], "coarse_features": None}})
+    )
+    d = X.resolve_data_config(abl_ranker, ranker)
+    assert (d.path, d.test_window) == ("/elsewhere", (5, 6))
+    assert X.resolve_data_config(abl_ranker, ranker, data_path=str(trained.data)).path == str(
+        trained.data
+    )
+
+
+def test_int4_row_is_added_to_the_ablation(trained, tmp_path):
+    ranker = M.load_ranker(trained.ranker_dir)
+    abl = tmp_path / "abl"
+    shutil.copytree(trained.ranker_dir, abl / "runs" / "cl_kg_s0" / "ranker")
+    # Use the full-precision ranker itself as the "baseline": the row's gain is then
+    # exactly the INT4 AUC change relative to its lift over random.
+    full = trained.test_metrics
+    result = {
+        "seeds": [0],
+        "data": dataclasses.asdict(T.DataConfig(path=str(trained.data))),
+        "windows": {"test": [5, 6]},
+        "order": [A.BASELINE],
+        "seconds": 0.0,
+        "variants": {
+            A.BASELINE: A.summarize_variant(label="fp32", per_seed={0: full}, baseline={0: full})
+        },
+    }
+    (abl / "ablation.json").write_text(json.dumps(result, default=T._json_default))
+    row = X.add_int4_row(abl)
+    split, _ = X.load_test_split(ranker, X.resolve_data_config(trained.ranker_dir, ranker))
+    quant = T.evaluate_ranker(ranker, split, tables=X.int4_transform(ranker))
+    for task in X.TASKS:
+        assert row[f"{task}_auc_mean"] == pytest.approx(quant[f"{task}_auc"], abs=1e-12)
+        gain = (quant[f"{task}_auc"] - full[f"{task}_auc"]) / (full[f"{task}_auc"] - 0.5)
+        assert row[f"{task}_relaimpr_mean"] == pytest.approx(gain, abs=1e-9)
+    md = (abl / "ablation.md").read_text()
+    assert X.INT4_LABEL in md
+    assert json.loads((abl / "ablation.json").read_text())["order"] == [A.BASELINE, X.INT4_ROW]
+
+
+@pytest.mark.slow
+def test_launch_exports_and_fails_the_gate_with_a_nonzero_exit(trained, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    base = [sys.executable, "-m", "launch.export_int4", f"--checkpoint={trained.ranker_dir}"]
+    bad = subprocess.run(
+        [*base, f"--out={tmp_path / 'bad'}", "--max_auc_drop=-1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "failed the quality gate" in bad.stderr and "gate: FAILED" in bad.stdout
+    assert not (tmp_path / "bad").exists()
+    ok = subprocess.run(
+        [
+            *base,
+            f"--out={tmp_path / 'art'}",
+            f"--data={trained.data}",
+            f"--workdir={tmp_path / 'wd'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    metrics = json.loads((tmp_path / "wd" / "metrics.json").read_text())
+    assert metrics["version"] == AR.verify_artifact(tmp_path / "art").version
+    assert "gate: PASSED" in ok.stdout
