@@ -72,6 +72,30 @@ def _ablation_summary(wd: pathlib.Path) -> str:
             f"{v[best]['ctr_auc_mean']:.4f} ({100 * v[best].get('ctr_relaimpr_mean', 0):+.1f}%)")
 
 
+def _export_summary(wd: pathlib.Path) -> str:
+    e = _read(wd / "export_report.json")
+    if not e:
+        return "no export_report.json"
+    q = e.get("quality") or {}
+    deltas = ", ".join(f"{t} AUC {v.get('auc_delta', float('nan')):+.5f}"
+                       for t, v in q.items() if isinstance(v, dict) and "auc_delta" in v)
+    sizes = (e.get("sizes") or {}).get("total") or {}
+    ratio = sizes.get("ratio_vs_fp32")
+    ratio_s = f"{100 * ratio:.1f}% of fp32" if isinstance(ratio, float) else "size n/a"
+    return f"version {e.get('version')}, tables {ratio_s}; {deltas}"
+
+
+def _serving_summary(wd: pathlib.Path) -> str:
+    s = _read(wd / "serving_check.json")
+    if not s:
+        return "no serving_check.json"
+    return (f"{s.get('num_requests')} requests × {s.get('candidates')} candidates over "
+            f"{s.get('num_shards')} shards: p50 {s.get('latency_ms_p50', 0):.1f} ms, p99 "
+            f"{s.get('latency_ms_p99', 0):.1f} ms; max |served - offline| "
+            f"{max(s.get('max_abs_diff_ctr') or 0, s.get('max_abs_diff_cvr') or 0):.2e}; "
+            f"ok={s.get('ok')}")
+
+
 def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int) -> dict:
     marker = wd / "stages" / f"{stage.name}.json"
     m = _read(marker)
@@ -121,7 +145,8 @@ def build_stages(cfg, wd: pathlib.Path) -> list[Stage]:
     from launch import pipeline_stages
 
     return pipeline_stages.build(cfg, wd, Stage=Stage, py=_py, summaries={
-        "world": _world_summary, "ablation": _ablation_summary})
+        "world": _world_summary, "ablation": _ablation_summary, "export": _export_summary,
+        "serving": _serving_summary})
 
 
 def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib.Path:
