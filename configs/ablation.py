@@ -47,7 +47,7 @@ def get_config(arg=None):
     smoke = arg == "smoke"
     c = ml_collections.ConfigDict()
     c.ranker = _ranker_config(arg)  # data, model and optimisation shared by all runs
-    c.ranker.train.log_every = 0 if smoke else 50
+    c.ranker.train.log_every = 10 if smoke else 50
     c.variants = ALL_VARIANTS
     c.seeds = (0, 1, 2)
     c.facet_dirs = ml_collections.ConfigDict(

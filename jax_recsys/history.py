@@ -75,3 +75,49 @@ def read_history(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not a JSON line: {e}") from e
     return out
+
+
+def records_from_metrics(metrics: Mapping) -> list[dict]:
+    """Training-curve records from a run's metrics.json.
+
+    Trainers keep their logged progress in metrics.json: pretraining runs as a
+    `history` list of `{"step": ..., name: value}` dicts, the ranker as
+    `train.loss_curve` pairs `(step, loss_ema)`. Non-numeric values are dropped.
+
+    Args:
+      metrics: a parsed metrics.json.
+
+    Returns:
+      Records sorted by step (empty when the run logged nothing).
+    """
+    recs = []
+    for r in metrics.get("history") or []:
+        if isinstance(r, Mapping) and "step" in r:
+            rec = {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            recs.append(rec)
+    train = metrics.get("train")
+    if isinstance(train, Mapping):
+        for step, loss in train.get("loss_curve") or []:
+            recs.append({"step": step, "loss_ema": loss})
+    return sorted(recs, key=lambda r: r["step"])
+
+
+def export_run_history(run_dir: str | os.PathLike, *, tensorboard: bool = True) -> list[dict]:
+    """Writes `run_dir/history.jsonl` (and TensorBoard events) from its metrics.json.
+
+    A run that already has a history.jsonl is left as it is. Returns the records.
+    """
+    run_dir = pathlib.Path(run_dir)
+    existing = read_history(run_dir)
+    if existing:
+        return existing
+    mpath = run_dir / "metrics.json"
+    if not mpath.exists():
+        return []
+    recs = records_from_metrics(json.loads(mpath.read_text()))
+    if recs:
+        w = MetricWriter(run_dir, tensorboard=tensorboard)
+        for r in recs:
+            w.write(r["step"], {k: v for k, v in r.items() if k != "step"})
+        w.close()
+    return recs

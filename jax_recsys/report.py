@@ -169,25 +169,38 @@ def write_report(
         md.append("")
     if export:
         md += ["## INT4 export", ""]
-        for key in ("version", "bits", "gate"):
-            if key in export:
-                md.append(f"- {key}: {export[key]}")
-        sizes = export.get("sizes") or export.get("size_report") or {}
-        tables = sizes.get("tables", sizes) if isinstance(sizes, Mapping) else {}
-        if isinstance(tables, Mapping) and tables:
-            md += ["", "| table | bytes | vs fp32 | vs fp16 |", "|---|---|---|---|"]
+        gate = export.get("gate") or {}
+        md.append(
+            f"- version {export.get('version')}, {export.get('bits')}-bit rows with "
+            f"{export.get('scale_dtype', 'float16')} scale/bias; gate "
+            f"{'passed' if gate.get('passed') else 'FAILED'} (max AUC drop "
+            f"{gate.get('max_auc_drop')}, noise z {gate.get('noise_z', 0)})"
+        )
+        sizes = export.get("sizes") or {}
+        tables = dict(sizes.get("tables") or {})
+        if sizes.get("total"):
+            tables["total"] = sizes["total"]
+        if tables:
+            md += ["", "| table | bytes | fp32 bytes | vs fp32 | vs fp16 |", "|---|---|---|---|---|"]
             for name, t in tables.items():
                 if isinstance(t, Mapping) and "bytes" in t:
                     md.append(
-                        f"| {name} | {t['bytes']} | {t.get('ratio_fp32', float('nan')):.3f} | "
-                        f"{t.get('ratio_fp16', float('nan')):.3f} |"
+                        f"| {name} | {t['bytes']:,} | {t.get('fp32_bytes', 0):,} | "
+                        f"{100 * t.get('ratio_vs_fp32', float('nan')):.2f}% | "
+                        f"{100 * t.get('ratio_vs_fp16', float('nan')):.2f}% |"
                     )
         quality = export.get("quality") or {}
         if quality:
-            md += ["", "| metric | full precision | INT4 | delta |", "|---|---|---|---|"]
-            for k, q in quality.items():
-                if isinstance(q, Mapping) and "full" in q:
-                    md.append(f"| {k} | {q['full']:.5f} | {q['quantized']:.5f} | {q['delta']:+.5f} |")
+            md += ["", "| task | metric | full precision | INT4 | delta |", "|---|---|---|---|---|"]
+            for task, q in quality.items():
+                if not isinstance(q, Mapping):
+                    continue
+                for m in ("auc", "log_loss", "calibration"):
+                    if f"{m}_full" in q:
+                        md.append(
+                            f"| {task} | {m} | {q[f'{m}_full']:.5f} | {q[f'{m}_quant']:.5f} | "
+                            f"{q[f'{m}_delta']:+.5f} |"
+                        )
         md.append("")
     if serving:
         md += ["## Live hybrid serving (loopback)", ""]

@@ -155,17 +155,18 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
     hist = {}
     for k, p in ((abl or {}).get("pretraining") or {}).items():
         pre[k] = {kk: vv for kk, vv in (p.get("metrics") or {}).items() if not isinstance(vv, dict | list)}
-        run_dir = pathlib.Path(p.get("path", "")).parent
-        recs = history.read_history(run_dir) if run_dir.exists() else []
-        if recs:
-            hist[f"pretrain {k}"] = recs
+    pdir = wd / "ablation" / "pretrain"
+    if pdir.exists():
+        for d in sorted(pdir.iterdir()):
+            recs = history.export_run_history(d) if (d / "metrics.json").exists() else []
+            if recs:
+                hist[f"pretrain {d.name}"] = recs
     runs = wd / "ablation" / "runs"
     if runs.exists():
         for d in sorted(runs.iterdir()):
-            if d.name.endswith("_s0"):
-                recs = history.read_history(d)
-                if recs:
-                    hist[f"ranker {d.name[:-3]}"] = recs
+            recs = history.export_run_history(d)
+            if recs and d.name.endswith("_s0"):
+                hist[f"ranker {d.name[:-3]}"] = recs
     path = report.write_report(
         wd, stages=results, ablation=abl, export=_read(wd / "export_report.json") or None,
         serving=_read(wd / "serving_check.json") or None, pretraining=pre, histories=hist)

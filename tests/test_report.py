@@ -1,0 +1,69 @@
+"""The pipeline report and the training-curve history files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jax_recsys import history, report
+
+
+def _ablation():
+    v = {
+        "no_large_tables": {"label": "no large tables", "ctr_auc_mean": 0.70, "ctr_auc_std": 0.01,
+                            "cvr_auc_mean": 0.55, "cvr_auc_std": 0.02},
+        "cl_kg": {"label": "+ both facets", "ctr_auc_mean": 0.74, "ctr_auc_std": 0.005,
+                  "ctr_relaimpr_mean": 0.2, "ctr_relaimpr_std": 0.01,
+                  "cvr_auc_mean": 0.56, "cvr_auc_std": 0.01},
+    }
+    return {"order": ["no_large_tables", "cl_kg"], "variants": v, "seeds": [0, 1]}
+
+
+def test_history_roundtrip_and_metrics_extraction(tmp_path):
+    w = history.MetricWriter(tmp_path / "a", tensorboard=False)
+    w.write(1, {"loss": 2.0, "acc": float("nan")})
+    w.write(2, {"loss": 1.5})
+    w.close()
+    assert history.read_history(tmp_path / "a") == [
+        {"step": 1, "loss": 2.0, "acc": None}, {"step": 2, "loss": 1.5}]
+    (tmp_path / "a" / "history.jsonl").write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="history.jsonl:2"):
+        history.read_history(tmp_path / "a")
+
+    m = {"history": [{"step": 20, "loss": 1.0, "recall@10": 0.3, "name": "x"}],
+         "train": {"loss_curve": [[10, 0.7], [5, 0.9]]}}
+    assert history.records_from_metrics(m) == [
+        {"step": 5, "loss_ema": 0.9}, {"step": 10, "loss_ema": 0.7},
+        {"step": 20, "loss": 1.0, "recall@10": 0.3}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(m))
+    recs = history.export_run_history(run, tensorboard=False)
+    assert len(recs) == 3 and history.read_history(run) == recs
+
+
+def test_report_tables_and_plots(tmp_path):
+    export = {
+        "version": "abc", "bits": 4, "scale_dtype": "float16",
+        "gate": {"passed": True, "max_auc_drop": 0.001, "noise_z": 0.0},
+        "sizes": {"tables": {"user": {"bytes": 36, "fp32_bytes": 256, "fp16_bytes": 128,
+                                      "ratio_vs_fp32": 36 / 256, "ratio_vs_fp16": 36 / 128}},
+                  "total": {"bytes": 36, "fp32_bytes": 256, "fp16_bytes": 128,
+                            "ratio_vs_fp32": 36 / 256, "ratio_vs_fp16": 36 / 128}},
+        "quality": {"ctr": {"auc_full": 0.74, "auc_quant": 0.7399, "auc_delta": -0.0001}},
+    }
+    hist = {"ranker cl_kg": [{"step": 1, "loss_ema": 1.0}, {"step": 2, "loss_ema": 0.5}],
+            "pretrain cl": [{"step": 1, "loss": 3.0, "recall@10": 0.1},
+                            {"step": 2, "loss": 2.0, "recall@10": 0.2}]}
+    path = report.write_report(
+        tmp_path, stages=[{"stage": "world", "seconds": 1.0, "summary": "ok", "skipped": False}],
+        ablation=_ablation(), export=export,
+        serving={"latency_ms_p50": 3.25, "ok": True}, pretraining={}, histories=hist)
+    md = path.read_text()
+    assert "| + both facets | 0.7400 ± 0.0050 | +20.0% ± 1.0 |" in md
+    assert "| user | 36 | 256 | 14.06% | 28.12% |" in md
+    assert "| ctr | auc | 0.74000 | 0.73990 | -0.00010 |" in md
+    assert "latency_ms_p50: 3.25" in md
+    for png in ("auc_per_variant.png", "training_curves.png", "pretraining_eval.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
