@@ -42,6 +42,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", "", "Where worlds are written (default: a temp dir, deleted at the end)."
 )
 _BATCH = flags.DEFINE_integer("batch_size", 4096, "Batch size of the iterator benchmark.")
+_VOCAB_IDS = flags.DEFINE_integer("vocab_ids", 10_000_000, "Raw ids of the vocabulary bench (0: skip).")
 _BATCHES = flags.DEFINE_integer("iterator_batches", 300, "Batches timed in the iterator bench.")
 
 _TARGET_EVENTS = 1e6
@@ -148,6 +149,29 @@ def _bench_iterator(path: pathlib.Path, scale: str) -> None:
     )
 
 
+def _bench_vocab(n: int) -> None:
+    """Vocabulary build + lookup of n Zipf-distributed raw ids (a large ID column)."""
+    import time
+
+    import numpy as np
+
+    from jax_recsys.data.vocab import Vocab
+
+    if n <= 0:
+        return
+    raw = np.random.default_rng(0).zipf(1.2, size=n).astype(np.int64)
+    t0 = time.perf_counter()
+    v = Vocab.build(raw)
+    t1 = time.perf_counter()
+    rows = v.lookup(raw)
+    t2 = time.perf_counter()
+    assert (rows >= 0).all()
+    _emit({"bench": "vocab_build_lookup", "ids": n, "unique": len(v),
+           "build_seconds": round(t1 - t0, 3), "lookup_seconds": round(t2 - t1, 3),
+           "ids_per_second": round(n / (t2 - t0)), "target_seconds": 20.0,
+           "ratio_vs_target": round((t2 - t0) / 20.0, 3)})
+
+
 def main(argv):
     del argv
     root = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="bench_data_"))
@@ -198,6 +222,7 @@ def main(argv):
                 )
         if iterator_world is not None:
             _bench_iterator(*iterator_world)
+        _bench_vocab(_VOCAB_IDS.value)
     finally:
         if not _WORKDIR.value:
             shutil.rmtree(root, ignore_errors=True)

@@ -1,7 +1,6 @@
 """Tests for jax_recsys.data.vocab: exact row orders, OOV handling, save/load, and
 hypothesis properties of the raw id <-> row remapping."""
 
-import time
 
 import numpy as np
 import pytest
@@ -100,12 +99,14 @@ def test_property_save_load(raw, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_build_10m_ids_is_fast():
+def test_build_and_lookup_2m_zipf_ids():
+    # Speed is measured by launch.bench_data (vocab_build line), not asserted here.
     rng = np.random.default_rng(0)
-    raw = rng.zipf(1.2, size=10_000_000).astype(np.int64)
-    t0 = time.perf_counter()
+    raw = rng.zipf(1.2, size=2_000_000).astype(np.int64)
     v = Vocab.build(raw)
     rows = v.lookup(raw)
-    elapsed = time.perf_counter() - t0
     assert (rows >= 0).all()
-    assert elapsed < 20, f"build+lookup of 10M ids took {elapsed:.1f}s"
+    uniq = np.unique(raw)
+    assert len(v) == uniq.size
+    np.testing.assert_array_equal(np.sort(v.ids), uniq)
+    np.testing.assert_array_equal(v.ids[rows], raw)
