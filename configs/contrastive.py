@@ -73,4 +73,8 @@ def get_config(arg=None):
     c.train.eval_loss_batches = 4
     c.train.log_every = 10 if smoke else 50
     c.train.seed = 0
+    # Checkpoints in WORKDIR/checkpoints every N steps (0: off); a rerun with the same
+    # WORKDIR resumes from the latest one. Keep the newest `keep_checkpoints`.
+    c.train.checkpoint_every = 0
+    c.train.keep_checkpoints = 2
     return c

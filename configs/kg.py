@@ -63,6 +63,10 @@ def get_config(arg=None):
     c.train.seed = 0
     c.train.log_every = 20 if smoke else 200
     c.train.eval_every_epochs = 1 if smoke else 2
+    # Checkpoints in WORKDIR/checkpoints every N steps (0: off); a rerun with the same
+    # WORKDIR resumes from the latest one. Keep the newest `keep_checkpoints`.
+    c.train.checkpoint_every = 0
+    c.train.keep_checkpoints = 2
 
     c.eval = ml_collections.ConfigDict()
     c.eval.block_size = 256

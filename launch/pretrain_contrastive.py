@@ -3,6 +3,12 @@
   python -m launch.pretrain_contrastive --config=configs/contrastive.py[:smoke] \
       --workdir=DIR --config.data.path=DATASET_DIR \
       [--config.data.window_start=0 --config.data.window_end=20]
+
+Several processes (hosts): run the same command once per process with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JAX_*
+variables); the mesh spans every process's devices. With
+config.train.checkpoint_every > 0, training checkpoints go to WORKDIR/checkpoints and
+rerunning the same command resumes from the newest one.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ def main(argv):
         dense_learning_rate=t.dense_learning_rate, eval_every=t.eval_every,
         eval_ks=tuple(t.eval_ks), eval_loss_batches=t.eval_loss_batches,
         log_every=t.log_every, seed=t.seed,
+        checkpoint_every=t.get("checkpoint_every", 0), keep_checkpoints=t.get("keep_checkpoints", 2),
     )
     metrics = contrastive_train.train_and_evaluate(
         pairs=contrastive_data.load_pairs(data), config=config, workdir=workdir)

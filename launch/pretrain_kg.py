@@ -4,6 +4,12 @@
       --config.data.path=DATASET_DIR      # a dataset folder (reads its kg/)
   python -m launch.pretrain_kg --config=configs/kg_triples.py --workdir=DIR \
       --config.data.path=TRIPLE_DIR       # any train/valid/test.txt folder
+
+Several processes (hosts): run the same command once per process with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the JAX_*
+variables); the mesh spans every process's devices. With
+config.train.checkpoint_every > 0, training checkpoints go to WORKDIR/checkpoints and
+rerunning the same command resumes from the newest one.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ def main(argv):
             entity_initial_accumulator=t.entity_initial_accumulator,
             relation_learning_rate=t.relation_learning_rate, num_epochs=t.num_epochs,
             max_steps=_unset(t.max_steps), seed=t.seed, log_every=t.log_every,
-            eval_every_epochs=t.eval_every_epochs),
+            eval_every_epochs=t.eval_every_epochs,
+            checkpoint_every=t.get("checkpoint_every", 0),
+            keep_checkpoints=t.get("keep_checkpoints", 2)),
         eval_config=kg_eval.KGEvalConfig(block_size=e.block_size,
                                          max_triples=_unset(e.max_triples), sides=tuple(e.sides)),
         workdir=workdir,

@@ -24,7 +24,12 @@ or pin has no row are dropped (counted): they cannot be scored.
 The pin sampling probabilities for the logQ correction are counted up front over
 the training window (`pin_freq`, sums to 1 over the pin rows).
 
-Legend: P pairs, R pin rows.
+Batch order (`PairSchedule`): which pairs global step s reads is a pure function of
+(seed, s): a per-epoch permutation seeded by (seed, epoch). A checkpoint's data
+position is therefore just its step, and each process of a multi-process run reads
+only its contiguous B / process_count slice of every batch.
+
+Legend: P pairs, R pin rows, B global batch.
 """
 
 from __future__ import annotations
@@ -277,3 +282,70 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
         pin_freq=counts / counts.sum(), pin_side=pin_side, side_vocab_sizes=side_sizes,
         stats=stats,
     )
+
+
+# ----------------------------------------------------------------------------- batch schedule
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PairSchedule:
+    """Which training pairs each global step reads: a pure function of (seed, step).
+
+    Epoch e visits the P pairs in the order `permutation(P)` drawn from
+    `default_rng([seed, e])`, B at a time; the last P mod B pairs of each epoch are
+    skipped (fixed batch shapes). With P < B every epoch is one padded batch. So the
+    data position of a checkpoint is just the step count, stored as
+    (epoch, step_in_epoch) for readability, and a resumed run reads the same
+    batches as an uninterrupted one, on any number of processes.
+
+    Attributes:
+      num_pairs: P.
+      batch_size: B (global).
+      seed: permutation seed.
+    """
+
+    num_pairs: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self):
+        if self.num_pairs < 1 or self.batch_size < 1:
+            raise ValueError(f"num_pairs and batch_size must be >= 1, got "
+                             f"{self.num_pairs}, {self.batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(self.num_pairs // self.batch_size, 1)
+
+    def position(self, step: int) -> dict[str, int]:
+        """{"epoch", "step_in_epoch"} of 0-based global `step` (what a checkpoint stores)."""
+        epoch, i = divmod(int(step), self.steps_per_epoch)
+        return {"epoch": epoch, "step_in_epoch": i}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """[P] the pair order of `epoch`."""
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_pairs)
+
+    def indices(self, step: int, *, perm: np.ndarray | None = None, process_index: int = 0,
+                process_count: int = 1) -> np.ndarray:
+        """Pair indices of 0-based global `step`, padded with -1 to B, this process's part.
+
+        Args:
+          step: 0-based global step.
+          perm: `permutation(epoch)` of the step's epoch, if the caller caches it.
+          process_index, process_count: which contiguous B / process_count slice to return.
+
+        Returns:
+          int64 [B / process_count] pair indices (-1 = padding).
+        """
+        b = self.batch_size
+        if b % process_count:
+            raise ValueError(f"batch_size {b} must divide by the {process_count} processes")
+        pos = self.position(step)
+        if perm is None:
+            perm = self.permutation(pos["epoch"])
+        i = pos["step_in_epoch"]
+        idx = perm[i * b : (i + 1) * b]
+        idx = np.concatenate([idx, np.full(b - idx.size, -1, idx.dtype)])
+        b_p = b // process_count
+        return idx[process_index * b_p : (process_index + 1) * b_p]

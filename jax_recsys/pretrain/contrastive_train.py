@@ -9,6 +9,13 @@ progress lines, evaluates Recall@K/NDCG@K against all pins every `eval_every`
 steps (and at the end) next to the popularity baseline and the held-out loss,
 and writes the facet checkpoint and metrics.json.
 
+Multi-process runs: every process runs the same code on a global mesh; each builds
+only its B / process_count rows of every batch (`PairSchedule`, negatives seeded by
+(seed, step)), metrics come out identical on every process and only process 0
+writes the facet. Training checkpoints (`checkpoint_every`) hold the TrainState and
+the step; `restore_train_state` puts them onto a mesh of any size, and a resumed
+run reads exactly the batches an uninterrupted one reads.
+
 Batches (`Batch`): ids `user_id` [B], `pin_id` [B] (table rows; -1 = padding) and,
 with mixed negative sampling, `neg_pin_id` [B, M] (uniform pin rows; the B*M of
 them are shared negatives of the whole batch); dense `pin_log_q` [B] and
@@ -34,19 +41,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_recsys import distributed
 from jax_recsys.data.batching import Batch
-from jax_recsys.embedding import collection as collection_lib
-from jax_recsys.embedding import specs
-from jax_recsys.embedding import train_step as train_step_lib
+from jax_recsys.embedding import collection as collection_lib, specs, train_step as train_step_lib
 from jax_recsys.embedding.train_step import TrainState
-from jax_recsys.pretrain import contrastive_loss, contrastive_model, retrieval_eval
+from jax_recsys.pretrain import (
+    contrastive_data,
+    contrastive_loss,
+    contrastive_model,
+    retrieval_eval,
+)
 from jax_recsys.pretrain.contrastive_data import ContrastivePairs
 
 FACET = "cl"
+_HELDOUT_STEP = 1 << 40  # negative-sampling seeds of held-out batches (never a train step)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,6 +85,9 @@ class ContrastiveConfig:
       export: "tower" saves the tower outputs (projected, unit-norm rows; what
         retrieval scores) as the facet tables, "raw" the table rows.
       seed: init, shuffling and negative sampling.
+      checkpoint_every: save a training checkpoint every N steps and at the end, and
+        resume from the newest one on start (0: no training checkpoints).
+      keep_checkpoints: how many training checkpoints to keep.
     """
 
     dim: int = 64
@@ -97,6 +110,8 @@ class ContrastiveConfig:
     log_every: int = 50
     export: str = "tower"
     seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
         if self.export not in ("tower", "raw"):
@@ -105,6 +120,9 @@ class ContrastiveConfig:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
+                             f"{self.checkpoint_every}, {self.keep_checkpoints}")
 
 
 def _to_host(x) -> np.ndarray:
@@ -185,6 +203,12 @@ class ContrastiveTrainer:
         self.state = train_step_lib.init_train_state(
             collection=self.collection, key=jax.random.key(cfg.seed), params=params,
             dense_tx=self.tx)
+        # Optax state and step replicated on the mesh as the step returns them: one
+        # compilation, and global arrays that multi-process jit and Orbax accept.
+        rep = NamedSharding(mesh, P())
+        self.state = dataclasses.replace(
+            self.state, opt_state=jax.device_put(self.state.opt_state, rep),
+            step=jax.device_put(self.state.step, rep))
         self._train_step = train_step_lib.make_train_step(
             collection=self.collection, loss_fn=self.loss_fn, dense_tx=self.tx,
             model_graphdef=self.graphdef)
@@ -239,18 +263,22 @@ class ContrastiveTrainer:
     # ----------------------------------------------------------------------- batches
 
     def make_batch(
-        self, user_rows: np.ndarray, pin_rows: np.ndarray, weights: np.ndarray | None = None
+        self, user_rows: np.ndarray, pin_rows: np.ndarray, weights: np.ndarray | None = None,
+        *, step: int | None = None, local: bool = False,
     ) -> Batch:
         """Host batch of B pairs (padded with -1 / mask 0 when fewer are given).
 
         Args:
           user_rows, pin_rows: [n <= B] table rows.
           weights: [n] pair weights (default 1).
+          step: global step; seeds the uniform negatives (None: the trainer's own
+            stream, not reproducible across restarts).
+          local: return only this process's contiguous B / process_count slice.
 
         Returns:
           The Batch (NumPy leaves), with logQ, side features and uniform negatives.
         """
-        b, m = self.config.batch_size, self.config.uniform_negatives
+        b = self.config.batch_size
         n = len(user_rows)
         if n > b:
             raise ValueError(f"{n} pairs do not fit a batch of {b}")
@@ -259,16 +287,62 @@ class ContrastiveTrainer:
         def padded(x, fill, dtype):
             return np.concatenate([np.asarray(x, dtype), np.full(pad, fill, dtype)])
 
-        u = padded(user_rows, -1, np.int32)
-        p = padded(pin_rows, -1, np.int32)
-        w = padded(np.ones(n) if weights is None else weights, 0.0, np.float32)
-        mask = padded(np.ones(n), 0.0, np.float32)
+        cols = (padded(user_rows, -1, np.int32), padded(pin_rows, -1, np.int32),
+                padded(np.ones(n) if weights is None else weights, 0.0, np.float32),
+                padded(np.ones(n), 0.0, np.float32))
+        neg = self._negatives(step)
+        if local:
+            sl = self._process_slice()
+            cols = tuple(c[sl] for c in cols)
+            neg = None if neg is None else neg[sl]
+        return self._build(*cols, neg)
+
+    def step_batch(self, pairs: ContrastivePairs, schedule: contrastive_data.PairSchedule,
+                   step: int, perm: np.ndarray | None = None) -> Batch:
+        """This process's part of the training batch of 0-based global `step`.
+
+        Reads only the process's B / process_count pairs (see `PairSchedule`).
+
+        Args:
+          pairs: the training pairs.
+          schedule: the batch schedule over them.
+          step: 0-based global step (also seeds the uniform negatives).
+          perm: the step's epoch permutation, if cached.
+
+        Returns:
+          The process-local Batch (NumPy leaves, [B / process_count] rows).
+        """
+        idx = schedule.indices(step, perm=perm, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+        ok = idx >= 0
+        j = np.where(ok, idx, 0)
+        neg = self._negatives(step)
+        return self._build(
+            np.where(ok, pairs.train_user[j], -1).astype(np.int32),
+            np.where(ok, pairs.train_pin[j], -1).astype(np.int32),
+            np.where(ok, pairs.train_weight[j], 0.0).astype(np.float32),
+            ok.astype(np.float32),
+            None if neg is None else neg[self._process_slice()],
+        )
+
+    def _process_slice(self) -> slice:
+        b_p = self.config.batch_size // jax.process_count()
+        return slice(jax.process_index() * b_p, (jax.process_index() + 1) * b_p)
+
+    def _negatives(self, step: int | None) -> np.ndarray | None:
+        """[B, M] uniform negative pin rows of the global batch (None when M = 0)."""
+        b, m = self.config.batch_size, self.config.uniform_negatives
+        if not m:
+            return None
+        rng = self._rng if step is None else np.random.default_rng([self.config.seed, 1, step])
+        return rng.integers(0, self.num_pins, size=(b, m), dtype=np.int32)
+
+    def _build(self, u, p, w, mask, neg) -> Batch:
         pc = np.maximum(p, 0)
         ids = {"user_id": u, "pin_id": p}
         dense = {"pin_log_q": self.pin_log_q[pc]}
         dense.update({f"pin_side/{k}": v[pc].astype(np.float32) for k, v in self.pin_side.items()})
-        if m:
-            neg = self._rng.integers(0, self.num_pins, size=(b, m), dtype=np.int32)
+        if neg is not None:
             ids["neg_pin_id"] = neg
             dense["neg_log_q"] = self.pin_log_q[neg]
             dense.update({f"neg_side/{k}": v[neg].astype(np.float32)
@@ -276,11 +350,13 @@ class ContrastiveTrainer:
         return Batch(ids=ids, dense=dense, labels={"weight": w}, mask=mask)
 
     def to_device(self, batch: Batch) -> Batch:
-        """Shards a global host batch over the mesh axis (each process sends its rows)."""
-        n, pid = jax.process_count(), jax.process_index()
-        if n > 1:  # every process builds the same global batch; keep this one's slice
-            b_p = self.config.batch_size // n
-            batch = jax.tree.map(lambda x: x[pid * b_p : (pid + 1) * b_p], batch)
+        """Assembles the global batch on the mesh, sharded on the batch axis.
+
+        Each process passes its own B / process_count rows (`local=True` batches,
+        `step_batch`); a full global host batch is cut to this process's slice first.
+        """
+        if jax.process_count() > 1 and batch.mask.shape[0] == self.config.batch_size:
+            batch = jax.tree.map(lambda x: x[self._process_slice()], batch)
         return train_step_lib.shard_batch(batch, mesh=self.mesh, axis=self.axis)
 
     # ------------------------------------------------------------------------- API
@@ -295,9 +371,11 @@ class ContrastiveTrainer:
         """Mean loss over up to `max_batches` held-out batches (no update)."""
         b = self.config.batch_size
         losses, sizes = [], []
-        for start in range(0, min(len(user_rows), b * max_batches), b):
+        for i, start in enumerate(range(0, min(len(user_rows), b * max_batches), b)):
             sl = slice(start, start + b)
-            batch = self.make_batch(user_rows[sl], pin_rows[sl])
+            # Fixed negative seeds, no training step's: the same loss at every evaluation.
+            batch = self.make_batch(user_rows[sl], pin_rows[sl], step=_HELDOUT_STEP + i,
+                                    local=True)
             out = self._eval_loss(self.state, self.to_device(batch))
             losses.append(float(out[0]))
             sizes.append(len(user_rows[sl]))
@@ -350,16 +428,27 @@ def train_and_evaluate(
 ) -> dict:
     """Trains the towers on the pairs, evaluates, writes the facet checkpoint.
 
+    Multi-process: every process calls this with the same pairs and config; each
+    builds only its B / process_count slice of every batch, metrics are identical on
+    every process, and only process 0 writes the facet.
+
+    With `config.checkpoint_every` > 0 the TrainState and the data position are saved
+    to workdir/checkpoints every that many steps and at the end, and a restarted run
+    resumes from the newest checkpoint (on any mesh): it reads the same batches and
+    negatives as an uninterrupted run, so it ends with the same metrics.
+
     Args:
       pairs: training/held-out pairs and vocabularies (see contrastive_data).
       config: model and optimisation settings.
-      workdir: output folder; the facet goes to workdir/facet_cl.
-      mesh: 1-D mesh (default: every device on axis "data").
+      workdir: output folder; the facet goes to workdir/facet_cl, training
+        checkpoints to workdir/checkpoints.
+      mesh: 1-D mesh (default: every device of every process on axis "data").
       save: write the facet checkpoint.
 
     Returns:
       Final metrics (train loss, examples/s, Recall@K, NDCG@K, popularity
-      baseline, held-out loss, data stats).
+      baseline, held-out loss, data stats, `history` of logged steps and evals,
+      `resumed_from_step`).
     """
     mesh = mesh or distributed.global_mesh()
     cfg = config
@@ -369,38 +458,70 @@ def train_and_evaluate(
         side_vocab_sizes=pairs.side_vocab_sizes,
     )
     n, b = pairs.train_user.size, cfg.batch_size
-    steps_per_epoch = max(n // b, 1)
+    schedule = contrastive_data.PairSchedule(num_pairs=n, batch_size=b, seed=cfg.seed)
     total = cfg.max_steps if cfg.max_steps is not None else max(
-        int(round(cfg.num_epochs * steps_per_epoch)), 1)
-    logging.info("contrastive: %d pairs, %d users, %d pins, %d steps of %d",
-                 n, pairs.user_ids.size, pairs.pin_ids.size, total, b)
-    rng = np.random.default_rng(cfg.seed)
-    perm, pos = rng.permutation(n), 0
-    history, ema, t_start, train_time, seen = [], None, time.perf_counter(), 0.0, 0
-    for step in range(1, total + 1):
-        if pos + b > n and n >= b:
-            perm, pos = rng.permutation(n), 0
-        idx = perm[pos : pos + b]
-        pos += b
+        int(round(cfg.num_epochs * schedule.steps_per_epoch)), 1)
+    logging.info("contrastive: %d pairs, %d users, %d pins, %d steps of %d on %d devices "
+                 "(%d processes)", n, pairs.user_ids.size, pairs.pin_ids.size, total, b,
+                 mesh.size, jax.process_count())
+    # What decides the batches and the state's layout: a checkpoint of another run
+    # (other data, seed or shapes) is refused instead of being cut to fit.
+    identity = {"num_pairs": n, "batch_size": b, "seed": cfg.seed,
+                "num_users": int(pairs.user_ids.size), "num_pins": int(pairs.pin_ids.size),
+                "dim": cfg.dim, "project": cfg.project,
+                "uniform_negatives": cfg.uniform_negatives,
+                "pin_side": {k: int(v) for k, v in pairs.side_vocab_sizes.items()}}
+    history, ema, m, start = [], None, {}, 0
+    ckpt = None
+    if cfg.checkpoint_every:
+        from jax_recsys import checkpoint
+
+        ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints",
+                                       keep=cfg.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            try:
+                trainer.state, meta = restore_train_state(ckpt, fresh=trainer.state,
+                                                          expected=identity)
+            except BaseException:
+                ckpt.close()
+                raise
+            start, history, ema, m = meta["step"], meta["history"], meta["ema"], meta["last"]
+            logging.info("resumed from %s at step %d (epoch %d, step %d of it)",
+                         ckpt.directory, start, meta["epoch"], meta["step_in_epoch"])
+    t_start, train_time, seen = time.perf_counter(), 0.0, 0
+    perm_epoch, perm = None, None
+    for step in range(start + 1, total + 1):
+        epoch = schedule.position(step - 1)["epoch"]
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, schedule.permutation(epoch)
         t0 = time.perf_counter()
-        m = trainer.train_step(trainer.make_batch(
-            pairs.train_user[idx], pairs.train_pin[idx], pairs.train_weight[idx]))
-        if step > 1:  # step 1 compiles: not throughput
+        m = trainer.train_step(trainer.step_batch(pairs, schedule, step - 1, perm))
+        if step > start + 1:  # the first step compiles: not throughput
             train_time += time.perf_counter() - t0
-            seen += len(idx)
+            seen += b
         ema = m["loss"] if ema is None else 0.9 * ema + 0.1 * m["loss"]
         if step % cfg.log_every == 0 or step == total:
             logging.info("step %d/%d loss %.4f (ema %.4f) acc %.3f %.0f examples/s",
                          step, total, m["loss"], ema, m["acc"], seen / max(train_time, 1e-9))
+            history.append({"step": step, "loss": m["loss"], "acc": m["acc"]})
         if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
             ev = trainer.evaluate(pairs, heldout_loss=True)
             history.append({"step": step, **ev})
             logging.info("eval step %d: %s", step, _fmt(ev))
+        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == total):
+            save_train_state(ckpt, step, trainer.state, {
+                **identity, "step": step, **schedule.position(step), "ema": ema,
+                "last": m, "history": history})
+    if ckpt is not None:
+        ckpt.close()
+    if start > total:
+        logging.warning("the checkpoint is at step %d, past the %d steps asked for", start, total)
     train_seconds = time.perf_counter() - t_start
     ev = trainer.evaluate(pairs, heldout_loss=True)
     logging.info("final eval: %s", _fmt(ev))
     metrics = {
-        "train_loss": m["loss"], "train_loss_ema": ema, "steps": total,
+        "train_loss": m.get("loss", float("nan")), "train_loss_ema": ema,
+        "steps": max(total, start), "resumed_from_step": start,
         "examples_per_sec": seen / train_time if seen else float("nan"),
         "train_seconds": train_seconds, **ev, "data": pairs.stats, "history": history,
         "facet": FACET,
@@ -408,6 +529,113 @@ def train_and_evaluate(
     if save:
         _save(trainer, pairs, pathlib.Path(workdir) / f"facet_{FACET}", metrics)
     return metrics
+
+
+# ------------------------------------------------------------------ training checkpoints
+
+
+def save_train_state(ckpt, step: int, state: TrainState, meta: dict, *,
+                     force: bool = True) -> bool:
+    """Saves a TrainState and JSON `meta`, recording every leaf's shape in the meta.
+
+    The shapes let `restore_train_state` restore onto a mesh of another size, where
+    the tables are padded to a different number of rows. Every process must call it.
+
+    Args:
+      ckpt: a `jax_recsys.checkpoint.Checkpointer`.
+      step: checkpoint id (the training step).
+      state: the TrainState (tables, sparse slots, dense params, optax state, step).
+      meta: JSON-serialisable data position and bookkeeping.
+      force: save even off the checkpointer's save interval.
+
+    Returns:
+      True if a checkpoint was started.
+    """
+    shapes = {jax.tree_util.keystr(p): list(np.shape(x))
+              for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    return ckpt.save(step, state, {**meta, "state_shapes": shapes}, force=force)
+
+
+def restore_train_state(ckpt, *, fresh: TrainState, step: int | None = None,
+                        expected: dict | None = None) -> tuple[TrainState, dict]:
+    """Restores a `save_train_state` checkpoint onto the mesh and layout of `fresh`.
+
+    Works across mesh sizes (8 -> 4 -> 1 devices, 2 processes -> 1): each leaf is
+    read with its saved shape, sharded like `fresh`'s leaf where that fits (else
+    replicated), then cut or zero-padded to `fresh`'s shape (the row padding of
+    row-sharded tables and slots, and the column padding of column-wise ones, depends
+    on the device count; padding is never looked up). Not for table-wise stacked
+    storage, whose row offsets move with the mesh; the pretrainers use row-wise
+    tables. Pass `expected` so that a checkpoint of another run (whose leaves would
+    be cut to fit) is refused before anything is read.
+
+    Args:
+      ckpt: a `jax_recsys.checkpoint.Checkpointer`.
+      fresh: a freshly initialised TrainState on the target mesh (structure,
+        dtypes, shapes and shardings of the result).
+      step: which checkpoint (None: the newest).
+      expected: meta keys that must match (see `check_resume_meta`).
+
+    Returns:
+      (state, meta).
+
+    Raises:
+      ValueError: the meta disagrees with `expected` (names the checkpoint folder).
+    """
+    from jax_recsys import checkpoint
+
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to restore")
+    saved_meta = _restore_meta(ckpt, step)
+    if expected is not None:
+        check_resume_meta(saved_meta, expected, ckpt.directory / str(step))
+    saved = saved_meta.get("state_shapes", {})
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    targets = []
+    for path, x in leaves:
+        shape = tuple(saved.get(jax.tree_util.keystr(path), np.shape(x)))
+        targets.append(checkpoint.abstract_like(
+            jax.ShapeDtypeStruct(shape, x.dtype), getattr(x, "sharding", None)))
+    state, meta = ckpt.restore(step, target=jax.tree.unflatten(treedef, targets))
+    out = []
+    for (_, x), y in zip(leaves, jax.tree.leaves(state), strict=True):
+        if tuple(y.shape) != tuple(x.shape) or y.sharding != x.sharding:
+            y = _fit_shape(y, tuple(x.shape), x.sharding)
+        out.append(y)
+    return jax.tree.unflatten(treedef, out), meta
+
+
+def _fit_shape(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
+    def fit(a):
+        a = a[tuple(slice(0, min(o, t)) for o, t in zip(a.shape, shape, strict=True))]
+        return jnp.pad(a, [(0, t - o) for o, t in zip(a.shape, shape, strict=True)])
+
+    return jax.jit(fit, out_shardings=sharding)(x)
+
+
+def _restore_meta(ckpt, step: int) -> dict:
+    # Meta alone (the leaf shapes decide the restore target). Checkpointer has no public
+    # meta-only restore yet; this mirrors its restore_vocabs.
+    import orbax.checkpoint as ocp
+
+    out = ckpt._mgr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"] or {})
+
+
+def check_resume_meta(meta: dict, expected: dict, where) -> None:
+    """Raises ValueError naming `where` if a checkpoint's meta disagrees with `expected`.
+
+    Args:
+      meta: the restored checkpoint meta.
+      expected: keys that must match (seed, batch size, data sizes...).
+      where: the checkpoint folder (for the message).
+    """
+    diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if diff:
+        raise ValueError(
+            f"{where}: the checkpoint belongs to another run (saved vs now: {diff}); "
+            "use a fresh workdir or delete its checkpoints folder")
 
 
 def _save(trainer: ContrastiveTrainer, pairs: ContrastivePairs, path: pathlib.Path,

@@ -41,6 +41,12 @@ The negative weights w_n are uniform over the valid negatives, or, with
 `adversarial_temperature` a > 0, self-adversarial (RotatE): w = softmax(a * neg) over
 the valid negatives, without gradient through w.
 
+Multi-process runs and resuming: an epoch's batches are a pure function of (seed,
+epoch), so every process samples the same global batch and keeps its contiguous
+K / process_count chunks; training checkpoints hold the TrainState and the position
+(epoch, batch of the epoch), and a resumed run (on any mesh) skips to it and reads the
+batches an uninterrupted run reads.
+
 Legend: K chunks per batch, C triples per chunk, U uniform negatives per chunk and side,
 N = C + U candidates, D entity dim, T triples, NR relations, S devices.
 """
@@ -58,14 +64,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_recsys.data import kg as kg_data
 from jax_recsys.data.batching import Batch
-from jax_recsys.embedding import collection as collection_lib
-from jax_recsys.embedding import specs
-from jax_recsys.embedding import train_step as train_step_lib
+from jax_recsys.embedding import collection as collection_lib, specs, train_step as train_step_lib
 from jax_recsys.pretrain import kg_eval, kg_scoring
 
 LOSSES = ("logistic", "softmax", "margin")
@@ -122,6 +125,9 @@ class KGTrainConfig:
       seed: sampling and init seed.
       log_every: steps between progress logs.
       eval_every_epochs: evaluate on the validation split every this many epochs (0: never).
+      checkpoint_every: save a training checkpoint (TrainState + data position) every N
+        steps and at the end, and resume from the newest one on start (0: never).
+      keep_checkpoints: how many training checkpoints to keep.
     """
 
     chunk_size: int = 32
@@ -140,6 +146,8 @@ class KGTrainConfig:
     seed: int = 0
     log_every: int = 100
     eval_every_epochs: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
     def __post_init__(self):
         if self.chunk_size < 1 or self.uniform_negatives < 0 or self.chunks_per_batch < 1:
@@ -153,6 +161,9 @@ class KGTrainConfig:
             raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
+                             f"{self.checkpoint_every}, {self.keep_checkpoints}")
 
     @property
     def negatives_per_positive(self) -> int:
@@ -376,6 +387,7 @@ class ChunkSampler:
         self.rel_pair = np.array([pair_index.get((h, t), -1)
                                   for h, t in zip(self.head_type, self.tail_type, strict=True)])
         chunks_r = -(-self.counts // self.c)
+        self.batch_positives = 0  # real positives of the last yielded global batch
         self._chunks_per_pair = np.bincount(self.rel_pair[np.flatnonzero(self.counts)],
                                             weights=chunks_r[self.counts > 0],
                                             minlength=len(pairs)).astype(int)
@@ -384,15 +396,24 @@ class ChunkSampler:
         """Batches per epoch."""
         return int(np.sum(-(-self._chunks_per_pair // self.k)))
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, *, start: int = 0, process_index: int = 0,
+              process_count: int = 1) -> Iterator[Batch]:
         """The batches of one epoch (deterministic in (seed, epoch)).
 
         Args:
           epoch: epoch number.
+          start: skip the first `start` batches (resuming mid-epoch); the random
+            draws are made and dropped, so the rest is what an uninterrupted epoch gives.
+          process_index, process_count: yield only this process's contiguous
+            K / process_count chunks of every batch (what it passes to
+            `make_array_from_process_local_data`); K must divide by process_count.
 
         Yields:
           Batch (see the module docstring for the layout).
         """
+        if self.k % process_count:
+            raise ValueError(f"chunks_per_batch={self.k} must divide by the {process_count} "
+                             "processes")
         rng = np.random.default_rng([self.seed, epoch])
         c, k, u = self.c, self.k, self.u
         h, r, t = self.triples.T
@@ -411,23 +432,30 @@ class ChunkSampler:
         chunk_perm = rng.permutation(len(chunk_rel))
         chunk_perm = chunk_perm[np.argsort(self.rel_pair[chunk_rel[chunk_perm]], kind="stable")]
         batches = []  # (pair, chunk indices [K], chunk valid [K])
-        start = 0
+        off = 0
         for p, m in enumerate(self._chunks_per_pair):
-            sel = chunk_perm[start:start + m]
-            start += m
+            sel = chunk_perm[off:off + m]
+            off += m
             for b in range(0, m, k):
                 idx = sel[b:b + k]
                 ok = np.ones(k, bool)
                 ok[len(idx):] = False
                 idx = np.concatenate([idx, np.full(k - len(idx), idx[0])])
                 batches.append((p, idx, ok))
-        for bi in rng.permutation(len(batches)):
+        k_p = k // process_count
+        mine = slice(process_index * k_p, (process_index + 1) * k_p)
+        for i, bi in enumerate(rng.permutation(len(batches))):
             p, idx, ok = batches[bi]
             ht, tt = self.pairs[p]
-            ti = tri[idx]  # [K, C]
+            neg_h = rng.integers(0, self.num_rows[ht], size=(k, u))[mine]
+            neg_t = rng.integers(0, self.num_rows[tt], size=(k, u))[mine]
+            if i < start:
+                continue
+            # Positives of the whole (global) batch, for throughput counts.
+            self.batch_positives = int((valid[idx] & ok[:, None]).sum())
+            idx, ok = idx[mine], ok[mine]
+            ti = tri[idx]  # [K_p, C]
             mask = (valid[idx] & ok[:, None]).astype(np.float32).reshape(-1)
-            neg_h = rng.integers(0, self.num_rows[ht], size=(k, u))
-            neg_t = rng.integers(0, self.num_rows[tt], size=(k, u))
             ids = {
                 f"{ht}/head": np.concatenate([h[ti], neg_h], 1).astype(np.int32).reshape(-1),
                 f"{tt}/tail": np.concatenate([t[ti], neg_t], 1).astype(np.int32).reshape(-1),
@@ -493,8 +521,17 @@ def train(
     axis: str = "data",
     eval_config: kg_eval.KGEvalConfig | None = None,
     log_fn: Callable[[dict], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> KGTrainResult:
     """Trains entity tables and relation parameters on graph.splits["train"].
+
+    Multi-process: every process calls this with the same graph and configs on a
+    global mesh; each builds only its K / process_count chunks of every batch.
+
+    Checkpoints (`train_config.checkpoint_every` > 0 and a `checkpoint_dir`): the
+    TrainState, the data position (epoch, batch of the epoch) and the history are saved
+    every that many steps and at the end; a restarted run resumes from the newest
+    checkpoint, on any mesh, and reads the same batches as an uninterrupted run.
 
     Args:
       graph: the typed graph (`jax_recsys.data.kg.KnowledgeGraph`).
@@ -505,10 +542,13 @@ def train(
       eval_config: settings of the periodic validation evaluation (when
         train_config.eval_every_epochs > 0).
       log_fn: called with each progress dict (default: print).
+      checkpoint_dir: training checkpoint folder (None: no checkpoints).
 
     Returns:
       KGTrainResult.
     """
+    from jax_recsys.pretrain import contrastive_train as ckpt_lib  # save/restore_train_state
+
     log_fn = log_fn or (lambda d: print(d, flush=True))
     n_dev = mesh.shape[axis]
     if train_config.chunks_per_batch % n_dev:
@@ -531,17 +571,54 @@ def train(
     sampler = ChunkSampler(graph.splits["train"], rel_head_type=graph.rel_head_type,
                            rel_tail_type=graph.rel_tail_type, num_rows=graph.num_rows,
                            config=train_config)
+    identity = {"model": model.model, "dim": model.dim, "rel_dim": model.rel_dim,
+                "seed": train_config.seed, "chunk_size": train_config.chunk_size,
+                "chunks_per_batch": train_config.chunks_per_batch,
+                "uniform_negatives": train_config.uniform_negatives,
+                "num_train_triples": int(len(graph.splits["train"])),
+                "num_rows": {k: int(v) for k, v in sorted(graph.num_rows.items())}}
     filter_index = None
     history, last = [], {}
     step = positives = steady_pos = 0
+    start_epoch = start_batch = 0
+    ckpt = None
+    if train_config.checkpoint_every and checkpoint_dir is not None:
+        from jax_recsys import checkpoint
+
+        ckpt = checkpoint.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            try:
+                state, meta = ckpt_lib.restore_train_state(ckpt, fresh=state, expected=identity)
+            except BaseException:
+                ckpt.close()
+                raise
+            step, positives = meta["step"], meta["positives"]
+            start_epoch, start_batch = meta["epoch"], meta["batch_in_epoch"]
+            history, last = meta["history"], meta["last"]
+            log_fn({"resumed_from_step": step, "epoch": start_epoch, "batch": start_batch,
+                    "checkpoints": str(ckpt.directory)})
+    resumed_from = step
+
+    saved = [step]
+
+    def save(epoch, next_batch):
+        saved[0] = step
+        ckpt_lib.save_train_state(ckpt, step, state, {
+            **identity, "step": step, "epoch": epoch, "batch_in_epoch": next_batch,
+            "positives": positives, "history": history, "last": last})
+
     steady_s = compile_s = 0.0
     compiled = set()  # batch structures (type pairs) already traced
     window = [time.perf_counter(), 0]
     t_step = time.perf_counter()
-    done = False
-    for epoch in range(train_config.num_epochs):
-        for batch in sampler.epoch(epoch):
-            n_pos = int(batch.mask.sum())
+    done = train_config.max_steps is not None and step >= train_config.max_steps
+    epoch = start_epoch
+    pid, nproc = jax.process_index(), jax.process_count()
+    for epoch in range(start_epoch, train_config.num_epochs if not done else start_epoch):
+        first = start_batch if epoch == start_epoch else 0
+        for bi, batch in enumerate(sampler.epoch(epoch, start=first, process_index=pid,
+                                                 process_count=nproc), start=first):
+            n_pos = sampler.batch_positives  # of the global batch
             structure = tuple(sorted(batch.ids))
             state, m = step_fn(state, train_step_lib.shard_batch(batch, mesh=mesh, axis=axis))
             last = {k: float(v) for k, v in m.items()}  # blocks on every step (DEVELOPERS.md)
@@ -565,8 +642,10 @@ def train(
                 window = [now, 0]
                 history.append(rec)
                 log_fn(rec)
-            if train_config.max_steps is not None and step >= train_config.max_steps:
-                done = True
+            done = train_config.max_steps is not None and step >= train_config.max_steps
+            if ckpt is not None and (step % train_config.checkpoint_every == 0 or done):
+                save(epoch, bi + 1)
+            if done:
                 break
         if (not done and train_config.eval_every_epochs and "valid" in graph.splits
                 and (epoch + 1) % train_config.eval_every_epochs == 0):
@@ -581,10 +660,15 @@ def train(
             t_step = time.perf_counter()
         if done:
             break
+    if ckpt is not None:
+        if saved[0] != step:  # the last step was off the save interval
+            save(train_config.num_epochs, 0)
+        ckpt.close()
     pos_rate = steady_pos / steady_s if steady_s > 0 else float("nan")
     metrics = {
         "steps": step,
-        "epochs_run": epoch + 1,
+        "resumed_from_step": resumed_from,
+        "epochs_run": min(epoch + 1, train_config.num_epochs),
         "positives": positives,
         "train_seconds": steady_s + compile_s,
         "compile_seconds": compile_s,
@@ -598,8 +682,24 @@ def train(
 
 
 def entity_tables(result: KGTrainResult) -> dict[str, np.ndarray]:
-    """Host copies of the trained entity tables, unpadded: type -> float32 [R, D]."""
-    return result.collection.export_tables(result.state.emb)
+    """Host copies of the trained entity tables, unpadded: type -> float32 [R, D].
+
+    Multi-process: every process must call it (the row shards are all-gathered) and
+    every process gets the full tables.
+    """
+    coll, tables = result.collection, result.state.emb.tables
+    if all(getattr(t, "is_fully_addressable", True) for t in tables.values()):
+        return coll.export_tables(result.state.emb)
+    from jax.experimental import multihost_utils
+
+    out = {}
+    for key in sorted(tables):
+        host = np.asarray(multihost_utils.process_allgather(tables[key], tiled=True))
+        for name, t in coll.tables.items():
+            pl = coll.plan.placements[name]
+            if pl.storage == key:
+                out[name] = np.ascontiguousarray(host[pl.row_base:pl.row_base + t.rows, :t.dim])
+    return out
 
 
 def evaluate_state(
@@ -709,7 +809,9 @@ def train_and_evaluate(
       log_fn: progress callback (default: print).
 
     Returns:
-      metrics: test MRR/Hits (both sides and per side), training throughput, graph size.
+      metrics: test MRR/Hits (both sides and per side), training throughput, graph size,
+      `resumed_from_step` and the logged progress `history` (including the steps a
+      resumed run restored).
     """
     from jax_recsys import checkpoint
 
@@ -718,11 +820,13 @@ def train_and_evaluate(
     kg_path = resolve_kg_path(data.path)
     graph = kg_data.read_triples(kg_path, unseen=data.unseen)
     if mesh is None:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        from jax_recsys import distributed
+
+        mesh = distributed.global_mesh()
     log_fn({"graph": str(kg_path), "entities": graph.num_rows, "relations": len(graph.relations),
             **{f"{k}_triples": len(v) for k, v in graph.splits.items()}})
     res = train(graph, model=model, train_config=train_config, mesh=mesh, eval_config=eval_config,
-                log_fn=log_fn)
+                log_fn=log_fn, checkpoint_dir=workdir / "checkpoints")
     split = "test" if len(graph.splits.get("test", ())) else "valid"
     t0 = time.perf_counter()
     ev = evaluate_state(graph, state=res.state, collection=res.collection, model=model,
@@ -736,4 +840,4 @@ def train_and_evaluate(
     checkpoint.save_facet(workdir / "facet_kg", facet="kg", tables=entity_tables(res),
                           vocabs={t: graph.vocabs[t].ids for t in graph.num_rows}, metrics=out)
     log_fn({"final": out})
-    return out
+    return {**out, "history": res.history}
