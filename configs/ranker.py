@@ -75,4 +75,10 @@ def get_config(arg=None):
     c.train.log_every = 10 if smoke else 25
     c.train.eval_batch_size = 16384
     c.train.seed = 0
+    # Checkpoints in WORKDIR/checkpoints every N steps (0: only at the end); a rerun
+    # with the same WORKDIR resumes from the latest one. Keep the newest N.
+    c.train.checkpoint_every = 0 if smoke else 500
+    c.train.keep_checkpoints = 2
+    # Force one sharding type on every table ("row_wise", "replicated", ...; "": planner).
+    c.train.table_sharding = ""
     return c

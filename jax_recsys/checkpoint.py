@@ -256,6 +256,16 @@ class Checkpointer:
         out = self._mgr.restore(step, args=args)
         return out["state"], dict(out["meta"] or {})
 
+    def restore_meta(self, step: int | None = None) -> dict:
+        """The JSON meta saved with `step` (None = latest), without reading any array.
+
+        Trainers read it first: it says how the saved state was laid out, which
+        decides the restore target.
+        """
+        step = self._resolve(step)
+        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
+
     def restore_vocabs(self, step: int | None = None) -> dict[str, np.ndarray]:
         """Vocabularies saved with `step` (None = latest); {} if none were saved."""
         step = self._resolve(step)

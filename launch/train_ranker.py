@@ -3,6 +3,15 @@
   python -m launch.train_ranker --config=configs/ranker.py[:smoke] --workdir=DIR \
       --config.data.path=DATASET_DIR [--config.facets=cl,kg \
       --config.facet_paths.cl=... --config.facet_paths.kg=...]
+
+Several processes (one per host, or several on one box), each with the same flags plus
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=i
+(or the JAX_* environment variables): the tables and the batch are sharded over every
+process's devices; process 0 writes the ranker and metrics.json.
+
+With config.train.checkpoint_every > 0 the training state is saved to
+WORKDIR/checkpoints; rerunning the same command resumes from the newest checkpoint
+(also on another number of devices or processes).
 """
 
 from __future__ import annotations
@@ -40,12 +49,18 @@ def dataset_path(cfg, workdir: pathlib.Path) -> str:
     """cfg.data.path, or a freshly generated world in WORKDIR/world when it is empty."""
     if cfg.data.path:
         return cfg.data.path
+    import jax
+
     from jax_recsys.data import world
 
     out = workdir / "world"
-    if not (out / "dataset.json").exists():
+    if jax.process_index() == 0 and not (out / "dataset.json").exists():
         logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
         world.generate_world(world.scale_config(cfg.data.world_config), out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ranker world written")  # others wait for it
     return str(out)
 
 
@@ -62,8 +77,7 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
     Returns:
       The TrainConfig (facet_paths from cfg.facet_paths).
     """
-    from jax_recsys.ranking import facets as facets_lib
-    from jax_recsys.ranking import model, train
+    from jax_recsys.ranking import facets as facets_lib, model, train
 
     d, m, t = cfg.data, cfg.model, cfg.train
     coarse = _names(d.coarse_features)
@@ -99,6 +113,9 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
         finetune_lr_scale=t.finetune_lr_scale, cvr_weight=t.cvr_weight,
         seed=t.seed if seed is None else seed, log_every=t.log_every,
         eval_batch_size=t.eval_batch_size,
+        checkpoint_every=t.get("checkpoint_every", 0),
+        keep_checkpoints=t.get("keep_checkpoints", 2),
+        table_sharding=t.get("table_sharding", ""),
     )
 
 
@@ -115,11 +132,15 @@ def main(argv):
         raise app.UsageError(f"facets {missing} need --config.facet_paths.<name>=DIR")
     facets = {k: checkpoint.load_facet(v) for k, v in paths.items() if k in _names(cfg.facets)}
     tc = train_config(cfg, data_path=dataset_path(cfg, workdir), facets=facets)
-    metrics = train.train_and_evaluate(tc, None, facets=facets, log=logging.info)
+    metrics = train.train_and_evaluate(
+        tc, None, facets=facets, log=logging.info, checkpoint_dir=workdir / "checkpoints"
+    )
     ranker = metrics.pop("ranker")
+    from jax_recsys import distributed
     from jax_recsys.ranking import model
 
-    model.save_ranker(workdir / "ranker", ranker)
+    if distributed.is_chief():
+        model.save_ranker(workdir / "ranker", ranker)
     metrics["config"] = cfg.to_dict()
     common.write_json(workdir / "metrics.json", metrics)
     te = metrics["test"]

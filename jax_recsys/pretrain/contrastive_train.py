@@ -615,12 +615,8 @@ def _fit_shape(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
 
 
 def _restore_meta(ckpt, step: int) -> dict:
-    # Meta alone (the leaf shapes decide the restore target). Checkpointer has no public
-    # meta-only restore yet; this mirrors its restore_vocabs.
-    import orbax.checkpoint as ocp
-
-    out = ckpt._mgr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"] or {})
+    # Meta alone (the leaf shapes decide the restore target).
+    return ckpt.restore_meta(int(step))
 
 
 def check_resume_meta(meta: dict, expected: dict, where) -> None:

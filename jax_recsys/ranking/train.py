@@ -25,6 +25,18 @@ the CVR head estimates); CTCVR over all impressions (pCTR * pCVR vs click AND
 conversion). Each has AUC, log loss, normalized entropy and calibration
 (sum predicted / sum observed).
 
+Several processes (`jax.distributed` initialised by the launcher): the mesh spans every
+process's devices, each process reads only its B / process_count slice of each global
+batch (assembled with `jax.make_array_from_process_local_data`), the trained tables
+are gathered to every host, every process evaluates (identical metrics) and only
+process 0 writes files.
+
+Checkpoints (`checkpoint_dir`, `TrainConfig.checkpoint_every`): tables, sparse optimizer
+slots, dense params, optax state and step, plus the data position, the loss EMA/curve,
+the vocabularies and the storage layout of the tables. A run started on a folder that
+holds checkpoints resumes from the newest one -- on any device count, process count
+or table sharding (`restore_train_state`) -- and ends as an uninterrupted run would.
+
 The "no large tables" ranker is a config with no entities: the engine is skipped and a
 dense-only optax step of the same shape trains the coarse-feature model.
 
@@ -48,8 +60,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jax_recsys.ranking import facets as facets_lib
-from jax_recsys.ranking import model as model_lib
+from jax_recsys.ranking import facets as facets_lib, model as model_lib
 
 LABEL_COLUMNS = ("click", "conversion")
 _NOT_COARSE = ("day", "timestamp", "click", "conversion", "user_id", "item_id", "advertiser_id")
@@ -108,6 +119,11 @@ class TrainConfig:
       seed: seeds initialisation and the data order.
       log_every: print the training loss every N steps (0: never).
       eval_batch_size: batch size of the evaluation.
+      checkpoint_every: save a training checkpoint every N steps and at the end (0: never;
+        only used when `train_and_evaluate` gets a checkpoint_dir).
+      keep_checkpoints: how many recent checkpoints to keep.
+      table_sharding: force one sharding type on every table ("row_wise", "replicated",
+        "table_wise", "column_wise"); "" lets the planner choose by size.
     """
 
     data: DataConfig
@@ -126,6 +142,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     eval_batch_size: int = 16384
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    table_sharding: str = ""
 
 
 # ----------------------------------------------------------------------------- data
@@ -377,6 +396,239 @@ def raw_to_rows(ranker: model_lib.TrainedRanker, raw: Mapping[str, np.ndarray]) 
     return out
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _to_host(x) -> np.ndarray:
+    """A whole array on this host, gathering the shards other processes hold."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def embedding_layout(ec, emb) -> dict[str, Any]:
+    """Where each table's rows sit in `emb`'s storages: JSON saved as checkpoint meta.
+
+    Args:
+      ec: the EmbeddingCollection.
+      emb: its EmbeddingState (arrays or ShapeDtypeStructs).
+
+    Returns:
+      {"storages": {key: {"shape", "dtype", "slots": {name: {"shape", "dtype"}}}},
+       "placements": {table: {"storage", "row_base"}}}; `restore_train_state` reads it
+      as meta["emb_layout"].
+    """
+    return {
+        "storages": {
+            key: {
+                "shape": list(emb.tables[key].shape),
+                "dtype": str(emb.tables[key].dtype),
+                "slots": {
+                    n: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                    for n, v in emb.slots[key].items()
+                },
+            }
+            for key in emb.tables
+        },
+        "placements": {
+            name: {"storage": pl.storage, "row_base": int(pl.row_base)}
+            for name, pl in ec.plan.placements.items()
+        },
+    }
+
+
+def _read_meta(ckpt, step: int) -> dict:
+    # The meta item alone: it says how the saved storages were laid out, which decides
+    # the restore target.
+    return ckpt.restore_meta(step)
+
+
+def _saved_target(layout: Mapping[str, Any], mesh: jax.sharding.Mesh, axis: str):
+    """Abstract EmbeddingState of a saved layout, row-sharded on `mesh` where rows divide."""
+    from jax_recsys import checkpoint as checkpoint_lib
+    from jax_recsys.embedding import collection as collection_lib
+
+    def sds(d):
+        return jax.ShapeDtypeStruct(tuple(d["shape"]), jnp.dtype(d["dtype"]))
+
+    st = layout["storages"]
+    tree = collection_lib.EmbeddingState(
+        tables={k: sds(v) for k, v in st.items()},
+        slots={k: {n: sds(s) for n, s in v["slots"].items()} for k, v in st.items()},
+    )
+    # abstract_like falls back to replicated for leaves whose rows the mesh does not divide.
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    return checkpoint_lib.abstract_like(tree, rows)
+
+
+def relayout_embedding_state(old_emb, old_layout: Mapping[str, Any], collection):
+    """Moves tables and optimizer slots saved under another sharding plan onto `collection`'s.
+
+    Plans differ when the device count changes (row padding to a multiple of the shard
+    count) or the sharding type does (row-wise -> replicated, packed table-wise groups).
+    Every table's [R, D] values and its slots' [R] / [R, D] rows are copied from the old
+    storage (at the old row base) into the new storage (at the new row base); padding
+    rows get the optimizer's initial slot values, as after `init`.
+
+    Args:
+      old_emb: EmbeddingState as saved (any sharding on the new mesh).
+      old_layout: the `emb_layout` recorded at save time (storages and row bases).
+      collection: the EmbeddingCollection to restore into.
+
+    Returns:
+      EmbeddingState in `collection`'s layout and shardings.
+    """
+    from jax_recsys.embedding import collection as collection_lib, optimizers as opt_lib
+
+    shapes = collection.state_shapes()
+    placements = old_layout["placements"]
+    missing = sorted(set(collection.tables) - set(placements))
+    if missing:
+        raise ValueError(f"checkpoint has no tables {missing}; it has {sorted(placements)}")
+
+    def build(old):
+        tables, slots = {}, {}
+        for key, st in collection.plan.storages.items():
+            tab = jnp.zeros(shapes.tables[key].shape, shapes.tables[key].dtype)
+            layout = opt_lib.slot_layout(st.optimizer)
+            sl = {
+                n: jnp.full(shapes.slots[key][n].shape, layout[n][1], shapes.slots[key][n].dtype)
+                for n in layout
+            }
+            for name in st.tables:
+                t = collection.tables[name]
+                new_base = collection.plan.placements[name].row_base
+                src = placements[name]
+                ok, ob = src["storage"], int(src["row_base"])
+                tab = tab.at[new_base : new_base + t.rows, : t.dim].set(
+                    old.tables[ok][ob : ob + t.rows, : t.dim]
+                )
+                for n in sl:
+                    if n not in old.slots[ok]:
+                        raise ValueError(f"checkpoint of table {name!r} lacks optimizer slot {n!r}")
+                    v = old.slots[ok][n]
+                    if sl[n].ndim == 1:
+                        sl[n] = sl[n].at[new_base : new_base + t.rows].set(v[ob : ob + t.rows])
+                    else:
+                        sl[n] = sl[n].at[new_base : new_base + t.rows, : t.dim].set(
+                            v[ob : ob + t.rows, : t.dim]
+                        )
+            tables[key], slots[key] = tab, sl
+        return collection_lib.EmbeddingState(tables=tables, slots=slots)
+
+    out_shardings = jax.tree.map(lambda s: s.sharding, shapes)
+    return jax.jit(build, out_shardings=out_shardings)(old_emb)
+
+
+def _host_dense(state):
+    """The state to save: dense params, optax state and step as host NumPy arrays.
+
+    They are replicated; saved as jax.Arrays Orbax would slice every replica of every
+    small leaf with one eager (compiled) op each: seconds per save on CPU.
+    """
+    if not hasattr(state, "emb"):  # the dense-only (params, opt_state, step) tuple
+        return jax.tree.map(_to_host, state)
+    return dataclasses.replace(
+        state,
+        params=jax.tree.map(_to_host, state.params),
+        opt_state=jax.tree.map(_to_host, state.opt_state),
+        step=_to_host(state.step),
+    )
+
+
+def _host_like(tree):
+    """Host zeros shaped like `tree`'s leaves: an Orbax target that restores NumPy."""
+    return jax.tree.map(lambda x: np.zeros(np.shape(x), getattr(x, "dtype", None)), tree)
+
+
+def _device_like(host_tree, like):
+    """Host leaves placed like the leaves of `like` (same shardings)."""
+    return jax.tree.map(
+        lambda h, x: jax.device_put(np.asarray(h, x.dtype), x.sharding)
+        if isinstance(x, jax.Array) else h,
+        host_tree, like)
+
+
+def restore_train_state(ckpt, *, fresh_state, collection=None, step: int | None = None):
+    """Restores a ranker training state onto this run's mesh and sharding plan.
+
+    Works across device counts (8 -> 4 -> 1), process counts and sharding types
+    (row-wise -> replicated): when the saved storage shapes equal this plan's, Orbax
+    places every shard straight into the new shardings; otherwise the saved storages
+    are read row-sharded (or replicated where rows do not divide) and moved with
+    `relayout_embedding_state`.
+
+    Args:
+      ckpt: a `jax_recsys.checkpoint.Checkpointer`.
+      fresh_state: a freshly initialised state of this run (the engine's TrainState,
+        or the dense-only (params, opt_state, step) tuple): structure, dtypes and
+        shardings of the target.
+      collection: the EmbeddingCollection of a TrainState (None for dense-only).
+      step: which checkpoint (None: the newest).
+
+    Returns:
+      (state, meta) with meta the JSON saved alongside.
+    """
+    step = ckpt.latest_step() if step is None else int(step)
+    if step is None:
+        raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to restore")
+    meta = _read_meta(ckpt, step)
+    if collection is None:
+        host, meta = ckpt.restore(step, target=_host_like(fresh_state))
+        return _device_like(host, fresh_state), meta
+    from jax_recsys.embedding import train_step as ts
+
+    layout = meta.get("emb_layout")
+    if layout is None:
+        raise ValueError(f"{ckpt.directory}/{step}: checkpoint has no embedding layout")
+    new_shapes = collection.state_shapes()
+    same = set(layout["storages"]) == set(new_shapes.tables) and all(
+        tuple(layout["storages"][k]["shape"]) == tuple(new_shapes.tables[k].shape)
+        and {n: tuple(s["shape"]) for n, s in layout["storages"][k]["slots"].items()}
+        == {n: tuple(s.shape) for n, s in new_shapes.slots[k].items()}
+        for k in new_shapes.tables
+    ) and all(  # equal shapes can still pack tables at other row bases
+        layout["placements"].get(name) == {"storage": pl.storage, "row_base": int(pl.row_base)}
+        for name, pl in collection.plan.placements.items()
+    )
+    emb_target = new_shapes if same else _saved_target(layout, collection.mesh, collection.axis)
+    target = ts.TrainState(
+        emb=emb_target,
+        params=_host_like(fresh_state.params),
+        opt_state=_host_like(fresh_state.opt_state),
+        step=_host_like(fresh_state.step),
+    )
+    state, meta = ckpt.restore(step, target=target)
+    emb = state.emb if same else relayout_embedding_state(state.emb, layout, collection)
+    state = ts.TrainState(
+        emb=emb,
+        params=_device_like(state.params, fresh_state.params),
+        opt_state=_device_like(state.opt_state, fresh_state.opt_state),
+        step=_device_like(state.step, fresh_state.step),
+    )
+    return state, meta
+
+
+def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int) -> None:
+    """Refuses to resume a checkpoint of another data set or seed (names what differs)."""
+    where = f"{ckpt.directory}/{meta.get('step')}"
+    if int(meta.get("seed", config.seed)) != config.seed:
+        raise ValueError(f"{where}: checkpoint seed {meta['seed']} != config seed {config.seed}")
+    saved = ckpt.restore_vocabs(int(meta["step"]))
+    for col, ids in vocabs.items():
+        if col in saved and not np.array_equal(np.asarray(saved[col]), np.asarray(ids)):
+            raise ValueError(
+                f"{where}: the {col!r} vocabulary differs from this run's data "
+                f"({len(saved[col])} vs {len(ids)} ids): another data set or window?"
+            )
+    if int(meta["step"]) > total_steps:
+        raise ValueError(
+            f"{where}: checkpoint is at step {meta['step']}, past this run's {total_steps} steps"
+        )
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -412,6 +664,25 @@ def _make_loss_fn(config: TrainConfig, tables: list[facets_lib.FacetTable], coar
     return loss_fn
 
 
+def _init_dense(rcfg: model_lib.RankerConfig, *, seed: int):
+    """`model_lib.init_dense` as one program compiled without backend optimisation.
+
+    Eagerly every initializer compiles its own small program, and the optimised XLA
+    CPU compile of the whole threefry-heavy init takes ~8 s: ~3x that of this unoptimised
+    one, which runs once. (The values are deterministic, though not bit-equal to eager.)
+    """
+    graphdef = None
+
+    def init():
+        nonlocal graphdef
+        graphdef, params = model_lib.init_dense(rcfg, seed=seed)
+        return params
+
+    lowered = jax.jit(init).lower()
+    params = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})()
+    return graphdef, params
+
+
 def _dense_only_step(loss_fn, graphdef, tx):
     """The same step shape as the engine's, for a ranker without ID tables."""
 
@@ -437,8 +708,14 @@ def train_and_evaluate(
     facets: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
     mesh: jax.sharding.Mesh | None = None,
+    checkpoint_dir: str | pathlib.Path | None = None,
 ) -> dict[str, Any]:
     """Trains a ranker, saves it to WORKDIR/ranker, evaluates it, writes metrics.json.
+
+    In a multi-process run every process calls this with the same arguments: the mesh
+    spans every process's devices, each process reads its slice of each global batch,
+    every process evaluates the gathered ranker (identical metrics everywhere) and only
+    process 0 writes files.
 
     Args:
       config: the run's TrainConfig.
@@ -448,7 +725,12 @@ def train_and_evaluate(
       facets: facet name -> loaded facet checkpoint to reuse (None: load
         `config.facet_paths` with `jax_recsys.checkpoint.load_facet`).
       log: progress printer.
-      mesh: device mesh for the tables and the batch (None: all devices, axis "data").
+      mesh: device mesh for the tables and the batch (None: all devices of all
+        processes, axis "data").
+      checkpoint_dir: Orbax checkpoint folder. If it holds a checkpoint the run resumes
+        from the newest one (any mesh, any process count); with
+        `config.checkpoint_every > 0` the state is saved every that many steps and
+        at the end. None: no checkpoints.
 
     Returns:
       metrics dict: "test" and "valid" task metrics, "facets" (found/missing ids per
@@ -489,7 +771,7 @@ def train_and_evaluate(
         entity_dims=facets_lib.entity_dims(tables),
         coarse_vocab_sizes=data.coarse_sizes,
     )
-    graphdef, params = model_lib.init_dense(rcfg, seed=config.seed)
+    graphdef, params = _init_dense(rcfg, seed=config.seed)
     train_cols = data.splits["train"]
     clicks = float(train_cols["click"].sum())
     model_lib.set_head_biases(
@@ -500,6 +782,7 @@ def train_and_evaluate(
     n_train = len(train_cols["click"])
     mesh = mesh or distributed.global_mesh()
     n_dev = int(np.prod(list(mesh.shape.values())))
+    n_proc = jax.process_count()
     bs = max(n_dev, (config.batch_size // n_dev) * n_dev)
     steps_per_epoch = max(1, n_train // bs)
     total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
@@ -513,6 +796,7 @@ def train_and_evaluate(
         feature_cols[c] = train_cols[c]
     feature_cols["click"] = train_cols["click"]
     feature_cols["conversion"] = train_cols["conversion"]
+    # batch_size is the global batch; each process reads only its B / n_proc slice.
     it = BatchIterator(
         feature_cols,
         batch_size=bs,
@@ -521,13 +805,14 @@ def train_and_evaluate(
         shuffle=True,
         seed=config.seed,
         drop_remainder=True,
+        process_index=jax.process_index(),
+        process_count=n_proc,
     )
 
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     ec = None
     if tables:
-        from jax_recsys.embedding import collection as collection_lib
-        from jax_recsys.embedding import specs
-        from jax_recsys.embedding import train_step as ts
+        from jax_recsys.embedding import collection as collection_lib, specs, train_step as ts
 
         tspecs = [
             specs.TableSpec(
@@ -543,7 +828,10 @@ def train_and_evaluate(
             for t in tables
         ]
         fspecs = [specs.FeatureSpec(name=t.name, table=t.name) for t in tables]
-        ec = collection_lib.EmbeddingCollection(tables=tspecs, features=fspecs, mesh=mesh)
+        overrides = {t.name: config.table_sharding for t in tables} if config.table_sharding else None
+        ec = collection_lib.EmbeddingCollection(
+            tables=tspecs, features=fspecs, mesh=mesh, overrides=overrides
+        )
         frozen = [t.name for t in tables if not t.trainable]
         state = ts.init_train_state(
             collection=ec,
@@ -554,7 +842,6 @@ def train_and_evaluate(
         )
         # Commit the dense state to its replicated sharding up front: otherwise the
         # second step sees differently-placed inputs and compiles the step again.
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         state = ts.TrainState(
             emb=state.emb,
             params=jax.device_put(state.params, replicated),
@@ -568,52 +855,99 @@ def train_and_evaluate(
         def put(batch):
             return ts.shard_batch(batch, mesh=mesh)
     else:
-        state = jax.device_put((params, tx.init(params), jnp.zeros((), jnp.int32)), jax.devices()[0])
+        # One process: the dense-only model lives on one device. Several processes: it is
+        # replicated over the global mesh and the batch is assembled from every process.
+        place = jax.devices()[0] if n_proc == 1 else replicated
+        state = jax.device_put((params, tx.init(params), jnp.zeros((), jnp.int32)), place)
         step_fn = _dense_only_step(loss_fn, graphdef, tx)
 
         def put(batch):
-            return jax.tree.map(jnp.asarray, batch)
+            if n_proc == 1:
+                return jax.tree.map(jnp.asarray, batch)
+            return distributed.host_to_global(batch, mesh)
 
-    log(
-        f"ranker: {n_train} train impressions, batch {bs}, {total_steps} steps, "
-        f"tables {[(t.name, t.dim, 'ft' if t.trainable else 'frozen', t.learning_rate) for t in tables]}"
-    )
-    curve = []
-    t_train = time.time()
+    curve: list = []
     loss_ema = None
     step = 0
+    ckpt = None
+    vocabs = {c: data.vocabs[c] for c in id_columns}
+    if checkpoint_dir is not None:
+        from jax_recsys import checkpoint as checkpoint_lib
+
+        ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            state, meta = restore_train_state(ckpt, fresh_state=state, collection=ec)
+            _check_resume(meta, ckpt, config=config, vocabs=vocabs, total_steps=total_steps)
+            it.restore(meta["data"])
+            step = int(meta["step"])
+            loss_ema = meta["loss_ema"]
+            curve = [tuple(x) for x in meta["loss_curve"]]
+            log(f"ranker: resumed from {ckpt.directory}/{step} ({step}/{total_steps} steps done)")
+
+    def save(force: bool):
+        meta = {
+            "step": step,
+            "data": it.state(),
+            "loss_ema": loss_ema,
+            "loss_curve": [list(x) for x in curve],
+            "total_steps": total_steps,
+            "seed": config.seed,
+            "batch_size": bs,
+            "emb_layout": embedding_layout(ec, state.emb) if ec is not None else None,
+        }
+        ckpt.save(step, _host_dense(state), meta, vocabs=vocabs, force=force)
+
+    log(
+        f"ranker: {n_train} train impressions, batch {bs} over {n_dev} devices / {n_proc} "
+        f"processes, {total_steps} steps, "
+        f"tables {[(t.name, t.dim, 'ft' if t.trainable else 'frozen', t.learning_rate) for t in tables]}"
+    )
+    saving = ckpt is not None and config.checkpoint_every > 0
+    t_train = time.time()
+    first_step = step
     t_first = t_train
     while step < total_steps:
-        for batch in it:
-            if step >= total_steps:
-                break
-            state, metrics = step_fn(state, put(batch))
-            loss = float(metrics["loss"])  # blocks on the step: keeps few programs in flight
-            if step == 0:
-                t_first = time.time()  # the first step compiles: not throughput
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"ranker loss is {loss} at step {step}")
-            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-            step += 1
-            if config.log_every and (step % config.log_every == 0 or step == total_steps):
-                curve.append((step, loss_ema))
-                log(
-                    f"  step {step}/{total_steps} loss {loss:.4f} (ema {loss_ema:.4f}) "
-                    f"ctr {float(metrics['bce_ctr']):.4f} ctcvr {float(metrics['bce_ctcvr']):.4f} "
-                    f"{(step - 1) * bs / max(time.time() - t_first, 1e-9):.0f} ex/s"
-                )
+        # next() only when a step will use the batch: the iterator position saved with
+        # the state is then exactly the next step's batch.
+        batch = next(it)
+        state, metrics = step_fn(state, put(batch))
+        loss = float(metrics["loss"])  # blocks on the step: keeps few programs in flight
+        if step == first_step:
+            t_first = time.time()  # the first step compiles: not throughput
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"ranker loss is {loss} at step {step}")
+        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+        step += 1
+        if config.log_every and (step % config.log_every == 0 or step == total_steps):
+            curve.append((step, loss_ema))
+            log(
+                f"  step {step}/{total_steps} loss {loss:.4f} (ema {loss_ema:.4f}) "
+                f"ctr {float(metrics['bce_ctr']):.4f} ctcvr {float(metrics['bce_ctcvr']):.4f} "
+                f"{(step - 1 - first_step) * bs / max(time.time() - t_first, 1e-9):.0f} ex/s"
+            )
+        if saving and step % config.checkpoint_every == 0 and step < total_steps:
+            save(force=False)
+    if saving and ckpt.latest_step() != step:
+        save(force=True)  # the final state: a run killed during evaluation skips training
+    if ckpt is not None:
+        ckpt.close()
     train_s = time.time() - t_train
-    steady_s = time.time() - t_first if step > 1 else float("nan")
+    done = step - first_step
+    steady_s = time.time() - t_first if done > 1 else float("nan")
 
     if ec is not None:
-        flat_tables = ec.export_tables(state.emb)
+        # export_tables needs whole tables in this process: gather the shards first.
+        host_emb = collection_lib.EmbeddingState(
+            tables={k: _to_host(v) for k, v in state.emb.tables.items()}, slots={}
+        )
+        flat_tables = ec.export_tables(host_emb)
         dense_params = state.params
     else:
         flat_tables = {}
         dense_params = state[0]
     ranker = model_lib.TrainedRanker(
         config=rcfg,
-        params=model_lib.flatten_params(dense_params),
+        params=model_lib.flatten_params(jax.tree.map(_to_host, dense_params)),
         tables={
             ent: np.concatenate([flat_tables[t.name] for t in tables if t.entity == ent], axis=1)
             for ent, _ in rcfg.entity_dims
@@ -633,7 +967,8 @@ def train_and_evaluate(
             "final_loss_ema": loss_ema,
             "loss_curve": curve,
             "seconds": train_s,
-            "examples_per_s": (step - 1) * bs / steady_s if step > 1 else float("nan"),
+            "examples_per_s": (done - 1) * bs / steady_s if done > 1 else float("nan"),
+            "resumed_from_step": first_step,
         },
         "facets": [t.stats.as_dict() for t in tables if t.stats is not None],
         "windows": {k: list(v) for k, v in data.windows.items()},
@@ -650,7 +985,7 @@ def train_and_evaluate(
             f"ranker test: CTR AUC {te['ctr_auc']:.4f}  CVR AUC {te['cvr_auc']:.4f}  "
             f"CTCVR AUC {te['ctcvr_auc']:.4f}  CTR NE {te['ctr_ne']:.4f}  ({result['seconds']:.0f}s)"
         )
-    if workdir is not None:
+    if workdir is not None and jax.process_index() == 0:
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         model_lib.save_ranker(workdir / "ranker", ranker)
