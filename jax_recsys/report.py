@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 TASKS = ("ctr", "cvr", "ctcvr")
+# Pretraining metrics shown in the report (the rest stay in each run's metrics.json).
+_PRETRAIN_KEYS = ("recall@10", "pop_recall@10", "ndcg@10", "pop_ndcg@10", "recall@100",
+                  "heldout_loss", "test_mrr", "test_hits@1", "test_hits@10", "final_loss")
 
 
 def _fmt(mean: float | None, std: float | None, pct: bool = False) -> str:
@@ -162,9 +165,7 @@ def write_report(
         for run, m in pretraining.items():
             for k in sorted(m):
                 v = m[k]
-                if isinstance(v, int | float) and any(
-                    s in k for s in ("recall@", "ndcg@", "mrr", "hits@", "loss")
-                ):
+                if isinstance(v, int | float) and k in _PRETRAIN_KEYS:
                     md.append(f"| {run} | {k} | {v:.4f} |")
         md.append("")
     if export:

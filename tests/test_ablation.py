@@ -14,6 +14,8 @@ from jax_recsys.ranking import ablation as A, model as M, train as T
 def test_relaimpr_and_summary_hand_computed():
     assert A.relaimpr(0.66, 0.6) == pytest.approx(0.6)
     assert math.isnan(A.relaimpr(0.7, 0.5))
+    assert math.isnan(A.relaimpr(0.7, 0.505))  # baseline ~random: undefined, not +4000%
+    assert A.relaimpr(0.53, 0.52) == pytest.approx(0.5)
     m = lambda ctr, cvr: {"ctr_auc": ctr, "cvr_auc": cvr, "ctcvr_auc": ctr, "ctr_ne": 0.9,  # noqa: E731
                           "cvr_ne": 0.9, "ctcvr_ne": 0.9, "ctr_log_loss": 0.1, "cvr_log_loss": 0.2,
                           "ctcvr_log_loss": 0.05}

@@ -317,9 +317,17 @@ def summarize_variant(
     return out
 
 
+RELAIMPR_MIN_BASE_MARGIN = 0.01
+
+
 def relaimpr(auc: float, auc_base: float) -> float:
-    """Relative AUC gain (AUC - AUC_base) / (AUC_base - 0.5)."""
-    if auc_base is None or auc is None or auc_base <= 0.5:
+    """Relative AUC gain (AUC - AUC_base) / (AUC_base - 0.5).
+
+    NaN (reported as n/a) when the baseline is within `RELAIMPR_MIN_BASE_MARGIN` of a
+    random ranker: the ratio is then dominated by noise in the denominator (e.g. the
+    smoke world's CVR test set, a few dozen conversions).
+    """
+    if auc_base is None or auc is None or auc_base < 0.5 + RELAIMPR_MIN_BASE_MARGIN:
         return float("nan")
     return (auc - auc_base) / (auc_base - 0.5)
 
