@@ -64,9 +64,9 @@ def get_config(arg=None):
     c.pretrain.cl_flags = "" if smoke else "--config.train.max_steps=400 --config.train.eval_every=0"
     # TransE: DistMult (configs/kg.py's default) did not move off the uniform-softmax
     # loss on the default world in a one-epoch run (filtered MRR 0.004 vs 0.016 for TransE).
-    c.pretrain.kg_flags = "--config.model.model=transe" + (
-        "" if smoke else " --config.train.num_epochs=1 --config.train.eval_every_epochs=0"
-        " --config.eval.max_triples=5000"
+    c.pretrain.kg_flags = "--config.model.model=transe --config.train.num_epochs=1" + (
+        " --config.train.eval_every_epochs=0" if smoke
+        else " --config.train.eval_every_epochs=0 --config.eval.max_triples=5000"
     )
     c.pretrain.timeout_s = 1800
     return c
