@@ -18,3 +18,22 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 simulated devices, got {len(devs)}"
     return devs
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the longest tests first (end-to-end, then multi-process, then slow).
+
+    With pytest-xdist (`make test`) this keeps one long test from starting last and
+    setting the suite's wall time; the order of the other tests is unchanged.
+    """
+
+    def rank(item):
+        if item.path.name == "test_pipeline.py":
+            return 0
+        if item.get_closest_marker("multiprocess"):
+            return 1
+        if item.get_closest_marker("slow"):
+            return 2
+        return 3
+
+    items.sort(key=rank)  # stable: file order kept within each rank
