@@ -5,8 +5,9 @@ Command (the README's main job):
   python -m launch.run_pipeline --config=configs/pipeline.py --workdir=runs/main
   python -m launch.run_pipeline --config=configs/pipeline.py:smoke --workdir=runs/smoke
 
-Run time on a 2-core box: smoke about 3 minutes (CI runs it); default about 30 minutes
-(dominated by the 7 variants × 3 seeds ablation and the four pretraining runs).
+Run time on a 2-core box: smoke about 3-4 minutes (the test suite runs it); default
+about 20 minutes (measured 19.5: four pretraining runs 7 min, 7 variants × 3 seeds
+of the ranker 11.5 min, the rest about a minute).
 Stages whose outputs in WORKDIR are complete and current are skipped, so an
 interrupted run resumes where it stopped.
 
