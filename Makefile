@@ -24,7 +24,7 @@ smoke: venv
 	$(PY) -m launch.run_pipeline --config=$(CONFIG):smoke --workdir=runs/smoke
 
 test: venv
-	$(PY) -m pytest -q -n auto --dist worksteal tests
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not multiprocess" tests
