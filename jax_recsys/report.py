@@ -216,7 +216,7 @@ def write_report(
     )
     retr_png = plot_curves(
         histories, plots / "pretraining_eval.png",
-        select=lambda k: any(s in k for s in ("recall@", "mrr", "ndcg@", "hits@")),
+        select=lambda k: k.endswith(("recall@10", "ndcg@10", "mrr", "hits@10")),
         title="pretraining evaluation during training",
     )
     if loss_png:
