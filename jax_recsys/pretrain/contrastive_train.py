@@ -242,13 +242,19 @@ class ContrastiveTrainer:
                 neg_ids_n=batch.ids["neg_pin_id"].reshape(b * m),
                 neg_mask_n=jnp.repeat(batch.mask, m),
             )
-        loss, aux = contrastive_loss.sampled_softmax_loss(
+        args = dict(
             user_bd=user_bd, pin_bd=pin_bd, temperature=cfg.temperature,
             pin_log_q_b=batch.dense["pin_log_q"] if cfg.use_logq else None,
             user_ids_b=batch.ids["user_id"], pin_ids_b=batch.ids["pin_id"],
             remove_accidental_hits=cfg.remove_accidental_hits,
             weights_b=batch.labels["weight"], mask_b=batch.mask, **neg,
         )
+        if self.mesh.shape[self.axis] > 1:
+            # Same loss, each device scoring its own rows (no collectives in the loop).
+            loss, acc = contrastive_loss.sharded_loss_and_acc(
+                mesh=self.mesh, axis=self.axis, **args)
+            return loss, {"acc": acc}
+        loss, aux = contrastive_loss.sampled_softmax_loss(**args)
         return loss, {"acc": aux["acc"]}
 
     def _pins_tower(self, state: TrainState, side):
