@@ -257,3 +257,12 @@ def wait_for(
 def read_metrics(workdir: str | os.PathLike) -> dict:
     """WORKDIR/metrics.json as a dict."""
     return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())
+
+
+def smoke_world(tmp_path_factory) -> pathlib.Path:
+    """Writes the smoke synthetic world into a fresh temp folder (for module fixtures)."""
+    from jax_recsys.data import world as world_lib
+
+    out = tmp_path_factory.mktemp("world")
+    world_lib.generate_world(world_lib.scale_config("smoke"), out)
+    return out

@@ -23,31 +23,11 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 BATCH, EXAMPLES, EVERY = 512, 5120, 3
 EVAL_KEYS = ("ctr_auc", "cvr_auc", "ctcvr_auc", "ctr_log_loss", "ctr_ne", "cvr_log_loss")
 
-# configs/ranker.py:smoke plus the checkpoint/sharding keys (in case configs/ranker.py
-# does not define them), so the command line may override them.
-CONFIG_WRAPPER = '''
-"""configs/ranker.py:smoke plus the checkpoint/sharding keys the tests set."""
-from configs import ranker
-
-
-def get_config(arg=None):
-    c = ranker.get_config("smoke")
-    for key, value in (("checkpoint_every", 0), ("keep_checkpoints", 2), ("table_sharding", "")):
-        if key not in c.train:
-            c.train[key] = value
-    return c
-'''
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from jax_recsys.data import world as world_lib
-
-    out = tmp_path_factory.mktemp("world")
-    world_lib.generate_world(world_lib.scale_config("smoke"), out)
-    cfg = tmp_path_factory.mktemp("cfg") / "ranker_test_config.py"
-    cfg.write_text(CONFIG_WRAPPER)
-    return out, cfg
+    return mp_util.smoke_world(tmp_path_factory), "configs/ranker.py:smoke"
 
 
 def _args(world, workdir, epochs):

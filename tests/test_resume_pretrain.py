@@ -233,31 +233,13 @@ def test_kg_resume_on_another_mesh_equals_uninterrupted(tmp_path):
 # ----------------------------------------------------------------------------- SIGKILL
 
 
-CONFIG_WRAPPER = '''
-"""configs/contrastive.py:smoke plus the checkpoint keys the tests set."""
-from configs import contrastive
-
-
-def get_config(arg=None):
-    c = contrastive.get_config("smoke")
-    for key, value in (("checkpoint_every", 0), ("keep_checkpoints", 2)):
-        if key not in c.train:
-            c.train[key] = value
-    return c
-'''
 
 _STEPS = 24
 
 
 @pytest.fixture(scope="module")
 def cl_world(tmp_path_factory):
-    from jax_recsys.data import world as world_lib
-
-    out = tmp_path_factory.mktemp("world")
-    world_lib.generate_world(world_lib.scale_config("smoke"), out)
-    cfg = tmp_path_factory.mktemp("cfg") / "contrastive_test_config.py"
-    cfg.write_text(CONFIG_WRAPPER)
-    return out, cfg
+    return mp_util.smoke_world(tmp_path_factory), "configs/contrastive.py:smoke"
 
 
 def _cl_args(world, workdir, checkpoint_every):

@@ -22,18 +22,6 @@ import pytest
 BATCH, EXAMPLES, EVERY, EPOCHS = 256, 2560, 3, 2.0
 EVAL_KEYS = ("ctr_auc", "cvr_auc", "ctcvr_auc", "ctr_log_loss", "ctr_ne", "cvr_log_loss")
 
-CONFIG_WRAPPER = '''
-"""configs/ranker.py:smoke plus the checkpoint/sharding keys the tests set."""
-from configs import ranker
-
-
-def get_config(arg=None):
-    c = ranker.get_config("smoke")
-    for key, value in (("checkpoint_every", 0), ("keep_checkpoints", 2), ("table_sharding", "")):
-        if key not in c.train:
-            c.train[key] = value
-    return c
-'''
 
 
 # ----------------------------------------------------------------------------- kill + resume
@@ -41,13 +29,7 @@ def get_config(arg=None):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from jax_recsys.data import world as world_lib
-
-    out = tmp_path_factory.mktemp("world")
-    world_lib.generate_world(world_lib.scale_config("smoke"), out)
-    cfg = tmp_path_factory.mktemp("cfg") / "ranker_test_config.py"
-    cfg.write_text(CONFIG_WRAPPER)
-    return out, cfg
+    return mp_util.smoke_world(tmp_path_factory), "configs/ranker.py:smoke"
 
 
 def _steps(ckpt_dir):

@@ -593,7 +593,7 @@ def restore_train_state(ckpt, *, fresh: TrainState, step: int | None = None,
     step = ckpt.latest_step() if step is None else int(step)
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to restore")
-    saved_meta = _restore_meta(ckpt, step)
+    saved_meta = ckpt.restore_meta(int(step))
     if expected is not None:
         check_resume_meta(saved_meta, expected, ckpt.directory / str(step))
     saved = saved_meta.get("state_shapes", {})
@@ -619,10 +619,6 @@ def _fit_shape(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
 
     return jax.jit(fit, out_shardings=sharding)(x)
 
-
-def _restore_meta(ckpt, step: int) -> dict:
-    # Meta alone (the leaf shapes decide the restore target).
-    return ckpt.restore_meta(int(step))
 
 
 def check_resume_meta(meta: dict, expected: dict, where) -> None:

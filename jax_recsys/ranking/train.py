@@ -439,11 +439,6 @@ def embedding_layout(ec, emb) -> dict[str, Any]:
     }
 
 
-def _read_meta(ckpt, step: int) -> dict:
-    # The meta item alone: it says how the saved storages were laid out, which decides
-    # the restore target.
-    return ckpt.restore_meta(step)
-
 
 def _saved_target(layout: Mapping[str, Any], mesh: jax.sharding.Mesh, axis: str):
     """Abstract EmbeddingState of a saved layout, row-sharded on `mesh` where rows divide."""
@@ -574,7 +569,7 @@ def restore_train_state(ckpt, *, fresh_state, collection=None, step: int | None 
     step = ckpt.latest_step() if step is None else int(step)
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory}: no checkpoint to restore")
-    meta = _read_meta(ckpt, step)
+    meta = ckpt.restore_meta(step)
     if collection is None:
         host, meta = ckpt.restore(step, target=_host_like(fresh_state))
         return _device_like(host, fresh_state), meta
