@@ -90,7 +90,7 @@ def sampled_softmax_loss(
       (loss, aux): the scalar weighted mean cross entropy, and a dict with
       `ce_b` [B] per-example cross entropy (0 at padding), `logits` [B, B + N]
       (masked entries at MASKED_LOGIT) and `acc` the weighted fraction of
-      examples whose positive has the highest logit.
+      examples whose positive has the highest logit (ties count as correct).
     """
     if user_bd.ndim != 2 or pin_bd.shape != user_bd.shape:
         raise ValueError(
@@ -223,6 +223,10 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
 
     Block k holds the rows {t * n + k}: when B is sharded over S devices in
     contiguous slices, every block is too (each device keeps its own rows).
+    Per block, the [T, C] logits are read three times (row max; exp and its row
+    sum; the gradient matmuls), with p = e / s - onehot never written: the
+    onehot part of every gradient is added once after the loop, and the two
+    candidate-side gradients (pins and logQ bias) share one matmul.
     Returns (wsum, correct_b, ce_b, g_q [B, D], g_c [C, D], g_bias [C]).
     """
     b, d = q_bd.shape
@@ -239,24 +243,32 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
     f32 = jnp.float32
     c32 = c_cd.astype(f32)
     inv_t = 1.0 / temperature
+    col_c = jnp.arange(c)
 
     def body(carry, xs):
-        q_td, a_t, idx_t, rows_t = xs
-        ce_t, correct_t, logits = _block_ce(temperature, q_td, c_cd, bias_c, idx_t, rows_t,
-                                            cols)
+        q_td, a_t, idx_t, (row_pin, row_user) = xs
+        q32 = q_td.astype(f32)
+        logits = jnp.dot(q32, c32.T, preferred_element_type=f32) * inv_t - bias_c[None, :]
+        hit = (~cols.valid[None, :]
+               | (cols.chk_pin[None, :] & (row_pin[:, None] == cols.pin[None, :]))
+               | (cols.chk_user[None, :] & (row_user[:, None] == cols.user[None, :])))
+        x_tc = jnp.where(hit & (idx_t[:, None] != col_c[None, :]), MASKED_LOGIT, logits)
+        m_t = jnp.max(x_tc, axis=1)
+        e_tc = jnp.exp(x_tc - m_t[:, None])
+        s_t = jnp.sum(e_tc, axis=1)
+        pos_t = jnp.take_along_axis(x_tc, idx_t[:, None], axis=1)[:, 0]
+        ce_t = m_t + jnp.log(s_t) - pos_t
+        correct_t = (pos_t >= m_t).astype(jnp.int32)
         if not grads:
             return carry, (ce_t, correct_t)
+        # d CE_i / d logit_ij = e_ij / s_i - [j is i's positive]; the second term
+        # is added after the loop.
+        r_t = a_t / s_t
+        g_q = r_t[:, None] * jnp.dot(e_tc, c32, preferred_element_type=f32)
         g_c, g_bias = carry
-        # d CE_i / d logit_ij = softmax_ij - [j is i's positive] (0 at masked entries).
-        lse_t = ce_t + jnp.sum(jnp.where(idx_t[:, None] == jnp.arange(c)[None, :], logits,
-                                         0.0), axis=1)
-        p_tc = (jnp.exp(logits - lse_t[:, None])
-                - (idx_t[:, None] == jnp.arange(c)[None, :]).astype(f32))
-        g_q = a_t[:, None] * jnp.dot(p_tc, c32) * inv_t
-        aq_dt = (a_t[:, None] * q_td.astype(f32)).T
-        g_c = g_c + jnp.dot(aq_dt, p_tc)  # [D, C]
-        g_bias = g_bias - jnp.dot(a_t, p_tc)
-        return (g_c, g_bias), (ce_t, correct_t, g_q)
+        carry = (g_c + jnp.dot((r_t[:, None] * q32).T, e_tc, preferred_element_type=f32),
+                 g_bias + jnp.dot(r_t, e_tc, preferred_element_type=f32))
+        return carry, (ce_t, correct_t, g_q)
 
     xs = (split(q_bd), split(a_b), split(idx_b), jax.tree.map(split, rows))
     init = (jnp.zeros((d, c), f32), jnp.zeros((c,), f32)) if grads else ()
@@ -265,8 +277,12 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
     wsum = jnp.sum(a_b * ce_b)
     if not grads:
         return wsum, correct_b, ce_b, None, None, None
-    g_c, g_bias = carry
-    return wsum, correct_b, ce_b, merge(ys[2]), g_c.T * inv_t, g_bias
+    # The onehot terms: row i's positive is column idx_i.
+    a_b1 = a_b[:, None]
+    g_q = (merge(ys[2]) - a_b1 * c32[idx_b]) * inv_t
+    g_c = (carry[0].T.at[idx_b].add(-a_b1 * q_bd.astype(f32))) * inv_t
+    g_bias = (-carry[1]).at[idx_b].add(a_b)
+    return wsum, correct_b, ce_b, g_q, g_c, g_bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
