@@ -4,23 +4,23 @@
 shard that owns any of the rows (contiguous row ranges, see
 ``serving.codec.shard_range``), sends them in parallel with a deadline,
 retries a shard's request on its next replica when one is unreachable, and
-reassembles the float32 rows in the caller's order. Duplicate rows are sent
-once. Responses from a version other than the pinned one are refused
+reassembles the float32 rows in the caller's order (the servers remove
+duplicate rows before dequantizing). Responses from a version other than the pinned one are refused
 (``VersionMismatch``); with no pinned version, all shards of one call must
 agree.
 
 Imports NumPy, gRPC and the generated protobuf code (never JAX), so the ranker
 service and tools can use it anywhere.
 
-Dimension legend: n rows asked for, u unique rows, D embedding dim, S shards.
+Dimension legend: n rows asked for, D embedding dim, S shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 
@@ -263,7 +263,9 @@ class EmbeddingClient:
           rows: table -> int [n_t] global table rows.
 
         Returns:
-          table -> float32 [n_t, D_t] in the order of the given rows.
+          table -> float32 [n_t, D_t] in the order of the given rows. When one
+          shard holds all of a table's rows the array is a read-only view of the
+          response bytes (copy it to write into it).
 
         Raises:
           ValueError: unknown table or rows outside the table.
@@ -273,9 +275,11 @@ class EmbeddingClient:
             DEADLINE_EXCEEDED, INVALID_ARGUMENT, ...) on every replica.
         """
         deadline = time.monotonic() + self.deadline_s
-        # Route unique rows of each table to the shards holding them.
-        plan: dict[int, list[tuple[str, np.ndarray, np.ndarray]]] = {}
-        inverses: dict[str, tuple[np.ndarray, int]] = {}
+        # Route the rows of each table to the shards holding them, in the caller's
+        # order (the server removes duplicates before dequantizing).
+        # plan: shard -> [(table, positions in the caller's rows or None = all, rows)].
+        plan: dict[int, list[tuple[str, np.ndarray | None, np.ndarray]]] = {}
+        sizes: dict[str, int] = {}
         for table, rows_n in rows.items():
             route = self._routes.get(table)
             if route is None:
@@ -286,66 +290,71 @@ class EmbeddingClient:
                     f"table {table!r}: rows must be a 1-D integer array, got "
                     f"{rows_n.dtype} {rows_n.shape}"
                 )
-            uniq_u, inv_n = np.unique(rows_n.astype(np.int64, copy=False), return_inverse=True)
-            inverses[table] = (inv_n, uniq_u.size)
-            if uniq_u.size == 0:
+            sizes[table] = rows_n.size
+            if rows_n.size == 0:
                 continue
-            k_u = np.searchsorted(route.starts, uniq_u, side="right") - 1
-            ok = (k_u >= 0) & (uniq_u < route.ends[np.maximum(k_u, 0)])
+            rows_n = rows_n.astype(np.int64, copy=False)
+            lo_row, hi_row = int(rows_n.min()), int(rows_n.max())
+            if route.shards.size == 1 or (
+                np.searchsorted(route.starts, lo_row, side="right")
+                == np.searchsorted(route.starts, hi_row, side="right")
+            ):
+                k = int(np.searchsorted(route.starts, lo_row, side="right")) - 1
+                if k < 0 or hi_row >= route.ends[k]:
+                    self._out_of_range(table, route, lo_row if k < 0 else hi_row)
+                plan.setdefault(int(route.shards[k]), []).append((table, None, rows_n))
+                continue
+            k_n = np.searchsorted(route.starts, rows_n, side="right") - 1
+            ok = (k_n >= 0) & (rows_n < route.ends[np.maximum(k_n, 0)])
             if not ok.all():
-                bad = int(uniq_u[~ok][0])
-                raise ValueError(
-                    f"table {table!r}: row {bad} is outside every shard's range "
-                    f"(rows [{int(route.starts[0])}, {int(route.ends[-1])}))"
-                )
-            # uniq_u is sorted, so each shard's rows are one contiguous slice.
-            bounds = np.searchsorted(k_u, np.arange(route.shards.size + 1))
+                self._out_of_range(table, route, int(rows_n[~ok][0]))
+            order = np.argsort(k_n, kind="stable")
+            bounds = np.searchsorted(k_n[order], np.arange(route.shards.size + 1))
             for k in range(route.shards.size):
                 a, b = bounds[k], bounds[k + 1]
                 if b > a:
-                    plan.setdefault(int(route.shards[k]), []).append(
-                        (table, slice(int(a), int(b)), uniq_u[a:b])
-                    )
-        uniq_values: dict[str, np.ndarray] = {}
+                    pos = order[a:b]
+                    plan.setdefault(int(route.shards[k]), []).append((table, pos, rows_n[pos]))
+        result: dict[str, np.ndarray] = {}
         if plan:
             results = self._fan_out(plan, deadline)
             versions = set()
             for shard, (version, tables) in results.items():
                 versions.add(version)
-                for (table, pos_u, _), values in zip(plan[shard], tables, strict=True):
-                    out = uniq_values.get(table)
-                    n_unique = inverses[table][1]
-                    if out is None and pos_u.stop - pos_u.start == n_unique:
-                        uniq_values[table] = values  # one shard had them all: no copy
-                        self._dims[table] = values.shape[1]
+                for (table, pos, _), values in zip(plan[shard], tables, strict=True):
+                    self._dims[table] = values.shape[1]
+                    if pos is None:
+                        result[table] = values  # one shard had them all: no copy
                         continue
+                    out = result.get(table)
                     if out is None:
-                        out = np.empty((n_unique, values.shape[1]), np.float32)
-                        uniq_values[table] = out
+                        out = np.empty((sizes[table], values.shape[1]), np.float32)
+                        result[table] = out
                     elif out.shape[1] != values.shape[1]:
                         raise ServingError(
                             f"table {table!r}: shards disagree on dim "
                             f"({out.shape[1]} vs {values.shape[1]})",
                             shard=shard,
                         )
-                    out[pos_u] = values
-                    self._dims[table] = values.shape[1]
+                    out[pos] = values
             if len(versions) > 1:
                 raise VersionMismatch(f"shards answered different versions {sorted(versions)}")
-        result = {}
-        for table, (inv_n, n_unique) in inverses.items():
-            if n_unique == 0:
+        for table, n in sizes.items():
+            if n == 0:
                 result[table] = np.zeros((0, self._dims.get(table, 0)), np.float32)
-            else:
-                result[table] = np.take(uniq_values[table], inv_n.reshape(-1), axis=0)
         return result
 
-    def _request(self, shard: int, items) -> bytes:
-        req = pb.LookupRequest(
-            expected_version=self.version or "", request_id=uuid.uuid4().hex[:16]
+    @staticmethod
+    def _out_of_range(table: str, route: _Route, row: int):
+        raise ValueError(
+            f"table {table!r}: row {row} is outside every shard's range "
+            f"(rows [{int(route.starts[0])}, {int(route.ends[-1])}))"
         )
-        for table, _, rows_u in items:
-            req.tables.add(table=table, ids=codec.encode_ids(rows_u))
+
+    def _request(self, shard: int, items) -> bytes:
+        req = pb.LookupRequest(expected_version=self.version or "", request_id=os.urandom(8).hex())
+        for table, _, rows_n in items:
+            req.tables.add(table=table, ids=codec.encode_ids(rows_n))
         return req.SerializeToString()
 
     def _fan_out(self, plan, deadline: float) -> dict[int, tuple[str, list[np.ndarray]]]:
@@ -404,7 +413,7 @@ class EmbeddingClient:
                 shard=shard,
             )
         values = []
-        for (table, _, rows_u), got in zip(items, resp.tables, strict=True):
+        for (table, _, rows_n), got in zip(items, resp.tables, strict=True):
             if got.table != table:
                 raise ServingError(
                     f"shard {shard}: answered table {got.table!r} for {table!r}", shard=shard
@@ -413,7 +422,7 @@ class EmbeddingClient:
                 values.append(
                     codec.decode_values(
                         got.values,
-                        n=rows_u.size,
+                        n=rows_n.size,
                         dim=got.dim,
                         what=f"shard {shard} table {table!r}",
                     )

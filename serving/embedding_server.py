@@ -464,12 +464,8 @@ class EmbeddingServer:
     def _rows(table: _ShardTable, ids_n: np.ndarray) -> bytes:
         if ids_n.size == 0:
             return b""
-        # EmbeddingClient sends sorted unique ids: skip the sort and the re-gather.
-        presorted = ids_n.size == 1 or bool(np.all(ids_n[1:] > ids_n[:-1]))
-        if presorted:
-            lo_id, hi_id = int(ids_n[0]), int(ids_n[-1])
-        else:
-            lo_id, hi_id = int(ids_n.min()), int(ids_n.max())
+        sorted_n = np.sort(ids_n)
+        lo_id, hi_id = int(sorted_n[0]), int(sorted_n[-1])
         if lo_id < table.lo or hi_id >= table.hi:
             bad_id = lo_id if lo_id < table.lo else hi_id
             raise _BadRequest(
@@ -477,11 +473,12 @@ class EmbeddingServer:
                 f"table {table.name!r}: id {bad_id} outside this shard's rows "
                 f"[{table.lo}, {table.hi}) (table has {table.rows} rows)",
             )
-        if presorted:
+        if not np.any(sorted_n[1:] == sorted_n[:-1]):
+            # No duplicates: dequantize in the request's order.
             return codec.encode_values(rowwise.dequantize_rows(table.q, ids_n - table.lo))
         uniq_u, inverse_n = np.unique(ids_n, return_inverse=True)
         values_ud = rowwise.dequantize_rows(table.q, uniq_u - table.lo)
-        return codec.encode_values(values_ud[inverse_n])
+        return codec.encode_values(np.take(values_ud, inverse_n, axis=0))
 
 
 def serve(config: ServerConfig) -> EmbeddingServer:
