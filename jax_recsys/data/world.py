@@ -300,6 +300,12 @@ def _rng(cfg: WorldConfig, *stream: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, *stream])
 
 
+def _take(a: np.ndarray, indices, axis: int | None = None) -> np.ndarray:
+    """np.take for indices valid by construction: mode="clip" skips numpy's
+    bounds-checked (buffered) path, ~3x faster for the generator's row gathers."""
+    return np.take(a, indices, axis=axis, mode="clip")
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -319,14 +325,14 @@ class _Zipf:
             self.const = (n1 ** (1.0 - self.a) - 1.0).astype(_F32)
 
     def sample(self, u: np.ndarray, group: np.ndarray | int = 0) -> np.ndarray:
-        c = np.take(self.const, group)
+        c = _take(self.const, group)
         if abs(self.a - 1.0) < 1e-9:
             x = np.exp(u * c) - 1.0
         else:
             b = 1.0 - self.a
             x = (1.0 + u * c) ** _F32(1.0 / b) - 1.0
         r = x.astype(np.int64)
-        return np.minimum(r, np.maximum(np.take(self.sizes, group) - 1, 0))
+        return np.minimum(r, np.maximum(_take(self.sizes, group) - 1, 0))
 
 
 def _grouped(keys: np.ndarray, num_groups: int, order: np.ndarray):
@@ -460,11 +466,11 @@ class _Day:
     def users(self, n: int):
         st, cfg = self.st, self.cfg
         rank = st.user_zipf.sample(self.rng.random(n, dtype=_F32))
-        uid = np.take(st.user_by_rank, rank).astype(np.int64)
+        uid = _take(st.user_by_rank, rank).astype(np.int64)
         phi = np.minimum(_F32(cfg.drift_per_day * self.day) * st.drift_rate[uid], _F32(np.pi / 2))
         cos, sin = np.cos(phi), np.sin(phi)
-        u = cos[:, None] * np.take(st.user_vec, uid, axis=0) + sin[:, None] * np.take(
-            st.topic_vec, np.take(st.drift_topic, uid), axis=0
+        u = cos[:, None] * _take(st.user_vec, uid, axis=0) + sin[:, None] * _take(
+            st.topic_vec, _take(st.drift_topic, uid), axis=0
         )
         u /= np.sqrt(np.einsum("nk,nk->n", u, u))[:, None]
         return uid, u, cos * cos
@@ -474,7 +480,7 @@ class _Day:
         w = self.rng.random((n, M), dtype=_F32)
         home = (w - explore) < (1.0 - explore) * home_prob[:, None]
         t = np.where(
-            home, np.take(st.home_topic, uid)[:, None], np.take(st.drift_topic, uid)[:, None]
+            home, _take(st.home_topic, uid)[:, None], _take(st.drift_topic, uid)[:, None]
         ).astype(np.int64)
         # For w < explore, w / explore is itself uniform: it picks the random topic.
         explored = np.flatnonzero(w.reshape(-1) < explore)
@@ -490,22 +496,22 @@ class _Day:
         st, day, rng = self.st, self.day, self.rng
         last = len(members) - 1
         rank = zipf.sample(rng.random(topic.shape, dtype=_F32), topic)
-        ids = np.take(members, np.minimum(np.take(offsets, topic) + rank, last))
+        ids = _take(members, np.minimum(_take(offsets, topic) + rank, last))
         flat_topic, flat_ids = topic.reshape(-1), ids.reshape(-1)
-        bad = np.take(st.created, flat_ids) > day
+        bad = _take(st.created, flat_ids) > day
         if zipf.has_empty:
-            bad |= np.take(zipf.sizes, flat_topic) == 0
+            bad |= _take(zipf.sizes, flat_topic) == 0
         bad = np.flatnonzero(bad)
         for _ in range(8):
             if not len(bad):
                 break
             t = flat_topic[bad]
             r = zipf.sample(rng.random(t.shape, dtype=_F32), t)
-            new = np.take(members, np.minimum(np.take(offsets, t) + r, last))
+            new = _take(members, np.minimum(_take(offsets, t) + r, last))
             flat_ids[bad] = new
-            still = np.take(st.created, new) > day
+            still = _take(st.created, new) > day
             if zipf.has_empty:
-                still |= np.take(zipf.sizes, t) == 0
+                still |= _take(zipf.sizes, t) == 0
             bad = bad[still]
         if len(bad):  # tiny or not-yet-populated topics: any existing member
             n_born = int(np.searchsorted(created_sorted, day, side="right"))
@@ -526,8 +532,8 @@ class _Day:
     def hidden(self, uid, adv):
         h = np.einsum(
             "nh,nh->n",
-            np.take(self.st.user_hidden, uid, axis=0),
-            np.take(self.st.adv_hidden, adv, axis=0),
+            _take(self.st.user_hidden, uid, axis=0),
+            _take(self.st.adv_hidden, adv, axis=0),
         )
         return h / math.sqrt(self.cfg.hidden_dim)
 
@@ -538,9 +544,9 @@ class _Day:
         pins = self._pick_existing(
             topic, st.pins_by_topic, st.pin_off, st.pin_zipf, st.pins_by_created, st.created_sorted
         )
-        sim = np.einsum("nk,nmk->nm", u, np.take(st.pin_vec, pins, axis=0))
+        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, pins, axis=0))
         scores = sim * _F32(cfg.engagement_sharpness)
-        scores += _F32(cfg.engagement_quality_weight) * np.take(st.quality, pins)
+        scores += _F32(cfg.engagement_quality_weight) * _take(st.quality, pins)
         item = _pick_row(pins, self._choose(scores))
         ts, _ = self.timestamps(n)
         etype = np.searchsorted(
@@ -561,9 +567,9 @@ class _Day:
         adv = topic + cfg.num_topics * st.adv_zipf.sample(
             self.rng.random(topic.shape, dtype=_F32), topic
         )
-        sim = np.einsum("nk,nmk->nm", u, np.take(st.adv_vec, adv, axis=0))
+        sim = np.einsum("nk,nmk->nm", u, _take(st.adv_vec, adv, axis=0))
         hid = np.einsum(
-            "nh,nmh->nm", np.take(st.user_hidden, uid, axis=0), np.take(st.adv_hidden, adv, axis=0)
+            "nh,nmh->nm", _take(st.user_hidden, uid, axis=0), _take(st.adv_hidden, adv, axis=0)
         )
         affinity = sim + cfg.hidden_weight * hid / math.sqrt(cfg.hidden_dim)
         chosen = _pick_row(adv, self._choose(cfg.conversion_sharpness * affinity))
@@ -584,7 +590,7 @@ class _Day:
         pins = self._pick_existing(
             topic, st.ad_by_topic, st.ad_off, st.ad_zipf, st.ads_by_created, st.ad_created_sorted
         )
-        sim = np.einsum("nk,nmk->nm", u, np.take(st.pin_vec, pins, axis=0))
+        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, pins, axis=0))
         pick = self._choose(cfg.ad_sharpness * sim)
         rows = np.arange(n)
         item, interest = pins[rows, pick], sim[rows, pick]
@@ -614,7 +620,7 @@ class _Day:
         )
         click = self.rng.random(n) < _sigmoid(click_logit)
         affinity = (
-            np.einsum("nk,nk->n", u, np.take(st.adv_vec, adv, axis=0)) + cfg.hidden_weight * hid
+            np.einsum("nk,nk->n", u, _take(st.adv_vec, adv, axis=0)) + cfg.hidden_weight * hid
         )
         conv_coarse = st.conv_country_eff[country] + st.conv_device_eff[device]
         conv_logit = cfg.conversion_bias + cfg.conversion_affinity_weight * affinity + conv_coarse
@@ -644,7 +650,7 @@ class _Day:
 
 def _pick_row(x: np.ndarray, col: np.ndarray) -> np.ndarray:
     """x[i, col[i]] for a 2-D array (flat take: faster than fancy indexing)."""
-    return np.take(x.reshape(-1), np.arange(len(col)) * x.shape[1] + col)
+    return _take(x.reshape(-1), np.arange(len(col)) * x.shape[1] + col)
 
 
 def _unique(keys: np.ndarray, *, counts: bool = False):
