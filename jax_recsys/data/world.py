@@ -262,7 +262,7 @@ class WorldConfig:
     kg_test_fraction: float = 0.05
     advertiser_keywords: int = 3
     chunk_events: int = 1 << 16
-    kg_partition_rows: int = 50_000_000
+    kg_partition_rows: int = 8_000_000
     summary_sample_per_day: int = 100_000
 
     def windows(self) -> dict[str, tuple[int, int]]:
@@ -514,7 +514,9 @@ class _Day:
                 still |= _take(zipf.sizes, t) == 0
             bad = bad[still]
         if len(bad):  # tiny or not-yet-populated topics: any existing member
-            n_born = int(np.searchsorted(created_sorted, day, side="right"))
+            # day as the array's dtype: a Python int would convert the whole array.
+            n_born = int(np.searchsorted(created_sorted, created_sorted.dtype.type(day),
+                                         side="right"))
             flat_ids[bad] = by_created[rng.integers(0, max(n_born, 1), len(bad))]
         return ids.astype(np.int64)
 
