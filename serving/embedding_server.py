@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
-from serving import codec
+from serving import codec, versions as versions_lib
 from serving.protos import embedding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,6 @@ class _Version:
     version: str
     path: str
     tables: dict[str, _ShardTable]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Snapshot:
-    """What a request sees: replaced whole (never mutated) on swap/retire."""
-
-    current: str
-    versions: dict[str, _Version]
 
 
 def _slice_rows(q: rowwise.QuantizedTable, lo: int, hi: int) -> rowwise.QuantizedTable:
@@ -216,9 +208,8 @@ class EmbeddingServer:
             num_shards=config.num_shards,
             verify=config.verify,
         )
-        self._snapshot = _Snapshot(current=first.version, versions={first.version: first})
-        self._swap_lock = threading.Lock()
-        self._retire_timers: list[threading.Timer] = []
+        self._versions: versions_lib.VersionSet[_Version] = versions_lib.VersionSet(
+            first.version, first, name=f"shard {config.shard}/{config.num_shards}")
         self._stats = _Stats()
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
@@ -293,8 +284,7 @@ class EmbeddingServer:
           An event set when the server has fully stopped.
         """
         self._stopping.set()
-        for t in self._retire_timers:
-            t.cancel()
+        self._versions.close()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self._server is None:
@@ -319,12 +309,12 @@ class EmbeddingServer:
     @property
     def version(self) -> str:
         """The version served to requests that pin none."""
-        return self._snapshot.current
+        return self._versions.current
 
     @property
     def versions(self) -> list[str]:
         """Every version servable now (two during a swap window)."""
-        return list(self._snapshot.versions)
+        return self._versions.ids
 
     def swap(self, path: str, *, window_s: float | None = None) -> str:
         """Loads another artifact and makes it the current version, without a pause.
@@ -342,19 +332,8 @@ class EmbeddingServer:
         """
         cfg = self.config
         new = load_shard(path, shard=cfg.shard, num_shards=cfg.num_shards, verify=cfg.verify)
-        with self._swap_lock:
-            old = self._snapshot
-            if new.version == old.current:
-                return new.version
-            # Keep only the outgoing current version next to the new one.
-            versions = {old.current: old.versions[old.current], new.version: new}
-            self._snapshot = _Snapshot(current=new.version, versions=versions)
-        window = cfg.swap_window_s if window_s is None else window_s
-        log.info("swapped %s -> %s (old kept %.1fs)", old.current, new.version, window)
-        timer = threading.Timer(window, self.retire, args=(old.current,))
-        timer.daemon = True
-        timer.start()
-        self._retire_timers = [t for t in self._retire_timers if t.is_alive()] + [timer]
+        self._versions.swap(new.version, new,
+                            window_s=cfg.swap_window_s if window_s is None else window_s)
         return new.version
 
     def retire(self, version: str) -> bool:
@@ -366,14 +345,7 @@ class EmbeddingServer:
         Returns:
           True if it was dropped.
         """
-        with self._swap_lock:
-            snap = self._snapshot
-            if version == snap.current or version not in snap.versions:
-                return False
-            versions = {v: t for v, t in snap.versions.items() if v != version}
-            self._snapshot = _Snapshot(current=snap.current, versions=versions)
-        log.info("retired version %s", version)
-        return True
+        return self._versions.retire(version)
 
     # ---- stats ----
 
@@ -390,7 +362,7 @@ class EmbeddingServer:
     # ---- handlers ----
 
     def _info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        snap = self._snapshot
+        snap = self._versions.snapshot
         cur = snap.versions[snap.current]
         resp = pb.InfoResponse(
             version=snap.current,
@@ -422,7 +394,7 @@ class EmbeddingServer:
             req = pb.LookupRequest.FromString(request)
         except DecodeError as e:
             raise _BadRequest(bad, f"request is not a LookupRequest protobuf: {e}") from None
-        snap = self._snapshot  # one snapshot for the whole request
+        snap = self._versions.snapshot  # one snapshot for the whole request
         if req.expected_version:
             ver = snap.versions.get(req.expected_version)
             if ver is None:

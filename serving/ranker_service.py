@@ -79,7 +79,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from jax_recsys.ranking import model as model_lib
-from serving import client as client_lib, codec
+from serving import client as client_lib, codec, versions as versions_lib
 from serving.protos import embedding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -283,14 +283,6 @@ class _Version:
     candidate_rows: int
 
 
-@dataclasses.dataclass(frozen=True)
-class _Snapshot:
-    """What a request sees: replaced whole (never mutated) on swap/retire."""
-
-    current: str
-    versions: dict[str, _Version]
-
-
 @dataclasses.dataclass
 class _Job:
     """One validated request waiting for its scores."""
@@ -360,9 +352,8 @@ class RankerService:
     def __init__(self, config: RankerServiceConfig):
         self.config = config
         first = self._load(config.artifact)
-        self._snapshot = _Snapshot(current=first.version, versions={first.version: first})
-        self._swap_lock = threading.Lock()
-        self._timers: list[threading.Timer] = []
+        self._versions: versions_lib.VersionSet[_Version] = versions_lib.VersionSet(
+            first.version, first, name="ranker", on_drop=self._close_later)
         self._stats = _Stats()
         self._stopping = threading.Event()
         self._queue: queue.Queue[_Job] = queue.Queue()
@@ -485,11 +476,10 @@ class RankerService:
         if self._server is not None:
             self._server.stop(grace).wait()
         self._stopping.set()
-        for t in self._timers:
-            t.cancel()
+        held = self._versions.close()
         for t in self._threads:
             t.join(5)
-        for ver in self._snapshot.versions.values():
+        for ver in held:
             ver.fetcher.close()
 
     def __enter__(self) -> RankerService:
@@ -504,12 +494,12 @@ class RankerService:
     @property
     def version(self) -> str:
         """The version unpinned requests get."""
-        return self._snapshot.current
+        return self._versions.current
 
     @property
     def versions(self) -> list[str]:
         """Every version servable now (two during a swap window)."""
-        return list(self._snapshot.versions)
+        return self._versions.ids
 
     def swap(self, path: str, *, window_s: float | None = None) -> str:
         """Loads another artifact and serves it to new requests, without a pause.
@@ -527,45 +517,18 @@ class RankerService:
           The new version id.
         """
         new = self._load(path)
-        with self._swap_lock:
-            old = self._snapshot
-            if new.version == old.current:
-                new.fetcher.close()
-                return new.version
-            versions = {old.current: old.versions[old.current], new.version: new}
-            dropped = [v for k, v in old.versions.items() if k not in versions]
-            self._snapshot = _Snapshot(current=new.version, versions=versions)
-        for ver in dropped:
-            self._close_later(ver)
         window = self.config.swap_window_s if window_s is None else window_s
-        log.info("ranker swapped %s -> %s (old kept %.1fs)", old.current, new.version, window)
-        self._timer(window, self.retire, old.current)
+        if not self._versions.swap(new.version, new, window_s=window):
+            new.fetcher.close()
         return new.version
 
     def retire(self, version: str) -> bool:
         """Stops serving a non-current version; returns True if it was dropped."""
-        with self._swap_lock:
-            snap = self._snapshot
-            if version == snap.current or version not in snap.versions:
-                return False
-            ver = snap.versions[version]
-            self._snapshot = _Snapshot(
-                current=snap.current,
-                versions={k: v for k, v in snap.versions.items() if k != version},
-            )
-        self._close_later(ver)
-        log.info("ranker retired version %s", version)
-        return True
+        return self._versions.retire(version)
 
     def _close_later(self, ver: _Version) -> None:
         # Requests that took this version before it was dropped finish within their deadline.
-        self._timer(2 * self.config.deadline_s + 1.0, ver.fetcher.close)
-
-    def _timer(self, delay: float, fn, *args) -> None:
-        t = threading.Timer(delay, fn, args=args)
-        t.daemon = True
-        t.start()
-        self._timers = [x for x in self._timers if x.is_alive()] + [t]
+        self._versions.later(2 * self.config.deadline_s + 1.0, ver.fetcher.close)
 
     def stats(self) -> dict:
         """Counters since start: requests by code, batching, recent p50/p99."""
@@ -629,7 +592,7 @@ class RankerService:
 
     def _validate(self, req: pb.RankRequest, *, deadline: float) -> _Job:
         cfg = self.config
-        snap = self._snapshot  # one snapshot for the whole request
+        snap = self._versions.snapshot  # one snapshot for the whole request
         if req.expected_version:
             ver = snap.versions.get(req.expected_version)
             if ver is None:
