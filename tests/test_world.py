@@ -164,6 +164,32 @@ def test_long_tail_and_volumes(smoke):
     )
 
 
+def test_candidate_pools_group_members_by_topic():
+    cfg = world.scale_config("smoke")
+    st = world._Static(cfg)
+    for pool, is_member in ((st.pins, np.ones(cfg.num_pins, bool)), (st.ads, st.pin_adv >= 0)):
+        assert sorted(pool.members.tolist()) == np.flatnonzero(is_member).tolist()
+        for t in range(cfg.num_topics):
+            block = pool.members[pool.offsets[t] : pool.offsets[t + 1]]
+            assert (st.pin_topic[block] == t).all()  # topic t's members, and only them
+        np.testing.assert_array_equal(pool.slot[pool.members], np.arange(len(pool.members)))
+        np.testing.assert_array_equal(pool.created, st.created[pool.members])
+        assert (np.diff(pool.created_sorted) >= 0).all()
+
+
+def test_ad_impressions_follow_topics_not_one_pin(smoke):
+    # Ads are drawn within the user's topic (explored or not); no single ad pin
+    # may soak up the impressions (a wrong ad offset table once sent 68% to one pin).
+    out, _, _ = smoke
+    imp = folder.DatasetFolder(out).table("impressions", ["item_id"])
+    counts = np.bincount(imp["item_id"])
+    assert counts.max() / counts.sum() < 0.02
+    cfg = world.scale_config("smoke")
+    st = world._Static(cfg)
+    topic_share = np.bincount(st.pin_topic[imp["item_id"]], minlength=cfg.num_topics)
+    assert topic_share.min() > 0  # every topic's ads are shown
+
+
 def test_labels_conversions_only_after_clicks(smoke):
     out, summary, _ = smoke
     imp = folder.DatasetFolder(out).table("impressions")

@@ -335,12 +335,31 @@ class _Zipf:
         return np.minimum(r, np.maximum(_take(self.sizes, group) - 1, 0))
 
 
-def _grouped(keys: np.ndarray, num_groups: int, order: np.ndarray):
-    """Members sorted by group (ties in ``order``'s order) and group offsets."""
-    members = order[np.argsort(keys[order], kind="stable")].astype(np.int32)
-    sizes = np.bincount(keys, minlength=num_groups)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return members, sizes, offsets
+class _Pool:
+    """Pins grouped by topic, in popularity order within each topic.
+
+    Attributes:
+      members: int32 pin ids by (topic, popularity rank).
+      offsets: int64 [T + 1] start of each topic in ``members``.
+      zipf: rank sampler over the topics' sizes.
+      created: int16 creation day of each member (``members`` order).
+      slot: int32 [P] position of each pin in ``members`` (-1: not a member).
+      by_created, created_sorted: members sorted by (creation day, id), and their days.
+    """
+
+    def __init__(self, keys: np.ndarray, num_groups: int, order: np.ndarray,
+                 created: np.ndarray, num_pins: int, zipf_a: float):
+        # Members sorted by group (ties in ``order``'s order).
+        self.members = order[np.argsort(keys[order], kind="stable")].astype(np.int32)
+        sizes = np.bincount(keys[order], minlength=num_groups)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.zipf = _Zipf(sizes, zipf_a)
+        self.created = created[self.members]
+        self.slot = np.full(num_pins, -1, np.int32)
+        self.slot[self.members] = np.arange(len(self.members), dtype=np.int32)
+        by_id = np.sort(self.members)  # ties in creation day stay in id order
+        self.by_created = by_id[np.argsort(created[by_id], kind="stable")]
+        self.created_sorted = created[self.by_created]
 
 
 class _Static:
@@ -418,7 +437,7 @@ class _Static:
 
         # Pins.
         self.pin_topic = np.empty(P, np.int16)
-        self.pin_vec = np.empty((P, k), _F32)
+        self.pin_vec = np.empty((P, k), _F32)  # by pin id here; by member slot below
         self.quality = np.empty(P, _F32)
         self.created = np.empty(P, np.int16)
         self.pin_adv = np.empty(P, np.int32)
@@ -444,17 +463,15 @@ class _Static:
         topic = self.pin_topic.astype(np.int64)
         # Popularity rank within a topic = position in a random order.
         order = _rng(cfg, _STATIC, 4).permutation(P)
-        self.pins_by_topic, sizes, self.pin_off = _grouped(topic, T, order)
-        self.pin_zipf = _Zipf(sizes, cfg.pin_zipf)
+        self.pins = _Pool(topic, T, order, self.created, P, cfg.pin_zipf)
         ad_ids = np.flatnonzero(self.pin_adv >= 0)
         ad_order = ad_ids[_rng(cfg, _STATIC, 5).permutation(len(ad_ids))]
-        self.ad_by_topic, ad_sizes, self.ad_off = _grouped(topic, T, ad_order)
-        self.ad_zipf = _Zipf(ad_sizes, cfg.ad_pin_zipf)
-        self.pins_by_created = np.argsort(self.created, kind="stable").astype(np.int32)
-        self.ads_by_created = ad_ids[np.argsort(self.created[ad_ids], kind="stable")]
-        self.created_sorted = self.created[self.pins_by_created]
-        self.ad_created_sorted = self.created[self.ads_by_created]
+        self.ads = _Pool(topic, T, ad_order, self.created, P, cfg.ad_pin_zipf)
         self.num_ad_pins = len(ad_ids)
+        # Pin vectors in the organic pool's member order: the popular members of
+        # a topic sit next to each other, so the candidate gathers mostly hit cache.
+        self.pin_vec = _take(self.pin_vec, self.pins.members, axis=0)
+        self.quality_m = _take(self.quality, self.pins.members)
 
 
 class _Day:
@@ -491,14 +508,19 @@ class _Day:
         )
         return t
 
-    def _pick_existing(self, topic, members, offsets, zipf, by_created, created_sorted):
-        """Popularity-ranked member of each topic among those created by today."""
-        st, day, rng = self.st, self.day, self.rng
-        last = len(members) - 1
+    def _pick_existing(self, topic, pool: _Pool):
+        """Popularity-ranked member of each topic among those created by today.
+
+        Returns:
+          (pin ids, their positions in ``pool.members``).
+        """
+        day, rng = self.day, self.rng
+        zipf = pool.zipf
+        last = len(pool.members) - 1
         rank = zipf.sample(rng.random(topic.shape, dtype=_F32), topic)
-        ids = _take(members, np.minimum(_take(offsets, topic) + rank, last))
-        flat_topic, flat_ids = topic.reshape(-1), ids.reshape(-1)
-        bad = _take(st.created, flat_ids) > day
+        pos = np.minimum(_take(pool.offsets, topic) + rank, last)
+        flat_topic, flat_pos = topic.reshape(-1), pos.reshape(-1)
+        bad = _take(pool.created, flat_pos) > day
         if zipf.has_empty:
             bad |= _take(zipf.sizes, flat_topic) == 0
         bad = np.flatnonzero(bad)
@@ -507,18 +529,19 @@ class _Day:
                 break
             t = flat_topic[bad]
             r = zipf.sample(rng.random(t.shape, dtype=_F32), t)
-            new = _take(members, np.minimum(_take(offsets, t) + r, last))
-            flat_ids[bad] = new
-            still = _take(st.created, new) > day
+            new = np.minimum(_take(pool.offsets, t) + r, last)
+            flat_pos[bad] = new
+            still = _take(pool.created, new) > day
             if zipf.has_empty:
                 still |= _take(zipf.sizes, t) == 0
             bad = bad[still]
         if len(bad):  # tiny or not-yet-populated topics: any existing member
             # day as the array's dtype: a Python int would convert the whole array.
-            n_born = int(np.searchsorted(created_sorted, created_sorted.dtype.type(day),
-                                         side="right"))
-            flat_ids[bad] = by_created[rng.integers(0, max(n_born, 1), len(bad))]
-        return ids.astype(np.int64)
+            n_born = int(np.searchsorted(pool.created_sorted,
+                                         pool.created_sorted.dtype.type(day), side="right"))
+            ids = pool.by_created[rng.integers(0, max(n_born, 1), len(bad))]
+            flat_pos[bad] = _take(pool.slot, ids)
+        return _take(pool.members, pos).astype(np.int64), pos
 
     def _choose(self, scores):
         expo = self.rng.standard_exponential(scores.shape, dtype=_F32)
@@ -543,12 +566,10 @@ class _Day:
         cfg, st = self.cfg, self.st
         uid, u, home_prob = self.users(n)
         topic = self.topics(uid, home_prob, n, cfg.explore_prob)
-        pins = self._pick_existing(
-            topic, st.pins_by_topic, st.pin_off, st.pin_zipf, st.pins_by_created, st.created_sorted
-        )
-        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, pins, axis=0))
+        pins, slot = self._pick_existing(topic, st.pins)
+        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, slot, axis=0))
         scores = sim * _F32(cfg.engagement_sharpness)
-        scores += _F32(cfg.engagement_quality_weight) * _take(st.quality, pins)
+        scores += _F32(cfg.engagement_quality_weight) * _take(st.quality_m, slot)
         item = _pick_row(pins, self._choose(scores))
         ts, _ = self.timestamps(n)
         etype = np.searchsorted(
@@ -589,10 +610,9 @@ class _Day:
         cfg, st = self.cfg, self.st
         uid, u, home_prob = self.users(n)
         topic = self.topics(uid, home_prob, n, cfg.ad_explore_prob)
-        pins = self._pick_existing(
-            topic, st.ad_by_topic, st.ad_off, st.ad_zipf, st.ads_by_created, st.ad_created_sorted
-        )
-        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, pins, axis=0))
+        pins, _ = self._pick_existing(topic, st.ads)
+        slot = _take(st.pins.slot, pins)
+        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, slot, axis=0))
         pick = self._choose(cfg.ad_sharpness * sim)
         rows = np.arange(n)
         item, interest = pins[rows, pick], sim[rows, pick]
