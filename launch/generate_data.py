@@ -26,7 +26,8 @@ def main(argv):
     wcfg = world.WorldConfig(**fields)
     if cfg.num_days:
         wcfg = world.days_override(wcfg, cfg.num_days)
-    summary = world.generate_world(wcfg, _WORKDIR.value, progress=cfg.progress)
+    summary = world.generate_world(wcfg, _WORKDIR.value, progress=cfg.progress,
+                                   workers=cfg.workers or None)
     text = json.dumps(summary, indent=1)
     print(text)
     with open(f"{_WORKDIR.value}/metrics.json", "w") as f:

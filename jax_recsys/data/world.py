@@ -115,6 +115,7 @@ n events in a chunk.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -123,6 +124,7 @@ import pathlib
 import shutil
 import sys
 import time
+from concurrent import futures
 
 import numpy as np
 
@@ -856,12 +858,31 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _in_order(pool, fn, items, *, ahead: int):
+    """Yields (item, fn(*item)) in the order of ``items``, at most ``ahead`` computed
+    ahead on ``pool`` (None: inline)."""
+    if pool is None:
+        for item in items:
+            yield item, fn(*item)
+        return
+    pending = collections.deque()
+    for item in items:
+        pending.append((item, pool.submit(fn, *item)))
+        if len(pending) > ahead:
+            done, fut = pending.popleft()
+            yield done, fut.result()
+    while pending:
+        done, fut = pending.popleft()
+        yield done, fut.result()
+
+
 def _chunks(total: int, size: int):
     for i, c0 in enumerate(range(0, total, size)):
         yield i, min(size, total - c0)
 
 
-def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
+def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bool = True,
+                   workers: int | None = None) -> dict:
     """Generates the synthetic world as a dataset folder.
 
     Args:
@@ -869,6 +890,8 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
       out_dir: the dataset folder to write (created; existing world files are
         overwritten).
       progress: print one line per day (to stderr).
+      workers: threads generating event chunks (default: min(2, CPUs)); the
+        files are identical for any number.
 
     Returns:
       The summary (also written to ``out_dir/world_summary.json``): rows per
@@ -902,72 +925,100 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
     events = 0
     t_days = time.perf_counter()
     cpu_days = time.process_time()
-    for day in range(cfg.num_days):
-        td = time.perf_counter()
-        in_kg = kg_lo <= day < kg_hi
-        n_day = 0
-        for ci, n in _chunks(cfg.engagements_per_day, cfg.chunk_events):
-            cols = _Day(cfg, st, day, _rng(cfg, day, _ENG, ci)).engagements(n)
-            writers["engagements"].append(cols)
-            # add.at, not bincount: O(chunk) work even with 10M users.
-            np.add.at(user_eng, cols["user_id"], 1)
-            np.add.at(pin_eng, cols["item_id"], 1)
-            if in_kg:
-                uid, item = cols["user_id"], cols["item_id"]
-                sel = np.isin(cols["engagement_type"], cfg.kg_engagement_types)
-                spill.add("engaged", uid[sel], uid[sel] * cfg.num_pins + item[sel])
-                spill.add("follows", uid, uid * cfg.num_boards + st.board[item])
-            n_day += n
-        conv_parts = []
-        for ci, n in _chunks(cfg.conversions_per_day, cfg.chunk_events):
-            conv_parts.append(_Day(cfg, st, day, _rng(cfg, day, _CONV, ci)).conversions(n))
-        n_imp_day = cfg.impressions_per_day if day >= cfg.impression_start_day else 0
-        keep = cfg.summary_sample_per_day
-        for ci, n in _chunks(n_imp_day, cfg.chunk_events):
-            cols, orc = _Day(cfg, st, day, _rng(cfg, day, _IMP, ci)).impressions(n)
-            writers["impressions"].append(cols)
-            np.add.at(user_imp, cols["user_id"], 1)
-            clk, cv = cols["click"].astype(bool), cols["conversion"].astype(bool)
-            clicks += int(clk.sum())
-            conversions += int(cv.sum())
-            impressions += n
-            if keep > 0:
-                m = min(keep, n)
-                keep -= m
-                oracle["click"].append(clk[:m])
-                oracle["click_logit"].append(orc["click_logit"][:m])
-                oracle["click_coarse"].append(orc["click_coarse"][:m])
-                c = clk[:m]
-                oracle["conv"].append(cv[:m][c])
-                oracle["conv_logit"].append(orc["conv_logit"][:m][c])
-                oracle["conv_coarse"].append(orc["conv_coarse"][:m][c])
-            if cv.any():  # ad conversions join the offsite conversion log
-                conv_parts.append(
-                    {
-                        "user_id": cols["user_id"][cv],
-                        "advertiser_id": cols["advertiser_id"][cv],
-                        "day": cols["day"][cv],
-                        "timestamp": cols["timestamp"][cv],
-                        "source": np.ones(int(cv.sum()), np.int8),
-                    }
+    n_workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
+
+    def tasks():  # (kind, day, chunk, rows) in the order their results are written
+        for day in range(cfg.num_days):
+            for ci, n in _chunks(cfg.engagements_per_day, cfg.chunk_events):
+                yield "eng", day, ci, n
+            for ci, n in _chunks(cfg.conversions_per_day, cfg.chunk_events):
+                yield "conv", day, ci, n
+            n_imp_day = cfg.impressions_per_day if day >= cfg.impression_start_day else 0
+            for ci, n in _chunks(n_imp_day, cfg.chunk_events):
+                yield "imp", day, ci, n
+            yield "end", day, 0, n_imp_day
+
+    def generate(kind, day, ci, n):
+        if kind == "eng":
+            return _Day(cfg, st, day, _rng(cfg, day, _ENG, ci)).engagements(n)
+        if kind == "conv":
+            return _Day(cfg, st, day, _rng(cfg, day, _CONV, ci)).conversions(n)
+        if kind == "imp":
+            return _Day(cfg, st, day, _rng(cfg, day, _IMP, ci)).impressions(n)
+        return None
+
+    # Chunks are pure functions of (day, chunk): worker threads generate them
+    # ahead (NumPy releases the GIL in the heavy parts), and the results are
+    # consumed strictly in task order, so the files do not depend on the workers.
+    pool = futures.ThreadPoolExecutor(n_workers) if n_workers > 1 else None
+    n_day, conv_parts, keep, td = 0, [], cfg.summary_sample_per_day, time.perf_counter()
+    try:
+        for (kind, day, _, n), out_c in _in_order(pool, generate, tasks(), ahead=n_workers):
+            in_kg = kg_lo <= day < kg_hi
+            if kind == "eng":
+                cols = out_c
+                writers["engagements"].append(cols)
+                # add.at, not bincount: O(chunk) work even with 10M users.
+                np.add.at(user_eng, cols["user_id"], 1)
+                np.add.at(pin_eng, cols["item_id"], 1)
+                if in_kg:
+                    uid, item = cols["user_id"], cols["item_id"]
+                    sel = np.isin(cols["engagement_type"], cfg.kg_engagement_types)
+                    spill.add("engaged", uid[sel], uid[sel] * cfg.num_pins + item[sel])
+                    spill.add("follows", uid, uid * cfg.num_boards + st.board[item])
+                n_day += n
+            elif kind == "conv":
+                conv_parts.append(out_c)
+            elif kind == "imp":
+                cols, orc = out_c
+                writers["impressions"].append(cols)
+                np.add.at(user_imp, cols["user_id"], 1)
+                clk, cv = cols["click"].astype(bool), cols["conversion"].astype(bool)
+                clicks += int(clk.sum())
+                conversions += int(cv.sum())
+                impressions += n
+                if keep > 0:
+                    m = min(keep, n)
+                    keep -= m
+                    oracle["click"].append(clk[:m])
+                    oracle["click_logit"].append(orc["click_logit"][:m])
+                    oracle["click_coarse"].append(orc["click_coarse"][:m])
+                    c = clk[:m]
+                    oracle["conv"].append(cv[:m][c])
+                    oracle["conv_logit"].append(orc["conv_logit"][:m][c])
+                    oracle["conv_coarse"].append(orc["conv_coarse"][:m][c])
+                if cv.any():  # ad conversions join the offsite conversion log
+                    conv_parts.append(
+                        {
+                            "user_id": cols["user_id"][cv],
+                            "advertiser_id": cols["advertiser_id"][cv],
+                            "day": cols["day"][cv],
+                            "timestamp": cols["timestamp"][cv],
+                            "source": np.ones(int(cv.sum()), np.int8),
+                        }
+                    )
+                n_day += n
+            else:  # end of the day: its conversion log, then the progress line
+                for part in conv_parts:
+                    writers["conversions"].append(part)
+                    if in_kg:
+                        spill.add(
+                            "converted",
+                            part["user_id"],
+                            part["user_id"] * cfg.num_advertisers + part["advertiser_id"],
+                        )
+                    n_day += len(part["user_id"])
+                events += n_day
+                dt = time.perf_counter() - td
+                _log(
+                    progress,
+                    f"day {day + 1}/{cfg.num_days}: {n_day} events "
+                    f"({n} impressions) in {dt:.2f}s, {n_day / max(dt, 1e-9):,.0f} ev/s",
                 )
-            n_day += n
-        for part in conv_parts:
-            writers["conversions"].append(part)
-            if in_kg:
-                spill.add(
-                    "converted",
-                    part["user_id"],
-                    part["user_id"] * cfg.num_advertisers + part["advertiser_id"],
-                )
-            n_day += len(part["user_id"])
-        events += n_day
-        dt = time.perf_counter() - td
-        _log(
-            progress,
-            f"day {day + 1}/{cfg.num_days}: {n_day} events "
-            f"({n_imp_day} impressions) in {dt:.2f}s, {n_day / max(dt, 1e-9):,.0f} ev/s",
-        )
+                n_day, conv_parts, keep, td = 0, [], cfg.summary_sample_per_day, time.perf_counter()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     gen_seconds = time.perf_counter() - t_days
     gen_cpu = time.process_time() - cpu_days
 
