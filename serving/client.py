@@ -5,9 +5,9 @@ shard that owns any of the rows (contiguous row ranges, see
 ``serving.codec.shard_range``), sends them in parallel with a deadline,
 retries a shard's request on its next replica when one is unreachable, and
 reassembles the float32 rows in the caller's order (the servers remove
-duplicate rows before dequantizing). Responses from a version other than the pinned one are refused
-(``VersionMismatch``); with no pinned version, all shards of one call must
-agree.
+duplicate rows before dequantizing). Responses from a version other than the
+pinned one are refused (``VersionMismatch``); with no pinned version, all shards
+of one call must agree.
 
 Imports NumPy, gRPC and the generated protobuf code (never JAX), so the ranker
 service and tools can use it anywhere.
@@ -295,14 +295,11 @@ class EmbeddingClient:
                 continue
             rows_n = rows_n.astype(np.int64, copy=False)
             lo_row, hi_row = int(rows_n.min()), int(rows_n.max())
-            if route.shards.size == 1 or (
-                np.searchsorted(route.starts, lo_row, side="right")
-                == np.searchsorted(route.starts, hi_row, side="right")
-            ):
-                k = int(np.searchsorted(route.starts, lo_row, side="right")) - 1
-                if k < 0 or hi_row >= route.ends[k]:
-                    self._out_of_range(table, route, lo_row if k < 0 else hi_row)
-                plan.setdefault(int(route.shards[k]), []).append((table, None, rows_n))
+            k_lo, k_hi = np.searchsorted(route.starts, [lo_row, hi_row], side="right") - 1
+            if k_lo == k_hi:  # one shard holds every row asked for: send them as they are
+                if k_lo < 0 or hi_row >= route.ends[k_lo]:
+                    self._out_of_range(table, route, lo_row if k_lo < 0 else hi_row)
+                plan.setdefault(int(route.shards[k_lo]), []).append((table, None, rows_n))
                 continue
             k_n = np.searchsorted(route.starts, rows_n, side="right") - 1
             ok = (k_n >= 0) & (rows_n < route.ends[np.maximum(k_n, 0)])

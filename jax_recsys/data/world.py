@@ -350,14 +350,14 @@ class _Pool:
     """
 
     def __init__(self, keys: np.ndarray, num_groups: int, order: np.ndarray,
-                 created: np.ndarray, num_pins: int, zipf_a: float):
+                 created: np.ndarray, zipf_a: float):
         # Members sorted by group (ties in ``order``'s order).
         self.members = order[np.argsort(keys[order], kind="stable")].astype(np.int32)
         sizes = np.bincount(keys[order], minlength=num_groups)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.zipf = _Zipf(sizes, zipf_a)
         self.created = created[self.members]
-        self.slot = np.full(num_pins, -1, np.int32)
+        self.slot = np.full(len(created), -1, np.int32)
         self.slot[self.members] = np.arange(len(self.members), dtype=np.int32)
         by_id = np.sort(self.members)  # ties in creation day stay in id order
         self.by_created = by_id[np.argsort(created[by_id], kind="stable")]
@@ -439,7 +439,7 @@ class _Static:
 
         # Pins.
         self.pin_topic = np.empty(P, np.int16)
-        self.pin_vec = np.empty((P, k), _F32)  # by pin id here; by member slot below
+        self.pin_vec = np.empty((P, k), _F32)
         self.quality = np.empty(P, _F32)
         self.created = np.empty(P, np.int16)
         self.pin_adv = np.empty(P, np.int32)
@@ -465,15 +465,11 @@ class _Static:
         topic = self.pin_topic.astype(np.int64)
         # Popularity rank within a topic = position in a random order.
         order = _rng(cfg, _STATIC, 4).permutation(P)
-        self.pins = _Pool(topic, T, order, self.created, P, cfg.pin_zipf)
+        self.pins = _Pool(topic, T, order, self.created, cfg.pin_zipf)
         ad_ids = np.flatnonzero(self.pin_adv >= 0)
         ad_order = ad_ids[_rng(cfg, _STATIC, 5).permutation(len(ad_ids))]
-        self.ads = _Pool(topic, T, ad_order, self.created, P, cfg.ad_pin_zipf)
+        self.ads = _Pool(topic, T, ad_order, self.created, cfg.ad_pin_zipf)
         self.num_ad_pins = len(ad_ids)
-        # Pin vectors in the organic pool's member order: the popular members of
-        # a topic sit next to each other, so the candidate gathers mostly hit cache.
-        self.pin_vec = _take(self.pin_vec, self.pins.members, axis=0)
-        self.quality_m = _take(self.quality, self.pins.members)
 
 
 class _Day:
@@ -511,11 +507,7 @@ class _Day:
         return t
 
     def _pick_existing(self, topic, pool: _Pool):
-        """Popularity-ranked member of each topic among those created by today.
-
-        Returns:
-          (pin ids, their positions in ``pool.members``).
-        """
+        """Popularity-ranked member of each topic among those created by today (pin ids)."""
         day, rng = self.day, self.rng
         zipf = pool.zipf
         last = len(pool.members) - 1
@@ -543,7 +535,7 @@ class _Day:
                                          pool.created_sorted.dtype.type(day), side="right"))
             ids = pool.by_created[rng.integers(0, max(n_born, 1), len(bad))]
             flat_pos[bad] = _take(pool.slot, ids)
-        return _take(pool.members, pos).astype(np.int64), pos
+        return _take(pool.members, pos).astype(np.int64)
 
     def _choose(self, scores):
         expo = self.rng.standard_exponential(scores.shape, dtype=_F32)
@@ -568,10 +560,10 @@ class _Day:
         cfg, st = self.cfg, self.st
         uid, u, home_prob = self.users(n)
         topic = self.topics(uid, home_prob, n, cfg.explore_prob)
-        pins, slot = self._pick_existing(topic, st.pins)
-        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, slot, axis=0))
+        pins = self._pick_existing(topic, st.pins)
+        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, pins, axis=0))
         scores = sim * _F32(cfg.engagement_sharpness)
-        scores += _F32(cfg.engagement_quality_weight) * _take(st.quality_m, slot)
+        scores += _F32(cfg.engagement_quality_weight) * _take(st.quality, pins)
         item = _pick_row(pins, self._choose(scores))
         ts, _ = self.timestamps(n)
         etype = np.searchsorted(
@@ -612,9 +604,8 @@ class _Day:
         cfg, st = self.cfg, self.st
         uid, u, home_prob = self.users(n)
         topic = self.topics(uid, home_prob, n, cfg.ad_explore_prob)
-        pins, _ = self._pick_existing(topic, st.ads)
-        slot = _take(st.pins.slot, pins)
-        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, slot, axis=0))
+        pins = self._pick_existing(topic, st.ads)
+        sim = np.einsum("nk,nmk->nm", u, _take(st.pin_vec, pins, axis=0))
         pick = self._choose(cfg.ad_sharpness * sim)
         rows = np.arange(n)
         item, interest = pins[rows, pick], sim[rows, pick]

@@ -199,17 +199,22 @@ def _block_ce(temperature, q_td, c_cd, bias_c, idx_t, rows, cols):
       ([T] cross entropy, [T] 1 where the positive is the argmax, [T, C] masked
       logits); the first two only read the logits, so jit keeps them in one pass.
     """
-    logits = jnp.dot(q_td, c_cd.T, preferred_element_type=jnp.float32) / temperature
-    logits = logits - bias_c[None, :]
+    logits = _masked_logits(1.0 / temperature, q_td, c_cd, bias_c, idx_t, rows, cols)
     pos_tc = idx_t[:, None] == jnp.arange(c_cd.shape[0])[None, :]
+    ce_t = jax.nn.logsumexp(logits, axis=1) - jnp.sum(jnp.where(pos_tc, logits, 0.0), axis=1)
+    correct_t = (jnp.argmax(logits, axis=1) == idx_t).astype(jnp.int32)
+    return ce_t, correct_t, logits
+
+
+def _masked_logits(inv_t, q_td, c_cd, bias_c, idx_t, rows, cols):
+    """[T, C] logits <q, c> / temperature - logQ, accidental hits at MASKED_LOGIT."""
+    logits = jnp.dot(q_td, c_cd.T, preferred_element_type=jnp.float32) * inv_t - bias_c[None, :]
     row_pin, row_user = rows
     hit = (~cols.valid[None, :]
            | (cols.chk_pin[None, :] & (row_pin[:, None] == cols.pin[None, :]))
            | (cols.chk_user[None, :] & (row_user[:, None] == cols.user[None, :])))
-    logits = jnp.where(hit & ~pos_tc, MASKED_LOGIT, logits)
-    ce_t = jax.nn.logsumexp(logits, axis=1) - jnp.sum(jnp.where(pos_tc, logits, 0.0), axis=1)
-    correct_t = (jnp.argmax(logits, axis=1) == idx_t).astype(jnp.int32)
-    return ce_t, correct_t, logits
+    not_pos = idx_t[:, None] != jnp.arange(c_cd.shape[0])[None, :]
+    return jnp.where(hit & not_pos, MASKED_LOGIT, logits)
 
 
 def _num_blocks(b: int, c: int, s_target: int = 1 << 20) -> int:
@@ -225,8 +230,7 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
     contiguous slices, every block is too (each device keeps its own rows).
     Per block, the [T, C] logits are read three times (row max; exp and its row
     sum; the gradient matmuls), with p = e / s - onehot never written: the
-    onehot part of every gradient is added once after the loop, and the two
-    candidate-side gradients (pins and logQ bias) share one matmul.
+    onehot part of every gradient is added once after the loop.
     Returns (wsum, correct_b, ce_b, g_q [B, D], g_c [C, D], g_bias [C]).
     """
     b, d = q_bd.shape
@@ -243,16 +247,11 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
     f32 = jnp.float32
     c32 = c_cd.astype(f32)
     inv_t = 1.0 / temperature
-    col_c = jnp.arange(c)
 
     def body(carry, xs):
-        q_td, a_t, idx_t, (row_pin, row_user) = xs
+        q_td, a_t, idx_t, rows_t = xs
         q32 = q_td.astype(f32)
-        logits = jnp.dot(q32, c32.T, preferred_element_type=f32) * inv_t - bias_c[None, :]
-        hit = (~cols.valid[None, :]
-               | (cols.chk_pin[None, :] & (row_pin[:, None] == cols.pin[None, :]))
-               | (cols.chk_user[None, :] & (row_user[:, None] == cols.user[None, :])))
-        x_tc = jnp.where(hit & (idx_t[:, None] != col_c[None, :]), MASKED_LOGIT, logits)
+        x_tc = _masked_logits(inv_t, q32, c32, bias_c, idx_t, rows_t, cols)
         m_t = jnp.max(x_tc, axis=1)
         e_tc = jnp.exp(x_tc - m_t[:, None])
         s_t = jnp.sum(e_tc, axis=1)
