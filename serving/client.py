@@ -4,19 +4,22 @@
 shard that owns any of the rows (contiguous row ranges, see
 ``serving.codec.shard_range``), sends them in parallel with a deadline,
 retries a shard's request on its next replica when one is unreachable, and
-reassembles the float32 rows in the caller's order (the servers remove
-duplicate rows before dequantizing). Responses from a version other than the
+reassembles the float32 rows in the caller's order. A table whose rows repeat
+a lot (a quarter or more, ``codec.worth_deduplicating``) is sent once per
+distinct row and expanded on arrival. Responses from a version other than the
 pinned one are refused (``VersionMismatch``); with no pinned version, all shards
 of one call must agree.
 
-Imports NumPy, gRPC and the generated protobuf code (never JAX), so the ranker
-service and tools can use it anywhere.
+Imports NumPy and gRPC only (never JAX; the lookup messages are written and
+read by ``serving.codec``, without copying the rows), so the ranker service and
+tools can use it anywhere.
 
 Dimension legend: n rows asked for, D embedding dim, S shards.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import threading
@@ -28,7 +31,6 @@ import grpc
 import numpy as np
 
 from serving import codec
-from serving.protos import embedding_pb2 as pb
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -115,6 +117,9 @@ class _Route:
     starts: np.ndarray  # int64 [k], sorted lo of each shard holding rows
     ends: np.ndarray  # int64 [k]
     shards: np.ndarray  # int64 [k]
+    start_list: list[int]  # the same, as Python ints (bisect beats NumPy on a few values)
+    end_list: list[int]
+    shard_list: list[int]
 
 
 class EmbeddingClient:
@@ -222,7 +227,14 @@ class EmbeddingClient:
                 if lo_b < hi_a:
                     raise ValueError(f"table {table!r}: shards {a} and {b} overlap")
             arr = np.array(items, dtype=np.int64)
-            routes[table] = _Route(starts=arr[:, 0], ends=arr[:, 1], shards=arr[:, 2])
+            routes[table] = _Route(
+                starts=arr[:, 0],
+                ends=arr[:, 1],
+                shards=arr[:, 2],
+                start_list=arr[:, 0].tolist(),
+                end_list=arr[:, 1].tolist(),
+                shard_list=arr[:, 2].tolist(),
+            )
         return routes
 
     @property
@@ -276,16 +288,20 @@ class EmbeddingClient:
         """
         deadline = time.monotonic() + self.deadline_s
         # Route the rows of each table to the shards holding them, in the caller's
-        # order (the server removes duplicates before dequantizing).
-        # plan: shard -> [(table, positions in the caller's rows or None = all, rows)].
+        # order; rows asked for many times go once (see codec.worth_deduplicating).
+        # plan: shard -> [(table, positions in the rows sent or None = all, rows)].
+        # (The int64 -> row -> position bookkeeping is a handful of NumPy calls per
+        # table: in a thread that has just woken up, each one costs several us.)
         plan: dict[int, list[tuple[str, np.ndarray | None, np.ndarray]]] = {}
         sizes: dict[str, int] = {}
+        inverses: dict[str, np.ndarray] = {}  # table -> caller's position -> unique row
+        sent: dict[str, int] = {}  # table -> rows sent
         for table, rows_n in rows.items():
             route = self._routes.get(table)
             if route is None:
                 raise ValueError(f"unknown table {table!r}; tables: {self.tables}")
             rows_n = np.asarray(rows_n)
-            if rows_n.ndim != 1 or (rows_n.size and not np.issubdtype(rows_n.dtype, np.integer)):
+            if rows_n.ndim != 1 or (rows_n.size and rows_n.dtype.kind not in "iu"):
                 raise ValueError(
                     f"table {table!r}: rows must be a 1-D integer array, got "
                     f"{rows_n.dtype} {rows_n.shape}"
@@ -294,24 +310,35 @@ class EmbeddingClient:
             if rows_n.size == 0:
                 continue
             rows_n = rows_n.astype(np.int64, copy=False)
-            lo_row, hi_row = int(rows_n.min()), int(rows_n.max())
-            k_lo, k_hi = np.searchsorted(route.starts, [lo_row, hi_row], side="right") - 1
+            # One sort gives the range (for routing) and the number of repeats.
+            sorted_n = np.sort(rows_n)
+            lo_row, hi_row = int(sorted_n[0]), int(sorted_n[-1])
+            repeats = int(np.count_nonzero(sorted_n[1:] == sorted_n[:-1]))
+            if codec.worth_deduplicating(rows_n.size, repeats):
+                rows_n, inverses[table] = np.unique(rows_n, return_inverse=True)
+            sent[table] = rows_n.size
+            k_lo = bisect.bisect_right(route.start_list, lo_row) - 1
+            k_hi = bisect.bisect_right(route.start_list, hi_row) - 1
             if k_lo == k_hi:  # one shard holds every row asked for: send them as they are
-                if k_lo < 0 or hi_row >= route.ends[k_lo]:
+                if k_lo < 0 or hi_row >= route.end_list[k_lo]:
                     self._out_of_range(table, route, lo_row if k_lo < 0 else hi_row)
-                plan.setdefault(int(route.shards[k_lo]), []).append((table, None, rows_n))
+                plan.setdefault(route.shard_list[k_lo], []).append((table, None, rows_n))
                 continue
-            k_n = np.searchsorted(route.starts, rows_n, side="right") - 1
-            ok = (k_n >= 0) & (rows_n < route.ends[np.maximum(k_n, 0)])
-            if not ok.all():
-                self._out_of_range(table, route, int(rows_n[~ok][0]))
-            order = np.argsort(k_n, kind="stable")
-            bounds = np.searchsorted(k_n[order], np.arange(route.shards.size + 1))
-            for k in range(route.shards.size):
+            # Rows on several shards: split them in sorted order (each shard gets a
+            # contiguous run of the sorted rows) and scatter the answers back.
+            if table in inverses:  # the unique rows are sorted already
+                sorted_n, order_n = rows_n, np.arange(rows_n.size)
+            else:  # sorted_n (above) == rows_n[order_n]
+                order_n = rows_n.argsort()
+            bounds = np.searchsorted(sorted_n, route.starts).tolist() + [rows_n.size]
+            if bounds[0]:
+                self._out_of_range(table, route, lo_row)
+            for k, shard in enumerate(route.shard_list):
                 a, b = bounds[k], bounds[k + 1]
                 if b > a:
-                    pos = order[a:b]
-                    plan.setdefault(int(route.shards[k]), []).append((table, pos, rows_n[pos]))
+                    if sorted_n[b - 1] >= route.end_list[k]:  # a gap between shards
+                        self._out_of_range(table, route, int(sorted_n[b - 1]))
+                    plan.setdefault(shard, []).append((table, order_n[a:b], sorted_n[a:b]))
         result: dict[str, np.ndarray] = {}
         if plan:
             results = self._fan_out(plan, deadline)
@@ -325,7 +352,7 @@ class EmbeddingClient:
                         continue
                     out = result.get(table)
                     if out is None:
-                        out = np.empty((sizes[table], values.shape[1]), np.float32)
+                        out = np.empty((sent[table], values.shape[1]), np.float32)
                         result[table] = out
                     elif out.shape[1] != values.shape[1]:
                         raise ServingError(
@@ -336,6 +363,8 @@ class EmbeddingClient:
                     out[pos] = values
             if len(versions) > 1:
                 raise VersionMismatch(f"shards answered different versions {sorted(versions)}")
+            for table, inverse_n in inverses.items():
+                result[table] = result[table].take(inverse_n, axis=0)
         for table, n in sizes.items():
             if n == 0:
                 result[table] = np.zeros((0, self._dims.get(table, 0)), np.float32)
@@ -348,11 +377,12 @@ class EmbeddingClient:
             f"(rows [{int(route.starts[0])}, {int(route.ends[-1])}))"
         )
 
-    def _request(self, shard: int, items) -> bytes:
-        req = pb.LookupRequest(expected_version=self.version or "", request_id=os.urandom(8).hex())
-        for table, _, rows_n in items:
-            req.tables.add(table=table, ids=codec.encode_ids(rows_n))
-        return req.SerializeToString()
+    def _request(self, items) -> bytes:
+        return codec.encode_lookup_request(
+            [(table, rows_n) for table, _, rows_n in items],
+            expected_version=self.version or "",
+            request_id=os.urandom(8).hex(),
+        )
 
     def _fan_out(self, plan, deadline: float) -> dict[int, tuple[str, list[np.ndarray]]]:
         # Blocking calls: gRPC Python's .future() starts a thread per call on an
@@ -368,7 +398,7 @@ class EmbeddingClient:
         return results
 
     def _call(self, shard: int, items, deadline: float) -> tuple[str, list[np.ndarray]]:
-        payload = self._request(shard, items)
+        payload = self._request(items)
         addresses = self._specs[shard].addresses
         replica = self._preferred[shard]
         tried = 0
@@ -398,32 +428,32 @@ class EmbeddingClient:
         if self._preferred[shard] != replica:
             with self._lock:
                 self._preferred[shard] = replica
-        resp = pb.LookupResponse.FromString(raw)
-        if self.version and resp.version != self.version:
+        try:
+            version, _, tables = codec.decode_lookup_response(raw)
+        except codec.CodecError as e:
+            raise ServingError(f"shard {shard}: {e}", shard=shard) from None
+        if self.version and version != self.version:
             raise VersionMismatch(
-                f"shard {shard} answered version {resp.version!r}, pinned {self.version!r}",
+                f"shard {shard} answered version {version!r}, pinned {self.version!r}",
                 shard=shard,
             )
-        if len(resp.tables) != len(items):
+        if len(tables) != len(items):
             raise ServingError(
-                f"shard {shard}: {len(resp.tables)} tables in response, asked {len(items)}",
+                f"shard {shard}: {len(tables)} tables in response, asked {len(items)}",
                 shard=shard,
             )
         values = []
-        for (table, _, rows_n), got in zip(items, resp.tables, strict=True):
-            if got.table != table:
+        for (table, _, rows_n), (got_table, dim, payload) in zip(items, tables, strict=True):
+            if got_table != table:
                 raise ServingError(
-                    f"shard {shard}: answered table {got.table!r} for {table!r}", shard=shard
+                    f"shard {shard}: answered table {got_table!r} for {table!r}", shard=shard
                 )
             try:
                 values.append(
                     codec.decode_values(
-                        got.values,
-                        n=rows_n.size,
-                        dim=got.dim,
-                        what=f"shard {shard} table {table!r}",
+                        payload, n=rows_n.size, dim=dim, what=f"shard {shard} table {table!r}"
                     )
                 )
             except codec.CodecError as e:
                 raise ServingError(str(e), shard=shard) from None
-        return resp.version, values
+        return version, values

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -102,6 +102,196 @@ def decode_values(payload: bytes, *, n: int, dim: int, what: str = "values") -> 
             f"{what}: got {len(payload)} bytes, expected {expected} (= 4 * {n} rows * {dim} dims)"
         )
     return np.frombuffer(payload, dtype=VALUES_DTYPE).reshape(n, dim)
+
+
+def worth_deduplicating(n: int, repeats: int) -> bool:
+    """Whether a lookup of ``n`` rows, ``repeats`` of them repeats, should go unique first.
+
+    Removing repeats costs a unique-with-inverse and a re-gather; it pays
+    when it shrinks the work and the bytes on the wire by a quarter or more
+    (measured: with a few repeats in 512 rows the unique pass costs more than
+    the rows it saves; dequantizing a repeated row is cheap, it is cached).
+    The client and the shard server both follow this rule.
+
+    Args:
+      n: rows asked for.
+      repeats: rows equal to an earlier one (n minus the distinct count).
+
+    Returns:
+      True to deduplicate.
+    """
+    return repeats * 4 >= n and repeats > 0
+
+
+# ---- hand-written protobuf wire format of the lookup messages ----
+#
+# Lookups are the serving hot path and their payload is one large bytes field
+# per table. The generated protobuf code copies such a field three times on
+# the way out (tobytes, into the message, SerializeToString) and twice on the
+# way in (parse, field access); the functions below write the same bytes with
+# one copy and read them with none (memoryview slices of the received
+# buffer). They produce exactly what ``SerializeToString`` produces
+# (tests/test_serving_proto.py) and parse what the generated code would
+# (unknown fields and fields of the wrong wire type skipped, last scalar wins;
+# only the deprecated group wire types are refused), so either side of the
+# wire may use either.
+
+
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(tag: int, size: int) -> bytes:
+    """Key and length of a length-delimited field (wire type 2)."""
+    return _varint(tag << 3 | 2) + _varint(size)
+
+
+def _string_field(tag: int, text: str) -> bytes:
+    if not text:  # proto3 leaves default values out
+        return b""
+    raw = text.encode()
+    return _len_field(tag, len(raw)) + raw
+
+
+def encode_lookup_request(
+    tables: Sequence[tuple[str, np.ndarray]], *, expected_version: str = "", request_id: str = ""
+) -> bytes:
+    """A serialized ``LookupRequest`` (same bytes as the generated code).
+
+    Args:
+      tables: ``(table, rows)`` pairs, rows already int64-compatible [n].
+      expected_version: the pinned version ("" for none).
+      request_id: echoed back by the server.
+
+    Returns:
+      The message bytes.
+    """
+    parts = []
+    for table, rows_n in tables:
+        ids = encode_ids(rows_n)
+        inner = _string_field(1, table) + (_len_field(2, len(ids)) if ids else b"")
+        parts += [_len_field(1, len(inner) + len(ids)), inner, ids]
+    parts += [_string_field(2, expected_version), _string_field(3, request_id)]
+    return b"".join(parts)
+
+
+def encode_lookup_response(
+    tables: Sequence[tuple[str, int, np.ndarray]], *, version: str, request_id: str = ""
+) -> bytes:
+    """A serialized ``LookupResponse`` (same bytes as the generated code), one copy of the rows.
+
+    Args:
+      tables: ``(table, dim, values [n, dim])`` in the request's table order.
+      version: the artifact version that produced the rows.
+      request_id: the request's id.
+
+    Returns:
+      The message bytes.
+    """
+    parts = []
+    for table, dim, values_nd in tables:
+        values = np.ascontiguousarray(values_nd, dtype=VALUES_DTYPE)
+        size = values.nbytes
+        head = _string_field(1, table)
+        if dim:
+            head += _varint(2 << 3) + _varint(dim)
+        if size:
+            head += _len_field(3, size)
+        parts += [_len_field(1, len(head) + size), head]
+        if size:
+            parts.append(memoryview(values).cast("B"))
+    parts += [_string_field(2, version), _string_field(3, request_id)]
+    return b"".join(parts)
+
+
+def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise CodecError("malformed protobuf: varint longer than 10 bytes")
+    raise CodecError("malformed protobuf: truncated varint")
+
+
+def _fields(buf: memoryview, pos: int, end: int):
+    """Yields ``(field, wire_type, value_or_start, end)`` of one message in buf[pos:end]."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if not 0 < field < 1 << 29:
+            raise CodecError(f"malformed protobuf: field number {field}")
+        if wire == 0:
+            value, pos = _read_varint(buf, pos, end)
+            yield field, wire, value, pos
+        elif wire == 2:
+            size, pos = _read_varint(buf, pos, end)
+            if size > end - pos:
+                raise CodecError("malformed protobuf: length-delimited field past the end")
+            yield field, wire, pos, pos + size
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise CodecError("malformed protobuf: fixed-width field past the end")
+        else:
+            raise CodecError(f"malformed protobuf: unsupported wire type {wire}")
+
+
+def _text(buf: memoryview, start: int, end: int, what: str) -> str:
+    try:
+        return str(buf[start:end], "utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"{what} is not UTF-8") from None
+
+
+def decode_lookup_response(raw: bytes) -> tuple[str, str, list[tuple[str, int, memoryview]]]:
+    """Parses a serialized ``LookupResponse`` without copying the rows.
+
+    Args:
+      raw: the message bytes.
+
+    Returns:
+      ``(version, request_id, [(table, dim, values), ...])`` with ``values`` a
+      memoryview into ``raw`` (decode it with ``decode_values``).
+
+    Raises:
+      CodecError: bytes that are not a valid ``LookupResponse``.
+    """
+    buf = memoryview(raw)
+    version = request_id = ""
+    tables = []
+    for field, wire, a, b in _fields(buf, 0, len(buf)):
+        if field == 1 and wire == 2:
+            table, dim, values = "", 0, buf[a:a]
+            for f2, w2, a2, b2 in _fields(buf, a, b):
+                if f2 == 1 and w2 == 2:
+                    table = _text(buf, a2, b2, "table name")
+                elif f2 == 2 and w2 == 0:
+                    dim = a2 & 0xFFFFFFFF  # int32: the low 32 bits, signed
+                    dim = dim - (1 << 32) if dim >= 1 << 31 else dim
+                elif f2 == 3 and w2 == 2:
+                    values = buf[a2:b2]
+            tables.append((table, dim, values))
+        elif field == 2 and wire == 2:
+            version = _text(buf, a, b, "version")
+        elif field == 3 and wire == 2:
+            request_id = _text(buf, a, b, "request_id")
+    return version, request_id, tables
 
 
 def shard_range(rows: int, shard: int, num_shards: int) -> tuple[int, int]:

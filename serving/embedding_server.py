@@ -3,8 +3,11 @@
 One server holds shard i of S of every table of a serving artifact: the
 contiguous row range ``[lo, hi)`` given by ``serving.codec.shard_range``. The
 INT4/INT8 codes stay memory-mapped; a lookup gathers the requested rows,
-dequantizes only those (``jax_recsys.quant.rowwise.dequantize_rows``) and
-answers float32 rows as raw bytes (``serving/protos/embedding.proto``).
+dequantizes only those (``jax_recsys.quant.rowwise.dequantize_rows``; each
+distinct row once when a quarter or more of the ids are repeats,
+``codec.worth_deduplicating``) and answers float32 rows as raw bytes
+(``serving/protos/embedding.proto``, written by
+``codec.encode_lookup_response`` with a single copy of the rows).
 
 Robustness: every malformed request (bad protobuf, byte lengths not a
 multiple of 8, empty, unknown table, ids outside the shard, too many ids) is
@@ -113,13 +116,18 @@ class _Version:
 
 
 def _slice_rows(q: rowwise.QuantizedTable, lo: int, hi: int) -> rowwise.QuantizedTable:
-    """Rows [lo, hi) of every per-row array of ``q`` (views: stays mmap'd)."""
+    """Rows [lo, hi) of every per-row array of ``q`` (views: stays mmap'd).
+
+    The views are plain ndarrays over the same mapping: gathers from a
+    ``np.memmap`` return memmap objects, whose bookkeeping costs more than the
+    gather of a few hundred rows.
+    """
     rows = q.codes.shape[0]
     changes = {}
     for field in dataclasses.fields(q):
         value = getattr(q, field.name)
         if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[field.name] = value[lo:hi]
+            changes[field.name] = np.asarray(value[lo:hi])
     return dataclasses.replace(q, **changes)
 
 
@@ -427,30 +435,33 @@ class EmbeddingServer:
             decoded.append((table, ids_n))
         if total == 0:
             raise _BadRequest(bad, "empty request: no ids")
-        resp = pb.LookupResponse(version=ver.version, request_id=req.request_id)
-        for table, ids_n in decoded:
-            resp.tables.add(table=table.name, dim=table.dim, values=self._rows(table, ids_n))
-        return resp.SerializeToString(), total
+        rows = [(table.name, table.dim, self._rows(table, ids_n)) for table, ids_n in decoded]
+        return codec.encode_lookup_response(
+            rows, version=ver.version, request_id=req.request_id), total
 
     @staticmethod
-    def _rows(table: _ShardTable, ids_n: np.ndarray) -> bytes:
+    def _rows(table: _ShardTable, ids_n: np.ndarray) -> np.ndarray:
+        """float32 [n, D] rows of ``ids_n`` (global rows), each distinct row dequantized once."""
         if ids_n.size == 0:
-            return b""
-        sorted_n = np.sort(ids_n)
-        lo_id, hi_id = int(sorted_n[0]), int(sorted_n[-1])
-        if lo_id < table.lo or hi_id >= table.hi:
-            bad_id = lo_id if lo_id < table.lo else hi_id
+            return np.zeros((0, table.dim), np.float32)
+        # Every NumPy call costs ~5-20 us in a handler thread that wakes up
+        # cold, so this path makes as few as it can: one sort gives both the
+        # range check and the number of repeats.
+        local_n = ids_n - table.lo  # cannot wrap into [0, hi - lo) (int64, lo >= 0)
+        sorted_n = np.sort(local_n)
+        if sorted_n[0] < 0 or sorted_n[-1] >= table.hi - table.lo:
+            bad_n = ids_n[(ids_n < table.lo) | (ids_n >= table.hi)]
             raise _BadRequest(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"table {table.name!r}: id {bad_id} outside this shard's rows "
+                f"table {table.name!r}: id {int(bad_n[0])} outside this shard's rows "
                 f"[{table.lo}, {table.hi}) (table has {table.rows} rows)",
             )
-        if not np.any(sorted_n[1:] == sorted_n[:-1]):
-            # No duplicates: dequantize in the request's order.
-            return codec.encode_values(rowwise.dequantize_rows(table.q, ids_n - table.lo))
-        uniq_u, inverse_n = np.unique(ids_n, return_inverse=True)
-        values_ud = rowwise.dequantize_rows(table.q, uniq_u - table.lo)
-        return codec.encode_values(np.take(values_ud, inverse_n, axis=0))
+        repeats = int(np.count_nonzero(sorted_n[1:] == sorted_n[:-1]))
+        if not codec.worth_deduplicating(local_n.size, repeats):
+            # Dequantize in the request's order (a repeated row is simply read twice).
+            return rowwise.dequantize_rows(table.q, local_n, checked=False)
+        uniq_u, inverse_n = np.unique(local_n, return_inverse=True)
+        return rowwise.dequantize_rows(table.q, uniq_u, checked=False).take(inverse_n, axis=0)
 
 
 def serve(config: ServerConfig) -> EmbeddingServer:

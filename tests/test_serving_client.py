@@ -81,6 +81,29 @@ def test_lookup_many_reassembles_in_caller_order_across_shards(art, three_shards
     client.close()
 
 
+def test_repeated_rows_go_once_when_they_are_many_and_come_back_in_order(art):
+    servers = [
+        es.serve(es.ServerConfig(artifact=str(art.path), shard=i, num_shards=2, log_every_s=0))
+        for i in range(2)
+    ]
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [f"127.0.0.1:{s.port}" for s in servers], deadline_s=10
+        )
+        # 12 user rows, 3 distinct on two shards (75% repeats): 3 ids on the wire.
+        many = np.array([80, 2, 2, 80, 44, 2, 80, 80, 44, 2, 2, 80])
+        # 5 pin rows, one repeat (20%): sent as they are.
+        few = np.array([9, 1, 9, 0, 4])
+        got = client.lookup_many({"user": many, "pin": few})
+        np.testing.assert_array_equal(got["user"], _expected(art, "user", many))
+        np.testing.assert_array_equal(got["pin"], _expected(art, "pin", few))
+        assert sum(s.stats()["ids"] for s in servers) == 3 + 5
+        client.close()
+    finally:
+        for s in servers:
+            s.stop(0)
+
+
 def test_client_accepts_plain_dict_shards(art, three_shards):
     shards = [
         {"addresses": [a], "ranges": r}

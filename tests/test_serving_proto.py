@@ -86,3 +86,127 @@ def test_shard_ranges_are_contiguous_and_cover_the_table():
     assert [r["b"] for r in ranges] == [(0, 0), (0, 0), (0, 0), (0, 1)]
     with pytest.raises(ValueError, match="shard must be in"):
         codec.shard_range(10, 3, 3)
+
+
+# ---- the hand-written lookup wire format (serving.codec) equals the generated code ----
+
+
+def _pb_response(tables, version, request_id=""):
+    resp = pb.LookupResponse(version=version, request_id=request_id)
+    for name, dim, vals in tables:
+        resp.tables.add(table=name, dim=dim, values=np.asarray(vals, "<f4").tobytes())
+    return resp
+
+
+def _as_tuple(version, request_id, tables):
+    return version, request_id, [(t, d, bytes(v)) for t, d, v in tables]
+
+
+def _pb_tuple(resp):
+    return resp.version, resp.request_id, [(t.table, t.dim, t.values) for t in resp.tables]
+
+
+RESPONSE_CASES = [
+    ([("pin", 4, np.arange(12, dtype=np.float32).reshape(3, 4) / 7)], "v1", "r1"),
+    ([("user", 2, np.ones((1, 2))), ("pin", 3, np.zeros((0, 3))), ("ad", 300, np.full((2, 300), -1.5))], "abc", ""),
+    ([("t\u00e9", 1, np.array([[np.inf]]))], "", "req-\u00fc"),
+    ([], "only-a-version", ""),
+]
+
+
+@pytest.mark.parametrize("tables,version,request_id", RESPONSE_CASES)
+def test_hand_written_response_is_byte_identical_to_generated(tables, version, request_id):
+    raw = codec.encode_lookup_response(tables, version=version, request_id=request_id)
+    want = _pb_response(tables, version, request_id)
+    assert raw == want.SerializeToString()
+    got = codec.decode_lookup_response(want.SerializeToString())
+    assert _as_tuple(*got) == _pb_tuple(want)
+    # The rows come back without a copy: a view into the received bytes.
+    for _, _, values in got[2]:
+        assert isinstance(values, memoryview) and values.obj is got[2][0][2].obj
+
+
+def test_hand_written_request_is_byte_identical_to_generated():
+    tables = [("user", np.array([5, -1, 2**40])), ("pin", np.zeros(0, np.int64)), ("x", [3])]
+    raw = codec.encode_lookup_request(tables, expected_version="v9", request_id="abc")
+    want = pb.LookupRequest(expected_version="v9", request_id="abc")
+    for name, rows in tables:
+        want.tables.add(table=name, ids=np.asarray(rows, "<i8").tobytes())
+    assert raw == want.SerializeToString()
+    assert codec.encode_lookup_request([("u", [1])]) == _pb_request_bytes([("u", [1])])
+
+
+def _pb_request_bytes(tables):
+    req = pb.LookupRequest()
+    for name, rows in tables:
+        req.tables.add(table=name, ids=np.asarray(rows, "<i8").tobytes())
+    return req.SerializeToString()
+
+
+def test_decoder_skips_unknown_fields_and_wrong_wire_types_like_generated_code():
+    base = _pb_response([("pin", 2, [[1.0, 2.0]])], "v1", "r").SerializeToString()
+    extras = [
+        b"\x48\x07",  # field 9 varint
+        b"\x52\x03abc",  # field 10 bytes
+        b"\x59" + bytes(8),  # field 11 fixed64
+        b"\x65" + bytes(4),  # field 12 fixed32
+        b"\x10\x05",  # field 2 (version) as a varint: not a string, skipped
+    ]
+    for extra in extras:
+        for raw in (base + extra, extra + base):
+            want = pb.LookupResponse.FromString(raw)
+            assert _as_tuple(*codec.decode_lookup_response(raw)) == _pb_tuple(want)
+    # The last value of a repeated scalar field wins, as in the generated code.
+    raw = base + b"\x12\x02v2"
+    assert codec.decode_lookup_response(raw)[0] == pb.LookupResponse.FromString(raw).version == "v2"
+
+
+def test_decoder_agrees_with_generated_code_on_corrupted_messages():
+    rng = np.random.default_rng(0)
+    base = _pb_response(
+        [("user", 3, rng.normal(size=(4, 3))), ("pin", 2, rng.normal(size=(2, 2)))], "ver", "id"
+    ).SerializeToString()
+    both_ok = only_pb_ok = 0
+    for i in range(3000):
+        raw = bytearray(base)
+        if i % 3 == 0:
+            raw = raw[: rng.integers(0, len(raw))]  # truncated
+        else:
+            for _ in range(rng.integers(1, 4)):  # a few random bytes
+                raw[rng.integers(0, len(raw))] = rng.integers(0, 256)
+        raw = bytes(raw)
+        try:
+            want = _pb_tuple(pb.LookupResponse.FromString(raw))
+        except Exception:  # noqa: BLE001 -- any parse failure of the generated code
+            want = None
+        try:
+            got = _as_tuple(*codec.decode_lookup_response(raw))
+        except codec.CodecError:
+            got = None
+        if want is None:
+            assert got is None, f"accepted what the generated code refuses: {raw!r}"
+        elif got is None:
+            only_pb_ok += 1  # e.g. a group wire type, which the decoder refuses
+        else:
+            assert got == want
+            both_ok += 1
+    assert both_ok > 300 and only_pb_ok < 0.01 * both_ok
+
+
+def test_decoder_refuses_truncated_and_malformed_messages():
+    raw = _pb_response([("pin", 2, [[1.0, 2.0]])], "v1").SerializeToString()
+    with pytest.raises(codec.CodecError, match="past the end|truncated"):
+        codec.decode_lookup_response(raw[:-3])
+    with pytest.raises(codec.CodecError, match="field number 0"):
+        codec.decode_lookup_response(b"\x02\x00")
+    with pytest.raises(codec.CodecError, match="not UTF-8"):
+        codec.decode_lookup_response(b"\x12\x02\xff\xfe")
+    with pytest.raises(codec.CodecError, match="varint"):
+        codec.decode_lookup_response(b"\x08" + b"\xff" * 11)
+
+
+def test_deduplication_rule():
+    assert not codec.worth_deduplicating(512, 0)
+    assert not codec.worth_deduplicating(512, 127)
+    assert codec.worth_deduplicating(512, 128)
+    assert codec.worth_deduplicating(2, 1)

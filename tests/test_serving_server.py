@@ -130,6 +130,28 @@ def test_shard_answers_only_its_rows_and_reports_its_ranges(arts):
         server.stop(0)
 
 
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [7, 7, 7, 7, 3, 3, 9, 7],  # mostly repeats: each distinct row dequantized once
+        [1, 2, 3, 4, 5, 6, 7, 7],  # one repeat: rows dequantized as asked
+        [99, 0, 42],
+    ],
+)
+def test_repeated_ids_come_back_in_request_order(arts, ids):
+    art = arts["a"]
+    server = _start(art)
+    try:
+        ch, lookup = _raw(server.port)
+        pins = [i % 37 for i in ids[:3]]
+        version, vals = _parse(lookup(_req([("user", ids), ("pin", pins)]), timeout=5))
+        np.testing.assert_array_equal(vals["user"], _expected(art, "user", ids))
+        np.testing.assert_array_equal(vals["pin"], _expected(art, "pin", pins))
+        ch.close()
+    finally:
+        server.stop(0)
+
+
 BAD_REQUESTS = [
     ("not protobuf", b"\xff\xff\xff", BAD, "not a LookupRequest"),
     ("empty request", b"", BAD, "no tables"),
@@ -140,6 +162,7 @@ BAD_REQUESTS = [
     ("id past the table", _req([("user", [100])]), BAD, "id 100 outside"),
     ("sorted ids past the table", _req([("user", [0, 5, 100])]), BAD, "id 100 outside"),
     ("huge id", _req([("pin", [2**62])]), BAD, "outside"),
+    ("most negative id", _req([("pin", [3, -(2**63)])]), BAD, f"id {-(2**63)} outside"),
     ("too many ids", _req([("user", np.zeros(65, np.int64))]), BAD, "too many ids"),
     (
         "too many over tables",

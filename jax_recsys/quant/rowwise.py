@@ -251,12 +251,15 @@ def _nibble_pairs() -> np.ndarray:
 _NIBBLE_PAIRS = _nibble_pairs()
 
 
-def dequantize_rows(q: QuantizedTable, rows=None) -> np.ndarray:
+def dequantize_rows(q: QuantizedTable, rows=None, *, checked: bool = True) -> np.ndarray:
     """Gathers rows and dequantizes only those (the embedding server's hot path).
 
     Args:
       q: the quantized table (arrays may be read-only memmaps).
       rows: integer array of any shape with values in [0, R); None = all rows.
+      checked: raise ValueError for rows outside [0, R). Only callers that
+        have already checked the range (the embedding server) pass False;
+        rows outside the range then silently clip to the first or last row.
 
     Returns:
       float32 rows.shape + (D,) ([R, D] when rows is None).
@@ -270,22 +273,24 @@ def dequantize_rows(q: QuantizedTable, rows=None) -> np.ndarray:
             raise ValueError(f"rows must be integers, got dtype {rows.dtype}")
         lead = rows.shape
         rows = rows.reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= q.num_rows):
+        if checked and rows.size and (rows.min() < 0 or rows.max() >= q.num_rows):
             raise ValueError(
                 f"row ids must lie in [0, {q.num_rows}); got range "
                 f"[{rows.min()}, {rows.max()}]"
             )
         # np.take is far faster than fancy indexing for row gathers (also on memmaps).
-        codes = np.take(q.codes, rows, axis=0)
-        scale = None if q.scale is None else np.take(q.scale, rows)
-        bias = None if q.bias is None else np.take(q.bias, rows)
+        # mode="clip" skips NumPy's buffered bounds check; rows are in range here
+        # (checked above, or by the caller when checked=False).
+        codes = q.codes.take(rows, axis=0, mode="clip")
+        scale = None if q.scale is None else q.scale.take(rows, mode="clip")
+        bias = None if q.bias is None else q.bias.take(rows, mode="clip")
     n = codes.shape[0]
     if q.bits == 32:
         out = np.array(codes, np.float32, copy=True if rows is None else None)
         return out.reshape(*lead, q.dim)
     if q.bits == 4:
         # One table lookup per byte gives both nibbles as float32 (8 bytes).
-        vals = np.take(_NIBBLE_PAIRS, codes).view(np.float32).reshape(n, -1)  # [n, 2P]
+        vals = _NIBBLE_PAIRS.take(codes, mode="clip").view(np.float32).reshape(n, -1)  # [n, 2P]
         if vals.shape[1] != q.dim:
             vals = np.ascontiguousarray(vals[:, : q.dim])
     else:
