@@ -35,11 +35,11 @@ artifact (~10 s for 1M rows).
 
 End-to-end ranking (``--parts=rank``): a ranking artifact (user and pin tables
 of ``--rank_rows`` x ``--dim``, an advertiser table, a DCN-v2 ranker) served
-by two ``launch.serve_ranker`` processes side by side, monolithic (tables in
-the ranker process) and hybrid (``--rank_shards`` embedding shard
-processes); closed-loop clients each send one user x ``--rank_candidates``
-candidates per Rank call, alternating between the two services in time
-slices as above. One JSON line per mode and client count, and one per mode
+by ``launch.serve_ranker`` processes side by side: one monolithic (tables in
+the ranker process) and one hybrid per entry of ``--rank_shards`` (that many
+embedding shard processes each); closed-loop clients each send one user x
+``--rank_candidates`` candidates per Rank call, alternating between the
+services in time slices as above (each gets ``duration_s / 2`` of time). One JSON line per mode and client count, and one per mode
 with the service's own counters (how many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards",
@@ -86,7 +86,9 @@ _RANK_ROWS = flags.DEFINE_integer(
     "rank_rows", 1_000_000, "User and pin rows of the ranking artifact."
 )
 _RANK_CANDIDATES = flags.DEFINE_integer("rank_candidates", 500, "Candidates per Rank call.")
-_RANK_SHARDS = flags.DEFINE_integer("rank_shards", 2, "Embedding shards of the hybrid ranker.")
+_RANK_SHARDS = flags.DEFINE_list(
+    "rank_shards", ["1", "2"], "Embedding shard counts of the hybrid rankers (one ranker each)."
+)
 _RANK_CLIENTS = flags.DEFINE_list("rank_clients", ["1", "4"], "Concurrent Rank clients.")
 
 _TABLE = "item"
@@ -424,22 +426,29 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         candidates=_RANK_CANDIDATES.value,
         method="/jax_recsys.serving.RankerService/Rank",
     )
-    shard_procs = [_spawn_shard(art_dir, i, _RANK_SHARDS.value) for i in range(_RANK_SHARDS.value)]
+    shard_counts = [int(n) for n in _RANK_SHARDS.value]
+    shard_procs = {
+        n: [_spawn_shard(art_dir, i, n) for i in range(n)] for n in shard_counts
+    }
     rankers = {}
     try:
-        # Both services run side by side and every client alternates between
-        # them in time slices: same machine state for both, so the ratio is
-        # not the drift of a noisy box between two runs.
-        for mode, ports in (("monolithic", []), ("hybrid", [p for _, p in shard_procs])):
-            rankers[mode] = (*_spawn_ranker(art_dir, ports), len(ports))
-        kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info, _ in rankers.values()]
+        # All services run side by side and every client alternates between
+        # them in time slices: same machine state for all, so the ratios are
+        # not the drift of a noisy box between runs.
+        rankers[("monolithic", 0)] = _spawn_ranker(art_dir, [])
+        for n, procs in shard_procs.items():
+            rankers[("hybrid", n)] = _spawn_ranker(art_dir, [p for _, p in procs])
+        kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
+        # Each service gets duration_s / 2 of the time, as echo and lookup do.
+        duration = _DURATION.value * len(rankers) / 2
         for c in clients:
-            lats = pool.run(dict(task, kinds=kinds, slice_s=_SLICE.value), c)
-            per_mode = {}
-            for (mode, (_, info, shards)), lat in zip(rankers.items(), lats, strict=True):
-                st = _stats(lat, _DURATION.value / len(rankers))
+            lats = pool.run(
+                dict(task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration), c
+            )
+            mono = None
+            for ((mode, shards), (_, info)), lat in zip(rankers.items(), lats, strict=True):
+                st = _stats(lat, duration / len(rankers))
                 st.pop("ids_per_s")
-                per_mode[mode] = st
                 line = {
                     **common,
                     "mode": mode,
@@ -448,8 +457,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     "device": info.get("device"),
                     **st,
                 }
-                if mode == "hybrid":
-                    mono = per_mode["monolithic"]
+                if mode == "monolithic":
+                    mono = st
+                else:
                     line.update(
                         p50_vs_monolithic=round(st["p50_ms"] / mono["p50_ms"], 3),
                         p99_vs_monolithic=round(st["p99_ms"] / mono["p99_ms"], 3),
@@ -457,7 +467,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for mode, (proc, _, _) in rankers.items():
+        for (mode, shards), (proc, _) in rankers.items():
             stats = _stop_ranker(proc)
             print(
                 json.dumps(
@@ -465,6 +475,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         **common,
                         "kind": "rank_service",
                         "mode": mode,
+                        "shards": shards,
                         "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                         "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
                         "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),
@@ -473,9 +484,10 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-        for proc, _ in shard_procs:
-            proc.terminate()
-            proc.wait(30)
+        for procs in shard_procs.values():
+            for proc, _ in procs:
+                proc.terminate()
+                proc.wait(30)
 
 
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
