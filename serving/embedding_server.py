@@ -441,7 +441,12 @@ class EmbeddingServer:
 
     @staticmethod
     def _rows(table: _ShardTable, ids_n: np.ndarray) -> np.ndarray:
-        """float32 [n, D] rows of ``ids_n`` (global rows), each distinct row dequantized once."""
+        """float32 [n, D] rows of ``ids_n`` (global rows), in their order.
+
+        Each distinct row is dequantized once when repeats are a quarter of the
+        ids or more (``codec.worth_deduplicating``); below that, a repeated row
+        is simply dequantized again.
+        """
         if ids_n.size == 0:
             return np.zeros((0, table.dim), np.float32)
         # Every NumPy call costs ~5-20 us in a handler thread that wakes up
