@@ -18,7 +18,7 @@ clients send echo requests in even slices and lookups in odd ones
 (``"setting": "sliced"``). The sliced floor shares the processes, the load
 and the state of the machine with the lookups it is compared to
 (``p50_vs_echo``); on this project's shared 2-core box the echo alone was
-0.6-0.7 ms and interleaved with lookups 0.9-1.1 ms, so both ratios are
+0.5-0.7 ms and interleaved with lookups 0.7-1.1 ms, so both ratios are
 printed (``p50_vs_echo_alone`` too). One JSON line per measurement:
 
   {"bench": "serving", "kind": "echo", "setting": "alone"|"sliced", "shards", "clients",
@@ -39,8 +39,9 @@ by ``launch.serve_ranker`` processes side by side: one monolithic (tables in
 the ranker process) and one hybrid per entry of ``--rank_shards`` (that many
 embedding shard processes each); closed-loop clients each send one user x
 ``--rank_candidates`` candidates per Rank call, alternating between the
-services in time slices as above (each gets ``duration_s / 2`` of time). One JSON line per mode and client count, and one per mode
-with the service's own counters (how many requests the batcher merged):
+services in time slices as above (each gets ``duration_s / 2`` of time).
+One JSON line per mode and client count, and one per mode with the
+service's own counters (how many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards",
    "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
@@ -447,7 +448,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             )
             mono = None
             for ((mode, shards), (_, info)), lat in zip(rankers.items(), lats, strict=True):
-                st = _stats(lat, duration / len(rankers))
+                st = _stats(lat, _DURATION.value / 2)
                 st.pop("ids_per_s")
                 line = {
                     **common,

@@ -293,7 +293,7 @@ class EmbeddingClient:
         # (The int64 -> row -> position bookkeeping is a handful of NumPy calls per
         # table: in a thread that has just woken up, each one costs several us.)
         plan: dict[int, list[tuple[str, np.ndarray | None, np.ndarray]]] = {}
-        sizes: dict[str, int] = {}
+        empty: list[str] = []  # tables asked for no rows
         inverses: dict[str, np.ndarray] = {}  # table -> caller's position -> unique row
         sent: dict[str, int] = {}  # table -> rows sent
         for table, rows_n in rows.items():
@@ -306,8 +306,8 @@ class EmbeddingClient:
                     f"table {table!r}: rows must be a 1-D integer array, got "
                     f"{rows_n.dtype} {rows_n.shape}"
                 )
-            sizes[table] = rows_n.size
             if rows_n.size == 0:
+                empty.append(table)
                 continue
             rows_n = rows_n.astype(np.int64, copy=False)
             # One sort gives the range (for routing) and the number of repeats.
@@ -365,9 +365,8 @@ class EmbeddingClient:
                 raise VersionMismatch(f"shards answered different versions {sorted(versions)}")
             for table, inverse_n in inverses.items():
                 result[table] = result[table].take(inverse_n, axis=0)
-        for table, n in sizes.items():
-            if n == 0:
-                result[table] = np.zeros((0, self._dims.get(table, 0)), np.float32)
+        for table in empty:
+            result[table] = np.zeros((0, self._dims.get(table, 0)), np.float32)
         return result
 
     @staticmethod
