@@ -45,9 +45,24 @@ service's own counters (how many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards",
    "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
-   "p50_vs_monolithic", "p99_vs_monolithic", ...}
+   "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic", ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "by_code", ...}
+
+The floor of the hybrid: a ranker that fetches a request's rows from a shard
+and then scores them does the monolithic ranker's work (dequantization only
+moves to the shard) plus one gRPC round trip of the fetched bytes, to a
+server that sat idle while the previous request was scored (on this box an
+idle gap of 3 ms added ~0.2 ms to an echo). The ``serial_floor`` kind
+measures exactly that, time-sliced with the rankers: a monolithic Rank call,
+then one echo round trip of the request and response sizes of one request's
+one-shard fetch (a user row, ``--rank_candidates`` pin and advertiser rows).
+No serial fetch-then-score design beats its ratio on the machine at hand;
+it is repeated in every hybrid line as ``serial_floor_vs_monolithic``:
+
+  {"bench": "serving", "kind": "rank_serial_floor", "clients",
+   "fetch_request_bytes", "fetch_response_bytes", "p50_ms", "p99_ms",
+   "p50_vs_monolithic", ...}
 
 Target: hybrid p50 and p99 within 1.15x of monolithic (the paper's "neutral
 end-to-end latency"). Smoke (~1 min on a busy 2-core box): ``--parts=rank
@@ -99,7 +114,13 @@ _TABLE = "item"
 
 
 def _caller(task: dict, rng):
-    """``(one(i), close())`` for one kind of request: echo, rank or lookup."""
+    """``(one(i), close())`` for one kind of request: echo, rank, serial_floor or lookup."""
+    if task["kind"] == "serial_floor":
+        # A monolithic Rank call, then one echo round trip of a hybrid fetch's bytes
+        # to a server that sat idle during the call (as a shard does between fetches).
+        rank, close_rank = _caller(dict(task, kind="rank"), rng)
+        echo, close_echo = _caller(dict(task, kind="echo", address=task["echo_address"]), rng)
+        return (lambda i: (rank(i), echo(i))), (lambda: (close_rank(), close_echo()))
     if task["kind"] == "echo":
         import grpc
 
@@ -217,6 +238,44 @@ def _rank_payload(rng, task) -> bytes:
 
 
 # ---- servers ----
+
+
+def _start_echo():
+    """A raw-bytes echo server process; returns ``(process, address)``."""
+    from serving import echo_server
+
+    ctx = mp.get_context("spawn")
+    port_q = ctx.Queue()
+    echo = ctx.Process(
+        target=echo_server.serve_forever,
+        args=(port_q,),
+        kwargs={"workers": _SERVER_WORKERS.value},
+        daemon=True,
+    )
+    echo.start()
+    return echo, f"127.0.0.1:{port_q.get(timeout=60)}"
+
+
+def _fetch_sizes(version: str, candidates: int, dims: dict[str, int]) -> tuple[int, int]:
+    """Bytes of a hybrid ranker's one-shard fetch for one request: (request, response).
+
+    One user row plus one pin and one advertiser row per candidate, framed
+    exactly as ``EmbeddingClient`` and the shard server frame them.
+    """
+    from serving import codec
+
+    counts = {"user": 1, "pin": candidates, "advertiser": candidates}
+    request = codec.encode_lookup_request(
+        [(t, np.zeros(n, np.int64)) for t, n in counts.items()],
+        expected_version=version,
+        request_id="0" * 16,
+    )
+    response = codec.encode_lookup_response(
+        [(t, dims[t], np.zeros((n, dims[t]), np.float32)) for t, n in counts.items()],
+        version=version,
+        request_id="0" * 16,
+    )
+    return len(request), len(response)
 
 
 def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subprocess.Popen, int]:
@@ -431,23 +490,59 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     shard_procs = {
         n: [_spawn_shard(art_dir, i, n) for i in range(n)] for n in shard_counts
     }
+    from serving import codec
+
+    manifest = codec.read_manifest(art_dir)
+    request_bytes, response_bytes = _fetch_sizes(
+        manifest["version"],
+        _RANK_CANDIDATES.value,
+        {t: int(m["dim"]) for t, m in manifest["tables"].items()},
+    )
+    echo, echo_addr = _start_echo()
     rankers = {}
     try:
         # All services run side by side and every client alternates between
         # them in time slices: same machine state for all, so the ratios are
-        # not the drift of a noisy box between runs.
+        # not the drift of a noisy box between runs. The last kind is the
+        # serial floor (see module docstring).
         rankers[("monolithic", 0)] = _spawn_ranker(art_dir, [])
         for n, procs in shard_procs.items():
             rankers[("hybrid", n)] = _spawn_ranker(art_dir, [p for _, p in procs])
         kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
-        # Each service gets duration_s / 2 of the time, as echo and lookup do.
-        duration = _DURATION.value * len(rankers) / 2
+        kinds.append(
+            {
+                "kind": "serial_floor",
+                "address": kinds[0]["address"],
+                "echo_address": echo_addr,
+                "request_bytes": request_bytes,
+                "response_bytes": response_bytes,
+            }
+        )
+        # Each kind gets duration_s / 2 of the time, as echo and lookup do.
+        duration = _DURATION.value * len(kinds) / 2
         for c in clients:
             lats = pool.run(
                 dict(task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration), c
             )
-            mono = None
-            for ((mode, shards), (_, info)), lat in zip(rankers.items(), lats, strict=True):
+            floor = _stats(lats[-1], _DURATION.value / 2)
+            floor.pop("ids_per_s")
+            mono = _stats(lats[0], _DURATION.value / 2)
+            serial_floor = floor["p50_ms"] / mono["p50_ms"]
+            print(
+                json.dumps(
+                    {
+                        **common,
+                        "kind": "rank_serial_floor",
+                        "clients": c,
+                        "fetch_request_bytes": request_bytes,
+                        "fetch_response_bytes": response_bytes,
+                        **floor,
+                        "p50_vs_monolithic": round(serial_floor, 3),
+                    }
+                ),
+                flush=True,
+            )
+            for ((mode, shards), (_, info)), lat in zip(rankers.items(), lats[:-1], strict=True):
                 st = _stats(lat, _DURATION.value / 2)
                 st.pop("ids_per_s")
                 line = {
@@ -458,12 +553,11 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     "device": info.get("device"),
                     **st,
                 }
-                if mode == "monolithic":
-                    mono = st
-                else:
+                if mode == "hybrid":
                     line.update(
                         p50_vs_monolithic=round(st["p50_ms"] / mono["p50_ms"], 3),
                         p99_vs_monolithic=round(st["p99_ms"] / mono["p99_ms"], 3),
+                        serial_floor_vs_monolithic=round(serial_floor, 3),
                         target_vs_monolithic=1.15,
                     )
                 print(json.dumps(line), flush=True)
@@ -489,6 +583,8 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             for proc, _ in procs:
                 proc.terminate()
                 proc.wait(30)
+        echo.terminate()
+        echo.join(10)
 
 
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
@@ -543,18 +639,7 @@ def _lookup_bench(workdir, pool, base, shard_counts, client_counts) -> None:
     }
     print(json.dumps({**common, "kind": "server_compute", **_server_compute(art_dir)}), flush=True)
 
-    from serving import echo_server
-
-    ctx = mp.get_context("spawn")
-    port_q = ctx.Queue()
-    echo = ctx.Process(
-        target=echo_server.serve_forever,
-        args=(port_q,),
-        kwargs={"workers": _SERVER_WORKERS.value},
-        daemon=True,
-    )
-    echo.start()
-    echo_addr = f"127.0.0.1:{port_q.get(timeout=60)}"
+    echo, echo_addr = _start_echo()
     # Same payloads as a 1-shard lookup: int64 ids in, float32 rows out (+ a little framing).
     echo_task = dict(
         base,
