@@ -487,9 +487,6 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         method="/jax_recsys.serving.RankerService/Rank",
     )
     shard_counts = [int(n) for n in _RANK_SHARDS.value]
-    shard_procs = {
-        n: [_spawn_shard(art_dir, i, n) for i in range(n)] for n in shard_counts
-    }
     from serving import codec
 
     manifest = codec.read_manifest(art_dir)
@@ -498,9 +495,13 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         _RANK_CANDIDATES.value,
         {t: int(m["dim"]) for t, m in manifest["tables"].items()},
     )
-    echo, echo_addr = _start_echo()
+    shard_procs: dict[int, list] = {}
     rankers = {}
+    echo = None
     try:
+        for n in shard_counts:
+            shard_procs[n] = [_spawn_shard(art_dir, i, n) for i in range(n)]
+        echo, echo_addr = _start_echo()
         # All services run side by side and every client alternates between
         # them in time slices: same machine state for all, so the ratios are
         # not the drift of a noisy box between runs. The last kind is the
@@ -583,8 +584,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             for proc, _ in procs:
                 proc.terminate()
                 proc.wait(30)
-        echo.terminate()
-        echo.join(10)
+        if echo is not None:
+            echo.terminate()
+            echo.join(10)
 
 
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
