@@ -525,9 +525,10 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             lats = pool.run(
                 dict(task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration), c
             )
-            floor = _stats(lats[-1], _DURATION.value / 2)
-            floor.pop("ids_per_s")
-            mono = _stats(lats[0], _DURATION.value / 2)
+            per_kind = [_stats(lat, _DURATION.value / 2) for lat in lats]
+            for st in per_kind:
+                st.pop("ids_per_s")
+            mono, floor = per_kind[0], per_kind[-1]
             serial_floor = floor["p50_ms"] / mono["p50_ms"]
             print(
                 json.dumps(
@@ -543,9 +544,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-            for ((mode, shards), (_, info)), lat in zip(rankers.items(), lats[:-1], strict=True):
-                st = _stats(lat, _DURATION.value / 2)
-                st.pop("ids_per_s")
+            for ((mode, shards), (_, info)), st in zip(rankers.items(), per_kind[:-1], strict=True):
                 line = {
                     **common,
                     "mode": mode,

@@ -114,12 +114,10 @@ def _as_spec(shard: ShardSpec | Mapping) -> ShardSpec:
 class _Route:
     """Per table: shard boundaries for a searchsorted, and each shard's index."""
 
-    starts: np.ndarray  # int64 [k], sorted lo of each shard holding rows
-    ends: np.ndarray  # int64 [k]
-    shards: np.ndarray  # int64 [k]
+    starts: np.ndarray  # int64 [k], sorted lo of each shard holding rows (for searchsorted)
     start_list: list[int]  # the same, as Python ints (bisect beats NumPy on a few values)
-    end_list: list[int]
-    shard_list: list[int]
+    end_list: list[int]  # hi of each of those shards
+    shard_list: list[int]  # and its index
 
 
 class EmbeddingClient:
@@ -229,8 +227,6 @@ class EmbeddingClient:
             arr = np.array(items, dtype=np.int64)
             routes[table] = _Route(
                 starts=arr[:, 0],
-                ends=arr[:, 1],
-                shards=arr[:, 2],
                 start_list=arr[:, 0].tolist(),
                 end_list=arr[:, 1].tolist(),
                 shard_list=arr[:, 2].tolist(),
@@ -373,7 +369,7 @@ class EmbeddingClient:
     def _out_of_range(table: str, route: _Route, row: int):
         raise ValueError(
             f"table {table!r}: row {row} is outside every shard's range "
-            f"(rows [{int(route.starts[0])}, {int(route.ends[-1])}))"
+            f"(rows [{route.start_list[0]}, {route.end_list[-1]}))"
         )
 
     def _request(self, items) -> bytes:
