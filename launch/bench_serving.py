@@ -37,30 +37,34 @@ End-to-end ranking (``--parts=rank``): a ranking artifact (user and pin tables
 of ``--rank_rows`` x ``--dim``, an advertiser table, a DCN-v2 ranker) served
 by ``launch.serve_ranker`` processes side by side: one monolithic (tables in
 the ranker process) and one hybrid per entry of ``--rank_shards`` (that many
-embedding shard processes each); closed-loop clients each send one user x
+embedding shard processes each) and of ``--rank_wires`` (``quantized``: the
+shards send INT4 rows as stored and the ranker dequantizes, the default;
+``float32``: the shards dequantize); closed-loop clients each send one user x
 ``--rank_candidates`` candidates per Rank call, alternating between the
 services in time slices as above (each gets ``duration_s / 2`` of time).
 One JSON line per mode and client count, and one per mode with the
 service's own counters (how many requests the batcher merged):
 
-  {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards",
+  {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards", "wire",
    "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
    "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic", ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "by_code", ...}
 
 The floor of the hybrid: a ranker that fetches a request's rows from a shard
-and then scores them does the monolithic ranker's work (dequantization only
-moves to the shard) plus one gRPC round trip of the fetched bytes, to a
+and then scores them does the monolithic ranker's work (the dequantization
+stays in the ranker with the quantized wire and moves to the shard with
+float32) plus one gRPC round trip of the fetched bytes, to a
 server that sat idle while the previous request was scored (on this box an
 idle gap of 3 ms added ~0.2 ms to an echo). The ``serial_floor`` kind
 measures exactly that, time-sliced with the rankers: a monolithic Rank call,
 then one echo round trip of the request and response sizes of one request's
-one-shard fetch (a user row, ``--rank_candidates`` pin and advertiser rows).
+one-shard fetch (a user row, ``--rank_candidates`` pin and advertiser rows) in
+the first of ``--rank_wires``.
 No serial fetch-then-score design beats its ratio on the machine at hand;
 it is repeated in every hybrid line as ``serial_floor_vs_monolithic``:
 
-  {"bench": "serving", "kind": "rank_serial_floor", "clients",
+  {"bench": "serving", "kind": "rank_serial_floor", "clients", "wire",
    "fetch_request_bytes", "fetch_response_bytes", "p50_ms", "p99_ms",
    "p50_vs_monolithic", ...}
 
@@ -104,6 +108,12 @@ _RANK_ROWS = flags.DEFINE_integer(
 _RANK_CANDIDATES = flags.DEFINE_integer("rank_candidates", 500, "Candidates per Rank call.")
 _RANK_SHARDS = flags.DEFINE_list(
     "rank_shards", ["1", "2"], "Embedding shard counts of the hybrid rankers (one ranker each)."
+)
+_RANK_WIRES = flags.DEFINE_list(
+    "rank_wires",
+    ["quantized", "float32"],
+    "Wire formats of the hybrid rankers (one ranker per shard count and wire); the serial "
+    "floor uses the first.",
 )
 _RANK_CLIENTS = flags.DEFINE_list("rank_clients", ["1", "4"], "Concurrent Rank clients.")
 
@@ -256,26 +266,40 @@ def _start_echo():
     return echo, f"127.0.0.1:{port_q.get(timeout=60)}"
 
 
-def _fetch_sizes(version: str, candidates: int, dims: dict[str, int]) -> tuple[int, int]:
+def _fetch_sizes(version: str, candidates: int, tables: dict, wire: str) -> tuple[int, int]:
     """Bytes of a hybrid ranker's one-shard fetch for one request: (request, response).
 
     One user row plus one pin and one advertiser row per candidate, framed
-    exactly as ``EmbeddingClient`` and the shard server frame them.
+    exactly as ``EmbeddingClient`` and the shard server frame them (``tables``:
+    the manifest's table entries, for dim and dtype).
     """
     from serving import codec
 
     counts = {"user": 1, "pin": candidates, "advertiser": candidates}
+    quantized = wire == "quantized"
     request = codec.encode_lookup_request(
         [(t, np.zeros(n, np.int64)) for t, n in counts.items()],
         expected_version=version,
         request_id="0" * 16,
+        quantized=quantized,
     )
-    response = codec.encode_lookup_response(
-        [(t, dims[t], np.zeros((n, dims[t]), np.float32)) for t, n in counts.items()],
-        version=version,
-        request_id="0" * 16,
-    )
+    rows = []
+    for t, n in counts.items():
+        dim, bits = int(tables[t]["dim"]), {"int4": 4, "int8": 8}.get(tables[t]["dtype"])
+        if quantized and bits:
+            zeros = np.zeros(n, np.float32)
+            codes = np.zeros((n, codec.packed_dim(dim, bits)), np.uint8)
+            rows.append((t, dim, codec.QuantizedRows(bits, codes, zeros, zeros)))
+        else:
+            rows.append((t, dim, np.zeros((n, dim), np.float32)))
+    response = codec.encode_lookup_response(rows, version=version, request_id="0" * 16)
     return len(request), len(response)
+
+
+def _child_env(root: str) -> dict:
+    """This environment with the repo first on PYTHONPATH (what was there stays after it)."""
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
 
 
 def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subprocess.Popen, int]:
@@ -293,7 +317,7 @@ def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subpro
             "--log_every_s=0",
         ],
         cwd=root,
-        env=dict(os.environ, PYTHONPATH=root),
+        env=_child_env(root),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -369,7 +393,9 @@ def _server_compute(artifact_dir: str) -> dict:
     }
 
 
-def _spawn_ranker(artifact_dir: str, shard_ports: list[int]) -> tuple[subprocess.Popen, dict]:
+def _spawn_ranker(
+    artifact_dir: str, shard_ports: list[int], wire: str = "quantized"
+) -> tuple[subprocess.Popen, dict]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
     proc = subprocess.Popen(
@@ -382,9 +408,10 @@ def _spawn_ranker(artifact_dir: str, shard_ports: list[int]) -> tuple[subprocess
             "--port=0",
             "--deadline_s=5",
             "--log_every_s=0",
+            f"--wire={wire}",
         ],
         cwd=root,
-        env=dict(os.environ, PYTHONPATH=root),
+        env=_child_env(root),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -490,10 +517,12 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     from serving import codec
 
     manifest = codec.read_manifest(art_dir)
+    wires = list(_RANK_WIRES.value)
+    unknown = set(wires) - {"quantized", "float32"}
+    if unknown or not wires:
+        raise app.UsageError(f"--rank_wires: {wires}; known: quantized, float32")
     request_bytes, response_bytes = _fetch_sizes(
-        manifest["version"],
-        _RANK_CANDIDATES.value,
-        {t: int(m["dim"]) for t, m in manifest["tables"].items()},
+        manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )
     shard_procs: dict[int, list] = {}
     rankers = {}
@@ -506,9 +535,10 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         # them in time slices: same machine state for all, so the ratios are
         # not the drift of a noisy box between runs. The last kind is the
         # serial floor (see module docstring).
-        rankers[("monolithic", 0)] = _spawn_ranker(art_dir, [])
+        rankers[("monolithic", 0, "")] = _spawn_ranker(art_dir, [])
         for n, procs in shard_procs.items():
-            rankers[("hybrid", n)] = _spawn_ranker(art_dir, [p for _, p in procs])
+            for wire in wires:
+                rankers[("hybrid", n, wire)] = _spawn_ranker(art_dir, [p for _, p in procs], wire)
         kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
         kinds.append(
             {
@@ -536,6 +566,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         **common,
                         "kind": "rank_serial_floor",
                         "clients": c,
+                        "wire": wires[0],
                         "fetch_request_bytes": request_bytes,
                         "fetch_response_bytes": response_bytes,
                         **floor,
@@ -544,11 +575,14 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-            for ((mode, shards), (_, info)), st in zip(rankers.items(), per_kind[:-1], strict=True):
+            for ((mode, shards, wire), (_, info)), st in zip(
+                rankers.items(), per_kind[:-1], strict=True
+            ):
                 line = {
                     **common,
                     "mode": mode,
                     "shards": shards,
+                    "wire": wire,
                     "clients": c,
                     "device": info.get("device"),
                     **st,
@@ -562,7 +596,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for (mode, shards), (proc, _) in rankers.items():
+        for (mode, shards, wire), (proc, _) in rankers.items():
             stats = _stop_ranker(proc)
             print(
                 json.dumps(
@@ -571,6 +605,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         "kind": "rank_service",
                         "mode": mode,
                         "shards": shards,
+                        "wire": wire,
                         "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                         "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
                         "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),

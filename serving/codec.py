@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -104,6 +105,65 @@ def decode_values(payload: bytes, *, n: int, dim: int, what: str = "values") -> 
     return np.frombuffer(payload, dtype=VALUES_DTYPE).reshape(n, dim)
 
 
+class QuantizedRows(NamedTuple):
+    """Rows of an INT4/INT8 table as stored: ``row = code * scale + bias`` (float32).
+
+    Attributes:
+      bits: 4 or 8.
+      codes: uint8 [n, ceil(D / 2)] (bits 4, low nibble = even column) or [n, D]
+        (bits 8); a memoryview of the same bytes when decoded from the wire.
+      scale: float32 [n] (or its bytes).
+      bias: float32 [n] (or its bytes).
+    """
+
+    bits: int
+    codes: np.ndarray | memoryview
+    scale: np.ndarray | memoryview
+    bias: np.ndarray | memoryview
+
+
+def packed_dim(dim: int, bits: int) -> int:
+    """Bytes per row of the codes of a ``bits``-bit table of dim ``dim``."""
+    return (dim + 1) // 2 if bits == 4 else dim
+
+
+def decode_quantized(
+    q: QuantizedRows, *, n: int, dim: int, what: str = "rows"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checks and views the fields of quantized rows from the wire.
+
+    Args:
+      q: as returned by ``decode_lookup_response`` (memoryviews).
+      n: rows expected.
+      dim: embedding dim expected.
+      what: name used in the error message.
+
+    Returns:
+      ``(codes uint8 [n, P], scale float32 [n], bias float32 [n])``, read-only views.
+
+    Raises:
+      CodecError: bits other than 4 or 8, or byte lengths that do not match.
+    """
+    if q.bits not in (4, 8):
+        raise CodecError(f"{what}: quantized rows of {q.bits} bits (4 or 8 expected)")
+    p = packed_dim(dim, q.bits)
+    if len(q.codes) != n * p:
+        raise CodecError(
+            f"{what}: got {len(q.codes)} bytes of codes, expected {n * p} "
+            f"(= {n} rows * {p} bytes for {q.bits}-bit dim {dim})"
+        )
+    for name, field in (("scale", q.scale), ("bias", q.bias)):
+        if len(field) != VALUES_DTYPE.itemsize * n:
+            raise CodecError(
+                f"{what}: got {len(field)} bytes of {name}, expected {4 * n} (= 4 * {n} rows)"
+            )
+    return (
+        np.frombuffer(q.codes, dtype=np.uint8).reshape(n, p),
+        np.frombuffer(q.scale, dtype=VALUES_DTYPE),
+        np.frombuffer(q.bias, dtype=VALUES_DTYPE),
+    )
+
+
 def worth_deduplicating(n: int, repeats: int) -> bool:
     """Whether a lookup of ``n`` rows, ``repeats`` of them repeats, should go unique first.
 
@@ -164,7 +224,11 @@ def _string_field(tag: int, text: str) -> bytes:
 
 
 def encode_lookup_request(
-    tables: Sequence[tuple[str, np.ndarray]], *, expected_version: str = "", request_id: str = ""
+    tables: Sequence[tuple[str, np.ndarray]],
+    *,
+    expected_version: str = "",
+    request_id: str = "",
+    quantized: bool = False,
 ) -> bytes:
     """A serialized ``LookupRequest`` (same bytes as the generated code).
 
@@ -172,6 +236,7 @@ def encode_lookup_request(
       tables: ``(table, rows)`` pairs, rows already int64-compatible [n].
       expected_version: the pinned version ("" for none).
       request_id: echoed back by the server.
+      quantized: ask for INT4/INT8 rows as stored (``QuantizedRows``).
 
     Returns:
       The message bytes.
@@ -182,7 +247,12 @@ def encode_lookup_request(
         inner = _string_field(1, table) + (_len_field(2, len(ids)) if ids else b"")
         parts += [_len_field(1, len(inner) + len(ids)), inner, ids]
     parts += [_string_field(2, expected_version), _string_field(3, request_id)]
+    if quantized:
+        parts.append(_QUANTIZED_TRUE)
     return b"".join(parts)
+
+
+_QUANTIZED_TRUE = _varint(4 << 3) + _varint(1)  # LookupRequest.quantized = true
 
 
 def encode_lookup_response(
@@ -191,7 +261,8 @@ def encode_lookup_response(
     """A serialized ``LookupResponse`` (same bytes as the generated code), one copy of the rows.
 
     Args:
-      tables: ``(table, dim, values [n, dim])`` in the request's table order.
+      tables: ``(table, dim, rows)`` in the request's table order; rows are
+        float32 values [n, dim] or ``QuantizedRows`` (NumPy arrays).
       version: the artifact version that produced the rows.
       request_id: the request's id.
 
@@ -199,12 +270,26 @@ def encode_lookup_response(
       The message bytes.
     """
     parts = []
-    for table, dim, values_nd in tables:
-        values = np.ascontiguousarray(values_nd, dtype=VALUES_DTYPE)
-        size = values.nbytes
+    for table, dim, rows in tables:
         head = _string_field(1, table)
         if dim:
             head += _varint(2 << 3) + _varint(dim)
+        if isinstance(rows, QuantizedRows):
+            arrays = [
+                np.ascontiguousarray(rows.codes, dtype=np.uint8),
+                np.ascontiguousarray(rows.scale, dtype=VALUES_DTYPE),
+                np.ascontiguousarray(rows.bias, dtype=VALUES_DTYPE),
+            ]
+            head += _varint(4 << 3) + _varint(rows.bits)
+            body = []  # fields 5, 6, 7: codes, scale, bias (proto3 leaves empty ones out)
+            for tag, arr in zip((5, 6, 7), arrays, strict=True):
+                if arr.nbytes:
+                    body += [_len_field(tag, arr.nbytes), memoryview(arr).cast("B")]
+            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in body)
+            parts += [_len_field(1, len(head) + size), head, *body]
+            continue
+        values = np.ascontiguousarray(rows, dtype=VALUES_DTYPE)
+        size = values.nbytes
         if size:
             head += _len_field(3, size)
         parts += [_len_field(1, len(head) + size), head]
@@ -252,6 +337,12 @@ def _fields(buf: memoryview, pos: int, end: int):
             raise CodecError(f"malformed protobuf: unsupported wire type {wire}")
 
 
+def _int32(varint: int) -> int:
+    """An int32 field's value from its varint: the low 32 bits, signed."""
+    value = varint & 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def _text(buf: memoryview, start: int, end: int, what: str) -> str:
     try:
         return str(buf[start:end], "utf-8")
@@ -259,15 +350,19 @@ def _text(buf: memoryview, start: int, end: int, what: str) -> str:
         raise CodecError(f"{what} is not UTF-8") from None
 
 
-def decode_lookup_response(raw: bytes) -> tuple[str, str, list[tuple[str, int, memoryview]]]:
+def decode_lookup_response(
+    raw: bytes,
+) -> tuple[str, str, list[tuple[str, int, memoryview | QuantizedRows]]]:
     """Parses a serialized ``LookupResponse`` without copying the rows.
 
     Args:
       raw: the message bytes.
 
     Returns:
-      ``(version, request_id, [(table, dim, values), ...])`` with ``values`` a
-      memoryview into ``raw`` (decode it with ``decode_values``).
+      ``(version, request_id, [(table, dim, rows), ...])`` with ``rows`` a
+      memoryview into ``raw`` (decode it with ``decode_values``), or, when the
+      table's ``bits`` is set, ``QuantizedRows`` of memoryviews (decode it with
+      ``decode_quantized``).
 
     Raises:
       CodecError: bytes that are not a valid ``LookupResponse``.
@@ -277,16 +372,20 @@ def decode_lookup_response(raw: bytes) -> tuple[str, str, list[tuple[str, int, m
     tables = []
     for field, wire, a, b in _fields(buf, 0, len(buf)):
         if field == 1 and wire == 2:
-            table, dim, values = "", 0, buf[a:a]
+            table, dim, bits, values = "", 0, 0, buf[a:a]
+            quant = [buf[a:a]] * 3  # codes, scale, bias
             for f2, w2, a2, b2 in _fields(buf, a, b):
                 if f2 == 1 and w2 == 2:
                     table = _text(buf, a2, b2, "table name")
                 elif f2 == 2 and w2 == 0:
-                    dim = a2 & 0xFFFFFFFF  # int32: the low 32 bits, signed
-                    dim = dim - (1 << 32) if dim >= 1 << 31 else dim
+                    dim = _int32(a2)
                 elif f2 == 3 and w2 == 2:
                     values = buf[a2:b2]
-            tables.append((table, dim, values))
+                elif f2 == 4 and w2 == 0:
+                    bits = _int32(a2)
+                elif 5 <= f2 <= 7 and w2 == 2:
+                    quant[f2 - 5] = buf[a2:b2]
+            tables.append((table, dim, QuantizedRows(bits, *quant) if bits else values))
         elif field == 2 and wire == 2:
             version = _text(buf, a, b, "version")
         elif field == 3 and wire == 2:

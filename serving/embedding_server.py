@@ -7,7 +7,10 @@ dequantizes only those (``jax_recsys.quant.rowwise.dequantize_rows``; each
 distinct row once when a quarter or more of the ids are repeats,
 ``codec.worth_deduplicating``) and answers float32 rows as raw bytes
 (``serving/protos/embedding.proto``, written by
-``codec.encode_lookup_response`` with a single copy of the rows).
+``codec.encode_lookup_response`` with a single copy of the rows). A request
+marked ``quantized`` gets the rows of INT4/INT8 tables as stored instead
+(codes, and scale and bias widened to float32: 40 bytes per INT4 row of dim 64
+against 256) and the client dequantizes them with the same function.
 
 Robustness: every malformed request (bad protobuf, byte lengths not a
 multiple of 8, empty, unknown table, ids outside the shard, too many ids) is
@@ -435,19 +438,31 @@ class EmbeddingServer:
             decoded.append((table, ids_n))
         if total == 0:
             raise _BadRequest(bad, "empty request: no ids")
-        rows = [(table.name, table.dim, self._rows(table, ids_n)) for table, ids_n in decoded]
+        rows = [
+            (table.name, table.dim, self._rows(table, ids_n, quantized=req.quantized))
+            for table, ids_n in decoded
+        ]
         return codec.encode_lookup_response(
             rows, version=ver.version, request_id=req.request_id), total
 
     @staticmethod
-    def _rows(table: _ShardTable, ids_n: np.ndarray) -> np.ndarray:
+    def _rows(
+        table: _ShardTable, ids_n: np.ndarray, *, quantized: bool = False
+    ) -> np.ndarray | codec.QuantizedRows:
         """float32 [n, D] rows of ``ids_n`` (global rows), in their order.
 
         Each distinct row is dequantized once when repeats are a quarter of the
         ids or more (``codec.worth_deduplicating``); below that, a repeated row
-        is simply dequantized again.
+        is simply dequantized again. With ``quantized`` (and an INT4/INT8
+        table): the rows as stored, ``codec.QuantizedRows``, nothing dequantized.
         """
+        q = table.q
+        quantized = quantized and q.bits in (4, 8)
         if ids_n.size == 0:
+            if quantized:
+                empty = np.zeros(0, np.float32)
+                codes = np.zeros((0, codec.packed_dim(table.dim, q.bits)), np.uint8)
+                return codec.QuantizedRows(q.bits, codes, empty, empty)
             return np.zeros((0, table.dim), np.float32)
         # Every NumPy call costs ~5-20 us in a handler thread that wakes up
         # cold, so this path makes as few as it can: one sort gives both the
@@ -461,12 +476,19 @@ class EmbeddingServer:
                 f"table {table.name!r}: id {int(bad_n[0])} outside this shard's rows "
                 f"[{table.lo}, {table.hi}) (table has {table.rows} rows)",
             )
+        if quantized:  # a gather of the stored bytes: nothing worth deduplicating
+            return codec.QuantizedRows(
+                q.bits,
+                q.codes.take(local_n, axis=0, mode="clip"),
+                q.scale.take(local_n, mode="clip").astype(np.float32),
+                q.bias.take(local_n, mode="clip").astype(np.float32),
+            )
         repeats = int(np.count_nonzero(sorted_n[1:] == sorted_n[:-1]))
         if not codec.worth_deduplicating(local_n.size, repeats):
             # Dequantize in the request's order (a repeated row is simply read twice).
-            return rowwise.dequantize_rows(table.q, local_n, checked=False)
+            return rowwise.dequantize_rows(q, local_n, checked=False)
         uniq_u, inverse_n = np.unique(local_n, return_inverse=True)
-        return rowwise.dequantize_rows(table.q, uniq_u, checked=False).take(inverse_n, axis=0)
+        return rowwise.dequantize_rows(q, uniq_u, checked=False).take(inverse_n, axis=0)
 
 
 def serve(config: ServerConfig) -> EmbeddingServer:

@@ -117,6 +117,9 @@ class RankerServiceConfig:
       warmup: compile every bucket at load (else on first use).
       check_shards: at load, ask every shard (Info) whether it serves the
         artifact's version; refuse to start (or swap) when one does not.
+      wire: how the shards send INT4/INT8 rows (``serving.client``):
+        "quantized" (as stored, dequantized here: ~5x fewer bytes for INT4) or
+        "float32" (dequantized on the shard). Scores are identical either way.
     """
 
     artifact: str
@@ -135,8 +138,11 @@ class RankerServiceConfig:
     verify: str = "sizes"
     warmup: bool = True
     check_shards: bool = True
+    wire: str = "quantized"
 
     def __post_init__(self):
+        if self.wire not in client_lib.WIRE_FORMATS:
+            raise ValueError(f"wire must be one of {client_lib.WIRE_FORMATS}, got {self.wire!r}")
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.max_batch_candidates < self.max_candidates:
@@ -191,14 +197,26 @@ def _decode_int64(payload: bytes, what: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _jitted_scorer(config_json: str):
-    """One compiled scorer per architecture, shared across versions (no recompile on swap)."""
+    """One compiled scorer per architecture, shared across versions (no recompile on swap).
+
+    Float32 matmuls run at full float32 precision on every device: XLA's GPU default
+    (TF32 on Ampere and later) moved pCTR on an H200 by up to 7.6e-4 relative (padded
+    batches of 64 to 2048), and a ranker's scores should not depend on where it is
+    served. There the full precision cost at most 0.035 ms a call (0.25-0.35 ms in all).
+    """
     score_fn = model_lib.make_score_fn(model_lib.RankerConfig.from_dict(config_json))
 
     def probs(params, entity_emb, coarse_ids):
         ctr_logit, cvr_logit = score_fn(params, entity_emb=entity_emb, coarse_ids=coarse_ids)
         return jax.nn.sigmoid(ctr_logit), jax.nn.sigmoid(cvr_logit)
 
-    return jax.jit(probs)
+    jitted = jax.jit(probs)
+
+    def scorer(params, entity_emb, coarse_ids):
+        with jax.default_matmul_precision("highest"):
+            return jitted(params, entity_emb, coarse_ids)
+
+    return scorer
 
 
 def _ranker_config(raw: Mapping | None, path) -> model_lib.RankerConfig:
@@ -402,7 +420,11 @@ class RankerService:
             if cfg.check_shards:
                 _check_shards(cfg.shards, art.version, cfg.deadline_s)
             fetcher = client_lib.EmbeddingClient.from_artifact(
-                art.manifest, list(cfg.shards), pin=True, deadline_s=cfg.deadline_s
+                art.manifest,
+                list(cfg.shards),
+                pin=True,
+                deadline_s=cfg.deadline_s,
+                wire=cfg.wire,
             )
         else:
             fetcher = _LocalTables(art)

@@ -69,12 +69,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pythonpath(root: str | os.PathLike = REPO) -> str:
+    """PYTHONPATH for a child: `root` first, then whatever this process had."""
+    return os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+
+
 def child_env(devices: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a child with `devices` simulated CPU devices."""
     env = {k: v for k, v in os.environ.items() if k not in _STRIPPED_ENV}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = pythonpath()
     env.update(extra or {})
     return env
 

@@ -14,6 +14,7 @@ import time
 
 import grpc
 import jax
+import mp_util
 import numpy as np
 import pytest
 from flax import nnx
@@ -83,7 +84,8 @@ def _reference(art, *, user_row, cands, adv, hour):
     # Padded to one shape so the reference compiles once.
     emb = {k: np.pad(v, ((0, 64 - c), (0, 0))) for k, v in emb.items()}
     coarse = {k: np.pad(v, (0, 64 - c)) for k, v in coarse.items()}
-    ctr, cvr = _REF_SCORE(art.ranker_params, entity_emb=emb, coarse_ids=coarse)
+    with jax.default_matmul_precision("highest"):  # as the service: full float32 on any device
+        ctr, cvr = _REF_SCORE(art.ranker_params, entity_emb=emb, coarse_ids=coarse)
     ctr, cvr = np.asarray(ctr, np.float64)[:c], np.asarray(cvr, np.float64)[:c]
     return 1 / (1 + np.exp(-ctr)), 1 / (1 + np.exp(-cvr))
 
@@ -125,12 +127,14 @@ def arts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(arts):
-    """2 shards of artifact a, a hybrid and a monolithic ranker on it."""
+    """2 shards of artifact a, hybrid rankers (quantized and float32 wire) and a monolithic one."""
     shards = _shards(arts["a"])
     hybrid = _svc(arts["a"], shards)
+    hybrid_f32 = _svc(arts["a"], shards, wire="float32")
     mono = _svc(arts["a"])
-    yield {"shards": shards, "hybrid": hybrid, "mono": mono}
+    yield {"shards": shards, "hybrid": hybrid, "hybrid_f32": hybrid_f32, "mono": mono}
     hybrid.stop(grace=0)
+    hybrid_f32.stop(grace=0)
     mono.stop(grace=0)
     for s in shards:
         s.stop(grace=0).wait()
@@ -155,15 +159,19 @@ def _row(user):
 
 def test_hybrid_equals_monolithic_exactly_and_matches_reference(arts, stack):
     ch_h, hybrid = _call(stack["hybrid"].port)
+    ch_f, hybrid_f32 = _call(stack["hybrid_f32"].port)
     ch_m, mono = _call(stack["mono"].port)
+    assert stack["hybrid"].config.wire == "quantized"  # the default
     version = arts["a"].version
     for user, cands, adv, hour in CASES:
         req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
         ctr_h, cvr_h, v_h = hybrid(req)
+        ctr_f, cvr_f, v_f = hybrid_f32(req)
         ctr_m, cvr_m, v_m = mono(req)
-        assert v_h == v_m == version
+        assert v_h == v_f == v_m == version
         assert ctr_h.shape == (len(cands),)
         assert np.array_equal(ctr_h, ctr_m) and np.array_equal(cvr_h, cvr_m)
+        assert np.array_equal(ctr_f, ctr_m) and np.array_equal(cvr_f, cvr_m)
         ref_ctr, ref_cvr = _reference(
             arts["a"], user_row=_row(user), cands=cands, adv=adv, hour=hour
         )
@@ -179,6 +187,7 @@ def test_hybrid_equals_monolithic_exactly_and_matches_reference(arts, stack):
     )
     assert cold[0] != real[0]
     ch_h.close()
+    ch_f.close()
     ch_m.close()
 
 
@@ -278,6 +287,8 @@ def test_dead_shard_is_unavailable_within_deadline_and_refusals_at_start(arts):
     other = _shards(arts["b"])
     with pytest.raises(Exception, match="swap the shards first"):
         _svc(arts["a"], other)
+    with pytest.raises(ValueError, match="wire must be one of"):
+        _svc(arts["a"], other, wire="int4")
     for s in [shards[0], *other]:
         s.stop(grace=0).wait()
 
@@ -378,7 +389,7 @@ def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts,
             "--log_every_s=0",
         ],
         cwd=root,
-        env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(root), JAX_PLATFORMS="cpu"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

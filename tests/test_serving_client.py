@@ -14,6 +14,7 @@ import time
 from concurrent import futures
 
 import grpc
+import mp_util
 import numpy as np
 import pytest
 
@@ -81,14 +82,15 @@ def test_lookup_many_reassembles_in_caller_order_across_shards(art, three_shards
     client.close()
 
 
-def test_repeated_rows_go_once_when_they_are_many_and_come_back_in_order(art):
+@pytest.mark.parametrize("wire", ["float32", "quantized"])
+def test_repeated_rows_go_once_when_they_are_many_and_come_back_in_order(art, wire):
     servers = [
         es.serve(es.ServerConfig(artifact=str(art.path), shard=i, num_shards=2, log_every_s=0))
         for i in range(2)
     ]
     try:
         client = client_lib.EmbeddingClient.from_artifact(
-            str(art.path), [f"127.0.0.1:{s.port}" for s in servers], deadline_s=10
+            str(art.path), [f"127.0.0.1:{s.port}" for s in servers], deadline_s=10, wire=wire
         )
         # 12 user rows, 3 distinct on two shards (75% repeats): 3 ids on the wire.
         many = np.array([80, 2, 2, 80, 44, 2, 80, 80, 44, 2, 2, 80])
@@ -137,15 +139,24 @@ def test_pinned_version_mismatch_is_refused(art, three_shards):
     client.close()
 
 
-def _fake_shard(version):
-    """A shard that ignores expected_version and answers zeros as `version`."""
+def _fake_shard(version, bits=0):
+    """A shard that ignores expected_version and answers zeros as `version`.
+
+    With ``bits``: quantized rows whose codes are one byte short.
+    """
 
     def lookup(raw, context):
         req = pb.LookupRequest.FromString(raw)
         resp = pb.LookupResponse(version=version)
         for t in req.tables:
             n = len(t.ids) // 8
-            resp.tables.add(table=t.table, dim=4, values=bytes(16 * n))
+            if bits:
+                resp.tables.add(
+                    table=t.table, dim=4, bits=bits, codes=bytes(2 * n - 1),
+                    scale=bytes(4 * n), bias=bytes(4 * n),
+                )
+            else:
+                resp.tables.add(table=t.table, dim=4, values=bytes(16 * n))
         return resp.SerializeToString()
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
@@ -177,6 +188,20 @@ def test_response_from_another_version_is_refused(art, three_shards):
         loose.close()
     finally:
         fake.stop(0)
+
+
+def test_malformed_quantized_answer_is_a_serving_error_and_bad_wire_is_refused(art):
+    fake, addr = _fake_shard("v", bits=4)
+    try:
+        client = client_lib.EmbeddingClient([{"addresses": [addr], "lo": 0, "hi": 90,
+                                              "tables": ["user"]}], wire="quantized")
+        with pytest.raises(client_lib.ServingError, match="3 bytes of codes, expected 4"):
+            client.lookup("user", [0, 1])
+        client.close()
+    finally:
+        fake.stop(0)
+    with pytest.raises(ValueError, match="wire must be one of"):
+        client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"], wire="int4")
 
 
 def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(art, three_shards):
@@ -213,7 +238,7 @@ def _spawn_shard(art, shard, num_shards, port=0):
             "--log_every_s=0",
         ],
         cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT)),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -75,6 +75,23 @@ def test_codec_rejects_bad_lengths_and_shapes():
         codec.encode_ids(np.zeros(2, np.float32))
 
 
+def test_quantized_rows_decode_to_views_and_bad_lengths_are_refused():
+    q = _quantized(4, 3, 5)
+    raw = codec.encode_lookup_response([("pin", 5, q)], version="v")
+    (_, dim, got), = codec.decode_lookup_response(raw)[2]
+    codes, scale, bias = codec.decode_quantized(got, n=3, dim=dim, what="pin")
+    assert codes.shape == (3, 3) and codes.dtype == np.uint8
+    assert np.array_equal(codes, q.codes) and np.array_equal(scale, q.scale)
+    assert np.array_equal(bias, q.bias) and bias.dtype == np.float32
+    with pytest.raises(codec.CodecError, match="expected 12 .*3 rows \\* 4 bytes"):
+        codec.decode_quantized(got, n=3, dim=8, what="pin")
+    with pytest.raises(codec.CodecError, match="bytes of scale, expected 8"):
+        codec.decode_quantized(got._replace(codes=got.codes[:6]), n=2, dim=5)
+    with pytest.raises(codec.CodecError, match="3 bits"):
+        codec.decode_quantized(got._replace(bits=3), n=3, dim=5)
+    assert codec.packed_dim(5, 4) == 3 and codec.packed_dim(5, 8) == 5
+
+
 def test_shard_ranges_are_contiguous_and_cover_the_table():
     assert codec.shard_range(10, 0, 3) == (0, 3)
     assert codec.shard_range(10, 1, 3) == (3, 6)
@@ -94,16 +111,44 @@ def test_shard_ranges_are_contiguous_and_cover_the_table():
 def _pb_response(tables, version, request_id=""):
     resp = pb.LookupResponse(version=version, request_id=request_id)
     for name, dim, vals in tables:
-        resp.tables.add(table=name, dim=dim, values=np.asarray(vals, "<f4").tobytes())
+        if isinstance(vals, codec.QuantizedRows):
+            resp.tables.add(
+                table=name,
+                dim=dim,
+                bits=vals.bits,
+                codes=np.asarray(vals.codes, np.uint8).tobytes(),
+                scale=np.asarray(vals.scale, "<f4").tobytes(),
+                bias=np.asarray(vals.bias, "<f4").tobytes(),
+            )
+        else:
+            resp.tables.add(table=name, dim=dim, values=np.asarray(vals, "<f4").tobytes())
     return resp
 
 
 def _as_tuple(version, request_id, tables):
-    return version, request_id, [(t, d, bytes(v)) for t, d, v in tables]
+    def rows(v):
+        if isinstance(v, codec.QuantizedRows):
+            return (v.bits, bytes(v.codes), bytes(v.scale), bytes(v.bias))
+        return bytes(v)
+
+    return version, request_id, [(t, d, rows(v)) for t, d, v in tables]
 
 
 def _pb_tuple(resp):
-    return resp.version, resp.request_id, [(t.table, t.dim, t.values) for t in resp.tables]
+    def rows(t):
+        return (t.bits, t.codes, t.scale, t.bias) if t.bits else t.values
+
+    return resp.version, resp.request_id, [(t.table, t.dim, rows(t)) for t in resp.tables]
+
+
+def _quantized(bits, n, dim, seed=0):
+    rng = np.random.default_rng(seed)
+    return codec.QuantizedRows(
+        bits,
+        rng.integers(0, 256, (n, codec.packed_dim(dim, bits)), dtype=np.uint8),
+        rng.normal(size=n).astype(np.float32),
+        rng.normal(size=n).astype(np.float32),
+    )
 
 
 RESPONSE_CASES = [
@@ -111,6 +156,9 @@ RESPONSE_CASES = [
     ([("user", 2, np.ones((1, 2))), ("pin", 3, np.zeros((0, 3))), ("ad", 300, np.full((2, 300), -1.5))], "abc", ""),
     ([("t\u00e9", 1, np.array([[np.inf]]))], "", "req-\u00fc"),
     ([], "only-a-version", ""),
+    # quantized rows (a request marked `quantized`), beside float32 ones
+    ([("pin", 5, _quantized(4, 3, 5)), ("ad", 2, np.ones((3, 2)))], "v2", "r"),
+    ([("user", 3, _quantized(8, 1, 3)), ("pin", 4, _quantized(4, 0, 4))], "v3", ""),
 ]
 
 
@@ -121,9 +169,13 @@ def test_hand_written_response_is_byte_identical_to_generated(tables, version, r
     assert raw == want.SerializeToString()
     got = codec.decode_lookup_response(want.SerializeToString())
     assert _as_tuple(*got) == _pb_tuple(want)
-    # The rows come back without a copy: a view into the received bytes.
-    for _, _, values in got[2]:
-        assert isinstance(values, memoryview) and values.obj is got[2][0][2].obj
+    # The rows come back without a copy: views into the received bytes.
+    views = [
+        v
+        for _, _, rows in got[2]
+        for v in (rows[1:] if isinstance(rows, codec.QuantizedRows) else (rows,))
+    ]
+    assert all(isinstance(v, memoryview) and v.obj is views[0].obj for v in views)
 
 
 def test_hand_written_request_is_byte_identical_to_generated():
@@ -132,6 +184,11 @@ def test_hand_written_request_is_byte_identical_to_generated():
     want = pb.LookupRequest(expected_version="v9", request_id="abc")
     for name, rows in tables:
         want.tables.add(table=name, ids=np.asarray(rows, "<i8").tobytes())
+    assert raw == want.SerializeToString()
+    want.quantized = True
+    raw = codec.encode_lookup_request(
+        tables, expected_version="v9", request_id="abc", quantized=True
+    )
     assert raw == want.SerializeToString()
     assert codec.encode_lookup_request([("u", [1])]) == _pb_request_bytes([("u", [1])])
 
@@ -164,7 +221,13 @@ def test_decoder_skips_unknown_fields_and_wrong_wire_types_like_generated_code()
 def test_decoder_agrees_with_generated_code_on_corrupted_messages():
     rng = np.random.default_rng(0)
     base = _pb_response(
-        [("user", 3, rng.normal(size=(4, 3))), ("pin", 2, rng.normal(size=(2, 2)))], "ver", "id"
+        [
+            ("user", 3, rng.normal(size=(4, 3))),
+            ("pin", 2, rng.normal(size=(2, 2))),
+            ("ad", 3, _quantized(4, 2, 3)),
+        ],
+        "ver",
+        "id",
     ).SerializeToString()
     both_ok = only_pb_ok = 0
     for i in range(3000):

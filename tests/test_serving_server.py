@@ -14,6 +14,7 @@ import threading
 import time
 
 import grpc
+import mp_util
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,14 +85,15 @@ def _parse(raw):
     }
 
 
+@pytest.mark.parametrize("wire", ["float32", "quantized"])
 @pytest.mark.parametrize("num_shards", [1, 2])
 @pytest.mark.parametrize("which", ["a", "int8"])
-def test_values_equal_dequantized_artifact_exactly(arts, num_shards, which):
+def test_values_equal_dequantized_artifact_exactly(arts, num_shards, which, wire):
     art = arts[which]
     servers = [_start(art, i, num_shards) for i in range(num_shards)]
     try:
         client = client_lib.EmbeddingClient.from_artifact(
-            str(art.path), [f"127.0.0.1:{s.port}" for s in servers], deadline_s=10
+            str(art.path), [f"127.0.0.1:{s.port}" for s in servers], deadline_s=10, wire=wire
         )
         rng = np.random.default_rng(3)
         user_rows = np.concatenate([rng.integers(0, 100, 40), [0, 99, 99, 50, 0]])
@@ -108,6 +110,48 @@ def test_values_equal_dequantized_artifact_exactly(arts, num_shards, which):
     finally:
         for s in servers:
             s.stop(0)
+
+
+def test_quantized_request_gets_stored_rows_and_float32_tables_still_get_values(arts, tmp_path):
+    art = arts["a"]
+    server = _start(art, 1, 2)  # user rows [50, 100), pin rows [18, 37)
+    try:
+        ch, lookup = _raw(server.port)
+        req = pb.LookupRequest.FromString(_req([("user", [99, 50, 99]), ("pin", [20])]))
+        req.quantized = True
+        resp = pb.LookupResponse.FromString(lookup(req.SerializeToString(), timeout=5))
+        assert resp.version == art.version
+        for t, rows in zip(resp.tables, ([99, 50, 99], [20]), strict=True):
+            q = art.tables[t.table]
+            assert t.bits == 4 and not t.values
+            codes = np.frombuffer(t.codes, np.uint8).reshape(len(rows), -1)
+            np.testing.assert_array_equal(codes, q.codes[rows])
+            # float16 scale and bias widened exactly to float32
+            np.testing.assert_array_equal(np.frombuffer(t.scale, "<f4"), q.scale[rows])
+            np.testing.assert_array_equal(np.frombuffer(t.bias, "<f4"), q.bias[rows])
+        # The same request's ids outside the shard: INVALID_ARGUMENT, as unquantized.
+        req = pb.LookupRequest.FromString(_req([("user", [49])]))
+        req.quantized = True
+        with pytest.raises(grpc.RpcError) as e:
+            lookup(req.SerializeToString(), timeout=5)
+        assert e.value.code() == BAD and "[50, 100)" in e.value.details()
+        ch.close()
+    finally:
+        server.stop(0)
+    # An unquantized (float32) artifact answers float32 values to a quantized request.
+    f32 = _write(str(tmp_path / "f32"), 4, bits=32)
+    server = _start(f32)
+    try:
+        for wire in ("quantized", "float32"):
+            client = client_lib.EmbeddingClient.from_artifact(
+                str(f32.path), [f"127.0.0.1:{server.port}"], wire=wire
+            )
+            got = client.lookup_many({"user": [3, 3, 0], "pin": [36]})
+            np.testing.assert_array_equal(got["user"], _tables(4)["user"][[3, 3, 0]])
+            np.testing.assert_array_equal(got["pin"], _tables(4)["pin"][[36]])
+            client.close()
+    finally:
+        server.stop(0)
 
 
 def test_shard_answers_only_its_rows_and_reports_its_ranges(arts):
@@ -425,7 +469,7 @@ def test_server_and_client_import_no_jax():
         "bad = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax')))\n"
         "assert not bad, bad\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT))
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
@@ -449,7 +493,7 @@ def test_launch_script_swaps_on_sighup_and_stops_on_sigterm(arts, tmp_path):
             "--verify=full",
         ],
         cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT)),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
