@@ -273,7 +273,9 @@ def test_randomized_malformed_stream_leaves_server_healthy(arts):
         rng = np.random.default_rng(0)
         codes = {}
         for _ in range(40):  # 40 waves of 50 concurrent requests = 2000
-            futs = [lookup.future(_malformed(rng), timeout=10) for _ in range(50)]
+            # Half of them also ask for quantized rows (b"\x20\x01": field 4 = true).
+            payloads = [_malformed(rng) + b"\x20\x01" * int(rng.integers(2)) for _ in range(50)]
+            futs = [lookup.future(p, timeout=10) for p in payloads]
             for f in futs:
                 try:
                     f.result()
