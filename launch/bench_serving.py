@@ -78,6 +78,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,7 +101,9 @@ _SLICE = flags.DEFINE_float(
 )
 _WARMUP = flags.DEFINE_integer("warmup", 50, "Unmeasured requests per client first.")
 _SERVER_WORKERS = flags.DEFINE_integer("server_workers", 8, "Handler threads per server.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the artifact goes (default: temp dir).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where the artifacts go and stay (default: a temp dir, removed at the end)."
+)
 _PARTS = flags.DEFINE_list("parts", ["lookup", "rank"], "What to measure: lookup, rank.")
 _RANK_ROWS = flags.DEFINE_integer(
     "rank_rows", 1_000_000, "User and pin rows of the ranking artifact."
@@ -659,6 +662,8 @@ def main(argv):
             _rank_bench(workdir, pool, base)
     finally:
         pool.close()
+        if not _WORKDIR.value:  # the artifacts are ~85 MB at the default sizes
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _lookup_bench(workdir, pool, base, shard_counts, client_counts) -> None:
