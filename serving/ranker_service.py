@@ -195,14 +195,26 @@ def _decode_int64(payload: bytes, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- scorer
 
 
+SCORER_PRECISION = "highest"
+
+
 @functools.lru_cache(maxsize=8)
-def _jitted_scorer(config_json: str):
+def jitted_scorer(config_json: str, precision: str = SCORER_PRECISION):
     """One compiled scorer per architecture, shared across versions (no recompile on swap).
 
-    Float32 matmuls run at full float32 precision on every device: XLA's GPU default
-    (TF32 on Ampere and later) moved pCTR on an H200 by up to 7.6e-4 relative (padded
-    batches of 64 to 2048), and a ranker's scores should not depend on where it is
-    served. There the full precision cost at most 0.035 ms a call (0.25-0.35 ms in all).
+    The service scores with ``precision`` "highest": float32 matmuls at full float32
+    precision on every device. XLA's GPU default (TF32 on Ampere and later) moved
+    pCTR on an H200 by up to 7.6e-4 relative (padded batches of 64 to 2048), and a
+    ranker's scores should not depend on where it is served; there the full precision
+    cost at most 0.035 ms a call (0.25-0.35 ms in all). ``launch.bench_scorer``
+    measures both on the device at hand.
+
+    Args:
+      config_json: the ranker config as sorted JSON (the cache key).
+      precision: a ``jax.default_matmul_precision`` value ("highest", "default", ...).
+
+    Returns:
+      ``scorer(params, entity_emb, coarse_ids) -> (pCTR [B], pCVR [B])``.
     """
     score_fn = model_lib.make_score_fn(model_lib.RankerConfig.from_dict(config_json))
 
@@ -213,7 +225,7 @@ def _jitted_scorer(config_json: str):
     jitted = jax.jit(probs)
 
     def scorer(params, entity_emb, coarse_ids):
-        with jax.default_matmul_precision("highest"):
+        with jax.default_matmul_precision(precision):
             return jitted(params, entity_emb, coarse_ids)
 
     return scorer
@@ -411,7 +423,7 @@ class RankerService:
             raise artifact_lib.ArtifactError(
                 f"{art.path}: no candidate table {cfg.candidate_entity!r}; has {sorted(table_rows)}"
             )
-        scorer = _jitted_scorer(json.dumps(rcfg.to_dict(), sort_keys=True))
+        scorer = jitted_scorer(json.dumps(rcfg.to_dict(), sort_keys=True))
         params = model_lib.unflatten_params(rcfg, art.ranker_params)  # validates every leaf
         del params
         dev = jax.devices()[0]
@@ -926,11 +938,13 @@ def default_device() -> str:
 
 __all__ = [
     "RANK_METHOD",
+    "SCORER_PRECISION",
     "RankError",
     "RankerService",
     "RankerServiceConfig",
     "decode_response",
     "default_device",
+    "jitted_scorer",
     "rank_request",
     "serve",
 ]
