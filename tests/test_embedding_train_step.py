@@ -64,10 +64,19 @@ def test_training_lowers_the_loss_on_8_devices():
     ec, gd, tx, state = _setup(8)
     step = ts.make_train_step(collection=ec, loss_fn=loss_fn, dense_tx=tx, model_graphdef=gd)
     batches = [ts.shard_batch(_batch(s), mesh=ec.mesh) for s in range(4)]
+    # The dense state starts replicated on the mesh, where the step returns it (so the
+    # second step does not compile again): the same shardings in and out.
+    dense = lambda st: jax.tree.leaves((st.params, st.opt_state, st.step))  # noqa: E731
+    replicated = jax.sharding.NamedSharding(ec.mesh, jax.sharding.PartitionSpec())
+    assert all(x.sharding.is_equivalent_to(replicated, x.ndim) for x in dense(state))
+    before = [x.sharding for x in dense(state)]
     losses = []
     for k in range(40):
         state, m = step(state, batches[k % 4])
         losses.append(float(m["loss"]))  # blocks on every step
+    assert all(
+        x.sharding.is_equivalent_to(b, x.ndim) for x, b in zip(dense(state), before, strict=True)
+    )
     assert int(state.step) == 40
     assert np.isfinite(losses).all()
     assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4]), losses

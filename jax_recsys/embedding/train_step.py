@@ -71,10 +71,15 @@ def init_train_state(
 ) -> TrainState:
     """Builds a TrainState: sharded tables + optimizer slots, dense params + optax state.
 
+    The dense params, their optax state and the step are committed replicated on the
+    collection's mesh, where the train step returns them: left on one device (optax
+    counters, the step), the second step would see new input shardings and compile
+    every program again. Several processes: each passes the same ``params``.
+
     Args:
       collection: the EmbeddingCollection.
       key: PRNG key for the tables.
-      params: dense parameters (nnx.State or pytree), replicated.
+      params: dense parameters (nnx.State or pytree).
       dense_tx: optax transformation for ``params``.
       initial_values: optional table name -> [R, D] starting values.
 
@@ -82,8 +87,12 @@ def init_train_state(
       The TrainState with step 0.
     """
     emb = collection.init(key, initial_values=initial_values)
-    return TrainState(emb=emb, params=params, opt_state=dense_tx.init(params),
-                      step=jnp.zeros((), jnp.int32))
+    replicated = NamedSharding(collection.mesh, P())
+    params = jax.device_put(params, replicated)
+    opt_state, step = jax.device_put(
+        (dense_tx.init(params), jnp.zeros((), jnp.int32)), replicated
+    )
+    return TrainState(emb=emb, params=params, opt_state=opt_state, step=step)
 
 
 def shard_batch(batch: Any, *, mesh: Mesh, axis: str = "data") -> Any:

@@ -199,16 +199,11 @@ class ContrastiveTrainer:
         )
         self.graphdef, params = nnx.split(model, nnx.Param)
         self.tx = optax.adam(cfg.dense_learning_rate)
-        params = jax.device_put(params, NamedSharding(mesh, P()))
+        # Params, optax state and step replicated on the mesh as the step returns them:
+        # one compilation, and global arrays that multi-process jit and Orbax accept.
         self.state = train_step_lib.init_train_state(
             collection=self.collection, key=jax.random.key(cfg.seed), params=params,
             dense_tx=self.tx)
-        # Optax state and step replicated on the mesh as the step returns them: one
-        # compilation, and global arrays that multi-process jit and Orbax accept.
-        rep = NamedSharding(mesh, P())
-        self.state = dataclasses.replace(
-            self.state, opt_state=jax.device_put(self.state.opt_state, rep),
-            step=jax.device_put(self.state.step, rep))
         self._train_step = train_step_lib.make_train_step(
             collection=self.collection, loss_fn=self.loss_fn, dense_tx=self.tx,
             model_graphdef=self.graphdef)

@@ -64,7 +64,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_recsys.data import kg as kg_data
 from jax_recsys.data.batching import Batch
@@ -558,14 +557,9 @@ def train(
     coll = build_collection(graph, model=model, train=train_config, mesh=mesh, axis=axis)
     k_rel, k_emb = jax.random.split(jax.random.key(train_config.seed))
     rel = fn.init_relations(k_rel, num_relations=len(graph.relations), dim=model.dim)
-    rel = jax.device_put(rel, NamedSharding(mesh, P()))
     tx = optax.adam(train_config.relation_learning_rate)
+    # Relations, their optax state and the step come back replicated on the mesh.
     state = train_step_lib.init_train_state(collection=coll, key=k_emb, params=rel, dense_tx=tx)
-    # Replicate the optax state and step on the mesh as the step outputs them; otherwise the
-    # second step sees new input shardings and compiles every program twice.
-    rep = NamedSharding(mesh, P())
-    state = dataclasses.replace(state, opt_state=jax.device_put(state.opt_state, rep),
-                                step=jax.device_put(state.step, rep))
     step_fn = train_step_lib.make_train_step(collection=coll, loss_fn=make_loss_fn(fn, train_config),
                                              dense_tx=tx)
     sampler = ChunkSampler(graph.splits["train"], rel_head_type=graph.rel_head_type,

@@ -828,20 +828,13 @@ def train_and_evaluate(
             tables=tspecs, features=fspecs, mesh=mesh, overrides=overrides
         )
         frozen = [t.name for t in tables if not t.trainable]
+        # The dense state comes back committed replicated on the mesh (one compilation).
         state = ts.init_train_state(
             collection=ec,
             key=jax.random.key(config.seed),
             params=params,
             dense_tx=tx,
             initial_values={t.name: t.values for t in tables if t.values is not None},
-        )
-        # Commit the dense state to its replicated sharding up front: otherwise the
-        # second step sees differently-placed inputs and compiles the step again.
-        state = ts.TrainState(
-            emb=state.emb,
-            params=jax.device_put(state.params, replicated),
-            opt_state=jax.device_put(state.opt_state, replicated),
-            step=jax.device_put(state.step, replicated),
         )
         step_fn = ts.make_train_step(
             collection=ec, loss_fn=loss_fn, dense_tx=tx, model_graphdef=graphdef, frozen_tables=frozen
