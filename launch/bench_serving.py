@@ -276,6 +276,7 @@ def _fetch_sizes(version: str, candidates: int, tables: dict, wire: str) -> tupl
     exactly as ``EmbeddingClient`` and the shard server frame them (``tables``:
     the manifest's table entries, for dim and dtype).
     """
+    from jax_recsys.quant import rowwise
     from serving import codec
 
     counts = {"user": 1, "pin": candidates, "advertiser": candidates}
@@ -291,7 +292,7 @@ def _fetch_sizes(version: str, candidates: int, tables: dict, wire: str) -> tupl
         dim, bits = int(tables[t]["dim"]), {"int4": 4, "int8": 8}.get(tables[t]["dtype"])
         if quantized and bits:
             zeros = np.zeros(n, np.float32)
-            codes = np.zeros((n, codec.packed_dim(dim, bits)), np.uint8)
+            codes = np.zeros((n, rowwise.packed_dim(dim, bits)), np.uint8)
             rows.append((t, dim, codec.QuantizedRows(bits, codes, zeros, zeros)))
         else:
             rows.append((t, dim, np.zeros((n, dim), np.float32)))
@@ -517,13 +518,12 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         method="/jax_recsys.serving.RankerService/Rank",
     )
     shard_counts = [int(n) for n in _RANK_SHARDS.value]
-    from serving import codec
+    from serving import client as client_lib, codec
 
     manifest = codec.read_manifest(art_dir)
     wires = list(_RANK_WIRES.value)
-    unknown = set(wires) - {"quantized", "float32"}
-    if unknown or not wires:
-        raise app.UsageError(f"--rank_wires: {wires}; known: quantized, float32")
+    if not wires or set(wires) - set(client_lib.WIRE_FORMATS):
+        raise app.UsageError(f"--rank_wires: {wires}; known: {list(client_lib.WIRE_FORMATS)}")
     request_bytes, response_bytes = _fetch_sizes(
         manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )

@@ -22,7 +22,7 @@ import threading
 
 from absl import app, flags, logging
 
-from serving import ranker_service
+from serving import client, ranker_service
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARDS = flags.DEFINE_list(
@@ -41,7 +41,7 @@ _VERIFY = flags.DEFINE_enum("verify", "sizes", ["sizes", "full", "none"], "Artif
 _WIRE = flags.DEFINE_enum(
     "wire",
     "quantized",
-    ["quantized", "float32"],
+    list(client.WIRE_FORMATS),
     "How shards send INT4/INT8 rows: as stored, dequantized here (~5x fewer bytes), or "
     "dequantized on the shard as float32. Scores are identical.",
 )

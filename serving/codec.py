@@ -5,8 +5,8 @@ messages of ``serving/protos/embedding.proto``; this module is the one place
 that turns them into NumPy arrays and back, and the one place that decides
 which rows of a table live on which shard (contiguous ranges, shard i of S).
 
-Imports NumPy and the generated protobuf code only (never JAX), so the
-CPU embedding servers stay JAX-free.
+Imports NumPy and the NumPy-only ``jax_recsys.quant.rowwise`` (never JAX), so
+the CPU embedding servers stay JAX-free.
 
 Dimension legend: n ids in one request, D embedding dim, R table rows,
 S shards.
@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from jax_recsys.quant import rowwise
 
 IDS_DTYPE = np.dtype("<i8")
 VALUES_DTYPE = np.dtype("<f4")
@@ -122,11 +124,6 @@ class QuantizedRows(NamedTuple):
     bias: np.ndarray | memoryview
 
 
-def packed_dim(dim: int, bits: int) -> int:
-    """Bytes per row of the codes of a ``bits``-bit table of dim ``dim``."""
-    return (dim + 1) // 2 if bits == 4 else dim
-
-
 def decode_quantized(
     q: QuantizedRows, *, n: int, dim: int, what: str = "rows"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,7 +143,7 @@ def decode_quantized(
     """
     if q.bits not in (4, 8):
         raise CodecError(f"{what}: quantized rows of {q.bits} bits (4 or 8 expected)")
-    p = packed_dim(dim, q.bits)
+    p = rowwise.packed_dim(dim, q.bits)
     if len(q.codes) != n * p:
         raise CodecError(
             f"{what}: got {len(q.codes)} bytes of codes, expected {n * p} "
@@ -281,11 +278,12 @@ def encode_lookup_response(
                 np.ascontiguousarray(rows.bias, dtype=VALUES_DTYPE),
             ]
             head += _varint(4 << 3) + _varint(rows.bits)
-            body = []  # fields 5, 6, 7: codes, scale, bias (proto3 leaves empty ones out)
+            body, size = [], 0  # fields 5, 6, 7: codes, scale, bias (proto3 leaves empty ones out)
             for tag, arr in zip((5, 6, 7), arrays, strict=True):
                 if arr.nbytes:
-                    body += [_len_field(tag, arr.nbytes), memoryview(arr).cast("B")]
-            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in body)
+                    key = _len_field(tag, arr.nbytes)
+                    body += [key, memoryview(arr).cast("B")]
+                    size += len(key) + arr.nbytes
             parts += [_len_field(1, len(head) + size), head, *body]
             continue
         values = np.ascontiguousarray(rows, dtype=VALUES_DTYPE)

@@ -461,7 +461,7 @@ class EmbeddingServer:
         if ids_n.size == 0:
             if quantized:
                 empty = np.zeros(0, np.float32)
-                codes = np.zeros((0, codec.packed_dim(table.dim, q.bits)), np.uint8)
+                codes = np.zeros((0, rowwise.packed_dim(table.dim, q.bits)), np.uint8)
                 return codec.QuantizedRows(q.bits, codes, empty, empty)
             return np.zeros((0, table.dim), np.float32)
         # Every NumPy call costs ~5-20 us in a handler thread that wakes up

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from jax_recsys.quant import rowwise
 from serving import codec
 from serving.protos import embedding_pb2 as pb
 
@@ -89,7 +90,7 @@ def test_quantized_rows_decode_to_views_and_bad_lengths_are_refused():
         codec.decode_quantized(got._replace(codes=got.codes[:6]), n=2, dim=5)
     with pytest.raises(codec.CodecError, match="3 bits"):
         codec.decode_quantized(got._replace(bits=3), n=3, dim=5)
-    assert codec.packed_dim(5, 4) == 3 and codec.packed_dim(5, 8) == 5
+    assert rowwise.packed_dim(5, 4) == 3 and rowwise.packed_dim(5, 8) == 5
 
 
 def test_shard_ranges_are_contiguous_and_cover_the_table():
@@ -145,7 +146,7 @@ def _quantized(bits, n, dim, seed=0):
     rng = np.random.default_rng(seed)
     return codec.QuantizedRows(
         bits,
-        rng.integers(0, 256, (n, codec.packed_dim(dim, bits)), dtype=np.uint8),
+        rng.integers(0, 256, (n, rowwise.packed_dim(dim, bits)), dtype=np.uint8),
         rng.normal(size=n).astype(np.float32),
         rng.normal(size=n).astype(np.float32),
     )
