@@ -42,11 +42,14 @@ shards send INT4 rows as stored and the ranker dequantizes, the default;
 ``float32``: the shards dequantize); closed-loop clients each send one user x
 ``--rank_candidates`` candidates per Rank call, alternating between the
 services in time slices as above (each gets ``duration_s / 2`` of time).
+``--rank_fetch_ahead=1,3`` runs every ranker once per setting of the
+service's ``fetch_ahead`` (how far its fetch thread may run ahead of the
+scorer; each hybrid is compared to the monolithic ranker of its own setting).
 One JSON line per mode and client count, and one per mode with the
 service's own counters (how many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards", "wire",
-   "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
+   "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
    "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic", ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "by_code", ...}
@@ -117,6 +120,12 @@ _RANK_WIRES = flags.DEFINE_list(
     ["quantized", "float32"],
     "Wire formats of the hybrid rankers (one ranker per shard count and wire); the serial "
     "floor uses the first.",
+)
+_RANK_FETCH_AHEAD = flags.DEFINE_list(
+    "rank_fetch_ahead",
+    ["1"],
+    "Rankers' fetch_ahead settings to run side by side (e.g. 1,3); each hybrid is compared "
+    "to the monolithic ranker of its own setting; the serial floor uses the first.",
 )
 _RANK_CLIENTS = flags.DEFINE_list("rank_clients", ["1", "4"], "Concurrent Rank clients.")
 
@@ -398,7 +407,7 @@ def _server_compute(artifact_dir: str) -> dict:
 
 
 def _spawn_ranker(
-    artifact_dir: str, shard_ports: list[int], wire: str = "quantized"
+    artifact_dir: str, shard_ports: list[int], wire: str = "quantized", fetch_ahead: int = 1
 ) -> tuple[subprocess.Popen, dict]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
@@ -413,6 +422,7 @@ def _spawn_ranker(
             "--deadline_s=5",
             "--log_every_s=0",
             f"--wire={wire}",
+            f"--fetch_ahead={fetch_ahead}",
         ],
         cwd=root,
         env=_child_env(root),
@@ -521,6 +531,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     from serving import client as client_lib, codec
 
     manifest = codec.read_manifest(art_dir)
+    aheads = [int(v) for v in _RANK_FETCH_AHEAD.value]
+    if not aheads or min(aheads) < 1:
+        raise app.UsageError(f"--rank_fetch_ahead: {aheads}; each >= 1")
     wires = list(_RANK_WIRES.value)
     if not wires or set(wires) - set(client_lib.WIRE_FORMATS):
         raise app.UsageError(f"--rank_wires: {wires}; known: {list(client_lib.WIRE_FORMATS)}")
@@ -538,10 +551,14 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         # them in time slices: same machine state for all, so the ratios are
         # not the drift of a noisy box between runs. The last kind is the
         # serial floor (see module docstring).
-        rankers[("monolithic", 0, "")] = _spawn_ranker(art_dir, [])
+        for ahead in aheads:
+            rankers[("monolithic", 0, "", ahead)] = _spawn_ranker(art_dir, [], fetch_ahead=ahead)
         for n, procs in shard_procs.items():
             for wire in wires:
-                rankers[("hybrid", n, wire)] = _spawn_ranker(art_dir, [p for _, p in procs], wire)
+                for ahead in aheads:
+                    rankers[("hybrid", n, wire, ahead)] = _spawn_ranker(
+                        art_dir, [p for _, p in procs], wire, ahead
+                    )
         kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
         kinds.append(
             {
@@ -561,8 +578,13 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             per_kind = [_stats(lat, _DURATION.value / 2) for lat in lats]
             for st in per_kind:
                 st.pop("ids_per_s")
-            mono, floor = per_kind[0], per_kind[-1]
-            serial_floor = floor["p50_ms"] / mono["p50_ms"]
+            floor = per_kind[-1]
+            mono = {  # the monolithic ranker each hybrid is compared to: same fetch_ahead
+                key[3]: st
+                for key, st in zip(rankers, per_kind, strict=False)
+                if key[0] == "monolithic"
+            }
+            serial_floor = floor["p50_ms"] / mono[aheads[0]]["p50_ms"]
             print(
                 json.dumps(
                     {
@@ -570,6 +592,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         "kind": "rank_serial_floor",
                         "clients": c,
                         "wire": wires[0],
+                        "fetch_ahead": aheads[0],
                         "fetch_request_bytes": request_bytes,
                         "fetch_response_bytes": response_bytes,
                         **floor,
@@ -578,7 +601,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-            for ((mode, shards, wire), (_, info)), st in zip(
+            for ((mode, shards, wire, ahead), (_, info)), st in zip(
                 rankers.items(), per_kind[:-1], strict=True
             ):
                 line = {
@@ -586,20 +609,21 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     "mode": mode,
                     "shards": shards,
                     "wire": wire,
+                    "fetch_ahead": ahead,
                     "clients": c,
                     "device": info.get("device"),
                     **st,
                 }
                 if mode == "hybrid":
                     line.update(
-                        p50_vs_monolithic=round(st["p50_ms"] / mono["p50_ms"], 3),
-                        p99_vs_monolithic=round(st["p99_ms"] / mono["p99_ms"], 3),
+                        p50_vs_monolithic=round(st["p50_ms"] / mono[ahead]["p50_ms"], 3),
+                        p99_vs_monolithic=round(st["p99_ms"] / mono[ahead]["p99_ms"], 3),
                         serial_floor_vs_monolithic=round(serial_floor, 3),
                         target_vs_monolithic=1.15,
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for (mode, shards, wire), (proc, _) in rankers.items():
+        for (mode, shards, wire, ahead), (proc, _) in rankers.items():
             stats = _stop_ranker(proc)
             print(
                 json.dumps(
@@ -609,6 +633,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         "mode": mode,
                         "shards": shards,
                         "wire": wire,
+                        "fetch_ahead": ahead,
                         "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                         "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
                         "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),

@@ -35,6 +35,12 @@ _MAX_CANDIDATES = flags.DEFINE_integer("max_candidates", 2048, "Candidates per r
 _MAX_BATCH = flags.DEFINE_integer("max_batch_candidates", 4096, "Candidates per scored batch.")
 _MIN_BUCKET = flags.DEFINE_integer("min_bucket", 64, "Smallest padded batch (power of two).")
 _BATCH_WAIT = flags.DEFINE_float("batch_wait_s", 0.001, "Batcher wait under concurrent load.")
+_FETCH_AHEAD = flags.DEFINE_integer(
+    "fetch_ahead",
+    1,
+    "Batches fetched and waiting for the scorer, at most; under load, requests that queue "
+    "meanwhile are merged into the next batch.",
+)
 _WORKERS = flags.DEFINE_integer("workers", 16, "gRPC handler threads.")
 _SWAP_WINDOW = flags.DEFINE_float("swap_window_s", 60.0, "Old version kept after a swap.")
 _VERIFY = flags.DEFINE_enum("verify", "sizes", ["sizes", "full", "none"], "Artifact check at load.")
@@ -61,6 +67,7 @@ def main(argv):
         max_batch_candidates=_MAX_BATCH.value,
         min_bucket=_MIN_BUCKET.value,
         batch_wait_s=_BATCH_WAIT.value,
+        fetch_ahead=_FETCH_AHEAD.value,
         workers=_WORKERS.value,
         swap_window_s=_SWAP_WINDOW.value,
         verify=_VERIFY.value,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import jax
@@ -219,6 +220,49 @@ def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack
         np.testing.assert_allclose(ctr, rs.decode_response(single)[0], rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(cvr, rs.decode_response(single)[1], rtol=2e-5, atol=1e-6)
     fresh.stop(grace=0)
+
+
+def test_fetch_thread_runs_one_batch_ahead_so_requests_queued_meanwhile_merge(arts, stack):
+    with pytest.raises(ValueError, match="fetch_ahead"):
+        rs.RankerServiceConfig(artifact="unused", fetch_ahead=0)
+    user, cands, adv, hour = CASES[0]  # 5 candidates: five requests fit one batch of 64
+    req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+    want = rs.decode_response(stack["mono"].rank(req))
+    svc = _svc(arts["a"], fetch_ahead=1, deadline_s=30)
+    gate, scored, score = threading.Event(), [], svc._score
+
+    def gated_score(jobs, emb, coarse):  # the compute thread holds the first batch
+        scored.append(len(jobs))
+        if len(scored) == 1:
+            gate.wait(20)
+        score(jobs, emb, coarse)
+
+    svc._score = gated_score
+
+    def wait_for(cond):
+        end = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < end, "pipeline did not get there"
+            time.sleep(0.005)
+
+    with futures.ThreadPoolExecutor(5) as pool:
+        outs = [pool.submit(svc.rank, req)]
+        wait_for(lambda: scored == [1])  # A is being scored
+        outs.append(pool.submit(svc.rank, req))
+        wait_for(lambda: svc._compute_q.qsize() == 1)  # B fetched, waits for the scorer
+        outs += [pool.submit(svc.rank, req) for _ in range(3)]
+        wait_for(lambda: svc._queue.qsize() == 3)
+        time.sleep(0.2)  # the fetch thread may not form a batch while B waits
+        assert svc._queue.qsize() == 3 and svc._compute_q.qsize() == 1
+        gate.set()
+        got = [rs.decode_response(f.result(timeout=30)) for f in outs]
+    assert scored == [1, 1, 3]
+    for ctr, cvr, version in got:
+        np.testing.assert_allclose(ctr, want[0], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(cvr, want[1], rtol=2e-5, atol=1e-6)
+        assert version == want[2]
+    assert svc.stats()["batches"] == 3
+    svc.stop(grace=0)
 
 
 def test_bad_inputs_get_their_codes_and_service_keeps_answering(arts, stack):
