@@ -7,11 +7,15 @@ request as large as a lookup request and asking for a response as large as a
 lookup response measures what gRPC itself costs on the same payloads, so
 ``lookup_p50 / echo_p50`` shows what the embedding server adds.
 
+``serve_tcp_forever`` is the same echo over a bare TCP socket (no gRPC), to
+separate what gRPC costs from what the kernel and the machine cost.
+
 Imports NumPy-free stdlib + gRPC only.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 from concurrent import futures
@@ -95,3 +99,76 @@ def serve_forever(port_queue, *, host: str = "127.0.0.1", workers: int = 8) -> N
     server, bound = start_echo_server(host=host, port=0, workers=workers)
     port_queue.put(bound)
     server.wait_for_termination()
+
+
+# ---- the same echo over a bare TCP socket ----
+
+_TCP_HEAD = struct.Struct("<QQ")  # request payload bytes, response bytes
+
+
+def _recv_exactly(conn: socket.socket, n: int, buf: bytearray) -> bool:
+    view, got = memoryview(buf)[:n], 0
+    while got < n:
+        k = conn.recv_into(view[got:])
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+def _tcp_echo_connection(conn: socket.socket) -> None:
+    head, payload, cache = bytearray(_TCP_HEAD.size), bytearray(), {}
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while _recv_exactly(conn, _TCP_HEAD.size, head):
+            request_bytes, response_bytes = _TCP_HEAD.unpack(head)
+            if request_bytes > _MAX_RESPONSE or response_bytes > _MAX_RESPONSE:
+                return  # not an echo client
+            if len(payload) < request_bytes:
+                payload = bytearray(request_bytes)
+            if not _recv_exactly(conn, request_bytes, payload):
+                return
+            out = cache.get(response_bytes)
+            if out is None:
+                out = cache.setdefault(response_bytes, bytes(response_bytes))
+            conn.sendall(out)
+
+
+def serve_tcp_forever(port_queue, *, host: str = "127.0.0.1") -> None:
+    """A bare-TCP echo server (a thread per connection) until the process is killed.
+
+    Protocol: the client sends 16 bytes (little-endian uint64 request payload
+    size, uint64 response size), then the payload; the server answers with the
+    response size's worth of bytes. ``TcpEchoClient`` speaks it.
+
+    Args:
+      port_queue: a ``multiprocessing`` queue; the bound port is put on it.
+      host: interface to bind.
+    """
+    with socket.create_server((host, 0)) as sock:
+        port_queue.put(sock.getsockname()[1])
+        while True:
+            conn, _ = sock.accept()
+            threading.Thread(target=_tcp_echo_connection, args=(conn,), daemon=True).start()
+
+
+class TcpEchoClient:
+    """One connection to ``serve_tcp_forever``; ``call()`` is one round trip."""
+
+    def __init__(self, address: str, *, request_bytes: int, response_bytes: int):
+        host, port = address.rsplit(":", 1)
+        self._conn = socket.create_connection((host, int(port)))
+        self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._request = _TCP_HEAD.pack(request_bytes, response_bytes) + bytes(request_bytes)
+        self._response = bytearray(response_bytes)
+        self._response_bytes = response_bytes
+
+    def call(self) -> bytearray:
+        """Sends the request, waits for the whole response; returns it (a reused buffer)."""
+        self._conn.sendall(self._request)
+        if not _recv_exactly(self._conn, self._response_bytes, self._response):
+            raise ConnectionError("tcp echo server closed the connection")
+        return self._response
+
+    def close(self) -> None:
+        self._conn.close()

@@ -6,8 +6,11 @@ Real servers on loopback with ports bound at run time (port 0).
 import collections
 import json
 import os
+import queue
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact, rowwise
-from serving import client as client_lib, codec, embedding_server as es
+from serving import client as client_lib, codec, echo_server, embedding_server as es
 from serving.protos import embedding_pb2 as pb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -461,6 +464,31 @@ def test_tls_server_serves_tls_clients_only(arts, tmp_path):
         plain.close()
     finally:
         server.stop(0)
+
+
+def test_echo_floors_answer_the_sizes_asked_for_and_refuse_garbage():
+    server, port = echo_server.start_echo_server(workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            echo = channel.unary_unary(echo_server.ECHO_METHOD)
+            req = echo_server.echo_request(request_bytes=100, response_bytes=3000)
+            assert len(req) == 100 and echo(req, timeout=5) == bytes(3000)
+            with pytest.raises(grpc.RpcError) as e:
+                echo(b"short", timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(0)
+    ports = queue.Queue()
+    threading.Thread(target=echo_server.serve_tcp_forever, args=(ports,), daemon=True).start()
+    address = f"127.0.0.1:{ports.get(timeout=10)}"
+    tcp = echo_server.TcpEchoClient(address, request_bytes=70_000, response_bytes=200_000)
+    for _ in range(3):  # the connection stays usable
+        assert bytes(tcp.call()) == bytes(200_000)
+    tcp.close()
+    host, tcp_port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(tcp_port)), timeout=10) as raw:
+        raw.sendall(struct.pack("<QQ", 1 << 62, 8))  # not an echo client: the server hangs up
+        assert raw.recv(16) == b""
 
 
 def test_server_and_client_import_no_jax():
