@@ -11,7 +11,10 @@ pinned one are refused (``VersionMismatch``); with no pinned version, all shards
 of one call must agree. With ``wire="quantized"`` the shards answer INT4/INT8
 rows as stored (about a fifth of the bytes) and the client dequantizes them with
 the shards' own function (``jax_recsys.quant.rowwise.dequantize_rows``), so the
-rows are bit-identical to ``wire="float32"``.
+rows are bit-identical to ``wire="float32"``: once per table, after the parts
+from several shards are put together as codes, scale and bias (with 2 shards
+and a rank fetch of 1 + 500 + 500 rows after 3 ms idle, 0.09-0.11 ms less than
+dequantizing each shard's part in the thread that fetched it).
 
 Imports NumPy and gRPC only (never JAX; the lookup messages are written and
 read by ``serving.codec``, without copying the rows), so the ranker service and
@@ -124,6 +127,49 @@ class _Route:
     start_list: list[int]  # the same, as Python ints (bisect beats NumPy on a few values)
     end_list: list[int]  # hi of each of those shards
     shard_list: list[int]  # and its index
+
+
+_Quantized = rowwise.QuantizedTable  # rows of one shard's answer on the quantized wire
+
+
+def _dense(rows: np.ndarray | _Quantized) -> np.ndarray:
+    """float32 [n, D]: dequantized with the shards' own function, or as received."""
+    return rowwise.dequantize_rows(rows) if isinstance(rows, _Quantized) else rows
+
+
+def _reassemble(table: str, n: int, pieces: list) -> np.ndarray:
+    """float32 [n, D] of a table whose rows came from several shards, in the order sent.
+
+    ``pieces``: ``(shard, positions, rows)`` per shard. Quantized parts are put
+    together as codes, scale and bias and dequantized once (dequantization is row
+    by row, so this is bit-identical to dequantizing each part).
+    """
+    first = pieces[0][2]
+    if all(isinstance(rows, _Quantized) for _, _, rows in pieces):
+        for shard, _, rows in pieces[1:]:
+            if (rows.dim, rows.bits) != (first.dim, first.bits):
+                raise ServingError(
+                    f"table {table!r}: shards disagree on dim/bits ({first.dim}/{first.bits} "
+                    f"vs {rows.dim}/{rows.bits})",
+                    shard=shard,
+                )
+        codes = np.empty((n, first.codes.shape[1]), np.uint8)
+        scale, bias = np.empty(n, np.float32), np.empty(n, np.float32)
+        for _, pos, rows in pieces:
+            codes[pos], scale[pos], bias[pos] = rows.codes, rows.scale, rows.bias
+        return rowwise.dequantize_rows(
+            _Quantized(codes, scale, bias, dim=first.dim, bits=first.bits)
+        )
+    dense = [(shard, pos, _dense(rows)) for shard, pos, rows in pieces]
+    out = np.empty((n, dense[0][2].shape[1]), np.float32)
+    for shard, pos, rows in dense:
+        if rows.shape[1] != out.shape[1]:
+            raise ServingError(
+                f"table {table!r}: shards disagree on dim ({out.shape[1]} vs {rows.shape[1]})",
+                shard=shard,
+            )
+        out[pos] = rows
+    return out
 
 
 class EmbeddingClient:
@@ -353,26 +399,19 @@ class EmbeddingClient:
         if plan:
             results = self._fan_out(plan, deadline)
             versions = set()
+            split: dict[str, list] = {}  # table on several shards -> [(shard, pos, rows)]
             for shard, (version, tables) in results.items():
                 versions.add(version)
-                for (table, pos, _), values in zip(plan[shard], tables, strict=True):
-                    self._dims[table] = values.shape[1]
-                    if pos is None:
-                        result[table] = values  # one shard had them all: no copy
-                        continue
-                    out = result.get(table)
-                    if out is None:
-                        out = np.empty((sent[table], values.shape[1]), np.float32)
-                        result[table] = out
-                    elif out.shape[1] != values.shape[1]:
-                        raise ServingError(
-                            f"table {table!r}: shards disagree on dim "
-                            f"({out.shape[1]} vs {values.shape[1]})",
-                            shard=shard,
-                        )
-                    out[pos] = values
+                for (table, pos, _), got in zip(plan[shard], tables, strict=True):
+                    self._dims[table] = got.dim if isinstance(got, _Quantized) else got.shape[1]
+                    if pos is None:  # one shard had them all: no copy (float32 wire)
+                        result[table] = _dense(got)
+                    else:
+                        split.setdefault(table, []).append((shard, pos, got))
             if len(versions) > 1:
                 raise VersionMismatch(f"shards answered different versions {sorted(versions)}")
+            for table, pieces in split.items():
+                result[table] = _reassemble(table, sent[table], pieces)
             for table, inverse_n in inverses.items():
                 result[table] = result[table].take(inverse_n, axis=0)
         for table in empty:
@@ -452,7 +491,7 @@ class EmbeddingClient:
                 f"shard {shard}: {len(tables)} tables in response, asked {len(items)}",
                 shard=shard,
             )
-        values = []
+        values = []  # float32 [n, D], or _Quantized (dequantized by lookup_many)
         for (table, _, rows_n), (got_table, dim, payload) in zip(items, tables, strict=True):
             if got_table != table:
                 raise ServingError(
@@ -464,8 +503,7 @@ class EmbeddingClient:
                     codes, scale, bias = codec.decode_quantized(
                         payload, n=rows_n.size, dim=dim, what=what
                     )
-                    q = rowwise.QuantizedTable(codes, scale, bias, dim=dim, bits=payload.bits)
-                    values.append(rowwise.dequantize_rows(q))
+                    values.append(_Quantized(codes, scale, bias, dim=dim, bits=payload.bits))
                 else:
                     values.append(codec.decode_values(payload, n=rows_n.size, dim=dim, what=what))
             except codec.CodecError as e:

@@ -190,6 +190,32 @@ def test_response_from_another_version_is_refused(art, three_shards):
         fake.stop(0)
 
 
+def test_quantized_parts_from_several_shards_are_dequantized_once_bit_identically():
+    rng = np.random.default_rng(5)
+    q = rowwise.quantize_rows(rng.normal(size=(9, 7)).astype(np.float32), bits=4)
+    f32 = [np.asarray(a, np.float32) if a.dtype == np.float16 else a for a in (q.scale, q.bias)]
+
+    def part(rows):  # one shard's answer on the quantized wire
+        return rowwise.QuantizedTable(q.codes[rows], f32[0][rows], f32[1][rows], dim=7, bits=4)
+
+    pos_a, pos_b = np.array([4, 0, 2]), np.array([1, 5, 3])
+    rows_a, rows_b = np.array([0, 3, 8]), np.array([2, 2, 6])
+    got = client_lib._reassemble("t", 6, [(0, pos_a, part(rows_a)), (1, pos_b, part(rows_b))])
+    want = np.empty((6, 7), np.float32)
+    want[pos_a] = rowwise.dequantize_rows(q, rows_a)
+    want[pos_b] = rowwise.dequantize_rows(q, rows_b)
+    np.testing.assert_array_equal(got, want)
+    # A float32 part next to a quantized one (mixed wires) still reassembles exactly.
+    mixed = [(0, pos_a, part(rows_a)), (1, pos_b, rowwise.dequantize_rows(q, rows_b))]
+    np.testing.assert_array_equal(client_lib._reassemble("t", 6, mixed), want)
+    q8 = rowwise.quantize_rows(rng.normal(size=(9, 7)).astype(np.float32), bits=8)
+    other = rowwise.QuantizedTable(q8.codes[:3], f32[0][:3], f32[1][:3], dim=7, bits=8)
+    with pytest.raises(client_lib.ServingError, match="disagree on dim/bits"):
+        client_lib._reassemble("t", 6, [(0, pos_a, part(rows_a)), (1, pos_b, other)])
+    with pytest.raises(client_lib.ServingError, match="disagree on dim"):
+        client_lib._reassemble("t", 6, [(0, pos_a, want[:3]), (1, pos_b, want[:3, :5])])
+
+
 def test_malformed_quantized_answer_is_a_serving_error_and_bad_wire_is_refused(art):
     fake, addr = _fake_shard("v", bits=4)
     try:
