@@ -1,0 +1,85 @@
+"""launch.bench_serving end to end at smoke size: every part runs and prints sane JSON lines.
+
+The benchmark is how the serving targets are checked (README, issue closing
+notes), so CI runs it once, tiny, as a real process: shard, ranker and echo
+servers, client processes, all three parts. Latencies are not asserted (shared,
+noisy machines); the lines' presence, shape and internal consistency are.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import mp_util
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow  # ~40-60 s on a busy 2-core box: rankers import JAX and compile
+@pytest.mark.multiprocess
+def test_bench_serving_smoke_prints_every_kind(tmp_path):
+    args = [
+        "--parts=lookup,rank,idle",
+        "--rows=5000",
+        "--shards=1,2",
+        "--clients=1",
+        "--duration_s=0.4",
+        "--warmup=3",
+        "--rank_rows=5000",
+        "--rank_candidates=100",
+        "--rank_shards=1",
+        "--rank_wires=quantized,float32",
+        "--rank_clients=1",
+        "--idle_calls=10",
+        "--idle_gaps_ms=0,1",
+        f"--workdir={tmp_path / 'work'}",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.bench_serving", *args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT), JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    by_kind = {}
+    for line in lines:
+        assert line["bench"] == "serving"
+        by_kind.setdefault(line["kind"], []).append(line)
+
+    idle = by_kind["idle_rtt"]
+    assert sorted((x["transport"], x["gap_ms"]) for x in idle) == [
+        ("grpc", 0.0), ("grpc", 1.0), ("tcp", 0.0), ("tcp", 1.0)
+    ]
+    for x in idle:
+        assert x["requests"] == 10 and 0 < x["p50_ms"] <= x["p99_ms"]
+        if x["gap_ms"] == 0.0:
+            assert x["p50_added_ms"] == 0.0
+
+    lookups = by_kind["lookup"]
+    assert sorted(x["shards"] for x in lookups) == [1, 2]
+    for x in lookups:
+        assert x["clients"] == 1 and x["requests"] > 0 and 0 < x["p50_ms"] <= x["p99_ms"]
+        assert x["p50_vs_echo"] > 0
+    assert {x["setting"] for x in by_kind["echo"]} == {"alone", "sliced"}
+
+    ranks = by_kind["rank"]
+    mono = [x for x in ranks if x["mode"] == "monolithic"]
+    hybrid = [x for x in ranks if x["mode"] == "hybrid"]
+    assert len(mono) == 1 and sorted(x["wire"] for x in hybrid) == ["float32", "quantized"]
+    for x in hybrid:
+        assert x["candidates"] == 100 and x["fetch_ahead"] == 1
+        assert x["p50_vs_monolithic"] == pytest.approx(x["p50_ms"] / mono[0]["p50_ms"], abs=1e-3)
+    (floor,) = by_kind["rank_serial_floor"]
+    assert floor["wire"] == "quantized" and floor["fetch_response_bytes"] > 0
+    assert floor["p50_vs_monolithic"] == pytest.approx(
+        floor["p50_ms"] / mono[0]["p50_ms"], abs=1e-3
+    )
+    services = by_kind["rank_service"]
+    assert len(services) == 3
+    for x in services:  # every Rank call the clients made was answered
+        assert set(x["by_code"]) == {"OK"}
