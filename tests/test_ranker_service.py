@@ -290,6 +290,12 @@ def test_bad_inputs_get_their_codes_and_service_keeps_answering(arts, stack):
     bad["negative coarse"] = rs.rank_request(
         candidates=[1], user_row=3, context={"advertiser": 1, "hour": -2}
     )
+    bad["coarse value past its vocabulary"] = rs.rank_request(  # hour has 3 values
+        candidates=[1, 2], user_row=3, context={"advertiser": 1, "hour": [0, 3]}
+    )
+    bad["coarse value that wraps in int32"] = rs.rank_request(
+        candidates=[1], user_row=3, context={"advertiser": 1, "hour": 2**32 + 1}
+    )
     for what, req in bad.items():
         with pytest.raises(grpc.RpcError) as e:
             call(req)
