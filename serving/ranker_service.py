@@ -176,7 +176,7 @@ class RankerServiceConfig:
         """ "hybrid" (embedding shards) or "monolithic" (tables in process)."""
         return "hybrid" if self.shards else "monolithic"
 
-    @property
+    @functools.cached_property
     def buckets(self) -> tuple[int, ...]:
         """The padded batch sizes P (powers of two, min_bucket .. max batch)."""
         top = _next_pow2(self.max_batch_candidates)
@@ -295,13 +295,28 @@ class _LocalTables:
     """Monolithic fetcher: the artifact's tables in this process."""
 
     def __init__(self, art: artifact_lib.Artifact):
-        self._tables = art.tables
+        # Plain ndarray views of the memmaps (as the shard servers hold them): a
+        # gather from a np.memmap builds a memmap object, which costs more than it reads.
+        self._tables = {
+            name: dataclasses.replace(
+                q,
+                **{
+                    f: np.asarray(getattr(q, f))
+                    for f in ("codes", "scale", "bias")
+                    if getattr(q, f) is not None
+                },
+            )
+            for name, q in art.tables.items()
+        }
 
     def lookup_many(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
         for table, rows_n in rows.items():
-            # Dequantization is per row: these equal the shard servers' values bit for bit.
-            out[table] = rowwise.dequantize_rows(self._tables[table], np.asarray(rows_n, np.int64))
+            # Dequantization is per row: these equal the shard servers' values bit for
+            # bit. The rows were range-checked with the request (RankerService._validate).
+            out[table] = rowwise.dequantize_rows(
+                self._tables[table], np.asarray(rows_n, np.int64), checked=False
+            )
         return out
 
     def close(self) -> None:
