@@ -1,0 +1,109 @@
+"""Every other launch.bench_* at smoke size, as a real process: it runs and its lines make sense.
+
+The benchmarks are how speed and memory targets are checked (README, closing
+notes), so CI runs each once, tiny. Timings are not asserted (shared, noisy
+machines); which lines come out, and the values that do not depend on timing,
+are. ``bench_serving`` has its own test (test_bench_serving.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import mp_util
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module: str, args: list[str]) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT), JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+
+
+def _ids(lines: list[dict], *keys: str) -> list[tuple]:
+    return sorted(tuple(str(x.get(k, "")) for k in ("bench", *keys)) for x in lines)
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def test_bench_embedding_smoke():
+    lines = _run(
+        "launch.bench_embedding",
+        ["--rows=1e4", "--devices=1,2", "--steps=2", "--warmup=1", "--batch=256"],
+    )
+    assert _ids(lines, "kind", "devices") == sorted(
+        [("embedding", k, str(d)) for k in ("sparse", "dense", "ratios") for d in (1, 2)]
+        + [("embedding", "opt_state_bytes_per_row", "")]
+    )
+    for x in lines:
+        if x["kind"] in ("sparse", "dense"):
+            assert x["rows"] == 10_000 and x["batch"] == 256 and x["step_ms"] > 0
+
+
+def test_bench_kg_smoke():
+    lines = _run(
+        "launch.bench_kg",
+        ["--steps=3", "--entities=500", "--triples=3000", "--relations=10", "--dim=16",
+         "--mrr_epochs=1", "--devices=1"],
+    )
+    assert _ids(lines, "model") == [
+        ("kg_eval", "distmult"), ("kg_train", "complex"), ("kg_train", "distmult"),
+        ("kg_train", "rotate"),
+    ]
+    (ev,) = [x for x in lines if x["bench"] == "kg_eval"]
+    assert ev["num_entities"] == 500 and ev["ranked_queries"] == 2 * ev["num_test_triples"]
+    assert 0 < ev["test_mrr"] <= 1 and 0 <= ev["test_hits@1"] <= ev["test_hits@10"] <= 1
+
+
+def test_bench_contrastive_smoke():
+    lines = _run(
+        "launch.bench_contrastive",
+        ["--rows=2000", "--batch_size=64", "--steps=2", "--eval_pins=500",
+         "--eval_queries=100", "--devices=1", "--eval_devices=1"],
+    )
+    assert _ids(lines) == [("contrastive_eval",), ("contrastive_train",)]
+    train = next(x for x in lines if x["bench"] == "contrastive_train")
+    assert train["batch"] == 64 and train["examples_per_sec"] > 0 and train["loss"] > 0
+    ev = next(x for x in lines if x["bench"] == "contrastive_eval")
+    assert ev["pins"] == 500 and ev["queries"] == 100 and ev["queries_per_sec"] > 0
+
+
+def test_bench_quant_smoke():
+    lines = _run("launch.bench_quant", ["--rows=20000"])
+    assert _ids(lines, "kind", "impl") == [
+        ("quant", "check", ""), ("quant", "gather_dequant", "jax"),
+        ("quant", "gather_dequant", "numpy"), ("quant", "gather_dequant", "numpy_fp32_gather"),
+        ("quant", "quantize", ""), ("quant", "size", ""),
+    ]
+    size = next(x for x in lines if x["kind"] == "size")
+    # INT4 row of dim 64: 32 bytes of codes + fp16 scale and bias = 36 of 256 fp32 bytes.
+    assert size["bytes_per_row"] == 36 and size["ratio_vs_fp32"] == pytest.approx(36 / 256, 1e-4)
+    check = next(x for x in lines if x["kind"] == "check")
+    assert check["jax_equals_numpy"] is True and check["max_err_over_half_step"] <= 1.0
+
+
+def test_bench_data_smoke():
+    lines = _run("launch.bench_data", ["--configs=smoke"])
+    assert _ids(lines) == [("batch_iterator",), ("vocab_build_lookup",), ("world_generation",)]
+    gen = next(x for x in lines if x["bench"] == "world_generation")
+    assert gen["config"] == "smoke" and gen["events"] > 0
+
+
+def test_bench_scorer_smoke():
+    lines = _run("launch.bench_scorer", ["--padded=64,128", "--iters=5", "--warmup=2"])
+    assert [x["padded"] for x in lines] == [64, 128]
+    for x in lines:
+        assert x["device"].startswith("cpu") and x["highest_ms"] > 0
+        # On CPU XLA's default float32 matmul is full precision: the same scores.
+        assert x["max_rel_diff_ctr"] == 0.0 and x["max_rel_diff_cvr"] == 0.0
