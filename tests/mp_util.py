@@ -21,7 +21,8 @@ Typical use::
         group.kill()
 
 API: `free_port()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
-`wait_for(predicate, ...)`, `read_metrics(workdir)`, `child_env(...)`, `REPO`.
+`wait_for(predicate, ...)`, `read_metrics(workdir)`, `json_lines(module, args)`,
+`child_env(...)`, `REPO`.
 
 Tip: children that compile the same programs one after another (a killed run and its
 restart) can share XLA's persistent cache: ``env={"JAX_COMPILATION_CACHE_DIR":
@@ -257,6 +258,24 @@ def wait_for(
                 + ("" if group is None else ":\n" + group.describe())
             )
         time.sleep(interval_s)
+
+
+def json_lines(module: str, args: Sequence[str], *, timeout_s: float = 300) -> list[dict]:
+    """Runs `python -m module *args` to its end; returns the JSON lines it printed.
+
+    The child gets this environment with the repo first on PYTHONPATH and CPU JAX
+    (what the benchmarks' smoke tests need); a non-zero exit fails with its stderr.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=pythonpath(), JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert out.returncode == 0, f"{module} exited {out.returncode}:\n{out.stderr[-3000:]}"
+    return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
 
 
 def read_metrics(workdir: str | os.PathLike) -> dict:

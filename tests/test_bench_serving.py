@@ -6,15 +6,8 @@ servers, client processes, all three parts. Latencies are not asserted (shared,
 noisy machines); the lines' presence, shape and internal consistency are.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import mp_util
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow  # ~40-60 s on a busy 2-core box: rankers import JAX and compile
@@ -36,16 +29,7 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
         "--idle_gaps_ms=0,1",
         f"--workdir={tmp_path / 'work'}",
     ]
-    out = subprocess.run(
-        [sys.executable, "-m", "launch.bench_serving", *args],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT), JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=400)
     by_kind = {}
     for line in lines:
         assert line["bench"] == "serving"

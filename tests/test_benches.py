@@ -6,28 +6,8 @@ machines); which lines come out, and the values that do not depend on timing,
 are. ``bench_serving`` has its own test (test_bench_serving.py).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import mp_util
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(module: str, args: list[str]) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT), JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
 
 
 def _ids(lines: list[dict], *keys: str) -> list[tuple]:
@@ -38,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def test_bench_embedding_smoke():
-    lines = _run(
+    lines = mp_util.json_lines(
         "launch.bench_embedding",
         ["--rows=1e4", "--devices=1,2", "--steps=2", "--warmup=1", "--batch=256"],
     )
@@ -52,7 +32,7 @@ def test_bench_embedding_smoke():
 
 
 def test_bench_kg_smoke():
-    lines = _run(
+    lines = mp_util.json_lines(
         "launch.bench_kg",
         ["--steps=3", "--entities=500", "--triples=3000", "--relations=10", "--dim=16",
          "--mrr_epochs=1", "--devices=1"],
@@ -67,7 +47,7 @@ def test_bench_kg_smoke():
 
 
 def test_bench_contrastive_smoke():
-    lines = _run(
+    lines = mp_util.json_lines(
         "launch.bench_contrastive",
         ["--rows=2000", "--batch_size=64", "--steps=2", "--eval_pins=500",
          "--eval_queries=100", "--devices=1", "--eval_devices=1"],
@@ -80,7 +60,7 @@ def test_bench_contrastive_smoke():
 
 
 def test_bench_quant_smoke():
-    lines = _run("launch.bench_quant", ["--rows=20000"])
+    lines = mp_util.json_lines("launch.bench_quant", ["--rows=20000"])
     assert _ids(lines, "kind", "impl") == [
         ("quant", "check", ""), ("quant", "gather_dequant", "jax"),
         ("quant", "gather_dequant", "numpy"), ("quant", "gather_dequant", "numpy_fp32_gather"),
@@ -94,14 +74,14 @@ def test_bench_quant_smoke():
 
 
 def test_bench_data_smoke():
-    lines = _run("launch.bench_data", ["--configs=smoke"])
+    lines = mp_util.json_lines("launch.bench_data", ["--configs=smoke"])
     assert _ids(lines) == [("batch_iterator",), ("vocab_build_lookup",), ("world_generation",)]
     gen = next(x for x in lines if x["bench"] == "world_generation")
     assert gen["config"] == "smoke" and gen["events"] > 0
 
 
 def test_bench_scorer_smoke():
-    lines = _run("launch.bench_scorer", ["--padded=64,128", "--iters=5", "--warmup=2"])
+    lines = mp_util.json_lines("launch.bench_scorer", ["--padded=64,128", "--iters=5", "--warmup=2"])
     assert [x["padded"] for x in lines] == [64, 128]
     for x in lines:
         assert x["device"].startswith("cpu") and x["highest_ms"] > 0
