@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 def test_bench_embedding_smoke():
     lines = mp_util.json_lines(
         "launch.bench_embedding",
-        ["--rows=1e4", "--devices=1,2", "--steps=2", "--warmup=1", "--batch=256"],
+        ["--rows=1e4", "--devices=2", "--steps=2", "--warmup=1", "--batch=256"],
     )
     assert _ids(lines, "kind", "devices") == sorted(
-        [("embedding", k, str(d)) for k in ("sparse", "dense", "ratios") for d in (1, 2)]
+        [("embedding", k, "2") for k in ("sparse", "dense", "ratios")]
         + [("embedding", "opt_state_bytes_per_row", "")]
     )
     for x in lines:
@@ -35,12 +35,9 @@ def test_bench_kg_smoke():
     lines = mp_util.json_lines(
         "launch.bench_kg",
         ["--steps=3", "--entities=500", "--triples=3000", "--relations=10", "--dim=16",
-         "--mrr_epochs=1", "--devices=1"],
+         "--mrr_epochs=1", "--devices=1", "--models=rotate"],
     )
-    assert _ids(lines, "model") == [
-        ("kg_eval", "distmult"), ("kg_train", "complex"), ("kg_train", "distmult"),
-        ("kg_train", "rotate"),
-    ]
+    assert _ids(lines, "model") == [("kg_eval", "distmult"), ("kg_train", "rotate")]
     (ev,) = [x for x in lines if x["bench"] == "kg_eval"]
     assert ev["num_entities"] == 500 and ev["ranked_queries"] == 2 * ev["num_test_triples"]
     assert 0 < ev["test_mrr"] <= 1 and 0 <= ev["test_hits@1"] <= ev["test_hits@10"] <= 1
