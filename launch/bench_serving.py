@@ -59,7 +59,7 @@ and then scores them does the monolithic ranker's work (the dequantization
 stays in the ranker with the quantized wire and moves to the shard with
 float32) plus one gRPC round trip of the fetched bytes, to a
 server that sat idle while the previous request was scored (on this box an
-idle gap of 3 ms added ~0.2 ms to an echo). The ``serial_floor`` kind
+idle gap of 3 ms added 0.3-0.65 ms to an echo, ``--parts=idle`` below). The ``serial_floor`` kind
 measures exactly that, time-sliced with the rankers: a monolithic Rank call,
 then one echo round trip of the request and response sizes of one request's
 one-shard fetch (a user row, ``--rank_candidates`` pin and advertiser rows) in
@@ -295,16 +295,16 @@ def _rank_payload(rng, task) -> bytes:
 # ---- servers ----
 
 
-def _start_echo():
-    """A raw-bytes echo server process; returns ``(process, address)``."""
+def _start_echo(tcp: bool = False):
+    """An echo server process (gRPC, or bare TCP); returns ``(process, address)``."""
     from serving import echo_server
 
     ctx = mp.get_context("spawn")
     port_q = ctx.Queue()
     echo = ctx.Process(
-        target=echo_server.serve_forever,
+        target=echo_server.serve_tcp_forever if tcp else echo_server.serve_forever,
         args=(port_q,),
-        kwargs={"workers": _SERVER_WORKERS.value},
+        kwargs={} if tcp else {"workers": _SERVER_WORKERS.value},
         daemon=True,
     )
     echo.start()
@@ -742,19 +742,14 @@ def _idle_bench() -> None:
     req_b, resp_b = _IDLE_REQUEST.value, _IDLE_RESPONSE.value
     if req_b < 8 or resp_b < 0:
         raise app.UsageError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
-    ctx = mp.get_context("spawn")
     grpc_echo, grpc_addr = _start_echo()
-    port_q = ctx.Queue()
-    tcp_echo = ctx.Process(target=echo_server.serve_tcp_forever, args=(port_q,), daemon=True)
-    tcp_echo.start()
+    tcp_echo, tcp_addr = _start_echo(tcp=True)
     channel = None
     try:
         channel = grpc.insecure_channel(grpc_addr)
         grpc_call = channel.unary_unary(echo_server.ECHO_METHOD)
         payload = echo_server.echo_request(request_bytes=req_b, response_bytes=resp_b)
-        tcp = echo_server.TcpEchoClient(
-            f"127.0.0.1:{port_q.get(timeout=60)}", request_bytes=req_b, response_bytes=resp_b
-        )
+        tcp = echo_server.TcpEchoClient(tcp_addr, request_bytes=req_b, response_bytes=resp_b)
         calls = {"grpc": lambda: grpc_call(payload, timeout=5), "tcp": tcp.call}
         for call in calls.values():
             for _ in range(50):

@@ -128,10 +128,9 @@ def _tcp_echo_connection(conn: socket.socket) -> None:
                 payload = bytearray(request_bytes)
             if not _recv_exactly(conn, request_bytes, payload):
                 return
-            out = cache.get(response_bytes)
-            if out is None:
-                out = cache.setdefault(response_bytes, bytes(response_bytes))
-            conn.sendall(out)
+            if response_bytes not in cache:  # this connection's thread only: no lock
+                cache[response_bytes] = bytes(response_bytes)
+            conn.sendall(cache[response_bytes])
 
 
 def serve_tcp_forever(port_queue, *, host: str = "127.0.0.1") -> None:

@@ -118,22 +118,6 @@ class _Version:
     tables: dict[str, _ShardTable]
 
 
-def _slice_rows(q: rowwise.QuantizedTable, lo: int, hi: int) -> rowwise.QuantizedTable:
-    """Rows [lo, hi) of every per-row array of ``q`` (views: stays mmap'd).
-
-    The views are plain ndarrays over the same mapping: gathers from a
-    ``np.memmap`` return memmap objects, whose bookkeeping costs more than the
-    gather of a few hundred rows.
-    """
-    rows = q.codes.shape[0]
-    changes = {}
-    for field in dataclasses.fields(q):
-        value = getattr(q, field.name)
-        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == rows:
-            changes[field.name] = np.asarray(value[lo:hi])
-    return dataclasses.replace(q, **changes)
-
-
 def load_shard(path: str, *, shard: int, num_shards: int, verify: str = "sizes") -> _Version:
     """Loads one shard of every table of an artifact (mmap'd views).
 
@@ -162,7 +146,7 @@ def load_shard(path: str, *, shard: int, num_shards: int, verify: str = "sizes")
             rows=rows,
             dim=int(q.dim),
             dtype=dtype,
-            q=_slice_rows(q, lo, hi),
+            q=rowwise.slice_rows(q, lo, hi),
         )
     return _Version(version=str(art.version), path=str(path), tables=tables)
 

@@ -295,19 +295,8 @@ class _LocalTables:
     """Monolithic fetcher: the artifact's tables in this process."""
 
     def __init__(self, art: artifact_lib.Artifact):
-        # Plain ndarray views of the memmaps (as the shard servers hold them): a
-        # gather from a np.memmap builds a memmap object, which costs more than it reads.
-        self._tables = {
-            name: dataclasses.replace(
-                q,
-                **{
-                    f: np.asarray(getattr(q, f))
-                    for f in ("codes", "scale", "bias")
-                    if getattr(q, f) is not None
-                },
-            )
-            for name, q in art.tables.items()
-        }
+        # Plain ndarray views of the memmaps, as the shard servers hold them.
+        self._tables = {name: rowwise.slice_rows(q, 0, q.num_rows) for name, q in art.tables.items()}
 
     def lookup_many(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -336,8 +325,7 @@ class _Version:
     table_rows: dict[str, int]
     user_index: _VocabIndex | None
     context_entities: tuple[str, ...]
-    coarse: tuple[str, ...]
-    coarse_sizes: dict[str, int]  # coarse feature -> number of values
+    coarse: dict[str, int]  # coarse feature -> number of values
     has_user: bool
     has_candidate: bool
     candidate_rows: int
@@ -485,8 +473,7 @@ class RankerService:
             context_entities=tuple(
                 e for e in ents if e not in (cfg.user_entity, cfg.candidate_entity)
             ),
-            coarse=tuple(n for n, _ in rcfg.coarse_vocab_sizes),
-            coarse_sizes={n: int(v) for n, v in rcfg.coarse_vocab_sizes},
+            coarse={n: int(v) for n, v in rcfg.coarse_vocab_sizes},
             has_user=has_user,
             has_candidate=cfg.candidate_entity in ents,
             candidate_rows=table_rows[cfg.candidate_entity],
@@ -714,7 +701,7 @@ class RankerService:
                     f"context {name!r} has {v.size} values; expected {c} (one per candidate) or 1",
                 )
             if name in ver.coarse:
-                size = ver.coarse_sizes[name]
+                size = ver.coarse[name]
                 if v.min() < 0 or v.max() >= size:
                     bad = int(v.min()) if v.min() < 0 else int(v.max())
                     raise RankError(

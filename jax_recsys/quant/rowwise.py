@@ -300,6 +300,23 @@ def dequantize_rows(q: QuantizedTable, rows=None, *, checked: bool = True) -> np
     return vals.reshape(*lead, q.dim)
 
 
+def slice_rows(q: QuantizedTable, lo: int, hi: int) -> QuantizedTable:
+    """Rows [lo, hi) of every per-row array of ``q`` (views: stays mmap'd).
+
+    The views are plain ndarrays over the same mapping: gathers from a
+    ``np.memmap`` return memmap objects, whose bookkeeping costs more than the
+    gather of a few hundred rows (the embedding server's and the monolithic
+    ranker's lookups).
+    """
+    rows = q.codes.shape[0]
+    changes = {}
+    for field in dataclasses.fields(q):
+        value = getattr(q, field.name)
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == rows:
+            changes[field.name] = np.asarray(value[lo:hi])
+    return dataclasses.replace(q, **changes)
+
+
 def _mmap_of(arr):
     """The mmap behind a np.memmap (or None), for releasing pages early."""
     while arr is not None:
