@@ -1,4 +1,5 @@
-"""Ranker service: hybrid == monolithic exactly, batching, bad input, dead shard, live swap.
+"""Ranker service: hybrid == monolithic exactly, batching, bad input (and a randomized stream
+of it), dead shard, live swap.
 
 Real embedding shard servers and ranker services on loopback, ports bound at
 run time (port 0); the serving artifact is built here from a tiny ranker.
@@ -23,6 +24,7 @@ from flax import nnx
 from jax_recsys.quant import artifact
 from jax_recsys.ranking import model as model_lib
 from serving import embedding_server as es, ranker_service as rs
+from serving.protos import embedding_pb2 as pb
 
 CFG = model_lib.RankerConfig(
     entity_dims=(("user", 8), ("pin", 6), ("advertiser", 4)),
@@ -311,6 +313,78 @@ def test_bad_inputs_get_their_codes_and_service_keeps_answering(arts, stack):
     )
     assert np.array_equal(call(pinned)[0], call(good)[0])
     assert stack["hybrid"].stats()["by_code"]["INVALID_ARGUMENT"] >= len(bad)
+    ch.close()
+
+
+def _random_rank_request(rng, arts_version: str) -> bytes:
+    """A Rank request that is usually wrong somewhere: bad bytes, values or fields."""
+    kind = int(rng.integers(6))  # 4, 5: only the values and fields may be wrong
+    if kind == 0:  # random bytes (most are not a protobuf)
+        return rng.bytes(int(rng.integers(0, 64)))
+    c = int(rng.integers(0, 52))  # max_candidates is 48
+    extreme = np.array([-(2**63), -2, -1, 0, 39, 40, 49, 50, 2**31, 2**63 - 1], np.int64)
+
+    def ints(n, lo, hi):  # in [lo, hi), or now and then one extreme value
+        v = rng.integers(lo, hi, n).astype(np.int64)
+        if n and rng.random() < 0.2:
+            v[rng.integers(n)] = rng.choice(extreme)
+        return v
+
+    user = [{"user_row": int(rng.choice(extreme))}, {"user_row": int(rng.integers(50))},
+            {"user_raw_id": str(rng.integers(990, 1060))}, {}][int(rng.integers(4))]
+    ctx = {"advertiser": ints(c if rng.random() < 0.8 else 1, -1, 7),
+           "hour": ints(c if rng.random() < 0.8 else int(rng.integers(3)), 0, 3)}
+    if rng.random() < 0.1:
+        ctx["huor"] = ints(1, 0, 3)
+    if rng.random() < 0.1:
+        del ctx["hour"]
+    version = ["", "", "", "0" * 16, arts_version][int(rng.integers(5))]
+    req = rs.rank_request(candidates=ints(c, 0, 40), context=ctx, expected_version=version, **user)
+    if kind == 1:  # a field's bytes cut short
+        req.candidate_ids = req.candidate_ids[: int(rng.integers(len(req.candidate_ids) + 1))]
+        req.context["advertiser"] = req.context["advertiser"][: int(rng.integers(1, 16))]
+    raw = req.SerializeToString()
+    if kind == 2 and raw:  # the message cut short
+        raw = raw[: int(rng.integers(len(raw)))]
+    if kind == 3 and raw:  # a few flipped bytes
+        buf = bytearray(raw)
+        for at in rng.integers(0, len(buf), 3):
+            buf[at] ^= int(rng.integers(1, 256))
+        raw = bytes(buf)
+    return raw
+
+
+def test_randomized_malformed_stream_leaves_the_ranker_healthy(arts, stack):
+    """2000 mostly malformed Rank calls, 50 in flight at a time: documented codes only."""
+    svc = stack["hybrid"]
+    ch = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    stub = ch.unary_unary(rs.RANK_METHOD)
+    ctx = {"advertiser": [0, 6, 1, 1, 3], "hour": [0, 1, 2, 2, 1]}
+    good = rs.rank_request(candidates=[0, 39, 5, 5, 21], user_row=7, context=ctx)
+    before = rs.decode_response(stub(good.SerializeToString(), timeout=10))
+    rng = np.random.default_rng(0)
+    codes = {}
+    for _ in range(40):
+        payloads = [_random_rank_request(rng, arts["a"].version) for _ in range(50)]
+        futs = [stub.future(p, timeout=10) for p in payloads]
+        for p, f in zip(payloads, futs, strict=True):
+            try:
+                ctr, cvr, version = rs.decode_response(f.result())
+                assert version == arts["a"].version
+                assert ctr.size == cvr.size == len(pb.RankRequest.FromString(p).candidate_ids) // 8
+                assert np.all((ctr > 0) & (ctr < 1) & (cvr > 0) & (cvr < 1))
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()
+                assert e.details(), code
+            codes[code] = codes.get(code, 0) + 1
+    allowed = {grpc.StatusCode.OK, BAD, grpc.StatusCode.FAILED_PRECONDITION}
+    assert set(codes) <= allowed, codes
+    assert codes[BAD] > 800 and codes.get(grpc.StatusCode.OK, 0) > 50, codes
+    assert sum(codes.values()) == 2000
+    after = rs.decode_response(stub(good.SerializeToString(), timeout=10))
+    for x, y in zip(before, after, strict=True):
+        np.testing.assert_array_equal(x, y)
     ch.close()
 
 
