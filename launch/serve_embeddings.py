@@ -31,6 +31,13 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 for
 _PORT = flags.DEFINE_integer("port", 0, "Port; 0 picks a free one (printed).")
 _WORKERS = flags.DEFINE_integer("workers", 8, "Handler threads.")
 _MAX_IDS = flags.DEFINE_integer("max_ids_per_request", 1 << 16, "Ids per request limit.")
+_MAX_RPCS = flags.DEFINE_integer(
+    "max_concurrent_rpcs",
+    0,
+    "Lookups in the server at once; one more is RESOURCE_EXHAUSTED at once (load "
+    "shedding). 0: unbounded.",
+    lower_bound=0,
+)
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate file (enables TLS).")
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key file.")
 _VERIFY = flags.DEFINE_enum(
@@ -52,6 +59,7 @@ def main(argv):
         port=_PORT.value,
         workers=_WORKERS.value,
         max_ids_per_request=_MAX_IDS.value,
+        max_concurrent_rpcs=_MAX_RPCS.value or None,
         tls_cert=_TLS_CERT.value,
         tls_key=_TLS_KEY.value,
         verify=_VERIFY.value,

@@ -42,6 +42,13 @@ _FETCH_AHEAD = flags.DEFINE_integer(
     "meanwhile are merged into the next batch.",
 )
 _WORKERS = flags.DEFINE_integer("workers", 16, "gRPC handler threads.")
+_MAX_RPCS = flags.DEFINE_integer(
+    "max_concurrent_rpcs",
+    0,
+    "Rank calls in the service at once; one more is RESOURCE_EXHAUSTED at once (load "
+    "shedding). 0: unbounded.",
+    lower_bound=0,
+)
 _SWAP_WINDOW = flags.DEFINE_float("swap_window_s", 60.0, "Old version kept after a swap.")
 _VERIFY = flags.DEFINE_enum("verify", "sizes", ["sizes", "full", "none"], "Artifact check at load.")
 _WIRE = flags.DEFINE_enum(
@@ -69,6 +76,7 @@ def main(argv):
         batch_wait_s=_BATCH_WAIT.value,
         fetch_ahead=_FETCH_AHEAD.value,
         workers=_WORKERS.value,
+        max_concurrent_rpcs=_MAX_RPCS.value or None,
         swap_window_s=_SWAP_WINDOW.value,
         verify=_VERIFY.value,
         wire=_WIRE.value,

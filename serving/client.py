@@ -3,8 +3,9 @@
 ``EmbeddingClient`` turns ``lookup_many({table: rows})`` into one request per
 shard that owns any of the rows (contiguous row ranges, see
 ``serving.codec.shard_range``), sends them in parallel with a deadline,
-retries a shard's request on its next replica when one is unreachable, and
-reassembles the float32 rows in the caller's order. A table whose rows repeat
+retries a shard's request on its next replica when one is unreachable, too
+slow or shedding load (``RETRYABLE``), and reassembles the float32 rows in the
+caller's order. A table whose rows repeat
 a lot (a quarter or more, ``codec.worth_deduplicating``) is sent once per
 distinct row and expanded on arrival. Responses from a version other than the
 pinned one are refused (``VersionMismatch``); with no pinned version, all shards
@@ -41,7 +42,12 @@ from serving import codec
 
 WIRE_FORMATS = ("float32", "quantized")
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Worth another replica: down, too slow, or shedding load (max_concurrent_rpcs).
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 class ServingError(RuntimeError):
@@ -464,7 +470,7 @@ class EmbeddingClient:
                         f"shard {shard} ({addr}): {e.details()}", code=code, shard=shard
                     ) from None
                 if (
-                    code not in _RETRYABLE
+                    code not in RETRYABLE
                     or tried >= len(addresses)
                     or time.monotonic() >= deadline
                 ):

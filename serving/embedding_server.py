@@ -67,8 +67,10 @@ class ServerConfig:
       max_ids_per_request: more ids (summed over tables) is INVALID_ARGUMENT.
       max_message_bytes: gRPC send/receive limit (larger messages are
         RESOURCE_EXHAUSTED by gRPC itself).
-      max_concurrent_rpcs: requests beyond this are RESOURCE_EXHAUSTED
-        (None: unbounded queue).
+      max_concurrent_rpcs: requests in the server at once (handled or waiting
+        for a handler thread); one more is RESOURCE_EXHAUSTED at once, which
+        the client takes as a reason to try another replica (None: unbounded
+        queue). Health checks count too.
       tls_cert: PEM server certificate file; with ``tls_key``, serve TLS only.
       tls_key: PEM private key file.
       verify: artifact check at load: "sizes" (stat only, fast start-up),
@@ -196,6 +198,10 @@ class EmbeddingServer:
             raise ValueError("tls_cert and tls_key must be given together")
         if config.max_ids_per_request < 1:
             raise ValueError(f"max_ids_per_request must be >= 1, got {config.max_ids_per_request}")
+        if config.max_concurrent_rpcs is not None and config.max_concurrent_rpcs < 1:
+            raise ValueError(
+                f"max_concurrent_rpcs must be >= 1 or None, got {config.max_concurrent_rpcs}"
+            )
         self.config = config
         first = load_shard(
             config.artifact,

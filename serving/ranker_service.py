@@ -123,6 +123,10 @@ class RankerServiceConfig:
         1.05-1.16 with 3 (the behaviour before this setting existed), and the
         monolithic p50 was 5-11% lower (``bench_serving --rank_fetch_ahead=1,3``).
       workers: gRPC handler threads.
+      max_concurrent_rpcs: Rank calls in the service at once (handled or
+        waiting for a handler thread); one more is RESOURCE_EXHAUSTED at once,
+        so an overloaded ranker sheds load instead of queueing calls that will
+        miss their deadline. None: unbounded.
       user_entity: the ranker entity of the request's user.
       candidate_entity: the ranker entity of ``candidate_ids``.
       swap_window_s: how long the previous version stays servable after a swap.
@@ -146,6 +150,7 @@ class RankerServiceConfig:
     batch_wait_s: float = 0.001
     fetch_ahead: int = 1
     workers: int = 16
+    max_concurrent_rpcs: int | None = None
     user_entity: str = "user"
     candidate_entity: str = "pin"
     swap_window_s: float = 60.0
@@ -166,6 +171,10 @@ class RankerServiceConfig:
             )
         if self.fetch_ahead < 1:
             raise ValueError(f"fetch_ahead must be >= 1, got {self.fetch_ahead}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ValueError(
+                f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs}"
+            )
         if self.min_bucket < 1 or self.deadline_s <= 0:
             raise ValueError(f"bad min_bucket={self.min_bucket} or deadline_s={self.deadline_s}")
         if self.verify not in ("sizes", "full", "none"):
@@ -503,6 +512,7 @@ class RankerService:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rank"),
             options=[("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         # Raw-bytes handler: garbage bytes become INVALID_ARGUMENT with a message.
         handlers = {"Rank": grpc.unary_unary_rpc_method_handler(self._rank_rpc)}
@@ -829,7 +839,7 @@ class RankerService:
             raise RankError(grpc.StatusCode.FAILED_PRECONDITION, f"embedding shards: {e}") from None
         except client_lib.ServingError as e:
             code = e.code
-            if code in (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if code in (None, *client_lib.RETRYABLE):  # down, slow or shedding load
                 raise RankError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"embedding shards unavailable (budget {remaining:.3f}s): {e}",

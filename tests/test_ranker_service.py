@@ -23,7 +23,7 @@ from flax import nnx
 
 from jax_recsys.quant import artifact
 from jax_recsys.ranking import model as model_lib
-from serving import embedding_server as es, ranker_service as rs
+from serving import codec, embedding_server as es, ranker_service as rs
 from serving.protos import embedding_pb2 as pb
 
 CFG = model_lib.RankerConfig(
@@ -388,6 +388,64 @@ def test_randomized_malformed_stream_leaves_the_ranker_healthy(arts, stack):
     ch.close()
 
 
+def test_max_concurrent_rpcs_sheds_load_and_shards_that_shed_make_it_unavailable(arts, stack):
+    with pytest.raises(ValueError, match="max_concurrent_rpcs"):
+        rs.RankerServiceConfig(artifact="unused", max_concurrent_rpcs=0)
+    user, cands, adv, hour = CASES[0]
+    req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+    want = rs.decode_response(stack["mono"].rank(req))
+    svc = _svc(arts["a"], max_concurrent_rpcs=1, deadline_s=30)
+    entered, release, score = threading.Event(), threading.Event(), svc._score
+
+    def held_score(jobs, emb, coarse):  # the first batch waits in the scorer
+        if not entered.is_set():
+            entered.set()
+            release.wait(20)
+        score(jobs, emb, coarse)
+
+    svc._score = held_score
+    ch = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    stub = ch.unary_unary(rs.RANK_METHOD)
+    first = stub.future(req.SerializeToString(), timeout=30)
+    assert entered.wait(20)
+    with pytest.raises(grpc.RpcError) as e:  # one call in the service: the next is shed
+        stub(req.SerializeToString(), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    release.set()
+    for raw in (first.result(), stub(req.SerializeToString(), timeout=10)):
+        for got, expected in zip(rs.decode_response(raw), want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    ch.close()
+    svc.stop(grace=0)
+
+    # A shard that sheds load (and has no replica) makes the call UNAVAILABLE, not INTERNAL.
+    (shard,) = _shards(arts["a"], n=1, max_concurrent_rpcs=1)
+    hybrid = _svc(arts["a"], [shard], deadline_s=5)
+    entered, release, handle = threading.Event(), threading.Event(), shard._handle_lookup
+
+    def held_lookup(request):
+        if not entered.is_set():
+            entered.set()
+            release.wait(20)
+        return handle(request)
+
+    shard._handle_lookup = held_lookup
+    sch = grpc.insecure_channel(f"127.0.0.1:{shard.port}")
+    lookup = sch.unary_unary(codec.LOOKUP_METHOD)
+    held = lookup.future(codec.encode_lookup_request([("pin", np.arange(3))]), timeout=30)
+    assert entered.wait(20)
+    with pytest.raises(rs.RankError) as e:
+        hybrid.rank(req)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "RESOURCE_EXHAUSTED" in e.value.message
+    release.set()
+    held.result()
+    for got, expected in zip(rs.decode_response(hybrid.rank(req)), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    sch.close()
+    hybrid.stop(grace=0)
+    shard.stop(grace=0).wait()
+
+
 def test_dead_shard_is_unavailable_within_deadline_and_refusals_at_start(arts):
     shards = _shards(arts["a"])
     svc = _svc(arts["a"], shards, deadline_s=0.5)
@@ -511,6 +569,7 @@ def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts,
             "--max_batch_candidates=64",
             "--min_bucket=64",
             "--log_every_s=0",
+            "--max_concurrent_rpcs=8",
         ],
         cwd=root,
         env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(root), JAX_PLATFORMS="cpu"),

@@ -419,6 +419,56 @@ def test_health_reports_not_serving_during_graceful_stop(arts):
     ch.close()
 
 
+def _hold_first_lookup(server):
+    """Makes the server's first lookup wait for ``release``; ``entered`` is set inside it."""
+    entered, release, handle = threading.Event(), threading.Event(), server._handle_lookup
+    calls = []
+
+    def held(request):
+        calls.append(1)
+        if len(calls) == 1:
+            entered.set()
+            release.wait(20)
+        return handle(request)
+
+    server._handle_lookup = held
+    return entered, release
+
+
+def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
+    art = arts["a"]
+    with pytest.raises(ValueError, match="max_concurrent_rpcs"):
+        _start(art, max_concurrent_rpcs=0)
+    busy, free = _start(art, max_concurrent_rpcs=1), _start(art)
+    entered, release = _hold_first_lookup(busy)
+    ch, lookup = _raw(busy.port)
+    rows = [3, 1, 4, 1, 5]
+    first = lookup.future(_req([("user", rows)]), timeout=30)
+    assert entered.wait(20)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:  # one in flight: the next is shed at once
+        lookup(_req([("user", rows)]), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert time.monotonic() - t0 < 5
+    # A client whose shard has a replica gets its rows from the replica meanwhile.
+    primary, replica = f"127.0.0.1:{busy.port}", f"127.0.0.1:{free.port}"
+    client = client_lib.EmbeddingClient.from_artifact(str(art.path), [[primary, replica]])
+    np.testing.assert_array_equal(client.lookup("user", rows), _expected(art, "user", rows))
+    client.close()
+    alone = client_lib.EmbeddingClient.from_artifact(str(art.path), [primary], deadline_s=5)
+    with pytest.raises(client_lib.ServingError) as e:
+        alone.lookup("user", rows)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    release.set()
+    for raw in (first.result(), lookup(_req([("user", rows)]), timeout=10)):
+        np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows))
+    np.testing.assert_array_equal(alone.lookup("user", rows), _expected(art, "user", rows))
+    alone.close()
+    ch.close()
+    busy.stop(0)
+    free.stop(0)
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls_server_serves_tls_clients_only(arts, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
@@ -519,6 +569,7 @@ def test_launch_script_swaps_on_sighup_and_stops_on_sigterm(arts, tmp_path):
             f"--artifact={current}",
             "--port=0",
             "--workers=2",
+            "--max_concurrent_rpcs=8",
             "--log_every_s=0",
             "--verify=full",
         ],
