@@ -8,7 +8,9 @@ Prints one JSON line on stdout once serving, e.g.
 stop it gracefully (in-flight requests get --grace_s); SIGHUP swaps in the
 artifact that --artifact points to now (point it at a symlink to the current
 version). Imports no JAX: starts in well under a second plus artifact
-verification time.
+verification time. A start that cannot succeed (bad flags, no artifact, an
+address that cannot be bound) prints one ``serve_embeddings: cannot start: ...``
+line on stderr and exits with status 1 (``--verbosity=1`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -51,22 +53,26 @@ _GRACE = flags.DEFINE_float("grace_s", 5.0, "Grace period for in-flight requests
 def main(argv):
     del argv
     std_logging.getLogger("serving").setLevel(std_logging.INFO)
-    config = embedding_server.ServerConfig(
-        artifact=_ARTIFACT.value,
-        shard=_SHARD.value,
-        num_shards=_NUM_SHARDS.value,
-        host=_HOST.value,
-        port=_PORT.value,
-        workers=_WORKERS.value,
-        max_ids_per_request=_MAX_IDS.value,
-        max_concurrent_rpcs=_MAX_RPCS.value or None,
-        tls_cert=_TLS_CERT.value,
-        tls_key=_TLS_KEY.value,
-        verify=_VERIFY.value,
-        swap_window_s=_SWAP_WINDOW.value,
-        log_every_s=_LOG_EVERY.value,
-    )
-    server = embedding_server.serve(config)
+    try:  # a bad flag, artifact or address: one line and exit status 1, no traceback
+        config = embedding_server.ServerConfig(
+            artifact=_ARTIFACT.value,
+            shard=_SHARD.value,
+            num_shards=_NUM_SHARDS.value,
+            host=_HOST.value,
+            port=_PORT.value,
+            workers=_WORKERS.value,
+            max_ids_per_request=_MAX_IDS.value,
+            max_concurrent_rpcs=_MAX_RPCS.value or None,
+            tls_cert=_TLS_CERT.value,
+            tls_key=_TLS_KEY.value,
+            verify=_VERIFY.value,
+            swap_window_s=_SWAP_WINDOW.value,
+            log_every_s=_LOG_EVERY.value,
+        )
+        server = embedding_server.serve(config)
+    except (ValueError, OSError) as e:
+        logging.debug("start-up failed", exc_info=True)  # --verbosity=1 shows it
+        sys.exit(f"serve_embeddings: cannot start: {e}")
     stop = threading.Event()
     swap = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -10,6 +10,9 @@ can bind port 0 and read the port back. SIGTERM/SIGINT stop it; SIGHUP swaps in
 the artifact --artifact points to now (a symlink to the current version):
 swap the shards first (``serve_embeddings`` also swaps on SIGHUP), then the
 ranker. Request contract and status codes: ``serving/ranker_service.py``.
+A start that cannot succeed (bad flags, no artifact, an address that cannot be
+bound, a shard that does not answer or serves another version) prints one
+``serve_ranker: cannot start: ...`` line on stderr and exits with status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import logging as std_logging
 import os
 import signal
+import sys
 import threading
 
 from absl import app, flags, logging
@@ -64,24 +68,28 @@ _LOG_EVERY = flags.DEFINE_float("log_every_s", 30.0, "Stats log period (0: off).
 def main(argv):
     del argv
     std_logging.getLogger("serving").setLevel(std_logging.INFO)
-    config = ranker_service.RankerServiceConfig(
-        artifact=_ARTIFACT.value,
-        shards=tuple(_SHARDS.value),
-        host=_HOST.value,
-        port=_PORT.value,
-        deadline_s=_DEADLINE.value,
-        max_candidates=_MAX_CANDIDATES.value,
-        max_batch_candidates=_MAX_BATCH.value,
-        min_bucket=_MIN_BUCKET.value,
-        batch_wait_s=_BATCH_WAIT.value,
-        fetch_ahead=_FETCH_AHEAD.value,
-        workers=_WORKERS.value,
-        max_concurrent_rpcs=_MAX_RPCS.value or None,
-        swap_window_s=_SWAP_WINDOW.value,
-        verify=_VERIFY.value,
-        wire=_WIRE.value,
-    )
-    service = ranker_service.serve(config)
+    try:  # a bad flag, artifact, address or shard: one line and exit status 1
+        config = ranker_service.RankerServiceConfig(
+            artifact=_ARTIFACT.value,
+            shards=tuple(_SHARDS.value),
+            host=_HOST.value,
+            port=_PORT.value,
+            deadline_s=_DEADLINE.value,
+            max_candidates=_MAX_CANDIDATES.value,
+            max_batch_candidates=_MAX_BATCH.value,
+            min_bucket=_MIN_BUCKET.value,
+            batch_wait_s=_BATCH_WAIT.value,
+            fetch_ahead=_FETCH_AHEAD.value,
+            workers=_WORKERS.value,
+            max_concurrent_rpcs=_MAX_RPCS.value or None,
+            swap_window_s=_SWAP_WINDOW.value,
+            verify=_VERIFY.value,
+            wire=_WIRE.value,
+        )
+        service = ranker_service.serve(config)
+    except (ValueError, OSError, client.ServingError) as e:
+        logging.debug("start-up failed", exc_info=True)  # --verbosity=1 shows it
+        sys.exit(f"serve_ranker: cannot start: {e}")
     stop, swap = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

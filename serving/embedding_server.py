@@ -248,16 +248,20 @@ class EmbeddingServer:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert is not None:
-            with open(cfg.tls_key, "rb") as f:
-                key = f.read()
-            with open(cfg.tls_cert, "rb") as f:
-                cert = f.read()
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            port = server.add_insecure_port(address)
+        try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
+            if cfg.tls_cert is not None:
+                with open(cfg.tls_key, "rb") as f:
+                    key = f.read()
+                with open(cfg.tls_cert, "rb") as f:
+                    cert = f.read()
+                creds = grpc.ssl_server_credentials([(key, cert)])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"could not bind {address} (in use, or no such interface): {e}") from None
         if port == 0:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"could not bind {address} (in use, or no such interface)")
         server.start()
         self._server, self.port = server, port
         for service in ("", codec.SERVICE_NAME):

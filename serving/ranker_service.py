@@ -522,9 +522,12 @@ class RankerService:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{cfg.host}:{cfg.port}"
-        port = server.add_insecure_port(address)
+        try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
+            port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"could not bind {address} (in use, or no such interface): {e}") from None
         if port == 0:
-            raise OSError(f"could not bind {address}")
+            raise OSError(f"could not bind {address} (in use, or no such interface)")
         server.start()
         self._server, self.port = server, port
         for service in ("", SERVICE_NAME):

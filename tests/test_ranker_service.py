@@ -8,6 +8,7 @@ run time (port 0); the serving artifact is built here from a tiny ranker.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -550,6 +551,26 @@ def test_swap_under_concurrent_load_fails_no_request(arts):
     svc.stop(grace=0)
     for s in shards:
         s.stop(grace=0).wait()
+
+
+@pytest.mark.slow  # a fresh process imports JAX: ~5 s
+def test_serve_ranker_launch_refuses_a_dead_shard_in_one_line(arts):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.serve_ranker", f"--artifact={arts['a'].path}",
+         f"--shards={dead}", "--deadline_s=0.5"],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(root), JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert f"serve_ranker: cannot start: embedding shard 0 ({dead}) did not answer" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 @pytest.mark.slow  # a fresh process imports JAX and compiles: ~10 s on a busy 2-core box

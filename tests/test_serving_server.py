@@ -556,6 +556,29 @@ def test_server_and_client_import_no_jax():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--artifact={a}", "--shard=3", "--num_shards=2"], "shard must be in [0, 2), got 3"),
+        (["--artifact={a}/nowhere"], "nowhere/manifest.json: missing"),
+        (["--artifact={a}", "--host=256.0.0.1"], "could not bind 256.0.0.1:0"),
+    ],
+)
+def test_launch_script_refuses_bad_start_in_one_line(arts, args, message):
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.serve_embeddings", "--log_every_s=0"]
+        + [a.format(a=arts["a"].path) for a in args],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and out.stdout == ""
+    assert "serve_embeddings: cannot start: " in out.stderr and message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.multiprocess
 def test_launch_script_swaps_on_sighup_and_stops_on_sigterm(arts, tmp_path):
     a, b = arts["a"], arts["b"]
