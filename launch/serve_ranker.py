@@ -62,6 +62,14 @@ _WIRE = flags.DEFINE_enum(
     "How shards send INT4/INT8 rows: as stored, dequantized here (~5x fewer bytes), or "
     "dequantized on the shard as float32. Scores are identical.",
 )
+_SHARD_CA = flags.DEFINE_string(
+    "shard_ca_cert",
+    None,
+    "PEM file of the CA (or self-signed certificate) of the shards' TLS certificates: talk "
+    "TLS to the shards (serve_embeddings --tls_cert). Unset: plaintext.",
+)
+_TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate file (serve Rank over TLS).")
+_TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key file (with --tls_cert).")
 _LOG_EVERY = flags.DEFINE_float("log_every_s", 30.0, "Stats log period (0: off).")
 
 
@@ -85,6 +93,9 @@ def main(argv):
             swap_window_s=_SWAP_WINDOW.value,
             verify=_VERIFY.value,
             wire=_WIRE.value,
+            shard_ca_cert=_SHARD_CA.value,
+            tls_cert=_TLS_CERT.value,
+            tls_key=_TLS_KEY.value,
         )
         service = ranker_service.serve(config)
     except (ValueError, OSError, client.ServingError) as e:

@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 
 from jax_recsys.quant import rowwise
-from serving import codec
+from serving import codec, grpc_util
 
 WIRE_FORMATS = ("float32", "quantized")
 
@@ -235,18 +235,13 @@ class EmbeddingClient:
             ("grpc.max_reconnect_backoff_ms", 1000),
             ("grpc.enable_retries", 0),
         ]
-        creds = grpc.ssl_channel_credentials(root_certificates) if root_certificates else None
         self._channels: dict[str, grpc.Channel] = {}
         self._lookup: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         for spec in self._specs:
             for addr in spec.addresses:
                 if addr in self._channels:
                     continue
-                ch = (
-                    grpc.secure_channel(addr, creds, options=options)
-                    if creds
-                    else grpc.insecure_channel(addr, options=options)
-                )
+                ch = grpc_util.channel(addr, root_certificates=root_certificates, options=options)
                 self._channels[addr] = ch
                 self._lookup[addr] = ch.unary_unary(codec.LOOKUP_METHOD)
         self._routes = self._build_routes()

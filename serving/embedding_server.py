@@ -45,7 +45,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
-from serving import codec, versions as versions_lib
+from serving import codec, grpc_util, versions as versions_lib
 from serving.protos import embedding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ class EmbeddingServer:
     """
 
     def __init__(self, config: ServerConfig):
-        if (config.tls_cert is None) != (config.tls_key is None):
-            raise ValueError("tls_cert and tls_key must be given together")
+        grpc_util.check_tls_pair(config.tls_cert, config.tls_key)
         if config.max_ids_per_request < 1:
             raise ValueError(f"max_ids_per_request must be >= 1, got {config.max_ids_per_request}")
         if config.max_concurrent_rpcs is not None and config.max_concurrent_rpcs < 1:
@@ -248,20 +247,7 @@ class EmbeddingServer:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{cfg.host}:{cfg.port}"
-        try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
-            if cfg.tls_cert is not None:
-                with open(cfg.tls_key, "rb") as f:
-                    key = f.read()
-                with open(cfg.tls_cert, "rb") as f:
-                    cert = f.read()
-                creds = grpc.ssl_server_credentials([(key, cert)])
-                port = server.add_secure_port(address, creds)
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise OSError(f"could not bind {address} (in use, or no such interface): {e}") from None
-        if port == 0:
-            raise OSError(f"could not bind {address} (in use, or no such interface)")
+        port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
         self._server, self.port = server, port
         for service in ("", codec.SERVICE_NAME):

@@ -84,7 +84,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from jax_recsys.ranking import model as model_lib
-from serving import client as client_lib, codec, versions as versions_lib
+from serving import client as client_lib, codec, grpc_util, versions as versions_lib
 from serving.protos import embedding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,11 @@ class RankerServiceConfig:
       warmup: compile every bucket at load (else on first use).
       check_shards: at load, ask every shard (Info) whether it serves the
         artifact's version; refuse to start (or swap) when one does not.
+      shard_ca_cert: PEM file of the CA (or the self-signed certificate) the
+        shards' TLS certificates are checked against; set: talk TLS to the
+        shards (``serve_embeddings --tls_cert``), None: plaintext.
+      tls_cert: PEM certificate file; with ``tls_key``, serve Rank over TLS only.
+      tls_key: PEM private key file.
       wire: how the shards send INT4/INT8 rows (``serving.client``):
         "quantized" (as stored, dequantized here: ~5x fewer bytes for INT4) or
         "float32" (dequantized on the shard). Scores are identical either way.
@@ -157,6 +162,9 @@ class RankerServiceConfig:
     verify: str = "sizes"
     warmup: bool = True
     check_shards: bool = True
+    shard_ca_cert: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     wire: str = "quantized"
 
     def __post_init__(self):
@@ -177,6 +185,7 @@ class RankerServiceConfig:
             )
         if self.min_bucket < 1 or self.deadline_s <= 0:
             raise ValueError(f"bad min_bucket={self.min_bucket} or deadline_s={self.deadline_s}")
+        grpc_util.check_tls_pair(self.tls_cert, self.tls_key)
         if self.verify not in ("sizes", "full", "none"):
             raise ValueError(f"verify must be 'sizes', 'full' or 'none', got {self.verify!r}")
 
@@ -459,14 +468,19 @@ class RankerService:
         dev = jax.devices()[0]
         params = {k: jax.device_put(np.asarray(v), dev) for k, v in art.ranker_params.items()}
         if cfg.shards:
+            ca = None
+            if cfg.shard_ca_cert is not None:
+                with open(cfg.shard_ca_cert, "rb") as f:
+                    ca = f.read()
             if cfg.check_shards:
-                _check_shards(cfg.shards, art.version, cfg.deadline_s)
+                _check_shards(cfg.shards, art.version, cfg.deadline_s, root_certificates=ca)
             fetcher = client_lib.EmbeddingClient.from_artifact(
                 art.manifest,
                 list(cfg.shards),
                 pin=True,
                 deadline_s=cfg.deadline_s,
                 wire=cfg.wire,
+                root_certificates=ca,
             )
         else:
             fetcher = _LocalTables(art)
@@ -522,12 +536,7 @@ class RankerService:
         self._health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{cfg.host}:{cfg.port}"
-        try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
-            port = server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise OSError(f"could not bind {address} (in use, or no such interface): {e}") from None
-        if port == 0:
-            raise OSError(f"could not bind {address} (in use, or no such interface)")
+        port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
         self._server, self.port = server, port
         for service in ("", SERVICE_NAME):
@@ -901,10 +910,12 @@ class RankerService:
             lo = hi
 
 
-def _check_shards(addresses: Sequence[str], version: str, timeout_s: float) -> None:
+def _check_shards(
+    addresses: Sequence[str], version: str, timeout_s: float, root_certificates=None
+) -> None:
     """Refuses to pair with shards that do not serve ``version`` (Info on each)."""
     for i, addr in enumerate(addresses):
-        with grpc.insecure_channel(addr) as ch:
+        with grpc_util.channel(addr, root_certificates=root_certificates) as ch:
             info = ch.unary_unary(codec.INFO_METHOD)
             try:
                 raw = info(pb.InfoRequest().SerializeToString(), timeout=max(timeout_s, 1.0))

@@ -22,7 +22,7 @@ Typical use::
 
 API: `free_port()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
 `wait_for(predicate, ...)`, `read_metrics(workdir)`, `json_lines(module, args)`,
-`child_env(...)`, `REPO`.
+`child_env(...)`, `self_signed_cert(dir)`, `REPO`.
 
 Tip: children that compile the same programs one after another (a killed run and its
 restart) can share XLA's persistent cache: ``env={"JAX_COMPILATION_CACHE_DIR":
@@ -68,6 +68,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def self_signed_cert(directory: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """A one-day self-signed TLS key and certificate for localhost / 127.0.0.1 (openssl CLI).
+
+    Returns:
+      ``(key.pem, cert.pem)`` paths in ``directory``; the certificate is also its own CA.
+    """
+    key, cert = pathlib.Path(directory) / "key.pem", pathlib.Path(directory) / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
 
 
 def pythonpath(root: str | os.PathLike = REPO) -> str:

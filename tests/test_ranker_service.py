@@ -7,8 +7,8 @@ run time (port 0); the serving artifact is built here from a tiny ranker.
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +24,7 @@ from flax import nnx
 
 from jax_recsys.quant import artifact
 from jax_recsys.ranking import model as model_lib
-from serving import codec, embedding_server as es, ranker_service as rs
+from serving import client as client_lib, codec, embedding_server as es, ranker_service as rs
 from serving.protos import embedding_pb2 as pb
 
 CFG = model_lib.RankerConfig(
@@ -447,6 +447,39 @@ def test_max_concurrent_rpcs_sheds_load_and_shards_that_shed_make_it_unavailable
     shard.stop(grace=0).wait()
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_tls_shards_and_a_tls_ranker_score_like_plaintext(arts, stack, tmp_path):
+    key, cert = mp_util.self_signed_cert(tmp_path)
+    with pytest.raises(ValueError, match="together"):
+        rs.RankerServiceConfig(artifact="unused", tls_cert=str(cert))
+    user, cands, adv, hour = CASES[0]
+    req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+    want = rs.decode_response(stack["mono"].rank(req))
+    shards = _shards(arts["a"], tls_cert=str(cert), tls_key=str(key))
+    addresses = tuple(f"localhost:{s.port}" for s in shards)
+    with pytest.raises(client_lib.ServingError, match="did not answer Info"):  # plaintext
+        rs.serve(rs.RankerServiceConfig(artifact=str(arts["a"].path), shards=addresses,
+                                        deadline_s=0.5, max_candidates=48,
+                                        max_batch_candidates=64, min_bucket=32))
+    svc = rs.serve(rs.RankerServiceConfig(
+        artifact=str(arts["a"].path), shards=addresses, shard_ca_cert=str(cert),
+        tls_cert=str(cert), tls_key=str(key), max_candidates=48, max_batch_candidates=64,
+        min_bucket=32))
+    creds = grpc.ssl_channel_credentials(cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{svc.port}", creds) as ch:
+        got = rs.decode_response(ch.unary_unary(rs.RANK_METHOD)(req.SerializeToString(),
+                                                                timeout=10))
+    for x, y in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, y)
+    with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:  # TLS only
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(rs.RANK_METHOD)(req.SerializeToString(), timeout=2)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    svc.stop(grace=0)
+    for s in shards:
+        s.stop(grace=0).wait()
+
+
 def test_dead_shard_is_unavailable_within_deadline_and_refusals_at_start(arts):
     shards = _shards(arts["a"])
     svc = _svc(arts["a"], shards, deadline_s=0.5)
@@ -556,9 +589,7 @@ def test_swap_under_concurrent_load_fails_no_request(arts):
 @pytest.mark.slow  # a fresh process imports JAX: ~5 s
 def test_serve_ranker_launch_refuses_a_dead_shard_in_one_line(arts):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    dead = f"127.0.0.1:{mp_util.free_port()}"  # nobody listens there
     out = subprocess.run(
         [sys.executable, "-m", "launch.serve_ranker", f"--artifact={arts['a'].path}",
          f"--shards={dead}", "--deadline_s=0.5"],

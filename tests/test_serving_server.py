@@ -471,29 +471,7 @@ def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_tls_server_serves_tls_clients_only(arts, tmp_path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    key, cert = mp_util.self_signed_cert(tmp_path)
     art = arts["a"]
     server = _start(art, tls_cert=str(cert), tls_key=str(key))
     try:
