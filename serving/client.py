@@ -5,9 +5,9 @@ shard that owns any of the rows (contiguous row ranges, see
 ``serving.codec.shard_range``), sends them in parallel with a deadline,
 retries a shard's request on its next replica when one is unreachable, too
 slow or shedding load (``RETRYABLE``), and reassembles the float32 rows in the
-caller's order. A table whose rows repeat
-a lot (a quarter or more, ``codec.worth_deduplicating``) is sent once per
-distinct row and expanded on arrival. Responses from a version other than the
+caller's order. A table whose rows repeat a lot (a quarter or more,
+``codec.worth_deduplicating``) is sent once per distinct row and expanded on
+arrival. Responses from a version other than the
 pinned one are refused (``VersionMismatch``); with no pinned version, all shards
 of one call must agree. With ``wire="quantized"`` the shards answer INT4/INT8
 rows as stored (about a fifth of the bytes) and the client dequantizes them with

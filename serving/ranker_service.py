@@ -126,7 +126,7 @@ class RankerServiceConfig:
       max_concurrent_rpcs: Rank calls in the service at once (handled or
         waiting for a handler thread); one more is RESOURCE_EXHAUSTED at once,
         so an overloaded ranker sheds load instead of queueing calls that will
-        miss their deadline. None: unbounded.
+        miss their deadline. None: unbounded. Health checks count too.
       user_entity: the ranker entity of the request's user.
       candidate_entity: the ranker entity of ``candidate_ids``.
       swap_window_s: how long the previous version stays servable after a swap.
