@@ -53,6 +53,13 @@ _MAX_RPCS = flags.DEFINE_integer(
     "shedding). 0: unbounded.",
     lower_bound=0,
 )
+_UNHEALTHY_AFTER = flags.DEFINE_integer(
+    "unhealthy_after",
+    3,
+    "Consecutive batches whose fetch found the shards unavailable before gRPC health says "
+    "NOT_SERVING (a probe sets SERVING again once every shard answers); 0: never.",
+    lower_bound=0,
+)
 _SWAP_WINDOW = flags.DEFINE_float("swap_window_s", 60.0, "Old version kept after a swap.")
 _VERIFY = flags.DEFINE_enum("verify", "sizes", ["sizes", "full", "none"], "Artifact check at load.")
 _WIRE = flags.DEFINE_enum(
@@ -90,6 +97,7 @@ def main(argv):
             fetch_ahead=_FETCH_AHEAD.value,
             workers=_WORKERS.value,
             max_concurrent_rpcs=_MAX_RPCS.value or None,
+            unhealthy_after=_UNHEALTHY_AFTER.value,
             swap_window_s=_SWAP_WINDOW.value,
             verify=_VERIFY.value,
             wire=_WIRE.value,

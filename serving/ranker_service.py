@@ -134,6 +134,13 @@ class RankerServiceConfig:
       warmup: compile every bucket at load (else on first use).
       check_shards: at load, ask every shard (Info) whether it serves the
         artifact's version; refuse to start (or swap) when one does not.
+      unhealthy_after: consecutive batches whose fetch found the shards
+        unavailable before the gRPC health service reports NOT_SERVING, so a
+        load balancer can send Rank calls to rankers that can reach their
+        shards (0: never). Calls are still answered meanwhile. A probe (a
+        one-row fetch from every shard each ``probe_every_s``, through the
+        same channels) or the next Rank fetch that succeeds sets SERVING again.
+      probe_every_s: period of that probe while NOT_SERVING.
       shard_ca_cert: PEM file of the CA (or the self-signed certificate) the
         shards' TLS certificates are checked against; set: talk TLS to the
         shards (``serve_embeddings --tls_cert``), None: plaintext.
@@ -162,6 +169,8 @@ class RankerServiceConfig:
     verify: str = "sizes"
     warmup: bool = True
     check_shards: bool = True
+    unhealthy_after: int = 3
+    probe_every_s: float = 0.5
     shard_ca_cert: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -182,6 +191,11 @@ class RankerServiceConfig:
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ValueError(
                 f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs}"
+            )
+        if self.unhealthy_after < 0 or self.probe_every_s <= 0:
+            raise ValueError(
+                f"bad unhealthy_after={self.unhealthy_after} (>= 0) or "
+                f"probe_every_s={self.probe_every_s} (> 0)"
             )
         if self.min_bucket < 1 or self.deadline_s <= 0:
             raise ValueError(f"bad min_bucket={self.min_bucket} or deadline_s={self.deadline_s}")
@@ -434,6 +448,10 @@ class RankerService:
             t.start()
         self._server: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
+        self._health_lock = threading.Lock()
+        self._shards_down = False  # health NOT_SERVING, a probe thread running
+        self._fetch_failures = 0  # consecutive (the fetch thread counts, a recovery resets)
+        self._probe: threading.Thread | None = None
         self.port: int | None = None
 
     # ---- loading ----
@@ -468,10 +486,7 @@ class RankerService:
         dev = jax.devices()[0]
         params = {k: jax.device_put(np.asarray(v), dev) for k, v in art.ranker_params.items()}
         if cfg.shards:
-            ca = None
-            if cfg.shard_ca_cert is not None:
-                with open(cfg.shard_ca_cert, "rb") as f:
-                    ca = f.read()
+            ca = _read_ca(cfg)
             if cfg.check_shards:
                 _check_shards(cfg.shards, art.version, cfg.deadline_s, root_certificates=ca)
             fetcher = client_lib.EmbeddingClient.from_artifact(
@@ -539,8 +554,8 @@ class RankerService:
         port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
         self._server, self.port = server, port
-        for service in ("", SERVICE_NAME):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        with self._health_lock:
+            self._publish_health()
         log.info("ranker (%s) serving version %s on %s:%d", cfg.mode, self.version, cfg.host, port)
         return port
 
@@ -609,7 +624,66 @@ class RankerService:
         """Counters since start: requests by code, batching, recent p50/p99."""
         out = self._stats.summary()
         out.update(version=self.version, versions=self.versions, mode=self.config.mode)
+        out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
         return out
+
+    # ---- health: are the shards reachable? ----
+
+    def _publish_health(self) -> None:
+        """Health SERVING unless the shards are down (caller holds ``_health_lock``)."""
+        if self._health is not None:
+            status = health_pb2.HealthCheckResponse
+            for service in ("", SERVICE_NAME):
+                self._health.set(service, status.NOT_SERVING if self._shards_down else status.SERVING)
+
+    def _set_shards_down(self, down: bool) -> None:
+        with self._health_lock:
+            if down == self._shards_down:
+                return
+            self._shards_down = down
+            self._publish_health()
+            if down:
+                log.warning(
+                    "embedding shards unavailable for %d batches: health NOT_SERVING",
+                    self._fetch_failures,
+                )
+                if self._probe is None or not self._probe.is_alive():
+                    self._probe = threading.Thread(
+                        target=self._probe_loop, name="rank-probe", daemon=True
+                    )
+                    self._probe.start()
+            else:
+                self._fetch_failures = 0
+                log.info("embedding shards reachable again: health SERVING")
+
+    def _note_fetch(self, shards_ok: bool) -> None:
+        """Counts consecutive fetches that found the shards unavailable (fetch thread)."""
+        if shards_ok:
+            self._fetch_failures = 0
+            if self._shards_down:
+                self._set_shards_down(False)
+            return
+        self._fetch_failures += 1
+        after = self.config.unhealthy_after
+        if after and self._fetch_failures >= after:
+            self._set_shards_down(True)
+
+    def _probe_loop(self) -> None:
+        # The probe fetches one row from every shard through the fetch path itself
+        # (same channels, TLS, version pin), so SERVING means Rank calls can fetch.
+        cfg = self.config
+        while self._shards_down and not self._stopping.wait(cfg.probe_every_s):
+            snap = self._versions.snapshot
+            ver = snap.versions[snap.current]
+            n = len(cfg.shards)
+            ranges = [codec.shard_range(ver.candidate_rows, i, n) for i in range(n)]
+            probe = np.array(sorted({lo for lo, hi in ranges if hi > lo}), np.int64)
+            try:
+                ver.fetcher.lookup_many({cfg.candidate_entity: probe})
+            except Exception as e:  # down, wrong version, or a version closed by a swap
+                log.debug("shard probe failed: %s", e)
+                continue
+            self._set_shards_down(False)
 
     # ---- requests ----
 
@@ -852,11 +926,15 @@ class RankerService:
         except client_lib.ServingError as e:
             code = e.code
             if code in (None, *client_lib.RETRYABLE):  # down, slow or shedding load
+                if cfg.shards:
+                    self._note_fetch(shards_ok=False)
                 raise RankError(
                     grpc.StatusCode.UNAVAILABLE,
                     f"embedding shards unavailable (budget {remaining:.3f}s): {e}",
                 ) from None
             raise RankError(grpc.StatusCode.INTERNAL, f"embedding shards: {e}") from None
+        if cfg.shards and want:
+            self._note_fetch(shards_ok=True)
         emb: dict[str, np.ndarray] = {}
         for ent, dim in ver.config.entity_dims:
             out_pd = np.zeros((p, dim), np.float32)
@@ -908,6 +986,14 @@ class RankerService:
             hi = lo + job.size
             job.future.set_result((ctr_p[lo:hi].copy(), cvr_p[lo:hi].copy()))
             lo = hi
+
+
+def _read_ca(cfg: RankerServiceConfig) -> bytes | None:
+    """The shards' CA certificate (PEM bytes), or None for plaintext."""
+    if cfg.shard_ca_cert is None:
+        return None
+    with open(cfg.shard_ca_cert, "rb") as f:
+        return f.read()
 
 
 def _check_shards(

@@ -21,6 +21,7 @@ import mp_util
 import numpy as np
 import pytest
 from flax import nnx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact
 from jax_recsys.ranking import model as model_lib
@@ -478,6 +479,47 @@ def test_tls_shards_and_a_tls_ranker_score_like_plaintext(arts, stack, tmp_path)
     svc.stop(grace=0)
     for s in shards:
         s.stop(grace=0).wait()
+
+
+def test_health_is_not_serving_while_the_shards_are_down_and_serving_after_restart(arts, stack):
+    user, cands, adv, hour = CASES[0]
+    req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+    want = rs.decode_response(stack["mono"].rank(req))
+    (shard,) = _shards(arts["a"], n=1)
+    port = shard.port
+    svc = _svc(arts["a"], [shard], deadline_s=0.5, unhealthy_after=2, probe_every_s=0.05)
+    ch = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    health = health_pb2_grpc.HealthStub(ch)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def status():
+        return health.Check(health_pb2.HealthCheckRequest(service=rs.SERVICE_NAME), timeout=5).status
+
+    assert status() == serving and svc.stats()["health"] == "SERVING"
+    svc.rank(req)
+    shard.stop(grace=0).wait()
+    with pytest.raises(rs.RankError) as e:  # one failed fetch is not enough
+        svc.rank(req)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert status() == serving
+    with pytest.raises(rs.RankError):
+        svc.rank(req)
+    assert status() == not_serving and svc.stats()["health"] == "NOT_SERVING"
+    time.sleep(0.3)  # the probe keeps finding the shard down
+    assert status() == not_serving
+    back = es.serve(
+        es.ServerConfig(artifact=str(arts["a"].path), shard=0, num_shards=1, port=port,
+                        log_every_s=0)
+    )
+    end = time.monotonic() + 10  # the probe, not a Rank call, brings it back
+    while status() != serving:
+        assert time.monotonic() < end, "health did not come back"
+        time.sleep(0.02)
+    for got, expected in zip(rs.decode_response(svc.rank(req)), want, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    ch.close()
+    svc.stop(grace=0)
+    back.stop(grace=0).wait()
 
 
 def test_dead_shard_is_unavailable_within_deadline_and_refusals_at_start(arts):
