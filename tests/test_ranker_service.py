@@ -463,7 +463,7 @@ def test_tls_shards_and_a_tls_ranker_score_like_plaintext(arts, stack, tmp_path)
                                         deadline_s=0.5, max_candidates=48,
                                         max_batch_candidates=64, min_bucket=32))
     svc = rs.serve(rs.RankerServiceConfig(
-        artifact=str(arts["a"].path), shards=addresses, shard_ca_cert=str(cert),
+        artifact=str(arts["a"].path), shards=addresses, shard_ca_cert=str(cert), deadline_s=5.0,
         tls_cert=str(cert), tls_key=str(key), max_candidates=48, max_batch_candidates=64,
         min_bucket=32))
     creds = grpc.ssl_channel_credentials(cert.read_bytes())
@@ -487,7 +487,7 @@ def test_health_is_not_serving_while_the_shards_are_down_and_serving_after_resta
     want = rs.decode_response(stack["mono"].rank(req))
     (shard,) = _shards(arts["a"], n=1)
     port = shard.port
-    svc = _svc(arts["a"], [shard], deadline_s=0.5, unhealthy_after=2, probe_every_s=0.05)
+    svc = _svc(arts["a"], [shard], deadline_s=3.0, unhealthy_after=2, probe_every_s=0.05)
     ch = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
     health = health_pb2_grpc.HealthStub(ch)
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
