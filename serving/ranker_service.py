@@ -486,7 +486,10 @@ class RankerService:
         dev = jax.devices()[0]
         params = {k: jax.device_put(np.asarray(v), dev) for k, v in art.ranker_params.items()}
         if cfg.shards:
-            ca = _read_ca(cfg)
+            ca = None  # the shards' CA (PEM), read at every load: a swap picks up a new one
+            if cfg.shard_ca_cert is not None:
+                with open(cfg.shard_ca_cert, "rb") as f:
+                    ca = f.read()
             if cfg.check_shards:
                 _check_shards(cfg.shards, art.version, cfg.deadline_s, root_certificates=ca)
             fetcher = client_lib.EmbeddingClient.from_artifact(
@@ -986,14 +989,6 @@ class RankerService:
             hi = lo + job.size
             job.future.set_result((ctr_p[lo:hi].copy(), cvr_p[lo:hi].copy()))
             lo = hi
-
-
-def _read_ca(cfg: RankerServiceConfig) -> bytes | None:
-    """The shards' CA certificate (PEM bytes), or None for plaintext."""
-    if cfg.shard_ca_cert is None:
-        return None
-    with open(cfg.shard_ca_cert, "rb") as f:
-        return f.read()
 
 
 def _check_shards(

@@ -22,7 +22,7 @@ Typical use::
 
 API: `free_port()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
 `wait_for(predicate, ...)`, `read_metrics(workdir)`, `json_lines(module, args)`,
-`child_env(...)`, `self_signed_cert(dir)`, `REPO`.
+`child_env(...)`, `self_signed_cert(dir)`, `hold_first_call(obj, name)`, `REPO`.
 
 Tip: children that compile the same programs one after another (a killed run and its
 restart) can share XLA's persistent cache: ``env={"JAX_COMPILATION_CACHE_DIR":
@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -68,6 +69,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def hold_first_call(obj, name: str, timeout_s: float = 20.0):
+    """Makes the first call of ``obj.name`` wait until ``release`` is set.
+
+    Returns:
+      ``(entered, release)`` events: ``entered`` is set inside the held call.
+    """
+    entered, release, fn = threading.Event(), threading.Event(), getattr(obj, name)
+
+    def held(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            release.wait(timeout_s)
+        return fn(*args, **kwargs)
+
+    setattr(obj, name, held)
+    return entered, release
 
 
 def self_signed_cert(directory: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:

@@ -397,15 +397,7 @@ def test_max_concurrent_rpcs_sheds_load_and_shards_that_shed_make_it_unavailable
     req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
     want = rs.decode_response(stack["mono"].rank(req))
     svc = _svc(arts["a"], max_concurrent_rpcs=1, deadline_s=30)
-    entered, release, score = threading.Event(), threading.Event(), svc._score
-
-    def held_score(jobs, emb, coarse):  # the first batch waits in the scorer
-        if not entered.is_set():
-            entered.set()
-            release.wait(20)
-        score(jobs, emb, coarse)
-
-    svc._score = held_score
+    entered, release = mp_util.hold_first_call(svc, "_score")  # the first batch waits
     ch = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
     stub = ch.unary_unary(rs.RANK_METHOD)
     first = stub.future(req.SerializeToString(), timeout=30)
@@ -423,15 +415,7 @@ def test_max_concurrent_rpcs_sheds_load_and_shards_that_shed_make_it_unavailable
     # A shard that sheds load (and has no replica) makes the call UNAVAILABLE, not INTERNAL.
     (shard,) = _shards(arts["a"], n=1, max_concurrent_rpcs=1)
     hybrid = _svc(arts["a"], [shard], deadline_s=5)
-    entered, release, handle = threading.Event(), threading.Event(), shard._handle_lookup
-
-    def held_lookup(request):
-        if not entered.is_set():
-            entered.set()
-            release.wait(20)
-        return handle(request)
-
-    shard._handle_lookup = held_lookup
+    entered, release = mp_util.hold_first_call(shard, "_handle_lookup")
     sch = grpc.insecure_channel(f"127.0.0.1:{shard.port}")
     lookup = sch.unary_unary(codec.LOOKUP_METHOD)
     held = lookup.future(codec.encode_lookup_request([("pin", np.arange(3))]), timeout=30)

@@ -419,28 +419,12 @@ def test_health_reports_not_serving_during_graceful_stop(arts):
     ch.close()
 
 
-def _hold_first_lookup(server):
-    """Makes the server's first lookup wait for ``release``; ``entered`` is set inside it."""
-    entered, release, handle = threading.Event(), threading.Event(), server._handle_lookup
-    calls = []
-
-    def held(request):
-        calls.append(1)
-        if len(calls) == 1:
-            entered.set()
-            release.wait(20)
-        return handle(request)
-
-    server._handle_lookup = held
-    return entered, release
-
-
 def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
     art = arts["a"]
     with pytest.raises(ValueError, match="max_concurrent_rpcs"):
         _start(art, max_concurrent_rpcs=0)
     busy, free = _start(art, max_concurrent_rpcs=1), _start(art)
-    entered, release = _hold_first_lookup(busy)
+    entered, release = mp_util.hold_first_call(busy, "_handle_lookup")
     ch, lookup = _raw(busy.port)
     rows = [3, 1, 4, 1, 5]
     first = lookup.future(_req([("user", rows)]), timeout=30)
