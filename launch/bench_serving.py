@@ -75,23 +75,33 @@ Target: hybrid p50 and p99 within 1.15x of monolithic (the paper's "neutral
 end-to-end latency"). Smoke (~1 min on a busy 2-core box): ``--parts=rank
 --rank_rows=20000 --rank_clients=1,2 --duration_s=1 --warmup=5``.
 
-Round trips after idle (``--parts=idle``, ~30 s): a shard of a hybrid ranker
-sits idle while the ranker scores, then gets the next fetch. This part times
-one client's round trips to the gRPC echo server and to the same echo over a
-bare TCP socket (``echo_server.serve_tcp_forever``), each call preceded by
-``--idle_gaps_ms`` of sleep, with a fetch's sizes (``--idle_request_bytes``,
+Round trips after idle (``--parts=idle``, ~30 s plus writing a ``--rows``
+artifact): a shard of a hybrid ranker sits idle while the ranker scores, then
+gets the next fetch. This part times one client's round trips to the gRPC echo
+server and to the same echo over a bare TCP socket
+(``echo_server.serve_tcp_forever``), each call preceded by ``--idle_gaps_ms``
+of sleep, with a fetch's sizes (``--idle_request_bytes``,
 ``--idle_response_bytes``: the quantized one-shard fetch of 1 user x 500
-candidates). Gaps and transports are interleaved in blocks of 10 calls (the
-first call of a block is not counted: its server sat idle for the whole
+candidates); and, as a third "transport" with no I/O and no thread hand-off at
+all, one lookup's server work in the benchmark's own thread (the shard
+server's request handler on ``--ids`` rows of the ``--rows`` table, as
+``server_compute``). Gaps and transports are interleaved in blocks of 10 calls
+(the first call of a block is not counted: its server sat idle for the whole
 previous block). One line per transport and gap:
 
   {"bench": "serving", "kind": "idle_rtt", "transport": "grpc"|"tcp", "gap_ms",
-   "p50_ms", "p99_ms", "p50_added_ms" (over the same transport with no gap), ...}
+   "p50_ms", "p99_ms", "p50_added_ms" (over the same transport with no gap),
+   "p50_vs_no_gap", ...}
+  {"bench": "serving", "kind": "idle_compute", "ids", "rows", "gap_ms", "p50_ms", ...}
 
 On this project's 2-core VM (2026-11-26) a gRPC round trip of those sizes
-took 0.5-0.7 ms back to back and 1.3-1.8 ms after 5 ms idle, where bare TCP
-went from 0.03 to 0.15 ms: each of the several thread wake-ups in a gRPC call
-pays the wake-up of an idle virtual CPU.
+took 0.5-0.8 ms back to back and 1.3-1.8 ms after 5 ms idle, where bare TCP
+went from 0.03-0.06 to 0.15-0.25 ms: each of the several thread wake-ups in a
+gRPC call pays the wake-up of an idle virtual CPU. The lookup's NumPy work
+alone (512 ids, 1M rows) took 0.25 ms back to back, 0.34 ms after 1 ms of
+sleep and 0.69 ms after 5 ms (2.8x): on this box, work that follows idle time
+is slow whatever it is, so a request that crosses processes and threads pays
+it at every step.
 """
 
 from __future__ import annotations
@@ -374,7 +384,8 @@ def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subpro
     return proc, json.loads(line)["port"]
 
 
-def _write_artifact(out_dir: str) -> dict:
+def _write_artifact(out_dir: str, name: str = "art") -> dict:
+    """The synthetic ``--rows`` x ``--dim`` table as an artifact in ``out_dir/name``."""
     from jax_recsys.quant import artifact
 
     src_path = os.path.join(out_dir, "src.npy")
@@ -388,7 +399,7 @@ def _write_artifact(out_dir: str) -> dict:
     src.flush()
     t0 = time.perf_counter()
     manifest = artifact.write_artifact(
-        os.path.join(out_dir, "art"),
+        os.path.join(out_dir, name),
         tables={_TABLE: src},
         vocabs={_TABLE: np.arange(_ROWS.value, dtype=np.int64)},
         bits=_BITS.value,
@@ -412,8 +423,12 @@ def _write_artifact(out_dir: str) -> dict:
     return dict(manifest)
 
 
-def _server_compute(artifact_dir: str) -> dict:
-    """In-process cost of one lookup without gRPC: decode, dedup, dequantize, encode."""
+def _compute_call(artifact_dir: str):
+    """``one(i)``: one lookup's server work in this process, no gRPC (decode, dequantize, encode).
+
+    Calls the shard server's own request handler on 64 prepared requests of
+    ``--ids`` distinct random rows, in turn; warmed up before it is returned.
+    """
     from serving import codec, embedding_server as es
     from serving.protos import embedding_pb2 as pb
 
@@ -428,10 +443,16 @@ def _server_compute(artifact_dir: str) -> dict:
         reqs.append(req.SerializeToString())
     for r in reqs:
         server._handle_lookup(r)
+    return lambda i: server._handle_lookup(reqs[i % len(reqs)])
+
+
+def _server_compute(artifact_dir: str) -> dict:
+    """In-process cost of one lookup without gRPC: decode, dedup, dequantize, encode."""
+    one = _compute_call(artifact_dir)
     times = []
     for i in range(500):
         t0 = time.perf_counter()
-        server._handle_lookup(reqs[i % len(reqs)])
+        one(i)
         times.append(time.perf_counter() - t0)
     return {
         "p50_ms": float(np.percentile(times, 50) * 1e3),
@@ -701,15 +722,19 @@ def main(argv):
     unknown = parts - {"lookup", "rank", "idle"}
     if unknown:
         raise app.UsageError(f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle")
-    if "idle" in parts:
-        _idle_bench()
-    if not parts - {"idle"}:
-        return
     shard_counts = [int(s) for s in _SHARDS.value]
     client_counts = [int(c) for c in _CLIENTS.value] if "lookup" in parts else []
     rank_clients = [int(c) for c in _RANK_CLIENTS.value] if "rank" in parts else []
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
     os.makedirs(workdir, exist_ok=True)
+    if "idle" in parts:
+        try:
+            _idle_bench(workdir)
+        finally:
+            if not _WORKDIR.value and not parts - {"idle"}:
+                shutil.rmtree(workdir, ignore_errors=True)
+    if not parts - {"idle"}:
+        return
     base = {
         "warmup": _WARMUP.value,
         "duration_s": _DURATION.value,
@@ -728,8 +753,8 @@ def main(argv):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _idle_bench() -> None:
-    """Round-trip time after the server sat idle, gRPC and bare TCP (see module docstring)."""
+def _idle_bench(workdir: str) -> None:
+    """Round trips (gRPC, bare TCP) and compute after idle time (see module docstring)."""
     import random
 
     import grpc
@@ -742,6 +767,8 @@ def _idle_bench() -> None:
     req_b, resp_b = _IDLE_REQUEST.value, _IDLE_RESPONSE.value
     if req_b < 8 or resp_b < 0:
         raise app.UsageError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
+    _write_artifact(workdir, "idle_art")
+    compute = _compute_call(os.path.join(workdir, "idle_art"))
     grpc_echo, grpc_addr = _start_echo()
     tcp_echo, tcp_addr = _start_echo(tcp=True)
     channel = None
@@ -750,7 +777,11 @@ def _idle_bench() -> None:
         grpc_call = channel.unary_unary(echo_server.ECHO_METHOD)
         payload = echo_server.echo_request(request_bytes=req_b, response_bytes=resp_b)
         tcp = echo_server.TcpEchoClient(tcp_addr, request_bytes=req_b, response_bytes=resp_b)
-        calls = {"grpc": lambda: grpc_call(payload, timeout=5), "tcp": tcp.call}
+        calls = {
+            "grpc": lambda: grpc_call(payload, timeout=5),
+            "tcp": tcp.call,
+            "compute": lambda: compute(random.randrange(64)),
+        }
         for call in calls.values():
             for _ in range(50):
                 call()
@@ -772,24 +803,23 @@ def _idle_bench() -> None:
             for gap in gaps:
                 x = np.array(lat[transport, gap]) * 1e3
                 p50 = float(np.percentile(x, 50))
-                print(
-                    json.dumps(
-                        {
-                            "bench": "serving",
-                            "kind": "idle_rtt",
-                            "transport": transport,
-                            "gap_ms": gap,
-                            "request_bytes": req_b,
-                            "response_bytes": resp_b,
-                            "cpus": os.cpu_count(),
-                            "requests": int(x.size),
-                            "p50_ms": round(p50, 4),
-                            "p99_ms": round(float(np.percentile(x, 99)), 4),
-                            "p50_added_ms": round(p50 - base_p50, 4),
-                        }
-                    ),
-                    flush=True,
-                )
+                if transport == "compute":
+                    what = {"kind": "idle_compute", "ids": _IDS.value, "rows": _ROWS.value}
+                else:
+                    what = {"kind": "idle_rtt", "transport": transport,
+                            "request_bytes": req_b, "response_bytes": resp_b}
+                line = {
+                    "bench": "serving",
+                    **what,
+                    "gap_ms": gap,
+                    "cpus": os.cpu_count(),
+                    "requests": int(x.size),
+                    "p50_ms": round(p50, 4),
+                    "p99_ms": round(float(np.percentile(x, 99)), 4),
+                    "p50_added_ms": round(p50 - base_p50, 4),
+                    "p50_vs_no_gap": round(p50 / base_p50, 3),
+                }
+                print(json.dumps(line), flush=True)
     finally:
         if channel is not None:
             channel.close()

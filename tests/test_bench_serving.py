@@ -39,10 +39,15 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
     assert sorted((x["transport"], x["gap_ms"]) for x in idle) == [
         ("grpc", 0.0), ("grpc", 1.0), ("tcp", 0.0), ("tcp", 1.0)
     ]
-    for x in idle:
+    compute = by_kind["idle_compute"]
+    assert sorted(x["gap_ms"] for x in compute) == [0.0, 1.0]
+    for x in idle + compute:
         assert x["requests"] == 10 and 0 < x["p50_ms"] <= x["p99_ms"]
         if x["gap_ms"] == 0.0:
-            assert x["p50_added_ms"] == 0.0
+            assert x["p50_added_ms"] == 0.0 and x["p50_vs_no_gap"] == 1.0
+        assert x["p50_vs_no_gap"] == pytest.approx(
+            x["p50_ms"] / (x["p50_ms"] - x["p50_added_ms"]), rel=1e-2
+        )
 
     lookups = by_kind["lookup"]
     assert sorted(x["shards"] for x in lookups) == [1, 2]
