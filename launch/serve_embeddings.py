@@ -37,7 +37,7 @@ _MAX_RPCS = flags.DEFINE_integer(
     "max_concurrent_rpcs",
     0,
     "Lookups in the server at once; one more is RESOURCE_EXHAUSTED at once (load "
-    "shedding). 0: unbounded.",
+    "shedding). 0: unbounded. Health checks do not count.",
     lower_bound=0,
 )
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate file (enables TLS).")

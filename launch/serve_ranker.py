@@ -50,7 +50,7 @@ _MAX_RPCS = flags.DEFINE_integer(
     "max_concurrent_rpcs",
     0,
     "Rank calls in the service at once; one more is RESOURCE_EXHAUSTED at once (load "
-    "shedding). 0: unbounded.",
+    "shedding). 0: unbounded. Health checks do not count.",
     lower_bound=0,
 )
 _UNHEALTHY_AFTER = flags.DEFINE_integer(

@@ -37,12 +37,11 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from serving import codec, grpc_util, versions as versions_lib
@@ -70,7 +69,8 @@ class ServerConfig:
       max_concurrent_rpcs: requests in the server at once (handled or waiting
         for a handler thread); one more is RESOURCE_EXHAUSTED at once, which
         the client takes as a reason to try another replica (None: unbounded
-        queue). Health checks count too.
+        queue). Health checks do not count, and are answered on threads of
+        their own (``serving.grpc_util.Server``).
       tls_cert: PEM server certificate file; with ``tls_key``, serve TLS only.
       tls_key: PEM private key file.
       verify: artifact check at load: "sizes" (stat only, fast start-up),
@@ -213,6 +213,7 @@ class EmbeddingServer:
         self._stats = _Stats()
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
+        self._rpc: grpc_util.Server | None = None
         self._health: health.HealthServicer | None = None
         self._log_thread: threading.Thread | None = None
         self.port: int | None = None
@@ -226,15 +227,17 @@ class EmbeddingServer:
           The bound port.
         """
         cfg = self.config
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="emb"),
+        rpc = grpc_util.Server(
+            workers=cfg.workers,
+            max_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            thread_name_prefix="emb",
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
+        server = rpc.grpc_server
         # Raw-bytes handlers: we parse the protobuf ourselves so garbage bytes
         # become INVALID_ARGUMENT with a message rather than gRPC's INTERNAL.
         handlers = {
@@ -244,8 +247,7 @@ class EmbeddingServer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(codec.SERVICE_NAME, handlers),)
         )
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._rpc, self._health = rpc, rpc.health
         address = f"{cfg.host}:{cfg.port}"
         port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
@@ -341,9 +343,10 @@ class EmbeddingServer:
     # ---- stats ----
 
     def stats(self) -> dict:
-        """Counters since start: requests by status code, ids, recent p50/p99."""
+        """Counters since start: requests by status code, ids, recent p50/p99; calls in flight now."""
         out = self._stats.summary()
         out.update(version=self.version, versions=self.versions, shard=self.config.shard)
+        out["in_flight"] = self._rpc.in_flight if self._rpc else 0
         return out
 
     def _log_loop(self) -> None:

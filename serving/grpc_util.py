@@ -1,11 +1,28 @@
 """gRPC plumbing shared by the embedding shard server and the ranker service.
 
-Imports gRPC and the standard library only (the shard servers stay JAX-free).
+``make_server`` builds a sync gRPC server whose health checks cannot be
+crowded out: ``grpc.health.v1.Health/Check`` runs on two threads of its own
+(so it answers while every handler thread is busy) and does not count toward
+``max_concurrent_rpcs``. The limit is enforced by this module rather than by
+gRPC (whose ``maximum_concurrent_rpcs`` counts every call, health checks
+included, so an overloaded server failed its own health checks and a load
+balancer would take it out): a call beyond the limit is answered
+RESOURCE_EXHAUSTED at once, from those two threads.
+
+Imports gRPC, grpc_health and the standard library only (the shard servers stay
+JAX-free).
 """
 
 from __future__ import annotations
 
+import threading
+from concurrent import futures
+
 import grpc
+from grpc_health.v1 import health, health_pb2
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+_EXPRESS_THREADS = 2
 
 
 def check_tls_pair(tls_cert: str | None, tls_key: str | None) -> None:
@@ -57,3 +74,128 @@ def channel(
         creds = grpc.ssl_channel_credentials(root_certificates)
         return grpc.secure_channel(address, creds, options=list(options))
     return grpc.insecure_channel(address, options=list(options))
+
+
+class _CountingPool(futures.ThreadPoolExecutor):
+    """A handler pool that knows how many calls it holds (running or queued).
+
+    The sync gRPC server submits one work item per admitted call and the item
+    ends when the call does (also when the client cancelled before it ran), so
+    the count cannot leak.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._count_lock = threading.Lock()
+        self.in_flight = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._count_lock:
+            self.in_flight += 1
+        try:
+            fut = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._done(None)
+            raise
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+
+
+class _ShedBeyond(grpc.ServerInterceptor):
+    """Answers RESOURCE_EXHAUSTED, on the express threads, once ``limit`` calls are in the pool.
+
+    Runs in gRPC's polling thread, which also submits each admitted call to the
+    pool right after: the check and the count move together. Calls whose
+    handler runs on the express threads (health checks) are never shed, and
+    neither are streaming calls (health Watch: it returns at once).
+    """
+
+    def __init__(self, pool: _CountingPool, limit: int, express: futures.ThreadPoolExecutor):
+        self._pool, self._limit, self._express = pool, limit, express
+
+        def reject(request, context):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {limit} calls in flight (max_concurrent_rpcs)",
+            )
+
+        reject.experimental_thread_pool = express
+        self._reject = grpc.unary_unary_rpc_method_handler(reject)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if (
+            handler is None
+            or self._pool.in_flight < self._limit
+            or handler.unary_unary is None
+            or getattr(handler.unary_unary, "experimental_thread_pool", None) is self._express
+        ):
+            return handler
+        return self._reject
+
+
+class Server:
+    """A sync gRPC server, not started, with its health service (see module docstring).
+
+    Args:
+      workers: handler threads.
+      max_concurrent_rpcs: calls in the server at once (handled or waiting for
+        a handler thread), health checks aside; one more is answered
+        RESOURCE_EXHAUSTED at once. None: unbounded.
+      thread_name_prefix: names of the handler threads.
+      options: gRPC server options.
+
+    Attributes:
+      grpc_server: the ``grpc.Server`` (add handlers, bind, start, stop).
+      health: its ``grpc_health`` servicer (``health.set(service, status)``);
+        Check and Watch are served, Check on two threads of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        max_concurrent_rpcs: int | None,
+        thread_name_prefix: str,
+        options=(),
+    ):
+        if max_concurrent_rpcs is not None and max_concurrent_rpcs < 1:
+            raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {max_concurrent_rpcs}")
+        self._express = futures.ThreadPoolExecutor(
+            max_workers=_EXPRESS_THREADS, thread_name_prefix=f"{thread_name_prefix}-health"
+        )
+        self._pool = _CountingPool(max_workers=workers, thread_name_prefix=thread_name_prefix)
+        interceptors = ()
+        if max_concurrent_rpcs is not None:
+            interceptors = (_ShedBeyond(self._pool, max_concurrent_rpcs, self._express),)
+        self.grpc_server = grpc.server(
+            self._pool, options=list(options), interceptors=interceptors
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        servicer = self.health
+
+        def check(request, context):
+            return servicer.Check(request, context)
+
+        check.experimental_thread_pool = self._express
+        wire = {
+            "request_deserializer": health_pb2.HealthCheckRequest.FromString,
+            "response_serializer": health_pb2.HealthCheckResponse.SerializeToString,
+        }
+        handlers = {
+            "Check": grpc.unary_unary_rpc_method_handler(check, **wire),
+            # Non-blocking (experimental_non_blocking): returns at once, updates go out later.
+            "Watch": grpc.unary_stream_rpc_method_handler(servicer.Watch, **wire),
+        }
+        self.grpc_server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),)
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Calls in the handler pool now (running or waiting for a thread), health checks aside."""
+        return self._pool.in_flight

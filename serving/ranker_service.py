@@ -80,7 +80,7 @@ import grpc
 import jax
 import numpy as np
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from jax_recsys.ranking import model as model_lib
@@ -126,7 +126,8 @@ class RankerServiceConfig:
       max_concurrent_rpcs: Rank calls in the service at once (handled or
         waiting for a handler thread); one more is RESOURCE_EXHAUSTED at once,
         so an overloaded ranker sheds load instead of queueing calls that will
-        miss their deadline. None: unbounded. Health checks count too.
+        miss their deadline. None: unbounded. Health checks do not count, and
+        are answered on threads of their own (``serving.grpc_util.Server``).
       user_entity: the ranker entity of the request's user.
       candidate_entity: the ranker entity of ``candidate_ids``.
       swap_window_s: how long the previous version stays servable after a swap.
@@ -447,6 +448,7 @@ class RankerService:
         for t in self._threads:
             t.start()
         self._server: grpc.Server | None = None
+        self._rpc: grpc_util.Server | None = None
         self._health: health.HealthServicer | None = None
         self._health_lock = threading.Lock()
         self._shards_down = False  # health NOT_SERVING, a probe thread running
@@ -541,18 +543,19 @@ class RankerService:
           The bound port.
         """
         cfg = self.config
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="rank"),
+        rpc = grpc_util.Server(
+            workers=cfg.workers,
+            max_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            thread_name_prefix="rank",
             options=[("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
+        server = rpc.grpc_server
         # Raw-bytes handler: garbage bytes become INVALID_ARGUMENT with a message.
         handlers = {"Rank": grpc.unary_unary_rpc_method_handler(self._rank_rpc)}
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
-        self._health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._rpc, self._health = rpc, rpc.health
         address = f"{cfg.host}:{cfg.port}"
         port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
@@ -624,10 +627,11 @@ class RankerService:
         self._versions.later(2 * self.config.deadline_s + 1.0, ver.fetcher.close)
 
     def stats(self) -> dict:
-        """Counters since start: requests by code, batching, recent p50/p99."""
+        """Counters since start: requests by code, batching, recent p50/p99; calls in flight now."""
         out = self._stats.summary()
         out.update(version=self.version, versions=self.versions, mode=self.config.mode)
         out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
+        out["in_flight"] = self._rpc.in_flight if self._rpc else 0
         return out
 
     # ---- health: are the shards reachable? ----

@@ -405,6 +405,11 @@ def test_max_concurrent_rpcs_sheds_load_and_shards_that_shed_make_it_unavailable
     with pytest.raises(grpc.RpcError) as e:  # one call in the service: the next is shed
         stub(req.SerializeToString(), timeout=10)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert svc.stats()["in_flight"] == 1
+    # Health checks do not count toward the limit: a saturated ranker still says SERVING.
+    check = health_pb2_grpc.HealthStub(ch).Check
+    status = check(health_pb2.HealthCheckRequest(service=rs.SERVICE_NAME), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
     release.set()
     for raw in (first.result(), stub(req.SerializeToString(), timeout=10)):
         for got, expected in zip(rs.decode_response(raw), want, strict=True):

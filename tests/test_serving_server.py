@@ -419,20 +419,43 @@ def test_health_reports_not_serving_during_graceful_stop(arts):
     ch.close()
 
 
+def _health_check(port) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        req = health_pb2.HealthCheckRequest(service=codec.SERVICE_NAME)
+        return health_pb2_grpc.HealthStub(ch).Check(req, timeout=5).status
+
+
+def _wait_for(pred, timeout_s=10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
     art = arts["a"]
     with pytest.raises(ValueError, match="max_concurrent_rpcs"):
         _start(art, max_concurrent_rpcs=0)
-    busy, free = _start(art, max_concurrent_rpcs=1), _start(art)
+    # One handler thread, two calls allowed in: one held, one queued behind it.
+    busy, free = _start(art, max_concurrent_rpcs=2, workers=1), _start(art)
     entered, release = mp_util.hold_first_call(busy, "_handle_lookup")
     ch, lookup = _raw(busy.port)
     rows = [3, 1, 4, 1, 5]
     first = lookup.future(_req([("user", rows)]), timeout=30)
     assert entered.wait(20)
+    with pytest.raises(grpc.RpcError) as e:  # queued; the client gives up before it runs
+        lookup(_req([("user", rows)]), timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert busy.stats()["in_flight"] == 2
     t0 = time.monotonic()
-    with pytest.raises(grpc.RpcError) as e:  # one in flight: the next is shed at once
+    with pytest.raises(grpc.RpcError) as e:  # two in: the next is shed at once
         lookup(_req([("user", rows)]), timeout=10)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_concurrent_rpcs" in e.value.details()
+    # Health checks neither count nor wait for the busy handler thread.
+    assert _health_check(busy.port) == health_pb2.HealthCheckResponse.SERVING
     assert time.monotonic() - t0 < 5
     # A client whose shard has a replica gets its rows from the replica meanwhile.
     primary, replica = f"127.0.0.1:{busy.port}", f"127.0.0.1:{free.port}"
@@ -444,8 +467,12 @@ def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
         alone.lookup("user", rows)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     release.set()
-    for raw in (first.result(), lookup(_req([("user", rows)]), timeout=10)):
-        np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows))
+    np.testing.assert_array_equal(_parse(first.result())[1]["user"], _expected(art, "user", rows))
+    # The call that timed out while queued leaves the count too (it never ran).
+    assert _wait_for(lambda: busy.stats()["in_flight"] == 0), busy.stats()
+    assert busy.stats()["by_code"] == {"OK": 1}  # shed calls never reach the handler
+    raw = lookup(_req([("user", rows)]), timeout=10)
+    np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows))
     np.testing.assert_array_equal(alone.lookup("user", rows), _expected(art, "user", rows))
     alone.close()
     ch.close()
