@@ -1,13 +1,13 @@
 """gRPC plumbing shared by the embedding shard server and the ranker service.
 
-``make_server`` builds a sync gRPC server whose health checks cannot be
-crowded out: ``grpc.health.v1.Health/Check`` runs on two threads of its own
-(so it answers while every handler thread is busy) and does not count toward
-``max_concurrent_rpcs``. The limit is enforced by this module rather than by
-gRPC (whose ``maximum_concurrent_rpcs`` counts every call, health checks
-included, so an overloaded server failed its own health checks and a load
-balancer would take it out): a call beyond the limit is answered
-RESOURCE_EXHAUSTED at once, from those two threads.
+``Server`` builds a sync gRPC server whose health checks cannot be crowded
+out: ``grpc.health.v1.Health/Check`` runs on two threads of its own (so it
+answers while every handler thread is busy) and does not count toward
+``max_concurrent_rpcs``. The limit is enforced here rather than by gRPC (whose
+``maximum_concurrent_rpcs`` counts every call, health checks included, so an
+overloaded server failed its own health checks and a load balancer would take
+it out): a call beyond the limit is answered RESOURCE_EXHAUSTED at once, from
+those two threads.
 
 Imports gRPC, grpc_health and the standard library only (the shard servers stay
 JAX-free).
@@ -152,7 +152,8 @@ class Server:
     Attributes:
       grpc_server: the ``grpc.Server`` (add handlers, bind, start, stop).
       health: its ``grpc_health`` servicer (``health.set(service, status)``);
-        Check and Watch are served, Check on two threads of its own.
+        Check and Watch are served (grpc_health's servicer does not implement
+        List), Check on two threads of its own.
     """
 
     def __init__(
@@ -181,7 +182,7 @@ class Server:
         def check(request, context):
             return servicer.Check(request, context)
 
-        check.experimental_thread_pool = self._express
+        check.experimental_thread_pool = self._express  # gRPC runs it on that pool
         wire = {
             "request_deserializer": health_pb2.HealthCheckRequest.FromString,
             "response_serializer": health_pb2.HealthCheckResponse.SerializeToString,

@@ -411,7 +411,11 @@ def test_health_reports_not_serving_during_graceful_stop(arts):
     ch, _ = _raw(server.port)
     health = health_pb2_grpc.HealthStub(ch)
     req = health_pb2.HealthCheckRequest(service="")
-    assert health.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health.Check(req, timeout=5).status == serving
+    watch = health.Watch(req, timeout=5)
+    assert next(watch).status == serving
+    watch.cancel()
     assert server.stop(grace=2).wait(10)
     with pytest.raises(grpc.RpcError) as e:
         health.Check(req, timeout=2)
