@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import mp_util
@@ -482,6 +483,53 @@ def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
     ch.close()
     busy.stop(0)
     free.stop(0)
+
+
+def test_a_flood_beyond_max_concurrent_rpcs_sheds_cleanly_and_health_holds(arts):
+    # 300 lookups, 60 in flight at a time, against 4 allowed on 2 threads. Some cancel
+    # themselves (tiny deadlines) while queued. Every answer is OK with the right rows or
+    # RESOURCE_EXHAUSTED; health says SERVING throughout; the count drains to 0.
+    art = arts["a"]
+    server = _start(art, max_concurrent_rpcs=4, workers=2)
+    ch, lookup = _raw(server.port)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 64, 200) for _ in range(300)]
+    codes = collections.Counter()
+    health = []
+    stop = threading.Event()
+
+    def check_health():
+        while not stop.is_set():
+            try:
+                health.append(_health_check(server.port))
+            except grpc.RpcError as e:
+                health.append(e.code())
+
+    def one(i):
+        timeout = 0.002 if i % 10 == 0 else 20  # some expire while queued
+        try:
+            raw = lookup(_req([("user", rows[i])]), timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code()
+        np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows[i]))
+        return grpc.StatusCode.OK
+
+    watcher = threading.Thread(target=check_health)
+    watcher.start()
+    with futures.ThreadPoolExecutor(60) as pool:
+        codes.update(pool.map(one, range(300)))
+    stop.set()
+    watcher.join(10)
+    assert set(codes) <= {
+        grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
+    }, codes
+    assert codes[grpc.StatusCode.OK] > 0 and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0, codes
+    assert health and set(health) == {health_pb2.HealthCheckResponse.SERVING}
+    assert _wait_for(lambda: server.stats()["in_flight"] == 0), server.stats()
+    raw = lookup(_req([("user", rows[0])]), timeout=10)  # and it still serves
+    np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows[0]))
+    ch.close()
+    server.stop(0)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
