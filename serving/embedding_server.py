@@ -197,10 +197,7 @@ class EmbeddingServer:
         grpc_util.check_tls_pair(config.tls_cert, config.tls_key)
         if config.max_ids_per_request < 1:
             raise ValueError(f"max_ids_per_request must be >= 1, got {config.max_ids_per_request}")
-        if config.max_concurrent_rpcs is not None and config.max_concurrent_rpcs < 1:
-            raise ValueError(
-                f"max_concurrent_rpcs must be >= 1 or None, got {config.max_concurrent_rpcs}"
-            )
+        grpc_util.check_max_concurrent_rpcs(config.max_concurrent_rpcs)
         self.config = config
         first = load_shard(
             config.artifact,
@@ -212,8 +209,7 @@ class EmbeddingServer:
             first.version, first, name=f"shard {config.shard}/{config.num_shards}")
         self._stats = _Stats()
         self._stopping = threading.Event()
-        self._server: grpc.Server | None = None
-        self._rpc: grpc_util.Server | None = None
+        self._rpc: grpc_util.Server | None = None  # set once started
         self._health: health.HealthServicer | None = None
         self._log_thread: threading.Thread | None = None
         self.port: int | None = None
@@ -247,11 +243,11 @@ class EmbeddingServer:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(codec.SERVICE_NAME, handlers),)
         )
-        self._rpc, self._health = rpc, rpc.health
+        self._health = rpc.health
         address = f"{cfg.host}:{cfg.port}"
         port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
-        self._server, self.port = server, port
+        self._rpc, self.port = rpc, port
         for service in ("", codec.SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if cfg.log_every_s > 0:
@@ -280,15 +276,15 @@ class EmbeddingServer:
         self._versions.close()
         if self._health is not None:
             self._health.enter_graceful_shutdown()
-        if self._server is None:
+        if self._rpc is None:
             done = threading.Event()
             done.set()
             return done
-        return self._server.stop(grace)
+        return self._rpc.grpc_server.stop(grace)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until the server stops (or ``timeout``); True if it stopped."""
-        return self._server.wait_for_termination(timeout) if self._server else True
+        return self._rpc.grpc_server.wait_for_termination(timeout) if self._rpc else True
 
     def __enter__(self) -> EmbeddingServer:
         self.start()

@@ -31,6 +31,12 @@ def check_tls_pair(tls_cert: str | None, tls_key: str | None) -> None:
         raise ValueError("tls_cert and tls_key must be given together")
 
 
+def check_max_concurrent_rpcs(value: int | None) -> None:
+    """Raises ValueError unless ``value`` is None (unbounded) or at least 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {value}")
+
+
 def bind(
     server: grpc.Server, address: str, *, tls_cert: str | None = None, tls_key: str | None = None
 ) -> int:
@@ -164,8 +170,7 @@ class Server:
         thread_name_prefix: str,
         options=(),
     ):
-        if max_concurrent_rpcs is not None and max_concurrent_rpcs < 1:
-            raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {max_concurrent_rpcs}")
+        check_max_concurrent_rpcs(max_concurrent_rpcs)
         self._express = futures.ThreadPoolExecutor(
             max_workers=_EXPRESS_THREADS, thread_name_prefix=f"{thread_name_prefix}-health"
         )

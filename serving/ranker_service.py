@@ -189,10 +189,7 @@ class RankerServiceConfig:
             )
         if self.fetch_ahead < 1:
             raise ValueError(f"fetch_ahead must be >= 1, got {self.fetch_ahead}")
-        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
-            raise ValueError(
-                f"max_concurrent_rpcs must be >= 1 or None, got {self.max_concurrent_rpcs}"
-            )
+        grpc_util.check_max_concurrent_rpcs(self.max_concurrent_rpcs)
         if self.unhealthy_after < 0 or self.probe_every_s <= 0:
             raise ValueError(
                 f"bad unhealthy_after={self.unhealthy_after} (>= 0) or "
@@ -447,8 +444,7 @@ class RankerService:
         ]
         for t in self._threads:
             t.start()
-        self._server: grpc.Server | None = None
-        self._rpc: grpc_util.Server | None = None
+        self._rpc: grpc_util.Server | None = None  # set once started
         self._health: health.HealthServicer | None = None
         self._health_lock = threading.Lock()
         self._shards_down = False  # health NOT_SERVING, a probe thread running
@@ -555,11 +551,11 @@ class RankerService:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
-        self._rpc, self._health = rpc, rpc.health
+        self._health = rpc.health
         address = f"{cfg.host}:{cfg.port}"
         port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
-        self._server, self.port = server, port
+        self._rpc, self.port = rpc, port
         with self._health_lock:
             self._publish_health()
         log.info("ranker (%s) serving version %s on %s:%d", cfg.mode, self.version, cfg.host, port)
@@ -569,8 +565,8 @@ class RankerService:
         """Stops the gRPC server (in-flight requests get ``grace`` s) and the pipeline."""
         if self._health is not None:
             self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            self._server.stop(grace).wait()
+        if self._rpc is not None:
+            self._rpc.grpc_server.stop(grace).wait()
         self._stopping.set()
         held = self._versions.close()
         for t in self._threads:

@@ -430,15 +430,6 @@ def _health_check(port) -> int:
         return health_pb2_grpc.HealthStub(ch).Check(req, timeout=5).status
 
 
-def _wait_for(pred, timeout_s=10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
     art = arts["a"]
     with pytest.raises(ValueError, match="max_concurrent_rpcs"):
@@ -474,7 +465,7 @@ def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
     release.set()
     np.testing.assert_array_equal(_parse(first.result())[1]["user"], _expected(art, "user", rows))
     # The call that timed out while queued leaves the count too (it never ran).
-    assert _wait_for(lambda: busy.stats()["in_flight"] == 0), busy.stats()
+    mp_util.wait_for(lambda: busy.stats()["in_flight"] == 0, timeout_s=10)
     assert busy.stats()["by_code"] == {"OK": 1}  # shed calls never reach the handler
     raw = lookup(_req([("user", rows)]), timeout=10)
     np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows))
@@ -525,7 +516,7 @@ def test_a_flood_beyond_max_concurrent_rpcs_sheds_cleanly_and_health_holds(arts)
     }, codes
     assert codes[grpc.StatusCode.OK] > 0 and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0, codes
     assert health and set(health) == {health_pb2.HealthCheckResponse.SERVING}
-    assert _wait_for(lambda: server.stats()["in_flight"] == 0), server.stats()
+    mp_util.wait_for(lambda: server.stats()["in_flight"] == 0, timeout_s=10)
     raw = lookup(_req([("user", rows[0])]), timeout=10)  # and it still serves
     np.testing.assert_array_equal(_parse(raw)[1]["user"], _expected(art, "user", rows[0]))
     ch.close()
