@@ -384,8 +384,8 @@ def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subpro
     return proc, json.loads(line)["port"]
 
 
-def _write_artifact(out_dir: str, name: str = "art") -> dict:
-    """The synthetic ``--rows`` x ``--dim`` table as an artifact in ``out_dir/name``."""
+def _write_artifact(out_dir: str) -> dict:
+    """The synthetic ``--rows`` x ``--dim`` table as an artifact in ``out_dir/art``."""
     from jax_recsys.quant import artifact
 
     src_path = os.path.join(out_dir, "src.npy")
@@ -399,7 +399,7 @@ def _write_artifact(out_dir: str, name: str = "art") -> dict:
     src.flush()
     t0 = time.perf_counter()
     manifest = artifact.write_artifact(
-        os.path.join(out_dir, name),
+        os.path.join(out_dir, "art"),
         tables={_TABLE: src},
         vocabs={_TABLE: np.arange(_ROWS.value, dtype=np.int64)},
         bits=_BITS.value,
@@ -725,35 +725,47 @@ def main(argv):
     shard_counts = [int(s) for s in _SHARDS.value]
     client_counts = [int(c) for c in _CLIENTS.value] if "lookup" in parts else []
     rank_clients = [int(c) for c in _RANK_CLIENTS.value] if "rank" in parts else []
+    idle = _idle_settings() if "idle" in parts else None  # bad flags: before any work
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
     os.makedirs(workdir, exist_ok=True)
-    if "idle" in parts:
-        try:
-            _idle_bench(workdir)
-        finally:
-            if not _WORKDIR.value and not parts - {"idle"}:
-                shutil.rmtree(workdir, ignore_errors=True)
-    if not parts - {"idle"}:
-        return
     base = {
         "warmup": _WARMUP.value,
         "duration_s": _DURATION.value,
         "rows": _ROWS.value,
         "ids": _IDS.value,
     }
-    pool = _ClientPool(max(client_counts + rank_clients))
+    pool = None
     try:
+        # One synthetic table for the idle and lookup parts.
+        manifest = _write_artifact(workdir) if parts & {"idle", "lookup"} else None
+        art_dir = os.path.join(workdir, "art")
+        if idle is not None:
+            _idle_bench(art_dir, *idle)
+        if parts - {"idle"}:
+            pool = _ClientPool(max(client_counts + rank_clients))
         if "lookup" in parts:
-            _lookup_bench(workdir, pool, base, shard_counts, client_counts)
+            _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts)
         if "rank" in parts:
             _rank_bench(workdir, pool, base)
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
         if not _WORKDIR.value:  # the artifacts are ~85 MB at the default sizes
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _idle_bench(workdir: str) -> None:
+def _idle_settings() -> tuple[list[float], int, int]:
+    """``--parts=idle`` flags, checked: (gaps in ms, request bytes, response bytes)."""
+    gaps = [float(g) for g in _IDLE_GAPS.value]
+    if not gaps or min(gaps) < 0 or 0.0 not in gaps:
+        raise app.UsageError(f"--idle_gaps_ms: {gaps}; non-negative, 0 among them")
+    req_b, resp_b = _IDLE_REQUEST.value, _IDLE_RESPONSE.value
+    if req_b < 8 or resp_b < 0:
+        raise app.UsageError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
+    return gaps, req_b, resp_b
+
+
+def _idle_bench(art_dir: str, gaps: list[float], req_b: int, resp_b: int) -> None:
     """Round trips (gRPC, bare TCP) and compute after idle time (see module docstring)."""
     import random
 
@@ -761,14 +773,7 @@ def _idle_bench(workdir: str) -> None:
 
     from serving import echo_server
 
-    gaps = [float(g) for g in _IDLE_GAPS.value]
-    if not gaps or min(gaps) < 0 or 0.0 not in gaps:
-        raise app.UsageError(f"--idle_gaps_ms: {gaps}; non-negative, 0 among them")
-    req_b, resp_b = _IDLE_REQUEST.value, _IDLE_RESPONSE.value
-    if req_b < 8 or resp_b < 0:
-        raise app.UsageError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
-    _write_artifact(workdir, "idle_art")
-    compute = _compute_call(os.path.join(workdir, "idle_art"))
+    compute = _compute_call(art_dir)
     grpc_echo, grpc_addr = _start_echo()
     tcp_echo, tcp_addr = _start_echo(tcp=True)
     channel = None
@@ -828,10 +833,8 @@ def _idle_bench(workdir: str) -> None:
             proc.join(10)
 
 
-def _lookup_bench(workdir, pool, base, shard_counts, client_counts) -> None:
-    """Embedding lookups against the raw-bytes echo floor."""
-    manifest = _write_artifact(workdir)
-    art_dir = os.path.join(workdir, "art")
+def _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts) -> None:
+    """Embedding lookups (artifact ``_write_artifact``) against the raw-bytes echo floor."""
     common = {
         "bench": "serving",
         "ids": _IDS.value,
