@@ -9,29 +9,35 @@ separate processes (``launch.serve_embeddings``) and a raw-bytes echo server
 (``serving.echo_server``) with the same payload sizes, then drives them with
 1..16 closed-loop client processes (``--clients``), each asking ``--ids``
 uniformly random rows per request (``EmbeddingClient.lookup``: route, fan out,
-dequantize on the server, reassemble).
+dequantize on the server, reassemble), over each of ``--transports``:
+``stream`` (the client's default: round trips on long-lived ``LookupStream``
+calls) and ``unary`` (one ``Lookup`` call each). Each transport is compared to
+the echo floor of the same transport (``EchoStream`` through the client's own
+``serving.streaming.StreamPool``, or unary ``Echo``).
 
 How the floor is measured: first the echo server alone (``"setting":
 "alone"``); then, for every shard count and client count, echo and lookup in
 the same run, interleaved: time is cut into ``--slice_s`` slices and all
-clients send echo requests in even slices and lookups in odd ones
+clients send echo requests and lookups of each transport in turn, one kind
+per slice, each kind getting ``--duration_s / 2`` of the time
 (``"setting": "sliced"``). The sliced floor shares the processes, the load
 and the state of the machine with the lookups it is compared to
 (``p50_vs_echo``); on this project's shared 2-core box the echo alone was
 0.5-0.7 ms and interleaved with lookups 0.7-1.1 ms, so both ratios are
 printed (``p50_vs_echo_alone`` too). One JSON line per measurement:
 
-  {"bench": "serving", "kind": "echo", "setting": "alone"|"sliced", "shards", "clients",
-   "p50_ms", "p99_ms", "qps", ...}
-  {"bench": "serving", "kind": "lookup", "shards", "clients", "p50_ms", "p99_ms",
+  {"bench": "serving", "kind": "echo", "setting": "alone"|"sliced", "shards", "transport",
+   "clients", "p50_ms", "p99_ms", "qps", ...}
+  {"bench": "serving", "kind": "lookup", "shards", "transport", "clients", "p50_ms", "p99_ms",
    "qps", "ids_per_s", "p50_vs_echo", "p99_vs_echo", "p50_vs_echo_alone", ...}
   {"bench": "serving", "kind": "server_compute", "p50_ms", "p99_ms"}
 
-``qps`` of a sliced kind counts its own half of the time. Targets on
-loopback (quiet machine, 1 client): lookup p50 <= 1.0 ms, p99 <= 2.0 ms,
-lookup within 1.5x of the echo floor (``p50_vs_echo``). Run time: about
-``len(clients) * (1 + len(shards)) * (duration_s + 1.5)`` s plus writing the
-artifact (~10 s for 1M rows).
+``qps`` of a sliced kind counts its own ``duration_s / 2`` of the time.
+Targets on loopback (quiet machine, 1 client): lookup p50 <= 1.0 ms, p99 <=
+2.0 ms, lookup within 1.5x of the echo floor (``p50_vs_echo``). Run time
+(T transports, S shard counts, C client counts, d = ``duration_s``): about
+``C * (T * (d + 1.5) + S * (T * d + 1.5))`` s, plus writing the artifact
+(~10 s for 1M rows).
 
 End-to-end ranking (``--parts=rank``): a ranking artifact (user and pin tables
 of ``--rank_rows`` x ``--dim``, an advertiser table, a DCN-v2 ranker) served
@@ -39,7 +45,9 @@ by ``launch.serve_ranker`` processes side by side: one monolithic (tables in
 the ranker process) and one hybrid per entry of ``--rank_shards`` (that many
 embedding shard processes each) and of ``--rank_wires`` (``quantized``: the
 shards send INT4 rows as stored and the ranker dequantizes, the default;
-``float32``: the shards dequantize); closed-loop clients each send one user x
+``float32``: the shards dequantize) and of ``--rank_transports`` (how the
+ranker's fetches travel: ``stream``, the default, or ``unary``); closed-loop
+clients each send one user x
 ``--rank_candidates`` candidates per Rank call, alternating between the
 services in time slices as above (each gets ``duration_s / 2`` of time).
 ``--rank_fetch_ahead=1,3`` runs every ranker once per setting of the
@@ -49,7 +57,7 @@ One JSON line per mode and client count, and one per mode with the
 service's own counters (how many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards", "wire",
-   "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
+   "transport", "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
    "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic", ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "by_code", ...}
@@ -63,11 +71,11 @@ idle gap of 3 ms added 0.3-0.65 ms to an echo, ``--parts=idle`` below). The ``se
 measures exactly that, time-sliced with the rankers: a monolithic Rank call,
 then one echo round trip of the request and response sizes of one request's
 one-shard fetch (a user row, ``--rank_candidates`` pin and advertiser rows) in
-the first of ``--rank_wires``.
+the first of ``--rank_wires``, over the first of ``--rank_transports``.
 No serial fetch-then-score design beats its ratio on the machine at hand;
 it is repeated in every hybrid line as ``serial_floor_vs_monolithic``:
 
-  {"bench": "serving", "kind": "rank_serial_floor", "clients", "wire",
+  {"bench": "serving", "kind": "rank_serial_floor", "clients", "wire", "transport",
    "fetch_request_bytes", "fetch_response_bytes", "p50_ms", "p99_ms",
    "p50_vs_monolithic", ...}
 
@@ -130,6 +138,12 @@ _DURATION = flags.DEFINE_float(
 _SLICE = flags.DEFINE_float(
     "slice_s", 0.1, "Time slice of each kind when two are measured interleaved."
 )
+_TRANSPORTS = flags.DEFINE_list(
+    "transports",
+    ["stream", "unary"],
+    "Lookup transports to measure (EmbeddingClient transport=), each against the echo "
+    "floor of the same transport (EchoStream / Echo).",
+)
 _WARMUP = flags.DEFINE_integer("warmup", 50, "Unmeasured requests per client first.")
 _SERVER_WORKERS = flags.DEFINE_integer("server_workers", 8, "Handler threads per server.")
 _WORKDIR = flags.DEFINE_string(
@@ -150,6 +164,12 @@ _RANK_WIRES = flags.DEFINE_list(
     ["quantized", "float32"],
     "Wire formats of the hybrid rankers (one ranker per shard count and wire); the serial "
     "floor uses the first.",
+)
+_RANK_TRANSPORTS = flags.DEFINE_list(
+    "rank_transports",
+    ["stream"],
+    "Fetch transports of the hybrid rankers (serve_ranker --transport; one ranker per shard "
+    "count, wire and transport); the serial floor's echo uses the first.",
 )
 _RANK_FETCH_AHEAD = flags.DEFINE_list(
     "rank_fetch_ahead",
@@ -189,13 +209,25 @@ def _caller(task: dict, rng):
     if task["kind"] == "echo":
         import grpc
 
-        from serving import echo_server
+        from serving import echo_server, streaming
 
         channel = grpc.insecure_channel(task["address"])
-        call = channel.unary_unary(echo_server.ECHO_METHOD)
         payload = echo_server.echo_request(
             request_bytes=task["request_bytes"], response_bytes=task["response_bytes"]
         )
+        if task.get("transport", "unary") == "stream":  # the client's own stream machinery
+            watchdog = streaming.DeadlineWatchdog()
+            streams = streaming.StreamPool(
+                channel, echo_server.ECHO_STREAM_METHOD, watchdog=watchdog
+            )
+
+            def close():
+                streams.close()
+                watchdog.close()
+                channel.close()
+
+            return (lambda i: streams.call(payload, time.monotonic() + 5)), close
+        call = channel.unary_unary(echo_server.ECHO_METHOD)
         return (lambda i: call(payload, timeout=5)), channel.close
     if task["kind"] == "rank":
         import grpc
@@ -208,7 +240,7 @@ def _caller(task: dict, rng):
 
     batches = [rng.integers(0, task["rows"], task["ids"]) for _ in range(64)]
     client = client_lib.EmbeddingClient.from_artifact(
-        task["manifest"], task["addresses"], deadline_s=5
+        task["manifest"], task["addresses"], deadline_s=5, transport=task["transport"]
     )
     return (lambda i: client.lookup(_TABLE, batches[i % len(batches)])), client.close
 
@@ -461,7 +493,11 @@ def _server_compute(artifact_dir: str) -> dict:
 
 
 def _spawn_ranker(
-    artifact_dir: str, shard_ports: list[int], wire: str = "quantized", fetch_ahead: int = 1
+    artifact_dir: str,
+    shard_ports: list[int],
+    wire: str = "quantized",
+    fetch_ahead: int = 1,
+    transport: str = "stream",
 ) -> tuple[subprocess.Popen, dict]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
@@ -477,6 +513,7 @@ def _spawn_ranker(
             "--log_every_s=0",
             f"--wire={wire}",
             f"--fetch_ahead={fetch_ahead}",
+            f"--transport={transport}",
         ],
         cwd=root,
         env=_child_env(root),
@@ -591,6 +628,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     wires = list(_RANK_WIRES.value)
     if not wires or set(wires) - set(client_lib.WIRE_FORMATS):
         raise app.UsageError(f"--rank_wires: {wires}; known: {list(client_lib.WIRE_FORMATS)}")
+    transports = _transports(_RANK_TRANSPORTS)
     request_bytes, response_bytes = _fetch_sizes(
         manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )
@@ -606,19 +644,23 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         # not the drift of a noisy box between runs. The last kind is the
         # serial floor (see module docstring).
         for ahead in aheads:
-            rankers[("monolithic", 0, "", ahead)] = _spawn_ranker(art_dir, [], fetch_ahead=ahead)
+            rankers[("monolithic", 0, "", "", ahead)] = _spawn_ranker(
+                art_dir, [], fetch_ahead=ahead
+            )
         for n, procs in shard_procs.items():
             for wire in wires:
-                for ahead in aheads:
-                    rankers[("hybrid", n, wire, ahead)] = _spawn_ranker(
-                        art_dir, [p for _, p in procs], wire, ahead
-                    )
+                for transport in transports:
+                    for ahead in aheads:
+                        rankers[("hybrid", n, wire, transport, ahead)] = _spawn_ranker(
+                            art_dir, [p for _, p in procs], wire, ahead, transport
+                        )
         kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
         kinds.append(
             {
                 "kind": "serial_floor",
                 "address": kinds[0]["address"],
                 "echo_address": echo_addr,
+                "transport": transports[0],
                 "request_bytes": request_bytes,
                 "response_bytes": response_bytes,
             }
@@ -634,7 +676,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 st.pop("ids_per_s")
             floor = per_kind[-1]
             mono = {  # the monolithic ranker each hybrid is compared to: same fetch_ahead
-                key[3]: st
+                key[4]: st
                 for key, st in zip(rankers, per_kind, strict=False)
                 if key[0] == "monolithic"
             }
@@ -646,6 +688,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         "kind": "rank_serial_floor",
                         "clients": c,
                         "wire": wires[0],
+                        "transport": transports[0],
                         "fetch_ahead": aheads[0],
                         "fetch_request_bytes": request_bytes,
                         "fetch_response_bytes": response_bytes,
@@ -655,7 +698,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-            for ((mode, shards, wire, ahead), (_, info)), st in zip(
+            for ((mode, shards, wire, transport, ahead), (_, info)), st in zip(
                 rankers.items(), per_kind[:-1], strict=True
             ):
                 line = {
@@ -663,6 +706,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     "mode": mode,
                     "shards": shards,
                     "wire": wire,
+                    "transport": transport,
                     "fetch_ahead": ahead,
                     "clients": c,
                     "device": info.get("device"),
@@ -677,7 +721,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for (mode, shards, wire, ahead), (proc, _) in rankers.items():
+        for (mode, shards, wire, transport, ahead), (proc, _) in rankers.items():
             stats = _stop_ranker(proc)
             print(
                 json.dumps(
@@ -687,6 +731,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         "mode": mode,
                         "shards": shards,
                         "wire": wire,
+                        "transport": transport,
                         "fetch_ahead": ahead,
                         "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                         "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
@@ -703,6 +748,18 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         if echo is not None:
             echo.terminate()
             echo.join(10)
+
+
+def _transports(flag) -> list[str]:
+    """A transports flag, checked against ``serving.client.TRANSPORTS``."""
+    from serving import client as client_lib
+
+    got = list(flag.value)
+    if not got or set(got) - set(client_lib.TRANSPORTS) or len(set(got)) < len(got):
+        raise app.UsageError(
+            f"--{flag.name}: {got}; distinct values of {list(client_lib.TRANSPORTS)}"
+        )
+    return got
 
 
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
@@ -854,17 +911,19 @@ def _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts) ->
         request_bytes=8 * _IDS.value + 16,
         response_bytes=4 * _IDS.value * _DIM.value + 32,
     )
+    transports = _transports(_TRANSPORTS)
     alone = {}
     try:
         # The floor alone: only the echo server is busy.
-        for c in client_counts:
-            st = _stats(pool.run(echo_task, c)[0], _DURATION.value)
-            alone[c] = st
-            print(
-                json.dumps({**common, "kind": "echo", "setting": "alone", "shards": 0,
-                            "clients": c, **st}),
-                flush=True,
-            )
+        for transport in transports:
+            for c in client_counts:
+                st = _stats(pool.run(dict(echo_task, transport=transport), c)[0], _DURATION.value)
+                alone[transport, c] = st
+                print(
+                    json.dumps({**common, "kind": "echo", "setting": "alone", "shards": 0,
+                                "transport": transport, "clients": c, **st}),
+                    flush=True,
+                )
         for n in shard_counts:
             procs = [_spawn_shard(art_dir, i, n) for i in range(n)]
             try:
@@ -873,36 +932,49 @@ def _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts) ->
                     "manifest": manifest,
                     "addresses": [f"127.0.0.1:{port}" for _, port in procs],
                 }
-                task = dict(echo_task, kinds=[echo_task, lookup_kind], slice_s=_SLICE.value)
+                # Echo and lookup of every transport in alternating time slices,
+                # each kind getting duration_s / 2 of the time.
+                kinds = [
+                    dict(kind, transport=t) for t in transports for kind in (echo_task, lookup_kind)
+                ]
+                duration = _DURATION.value * len(kinds) / 2
+                task = dict(echo_task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration)
                 for c in client_counts:
-                    # The floor in the same run: echo and lookup in alternating time slices.
-                    lat_echo, lat_lookup = pool.run(task, c)
-                    floor = _stats(lat_echo, _DURATION.value / 2)
-                    st = _stats(lat_lookup, _DURATION.value / 2)
-                    print(
-                        json.dumps({**common, "kind": "echo", "setting": "sliced", "shards": n,
-                                    "clients": c, **floor}),
-                        flush=True,
-                    )
-                    print(
-                        json.dumps(
-                            {
-                                **common,
-                                "kind": "lookup",
-                                "shards": n,
-                                "clients": c,
-                                **st,
-                                "p50_vs_echo": round(st["p50_ms"] / floor["p50_ms"], 3),
-                                "p99_vs_echo": round(st["p99_ms"] / floor["p99_ms"], 3),
-                                "p50_vs_echo_alone": round(st["p50_ms"] / alone[c]["p50_ms"], 3),
-                                "p99_vs_echo_alone": round(st["p99_ms"] / alone[c]["p99_ms"], 3),
-                                "target_p50_ms": 1.0,
-                                "target_p99_ms": 2.0,
-                                "target_vs_echo": 1.5,
-                            }
-                        ),
-                        flush=True,
-                    )
+                    lats = pool.run(task, c)
+                    for k, transport in enumerate(transports):
+                        floor = _stats(lats[2 * k], _DURATION.value / 2)
+                        st = _stats(lats[2 * k + 1], _DURATION.value / 2)
+                        echo_alone = alone[transport, c]
+                        print(
+                            json.dumps({**common, "kind": "echo", "setting": "sliced",
+                                        "shards": n, "transport": transport, "clients": c,
+                                        **floor}),
+                            flush=True,
+                        )
+                        print(
+                            json.dumps(
+                                {
+                                    **common,
+                                    "kind": "lookup",
+                                    "shards": n,
+                                    "transport": transport,
+                                    "clients": c,
+                                    **st,
+                                    "p50_vs_echo": round(st["p50_ms"] / floor["p50_ms"], 3),
+                                    "p99_vs_echo": round(st["p99_ms"] / floor["p99_ms"], 3),
+                                    "p50_vs_echo_alone": round(
+                                        st["p50_ms"] / echo_alone["p50_ms"], 3
+                                    ),
+                                    "p99_vs_echo_alone": round(
+                                        st["p99_ms"] / echo_alone["p99_ms"], 3
+                                    ),
+                                    "target_p50_ms": 1.0,
+                                    "target_p99_ms": 2.0,
+                                    "target_vs_echo": 1.5,
+                                }
+                            ),
+                            flush=True,
+                        )
             finally:
                 for proc, _ in procs:
                     proc.terminate()

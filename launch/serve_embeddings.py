@@ -40,6 +40,14 @@ _MAX_RPCS = flags.DEFINE_integer(
     "shedding). 0: unbounded. Health checks do not count.",
     lower_bound=0,
 )
+_MAX_STREAMS = flags.DEFINE_integer(
+    "max_streams",
+    64,
+    "LookupStream calls open at once (clients keep one per concurrent caller), each on a "
+    "thread of its own; one more is RESOURCE_EXHAUSTED (the client then uses unary "
+    "Lookup). 0: no streaming.",
+    lower_bound=0,
+)
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate file (enables TLS).")
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key file.")
 _VERIFY = flags.DEFINE_enum(
@@ -63,6 +71,7 @@ def main(argv):
             workers=_WORKERS.value,
             max_ids_per_request=_MAX_IDS.value,
             max_concurrent_rpcs=_MAX_RPCS.value or None,
+            max_streams=_MAX_STREAMS.value,
             tls_cert=_TLS_CERT.value,
             tls_key=_TLS_KEY.value,
             verify=_VERIFY.value,

@@ -69,6 +69,13 @@ _WIRE = flags.DEFINE_enum(
     "How shards send INT4/INT8 rows: as stored, dequantized here (~5x fewer bytes), or "
     "dequantized on the shard as float32. Scores are identical.",
 )
+_TRANSPORT = flags.DEFINE_enum(
+    "transport",
+    "stream",
+    list(client.TRANSPORTS),
+    "How fetches reach the shards: long-lived LookupStream calls (no per-call gRPC setup) "
+    "or one unary Lookup per shard and batch. Scores are identical.",
+)
 _SHARD_CA = flags.DEFINE_string(
     "shard_ca_cert",
     None,
@@ -101,6 +108,7 @@ def main(argv):
             swap_window_s=_SWAP_WINDOW.value,
             verify=_VERIFY.value,
             wire=_WIRE.value,
+            transport=_TRANSPORT.value,
             shard_ca_cert=_SHARD_CA.value,
             tls_cert=_TLS_CERT.value,
             tls_key=_TLS_KEY.value,

@@ -17,6 +17,13 @@ from several shards are put together as codes, scale and bias (with 2 shards
 and a rank fetch of 1 + 500 + 500 rows after 3 ms idle, 0.09-0.11 ms less than
 dequantizing each shard's part in the thread that fetched it).
 
+By default each lookup to a shard is one round trip on a long-lived
+``LookupStream`` call (``transport="stream"``, ``serving.streaming``: one
+stream per concurrent caller and shard, deadlines kept by a watchdog thread,
+a stream broken while idle replaced unnoticed, a shard that refuses streams
+asked with unary calls); ``transport="unary"`` makes one ``Lookup`` call each
+time. Errors, retries and results are the same either way.
+
 Imports NumPy and gRPC only (never JAX; the lookup messages are written and
 read by ``serving.codec``, without copying the rows), so the ranker service and
 tools can use it anywhere.
@@ -38,9 +45,10 @@ import grpc
 import numpy as np
 
 from jax_recsys.quant import rowwise
-from serving import codec, grpc_util
+from serving import codec, grpc_util, streaming
 
 WIRE_FORMATS = ("float32", "quantized")
+TRANSPORTS = ("stream", "unary")
 
 # Worth another replica: down, too slow, or shedding load (max_concurrent_rpcs).
 RETRYABLE = (
@@ -200,6 +208,11 @@ class EmbeddingClient:
         ``"quantized"``: they send INT4/INT8 rows as stored and this client
         dequantizes them (same results, ~5x fewer bytes for INT4, the
         dequantization moves to the caller's CPU).
+      transport: ``"stream"``: lookups go over long-lived ``LookupStream``
+        calls, one per concurrent caller and shard (``serving.streaming``:
+        no per-call gRPC setup, ~0.14 ms less per lookup on loopback; same
+        deadlines, retries and errors; a shard that refuses streams gets unary
+        calls); ``"unary"``: one ``Lookup`` call per shard and lookup.
     """
 
     def __init__(
@@ -213,10 +226,14 @@ class EmbeddingClient:
         max_message_bytes: int = 64 << 20,
         dims: Mapping[str, int] | None = None,
         wire: str = "float32",
+        transport: str = "stream",
     ):
         if wire not in WIRE_FORMATS:
             raise ValueError(f"wire must be one of {WIRE_FORMATS}, got {wire!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.wire = wire
+        self.transport = transport
         self._pool = futures.ThreadPoolExecutor(
             max_workers=max(1, max_workers), thread_name_prefix="emb-client"
         )
@@ -237,6 +254,8 @@ class EmbeddingClient:
         ]
         self._channels: dict[str, grpc.Channel] = {}
         self._lookup: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        self._streams: dict[str, streaming.StreamPool] = {}
+        self._watchdog = streaming.DeadlineWatchdog() if transport == "stream" else None
         for spec in self._specs:
             for addr in spec.addresses:
                 if addr in self._channels:
@@ -244,6 +263,10 @@ class EmbeddingClient:
                 ch = grpc_util.channel(addr, root_certificates=root_certificates, options=options)
                 self._channels[addr] = ch
                 self._lookup[addr] = ch.unary_unary(codec.LOOKUP_METHOD)
+                if self._watchdog is not None:
+                    self._streams[addr] = streaming.StreamPool(
+                        ch, codec.LOOKUP_STREAM_METHOD, watchdog=self._watchdog
+                    )
         self._routes = self._build_routes()
         self._preferred = [0] * len(self._specs)  # replica that answered last
         self._lock = threading.Lock()
@@ -300,8 +323,12 @@ class EmbeddingClient:
         return sorted(self._routes)
 
     def close(self) -> None:
-        """Closes all channels."""
+        """Ends the streams and closes all channels."""
         self._pool.shutdown(wait=False)
+        for streams in self._streams.values():
+            streams.close()
+        if self._watchdog is not None:
+            self._watchdog.close()
         for ch in self._channels.values():
             ch.close()
 
@@ -435,9 +462,31 @@ class EmbeddingClient:
         )
 
     def _fan_out(self, plan, deadline: float) -> dict[int, tuple[str, list[np.ndarray]]]:
+        shards = list(plan)
+        if self._streams:
+            # Streams: every shard's request goes out first, then this thread
+            # reads the answers in turn (no thread hand-off per shard).
+            payloads = {shard: self._request(plan[shard]) for shard in shards}
+            sent = {shard: self._send(shard, payloads[shard], deadline) for shard in shards}
+            results = {}
+            for k, shard in enumerate(shards):
+                try:
+                    results[shard] = self._call(
+                        shard, plan[shard], deadline, payloads[shard], sent[shard]
+                    )
+                except BaseException:
+                    # Read the answers already on their way, so those streams go
+                    # back to the pool instead of waiting for the watchdog.
+                    for later in shards[k + 1 :]:
+                        if sent[later] is not None:
+                            try:
+                                sent[later][1]()
+                            except Exception:  # the lookup has failed already
+                                pass
+                    raise
+            return results
         # Blocking calls: gRPC Python's .future() starts a thread per call on an
         # idle channel (~1 ms); a persistent pool plus one call inline is cheaper.
-        shards = list(plan)
         futs = {
             shard: self._pool.submit(self._call, shard, plan[shard], deadline)
             for shard in shards[1:]
@@ -447,15 +496,48 @@ class EmbeddingClient:
             results[shard] = fut.result()
         return results
 
-    def _call(self, shard: int, items, deadline: float) -> tuple[str, list[np.ndarray]]:
-        payload = self._request(items)
-        addresses = self._specs[shard].addresses
+    def _send(self, shard: int, payload: bytes, deadline: float):
+        """Sends a shard's request on a stream to its preferred replica: ``(replica,
+        wait for the answer)``, or None when that replica takes no stream now."""
         replica = self._preferred[shard]
+        try:
+            wait = self._streams[self._specs[shard].addresses[replica]].send(payload, deadline)
+        except streaming.StreamRefused:
+            return None
+        except grpc.RpcError:  # the client was closed: _call reports it
+            return None
+        return replica, wait
+
+    def _rpc(self, addr: str, payload: bytes, deadline: float) -> bytes:
+        """One lookup round trip to ``addr``: on a stream when there is one, else unary."""
+        streams = self._streams.get(addr)
+        if streams is not None:
+            try:
+                return streams.call(payload, deadline)
+            except streaming.StreamRefused:
+                pass
+        return self._lookup[addr](payload, timeout=max(deadline - time.monotonic(), 1e-3))
+
+    def _call(
+        self, shard: int, items, deadline: float, payload: bytes | None = None, sent=None
+    ) -> tuple[str, list[np.ndarray]]:
+        """One shard's answer, decoded; ``sent``: ``_send``'s, when the request is out."""
+        if payload is None:
+            payload = self._request(items)
+        addresses = self._specs[shard].addresses
+        replica = self._preferred[shard] if sent is None else sent[0]
         tried = 0
         while True:
             addr = addresses[replica]
             try:
-                raw = self._lookup[addr](payload, timeout=max(deadline - time.monotonic(), 1e-3))
+                if sent is not None:
+                    wait, sent = sent[1], None
+                    try:
+                        raw = wait()
+                    except streaming.StreamRefused:
+                        raw = self._rpc(addr, payload, deadline)
+                else:
+                    raw = self._rpc(addr, payload, deadline)
                 break
             except grpc.RpcError as e:
                 code = e.code()

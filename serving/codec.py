@@ -28,6 +28,7 @@ VALUES_DTYPE = np.dtype("<f4")
 
 SERVICE_NAME = "jax_recsys.serving.EmbeddingService"
 LOOKUP_METHOD = f"/{SERVICE_NAME}/Lookup"
+LOOKUP_STREAM_METHOD = f"/{SERVICE_NAME}/LookupStream"
 INFO_METHOD = f"/{SERVICE_NAME}/Info"
 
 

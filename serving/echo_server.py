@@ -2,7 +2,10 @@
 
 It answers one unary method, ``/jax_recsys.serving.Echo/Echo``, with no
 protobuf and no work: the request's first 8 bytes (little-endian uint64) give
-the response size, and the server returns that many (cached) bytes. Sending a
+the response size, and the server returns that many (cached) bytes.
+``EchoStream`` does the same for each request of a long-lived bidi call (the
+floor of ``LookupStream``; each open stream holds one of ``_STREAM_THREADS``
+threads of its own, as the shards' streams do). Sending a
 request as large as a lookup request and asking for a response as large as a
 lookup response measures what gRPC itself costs on the same payloads, so
 ``lookup_p50 / echo_p50`` shows what the embedding server adds.
@@ -23,7 +26,9 @@ from concurrent import futures
 import grpc
 
 ECHO_METHOD = "/jax_recsys.serving.Echo/Echo"
+ECHO_STREAM_METHOD = "/jax_recsys.serving.Echo/EchoStream"
 _MAX_RESPONSE = 256 << 20
+_STREAM_THREADS = 64
 
 
 class _Echo:
@@ -42,6 +47,10 @@ class _Echo:
             with self._lock:
                 out = self._cache.setdefault(size, bytes(size))
         return out
+
+    def stream(self, request_iterator, context: grpc.ServicerContext):
+        for request in request_iterator:
+            yield self(request, context)
 
 
 def echo_request(*, request_bytes: int, response_bytes: int) -> bytes:
@@ -77,9 +86,18 @@ def start_echo_server(
             ("grpc.max_send_message_length", _MAX_RESPONSE),
         ],
     )
-    handler = grpc.unary_unary_rpc_method_handler(_Echo())
+    echo = _Echo()
+
+    def stream(request_iterator, context):
+        return echo.stream(request_iterator, context)
+
+    stream.experimental_thread_pool = futures.ThreadPoolExecutor(max_workers=_STREAM_THREADS)
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "EchoStream": grpc.stream_stream_rpc_method_handler(stream),
+    }
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("jax_recsys.serving.Echo", {"Echo": handler}),)
+        (grpc.method_handlers_generic_handler("jax_recsys.serving.Echo", handlers),)
     )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

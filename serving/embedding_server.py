@@ -12,10 +12,19 @@ marked ``quantized`` gets the rows of INT4/INT8 tables as stored instead
 (codes, and scale and bias widened to float32: 40 bytes per INT4 row of dim 64
 against 256) and the client dequantizes them with the same function.
 
+Two ways in: unary ``Lookup`` and ``LookupStream``, one long-lived call that
+answers each request as ``Lookup`` would, in order, without gRPC's per-call
+setup (``EmbeddingClient(transport="stream")``, the default, keeps one per
+concurrent caller; ``serving.streaming``). Each open stream holds a thread of
+its own, up to ``max_streams`` (one more is refused RESOURCE_EXHAUSTED and the
+client goes unary); a stream message being answered counts toward
+``max_concurrent_rpcs`` like a unary call.
+
 Robustness: every malformed request (bad protobuf, byte lengths not a
 multiple of 8, empty, unknown table, ids outside the shard, too many ids) is
 answered INVALID_ARGUMENT with a message, a pinned version the server does
-not hold FAILED_PRECONDITION; nothing a client sends can crash the server.
+not hold FAILED_PRECONDITION (on a stream, that status ends the stream);
+nothing a client sends can crash the server.
 
 Versions: ``swap(path)`` loads a new artifact while serving. Each request
 takes one immutable snapshot of the served versions when it starts, so
@@ -71,6 +80,11 @@ class ServerConfig:
         the client takes as a reason to try another replica (None: unbounded
         queue). Health checks do not count, and are answered on threads of
         their own (``serving.grpc_util.Server``).
+      max_streams: ``LookupStream`` calls open at once (a client keeps one
+        per concurrent caller and shard); each holds a thread of its own while
+        open, apart from ``workers``, and its lookups do not count toward
+        ``max_concurrent_rpcs``; one more stream is RESOURCE_EXHAUSTED at once
+        (the client then uses unary ``Lookup``). 0: no streaming.
       tls_cert: PEM server certificate file; with ``tls_key``, serve TLS only.
       tls_key: PEM private key file.
       verify: artifact check at load: "sizes" (stat only, fast start-up),
@@ -88,6 +102,7 @@ class ServerConfig:
     max_ids_per_request: int = 1 << 16
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int | None = None
+    max_streams: int = 64
     tls_cert: str | None = None
     tls_key: str | None = None
     verify: str = "sizes"
@@ -198,6 +213,7 @@ class EmbeddingServer:
         if config.max_ids_per_request < 1:
             raise ValueError(f"max_ids_per_request must be >= 1, got {config.max_ids_per_request}")
         grpc_util.check_max_concurrent_rpcs(config.max_concurrent_rpcs)
+        grpc_util.check_max_streams(config.max_streams)
         self.config = config
         first = load_shard(
             config.artifact,
@@ -209,6 +225,8 @@ class EmbeddingServer:
             first.version, first, name=f"shard {config.shard}/{config.num_shards}")
         self._stats = _Stats()
         self._stopping = threading.Event()
+        self._streams_lock = threading.Lock()
+        self._idle_streams: set[grpc.ServicerContext] = set()  # open, awaiting a request
         self._rpc: grpc_util.Server | None = None  # set once started
         self._health: health.HealthServicer | None = None
         self._log_thread: threading.Thread | None = None
@@ -227,6 +245,7 @@ class EmbeddingServer:
             workers=cfg.workers,
             max_concurrent_rpcs=cfg.max_concurrent_rpcs,
             thread_name_prefix="emb",
+            max_streams=cfg.max_streams,
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -240,6 +259,8 @@ class EmbeddingServer:
             "Lookup": grpc.unary_unary_rpc_method_handler(self._lookup),
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
         }
+        if cfg.max_streams:
+            handlers["LookupStream"] = rpc.stream_handler(self._lookup_stream)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(codec.SERVICE_NAME, handlers),)
         )
@@ -280,7 +301,14 @@ class EmbeddingServer:
             done = threading.Event()
             done.set()
             return done
-        return self._rpc.grpc_server.stop(grace)
+        stopped = self._rpc.grpc_server.stop(grace)
+        # Streams waiting for their next request end now (their clients reconnect
+        # and find this server gone); a stream answering one ends after it.
+        with self._streams_lock:
+            idle = list(self._idle_streams)
+        for context in idle:
+            context.cancel()
+        return stopped
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until the server stops (or ``timeout``); True if it stopped."""
@@ -343,6 +371,7 @@ class EmbeddingServer:
         out = self._stats.summary()
         out.update(version=self.version, versions=self.versions, shard=self.config.shard)
         out["in_flight"] = self._rpc.in_flight if self._rpc else 0
+        out["streams_open"] = self._rpc.streams_open if self._rpc else 0
         return out
 
     def _log_loop(self) -> None:
@@ -363,6 +392,43 @@ class EmbeddingServer:
         for t in cur.tables.values():
             resp.tables.add(table=t.name, lo=t.lo, hi=t.hi, rows=t.rows, dim=t.dim, dtype=t.dtype)
         return resp.SerializeToString()
+
+    def _lookup_stream(self, request_iterator, context: grpc.ServicerContext):
+        """``LookupStream``: each request answered as ``Lookup`` would, in order.
+
+        A bad request ends the stream with its status (``_lookup`` aborts), so
+        does one beyond ``max_concurrent_rpcs`` (RESOURCE_EXHAUSTED: stream
+        messages being answered count with unary calls); a stopping server ends
+        the stream after the answer in progress, or at once when it waits for a
+        request (``stop``).
+        """
+        lock, idle, rpc = self._streams_lock, self._idle_streams, self._rpc
+        try:
+            while True:
+                with lock:
+                    if self._stopping.is_set():
+                        return
+                    idle.add(context)
+                try:
+                    request = next(request_iterator)
+                except (StopIteration, grpc.RpcError):  # client done, or call cancelled
+                    return
+                with lock:
+                    idle.discard(context)
+                if not rpc.enter_stream_call():  # not counted in stats, as unary sheds
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"server busy: {self.config.max_concurrent_rpcs} calls in flight "
+                        "(max_concurrent_rpcs)",
+                    )
+                try:
+                    response = self._lookup(request, context)
+                finally:
+                    rpc.exit_stream_call()
+                yield response
+        finally:
+            with lock:
+                idle.discard(context)
 
     def _lookup(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         t0 = time.perf_counter()

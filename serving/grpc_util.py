@@ -7,7 +7,9 @@ answers while every handler thread is busy) and does not count toward
 ``maximum_concurrent_rpcs`` counts every call, health checks included, so an
 overloaded server failed its own health checks and a load balancer would take
 it out): a call beyond the limit is answered RESOURCE_EXHAUSTED at once, from
-those two threads.
+those two threads. Streaming handlers (``Server.stream_handler``, for
+long-lived calls like ``LookupStream``) run on threads of their own, one per
+open stream up to ``max_streams``; one more stream is refused the same way.
 
 Imports gRPC, grpc_health and the standard library only (the shard servers stay
 JAX-free).
@@ -35,6 +37,12 @@ def check_max_concurrent_rpcs(value: int | None) -> None:
     """Raises ValueError unless ``value`` is None (unbounded) or at least 1."""
     if value is not None and value < 1:
         raise ValueError(f"max_concurrent_rpcs must be >= 1 or None, got {value}")
+
+
+def check_max_streams(value: int) -> None:
+    """Raises ValueError unless ``value`` (open streams allowed; 0: none) is >= 0."""
+    if value < 0:
+        raise ValueError(f"max_streams must be >= 0 (0: no streams), got {value}")
 
 
 def bind(
@@ -90,8 +98,9 @@ class _CountingPool(futures.ThreadPoolExecutor):
     the count cannot leak.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, max_workers: int, thread_name_prefix: str = ""):
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self.capacity = max_workers
         self._count_lock = threading.Lock()
         self.in_flight = 0
 
@@ -112,16 +121,29 @@ class _CountingPool(futures.ThreadPoolExecutor):
 
 
 class _ShedBeyond(grpc.ServerInterceptor):
-    """Answers RESOURCE_EXHAUSTED, on the express threads, once ``limit`` calls are in the pool.
+    """Answers RESOURCE_EXHAUSTED, on the express threads, to calls beyond a limit.
 
-    Runs in gRPC's polling thread, which also submits each admitted call to the
-    pool right after: the check and the count move together. Calls whose
-    handler runs on the express threads (health checks) are never shed, and
-    neither are streaming calls (health Watch: it returns at once).
+    Unary calls: once ``limit`` calls are in the server (``in_flight()``: the
+    unary calls in their pool plus the stream messages being answered; None:
+    no limit).
+    Streams run on ``streams`` (``Server.stream_handler``): once
+    ``streams.max_workers`` are open, a new one is refused, since it would
+    wait for a thread until another stream ends. Runs in gRPC's polling
+    thread, which also submits each admitted call to its pool right after: the
+    check and the count move together. Calls whose handler runs on the express
+    threads (health checks) are never shed, and neither are other streaming
+    calls (health Watch: it returns at once).
     """
 
-    def __init__(self, pool: _CountingPool, limit: int, express: futures.ThreadPoolExecutor):
-        self._pool, self._limit, self._express = pool, limit, express
+    def __init__(
+        self,
+        in_flight,
+        limit: int | None,
+        express: futures.ThreadPoolExecutor,
+        streams: _CountingPool | None,
+    ):
+        self._in_flight, self._limit, self._express = in_flight, limit, express
+        self._streams = streams
 
         def reject(request, context):
             context.abort(
@@ -129,19 +151,38 @@ class _ShedBeyond(grpc.ServerInterceptor):
                 f"server busy: {limit} calls in flight (max_concurrent_rpcs)",
             )
 
+        def reject_stream(request_iterator, context):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {streams.capacity} streams open (max_streams)",
+            )
+
         reject.experimental_thread_pool = express
+        reject_stream.experimental_thread_pool = express
         self._reject = grpc.unary_unary_rpc_method_handler(reject)
+        self._reject_stream = grpc.stream_stream_rpc_method_handler(reject_stream)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
+        if handler is None:
+            return handler
+        if handler.unary_unary is not None:
+            if (
+                self._limit is None
+                or self._in_flight() < self._limit
+                or getattr(handler.unary_unary, "experimental_thread_pool", None) is self._express
+            ):
+                return handler
+            return self._reject
+        streams = self._streams
         if (
-            handler is None
-            or self._pool.in_flight < self._limit
-            or handler.unary_unary is None
-            or getattr(handler.unary_unary, "experimental_thread_pool", None) is self._express
+            streams is None
+            or handler.stream_stream is None
+            or getattr(handler.stream_stream, "experimental_thread_pool", None) is not streams
+            or streams.in_flight < streams.capacity
         ):
             return handler
-        return self._reject
+        return self._reject_stream
 
 
 class Server:
@@ -154,6 +195,10 @@ class Server:
         RESOURCE_EXHAUSTED at once. None: unbounded.
       thread_name_prefix: names of the handler threads.
       options: gRPC server options.
+      max_streams: streaming calls open at once, for handlers made by
+        ``stream_handler``: each holds a thread of its own while open (parked
+        in gRPC between messages), apart from the ``workers``; one more is
+        refused RESOURCE_EXHAUSTED at once. 0: no stream handlers.
 
     Attributes:
       grpc_server: the ``grpc.Server`` (add handlers, bind, start, stop).
@@ -169,15 +214,28 @@ class Server:
         max_concurrent_rpcs: int | None,
         thread_name_prefix: str,
         options=(),
+        max_streams: int = 0,
     ):
         check_max_concurrent_rpcs(max_concurrent_rpcs)
+        check_max_streams(max_streams)
         self._express = futures.ThreadPoolExecutor(
             max_workers=_EXPRESS_THREADS, thread_name_prefix=f"{thread_name_prefix}-health"
         )
         self._pool = _CountingPool(max_workers=workers, thread_name_prefix=thread_name_prefix)
+        self._limit = max_concurrent_rpcs
+        self._stream_lock = threading.Lock()
+        self._stream_calls = 0  # stream messages being answered
+        self._streams = None
+        if max_streams:
+            self._streams = _CountingPool(
+                max_workers=max_streams, thread_name_prefix=f"{thread_name_prefix}-stream"
+            )
         interceptors = ()
-        if max_concurrent_rpcs is not None:
-            interceptors = (_ShedBeyond(self._pool, max_concurrent_rpcs, self._express),)
+        if max_concurrent_rpcs is not None or self._streams is not None:
+            interceptors = (
+                _ShedBeyond(lambda: self.in_flight, max_concurrent_rpcs, self._express,
+                            self._streams),
+            )
         self.grpc_server = grpc.server(
             self._pool, options=list(options), interceptors=interceptors
         )
@@ -203,5 +261,48 @@ class Server:
 
     @property
     def in_flight(self) -> int:
-        """Calls in the handler pool now (running or waiting for a thread), health checks aside."""
-        return self._pool.in_flight
+        """Calls in the server now, health checks aside: unary ones in the handler pool
+        (running or waiting for a thread) and stream messages being answered."""
+        return self._pool.in_flight + self._stream_calls
+
+    def enter_stream_call(self) -> bool:
+        """A stream handler got a message: admits it unless ``max_concurrent_rpcs``
+        calls are in the server already (then answer it RESOURCE_EXHAUSTED); an
+        admitted one is counted until ``exit_stream_call``."""
+        with self._stream_lock:
+            if self._limit is not None and self.in_flight >= self._limit:
+                return False
+            self._stream_calls += 1
+            return True
+
+    def exit_stream_call(self) -> None:
+        """The admitted stream message has been answered (or failed)."""
+        with self._stream_lock:
+            self._stream_calls -= 1
+
+    @property
+    def streams_open(self) -> int:
+        """Streaming calls open now on the stream threads (``stream_handler``)."""
+        return self._streams.in_flight if self._streams is not None else 0
+
+    def stream_handler(self, behavior, **wire) -> grpc.RpcMethodHandler:
+        """A stream-stream handler of ``behavior`` that runs on the stream threads.
+
+        Args:
+          behavior: ``(request_iterator, context) -> iterator of responses``.
+          **wire: ``request_deserializer`` / ``response_serializer``, if any.
+
+        Returns:
+          The handler, for ``method_handlers_generic_handler``.
+
+        Raises:
+          ValueError: the server was built with ``max_streams=0``.
+        """
+        if self._streams is None:
+            raise ValueError("this server was built with max_streams=0: no stream handlers")
+
+        def run(request_iterator, context):
+            return behavior(request_iterator, context)
+
+        run.experimental_thread_pool = self._streams  # gRPC runs it on that pool
+        return grpc.stream_stream_rpc_method_handler(run, **wire)

@@ -150,6 +150,9 @@ class RankerServiceConfig:
       wire: how the shards send INT4/INT8 rows (``serving.client``):
         "quantized" (as stored, dequantized here: ~5x fewer bytes for INT4) or
         "float32" (dequantized on the shard). Scores are identical either way.
+      transport: how fetches reach the shards (``serving.client``): "stream"
+        (long-lived ``LookupStream`` calls, no per-call gRPC setup) or "unary"
+        (one ``Lookup`` call per shard and batch). Scores are identical.
     """
 
     artifact: str
@@ -176,10 +179,15 @@ class RankerServiceConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     wire: str = "quantized"
+    transport: str = "stream"
 
     def __post_init__(self):
         if self.wire not in client_lib.WIRE_FORMATS:
             raise ValueError(f"wire must be one of {client_lib.WIRE_FORMATS}, got {self.wire!r}")
+        if self.transport not in client_lib.TRANSPORTS:
+            raise ValueError(
+                f"transport must be one of {client_lib.TRANSPORTS}, got {self.transport!r}"
+            )
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.max_batch_candidates < self.max_candidates:
@@ -496,6 +504,7 @@ class RankerService:
                 pin=True,
                 deadline_s=cfg.deadline_s,
                 wire=cfg.wire,
+                transport=cfg.transport,
                 root_certificates=ca,
             )
         else:

@@ -50,21 +50,30 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
         )
 
     lookups = by_kind["lookup"]
-    assert sorted(x["shards"] for x in lookups) == [1, 2]
-    for x in lookups:
+    assert sorted((x["shards"], x["transport"]) for x in lookups) == [
+        (1, "stream"), (1, "unary"), (2, "stream"), (2, "unary")
+    ]
+    sliced = {
+        (x["shards"], x["transport"]): x for x in by_kind["echo"] if x["setting"] == "sliced"
+    }
+    assert sorted(sliced) == sorted((x["shards"], x["transport"]) for x in lookups)
+    for x in lookups:  # each compared to the echo floor of its own transport and run
         assert x["clients"] == 1 and x["requests"] > 0 and 0 < x["p50_ms"] <= x["p99_ms"]
-        assert x["p50_vs_echo"] > 0
-    assert {x["setting"] for x in by_kind["echo"]} == {"alone", "sliced"}
+        floor = sliced[x["shards"], x["transport"]]
+        assert x["p50_vs_echo"] == pytest.approx(x["p50_ms"] / floor["p50_ms"], abs=1e-3)
+    alone = [x for x in by_kind["echo"] if x["setting"] == "alone"]
+    assert sorted(x["transport"] for x in alone) == ["stream", "unary"]
 
     ranks = by_kind["rank"]
     mono = [x for x in ranks if x["mode"] == "monolithic"]
     hybrid = [x for x in ranks if x["mode"] == "hybrid"]
     assert len(mono) == 1 and sorted(x["wire"] for x in hybrid) == ["float32", "quantized"]
     for x in hybrid:
-        assert x["candidates"] == 100 and x["fetch_ahead"] == 1
+        assert x["candidates"] == 100 and x["fetch_ahead"] == 1 and x["transport"] == "stream"
         assert x["p50_vs_monolithic"] == pytest.approx(x["p50_ms"] / mono[0]["p50_ms"], abs=1e-3)
     (floor,) = by_kind["rank_serial_floor"]
     assert floor["wire"] == "quantized" and floor["fetch_response_bytes"] > 0
+    assert floor["transport"] == "stream"
     assert floor["p50_vs_monolithic"] == pytest.approx(
         floor["p50_ms"] / mono[0]["p50_ms"], abs=1e-3
     )

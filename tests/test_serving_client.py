@@ -69,8 +69,11 @@ def test_routing_from_manifest_matches_server_ranges(art):
     assert specs[1].addresses == ("h1:1", "h1r:1")
 
 
-def test_lookup_many_reassembles_in_caller_order_across_shards(art, three_shards):
-    client = client_lib.EmbeddingClient.from_artifact(str(art.path), three_shards, deadline_s=10)
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_lookup_many_reassembles_in_caller_order_across_shards(art, three_shards, transport):
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), three_shards, deadline_s=10, transport=transport
+    )
     user_rows = np.array([89, 0, 45, 45, 30, 29, 60, 0, 89])  # every shard, duplicates
     pin_rows = np.array([9, 2, 3])
     got = client.lookup_many({"user": user_rows, "pin": pin_rows})
@@ -230,22 +233,31 @@ def test_malformed_quantized_answer_is_a_serving_error_and_bad_wire_is_refused(a
         client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"], wire="int4")
 
 
-def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(art, three_shards):
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(
+    art, three_shards, transport
+):
     dead = f"127.0.0.1:{_free_port()}"
     with_replica = [three_shards[0], [dead, three_shards[1]], three_shards[2]]
-    client = client_lib.EmbeddingClient.from_artifact(str(art.path), with_replica, deadline_s=5)
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), with_replica, deadline_s=5, transport=transport
+    )
     rows = np.array([5, 35, 65])
     np.testing.assert_array_equal(client.lookup("user", rows), _expected(art, "user", rows))
     client.close()
 
     client = client_lib.EmbeddingClient.from_artifact(
-        str(art.path), [three_shards[0], dead, three_shards[2]], deadline_s=0.5
+        str(art.path), [three_shards[0], dead, three_shards[2]], deadline_s=0.5,
+        transport=transport,
     )
     t0 = time.monotonic()
     with pytest.raises(client_lib.ServingError) as e:
         client.lookup("user", rows)
     assert time.monotonic() - t0 < 0.5 + 0.25
     assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.shard == 1
+    if transport == "stream":  # the answer of shard 2, sent with shard 1's, was read
+        pool = client._streams[three_shards[2]]
+        assert pool.open_streams == pool.free_streams == 1
     np.testing.assert_array_equal(client.lookup("user", [5, 65]), _expected(art, "user", [5, 65]))
     client.close()
 

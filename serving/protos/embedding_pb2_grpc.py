@@ -39,6 +39,11 @@ class EmbeddingServiceStub:
                 request_serializer=serving_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
                 response_deserializer=serving_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/jax_recsys.serving.EmbeddingService/LookupStream',
+                request_serializer=serving_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
+                response_deserializer=serving_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/jax_recsys.serving.EmbeddingService/Info',
                 request_serializer=serving_dot_protos_dot_embedding__pb2.InfoRequest.SerializeToString,
@@ -55,6 +60,17 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupStream(self, request_iterator, context):
+        """The same lookups on one long-lived call: one response per request, in
+        order (saves gRPC's per-call setup, ~0.14 ms per lookup on loopback).
+        A bad request ends the call with the status Lookup would answer; a server
+        at its limit of open streams refuses new ones with RESOURCE_EXHAUSTED
+        (clients then use Lookup); a stopping server ends open streams with OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -66,6 +82,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
+                    request_deserializer=serving_dot_protos_dot_embedding__pb2.LookupRequest.FromString,
+                    response_serializer=serving_dot_protos_dot_embedding__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
                     request_deserializer=serving_dot_protos_dot_embedding__pb2.LookupRequest.FromString,
                     response_serializer=serving_dot_protos_dot_embedding__pb2.LookupResponse.SerializeToString,
             ),
@@ -100,6 +121,33 @@ class EmbeddingService:
             request,
             target,
             '/jax_recsys.serving.EmbeddingService/Lookup',
+            serving_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
+            serving_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/jax_recsys.serving.EmbeddingService/LookupStream',
             serving_dot_protos_dot_embedding__pb2.LookupRequest.SerializeToString,
             serving_dot_protos_dot_embedding__pb2.LookupResponse.FromString,
             options,

@@ -1,0 +1,269 @@
+"""Unary-looking round trips over long-lived gRPC bidi streams (client side).
+
+A unary gRPC call pays for a new HTTP/2 stream, headers and trailers every
+time; a request/response pair on a stream that stays open does not (on this
+project's 2-core box: 0.25 vs 0.39 ms for an 8 KB request and a 40 KB answer
+on loopback, ``launch.bench_serving``). ``StreamPool`` keeps such streams to
+one address and lends each to one caller at a time, so a caller sees a plain
+``call(payload, deadline) -> bytes``:
+
+* deadlines: a stream has none of its own; a ``DeadlineWatchdog`` thread
+  cancels a stream whose round trip outlives its deadline (it wakes about once
+  per deadline, not per call) and the caller gets DEADLINE_EXCEEDED;
+* broken streams (the server restarted, or stopped and ended its streams)
+  are dropped; a round trip that fails on a stream that had already answered
+  is tried once more on a fresh one, so a restart between calls is invisible;
+* a server that refuses a stream (at its ``max_streams``, or one without the
+  method) gets unary calls instead (``StreamRefused``) for ``refuse_s``.
+
+Errors are ``grpc.RpcError`` with ``code()`` and ``details()``, as a unary
+call raises. Imports gRPC and the standard library only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+# A fresh stream answered with one of these: the server does not take streams
+# (now). The caller falls back to unary calls.
+_REFUSED = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED)
+# A stream that had answered before and then failed with one of these broke
+# while idle (server restarted or stopped, or the watchdog cancelled it late):
+# the request is tried once more on a fresh stream. Any other status is the
+# server's answer to this request.
+_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+class StreamError(grpc.RpcError):
+    """A failed round trip on a stream, shaped like a unary call's error."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class StreamRefused(Exception):
+    """The server does not take a stream now: make this call unary."""
+
+
+class _Stream:
+    """One open bidi call; ``roundtrip`` sends one request and waits for its answer."""
+
+    def __init__(self, multicallable):
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        # gRPC's own thread reads the requests as they are put (None ends them).
+        self._responses = multicallable(iter(self._requests.get, None))
+        self.answered = 0  # round trips this stream completed
+        self.expired = False  # cancelled by the watchdog
+
+    def send(self, payload: bytes) -> None:
+        self._requests.put(payload)
+
+    def receive(self) -> bytes:
+        return next(self._responses)
+
+    def expire(self) -> None:
+        self.expired = True
+        self._responses.cancel()
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._responses.cancel()
+
+
+class DeadlineWatchdog:
+    """Cancels streams whose round trip outlives its deadline.
+
+    ``arm`` notifies the thread only when the new deadline is earlier than the
+    one it sleeps towards, so with a constant time budget the thread wakes about
+    once per budget, not once per call. One can serve many stream pools.
+    """
+
+    def __init__(self, name: str = "stream-deadlines"):
+        self._cond = threading.Condition()
+        self._armed: dict[_Stream, float] = {}
+        self._wake_at = math.inf
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def arm(self, stream: _Stream, deadline: float) -> None:
+        with self._cond:
+            self._armed[stream] = deadline
+            if deadline < self._wake_at:
+                self._wake_at = deadline
+                self._cond.notify()
+
+    def disarm(self, stream: _Stream) -> None:
+        with self._cond:
+            self._armed.pop(stream, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = [s for s, d in self._armed.items() if d <= now]
+                for s in due:
+                    del self._armed[s]
+                self._wake_at = min(self._armed.values(), default=math.inf)
+                if not due:
+                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
+                    continue
+            for s in due:  # outside the lock: cancel takes gRPC's locks
+                s.expire()
+
+
+class StreamPool:
+    """Open streams of one method at one address, each lent to one caller at a time.
+
+    Args:
+      channel: the channel to the server.
+      method: full method name of a stream-stream method answering one response
+        per request, in order.
+      watchdog: enforces the deadlines (the owner closes it).
+      refuse_s: after the server refused a stream, how long ``call`` raises
+        ``StreamRefused`` at once before trying a stream again.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        method: str,
+        *,
+        watchdog: DeadlineWatchdog,
+        refuse_s: float = 1.0,
+    ):
+        self._multicallable = channel.stream_stream(method)
+        self._lock = threading.Lock()
+        self._free: list[_Stream] = []
+        self._all: set[_Stream] = set()
+        self._refuse_s = refuse_s
+        self._refused_until = 0.0
+        self._closed = False
+        self._watchdog = watchdog
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open now (lent or free)."""
+        with self._lock:
+            return len(self._all)
+
+    @property
+    def free_streams(self) -> int:
+        """Open streams not lent to a caller now."""
+        with self._lock:
+            return len(self._free)
+
+    def call(self, payload: bytes, deadline: float) -> bytes:
+        """One round trip: sends ``payload``, returns the answer (``send(...)()``).
+
+        Args:
+          payload: the serialized request.
+          deadline: ``time.monotonic()`` by which the answer must be in.
+
+        Returns:
+          The serialized response.
+
+        Raises:
+          StreamRefused: the server takes no stream now; make a unary call.
+          grpc.RpcError: the round trip failed (``code()``, ``details()``):
+            the server's status, DEADLINE_EXCEEDED, UNAVAILABLE, ...
+        """
+        return self.send(payload, deadline)()
+
+    def send(self, payload: bytes, deadline: float) -> Callable[[], bytes]:
+        """Sends ``payload`` now; the returned function waits for the answer.
+
+        Sending to several servers first and then waiting for each answer in
+        turn fans a request out from one thread. Call the returned function
+        exactly once; it raises what ``call`` raises.
+
+        Raises:
+          StreamRefused: the server refused a stream a moment ago (see ``refuse_s``).
+        """
+        if time.monotonic() < self._refused_until:
+            raise StreamRefused()
+        stream = self._take()
+        self._watchdog.arm(stream, deadline)
+        stream.send(payload)
+        return functools.partial(self._receive, stream, payload, deadline)
+
+    def _receive(self, stream: _Stream, payload: bytes, deadline: float) -> bytes:
+        while True:
+            fresh = stream.answered == 0
+            try:
+                out = stream.receive()
+            except (grpc.RpcError, StopIteration) as e:
+                self._watchdog.disarm(stream)
+                self._drop(stream)
+                now = time.monotonic()
+                if stream.expired and now >= deadline:
+                    raise StreamError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded on a stream"
+                    ) from None
+                if isinstance(e, StopIteration):  # the server ended the stream (stopping)
+                    e = StreamError(grpc.StatusCode.UNAVAILABLE, "the server ended the stream")
+                code = e.code()
+                if fresh and code in _REFUSED:
+                    self._refused_until = now + self._refuse_s
+                    raise StreamRefused() from None
+                if fresh or code not in _BROKEN or now >= deadline or self._closed:
+                    raise e from None
+                stream = self._take(fresh_only=True)  # it broke while idle: once more
+                self._watchdog.arm(stream, deadline)
+                stream.send(payload)
+                continue
+            self._watchdog.disarm(stream)
+            stream.answered += 1
+            with self._lock:
+                if not self._closed and not stream.expired:
+                    self._free.append(stream)
+                    return out
+                self._all.discard(stream)
+            stream.close()  # closed pool, or cancelled by the watchdog as it answered
+            return out
+
+    def _take(self, fresh_only: bool = False) -> _Stream:
+        with self._lock:
+            if self._closed:
+                raise StreamError(grpc.StatusCode.CANCELLED, "the client was closed")
+            if self._free and not fresh_only:
+                return self._free.pop()
+            stream = _Stream(self._multicallable)
+            self._all.add(stream)
+            return stream
+
+    def _drop(self, stream: _Stream) -> None:
+        with self._lock:
+            self._all.discard(stream)
+        stream.close()
+
+    def close(self) -> None:
+        """Ends every stream (callers mid-call get an error)."""
+        with self._lock:
+            self._closed = True
+            streams = list(self._all)
+            self._all.clear()
+            self._free.clear()
+        for s in streams:
+            s.close()
