@@ -10,6 +10,7 @@ import grpc
 import mp_util
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact, rowwise
 from serving import client as client_lib, codec, echo_server, embedding_server as es, streaming
@@ -275,5 +276,77 @@ def test_concurrent_callers_each_get_their_own_rows(arts):
         assert 1 <= server.stats()["streams_open"] <= 6
         assert server.stats()["by_code"] == {"OK": 300}
         client.close()
+    finally:
+        server.stop(0)
+
+
+def test_a_flood_of_stream_and_unary_lookups_beyond_the_limits_sheds_cleanly(arts):
+    # 12 clients (6 on streams, 6 unary; a quarter with 3 ms deadlines) x 30 lookups
+    # against a shard allowing 4 open streams and 4 lookups in flight on 2 threads.
+    # Every lookup is OK with the right rows, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED;
+    # never more than 4 streams open; health SERVING throughout; all drains to 0.
+    art = arts["a"]
+    server = _start(art, max_concurrent_rpcs=4, max_streams=4, workers=2)
+    addr = f"127.0.0.1:{server.port}"
+    clients = [
+        _client(
+            art,
+            [addr],
+            deadline_s=0.003 if k % 4 == 0 else 20,
+            transport="stream" if k % 2 == 0 else "unary",
+        )
+        for k in range(12)
+    ]
+    codes, health, streams_seen, errors = [], [], [], []
+    stop = threading.Event()
+
+    def watch():
+        with grpc.insecure_channel(addr) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not stop.is_set():
+                health.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+                streams_seen.append(server.stats()["streams_open"])
+
+    def flood(k):
+        rng = np.random.default_rng(k)
+        try:
+            for _ in range(30):
+                rows = rng.integers(0, 100, 200)
+                try:
+                    got = clients[k].lookup("user", rows)
+                except client_lib.ServingError as e:
+                    codes.append(e.code)
+                    continue
+                np.testing.assert_array_equal(got, _expected(art, "user", rows))
+                codes.append(grpc.StatusCode.OK)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=flood, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    watcher.join(10)
+    try:
+        assert not errors, errors[:1]
+        assert len(codes) == 360
+        ok = grpc.StatusCode
+        assert set(codes) <= {ok.OK, ok.RESOURCE_EXHAUSTED, ok.DEADLINE_EXCEEDED}, codes
+        assert codes.count(ok.OK) > 0 and codes.count(ok.RESOURCE_EXHAUSTED) > 0
+        assert health and set(health) == {health_pb2.HealthCheckResponse.SERVING}
+        assert streams_seen and max(streams_seen) <= 4
+        for client in clients:
+            client.close()
+        mp_util.wait_for(
+            lambda: server.stats()["streams_open"] == 0 and server.stats()["in_flight"] == 0,
+            timeout_s=10,
+        )
+        with _client(art, [addr]) as client:  # and it still serves, on a stream
+            np.testing.assert_array_equal(client.lookup("user", [4]), _expected(art, "user", [4]))
+            assert server.stats()["streams_open"] == 1
     finally:
         server.stop(0)
