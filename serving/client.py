@@ -38,6 +38,7 @@ import dataclasses
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 
@@ -186,6 +187,17 @@ def _reassemble(table: str, n: int, pieces: list) -> np.ndarray:
     return out
 
 
+def _close_transport(pool, stream_pools, watchdog, channels) -> None:
+    """``EmbeddingClient.close``; references no client, so it can run as its finalizer."""
+    pool.shutdown(wait=False)
+    for streams in stream_pools:
+        streams.close()
+    if watchdog is not None:
+        watchdog.close()
+    for ch in channels:
+        ch.close()
+
+
 class EmbeddingClient:
     """Looks up rows on a set of embedding shard servers (see module docstring).
 
@@ -267,6 +279,14 @@ class EmbeddingClient:
                     self._streams[addr] = streaming.StreamPool(
                         ch, codec.LOOKUP_STREAM_METHOD, watchdog=self._watchdog
                     )
+        self._finalizer = weakref.finalize(
+            self,
+            _close_transport,
+            self._pool,
+            list(self._streams.values()),
+            self._watchdog,
+            list(self._channels.values()),
+        )
         self._routes = self._build_routes()
         self._preferred = [0] * len(self._specs)  # replica that answered last
         self._lock = threading.Lock()
@@ -323,14 +343,9 @@ class EmbeddingClient:
         return sorted(self._routes)
 
     def close(self) -> None:
-        """Ends the streams and closes all channels."""
-        self._pool.shutdown(wait=False)
-        for streams in self._streams.values():
-            streams.close()
-        if self._watchdog is not None:
-            self._watchdog.close()
-        for ch in self._channels.values():
-            ch.close()
+        """Ends the streams and closes all channels (also done when the client is
+        garbage-collected, so a forgotten client does not hold shard threads)."""
+        self._finalizer()
 
     def __enter__(self) -> EmbeddingClient:
         return self

@@ -350,3 +350,19 @@ def test_a_flood_of_stream_and_unary_lookups_beyond_the_limits_sheds_cleanly(art
             assert server.stats()["streams_open"] == 1
     finally:
         server.stop(0)
+
+
+def test_a_client_dropped_without_close_ends_its_streams(arts):
+    import gc
+
+    art = arts["a"]
+    server = _start(art)
+    try:
+        client = _client(art, [f"127.0.0.1:{server.port}"])
+        np.testing.assert_array_equal(client.lookup("user", [1]), _expected(art, "user", [1]))
+        assert server.stats()["streams_open"] == 1
+        del client
+        gc.collect()
+        mp_util.wait_for(lambda: server.stats()["streams_open"] == 0, timeout_s=10)
+    finally:
+        server.stop(0)
