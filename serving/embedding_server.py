@@ -82,8 +82,8 @@ class ServerConfig:
         their own (``serving.grpc_util.Server``).
       max_streams: ``LookupStream`` calls open at once (a client keeps one
         per concurrent caller and shard); each holds a thread of its own while
-        open, apart from ``workers``, and its lookups do not count toward
-        ``max_concurrent_rpcs``; one more stream is RESOURCE_EXHAUSTED at once
+        open, apart from ``workers``, and a lookup it is answering counts
+        toward ``max_concurrent_rpcs``; one more stream is RESOURCE_EXHAUSTED at once
         (the client then uses unary ``Lookup``). 0: no streaming.
       tls_cert: PEM server certificate file; with ``tls_key``, serve TLS only.
       tls_key: PEM private key file.
@@ -225,8 +225,6 @@ class EmbeddingServer:
             first.version, first, name=f"shard {config.shard}/{config.num_shards}")
         self._stats = _Stats()
         self._stopping = threading.Event()
-        self._streams_lock = threading.Lock()
-        self._idle_streams: set[grpc.ServicerContext] = set()  # open, awaiting a request
         self._rpc: grpc_util.Server | None = None  # set once started
         self._health: health.HealthServicer | None = None
         self._log_thread: threading.Thread | None = None
@@ -260,7 +258,8 @@ class EmbeddingServer:
             "Info": grpc.unary_unary_rpc_method_handler(self._info),
         }
         if cfg.max_streams:
-            handlers["LookupStream"] = rpc.stream_handler(self._lookup_stream)
+            # Each request answered as Lookup would; a bad one ends its stream.
+            handlers["LookupStream"] = rpc.stream_handler(self._lookup)
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(codec.SERVICE_NAME, handlers),)
         )
@@ -302,12 +301,7 @@ class EmbeddingServer:
             done.set()
             return done
         stopped = self._rpc.grpc_server.stop(grace)
-        # Streams waiting for their next request end now (their clients reconnect
-        # and find this server gone); a stream answering one ends after it.
-        with self._streams_lock:
-            idle = list(self._idle_streams)
-        for context in idle:
-            context.cancel()
+        self._rpc.end_streams()  # idle ones at once: they would hold the grace period
         return stopped
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -392,43 +386,6 @@ class EmbeddingServer:
         for t in cur.tables.values():
             resp.tables.add(table=t.name, lo=t.lo, hi=t.hi, rows=t.rows, dim=t.dim, dtype=t.dtype)
         return resp.SerializeToString()
-
-    def _lookup_stream(self, request_iterator, context: grpc.ServicerContext):
-        """``LookupStream``: each request answered as ``Lookup`` would, in order.
-
-        A bad request ends the stream with its status (``_lookup`` aborts), so
-        does one beyond ``max_concurrent_rpcs`` (RESOURCE_EXHAUSTED: stream
-        messages being answered count with unary calls); a stopping server ends
-        the stream after the answer in progress, or at once when it waits for a
-        request (``stop``).
-        """
-        lock, idle, rpc = self._streams_lock, self._idle_streams, self._rpc
-        try:
-            while True:
-                with lock:
-                    if self._stopping.is_set():
-                        return
-                    idle.add(context)
-                try:
-                    request = next(request_iterator)
-                except (StopIteration, grpc.RpcError):  # client done, or call cancelled
-                    return
-                with lock:
-                    idle.discard(context)
-                if not rpc.enter_stream_call():  # not counted in stats, as unary sheds
-                    context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"server busy: {self.config.max_concurrent_rpcs} calls in flight "
-                        "(max_concurrent_rpcs)",
-                    )
-                try:
-                    response = self._lookup(request, context)
-                finally:
-                    rpc.exit_stream_call()
-                yield response
-        finally:
-            with lock:
-                idle.discard(context)
 
     def _lookup(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         t0 = time.perf_counter()

@@ -90,6 +90,11 @@ def channel(
     return grpc.insecure_channel(address, options=list(options))
 
 
+def _busy(limit: int | None) -> str:
+    """The RESOURCE_EXHAUSTED message of a call beyond ``max_concurrent_rpcs``."""
+    return f"server busy: {limit} calls in flight (max_concurrent_rpcs)"
+
+
 class _CountingPool(futures.ThreadPoolExecutor):
     """A handler pool that knows how many calls it holds (running or queued).
 
@@ -127,7 +132,7 @@ class _ShedBeyond(grpc.ServerInterceptor):
     unary calls in their pool plus the stream messages being answered; None:
     no limit).
     Streams run on ``streams`` (``Server.stream_handler``): once
-    ``streams.max_workers`` are open, a new one is refused, since it would
+    ``streams.capacity`` are open, a new one is refused, since it would
     wait for a thread until another stream ends. Runs in gRPC's polling
     thread, which also submits each admitted call to its pool right after: the
     check and the count move together. Calls whose handler runs on the express
@@ -146,10 +151,7 @@ class _ShedBeyond(grpc.ServerInterceptor):
         self._streams = streams
 
         def reject(request, context):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy: {limit} calls in flight (max_concurrent_rpcs)",
-            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _busy(limit))
 
         def reject_stream(request_iterator, context):
             context.abort(
@@ -225,6 +227,8 @@ class Server:
         self._limit = max_concurrent_rpcs
         self._stream_lock = threading.Lock()
         self._stream_calls = 0  # stream messages being answered
+        self._idle_streams: set[grpc.ServicerContext] = set()  # open, awaiting a request
+        self._streams_ending = False
         self._streams = None
         if max_streams:
             self._streams = _CountingPool(
@@ -265,31 +269,23 @@ class Server:
         (running or waiting for a thread) and stream messages being answered."""
         return self._pool.in_flight + self._stream_calls
 
-    def enter_stream_call(self) -> bool:
-        """A stream handler got a message: admits it unless ``max_concurrent_rpcs``
-        calls are in the server already (then answer it RESOURCE_EXHAUSTED); an
-        admitted one is counted until ``exit_stream_call``."""
-        with self._stream_lock:
-            if self._limit is not None and self.in_flight >= self._limit:
-                return False
-            self._stream_calls += 1
-            return True
-
-    def exit_stream_call(self) -> None:
-        """The admitted stream message has been answered (or failed)."""
-        with self._stream_lock:
-            self._stream_calls -= 1
-
     @property
     def streams_open(self) -> int:
         """Streaming calls open now on the stream threads (``stream_handler``)."""
         return self._streams.in_flight if self._streams is not None else 0
 
-    def stream_handler(self, behavior, **wire) -> grpc.RpcMethodHandler:
-        """A stream-stream handler of ``behavior`` that runs on the stream threads.
+    def stream_handler(self, answer, **wire) -> grpc.RpcMethodHandler:
+        """A stream-stream handler that answers each request in turn, on the stream threads.
+
+        Each request is answered with ``answer(request, context)``, as a unary
+        handler would be; ``answer`` aborting ends the stream with that status.
+        A request that arrives when ``max_concurrent_rpcs`` calls are in the
+        server (stream messages being answered count with unary calls) ends the
+        stream RESOURCE_EXHAUSTED. After ``end_streams`` a stream ends after the
+        answer in progress, or at once when it waits for a request.
 
         Args:
-          behavior: ``(request_iterator, context) -> iterator of responses``.
+          answer: ``(request, context) -> response``.
           **wire: ``request_deserializer`` / ``response_serializer``, if any.
 
         Returns:
@@ -300,9 +296,43 @@ class Server:
         """
         if self._streams is None:
             raise ValueError("this server was built with max_streams=0: no stream handlers")
+        lock, idle = self._stream_lock, self._idle_streams
 
         def run(request_iterator, context):
-            return behavior(request_iterator, context)
+            try:
+                while True:
+                    with lock:
+                        if self._streams_ending:
+                            return
+                        idle.add(context)
+                    try:
+                        request = next(request_iterator)
+                    except (StopIteration, grpc.RpcError):  # client done, or call cancelled
+                        return
+                    with lock:
+                        idle.discard(context)
+                        admitted = self._limit is None or self.in_flight < self._limit
+                        self._stream_calls += admitted
+                    if not admitted:
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _busy(self._limit))
+                    try:
+                        response = answer(request, context)
+                    finally:
+                        with lock:
+                            self._stream_calls -= 1
+                    yield response
+            finally:
+                with lock:
+                    idle.discard(context)
 
         run.experimental_thread_pool = self._streams  # gRPC runs it on that pool
         return grpc.stream_stream_rpc_method_handler(run, **wire)
+
+    def end_streams(self) -> None:
+        """Ends the streams: those waiting for a request at once (cancelled: their
+        clients reconnect and find the server gone), the others after their answer."""
+        with self._stream_lock:
+            self._streams_ending = True
+            waiting = list(self._idle_streams)
+        for context in waiting:
+            context.cancel()
