@@ -21,6 +21,9 @@ Inputs are standard normal rows. One JSON line per batch size:
 Measured on an H200 (2026-11-26, with a one-off script doing the same):
 0.25 / 0.30 / 0.35 ms at 64 / 512 / 2048 rows in full float32 against
 0.27 / 0.27 / 0.33 ms in TF32, which moved pCTR by up to 7.6e-4 relative.
+This benchmark on another H200 host (2026-11-27): 1.12 / 1.60 / 1.03 ms at
+64 / 512 / 2048 rows with XLA_PYTHON_CLIENT_PREALLOCATE=false, 0.77 / 0.99 ms
+at 64 / 512 with the default preallocation; TF32 took the same time there.
 """
 
 from __future__ import annotations

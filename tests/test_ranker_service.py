@@ -637,7 +637,8 @@ def test_serve_ranker_launch_refuses_a_dead_shard_in_one_line(arts):
 
 @pytest.mark.slow  # a fresh process imports JAX and compiles: ~10 s on a busy 2-core box
 def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts, tmp_path):
-    """launch.serve_ranker as a real process: JSON port line, Rank, SIGHUP swap, SIGTERM stats."""
+    """launch.serve_ranker as a real process: JSON port line, compile cache, Rank, SIGHUP swap,
+    SIGTERM stats."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     link = tmp_path / "current"
     os.symlink(arts["a"].path, link)
@@ -653,6 +654,7 @@ def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts,
             "--min_bucket=64",
             "--log_every_s=0",
             "--max_concurrent_rpcs=8",
+            f"--compilation_cache_dir={tmp_path / 'xla_cache'}",
         ],
         cwd=root,
         env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(root), JAX_PLATFORMS="cpu"),
@@ -663,7 +665,9 @@ def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts,
     try:
         info = json.loads(proc.stdout.readline())
         assert info["event"] == "serving" and info["mode"] == "monolithic"
-        assert info["version"] == arts["a"].version
+        assert info["version"] == arts["a"].version and info["start_s"] > 0
+        # The bucket's programs went to the persistent cache (a restart loads them).
+        assert os.listdir(tmp_path / "xla_cache")
         ch, call = _call(info["port"])
         req = rs.rank_request(candidates=[4, 5], user_row=1, context={"advertiser": 2, "hour": 1})
         ctr, cvr, version = call(req)
