@@ -78,8 +78,8 @@ class ServerConfig:
       max_concurrent_rpcs: requests in the server at once (handled or waiting
         for a handler thread); one more is RESOURCE_EXHAUSTED at once, which
         the client takes as a reason to try another replica (None: unbounded
-        queue). Health checks do not count, and are answered on threads of
-        their own (``serving.grpc_util.Server``).
+        queue). Health checks and Info do not count, and are answered on
+        threads of their own (``serving.grpc_util.Server``).
       max_streams: ``LookupStream`` calls open at once (a client keeps one
         per concurrent caller and shard); each holds a thread of its own while
         open, apart from ``workers``, and a lookup it is answering counts
@@ -255,7 +255,8 @@ class EmbeddingServer:
         # become INVALID_ARGUMENT with a message rather than gRPC's INTERNAL.
         handlers = {
             "Lookup": grpc.unary_unary_rpc_method_handler(self._lookup),
-            "Info": grpc.unary_unary_rpc_method_handler(self._info),
+            # Never shed: a ranker (re)starting must learn the version of a busy shard.
+            "Info": grpc.unary_unary_rpc_method_handler(rpc.express(self._info)),
         }
         if cfg.max_streams:
             # Each request answered as Lookup would; a bad one ends its stream.

@@ -3,7 +3,8 @@
 ``Server`` builds a sync gRPC server whose health checks cannot be crowded
 out: ``grpc.health.v1.Health/Check`` runs on two threads of its own (so it
 answers while every handler thread is busy) and does not count toward
-``max_concurrent_rpcs``. The limit is enforced here rather than by gRPC (whose
+``max_concurrent_rpcs``; so do the handlers wrapped by ``Server.express``
+(a shard's Info). The limit is enforced here rather than by gRPC (whose
 ``maximum_concurrent_rpcs`` counts every call, health checks included, so an
 overloaded server failed its own health checks and a load balancer would take
 it out): a call beyond the limit is answered RESOURCE_EXHAUSTED at once, from
@@ -187,6 +188,22 @@ class _ShedBeyond(grpc.ServerInterceptor):
         return self._reject_stream
 
 
+class _Health(health.HealthServicer):
+    """grpc_health's servicer with ``List`` (the package's own answers UNIMPLEMENTED)."""
+
+    def List(self, request, context):
+        """Every service's status as last ``set`` (NOT_SERVING after a graceful shutdown)."""
+        try:
+            with self._lock:  # the attributes the package's Check reads
+                statuses = dict(self._server_status)
+        except AttributeError:  # another grpcio-health-checking layout
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "health List is not available")
+        resp = health_pb2.HealthListResponse()
+        for service, status in statuses.items():
+            resp.statuses[service].status = status
+        return resp
+
+
 class Server:
     """A sync gRPC server, not started, with its health service (see module docstring).
 
@@ -205,8 +222,8 @@ class Server:
     Attributes:
       grpc_server: the ``grpc.Server`` (add handlers, bind, start, stop).
       health: its ``grpc_health`` servicer (``health.set(service, status)``);
-        Check and Watch are served (grpc_health's servicer does not implement
-        List), Check on two threads of its own.
+        Check, List and Watch are served, Check and List on two threads of
+        their own.
     """
 
     def __init__(
@@ -243,25 +260,36 @@ class Server:
         self.grpc_server = grpc.server(
             self._pool, options=list(options), interceptors=interceptors
         )
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = _Health(experimental_non_blocking=True)
         servicer = self.health
-
-        def check(request, context):
-            return servicer.Check(request, context)
-
-        check.experimental_thread_pool = self._express  # gRPC runs it on that pool
         wire = {
             "request_deserializer": health_pb2.HealthCheckRequest.FromString,
             "response_serializer": health_pb2.HealthCheckResponse.SerializeToString,
         }
         handlers = {
-            "Check": grpc.unary_unary_rpc_method_handler(check, **wire),
+            "Check": grpc.unary_unary_rpc_method_handler(self.express(servicer.Check), **wire),
+            "List": grpc.unary_unary_rpc_method_handler(
+                self.express(servicer.List),
+                request_deserializer=health_pb2.HealthListRequest.FromString,
+                response_serializer=health_pb2.HealthListResponse.SerializeToString,
+            ),
             # Non-blocking (experimental_non_blocking): returns at once, updates go out later.
             "Watch": grpc.unary_stream_rpc_method_handler(servicer.Watch, **wire),
         }
         self.grpc_server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),)
         )
+
+    def express(self, fn):
+        """``fn`` (a unary ``(request, context) -> response``) run on the two express
+        threads and never shed, like health checks: for cheap control-plane calls
+        (a shard's Info) that must answer while every handler thread is busy."""
+
+        def run(request, context):
+            return fn(request, context)
+
+        run.experimental_thread_pool = self._express  # gRPC runs it on that pool
+        return run
 
     @property
     def in_flight(self) -> int:

@@ -417,6 +417,8 @@ def test_health_reports_not_serving_during_graceful_stop(arts):
     watch = health.Watch(req, timeout=5)
     assert next(watch).status == serving
     watch.cancel()
+    listed = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
+    assert {k: v.status for k, v in listed.items()} == {"": serving, codec.SERVICE_NAME: serving}
     assert server.stop(grace=2).wait(10)
     with pytest.raises(grpc.RpcError) as e:
         health.Check(req, timeout=2)
@@ -450,8 +452,10 @@ def test_max_concurrent_rpcs_sheds_load_and_the_client_tries_the_replica(arts):
         lookup(_req([("user", rows)]), timeout=10)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_concurrent_rpcs" in e.value.details()
-    # Health checks neither count nor wait for the busy handler thread.
+    # Health checks and Info neither count nor wait for the busy handler thread.
     assert _health_check(busy.port) == health_pb2.HealthCheckResponse.SERVING
+    info = pb.InfoResponse.FromString(ch.unary_unary(codec.INFO_METHOD)(b"", timeout=5))
+    assert info.version == art.version
     assert time.monotonic() - t0 < 5
     # A client whose shard has a replica gets its rows from the replica meanwhile.
     primary, replica = f"127.0.0.1:{busy.port}", f"127.0.0.1:{free.port}"
