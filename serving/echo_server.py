@@ -48,10 +48,6 @@ class _Echo:
                 out = self._cache.setdefault(size, bytes(size))
         return out
 
-    def stream(self, request_iterator, context: grpc.ServicerContext):
-        for request in request_iterator:
-            yield self(request, context)
-
 
 def echo_request(*, request_bytes: int, response_bytes: int) -> bytes:
     """Builds an echo request of ``request_bytes`` asking for ``response_bytes`` back.
@@ -88,8 +84,9 @@ def start_echo_server(
     )
     echo = _Echo()
 
-    def stream(request_iterator, context):
-        return echo.stream(request_iterator, context)
+    def stream(request_iterator, context):  # a function: it carries the thread pool
+        for request in request_iterator:
+            yield echo(request, context)
 
     stream.experimental_thread_pool = futures.ThreadPoolExecutor(max_workers=_STREAM_THREADS)
     handlers = {
