@@ -63,7 +63,12 @@ service's own counters (how many requests the batcher merged):
    "transport", "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
    "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic", ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
-   "candidates_per_batch", "server_p50_ms", "by_code", ...}
+   "candidates_per_batch", "server_p50_ms", "fetch_p50_ms", "score_p50_ms", "by_code", ...}
+
+(``server_p50_ms``: a Rank call inside the service, received to answered;
+``fetch_p50_ms`` and ``score_p50_ms``: one batch's embedding fetch and its
+scoring there, ``RankerService.stats``: a hybrid's fetch minus the monolithic
+one's is what the shards add.)
 
 The floor of the hybrid: a ranker that fetches a request's rows from a shard
 and then scores them does the monolithic ranker's work (the dequantization
@@ -750,6 +755,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                         "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
                         "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),
+                        # Per batch, inside the service: lookups + assembly; scoring.
+                        "fetch_p50_ms": round(stats.get("fetch_p50_ms", 0.0), 3),
+                        "score_p50_ms": round(stats.get("score_p50_ms", 0.0), 3),
                         "by_code": stats.get("by_code"),
                     }
                 ),

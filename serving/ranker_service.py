@@ -390,6 +390,11 @@ class _Stats:
         self._lock = threading.Lock()
         self.codes: collections.Counter[str] = collections.Counter()
         self.latencies_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+        # Per batch: the fetch (lookups, local or remote, and assembly into the
+        # padded arrays) and the scoring (transfers and the jitted call).
+        self.stage_s = {
+            stage: collections.deque(maxlen=_LATENCY_WINDOW) for stage in ("fetch", "score")
+        }
         self.batches = 0
         self.batched_requests = 0
         self.batched_candidates = 0
@@ -406,6 +411,10 @@ class _Stats:
             self.batched_requests += requests
             self.batched_candidates += candidates
 
+    def stage(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stage_s[stage].append(seconds)
+
     def summary(self) -> dict:
         with self._lock:
             lat = np.array(self.latencies_s) if self.latencies_s else np.zeros(1)
@@ -417,6 +426,11 @@ class _Stats:
                 "candidates_per_batch": self.batched_candidates / max(self.batches, 1),
                 "rank_p50_ms": float(np.percentile(lat, 50) * 1e3),
                 "rank_p99_ms": float(np.percentile(lat, 99) * 1e3),
+                **{
+                    f"{stage}_p{q}_ms": float(np.percentile(times or [0.0], q) * 1e3)
+                    for stage, times in self.stage_s.items()
+                    for q in (50, 99)
+                },
             }
 
 
@@ -632,7 +646,16 @@ class RankerService:
         self._versions.later(2 * self.config.deadline_s + 1.0, ver.fetcher.close)
 
     def stats(self) -> dict:
-        """Counters since start: requests by code, batching, recent p50/p99; calls in flight now."""
+        """Counters since start, and calls in flight now.
+
+        Requests by code; batching (``requests_per_batch``, ``candidates_per_batch``);
+        p50/p99 over recent Rank calls (``rank_p50_ms``: received to answered, in
+        the handler) and over recent batches of each stage: ``fetch_p50_ms`` (the
+        embedding lookups, from the shards or in-process, and their assembly into
+        the padded batch) and ``score_p50_ms`` (host to device, the jitted scorer,
+        device to host). In a hybrid ranker, its fetch minus a monolithic ranker's
+        is what the shards cost.
+        """
         out = self._stats.summary()
         out.update(version=self.version, versions=self.versions, mode=self.config.mode)
         out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
@@ -892,6 +915,7 @@ class RankerService:
             live.append(job)
         if not live:
             return False
+        t0 = time.perf_counter()
         try:
             batch = self._fetch(live)
         except RankError as e:
@@ -900,6 +924,7 @@ class RankerService:
             log.exception("fetch failed")
             err = RankError(grpc.StatusCode.INTERNAL, f"fetch failed: {type(e).__name__}: {e}")
         else:
+            self._stats.stage("fetch", time.perf_counter() - t0)
             self._compute_q.put((live, batch))
             return True
         for job in live:
@@ -990,8 +1015,10 @@ class RankerService:
         """Scores a fetched batch (``_fetch``: padded to its bucket) and answers its jobs."""
         ver = jobs[0].ver
         total = sum(j.size for j in jobs)
+        t0 = time.perf_counter()
         ctr_p, cvr_p = ver.scorer(ver.params, emb_pd, coarse_p)
         ctr_p, cvr_p = np.asarray(ctr_p, np.float32), np.asarray(cvr_p, np.float32)
+        self._stats.stage("score", time.perf_counter() - t0)
         self._stats.batch(len(jobs), total)
         lo = 0
         for job in jobs:

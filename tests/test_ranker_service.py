@@ -226,6 +226,27 @@ def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack
     fresh.stop(grace=0)
 
 
+def test_stats_time_each_batch_s_fetch_and_scoring_inside_the_rank_call(arts, stack):
+    svc = _svc(arts["a"], stack["shards"])  # fresh counters
+    channel, call = _call(svc.port)
+    n = 0
+    for _ in range(5):
+        for user, cands, adv, hour in CASES:
+            ctx = {"advertiser": adv, "hour": hour}
+            call(rs.rank_request(candidates=cands, context=ctx, **user))
+            n += 1
+    stats = svc.stats()
+    # One request at a time: one batch each, fetched and scored inside its Rank call,
+    # so each call outlasts its batch's fetch and its scoring (and so do the medians).
+    assert stats["requests"] == stats["batches"] == n
+    assert len(svc._stats.stage_s["fetch"]) == len(svc._stats.stage_s["score"]) == n
+    assert 0 < stats["fetch_p50_ms"] <= stats["fetch_p99_ms"]
+    assert 0 < stats["score_p50_ms"] <= stats["score_p99_ms"]
+    assert stats["rank_p50_ms"] > max(stats["fetch_p50_ms"], stats["score_p50_ms"])
+    channel.close()
+    svc.stop(grace=0)
+
+
 def test_fetch_thread_runs_one_batch_ahead_so_requests_queued_meanwhile_merge(arts, stack):
     with pytest.raises(ValueError, match="fetch_ahead"):
         rs.RankerServiceConfig(artifact="unused", fetch_ahead=0)
