@@ -130,6 +130,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -616,6 +617,16 @@ def _write_rank_artifact(out_dir: str) -> tuple[str, int]:
     return path, advertisers
 
 
+class _RankerKey(NamedTuple):
+    """One ranker of ``--parts=rank`` (its fields go into its JSON lines as they are)."""
+
+    mode: str  # "monolithic" | "hybrid"
+    shards: int
+    wire: str  # "" for monolithic
+    transport: str  # "" for monolithic
+    fetch_ahead: int
+
+
 def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     """End-to-end Rank latency: monolithic vs hybrid (shards in other processes)."""
     art_dir, advertisers = _write_rank_artifact(workdir)
@@ -663,14 +674,14 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         # not the drift of a noisy box between runs. The last kind is the
         # serial floor (see module docstring).
         for ahead in aheads:
-            rankers[("monolithic", 0, "", "", ahead)] = _spawn_ranker(
+            rankers[_RankerKey("monolithic", 0, "", "", ahead)] = _spawn_ranker(
                 art_dir, [], fetch_ahead=ahead
             )
         for n, procs in shard_procs.items():
             for wire in wires:
                 for transport in transports:
                     for ahead in aheads:
-                        rankers[("hybrid", n, wire, transport, ahead)] = _spawn_ranker(
+                        rankers[_RankerKey("hybrid", n, wire, transport, ahead)] = _spawn_ranker(
                             art_dir, [p for _, p in procs], wire, ahead, transport
                         )
         kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
@@ -695,9 +706,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 st.pop("ids_per_s")
             floor = per_kind[-1]
             mono = {  # the monolithic ranker each hybrid is compared to: same fetch_ahead
-                key[4]: st
+                key.fetch_ahead: st
                 for key, st in zip(rankers, per_kind, strict=False)
-                if key[0] == "monolithic"
+                if key.mode == "monolithic"
             }
             serial_floor = floor["p50_ms"] / mono[aheads[0]]["p50_ms"]
             print(
@@ -717,41 +728,26 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-            for ((mode, shards, wire, transport, ahead), (_, info)), st in zip(
-                rankers.items(), per_kind[:-1], strict=True
-            ):
-                line = {
-                    **common,
-                    "mode": mode,
-                    "shards": shards,
-                    "wire": wire,
-                    "transport": transport,
-                    "fetch_ahead": ahead,
-                    "clients": c,
-                    "device": info.get("device"),
-                    **st,
-                }
-                if mode == "hybrid":
+            for (key, (_, info)), st in zip(rankers.items(), per_kind[:-1], strict=True):
+                line = {**common, **key._asdict(), "clients": c, "device": info.get("device"), **st}
+                if key.mode == "hybrid":
+                    ref = mono[key.fetch_ahead]
                     line.update(
-                        p50_vs_monolithic=round(st["p50_ms"] / mono[ahead]["p50_ms"], 3),
-                        p99_vs_monolithic=round(st["p99_ms"] / mono[ahead]["p99_ms"], 3),
+                        p50_vs_monolithic=round(st["p50_ms"] / ref["p50_ms"], 3),
+                        p99_vs_monolithic=round(st["p99_ms"] / ref["p99_ms"], 3),
                         serial_floor_vs_monolithic=round(serial_floor, 3),
                         target_vs_monolithic=1.15,
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for (mode, shards, wire, transport, ahead), (proc, _) in rankers.items():
+        for key, (proc, _) in rankers.items():
             stats = _stop_ranker(proc)
             print(
                 json.dumps(
                     {
                         **common,
                         "kind": "rank_service",
-                        "mode": mode,
-                        "shards": shards,
-                        "wire": wire,
-                        "transport": transport,
-                        "fetch_ahead": ahead,
+                        **key._asdict(),
                         "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                         "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
                         "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),

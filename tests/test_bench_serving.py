@@ -81,3 +81,6 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
     assert len(services) == 3
     for x in services:  # every Rank call the clients made was answered
         assert set(x["by_code"]) == {"OK"}
+        # One client: one request per batch, so each call outlasts its batch's stages.
+        assert 0 < x["fetch_p50_ms"] < x["server_p50_ms"]
+        assert 0 < x["score_p50_ms"] < x["server_p50_ms"]
