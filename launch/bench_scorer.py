@@ -10,14 +10,23 @@ device and back included) -- at each padded batch size of ``--padded``, with
 float32 matmuls at the service's precision (``SCORER_PRECISION``, "highest")
 and at XLA's default, interleaved call by call. On CPU the two are the same
 computation; on Ampere and later GPUs the default multiplies in TF32. The
-ranker is the artifact's (``--artifact``) or a DCN-v2 over user / pin /
-advertiser rows of ``--dim`` / ``--dim`` / ``--dim // 2`` with random weights.
+same call with the rows packed (``packed``, at the service's precision) is
+timed with them: one float32 [P, sum of D] array for all entity rows, one int32
+[P, K] for the coarse ids, one [2, P] array back, so 2 host-to-device transfers
+and 1 back per call where the service makes one per entity and coarse feature
+and 2 back (the last GPU host's scorer was dominated by host work: this says
+whether packing is worth moving into the service; on CPU it made no difference,
+0.98-1.03x). The ranker is the artifact's (``--artifact``) or a DCN-v2 over
+user / pin / advertiser rows of ``--dim`` / ``--dim`` / ``--dim // 2`` with
+random weights.
 Inputs are standard normal rows. One JSON line per batch size:
 
   {"bench": "scorer", "device", "padded", "highest_ms", "default_ms",
-   "highest_over_default", "max_rel_diff_ctr", "max_rel_diff_cvr"}
+   "highest_over_default", "max_rel_diff_ctr", "max_rel_diff_cvr",
+   "packed_ms", "packed_over_highest", "packed_max_rel_diff"}
 
-``max_rel_diff_*``: the largest |highest - default| / |highest| over the batch.
+``max_rel_diff_*``: the largest |highest - default| / |highest| over the batch;
+``packed_max_rel_diff`` the same for packed against highest (pCTR and pCVR).
 Measured on an H200 (2026-11-26, with a one-off script doing the same):
 0.25 / 0.30 / 0.35 ms at 64 / 512 / 2048 rows in full float32 against
 0.27 / 0.27 / 0.33 ms in TF32, which moved pCTR by up to 7.6e-4 relative.
@@ -39,7 +48,7 @@ _DIM = flags.DEFINE_integer("dim", 64, "User and pin dim of the synthetic ranker
 _PADDED = flags.DEFINE_list(
     "padded", ["64", "256", "512", "1024", "2048"], "Padded batch sizes (the service's buckets)."
 )
-_ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per batch size and precision.")
+_ITERS = flags.DEFINE_integer("iters", 300, "Timed calls per batch size and variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "Untimed calls first (compile).")
 
 
@@ -61,6 +70,38 @@ def _ranker():
     )
     _, params = model_lib.init_dense(config, seed=0)
     return config.to_dict(), model_lib.flatten_params(params)
+
+
+def _packed_scorer(config, precision: str):
+    """``scorer(params, rows_pe, coarse_pk) -> [2, P]`` (pCTR, pCVR): the service's
+    scorer with every entity's rows in one array and every coarse id in another."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_recsys.ranking import model as model_lib
+
+    score_fn = model_lib.make_score_fn(config)
+    names = [c for c, _ in config.coarse_vocab_sizes]
+
+    def probs(params, rows_pe, coarse_pk):
+        emb, lo = {}, 0
+        for ent, dim in config.entity_dims:
+            emb[ent], lo = rows_pe[:, lo : lo + dim], lo + dim
+        coarse = {c: coarse_pk[:, k] for k, c in enumerate(names)}
+        ctr, cvr = score_fn(params, entity_emb=emb, coarse_ids=coarse)
+        return jnp.stack([jax.nn.sigmoid(ctr), jax.nn.sigmoid(cvr)])
+
+    jitted = jax.jit(probs)
+
+    def scorer(params, rows_pe, coarse_pk):
+        with jax.default_matmul_precision(precision):
+            return jitted(params, rows_pe, coarse_pk)
+
+    return scorer
+
+
+def _max_rel_diff(ref, other) -> float:
+    return float(np.max(np.abs(ref - other) / np.maximum(np.abs(ref), 1e-30)))
 
 
 def main(argv):
@@ -85,28 +126,40 @@ def main(argv):
         "highest": rs.jitted_scorer(key, rs.SCORER_PRECISION),
         "default": rs.jitted_scorer(key, "default"),
     }
+    packed = _packed_scorer(config, rs.SCORER_PRECISION)
     rng = np.random.default_rng(0)
     for p in sizes:
         emb = {e: rng.normal(size=(p, d)).astype(np.float32) for e, d in config.entity_dims}
         coarse = {
             c: rng.integers(0, v, p).astype(np.int32) for c, v in config.coarse_vocab_sizes
         }
-        out, times = {}, {k: [] for k in scorers}
+        rows_pe = np.concatenate([emb[e] for e, _ in config.entity_dims], axis=1)
+        coarse_pk = np.stack([coarse[c] for c, _ in config.coarse_vocab_sizes], axis=1)
+        coarse_pk = coarse_pk.reshape(p, len(config.coarse_vocab_sizes))  # K = 0 too
+        out, times = {}, {k: [] for k in (*scorers, "packed")}
         for name, fn in scorers.items():
             for _ in range(_WARMUP.value):
                 jax.block_until_ready(fn(params, emb, coarse))
             out[name] = [np.asarray(a, np.float64) for a in fn(params, emb, coarse)]
-        for _ in range(_ITERS.value):  # interleaved: both see the same machine state
+        for _ in range(_WARMUP.value):
+            jax.block_until_ready(packed(params, rows_pe, coarse_pk))
+        out["packed"] = np.asarray(packed(params, rows_pe, coarse_pk), np.float64)
+        for _ in range(_ITERS.value):  # interleaved: all see the same machine state
             for name, fn in scorers.items():
                 t0 = time.perf_counter()
                 ctr, cvr = fn(params, emb, coarse)
                 np.asarray(ctr), np.asarray(cvr)
                 times[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            np.asarray(packed(params, rows_pe, coarse_pk))
+            times["packed"].append(time.perf_counter() - t0)
         med = {k: float(np.median(v) * 1e3) for k, v in times.items()}
         rel = [
-            float(np.max(np.abs(h - d) / np.maximum(np.abs(h), 1e-30)))
-            for h, d in zip(out["highest"], out["default"], strict=True)
+            _max_rel_diff(h, d) for h, d in zip(out["highest"], out["default"], strict=True)
         ]
+        packed_rel = max(
+            _max_rel_diff(h, q) for h, q in zip(out["highest"], out["packed"], strict=True)
+        )
         print(
             json.dumps(
                 {
@@ -118,6 +171,9 @@ def main(argv):
                     "highest_over_default": round(med["highest"] / med["default"], 3),
                     "max_rel_diff_ctr": rel[0],
                     "max_rel_diff_cvr": rel[1],
+                    "packed_ms": round(med["packed"], 4),
+                    "packed_over_highest": round(med["packed"] / med["highest"], 3),
+                    "packed_max_rel_diff": packed_rel,
                 }
             ),
             flush=True,

@@ -84,3 +84,5 @@ def test_bench_scorer_smoke():
         assert x["device"].startswith("cpu") and x["highest_ms"] > 0
         # On CPU XLA's default float32 matmul is full precision: the same scores.
         assert x["max_rel_diff_ctr"] == 0.0 and x["max_rel_diff_cvr"] == 0.0
+        # Packed rows (one array in, one out) score as the service's call does.
+        assert x["packed_ms"] > 0 and x["packed_max_rel_diff"] <= 1e-6
