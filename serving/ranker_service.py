@@ -389,11 +389,12 @@ class _Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.codes: collections.Counter[str] = collections.Counter()
-        self.latencies_s: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
-        # Per batch: the fetch (lookups, local or remote, and assembly into the
-        # padded arrays) and the scoring (transfers and the jitted call).
-        self.stage_s = {
-            stage: collections.deque(maxlen=_LATENCY_WINDOW) for stage in ("fetch", "score")
+        # Recent seconds: of each answered Rank call ("rank", in the handler) and,
+        # per batch, of the fetch (lookups, local or remote, and assembly into the
+        # padded arrays) and of the scoring (transfers and the jitted call).
+        self.stage_s: dict[str, collections.deque[float]] = {
+            stage: collections.deque(maxlen=_LATENCY_WINDOW)
+            for stage in ("rank", "fetch", "score")
         }
         self.batches = 0
         self.batched_requests = 0
@@ -403,35 +404,32 @@ class _Stats:
         with self._lock:
             self.codes[code.name] += 1
             if latency_s is not None:
-                self.latencies_s.append(latency_s)
+                self.stage_s["rank"].append(latency_s)
 
-    def batch(self, requests: int, candidates: int) -> None:
+    def batch(self, requests: int, candidates: int, score_s: float) -> None:
         with self._lock:
             self.batches += 1
             self.batched_requests += requests
             self.batched_candidates += candidates
+            self.stage_s["score"].append(score_s)
 
-    def stage(self, stage: str, seconds: float) -> None:
+    def fetched(self, seconds: float) -> None:
         with self._lock:
-            self.stage_s[stage].append(seconds)
+            self.stage_s["fetch"].append(seconds)
 
     def summary(self) -> dict:
         with self._lock:
-            lat = np.array(self.latencies_s) if self.latencies_s else np.zeros(1)
-            return {
+            out = {
                 "requests": int(sum(self.codes.values())),
                 "by_code": dict(self.codes),
                 "batches": self.batches,
                 "requests_per_batch": self.batched_requests / max(self.batches, 1),
                 "candidates_per_batch": self.batched_candidates / max(self.batches, 1),
-                "rank_p50_ms": float(np.percentile(lat, 50) * 1e3),
-                "rank_p99_ms": float(np.percentile(lat, 99) * 1e3),
-                **{
-                    f"{stage}_p{q}_ms": float(np.percentile(times or [0.0], q) * 1e3)
-                    for stage, times in self.stage_s.items()
-                    for q in (50, 99)
-                },
             }
+            for stage, times in self.stage_s.items():
+                for q in (50, 99):
+                    out[f"{stage}_p{q}_ms"] = float(np.percentile(times or [0.0], q) * 1e3)
+            return out
 
 
 # ----------------------------------------------------------------------------- service
@@ -924,7 +922,7 @@ class RankerService:
             log.exception("fetch failed")
             err = RankError(grpc.StatusCode.INTERNAL, f"fetch failed: {type(e).__name__}: {e}")
         else:
-            self._stats.stage("fetch", time.perf_counter() - t0)
+            self._stats.fetched(time.perf_counter() - t0)
             self._compute_q.put((live, batch))
             return True
         for job in live:
@@ -1018,8 +1016,7 @@ class RankerService:
         t0 = time.perf_counter()
         ctr_p, cvr_p = ver.scorer(ver.params, emb_pd, coarse_p)
         ctr_p, cvr_p = np.asarray(ctr_p, np.float32), np.asarray(cvr_p, np.float32)
-        self._stats.stage("score", time.perf_counter() - t0)
-        self._stats.batch(len(jobs), total)
+        self._stats.batch(len(jobs), total, score_s=time.perf_counter() - t0)
         lo = 0
         for job in jobs:
             hi = lo + job.size
