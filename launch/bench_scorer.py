@@ -134,8 +134,9 @@ def main(argv):
             c: rng.integers(0, v, p).astype(np.int32) for c, v in config.coarse_vocab_sizes
         }
         rows_pe = np.concatenate([emb[e] for e, _ in config.entity_dims], axis=1)
-        coarse_pk = np.stack([coarse[c] for c, _ in config.coarse_vocab_sizes], axis=1)
-        coarse_pk = coarse_pk.reshape(p, len(config.coarse_vocab_sizes))  # K = 0 too
+        coarse_pk = np.zeros((p, len(config.coarse_vocab_sizes)), np.int32)  # K = 0 too
+        for k, (c, _) in enumerate(config.coarse_vocab_sizes):
+            coarse_pk[:, k] = coarse[c]
         out, times = {}, {k: [] for k in (*scorers, "packed")}
         for name, fn in scorers.items():
             for _ in range(_WARMUP.value):

@@ -86,3 +86,26 @@ def test_bench_scorer_smoke():
         assert x["max_rel_diff_ctr"] == 0.0 and x["max_rel_diff_cvr"] == 0.0
         # Packed rows (one array in, one out) score as the service's call does.
         assert x["packed_ms"] > 0 and x["packed_max_rel_diff"] <= 1e-6
+
+
+def test_bench_scorer_on_an_artifact_ranker_without_coarse_features(tmp_path):
+    import numpy as np
+
+    from jax_recsys.quant import artifact
+    from jax_recsys.ranking import model as model_lib
+
+    config = model_lib.RankerConfig(entity_dims=(("user", 8), ("pin", 8)), coarse_vocab_sizes=())
+    _, params = model_lib.init_dense(config, seed=0)
+    rng = np.random.default_rng(0)
+    artifact.write_artifact(
+        str(tmp_path / "art"),
+        tables={t: rng.normal(size=(10, 8)).astype(np.float32) for t in ("user", "pin")},
+        vocabs={t: np.arange(10, dtype=np.int64) for t in ("user", "pin")},
+        bits=4,
+        ranker_config=config.to_dict(),
+        ranker_params=model_lib.flatten_params(params),
+    )
+    args = [f"--artifact={tmp_path / 'art'}", "--padded=64", "--iters=3", "--warmup=1"]
+    (x,) = mp_util.json_lines("launch.bench_scorer", args)
+    # No coarse ids: the packed variant gets an int32 [P, 0] array and scores the same.
+    assert x["padded"] == 64 and x["packed_max_rel_diff"] <= 1e-6
