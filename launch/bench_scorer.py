@@ -5,34 +5,38 @@ r"""Ranker scorer benchmark: the serving score function's latency and precision 
   python -m launch.bench_scorer --artifact=ART           # that artifact's ranker
 
 Times ``serving.ranker_service.jitted_scorer`` -- the jitted function the ranker
-service calls once per batch, NumPy rows in, NumPy probabilities out (host to
-device and back included) -- at each padded batch size of ``--padded``, with
-float32 matmuls at the service's precision (``SCORER_PRECISION``, "highest")
-and at XLA's default, interleaved call by call. On CPU the two are the same
-computation; on Ampere and later GPUs the default multiplies in TF32. The
-same call with the rows packed (``packed``, at the service's precision) is
-timed with them: one float32 [P, sum of D] array for all entity rows, one int32
-[P, K] for the coarse ids, one [2, P] array back, so 2 host-to-device transfers
-and 1 back per call where the service makes one per entity and coarse feature
-and 2 back (the last GPU host's scorer was dominated by host work: this says
-whether packing is worth moving into the service; on CPU it made no difference,
-0.98-1.03x). The ranker is the artifact's (``--artifact``) or a DCN-v2 over
-user / pin / advertiser rows of ``--dim`` / ``--dim`` / ``--dim // 2`` with
-random weights.
+service calls once per batch, packed NumPy rows in (one float32 [P, sum of D]
+array of every entity's rows, one int32 [P, K] of the coarse ids), one NumPy
+[2, P] array of probabilities out, host to device and back included -- at each
+padded batch size of ``--padded``, with float32 matmuls at the service's
+precision (``SCORER_PRECISION``, "highest") and at XLA's default, interleaved
+call by call. On CPU the two are the same computation; on Ampere and later
+GPUs the default multiplies in TF32. The scorer the service had before it
+packed (``unpacked``: one array per entity and coarse feature in, one per
+output back, so 5 host-to-device transfers and 2 back for the synthetic ranker
+where the packed one makes 2 and 1) is timed with them, at the service's
+precision. The ranker is the artifact's (``--artifact``) or a DCN-v2 over
+user / pin / advertiser rows of ``--dim`` / ``--dim`` / ``--dim // 2`` and
+one coarse feature, with random weights.
 Inputs are standard normal rows. One JSON line per batch size:
 
   {"bench": "scorer", "device", "padded", "highest_ms", "default_ms",
    "highest_over_default", "max_rel_diff_ctr", "max_rel_diff_cvr",
-   "packed_ms", "packed_over_highest", "packed_max_rel_diff"}
+   "unpacked_ms", "highest_over_unpacked", "unpacked_max_rel_diff"}
 
 ``max_rel_diff_*``: the largest |highest - default| / |highest| over the batch;
-``packed_max_rel_diff`` the same for packed against highest (pCTR and pCVR).
-Measured on an H200 (2026-11-26, with a one-off script doing the same):
-0.25 / 0.30 / 0.35 ms at 64 / 512 / 2048 rows in full float32 against
-0.27 / 0.27 / 0.33 ms in TF32, which moved pCTR by up to 7.6e-4 relative.
-This benchmark on another H200 host (2026-11-27): 1.12 / 1.60 / 1.03 ms at
-64 / 512 / 2048 rows with XLA_PYTHON_CLIENT_PREALLOCATE=false, 0.77 / 0.99 ms
-at 64 / 512 with the default preallocation; TF32 took the same time there.
+``unpacked_max_rel_diff`` the same for unpacked against highest (pCTR and pCVR
+together).
+
+Measured on an H200 (2026-11-27, the packed scorer then timed as a variant
+beside the unpacked service): 0.41 / 0.48 / 0.61 ms at 64 / 512 / 2048 rows
+packed against 0.64 / 0.74 / 0.85 ms unpacked (0.64-0.71x), scores equal to
+1.2e-7 relative; TF32 took the same time as full float32 and moved pCTR by up
+to 1.1e-3 relative. On this project's 2-core CPU box packing made no
+difference (0.98-1.03x). Earlier H200 readings of the unpacked scorer: 0.25 /
+0.30 / 0.35 ms (2026-11-26, a one-off script on another host), and 1.12 /
+1.60 / 1.03 ms with XLA_PYTHON_CLIENT_PREALLOCATE=false: host work dominates
+there, and varies with the host.
 """
 
 from __future__ import annotations
@@ -72,30 +76,24 @@ def _ranker():
     return config.to_dict(), model_lib.flatten_params(params)
 
 
-def _packed_scorer(config, precision: str):
-    """``scorer(params, rows_pe, coarse_pk) -> [2, P]`` (pCTR, pCVR): the service's
-    scorer with every entity's rows in one array and every coarse id in another."""
+def _unpacked_scorer(config, precision: str):
+    """``scorer(params, entity_emb, coarse_ids) -> (pCTR [P], pCVR [P])``: the
+    service's scorer before packing, one array per entity and coarse feature in
+    and one per output back."""
     import jax
-    import jax.numpy as jnp
 
     from jax_recsys.ranking import model as model_lib
 
     score_fn = model_lib.make_score_fn(config)
-    names = [c for c, _ in config.coarse_vocab_sizes]
 
-    def probs(params, rows_pe, coarse_pk):
-        emb, lo = {}, 0
-        for ent, dim in config.entity_dims:
-            emb[ent], lo = rows_pe[:, lo : lo + dim], lo + dim
-        coarse = {c: coarse_pk[:, k] for k, c in enumerate(names)}
-        ctr, cvr = score_fn(params, entity_emb=emb, coarse_ids=coarse)
-        return jnp.stack([jax.nn.sigmoid(ctr), jax.nn.sigmoid(cvr)])
+    @jax.jit
+    def probs(params, entity_emb, coarse_ids):
+        ctr, cvr = score_fn(params, entity_emb=entity_emb, coarse_ids=coarse_ids)
+        return jax.nn.sigmoid(ctr), jax.nn.sigmoid(cvr)
 
-    jitted = jax.jit(probs)
-
-    def scorer(params, rows_pe, coarse_pk):
+    def scorer(params, entity_emb, coarse_ids):
         with jax.default_matmul_precision(precision):
-            return jitted(params, rows_pe, coarse_pk)
+            return probs(params, entity_emb, coarse_ids)
 
     return scorer
 
@@ -126,41 +124,38 @@ def main(argv):
         "highest": rs.jitted_scorer(key, rs.SCORER_PRECISION),
         "default": rs.jitted_scorer(key, "default"),
     }
-    packed = _packed_scorer(config, rs.SCORER_PRECISION)
+    unpacked = _unpacked_scorer(config, rs.SCORER_PRECISION)
+    cols = rs.entity_columns(config)
     rng = np.random.default_rng(0)
     for p in sizes:
-        emb = {e: rng.normal(size=(p, d)).astype(np.float32) for e, d in config.entity_dims}
-        coarse = {
-            c: rng.integers(0, v, p).astype(np.int32) for c, v in config.coarse_vocab_sizes
-        }
-        rows_pe = np.concatenate([emb[e] for e, _ in config.entity_dims], axis=1)
-        coarse_pk = np.zeros((p, len(config.coarse_vocab_sizes)), np.int32)  # K = 0 too
-        for k, (c, _) in enumerate(config.coarse_vocab_sizes):
-            coarse_pk[:, k] = coarse[c]
-        out, times = {}, {k: [] for k in (*scorers, "packed")}
+        rows = rng.normal(size=(p, sum(d for _, d in config.entity_dims))).astype(np.float32)
+        coarse = np.zeros((p, len(config.coarse_vocab_sizes)), np.int32)  # K = 0 too
+        for k, (_, v) in enumerate(config.coarse_vocab_sizes):
+            coarse[:, k] = rng.integers(0, v, p)
+        emb = {e: np.ascontiguousarray(rows[:, s]) for e, s in cols.items()}
+        names = [c for c, _ in config.coarse_vocab_sizes]
+        coarse_by_name = {c: coarse[:, k].copy() for k, c in enumerate(names)}
+        out, times = {}, {k: [] for k in (*scorers, "unpacked")}
         for name, fn in scorers.items():
             for _ in range(_WARMUP.value):
-                jax.block_until_ready(fn(params, emb, coarse))
-            out[name] = [np.asarray(a, np.float64) for a in fn(params, emb, coarse)]
+                jax.block_until_ready(fn(params, rows, coarse))
+            out[name] = np.asarray(fn(params, rows, coarse), np.float64)
         for _ in range(_WARMUP.value):
-            jax.block_until_ready(packed(params, rows_pe, coarse_pk))
-        out["packed"] = np.asarray(packed(params, rows_pe, coarse_pk), np.float64)
+            jax.block_until_ready(unpacked(params, emb, coarse_by_name))
+        out["unpacked"] = np.stack(
+            [np.asarray(a, np.float64) for a in unpacked(params, emb, coarse_by_name)]
+        )
         for _ in range(_ITERS.value):  # interleaved: all see the same machine state
             for name, fn in scorers.items():
                 t0 = time.perf_counter()
-                ctr, cvr = fn(params, emb, coarse)
-                np.asarray(ctr), np.asarray(cvr)
+                np.asarray(fn(params, rows, coarse))
                 times[name].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            np.asarray(packed(params, rows_pe, coarse_pk))
-            times["packed"].append(time.perf_counter() - t0)
+            ctr, cvr = unpacked(params, emb, coarse_by_name)
+            np.asarray(ctr), np.asarray(cvr)
+            times["unpacked"].append(time.perf_counter() - t0)
         med = {k: float(np.median(v) * 1e3) for k, v in times.items()}
-        rel = [
-            _max_rel_diff(h, d) for h, d in zip(out["highest"], out["default"], strict=True)
-        ]
-        packed_rel = max(
-            _max_rel_diff(h, q) for h, q in zip(out["highest"], out["packed"], strict=True)
-        )
+        rel = [_max_rel_diff(h, d) for h, d in zip(out["highest"], out["default"], strict=True)]
         print(
             json.dumps(
                 {
@@ -172,9 +167,9 @@ def main(argv):
                     "highest_over_default": round(med["highest"] / med["default"], 3),
                     "max_rel_diff_ctr": rel[0],
                     "max_rel_diff_cvr": rel[1],
-                    "packed_ms": round(med["packed"], 4),
-                    "packed_over_highest": round(med["packed"] / med["highest"], 3),
-                    "packed_max_rel_diff": packed_rel,
+                    "unpacked_ms": round(med["unpacked"], 4),
+                    "highest_over_unpacked": round(med["highest"] / med["unpacked"], 3),
+                    "unpacked_max_rel_diff": _max_rel_diff(out["highest"], out["unpacked"]),
                 }
             ),
             flush=True,
