@@ -56,12 +56,20 @@ scorer; each hybrid is compared to the monolithic ranker of its own setting).
 The rankers share one persistent XLA compilation cache in the work folder
 (``serve_ranker --compilation_cache_dir``): on a GPU the first compiles its
 buckets (42 s on an H200), the others load them (about 1 s); each start is
-reported on stderr. One JSON line per mode and client count, and one per mode with the
+reported on stderr, and each server's stderr goes to a log file in the work
+folder (a server that fails to start is reported with the end of its log).
+Side by side, the rankers share the accelerator, each preallocating a share of
+its memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set). One lent H200
+host took one process only (a second ranker failed: "no supported devices
+found for platform CUDA"; earlier hosts ran five): there
+``--rank_one_at_a_time`` gives each ranker a turn alone (the serial floor
+beside the first monolithic one), so the ratios span time. One JSON line per mode and client count, and one per mode with the
 service's own counters (how many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards", "wire",
    "transport", "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
-   "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic", ...}
+   "one_at_a_time", "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic",
+   ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "fetch_p50_ms", "score_p50_ms", "by_code", ...}
 
@@ -187,6 +195,12 @@ _RANK_FETCH_AHEAD = flags.DEFINE_list(
     "to the monolithic ranker of its own setting; the serial floor uses the first.",
 )
 _RANK_CLIENTS = flags.DEFINE_list("rank_clients", ["1", "4"], "Concurrent Rank clients.")
+_RANK_ONE_AT_A_TIME = flags.DEFINE_bool(
+    "rank_one_at_a_time",
+    False,
+    "Run the rankers one after another instead of side by side (for an accelerator that "
+    "takes one process at a time, as one lent H200 host did); ratios then span time.",
+)
 
 _TABLE = "item"
 
@@ -399,30 +413,51 @@ def _child_env(root: str) -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
-def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subprocess.Popen, int]:
+def _spawn_service(module: str, args: list[str], what: str, env: dict | None = None):
+    """Starts ``python -m module args`` (a server that prints one JSON line when up).
+
+    Its stderr goes to a log file beside the artifact (``--workdir``); a server that
+    exits before its line fails with the log's last lines, not a bare return code.
+
+    Returns:
+      (process, the JSON line as a dict).
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "launch.serve_embeddings",
-            f"--artifact={artifact_dir}",
-            f"--shard={shard}",
-            f"--num_shards={num_shards}",
-            "--port=0",
-            f"--workers={_SERVER_WORKERS.value}",
-            "--log_every_s=0",
-        ],
-        cwd=root,
-        env=_child_env(root),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    art = next(a.split("=", 1)[1] for a in args if a.startswith("--artifact="))
+    fd, log_path = tempfile.mkstemp(
+        prefix=f"{module.rsplit('.', 1)[-1]}_", suffix=".log", dir=os.path.dirname(art)
     )
+    with os.fdopen(fd, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=root,
+            env=dict(_child_env(root), **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+        )
     line = proc.stdout.readline()
     if not line:
-        raise RuntimeError(f"shard {shard}/{num_shards} did not start (rc={proc.wait()})")
-    return proc, json.loads(line)["port"]
+        rc = proc.wait()
+        with open(log_path, errors="replace") as f:
+            tail = "".join(f.readlines()[-15:])
+        raise RuntimeError(f"{what} did not start (rc={rc}); end of {log_path}:\n{tail}")
+    return proc, json.loads(line)
+
+
+def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subprocess.Popen, int]:
+    args = [
+        f"--artifact={artifact_dir}",
+        f"--shard={shard}",
+        f"--num_shards={num_shards}",
+        "--port=0",
+        f"--workers={_SERVER_WORKERS.value}",
+        "--log_every_s=0",
+    ]
+    proc, info = _spawn_service(
+        "launch.serve_embeddings", args, f"shard {shard}/{num_shards}"
+    )
+    return proc, info["port"]
 
 
 def _write_artifact(out_dir: str) -> dict:
@@ -507,36 +542,25 @@ def _spawn_ranker(
     wire: str = "quantized",
     fetch_ahead: int = 1,
     transport: str = "stream",
+    env: dict | None = None,
 ) -> tuple[subprocess.Popen, dict]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "launch.serve_ranker",
-            f"--artifact={artifact_dir}",
-            f"--shards={shards}",
-            "--port=0",
-            "--deadline_s=5",
-            "--log_every_s=0",
-            f"--wire={wire}",
-            f"--fetch_ahead={fetch_ahead}",
-            f"--transport={transport}",
-            # One cache for all rankers: same architecture and buckets, compiled once.
-            f"--compilation_cache_dir={os.path.join(os.path.dirname(artifact_dir), 'jax_cache')}",
-        ],
-        cwd=root,
-        env=_child_env(root),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    args = [
+        f"--artifact={artifact_dir}",
+        f"--shards={shards}",
+        "--port=0",
+        "--deadline_s=5",
+        "--log_every_s=0",
+        f"--wire={wire}",
+        f"--fetch_ahead={fetch_ahead}",
+        f"--transport={transport}",
+        # One cache for all rankers: same architecture and buckets, compiled once.
+        f"--compilation_cache_dir={os.path.join(os.path.dirname(artifact_dir), 'jax_cache')}",
+    ]
+    proc, info = _spawn_service(
+        "launch.serve_ranker", args, f"ranker shards={len(shard_ports)} wire={wire}", env
     )
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"ranker did not start (rc={proc.wait()})")
-    info = json.loads(line)
     print(  # progress: a ranker starts JAX and compiles its buckets first
         f"ranker shards={len(shard_ports)} wire={wire} transport={transport} "
         f"fetch_ahead={fetch_ahead} on {info.get('device')}: up in "
@@ -545,6 +569,20 @@ def _spawn_ranker(
         flush=True,
     )
     return proc, info
+
+
+def _ranker_env(num_rankers: int) -> dict:
+    """Environment for rankers sharing one accelerator: a share of its memory each.
+
+    JAX preallocates 75% of a GPU's memory per process, so a second ranker on the
+    same GPU could not get its memory. Each gets ``min(0.75, 0.9 / n)``
+    instead, unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` or
+    ``XLA_PYTHON_CLIENT_PREALLOCATE`` is set (turning preallocation off also works,
+    but cost 0.35-0.6 ms per scoring call there). Ignored on CPU.
+    """
+    if {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(os.environ):
+        return {}
+    return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{min(0.75, 0.9 / max(num_rankers, 1)):.3f}"}
 
 
 def _stop_ranker(proc: subprocess.Popen) -> dict:
@@ -662,55 +700,68 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     request_bytes, response_bytes = _fetch_sizes(
         manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )
+    keys = [_RankerKey("monolithic", 0, "", "", ahead) for ahead in aheads]
+    keys += [
+        _RankerKey("hybrid", n, wire, transport, ahead)
+        for n in shard_counts
+        for wire in wires
+        for transport in transports
+        for ahead in aheads
+    ]
+    # All rankers run side by side and every client alternates between them in
+    # time slices: same machine state for all, so the ratios are not the drift of
+    # a noisy box between runs. With --rank_one_at_a_time (an accelerator that
+    # takes one process) each ranker gets a turn alone, the serial floor beside
+    # the first monolithic one.
+    turns = [[k] for k in keys] if _RANK_ONE_AT_A_TIME.value else [keys]
     shard_procs: dict[int, list] = {}
-    rankers = {}
+    results: dict[tuple, dict] = {}  # (key | "floor", clients) -> latency stats
+    devices: dict[_RankerKey, str] = {}
     echo = None
     try:
         for n in shard_counts:
             shard_procs[n] = [_spawn_shard(art_dir, i, n) for i in range(n)]
         echo, echo_addr = _start_echo()
-        # All services run side by side and every client alternates between
-        # them in time slices: same machine state for all, so the ratios are
-        # not the drift of a noisy box between runs. The last kind is the
-        # serial floor (see module docstring).
-        for ahead in aheads:
-            rankers[_RankerKey("monolithic", 0, "", "", ahead)] = _spawn_ranker(
-                art_dir, [], fetch_ahead=ahead
-            )
-        for n, procs in shard_procs.items():
-            for wire in wires:
-                for transport in transports:
-                    for ahead in aheads:
-                        rankers[_RankerKey("hybrid", n, wire, transport, ahead)] = _spawn_ranker(
-                            art_dir, [p for _, p in procs], wire, ahead, transport
-                        )
-        kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
-        kinds.append(
-            {
-                "kind": "serial_floor",
-                "address": kinds[0]["address"],
-                "echo_address": echo_addr,
-                "transport": transports[0],
-                "request_bytes": request_bytes,
-                "response_bytes": response_bytes,
-            }
-        )
-        # Each kind gets duration_s / 2 of the time, as echo and lookup do.
-        duration = _DURATION.value * len(kinds) / 2
+        for turn in turns:
+            rankers = {}
+            try:
+                env = _ranker_env(len(turn))
+                for key in turn:
+                    ports = [p for _, p in shard_procs.get(key.shards, [])]
+                    rankers[key] = _spawn_ranker(
+                        art_dir, ports, key.wire or "quantized", key.fetch_ahead,
+                        key.transport or "stream", env,
+                    )
+                    devices[key] = rankers[key][1].get("device")
+                kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
+                if keys[0] in turn:  # the serial floor (see module docstring), last
+                    kinds.append(
+                        {
+                            "kind": "serial_floor",
+                            "address": kinds[0]["address"],
+                            "echo_address": echo_addr,
+                            "transport": transports[0],
+                            "request_bytes": request_bytes,
+                            "response_bytes": response_bytes,
+                        }
+                    )
+                # Each kind gets duration_s / 2 of the time, as echo and lookup do.
+                duration = _DURATION.value * len(kinds) / 2
+                for c in clients:
+                    lats = pool.run(
+                        dict(task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration), c
+                    )
+                    per_kind = [_stats(lat, _DURATION.value / 2) for lat in lats]
+                    for st in per_kind:
+                        st.pop("ids_per_s")
+                    for key, st in zip([*turn, "floor"], per_kind, strict=False):
+                        results[key, c] = st
+            finally:
+                for key, (proc, _) in rankers.items():
+                    _print_service_line(common, key, _stop_ranker(proc))
         for c in clients:
-            lats = pool.run(
-                dict(task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration), c
-            )
-            per_kind = [_stats(lat, _DURATION.value / 2) for lat in lats]
-            for st in per_kind:
-                st.pop("ids_per_s")
-            floor = per_kind[-1]
-            mono = {  # the monolithic ranker each hybrid is compared to: same fetch_ahead
-                key.fetch_ahead: st
-                for key, st in zip(rankers, per_kind, strict=False)
-                if key.mode == "monolithic"
-            }
-            serial_floor = floor["p50_ms"] / mono[aheads[0]]["p50_ms"]
+            floor = results["floor", c]
+            serial_floor = floor["p50_ms"] / results[keys[0], c]["p50_ms"]
             print(
                 json.dumps(
                     {
@@ -728,10 +779,13 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                 ),
                 flush=True,
             )
-            for (key, (_, info)), st in zip(rankers.items(), per_kind[:-1], strict=True):
-                line = {**common, **key._asdict(), "clients": c, "device": info.get("device"), **st}
+            for key in keys:
+                st = results[key, c]
+                line = {**common, **key._asdict(), "clients": c, "device": devices[key], **st}
+                line["one_at_a_time"] = _RANK_ONE_AT_A_TIME.value
                 if key.mode == "hybrid":
-                    ref = mono[key.fetch_ahead]
+                    # The monolithic ranker of the same fetch_ahead.
+                    ref = results[_RankerKey("monolithic", 0, "", "", key.fetch_ahead), c]
                     line.update(
                         p50_vs_monolithic=round(st["p50_ms"] / ref["p50_ms"], 3),
                         p99_vs_monolithic=round(st["p99_ms"] / ref["p99_ms"], 3),
@@ -740,25 +794,6 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for key, (proc, _) in rankers.items():
-            stats = _stop_ranker(proc)
-            print(
-                json.dumps(
-                    {
-                        **common,
-                        "kind": "rank_service",
-                        **key._asdict(),
-                        "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
-                        "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
-                        "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),
-                        # Per batch, inside the service: lookups + assembly; scoring.
-                        "fetch_p50_ms": round(stats.get("fetch_p50_ms", 0.0), 3),
-                        "score_p50_ms": round(stats.get("score_p50_ms", 0.0), 3),
-                        "by_code": stats.get("by_code"),
-                    }
-                ),
-                flush=True,
-            )
         for procs in shard_procs.values():
             for proc, _ in procs:
                 proc.terminate()
@@ -766,6 +801,27 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         if echo is not None:
             echo.terminate()
             echo.join(10)
+
+
+def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
+    """One ranker's own counters (``RankerService.stats``) as a rank_service line."""
+    print(
+        json.dumps(
+            {
+                **common,
+                "kind": "rank_service",
+                **key._asdict(),
+                "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
+                "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
+                "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),
+                # Per batch, inside the service: lookups + assembly; scoring.
+                "fetch_p50_ms": round(stats.get("fetch_p50_ms", 0.0), 3),
+                "score_p50_ms": round(stats.get("score_p50_ms", 0.0), 3),
+                "by_code": stats.get("by_code"),
+            }
+        ),
+        flush=True,
+    )
 
 
 def _transports(flag) -> list[str]:

@@ -84,3 +84,62 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
         # One client: one request per batch, so each call outlasts its batch's stages.
         assert 0 < x["fetch_p50_ms"] < x["server_p50_ms"]
         assert 0 < x["score_p50_ms"] < x["server_p50_ms"]
+
+
+@pytest.mark.multiprocess
+def test_a_server_that_does_not_start_fails_with_the_end_of_its_log(tmp_path):
+    from launch import bench_serving
+
+    with pytest.raises(RuntimeError) as err:
+        bench_serving._spawn_ranker(str(tmp_path / "no_artifact"), [])
+    # The ranker's own one-line reason, read back from its log beside the artifact.
+    assert "ranker shards=0 wire=quantized did not start (rc=1)" in str(err.value)
+    assert "no_artifact/manifest.json: missing" in str(err.value)
+    assert len(list(tmp_path.glob("serve_ranker_*.log"))) == 1
+
+
+def test_rankers_sharing_a_gpu_get_a_share_of_its_memory_unless_told(monkeypatch):
+    from launch import bench_serving
+
+    for var in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+        monkeypatch.delenv(var, raising=False)
+    assert bench_serving._ranker_env(1) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.750"}
+    assert bench_serving._ranker_env(3) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.300"}
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    assert bench_serving._ranker_env(3) == {}
+
+
+@pytest.mark.slow  # ~20 s: two rankers start one after the other
+@pytest.mark.multiprocess
+def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(tmp_path):
+    args = [
+        "--parts=rank",
+        "--duration_s=0.4",
+        "--warmup=3",
+        "--rank_rows=5000",
+        "--rank_candidates=100",
+        "--rank_shards=1",
+        "--rank_wires=quantized",
+        "--rank_clients=1,2",
+        "--rank_one_at_a_time",
+        f"--workdir={tmp_path / 'work'}",
+    ]
+    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
+    kinds = [x["kind"] for x in lines]
+    # Each ranker's counters are printed when its turn ends, before the comparisons.
+    assert kinds == ["rank_artifact", "rank_service", "rank_service"] + [
+        "rank_serial_floor", "rank", "rank"
+    ] * 2
+    services = [x for x in lines if x["kind"] == "rank_service"]
+    assert [x["mode"] for x in services] == ["monolithic", "hybrid"]
+    assert all(set(x["by_code"]) == {"OK"} for x in services)
+    for c in (1, 2):
+        mono, hybrid = (x for x in lines if x["kind"] == "rank" and x["clients"] == c)
+        (floor,) = (x for x in lines if x["kind"] == "rank_serial_floor" and x["clients"] == c)
+        assert mono["one_at_a_time"] and mono["mode"] == "monolithic" and mono["requests"] > 0
+        assert hybrid["p50_vs_monolithic"] == pytest.approx(
+            hybrid["p50_ms"] / mono["p50_ms"], abs=1e-3
+        )
+        assert floor["p50_vs_monolithic"] == pytest.approx(
+            floor["p50_ms"] / mono["p50_ms"], abs=1e-3
+        )
