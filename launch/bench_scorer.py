@@ -83,19 +83,15 @@ def _unpacked_scorer(config, precision: str):
     import jax
 
     from jax_recsys.ranking import model as model_lib
+    from serving import ranker_service as rs
 
     score_fn = model_lib.make_score_fn(config)
 
-    @jax.jit
     def probs(params, entity_emb, coarse_ids):
         ctr, cvr = score_fn(params, entity_emb=entity_emb, coarse_ids=coarse_ids)
         return jax.nn.sigmoid(ctr), jax.nn.sigmoid(cvr)
 
-    def scorer(params, entity_emb, coarse_ids):
-        with jax.default_matmul_precision(precision):
-            return probs(params, entity_emb, coarse_ids)
-
-    return scorer
+    return rs.with_precision(jax.jit(probs), precision)
 
 
 def _max_rel_diff(ref, other) -> float:

@@ -413,19 +413,20 @@ def _child_env(root: str) -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
-def _spawn_service(module: str, args: list[str], what: str, env: dict | None = None):
+def _spawn_service(
+    module: str, args: list[str], what: str, log_dir: str, env: dict | None = None
+):
     """Starts ``python -m module args`` (a server that prints one JSON line when up).
 
-    Its stderr goes to a log file beside the artifact (``--workdir``); a server that
+    Its stderr goes to a log file in ``log_dir`` (the work folder); a server that
     exits before its line fails with the log's last lines, not a bare return code.
 
     Returns:
       (process, the JSON line as a dict).
     """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    art = next(a.split("=", 1)[1] for a in args if a.startswith("--artifact="))
     fd, log_path = tempfile.mkstemp(
-        prefix=f"{module.rsplit('.', 1)[-1]}_", suffix=".log", dir=os.path.dirname(art)
+        prefix=f"{module.rsplit('.', 1)[-1]}_", suffix=".log", dir=log_dir
     )
     with os.fdopen(fd, "w") as log_file:
         proc = subprocess.Popen(
@@ -455,7 +456,8 @@ def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subpro
         "--log_every_s=0",
     ]
     proc, info = _spawn_service(
-        "launch.serve_embeddings", args, f"shard {shard}/{num_shards}"
+        "launch.serve_embeddings", args, f"shard {shard}/{num_shards}",
+        os.path.dirname(artifact_dir),
     )
     return proc, info["port"]
 
@@ -559,7 +561,8 @@ def _spawn_ranker(
         f"--compilation_cache_dir={os.path.join(os.path.dirname(artifact_dir), 'jax_cache')}",
     ]
     proc, info = _spawn_service(
-        "launch.serve_ranker", args, f"ranker shards={len(shard_ports)} wire={wire}", env
+        "launch.serve_ranker", args, f"ranker shards={len(shard_ports)} wire={wire}",
+        os.path.dirname(artifact_dir), env,
     )
     print(  # progress: a ranker starts JAX and compiles its buckets first
         f"ranker shards={len(shard_ports)} wire={wire} transport={transport} "

@@ -301,11 +301,15 @@ def jitted_scorer(config_json: str, precision: str = SCORER_PRECISION):
         ctr_logit, cvr_logit = score_fn(params, entity_emb=emb, coarse_ids=coarse)
         return jnp.stack([jax.nn.sigmoid(ctr_logit), jax.nn.sigmoid(cvr_logit)])
 
-    jitted = jax.jit(probs)
+    return with_precision(jax.jit(probs), precision)
 
-    def scorer(params, rows_pe, coarse_pk):
+
+def with_precision(jitted, precision: str):
+    """``jitted`` called under ``jax.default_matmul_precision(precision)``."""
+
+    def scorer(*args):
         with jax.default_matmul_precision(precision):
-            return jitted(params, rows_pe, coarse_pk)
+            return jitted(*args)
 
     return scorer
 
@@ -383,6 +387,7 @@ class _Version:
     path: str
     config: model_lib.RankerConfig
     scorer: object  # jitted (params, rows [P, W], coarse [P, K]) -> [2, P] (pCTR, pCVR)
+    columns: dict[str, slice]  # entity -> its columns of rows (``entity_columns``)
     params: dict[str, jax.Array]
     fetcher: object  # EmbeddingClient or _LocalTables
     table_rows: dict[str, int]
@@ -551,6 +556,7 @@ class RankerService:
             path=str(art.path),
             config=rcfg,
             scorer=scorer,
+            columns=entity_columns(rcfg),
             params=params,
             fetcher=fetcher,
             table_rows=table_rows,
@@ -572,7 +578,7 @@ class RankerService:
 
     @staticmethod
     def _zeros(ver: _Version, p: int):
-        width = sum(d for _, d in ver.config.entity_dims)
+        width = max((c.stop for c in ver.columns.values()), default=0)
         return np.zeros((p, width), np.float32), np.zeros((p, len(ver.coarse)), np.int32)
 
     # ---- lifecycle ----
@@ -996,7 +1002,7 @@ class RankerService:
         if cfg.shards and want:
             self._note_fetch(shards_ok=True)
         rows_pw, coarse_pk = self._zeros(ver, p)
-        cols = entity_columns(ver.config)
+        cols = ver.columns
         for ent, dim in ver.config.entity_dims:
             out_td = rows_pw[:total, cols[ent]]  # a view: written in place
             if ent == cfg.user_entity:
@@ -1146,4 +1152,5 @@ __all__ = [
     "jitted_scorer",
     "rank_request",
     "serve",
+    "with_precision",
 ]
