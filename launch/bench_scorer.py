@@ -122,6 +122,7 @@ def main(argv):
     }
     unpacked = _unpacked_scorer(config, rs.SCORER_PRECISION)
     cols = rs.entity_columns(config)
+    names = [c for c, _ in config.coarse_vocab_sizes]
     rng = np.random.default_rng(0)
     for p in sizes:
         rows = rng.normal(size=(p, sum(d for _, d in config.entity_dims))).astype(np.float32)
@@ -129,7 +130,6 @@ def main(argv):
         for k, (_, v) in enumerate(config.coarse_vocab_sizes):
             coarse[:, k] = rng.integers(0, v, p)
         emb = {e: np.ascontiguousarray(rows[:, s]) for e, s in cols.items()}
-        names = [c for c, _ in config.coarse_vocab_sizes]
         coarse_by_name = {c: coarse[:, k].copy() for k, c in enumerate(names)}
         out, times = {}, {k: [] for k in (*scorers, "unpacked")}
         for name, fn in scorers.items():

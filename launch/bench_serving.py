@@ -63,8 +63,9 @@ its memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set). One lent H200
 host took one process only (a second ranker failed: "no supported devices
 found for platform CUDA"; earlier hosts ran five): there
 ``--rank_one_at_a_time`` gives each ranker a turn alone (the serial floor
-beside the first monolithic one), so the ratios span time. One JSON line per mode and client count, and one per mode with the
-service's own counters (how many requests the batcher merged):
+beside the first monolithic one), so the ratios span time. One JSON line per
+mode and client count, and one per mode with the service's own counters (how
+many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards", "wire",
    "transport", "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
