@@ -24,20 +24,29 @@ per slice, each kind getting ``--duration_s / 2`` of the time
 and the state of the machine with the lookups it is compared to
 (``p50_vs_echo``); on this project's shared 2-core box the echo alone was
 0.5-0.7 ms and interleaved with lookups 0.7-1.1 ms, so both ratios are
-printed (``p50_vs_echo_alone`` too). One JSON line per measurement:
+printed (``p50_vs_echo_alone`` too). A lookup on S > 1 shards also fans out:
+its floor is S round trips in parallel, which on the 2-core box cost 1.2-1.6x (2)
+and 2.4-2.8x (4) one echo. So with S > 1 a third kind joins the slices, the
+fan-out echo (``"setting": "fanout"``): the client sends S echo requests at
+once to S echo server processes, each of a shard's share of the ids and rows
+(``ceil(ids / S)``), then reads the answers in turn (streams; unary: the first
+call inline, the others on a thread pool), as ``EmbeddingClient`` does. The
+lookup is compared to it as ``p50_vs_fanout_echo`` (with one shard, the same
+number as ``p50_vs_echo``). One JSON line per measurement:
 
-  {"bench": "serving", "kind": "echo", "setting": "alone"|"sliced", "shards", "transport",
-   "clients", "p50_ms", "p99_ms", "qps", ...}
+  {"bench": "serving", "kind": "echo", "setting": "alone"|"sliced"|"fanout", "shards",
+   "transport", "clients", "p50_ms", "p99_ms", "qps", ...}
   {"bench": "serving", "kind": "lookup", "shards", "transport", "clients", "p50_ms", "p99_ms",
-   "qps", "ids_per_s", "p50_vs_echo", "p99_vs_echo", "p50_vs_echo_alone", ...}
+   "qps", "ids_per_s", "p50_vs_echo", "p99_vs_echo", "p50_vs_fanout_echo",
+   "p99_vs_fanout_echo", "p50_vs_echo_alone", ...}
   {"bench": "serving", "kind": "server_compute", "p50_ms", "p99_ms"}
 
 ``qps`` of a sliced kind counts its own ``duration_s / 2`` of the time.
 Targets on loopback (quiet machine, 1 client): lookup p50 <= 1.0 ms, p99 <=
 2.0 ms, lookup within 1.5x of the echo floor (``p50_vs_echo``). Run time
-(T transports, S shard counts, C client counts, d = ``duration_s``): about
-``C * (T * (d + 1.5) + S * (T * d + 1.5))`` s, plus writing the artifact
-(~10 s for 1M rows).
+(T transports, S shard counts of which S1 > 1, C client counts, d =
+``duration_s``): about ``C * (T * (d + 1.5) + S * (T * d + 1.5) + S1 * T * d / 2)``
+s, plus writing the artifact (~10 s for 1M rows).
 
 End-to-end ranking (``--parts=rank``): a ranking artifact (user and pin tables
 of ``--rank_rows`` x ``--dim``, an advertiser table, a DCN-v2 ranker) served
@@ -231,28 +240,58 @@ def _caller(task: dict, rng):
         echo, close_echo = _caller(dict(task, kind="echo", address=task["echo_address"]), rng)
         return (lambda i: (rank(i), echo(i))), (lambda: (close_rank(), close_echo()))
     if task["kind"] == "echo":
+        # One echo server (``address``), or a fan-out to several (``addresses``):
+        # every request goes out first, then the answers are read in turn, as
+        # EmbeddingClient fans a lookup out to its shards.
         import grpc
 
         from serving import echo_server, streaming
 
-        channel = grpc.insecure_channel(task["address"])
+        addresses = task.get("addresses") or [task["address"]]
+        channels = [grpc.insecure_channel(a) for a in addresses]
         payload = echo_server.echo_request(
             request_bytes=task["request_bytes"], response_bytes=task["response_bytes"]
         )
         if task.get("transport", "unary") == "stream":  # the client's own stream machinery
             watchdog = streaming.DeadlineWatchdog()
-            streams = streaming.StreamPool(
-                channel, echo_server.ECHO_STREAM_METHOD, watchdog=watchdog
-            )
+            pools = [
+                streaming.StreamPool(ch, echo_server.ECHO_STREAM_METHOD, watchdog=watchdog)
+                for ch in channels
+            ]
 
             def close():
-                streams.close()
+                for streams in pools:
+                    streams.close()
                 watchdog.close()
-                channel.close()
+                for ch in channels:
+                    ch.close()
 
-            return (lambda i: streams.call(payload, time.monotonic() + 5)), close
-        call = channel.unary_unary(echo_server.ECHO_METHOD)
-        return (lambda i: call(payload, timeout=5)), channel.close
+            if len(pools) == 1:
+                return (lambda i: pools[0].call(payload, time.monotonic() + 5)), close
+
+            def fan_out(i):
+                deadline = time.monotonic() + 5
+                return [wait() for wait in [p.send(payload, deadline) for p in pools]]
+
+            return fan_out, close
+        calls = [ch.unary_unary(echo_server.ECHO_METHOD) for ch in channels]
+        if len(calls) == 1:
+            return (lambda i: calls[0](payload, timeout=5)), channels[0].close
+        # Unary: the first call inline, the others on a persistent pool (as the client).
+        from concurrent import futures
+
+        executor = futures.ThreadPoolExecutor(len(calls) - 1)
+
+        def fan_out_unary(i):
+            futs = [executor.submit(c, payload, timeout=5) for c in calls[1:]]
+            return [calls[0](payload, timeout=5)] + [f.result() for f in futs]
+
+        def close_unary():
+            executor.shutdown()
+            for ch in channels:
+                ch.close()
+
+        return fan_out_unary, close_unary
     if task["kind"] == "rank":
         import grpc
 
@@ -980,7 +1019,8 @@ def _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts) ->
     }
     print(json.dumps({**common, "kind": "server_compute", **_server_compute(art_dir)}), flush=True)
 
-    echo, echo_addr = _start_echo()
+    echoes = [_start_echo()]
+    echo_addr = echoes[0][1]
     # Same payloads as a 1-shard lookup: int64 ids in, float32 rows out (+ a little framing).
     echo_task = dict(
         base,
@@ -1004,62 +1044,67 @@ def _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts) ->
                 )
         for n in shard_counts:
             procs = [_spawn_shard(art_dir, i, n) for i in range(n)]
+            # The fan-out floor of n shards: n echo servers, each echoing a shard's
+            # share of the ids and rows (the first is the one-server floor's).
+            while len(echoes) < n:
+                echoes.append(_start_echo())
+            per = -(-_IDS.value // n)
+            fanout_task = dict(
+                echo_task,
+                addresses=[addr for _, addr in echoes[:n]],
+                request_bytes=8 * per + 16,
+                response_bytes=4 * per * _DIM.value + 32,
+            )
             try:
                 lookup_kind = {
                     "kind": "lookup",
                     "manifest": manifest,
                     "addresses": [f"127.0.0.1:{port}" for _, port in procs],
                 }
-                # Echo and lookup of every transport in alternating time slices,
-                # each kind getting duration_s / 2 of the time.
-                kinds = [
-                    dict(kind, transport=t) for t in transports for kind in (echo_task, lookup_kind)
-                ]
+                # Echo (one server), fan-out echo (n > 1) and lookup of every
+                # transport in alternating time slices, each kind getting
+                # duration_s / 2 of the time.
+                per_transport = [echo_task, lookup_kind] + ([fanout_task] if n > 1 else [])
+                kinds = [dict(kind, transport=t) for t in transports for kind in per_transport]
                 duration = _DURATION.value * len(kinds) / 2
                 task = dict(echo_task, kinds=kinds, slice_s=_SLICE.value, duration_s=duration)
                 for c in client_counts:
                     lats = pool.run(task, c)
                     for k, transport in enumerate(transports):
-                        floor = _stats(lats[2 * k], _DURATION.value / 2)
-                        st = _stats(lats[2 * k + 1], _DURATION.value / 2)
-                        echo_alone = alone[transport, c]
-                        print(
-                            json.dumps({**common, "kind": "echo", "setting": "sliced",
-                                        "shards": n, "transport": transport, "clients": c,
-                                        **floor}),
-                            flush=True,
-                        )
-                        print(
-                            json.dumps(
-                                {
-                                    **common,
-                                    "kind": "lookup",
-                                    "shards": n,
-                                    "transport": transport,
-                                    "clients": c,
-                                    **st,
-                                    "p50_vs_echo": round(st["p50_ms"] / floor["p50_ms"], 3),
-                                    "p99_vs_echo": round(st["p99_ms"] / floor["p99_ms"], 3),
-                                    "p50_vs_echo_alone": round(
-                                        st["p50_ms"] / echo_alone["p50_ms"], 3
-                                    ),
-                                    "p99_vs_echo_alone": round(
-                                        st["p99_ms"] / echo_alone["p99_ms"], 3
-                                    ),
-                                    "target_p50_ms": 1.0,
-                                    "target_p99_ms": 2.0,
-                                    "target_vs_echo": 1.5,
-                                }
-                            ),
-                            flush=True,
+                        got = [
+                            _stats(lat, _DURATION.value / 2)
+                            for lat in lats[k * len(per_transport) : (k + 1) * len(per_transport)]
+                        ]
+                        floor, st = got[0], got[1]
+                        fanout = got[2] if n > 1 else floor
+                        _print_lookup_lines(
+                            common, n, transport, c, st, floor, fanout, alone[transport, c]
                         )
             finally:
                 for proc, _ in procs:
                     proc.terminate()
                     proc.wait(30)
     finally:
-        echo.terminate()
-        echo.join(10)
+        for proc, _ in echoes:
+            proc.terminate()
+            proc.join(10)
+
+
+def _print_lookup_lines(common, n, transport, c, st, floor, fanout, echo_alone) -> None:
+    """The floors and the lookup of one shard count, transport and client count."""
+    where = {"shards": n, "transport": transport, "clients": c}
+    print(json.dumps({**common, "kind": "echo", "setting": "sliced", **where, **floor}), flush=True)
+    if n > 1:
+        print(
+            json.dumps({**common, "kind": "echo", "setting": "fanout", **where, **fanout}),
+            flush=True,
+        )
+    line = {**common, "kind": "lookup", **where, **st}
+    for name, ref in (("echo", floor), ("fanout_echo", fanout), ("echo_alone", echo_alone)):
+        line[f"p50_vs_{name}"] = round(st["p50_ms"] / ref["p50_ms"], 3)
+        line[f"p99_vs_{name}"] = round(st["p99_ms"] / ref["p99_ms"], 3)
+    line.update(target_p50_ms=1.0, target_p99_ms=2.0, target_vs_echo=1.5)
+    print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,18 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
         (x["shards"], x["transport"]): x for x in by_kind["echo"] if x["setting"] == "sliced"
     }
     assert sorted(sliced) == sorted((x["shards"], x["transport"]) for x in lookups)
-    for x in lookups:  # each compared to the echo floor of its own transport and run
+    # Two shards also get the fan-out floor: two echo servers in parallel.
+    fanout = {
+        (x["shards"], x["transport"]): x for x in by_kind["echo"] if x["setting"] == "fanout"
+    }
+    assert sorted(fanout) == [(2, "stream"), (2, "unary")]
+    for x in lookups:  # each compared to the echo floors of its own transport and run
         assert x["clients"] == 1 and x["requests"] > 0 and 0 < x["p50_ms"] <= x["p99_ms"]
         floor = sliced[x["shards"], x["transport"]]
         assert x["p50_vs_echo"] == pytest.approx(x["p50_ms"] / floor["p50_ms"], abs=1e-3)
+        fan = fanout.get((x["shards"], x["transport"]), floor)  # one shard: the same floor
+        assert fan["requests"] > 0 and 0 < fan["p50_ms"] <= fan["p99_ms"]
+        assert x["p50_vs_fanout_echo"] == pytest.approx(x["p50_ms"] / fan["p50_ms"], abs=1e-3)
     alone = [x for x in by_kind["echo"] if x["setting"] == "alone"]
     assert sorted(x["transport"] for x in alone) == ["stream", "unary"]
 
