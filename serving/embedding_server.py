@@ -254,7 +254,7 @@ class EmbeddingServer:
         # Raw-bytes handlers: we parse the protobuf ourselves so garbage bytes
         # become INVALID_ARGUMENT with a message rather than gRPC's INTERNAL.
         handlers = {
-            "Lookup": grpc.unary_unary_rpc_method_handler(self._lookup),
+            "Lookup": rpc.unary_handler(self._lookup),
             # Never shed: a ranker (re)starting must learn the version of a busy shard.
             "Info": grpc.unary_unary_rpc_method_handler(rpc.express(self._info)),
         }

@@ -101,29 +101,51 @@ class _CountingPool(futures.ThreadPoolExecutor):
 
     The sync gRPC server submits one work item per admitted call and the item
     ends when the call does (also when the client cancelled before it ran), so
-    the count cannot leak.
+    the count cannot leak. A call stops counting earlier when its handler has
+    returned (``release_current``, from ``Server.unary_handler``): the rest of its
+    work item is sending the answer, which its client may have before the item
+    ends, and a client that calls again at once must not find the server still
+    full of it.
     """
 
     def __init__(self, *, max_workers: int, thread_name_prefix: str = ""):
         super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
         self.capacity = max_workers
         self._count_lock = threading.Lock()
+        self._local = threading.local()  # .held: the running call's [still counted]
         self.in_flight = 0
 
     def submit(self, fn, /, *args, **kwargs):
+        held = [True]
         with self._count_lock:
             self.in_flight += 1
+
+        def run():
+            self._local.held = held
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._local.held = None
+
         try:
-            fut = super().submit(fn, *args, **kwargs)
+            fut = super().submit(run)
         except BaseException:
-            self._done(None)
+            self._release(held)
             raise
-        fut.add_done_callback(self._done)
+        fut.add_done_callback(lambda _: self._release(held))
         return fut
 
-    def _done(self, _) -> None:
+    def _release(self, held: list[bool]) -> None:
         with self._count_lock:
-            self.in_flight -= 1
+            if held[0]:
+                held[0] = False
+                self.in_flight -= 1
+
+    def release_current(self) -> None:
+        """Stops counting the call this thread runs (no-op on other threads)."""
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            self._release(held)
 
 
 class _ShedBeyond(grpc.ServerInterceptor):
@@ -291,10 +313,31 @@ class Server:
         run.experimental_thread_pool = self._express  # gRPC runs it on that pool
         return run
 
+    def unary_handler(self, fn, **wire) -> grpc.RpcMethodHandler:
+        """A unary-unary handler for ``fn`` (``(request, context) -> response``) that
+        stops counting toward ``max_concurrent_rpcs`` as soon as ``fn`` returns or
+        aborts, not when gRPC has sent the answer: a client calling again at once,
+        on a server at its limit, is not shed for a call it already has the answer of.
+
+        Args:
+          fn: the handler.
+          **wire: ``request_deserializer`` / ``response_serializer``, if any.
+        """
+        release = self._pool.release_current
+
+        def run(request, context):
+            try:
+                return fn(request, context)
+            finally:
+                release()
+
+        return grpc.unary_unary_rpc_method_handler(run, **wire)
+
     @property
     def in_flight(self) -> int:
         """Calls in the server now, health checks aside: unary ones in the handler pool
-        (running or waiting for a thread) and stream messages being answered."""
+        (waiting for a thread, or running; a ``unary_handler`` one until its handler
+        returns) and stream messages being answered."""
         return self._pool.in_flight + self._stream_calls
 
     @property

@@ -598,7 +598,7 @@ class RankerService:
         )
         server = rpc.grpc_server
         # Raw-bytes handler: garbage bytes become INVALID_ARGUMENT with a message.
-        handlers = {"Rank": grpc.unary_unary_rpc_method_handler(self._rank_rpc)}
+        handlers = {"Rank": rpc.unary_handler(self._rank_rpc)}
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
