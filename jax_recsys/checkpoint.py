@@ -65,6 +65,11 @@ def _vocab_array(v) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"vocabulary must be 1-D raw ids in row order, got shape {arr.shape}")
     if arr.dtype.kind in "iu":
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"vocabulary id {int(arr.max())} does not fit int64; map 64-bit unsigned "
+                "ids into the signed range (or to strings) first"
+            )
         return arr.astype(np.int64, copy=False)
     if arr.dtype.kind == "U":
         return arr

@@ -38,7 +38,8 @@ def test_roundtrip(tmp_path):
         "files": {"codes": "tables/user.codes.npy", "scale": "tables/user.scale.npy",
                   "bias": "tables/user.bias.npy", "vocab": "vocab/user.npy"},
     }
-    assert m.version == artifact.compute_version(m.files)
+    assert m.format_version == 2
+    assert m.version == artifact.compute_version(m.files, tables=m.tables, ranker=m.ranker)
     art = artifact.load_artifact(tmp_path / "art", expected_version=m.version)
     assert art.version == m.version and art.manifest == m
     # Tables are mmap'd, read-only, and equal to one-shot quantization.
@@ -127,6 +128,12 @@ def test_manifest_edits_refused(tmp_path):
     edited["tables"]["ghost"] = dict(edited["tables"]["pin"])
     edited["tables"]["ghost"]["files"] = {k: v.replace("pin", "ghost") for k, v in edited["tables"]["pin"]["files"].items()}
     mpath.write_text(json.dumps(edited))
+    with pytest.raises(artifact.ArtifactError, match="version .* was edited"):
+        artifact.load_artifact(tmp_path / "art")
+    # ... and with the version recomputed, the files it names are not in the list.
+    edited["version"] = artifact.compute_version(
+        edited["files"], tables=edited["tables"], ranker=edited["ranker"])
+    mpath.write_text(json.dumps(edited))
     with pytest.raises(artifact.ArtifactError, match=r"ghost\.(codes|scale|bias)\.npy which has no checksum entry"):
         artifact.load_artifact(tmp_path / "art")
     with pytest.raises(artifact.ArtifactError, match=r"ghost\.codes\.npy: missing"):
@@ -143,6 +150,116 @@ def test_manifest_edits_refused(tmp_path):
     mpath.write_text(json.dumps(edited))
     with pytest.raises(artifact.ArtifactError, match="manifest.json: version .* was edited"):
         artifact.verify_artifact(tmp_path / "art", mode="sizes")
+
+
+def test_version_covers_what_the_manifest_says_of_the_files(tmp_path):
+    """A table's dim (odd and even INT4 dims pack alike) or which file holds which
+    parameter are part of the version: editing them is refused like a hash edit."""
+    m = _write(tmp_path / "art")
+    mpath = tmp_path / "art" / "manifest.json"
+    for edit in ("dim", "params"):
+        edited = json.loads(json.dumps(m))
+        if edit == "dim":
+            edited["tables"]["pin"]["dim"] = 6  # 5 and 6 both pack into 3 bytes a row
+        else:
+            p = edited["ranker"]["params"]
+            p["mlp/layers/0/kernel"], p["mlp/layers/0/bias"] = (
+                p["mlp/layers/0/bias"], p["mlp/layers/0/kernel"])
+        mpath.write_text(json.dumps(edited))
+        for mode in ("sizes", "full"):
+            with pytest.raises(artifact.ArtifactError, match="version .* was edited"):
+                artifact.verify_artifact(tmp_path / "art", mode=mode)
+    # Format 1 artifacts (version over the file hashes only) still load.
+    old = json.loads(json.dumps(m))
+    old["format_version"] = 1
+    old["version"] = artifact.compute_version(old["files"])
+    mpath.write_text(json.dumps(old))
+    art = artifact.load_artifact(tmp_path / "art")
+    assert art.version == old["version"] != m.version
+    np.testing.assert_array_equal(art.lookup("user", [3]), artifact.load_artifact(
+        tmp_path / "art", verify=False).lookup("user", [3]))
+    old["format_version"] = 3
+    mpath.write_text(json.dumps(old))
+    with pytest.raises(artifact.ArtifactError, match=r"format_version 3 is not supported"):
+        artifact.load_artifact(tmp_path / "art")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(tables=[1, 2]), "'tables' must map names"),
+        (lambda d: d.update(files={"a": 1}), "'files' must map relative paths"),
+        (lambda d: d.update(sizes=[3]), "'sizes' must map relative paths"),
+        (lambda d: d.update(ranker=7), "'ranker' must be null"),
+        (lambda d: d["tables"]["pin"].update(scale_dtype="flaot16"), "table 'pin' has a malformed"),
+        (lambda d: d["tables"]["pin"].update(rows=None), "table 'pin' has a malformed"),
+    ],
+)
+def test_malformed_manifest_entries_give_artifact_errors(tmp_path, edit, message):
+    m = _write(tmp_path / "art")
+    edited = json.loads(json.dumps(m))
+    edit(edited)
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(artifact.ArtifactError, match=message):
+        artifact.load_artifact(tmp_path / "art", verify=False)
+
+
+def test_rewrite_repairs_damaged_files_and_keeps_the_new_report(tmp_path):
+    m = _write(tmp_path / "art")
+    f = tmp_path / "art" / "tables" / "user.codes.npy"
+    good = f.read_bytes()
+    f.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # same size: only a full check sees it
+    with pytest.raises(artifact.ArtifactError, match="other or damaged files"):
+        _write(tmp_path / "art")
+    assert _write(tmp_path / "art", overwrite=True).version == m.version
+    assert f.read_bytes() == good
+    artifact.verify_artifact(tmp_path / "art")
+    # Same tables, new report: the files stay (same inode), the report is the new one.
+    inode = f.stat().st_ino
+    tables, vocabs, params = _inputs()
+    m2 = artifact.write_artifact(
+        tmp_path / "art", tables=tables, vocabs=vocabs, ranker_config={"hidden": [4, 3]},
+        ranker_params=params, report={"auc_delta": -0.0002, "data": "/new"}, chunk_rows=7)
+    assert m2.version == m.version and m2.report == {"auc_delta": -0.0002, "data": "/new"}
+    assert artifact.load_artifact(tmp_path / "art").manifest.report == m2.report
+    assert f.stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_load_retries_when_the_folder_is_swapped_while_opening(tmp_path, monkeypatch):
+    """A deploy that replaces the folder between the manifest read and the file
+    opens must not give one version's manifest with the other's arrays."""
+    m1 = _write(tmp_path / "art")
+    m2 = _write(tmp_path / "next", seed=1)
+    real = artifact._load_npy
+    swapped = []
+
+    def load_npy(root, rel, **kw):
+        if not swapped:  # first file of the first try: the deploy lands now
+            swapped.append(True)
+            os.rename(tmp_path / "art", tmp_path / "old")
+            os.rename(tmp_path / "next", tmp_path / "art")
+        return real(root, rel, **kw)
+
+    monkeypatch.setattr(artifact, "_load_npy", load_npy)
+    art = artifact.load_artifact(tmp_path / "art", verify=False)
+    assert swapped and art.version == m2.version != m1.version
+    tables, _, _ = _inputs(seed=1)
+    ref = rowwise.quantize_rows(tables["user"], bits=4)
+    np.testing.assert_array_equal(art.tables["user"].codes, ref.codes)
+
+    def always_swapping(root, rel, **kw):  # a folder that never settles
+        if not rel.endswith("pin.codes.npy"):  # once per try (the first file opened)
+            return real(root, rel, **kw)
+        nxt = tmp_path / ("old" if (tmp_path / "old").exists() else "next")
+        os.rename(tmp_path / "art", tmp_path / "tmp")
+        os.rename(nxt, tmp_path / "art")
+        os.rename(tmp_path / "tmp", tmp_path / ("next" if nxt.name == "old" else "old"))
+        return real(root, rel, **kw)
+
+    monkeypatch.setattr(artifact, "_load_npy", always_swapping)
+    with pytest.raises(artifact.ArtifactError, match="replaced by another version"):
+        artifact.load_artifact(tmp_path / "art", verify=False)
 
 
 def test_version_mismatch_refused(tmp_path):

@@ -166,5 +166,11 @@ def test_facet_bad_input_leaves_nothing(tmp_path):
         checkpoint.save_facet(tmp_path / "kg", facet="kg",
                               tables={"user": np.zeros((5, 2))}, vocabs={"user": np.arange(2)})
     assert list(tmp_path.iterdir()) == []
+    # Hashed 64-bit unsigned ids above int64 would wrap negative: refused, not stored.
+    big = np.array([2**64 - 1, 12345678901234567890], np.uint64)
+    with pytest.raises(ValueError, match="18446744073709551615 does not fit int64"):
+        checkpoint.save_facet(tmp_path / "kg", facet="kg",
+                              tables={"user": np.zeros((2, 2))}, vocabs={"user": big})
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="facet.json"):
         checkpoint.load_facet(tmp_path / "kg")

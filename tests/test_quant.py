@@ -166,6 +166,20 @@ def test_chunked_reports_bad_row_globally(tmp_path):
     x[7, 0] = np.inf
     with pytest.raises(ValueError, match="row 7"):
         rowwise.quantize_table_chunked(x, tmp_path, "t", bits=4, chunk_rows=3)
+    assert list(tmp_path.iterdir()) == []  # no partial file (zero scale = zero rows)
+
+
+def test_chunked_failure_keeps_earlier_outputs(tmp_path):
+    rng = np.random.default_rng(0)
+    good = rng.standard_normal((10, 4)).astype(np.float32)
+    paths = rowwise.quantize_table_chunked(good, tmp_path, "t", bits=4, chunk_rows=3)
+    before = {k: p.read_bytes() for k, p in paths.items()}
+    bad = good.copy()
+    bad[8, 1] = np.nan
+    with pytest.raises(ValueError, match="row 8"):
+        rowwise.quantize_table_chunked(bad, tmp_path, "t", bits=4, chunk_rows=3)
+    assert {k: p.read_bytes() for k, p in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
 
 
 @pytest.mark.parametrize("bits,dim", [(4, 8), (4, 7), (8, 5), (32, 4)])

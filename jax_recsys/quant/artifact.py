@@ -14,9 +14,13 @@ Layout (the contract in docs/ARCHITECTURE.md, "Serving artifact"):
 `manifest["files"]` maps every file (relative path) except manifest.json to
 its sha256; `manifest["sizes"]` to its size in bytes. The version id is the
 first 16 hex digits of sha256 over the sorted lines "<relpath>\\0<sha256>\\n"
-(`compute_version`), so equal content gives an equal version and any changed
-byte gives a new one. Servers and the ranker compare versions and refuse to
-pair different ones.
+followed (format 2) by the canonical JSON of the manifest's "tables" and
+"ranker" entries (`compute_version`), so equal content gives an equal version,
+and any changed byte, or any change to what the manifest says the files are
+(a table's dim, which file holds which parameter), gives a new one. Only the
+free-form "report" is outside the version. Format 1 artifacts (version over the
+file lines only) still load. Servers and the ranker compare versions and refuse
+to pair different ones.
 
 Writing is atomic: everything goes into a hidden temporary sibling folder,
 every file and folder is fsync'ed, then the folder is renamed into place. A
@@ -44,7 +48,8 @@ import numpy as np
 
 from jax_recsys.quant import rowwise
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)  # 1: the version covers the file hashes only
 MANIFEST = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _DTYPE_OF_BITS = {4: "int4", 8: "int8", 32: "float32"}
@@ -119,11 +124,13 @@ class Artifact:
 # ----------------------------------------------------------------------------- helpers
 
 
-def compute_version(files: dict[str, str]) -> str:
+def compute_version(files: dict[str, str], *, tables=None, ranker=None) -> str:
     """Version id: first 16 hex of sha256 over sorted (relpath, sha256) pairs.
 
     Args:
       files: relative path -> hex sha256 of the file.
+      tables, ranker: the manifest's "tables" and "ranker" entries (format 2);
+        both None gives the format 1 id, over the files only.
 
     Returns:
       16 hex characters.
@@ -131,7 +138,20 @@ def compute_version(files: dict[str, str]) -> str:
     h = hashlib.sha256()
     for rel, digest in sorted(files.items()):
         h.update(f"{rel}\0{digest}\n".encode())
+    if tables is not None or ranker is not None:
+        meta = json.dumps({"ranker": ranker, "tables": tables}, sort_keys=True,
+                          separators=(",", ":"), default=_json_default)
+        h.update(f"manifest\0{meta}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _manifest_version(manifest: Manifest) -> str:
+    """The version id the manifest's content gives, by its format."""
+    if manifest["format_version"] == 1:
+        return compute_version(manifest["files"])
+    return compute_version(
+        manifest["files"], tables=manifest["tables"], ranker=manifest.get("ranker")
+    )
 
 
 def _sha256_file(path: pathlib.Path, block: int = 1 << 20) -> str:
@@ -161,6 +181,19 @@ def _fsync_dir(path: pathlib.Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _replace_atomically(path: pathlib.Path, data: bytes) -> None:
+    """Writes ``data`` to a sibling temporary file, fsyncs it and renames it over ``path``."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_bytes(data)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _json_default(x):
@@ -251,8 +284,10 @@ def write_artifact(
       overwrite: replace an existing artifact of a different version at `out_dir`.
 
     Returns:
-      The written Manifest (equal content at `out_dir` is left untouched and its
-      manifest returned).
+      The written Manifest. When `out_dir` already holds this version, intact
+      (every byte checked), its files are left in place and only a changed
+      report is written into its manifest; with damaged files it is replaced
+      like any other content.
 
     Raises:
       ArtifactError: `out_dir` holds something else and overwrite is False.
@@ -284,8 +319,18 @@ def write_artifact(
             except ArtifactError:
                 existing = None  # not an artifact, or a damaged one: never 'equal'
             if existing is not None and existing.get("version") == manifest.version:
-                shutil.rmtree(tmp)
-                return existing
+                # The same files: leave them in place (a server may have them
+                # mapped), once every byte is checked. Only the free-form report
+                # may differ; the new one replaces the old, atomically.
+                try:
+                    verify_artifact(out, mode="full")
+                except ArtifactError:
+                    existing = None  # same version, damaged files: replace them
+                else:
+                    if existing.report != manifest.report:
+                        _replace_atomically(out / MANIFEST, (tmp / MANIFEST).read_bytes())
+                    shutil.rmtree(tmp)
+                    return manifest
             if not overwrite and not (out.is_dir() and not any(out.iterdir())):
                 what = f"artifact version {existing.version}" if existing else "other or damaged files"
                 raise ArtifactError(
@@ -376,7 +421,7 @@ def _write_into(
         sizes[rel] = path.stat().st_size
     manifest = Manifest(
         format_version=FORMAT_VERSION,
-        version=compute_version(files),
+        version=compute_version(files, tables=table_entries, ranker=ranker),
         tables=table_entries,
         ranker=ranker,
         files=files,
@@ -407,11 +452,33 @@ def _read_manifest(path: pathlib.Path) -> Manifest:
     for key in ("format_version", "version", "tables", "files"):
         if key not in data:
             raise ArtifactError(f"{mpath}: missing key {key!r}")
-    if data["format_version"] != FORMAT_VERSION:
+    if data["format_version"] not in _READABLE_FORMATS:
         raise ArtifactError(
             f"{mpath}: format_version {data['format_version']} is not supported "
-            f"(expected {FORMAT_VERSION})"
+            f"(this version reads {list(_READABLE_FORMATS)})"
         )
+    # The shapes of the entries (their values are checked where they are used),
+    # so a damaged manifest gives an ArtifactError, never a TypeError deep inside.
+    if not isinstance(data["version"], str):
+        raise ArtifactError(f"{mpath}: 'version' must be a string")
+    for key in ("files", "sizes"):
+        entry = data.get(key, {})
+        if not isinstance(entry, dict) or not all(
+            isinstance(k, str) and isinstance(v, str if key == "files" else int)
+            for k, v in entry.items()
+        ):
+            kind = "sha256 string" if key == "files" else "byte count"
+            raise ArtifactError(f"{mpath}: {key!r} must map relative paths to a {kind}")
+    tables = data["tables"]
+    if not isinstance(tables, dict) or not all(
+        isinstance(t, dict) and isinstance(t.get("files"), dict) for t in tables.values()
+    ):
+        raise ArtifactError(f"{mpath}: 'tables' must map names to entries with 'files'")
+    ranker = data.get("ranker")
+    if ranker is not None and not (
+        isinstance(ranker, dict) and isinstance(ranker.get("params") or {}, dict)
+    ):
+        raise ArtifactError(f"{mpath}: 'ranker' must be null or an entry with 'params'")
     return Manifest(data)
 
 
@@ -451,10 +518,10 @@ def verify_artifact(path: str | os.PathLike, *, mode: str = "full") -> Manifest:
     root = pathlib.Path(path)
     manifest = _read_manifest(root)
     mpath = root / MANIFEST
-    if compute_version(manifest.files) != manifest.version:
+    if _manifest_version(manifest) != manifest.version:
         raise ArtifactError(
             f"{mpath}: version {manifest.version} does not match the recorded file hashes "
-            f"({compute_version(manifest.files)}); the manifest was edited"
+            f"and tables ({_manifest_version(manifest)}); the manifest was edited"
         )
     for rel in sorted(_referenced_files(manifest)):
         if rel not in manifest.files:
@@ -508,9 +575,30 @@ def load_artifact(
       The Artifact.
 
     Raises:
-      ArtifactError: naming the offending file.
+      ArtifactError: naming the offending file; or the folder was replaced
+        by another version on every one of three tries while it was opened.
     """
     root = pathlib.Path(path)
+    # Files are opened by path, one by one: if `write_artifact(overwrite=True)`
+    # swaps the folder meanwhile, the arrays could come from another version
+    # than the manifest read first. Reading the version again after opening
+    # everything catches that; the load then starts over on the new version.
+    for _ in range(3):
+        art = _load_once(root, verify=verify, expected_version=expected_version)
+        try:
+            now = _read_manifest(root).version
+        except ArtifactError:
+            now = None
+        if art is not None and now == art.version:
+            return art
+    raise ArtifactError(
+        f"{root}: replaced by another version while it was being opened, three times "
+        "in a row; retry once the deployment has finished"
+    )
+
+
+def _load_once(root: pathlib.Path, *, verify, expected_version) -> Artifact | None:
+    """One try of `load_artifact`; None when the folder changed version during it."""
     manifest = _read_manifest(root)
     if expected_version is not None and manifest.version != expected_version:
         raise ArtifactError(
@@ -518,7 +606,9 @@ def load_artifact(
             f"version {expected_version}; refusing to pair different versions"
         )
     if verify:
-        verify_artifact(root, mode="full" if verify is True else verify)
+        verified = verify_artifact(root, mode="full" if verify is True else verify)
+        if verified.version != manifest.version:  # swapped in between: not verified
+            return None
     tables, vocabs = {}, {}
     for name, entry in manifest.tables.items():
         try:
@@ -541,6 +631,12 @@ def load_artifact(
                 vocabs[name] = _load_npy(root, files["vocab"], mmap=True, shape=(int(entry["rows"]),))
         except KeyError as e:
             raise ArtifactError(f"{root / MANIFEST}: table {name!r} lacks key {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, ArtifactError):
+                raise
+            raise ArtifactError(
+                f"{root / MANIFEST}: table {name!r} has a malformed entry ({e})"
+            ) from None
     ranker = manifest.ranker or {}
     ranker_config = None
     if ranker.get("config"):

@@ -368,7 +368,10 @@ def quantize_table_chunked(
 
     The source is never materialised: it is read `chunk_rows` rows at a time
     and the outputs are written through `np.lib.format.open_memmap`, so tables
-    larger than RAM work. Results equal `quantize_rows(src)` exactly.
+    larger than RAM work. Results equal `quantize_rows(src)` exactly. The files
+    are written under temporary names and renamed into place once complete: a
+    failure (e.g. a non-finite row) leaves earlier outputs of the same name as
+    they were and no partial file behind.
 
     Args:
       src: [R, D] array-like (np.ndarray, np.memmap, or a path to a .npy file,
@@ -395,37 +398,52 @@ def quantize_table_chunked(
     out_dir.mkdir(parents=True, exist_ok=True)
     names = table_file_names(name, bits)
     paths = {k: out_dir / v for k, v in names.items()}
+    tag = os.urandom(4).hex()
+    tmps = {k: out_dir / f".{v}.tmp-{tag}.npy" for k, v in names.items()}
     fmt = np.lib.format
-    if bits == 32:
-        outs = {"codes": fmt.open_memmap(paths["codes"], mode="w+", dtype=np.float32, shape=(rows, dim))}
-    else:
-        sdt = np.dtype(scale_dtype)
-        outs = {
-            "codes": fmt.open_memmap(
-                paths["codes"], mode="w+", dtype=np.uint8, shape=(rows, packed_dim(dim, bits))
-            ),
-            "scale": fmt.open_memmap(paths["scale"], mode="w+", dtype=sdt, shape=(rows,)),
-            "bias": fmt.open_memmap(paths["bias"], mode="w+", dtype=sdt, shape=(rows,)),
-        }
+    outs = {}
+    try:
+        if bits == 32:
+            outs["codes"] = fmt.open_memmap(
+                tmps["codes"], mode="w+", dtype=np.float32, shape=(rows, dim)
+            )
+        else:
+            sdt = np.dtype(scale_dtype)
+            outs["codes"] = fmt.open_memmap(
+                tmps["codes"], mode="w+", dtype=np.uint8, shape=(rows, packed_dim(dim, bits))
+            )
+            outs["scale"] = fmt.open_memmap(tmps["scale"], mode="w+", dtype=sdt, shape=(rows,))
+            outs["bias"] = fmt.open_memmap(tmps["bias"], mode="w+", dtype=sdt, shape=(rows,))
+        _fill_chunked(src, outs, bits=bits, chunk_rows=chunk_rows, scale_dtype=scale_dtype)
+        outs.clear()  # unmaps the outputs before they are renamed
+        for k, tmp in tmps.items():
+            os.replace(tmp, paths[k])
+    except BaseException:
+        outs.clear()
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    return paths
+
+
+def _fill_chunked(src, outs: dict, *, bits: int, chunk_rows: int, scale_dtype) -> None:
+    """Writes the quantized rows of ``src`` into the open output memmaps ``outs``."""
+    rows = int(src.shape[0])
     src_mm = _mmap_of(src)
     out_mm = {k: _mmap_of(v) for k, v in outs.items()}
-    try:
-        for a in range(0, rows, chunk_rows):
-            b = min(rows, a + chunk_rows)
-            src_block = src[a:b]
-            if bits == 32:
-                outs["codes"][a:b] = np.asarray(src_block, np.float32)
-            else:
-                codes, scale, bias = _quantize_block(src_block, bits, scale_dtype, first_row=a)
-                outs["codes"][a:b] = pack_int4(codes) if bits == 4 else codes
-                outs["scale"][a:b] = scale
-                outs["bias"][a:b] = bias
-            if isinstance(src_block, np.ndarray):
-                _release_pages(src_block, src_mm)
-            for k, arr in outs.items():
-                _release_pages(arr[a:b], out_mm[k])
-        for arr in outs.values():
-            arr.flush()
-    finally:
-        outs.clear()
-    return paths
+    for a in range(0, rows, chunk_rows):
+        b = min(rows, a + chunk_rows)
+        src_block = src[a:b]
+        if bits == 32:
+            outs["codes"][a:b] = np.asarray(src_block, np.float32)
+        else:
+            codes, scale, bias = _quantize_block(src_block, bits, scale_dtype, first_row=a)
+            outs["codes"][a:b] = pack_int4(codes) if bits == 4 else codes
+            outs["scale"][a:b] = scale
+            outs["bias"][a:b] = bias
+        if isinstance(src_block, np.ndarray):
+            _release_pages(src_block, src_mm)
+        for k, arr in outs.items():
+            _release_pages(arr[a:b], out_mm[k])
+    for arr in outs.values():
+        arr.flush()
