@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from jax_recsys.data.batching import Batch, BatchIterator, pad_batch
+from jax_recsys.data.vocab import Vocab
+from jax_recsys.embedding import lookup, specs
 
 
 def _columns(n=10):
@@ -140,3 +142,24 @@ def test_bad_inputs_name_the_column():
         _it({**cols, "user": cols["user"] + 2**31})
     with pytest.raises(ValueError, match="no full batch"):
         _it(cols, batch_size=11)
+
+
+def test_ids_below_minus_one_are_oov_not_an_error():
+    # Vocab.lookup(..., unknown=-2) routes unknown ids to an id_mode="oov" OOV row.
+    v = Vocab.build(["a", "b", "c"])
+    rows = v.lookup(np.array(["a", "zz", "c", "b"]), unknown=-2)
+    np.testing.assert_array_equal(rows, [0, -2, 2, 1])
+    tags = (np.array([-2, 1, -5, 0]), np.array([0, 2, 4, 4, 4]))  # ragged, also < -1
+    it = BatchIterator({"item": rows, "tags": tags, "click": np.ones(4)}, batch_size=2,
+                       id_features=["item", "tags"], multi_hot={"tags": 3},
+                       label_features=["click"], shuffle=False, num_epochs=1)
+    b0, b1 = list(it)
+    np.testing.assert_array_equal(b0.ids["item"], [0, -2])
+    np.testing.assert_array_equal(b1.ids["item"], [2, 1])
+    np.testing.assert_array_equal(b0.ids["tags"], [[-2, 1, -1], [-5, 0, -1]])
+    assert b0.ids["item"].dtype == np.int32
+    feat = specs.FeatureSpec(name="item", table="t", id_mode="oov")
+    got = lookup.map_ids(np.concatenate([b0.ids["item"], b1.ids["item"]]), feature=feat, rows=4)
+    np.testing.assert_array_equal(np.asarray(got), [0, 3, 2, 1])  # -2 -> OOV row R-1 = 3
+    with pytest.raises(ValueError, match="outside int32"):
+        _it({**_columns(10), "user": _columns(10)["user"] - 2**31 - 1})

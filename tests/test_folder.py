@@ -193,3 +193,108 @@ def test_kg_folder_discovered(tmp_path):
     (tmp_path / "kg").mkdir()
     _write(tmp_path / "kg" / "train.txt", "a\tr\tb\n")
     assert DatasetFolder(tmp_path).kg_path == tmp_path / "kg"
+
+
+def test_csv_record_over_several_lines_is_a_bad_line(tmp_path):
+    # An unmatched '"' swallows the following lines into one field: never silently.
+    p = _write(
+        tmp_path / "q.csv",
+        'user_id,item_id,title\n1,10,"a, b"\n2,20,"Best\n3,30,fine\n4,40,ok\n',
+    )
+    e = _err(lambda: folder.read_text_table(p))
+    assert (e.file, e.line) == (str(p), 3) and "spans lines 3-5" in str(e)
+    with pytest.warns(UserWarning, match="skipped 3 bad lines"):
+        cols, skipped = folder.read_text_table(p, on_bad_lines="skip")
+    assert skipped == 3
+    np.testing.assert_array_equal(cols["user_id"], [1])
+    np.testing.assert_array_equal(cols["title"], ["a, b"])  # quoted comma still works
+    # A quoted line break is a bad line too; the header as well.
+    p = _write(tmp_path / "nl.csv", 'user_id,title\n1,"x\ny"\n2,z\n')
+    assert _err(lambda: folder.read_text_table(p)).line == 2
+    p = _write(tmp_path / "hdr.csv", 'user_id,"ti\ntle"\n1,z\n')
+    assert _err(lambda: folder.read_text_table(p)).line == 1
+
+
+def test_tsv_has_no_quoting(tmp_path):
+    p = _write(
+        tmp_path / "q.tsv",
+        'user_id\titem_id\ttitle\n1\t10\t"Best\n2\t20\tok\n3\t30\tsay "hi"\n4\t40\t"a"\n',
+    )
+    cols, skipped = folder.read_text_table(p)
+    assert skipped == 0
+    np.testing.assert_array_equal(cols["user_id"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(cols["title"], ['"Best', "ok", 'say "hi"', '"a"'])
+
+
+def test_table_writer_refuses_unsafe_chunk_dtypes(tmp_path):
+    big = np.array([3_000_000_000, 4], np.int64)  # wraps in int32
+    cases = {
+        "wide_int": (np.array([1, 2], np.int32), big),
+        "float_to_int": (np.array([1, 2], np.int64), np.array([0.7, 2.9])),
+        "float64_to_32": (np.array([1.0], np.float32), np.array([1e-50])),
+        "bytes_to_str": (np.array(["ab"]), np.array([b"cd"])),
+        "int_to_bool": (np.array([True]), np.array([2])),
+    }
+    for name, (first, later) in cases.items():
+        with folder.TableWriter(tmp_path, name) as w:
+            w.append({"x": first, "y": np.arange(len(first))})
+            e = _err(lambda w=w, later=later: w.append({"x": later, "y": np.arange(len(later))}))
+            assert e.column == "x" and "cannot be stored safely" in str(e), name
+        # Nothing of the refused chunk was written (no partial rows in other columns).
+        t = folder.read_npy_table(tmp_path / name, mmap=False)
+        np.testing.assert_array_equal(t["x"], first)
+        np.testing.assert_array_equal(t["y"], np.arange(len(first)))
+    # Narrower dtypes of the same family are fine and keep their values.
+    with folder.TableWriter(tmp_path, "ok") as w:
+        w.append({"i": big, "f": np.array([0.5, 1.5]), "s": np.array(["abc", "d"])})
+        w.append(
+            {"i": np.array([-7], np.int8), "f": np.array([2.25], np.float32), "s": np.array(["e"])}
+        )
+        w.append({"i": np.array([255], np.uint8), "f": np.zeros(1), "s": np.array(["xy"])})
+        w.append({"i": np.array([]), "f": np.array([], np.int64), "s": np.array([])})  # empty
+    t = folder.read_npy_table(tmp_path / "ok", mmap=False)
+    np.testing.assert_array_equal(t["i"], [3_000_000_000, 4, -7, 255])
+    assert t["i"].dtype == np.int64 and t["s"].dtype == np.dtype("<U3")
+    np.testing.assert_array_equal(t["f"], [0.5, 1.5, 2.25, 0.0])
+    np.testing.assert_array_equal(t["s"], ["abc", "d", "e", "xy"])
+
+
+def test_id_columns_keep_non_canonical_spellings(tmp_path):
+    p = _write(
+        tmp_path / "ids.csv",
+        "user_id,item_id,board_id,click\n"
+        "007,18446744073709551615,-3,1\n"
+        "7,18446744073709551614,12,0\n"
+        "012,5,0,1\n",
+    )
+    t, _ = folder.read_text_table(p)
+    # "007" and "7" stay distinct; "012" is not 12.
+    assert t["user_id"].dtype.kind == "U"
+    np.testing.assert_array_equal(t["user_id"], ["007", "7", "012"])
+    # Beyond int64: strings, not float64 (which would merge the two).
+    assert t["item_id"].dtype.kind == "U"
+    np.testing.assert_array_equal(
+        t["item_id"], ["18446744073709551615", "18446744073709551614", "5"]
+    )
+    # Canonical integers (negative included) are still int64; other columns unchanged.
+    assert t["board_id"].dtype == np.int64 and t["click"].dtype == np.int64
+    np.testing.assert_array_equal(t["board_id"], [-3, 12, 0])
+    # A forced kind still parses leniently.
+    t, _ = folder.read_text_table(p, columns=["user_id"], kinds={"user_id": "int"})
+    np.testing.assert_array_equal(t["user_id"], [7, 7, 12])
+    p = _write(tmp_path / "pad.csv", "count,user_id\n007,1\n")
+    t, _ = folder.read_text_table(p)
+    assert t["count"].tolist() == [7] and t["user_id"].tolist() == [1]
+
+
+def test_underscores_are_text_not_digit_separators(tmp_path):
+    # Python's int("1_0") is 10; in a data file "1_0" is an id, not the number 10.
+    p = _write(tmp_path / "u.csv", "user_id,count,click\n1_0,2_0,1\n10,3,0\n")
+    t, _ = folder.read_text_table(p, columns=["user_id", "count"])
+    np.testing.assert_array_equal(t["user_id"], ["1_0", "10"])
+    np.testing.assert_array_equal(t["count"], ["2_0", "3"])
+    with pytest.raises(folder.DataError, match=r"u.csv:2, column 'count': cannot parse '2_0' as an integer"):
+        folder.read_text_table(p, kinds={"count": "int"})
+    p = _write(tmp_path / "v.csv", "user_id,click\n1,1_0\n")
+    with pytest.raises(folder.DataError, match=r"'1_0' as a number"):
+        folder.read_text_table(p)  # click is one of the numeric columns

@@ -2,6 +2,8 @@
 dataset folder written here, and read back the exact records with as_data_source
 (no TensorFlow)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,42 @@ def test_string_ids_and_errors(tmp_path):
         tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "t2").download_and_prepare()
     with pytest.raises(folder.DataError, match="no table 'engagements'"):
         tfds_builders.Engagements(source_dir=d, data_dir=tmp_path / "t3")
+
+
+def test_edited_table_gives_new_records_not_stale_ones(tmp_path):
+    src = tmp_path / "csvds"
+    src.mkdir()
+
+    def write(clicks):
+        (src / "impressions.csv").write_text(
+            "user_id,item_id,click,conversion,day\n"
+            + "".join(f"{u},{u + 10},{c},0,0\n" for u, c in enumerate(clicks))
+        )
+
+    def read():
+        b = tfds_builders.AdsImpressions(source_dir=src, data_dir=tmp_path / "tfds",
+                                         windows={"train": (0, 1)})
+        b.download_and_prepare()
+        cols = tfds_builders.read_columns(b.as_data_source("train"))
+        return b.info.config_name, cols["click"].tolist(), cols["item_id"].tolist()
+
+    write([1, 0, 0])
+    name1, click, item = read()
+    assert (click, item) == ([1, 0, 0], [10, 11, 12])
+    write([0, 0, 0, 1, 1])
+    name2, click, item = read()
+    assert name2 != name1
+    assert (click, item) == ([0, 0, 0, 1, 1], [10, 11, 12, 13, 14])
+    # Unchanged files reuse the prepared records (same name).
+    assert read()[0] == name2
+
+
+def test_edited_npy_column_changes_config_name(world, tmp_path):
+    d, imp, _ = world
+    name = tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "t").info.config_name
+    p = d / "impressions" / "click.npy"
+    np.save(p, np.zeros(7, np.int8))  # same size, new content
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again = tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "t").info.config_name
+    assert again != name

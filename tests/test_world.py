@@ -359,3 +359,68 @@ def test_launch_generate_data(tmp_path):
     assert metrics["seed"] == 3 and metrics["rows"]["impressions"] > 0
     ds = folder.DatasetFolder(out)
     assert ds.meta["num_days"] == 6 and ds.has_table("engagements")
+
+
+def test_zero_exploration_generates_and_stays_on_user_topics(tmp_path):
+    cfg = _tiny(explore_prob=0.0, ad_explore_prob=0.0)
+    summary = world.generate_world(cfg, tmp_path, progress=False)
+    assert summary["rows"]["engagements"] == 6 * 3_000
+    assert summary["rows"]["impressions"] == cfg.impressions_per_day * (
+        cfg.num_days - cfg.impression_start_day
+    )
+    # No random topics: every candidate, hence every event, is on the user's home
+    # or drift topic.
+    st = world._Static(cfg)
+    ds = folder.DatasetFolder(tmp_path)
+    pin_topic = ds.table("items")["topic"]
+    for name, col in (
+        ("engagements", "item_id"),
+        ("impressions", "item_id"),
+        ("conversions", "advertiser_id"),
+    ):
+        t = ds.table(name)
+        uid, ids = np.asarray(t["user_id"]), np.asarray(t[col])
+        topic = pin_topic[ids] if col == "item_id" else ids % cfg.num_topics
+        on_topic = (topic == st.home_topic[uid]) | (topic == st.drift_topic[uid])
+        assert on_topic.all(), name
+
+
+def test_config_validate_catches_settings_that_fail_later():
+    base = world.scale_config("smoke")
+    for scale in ("smoke", "default", "large"):
+        world.scale_config(scale).validate()
+    bad = {
+        "explore_prob": 1.5,
+        "ad_explore_prob": -0.1,
+        "ad_pin_fraction": 2.0,
+        "new_pin_fraction": -1.0,
+        "country_topic_prob": 1.01,
+        "kg_valid_fraction": 1.2,
+        "engagement_type_probs": (1.2, -0.1, -0.1),
+        "kg_engagement_types": (0, 3),
+        "impression_start_day": base.ranker_train_days[0] + 1,
+        "impressions_per_day": 0,
+        "engagements_per_day": -1,
+        "topics_per_category": 0,
+        "hidden_dim": 0,
+        "latent_dim": 0,
+        "num_countries": 0,
+        "num_devices": 0,
+        "kg_partition_rows": 0,
+    }
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(base, **{name: value}).validate()
+    with pytest.raises(ValueError, match="kg_valid_fraction \\+ kg_test_fraction"):
+        dataclasses.replace(base, kg_valid_fraction=0.5, kg_test_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="impression_start_day"):
+        dataclasses.replace(base, impression_start_day=-1).validate()
+    # Edge values that do work.
+    dataclasses.replace(
+        base,
+        explore_prob=0.0,
+        ad_explore_prob=1.0,
+        kg_valid_fraction=0.0,
+        kg_test_fraction=0.0,
+        impression_start_day=0,
+    ).validate()

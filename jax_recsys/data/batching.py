@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 _INT32_MAX = np.iinfo(np.int32).max
+_INT32_MIN = np.iinfo(np.int32).min
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,10 @@ class Batch:
     """One batch of examples.
 
     Attributes:
-      ids: feature -> int32 [B] or [B, L] table rows; -1 is padding (ignored).
+      ids: feature -> int32 [B] or [B, L] table rows; -1 is padding (ignored); ids
+        < -1 are out-of-vocabulary: the OOV row of an ``id_mode="oov"`` or ``"hash"``
+        feature (:func:`jax_recsys.embedding.lookup.map_ids`; ``lookup.check_ids``
+        refuses them for ``"direct"`` features).
       dense: feature -> float32 [B] or [B, F].
       labels: label name -> float32 [B].
       mask: float32 [B]; 1 for real examples, 0 for padding examples.
@@ -112,7 +116,8 @@ class BatchIterator:
       columns: name -> array with N rows (NumPy or memory-mapped); a multi-hot
         feature is a ``(values, offsets)`` pair instead (see module docstring).
       batch_size: B, the global batch size (divisible by ``process_count``).
-      id_features: columns that become ``Batch.ids`` (integer rows, < 2^31).
+      id_features: columns that become ``Batch.ids`` (integer rows in int32 range;
+        -1 padding, < -1 OOV, e.g. ``Vocab.lookup(raw, unknown=-2)``).
       dense_features: columns that become ``Batch.dense`` (float32).
       label_features: columns that become ``Batch.labels`` (float32).
       multi_hot: feature -> L for ragged id features (padded/truncated to L).
@@ -313,15 +318,18 @@ class BatchIterator:
 
 
 def _check_ids(name: str, col: np.ndarray) -> None:
+    """Id rows must be integers that fit in int32: -1 is padding and ids < -1 are
+    out-of-vocabulary (the OOV row of an ``id_mode="oov"`` feature, see
+    :func:`jax_recsys.embedding.lookup.map_ids`), so only int32 overflow is refused."""
     if col.dtype.kind not in "iu":
         raise ValueError(f"id column {name!r} must hold integer rows, got dtype {col.dtype} "
                          "(map raw ids with jax_recsys.data.vocab.Vocab first)")
     if col.size:
         # One scan of the column (memory-mapped or not); cheap relative to training.
         hi, lo = int(col.max()), int(col.min())
-        if hi > _INT32_MAX or lo < -1:
-            raise ValueError(f"id column {name!r} has rows outside [-1, 2^31): min {lo}, "
-                             f"max {hi}")
+        if hi > _INT32_MAX or lo < _INT32_MIN:
+            raise ValueError(f"id column {name!r} has rows outside int32 [-2^31, 2^31): "
+                             f"min {lo}, max {hi}")
 
 
 def _to_int32(x: np.ndarray) -> np.ndarray:

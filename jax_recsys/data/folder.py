@@ -23,7 +23,8 @@ are appended to the ``.npy`` column files and the npy header is fixed at
 ``close()``, so producers never hold a whole table in memory) and
 :func:`write_dataset_json`. Reader: :class:`DatasetFolder`; ``.npy`` columns
 are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
-int64, other numbers -> float64, anything else -> ``np.str_`` ids).
+int64, other numbers -> float64, anything else -> ``np.str_`` ids; ``*_id``
+columns are int64 only if every spelling is canonical, else ``np.str_``).
 
 Bad input raises :class:`DataError` (a ``ValueError``) naming the file, the
 column and the line. Nothing is dropped silently: ``on_bad_lines="skip"``
@@ -150,6 +151,23 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + header.encode("latin1")
 
 
+# dtype kinds that may share a column: bool; integers (signed or not); floats;
+# complex; str; bytes.
+_KIND_FAMILY = {"b": "b", "i": "i", "u": "i", "f": "f", "c": "c", "U": "U", "S": "S"}
+
+
+def _safe_chunk_cast(src: np.dtype, dst: np.dtype) -> bool:
+    """Whether values of ``src`` survive a cast to ``dst`` unchanged and keep their kind."""
+    if src == dst:
+        return True
+    family = _KIND_FAMILY.get(src.kind)
+    if family is None or family != _KIND_FAMILY.get(dst.kind):
+        return False
+    if family in "US":
+        return True  # same kind; the width is checked separately
+    return bool(np.can_cast(src, dst, "safe"))
+
+
 class TableWriter:
     """Streams a table to ``directory/name/<column>.npy`` chunk by chunk.
 
@@ -172,7 +190,13 @@ class TableWriter:
         self._closed = False
 
     def append(self, columns: Mapping[str, np.ndarray]) -> None:
-        """Appends one chunk (same columns, dtypes and trailing shapes every time)."""
+        """Appends one chunk (same columns, dtypes and trailing shapes every time).
+
+        A later chunk may use a narrower dtype of the same family (int32 into an
+        int64 column, float32 into float64, shorter strings); anything that could
+        change a value (wider ints, floats into ints, bytes into str, longer strings)
+        is a DataError naming the column. Empty chunks are not checked.
+        """
         if self._closed:
             raise DataError("append after close", file=self.path)
         n = _check_columns(columns, str(self.path))
@@ -190,10 +214,23 @@ class TableWriter:
                 f"{sorted(self._spec)}",
                 file=self.path,
             )
-        for col, arr in columns.items():
-            arr = np.asarray(arr)
+        # Check every column before writing any, so a bad chunk leaves no partial rows.
+        chunk = {col: np.asarray(arr) for col, arr in columns.items()}
+        for col, arr in chunk.items():
             dtype, trailing = self._spec[col]
-            if arr.dtype.kind in "US" and arr.dtype.itemsize > dtype.itemsize:
+            if n and not _safe_chunk_cast(arr.dtype, dtype):
+                raise DataError(
+                    f"chunk dtype {arr.dtype} cannot be stored safely in the first chunk's "
+                    f"{dtype} (values would wrap, truncate or change kind); append a first "
+                    "chunk with the widest dtype",
+                    file=self.path,
+                    column=col,
+                )
+            if (
+                arr.dtype.kind in "US"
+                and arr.dtype.kind == dtype.kind
+                and arr.dtype.itemsize > dtype.itemsize
+            ):
                 raise DataError(
                     f"strings wider than the first chunk's {dtype}; append a "
                     "first chunk with the widest dtype",
@@ -204,6 +241,8 @@ class TableWriter:
                 raise DataError(
                     f"trailing shape {arr.shape[1:]} != {trailing}", file=self.path, column=col
                 )
+        for col, arr in chunk.items():
+            dtype = self._spec[col][0]
             # memoryview of a contiguous array: no extra copy of the chunk.
             self._files[col].write(memoryview(np.ascontiguousarray(arr, dtype=dtype)).cast("B"))
         self.rows += n
@@ -287,16 +326,36 @@ def _parse_column(
         kind = "number"
     if kind == "str":
         return arr
+    # Python's int() and float() read "1_0" as 10: in a data file that is text,
+    # never a number.
+    underscore = np.char.find(arr, "_") >= 0
+    if underscore.any():
+        if kind is None:
+            return arr
+        i = int(np.argmax(underscore))
+        what = "an integer" if kind == "int" else "a number"
+        raise DataError(
+            f"cannot parse {str(arr[i])!r} as {what}", file=file, column=column, line=int(lines[i])
+        )
     empty = arr == ""
-    if kind is None and column.endswith("_id") and empty.any():
+    is_id = kind is None and column.endswith("_id")
+    if is_id and empty.any():
         i = int(np.argmax(empty))
         raise DataError("empty id", file=file, column=column, line=int(lines[i]))
     if kind in ("int", "number", None):
         try:
-            return arr.astype(np.int64)
+            as_int = arr.astype(np.int64)
         except (ValueError, OverflowError):
             if kind == "int":
                 _raise_first_bad(arr, lines, np.int64, file, column, "an integer")
+            if is_id:
+                return arr  # ids that are not all int64 stay strings, never floats
+        else:
+            # Ids become int64 only if every spelling is canonical ("12", not "012",
+            # "+12" or " 12"), so distinct ids never merge (as in kg._normalize).
+            if not is_id or np.array_equal(as_int.astype(np.str_), arr):
+                return as_int
+            return arr
     if kind in ("float", "number", None):
         try:
             return arr.astype(np.float64)
@@ -333,9 +392,17 @@ def read_text_table(
       columns: columns to return (default all); a missing one is a DataError.
       kinds: optional column -> "int" | "float" | "number" | "str" to force a type;
         otherwise integers -> int64, other numbers -> float64, the rest -> np.str_,
-        and NUMERIC_COLUMNS must be numbers.
+        and NUMERIC_COLUMNS must be numbers. ``*_id`` columns are int64 only when
+        every value is a canonical int64 spelling (``str(int(v)) == v``: not "007",
+        "+7" or beyond int64); otherwise they stay np.str_ (never float64), so
+        distinct spellings stay distinct ids.
       on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines are skipped
-        and counted).
+        and counted). A CSV record spanning several physical lines (a quoted field
+        holding a line break, or an unmatched ``"`` swallowing the lines after it) is
+        bad too; skipping it counts every physical line it spans.
+
+    Quoting: ``.csv`` follows the usual ``"`` quoting (``"u,3"`` is one field); ``.tsv``
+    has no quoting (a ``"`` is an ordinary character).
 
     Returns:
       (column name -> array, number of skipped lines).
@@ -344,14 +411,26 @@ def read_text_table(
     file = str(path)
     if on_bad_lines not in ("error", "skip"):
         raise ValueError(f"on_bad_lines must be 'error' or 'skip', got {on_bad_lines!r}")
-    delimiter = "\t" if path.suffix == ".tsv" else ","
     kinds = dict(kinds or {})
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delimiter)
+        if path.suffix == ".tsv":
+            # TSV has no quoting: a '"' is an ordinary character.
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(f, delimiter=",")
         try:
             header = next(reader)
         except StopIteration:
             raise DataError("empty file: no header row", file=file, line=1) from None
+        except csv.Error as e:
+            raise DataError(f"unreadable header: {e}", file=file, line=1) from None
+        if reader.line_num > 1:
+            raise DataError(
+                f"header spans lines 1-{reader.line_num} (a quoted field holds a line "
+                "break, or a '\"' is unmatched)",
+                file=file,
+                line=1,
+            )
         header = [h.strip() for h in header]
         seen = set()
         for h in header:
@@ -372,11 +451,29 @@ def read_text_table(
         lines: list[int] = []
         skipped = 0
         line_no = reader.line_num
-        for row in reader:
+        while True:
             start_line = line_no + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                raise DataError(f"unreadable line: {e}", file=file, line=start_line) from None
             line_no = reader.line_num
             if not row:  # blank line
                 continue
+            if line_no > start_line:
+                # One record over several physical lines: a quoted field holds a line
+                # break, or an unmatched '"' swallowed the following lines.
+                if on_bad_lines == "skip":
+                    skipped += line_no - start_line + 1
+                    continue
+                raise DataError(
+                    f"record spans lines {start_line}-{line_no} (a quoted field holds a "
+                    "line break, or a '\"' is unmatched)",
+                    file=file,
+                    line=start_line,
+                )
             if len(row) != ncol:
                 if on_bad_lines == "skip":
                     skipped += 1

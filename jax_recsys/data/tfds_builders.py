@@ -21,8 +21,9 @@ Usage (never ``tfds.load``/``as_dataset``, which need TensorFlow)::
 Feature types follow the column dtypes: integers -> int64, floats -> float32, strings
 -> ``Text`` (read back as bytes). Examples keep the table's (day) order
 (``disable_shuffling=True``); shuffle in :class:`~jax_recsys.data.batching.BatchIterator`.
-The config name encodes the source folder's ``dataset.json`` and the builder options,
-so two folders (or two windows) never share prepared files in one ``data_dir``.
+The config name encodes the source folder's ``dataset.json``, the builder options and
+the size and modification time of the table's files, so two folders (or two windows,
+or a table before and after an edit) never share prepared files in one ``data_dir``.
 
 Dimension legend: N examples in a split.
 """
@@ -33,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -70,12 +72,25 @@ def _feature_for(name: str, col: np.ndarray) -> tfds.features.FeatureConnector:
     raise DataError(f"unsupported column dtype {col.dtype}", column=name)
 
 
-def _config_name(folder: DatasetFolder, options: Mapping) -> str:
+def _table_files(folder: DatasetFolder, table: str) -> list[pathlib.Path]:
+    """The files holding ``table``: the CSV/TSV file or the column ``.npy`` files."""
+    path = folder.table_path(table)
+    return sorted(path.glob("*.npy")) if path.is_dir() else [path]
+
+
+def _config_name(folder: DatasetFolder, options: Mapping, table: str) -> str:
+    """``<dataset name>_<hash>``; the hash covers the folder path, ``dataset.json``,
+    the options and (relative path, size, mtime_ns) of every file of ``table``, so
+    editing the table gives a new name instead of stale prepared records."""
     meta = folder.path / "dataset.json"
     h = hashlib.sha1()
     h.update(str(folder.path.resolve()).encode())
     h.update(meta.read_bytes() if meta.exists() else b"")
     h.update(json.dumps(options, sort_keys=True).encode())
+    for f in _table_files(folder, table):
+        st = f.stat()
+        rel = f.resolve().relative_to(folder.path.resolve()).as_posix()
+        h.update(json.dumps([rel, st.st_size, st.st_mtime_ns]).encode())
     base = re.sub(r"[^a-z0-9_]+", "_", str(folder.meta.get("name") or folder.path.name).lower())
     return f"{base.strip('_') or 'folder'}_{h.hexdigest()[:10]}"
 
@@ -96,7 +111,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             file=self._folder.path)
         self._options = dict(options)
         config = FolderConfig(
-            name=config_name or _config_name(self._folder, self._options),
+            name=config_name or _config_name(self._folder, self._options, self.TABLE),
             version=self.VERSION,
             source_dir=str(self._folder.path.resolve()),
             options=json.dumps(self._options, sort_keys=True),

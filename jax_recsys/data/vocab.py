@@ -235,7 +235,9 @@ class Vocab:
           raw: raw ids of any shape (ints or strings).
           unknown: row for ids not in the vocabulary; default the OOV row if reserved,
             else -1. (Pass -2 to route unknown ids to an ``id_mode="oov"`` feature's
-            OOV row instead of treating them as padding.)
+            OOV row instead of treating them as padding: BatchIterator keeps ids < -1
+            and :func:`jax_recsys.embedding.lookup.map_ids` maps them to the OOV row
+            R-1; ``lookup.check_ids`` refuses them for a ``"direct"`` feature.)
 
         Returns:
           int64 rows with the shape of ``raw``.

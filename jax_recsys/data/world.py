@@ -178,8 +178,9 @@ class WorldConfig:
       advertiser_noise: spread of an advertiser vector around its topic centre.
       drift_per_day: interest rotation (radians per day at drift speed 1).
       num_candidates: M candidates per engagement/conversion/impression choice.
-      explore_prob: share of engagement/conversion candidates from a random topic.
-      ad_explore_prob: share of ad candidates from a random topic.
+      explore_prob: share of engagement/conversion candidates from a random topic
+        (0: none).
+      ad_explore_prob: share of ad candidates from a random topic (0: none).
       engagement_sharpness: weight of <u_d, v_p> in the engagement choice.
       engagement_quality_weight: weight of pin quality in the engagement choice.
       conversion_sharpness: weight of the affinity in the offsite conversion choice.
@@ -279,7 +280,7 @@ class WorldConfig:
         }
 
     def validate(self) -> None:
-        """Raises ValueError for an inconsistent config."""
+        """Raises ValueError for an inconsistent config (before any generation work)."""
         T = self.num_topics
         if min(self.num_users, self.num_pins, self.num_advertisers) < 1:
             raise ValueError("num_users, num_pins and num_advertisers must be >= 1")
@@ -296,6 +297,57 @@ class WorldConfig:
             raise ValueError("num_candidates and chunk_events must be >= 1")
         if self.seed < 0:
             raise ValueError("seed must be >= 0")
+        for name in (
+            "ad_pin_fraction",
+            "new_pin_fraction",
+            "country_topic_prob",
+            "explore_prob",
+            "ad_explore_prob",
+            "kg_valid_fraction",
+            "kg_test_fraction",
+        ):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}={v} must lie in [0, 1]")
+        if min(self.engagement_type_probs) < 0:
+            raise ValueError(f"engagement_type_probs={self.engagement_type_probs} must be >= 0")
+        if self.kg_valid_fraction + self.kg_test_fraction >= 1.0:
+            raise ValueError(
+                f"kg_valid_fraction + kg_test_fraction = "
+                f"{self.kg_valid_fraction + self.kg_test_fraction} must be < 1 (kg/train.txt "
+                "would be empty)"
+            )
+        if not set(self.kg_engagement_types) <= {0, 1, 2}:
+            raise ValueError(
+                f"kg_engagement_types={self.kg_engagement_types} must be engagement types "
+                "0 (save), 1 (click) or 2 (closeup)"
+            )
+        ranker_start = min(
+            self.ranker_train_days[0], self.ranker_valid_days[0], self.ranker_test_days[0]
+        )
+        if not 0 <= self.impression_start_day <= ranker_start:
+            raise ValueError(
+                f"impression_start_day={self.impression_start_day} must lie in "
+                f"[0, {ranker_start}] (the first ranker day) so that every ranker window "
+                "has impressions"
+            )
+        if self.impressions_per_day < 1:
+            raise ValueError("impressions_per_day must be >= 1 (the ranker windows need them)")
+        if min(self.engagements_per_day, self.conversions_per_day, self.summary_sample_per_day) < 0:
+            raise ValueError(
+                "engagements_per_day, conversions_per_day and summary_sample_per_day "
+                "must be >= 0"
+            )
+        for name in (
+            "topics_per_category",
+            "latent_dim",
+            "hidden_dim",
+            "num_countries",
+            "num_devices",
+            "kg_partition_rows",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def _rng(cfg: WorldConfig, *stream: int) -> np.random.Generator:
@@ -491,12 +543,17 @@ class _Day:
         return uid, u, cos * cos
 
     def topics(self, uid, home_prob, n: int, explore: float):
+        """Candidate topics [n, M]: a random topic with probability ``explore``
+        (0: never), else the home topic with probability ``home_prob``, else the
+        drift topic."""
         st, M = self.st, self.cfg.num_candidates
         w = self.rng.random((n, M), dtype=_F32)
         home = (w - explore) < (1.0 - explore) * home_prob[:, None]
         t = np.where(
             home, _take(st.home_topic, uid)[:, None], _take(st.drift_topic, uid)[:, None]
         ).astype(np.int64)
+        if explore <= 0.0:
+            return t  # no exploration (w >= 0 never lies below it)
         # For w < explore, w / explore is itself uniform: it picks the random topic.
         explored = np.flatnonzero(w.reshape(-1) < explore)
         t.reshape(-1)[explored] = (
