@@ -124,3 +124,42 @@ def test_bfloat16_table_lookup():
     assert out.dtype == jnp.bfloat16
     vals = ec.export_tables(st)["user"]
     np.testing.assert_array_equal(np.asarray(out, np.float32)[:3], vals[ids[:3]].astype(np.float32))
+
+
+def _weighted_setup():
+    t = specs.TableSpec(name="item", rows=6, dim=2, initializer="ones", sharding="row_wise",
+                        optimizer=specs.SGD(learning_rate=1.0))
+    fs = [specs.FeatureSpec(name="hist", table="item", pooling="sum", max_ids=3),
+          specs.FeatureSpec(name="seq", table="item", pooling="none", max_ids=3)]
+    ec = collection.EmbeddingCollection(tables=[t], features=fs, mesh=_mesh(2))
+    return ec, ec.init(jax.random.key(0)), np.array([[0, 1, 2], [3, -1, -1]], np.int32)
+
+
+def test_weights_with_unknown_key_or_wrong_shape_raise():
+    ec, st, ids = _weighted_setup()
+    w = np.zeros((2, 3), np.float32)
+    # the real key works: all-zero weights pool to zeros
+    np.testing.assert_array_equal(np.asarray(ec.lookup(st.tables, {"hist": ids}, {"hist": w})["hist"]), 0.0)
+    with pytest.raises(ValueError, match=r"weights given for feature\(s\) \['hsit'\] that have no ids"):
+        ec.lookup(st.tables, {"hist": ids}, {"hsit": w})
+    with pytest.raises(ValueError, match=r"feature 'hist': weights have shape \(2,\) but its ids have "
+                                         r"shape \(2, 3\)"):
+        ec.lookup(st.tables, {"hist": ids}, {"hist": np.ones((2,), np.float32)})
+    with pytest.raises(ValueError, match=r"weights have shape \(2, 2\)"):
+        ec.lookup(st.tables, {"hist": ids}, {"hist": np.ones((2, 2), np.float32)})
+    with pytest.raises(ValueError, match="feature 'seq', which has pooling='none'"):
+        ec.lookup(st.tables, {"seq": ids}, {"seq": w})
+    with pytest.raises(ValueError, match=r"\['hsit'\] that have no ids"):
+        ec.apply_gradients(st, {"hist": ids}, {"hist": jnp.ones((2, 2))}, weights={"hsit": w})
+    with pytest.raises(ValueError, match=r"\['hsit'\] that have no ids"):
+        ec.pool({"hist": jnp.ones((2, 3, 2))}, {"hist": ids}, {"hsit": w})
+
+
+def test_pooled_gradient_for_unpooled_multi_hot_feature_raises():
+    ec, st, ids = _weighted_setup()
+    with pytest.raises(ValueError, match=r"feature 'seq' has pooling='none': its lookup gives "
+                                         r"\(2, 3, 2\), so the gradient must have that shape, got \(2, 2\)"):
+        ec.apply_gradients(st, {"seq": ids}, {"seq": jnp.ones((2, 2))})
+    # the per-id gradient works: rows 0..3 each move by -1 (SGD, lr 1), padding untouched
+    st = ec.apply_gradients(st, {"seq": ids}, {"seq": jnp.ones((2, 3, 2))})
+    np.testing.assert_array_equal(ec.export_tables(st)["item"][:, 0], [0, 0, 0, 0, 1, 1])

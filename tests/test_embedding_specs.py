@@ -1,5 +1,7 @@
 """Specs, planner, padding, id checks, hashing and OOV of the embedding engine."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,7 +145,7 @@ def test_check_ids_names_feature_and_position():
     feats = {"u": specs.FeatureSpec(name="u", table="user", pooling="sum", max_ids=3),
              "h": specs.FeatureSpec(name="h", table="user", id_mode="hash")}
     ok = np.array([[0, 9, -1], [-1, -1, -1]])
-    lookup.check_ids({"u": ok, "h": np.array([10**12, -5])}, features=feats, tables=tabs)
+    lookup.check_ids({"u": ok, "h": np.array([2**31 - 1, -5])}, features=feats, tables=tabs)
     with pytest.raises(ValueError, match=r"feature 'u': id 10 at position \(1, 2\).*'user' with 10 rows"):
         lookup.check_ids({"u": np.array([[0, 1, 2], [3, 4, 10]])}, features=feats, tables=tabs)
     with pytest.raises(ValueError, match="id -2 at position"):
@@ -197,3 +199,143 @@ def test_state_from_another_mesh_is_rejected():
         ec8.lookup(st1.tables, ids)
     with pytest.raises(ValueError, match="was the state made for another mesh"):
         ec8.apply_gradients(st1, ids, {"u": jnp.ones((8, 4))})
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+RAW64 = np.array([2**31 + 5, 2**32 - 1, 2**32 + 3, 2**40 + 7], np.int64)
+
+
+@pytest.mark.parametrize("id_mode", ["direct", "oov", "hash"])
+def test_ids_beyond_int32_are_rejected_on_the_host(id_mode):
+    t = specs.TableSpec(name="user", rows=11, dim=2, sharding="replicated")
+    f = specs.FeatureSpec(name="h", table="user", id_mode=id_mode)
+    ec = collection.EmbeddingCollection(tables=[t], features=[f], mesh=_mesh(2))
+    st = ec.init(jax.random.key(0))
+    ids = np.array([3, 2**32 + 3])
+    msg = r"feature 'h': id 4294967299 at position \(1,\) does not fit in int32.*hash_ids_np"
+    with pytest.raises(ValueError, match=msg):
+        ec.check_ids({"h": ids})
+    with pytest.raises(ValueError, match=msg):
+        ec.storage_ids("h", ids)
+    with pytest.raises(ValueError, match=msg):
+        ec.lookup(st.tables, {"h": ids})
+    with pytest.raises(ValueError, match=msg):
+        ec.apply_gradients(st, {"h": ids}, {"h": jnp.ones((2, 2))})
+    with pytest.raises(ValueError, match="does not fit in int32"):
+        ec.check_ids({"h": np.array([0, -(2**31) - 1])})
+    # int64 ids that fit are fine (and equal their int32 twins)
+    ok = np.array([3, 10 if id_mode == "direct" else 2**31 - 1], np.int64)
+    ec.check_ids({"h": ok})
+    np.testing.assert_array_equal(np.asarray(ec.storage_ids("h", ok)),
+                                  np.asarray(ec.storage_ids("h", ok.astype(np.int32))))
+
+
+def test_hash_ids_np_handles_64_bit_ids_like_the_in_jit_hash():
+    # uint32 ids >= 2**31 reach the in-jit hash untruncated: same rows as the host hash
+    u32 = np.array([2**31 + 5, 2**32 - 1, 7], np.uint32)
+    np.testing.assert_array_equal(np.asarray(lookup.hash_ids(jnp.asarray(u32), rows=11)),
+                                  lookup.hash_ids_np(u32, rows=11))
+    # < 2**32: folding is the identity, so int64 and uint32 give the same rows
+    np.testing.assert_array_equal(lookup.hash_ids_np(u32.astype(np.int64), rows=11),
+                                  lookup.hash_ids_np(u32, rows=11))
+    h = lookup.hash_ids_np(RAW64, rows=11)
+    assert h.dtype == np.int32 and np.all((h >= 0) & (h < 10))
+    np.testing.assert_array_equal(lookup.hash_ids_np(RAW64.astype(np.uint64), rows=11), h)
+    # with x64 on, int64 ids inside jit are folded exactly like the host hash
+    with jax.enable_x64(True):
+        dev = np.asarray(jax.jit(lambda x: lookup.hash_ids(x, rows=11))(jnp.asarray(RAW64)))
+        f = specs.FeatureSpec(name="o", table="user", id_mode="oov")
+        oov = np.asarray(lookup.map_ids(jnp.asarray(np.append(RAW64, [3, -1])), feature=f, rows=11))
+    np.testing.assert_array_equal(dev, h)
+    np.testing.assert_array_equal(oov, [10, 10, 10, 10, 3, -1])
+    # uint32 ids beyond int32 are OOV / invalid in jit, never a truncated valid row
+    f_oov = specs.FeatureSpec(name="o", table="user", id_mode="oov")
+    f_dir = specs.FeatureSpec(name="d", table="user")
+    u = jnp.asarray(np.array([2**32 - 1, 2**31 + 3, 3], np.uint32))
+    np.testing.assert_array_equal(lookup.map_ids(u, feature=f_oov, rows=11), [10, 10, 3])
+    np.testing.assert_array_equal(lookup.map_ids(u, feature=f_dir, rows=11), [-1, -1, 3])
+    with pytest.raises(ValueError, match="must be integers"):
+        lookup.hash_ids_np(np.array([1.5]), rows=11)
+
+
+def test_plan_for_other_axis_or_other_specs_is_rejected():
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(auto, auto), devices=jax.devices()[:4])
+    t = specs.TableSpec(name="user", rows=8, dim=2, sharding="row_wise")
+    f = specs.FeatureSpec(name="u", table="user")
+    plan = sharding.plan_shardings([t], num_shards=2)  # axis "data"
+    with pytest.raises(ValueError, match="plan is for mesh axis 'data' but the collection uses axis 'model'"):
+        collection.EmbeddingCollection(tables=[t], features=[f], mesh=mesh, axis="model", plan=plan)
+    collection.EmbeddingCollection(tables=[t], features=[f], mesh=mesh, axis="data", plan=plan)
+    m2 = _mesh(2)
+    for other, what in [
+        (dataclasses.replace(t, rows=40), r"table 'user' \(row_wise\): storage shape is \(8, 2\), "
+                                          r"expected \(40, 2\)"),
+        (dataclasses.replace(t, dim=4), "table 'user' .*plan has dim=2, TableSpec has dim=4"),
+        (dataclasses.replace(t, dtype="bfloat16"), "table 'user' .*dtype='float32'.*dtype='bfloat16'"),
+        (dataclasses.replace(t, optimizer=specs.SGD()), "table 'user' .*plan has optimizer=RowAdagrad"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            collection.EmbeddingCollection(tables=[other], features=[f], mesh=m2, plan=plan)
+    # table-wise: a table grown past its owner's block
+    tw = [specs.TableSpec(name=n, rows=r, dim=2, sharding="table_wise") for n, r in [("a", 6), ("b", 4)]]
+    plan = sharding.plan_shardings(tw, num_shards=2)
+    collection.EmbeddingCollection(tables=tw, features=[], mesh=m2, plan=plan)
+    grown = [tw[0], dataclasses.replace(tw[1], rows=9)]
+    with pytest.raises(ValueError, match="table 'b' \\(table_wise\\): rows \\[6, 15\\) .* owner 1"):
+        collection.EmbeddingCollection(tables=grown, features=[], mesh=m2, plan=plan)
+
+
+@pytest.mark.parametrize("cls,field,value", [
+    (specs.SGD, "learning_rate", float("inf")),
+    (specs.SGD, "learning_rate", float("nan")),
+    (specs.SGD, "learning_rate", True),
+    (specs.SGD, "learning_rate", "0.1"),
+    (specs.LazyAdam, "b1", 1.0),
+    (specs.LazyAdam, "b1", -0.1),
+    (specs.LazyAdam, "b2", 1.5),
+    (specs.LazyAdam, "eps", 0.0),
+    (specs.RowAdagrad, "initial_accumulator", -1.0),
+    (specs.RowAdagrad, "eps", -1e-8),
+    (specs.RowAdagrad, "learning_rate", np.float32("inf")),
+])
+def test_bad_optimizer_constants_raise(cls, field, value):
+    with pytest.raises(ValueError, match=f"{cls.__name__}.{field} must be a finite number"):
+        cls(**{field: value})
+
+
+def test_numpy_scalars_are_accepted_in_specs():
+    opt = specs.LazyAdam(learning_rate=np.float32(0.5), b1=np.float64(0.8), b2=np.float32(0.5))
+    assert opt.learning_rate == 0.5 and type(opt.learning_rate) is float and opt.b1 == 0.8
+    assert specs.RowAdagrad(initial_accumulator=np.int64(0)).initial_accumulator == 0.0
+    f = specs.FeatureSpec(name="f", table="t", max_ids=np.int64(3))
+    assert f.max_ids == 3 and type(f.max_ids) is int
+    with pytest.raises(ValueError, match="max_ids must be an int >= 1"):
+        specs.FeatureSpec(name="f", table="t", max_ids=True)
+    # RowAdagrad divides by sqrt(acc) + eps: one of the two may be 0, not both
+    specs.RowAdagrad(initial_accumulator=0.0)
+    specs.RowAdagrad(eps=0.0)
+    with pytest.raises(ValueError, match="initial_accumulator and eps are both 0"):
+        specs.RowAdagrad(initial_accumulator=0.0, eps=0.0)
+
+
+def test_callable_initializer_of_wrong_shape_raises():
+    t = specs.TableSpec(name="user", rows=5, dim=3, sharding="row_wise",
+                        initializer=lambda k, shape, dtype: jax.random.normal(k, shape[::-1], dtype))
+    ec = collection.EmbeddingCollection(tables=[t], features=[], mesh=_mesh(2))
+    with pytest.raises(ValueError, match=r"table 'user': the callable initializer returned shape "
+                                         r"\(3, 5\), expected \(rows, dim\) = \(5, 3\)"):
+        ec.init(jax.random.key(0))
+    ok = dataclasses.replace(t, initializer=lambda k, shape, dtype: jnp.full(shape, 2.0, dtype))
+    ec = collection.EmbeddingCollection(tables=[ok], features=[], mesh=_mesh(2))
+    np.testing.assert_array_equal(ec.export_tables(ec.init(jax.random.key(0)))["user"], 2.0)
+
+
+def test_explicit_mesh_axis_is_rejected_at_construction():
+    t = specs.TableSpec(name="user", rows=8, dim=2)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match="mesh axis 'data' has axis type .*Explicit.*AxisType.Auto"):
+        collection.EmbeddingCollection(tables=[t], features=[], mesh=mesh)

@@ -165,3 +165,12 @@ def test_no_full_table_gradient_and_table_is_donated(n_dev):
     state, m = step(state, batch)
     jax.block_until_ready(m)
     assert old.is_deleted()  # donated: the update reused the buffer
+
+
+def test_shard_batch_rejects_ids_beyond_int32():
+    mesh = _mesh(2)
+    ids = {"user_id": np.array([1, 2**32 + 3], np.int64)}
+    with pytest.raises(ValueError, match=r"batch array .*user_id.*id 4294967299 .* does not fit in int32"):
+        ts.shard_batch(ids, mesh=mesh)
+    out = ts.shard_batch({"user_id": np.array([1, 2**31 - 1], np.int64)}, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(out["user_id"]), [1, 2**31 - 1])

@@ -87,6 +87,11 @@ def _init_values(spec: specs_lib.TableSpec, key: jax.Array, shape: tuple[int, in
     init = spec.initializer
     if callable(init):
         v = jnp.asarray(init(key, (spec.rows, spec.dim), dtype), dtype)
+        if tuple(v.shape) != (spec.rows, spec.dim):
+            raise ValueError(
+                f"table {spec.name!r}: the callable initializer returned shape {tuple(v.shape)}, "
+                f"expected (rows, dim) = {(spec.rows, spec.dim)}"
+            )
         return jnp.pad(v, ((0, shape[0] - spec.rows), (0, shape[1] - spec.dim)))
     scale = spec.init_scale if spec.init_scale is not None else 1.0 / np.sqrt(spec.dim)
     row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
@@ -103,6 +108,94 @@ def _init_values(spec: specs_lib.TableSpec, key: jax.Array, shape: tuple[int, in
             u2 = _counter_uniform(seed, row, col, 2)
             v = scale * jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * np.pi * u2)
     return jnp.where(inside, v, 0.0).astype(dtype)
+
+
+def _check_plan(
+    plan: sharding_lib.ShardingPlan,
+    tables: Mapping[str, specs_lib.TableSpec],
+    *,
+    axis: str,
+    num_shards: int,
+) -> None:
+    """Checks that a ready-made plan fits the table specs, the axis and its size.
+
+    Raises:
+      ValueError: naming the table (or storage) and the mismatch.
+    """
+    if plan.num_shards != num_shards or set(plan.placements) != set(tables):
+        raise ValueError(
+            f"sharding plan is for {plan.num_shards} shards and tables {sorted(plan.placements)}, "
+            f"but the mesh axis has {num_shards} and the tables are {sorted(tables)}"
+        )
+    if plan.axis != axis:
+        raise ValueError(
+            f"sharding plan is for mesh axis {plan.axis!r} but the collection uses axis {axis!r}; "
+            f"build the plan with plan_shardings(..., axis={axis!r})"
+        )
+    for key, st in plan.storages.items():
+        if st.key != key or st.num_shards != num_shards:
+            raise ValueError(
+                f"sharding plan: storage {key!r} has key {st.key!r} and {st.num_shards} shard(s), "
+                f"expected key {key!r} and {num_shards}"
+            )
+        for tname in st.tables:
+            pl = plan.placements.get(tname)
+            if pl is None or pl.storage != key:
+                raise ValueError(
+                    f"sharding plan: storage {key!r} lists table {tname!r}, whose placement is "
+                    f"{None if pl is None else pl.storage!r}"
+                )
+    blocks: dict[str, list[tuple[int, int, str]]] = {}
+    for name, t in tables.items():
+        pl = plan.placements[name]
+
+        def bad(what, pl=pl, name=name):
+            return ValueError(
+                f"sharding plan does not match table {name!r} ({pl.sharding.value}): {what}; "
+                f"was the plan built for other TableSpecs? rebuild it with plan_shardings"
+            )
+
+        if pl.table != name:
+            raise bad(f"its placement is for table {pl.table!r}")
+        st = plan.storages.get(pl.storage)
+        if st is None or name not in st.tables:
+            raise bad(f"storage {pl.storage!r} is missing or does not list the table")
+        if st.sharding != pl.sharding:
+            raise bad(f"storage {pl.storage!r} is {st.sharding.value}")
+        for field, want in (("dim", t.dim), ("dtype", t.dtype), ("optimizer", t.optimizer)):
+            got = st.true_dim if field == "dim" else getattr(st, field)
+            if got != want:
+                raise bad(f"plan has {field}={got!r}, TableSpec has {field}={want!r}")
+        if pl.sharding == ShardingType.TABLE_WISE:
+            lo = pl.row_base
+            if pl.owner is None or st.dim != t.dim or not (
+                0 <= pl.owner < num_shards
+                and pl.owner * st.local_rows <= lo
+                and lo + t.rows <= (pl.owner + 1) * st.local_rows
+            ):
+                raise bad(
+                    f"rows [{lo}, {lo + t.rows}) of storage {pl.storage!r} ([{st.rows}, {st.dim}]) "
+                    f"are not inside owner {pl.owner}'s block of {st.local_rows} rows"
+                )
+            blocks.setdefault(pl.storage, []).append((lo, lo + t.rows, name))
+            continue
+        if pl.row_base != 0:
+            raise bad(f"row_base is {pl.row_base}, expected 0")
+        want_rows, want_dim = t.rows, t.dim
+        if pl.sharding == ShardingType.ROW_WISE:
+            want_rows = sharding_lib.round_up(t.rows, num_shards)
+        elif pl.sharding == ShardingType.COLUMN_WISE:
+            want_dim = sharding_lib.round_up(t.dim, num_shards)
+        if (st.rows, st.dim) != (want_rows, want_dim):
+            raise bad(f"storage shape is {(st.rows, st.dim)}, expected {(want_rows, want_dim)} "
+                      f"for {t.rows} rows x {t.dim} dims over {num_shards} device(s)")
+    for key, ranges in blocks.items():
+        ranges.sort()
+        for (_, end, a), (start, _, b) in zip(ranges, ranges[1:], strict=False):
+            if start < end:
+                raise ValueError(
+                    f"sharding plan: tables {a!r} and {b!r} overlap in table-wise storage {key!r}"
+                )
 
 
 class EmbeddingCollection:
@@ -143,6 +236,13 @@ class EmbeddingCollection:
         specs_lib.validate_specs(tables, features)
         if axis not in mesh.axis_names:
             raise ValueError(f"mesh axes are {mesh.axis_names}; the embedding axis {axis!r} is not one of them")
+        axis_type = mesh.axis_types[mesh.axis_names.index(axis)]
+        if axis_type != jax.sharding.AxisType.Auto:
+            raise ValueError(
+                f"mesh axis {axis!r} has axis type {axis_type}, but the embedding collection needs "
+                f"AxisType.Auto (jax.make_mesh defaults to Explicit); build the mesh with "
+                f"jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto, ...))"
+            )
         self.mesh = mesh
         self.axis = axis
         self.num_shards = int(mesh.shape[axis])
@@ -152,11 +252,8 @@ class EmbeddingCollection:
             plan = sharding_lib.plan_shardings(
                 tables, num_shards=self.num_shards, axis=axis, config=planner, overrides=overrides
             )
-        if plan.num_shards != self.num_shards or set(plan.placements) != set(self.tables):
-            raise ValueError(
-                f"sharding plan is for {plan.num_shards} shards and tables {sorted(plan.placements)}, "
-                f"but the mesh axis has {self.num_shards} and the tables are {sorted(self.tables)}"
-            )
+        else:
+            _check_plan(plan, self.tables, axis=axis, num_shards=self.num_shards)
         self.plan = plan
         # Jitted so that eager calls compile once; inside a caller's jit they are inlined.
         self._lookup_jit = jax.jit(self._lookup, static_argnames=("pooled",))
@@ -264,14 +361,44 @@ class EmbeddingCollection:
 
         Returns:
           int32 storage rows, same shape.
+
+        Raises:
+          ValueError: host (NumPy) ids that do not fit in int32 (see ``lookup.check_int32_ids``).
         """
         f = self._feature(feature)
         t = self.tables[f.table]
+        lookup_lib.check_int32_ids(feature, ids, rows=t.rows)
         rows = lookup_lib.map_ids(jnp.asarray(ids), feature=f, rows=t.rows)
         base = self.plan.placements[t.name].row_base
         if base:
             rows = jnp.where(rows >= 0, rows + base, -1)
         return rows
+
+    def _check_host_ids(self, ids: Mapping[str, jax.Array]) -> None:
+        # Eager entry points: NumPy ids outside int32 would be truncated on the way to the device.
+        for name, a in ids.items():
+            if name in self.features:
+                lookup_lib.check_int32_ids(name, a, rows=self.tables[self.features[name].table].rows)
+
+    def _check_weights(self, ids: Mapping[str, jax.Array], weights: Mapping[str, jax.Array]) -> None:
+        extra = sorted(set(weights) - set(ids))
+        if extra:
+            raise ValueError(
+                f"weights given for feature(s) {extra} that have no ids in this call; "
+                f"ids are for {sorted(ids)}"
+            )
+        for name, w in weights.items():
+            a = ids[name]
+            if self._feature(name).pooling == "none":
+                raise ValueError(
+                    f"weights given for feature {name!r}, which has pooling='none': pooling "
+                    f"weights only apply to pooling='sum'/'mean' features"
+                )
+            if tuple(np.shape(w)) != tuple(np.shape(a)):
+                raise ValueError(
+                    f"feature {name!r}: weights have shape {tuple(np.shape(w))} but its ids have "
+                    f"shape {tuple(np.shape(a))}; pooling weights are one per id ([B, L])"
+                )
 
     def _feature(self, name: str) -> specs_lib.FeatureSpec:
         if name not in self.features:
@@ -311,7 +438,8 @@ class EmbeddingCollection:
     def _lookup(self, tables, ids, weights, *, pooled: bool):
         ids = dict(ids)
         self._check_batch(ids)
-        weights = {k: v for k, v in (weights or {}).items() if k in ids}
+        weights = dict(weights or {})
+        self._check_weights(ids, weights)
         sids = {name: self.storage_ids(name, a) for name, a in ids.items()}
         used = sorted({self.plan.placements[self.features[n].table].storage for n in ids})
         self._check_storage(tables, used)
@@ -352,6 +480,7 @@ class EmbeddingCollection:
         Returns:
           feature -> [B, D] (ids [B]) or [B, L, D] (ids [B, L]); zero rows for invalid ids.
         """
+        self._check_host_ids(ids)
         return self._lookup_jit(dict(tables), dict(ids), None, pooled=False)
 
     def lookup(
@@ -365,12 +494,18 @@ class EmbeddingCollection:
         Args:
           tables: ``EmbeddingState.tables``.
           ids: feature -> int ids [B] or [B, L] (-1 padding).
-          weights: optional feature -> float [B, L] per-id weights for pooling.
+          weights: optional feature -> float [B, L] per-id weights for pooling
+            (same shape as the feature's ids; every key must be a feature of ``ids``).
 
         Returns:
           feature -> [B, D] for pooled features and single ids, [B, L, D] for
           ``pooling="none"`` multi-hot features.
+
+        Raises:
+          ValueError: bad ids (shape, batch size, NumPy ids outside int32) or
+            weights for a feature not in ``ids`` or of another shape than its ids.
         """
+        self._check_host_ids(ids)
         return self._lookup_jit(dict(tables), dict(ids), dict(weights or {}), pooled=True)
 
     def pool(
@@ -389,7 +524,8 @@ class EmbeddingCollection:
         Returns:
           Same structure as ``lookup``.
         """
-        weights = weights or {}
+        weights = dict(weights or {})
+        self._check_weights(ids, weights)
         out = {}
         for name, r in rows.items():
             f = self._feature(name)
@@ -420,15 +556,21 @@ class EmbeddingCollection:
           ids: feature -> int ids, as given to ``lookup``/``gather``.
           grads: feature -> gradient w.r.t. that feature's ``gather`` output
             ([B, D] / [B, L, D]) or, for pooled features, w.r.t. its ``lookup``
-            output [B, D] (spread back to the ids by the pooling weights).
-          weights: the pooling weights used in ``lookup`` (if any).
+            output [B, D] (spread back to the ids by the pooling weights). A
+            ``pooling="none"`` multi-hot feature needs [B, L, D].
+          weights: the pooling weights used in ``lookup`` (if any; keys must be
+            features of ``ids``, each the shape of its ids).
           frozen_tables: tables that must not change (values and slots stay
             bit-identical; their gradients are ignored).
           lr_scale: multiplies every table's learning rate (schedules).
 
         Returns:
           The new EmbeddingState (untouched rows and storages unchanged).
+
+        Raises:
+          ValueError: bad ids, gradients of the wrong shape, or bad weights.
         """
+        self._check_host_ids(ids)
         return self._apply_jit(state, dict(ids), dict(grads), dict(weights or {}),
                                jnp.asarray(lr_scale, jnp.float32),
                                frozen_tables=tuple(sorted(set(frozen_tables))))
@@ -439,6 +581,7 @@ class EmbeddingCollection:
         if unknown:
             raise ValueError(f"frozen_tables names unknown tables {unknown}; tables are {sorted(self.tables)}")
         weights = dict(weights or {})
+        self._check_weights(ids, weights)
         feats = []
         for name, g in grads.items():
             f = self._feature(name)
@@ -451,6 +594,12 @@ class EmbeddingCollection:
             if g.shape not in (a.shape + (d,), (a.shape[0], d)):
                 raise ValueError(
                     f"feature {name!r}: gradient shape {g.shape} does not match ids {a.shape} and dim {d}"
+                )
+            if g.shape != a.shape + (d,) and f.pooling == "none":
+                raise ValueError(
+                    f"feature {name!r} has pooling='none': its lookup gives {a.shape + (d,)}, so the "
+                    f"gradient must have that shape, got {g.shape} (a pooled [B, D] gradient only "
+                    f"applies to pooling='sum'/'mean')"
                 )
             feats.append(name)
         if not feats:

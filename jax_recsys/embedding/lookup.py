@@ -15,6 +15,10 @@ a ``"direct"`` feature that is out of range) is treated exactly like padding:
 its row is a zero vector and it never receives an update. ``check_ids`` is the
 host-side check that turns out-of-range ids into a clear error instead.
 
+Ids are int32 inside jit. Raw ids that do not fit (e.g. 64-bit hashes) must be
+hashed on the host with ``hash_ids_np``; ``check_ids`` and the collection's
+eager entry points raise for NumPy ids outside int32 in every ``id_mode``.
+
 Dimension legend: B batch (global), b = B/S local batch, L ids per example,
 D embedding dim, R table rows, S shards.
 """
@@ -55,44 +59,87 @@ def _fmix32(h: jax.Array) -> jax.Array:
     return h
 
 
-def hash_ids_np(raw_ids: np.ndarray, *, rows: int) -> np.ndarray:
-    """Host twin of :func:`hash_ids` for int64 raw ids (same result for ids < 2**31).
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
-    Ids >= 2**31 are folded as ``low32 ^ high32`` before hashing.
+
+def hash_ids_np(raw_ids: np.ndarray, *, rows: int) -> np.ndarray:
+    """Host hashing of raw ids of any integer size; equals :func:`hash_ids` for ids < 2**31.
+
+    This is the way to use 64-bit raw ids: ids inside jit are int32, so hash them
+    here, on the host, and feed the resulting rows (already in [0, R) or -1) to
+    a feature with ``id_mode="direct"`` on the same table. Ids >= 2**31 are
+    folded as ``low32 ^ high32`` before the same murmur3 finalizer, so an id
+    < 2**31 gets the same row here as in :func:`hash_ids` inside jit.
 
     Args:
-      raw_ids: integer array of any shape; -1 padding, other negatives -> OOV.
+      raw_ids: integer array of any shape and integer dtype (int64, uint64, ...);
+        -1 padding, other negatives -> OOV.
       rows: table rows R (>= 2); rows [0, R-1) are hash buckets, R-1 is OOV.
 
     Returns:
       int32 array of the same shape with rows in [0, R) or -1.
+
+    Raises:
+      ValueError: non-integer ids or rows < 2.
     """
-    raw = np.asarray(raw_ids).astype(np.int64)
-    folded = (raw & 0xFFFFFFFF) ^ ((raw >> 32) & 0xFFFFFFFF)
-    bucket = (_fmix32_np(folded.astype(np.uint32)) % np.uint32(rows - 1)).astype(np.int32)
-    out = np.where(raw >= 0, bucket, np.int32(rows - 1))
-    return np.where(raw == -1, np.int32(-1), out).astype(np.int32)
+    raw = np.asarray(raw_ids)
+    if not np.issubdtype(raw.dtype, np.integer):
+        raise ValueError(f"hash_ids_np: raw ids must be integers, got dtype {raw.dtype}")
+    if not isinstance(rows, int | np.integer) or isinstance(rows, bool) or rows < 2:
+        raise ValueError(f"hash_ids_np: rows must be an int >= 2 (the last row is OOV), got {rows!r}")
+    u = raw.astype(np.uint64)  # two's complement for negatives (masked below)
+    folded = ((u & np.uint64(0xFFFFFFFF)) ^ (u >> np.uint64(32))).astype(np.uint32)
+    bucket = (_fmix32_np(folded) % np.uint32(rows - 1)).astype(np.int32)
+    if np.issubdtype(raw.dtype, np.signedinteger):
+        out = np.where(raw >= 0, bucket, np.int32(rows - 1))
+        out = np.where(raw == -1, np.int32(-1), out)
+    else:
+        out = bucket
+    return out.astype(np.int32)
 
 
 def hash_ids(raw_ids: jax.Array, *, rows: int) -> jax.Array:
-    """Hashes raw non-negative ids of any size into rows [0, R-1); R-1 is the OOV row.
+    """Hashes raw non-negative ids into rows [0, R-1); R-1 is the OOV row.
+
+    Ids inside jit are int32 (JAX's default), so raw ids must be < 2**31: hash
+    wider ids on the host with :func:`hash_ids_np` (``check_ids`` and the
+    collection's eager entry points reject NumPy ids that do not fit in int32).
+    Ids that arrive as int64/uint64 (``jax_enable_x64``) or uint32 arrays are
+    folded exactly like :func:`hash_ids_np` (a static dtype branch: int32 ids
+    take the plain path).
 
     Args:
-      raw_ids: int32 ids of any shape (inside jit ids are 32-bit); -1 stays
-        padding, other negative ids map to the OOV row R-1.
+      raw_ids: integer ids of any shape; -1 stays padding, other negative ids
+        map to the OOV row R-1.
       rows: table rows R (>= 2).
 
     Returns:
       int32 rows in [0, R) or -1, same shape.
     """
-    raw = raw_ids.astype(jnp.int32)
-    bucket = (_fmix32(raw.astype(jnp.uint32)) % jnp.uint32(rows - 1)).astype(jnp.int32)
+    raw = jnp.asarray(raw_ids)
+    signed = jnp.issubdtype(raw.dtype, jnp.signedinteger)
+    if raw.dtype.itemsize > 4:  # only with jax_enable_x64
+        u = raw.astype(jnp.uint64)
+        folded = ((u & jnp.uint64(0xFFFFFFFF)) ^ (u >> jnp.uint64(32))).astype(jnp.uint32)
+    else:
+        if signed:
+            raw = raw.astype(jnp.int32)
+        folded = raw.astype(jnp.uint32)
+    bucket = (_fmix32(folded) % jnp.uint32(rows - 1)).astype(jnp.int32)
+    if not signed:
+        return bucket
     out = jnp.where(raw >= 0, bucket, rows - 1)
     return jnp.where(raw == -1, -1, out).astype(jnp.int32)
 
 
 def map_ids(ids: jax.Array, *, feature: specs_lib.FeatureSpec, rows: int) -> jax.Array:
     """Raw feature ids -> table rows, -1 for padding and for invalid ids.
+
+    int32 ids (the normal case) are mapped directly. Wider or unsigned id
+    dtypes (int64 with ``jax_enable_x64``, uint32) are range-checked *before*
+    narrowing, so an id outside int32 is never truncated into a valid row: it
+    is invalid for ``"direct"``, the OOV row for ``"oov"`` and hashed like
+    :func:`hash_ids_np` for ``"hash"``.
 
     Args:
       ids: int ids [B] or [B, L].
@@ -102,13 +149,59 @@ def map_ids(ids: jax.Array, *, feature: specs_lib.FeatureSpec, rows: int) -> jax
     Returns:
       int32 rows in [0, R) or -1 (never updated, zero vector), same shape.
     """
-    ids = ids.astype(jnp.int32)
+    ids = jnp.asarray(ids)
     if feature.id_mode == "hash":
         return hash_ids(ids, rows=rows)
+    if ids.dtype.itemsize > 4 or not jnp.issubdtype(ids.dtype, jnp.signedinteger):
+        beyond = ids > INT32_MAX
+        if jnp.issubdtype(ids.dtype, jnp.signedinteger):
+            beyond = beyond | (ids < INT32_MIN)
+        replacement = rows - 1 if feature.id_mode == "oov" else -1
+        ids = jnp.where(beyond, replacement, ids.astype(jnp.int32))
+    ids = ids.astype(jnp.int32)
     if feature.id_mode == "oov":
         oov = jnp.where((ids >= rows - 1) | (ids < -1), rows - 1, ids)
         return oov.astype(jnp.int32)
     return jnp.where((ids >= 0) & (ids < rows), ids, -1).astype(jnp.int32)
+
+
+def check_int32_ids(name: str, ids, *, rows: int | None = None, kind: str = "feature") -> None:
+    """Raises if host ids of a feature do not fit in int32 (inside jit they would be truncated).
+
+    A no-op for jax.Arrays and tracers (already on device) and for int32 or
+    narrower dtypes; otherwise one min/max scan of the array.
+
+    Args:
+      name: feature name (for the message).
+      ids: host ids (NumPy array, list, ...) or a jax.Array.
+      rows: R of the feature's table, for the hint in the message.
+      kind: what ``name`` names, for the message.
+
+    Raises:
+      ValueError: naming the feature, the first bad position and value, and
+        pointing to :func:`hash_ids_np`.
+    """
+    if isinstance(ids, jax.Array):
+        return
+    a = np.asarray(ids)
+    if not np.issubdtype(a.dtype, np.integer) or not a.size:
+        return
+    info = np.iinfo(a.dtype)
+    if info.min >= INT32_MIN and info.max <= INT32_MAX:
+        return
+    bad = a > INT32_MAX
+    if info.min < 0:
+        bad |= a < INT32_MIN
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        r = rows if rows is not None else "R"
+        raise ValueError(
+            f"{kind} {name!r}: id {int(a[pos])} at position {pos} does not fit in int32 "
+            f"({int(bad.sum())} such id(s)); ids are int32 inside jit and would be silently "
+            f"truncated. Hash 64-bit raw ids on the host with "
+            f"jax_recsys.embedding.lookup.hash_ids_np(ids, rows={r}) and feed the rows to a "
+            f"feature with id_mode='direct', or map them to rows with a vocabulary"
+        )
 
 
 def check_ids(
@@ -125,9 +218,10 @@ def check_ids(
       tables: table name -> TableSpec.
 
     Raises:
-      ValueError: unknown feature, non-integer ids, wrong rank or L, or (for
-        ``id_mode="direct"``) ids outside [-1, R), naming the feature, the
-        first bad position and value.
+      ValueError: unknown feature, non-integer ids, wrong rank or L, ids that
+        do not fit in int32 (any ``id_mode``: hash 64-bit ids on the host with
+        :func:`hash_ids_np`), or (for ``id_mode="direct"``) ids outside
+        [-1, R), naming the feature, the first bad position and value.
     """
     for name, arr in ids.items():
         if name not in features:
@@ -144,9 +238,10 @@ def check_ids(
             )
         if a.ndim == 1 and f.pooling != "none":
             raise ValueError(f"feature {name!r}: pooling={f.pooling!r} needs ids [B, L], got {a.shape}")
+        rows = tables[f.table].rows
+        check_int32_ids(name, a, rows=rows)
         if f.id_mode != "direct":
             continue
-        rows = tables[f.table].rows
         bad = (a < -1) | (a >= rows)
         if bad.any():
             pos = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -11,6 +11,8 @@ R table rows, S shards/devices.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -21,6 +23,23 @@ Pooling = Literal["none", "sum", "mean"]
 IdMode = Literal["direct", "oov", "hash"]
 INITIALIZERS = ("normal", "uniform", "zeros", "ones")
 SHARDINGS = ("row_wise", "table_wise", "column_wise", "replicated")
+
+
+def _real(owner: str, field: str, value: Any, *, low: float, low_ok: bool, high: float | None = None
+          ) -> float:
+    """``value`` as a Python float if it is a finite real number (not bool) in range, else ValueError.
+
+    The range is [low, high) (``low_ok``) or (low, high); ``high=None`` means no upper bound.
+    NumPy scalars (``np.float32(0.01)``) are accepted and converted.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if ok:
+        x = float(value)
+        ok = math.isfinite(x) and (x >= low if low_ok else x > low) and (high is None or x < high)
+    if not ok:
+        rng = f"{'[' if low_ok else '('}{low:g}, {'inf' if high is None else f'{high:g}'})"
+        raise ValueError(f"{owner}.{field} must be a finite number in {rng}, got {value!r}")
+    return x
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,10 +59,16 @@ class OptimizerSpec:
     frequency_adaptive: bool = False
 
     def __post_init__(self):
-        if not (isinstance(self.learning_rate, int | float) and self.learning_rate >= 0):
+        self._set_real("learning_rate", low=0.0, low_ok=True)
+        if not isinstance(self.frequency_adaptive, bool | np.bool_):
             raise ValueError(
-                f"{type(self).__name__}.learning_rate must be a number >= 0, got {self.learning_rate!r}"
+                f"{type(self).__name__}.frequency_adaptive must be a bool, got {self.frequency_adaptive!r}"
             )
+        object.__setattr__(self, "frequency_adaptive", bool(self.frequency_adaptive))
+
+    def _set_real(self, field: str, *, low: float, low_ok: bool, high: float | None = None) -> None:
+        value = _real(type(self).__name__, field, getattr(self, field), low=low, low_ok=low_ok, high=high)
+        object.__setattr__(self, field, value)  # NumPy scalars -> float (frozen dataclass)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,13 +83,24 @@ class RowAdagrad(OptimizerSpec):
     ``acc += mean(g**2 over the row's D columns)``; ``row -= lr_row * g / (sqrt(acc) + eps)``.
 
     Attributes:
-      initial_accumulator: starting value of every row's accumulator.
-      eps: added to ``sqrt(acc)``.
+      initial_accumulator: starting value of every row's accumulator (>= 0).
+      eps: added to ``sqrt(acc)`` (>= 0). At least one of the two must be > 0,
+        else a touched row whose accumulator is still 0 divides 0 by 0.
     """
 
     learning_rate: float = 0.05
     initial_accumulator: float = 0.1
     eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set_real("initial_accumulator", low=0.0, low_ok=True)
+        self._set_real("eps", low=0.0, low_ok=True)
+        if self.initial_accumulator == 0 and self.eps == 0:
+            raise ValueError(
+                "RowAdagrad: initial_accumulator and eps are both 0, so a touched row with a zero "
+                "gradient would compute 0 / (sqrt(0) + 0) = NaN; make one of them > 0"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,13 +114,20 @@ class LazyAdam(OptimizerSpec):
         row -= lr_row * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + eps)
 
     Attributes:
-      b1, b2, eps: the usual Adam constants.
+      b1, b2, eps: the usual Adam constants (b1, b2 in [0, 1): the bias
+        correction divides by ``1 - b**t``; eps > 0).
     """
 
     learning_rate: float = 0.001
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._set_real("b1", low=0.0, low_ok=True, high=1.0)
+        self._set_real("b2", low=0.0, low_ok=True, high=1.0)
+        self._set_real("eps", low=0.0, low_ok=False)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,8 +208,12 @@ class FeatureSpec:
         ``check_ids`` and, inside jit, behave like padding (zero vector, no update).
         ``"oov"`` -- the table's last row (R-1) is an out-of-vocabulary row that
         every id >= R-1 or < -1 maps to (it is trained like any row).
-        ``"hash"`` -- non-negative raw ids of any size are hashed (murmur3
+        ``"hash"`` -- non-negative raw ids in [0, 2**31) are hashed (murmur3
         finalizer) into rows [0, R-1); ids < -1 map to the OOV row R-1.
+        Ids are int32 inside jit in every mode: ids that do not fit (e.g.
+        64-bit raw ids) are rejected by ``check_ids``; hash them on the host
+        with ``lookup.hash_ids_np`` (same rows as in-jit hashing for ids
+        < 2**31) and feed the rows to an ``id_mode="direct"`` feature.
     """
 
     name: str
@@ -182,8 +229,10 @@ class FeatureSpec:
             raise ValueError(
                 f"FeatureSpec {self.name!r}: pooling must be 'none', 'sum' or 'mean', got {self.pooling!r}"
             )
-        if not isinstance(self.max_ids, int) or self.max_ids < 1:
-            raise ValueError(f"FeatureSpec {self.name!r}: max_ids must be an int >= 1, got {self.max_ids!r}")
+        m = self.max_ids
+        if not isinstance(m, int | np.integer) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"FeatureSpec {self.name!r}: max_ids must be an int >= 1, got {m!r}")
+        object.__setattr__(self, "max_ids", int(m))
         if self.id_mode not in ("direct", "oov", "hash"):
             raise ValueError(
                 f"FeatureSpec {self.name!r}: id_mode must be 'direct', 'oov' or 'hash', got {self.id_mode!r}"

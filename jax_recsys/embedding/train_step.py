@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jax_recsys.embedding import collection as collection_lib
+from jax_recsys.embedding import collection as collection_lib, lookup as lookup_lib
 
 EmbeddingState = collection_lib.EmbeddingState
 
@@ -107,15 +107,23 @@ def shard_batch(batch: Any, *, mesh: Mesh, axis: str = "data") -> Any:
 
     Returns:
       The same pytree of global jax.Arrays.
+
+    Raises:
+      ValueError: an integer array (e.g. int64 ids) with values outside int32
+        while ``jax_enable_x64`` is off -- JAX would silently truncate them;
+        hash 64-bit ids on the host with ``lookup.hash_ids_np`` first.
     """
     sharding = NamedSharding(mesh, P(axis))
+    x64 = jax.config.jax_enable_x64
 
-    def put(x):
+    def put(path, x):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
+        if not x64 and not isinstance(x, jax.Array):
+            lookup_lib.check_int32_ids(jax.tree_util.keystr(path), x, kind="batch array")
         return jax.make_array_from_process_local_data(sharding, x)
 
-    return jax.tree.map(put, batch)
+    return jax.tree_util.tree_map_with_path(put, batch)
 
 
 def _rows_and_weights(collection, batch):
