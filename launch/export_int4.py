@@ -51,6 +51,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Optional folder for metrics.jso
 _ABLATION = flags.DEFINE_string(
     "ablation", None, "Finished ablation folder: add the INT4-served row."
 )
+_INT4_SOURCE = flags.DEFINE_string(
+    "int4_source", "cl_kg",
+    "With --ablation: the variant whose saved rankers give the INT4-served row "
+    "(row '<variant>_int4'; 'cl_kg' keeps the paper's '+ both facets, INT4 served').",
+)
 
 
 def main(argv):
@@ -58,9 +63,14 @@ def main(argv):
     from jax_recsys.quant import artifact, export
 
     if _ABLATION.value:
-        row = export.add_int4_row(_ABLATION.value, bits=int(_BITS.value), data_path=_DATA.value)
+        source = _INT4_SOURCE.value
+        name, label = export.int4_row_name(source)
+        row = export.add_int4_row(
+            _ABLATION.value, bits=int(_BITS.value), data_path=_DATA.value,
+            source_variant=source, name=name, label=label,
+        )
         print(
-            f"added {export.INT4_LABEL!r}: CTR AUC {row['ctr_auc_mean']:.4f} "
+            f"added {label!r}: CTR AUC {row['ctr_auc_mean']:.4f} "
             f"({100 * row['ctr_relaimpr_mean']:+.1f}%), CVR AUC {row['cvr_auc_mean']:.4f} "
             f"({100 * row['cvr_relaimpr_mean']:+.1f}%) -> {_ABLATION.value}/ablation.md"
         )

@@ -6,6 +6,11 @@
 Pretraining runs once per (facet, window) through the pretraining entry points
 (`launch.pretrain_contrastive`, `launch.pretrain_kg`) in subprocesses, then every
 ranker variant reuses them (see jax_recsys/ranking/ablation.py).
+
+Rerunning resumes: a finished ranker run, pretrained facet or stale-window KG world
+in WORKDIR is reused only when it was made with the same settings and data (the
+run's config, the pretraining command and config files, the data folder's
+dataset.json and its files' sizes and mtimes); anything else is redone and logged. `--fresh` redoes everything.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from launch import common, train_ranker
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Retrain every run and pretrain every facet instead of reusing finished ones."
+)
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -32,12 +40,28 @@ def _run(module: str, config: str, out: pathlib.Path, extra: list[str], timeout_
     subprocess.run(cmd, cwd=_REPO, check=True, timeout=timeout_s)
 
 
+def ablation_file_digest(path: pathlib.Path) -> str:
+    from jax_recsys.ranking import ablation
+
+    return ablation.file_digest(path)
+
+
+def _config_file_digest(spec: str) -> str:
+    """Digest of a ``FILE[:ARG]`` config's file (relative to the repository root)."""
+    path = pathlib.Path(spec.partition(":")[0])
+    return ablation_file_digest(path if path.is_absolute() else _REPO / path)
+
+
 def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     """The same world (same seed, same logs) with its KG built from the stale window."""
     from jax_recsys.data import world
 
-    if (out / "dataset.json").exists():
+    source = ablation_file_digest(pathlib.Path(data_path) / "dataset.json")
+    stamp = out / "source_dataset.json"
+    if (out / "dataset.json").exists() and stamp.exists() and \
+            json.loads(stamp.read_text()).get("digest") == source:
         return str(out)
+    stamp.unlink(missing_ok=True)
     meta = json.loads((pathlib.Path(data_path) / "dataset.json").read_text())
     if meta.get("generator") != "jax_recsys.data.world" or "world_config" not in meta:
         raise app.UsageError(
@@ -49,6 +73,7 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     cfg = world.WorldConfig(**{**wc, "kg_days": (int(stale[0]), int(stale[1]))})
     logging.info("stale KG: regenerating the world with kg_days=%s into %s", cfg.kg_days, out)
     world.generate_world(cfg, out, progress=False)
+    common.write_json(stamp, {"digest": source, "source": str(data_path)})
     return str(out)
 
 
@@ -68,17 +93,36 @@ def main(argv):
     base = train_ranker.train_config(cfg.ranker, data_path=data_path, pretrained=())
     p = cfg.pretrain
 
+    def cl_args(window: str) -> list[str]:
+        return [f"--config.data.path={data_path}", f"--config.data.window={window}",
+                *shlex.split(p.cl_flags)]
+
+    def kg_path(window: str) -> str:
+        stale = workdir / "pretrain" / "world_kg_stale"
+        return data_path if window == "fresh" else _stale_kg_world(data_path, stale)
+
     def pretrain_cl(window: str, out: pathlib.Path) -> pathlib.Path:
-        extra = [f"--config.data.path={data_path}", f"--config.data.window={window}",
-                 *shlex.split(p.cl_flags)]
-        _run("launch.pretrain_contrastive", p.cl_config, out, extra, p.timeout_s)
+        _run("launch.pretrain_contrastive", p.cl_config, out, cl_args(window), p.timeout_s)
         return out / "facet_cl"
 
     def pretrain_kg(window: str, out: pathlib.Path) -> pathlib.Path:
-        path = data_path if window == "fresh" else _stale_kg_world(data_path, out.parent / "world_kg_stale")
-        extra = [f"--config.data.path={path}", *shlex.split(p.kg_flags)]
+        extra = [f"--config.data.path={kg_path(window)}", *shlex.split(p.kg_flags)]
         _run("launch.pretrain_kg", p.kg_config, out, extra, p.timeout_s)
         return out / "facet_kg"
+
+    def key(module: str, config: str, args: list[str], data: str) -> str:
+        """What a pretraining run depends on: its command, config file and data."""
+        from jax_recsys.ranking import ablation as ablation_lib
+
+        return json.dumps([module, config, args, _config_file_digest(config),
+                           ablation_lib.folder_digest(data)])
+
+    pretrain_keys = {
+        "cl": lambda w: key("launch.pretrain_contrastive", p.cl_config, cl_args(w), data_path),
+        # The stale KG world is derived from the data folder: its digest covers both.
+        "kg": lambda w: key("launch.pretrain_kg", p.kg_config, shlex.split(p.kg_flags),
+                            data_path) + w,
+    }
 
     names = train_ranker._names
     config = ablation.AblationConfig(
@@ -94,7 +138,8 @@ def main(argv):
         save_ranker_variants=names(cfg.save_ranker_variants),
     )
     result = ablation.run_ablation(
-        config, workdir, pretrainers={"cl": pretrain_cl, "kg": pretrain_kg}, log=logging.info
+        config, workdir, pretrainers={"cl": pretrain_cl, "kg": pretrain_kg}, log=logging.info,
+        pretrain_keys=pretrain_keys, fresh=_FRESH.value,
     )
     print((workdir / "ablation.md").read_text())
     common.write_json(workdir / "metrics.json", result)

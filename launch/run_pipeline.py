@@ -5,17 +5,27 @@ live hybrid serving check → report.md.
 
 Each stage runs its own entry point in a subprocess (so its flags and outputs are
 exactly what a user would get running it by hand) and leaves a marker
-`DIR/stages/<stage>.json` with the command it ran. A stage whose marker matches the
-current command is skipped, so an interrupted pipeline resumes. One summary line per
-stage; the stages print their own progress.
+`DIR/stages/<stage>.json` with its key, written only once the stage has succeeded
+(a stage about to run first removes its marker and its output file, so a killed
+stage is never taken for a finished one). The key hashes the command, the resolved
+content of every config it names (`--config=FILE[:ARG]`, and the pretraining
+configs the ablation config names) and the previous stage's key. A stage whose
+marker holds the current key is skipped, so an interrupted pipeline resumes; once
+a stage runs, every later stage runs too (its inputs may have changed).
+`--force=STAGE` reruns that stage and everything after it; `--force=ablation`
+also retrains finished ablation runs and pretraining (`run_ablation --fresh`)
+instead of reusing them. Code changes are not part of the key: use `--force`.
+One summary line per stage; the stages print their own progress.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -33,13 +43,49 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class Stage:
-    """A pipeline stage: a command plus how to summarise its outputs."""
+    """A pipeline stage: a command plus how to summarise its outputs.
 
-    def __init__(self, name: str, cmd: list[str] | None, done_file: pathlib.Path, summarize, fn=None):
+    Args:
+      name: the stage's name (``--force`` takes it).
+      cmd: the command (run from the repository root), or None with ``fn``.
+      done_file: the file the stage writes last; present = finished.
+      summarize: ``workdir -> one-line summary``.
+      fn: in-process work instead of ``cmd``.
+      forced_args: extra arguments when the user forces this stage (not in the key).
+      configs: extra ``FILE[:ARG]`` configs whose resolved content is in the key.
+    """
+
+    def __init__(self, name: str, cmd: list[str] | None, done_file: pathlib.Path, summarize,
+                 fn=None, *, forced_args: tuple[str, ...] = (), configs: tuple[str, ...] = ()):
         self.name, self.cmd, self.done_file, self.summarize, self.fn = name, cmd, done_file, summarize, fn
+        self.forced_args, self.configs = tuple(forced_args), tuple(configs)
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.cmd or self.name).encode()).hexdigest()[:16]
+    def key(self, upstream: str = "") -> str:
+        """Hash of the command, the configs it names (resolved) and ``upstream``."""
+        h = hashlib.sha256(json.dumps(self.cmd or self.name).encode())
+        named = [a.split("=", 1)[1] for a in self.cmd or () if a.startswith("--config=")]
+        for spec in [*named, *self.configs]:
+            h.update(f"\0{spec}\0{_config_fingerprint(spec)}".encode())
+        h.update(f"\0upstream\0{upstream}".encode())
+        return h.hexdigest()[:16]
+
+
+def _config_fingerprint(spec: str) -> str:
+    """The resolved content of config ``FILE[:ARG]`` (its ``get_config(ARG)`` as JSON),
+    or of the file's bytes when it cannot be evaluated here (the stage reports that)."""
+    from launch import pipeline_stages
+
+    try:
+        cfg = pipeline_stages.load_config(spec)
+        text = cfg.to_json_best_effort(sort_keys=True) if hasattr(cfg, "to_json_best_effort") \
+            else json.dumps(cfg, sort_keys=True, default=str)
+    except Exception:  # a broken or missing config: its bytes (the stage reports the error)
+        path = pathlib.Path(spec.partition(":")[0])
+        try:
+            text = (path if path.is_absolute() else _REPO / path).read_bytes().hex()
+        except OSError:
+            text = "missing"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _py(module: str, *args: str) -> list[str]:
@@ -96,29 +142,100 @@ def _serving_summary(wd: pathlib.Path) -> str:
             f"ok={s.get('ok')}")
 
 
-def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int) -> dict:
+def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
+               *, upstream: str = "", user_forced: bool = False) -> dict:
+    """Runs ``stage`` unless its marker holds its current key (and ``force`` is off).
+
+    Args:
+      force: run even if up to date (forced by the user, or an earlier stage ran).
+      upstream: the previous stage's key (part of this stage's key).
+      user_forced: the user named this stage in ``--force`` (adds its forced_args).
+    """
     marker = wd / "stages" / f"{stage.name}.json"
     m = _read(marker)
-    if not force and m.get("key") == stage.key() and stage.done_file.exists():
+    key = stage.key(upstream)
+    if not force and m.get("key") == key and stage.done_file.exists():
         print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
         return {**m, "skipped": True}
+    # Neither the old marker nor the old output may outlive a run that is stopped
+    # half-way: the next pipeline run would take the stage for finished.
+    marker.unlink(missing_ok=True)
+    stage.done_file.unlink(missing_ok=True)
     print(f"[{stage.name}] running ...", flush=True)
     t0 = time.time()
     if stage.cmd is not None:
-        logging.info("%s", " ".join(shlex.quote(c) for c in stage.cmd))
-        proc = subprocess.run(stage.cmd, cwd=_REPO, timeout=timeout_s)
-        if proc.returncode != 0:
-            raise SystemExit(f"[{stage.name}] failed with exit code {proc.returncode}: "
-                             f"{' '.join(shlex.quote(c) for c in stage.cmd)}")
+        cmd = [*stage.cmd, *(stage.forced_args if user_forced else ())]
+        logging.info("%s", " ".join(shlex.quote(c) for c in cmd))
+        code = _run_command(stage.name, cmd, timeout_s)
+        if code != 0:
+            raise SystemExit(f"[{stage.name}] failed with exit code {code}: "
+                             f"{' '.join(shlex.quote(c) for c in cmd)}")
     else:
         stage.fn()
     if not stage.done_file.exists():
         raise SystemExit(f"[{stage.name}] finished but {stage.done_file} is missing")
-    out = {"stage": stage.name, "key": stage.key(), "seconds": time.time() - t0,
+    out = {"stage": stage.name, "key": key, "seconds": time.time() - t0,
            "summary": stage.summarize(wd)}
     common.write_json(marker, out)
     print(f"[{stage.name}] done in {out['seconds']:.0f} s: {out['summary']}", flush=True)
     return {**out, "skipped": False}
+
+
+def _run_command(name: str, cmd: list[str], timeout_s: int) -> int:
+    """Runs ``cmd`` in its own process group; on timeout or interrupt the whole group
+    (the stage and every process it started) is stopped, never left running."""
+    proc = subprocess.Popen(cmd, cwd=_REPO, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        raise SystemExit(
+            f"[{name}] timed out after {timeout_s} s (stage_timeout_s); stopped it and "
+            "every process it started"
+        ) from None
+    except BaseException:
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            if sig == signal.SIGTERM:  # the stage is gone; its children may not be
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def run_stages(stages: list[Stage], wd: pathlib.Path, force: set[str], timeout_s: int,
+               on_result=None) -> list[dict]:
+    """Runs the stages in order (see the module docstring for skipping and forcing).
+
+    Raises:
+      app.UsageError: ``force`` names a stage that does not exist.
+    """
+    names = [st.name for st in stages]
+    unknown = sorted(set(force) - set(names) - {"all"})
+    if unknown:
+        raise app.UsageError(f"--force names unknown stage(s) {unknown}; stages: {names} or 'all'")
+    results, upstream, ran = [], "", False
+    for st in stages:
+        user_forced = "all" in force or st.name in force
+        r = _run_stage(st, wd, force=user_forced or ran, timeout_s=timeout_s,
+                       upstream=upstream, user_forced=user_forced)
+        upstream, ran = r["key"], ran or not r["skipped"]
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results
 
 
 def main(argv):
@@ -126,17 +243,16 @@ def main(argv):
     cfg = _CONFIG.value
     wd = pathlib.Path(_WORKDIR.value).resolve()
     common.setup(str(wd))
+    stages = build_stages(cfg, wd)  # checks the config before anything runs
     common.write_json(wd / "config.json", cfg.to_dict())
-    stages = build_stages(cfg, wd)
-    force = set(_FORCE.value)
-    results = []
     t0 = time.time()
     metrics_path = wd / "metrics.jsonl"
-    for st in stages:
-        r = _run_stage(st, wd, force=("all" in force or st.name in force), timeout_s=cfg.stage_timeout_s)
-        results.append(r)
+
+    def record(r):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **r}) + "\n")
+
+    results = run_stages(stages, wd, set(_FORCE.value), cfg.stage_timeout_s, on_result=record)
     path = write_pipeline_report(cfg, wd, results)
     print(f"pipeline done in {time.time() - t0:.0f} s; report: {path}", flush=True)
 

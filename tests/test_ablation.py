@@ -1,5 +1,6 @@
 """Ablation runner: shared pretraining, every variant x seed, report arithmetic, the INT4 hook."""
 
+import dataclasses
 import json
 import math
 
@@ -112,3 +113,69 @@ def test_ablation_runs_every_variant_and_shares_pretraining(tmp_path):
     again = A.run_ablation(cfg, tmp_path / "abl", pretrainers={}, log=lambda s: None)
     assert len(calls) == 4
     assert again["variants"]["scratch"]["ctr_auc_mean"] == res["variants"]["scratch"]["ctr_auc_mean"]
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings_and_data(tmp_path):
+    """A rerun after a config or data change retrains instead of relabelling old numbers."""
+    _write_data(tmp_path / "data")
+    base = T.TrainConfig(
+        data=T.DataConfig(path=str(tmp_path / "data")), batch_size=256, num_epochs=1.0, log_every=0,
+        model=M.RankerConfig(mlp_dims=(8,), head_dims=(4,), num_cross_layers=1),
+    )
+    cfg = A.AblationConfig(base=base, seeds=(0,), variants=("no_large_tables",))
+    logs = []
+
+    def run(c, **kw):
+        logs.clear()
+        return A.run_ablation(c, tmp_path / "abl", pretrainers={}, log=logs.append, **kw)
+
+    first = run(cfg)["variants"]["no_large_tables"]["ctr_auc_mean"]
+    assert run(cfg)["variants"]["no_large_tables"]["ctr_auc_mean"] == first
+    assert any("reusing" in s for s in logs)
+    # Other settings: retrained, and the numbers are the new run's.
+    more = A.AblationConfig(base=dataclasses.replace(base, dense_learning_rate=0.05), seeds=(0,),
+                            variants=("no_large_tables",))
+    second = run(more)["variants"]["no_large_tables"]["ctr_auc_mean"]
+    assert not any("reusing" in s for s in logs)
+    assert any("had other settings or data" in s for s in logs)
+    assert second != first
+    # Other data under the same path (a regenerated world): retrained.
+    _write_data(tmp_path / "data", seed=1)
+    run(more)
+    assert not any("reusing" in s for s in logs)
+    run(more)
+    assert any("reusing" in s for s in logs)
+    run(more, fresh=True)
+    assert not any("reusing" in s for s in logs) and any("--fresh" in s for s in logs)
+
+
+def test_pretrained_facets_are_reused_only_under_the_same_key(tmp_path):
+    calls = []
+
+    def pretrain(window, out):
+        calls.append(window)
+        ids = {"user": 100 + np.arange(4), "pin": 500 + np.arange(3)}
+        checkpoint.save_facet(out / "facet_cl", facet="cl", vocabs=ids,
+                              tables={e: np.ones((len(v), 2), np.float32) for e, v in ids.items()})
+        return out / "facet_cl"
+
+    base = T.TrainConfig(data=T.DataConfig(path=str(tmp_path / "data")))
+    cfg = A.AblationConfig(base=base, seeds=(0,), variants=("no_large_tables", "cl"))
+    key = {"v": "a"}
+
+    def obtain(**kw):
+        kw.setdefault("pretrainers", {"cl": pretrain})
+        return A.obtain_facets(cfg, tmp_path, log=lambda s: None,
+                               pretrain_keys={"cl": lambda w: key["v"] + w}, **kw)
+
+    obtain()
+    obtain()
+    assert calls == ["fresh"]  # same key: reused
+    key["v"] = "b"
+    obtain()
+    assert calls == ["fresh", "fresh"]  # changed key (command, config or data): redone
+    obtain(fresh=True)
+    assert len(calls) == 3
+    key["v"] = "c"
+    with pytest.raises(ValueError, match="made with other settings.*no pretrainer"):
+        obtain(pretrainers={})

@@ -222,6 +222,13 @@ def int4_transform(
     }
 
 
+def int4_row_name(source_variant: str) -> tuple[str, str]:
+    """(row id, label) of the INT4-served row of ``source_variant``'s rankers."""
+    if source_variant == "cl_kg":
+        return INT4_ROW, INT4_LABEL
+    return f"{source_variant}_int4", f"{source_variant}, INT4 served"
+
+
 def add_int4_row(
     ablation_workdir: str | os.PathLike,
     *,

@@ -38,9 +38,11 @@ Dimension legend: R rows of an entity table, D_e entity width.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -133,12 +135,42 @@ class AblationConfig:
 Pretrainer = Callable[[str, pathlib.Path], str | pathlib.Path]
 
 
+_PRETRAIN_KEY = "pretrain_key.json"
+
+
+def _digest(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | pathlib.Path) -> str:
+    """sha256 (16 hex) of a file's bytes, or "missing"."""
+    try:
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "missing"
+
+
+def folder_digest(path: str | pathlib.Path) -> str:
+    """Digest of a data folder: its dataset.json bytes and every file's (path, size,
+    mtime): a regenerated or edited table changes it; reading does not."""
+    root = pathlib.Path(path)
+    h = hashlib.sha256(file_digest(root / "dataset.json").encode())
+    if root.is_dir():
+        for f in sorted(q for q in root.rglob("*") if q.is_file()):
+            st = f.stat()
+            h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def obtain_facets(
     config: AblationConfig,
     workdir: pathlib.Path,
     *,
     pretrainers: Mapping[str, Pretrainer],
     log: Callable[[str], None] = print,
+    pretrain_keys: Mapping[str, Callable[[str], str]] | None = None,
+    fresh: bool = False,
 ) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
     """Loads (pretraining first if needed) every (facet, window) the variants use.
 
@@ -147,6 +179,11 @@ def obtain_facets(
       workdir: the ablation folder; pretraining goes to WORKDIR/pretrain/<facet>_<window>.
       pretrainers: facet -> fn(window, out_dir) returning the facet checkpoint dir.
       log: progress printer.
+      pretrain_keys: facet -> fn(window) -> a key of everything the pretraining
+        depends on (command, configs, data). A facet in WORKDIR/pretrain is reused
+        only when it was made under the same key; without a key function any
+        finished facet there is reused.
+      fresh: pretrain again even when a finished facet with the same key exists.
 
     Returns:
       ({(facet, window): loaded Facet}, {"facet/window": {"path", "seconds", "metrics"}}).
@@ -169,11 +206,26 @@ def obtain_facets(
         else:
             out = workdir / "pretrain" / f"{facet}_{window}"
             path = out / f"facet_{facet}"
-            if (path / "facet.json").exists():
+            want = (pretrain_keys or {}).get(facet)
+            want = want(window) if want is not None else None
+            have = json.loads((out / _PRETRAIN_KEY).read_text()).get("key") \
+                if (out / _PRETRAIN_KEY).exists() else None
+            done = (path / "facet.json").exists()
+            if done and not fresh and (want is None or have == want):
                 log(f"ablation: reusing pretrained {key} at {path}")
             elif facet in pretrainers:
-                log(f"ablation: pretraining {key} into {out}")
+                why = ("--fresh" if fresh else "its settings or data changed") if done else "none yet"
+                log(f"ablation: pretraining {key} into {out} ({why})")
+                (out / _PRETRAIN_KEY).unlink(missing_ok=True)
                 path = pathlib.Path(pretrainers[facet](window, out))
+                if want is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / _PRETRAIN_KEY).write_text(json.dumps({"key": want}) + "\n")
+            elif done:
+                raise ValueError(
+                    f"pretrained {key} at {path} was made with other settings or data (or "
+                    f"--fresh was asked) and there is no pretrainer for {facet!r} to redo it"
+                )
             else:
                 raise ValueError(
                     f"variant needs facet {key!r}: give facet_dirs[{key!r}] or a pretrainer for {facet!r}"
@@ -215,8 +267,16 @@ def run_ablation(
     *,
     pretrainers: Mapping[str, Pretrainer] | None = None,
     log: Callable[[str], None] = print,
+    pretrain_keys: Mapping[str, Callable[[str], str]] | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Runs every variant for every seed and writes ablation.json / ablation.md.
+
+    A finished run (runs/<variant>_s<seed>/metrics.json) is reused only when its
+    fingerprint matches: the run's full TrainConfig, the content of its facets'
+    facet.json, and the data folder (`folder_digest`: dataset.json and every
+    file's size and mtime). A run made with other settings or data is retrained
+    (and logged as such), never silently reused.
 
     Args:
       config: the ablation config.
@@ -225,6 +285,8 @@ def run_ablation(
       pretrainers: facet -> fn(window, out_dir) -> facet dir, for facets not in
         `config.facet_dirs`.
       log: progress printer.
+      pretrain_keys: see `obtain_facets`.
+      fresh: retrain every run and pretrain every facet, reusing nothing.
 
     Returns:
       The ablation.json content.
@@ -232,7 +294,13 @@ def run_ablation(
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    loaded, pretrain_info = obtain_facets(config, workdir, pretrainers=pretrainers or {}, log=log)
+    loaded, pretrain_info = obtain_facets(
+        config, workdir, pretrainers=pretrainers or {}, log=log, pretrain_keys=pretrain_keys,
+        fresh=fresh,
+    )
+    facet_digests = {k: file_digest(pathlib.Path(v["path"]) / "facet.json")
+                     for k, v in pretrain_info.items()}
+    data_digest = folder_digest(config.base.data.path)
     id_columns = tuple(dict.fromkeys(c for _, c in config.entities))
     data = train_lib.prepare_data(config.base.data, id_columns=id_columns)
     runs: dict[str, dict[int, dict]] = {}
@@ -243,18 +311,31 @@ def run_ablation(
         for seed in config.seeds:
             rdir = workdir / "runs" / f"{name}_s{seed}"
             mpath = rdir / "metrics.json"
-            if mpath.exists():
-                res = json.loads(mpath.read_text())
+            tc = _variant_config(config, variant, seed, loaded)
+            fingerprint = _digest({
+                "train_config": dataclasses.asdict(tc),
+                "facets": {f"{f}/{variant.window}": facet_digests[f"{f}/{variant.window}"]
+                           for f in variant.facets},
+                "data": data_digest,
+                "saved_ranker": name in config.save_ranker_variants,
+            })
+            old = json.loads(mpath.read_text()) if mpath.exists() else None
+            if old is not None and not fresh and old.get("fingerprint") == fingerprint:
+                res = old
                 log(f"ablation: reusing {rdir}")
             else:
-                log(f"ablation: {variant.label} (seed {seed})")
-                tc = _variant_config(config, variant, seed, loaded)
+                why = "" if old is None else (
+                    " (--fresh)" if fresh else " (the finished run had other settings or data)")
+                log(f"ablation: {variant.label} (seed {seed}){why}")
+                mpath.unlink(missing_ok=True)
+                shutil.rmtree(rdir / "ranker", ignore_errors=True)  # never an old run's ranker
                 facets = {f: loaded[(f, variant.window)] for f in variant.facets}
                 res = train_lib.train_and_evaluate(tc, None, data=data, facets=facets, log=log)
                 ranker = res.pop("ranker")
                 rdir.mkdir(parents=True, exist_ok=True)
                 if name in config.save_ranker_variants:
                     model_lib.save_ranker(rdir / "ranker", ranker)
+                res["fingerprint"] = fingerprint
                 mpath.write_text(json.dumps(res, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
             runs[name][seed] = res["test"]
             if seed == config.seeds[0]:

@@ -1,0 +1,162 @@
+"""run_pipeline's staging: keys over configs and upstream stages, forcing, killed
+stages never taken for finished, timeouts that stop every process, config checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import app
+
+from launch import pipeline_stages, run_pipeline as rp
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _stage(tmp_path, name, *, code="pass", config=None, forced_args=()):
+    """A stage whose command appends its name (and args) to runs.txt and writes its done file."""
+    done = tmp_path / f"{name}.done"
+    script = (
+        "import pathlib, sys; "
+        f"open({str(tmp_path / 'runs.txt')!r}, 'a').write(' '.join([{name!r}, *sys.argv[1:]]) + '\\n'); "
+        f"{code}; pathlib.Path({str(done)!r}).write_text('ok')"
+    )
+    cmd = [sys.executable, "-c", script]
+    if config:
+        cmd.append(f"--config={config}")
+    return rp.Stage(name, cmd, done, lambda wd: name, forced_args=forced_args)
+
+
+def _runs(tmp_path):
+    p = tmp_path / "runs.txt"
+    return p.read_text().splitlines() if p.exists() else []
+
+
+def _write_config(path, value):
+    path.write_text(
+        "import ml_collections\n\n"
+        "def get_config(arg=None):\n"
+        f"    return ml_collections.ConfigDict({{'value': {value!r}, 'arg': arg}})\n"
+    )
+
+
+def test_keys_follow_config_content_and_upstream_stages(tmp_path):
+    cfg = tmp_path / "world_cfg.py"
+    _write_config(cfg, 1)
+    stages = lambda: [_stage(tmp_path, "a", config=f"{cfg}:smoke"),  # noqa: E731
+                      _stage(tmp_path, "b"), _stage(tmp_path, "c")]
+    wd = tmp_path / "wd"
+    rp.run_stages(stages(), wd, set(), 60)
+    assert [r.split()[0] for r in _runs(tmp_path)] == ["a", "b", "c"]
+    res = rp.run_stages(stages(), wd, set(), 60)
+    assert [r["skipped"] for r in res] == [True, True, True]
+    assert len(_runs(tmp_path)) == 3
+    # Editing the config file in place reruns its stage and every later one.
+    _write_config(cfg, 2)
+    res = rp.run_stages(stages(), wd, set(), 60)
+    assert [r["skipped"] for r in res] == [False, False, False]
+    # The same command with another config argument is another key, too.
+    assert _stage(tmp_path, "a", config=f"{cfg}:smoke").key() != \
+        _stage(tmp_path, "a", config=f"{cfg}").key()
+    # Forcing a middle stage reruns it and what follows, not what precedes; its
+    # forced_args reach the command but not the key.
+    stages2 = [_stage(tmp_path, "a", config=f"{cfg}:smoke"),
+               _stage(tmp_path, "b", forced_args=("--fresh",)), _stage(tmp_path, "c")]
+    before = len(_runs(tmp_path))
+    res = rp.run_stages(stages2, wd, {"b"}, 60)
+    assert [r["skipped"] for r in res] == [True, False, False]
+    assert _runs(tmp_path)[before:] == ["b --fresh", "c"]
+    res = rp.run_stages(stages(), wd, set(), 60)
+    assert [r["skipped"] for r in res] == [True, True, True]
+    with pytest.raises(app.UsageError, match=r"unknown stage\(s\) \['bb'\]"):
+        rp.run_stages(stages(), wd, {"bb"}, 60)
+
+
+def test_a_stage_stopped_half_way_is_not_taken_for_finished(tmp_path):
+    wd = tmp_path / "wd"
+    rp.run_stages([_stage(tmp_path, "a")], wd, set(), 60)
+    # A forced rerun that dies after rewriting part of its output (as a killed
+    # run leaves it): the next plain run must run the stage again, not skip it.
+    done = tmp_path / "a.done"
+    failing = _stage(tmp_path, "a", code=f"pathlib.Path({str(done)!r}).write_text('half'); sys.exit(3)")
+    with pytest.raises(SystemExit, match=r"\[a\] failed with exit code 3"):
+        rp.run_stages([failing], wd, {"a"}, 60)
+    assert not (wd / "stages" / "a.json").exists() and done.read_text() == "half"
+    res = rp.run_stages([_stage(tmp_path, "a")], wd, set(), 60)
+    assert res[0]["skipped"] is False and done.read_text() == "ok"
+
+
+def test_timeout_stops_the_stage_and_its_children(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(120)"
+    )
+    st = _stage(tmp_path, "slow", code=code)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"\[slow\] timed out after 3 s"):
+        rp.run_stages([st], tmp_path / "wd", set(), 3)
+    assert time.time() - t0 < 60
+    child = int(pid_file.read_text())
+    for _ in range(100):  # the SIGKILL'd child is reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        if pathlib.Path(f"/proc/{child}/stat").exists() and \
+                pathlib.Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        subprocess.run(["kill", "-9", str(child)])
+        pytest.fail("the stage's child process outlived the timeout")
+
+
+def _pipeline_cfg(**export):
+    cfg = pipeline_stages.load_config("configs/pipeline.py:smoke")
+    cfg.unlock() if hasattr(cfg, "unlock") else None
+    for k, v in export.items():
+        cfg.export[k] = v
+    return cfg
+
+
+def test_export_settings_are_checked_before_any_stage_runs(tmp_path):
+    build = lambda cfg: rp.build_stages(cfg, tmp_path)  # noqa: E731
+    stages = build(_pipeline_cfg())
+    export = next(s for s in stages if s.name == "export")
+    assert "--int4_source=cl_kg" in export.cmd
+    abl = next(s for s in stages if s.name == "ablation")
+    assert abl.forced_args == ("--fresh",)
+    assert abl.configs == ("configs/contrastive.py:smoke", "configs/kg.py:smoke")
+    with pytest.raises(app.UsageError, match="not in the ablation's save_ranker_variants"):
+        build(_pipeline_cfg(variant="scratch"))
+    with pytest.raises(app.UsageError, match="export.variant='magic' is not an ablation variant"):
+        build(_pipeline_cfg(variant="magic"))
+    with pytest.raises(app.UsageError, match=r"export.seed=3 is not an ablation seed \[0\]"):
+        build(_pipeline_cfg(seed=3))
+    with pytest.raises(app.UsageError, match="export.bits=3 must be 4, 8 or 32"):
+        build(_pipeline_cfg(bits=3))
+    cfg = _pipeline_cfg(variant="scratch")
+    cfg.ablation_flags = "--config.seeds=0 --config.save_ranker_variants=scratch,cl_kg"
+    export = next(s for s in build(cfg) if s.name == "export")
+    assert "--int4_source=scratch" in export.cmd
+
+
+def test_int4_row_name():
+    from jax_recsys.quant import export
+
+    assert export.int4_row_name("cl_kg") == (export.INT4_ROW, export.INT4_LABEL)
+    assert export.int4_row_name("scratch") == ("scratch_int4", "scratch, INT4 served")
+
+
+def test_config_fingerprint_is_stable_and_resolved(tmp_path):
+    a = rp._config_fingerprint("configs/world.py:smoke")
+    assert a == rp._config_fingerprint("configs/world.py:smoke")
+    assert a != rp._config_fingerprint("configs/world.py")
+    assert json.dumps(rp._config_fingerprint(str(tmp_path / "none.py"))) is not None
