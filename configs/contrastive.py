@@ -71,7 +71,7 @@ def get_config(arg=None):
     c.train.eval_every = 0 if smoke else 1000
     c.train.eval_ks = (10, 50, 100)
     c.train.eval_loss_batches = 4
-    c.train.log_every = 10 if smoke else 50
+    c.train.log_every = 10 if smoke else 50  # 0: never
     c.train.seed = 0
     # Checkpoints in WORKDIR/checkpoints every N steps (0: off); a rerun with the same
     # WORKDIR resumes from the latest one. Keep the newest `keep_checkpoints`.

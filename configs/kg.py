@@ -53,7 +53,7 @@ def get_config(arg=None):
     c.train.corrupt = "both"
     c.train.loss = "softmax"  # softmax | logistic | margin
     c.train.margin = 1.0
-    c.train.adversarial_temperature = 0.0
+    c.train.adversarial_temperature = 0.0  # > 0: logistic / margin losses only
     c.train.regularization = 0.0
     c.train.entity_learning_rate = 0.05
     c.train.entity_initial_accumulator = 1e-6
@@ -61,7 +61,7 @@ def get_config(arg=None):
     c.train.num_epochs = 2 if smoke else 10
     c.train.max_steps = -1  # -1 = no limit
     c.train.seed = 0
-    c.train.log_every = 20 if smoke else 200
+    c.train.log_every = 20 if smoke else 200  # 0: never
     c.train.eval_every_epochs = 1 if smoke else 2
     # Checkpoints in WORKDIR/checkpoints every N steps (0: off); a rerun with the same
     # WORKDIR resumes from the latest one. Keep the newest `keep_checkpoints`.

@@ -195,3 +195,61 @@ def test_recall_ndcg_and_popularity():
         train_pin_rows=np.array([4, 4, 4, 1, 1, 2, 2]), pos_rows_q=np.array([4, 2, 0]),
         num_rows=5, k=2)
     np.testing.assert_array_equal(pop, [0, 2, 2])
+
+
+@pytest.mark.parametrize("ndev", [1, 8])
+def test_retrieval_collapsed_model_gets_realistic_rank(devices, ndev):
+    # Every pin scores the same: the positive's rank is 1 + (5 - 1) / 2 = 3 for every
+    # query, wherever it sits. A top-K with ties broken by row index would put the
+    # low-row positives (rows 0 and 1) in the top 2 and report recall@2 = 1.
+    mesh = global_mesh(devices=devices[:ndev])
+    pins = jnp.zeros((8, 4), jnp.float32)
+    users = np.zeros((2, 4), np.float32)
+    out = retrieval_eval.evaluate_retrieval(
+        user_qd=users, pin_rd=pins, pos_rows_q=np.array([0, 1]), mesh=mesh, ks=(1, 2, 3),
+        valid_rows=5)
+    assert out["recall@1"] == 0.0 and out["ndcg@1"] == 0.0
+    assert out["recall@2"] == 0.0 and out["ndcg@2"] == 0.0
+    # rank 3 <= 3 (the project rule: fractional ranks count rank <= K).
+    assert out["recall@3"] == 1.0
+    assert out["ndcg@3"] == pytest.approx(1 / math.log2(4))
+
+
+@pytest.mark.parametrize("ndev", [1, 8])
+def test_retrieval_exact_ranks_hand_built(devices, ndev):
+    # D = 1, query 1.0: scores are the pin values [3, 1, 1, 2]; rows 4.. are padding
+    # with a huge score that must never count.
+    mesh = global_mesh(devices=devices[:ndev])
+    pins = jnp.asarray(np.array([3, 1, 1, 2, 100, 100, 100, 100], np.float32)[:, None])
+    users = np.ones((3, 1), np.float32)
+    pos = np.array([0, 1, 3])
+    ranks = retrieval_eval.positive_ranks(query_qd=users, items_rd=pins, pos_rows_q=pos,
+                                          mesh=mesh, valid_rows=4, chunk=2)
+    # pin 0: best; pin 1: 2 greater + 1 tie -> 3.5; pin 3: 1 greater -> 2.
+    np.testing.assert_array_equal(ranks, [1.0, 3.5, 2.0])
+    out = retrieval_eval.evaluate_retrieval(user_qd=users, pin_rd=pins, pos_rows_q=pos,
+                                            mesh=mesh, ks=(1, 2, 4), valid_rows=4, chunk=2)
+    assert out["recall@1"] == pytest.approx(1 / 3)
+    assert out["recall@2"] == pytest.approx(2 / 3)
+    assert out["recall@4"] == pytest.approx(1.0)
+    assert out["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 3)
+    assert out["ndcg@4"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(4.5)) / 3)
+
+
+def test_retrieval_non_finite_scores_are_errors(devices):
+    mesh = global_mesh(devices=devices)
+    pins = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
+    users = np.ones((3, 2), np.float32)
+    kw = dict(pos_rows_q=np.array([0, 1, 2]), mesh=mesh, ks=(2,), valid_rows=6)
+    nan_user = users.copy()
+    nan_user[1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        retrieval_eval.evaluate_retrieval(user_qd=nan_user, pin_rd=jnp.asarray(pins), **kw)
+    nan_pin = pins.copy()
+    nan_pin[4] = np.nan  # a candidate, not a positive
+    with pytest.raises(ValueError, match="non-finite"):
+        retrieval_eval.evaluate_retrieval(user_qd=users, pin_rd=jnp.asarray(nan_pin), **kw)
+    nan_pad = pins.copy()
+    nan_pad[7] = np.nan  # padding rows are never candidates
+    out = retrieval_eval.evaluate_retrieval(user_qd=users, pin_rd=jnp.asarray(nan_pad), **kw)
+    assert 0.0 <= out["recall@2"] <= 1.0

@@ -71,6 +71,39 @@ def test_all_equal_scores_give_mean_rank():
     np.testing.assert_array_equal(ranks["tail"], [3.0, 3.0])
 
 
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_non_finite_scores_are_errors(n_dev):
+    # NaN compares False both ways: without the check an all-NaN model ranks every
+    # target first (MRR 1.0).
+    fn = kg_scoring.ScoringFunction(name="distmult")
+    test = np.array([[0, 0, 1], [2, 0, 3]])
+    kw = dict(num_rows={"e": 16}, rel_params={"vec": jnp.ones((1, 4))}, triples=test,
+              rel_head_type=["e"], rel_tail_type=["e"],
+              filter_index=TripleIndex([test], max_rows=16), mesh=_mesh(n_dev))
+    with pytest.raises(ValueError, match="non-finite"):
+        kg_eval.evaluate(fn, tables={"e": jnp.full((16, 4), jnp.nan)}, **kw)
+    one_row = jnp.ones((16, 4)).at[7].set(jnp.nan)  # row 7: a kept candidate only
+    with pytest.raises(ValueError, match="non-finite"):
+        kg_eval.evaluate(fn, tables={"e": one_row}, **kw)
+    with pytest.raises(ValueError, match="non-finite"):
+        kg_eval.evaluate(fn, tables={"e": jnp.ones((16, 4))},
+                         **{**kw, "rel_params": {"vec": jnp.full((1, 4), jnp.inf)}})
+
+
+def test_nan_in_filtered_or_padding_rows_is_ignored():
+    # The hand graph's tail of (0,0,1): row 3 of "b" is a filtered true answer and rows
+    # 4.. are padding; NaN there never reaches the ranking, so the rank stays 2.5.
+    tables, rel, test, train, valid = _hand_graph()
+    b = jnp.concatenate([tables["b"].at[3].set(jnp.nan), jnp.full((4, 2), jnp.nan)])
+    ranks = kg_eval.filtered_ranks(
+        kg_scoring.ScoringFunction(name="distmult"), tables={"a": tables["a"], "b": b},
+        num_rows={"a": 3, "b": 4}, rel_params=rel, triples=test[:1],
+        rel_head_type=["a", "a"], rel_tail_type=["b", "b"],
+        filter_index=TripleIndex([train, valid, test], max_rows=10), mesh=_mesh(8),
+        config=kg_eval.KGEvalConfig(sides=("tail",)))
+    np.testing.assert_array_equal(ranks["tail"], [2.5])
+
+
 @pytest.mark.parametrize("name", ["transe", "distmult", "complex", "transr"])
 def test_matches_brute_force(name):
     rng = np.random.default_rng(1)

@@ -171,3 +171,36 @@ def test_chunks_must_divide_devices():
     cfg = kg_train.KGTrainConfig(chunks_per_batch=3)
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
         kg_train.train(g, model=kg_train.KGModelConfig(dim=8), train_config=cfg, mesh=_mesh(8))
+
+
+def _tiny_graph():
+    rng = np.random.default_rng(0)
+    tr = np.stack([rng.integers(0, 20, 64), np.zeros(64, int), rng.integers(0, 20, 64)], 1)
+    return KnowledgeGraph(entity_types=("e",), vocabs={"e": Vocab(np.arange(20))},
+                          relations=("r",), rel_head_type=("e",), rel_tail_type=("e",),
+                          splits={"train": tr})
+
+
+def test_log_every_zero_never_logs():
+    # 64 triples, 2 chunks of 8 per batch: 4 steps, none logged (used to divide by 0).
+    cfg = kg_train.KGTrainConfig(chunk_size=8, uniform_negatives=4, chunks_per_batch=2,
+                                 num_epochs=1, log_every=0)
+    hist = []
+    res = kg_train.train(_tiny_graph(), model=kg_train.KGModelConfig(dim=8), train_config=cfg,
+                         mesh=_mesh(1), log_fn=hist.append)
+    assert int(res.state.step) == 4
+    assert hist == []
+
+
+def test_config_rejects_negative_intervals_and_unused_adversarial_temperature():
+    with pytest.raises(ValueError, match="log_every and eval_every_epochs must be >= 0"):
+        kg_train.KGTrainConfig(log_every=-1)
+    with pytest.raises(ValueError, match="log_every and eval_every_epochs must be >= 0"):
+        kg_train.KGTrainConfig(eval_every_epochs=-2)
+    with pytest.raises(ValueError, match="adversarial_temperature must be >= 0"):
+        kg_train.KGTrainConfig(loss="logistic", adversarial_temperature=-1.0)
+    # The softmax loss has no negative weights: the temperature would be ignored.
+    with pytest.raises(ValueError, match="no effect with loss='softmax'"):
+        kg_train.KGTrainConfig(loss="softmax", adversarial_temperature=1.0)
+    for loss in ("logistic", "margin"):
+        assert kg_train.KGTrainConfig(loss=loss, adversarial_temperature=1.0).loss == loss

@@ -94,3 +94,37 @@ def test_resolve_facets_errors_name_entity_and_facet():
         F.FacetSpec(source="cl", mode="thaw")
     with pytest.raises(ValueError, match="twice"):
         F.EntitySpec(name="u", column="c", facets=(F.FacetSpec(source="cl"), F.FacetSpec(source="cl")))
+
+
+def test_align_rejects_a_facet_sharing_no_id_with_the_ranker():
+    # Another id space (e.g. the facet of another dataset): found == 0 of 10 rows.
+    with pytest.raises(ValueError, match="facet 'cl' table 'user' shares no raw id"):
+        F.align_facet_table(entity="user", facet="cl", ranker_ids=np.arange(100, 110),
+                            facet_ids=np.array(["u1", "u2"]), facet_table=np.ones((2, 4)),
+                            seed=0, target_norm=1.0)
+    # One shared id is enough (the rest are reported as missing, not an error).
+    _, stats = F.align_facet_table(entity="user", facet="cl", ranker_ids=np.arange(100, 110),
+                                   facet_ids=np.array(["u1", "105"]), facet_table=np.ones((2, 4)),
+                                   seed=0)
+    assert (stats.found, stats.missing) == (1, 9)
+
+
+def test_build_entities_attaches_facets_by_entity_name():
+    ents = F.build_entities(scratch_dim=4, pretrained=("cl", "kg"),
+                            available={"cl": ["user", "pin"], "kg": ["pin", "advertiser", "board"]})
+    got = [(e.name, [f.source for f in e.facets]) for e in ents]
+    assert got == [("user", ["scratch", "cl"]), ("pin", ["scratch", "cl", "kg"]),
+                   ("advertiser", ["scratch", "kg"])]
+    # scratch_dim=0 without pretrained facets: the "no large tables" ranker.
+    assert F.build_entities(scratch_dim=0, pretrained=()) == ()
+
+
+def test_build_entities_rejects_a_facet_covering_no_entity():
+    # A KG whose entity types are item/brand: it used to train scratch-only, silently.
+    with pytest.raises(ValueError, match=r"facet 'kg' was requested but covers none of the "
+                       r"ranker's entities \['user', 'pin', 'advertiser'\]: its checkpoint has "
+                       r"tables \['brand', 'item'\]"):
+        F.build_entities(scratch_dim=4, pretrained=("kg",), available={"kg": ["item", "brand"]})
+    with pytest.raises(ValueError, match="facet 'kg' was requested"):
+        F.build_entities(scratch_dim=0, pretrained=("cl", "kg"),
+                         available={"cl": ["user"], "kg": ["item"]})

@@ -81,7 +81,8 @@ class ContrastiveConfig:
       eval_every: evaluate retrieval every N steps (0: only at the end).
       eval_ks: Recall@K / NDCG@K cut-offs.
       eval_loss_batches: held-out batches for the held-out loss.
-      log_every: progress line every N steps.
+      log_every: progress line (and `history` entry) every N steps and at the last
+        step (0: never).
       export: "tower" saves the tower outputs (projected, unit-norm rows; what
         retrieval scores) as the facet tables, "raw" the table rows.
       seed: init, shuffling and negative sampling.
@@ -120,6 +121,9 @@ class ContrastiveConfig:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if self.log_every < 0 or self.eval_every < 0:
+            raise ValueError(f"log_every and eval_every must be >= 0 (0: never / only at the "
+                             f"end), got {self.log_every}, {self.eval_every}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
                              f"{self.checkpoint_every}, {self.keep_checkpoints}")
@@ -497,11 +501,13 @@ def train_and_evaluate(
             perm_epoch, perm = epoch, schedule.permutation(epoch)
         t0 = time.perf_counter()
         m = trainer.train_step(trainer.step_batch(pairs, schedule, step - 1, perm))
+        if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"contrastive loss is {m['loss']} at step {step}")
         if step > start + 1:  # the first step compiles: not throughput
             train_time += time.perf_counter() - t0
             seen += b
         ema = m["loss"] if ema is None else 0.9 * ema + 0.1 * m["loss"]
-        if step % cfg.log_every == 0 or step == total:
+        if cfg.log_every and (step % cfg.log_every == 0 or step == total):
             logging.info("step %d/%d loss %.4f (ema %.4f) acc %.3f %.0f examples/s",
                          step, total, m["loss"], ema, m["acc"], seen / max(train_time, 1e-9))
             history.append({"step": step, "loss": m["loss"], "acc": m["acc"]})

@@ -26,6 +26,10 @@ per relation (TransR).
 
 Legend: B test triples per block, D entity dim, D' comparison dim, F filtered
 candidates per query (block max), R rows of the candidate type, S shards, NR relations.
+
+Non-finite scores (a NaN/inf table row or relation parameter reaching a kept candidate
+or the target) are counted on device and raise a ValueError on the host, as
+`metrics.realistic_rank` does, instead of silently ranking the target first.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
 
 
 def _block_fn(fn: kg_scoring.ScoringFunction, mesh, axis: str, side: str, valid_rows: int):
-    """The per-block device program: counts of greater/equal scores per query."""
+    """The per-block device program: #greater, #equal and #non-finite scores per query."""
 
     def body(anchor_tab, cand_tab, rel_params, anchor, rel, target, filt):
         rows_l = cand_tab.shape[0]
@@ -119,7 +123,11 @@ def _block_fn(fn: kg_scoring.ScoringFunction, mesh, axis: str, side: str, valid_
         ts = target_score[:, None]
         greater = jax.lax.psum(jnp.sum(keep & (scores > ts), axis=1), axis)
         equal = jax.lax.psum(jnp.sum(keep & (scores == ts), axis=1), axis)
-        return greater, equal
+        # NaN compares False both ways, so a NaN table would rank every target first:
+        # count non-finite scores (kept candidates and the target) for the host to reject.
+        bad = jax.lax.psum(jnp.sum(keep & ~jnp.isfinite(scores), axis=1), axis)
+        bad = bad + (~jnp.isfinite(target_score)).astype(bad.dtype)
+        return greater, equal, bad
 
     row_spec = P(axis, None)
     rel_spec = P()
@@ -128,7 +136,7 @@ def _block_fn(fn: kg_scoring.ScoringFunction, mesh, axis: str, side: str, valid_
             body,
             mesh=mesh,
             in_specs=(row_spec, row_spec, rel_spec, P(), P(), P(), P()),
-            out_specs=(P(), P()),
+            out_specs=(P(), P(), P()),
             check_vma=False,
         )
     )
@@ -166,6 +174,10 @@ def filtered_ranks(
     Returns:
       {"head": float64 [T], "tail": float64 [T]} ranks (only the requested sides), in
       the order of `triples` (after the `max_triples` subset).
+
+    Raises:
+      ValueError: a non-finite score, the target's or a kept candidate's (NaN
+        compares False, so it would otherwise rank the target first).
     """
     triples = np.asarray(triples, np.int64).reshape(-1, 3)
     if config.max_triples is not None and len(triples) > config.max_triples:
@@ -207,12 +219,18 @@ def filtered_ranks(
                 padded = np.concatenate([idx, np.full(bsz - n, idx[0])])
                 filt = filter_index.answers(side=side, anchor=anchor[padded], rel=r[padded],
                                             target=target[padded])
-                greater, equal = prog(
+                greater, equal, bad = prog(
                     tabs[a_type], tabs[c_type], rel_rep,
                     jnp.asarray(anchor[padded], jnp.int32), jnp.asarray(r[padded], jnp.int32),
                     jnp.asarray(target[padded], jnp.int32), jnp.asarray(filt),
                 )
                 greater, equal = np.asarray(greater)[:n], np.asarray(equal)[:n]
+                n_bad = int(np.asarray(bad)[:n].sum())
+                if n_bad:
+                    raise ValueError(
+                        f"{side} ranking of {a_type}->{c_type} triples: {n_bad} non-finite "
+                        "scores (NaN/inf in the entity tables or relation parameters); "
+                        "refusing to rank them")
                 ranks[idx] = realistic_rank(greater=greater, equal_others=equal)
         out[side] = ranks
     return out
@@ -232,6 +250,9 @@ def evaluate(fn: kg_scoring.ScoringFunction, **kwargs) -> dict[str, float]:
 
     Returns:
       {"mrr", "hits@1", "hits@3", "hits@10", "tail_mrr", "head_mrr", ..., "num_triples"}.
+
+    Raises:
+      ValueError: non-finite scores (see `filtered_ranks`).
     """
     ranks = filtered_ranks(fn, **kwargs)
     out = rank_metrics(np.concatenate(list(ranks.values())))

@@ -112,7 +112,9 @@ class KGTrainConfig:
       corrupt: "both", "tail" or "head".
       loss: "logistic", "softmax" or "margin".
       margin: margin of the margin loss.
-      adversarial_temperature: > 0 turns on self-adversarial negative weights.
+      adversarial_temperature: > 0 turns on self-adversarial negative weights (logistic
+        and margin losses only; the softmax loss has no per-negative weights, so > 0 with
+        it is an error).
       regularization: weight of the mean squared norm of the positives' entity rows.
       entity_learning_rate: row-wise Adagrad rate of the entity tables.
       entity_initial_accumulator: starting Adagrad accumulator of every row. Keep it
@@ -122,7 +124,7 @@ class KGTrainConfig:
       num_epochs: passes over the training triples.
       max_steps: stop after this many steps (None: no limit).
       seed: sampling and init seed.
-      log_every: steps between progress logs.
+      log_every: steps between progress logs (and `history` entries; 0: never).
       eval_every_epochs: evaluate on the validation split every this many epochs (0: never).
       checkpoint_every: save a training checkpoint (TrainState + data position) every N
         steps and at the end, and resume from the newest one on start (0: never).
@@ -163,6 +165,17 @@ class KGTrainConfig:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
                              f"{self.checkpoint_every}, {self.keep_checkpoints}")
+        if self.log_every < 0 or self.eval_every_epochs < 0:
+            raise ValueError(f"log_every and eval_every_epochs must be >= 0 (0: never), got "
+                             f"{self.log_every}, {self.eval_every_epochs}")
+        if self.adversarial_temperature < 0:
+            raise ValueError(
+                f"adversarial_temperature must be >= 0, got {self.adversarial_temperature}")
+        if self.loss == "softmax" and self.adversarial_temperature > 0:
+            raise ValueError(
+                f"adversarial_temperature={self.adversarial_temperature} has no effect with "
+                "loss='softmax' (it weights the negatives of the 'logistic' and 'margin' "
+                "losses only); set it to 0 or pick one of those losses")
 
     @property
     def negatives_per_positive(self) -> int:
@@ -629,7 +642,7 @@ def train(
             step += 1
             if not math.isfinite(last["loss"]):
                 raise FloatingPointError(f"loss is {last['loss']} at step {step}")
-            if step % train_config.log_every == 0:
+            if train_config.log_every and step % train_config.log_every == 0:
                 now = time.perf_counter()
                 rec = {"step": step, "epoch": epoch, **last,
                        "positives_per_s": window[1] / (now - window[0])}

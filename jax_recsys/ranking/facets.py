@@ -13,7 +13,9 @@ Pretrained facets are mapped onto the ranker's vocabulary *by raw id*: row r of 
 ranker table for entity e receives the facet vector of the facet-vocabulary entry with
 the same raw id. Ids the pretraining run never saw get a fresh random row with the
 same per-coordinate standard deviation as the facet's found rows; how many were found
-and missing is counted and reported (`AlignStats`). Raw ids compare as integers when
+and missing is counted and reported (`AlignStats`); a facet table that shares no raw
+id with the ranker's vocabulary is an error (it would be all random rows), and so is a
+requested facet whose checkpoint has no table for any ranker entity. Raw ids compare as integers when
 both vocabularies are integer, as strings otherwise (so "12" matches 12).
 
 Pretrained tables may be rescaled by one scalar per table (`FacetSpec.target_norm`) so
@@ -160,6 +162,10 @@ def match_rows(ranker_ids: np.ndarray, facet_ids: np.ndarray) -> np.ndarray:
     return np.where(hit, order[pos_c], -1).astype(np.int64)
 
 
+def _examples(ids, n: int = 3) -> str:
+    return ", ".join(repr(x) for x in np.asarray(ids)[:n].tolist()) or "none"
+
+
 def align_facet_table(
     *,
     entity: str,
@@ -184,6 +190,11 @@ def align_facet_table(
 
     Returns:
       (table float32 [R, D], AlignStats).
+
+    Raises:
+      ValueError: the table and vocabulary disagree, or the facet shares no raw id
+        with the ranker's vocabulary (the "pretrained" table would be all random rows:
+        usually a vocabulary of another dataset or id space).
     """
     facet_table = np.asarray(facet_table, np.float32)
     if facet_table.ndim != 2 or facet_table.shape[0] != len(facet_ids):
@@ -193,6 +204,13 @@ def align_facet_table(
         )
     src = match_rows(ranker_ids, facet_ids)
     found = src >= 0
+    if len(ranker_ids) and not found.any():
+        raise ValueError(
+            f"facet {facet!r} table {entity!r} shares no raw id with the ranker's {entity!r} "
+            f"vocabulary ({len(ranker_ids)} ranker ids, e.g. {_examples(ranker_ids)}; "
+            f"{len(facet_ids)} facet ids, e.g. {_examples(facet_ids)}): it would be "
+            "entirely random rows"
+        )
     dim = facet_table.shape[1]
     rng = np.random.default_rng([seed, 7919, len(ranker_ids), dim])
     std = float(facet_table[src[found]].std()) if found.any() else 1.0 / np.sqrt(dim)
@@ -360,7 +378,8 @@ def build_entities(
       pretrained: pretrained facet names to add, in order (e.g. ("cl", "kg")).
       mode: "finetune" or "freeze" for the pretrained facets (scratch always trains).
       available: facet -> entity types its checkpoint has; a facet is added only to
-        entities it covers (None: to every entity).
+        entities it covers (None: to every entity). A requested facet that covers none
+        of `entities` is an error, not a silent scratch-only run.
       learning_rate: row learning rate of the pretrained facets (None: the trainer's
         default, table_learning_rate * finetune_lr_scale).
       target_norm: `FacetSpec.target_norm` of the pretrained facets.
@@ -368,7 +387,22 @@ def build_entities(
 
     Returns:
       EntitySpecs; entities left with no facet are dropped.
+
+    Raises:
+      ValueError: naming the facet, the entities and the facet's tables when a requested
+        facet covers none of the entities. (No facet at all, scratch_dim=0 and no
+        pretrained facets, is the valid "no large tables" ranker: an empty tuple.)
     """
+    names = [name for name, _ in entities]
+    if available is not None:
+        for f in pretrained:
+            tables = sorted(available.get(f, ()))
+            if not set(tables) & set(names):
+                raise ValueError(
+                    f"facet {f!r} was requested but covers none of the ranker's entities "
+                    f"{names}: its checkpoint has tables {tables}; a facet is attached by "
+                    "entity name, so rename the facet's entity types or the entities"
+                )
     out = []
     for name, column in entities:
         fs = []
