@@ -20,76 +20,19 @@ One summary line per stage; the stages print their own progress.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pathlib
-import shlex
-import signal
-import subprocess
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jax_recsys import history, report
-from launch import common
+from launch import common, pipeline_stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline folder.", required=True)
 _FORCE = flags.DEFINE_list("force", [], "Stages to rerun even if up to date (or 'all').")
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-class Stage:
-    """A pipeline stage: a command plus how to summarise its outputs.
-
-    Args:
-      name: the stage's name (``--force`` takes it).
-      cmd: the command (run from the repository root), or None with ``fn``.
-      done_file: the file the stage writes last; present = finished.
-      summarize: ``workdir -> one-line summary``.
-      fn: in-process work instead of ``cmd``.
-      forced_args: extra arguments when the user forces this stage (not in the key).
-      configs: extra ``FILE[:ARG]`` configs whose resolved content is in the key.
-    """
-
-    def __init__(self, name: str, cmd: list[str] | None, done_file: pathlib.Path, summarize,
-                 fn=None, *, forced_args: tuple[str, ...] = (), configs: tuple[str, ...] = ()):
-        self.name, self.cmd, self.done_file, self.summarize, self.fn = name, cmd, done_file, summarize, fn
-        self.forced_args, self.configs = tuple(forced_args), tuple(configs)
-
-    def key(self, upstream: str = "") -> str:
-        """Hash of the command, the configs it names (resolved) and ``upstream``."""
-        h = hashlib.sha256(json.dumps(self.cmd or self.name).encode())
-        named = [a.split("=", 1)[1] for a in self.cmd or () if a.startswith("--config=")]
-        for spec in [*named, *self.configs]:
-            h.update(f"\0{spec}\0{_config_fingerprint(spec)}".encode())
-        h.update(f"\0upstream\0{upstream}".encode())
-        return h.hexdigest()[:16]
-
-
-def _config_fingerprint(spec: str) -> str:
-    """The resolved content of config ``FILE[:ARG]`` (its ``get_config(ARG)`` as JSON),
-    or of the file's bytes when it cannot be evaluated here (the stage reports that)."""
-    from launch import pipeline_stages
-
-    try:
-        cfg = pipeline_stages.load_config(spec)
-        text = cfg.to_json_best_effort(sort_keys=True) if hasattr(cfg, "to_json_best_effort") \
-            else json.dumps(cfg, sort_keys=True, default=str)
-    except Exception:  # a broken or missing config: its bytes (the stage reports the error)
-        path = pathlib.Path(spec.partition(":")[0])
-        try:
-            text = (path if path.is_absolute() else _REPO / path).read_bytes().hex()
-        except OSError:
-            text = "missing"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _py(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
 
 
 def _read(path: pathlib.Path) -> dict:
@@ -142,102 +85,6 @@ def _serving_summary(wd: pathlib.Path) -> str:
             f"ok={s.get('ok')}")
 
 
-def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
-               *, upstream: str = "", user_forced: bool = False) -> dict:
-    """Runs ``stage`` unless its marker holds its current key (and ``force`` is off).
-
-    Args:
-      force: run even if up to date (forced by the user, or an earlier stage ran).
-      upstream: the previous stage's key (part of this stage's key).
-      user_forced: the user named this stage in ``--force`` (adds its forced_args).
-    """
-    marker = wd / "stages" / f"{stage.name}.json"
-    m = _read(marker)
-    key = stage.key(upstream)
-    if not force and m.get("key") == key and stage.done_file.exists():
-        print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
-        return {**m, "skipped": True}
-    # Neither the old marker nor the old output may outlive a run that is stopped
-    # half-way: the next pipeline run would take the stage for finished.
-    marker.unlink(missing_ok=True)
-    stage.done_file.unlink(missing_ok=True)
-    print(f"[{stage.name}] running ...", flush=True)
-    t0 = time.time()
-    if stage.cmd is not None:
-        cmd = [*stage.cmd, *(stage.forced_args if user_forced else ())]
-        logging.info("%s", " ".join(shlex.quote(c) for c in cmd))
-        code = _run_command(stage.name, cmd, timeout_s)
-        if code != 0:
-            raise SystemExit(f"[{stage.name}] failed with exit code {code}: "
-                             f"{' '.join(shlex.quote(c) for c in cmd)}")
-    else:
-        stage.fn()
-    if not stage.done_file.exists():
-        raise SystemExit(f"[{stage.name}] finished but {stage.done_file} is missing")
-    out = {"stage": stage.name, "key": key, "seconds": time.time() - t0,
-           "summary": stage.summarize(wd)}
-    common.write_json(marker, out)
-    print(f"[{stage.name}] done in {out['seconds']:.0f} s: {out['summary']}", flush=True)
-    return {**out, "skipped": False}
-
-
-def _run_command(name: str, cmd: list[str], timeout_s: int) -> int:
-    """Runs ``cmd`` in its own process group; on timeout or interrupt the whole group
-    (the stage and every process it started) is stopped, never left running."""
-    proc = subprocess.Popen(cmd, cwd=_REPO, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _stop_group(proc)
-        raise SystemExit(
-            f"[{name}] timed out after {timeout_s} s (stage_timeout_s); stopped it and "
-            "every process it started"
-        ) from None
-    except BaseException:
-        _stop_group(proc)
-        raise
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace_s)
-            if sig == signal.SIGTERM:  # the stage is gone; its children may not be
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
-
-
-def run_stages(stages: list[Stage], wd: pathlib.Path, force: set[str], timeout_s: int,
-               on_result=None) -> list[dict]:
-    """Runs the stages in order (see the module docstring for skipping and forcing).
-
-    Raises:
-      app.UsageError: ``force`` names a stage that does not exist.
-    """
-    names = [st.name for st in stages]
-    unknown = sorted(set(force) - set(names) - {"all"})
-    if unknown:
-        raise app.UsageError(f"--force names unknown stage(s) {unknown}; stages: {names} or 'all'")
-    results, upstream, ran = [], "", False
-    for st in stages:
-        user_forced = "all" in force or st.name in force
-        r = _run_stage(st, wd, force=user_forced or ran, timeout_s=timeout_s,
-                       upstream=upstream, user_forced=user_forced)
-        upstream, ran = r["key"], ran or not r["skipped"]
-        results.append(r)
-        if on_result is not None:
-            on_result(r)
-    return results
-
-
 def main(argv):
     del argv
     cfg = _CONFIG.value
@@ -252,15 +99,13 @@ def main(argv):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **r}) + "\n")
 
-    results = run_stages(stages, wd, set(_FORCE.value), cfg.stage_timeout_s, on_result=record)
+    results = pipeline_stages.run_stages(stages, wd, set(_FORCE.value), cfg.stage_timeout_s, on_result=record)
     path = write_pipeline_report(cfg, wd, results)
     print(f"pipeline done in {time.time() - t0:.0f} s; report: {path}", flush=True)
 
 
-def build_stages(cfg, wd: pathlib.Path) -> list[Stage]:
-    from launch import pipeline_stages
-
-    return pipeline_stages.build(cfg, wd, Stage=Stage, py=_py, summaries={
+def build_stages(cfg, wd: pathlib.Path) -> list[pipeline_stages.Stage]:
+    return pipeline_stages.build(cfg, wd, summaries={
         "world": _world_summary, "ablation": _ablation_summary, "export": _export_summary,
         "serving": _serving_summary})
 
