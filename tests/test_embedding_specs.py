@@ -34,6 +34,10 @@ def test_bad_spec_fields_raise():
         specs.FeatureSpec(name="f", table="t", pooling="max")
     with pytest.raises(ValueError, match="learning_rate"):
         specs.SGD(learning_rate=-1.0)
+    for bad in (-0.1, float("nan"), True):
+        with pytest.raises(ValueError, match=r"TableSpec 't'.init_scale must be a finite number"):
+            specs.TableSpec(name="t", rows=4, dim=4, init_scale=bad)
+    assert specs.TableSpec(name="t", rows=4, dim=4, init_scale=np.float32(0.5)).init_scale == 0.5
     with pytest.raises(TypeError):
         specs.TableSpec("t", 4, 4)  # keyword-only
 

@@ -187,6 +187,16 @@ def test_bad_dataset_json(tmp_path):
     assert e.line == 1 and "dataset.json" in e.file
     (tmp_path / "dataset.json").write_text(json.dumps({"format_version": 99}))
     assert "format_version" in str(_err(lambda: DatasetFolder(tmp_path)))
+    # Malformed entries: a DataError naming dataset.json, not an IndexError later.
+    for meta, message in (
+        ([1], "expected a JSON object"),
+        ({"format_version": 1, "tables": ["imp"]}, "'tables' must map"),
+        ({"format_version": 1, "splits": {"ranker_train": [21]}}, "'splits' must map"),
+        ({"format_version": 1, "splits": {"w": [5, 2]}}, "start <= end"),
+    ):
+        (tmp_path / "dataset.json").write_text(json.dumps(meta))
+        e = _err(lambda: DatasetFolder(tmp_path))
+        assert message in str(e) and e.file.endswith("dataset.json"), (meta, str(e))
 
 
 def test_kg_folder_discovered(tmp_path):

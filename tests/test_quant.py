@@ -97,6 +97,10 @@ def test_float32_scale_dtype_and_fp16_overflow():
     q = rowwise.quantize_rows(x, bits=8, scale_dtype=np.float32)
     assert q.scale.dtype == np.float32
     _check_half_step(x, q)
+    # A range beyond float32 (max - min = 6e38) is refused, not stored as inf.
+    huge = np.array([[0.0, 1.0], [-3e38, 3e38]], np.float32)
+    with pytest.raises(ValueError, match="row 1: its range max - min overflows the float32"):
+        rowwise.quantize_rows(huge, bits=4, scale_dtype=np.float32)
 
 
 def test_non_finite_rows_refused_with_row_index():

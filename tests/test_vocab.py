@@ -22,6 +22,12 @@ def test_build_orders_hand_computed():
     # Chunks (a generator) give the same vocabulary as the concatenation.
     chunks = (np.array(raw[i:i + 3]) for i in range(0, len(raw), 3))
     assert Vocab.build(chunks, order="first") == Vocab.build(raw, order="first")
+    # Empty input is an empty vocabulary (np.asarray([]) is float64, not bad ids);
+    # a negative max_size is an error, not "all but the last" by slicing.
+    assert Vocab.build([]).ids.tolist() == [] and len(Vocab.build([])) == 0
+    assert Vocab.build(raw, max_size=0).ids.tolist() == []
+    with pytest.raises(ValueError, match="max_size must be None or an int >= 0, got -1"):
+        Vocab.build(raw, max_size=-1)
 
 
 def test_lookup_unknown_and_oov():

@@ -654,11 +654,16 @@ class DatasetFolder:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg}", file=meta_path, line=e.lineno) from None
+            if not isinstance(meta, dict):
+                raise DataError("expected a JSON object", file=meta_path)
             if meta.get("format_version") != FORMAT_VERSION:
                 raise DataError(
                     f"unsupported format_version {meta.get('format_version')!r}", file=meta_path
                 )
-            for name, t in meta.get("tables", {}).items():
+            tables = meta.get("tables", {})
+            if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+                raise DataError("'tables' must map table names to {\"path\": ...}", file=meta_path)
+            for name, t in tables.items():
                 if "path" not in t:
                     raise DataError(f"table {name!r} has no 'path'", file=meta_path)
                 if not (self.path / t["path"]).exists():
@@ -666,6 +671,18 @@ class DatasetFolder:
                         f"table {name!r} path {t['path']!r} does not exist", file=meta_path
                     )
             meta.setdefault("splits", {})
+            splits = meta["splits"]
+            if not isinstance(splits, dict) or not all(
+                isinstance(v, list | tuple) and len(v) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+                and v[0] <= v[1]
+                for v in splits.values()
+            ):
+                raise DataError(
+                    "'splits' must map window names to [start_day, end_day] (integers, "
+                    f"start <= end), got {splits!r}",
+                    file=meta_path,
+                )
             meta.setdefault("kg", None)
             meta.setdefault("num_days", None)
             self.meta = meta

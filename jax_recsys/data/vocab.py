@@ -61,6 +61,8 @@ def as_raw_ids(raw, *, what: str = "raw ids") -> np.ndarray:
       int64 or ``np.str_`` array with the same number of elements (flattened).
     """
     arr = np.asarray(raw)
+    if arr.size == 0 and arr.dtype.kind not in "iuUS":
+        return np.zeros(0, np.int64)  # np.asarray([]) is float64: no ids, not bad ids
     if arr.dtype == object:
         if arr.size and all(isinstance(x, (int, np.integer)) for x in arr.ravel()):
             arr = arr.astype(np.int64)
@@ -140,6 +142,10 @@ class Vocab:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int | np.integer) or max_size < 0
+        ):
+            raise ValueError(f"max_size must be None or an int >= 0, got {max_size!r}")
         if isinstance(raw_ids, np.ndarray) or not _is_chunk_iterable(raw_ids):
             raw_v = as_raw_ids(raw_ids)
         else:

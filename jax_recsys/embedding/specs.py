@@ -171,6 +171,9 @@ class TableSpec:
                 f"TableSpec {self.name!r}: unknown initializer {self.initializer!r}; "
                 f"use one of {INITIALIZERS} or a callable (key, shape, dtype)"
             )
+        if self.init_scale is not None:
+            object.__setattr__(self, "init_scale", _real(
+                f"TableSpec {self.name!r}", "init_scale", self.init_scale, low=0.0, low_ok=True))
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(
                 f"TableSpec {self.name!r}: dtype must be float32, bfloat16 or float16, got {self.dtype!r}"

@@ -204,6 +204,15 @@ def _quantize_block(x: np.ndarray, bits: int, scale_dtype, first_row: int = 0):
     scale, bias = _row_params(lo, hi, bits, scale_dtype)
     scale32 = scale.astype(np.float32)
     bias32 = bias.astype(np.float32)
+    with np.errstate(over="ignore"):  # dequantization computes code * scale in float32
+        top = np.float32(2**bits - 1) * scale32
+    bad = ~(np.isfinite(top) & np.isfinite(bias32))
+    if bad.any():  # max - min beyond float32, for rows near +-3.4e38
+        r = first_row + int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"row {r}: its range max - min overflows the {np.dtype(scale_dtype).name} scale; "
+            "cannot quantize (rescale the table)"
+        )
     # Rows with scale 0 are constant and equal to bias: code 0.
     safe = np.where(scale32 > 0, scale32, np.float32(1))
     q = x - bias32[:, None]
