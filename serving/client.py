@@ -187,6 +187,15 @@ def _reassemble(table: str, n: int, pieces: list) -> np.ndarray:
     return out
 
 
+def _try_deadline(deadline: float, replicas_left: int) -> float:
+    """The deadline of one try: an equal share of what is left for each replica
+    not yet tried (the whole of it for the last one)."""
+    if replicas_left <= 1:
+        return deadline
+    now = time.monotonic()
+    return now + max(deadline - now, 0.0) / replicas_left
+
+
 def _close_transport(pool, stream_pools, watchdog, channels) -> None:
     """``EmbeddingClient.close``; references no client, so it can run as its finalizer."""
     pool.shutdown(wait=False)
@@ -209,7 +218,9 @@ class EmbeddingClient:
         another version raise ``VersionMismatch``); None accepts whatever the
         shards serve as long as they agree within one call.
       deadline_s: time budget of one ``lookup``/``lookup_many`` call, retries
-        included.
+        included. With replicas, each try gets an equal share of what is left
+        (``left / replicas not yet tried``), so a replica that hangs leaves the
+        others time to answer; a single address gets the whole budget.
       max_workers: threads that call shards in parallel (the caller's thread
         takes one shard itself).
       dims: table -> D, so that empty lookups have the right shape (learned
@@ -482,7 +493,13 @@ class EmbeddingClient:
             # Streams: every shard's request goes out first, then this thread
             # reads the answers in turn (no thread hand-off per shard).
             payloads = {shard: self._request(plan[shard]) for shard in shards}
-            sent = {shard: self._send(shard, payloads[shard], deadline) for shard in shards}
+            sent = {
+                shard: self._send(
+                    shard, payloads[shard],
+                    _try_deadline(deadline, len(self._specs[shard].addresses)),
+                )
+                for shard in shards
+            }
             results = {}
             for k, shard in enumerate(shards):
                 try:
@@ -542,30 +559,34 @@ class EmbeddingClient:
         addresses = self._specs[shard].addresses
         replica = self._preferred[shard] if sent is None else sent[0]
         tried = 0
+        refused = []  # replicas that do not hold the pinned version (FAILED_PRECONDITION)
         while True:
             addr = addresses[replica]
+            try_deadline = _try_deadline(deadline, len(addresses) - tried)
             try:
                 if sent is not None:
                     wait, sent = sent[1], None
                     try:
                         raw = wait()
                     except streaming.StreamRefused:
-                        raw = self._rpc(addr, payload, deadline)
+                        raw = self._rpc(addr, payload, try_deadline)
                 else:
-                    raw = self._rpc(addr, payload, deadline)
+                    raw = self._rpc(addr, payload, try_deadline)
                 break
             except grpc.RpcError as e:
                 code = e.code()
                 tried += 1
+                last = tried >= len(addresses) or time.monotonic() >= deadline
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise VersionMismatch(
-                        f"shard {shard} ({addr}): {e.details()}", code=code, shard=shard
-                    ) from None
-                if (
-                    code not in RETRYABLE
-                    or tried >= len(addresses)
-                    or time.monotonic() >= deadline
-                ):
+                    # This replica lacks the pinned version (e.g. restarted on the next
+                    # artifact mid-rollout); another replica may still hold it.
+                    refused.append(f"{addr}: {e.details()}")
+                    if last:
+                        raise VersionMismatch(
+                            f"shard {shard}: no replica tried serves the pinned version: "
+                            + "; ".join(refused), code=code, shard=shard,
+                        ) from None
+                elif code not in RETRYABLE or last:
                     raise ServingError(
                         f"shard {shard} ({addr}): {code.name}: {e.details()}",
                         code=code,

@@ -383,6 +383,7 @@ class EmbeddingServer:
             versions=list(snap.versions),
             shard=self.config.shard,
             num_shards=self.config.num_shards,
+            max_ids_per_request=self.config.max_ids_per_request,
         )
         for t in cur.tables.values():
             resp.tables.add(table=t.name, lo=t.lo, hi=t.hi, rows=t.rows, dim=t.dim, dtype=t.dtype)

@@ -28,6 +28,21 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 _EXPRESS_THREADS = 2
 
 
+def check_pem(data: bytes, what: str) -> None:
+    """Raises ValueError unless ``data`` holds at least one PEM block."""
+    if not data.strip() or b"-----BEGIN " not in data:
+        raise ValueError(f"{what}: {'empty' if not data.strip() else 'not PEM'} "
+                         "(expected a -----BEGIN ...----- block)")
+
+
+def read_pem(path: str, what: str) -> bytes:
+    """The bytes of PEM file ``path``, checked (see ``check_pem``)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    check_pem(data, f"{what} {path}")
+    return data
+
+
 def check_tls_pair(tls_cert: str | None, tls_key: str | None) -> None:
     """Raises ValueError unless both or neither of a server's TLS files are given."""
     if (tls_cert is None) != (tls_key is None):
@@ -63,14 +78,13 @@ def bind(
     Raises:
       OSError: the address cannot be bound (in use, no such interface) or a
         TLS file cannot be read.
+      ValueError: a TLS file is empty or not PEM.
     """
     check_tls_pair(tls_cert, tls_key)
     try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
         if tls_cert is not None:
-            with open(tls_key, "rb") as f:
-                key = f.read()
-            with open(tls_cert, "rb") as f:
-                cert = f.read()
+            key = read_pem(tls_key, "tls_key")
+            cert = read_pem(tls_cert, "tls_cert")
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = server.add_insecure_port(address)
@@ -84,8 +98,13 @@ def bind(
 def channel(
     address: str, *, root_certificates: bytes | None = None, options=()
 ) -> grpc.Channel:
-    """A channel to ``address``: TLS verified against ``root_certificates`` (PEM), else plaintext."""
-    if root_certificates:
+    """A channel to ``address``: TLS verified against ``root_certificates`` (PEM), else plaintext.
+
+    Only ``None`` means plaintext: empty or non-PEM certificates are an error, never
+    a silent fall back to an unauthenticated channel.
+    """
+    if root_certificates is not None:
+        check_pem(root_certificates, "root_certificates")
         creds = grpc.ssl_channel_credentials(root_certificates)
         return grpc.secure_channel(address, creds, options=list(options))
     return grpc.insecure_channel(address, options=list(options))

@@ -37,8 +37,9 @@ Request contract (what the proto leaves open):
 
 Status codes: malformed bytes, empty or too many candidates, rows out of
 range, missing/unknown context -> INVALID_ARGUMENT; ``expected_version`` not
-held -> FAILED_PRECONDITION; an embedding shard down or past the deadline ->
-UNAVAILABLE (within ``deadline_s``); nothing a client sends stops the service.
+held -> FAILED_PRECONDITION; an embedding shard down, past the deadline or not
+serving the ranker's current version -> UNAVAILABLE (within ``deadline_s``);
+nothing a client sends stops the service.
 
 Batching and pipelining: handler threads put requests on a queue. A fetch
 thread takes the first waiting request plus every request queued behind it (up
@@ -348,6 +349,10 @@ class _VocabIndex:
                 key = int(raw_id)
             except ValueError:
                 return -1
+            # Only the canonical spelling: " 7", "07", "+7", "7_0" or "٧" are other
+            # (unknown) ids, never aliases of 7 (as when the data folder read them).
+            if str(key) != raw_id:
+                return -1
             if not np.iinfo(np.int64).min <= key <= np.iinfo(np.int64).max:
                 return -1
         else:
@@ -536,10 +541,13 @@ class RankerService:
         if cfg.shards:
             ca = None  # the shards' CA (PEM), read at every load: a swap picks up a new one
             if cfg.shard_ca_cert is not None:
-                with open(cfg.shard_ca_cert, "rb") as f:
-                    ca = f.read()
+                ca = grpc_util.read_pem(cfg.shard_ca_cert, "shard_ca_cert")
             if cfg.check_shards:
-                _check_shards(cfg.shards, art.version, cfg.deadline_s, root_certificates=ca)
+                # Worst case of one batch on one shard: a user, a candidate and a row
+                # of every context entity per candidate.
+                n_ctx = sum(e not in (cfg.user_entity, cfg.candidate_entity) for e in ents)
+                _check_shards(cfg.shards, art.version, cfg.deadline_s, root_certificates=ca,
+                              batch_ids=cfg.max_batch_candidates * (2 + n_ctx))
             fetcher = client_lib.EmbeddingClient.from_artifact(
                 art.manifest,
                 list(cfg.shards),
@@ -987,17 +995,20 @@ class RankerService:
         remaining = min(j.deadline for j in jobs) - time.monotonic()
         try:
             got = ver.fetcher.lookup_many(want) if want else {}
-        except client_lib.VersionMismatch as e:
-            raise RankError(grpc.StatusCode.FAILED_PRECONDITION, f"embedding shards: {e}") from None
         except client_lib.ServingError as e:
-            code = e.code
-            if code in (None, *client_lib.RETRYABLE):  # down, slow or shedding load
+            mismatch = isinstance(e, client_lib.VersionMismatch)
+            if mismatch and ver.version != self._versions.current:  # pinned by the caller
+                raise RankError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"embedding shards: {e}") from None
+            # Down, slow, shedding load, or not serving the version this ranker
+            # serves (the shard fleet mid-rollout): an outage, not the caller's doing.
+            if mismatch or e.code in (None, *client_lib.RETRYABLE):
                 if cfg.shards:
                     self._note_fetch(shards_ok=False)
-                raise RankError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"embedding shards unavailable (budget {remaining:.3f}s): {e}",
-                ) from None
+                what = (f"do not serve this ranker's version {ver.version}" if mismatch
+                        else f"unavailable (budget {remaining:.3f}s)")
+                raise RankError(grpc.StatusCode.UNAVAILABLE, f"embedding shards {what}: {e}") \
+                    from None
             raise RankError(grpc.StatusCode.INTERNAL, f"embedding shards: {e}") from None
         if cfg.shards and want:
             self._note_fetch(shards_ok=True)
@@ -1052,9 +1063,13 @@ class RankerService:
 
 
 def _check_shards(
-    addresses: Sequence[str], version: str, timeout_s: float, root_certificates=None
+    addresses: Sequence[str], version: str, timeout_s: float, root_certificates=None,
+    batch_ids: int = 0,
 ) -> None:
-    """Refuses to pair with shards that do not serve ``version`` (Info on each)."""
+    """Refuses to pair with shards that do not serve ``version`` (Info on each), or
+    whose ``max_ids_per_request`` is below ``batch_ids`` (the most ids one batch can
+    send one shard): every request of such a batch would fail, though each alone
+    would pass."""
     for i, addr in enumerate(addresses):
         with grpc_util.channel(addr, root_certificates=root_certificates) as ch:
             info = ch.unary_unary(codec.INFO_METHOD)
@@ -1072,6 +1087,12 @@ def _check_shards(
                 f"embedding shard {i} ({addr}) serves {list(resp.versions)}, not the ranker's "
                 f"version {version}; swap the shards first",
                 shard=i,
+            )
+        if 0 < resp.max_ids_per_request < batch_ids:
+            raise ValueError(
+                f"embedding shard {i} ({addr}) takes at most {resp.max_ids_per_request} ids "
+                f"per request, but a batch of max_batch_candidates can send it {batch_ids}; "
+                "lower --max_batch_candidates or raise the shards' --max_ids_per_request"
             )
         if resp.num_shards != len(addresses) or resp.shard != i:
             raise client_lib.ServingError(

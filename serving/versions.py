@@ -47,6 +47,10 @@ class VersionSet(Generic[V]):
         self._snapshot: Snapshot[V] = Snapshot(current=version, versions={version: value})
         self._lock = threading.Lock()
         self._timers: list[threading.Timer] = []
+        # version -> the token of its one pending retirement: a timer retires a
+        # version only if its token is still this one (a version made current
+        # again, or given a later window, ignores the older timers).
+        self._retiring: dict[str, object] = {}
         self._name = name
         self._on_drop = on_drop
 
@@ -82,25 +86,37 @@ class VersionSet(Generic[V]):
             if version == old.current:
                 return False
             kept = {old.current: old.versions[old.current], version: value}
-            dropped = [v for k, v in old.versions.items() if k not in kept]
+            # Versions leaving, and a held value of ``version`` that ``value`` replaces.
+            dropped = [v for k, v in old.versions.items() if k not in kept or
+                       (k == version and v is not value)]
             self._snapshot = Snapshot(current=version, versions=kept)
+            self._retiring.pop(version, None)  # current again: its old timer is void
+            token = self._retiring[old.current] = object()
         for value_d in dropped:
             self._drop(value_d)
         log.info("%s swapped %s -> %s (old kept %.1fs)", self._name, old.current, version,
                  window_s)
-        self.later(window_s, self.retire, old.current)
+        self.later(window_s, self.retire, old.current, token)
         return True
 
-    def retire(self, version: str) -> bool:
+    def retire(self, version: str, _token: object | None = None) -> bool:
         """Stops serving a non-current version (requests pinning it then fail).
+
+        Args:
+          version: the version to retire.
+          _token: internal (a swap window's timer): retire only if no later swap
+            made ``version`` current again or gave it a new window.
 
         Returns:
           True if it was dropped.
         """
         with self._lock:
             snap = self._snapshot
+            if _token is not None and self._retiring.get(version) is not _token:
+                return False
             if version == snap.current or version not in snap.versions:
                 return False
+            self._retiring.pop(version, None)
             value = snap.versions[version]
             self._snapshot = Snapshot(
                 current=snap.current,

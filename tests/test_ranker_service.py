@@ -25,7 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jax_recsys.quant import artifact
 from jax_recsys.ranking import model as model_lib
-from serving import client as client_lib, codec, embedding_server as es, ranker_service as rs
+from serving import (
+    client as client_lib,
+    codec,
+    embedding_server as es,
+    grpc_util,
+    ranker_service as rs,
+)
 from serving.protos import embedding_pb2 as pb
 
 CFG = model_lib.RankerConfig(
@@ -473,6 +479,16 @@ def test_tls_shards_and_a_tls_ranker_score_like_plaintext(arts, stack, tmp_path)
         rs.serve(rs.RankerServiceConfig(artifact=str(arts["a"].path), shards=addresses,
                                         deadline_s=0.5, max_candidates=48,
                                         max_batch_candidates=64, min_bucket=32))
+    # A CA file that failed to mount (empty) or is not PEM: refused, never plaintext.
+    for content, what in ((b"", "empty"), (b"not a cert\n", "not PEM")):
+        bad = tmp_path / "bad_ca.pem"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=f"shard_ca_cert .*bad_ca.pem: {what}"):
+            rs.serve(rs.RankerServiceConfig(
+                artifact=str(arts["a"].path), shards=addresses, shard_ca_cert=str(bad),
+                deadline_s=0.5, max_candidates=48, max_batch_candidates=64, min_bucket=32))
+    with pytest.raises(ValueError, match="root_certificates: empty"):
+        grpc_util.channel("localhost:1", root_certificates=b"")
     svc = rs.serve(rs.RankerServiceConfig(
         artifact=str(arts["a"].path), shards=addresses, shard_ca_cert=str(cert), deadline_s=5.0,
         tls_cert=str(cert), tls_key=str(key), max_candidates=48, max_batch_candidates=64,
@@ -714,3 +730,56 @@ def test_serve_ranker_launch_prints_port_answers_swaps_on_sighup_and_stops(arts,
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_raw_user_ids_match_only_their_canonical_spelling():
+    idx = rs._VocabIndex(np.array([5, 1007, 42, -3], np.int64))
+    assert [idx.row(s) for s in ("1007", "5", "42", "-3", "6")] == [1, 0, 2, 3, -1]
+    # Other spellings are other (unknown, cold-start) users, not aliases of 1007.
+    for alias in (" 1007", "01007", "+1007", "1_007", "1007\n", "١٠٠٧", "1007.0", ""):
+        assert idx.row(alias) == -1, alias
+    strs = rs._VocabIndex(np.array(["b", "a", "007"]))
+    assert [strs.row(s) for s in ("a", "b", "007", "7")] == [1, 0, 2, -1]
+
+
+def test_a_batch_that_could_exceed_the_shards_id_limit_is_refused_at_start(arts):
+    """max_batch_candidates=64 with a user, a candidate and an advertiser row per
+    candidate can send one shard 192 ids: shards taking 100 would fail every request
+    merged into such a batch, though each alone passes."""
+    shards = _shards(arts["a"], n=1, max_ids_per_request=100)
+    try:
+        addresses = (f"127.0.0.1:{shards[0].port}",)
+        cfg = dict(artifact=str(arts["a"].path), shards=addresses, deadline_s=2.0,
+                   max_candidates=32, min_bucket=32)
+        with pytest.raises(ValueError, match=r"at most 100 ids per request, but a batch of "
+                                             r"max_batch_candidates can send it 192"):
+            rs.serve(rs.RankerServiceConfig(max_batch_candidates=64, **cfg))
+        svc = rs.serve(rs.RankerServiceConfig(max_batch_candidates=32, **cfg))  # 96 ids: fits
+        svc.stop(grace=0)
+    finally:
+        shards[0].stop(grace=0).wait()
+
+
+def test_shards_that_dropped_the_rankers_version_are_an_outage_not_a_bad_request(arts):
+    """Shards swapped to the next artifact and retired the ranker's: UNAVAILABLE (and
+    counted toward NOT_SERVING), not FAILED_PRECONDITION, which tells a caller that
+    pinned nothing to change its request."""
+    (shard,) = _shards(arts["a"], n=1)
+    svc = rs.serve(rs.RankerServiceConfig(
+        artifact=str(arts["a"].path), shards=(f"127.0.0.1:{shard.port}",), deadline_s=2.0,
+        max_candidates=48, max_batch_candidates=64, min_bucket=32, unhealthy_after=1))
+    ch, call = _call(svc.port)
+    req = rs.rank_request(candidates=[1, 2], user_row=0, context={"advertiser": 0, "hour": 0})
+    try:
+        assert call(req)[2] == arts["a"].version
+        shard.swap(str(arts["b"].path), window_s=60.0)
+        assert shard.retire(arts["a"].version)
+        with pytest.raises(grpc.RpcError) as e:
+            call(req)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "do not serve this ranker's version" in e.value.details()
+        assert svc.stats()["health"] == "NOT_SERVING"
+    finally:
+        ch.close()
+        svc.stop(grace=0)
+        shard.stop(grace=0).wait()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
 
@@ -260,6 +261,84 @@ def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(
         assert pool.open_streams == pool.free_streams == 1
     np.testing.assert_array_equal(client.lookup("user", [5, 65]), _expected(art, "user", [5, 65]))
     client.close()
+
+
+def _hung_server(release):
+    """A shard that takes every Lookup / LookupStream call and answers none (a stalled
+    process) until ``release`` is set."""
+
+    def lookup(raw, ctx):
+        release.wait(30)
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+    def stream(requests, ctx):
+        for _ in requests:
+            release.wait(30)
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "released")
+        return iter(())
+
+    server = grpc.server(futures.ThreadPoolExecutor(16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(codec.SERVICE_NAME, {
+        "Lookup": grpc.unary_unary_rpc_method_handler(lookup),
+        "LookupStream": grpc.stream_stream_rpc_method_handler(stream)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_a_hung_primary_leaves_its_replica_time_to_answer(art, transport):
+    """Each try gets a share of the budget: a stalled primary does not eat all of it."""
+    real = es.serve(es.ServerConfig(artifact=str(art.path), shard=0, num_shards=1,
+                                    log_every_s=0, workers=2))
+    release = threading.Event()
+    hung, hung_addr = _hung_server(release)
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [[hung_addr, f"127.0.0.1:{real.port}"]], deadline_s=1.0,
+            transport=transport)
+        for _ in range(3):
+            t0 = time.monotonic()
+            np.testing.assert_array_equal(client.lookup("user", [1, 2]),
+                                          _expected(art, "user", [1, 2]))
+            assert time.monotonic() - t0 < 1.0
+        assert client._preferred == [1]  # later calls start on the replica that answered
+        client.close()
+    finally:
+        release.set()
+        hung.stop(0)
+        real.stop(0)
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_a_replica_without_the_pinned_version_hands_over_to_one_with_it(art, tmp_path,
+                                                                       transport):
+    """Mid-rollout, a replica restarted on the next artifact refuses the pinned
+    version: the lookup goes to a replica still serving it, and fails only when none does."""
+    rng = np.random.default_rng(1)
+    nxt = str(tmp_path / "next")
+    artifact.write_artifact(nxt, tables={"user": rng.normal(size=(90, 4)).astype(np.float32),
+                                         "pin": rng.normal(size=(10, 6)).astype(np.float32)},
+                            vocabs={"user": np.arange(90), "pin": np.arange(10)})
+    cfg = dict(shard=0, num_shards=1, log_every_s=0, workers=2)
+    new = es.serve(es.ServerConfig(artifact=nxt, **cfg))
+    old = es.serve(es.ServerConfig(artifact=str(art.path), **cfg))
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [[f"127.0.0.1:{new.port}", f"127.0.0.1:{old.port}"]],
+            transport=transport)
+        for _ in range(2):
+            np.testing.assert_array_equal(client.lookup("user", [3]), _expected(art, "user", [3]))
+        client.close()
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [[f"127.0.0.1:{new.port}"] * 2], transport=transport)
+        with pytest.raises(client_lib.VersionMismatch, match="no replica tried serves") as e:
+            client.lookup("user", [3])
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        client.close()
+    finally:
+        new.stop(0)
+        old.stop(0)
 
 
 def _spawn_shard(art, shard, num_shards, port=0):

@@ -44,3 +44,20 @@ def test_close_cancels_pending_retirements():
     assert sorted(vs.close()) == ["A", "B"]
     time.sleep(0.4)
     assert dropped == [] and vs.ids == ["a", "b"]
+
+
+def test_a_rollback_and_roll_forward_keep_the_latest_window():
+    """swap b, back to a, forward to b: the first window's timer must not retire a
+    early (a's window starts at the last swap); replaced values are released."""
+    dropped, timers = [], []
+    vs = VersionSet("a", "A", name="t", on_drop=dropped.append)
+    vs.later = lambda delay, fn, *args: timers.append((fn, args))  # fired by hand below
+    vs.swap("b", "B", window_s=1.0)
+    vs.swap("a", "A2", window_s=1.0)  # rollback: a reloaded, b kept for pinned requests
+    vs.swap("b", "B2", window_s=1.0)  # roll forward again
+    assert dropped == ["A", "B"]  # the values the reloads replaced
+    assert vs.snapshot.versions == {"a": "A2", "b": "B2"}
+    first, second, third = timers
+    assert first[0](*first[1]) is False and vs.ids == ["a", "b"]  # voided by the later swaps
+    assert second[0](*second[1]) is False  # b is current
+    assert third[0](*third[1]) is True and vs.ids == ["b"] and dropped == ["A", "B", "A2"]

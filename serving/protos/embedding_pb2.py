@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eserving/protos/embedding.proto\x12\x12jax_recsys.serving\"&\n\x08TableIds\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"~\n\rLookupRequest\x12,\n\x06tables\x18\x01 \x03(\x0b\x32\x1c.jax_recsys.serving.TableIds\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tquantized\x18\x04 \x01(\x08\"q\n\tTableRows\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x04 \x01(\x05\x12\r\n\x05\x63odes\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x0c\x12\x0c\n\x04\x62ias\x18\x07 \x01(\x0c\"d\n\x0eLookupResponse\x12-\n\x06tables\x18\x01 \x03(\x0b\x32\x1d.jax_recsys.serving.TableRows\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"]\n\nTableRange\x12\r\n\x05table\x18\x01 \x01(\t\x12\n\n\x02lo\x18\x02 \x01(\x03\x12\n\n\x02hi\x18\x03 \x01(\x03\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\x84\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12.\n\x06tables\x18\x05 \x03(\x0b\x32\x1e.jax_recsys.serving.TableRange\"\xf4\x01\n\x0bRankRequest\x12\x15\n\x0buser_raw_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08user_row\x18\x02 \x01(\x03H\x00\x12\x15\n\rcandidate_ids\x18\x03 \x01(\x0c\x12=\n\x07\x63ontext\x18\x04 \x03(\x0b\x32,.jax_recsys.serving.RankRequest.ContextEntry\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\x06\n\x04user\"M\n\x0cRankResponse\x12\x0b\n\x03\x63tr\x18\x01 \x01(\x0c\x12\x0b\n\x03\x63vr\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t2\x89\x02\n\x10\x45mbeddingService\x12O\n\x06Lookup\x12!.jax_recsys.serving.LookupRequest\x1a\".jax_recsys.serving.LookupResponse\x12Y\n\x0cLookupStream\x12!.jax_recsys.serving.LookupRequest\x1a\".jax_recsys.serving.LookupResponse(\x01\x30\x01\x12I\n\x04Info\x12\x1f.jax_recsys.serving.InfoRequest\x1a .jax_recsys.serving.InfoResponse2Z\n\rRankerService\x12I\n\x04Rank\x12\x1f.jax_recsys.serving.RankRequest\x1a .jax_recsys.serving.RankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eserving/protos/embedding.proto\x12\x12jax_recsys.serving\"&\n\x08TableIds\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"~\n\rLookupRequest\x12,\n\x06tables\x18\x01 \x03(\x0b\x32\x1c.jax_recsys.serving.TableIds\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x11\n\tquantized\x18\x04 \x01(\x08\"q\n\tTableRows\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x01(\x0c\x12\x0c\n\x04\x62its\x18\x04 \x01(\x05\x12\r\n\x05\x63odes\x18\x05 \x01(\x0c\x12\r\n\x05scale\x18\x06 \x01(\x0c\x12\x0c\n\x04\x62ias\x18\x07 \x01(\x0c\"d\n\x0eLookupResponse\x12-\n\x06tables\x18\x01 \x03(\x0b\x32\x1d.jax_recsys.serving.TableRows\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"]\n\nTableRange\x12\r\n\x05table\x18\x01 \x01(\t\x12\n\n\x02lo\x18\x02 \x01(\x03\x12\n\n\x02hi\x18\x03 \x01(\x03\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\x0b\n\x03\x64im\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xa1\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12.\n\x06tables\x18\x05 \x03(\x0b\x32\x1e.jax_recsys.serving.TableRange\x12\x1b\n\x13max_ids_per_request\x18\x06 \x01(\x05\"\xf4\x01\n\x0bRankRequest\x12\x15\n\x0buser_raw_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08user_row\x18\x02 \x01(\x03H\x00\x12\x15\n\rcandidate_ids\x18\x03 \x01(\x0c\x12=\n\x07\x63ontext\x18\x04 \x03(\x0b\x32,.jax_recsys.serving.RankRequest.ContextEntry\x12\x18\n\x10\x65xpected_version\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\x06\n\x04user\"M\n\x0cRankResponse\x12\x0b\n\x03\x63tr\x18\x01 \x01(\x0c\x12\x0b\n\x03\x63vr\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t2\x89\x02\n\x10\x45mbeddingService\x12O\n\x06Lookup\x12!.jax_recsys.serving.LookupRequest\x1a\".jax_recsys.serving.LookupResponse\x12Y\n\x0cLookupStream\x12!.jax_recsys.serving.LookupRequest\x1a\".jax_recsys.serving.LookupResponse(\x01\x30\x01\x12I\n\x04Info\x12\x1f.jax_recsys.serving.InfoRequest\x1a .jax_recsys.serving.InfoResponse2Z\n\rRankerService\x12I\n\x04Rank\x12\x1f.jax_recsys.serving.RankRequest\x1a .jax_recsys.serving.RankResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,15 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TABLERANGE']._serialized_start=454
   _globals['_TABLERANGE']._serialized_end=547
   _globals['_INFORESPONSE']._serialized_start=550
-  _globals['_INFORESPONSE']._serialized_end=682
-  _globals['_RANKREQUEST']._serialized_start=685
-  _globals['_RANKREQUEST']._serialized_end=929
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=875
-  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=921
-  _globals['_RANKRESPONSE']._serialized_start=931
-  _globals['_RANKRESPONSE']._serialized_end=1008
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1011
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1276
-  _globals['_RANKERSERVICE']._serialized_start=1278
-  _globals['_RANKERSERVICE']._serialized_end=1368
+  _globals['_INFORESPONSE']._serialized_end=711
+  _globals['_RANKREQUEST']._serialized_start=714
+  _globals['_RANKREQUEST']._serialized_end=958
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_start=904
+  _globals['_RANKREQUEST_CONTEXTENTRY']._serialized_end=950
+  _globals['_RANKRESPONSE']._serialized_start=960
+  _globals['_RANKRESPONSE']._serialized_end=1037
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1040
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1305
+  _globals['_RANKERSERVICE']._serialized_start=1307
+  _globals['_RANKERSERVICE']._serialized_end=1397
 # @@protoc_insertion_point(module_scope)
