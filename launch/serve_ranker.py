@@ -33,7 +33,9 @@ from serving import client, ranker_service
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARDS = flags.DEFINE_list(
-    "shards", [], "host:port of each embedding shard in shard order; empty = monolithic."
+    "shards", [],
+    "host:port of each embedding shard in shard order; 'host:port|host:port' lists a "
+    "shard's primary and replicas (lookups fail over); empty = monolithic.",
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 for all).")
 _PORT = flags.DEFINE_integer("port", 0, "Port; 0 picks a free one (printed).")

@@ -105,7 +105,9 @@ class RankerServiceConfig:
     Attributes:
       artifact: serving artifact folder (tables, vocabularies, ranker).
       shards: ``host:port`` of each embedding shard, in shard order (shard i of
-        S); empty = monolithic (tables in this process).
+        S); ``"host:port|host:port|..."`` gives a shard's primary and its
+        replicas (a lookup fails over to the next one); empty = monolithic
+        (tables in this process).
       host: interface to bind.
       port: port to bind; 0 picks a free one (``RankerService.port``).
       deadline_s: time budget of one Rank call (embedding fetch included); a
@@ -184,6 +186,12 @@ class RankerServiceConfig:
     transport: str = "stream"
 
     def __post_init__(self):
+        for entry in self.shards:
+            if not isinstance(entry, str) or not all(a.strip() for a in entry.split("|")):
+                raise ValueError(
+                    f"shards: {entry!r} must be 'host:port' or 'host:port|host:port|...' "
+                    "(a shard's primary and replicas)"
+                )
         if self.wire not in client_lib.WIRE_FORMATS:
             raise ValueError(f"wire must be one of {client_lib.WIRE_FORMATS}, got {self.wire!r}")
         if self.transport not in client_lib.TRANSPORTS:
@@ -550,7 +558,7 @@ class RankerService:
                               batch_ids=cfg.max_batch_candidates * (2 + n_ctx))
             fetcher = client_lib.EmbeddingClient.from_artifact(
                 art.manifest,
-                list(cfg.shards),
+                [entry.split("|") for entry in cfg.shards],
                 pin=True,
                 deadline_s=cfg.deadline_s,
                 wire=cfg.wire,
@@ -1069,37 +1077,58 @@ def _check_shards(
     """Refuses to pair with shards that do not serve ``version`` (Info on each), or
     whose ``max_ids_per_request`` is below ``batch_ids`` (the most ids one batch can
     send one shard): every request of such a batch would fail, though each alone
-    would pass."""
-    for i, addr in enumerate(addresses):
-        with grpc_util.channel(addr, root_certificates=root_certificates) as ch:
-            info = ch.unary_unary(codec.INFO_METHOD)
+    would pass. Of a shard's replicas (``"a|b"``), every one that answers must pass;
+    one that does not answer is logged, as long as one of them answers."""
+    for i, entry in enumerate(addresses):
+        replicas = entry.split("|")
+        answered = []
+        for addr in replicas:
             try:
-                raw = info(pb.InfoRequest().SerializeToString(), timeout=max(timeout_s, 1.0))
-            except grpc.RpcError as e:
-                raise client_lib.ServingError(
-                    f"embedding shard {i} ({addr}) did not answer Info: {e.code().name}",
-                    code=e.code(),
-                    shard=i,
-                ) from None
-        resp = pb.InfoResponse.FromString(raw)
-        if version not in resp.versions:
-            raise client_lib.VersionMismatch(
-                f"embedding shard {i} ({addr}) serves {list(resp.versions)}, not the ranker's "
-                f"version {version}; swap the shards first",
-                shard=i,
-            )
-        if 0 < resp.max_ids_per_request < batch_ids:
-            raise ValueError(
-                f"embedding shard {i} ({addr}) takes at most {resp.max_ids_per_request} ids "
-                f"per request, but a batch of max_batch_candidates can send it {batch_ids}; "
-                "lower --max_batch_candidates or raise the shards' --max_ids_per_request"
-            )
-        if resp.num_shards != len(addresses) or resp.shard != i:
+                _check_shard(i, addr, len(addresses), version, timeout_s, root_certificates,
+                             batch_ids)
+                answered.append(addr)
+            except client_lib.ServingError as e:
+                if e.code is None or len(replicas) == 1:
+                    raise
+                log.warning("%s", e)
+        if not answered:
             raise client_lib.ServingError(
-                f"embedding shard at {addr} is shard {resp.shard} of {resp.num_shards}, "
-                f"listed as shard {i} of {len(addresses)}",
-                shard=i,
+                f"embedding shard {i}: none of its replicas {replicas} answered Info", shard=i
             )
+
+
+def _check_shard(i: int, addr: str, num_shards: int, version: str, timeout_s: float,
+                 root_certificates, batch_ids: int) -> None:
+    """`_check_shards` for one address of shard ``i``."""
+    with grpc_util.channel(addr, root_certificates=root_certificates) as ch:
+        info = ch.unary_unary(codec.INFO_METHOD)
+        try:
+            raw = info(pb.InfoRequest().SerializeToString(), timeout=max(timeout_s, 1.0))
+        except grpc.RpcError as e:
+            raise client_lib.ServingError(
+                f"embedding shard {i} ({addr}) did not answer Info: {e.code().name}",
+                code=e.code(),
+                shard=i,
+            ) from None
+    resp = pb.InfoResponse.FromString(raw)
+    if version not in resp.versions:
+        raise client_lib.VersionMismatch(
+            f"embedding shard {i} ({addr}) serves {list(resp.versions)}, not the ranker's "
+            f"version {version}; swap the shards first",
+            shard=i,
+        )
+    if 0 < resp.max_ids_per_request < batch_ids:
+        raise ValueError(
+            f"embedding shard {i} ({addr}) takes at most {resp.max_ids_per_request} ids "
+            f"per request, but a batch of max_batch_candidates can send it {batch_ids}; "
+            "lower --max_batch_candidates or raise the shards' --max_ids_per_request"
+        )
+    if resp.num_shards != num_shards or resp.shard != i:
+        raise client_lib.ServingError(
+            f"embedding shard at {addr} is shard {resp.shard} of {resp.num_shards}, "
+            f"listed as shard {i} of {num_shards}",
+            shard=i,
+        )
 
 
 def rank_request(

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -782,4 +783,34 @@ def test_shards_that_dropped_the_rankers_version_are_an_outage_not_a_bad_request
     finally:
         ch.close()
         svc.stop(grace=0)
+        shard.stop(grace=0).wait()
+
+
+def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts):
+    """--shards=DEAD|LIVE: the ranker starts (the dead replica is logged) and scores
+    through the live one, exactly as monolithic."""
+    (shard,) = _shards(arts["a"], n=1)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sk.getsockname()[1]}"
+    cfg = dict(artifact=str(arts["a"].path), deadline_s=2.0, max_candidates=48,
+               max_batch_candidates=64, min_bucket=32)
+    with pytest.raises(ValueError, match="must be 'host:port' or"):
+        rs.RankerServiceConfig(shards=("a|",), **cfg)
+    svc = rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|127.0.0.1:{shard.port}",), **cfg))
+    mono = rs.serve(rs.RankerServiceConfig(**cfg))
+    ch, call = _call(svc.port)
+    ch_m, call_m = _call(mono.port)
+    req = rs.rank_request(candidates=[1, 2, 3], user_row=4, context={"advertiser": 1, "hour": 0})
+    try:
+        for _ in range(3):
+            got, want = call(req), call_m(req)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        with pytest.raises(client_lib.ServingError, match="none of its replicas"):
+            rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|{dead}",), **cfg))
+    finally:
+        ch.close()
+        ch_m.close()
+        svc.stop(grace=0)
+        mono.stop(grace=0)
         shard.stop(grace=0).wait()
