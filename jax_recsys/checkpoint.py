@@ -7,7 +7,8 @@ Each step folder holds up to three items:
          optax state, step), written with `ocp.args.StandardSave`;
   meta   a JSON object (data-iterator position, config, RNG seeds, ...);
   vocab  vocabularies as plain arrays (int64 ids, or UTF-8 bytes + offsets for
-         string ids): no pickle anywhere.
+         string ids; an empty int vocabulary as one pad id + its count): no pickle
+         anywhere.
 
 Restoring onto another mesh (8 -> 4 -> 1 devices, row-sharded -> replicated)
 works by passing a target tree of `jax.ShapeDtypeStruct(shape, dtype,
@@ -79,6 +80,8 @@ def _vocab_array(v) -> np.ndarray:
 def _encode_vocab(v) -> dict[str, np.ndarray]:
     arr = _vocab_array(v)
     if arr.dtype.kind != "U":
+        if arr.size == 0:  # Orbax refuses zero-size arrays: one pad id and the count
+            return {"ids_padded": np.zeros(1, np.int64), "count": np.zeros(1, np.int64)}
         return {"ids": arr}
     encoded = [s.encode("utf-8") for s in arr.tolist()]
     lengths = np.fromiter((len(b) for b in encoded), np.int64, len(encoded))
@@ -91,6 +94,9 @@ def _encode_vocab(v) -> dict[str, np.ndarray]:
 def _decode_vocab(enc: Mapping[str, Any]) -> np.ndarray:
     if "ids" in enc:
         return np.asarray(enc["ids"], np.int64)
+    if "ids_padded" in enc:
+        count = int(np.asarray(enc["count"]).reshape(-1)[0])
+        return np.asarray(enc["ids_padded"], np.int64)[:count]
     data = np.asarray(enc["utf8"], np.uint8).tobytes()
     off = np.asarray(enc["offsets"], np.int64)
     return np.array([data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:], strict=True)], np.str_)
@@ -253,13 +259,48 @@ class Checkpointer:
 
         Returns:
           (state, meta).
+
+        Raises:
+          ValueError: a restored leaf's shape or dtype differs from the target's
+            (Orbax restores NumPy and unsharded targets in the saved shape, so a
+            run whose model changed would otherwise silently resume the old one).
         """
         step = self._resolve(step)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         )
         out = self._mgr.restore(step, args=args)
+        if target is not None:
+            self._check_like_target(step, out["state"], target)
         return out["state"], dict(out["meta"] or {})
+
+    def _check_like_target(self, step: int, state, target) -> None:
+        """Raises ValueError naming the first leaf whose shape / dtype is not the target's."""
+        where = f"{self.directory}/{step}"
+        want = jax.tree.leaves_with_path(target)
+        got = jax.tree.leaves_with_path(state)
+        if len(want) != len(got):
+            raise ValueError(
+                f"checkpoint {where}: restored {len(got)} leaves but the target has "
+                f"{len(want)}; the model or optimizer changed since it was saved: "
+                "resume from a fresh workdir / checkpoint dir"
+            )
+        for (path, w), (_, g) in zip(want, got, strict=True):
+            name = jax.tree_util.keystr(path)
+            saved, expected = tuple(np.shape(g)), tuple(np.shape(w))
+            if saved != expected:
+                raise ValueError(
+                    f"checkpoint {where}: leaf {name} has saved shape {saved} but this run "
+                    f"expects {expected}; the model changed since the checkpoint was written: "
+                    "train in a fresh workdir / checkpoint dir (or restore the old config)"
+                )
+            if (hasattr(w, "dtype") and hasattr(g, "dtype")
+                    and np.dtype(w.dtype) != np.dtype(g.dtype)):
+                raise ValueError(
+                    f"checkpoint {where}: leaf {name} restored as {np.dtype(g.dtype)} but "
+                    f"this run expects {np.dtype(w.dtype)}: train in a fresh workdir / "
+                    "checkpoint dir"
+                )
 
     def restore_meta(self, step: int | None = None) -> dict:
         """The JSON meta saved with `step` (None = latest), without reading any array.

@@ -7,10 +7,12 @@ these files. Only process 0 writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 
 
@@ -102,22 +104,55 @@ def records_from_metrics(metrics: Mapping) -> list[dict]:
     return sorted(recs, key=lambda r: r["step"])
 
 
+_SOURCE = "history.source.json"
+
+
+def clear_run_history(run_dir: str | os.PathLike) -> None:
+    """Removes an exported history of `run_dir` (history.jsonl, its source stamp, tb/).
+
+    Callers that retrain a run into an existing folder call this so that no report
+    draws the previous run's curves.
+    """
+    run_dir = pathlib.Path(run_dir)
+    (run_dir / "history.jsonl").unlink(missing_ok=True)
+    (run_dir / _SOURCE).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
 def export_run_history(run_dir: str | os.PathLike, *, tensorboard: bool = True) -> list[dict]:
     """Writes `run_dir/history.jsonl` (and TensorBoard events) from its metrics.json.
 
-    A run that already has a history.jsonl is left as it is. Returns the records.
+    The export records a SHA-256 of the metrics.json it came from
+    (`history.source.json`). An existing history.jsonl is kept when that digest
+    matches the current metrics.json, or, for a history without a stamp (written by
+    a trainer itself), when it is not older than metrics.json; otherwise the run
+    was retrained and the history is rebuilt. Without a metrics.json the existing
+    history (if any) is returned as it is. Returns the records.
     """
     run_dir = pathlib.Path(run_dir)
     existing = read_history(run_dir)
-    if existing:
-        return existing
     mpath = run_dir / "metrics.json"
     if not mpath.exists():
-        return []
-    recs = records_from_metrics(json.loads(mpath.read_text()))
+        return existing
+    raw = mpath.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if existing:
+        spath = run_dir / _SOURCE
+        if spath.exists():
+            try:
+                stamp = json.loads(spath.read_text()).get("metrics_sha256")
+            except (json.JSONDecodeError, AttributeError):
+                stamp = None
+            if stamp == digest:
+                return existing
+        elif (run_dir / "history.jsonl").stat().st_mtime_ns >= mpath.stat().st_mtime_ns:
+            return existing
+    clear_run_history(run_dir)
+    recs = records_from_metrics(json.loads(raw))
     if recs:
         w = MetricWriter(run_dir, tensorboard=tensorboard)
         for r in recs:
             w.write(r["step"], {k: v for k, v in r.items() if k != "step"})
         w.close()
+        (run_dir / _SOURCE).write_text(json.dumps({"metrics_sha256": digest}) + "\n")
     return recs

@@ -39,6 +39,13 @@ def _check_labels(labels_b: np.ndarray) -> None:
         raise ValueError(f"labels must lie in [0, 1]; labels[{i}] = {labels_b[i]}")
 
 
+def _check_probs(probs_b: np.ndarray) -> None:
+    bad = (probs_b < 0) | (probs_b > 1) | ~np.isfinite(probs_b)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"probs must lie in [0, 1]; probs[{i}] = {probs_b[i]}")
+
+
 def _check_same_len(**arrays: np.ndarray) -> None:
     lens = {k: len(v) for k, v in arrays.items()}
     if len(set(lens.values())) > 1:
@@ -62,8 +69,10 @@ def auc(labels, scores, weights=None) -> float:
     _check_labels(labels_b)
     w_b = np.ones_like(scores_b) if weights is None else _as_1d(weights, "weights")
     _check_same_len(labels=labels_b, scores=scores_b, weights=w_b)
-    if (w_b < 0).any():
-        raise ValueError("weights must be non-negative")
+    bad = (w_b < 0) | ~np.isfinite(w_b)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"weights must be finite and non-negative; weights[{i}] = {w_b[i]}")
     if not np.isfinite(scores_b).all():
         raise ValueError("scores contain NaN or inf")
     pos_b = labels_b > 0.5
@@ -96,8 +105,7 @@ def log_loss(labels, probs, *, eps: float = _EPS) -> float:
     probs_b = _as_1d(probs, "probs")
     _check_labels(labels_b)
     _check_same_len(labels=labels_b, probs=probs_b)
-    if ((probs_b < 0) | (probs_b > 1) | ~np.isfinite(probs_b)).any():
-        raise ValueError("probs must lie in [0, 1]")
+    _check_probs(probs_b)
     p_b = np.clip(probs_b, eps, 1 - eps)
     return float(-np.mean(labels_b * np.log(p_b) + (1 - labels_b) * np.log1p(-p_b)))
 
@@ -114,13 +122,21 @@ def normalized_entropy(labels, probs, *, eps: float = _EPS) -> float:
 
     Returns:
       ``log_loss / H(mean(labels))``; NaN when all labels are equal (H = 0).
+
+    Raises:
+      ValueError: labels outside [0, 1] or probs outside [0, 1] (also when all
+        labels are equal).
     """
     labels_b = _as_1d(labels, "labels")
+    probs_b = _as_1d(probs, "probs")
+    _check_labels(labels_b)
+    _check_same_len(labels=labels_b, probs=probs_b)
+    _check_probs(probs_b)
     p = float(np.mean(labels_b))
     if p <= 0 or p >= 1:
         return float("nan")
     base = -(p * np.log(p) + (1 - p) * np.log1p(-p))
-    return log_loss(labels_b, probs, eps=eps) / float(base)
+    return log_loss(labels_b, probs_b, eps=eps) / float(base)
 
 
 def calibration(labels, probs) -> float:
@@ -128,7 +144,7 @@ def calibration(labels, probs) -> float:
 
     Args:
       labels: [B] labels in [0, 1].
-      probs: [B] predicted probabilities.
+      probs: [B] predicted probabilities in [0, 1] (not logits).
 
     Returns:
       ``sum(probs) / sum(labels)`` (1 is perfectly calibrated); NaN when no label is
@@ -138,6 +154,7 @@ def calibration(labels, probs) -> float:
     probs_b = _as_1d(probs, "probs")
     _check_labels(labels_b)
     _check_same_len(labels=labels_b, probs=probs_b)
+    _check_probs(probs_b)
     observed = float(labels_b.sum())
     if observed == 0:
         return float("nan")

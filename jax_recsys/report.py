@@ -19,23 +19,48 @@ _PRETRAIN_KEYS = ("recall@10", "pop_recall@10", "ndcg@10", "pop_ndcg@10", "recal
                   "heldout_loss", "test_mrr", "test_hits@1", "test_hits@10", "final_loss")
 
 
+def _num(x) -> float | int | None:
+    """`x` if it is a finite number, else None (JSON null, NaN, inf, strings, bools)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _cell(x, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    """`format(x * scale, spec) + suffix`, or "n/a" for a missing / non-finite value."""
+    x = _num(x)
+    return "n/a" if x is None else format(x * scale if scale != 1.0 else x, spec) + suffix
+
+
 def _fmt(mean: float | None, std: float | None, pct: bool = False) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    mean = _num(mean)
+    if mean is None:
         return "n/a"
-    std = 0.0 if std is None or (isinstance(std, float) and math.isnan(std)) else std
+    std = _num(std) or 0.0
     if pct:
         return f"{100 * mean:+.1f}% ± {100 * std:.1f}"
     return f"{mean:.4f} ± {std:.4f}"
 
 
+def _variants(ablation: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(name, results) in ablation["order"] (default: the variants' own order); names
+    missing from ablation["variants"] are skipped."""
+    variants = ablation.get("variants") or {}
+    order = ablation.get("order") or list(variants)
+    return [(n, variants[n]) for n in order if isinstance(variants.get(n), Mapping)]
+
+
 def ablation_table(ablation: Mapping[str, Any], baseline: str = "no_large_tables") -> list[str]:
-    """Markdown rows of the ablation table (mean ± std AUC and RelaImpr per task)."""
+    """Markdown rows of the ablation table (mean ± std AUC and RelaImpr per task).
+
+    Missing or null values show as "n/a"; variants named in "order" without results
+    are left out.
+    """
     lines = [
         "| variant | CTR AUC | CTR gain | CVR AUC | CVR gain | CTCVR AUC | CTCVR gain |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in ablation["order"]:
-        r = ablation["variants"][name]
+    for name, r in _variants(ablation):
         cells = [r.get("label", name)]
         for t in TASKS:
             cells.append(_fmt(r.get(f"{t}_auc_mean"), r.get(f"{t}_auc_std")))
@@ -56,14 +81,21 @@ def _plt():
     return plt
 
 
-def plot_auc(ablation: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path:
-    """Bar chart: test AUC per variant with ±std error bars, one panel per task."""
+def plot_auc(ablation: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path | None:
+    """Bar chart: test AUC per variant with ±std error bars, one panel per task.
+
+    Missing / null AUCs leave an empty slot; returns None (no file) without variants.
+    """
+    rows = _variants(ablation)
+    if not rows:
+        return None
     plt = _plt()
-    order = list(ablation["order"])
+    order = [n for n, _ in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, task in zip(axes, ("ctr", "cvr"), strict=True):
-        means = [ablation["variants"][n].get(f"{task}_auc_mean", float("nan")) for n in order]
-        stds = [ablation["variants"][n].get(f"{task}_auc_std", 0.0) or 0.0 for n in order]
+        means = [_num(r.get(f"{task}_auc_mean")) for _, r in rows]
+        means = [float("nan") if m is None else m for m in means]
+        stds = [_num(r.get(f"{task}_auc_std")) or 0.0 for _, r in rows]
         ax.bar(range(len(order)), means, yerr=stds, capsize=4, color="#4C72B0")
         finite = [m for m in means if m == m]
         if finite:
@@ -91,7 +123,9 @@ def plot_curves(
     plt = _plt()
     panels = []
     for stage, recs in histories.items():
-        keys = sorted({k for r in recs for k in r if k != "step" and select(k)})
+        recs = [r for r in recs if isinstance(r, Mapping) and _num(r.get("step")) is not None]
+        keys = sorted({k for r in recs for k in r
+                       if k != "step" and select(k) and _num(r[k]) is not None})
         if keys:
             panels.append((stage, recs, keys))
     if not panels:
@@ -99,7 +133,7 @@ def plot_curves(
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (stage, recs, keys) in zip(axes[0], panels, strict=True):
         for k in keys:
-            pts = [(r["step"], r[k]) for r in recs if r.get(k) is not None]
+            pts = [(r["step"], r[k]) for r in recs if _num(r.get(k)) is not None]
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=k)
@@ -145,8 +179,8 @@ def write_report(
     md = ["# jax_recsys pipeline report", ""]
     md += ["## Stages", "", "| stage | seconds | summary |", "|---|---|---|"]
     for s in stages:
-        secs = "skipped (up to date)" if s.get("skipped") else f"{s.get('seconds', 0):.0f}"
-        md.append(f"| {s['stage']} | {secs} | {s.get('summary', '')} |")
+        secs = "skipped (up to date)" if s.get("skipped") else _cell(s.get("seconds"), ".0f")
+        md.append(f"| {s.get('stage', 'n/a')} | {secs} | {s.get('summary', '')} |")
     md.append("")
     if ablation:
         md += ["## Ablation (test window, relative AUC gain over no large tables)", ""]
@@ -158,15 +192,15 @@ def write_report(
         ]
         md += ablation_table(ablation)
         md.append("")
-        md += ["![AUC per variant](plots/auc_per_variant.png)", ""]
-        plot_auc(ablation, plots / "auc_per_variant.png")
+        if plot_auc(ablation, plots / "auc_per_variant.png"):
+            md += ["![AUC per variant](plots/auc_per_variant.png)", ""]
     if pretraining:
         md += ["## Pretraining", "", "| run | metric | value |", "|---|---|---|"]
         for run, m in pretraining.items():
             for k in sorted(m):
                 v = m[k]
-                if isinstance(v, int | float) and k in _PRETRAIN_KEYS:
-                    md.append(f"| {run} | {k} | {v:.4f} |")
+                if k in _PRETRAIN_KEYS and (v is None or isinstance(v, int | float)):
+                    md.append(f"| {run} | {k} | {_cell(v, '.4f')} |")
         md.append("")
     if export:
         md += ["## INT4 export", ""]
@@ -186,9 +220,10 @@ def write_report(
             for name, t in tables.items():
                 if isinstance(t, Mapping) and "bytes" in t:
                     md.append(
-                        f"| {name} | {t['bytes']:,} | {t.get('fp32_bytes', 0):,} | "
-                        f"{100 * t.get('ratio_vs_fp32', float('nan')):.2f}% | "
-                        f"{100 * t.get('ratio_vs_fp16', float('nan')):.2f}% |"
+                        f"| {name} | {_cell(t['bytes'], ',')} | "
+                        f"{_cell(t.get('fp32_bytes'), ',')} | "
+                        f"{_cell(t.get('ratio_vs_fp32'), '.2f', 100, '%')} | "
+                        f"{_cell(t.get('ratio_vs_fp16'), '.2f', 100, '%')} |"
                     )
         quality = export.get("quality") or {}
         if quality:
@@ -199,15 +234,19 @@ def write_report(
                 for m in ("auc", "log_loss", "calibration"):
                     if f"{m}_full" in q:
                         md.append(
-                            f"| {task} | {m} | {q[f'{m}_full']:.5f} | {q[f'{m}_quant']:.5f} | "
-                            f"{q[f'{m}_delta']:+.5f} |"
+                            f"| {task} | {m} | {_cell(q[f'{m}_full'], '.5f')} | "
+                            f"{_cell(q.get(f'{m}_quant'), '.5f')} | "
+                            f"{_cell(q.get(f'{m}_delta'), '+.5f')} |"
                         )
         md.append("")
     if serving:
         md += ["## Live hybrid serving (loopback)", ""]
         for k in sorted(serving):
             v = serving[k]
-            md.append(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}")
+            if v is None or isinstance(v, float):
+                md.append(f"- {k}: {_cell(v, '.4g')}")
+            else:
+                md.append(f"- {k}: {v}")
         md.append("")
     md += ["## Training curves", ""]
     loss_png = plot_curves(

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from jax_recsys import checkpoint
+from jax_recsys import checkpoint, history
 from jax_recsys.data import folder
 from jax_recsys.ranking import ablation as A, model as M, train as T
 
@@ -130,8 +130,11 @@ def test_finished_runs_are_reused_only_with_the_same_settings_and_data(tmp_path)
         return A.run_ablation(c, tmp_path / "abl", pretrainers={}, log=logs.append, **kw)
 
     first = run(cfg)["variants"]["no_large_tables"]["ctr_auc_mean"]
+    rdir = tmp_path / "abl" / "runs" / "no_large_tables_s0"
+    (rdir / "history.jsonl").write_text('{"step": 1, "loss_ema": 9.0}\n')  # the report's export
     assert run(cfg)["variants"]["no_large_tables"]["ctr_auc_mean"] == first
     assert any("reusing" in s for s in logs)
+    assert history.read_history(rdir) == [{"step": 1, "loss_ema": 9.0}]  # reused: kept
     # Other settings: retrained, and the numbers are the new run's.
     more = A.AblationConfig(base=dataclasses.replace(base, dense_learning_rate=0.05), seeds=(0,),
                             variants=("no_large_tables",))
@@ -139,6 +142,7 @@ def test_finished_runs_are_reused_only_with_the_same_settings_and_data(tmp_path)
     assert not any("reusing" in s for s in logs)
     assert any("had other settings or data" in s for s in logs)
     assert second != first
+    assert not (rdir / "history.jsonl").exists()  # the retrained run's old curves are gone
     # Other data under the same path (a regenerated world): retrained.
     _write_data(tmp_path / "data", seed=1)
     run(more)
@@ -171,9 +175,14 @@ def test_pretrained_facets_are_reused_only_under_the_same_key(tmp_path):
     obtain()
     obtain()
     assert calls == ["fresh"]  # same key: reused
+    out = tmp_path / "pretrain" / "cl_fresh"
+    (out / "history.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # the report's export
+    obtain()
+    assert (out / "history.jsonl").exists()
     key["v"] = "b"
     obtain()
     assert calls == ["fresh", "fresh"]  # changed key (command, config or data): redone
+    assert not (out / "history.jsonl").exists()  # no curves of the previous pretraining
     obtain(fresh=True)
     assert len(calls) == 3
     key["v"] = "c"

@@ -123,6 +123,40 @@ def test_restore_onto_other_meshes(tmp_path, devices):
     ck.close()
 
 
+def test_restore_refuses_a_target_of_another_shape(tmp_path):
+    """NumPy and unsharded targets would come back in the saved shape: refused by name."""
+    ck = checkpoint.Checkpointer(tmp_path / "ck", async_save=False)
+    ck.save(1, {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(2, np.float32)})
+    targets = [
+        {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)},
+        {"w": jax.ShapeDtypeStruct((5, 4), np.float32),
+         "b": jax.ShapeDtypeStruct((2,), np.float32)},
+    ]
+    for target, want in zip(targets, ["(3, 2)", "(5, 4)"], strict=True):
+        with pytest.raises(ValueError) as e:
+            ck.restore(1, target=target)
+        msg = str(e.value)
+        assert f"{tmp_path / 'ck'}/1" in msg and "['w']" in msg
+        assert f"saved shape (3, 4) but this run expects {want}" in msg
+        assert "fresh workdir" in msg
+    got, _ = ck.restore(1, target={"w": np.zeros((3, 4), np.float32), "b": np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(got["w"], np.arange(12, dtype=np.float32).reshape(3, 4))
+    ck.close()
+
+
+def test_empty_vocabularies_round_trip(tmp_path):
+    ck = checkpoint.Checkpointer(tmp_path / "ck", async_save=False)
+    vocabs = {"ints": np.array([], np.int64), "uints": np.array([], np.uint32),
+              "strs": np.array([], np.str_), "one": np.array([7], np.int64)}
+    ck.save(1, {"w": np.zeros(2, np.float32)}, {"k": 1}, vocabs=vocabs)
+    got = ck.restore_vocabs(1)
+    for name in ("ints", "uints"):
+        assert got[name].dtype == np.int64 and got[name].shape == (0,), name
+    assert got["strs"].dtype.kind == "U" and got["strs"].shape == (0,)
+    np.testing.assert_array_equal(got["one"], [7])
+    ck.close()
+
+
 def test_abstract_like_per_leaf_shardings():
     mesh = _mesh(2)
     tree = {"a": jnp.zeros((4, 2)), "n": np.zeros(3, np.int32), "k": 5}

@@ -2,6 +2,7 @@
 AUC against an O(n^2) pairwise reference."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -106,3 +107,33 @@ def test_bad_inputs_raise():
         metrics.hits_at_k([1], 0)
     with pytest.raises(ValueError, match="filter_mask"):
         metrics.realistic_rank([0.1], [[0.2, 0.3]], [[True]])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: metrics.calibration([1, 0, 0, 1], [2.0, -3.0, 1.5, 4.0]),
+     "probs must lie in [0, 1]; probs[0] = 2.0"),
+    (lambda: metrics.calibration([1, 0], [np.nan, 0.5]),
+     "probs must lie in [0, 1]; probs[0] = nan"),
+    (lambda: metrics.calibration([1, 0], [0.2, -0.5]), "probs must lie in [0, 1]; probs[1] = -0.5"),
+    (lambda: metrics.log_loss([1, 0], [2.0, 0.5]), "probs must lie in [0, 1]; probs[0] = 2.0"),
+    (lambda: metrics.normalized_entropy([2, 2], [0.1, 0.2]),
+     "labels must lie in [0, 1]; labels[0] = 2.0"),
+    (lambda: metrics.normalized_entropy([0, 2], [0.1, 0.2]),
+     "labels must lie in [0, 1]; labels[1] = 2.0"),
+    (lambda: metrics.normalized_entropy([1, 1], [np.nan, 0.2]),
+     "probs must lie in [0, 1]; probs[0] = nan"),
+    (lambda: metrics.normalized_entropy([1, 1], [0.2]), "length mismatch"),
+    (lambda: metrics.auc([1, 0], [0.2, 0.1], [np.nan, 1.0]),
+     "weights must be finite and non-negative; weights[0] = nan"),
+    (lambda: metrics.auc([1, 0, 0], [0.2, 0.1, 0.3], [1.0, 1.0, np.inf]),
+     "weights must be finite and non-negative; weights[2] = inf"),
+    (lambda: metrics.auc([1, 0], [0.2, 0.1], [1.0, -1.0]),
+     "weights must be finite and non-negative; weights[1] = -1.0"),
+])
+def test_out_of_range_probs_labels_and_weights_raise(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+    # Valid inputs keep their values; all-equal labels still give NaN NE.
+    assert metrics.calibration([1, 0, 0, 1], [0.5, 0.25, 0.25, 1.0]) == pytest.approx(1.0)
+    assert np.isnan(metrics.normalized_entropy([1, 1], [0.5, 0.2]))
+    assert metrics.auc([1, 0, 0], [0.2, 0.1, 0.3], [1.0, 1.0, 0.0]) == pytest.approx(1.0)

@@ -1,6 +1,7 @@
 """Ranker training end to end on a tiny hand-built dataset folder with planted structure."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -44,6 +45,24 @@ def _cfg(path, entities, **kw):
     )
     base.update(kw)
     return T.TrainConfig(**base)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_epochs", 0.0, "num_epochs must be a finite number > 0, got 0.0"),
+    ("num_epochs", -3.0, "num_epochs must be a finite number > 0, got -3.0"),
+    ("num_epochs", float("nan"), "num_epochs must be a finite number > 0, got nan"),
+    ("batch_size", 0, "batch_size and eval_batch_size must be >= 1, got 0, 16384"),
+    ("eval_batch_size", -5, "batch_size and eval_batch_size must be >= 1, got 256, -5"),
+    ("log_every", -1, "log_every, checkpoint_every and warmup_steps must be >= 0"),
+    ("checkpoint_every", -2, "got 1, -2, 0"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be >= 1, got 0"),
+    ("dense_learning_rate", -1e-3, "dense_learning_rate must be a finite number >= 0, got -0.001"),
+    ("table_learning_rate", float("inf"), "table_learning_rate must be a finite number >= 0"),
+])
+def test_train_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _cfg("unused", (), **{field: value})
+    assert _cfg("unused", (), num_epochs=0.5).num_epochs == 0.5
 
 
 def test_evaluate_predictions_known_values():

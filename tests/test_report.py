@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -43,6 +44,30 @@ def test_history_roundtrip_and_metrics_extraction(tmp_path):
     assert len(recs) == 3 and history.read_history(run) == recs
 
 
+def test_export_run_history_follows_a_retrained_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    mpath = run / "metrics.json"
+    mpath.write_text(json.dumps({"train": {"loss_curve": [[10, 0.9], [20, 0.8]]}}))
+    first = [{"step": 10, "loss_ema": 0.9}, {"step": 20, "loss_ema": 0.8}]
+    assert history.export_run_history(run, tensorboard=False) == first
+    assert history.export_run_history(run, tensorboard=False) == first  # unchanged: kept
+    # Retrained (metrics.json rewritten): the history is rebuilt from the new run.
+    mpath.write_text(json.dumps({"train": {"loss_curve": [[10, 0.5], [20, 0.4], [30, 0.35]]}}))
+    second = [{"step": 10, "loss_ema": 0.5}, {"step": 20, "loss_ema": 0.4},
+              {"step": 30, "loss_ema": 0.35}]
+    assert history.export_run_history(run, tensorboard=False) == second
+    assert history.read_history(run) == second
+    # A history without a source stamp (written before stamps, or by a trainer) is kept
+    # unless metrics.json is newer.
+    history.clear_run_history(run)
+    (run / "history.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    os.utime(mpath, ns=(1_000_000_000, 1_000_000_000))
+    assert history.export_run_history(run, tensorboard=False) == [{"step": 1, "loss": 2.0}]
+    os.utime(mpath, ns=(2**62, 2**62))
+    assert history.export_run_history(run, tensorboard=False) == second
+
+
 def test_report_tables_and_plots(tmp_path):
     export = {
         "version": "abc", "bits": 4, "scale_dtype": "float16",
@@ -67,3 +92,36 @@ def test_report_tables_and_plots(tmp_path):
     assert "latency_ms_p50: 3.25" in md
     for png in ("auc_per_variant.png", "training_curves.png", "pretraining_eval.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
+
+
+def test_report_renders_null_and_missing_values_as_na(tmp_path):
+    nan = float("nan")
+    ablation = {
+        "order": ["no_large_tables", "cl", "gone"],  # "gone" has no results: left out
+        "variants": {"no_large_tables": {"ctr_auc_mean": None, "cvr_auc_mean": nan},
+                     "cl": {"ctr_auc_mean": 0.7, "ctr_auc_std": None,
+                            "ctr_relaimpr_mean": None}},
+    }
+    export = {"sizes": {"tables": {"u": {"bytes": None, "fp32_bytes": 64,
+                                         "ratio_vs_fp32": None}},
+                        "total": {"bytes": 10}},
+              "quality": {"ctr": {"auc_full": 0.7, "auc_quant": None, "auc_delta": None}}}
+    path = report.write_report(
+        tmp_path, stages=[{"stage": "x", "seconds": None}, {"stage": "y", "seconds": 2.4}],
+        ablation=ablation, export=export, serving={"qps": None, "p50_ms": 1.25},
+        pretraining={"cl/fresh": {"recall@10": None, "test_mrr": 0.25}},
+        histories={"all null": [{"step": 1, "loss": None}, {"step": 2, "loss": None}],
+                   "no step": [{"loss": 1.0}]},
+    )
+    lines = path.read_text().splitlines()
+    for row in ["| x | n/a |  |", "| y | 2 |  |",
+                "| no_large_tables | n/a | — | n/a | — | n/a | — |",
+                "| cl | 0.7000 ± 0.0000 | n/a | n/a | n/a | n/a | n/a |",
+                "| u | n/a | 64 | n/a | n/a |", "| total | 10 | n/a | n/a | n/a |",
+                "| ctr | auc | 0.70000 | n/a | n/a |",
+                "| cl/fresh | recall@10 | n/a |", "| cl/fresh | test_mrr | 0.2500 |",
+                "- qps: n/a", "- p50_ms: 1.25",
+                "(no history.jsonl curves were recorded by the stages)"]:
+        assert row in lines, row
+    assert not any("gone" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["auc_per_variant.png"]

@@ -244,3 +244,25 @@ def test_restore_refuses_a_checkpoint_without_some_table(tmp_path):
         mesh=ec.mesh)
     with pytest.raises(ValueError, match="advertiser"):
         _restore(tmp_path / "c", bigger)
+
+
+def test_restore_refuses_a_changed_dense_model(tmp_path):
+    """A resumed run whose dense layers changed (mlp_dims (16,) -> (4,)) must not
+    silently train the saved architecture."""
+    from jax_recsys import checkpoint
+    from jax_recsys.ranking import train
+
+    ec = _collection(8, "row_wise")
+    _save(tmp_path / "c", ec, _fresh_state(ec, {"w": jnp.ones((3,)), "b": jnp.ones(())}))
+    changed = _fresh_state(ec, {"w": jnp.zeros((4,)), "b": jnp.zeros(())})
+    with checkpoint.Checkpointer(tmp_path / "c") as ckpt, pytest.raises(
+        ValueError, match=r"leaf .*'w'.* saved shape \(3,\) but this run expects \(4,\)"
+    ):
+        train.restore_train_state(ckpt, fresh_state=changed, collection=ec)
+    dense = (changed.params, changed.opt_state, changed.step)
+    with checkpoint.Checkpointer(tmp_path / "d") as ckpt:
+        ckpt.save(1, jax.tree.map(np.asarray, (
+            {"w": jnp.ones((3,)), "b": jnp.ones(())}, changed.opt_state, changed.step)))
+        ckpt.wait()
+        with pytest.raises(ValueError, match=r"saved shape \(3,\) but this run expects \(4,\)"):
+            train.restore_train_state(ckpt, fresh_state=dense)

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from jax_recsys import history as history_lib
 from jax_recsys.ranking import facets as facets_lib, model as model_lib, train as train_lib
 
 TASKS = ("ctr", "cvr", "ctcvr")
@@ -217,6 +218,7 @@ def obtain_facets(
                 why = ("--fresh" if fresh else "its settings or data changed") if done else "none yet"
                 log(f"ablation: pretraining {key} into {out} ({why})")
                 (out / _PRETRAIN_KEY).unlink(missing_ok=True)
+                history_lib.clear_run_history(out)  # the report must not draw the old curves
                 path = pathlib.Path(pretrainers[facet](window, out))
                 if want is not None:
                     out.mkdir(parents=True, exist_ok=True)
@@ -329,6 +331,7 @@ def run_ablation(
                 log(f"ablation: {variant.label} (seed {seed}){why}")
                 mpath.unlink(missing_ok=True)
                 shutil.rmtree(rdir / "ranker", ignore_errors=True)  # never an old run's ranker
+                history_lib.clear_run_history(rdir)  # nor its training curves
                 facets = {f: loaded[(f, variant.window)] for f in variant.facets}
                 res = train_lib.train_and_evaluate(tc, None, data=data, facets=facets, log=log)
                 ranker = res.pop("ranker")

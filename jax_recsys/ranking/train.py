@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from collections.abc import Callable, Mapping
@@ -145,6 +146,24 @@ class TrainConfig:
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     table_sharding: str = ""
+
+    def __post_init__(self):
+        if not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
+            raise ValueError(f"num_epochs must be a finite number > 0, got {self.num_epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got "
+                             f"{self.batch_size}, {self.eval_batch_size}")
+        if self.log_every < 0 or self.checkpoint_every < 0 or self.warmup_steps < 0:
+            raise ValueError(f"log_every, checkpoint_every and warmup_steps must be >= 0 "
+                             f"(0: never / no warm-up), got {self.log_every}, "
+                             f"{self.checkpoint_every}, {self.warmup_steps}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for name in ("dense_learning_rate", "dense_weight_decay", "table_learning_rate",
+                     "table_initial_accumulator", "finetune_lr_scale", "cvr_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
 # ----------------------------------------------------------------------------- data
