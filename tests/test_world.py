@@ -415,6 +415,19 @@ def test_config_validate_catches_settings_that_fail_later():
         dataclasses.replace(base, kg_valid_fraction=0.5, kg_test_fraction=0.5).validate()
     with pytest.raises(ValueError, match="impression_start_day"):
         dataclasses.replace(base, impression_start_day=-1).validate()
+    # Leakage: overlapping or out-of-order ranker windows, pretraining on test days.
+    tr, va, te = base.ranker_train_days, base.ranker_valid_days, base.ranker_test_days
+    with pytest.raises(ValueError, match="ranker windows must not overlap"):
+        dataclasses.replace(base, ranker_train_days=(tr[0], te[1])).validate()
+    with pytest.raises(ValueError, match="ranker windows must not overlap"):
+        dataclasses.replace(base, ranker_valid_days=te, ranker_test_days=va).validate()
+    with pytest.raises(ValueError, match="kg_days=.* reaches into the ranker test window"):
+        dataclasses.replace(base, kg_days=(base.kg_days[0], te[1])).validate()
+    with pytest.raises(ValueError, match="fresh_pretrain_days=.* reaches into the ranker test"):
+        dataclasses.replace(base, fresh_pretrain_days=(base.fresh_pretrain_days[0], te[1])
+                            ).validate()
+    for n in (5, 9, 40):
+        world.days_override(base, n).validate()
     # Edge values that do work.
     dataclasses.replace(
         base,

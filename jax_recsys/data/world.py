@@ -291,6 +291,20 @@ class WorldConfig:
         for name, (s, e) in self.windows().items():
             if not 0 <= s < e <= self.num_days:
                 raise ValueError(f"day window {name}=[{s}, {e}) outside [0, {self.num_days})")
+        # No leakage: the ranker's windows follow one another, and nothing the facets
+        # are pretrained on (interactions, KG) reaches into the ranker's test window.
+        train, valid, test = self.ranker_train_days, self.ranker_valid_days, self.ranker_test_days
+        if not (train[1] <= valid[0] and valid[1] <= test[0]):
+            raise ValueError(
+                f"ranker windows must not overlap and must come in order: train={tuple(train)}, "
+                f"valid={tuple(valid)}, test={tuple(test)}"
+            )
+        for name in ("stale_pretrain_days", "fresh_pretrain_days", "kg_days"):
+            if getattr(self, name)[1] > test[0]:
+                raise ValueError(
+                    f"{name}={tuple(getattr(self, name))} reaches into the ranker test window "
+                    f"{tuple(test)}: pretrained facets would have seen test days"
+                )
         if abs(sum(self.engagement_type_probs) - 1.0) > 1e-6:
             raise ValueError("engagement_type_probs must sum to 1")
         if self.num_candidates < 1 or self.chunk_events < 1:
