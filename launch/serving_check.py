@@ -11,7 +11,9 @@ one at a time through real gRPC, and checks that the served pCTR/pCVR equal the
 offline scores of the same INT4 tables (the artifact's tables dequantized in this
 process and scored with the ranker's pure score function, `ranking.train.predict`).
 Measures per-request latency (p50/p99) and, with `--concurrency` > 1, throughput
-under concurrent load. Every process is stopped on exit, also on failure.
+under concurrent load, where the ranker merges requests into batches: those scores
+are checked against the offline ones too. Every process is stopped on exit, also
+on failure.
 
 Exit status 1 (and `"ok": false` in the JSON) when any request fails or a served
 score differs from the offline score by more than `--tolerance`.
@@ -267,7 +269,19 @@ def main(argv):
                 results = list(ex.map(lambda p: _safe_call(call, p, _DEADLINE.value), payloads))
             dt = time.perf_counter() - t
             bad = sum(r is None for r in results)
+            # Concurrent requests are merged into batches: their scores must still
+            # equal the offline ones, request by request.
+            conc_ctr, conc_cvr = [], []
+            for r, resp in zip(reqs, results, strict=True):
+                if resp is not None:
+                    ctr, cvr, _ = ranker_service.decode_response(resp)
+                    conc_ctr.append(float(np.max(np.abs(ctr - r["offline"][0]))))
+                    conc_cvr.append(float(np.max(np.abs(cvr - r["offline"][1]))))
+            diffs_ctr += conc_ctr
+            diffs_cvr += conc_cvr
             report.update({"concurrency": _CONCURRENCY.value,
+                           "concurrent_max_abs_diff_ctr": max(conc_ctr, default=None),
+                           "concurrent_max_abs_diff_cvr": max(conc_cvr, default=None),
                            "concurrent_requests_per_s": len(payloads) / dt,
                            "concurrent_candidates_per_s": len(payloads) * _CANDIDATES.value / dt,
                            "concurrent_failed_requests": bad})

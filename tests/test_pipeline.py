@@ -40,6 +40,9 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert serving["failed_requests"] == 0
     assert serving["scores_match_offline_int4"] is True
     assert max(serving["max_abs_diff_ctr"], serving["max_abs_diff_cvr"]) <= 1e-5
+    # Requests merged into batches under concurrent load score like single ones.
+    assert max(serving["concurrent_max_abs_diff_ctr"],
+               serving["concurrent_max_abs_diff_cvr"]) <= 1e-5
     assert serving["server_exit_codes"] == [0] * (serving["num_shards"] + 1)
 
     report = (wd / "report.md").read_text()
