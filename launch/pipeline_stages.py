@@ -189,12 +189,19 @@ def run_stages(stages: list[Stage], wd: pathlib.Path, force: set[str], timeout_s
 
 
 def _overrides(flags: str) -> dict[str, str]:
-    """``--config.KEY=VALUE`` pairs of a space-separated flag string."""
+    """``--config.KEY=VALUE`` (or ``--config.KEY VALUE``) pairs of a flag string."""
     out = {}
-    for tok in shlex.split(flags):
-        if tok.startswith("--config.") and "=" in tok:
+    toks = shlex.split(flags)
+    for i, tok in enumerate(toks):
+        if not tok.startswith("--config."):
+            continue
+        if "=" in tok:
             key, value = tok[len("--config."):].split("=", 1)
-            out[key] = value
+        elif i + 1 < len(toks) and not toks[i + 1].startswith("--"):
+            key, value = tok[len("--config."):], toks[i + 1]
+        else:
+            continue
+        out[key] = value
     return out
 
 

@@ -35,7 +35,8 @@ _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", re
 _SHARDS = flags.DEFINE_list(
     "shards", [],
     "host:port of each embedding shard in shard order; 'host:port|host:port' lists a "
-    "shard's primary and replicas (lookups fail over); empty = monolithic.",
+    "shard's primary and replicas (lookups fail over; quote the flag in a shell); "
+    "empty = monolithic.",
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 for all).")
 _PORT = flags.DEFINE_integer("port", 0, "Port; 0 picks a free one (printed).")

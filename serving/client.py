@@ -188,12 +188,16 @@ def _reassemble(table: str, n: int, pieces: list) -> np.ndarray:
 
 
 def _try_deadline(deadline: float, replicas_left: int) -> float:
-    """The deadline of one try: an equal share of what is left for each replica
-    not yet tried (the whole of it for the last one)."""
+    """The deadline of one try with ``replicas_left`` replicas not yet tried (this one
+    included): ``r / (r + 1)`` of the time left, the whole of it for the last one.
+
+    Two replicas: the first try gets 2/3 of the budget, so a replica that is slow but
+    in time still answers, and one that hangs leaves the next a third.
+    """
     if replicas_left <= 1:
         return deadline
     now = time.monotonic()
-    return now + max(deadline - now, 0.0) / replicas_left
+    return now + max(deadline - now, 0.0) * replicas_left / (replicas_left + 1)
 
 
 def _close_transport(pool, stream_pools, watchdog, channels) -> None:
@@ -218,9 +222,10 @@ class EmbeddingClient:
         another version raise ``VersionMismatch``); None accepts whatever the
         shards serve as long as they agree within one call.
       deadline_s: time budget of one ``lookup``/``lookup_many`` call, retries
-        included. With replicas, each try gets an equal share of what is left
-        (``left / replicas not yet tried``), so a replica that hangs leaves the
-        others time to answer; a single address gets the whole budget.
+        included. With replicas, a try gets ``r / (r + 1)`` of the time left (r
+        replicas not yet tried, this one included; 2/3 then the rest for two), so
+        a replica that hangs leaves the next time to answer while a slow one still
+        has most of the budget; a single address gets the whole budget.
       max_workers: threads that call shards in parallel (the caller's thread
         takes one shard itself).
       dims: table -> D, so that empty lookups have the right shape (learned

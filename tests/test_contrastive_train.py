@@ -72,6 +72,26 @@ def test_load_pairs_window_weights_conversions(tmp_path):
     assert pairs.stats["conversion_pairs"] == 2
 
 
+def test_conversion_ids_longer_than_the_engagement_ids_keep_their_identity(tmp_path):
+    """String ids of the conversions table wider than the engagements' ("u1000" next
+    to "u1") were cut to the engagements' width and given to the wrong user."""
+    (tmp_path / "engagements.csv").write_text(
+        "user_id,item_id,day\nu1,p1,0\nu2,p2,0\nu3,p1,1\n")
+    (tmp_path / "items.csv").write_text("item_id,advertiser_id\np1,a1\np2,a2\np345,a3\n")
+    (tmp_path / "conversions.csv").write_text(
+        "user_id,advertiser_id,day\nu1000,a1,0\nu2999,a3,1\n")
+    pairs = cd.load_pairs(cd.ContrastiveDataConfig(
+        path=str(tmp_path), window_start=0, window_end=2, eval_start=2, eval_end=3,
+        conversion_weight=2.0))
+    got = sorted(zip(pairs.user_ids[pairs.train_user].tolist(),
+                     pairs.pin_ids[pairs.train_pin].tolist(), pairs.train_weight.tolist(),
+                     strict=True))
+    assert got == [("u1", "p1", 1.0), ("u1000", "p1", 2.0), ("u2", "p2", 1.0),
+                   ("u2999", "p345", 2.0), ("u3", "p1", 1.0)]
+    assert cd._join_ids(np.array([1, 2], np.int32), np.array([2**40])).tolist() == [1, 2, 2**40]
+    assert cd._join_ids(np.array([7]), np.array(["007"])).tolist() == ["7", "007"]
+
+
 def test_load_pairs_user_folder_strings_and_timestamps(tmp_path):
     # A user-brought CSV: string ids, no day column, no type column, no conversions.
     (tmp_path / "interactions.csv").write_text(

@@ -308,3 +308,15 @@ def test_underscores_are_text_not_digit_separators(tmp_path):
     p = _write(tmp_path / "v.csv", "user_id,click\n1,1_0\n")
     with pytest.raises(folder.DataError, match=r"'1_0' as a number"):
         folder.read_text_table(p)  # click is one of the numeric columns
+    # ... and with on_bad_lines="skip" such a row is skipped and counted, not an error.
+    p = _write(tmp_path / "w.csv", "user_id,click\n1,1\n2,1_0\n3,0\n")
+    with pytest.warns(UserWarning, match="skipped 1 bad lines"):
+        t, skipped = folder.read_text_table(p, on_bad_lines="skip")
+    assert skipped == 1 and t["user_id"].tolist() == [1, 3]
+
+
+def test_spaces_after_the_delimiter_keep_integer_ids(tmp_path):
+    # "a, b" files: " 7" is the id 7 (as before the canonical-spelling rule), "007" is not.
+    p = _write(tmp_path / "sp.csv", "user_id, pin_id,click\n1, 7,1\n2, 8,0\n")
+    t, _ = folder.read_text_table(p)
+    assert t["pin_id"].dtype == np.int64 and t["pin_id"].tolist() == [7, 8]

@@ -78,6 +78,9 @@ def test_untyped_folder_string_ids(tmp_path):
     (dict(train_txt=""), "empty file", None),
     (dict(train_txt="a\tr\tb\n", valid_txt="\n"), "empty file", None),
     (dict(train_txt="a\tr\t\n"), "empty field", 1),
+    # Whitespace-only fields: refused whether or not the file has a blank line.
+    (dict(train_txt="a\t \tb\nc\tr\td\n"), "empty field", 1),
+    (dict(train_txt="a\tr\tb\nc\tr\t  \n"), "empty field", 2),
     (dict(train_txt="a\tr\tb\n", test_txt="a\tr\tb\nz\tr\tb\n"), "'z' does not occur", 2),
     (dict(train_txt="a\tr\tb\n", valid_txt="a\tq\tb\n"), "relation 'q' does not occur", 1),
 ])
@@ -104,6 +107,19 @@ def test_type_errors(tmp_path):
     with pytest.raises(DataError, match="tail type 'advertiser' here") as e:
         read_triples(_typed(tmp_path / "d", valid_txt="user:1\tengaged\tadvertiser:3\n"))
     assert e.value.file.endswith("valid.txt") and e.value.line == 1
+
+
+def test_a_type_with_no_train_entity_gets_no_table(tmp_path):
+    """entity_types.tsv (or valid/test) may name a type train.txt never uses: it gets no
+    zero-row table (training failed on TableSpec rows=0); its triples are unseen."""
+    types = TYPES + "board:4\tboard\n"
+    d = _typed(tmp_path, entity_types_tsv=types,
+               test_txt="pin:10\towned_by\tadvertiser:3\nuser:1\tsaved_to\tboard:4\n")
+    with pytest.warns(UserWarning, match=r"type\(s\) \['board'\] have no entity in train"):
+        kg = read_triples(d, unseen="skip")
+    assert kg.entity_types == ("advertiser", "pin", "user") and "board" not in kg.vocabs
+    assert kg.skipped == {"test": 1}
+    np.testing.assert_array_equal(kg.splits["test"], [[1, 1, 0]])
 
 
 def test_unseen_skip_reports_count(tmp_path):

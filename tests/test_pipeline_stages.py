@@ -142,6 +142,9 @@ def test_export_settings_are_checked_before_any_stage_runs(tmp_path):
         build(_pipeline_cfg(seed=3))
     with pytest.raises(app.UsageError, match="export.bits=3 must be 4, 8 or 32"):
         build(_pipeline_cfg(bits=3))
+    cfg = _pipeline_cfg(seed=3)
+    cfg.ablation_flags = "--config.seeds 3"  # absl's space-separated form
+    build(cfg)
     cfg = _pipeline_cfg(variant="scratch")
     cfg.ablation_flags = "--config.seeds=0 --config.save_ranker_variants=scratch,cl_kg"
     export = next(s for s in build(cfg) if s.name == "export")

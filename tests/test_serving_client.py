@@ -143,13 +143,15 @@ def test_pinned_version_mismatch_is_refused(art, three_shards):
     client.close()
 
 
-def _fake_shard(version, bits=0):
+def _fake_shard(version, bits=0, delay_s=0.0):
     """A shard that ignores expected_version and answers zeros as `version`.
 
-    With ``bits``: quantized rows whose codes are one byte short.
+    With ``bits``: quantized rows whose codes are one byte short. With ``delay_s``:
+    each answer comes that late.
     """
 
     def lookup(raw, context):
+        time.sleep(delay_s)
         req = pb.LookupRequest.FromString(raw)
         resp = pb.LookupResponse(version=version)
         for t in req.tables:
@@ -308,6 +310,27 @@ def test_a_hung_primary_leaves_its_replica_time_to_answer(art, transport):
         release.set()
         hung.stop(0)
         real.stop(0)
+
+
+def test_slow_but_in_time_replicas_still_answer(art):
+    """Both replicas answer in 0.6 of the budget: the first try keeps 2/3 of it (an
+    equal split cut it at 1/2 and failed every lookup once a replica was added)."""
+    servers, addrs = [], []
+    for _ in range(2):
+        server, addr = _fake_shard(art.version, delay_s=0.6)
+        servers.append(server)
+        addrs.append(addr)
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [addrs], deadline_s=1.0, transport="unary")
+        assert client.lookup("user", [1, 2]).shape == (2, 4)
+        client.close()
+    finally:
+        for server in servers:
+            server.stop(0)
+    now = time.monotonic()
+    assert client_lib._try_deadline(now + 0.9, 2) - now == pytest.approx(0.6, abs=0.02)
+    assert client_lib._try_deadline(now + 0.9, 1) == now + 0.9
 
 
 @pytest.mark.parametrize("transport", client_lib.TRANSPORTS)

@@ -351,9 +351,10 @@ def _parse_column(
             if is_id:
                 return arr  # ids that are not all int64 stay strings, never floats
         else:
-            # Ids become int64 only if every spelling is canonical ("12", not "012",
-            # "+12" or " 12"), so distinct ids never merge (as in kg._normalize).
-            if not is_id or np.array_equal(as_int.astype(np.str_), arr):
+            # Ids become int64 only if every spelling is canonical ("12", not "012" or
+            # "+12"; spaces around the value, as in "a, b" files, do not count), so
+            # distinct ids never merge (as in kg._normalize).
+            if not is_id or np.array_equal(as_int.astype(np.str_), np.char.strip(arr)):
                 return as_int
             return arr
     if kind in ("float", "number", None):
@@ -498,6 +499,8 @@ def read_text_table(
                     try:
                         caster(v)
                     except (ValueError, OverflowError):
+                        keep[i] = False
+                    if "_" in v:  # "1_0" is text, never 10 (see _parse_column)
                         keep[i] = False
         if not keep.all():
             skipped += int((~keep).sum())

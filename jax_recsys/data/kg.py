@@ -41,6 +41,7 @@ import dataclasses
 import itertools
 import os
 import pathlib
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -64,6 +65,10 @@ UNTYPED = "entity"
 
 
 # --------------------------------------------------------------------------- parsing
+
+
+# A field of whitespace only (spaces, \r, ...), between tabs / line ends.
+_BLANK_FIELD = re.compile(r"(?:^|[\t\n])[^\S\t\n]+(?=[\t\n]|$)")
 
 
 def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.ndarray]:
@@ -91,7 +96,8 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
         tab_line = np.searchsorted(np.flatnonzero(raw_b == 10), np.flatnonzero(raw_b == 9))
         tabs_per_line = np.bincount(tab_line, minlength=n)
         empty_field = ("\t\t" in body or "\n\t" in body or "\t\n" in body
-                       or body.startswith("\t") or body.endswith("\t"))
+                       or body.startswith("\t") or body.endswith("\t")
+                       or _BLANK_FIELD.search(body) is not None)
         if (tabs_per_line == nfields - 1).all() and not empty_field:
             flat = body.replace("\n", "\t").split("\t")
             return [flat[j::nfields] for j in range(nfields)], np.arange(1, n + 1)
@@ -492,8 +498,16 @@ def read_triples(
                         line=int(lines[k]))
         splits[split] = np.stack([hr[keep], rel[keep], tr[keep]], axis=1).astype(np.int64)
 
+    # A type with no entity in train.txt (only in entity_types.tsv, valid or test)
+    # would be a table of 0 rows: dropped, with a warning (its valid/test triples
+    # were handled as unseen above).
+    empty = [name for name in type_names if len(vocabs[name]) == 0]
+    if empty:
+        warnings.warn(f"{root}: entity type(s) {empty} have no entity in train.txt; "
+                      "they get no table", stacklevel=2)
+        vocabs = {k: v for k, v in vocabs.items() if k not in empty}
     return KnowledgeGraph(
-        entity_types=tuple(type_names),
+        entity_types=tuple(t for t in type_names if t not in empty),
         vocabs=vocabs,
         relations=tuple(relations),
         rel_head_type=tuple(type_names[i] for i in rel_head_r),

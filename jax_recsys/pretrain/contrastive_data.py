@@ -125,6 +125,15 @@ class ContrastivePairs:
     stats: dict
 
 
+def _join_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a`` then ``b`` as one id array, never narrowing either: strings keep their full
+    width (a cast to ``a``'s fixed-width dtype cut "u1000" to "u1"), integers widen,
+    and integer ids next to string ids become their decimal strings."""
+    if a.dtype.kind in "iu" and b.dtype.kind in "iu" or a.dtype.kind == b.dtype.kind:
+        return np.concatenate([a, b])
+    return np.concatenate([a.astype(np.str_), b.astype(np.str_)])
+
+
 def _days(cols: dict[str, np.ndarray], cfg: ContrastiveDataConfig, table: str) -> np.ndarray:
     if cfg.day_column in cols:
         return np.asarray(cols[cfg.day_column]).astype(np.int64)
@@ -237,8 +246,8 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
         c_pin = pin_by_adv[pick]
         conv_pairs = int(has.sum())
         stats["conversions_without_pins"] = int((~has).sum())
-        tr_u = np.concatenate([tr_u, c_user[has].astype(tr_u.dtype, copy=False)])
-        tr_p = np.concatenate([tr_p, c_pin.astype(tr_p.dtype, copy=False)])
+        tr_u = _join_ids(tr_u, c_user[has])
+        tr_p = _join_ids(tr_p, c_pin)
         tr_w = np.concatenate([tr_w, np.full(conv_pairs, cfg.conversion_weight, np.float32)])
     stats["conversion_pairs"] = conv_pairs
     if tr_u.size == 0:
