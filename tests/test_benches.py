@@ -29,6 +29,10 @@ def test_bench_embedding_smoke():
     for x in lines:
         if x["kind"] in ("sparse", "dense"):
             assert x["rows"] == 10_000 and x["batch"] == 256 and x["step_ms"] > 0
+    # One size: no large-over-small ratio, and no target named for 1e5 / 4e6 rows.
+    (ratios,) = [x for x in lines if x["kind"] == "ratios"]
+    assert not any("4m" in k or "100k" in k or "large_over_small" in k for k in ratios)
+    assert ratios["dense_over_sparse_large"] > 0
 
 
 def test_bench_kg_smoke():
