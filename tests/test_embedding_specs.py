@@ -114,6 +114,23 @@ def test_table_wise_packs_tables_on_owners():
     assert len(sharding.plan_shardings(ts, num_shards=2).storages) == 2
 
 
+
+def test_table_wise_groups_balance_their_own_rows_whatever_the_names():
+    """A group costs its busiest device's rows x dim on every device: its tables are
+    balanced by that group's rows, so renaming tables cannot double a group's block
+    (placing by all groups' bytes put both dim-4 tables on one device, 300 000 bytes
+    against 280 000, and refused a 290 000-byte budget)."""
+    cfg = sharding.PlannerConfig(memory_budget_bytes=290_000)
+    for big, s1, s2 in (("z_big", "a_small", "b_small"), ("a_big", "x_small", "y_small")):
+        ts = [specs.TableSpec(name=big, rows=1000, dim=64, sharding="table_wise"),
+              specs.TableSpec(name=s1, rows=1000, dim=4, sharding="table_wise"),
+              specs.TableSpec(name=s2, rows=1000, dim=4, sharding="table_wise")]
+        plan = sharding.plan_shardings(ts, num_shards=2, config=cfg)
+        assert plan.placements[s1].owner != plan.placements[s2].owner
+        assert sum(sharding.storage_bytes_per_device(st) for st in plan.storages.values()) \
+            == 280_000
+
+
 def test_rows_not_divisible_are_padded_with_zeros():
     t = specs.TableSpec(name="user", rows=37, dim=6, initializer="ones", sharding="row_wise")
     c = specs.TableSpec(name="col", rows=5, dim=6, initializer="ones", sharding="column_wise")

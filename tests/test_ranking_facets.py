@@ -54,6 +54,15 @@ def test_align_rescales_to_the_target_mean_norm():
     np.testing.assert_allclose(table, [[0.0, 2.0], [0.6, 0.8]], rtol=1e-6)
 
 
+def test_facet_spec_rejects_scales_that_wipe_or_flip_the_table():
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"FacetSpec\('cl'\).target_norm must be None or"):
+            F.FacetSpec(source="cl", target_norm=bad)
+    with pytest.raises(ValueError, match=r"init_scale must be None or a finite number >= 0"):
+        F.FacetSpec(source="scratch", init_scale=-0.1)
+    assert F.FacetSpec(source="scratch", init_scale=0.0).init_scale == 0.0
+
+
 def test_align_rejects_table_vocab_mismatch():
     with pytest.raises(ValueError, match="vocabulary has 2 ids"):
         F.align_facet_table(entity="user", facet="cl", ranker_ids=np.array([1]), facet_ids=np.array([1, 2]),

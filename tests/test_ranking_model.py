@@ -62,6 +62,21 @@ def test_esmm_loss_is_finite_for_extreme_logits():
     assert np.all(np.isfinite(np.asarray(g)))
 
 
+def test_ctcvr_loss_keeps_its_gradient_when_both_heads_are_confident():
+    """A click without conversion scored with ctr_logit 20 and cvr_logit 18..25: the
+    loss is -log(1 - s(a) s(b)) exactly (a clamp at 1 - 1e-7 capped it at 16.12 with
+    a zero gradient, so a saturated head could never recover)."""
+    a = 20.0
+    for b in (16.0, 18.0, 25.0):
+        f = lambda cvr: M.esmm_log_probs(  # noqa: E731
+            ctr_logit=jnp.float32(a), cvr_logit=cvr)["log_1m_ctcvr"]
+        sa, sb = 1 / (1 + math.exp(-a)), 1 / (1 + math.exp(-b))
+        exact = math.log((1 - sa) + sa * (1 - sb))  # log(1 - sa sb) without cancellation
+        exact_grad = -sa * sb * (1 - sb) / math.exp(exact)
+        np.testing.assert_allclose(float(f(jnp.float32(b))), exact, rtol=1e-5)
+        np.testing.assert_allclose(float(jax.grad(f)(jnp.float32(b))), exact_grad, rtol=1e-4)
+
+
 def test_cross_layer_hand_computed():
     layer = M.CrossLayer(2, 0, rngs=nnx.Rngs(0))
     layer.full.kernel[...] = jnp.eye(2)

@@ -283,7 +283,8 @@ def plan_shardings(
         per_dev = storage_bytes_per_device(layout)
         load = [x + per_dev for x in load]
 
-    # Table-wise: group by (dim, dtype, optimizer), owners by greedy bin packing.
+    # Table-wise: group by (dim, dtype, optimizer); in each group, tables largest first
+    # to the device with the fewest rows of that group (greedy bin packing).
     groups: dict[tuple, list[specs_lib.TableSpec]] = {}
     for name, st in choice.items():
         if st == ShardingType.TABLE_WISE:
@@ -295,7 +296,9 @@ def plan_shardings(
         rows_on = [0] * num_shards
         owner_of: dict[str, tuple[int, int]] = {}
         for t in members:
-            owner = min(range(num_shards), key=lambda s: (load[s], s))
+            # A group costs max(rows_on) x dim on every device: balance its own rows
+            # (other groups' bytes, equal on all devices, only break ties).
+            owner = min(range(num_shards), key=lambda s: (rows_on[s], load[s], s))
             owner_of[t.name] = (owner, rows_on[owner])
             rows_on[owner] += t.rows
             load[owner] += table_bytes_with_slots(t)

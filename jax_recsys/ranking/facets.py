@@ -31,6 +31,7 @@ checkpoint's table, D facet width.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -73,6 +74,15 @@ class FacetSpec:
             raise ValueError(f"FacetSpec(scratch).dim must be > 0, got {self.dim}")
         if self.learning_rate is not None and self.learning_rate < 0:
             raise ValueError(f"FacetSpec({self.source!r}).learning_rate must be >= 0")
+        for name, low in (("target_norm", "> 0"), ("init_scale", ">= 0")):
+            v = getattr(self, name)
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if v is not None and not (ok and (v > 0 if low == "> 0" else v >= 0)):
+                raise ValueError(
+                    f"FacetSpec({self.source!r}).{name} must be None or a finite number {low}, "
+                    f"got {v!r}" + (" (0 wipes the table, a negative value flips its sign)"
+                                    if name == "target_norm" else "")
+                )
 
     @property
     def trainable(self) -> bool:

@@ -252,12 +252,6 @@ class DenseRanker(nnx.Module):
 # ----------------------------------------------------------------------------- losses
 
 
-def _log1mexp(x: jax.Array) -> jax.Array:
-    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x."""
-    x = jnp.minimum(x, -1e-7)
-    return jnp.where(x > -0.6931, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
-
-
 def esmm_log_probs(
     *, ctr_logit: jax.Array, cvr_logit: jax.Array
 ) -> dict[str, jax.Array]:
@@ -271,12 +265,16 @@ def esmm_log_probs(
       dict with log_ctr, log_1m_ctr, log_ctcvr, log_1m_ctcvr (each [B]).
     """
     log_ctr = jax.nn.log_sigmoid(ctr_logit)
+    log_1m_ctr = jax.nn.log_sigmoid(-ctr_logit)
     log_ctcvr = log_ctr + jax.nn.log_sigmoid(cvr_logit)
+    # 1 - s(a) s(b) = (1 - s(a)) + s(a) (1 - s(b)): exact in log space with no clamp,
+    # so a confidently wrong negative (both logits large) keeps its loss and gradient.
+    log_1m_ctcvr = jnp.logaddexp(log_1m_ctr, log_ctr + jax.nn.log_sigmoid(-cvr_logit))
     return {
         "log_ctr": log_ctr,
-        "log_1m_ctr": jax.nn.log_sigmoid(-ctr_logit),
+        "log_1m_ctr": log_1m_ctr,
         "log_ctcvr": log_ctcvr,
-        "log_1m_ctcvr": _log1mexp(log_ctcvr),
+        "log_1m_ctcvr": log_1m_ctcvr,
     }
 
 
