@@ -383,11 +383,15 @@ class EmbeddingClient:
         """
         return self.lookup_many({table: rows})[table]
 
-    def lookup_many(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def lookup_many(
+        self, rows: Mapping[str, np.ndarray], *, deadline_s: float | None = None
+    ) -> dict[str, np.ndarray]:
         """Rows of several tables, one request per shard involved.
 
         Args:
           rows: table -> int [n_t] global table rows.
+          deadline_s: time budget of this call (retries included); None: the
+            client's ``deadline_s``.
 
         Returns:
           table -> float32 [n_t, D_t] in the order of the given rows. When one
@@ -401,7 +405,7 @@ class EmbeddingClient:
           ServingError: a shard failed (``.code`` says how: UNAVAILABLE,
             DEADLINE_EXCEEDED, INVALID_ARGUMENT, ...) on every replica.
         """
-        deadline = time.monotonic() + self.deadline_s
+        deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
         # Route the rows of each table to the shards holding them, in the caller's
         # order; rows asked for many times go once (see codec.worth_deduplicating).
         # plan: shard -> [(table, positions in the rows sent or None = all, rows)].

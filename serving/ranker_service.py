@@ -378,7 +378,10 @@ class _LocalTables:
         # Plain ndarray views of the memmaps, as the shard servers hold them.
         self._tables = {name: rowwise.slice_rows(q, 0, q.num_rows) for name, q in art.tables.items()}
 
-    def lookup_many(self, rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def lookup_many(
+        self, rows: Mapping[str, np.ndarray], *, deadline_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        del deadline_s  # in process: nothing to wait for
         out = {}
         for table, rows_n in rows.items():
             # Dequantization is per row: these equal the shard servers' values bit for
@@ -1000,9 +1003,13 @@ class RankerService:
         for ent in ver.context_entities:
             want[ent] = ctx[ent][ctx[ent] >= 0]
         want = {t: r for t, r in want.items() if r.size}
-        remaining = min(j.deadline for j in jobs) - time.monotonic()
+        # The fetch may take as long as the latest deadline of the batch (its jobs
+        # whose deadline passes first are answered UNAVAILABLE by their handlers),
+        # not a fresh deadline_s: a hung shard must not hold the fetch thread longer.
+        remaining = max(j.deadline for j in jobs) - time.monotonic()
         try:
-            got = ver.fetcher.lookup_many(want) if want else {}
+            got = ver.fetcher.lookup_many(
+                want, deadline_s=max(remaining, 1e-3)) if want else {}
         except client_lib.ServingError as e:
             mismatch = isinstance(e, client_lib.VersionMismatch)
             if mismatch and ver.version != self._versions.current:  # pinned by the caller

@@ -814,3 +814,42 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts):
         svc.stop(grace=0)
         mono.stop(grace=0)
         shard.stop(grace=0).wait()
+
+
+def test_the_fetch_gives_up_with_the_requests_not_a_fresh_deadline(arts):
+    """A Rank call with a 0.3 s budget against a hung shard: the fetch is cancelled
+    near 0.3 s (the batch's own deadline), not after the ranker's deadline_s of 5 s,
+    so a hung shard does not hold the fetch thread for every request behind it."""
+    cancelled = []
+    release = threading.Event()
+
+    def lookup(raw, ctx):
+        t0 = time.monotonic()
+        while ctx.is_active() and not release.is_set():
+            time.sleep(0.01)
+        cancelled.append(time.monotonic() - t0)
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+    hung = grpc.server(futures.ThreadPoolExecutor(4))
+    hung.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        codec.SERVICE_NAME, {"Lookup": grpc.unary_unary_rpc_method_handler(lookup)}),))
+    port = hung.add_insecure_port("127.0.0.1:0")
+    hung.start()
+    svc = rs.serve(rs.RankerServiceConfig(
+        artifact=str(arts["a"].path), shards=(f"127.0.0.1:{port}",), check_shards=False,
+        transport="unary", deadline_s=5.0, max_candidates=48, max_batch_candidates=64,
+        min_bucket=32))
+    req = rs.rank_request(candidates=[1, 2], user_row=0, context={"advertiser": 0, "hour": 0})
+    try:
+        with pytest.raises(rs.RankError) as e:
+            svc.rank(req, timeout_s=0.3)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        for _ in range(300):
+            if cancelled:
+                break
+            time.sleep(0.01)
+        assert cancelled and cancelled[0] < 2.0, cancelled
+    finally:
+        release.set()
+        svc.stop(grace=0)
+        hung.stop(0)
