@@ -60,6 +60,29 @@ def test_deterministic_by_seed(tmp_path):
     assert c["kg/train.txt"] != a["kg/train.txt"]
 
 
+def test_a_failed_run_over_an_old_world_leaves_it_whole(tmp_path, monkeypatch):
+    """A run stopped half-way used to leave new tables beside the old dataset.json
+    (later runs trained on the mix): the new world is renamed into place only once
+    complete."""
+    world.generate_world(_tiny(), tmp_path / "a", progress=False)
+    before = _digest(tmp_path / "a")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C after the event tables were written
+
+    monkeypatch.setattr(world, "_build_kg", boom)
+    with pytest.raises(KeyboardInterrupt):
+        world.generate_world(_tiny(seed=1), tmp_path / "a", progress=False)
+    assert _digest(tmp_path / "a") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial folder left
+    monkeypatch.undo()
+    world.generate_world(_tiny(seed=1), tmp_path / "a", progress=False)  # replaced whole
+    assert _digest(tmp_path / "a")["kg/train.txt"] != before["kg/train.txt"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        world.generate_world(_tiny(), tmp_path / "f", progress=False)
+
+
 def test_chunk_size_changes_nothing_but_chunking(tmp_path):
     # Chunks have their own random streams; the *statistics* must not depend on them.
     s1 = world.generate_world(_tiny(), tmp_path / "a", progress=False)

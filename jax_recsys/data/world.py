@@ -124,6 +124,7 @@ import pathlib
 import shutil
 import sys
 import time
+import uuid
 from concurrent import futures
 
 import numpy as np
@@ -947,10 +948,15 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
                    workers: int | None = None) -> dict:
     """Generates the synthetic world as a dataset folder.
 
+    The world is written into a hidden sibling folder and renamed into place once
+    complete, so a failed or interrupted run leaves an existing ``out_dir`` as it
+    was (a run stopped half-way over an old world used to leave new tables next to
+    the old dataset.json, which later runs accepted).
+
     Args:
       cfg: the world parameters.
-      out_dir: the dataset folder to write (created; existing world files are
-        overwritten).
+      out_dir: the dataset folder to write (created; an existing one is replaced
+        whole when the new world is complete).
       progress: print one line per day (to stderr).
       workers: threads generating event chunks (default: min(2, CPUs)); the
         files are identical for any number.
@@ -961,8 +967,30 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
       conversion rates, oracle AUCs, KG triple counts, events/s.
     """
     cfg.validate()
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = pathlib.Path(out_dir).absolute()
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"{final} exists and is not a folder")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    try:
+        summary = _generate_into(cfg, out, progress=progress, workers=workers)
+        if final.exists():
+            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            os.rename(out, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return summary
+
+
+def _generate_into(cfg: WorldConfig, out: pathlib.Path, *, progress: bool,
+                   workers: int | None) -> dict:
+    """`generate_world`'s work, into the (new, empty) folder ``out``."""
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     st = _Static(cfg)
