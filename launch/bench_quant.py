@@ -38,16 +38,19 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jax_recsys.quant import rowwise
+from launch import common
 
-_ROWS = flags.DEFINE_integer("rows", 10_000_000, "Rows of the fp32 source table.")
-_DIM = flags.DEFINE_integer("dim", 64, "Embedding dim.")
+_ROWS = flags.DEFINE_integer("rows", 10_000_000, "Rows of the fp32 source table.", lower_bound=1)
+_DIM = flags.DEFINE_integer("dim", 64, "Embedding dim.", lower_bound=1)
 _BITS = flags.DEFINE_integer("bits", 4, "Quantization bits (4 or 8).")
-_CHUNK = flags.DEFINE_integer("chunk_rows", 131072, "Rows per quantization chunk.")
-_BATCH = flags.DEFINE_integer("batch", 4096, "Rows per gather + dequantize.")
-_REPEATS = flags.DEFINE_integer("repeats", 50, "Timed gather repeats (median reported).")
+_CHUNK = flags.DEFINE_integer("chunk_rows", 131072, "Rows per quantization chunk.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch", 4096, "Rows per gather + dequantize.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 50, "Timed gather repeats (median reported).", lower_bound=1
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (default: a temp dir, removed).")
 
 
@@ -171,4 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -153,6 +153,8 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
+from launch import common
+
 _ROWS = flags.DEFINE_integer("rows", 1_000_000, "Rows of the synthetic table.")
 _DIM = flags.DEFINE_integer("dim", 64, "Embedding dim.")
 _BITS = flags.DEFINE_integer("bits", 4, "Quantization bits (4 or 8).")
@@ -896,9 +898,13 @@ def main(argv):
     unknown = parts - {"lookup", "rank", "idle"}
     if unknown:
         raise app.UsageError(f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle")
-    shard_counts = [int(s) for s in _SHARDS.value]
-    client_counts = [int(c) for c in _CLIENTS.value] if "lookup" in parts else []
-    rank_clients = [int(c) for c in _RANK_CLIENTS.value] if "rank" in parts else []
+    _check_sizes()  # bad flags: before any work
+    shard_counts = _counts(_SHARDS)
+    client_counts = _counts(_CLIENTS) if "lookup" in parts else []
+    rank_clients = _counts(_RANK_CLIENTS) if "rank" in parts else []
+    if "rank" in parts:
+        _counts(_RANK_SHARDS)
+        _counts(_RANK_FETCH_AHEAD)
     idle = _idle_settings() if "idle" in parts else None  # bad flags: before any work
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
     os.makedirs(workdir, exist_ok=True)
@@ -926,6 +932,28 @@ def main(argv):
             pool.close()
         if not _WORKDIR.value:  # the artifacts are ~85 MB at the default sizes
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _counts(flag) -> list[int]:
+    """A list flag of counts, checked: a non-empty list of integers >= 1 (ValueError)."""
+    try:
+        counts = [int(v) for v in flag.value]
+    except ValueError:
+        raise ValueError(f"--{flag.name} must list integers, got {flag.value}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--{flag.name} must list counts >= 1, got {flag.value}")
+    return counts
+
+
+def _check_sizes() -> None:
+    """The numeric flags, checked (ValueError naming every bad one)."""
+    rules = [(f, f.value >= 1, ">= 1") for f in
+             (_ROWS, _DIM, _IDS, _SERVER_WORKERS, _RANK_ROWS, _RANK_CANDIDATES)]
+    rules += [(_WARMUP, _WARMUP.value >= 0, ">= 0")]
+    rules += [(f, f.value > 0, "> 0") for f in (_DURATION, _SLICE)]
+    bad = [f"--{f.name}={f.value} (must be {rule})" for f, ok, rule in rules if not ok]
+    if bad:
+        raise ValueError("bad flags: " + ", ".join(bad))
 
 
 def _idle_settings() -> tuple[list[float], int, int]:
@@ -1108,4 +1136,4 @@ def _print_lookup_lines(common, n, transport, c, st, floor, fanout, echo_alone) 
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -4,6 +4,9 @@ Every trainer entry point calls `setup(workdir)` first thing in `main`: it joins
 multi-process run when one is configured (flags below, or JAX_COORDINATOR_ADDRESS /
 JAX_NUM_PROCESSES / JAX_PROCESS_ID), creates the workdir and returns the resolved
 settings. Only process 0 writes reports (`write_json`).
+
+Entry points start with `run(main)` instead of `app.run(main)`: a user mistake ends
+with one `NAME: error: ...` line on stderr and exit status 1, not a traceback (see `run`).
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from absl import flags, logging
+from absl import app, flags, logging
 
-from jax_recsys import distributed
+if TYPE_CHECKING:
+    from jax_recsys import distributed
 
 _COORD = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for multi-process runs "
@@ -30,6 +38,8 @@ _PID = flags.DEFINE_integer(
 
 def setup(workdir: str | None) -> distributed.DistributedConfig:
     """Joins the multi-process runtime (if configured) and creates `workdir`."""
+    from jax_recsys import distributed  # imports JAX: not at module load (see `run`)
+
     cfg = distributed.initialize(
         distributed.DistributedConfig(
             coordinator_address=_COORD.value,
@@ -44,8 +54,80 @@ def setup(workdir: str | None) -> distributed.DistributedConfig:
     return cfg
 
 
+TRACEBACK_ENV = "JAX_RECSYS_TRACEBACK"
+
+# What a user's input (flags, config, paths, data) can cause. ValueError covers
+# DataError, ArtifactError and CodecError; OSError covers FileNotFoundError,
+# FileExistsError, NotADirectoryError, IsADirectoryError and PermissionError.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def _want_traceback() -> bool:
+    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        return True
+    try:
+        return flags.FLAGS["verbosity"].present and flags.FLAGS["verbosity"].value >= 1
+    except Exception:  # noqa: BLE001 (flags not parsed yet)
+        return False
+
+
+def error_line(name: str, e: BaseException) -> str:
+    """`NAME: error: <message>`; the exception's type is named unless ValueError/OSError."""
+    msg = str(e) or type(e).__name__
+    if not isinstance(e, USER_ERRORS):
+        msg = f"{type(e).__name__}: {msg}"
+    return f"{name}: error: {msg}"
+
+
+def _fail(line: str):
+    if _want_traceback():
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    sys.exit(1)
+
+
+def run(main: Callable, name: str | None = None) -> None:
+    """`app.run(main)` that ends user mistakes with one line instead of a traceback.
+
+    A ValueError (DataError, ArtifactError, ...) or OSError (FileNotFoundError,
+    FileExistsError, NotADirectoryError, PermissionError, ...) raised by `main`, and an
+    unknown config key in a `--config.KEY=...` override (ml_collections raises
+    AttributeError/KeyError while the flags are parsed), print one line
+    ``NAME: error: <message>`` on stderr and exit with status 1. The message names the
+    exception type when it is not a ValueError/OSError. Every other exception (a bug)
+    propagates with its traceback as usual; `sys.exit` codes (e.g. export_int4's 2 for a
+    failed AUC gate) and absl's usage errors are left as they are.
+
+    Full traceback of a caught error: pass ``--verbosity=1`` or set the environment
+    variable ``JAX_RECSYS_TRACEBACK=1``.
+
+    Args:
+      main: the absl main, `main(argv)`.
+      name: NAME in the message (default: the script's file name, e.g. `generate_data`).
+    """
+    name = name or pathlib.Path(sys.argv[0]).stem or "main"
+
+    def parse(argv):
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as e:  # --config.NO_SUCH_KEY=...
+            key = str(e).strip("\"'")
+            _fail(f"{name}: error: unknown config key {key!r} in a --config.KEY=VALUE "
+                        f"override ({type(e).__name__})")
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            _fail(error_line(name, e))
+
+    app.run(wrapped, flags_parser=parse)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Writes JSON atomically, on process 0 only."""
+    from jax_recsys import distributed
+
     if not distributed.is_chief():
         return
     path = pathlib.Path(path)

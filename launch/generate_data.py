@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output dataset folder.", required=True)
@@ -35,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

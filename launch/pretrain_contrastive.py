@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from launch import common
@@ -89,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -77,12 +77,26 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     return str(out)
 
 
+def _seeds(value) -> tuple[int, ...]:
+    """config.seeds as ints: a non-empty list (`--config.seeds=0,1,2`)."""
+    items = [value] if isinstance(value, int | str) else list(value)
+    items = [x for s in items for x in (s.split(",") if isinstance(s, str) else [s])]
+    try:
+        seeds = tuple(int(str(s).strip()) for s in items if str(s).strip())
+    except ValueError:
+        raise ValueError(f"config.seeds must be integers, got {value!r}") from None
+    if not seeds:
+        raise ValueError(f"config.seeds must list at least one seed, got {value!r}")
+    return seeds
+
+
 def main(argv):
     del argv
     common.setup(_WORKDIR.value)
     from jax_recsys.ranking import ablation
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    seeds = _seeds(cfg.seeds)  # before any data is generated
     if cfg.compilation_cache:
         # Runs of one variant differ only in the seed: identical programs, compiled once.
         import jax
@@ -133,7 +147,7 @@ def main(argv):
         facet_target_norm=train_ranker._opt(cfg.ranker.facet_target_norm),
         facet_learning_rate=train_ranker._opt(cfg.ranker.facet_learning_rate),
         variants=names(cfg.variants),
-        seeds=tuple(int(s) for s in cfg.seeds),
+        seeds=seeds,
         facet_dirs=tuple((k.replace("_", "/", 1), v) for k, v in cfg.facet_dirs.items() if v),
         save_ranker_variants=names(cfg.save_ranker_variants),
     )
@@ -146,4 +160,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

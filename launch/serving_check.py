@@ -35,7 +35,9 @@ import time
 from concurrent import futures
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
+
+from launch import common
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _RANKER = flags.DEFINE_string("ranker", None, "The saved ranker the artifact was exported from.",
@@ -155,8 +157,28 @@ def _rank_fn(port: int):
     return channel, call
 
 
+def check_flags() -> None:
+    """Rejects bad flag values before anything is loaded or started (ValueError)."""
+    bad = [
+        f"--{flag}={value} (must be {rule})"
+        for flag, value, ok, rule in [
+            ("num_shards", _NUM_SHARDS.value, _NUM_SHARDS.value >= 1, ">= 1"),
+            ("num_requests", _NUM_REQUESTS.value, _NUM_REQUESTS.value >= 1, ">= 1"),
+            ("candidates", _CANDIDATES.value, _CANDIDATES.value >= 1, ">= 1"),
+            ("concurrency", _CONCURRENCY.value, _CONCURRENCY.value >= 0, ">= 0"),
+            ("deadline_s", _DEADLINE.value, _DEADLINE.value > 0, "> 0"),
+            ("tolerance", _TOLERANCE.value, _TOLERANCE.value >= 0, ">= 0"),
+            ("start_timeout_s", _START_TIMEOUT.value, _START_TIMEOUT.value > 0, "> 0"),
+        ]
+        if not ok
+    ]
+    if bad:
+        raise ValueError("bad flags: " + ", ".join(bad))
+
+
 def main(argv):
     del argv
+    check_flags()
     import jax
 
     from jax_recsys.data import folder as folder_lib
@@ -309,4 +331,4 @@ def _safe_call(call, payload: bytes, deadline_s: float):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -109,6 +109,10 @@ class ServerConfig:
     swap_window_s: float = 60.0
     log_every_s: float = 30.0
 
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535] (0: pick a free one), got {self.port}")
+
 
 class _BadRequest(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):

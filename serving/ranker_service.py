@@ -186,6 +186,8 @@ class RankerServiceConfig:
     transport: str = "stream"
 
     def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535] (0: pick a free one), got {self.port}")
         for entry in self.shards:
             if not isinstance(entry, str) or not all(a.strip() for a in entry.split("|")):
                 raise ValueError(

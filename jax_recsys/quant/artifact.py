@@ -335,7 +335,7 @@ def write_artifact(
                 what = f"artifact version {existing.version}" if existing else "other or damaged files"
                 raise ArtifactError(
                     f"{out} already holds {what}; new version is {manifest.version} "
-                    "(pass overwrite=True to replace it)"
+                    "(pass overwrite=True, or --overwrite on the command line, to replace it)"
                 )
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, trash)

@@ -1,0 +1,119 @@
+"""Entry points end user mistakes with one `NAME: error: ...` line and exit status 1.
+
+Each case runs a real `python -m launch.X` with input that fails before any heavy work
+(see `launch/common.py: run`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mp_util
+import pytest
+
+
+def _run(module: str, args: list[str], extra_env: dict[str, str] | None = None):
+    env = mp_util.child_env(1, {"JAX_RECSYS_TRACEBACK": "", **(extra_env or {})})
+    return subprocess.run([sys.executable, "-m", f"launch.{module}", *args], cwd=mp_util.REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def _assert_one_line(proc, prefix: str, *needles: str) -> str:
+    """Exit status 1, no traceback, and a last stderr line starting with `prefix`."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(prefix)]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_generate_data_workdir_that_is_a_file(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", f"--workdir={afile}"])
+    _assert_one_line(proc, "generate_data: error:", str(afile))
+
+
+def test_unknown_config_key_is_one_line(tmp_path):
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.no_such_key=1",
+                                  f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "generate_data: error:", "unknown config key", "no_such_key")
+    assert not (tmp_path / "w").exists()
+
+
+def test_pretrain_contrastive_missing_data_path(tmp_path):
+    missing = tmp_path / "no_such_data"
+    proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",
+                                         f"--config.data.path={missing}",
+                                         f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "pretrain_contrastive: error:", str(missing))
+
+
+def test_traceback_env_var_shows_the_traceback(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", f"--workdir={afile}"],
+                {"JAX_RECSYS_TRACEBACK": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("generate_data: error:")
+
+
+def test_run_ablation_empty_seeds(tmp_path):
+    proc = _run("run_ablation", ["--config=configs/ablation.py", "--config.seeds=",
+                                 f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "run_ablation: error:", "seeds")
+    assert not (tmp_path / "w" / "world").exists()  # failed before generating data
+
+
+def test_export_int4_negative_noise_z(tmp_path):
+    proc = _run("export_int4", [f"--ranker={tmp_path / 'no_ranker'}", f"--out={tmp_path / 'a'}",
+                                "--auc_noise_z=-1"])
+    _assert_one_line(proc, "export_int4: error:", "auc_noise_z")
+
+
+@pytest.mark.parametrize("port", ["-5", "70000"])
+def test_serve_embeddings_rejects_out_of_range_ports(tmp_path, port):
+    proc = _run("serve_embeddings", [f"--artifact={tmp_path}", f"--port={port}"])
+    _assert_one_line(proc, "serve_embeddings: cannot start:", "port", port)
+
+
+def test_serve_ranker_rejects_a_negative_port(tmp_path):
+    proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--port=-1"])
+    _assert_one_line(proc, "serve_ranker: cannot start:", "port", "-1")
+
+
+def test_serving_check_validates_counts_before_starting(tmp_path):
+    out = tmp_path / "check" / "serving_check.json"
+    proc = _run("serving_check", [f"--artifact={tmp_path}", f"--ranker={tmp_path}",
+                                  f"--data={tmp_path}", f"--out={out}", "--num_shards=0",
+                                  "--num_requests=0", "--candidates=0", "--concurrency=-3"])
+    _assert_one_line(proc, "serving_check: error:", "--num_shards=0", "--num_requests=0",
+                     "--candidates=0", "--concurrency=-3")
+    assert not out.parent.exists()  # nothing started, nothing written
+
+
+def test_bench_serving_validates_flags_before_any_work(tmp_path):
+    wd = tmp_path / "bench"
+    proc = _run("bench_serving", ["--shards=0", f"--workdir={wd}"])
+    _assert_one_line(proc, "bench_serving: error:", "--shards")
+    proc = _run("bench_serving", ["--duration_s=0", f"--workdir={wd}"])
+    _assert_one_line(proc, "bench_serving: error:", "--duration_s")
+    assert not wd.exists()
+
+
+def test_bench_quant_rejects_zero_rows():
+    proc = _run("bench_quant", ["--rows=0"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "--rows" in proc.stderr
+
+
+def test_error_line_names_the_type_unless_value_or_os_error():
+    from launch import common
+
+    assert common.error_line("x", ValueError("bad")) == "x: error: bad"
+    assert common.error_line("x", FileNotFoundError("gone")) == "x: error: gone"
+    assert common.error_line("x", KeyError("k")) == "x: error: KeyError: 'k'"
