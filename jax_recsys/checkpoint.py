@@ -459,11 +459,12 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def load_facet(path: str | os.PathLike) -> Facet:
+def load_facet(path: str | os.PathLike, *, expected: str | None = None) -> Facet:
     """Loads a facet checkpoint written by `save_facet` (tables mmap'd read-only).
 
     Args:
       path: the facet folder.
+      expected: the facet name it must hold ("cl", "kg"); None accepts any.
 
     Returns:
       Facet(facet, tables, vocabs, metrics).
@@ -481,6 +482,9 @@ def load_facet(path: str | os.PathLike) -> Facet:
         raise ValueError(f"{mpath}: not valid JSON ({e})") from None
     if meta.get("format_version") != FACET_FORMAT_VERSION:
         raise ValueError(f"{mpath}: unsupported format_version {meta.get('format_version')}")
+    if expected is not None and meta.get("facet") != expected:
+        raise ValueError(f"{path} is a {meta.get('facet')!r} facet checkpoint, but a "
+                         f"{expected!r} facet was expected: check the facet path")
     tables, vocabs = {}, {}
     for name, e in meta["tables"].items():
         tpath, vpath = path / e["table"], path / e["vocab"]

@@ -24,7 +24,7 @@ import json
 import pathlib
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jax_recsys import history, report
@@ -135,4 +135,4 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -130,7 +130,8 @@ def main(argv):
     missing = [f for f in _names(cfg.facets) if f not in paths]
     if missing:
         raise app.UsageError(f"facets {missing} need --config.facet_paths.<name>=DIR")
-    facets = {k: checkpoint.load_facet(v) for k, v in paths.items() if k in _names(cfg.facets)}
+    facets = {k: checkpoint.load_facet(v, expected=k)
+              for k, v in paths.items() if k in _names(cfg.facets)}
     tc = train_config(cfg, data_path=dataset_path(cfg, workdir), facets=facets)
     metrics = train.train_and_evaluate(
         tc, None, facets=facets, log=logging.info, checkpoint_dir=workdir / "checkpoints"
@@ -150,4 +151,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    common.run(main)

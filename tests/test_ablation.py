@@ -188,3 +188,20 @@ def test_pretrained_facets_are_reused_only_under_the_same_key(tmp_path):
     key["v"] = "c"
     with pytest.raises(ValueError, match="made with other settings.*no pretrainer"):
         obtain(pretrainers={})
+
+
+def test_a_given_facet_dir_of_another_facet_is_refused(tmp_path):
+    """facet_dirs cl/fresh pointing at a KG facet must not be trained as "+ contrastive"."""
+    ids = {"user": 100 + np.arange(4)}
+    checkpoint.save_facet(tmp_path / "facet_kg", facet="kg", vocabs=ids,
+                          tables={"user": np.ones((4, 2), np.float32)})
+    base = T.TrainConfig(data=T.DataConfig(path=str(tmp_path / "data")))
+    cfg = A.AblationConfig(base=base, seeds=(0,), variants=("no_large_tables", "cl"),
+                           facet_dirs=(("cl/fresh", str(tmp_path / "facet_kg")),))
+    with pytest.raises(ValueError, match=r"facet_kg is a 'kg' facet checkpoint, but a 'cl' "
+                       r"facet was expected"):
+        A.obtain_facets(cfg, tmp_path, pretrainers={}, log=lambda s: None)
+    cfg = dataclasses.replace(cfg, facet_dirs=(("kg/fresh", str(tmp_path / "facet_kg")),),
+                              variants=("no_large_tables", "kg"))
+    loaded, _ = A.obtain_facets(cfg, tmp_path, pretrainers={}, log=lambda s: None)
+    assert loaded[("kg", "fresh")].facet == "kg"

@@ -195,6 +195,17 @@ def test_facet_roundtrip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cl"]
 
 
+def test_load_facet_checks_the_expected_facet(tmp_path):
+    """A KG facet given where a contrastive one is expected is refused, naming both."""
+    path = checkpoint.save_facet(tmp_path / "kg", facet="kg", tables={"user": np.ones((2, 3))},
+                                 vocabs={"user": np.array([1, 2])})
+    assert checkpoint.load_facet(path, expected="kg").facet == "kg"
+    assert checkpoint.load_facet(path).facet == "kg"
+    with pytest.raises(ValueError, match=r"/kg is a 'kg' facet checkpoint, but a 'cl' facet "
+                       r"was expected"):
+        checkpoint.load_facet(path, expected="cl")
+
+
 def test_facet_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="'user'.*5 rows but vocab has 2"):
         checkpoint.save_facet(tmp_path / "kg", facet="kg",

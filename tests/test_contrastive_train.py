@@ -198,6 +198,15 @@ def test_config_rejects_bad_values():
         ct.ContrastiveConfig(log_every=-1)
     with pytest.raises(ValueError, match="log_every and eval_every must be >= 0"):
         ct.ContrastiveConfig(eval_every=-5)
+    # Zero steps would write an untrained facet; None (not 0) means "from num_epochs".
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"max_steps must be >= 1 or None .*got {bad}"):
+            ct.ContrastiveConfig(max_steps=bad)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="num_epochs must be a finite number > 0"):
+            ct.ContrastiveConfig(num_epochs=bad)
+    assert ct.ContrastiveConfig(max_steps=None, num_epochs=0.5).max_steps is None
+    assert ct.ContrastiveConfig(max_steps=1).max_steps == 1
     with pytest.raises(ValueError, match="batch_size 12 must divide by the 8"):
         ct.ContrastiveTrainer(config=ct.ContrastiveConfig(batch_size=12), num_users=4,
                               num_pins=4, mesh=global_mesh(devices=jax.devices()))

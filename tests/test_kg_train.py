@@ -204,3 +204,14 @@ def test_config_rejects_negative_intervals_and_unused_adversarial_temperature():
         kg_train.KGTrainConfig(loss="softmax", adversarial_temperature=1.0)
     for loss in ("logistic", "margin"):
         assert kg_train.KGTrainConfig(loss=loss, adversarial_temperature=1.0).loss == loss
+
+
+def test_config_rejects_zero_steps():
+    """max_steps=0 would write an untrained facet; None (not 0) means no limit."""
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=rf"max_steps must be >= 1 or None \(no limit\), got {bad}"):
+            kg_train.KGTrainConfig(max_steps=bad)
+    with pytest.raises(ValueError, match="num_epochs must be >= 1, got 0"):
+        kg_train.KGTrainConfig(num_epochs=0)
+    assert kg_train.KGTrainConfig(max_steps=None).max_steps is None
+    assert kg_train.KGTrainConfig(max_steps=1).max_steps == 1

@@ -1,5 +1,6 @@
 """Ranker training end to end on a tiny hand-built dataset folder with planted structure."""
 
+import dataclasses
 import json
 import re
 
@@ -183,3 +184,33 @@ def test_sharded_over_8_devices_equals_one_device(tmp_path, devices):
     for ent in ("user", "pin"):
         np.testing.assert_allclose(one["ranker"].tables[ent], eight["ranker"].tables[ent], atol=1e-4)
     assert one["test"]["ctr_auc"] == pytest.approx(eight["test"]["ctr_auc"], abs=1e-3)
+
+
+def test_rerun_with_other_settings_refuses_the_old_checkpoint(tmp_path):
+    """The same checkpoint folder with another dense_learning_rate is another run; with
+    only logging or checkpointing changed it resumes."""
+    _write_world(tmp_path / "data", n=1536)
+    cfg = _cfg(tmp_path / "data", (), num_epochs=1.0, checkpoint_every=2)
+    ckpts, quiet = tmp_path / "ckpt", lambda s: None
+    first = T.train_and_evaluate(cfg, None, log=quiet, checkpoint_dir=ckpts)
+    with pytest.raises(ValueError, match=r"belongs to another run: dense_learning_rate was "
+                       r"0\.003, now 0\.01; use a fresh workdir"):
+        T.train_and_evaluate(dataclasses.replace(cfg, dense_learning_rate=1e-2), None,
+                             log=quiet, checkpoint_dir=ckpts)
+    logs = []
+    again = T.train_and_evaluate(dataclasses.replace(cfg, log_every=0, checkpoint_every=1),
+                                 None, log=logs.append, checkpoint_dir=ckpts)
+    assert any("resumed from" in s for s in logs), logs
+    assert again["train"]["resumed_from_step"] == first["train"]["steps"] > 0
+
+
+def test_a_facet_path_of_another_facet_is_refused(tmp_path):
+    """facet_paths cl -> a KG facet checkpoint must not be trained as the contrastive facet."""
+    user_raw, _ = _write_world(tmp_path / "data", n=1536)
+    checkpoint.save_facet(tmp_path / "facet_kg", facet="kg", vocabs={"user": user_raw},
+                          tables={"user": np.ones((len(user_raw), 4), np.float32)})
+    ents = (F.EntitySpec(name="user", column="user_id", facets=(F.FacetSpec(source="cl"),)),)
+    cfg = _cfg(tmp_path / "data", ents, facet_paths=(("cl", str(tmp_path / "facet_kg")),))
+    with pytest.raises(ValueError, match=r"facet_kg is a 'kg' facet checkpoint, but a 'cl' "
+                       r"facet was expected"):
+        T.train_and_evaluate(cfg, None, log=lambda s: None)

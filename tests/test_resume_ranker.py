@@ -266,3 +266,77 @@ def test_restore_refuses_a_changed_dense_model(tmp_path):
         ckpt.wait()
         with pytest.raises(ValueError, match=r"saved shape \(3,\) but this run expects \(4,\)"):
             train.restore_train_state(ckpt, fresh_state=dense)
+
+
+# ----------------------------------------------------------------------------- run fingerprint
+
+
+def _fingerprint_config(facet_dir, **kw):
+    from jax_recsys.ranking import facets, model, train
+
+    ents = (facets.EntitySpec(name="user", column="user_id", facets=(
+        facets.FacetSpec(source="cl"), facets.FacetSpec(source="scratch", dim=4))),)
+    base = dict(data=train.DataConfig(path="/data/world"), entities=ents,
+                facet_paths=(("cl", str(facet_dir)), ("kg", "/unused/kg")),
+                model=model.RankerConfig(mlp_dims=(16,)), batch_size=256, seed=3)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def _save_facet(path, loss):
+    from jax_recsys import checkpoint
+    from jax_recsys.data.vocab import Vocab
+
+    checkpoint.save_facet(path, facet="cl", tables={"user": np.ones((3, 2), np.float32)},
+                          vocabs={"user": Vocab(np.arange(3))}, metrics={"loss": loss})
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    """A rerun in the same workdir with other settings or facets must not silently resume
+    the old run; settings that do not change the training (logging, checkpointing,
+    evaluation, the step count) may change."""
+    from jax_recsys import checkpoint
+    from jax_recsys.ranking import train
+
+    _save_facet(tmp_path / "cl", 1.0)
+    cfg = _fingerprint_config(tmp_path / "cl")
+    vocabs = {"user_id": np.arange(5)}
+    facet = {"cl": checkpoint.load_facet(tmp_path / "cl")}
+    run = train.run_fingerprint(cfg, facet)
+    assert run["facets.cl.path"] == str(tmp_path / "cl") and "facets.kg.path" not in run
+
+    def check(config, folder="ckpt", log=print):
+        with checkpoint.Checkpointer(tmp_path / folder) as ckpt:
+            train._check_resume(ckpt.restore_meta(), ckpt, config=config, vocabs=vocabs,
+                                total_steps=10, fingerprint=train.run_fingerprint(config, facet),
+                                log=log)
+
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(4, {"x": np.zeros(2)}, {"step": 4, "seed": 3, "run": run}, vocabs=vocabs)
+        ckpt.wait()
+    check(cfg)  # unchanged
+    check(dataclasses.replace(cfg, log_every=1, checkpoint_every=2, keep_checkpoints=5,
+                              eval_batch_size=64, num_epochs=3.0, table_sharding="replicated",
+                              facet_paths=(("cl", str(tmp_path / "cl")),)))
+    with pytest.raises(ValueError, match=r"ckpt/4: the checkpoint belongs to another run: "
+                       r"dense_learning_rate was 0\.001, now 0\.01; use a fresh workdir"):
+        check(dataclasses.replace(cfg, dense_learning_rate=0.01))
+    with pytest.raises(ValueError, match=r"model\.mlp_dims was \[16\], now \[8\]"):
+        check(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_dims=(8,))))
+    frozen = tuple(dataclasses.replace(e, facets=(dataclasses.replace(e.facets[0], mode="freeze"),
+                                                  *e.facets[1:])) for e in cfg.entities)
+    with pytest.raises(ValueError, match=r"belongs to another run: entities was .*'finetune'"):
+        check(dataclasses.replace(cfg, entities=frozen))
+    _save_facet(tmp_path / "cl2", 1.0)
+    with pytest.raises(ValueError, match=r"facets\.cl\.path was '.*/cl', now '.*/cl2'"):
+        check(dataclasses.replace(cfg, facet_paths=(("cl", str(tmp_path / "cl2")),)))
+    _save_facet(tmp_path / "cl", 0.5)  # the same folder, pretrained again
+    with pytest.raises(ValueError, match=r"facets\.cl\.digest was '\w+', now '\w+'"):
+        check(cfg)
+    # A checkpoint saved before fingerprints existed still resumes, with a warning.
+    with checkpoint.Checkpointer(tmp_path / "old") as ckpt:
+        ckpt.save(4, {"x": np.zeros(2)}, {"step": 4, "seed": 3}, vocabs=vocabs)
+        ckpt.wait()
+    logged = []
+    check(dataclasses.replace(cfg, dense_learning_rate=0.01), folder="old", log=logged.append)
+    assert len(logged) == 1 and "without a run fingerprint" in logged[0], logged

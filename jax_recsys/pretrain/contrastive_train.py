@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Mapping
@@ -121,6 +122,11 @@ class ContrastiveConfig:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
+            raise ValueError(f"num_epochs must be a finite number > 0, got {self.num_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None (from num_epochs), got "
+                             f"{self.max_steps}")
         if self.log_every < 0 or self.eval_every < 0:
             raise ValueError(f"log_every and eval_every must be >= 0 (0: never / only at the "
                              f"end), got {self.log_every}, {self.eval_every}")

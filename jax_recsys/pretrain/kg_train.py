@@ -160,6 +160,8 @@ class KGTrainConfig:
             raise ValueError(f"corrupt must be 'both', 'tail' or 'head', got {self.corrupt!r}")
         if self.num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1, got {self.num_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None (no limit), got {self.max_steps}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:

@@ -232,7 +232,7 @@ def obtain_facets(
                 raise ValueError(
                     f"variant needs facet {key!r}: give facet_dirs[{key!r}] or a pretrainer for {facet!r}"
                 )
-        loaded[(facet, window)] = checkpoint.load_facet(path)
+        loaded[(facet, window)] = checkpoint.load_facet(path, expected=facet)
         info[key] = {
             "path": str(path),
             "seconds": time.time() - t0,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import pathlib
@@ -625,11 +626,89 @@ def restore_train_state(ckpt, *, fresh_state, collection=None, step: int | None 
     return state, meta
 
 
-def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int) -> None:
-    """Refuses to resume a checkpoint of another data set or seed (names what differs)."""
+# TrainConfig fields a resumed run may change: they do not change what is trained
+# (logging, checkpointing, evaluation batching, table sharding: restore reshards).
+# num_epochs is checked as the total step count; facet_paths as the used facets only.
+_RESUMABLE_FIELDS = frozenset({
+    "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "table_sharding",
+    "num_epochs", "facet_paths",
+})
+
+
+def _facet_digest(name: str, facet, path: str | None) -> str:
+    """sha256 (16 hex) of the facet's facet.json, or of its content when it has no path."""
+    if path is not None:
+        try:
+            return hashlib.sha256((pathlib.Path(path) / "facet.json").read_bytes()).hexdigest()[:16]
+        except OSError:
+            pass
+    content = {
+        "facet": getattr(facet, "facet", name),
+        "metrics": getattr(facet, "metrics", None),
+        "tables": {k: [list(np.shape(t)), str(getattr(t, "dtype", ""))]
+                   for k, t in sorted(getattr(facet, "tables", {}).items())},
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_fingerprint(config: TrainConfig, facets: Mapping[str, Any]) -> dict[str, Any]:
+    """What defines a ranker run, as a flat JSON dict saved with its checkpoints.
+
+    Keys are the TrainConfig fields (nested dataclasses dotted: "model.mlp_dims") except
+    `_RESUMABLE_FIELDS`, plus "facets.<name>.path" and "facets.<name>.digest" (of its
+    facet.json) for every pretrained facet the run uses.
+    """
+    out: dict[str, Any] = {}
+
+    def flatten(prefix: str, d: Mapping[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                flatten(f"{prefix}{k}.", v)
+            else:
+                out[prefix + k] = v
+
+    flatten("", {k: v for k, v in dataclasses.asdict(config).items()
+                 if k not in _RESUMABLE_FIELDS})
+    paths = dict(config.facet_paths)
+    used = {f.source for e in config.entities for f in e.facets} - {facets_lib.SCRATCH}
+    for name in sorted(used):
+        out[f"facets.{name}.path"] = paths.get(name)
+        out[f"facets.{name}.digest"] = _facet_digest(name, facets.get(name), paths.get(name))
+    return json.loads(json.dumps(out, default=str))  # tuples -> lists, as saved
+
+
+def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int,
+                  fingerprint: Mapping[str, Any] | None = None,
+                  log: Callable[[str], None] = print) -> None:
+    """Refuses to resume a checkpoint of another run (names what differs).
+
+    Args:
+      meta: the checkpoint's meta.
+      ckpt: its Checkpointer.
+      config: this run's config.
+      vocabs: this run's entity column -> raw ids.
+      total_steps: this run's step count.
+      fingerprint: this run's `run_fingerprint` (None: not checked), compared with the
+        one saved as meta["run"]; a checkpoint saved without one resumes with a warning.
+      log: where the warning goes.
+    """
     where = f"{ckpt.directory}/{meta.get('step')}"
     if int(meta.get("seed", config.seed)) != config.seed:
         raise ValueError(f"{where}: checkpoint seed {meta['seed']} != config seed {config.seed}")
+    if fingerprint is not None:
+        saved_fp = meta.get("run")
+        if saved_fp is None:
+            log(f"ranker: WARNING: {where} was saved without a run fingerprint; resuming it "
+                "without checking that its settings and facets are this run's")
+        else:
+            missing = "<unset>"
+            diffs = [f"{k} was {saved_fp.get(k, missing)!r}, now {fingerprint.get(k, missing)!r}"
+                     for k in sorted(set(saved_fp) | set(fingerprint))
+                     if saved_fp.get(k, missing) != fingerprint.get(k, missing)]
+            if diffs:
+                raise ValueError(f"{where}: the checkpoint belongs to another run: "
+                                 f"{'; '.join(diffs)}; use a fresh workdir")
     saved = ckpt.restore_vocabs(int(meta["step"]))
     for col, ids in vocabs.items():
         if col in saved and not np.array_equal(np.asarray(saved[col]), np.asarray(ids)):
@@ -770,7 +849,7 @@ def train_and_evaluate(
                 raise ValueError(f"facet {name!r} is used but config.facet_paths has no path for it")
             from jax_recsys import checkpoint
 
-            facets[name] = checkpoint.load_facet(paths[name])
+            facets[name] = checkpoint.load_facet(paths[name], expected=name)
     tables = facets_lib.resolve_facets(
         config.entities,
         vocabs={e.name: data.vocabs[e.column] for e in config.entities},
@@ -878,13 +957,16 @@ def train_and_evaluate(
     step = 0
     ckpt = None
     vocabs = {c: data.vocabs[c] for c in id_columns}
+    fingerprint = run_fingerprint(config, facets)
     if checkpoint_dir is not None:
         from jax_recsys import checkpoint as checkpoint_lib
 
         ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
         if ckpt.latest_step() is not None:
+            # Checked before the state is read: another model would fail there less clearly.
+            _check_resume(ckpt.restore_meta(), ckpt, config=config, vocabs=vocabs,
+                          total_steps=total_steps, fingerprint=fingerprint, log=log)
             state, meta = restore_train_state(ckpt, fresh_state=state, collection=ec)
-            _check_resume(meta, ckpt, config=config, vocabs=vocabs, total_steps=total_steps)
             it.restore(meta["data"])
             step = int(meta["step"])
             loss_ema = meta["loss_ema"]
@@ -900,6 +982,7 @@ def train_and_evaluate(
             "total_steps": total_steps,
             "seed": config.seed,
             "batch_size": bs,
+            "run": fingerprint,
             "emb_layout": embedding_layout(ec, state.emb) if ec is not None else None,
         }
         ckpt.save(step, _host_dense(state), meta, vocabs=vocabs, force=force)
