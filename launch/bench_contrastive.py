@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 _ROWS = flags.DEFINE_list("rows", ["1000000", "4000000"], "Rows of each table (user and pin).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Simulated device counts.")
@@ -159,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -29,7 +29,9 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 _CONFIGS = flags.DEFINE_list("configs", ["smoke", "default"], "World scales to generate.")
 _DAYS = flags.DEFINE_list(
@@ -229,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -36,7 +36,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 _ROWS = flags.DEFINE_list("rows", ["1e5", "1e6", "4e6", "16e6"], "Table sizes (rows).")
 _DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Simulated device counts.")
@@ -251,4 +253,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -37,7 +37,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 _MODELS = flags.DEFINE_list("models", ["distmult", "complex", "rotate"], "Models to time.")
 _DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Simulated device counts.")
@@ -173,4 +175,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

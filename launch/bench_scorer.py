@@ -47,6 +47,8 @@ import time
 import numpy as np
 from absl import app, flags
 
+from launch import common
+
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact whose ranker to time.")
 _DIM = flags.DEFINE_integer("dim", 64, "User and pin dim of the synthetic ranker.")
 _PADDED = flags.DEFINE_list(
@@ -173,4 +175,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)
