@@ -7,6 +7,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -313,9 +314,14 @@ def test_recorded_data_is_found_or_the_error_says_where_it_looked(trained, tmp_p
     )
     d = X.resolve_data_config(abl_ranker, ranker)
     assert (d.path, d.test_window) == ("/elsewhere", (5, 6))
-    assert X.resolve_data_config(abl_ranker, ranker, data_path=str(trained.data)).path == str(
-        trained.data
-    )
+    # Other data than the recorded one: scored, with a warning naming both.
+    with pytest.warns(UserWarning, match="not the dataset the ranker was trained on"):
+        other = X.resolve_data_config(abl_ranker, ranker, data_path=str(trained.data))
+    assert other.path == str(trained.data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recorded data itself: no warning
+        assert X.resolve_data_config(trained.ranker_dir, ranker,
+                                     data_path=str(trained.data)).path == str(trained.data)
 
 
 def test_int4_row_is_added_to_the_ablation(trained, tmp_path):

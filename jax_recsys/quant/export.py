@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,7 @@ import pathlib
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -297,6 +299,14 @@ def _recorded_data(ranker_dir: pathlib.Path) -> tuple[dict | None, list[str]]:
     return None, looked
 
 
+def _dataset_digest(path) -> str | None:
+    """sha256 of a dataset folder's dataset.json (None when it has none)."""
+    try:
+        return hashlib.sha256((pathlib.Path(path) / "dataset.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def resolve_data_config(
     ranker_dir: str | os.PathLike,
     ranker: model_lib.TrainedRanker,
@@ -329,6 +339,12 @@ def resolve_data_config(
         if k in fields:
             kw[k] = tuple(v) if isinstance(v, list) else v
     if data_path:
+        rec_path = (recorded or {}).get("path")
+        if rec_path and _dataset_digest(rec_path) != _dataset_digest(data_path):
+            warnings.warn(
+                f"scoring on {data_path}, not the dataset the ranker was trained on "
+                f"({rec_path}): their dataset.json differ, so the AUC gate compares full "
+                "precision and INT4 on other data than the ranker's", stacklevel=2)
         kw["path"] = str(data_path)
     kw.update(
         train_window="",
