@@ -45,6 +45,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_recsys import fsutil
+
 FACET_FORMAT_VERSION = 1
 _FACET_JSON = "facet.json"
 
@@ -437,13 +439,7 @@ def save_facet(
         for p in tmp.rglob("*"):
             _fsync_path(p, directory=p.is_dir())
         _fsync_path(tmp, directory=True)
-        trash = None
-        if path.exists():
-            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, trash)
-        os.rename(tmp, path)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        fsutil.swap_dir(tmp, path)
         _fsync_path(path.parent, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

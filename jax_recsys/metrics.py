@@ -106,6 +106,11 @@ def log_loss(labels, probs, *, eps: float = _EPS) -> float:
     _check_labels(labels_b)
     _check_same_len(labels=labels_b, probs=probs_b)
     _check_probs(probs_b)
+    return _log_loss(labels_b, probs_b, eps)
+
+
+def _log_loss(labels_b: np.ndarray, probs_b: np.ndarray, eps: float) -> float:
+    """`log_loss` of inputs already checked."""
     p_b = np.clip(probs_b, eps, 1 - eps)
     return float(-np.mean(labels_b * np.log(p_b) + (1 - labels_b) * np.log1p(-p_b)))
 
@@ -136,7 +141,7 @@ def normalized_entropy(labels, probs, *, eps: float = _EPS) -> float:
     if p <= 0 or p >= 1:
         return float("nan")
     base = -(p * np.log(p) + (1 - p) * np.log1p(-p))
-    return log_loss(labels_b, probs_b, eps=eps) / float(base)
+    return _log_loss(labels_b, probs_b, eps) / float(base)
 
 
 def calibration(labels, probs) -> float:

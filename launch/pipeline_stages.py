@@ -88,7 +88,8 @@ def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def _read(path: pathlib.Path) -> dict:
+def read_json(path: pathlib.Path) -> dict:
+    """A JSON file's object, or {} when the file does not exist."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -102,7 +103,7 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
       user_forced: the user named this stage in ``--force`` (adds its forced_args).
     """
     marker = wd / "stages" / f"{stage.name}.json"
-    m = _read(marker)
+    m = read_json(marker)
     key = stage.key(upstream)
     if not force and m.get("key") == key and stage.done_file.exists():
         print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
@@ -248,7 +249,7 @@ def check(cfg, plan: dict) -> None:
         raise app.UsageError("pipeline config: " + "; ".join(problems))
 
 
-def build(cfg, wd: pathlib.Path, *, summaries, Stage=Stage, py=_py) -> list:
+def build(cfg, wd: pathlib.Path, *, summaries) -> list[Stage]:
     """Returns the pipeline's stages for config `cfg` in workdir `wd`.
 
     Raises:
@@ -261,13 +262,13 @@ def build(cfg, wd: pathlib.Path, *, summaries, Stage=Stage, py=_py) -> list:
     art = wd / "artifact"
     ranker = abl / "runs" / f"{cfg.export.variant}_s{cfg.export.seed}" / "ranker"
     stages = [
-        Stage("world", py("launch.generate_data", f"--config={cfg.world_config}", f"--workdir={world}"),
+        Stage("world", _py("launch.generate_data", f"--config={cfg.world_config}", f"--workdir={world}"),
               world / "world_summary.json", summaries["world"]),
-        Stage("ablation", py("launch.run_ablation", f"--config={cfg.ablation_config}", f"--workdir={abl}",
+        Stage("ablation", _py("launch.run_ablation", f"--config={cfg.ablation_config}", f"--workdir={abl}",
                              f"--config.ranker.data.path={world}", *shlex.split(cfg.ablation_flags)),
               abl / "ablation.json", summaries["ablation"],
               forced_args=("--fresh",), configs=tuple(plan["configs"])),
-        Stage("export", py("launch.export_int4", f"--ranker={ranker}", f"--out={art}",
+        Stage("export", _py("launch.export_int4", f"--ranker={ranker}", f"--out={art}",
                            f"--data={world}", f"--bits={cfg.export.bits}",
                            f"--max_auc_drop={cfg.export.max_auc_drop}",
                            f"--auc_noise_z={cfg.export.auc_noise_z}", "--overwrite",
@@ -277,7 +278,7 @@ def build(cfg, wd: pathlib.Path, *, summaries, Stage=Stage, py=_py) -> list:
     if cfg.serving.enabled:
         s = cfg.serving
         stages.append(
-            Stage("serving", py("launch.serving_check", f"--artifact={art}", f"--ranker={ranker}",
+            Stage("serving", _py("launch.serving_check", f"--artifact={art}", f"--ranker={ranker}",
                                 f"--data={world}", f"--out={wd / 'serving_check.json'}",
                                 f"--num_shards={s.num_shards}", f"--num_requests={s.num_requests}",
                                 f"--candidates={s.candidates}", f"--concurrency={s.concurrency}",

@@ -24,6 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jax_recsys import fsutil
 from launch import common, train_ranker
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
@@ -40,23 +41,17 @@ def _run(module: str, config: str, out: pathlib.Path, extra: list[str], timeout_
     subprocess.run(cmd, cwd=_REPO, check=True, timeout=timeout_s)
 
 
-def ablation_file_digest(path: pathlib.Path) -> str:
-    from jax_recsys.ranking import ablation
-
-    return ablation.file_digest(path)
-
-
-def _config_file_digest(spec: str) -> str:
+def _config_file_digest(spec: str) -> str | None:
     """Digest of a ``FILE[:ARG]`` config's file (relative to the repository root)."""
     path = pathlib.Path(spec.partition(":")[0])
-    return ablation_file_digest(path if path.is_absolute() else _REPO / path)
+    return fsutil.file_digest(path if path.is_absolute() else _REPO / path)
 
 
 def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     """The same world (same seed, same logs) with its KG built from the stale window."""
     from jax_recsys.data import world
 
-    source = ablation_file_digest(pathlib.Path(data_path) / "dataset.json")
+    source = fsutil.file_digest(pathlib.Path(data_path) / "dataset.json")
     stamp = out / "source_dataset.json"
     if (out / "dataset.json").exists() and stamp.exists() and \
             json.loads(stamp.read_text()).get("digest") == source:

@@ -35,19 +35,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline folder.", required=Tru
 _FORCE = flags.DEFINE_list("force", [], "Stages to rerun even if up to date (or 'all').")
 
 
-def _read(path: pathlib.Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _world_summary(wd: pathlib.Path) -> str:
-    s = _read(wd / "world" / "world_summary.json")
+    s = pipeline_stages.read_json(wd / "world" / "world_summary.json")
     rows = s.get("rows", {})
     parts = [f"{k}={v:,}" for k, v in rows.items() if isinstance(v, int)][:6]
     return ", ".join(parts) or "world written"
 
 
 def _ablation_summary(wd: pathlib.Path) -> str:
-    a = _read(wd / "ablation" / "ablation.json")
+    a = pipeline_stages.read_json(wd / "ablation" / "ablation.json")
     if not a:
         return "no ablation.json"
     v = a["variants"]
@@ -62,7 +58,7 @@ def _ablation_summary(wd: pathlib.Path) -> str:
 
 
 def _export_summary(wd: pathlib.Path) -> str:
-    e = _read(wd / "export_report.json")
+    e = pipeline_stages.read_json(wd / "export_report.json")
     if not e:
         return "no export_report.json"
     q = e.get("quality") or {}
@@ -75,7 +71,7 @@ def _export_summary(wd: pathlib.Path) -> str:
 
 
 def _serving_summary(wd: pathlib.Path) -> str:
-    s = _read(wd / "serving_check.json")
+    s = pipeline_stages.read_json(wd / "serving_check.json")
     if not s:
         return "no serving_check.json"
     return (f"{s.get('num_requests')} requests × {s.get('candidates')} candidates over "
@@ -111,7 +107,7 @@ def build_stages(cfg, wd: pathlib.Path) -> list[pipeline_stages.Stage]:
 
 
 def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib.Path:
-    abl = _read(wd / "ablation" / "ablation.json") or None
+    abl = pipeline_stages.read_json(wd / "ablation" / "ablation.json") or None
     pre = {}
     hist = {}
     for k, p in ((abl or {}).get("pretraining") or {}).items():
@@ -129,8 +125,8 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
             if recs and d.name.endswith("_s0"):
                 hist[f"ranker {d.name[:-3]}"] = recs
     path = report.write_report(
-        wd, stages=results, ablation=abl, export=_read(wd / "export_report.json") or None,
-        serving=_read(wd / "serving_check.json") or None, pretraining=pre, histories=hist)
+        wd, stages=results, ablation=abl, export=pipeline_stages.read_json(wd / "export_report.json") or None,
+        serving=pipeline_stages.read_json(wd / "serving_check.json") or None, pretraining=pre, histories=hist)
     return path
 
 

@@ -129,6 +129,7 @@ from concurrent import futures
 
 import numpy as np
 
+from jax_recsys import fsutil
 from jax_recsys.data import folder
 
 _STATIC = 1_000_003  # stream id for the static (day-independent) world
@@ -975,13 +976,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
     out.mkdir()
     try:
         summary = _generate_into(cfg, out, progress=progress, workers=workers)
-        if final.exists():
-            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-            os.rename(out, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(out, final)
+        fsutil.swap_dir(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

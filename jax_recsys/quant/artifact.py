@@ -46,6 +46,7 @@ import uuid
 
 import numpy as np
 
+from jax_recsys import fsutil
 from jax_recsys.quant import rowwise
 
 FORMAT_VERSION = 2
@@ -337,12 +338,7 @@ def write_artifact(
                     f"{out} already holds {what}; new version is {manifest.version} "
                     "(pass overwrite=True, or --overwrite on the command line, to replace it)"
                 )
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        fsutil.swap_dir(tmp, out)
         _fsync_dir(out.parent)
         return manifest
     except BaseException:

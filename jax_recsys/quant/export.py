@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -64,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from jax_recsys import fsutil
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from jax_recsys.ranking import facets as facets_lib, model as model_lib, train as train_lib
 
@@ -299,14 +299,6 @@ def _recorded_data(ranker_dir: pathlib.Path) -> tuple[dict | None, list[str]]:
     return None, looked
 
 
-def _dataset_digest(path) -> str | None:
-    """sha256 of a dataset folder's dataset.json (None when it has none)."""
-    try:
-        return hashlib.sha256((pathlib.Path(path) / "dataset.json").read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def resolve_data_config(
     ranker_dir: str | os.PathLike,
     ranker: model_lib.TrainedRanker,
@@ -340,7 +332,8 @@ def resolve_data_config(
             kw[k] = tuple(v) if isinstance(v, list) else v
     if data_path:
         rec_path = (recorded or {}).get("path")
-        if rec_path and _dataset_digest(rec_path) != _dataset_digest(data_path):
+        digest = lambda p: fsutil.file_digest(pathlib.Path(p) / "dataset.json")  # noqa: E731
+        if rec_path and digest(rec_path) != digest(data_path):
             warnings.warn(
                 f"scoring on {data_path}, not the dataset the ranker was trained on "
                 f"({rec_path}): their dataset.json differ, so the AUC gate compares full "

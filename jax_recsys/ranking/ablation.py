@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_recsys import history as history_lib
+from jax_recsys import fsutil, history as history_lib
 from jax_recsys.ranking import facets as facets_lib, model as model_lib, train as train_lib
 
 TASKS = ("ctr", "cvr", "ctcvr")
@@ -144,19 +144,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def file_digest(path: str | pathlib.Path) -> str:
-    """sha256 (16 hex) of a file's bytes, or "missing"."""
-    try:
-        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
-    except OSError:
-        return "missing"
-
-
 def folder_digest(path: str | pathlib.Path) -> str:
     """Digest of a data folder: its dataset.json bytes and every file's (path, size,
     mtime): a regenerated or edited table changes it; reading does not."""
     root = pathlib.Path(path)
-    h = hashlib.sha256(file_digest(root / "dataset.json").encode())
+    h = hashlib.sha256((fsutil.file_digest(root / "dataset.json") or "missing").encode())
     if root.is_dir():
         for f in sorted(q for q in root.rglob("*") if q.is_file()):
             st = f.stat()
@@ -300,7 +292,7 @@ def run_ablation(
         config, workdir, pretrainers=pretrainers or {}, log=log, pretrain_keys=pretrain_keys,
         fresh=fresh,
     )
-    facet_digests = {k: file_digest(pathlib.Path(v["path"]) / "facet.json")
+    facet_digests = {k: fsutil.file_digest(pathlib.Path(v["path"]) / "facet.json")
                      for k, v in pretrain_info.items()}
     data_digest = folder_digest(config.base.data.path)
     id_columns = tuple(dict.fromkeys(c for _, c in config.entities))

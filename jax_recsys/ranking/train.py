@@ -62,6 +62,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax_recsys import fsutil
 from jax_recsys.ranking import facets as facets_lib, model as model_lib
 
 LABEL_COLUMNS = ("click", "conversion")
@@ -637,11 +638,9 @@ _RESUMABLE_FIELDS = frozenset({
 
 def _facet_digest(name: str, facet, path: str | None) -> str:
     """sha256 (16 hex) of the facet's facet.json, or of its content when it has no path."""
-    if path is not None:
-        try:
-            return hashlib.sha256((pathlib.Path(path) / "facet.json").read_bytes()).hexdigest()[:16]
-        except OSError:
-            pass
+    digest = None if path is None else fsutil.file_digest(pathlib.Path(path) / "facet.json")
+    if digest is not None:
+        return digest
     content = {
         "facet": getattr(facet, "facet", name),
         "metrics": getattr(facet, "metrics", None),

@@ -1,0 +1,34 @@
+"""Small file-system helpers shared by the writers and the reuse checks (stdlib only:
+the NumPy-only serving artifact code imports it too)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import uuid
+
+
+def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Renames the complete folder ``staged`` to ``final``.
+
+    An existing ``final`` is renamed away first and removed after, so ``final`` is
+    always either the old folder or the new one, never a half-written mix.
+    """
+    staged, final = pathlib.Path(staged), pathlib.Path(final)
+    if not final.exists():
+        os.rename(staged, final)
+        return
+    trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(final, trash)
+    os.rename(staged, final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def file_digest(path: str | os.PathLike) -> str | None:
+    """sha256 (16 hex) of a file's bytes; None when it cannot be read."""
+    try:
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return None
