@@ -6,6 +6,7 @@ Real servers on loopback (in-process, and real subprocesses started through
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -364,6 +365,15 @@ def test_a_replica_without_the_pinned_version_hands_over_to_one_with_it(art, tmp
         old.stop(0)
 
 
+def _wait_stopped(pid, timeout_s=10.0):
+    """Waits until process ``pid`` is in the stopped state (T in /proc/PID/stat)."""
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    t_end = time.monotonic() + timeout_s
+    while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < t_end, f"process {pid} did not stop"
+        time.sleep(0.01)
+
+
 def _spawn_shard(art, shard, num_shards, port=0):
     proc = subprocess.Popen(
         [
@@ -435,6 +445,7 @@ def test_killed_shard_gives_clean_unavailable_and_recovers_after_restart(art):
         # A hung shard (stopped, connection open) fails at the deadline, not later.
         procs[0][0].send_signal(signal.SIGSTOP)
         try:
+            _wait_stopped(procs[0][0].pid)  # SIGSTOP is asynchronous: it may still answer
             t0 = time.monotonic()
             with pytest.raises(client_lib.ServingError) as e:
                 client.lookup("user", rows)
