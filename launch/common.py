@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -71,6 +73,27 @@ def _want_traceback() -> bool:
         return False
 
 
+def _command(cmd) -> str:
+    """A subprocess's command line, shortened to the module it runs when it is Python's."""
+    args = [str(a) for a in cmd] if isinstance(cmd, list | tuple) else [str(cmd)]
+    if len(args) > 2 and args[1] == "-m":  # [python, -m, launch.x, ...]
+        args = args[2:]
+    text = shlex.join(args)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def child_error_line(name: str, e: subprocess.CalledProcessError | subprocess.TimeoutExpired) -> str:
+    """`NAME: error: ...` for a child process that failed or ran out of time; the child
+    printed its own error (above), so no traceback of the parent's is needed."""
+    if isinstance(e, subprocess.TimeoutExpired):
+        what = f"timed out after {e.timeout:g} s"
+    elif e.returncode < 0:
+        what = f"was killed by signal {-e.returncode}"
+    else:
+        what = f"exited with status {e.returncode} (its error is above)"
+    return f"{name}: error: the child process {what}: {_command(e.cmd)}"
+
+
 def error_line(name: str, e: BaseException) -> str:
     """`NAME: error: <message>`; the exception's type is named unless ValueError/OSError."""
     msg = str(e) or type(e).__name__
@@ -96,7 +119,10 @@ def run(main: Callable, name: str | None = None) -> None:
     ``NAME: error: <message>`` on stderr and exit with status 1. The message names the
     exception type when it is not a ValueError/OSError. Every other exception (a bug)
     propagates with its traceback as usual; `sys.exit` codes (e.g. export_int4's 2 for a
-    failed AUC gate) and absl's usage errors are left as they are.
+    failed AUC gate) and absl's usage errors are left as they are. A child process run
+    with ``check=True`` that fails (``CalledProcessError``) or times out
+    (``TimeoutExpired``) ends the same way, naming the child's command: the child has
+    printed its own error already.
 
     Full traceback of a caught error: pass ``--verbosity=1`` or set the environment
     variable ``JAX_RECSYS_TRACEBACK=1``.
@@ -120,6 +146,8 @@ def run(main: Callable, name: str | None = None) -> None:
             return main(argv)
         except USER_ERRORS as e:
             _fail(error_line(name, e))
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            _fail(child_error_line(name, e))
 
     app.run(wrapped, flags_parser=parse)
 

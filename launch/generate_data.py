@@ -27,6 +27,17 @@ def main(argv):
     fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in cfg.world.items()}
     wcfg = world.WorldConfig(**fields)
     if cfg.num_days:
+        # days_override rewrites every day window: refuse windows set by hand beside it
+        # rather than silently replacing them.
+        base = world.scale_config(cfg.scale)
+        changed = [f for f in world.DAY_FIELDS if getattr(wcfg, f) != getattr(base, f)]
+        if changed:
+            raise ValueError(
+                f"--config.num_days={cfg.num_days} rescales every day window, but "
+                f"{', '.join('world.' + f for f in changed)} "
+                f"{'was' if len(changed) == 1 else 'were'} also set; set either num_days "
+                "or the windows (all of them, consistently)"
+            )
         wcfg = world.days_override(wcfg, cfg.num_days)
     summary = world.generate_world(wcfg, _WORKDIR.value, progress=cfg.progress,
                                    workers=cfg.workers or None)

@@ -117,3 +117,40 @@ def test_error_line_names_the_type_unless_value_or_os_error():
     assert common.error_line("x", ValueError("bad")) == "x: error: bad"
     assert common.error_line("x", FileNotFoundError("gone")) == "x: error: gone"
     assert common.error_line("x", KeyError("k")) == "x: error: KeyError: 'k'"
+
+
+def test_a_failing_child_process_ends_without_the_parents_traceback():
+    # bench_kg runs its measurements in a child process (check=True); the child reports
+    # the bad flag, and the parent adds one line naming the child instead of a
+    # CalledProcessError traceback.
+    proc = _run("bench_kg", ["--devices=1", "--models=nope"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("bench_kg: error:")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert "unknown KG model 'nope'" in lines[0]
+    assert lines[1] == ("bench_kg: error: the child process exited with status 1 (its error "
+                        "is above): launch.bench_kg --worker=1 --models=nope")
+
+
+def test_child_error_line_says_how_the_child_ended():
+    import subprocess as sp
+
+    from launch import common
+
+    py = sys.executable
+    assert common.child_error_line("x", sp.CalledProcessError(-9, [py, "-m", "launch.m", "--a=1"])) \
+        == "x: error: the child process was killed by signal 9: launch.m --a=1"
+    assert common.child_error_line("x", sp.TimeoutExpired(["prog", "a b"], 2.5)) \
+        == "x: error: the child process timed out after 2.5 s: prog 'a b'"
+
+
+def test_generate_data_refuses_num_days_beside_hand_set_windows(tmp_path):
+    # num_days rescales every window; a hand-set kg_days used to be replaced silently.
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.num_days=6",
+                                  "--config.world.kg_days=(1,3)",
+                                  "--config.world.impression_start_day=3",
+                                  f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "generate_data: error:", "num_days=6",
+                     "world.kg_days, world.impression_start_day were also set")
+    assert not (tmp_path / "w").exists()

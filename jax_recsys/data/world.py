@@ -1288,6 +1288,19 @@ def scale_config(scale: str, **overrides) -> WorldConfig:
     return dataclasses.replace(base, **overrides)
 
 
+# The fields `days_override` rewrites.
+DAY_FIELDS = (
+    "num_days",
+    "stale_pretrain_days",
+    "fresh_pretrain_days",
+    "ranker_train_days",
+    "ranker_valid_days",
+    "ranker_test_days",
+    "kg_days",
+    "impression_start_day",
+)
+
+
 def days_override(cfg: WorldConfig, num_days: int) -> WorldConfig:
     """Shrinks or stretches the time axis to ``num_days`` keeping the windows' proportions.
 
@@ -1296,7 +1309,9 @@ def days_override(cfg: WorldConfig, num_days: int) -> WorldConfig:
       num_days: new number of days (>= 5).
 
     Returns:
-      a config whose windows are scaled to ``num_days`` (each at least one day).
+      a config whose windows are scaled to ``num_days`` (each at least one day);
+      every field in ``DAY_FIELDS`` is rewritten (``kg_days`` becomes the fresh
+      pretraining window, ``impression_start_day`` the ranker train start).
     """
     if num_days < 5:
         raise ValueError("num_days must be >= 5 (five day windows)")
