@@ -109,6 +109,23 @@ Target: hybrid p50 and p99 within 1.15x of monolithic (the paper's "neutral
 end-to-end latency"). Smoke (~1 min on a busy 2-core box): ``--parts=rank
 --rank_rows=20000 --rank_clients=1,2 --duration_s=1 --warmup=5``.
 
+Hedged lookups (``--parts=hedge``): two shard server processes serve the same
+single shard (a primary and its replica). One client process per
+``--hedge_clients`` entry runs ``EmbeddingClient`` s over them, time-sliced
+as above: one that fails over (the default) and one per ``--hedge_after_ms``
+value with that ``hedge_after_s`` (and ``--hedge_budget``). First with both
+replicas healthy (the cost of hedging),
+then while a thread of the benchmark stops one replica at random for
+``--hedge_stall_ms`` (SIGSTOP, then SIGCONT) about every
+``--hedge_stall_every_ms`` (a GC pause, a noisy neighbour). Each mode gets
+``duration_s`` of the time. One line per mode, client count and stall setting:
+
+  {"bench": "serving", "kind": "hedge", "mode": "failover"|"hedged", "clients",
+   "stalls" (stalls during the run), "stall_ms", "stall_every_ms", "hedge_after_ms",
+   "hedge_budget", "p50_ms", "p99_ms", "p999_ms", "max_ms", "hedges_per_request",
+   "throttled_per_request" (late tries not hedged: budget spent),
+   "p50_vs_failover", "p99_vs_failover", "p999_vs_failover", ...}
+
 Round trips after idle (``--parts=idle``, ~30 s plus writing a ``--rows``
 artifact): a shard of a hybrid ranker sits idle while the ranker scores, then
 gets the next fetch. This part times one client's round trips to the gRPC echo
@@ -144,6 +161,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -179,7 +197,10 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where the artifacts go and stay (default: a temp dir, removed at the end)."
 )
 _PARTS = flags.DEFINE_list(
-    "parts", ["lookup", "rank"], "What to measure: lookup, rank, idle (round trips after idle)."
+    "parts",
+    ["lookup", "rank"],
+    "What to measure: lookup, rank, idle (round trips after idle), hedge (failover against "
+    "hedged lookups with a stalling replica).",
 )
 _RANK_ROWS = flags.DEFINE_integer(
     "rank_rows", 1_000_000, "User and pin rows of the ranking artifact."
@@ -213,6 +234,24 @@ _RANK_ONE_AT_A_TIME = flags.DEFINE_bool(
     "Run the rankers one after another instead of side by side (for an accelerator that "
     "takes one process at a time, as one lent H200 host did); ratios then span time.",
 )
+
+_HEDGE_AFTER = flags.DEFINE_list(
+    "hedge_after_ms",
+    ["2", "5"],
+    "--parts=hedge: hedge_after_s of the hedged clients, in ms (one client each).",
+)
+_HEDGE_BUDGET = flags.DEFINE_float(
+    "hedge_budget", 0.05, "--parts=hedge: the hedged clients' hedge_budget."
+)
+_HEDGE_STALL = flags.DEFINE_float(
+    "hedge_stall_ms", 20.0, "--parts=hedge: how long a stalled replica stays stopped."
+)
+_HEDGE_STALL_EVERY = flags.DEFINE_float(
+    "hedge_stall_every_ms",
+    200.0,
+    "--parts=hedge: a stall starts this often (on one of the two replicas, at random).",
+)
+_HEDGE_CLIENTS = flags.DEFINE_list("hedge_clients", ["1", "4"], "--parts=hedge: clients.")
 
 _TABLE = "item"
 
@@ -305,9 +344,16 @@ def _caller(task: dict, rng):
 
     batches = [rng.integers(0, task["rows"], task["ids"]) for _ in range(64)]
     client = client_lib.EmbeddingClient.from_artifact(
-        task["manifest"], task["addresses"], deadline_s=5, transport=task["transport"]
+        task["manifest"], task["addresses"], deadline_s=5, transport=task["transport"],
+        hedge_after_s=task.get("hedge_after_s"), hedge_budget=task.get("hedge_budget", 0.05),
     )
-    return (lambda i: client.lookup(_TABLE, batches[i % len(batches)])), client.close
+
+    def lookup(i):
+        return client.lookup(_TABLE, batches[i % len(batches)])
+
+    lookup.counters = lambda: {  # see _client_loop
+        "hedges_sent": client.hedges_sent, "hedges_throttled": client.hedges_throttled}
+    return lookup, client.close
 
 
 def _client_loop(task: dict) -> dict:
@@ -326,6 +372,11 @@ def _client_loop(task: dict) -> dict:
             one(i)
     while time.time() < task["start_at"]:
         time.sleep(0.001)
+
+    def counters() -> list[dict]:  # a kind's counters (``one.counters``), if it has any
+        return [getattr(one, "counters", dict)() for one, _ in callers]
+
+    before = counters()
     start, slice_s = task["start_at"], task.get("slice_s", 0.1)
     end = start + task["duration_s"]
     lat: list[list[float]] = [[] for _ in kinds]
@@ -336,9 +387,10 @@ def _client_loop(task: dict) -> dict:
         callers[k][0](i)
         lat[k].append(time.perf_counter() - t0)
         i += 1
+    extras = [{k: v - b[k] for k, v in a.items()} for a, b in zip(counters(), before, strict=True)]
     for _, close in callers:
         close()
-    return {"latencies": lat}
+    return {"latencies": lat, "extras": extras}
 
 
 def _worker(task_q, result_q) -> None:
@@ -369,12 +421,16 @@ class _ClientPool:
         for c in range(clients):
             self.task_q.put(dict(task, seed=c, start_at=start_at))
         out = [[] for _ in task.get("kinds") or [task]]
+        self.extras = [{} for _ in out]  # per kind: counters summed over the clients
         for _ in range(clients):
             res = self.result_q.get(timeout=task["duration_s"] + 120)
             if "error" in res:
                 raise RuntimeError(f"client failed: {res['error']}")
             for k, lat in enumerate(res["latencies"]):
                 out[k].extend(lat)
+            for k, extra in enumerate(res["extras"]):
+                for name, v in extra.items():
+                    self.extras[k][name] = self.extras[k].get(name, 0) + v
         return [np.array(x) for x in out]
 
     def close(self) -> None:
@@ -895,9 +951,11 @@ def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
 def main(argv):
     del argv
     parts = set(_PARTS.value)
-    unknown = parts - {"lookup", "rank", "idle"}
+    unknown = parts - {"lookup", "rank", "idle", "hedge"}
     if unknown:
-        raise app.UsageError(f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle")
+        raise app.UsageError(
+            f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle, hedge"
+        )
     _check_sizes()  # bad flags: before any work
     shard_counts = _counts(_SHARDS)
     client_counts = _counts(_CLIENTS) if "lookup" in parts else []
@@ -906,6 +964,7 @@ def main(argv):
         _counts(_RANK_SHARDS)
         _counts(_RANK_FETCH_AHEAD)
     idle = _idle_settings() if "idle" in parts else None  # bad flags: before any work
+    hedge_clients, hedge_after = _hedge_settings() if "hedge" in parts else ([], [])
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
     os.makedirs(workdir, exist_ok=True)
     base = {
@@ -917,14 +976,16 @@ def main(argv):
     pool = None
     try:
         # One synthetic table for the idle and lookup parts.
-        manifest = _write_artifact(workdir) if parts & {"idle", "lookup"} else None
+        manifest = _write_artifact(workdir) if parts & {"idle", "lookup", "hedge"} else None
         art_dir = os.path.join(workdir, "art")
         if idle is not None:
             _idle_bench(art_dir, *idle)
         if parts - {"idle"}:
-            pool = _ClientPool(max(client_counts + rank_clients))
+            pool = _ClientPool(max(client_counts + rank_clients + hedge_clients))
         if "lookup" in parts:
             _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts)
+        if "hedge" in parts:
+            _hedge_bench(art_dir, manifest, pool, base, hedge_clients, hedge_after)
         if "rank" in parts:
             _rank_bench(workdir, pool, base)
     finally:
@@ -965,6 +1026,112 @@ def _idle_settings() -> tuple[list[float], int, int]:
     if req_b < 8 or resp_b < 0:
         raise app.UsageError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
     return gaps, req_b, resp_b
+
+
+def _hedge_settings() -> tuple[list[int], list[float]]:
+    """``--parts=hedge`` flags, checked: its client counts and hedge delays (ms)."""
+    bad = [f"--{f.name}={f.value} (must be > 0)" for f in
+           (_HEDGE_STALL, _HEDGE_STALL_EVERY) if not f.value > 0]
+    try:
+        after = [float(v) for v in _HEDGE_AFTER.value]
+    except ValueError:
+        after = []
+    if not after or min(after) < 0 or len(set(after)) < len(after):
+        bad.append(f"--hedge_after_ms={_HEDGE_AFTER.value} (distinct numbers >= 0)")
+    if not 0 <= _HEDGE_BUDGET.value <= 1:
+        bad.append(f"--hedge_budget={_HEDGE_BUDGET.value} (must be in [0, 1])")
+    if bad:
+        raise ValueError("bad flags: " + ", ".join(bad))
+    return _counts(_HEDGE_CLIENTS), after
+
+
+class _Staller:
+    """Stops one of ``pids`` (at random) for ``stall_s`` every ``every_s`` (SIGSTOP /
+    SIGCONT), from a thread: a replica that stalls now and then (a GC pause, a noisy
+    neighbour, a page-cache miss on its mmap'd table)."""
+
+    def __init__(self, pids: list[int], stall_s: float, every_s: float, seed: int = 0):
+        import random
+        import threading
+
+        self._pids, self._stall_s, self._every_s = pids, stall_s, every_s
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self.stalls = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+        for pid in self._pids:  # whatever happens: no server is left stopped
+            os.kill(pid, signal.SIGCONT)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._rng.uniform(0.5, 1.5) * self._every_s):
+            pid = self._rng.choice(self._pids)
+            os.kill(pid, signal.SIGSTOP)
+            self.stalls += 1
+            self._stop.wait(self._stall_s)
+            os.kill(pid, signal.SIGCONT)
+
+
+def _hedge_bench(art_dir, manifest, pool, base, client_counts, hedge_after) -> None:
+    """Failover against hedged lookups on a shard with two replicas, one of which now
+    and then stalls (see module docstring)."""
+    common = {"bench": "serving", "kind": "hedge", "ids": _IDS.value, "dim": _DIM.value,
+              "bits": _BITS.value, "rows": _ROWS.value, "cpus": os.cpu_count()}
+    procs = [_spawn_shard(art_dir, 0, 1) for _ in range(2)]  # two replicas of one shard
+    addresses = [[f"127.0.0.1:{port}" for _, port in procs]]
+    transport = _transports(_TRANSPORTS)[0]
+    kinds = [
+        {"kind": "lookup", "manifest": manifest, "addresses": addresses, "transport": transport,
+         "hedge_after_s": None if ms is None else ms / 1e3, "hedge_budget": _HEDGE_BUDGET.value}
+        for ms in [None, *hedge_after]
+    ]
+    task = dict(base, kinds=kinds, slice_s=_SLICE.value, duration_s=len(kinds) * _DURATION.value)
+    try:
+        for stalls in (False, True):
+            for c in client_counts:
+                if stalls:
+                    with _Staller([p.pid for p, _ in procs], _HEDGE_STALL.value / 1e3,
+                                  _HEDGE_STALL_EVERY.value / 1e3) as staller:
+                        lats = pool.run(task, c)
+                    n_stalls = staller.stalls
+                else:
+                    lats = pool.run(task, c)
+                    n_stalls = 0
+                where = {"transport": transport, "clients": c, "stalls": n_stalls,
+                         "stall_ms": _HEDGE_STALL.value if stalls else 0.0,
+                         "stall_every_ms": _HEDGE_STALL_EVERY.value if stalls else 0.0}
+                got = []
+                for kind, lat, extra in zip(kinds, lats, pool.extras, strict=True):
+                    x = lat * 1e3
+                    hedge_s = kind["hedge_after_s"]
+                    got.append({
+                        "mode": "failover" if hedge_s is None else "hedged",
+                        "hedge_after_ms": None if hedge_s is None else hedge_s * 1e3,
+                        "hedge_budget": None if hedge_s is None else kind["hedge_budget"],
+                        "requests": int(x.size),
+                        "p50_ms": round(float(np.percentile(x, 50)), 4),
+                        "p99_ms": round(float(np.percentile(x, 99)), 4),
+                        "p999_ms": round(float(np.percentile(x, 99.9)), 4),
+                        "max_ms": round(float(x.max()), 4),
+                        "hedges_per_request": round(extra.get("hedges_sent", 0) / x.size, 4),
+                        "throttled_per_request": round(
+                            extra.get("hedges_throttled", 0) / x.size, 4),
+                    })
+                for st in got:
+                    ratios = {f"{q}_vs_failover": round(st[f"{q}_ms"] / got[0][f"{q}_ms"], 3)
+                              for q in ("p50", "p99", "p999")}
+                    print(json.dumps({**common, **where, **st, **ratios}), flush=True)
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(30)
 
 
 def _idle_bench(art_dir: str, gaps: list[float], req_b: int, resp_b: int) -> None:

@@ -82,6 +82,23 @@ _TRANSPORT = flags.DEFINE_enum(
     "How fetches reach the shards: long-lived LookupStream calls (no per-call gRPC setup) "
     "or one unary Lookup per shard and batch. Scores are identical.",
 )
+_HEDGE_MS = flags.DEFINE_float(
+    "hedge_after_ms",
+    None,
+    "Hedged fetches for shards with replicas: a shard that has not answered after this "
+    "many ms is also asked on its next replica and the first answer is used (set it near "
+    "the fetch p95-p99, e.g. from the service's stats line). Unset: replicas are tried "
+    "one after another (failover).",
+    lower_bound=0.0,
+)
+_HEDGE_BUDGET = flags.DEFINE_float(
+    "hedge_budget",
+    0.05,
+    "With --hedge_after_ms: hedges per shard fetch, at most, over time (a token bucket); "
+    "caps the load hedging adds when the shards are slow because they are saturated.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
 _SHARD_CA = flags.DEFINE_string(
     "shard_ca_cert",
     None,
@@ -130,6 +147,8 @@ def main(argv):
             verify=_VERIFY.value,
             wire=_WIRE.value,
             transport=_TRANSPORT.value,
+            hedge_after_s=None if _HEDGE_MS.value is None else _HEDGE_MS.value / 1000.0,
+            hedge_budget=_HEDGE_BUDGET.value,
             shard_ca_cert=_SHARD_CA.value,
             tls_cert=_TLS_CERT.value,
             tls_key=_TLS_KEY.value,

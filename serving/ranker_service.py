@@ -71,6 +71,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -106,7 +107,8 @@ class RankerServiceConfig:
       artifact: serving artifact folder (tables, vocabularies, ranker).
       shards: ``host:port`` of each embedding shard, in shard order (shard i of
         S); ``"host:port|host:port|..."`` gives a shard's primary and its
-        replicas (a lookup fails over to the next one); empty = monolithic
+        replicas (a lookup fails over to the next one, or hedges: see
+        ``hedge_after_s``); empty = monolithic
         (tables in this process).
       host: interface to bind.
       port: port to bind; 0 picks a free one (``RankerService.port``).
@@ -157,6 +159,14 @@ class RankerServiceConfig:
       transport: how fetches reach the shards (``serving.client``): "stream"
         (long-lived ``LookupStream`` calls, no per-call gRPC setup) or "unary"
         (one ``Lookup`` call per shard and batch). Scores are identical.
+      hedge_after_s: None: a shard's replicas are tried one after another
+        (failover). A number: hedged fetches (``serving.client.EmbeddingClient``):
+        a shard whose replica has not answered after this long is also asked
+        on its next replica, and the first answer is used. Only shards with
+        replicas are affected; set it near the fetch's p95-p99.
+      hedge_budget: hedges per shard fetch, at most, over time (the client's
+        token bucket): caps the load hedging adds when the shards are slow
+        because they are saturated.
     """
 
     artifact: str
@@ -184,6 +194,8 @@ class RankerServiceConfig:
     tls_key: str | None = None
     wire: str = "quantized"
     transport: str = "stream"
+    hedge_after_s: float | None = None
+    hedge_budget: float = 0.05
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -200,6 +212,12 @@ class RankerServiceConfig:
             raise ValueError(
                 f"transport must be one of {client_lib.TRANSPORTS}, got {self.transport!r}"
             )
+        if self.hedge_after_s is not None and not (
+            math.isfinite(self.hedge_after_s) and self.hedge_after_s >= 0
+        ):
+            raise ValueError(f"hedge_after_s must be None or >= 0, got {self.hedge_after_s}")
+        if not 0 <= self.hedge_budget <= 1:
+            raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.max_batch_candidates < self.max_candidates:
@@ -568,6 +586,8 @@ class RankerService:
                 deadline_s=cfg.deadline_s,
                 wire=cfg.wire,
                 transport=cfg.transport,
+                hedge_after_s=cfg.hedge_after_s,
+                hedge_budget=cfg.hedge_budget,
                 root_certificates=ca,
             )
         else:

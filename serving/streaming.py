@@ -17,17 +17,19 @@ one address and lends each to one caller at a time, so a caller sees a plain
   method) gets unary calls instead (``StreamRefused``) for ``refuse_s``.
 
 Errors are ``grpc.RpcError`` with ``code()`` and ``details()``, as a unary
-call raises. Imports gRPC and the standard library only.
+call raises. A caller that no longer wants an answer (another replica gave it
+first: hedged requests, ``serving.client``) calls ``abandon()`` on what
+``send`` returned; the waiting side then raises ``Abandoned`` at once and the
+stream is closed (a new one replaces it on the next call). Imports gRPC and
+the standard library only.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
 
 import grpc
 
@@ -59,6 +61,10 @@ class StreamRefused(Exception):
     """The server does not take a stream now: make this call unary."""
 
 
+class Abandoned(Exception):
+    """The caller abandoned this round trip (``Pending.abandon``) before its answer."""
+
+
 class _Stream:
     """One open bidi call; ``roundtrip`` sends one request and waits for its answer."""
 
@@ -68,6 +74,7 @@ class _Stream:
         self._responses = multicallable(iter(self._requests.get, None))
         self.answered = 0  # round trips this stream completed
         self.expired = False  # cancelled by the watchdog
+        self.abandoned = False  # cancelled by the caller (Pending.abandon)
 
     def send(self, payload: bytes) -> None:
         self._requests.put(payload)
@@ -79,6 +86,10 @@ class _Stream:
         self.expired = True
         self._responses.cancel()
 
+    def abandon(self) -> None:
+        self.abandoned = True
+        self._responses.cancel()
+
     def close(self) -> None:
         self._requests.put(None)
         self._responses.cancel()
@@ -87,27 +98,29 @@ class _Stream:
 class DeadlineWatchdog:
     """Cancels streams whose round trip outlives its deadline.
 
-    ``arm`` notifies the thread only when the new deadline is earlier than the
+    It calls ``expire()`` of whatever is armed once its time has come (a stream:
+    cancel it; ``serving.client``'s hedge timers use the same thread). ``arm`` notifies the thread only when the new deadline is earlier than the
     one it sleeps towards, so with a constant time budget the thread wakes about
     once per budget, not once per call. One can serve many stream pools.
     """
 
     def __init__(self, name: str = "stream-deadlines"):
         self._cond = threading.Condition()
-        self._armed: dict[_Stream, float] = {}
+        self._armed: dict[object, float] = {}  # anything with expire() -> when
         self._wake_at = math.inf
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def arm(self, stream: _Stream, deadline: float) -> None:
+    def arm(self, stream, deadline: float) -> None:
+        """Calls ``stream.expire()`` (from this thread) at ``deadline`` unless disarmed."""
         with self._cond:
             self._armed[stream] = deadline
             if deadline < self._wake_at:
                 self._wake_at = deadline
                 self._cond.notify()
 
-    def disarm(self, stream: _Stream) -> None:
+    def disarm(self, stream) -> None:
         with self._cond:
             self._armed.pop(stream, None)
 
@@ -130,7 +143,29 @@ class DeadlineWatchdog:
                     self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
                     continue
             for s in due:  # outside the lock: cancel takes gRPC's locks
-                s.expire()
+                try:
+                    s.expire()
+                except Exception:  # noqa: BLE001 (a failing timer must not stop the others)
+                    pass
+
+
+class Pending:
+    """A request sent on a stream: call it once to wait for the answer (``StreamPool.send``)."""
+
+    __slots__ = ("_pool", "stream", "payload", "deadline", "abandoned")
+
+    def __init__(self, pool: StreamPool, stream: _Stream, payload: bytes, deadline: float):
+        self._pool, self.stream, self.payload, self.deadline = pool, stream, payload, deadline
+        self.abandoned = False
+
+    def __call__(self) -> bytes:
+        return self._pool._receive(self)
+
+    def abandon(self) -> None:
+        """Gives up on the answer: the waiting call raises ``Abandoned`` (unless the
+        answer is in already) and the stream is closed instead of reused."""
+        self.abandoned = True
+        self.stream.abandon()
 
 
 class StreamPool:
@@ -191,12 +226,13 @@ class StreamPool:
         """
         return self.send(payload, deadline)()
 
-    def send(self, payload: bytes, deadline: float) -> Callable[[], bytes]:
-        """Sends ``payload`` now; the returned function waits for the answer.
+    def send(self, payload: bytes, deadline: float) -> Pending:
+        """Sends ``payload`` now; calling the returned ``Pending`` waits for the answer.
 
         Sending to several servers first and then waiting for each answer in
-        turn fans a request out from one thread. Call the returned function
-        exactly once; it raises what ``call`` raises.
+        turn fans a request out from one thread. Call the returned object
+        exactly once; it raises what ``call`` raises, or ``Abandoned`` after its
+        ``abandon()``.
 
         Raises:
           StreamRefused: the server refused a stream a moment ago (see ``refuse_s``).
@@ -206,9 +242,10 @@ class StreamPool:
         stream = self._take()
         self._watchdog.arm(stream, deadline)
         stream.send(payload)
-        return functools.partial(self._receive, stream, payload, deadline)
+        return Pending(self, stream, payload, deadline)
 
-    def _receive(self, stream: _Stream, payload: bytes, deadline: float) -> bytes:
+    def _receive(self, pending: Pending) -> bytes:
+        stream, payload, deadline = pending.stream, pending.payload, pending.deadline
         while True:
             fresh = stream.answered == 0
             try:
@@ -216,6 +253,8 @@ class StreamPool:
             except (grpc.RpcError, StopIteration) as e:
                 self._watchdog.disarm(stream)
                 self._drop(stream)
+                if pending.abandoned:
+                    raise Abandoned() from None
                 now = time.monotonic()
                 if stream.expired and now >= deadline:
                     raise StreamError(
@@ -230,13 +269,17 @@ class StreamPool:
                 if fresh or code not in _BROKEN or now >= deadline or self._closed:
                     raise e from None
                 stream = self._take(fresh_only=True)  # it broke while idle: once more
+                pending.stream = stream
+                if pending.abandoned:  # abandoned meanwhile: abandon() saw the old stream
+                    self._drop(stream)
+                    raise Abandoned() from None
                 self._watchdog.arm(stream, deadline)
                 stream.send(payload)
                 continue
             self._watchdog.disarm(stream)
             stream.answered += 1
             with self._lock:
-                if not self._closed and not stream.expired:
+                if not self._closed and not stream.expired and not stream.abandoned:
                     self._free.append(stream)
                     return out
                 self._all.discard(stream)

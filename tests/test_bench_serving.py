@@ -94,6 +94,32 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
         assert 0 < x["score_p50_ms"] < x["server_p50_ms"]
 
 
+@pytest.mark.slow  # ~10-20 s: two shard processes, one client process
+@pytest.mark.multiprocess
+def test_bench_serving_hedge_part_compares_failover_and_hedged_lookups(tmp_path):
+    args = ["--parts=hedge", "--rows=5000", "--hedge_clients=1", "--duration_s=0.4",
+            "--warmup=3", "--hedge_after_ms=1,3", "--hedge_budget=0.5", "--hedge_stall_ms=10",
+            "--hedge_stall_every_ms=40", f"--workdir={tmp_path / 'work'}"]
+    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
+    hedge = [x for x in lines if x["kind"] == "hedge"]
+    assert sorted((x["stalls"] > 0, x["mode"], x["hedge_after_ms"] or 0) for x in hedge) == [
+        (False, "failover", 0), (False, "hedged", 1.0), (False, "hedged", 3.0),
+        (True, "failover", 0), (True, "hedged", 1.0), (True, "hedged", 3.0),
+    ]
+    for x in hedge:
+        assert x["clients"] == 1 and x["transport"] == "stream"
+        assert x["hedge_budget"] == (None if x["mode"] == "failover" else 0.5)
+        assert x["requests"] > 0 and 0 < x["p50_ms"] <= x["p99_ms"] <= x["p999_ms"] <= x["max_ms"]
+        assert (x["stall_ms"], x["stall_every_ms"]) == ((10.0, 40.0) if x["stalls"] else (0, 0))
+        failover = next(y for y in hedge if y["mode"] == "failover"
+                        and y["stalls"] == x["stalls"])
+        for q in ("p50", "p99", "p999"):
+            assert x[f"{q}_vs_failover"] == pytest.approx(
+                x[f"{q}_ms"] / failover[f"{q}_ms"], abs=1e-3)
+        if x["mode"] == "failover":
+            assert x["hedges_per_request"] == x["throttled_per_request"] == 0.0
+
+
 @pytest.mark.multiprocess
 def test_a_server_that_does_not_start_fails_with_the_end_of_its_log(tmp_path):
     from launch import bench_serving

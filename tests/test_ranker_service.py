@@ -786,17 +786,22 @@ def test_shards_that_dropped_the_rankers_version_are_an_outage_not_a_bad_request
         shard.stop(grace=0).wait()
 
 
-def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts):
+@pytest.mark.parametrize("hedge", [None, 0.01])
+def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge):
     """--shards=DEAD|LIVE: the ranker starts (the dead replica is logged) and scores
-    through the live one, exactly as monolithic."""
+    through the live one, exactly as monolithic (failover, or hedged fetches)."""
     (shard,) = _shards(arts["a"], n=1)
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sk.getsockname()[1]}"
     cfg = dict(artifact=str(arts["a"].path), deadline_s=2.0, max_candidates=48,
-               max_batch_candidates=64, min_bucket=32)
+               max_batch_candidates=64, min_bucket=32, hedge_after_s=hedge)
     with pytest.raises(ValueError, match="must be 'host:port' or"):
         rs.RankerServiceConfig(shards=("a|",), **cfg)
+    with pytest.raises(ValueError, match="hedge_after_s must be None or >= 0"):
+        rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_after_s": -1.0})
+    with pytest.raises(ValueError, match="hedge_budget must be in"):
+        rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_budget": 2.0})
     svc = rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|127.0.0.1:{shard.port}",), **cfg))
     mono = rs.serve(rs.RankerServiceConfig(**cfg))
     ch, call = _call(svc.port)

@@ -237,14 +237,19 @@ def test_malformed_quantized_answer_is_a_serving_error_and_bad_wire_is_refused(a
         client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"], wire="int4")
 
 
+# Replica handling with failover (None) and with hedged requests.
+HEDGES = [None, 0.05]
+
+
+@pytest.mark.parametrize("hedge", HEDGES)
 @pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
 def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(
-    art, three_shards, transport
+    art, three_shards, transport, hedge
 ):
     dead = f"127.0.0.1:{_free_port()}"
     with_replica = [three_shards[0], [dead, three_shards[1]], three_shards[2]]
     client = client_lib.EmbeddingClient.from_artifact(
-        str(art.path), with_replica, deadline_s=5, transport=transport
+        str(art.path), with_replica, deadline_s=5, transport=transport, hedge_after_s=hedge
     )
     rows = np.array([5, 35, 65])
     np.testing.assert_array_equal(client.lookup("user", rows), _expected(art, "user", rows))
@@ -289,28 +294,167 @@ def _hung_server(release):
     return server, f"127.0.0.1:{port}"
 
 
-@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
-def test_a_hung_primary_leaves_its_replica_time_to_answer(art, transport):
-    """Each try gets a share of the budget: a stalled primary does not eat all of it."""
+@pytest.fixture
+def hung_and_real(art):
+    """``(hung primary's address, a real replica's address)``: one shard of ``art``."""
     real = es.serve(es.ServerConfig(artifact=str(art.path), shard=0, num_shards=1,
                                     log_every_s=0, workers=2))
     release = threading.Event()
     hung, hung_addr = _hung_server(release)
+    yield hung_addr, f"127.0.0.1:{real.port}"
+    release.set()
+    hung.stop(0)
+    real.stop(0)
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_a_hung_primary_leaves_its_replica_time_to_answer(art, transport, hung_and_real):
+    """Each try gets a share of the budget: a stalled primary does not eat all of it."""
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), [list(hung_and_real)], deadline_s=1.0, transport=transport)
+    for _ in range(3):
+        t0 = time.monotonic()
+        np.testing.assert_array_equal(client.lookup("user", [1, 2]),
+                                      _expected(art, "user", [1, 2]))
+        assert time.monotonic() - t0 < 1.0
+    assert client._preferred == [1]  # later calls start on the replica that answered
+    client.close()
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_hedged_requests_answer_from_the_replica_while_the_primary_hangs(art, transport,
+                                                                         hung_and_real):
+    """With hedging, a stalled primary costs about ``hedge_after_s``, not a share of the
+    deadline (failover would wait 2/3 of 5 s here), and its try is abandoned."""
+    hung_addr = hung_and_real[0]
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), [list(hung_and_real)], deadline_s=5.0, transport=transport,
+        hedge_after_s=0.05)
+    t0 = time.monotonic()
+    np.testing.assert_array_equal(client.lookup("user", [1, 2]), _expected(art, "user", [1, 2]))
+    assert time.monotonic() - t0 < 1.5  # failover: >= 3.3 s
+    assert client._preferred == [1]  # later calls start on the replica that answered
+    assert client.hedges_sent == 1
+    if transport == "stream":  # the primary's stream was abandoned (closed), not kept
+        assert client._streams[hung_addr].open_streams == 0
+    for _ in range(3):
+        np.testing.assert_array_equal(client.lookup("user", [5]), _expected(art, "user", [5]))
+    client.close()
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_hedged_requests_take_the_first_answer_when_every_replica_is_slow(art, transport):
+    # Both answer after 0.3 s; the hedge goes out at 0.05 s; the primary's answer wins.
+    servers, addrs = zip(*[_fake_shard(art.version, delay_s=0.3) for _ in range(2)],
+                         strict=True)
     try:
         client = client_lib.EmbeddingClient.from_artifact(
-            str(art.path), [[hung_addr, f"127.0.0.1:{real.port}"]], deadline_s=1.0,
-            transport=transport)
-        for _ in range(3):
-            t0 = time.monotonic()
-            np.testing.assert_array_equal(client.lookup("user", [1, 2]),
-                                          _expected(art, "user", [1, 2]))
-            assert time.monotonic() - t0 < 1.0
-        assert client._preferred == [1]  # later calls start on the replica that answered
+            str(art.path), [list(addrs)], deadline_s=5.0, transport=transport,
+            hedge_after_s=0.05)
+        for _ in range(2):
+            assert client.lookup("user", [1, 2]).tolist() == [[0.0] * 4] * 2
+        assert (client.hedges_sent, client.hedges_throttled) == (2, 0)
+        client.close()
+        # The hedge budget: one token and none earned: the second late lookup is not
+        # hedged, and still answers (its try keeps the whole deadline).
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [list(addrs)], deadline_s=5.0, transport=transport,
+            hedge_after_s=0.05, hedge_budget=0.0, hedge_burst=1.0)
+        for _ in range(2):
+            assert client.lookup("user", [1, 2]).tolist() == [[0.0] * 4] * 2
+        assert (client.hedges_sent, client.hedges_throttled) == (1, 1)
+        client.close()
+        # Every replica hung: DEADLINE_EXCEEDED at the deadline, not later.
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [list(addrs)], deadline_s=0.2, transport=transport,
+            hedge_after_s=0.05)
+        t0 = time.monotonic()
+        with pytest.raises(client_lib.ServingError) as e:
+            client.lookup("user", [1])
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and e.value.shard == 0
+        assert time.monotonic() - t0 < 0.2 + 0.25
         client.close()
     finally:
-        release.set()
-        hung.stop(0)
-        real.stop(0)
+        for server in servers:
+            server.stop(0)
+
+
+def _refusing_server(code):
+    """A shard that answers every Lookup with status ``code`` and counts the calls."""
+    calls = []
+
+    def lookup(raw, ctx):
+        calls.append(1)
+        ctx.abort(code, "refused on purpose")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        codec.SERVICE_NAME, {"Lookup": grpc.unary_unary_rpc_method_handler(lookup)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}", calls
+
+
+@pytest.mark.parametrize("hedge", HEDGES)
+def test_a_non_retryable_error_is_not_sent_to_the_replica(art, hedge):
+    """INVALID_ARGUMENT is the request's fault: another replica would say the same."""
+    bad, bad_addr, calls = _refusing_server(grpc.StatusCode.INVALID_ARGUMENT)
+    spare, spare_addr, spare_calls = _refusing_server(grpc.StatusCode.INVALID_ARGUMENT)
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [[bad_addr, spare_addr]], deadline_s=5.0, hedge_after_s=hedge)
+        with pytest.raises(client_lib.ServingError, match="INVALID_ARGUMENT: refused on purp") as e:
+            client.lookup("user", [1])
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.shard == 0
+        assert (len(calls), len(spare_calls)) == (1, 0)
+        client.close()
+    finally:
+        bad.stop(0)
+        spare.stop(0)
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_always_hedged_concurrent_lookups_are_exact(art, transport):
+    """hedge_after_s=0: every request races both replicas of its shard, from 6 threads
+    at once; every answer is exact and the abandoned tries leave the client healthy."""
+    servers = [es.serve(es.ServerConfig(artifact=str(art.path), shard=i % 2, num_shards=2,
+                                        log_every_s=0, workers=4)) for i in range(4)]
+    addrs = [[f"127.0.0.1:{servers[i].port}", f"127.0.0.1:{servers[i + 2].port}"]
+             for i in range(2)]
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), addrs, deadline_s=10.0, transport=transport, hedge_after_s=0.0,
+        hedge_budget=1.0)
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(25):
+            rows = rng.integers(0, 90, 7)
+            got = client.lookup_many({"user": rows, "pin": rows % 10})
+            np.testing.assert_array_equal(got["user"], _expected(art, "user", rows))
+            np.testing.assert_array_equal(got["pin"], _expected(art, "pin", rows % 10))
+
+    try:
+        with futures.ThreadPoolExecutor(6) as pool:
+            for f in [pool.submit(work, seed) for seed in range(6)]:
+                f.result(timeout=120)
+        np.testing.assert_array_equal(client.lookup("user", [0, 89]),
+                                      _expected(art, "user", [0, 89]))
+    finally:
+        client.close()
+        for server in servers:
+            server.stop(0)
+
+
+def test_hedge_after_s_is_validated(art):
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="hedge_after_s must be None or >= 0"):
+            client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
+                                                     hedge_after_s=bad)
+    for budget, burst in ((-0.1, 10.0), (1.5, 10.0), (0.1, 0.5)):
+        with pytest.raises(ValueError, match="hedge_budget must be in"):
+            client_lib.EmbeddingClient.from_artifact(
+                str(art.path), ["127.0.0.1:1"], hedge_after_s=0.01, hedge_budget=budget,
+                hedge_burst=burst)
 
 
 def test_slow_but_in_time_replicas_still_answer(art):
@@ -334,9 +478,10 @@ def test_slow_but_in_time_replicas_still_answer(art):
     assert client_lib._try_deadline(now + 0.9, 1) == now + 0.9
 
 
+@pytest.mark.parametrize("hedge", HEDGES)
 @pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
 def test_a_replica_without_the_pinned_version_hands_over_to_one_with_it(art, tmp_path,
-                                                                       transport):
+                                                                       transport, hedge):
     """Mid-rollout, a replica restarted on the next artifact refuses the pinned
     version: the lookup goes to a replica still serving it, and fails only when none does."""
     rng = np.random.default_rng(1)
@@ -350,12 +495,13 @@ def test_a_replica_without_the_pinned_version_hands_over_to_one_with_it(art, tmp
     try:
         client = client_lib.EmbeddingClient.from_artifact(
             str(art.path), [[f"127.0.0.1:{new.port}", f"127.0.0.1:{old.port}"]],
-            transport=transport)
+            transport=transport, hedge_after_s=hedge)
         for _ in range(2):
             np.testing.assert_array_equal(client.lookup("user", [3]), _expected(art, "user", [3]))
         client.close()
         client = client_lib.EmbeddingClient.from_artifact(
-            str(art.path), [[f"127.0.0.1:{new.port}"] * 2], transport=transport)
+            str(art.path), [[f"127.0.0.1:{new.port}"] * 2], transport=transport,
+            hedge_after_s=hedge)
         with pytest.raises(client_lib.VersionMismatch, match="no replica tried serves") as e:
             client.lookup("user", [3])
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
