@@ -225,6 +225,25 @@ class _UnaryPending:
         self._future.cancel()
 
 
+def _drain(waits) -> None:
+    """Reads answers nobody needs any more (the lookup failed), returning their streams."""
+    for wait in waits:
+        try:
+            wait()
+        except Exception:  # noqa: BLE001 (the lookup has failed already)
+            pass
+
+
+def _discard(pending) -> None:
+    """Gives up on a try nobody waits for: abandons it and reads what is left, so its
+    stream leaves the pool (and the watchdog) now rather than at ``close``."""
+    pending.abandon()
+    try:
+        pending()
+    except (streaming.Abandoned, streaming.StreamRefused, grpc.RpcError):
+        pass
+
+
 class _Race:
     """One shard's request raced over its replicas (``EmbeddingClient(hedge_after_s=)``).
 
@@ -235,7 +254,7 @@ class _Race:
     """
 
     def __init__(self, client: EmbeddingClient, shard: int, payload: bytes, deadline: float,
-                 sent, sent_at: float | None):
+                 sent):
         self._client, self._shard, self._payload = client, shard, payload
         self._deadline = deadline
         self._addresses = client._specs[shard].addresses
@@ -243,7 +262,10 @@ class _Race:
         n = len(self._addresses)
         self._order = [(first + k) % n for k in range(n)]
         self._sent = sent
-        self._hedge_at = (time.monotonic() if sent_at is None else sent_at) + client.hedge_after_s
+        # From when the caller starts waiting for this shard, not from the send: the
+        # caller reads the shards in turn, and a shard read after a slow one has its
+        # answer waiting already (a timer from the send would hedge it for nothing).
+        self._hedge_at = time.monotonic() + client.hedge_after_s
         client._earn_hedge_token()
         self._cond = threading.Condition()
         self._launched = 0  # replicas of _order whose try has started
@@ -259,7 +281,11 @@ class _Race:
         first = self._reserve()
         self._client._watchdog.arm(self, self._hedge_at)
         sent, self._sent = self._sent, None
-        self._attempt(first, None if sent is None else sent[1])
+        try:
+            self._attempt(first, None if sent is None else sent[1])
+        except BaseException:  # not a gRPC error (a bug, KeyboardInterrupt): stop the race
+            self._end(-1)
+            raise
         return self._wait()
 
     def _reserve(self) -> int | None:
@@ -286,27 +312,33 @@ class _Race:
         with self._cond:
             if self._done or self._launched >= len(self._order):
                 return
-        if not self._client._take_hedge_token():
-            return  # over, or over the hedge budget: the tries so far keep their deadline
-        replica = self._reserve()
-        if replica is None:
-            return
+            # Spend a token only for a hedge that goes out (lock order: race, client).
+            if not self._client._take_hedge_token():
+                return  # over the hedge budget: the tries so far keep their deadline
+            replica = self._order[self._launched]
+            self._launched += 1
+            self._inflight[replica] = None
+            more = self._launched < len(self._order)
         self._launch(replica)
-        if self._launched < len(self._order):
+        if more:
             self._client._watchdog.arm(self, time.monotonic() + self._client.hedge_after_s)
 
     def _register(self, replica: int, pending) -> bool:
+        """Records ``replica``'s try; False (and the try discarded) when the race is over."""
         with self._cond:
             if not self._done:
                 self._inflight[replica] = pending
                 return True
-        pending.abandon()
+        _discard(pending)
         return False
 
     def _attempt(self, replica: int, pending=None) -> None:
         addr = self._addresses[replica]
         try:
             if pending is None:
+                with self._cond:
+                    if self._done:  # another try answered meanwhile: send nothing
+                        return
                 pending = self._client._start(addr, self._payload, self._deadline)
             if not self._register(replica, pending):
                 return
@@ -321,6 +353,9 @@ class _Race:
             return
         except grpc.RpcError as e:
             self._lost(replica, e)
+            return
+        except ValueError as e:  # gRPC: "Cannot invoke RPC: Channel closed!"
+            self._lost(replica, streaming.StreamError(grpc.StatusCode.CANCELLED, str(e)))
             return
         self._end(replica, answer=raw)
 
@@ -783,7 +818,6 @@ class EmbeddingClient:
             # Streams: every shard's request goes out first, then this thread
             # reads the answers in turn (no thread hand-off per shard).
             payloads = {shard: self._request(plan[shard]) for shard in shards}
-            sent_at = time.monotonic()
             sent = {
                 shard: self._send(
                     shard, payloads[shard],
@@ -796,17 +830,18 @@ class EmbeddingClient:
             for k, shard in enumerate(shards):
                 try:
                     results[shard] = self._call(
-                        shard, plan[shard], deadline, payloads[shard], sent[shard], sent_at
+                        shard, plan[shard], deadline, payloads[shard], sent[shard]
                     )
                 except BaseException:
-                    # Read the answers already on their way, so those streams go
-                    # back to the pool instead of waiting for the watchdog.
-                    for later in shards[k + 1 :]:
-                        if sent[later] is not None:
-                            try:
-                                sent[later][1]()
-                            except Exception:  # the lookup has failed already
-                                pass
+                    # The lookup has failed: report it now, and let a pool thread read
+                    # the answers already on their way, so those streams go back to
+                    # the pool (a hung shard's waits out its deadline there, not here).
+                    later = [sent[x][1] for x in shards[k + 1 :] if sent[x] is not None]
+                    if later:
+                        try:
+                            self._pool.submit(_drain, later)
+                        except RuntimeError:  # the client was closed
+                            pass
                     raise
             return results
         # Blocking calls: gRPC Python's .future() starts a thread per call on an
@@ -890,15 +925,13 @@ class EmbeddingClient:
                 replica = (replica + 1) % len(addresses)
 
     def _call(
-        self, shard: int, items, deadline: float, payload: bytes | None = None, sent=None,
-        sent_at: float | None = None,
+        self, shard: int, items, deadline: float, payload: bytes | None = None, sent=None
     ) -> tuple[str, list[np.ndarray]]:
-        """One shard's answer, decoded; ``sent``: ``_send``'s, when the request is out
-        (at ``sent_at``)."""
+        """One shard's answer, decoded; ``sent``: ``_send``'s, when the request is out."""
         if payload is None:
             payload = self._request(items)
         if self._hedged(shard):
-            raw, replica = _Race(self, shard, payload, deadline, sent, sent_at).run()
+            raw, replica = _Race(self, shard, payload, deadline, sent).run()
         else:
             raw, replica = self._failover(shard, payload, deadline, sent)
         if self._preferred[shard] != replica:

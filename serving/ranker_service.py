@@ -723,10 +723,17 @@ class RankerService:
         embedding lookups, from the shards or in-process, and their assembly into
         the padded batch) and ``score_p50_ms`` (host to device, the jitted scorer,
         device to host). In a hybrid ranker, its fetch minus a monolithic ranker's
-        is what the shards cost.
+        is what the shards cost; with ``hedge_after_s``, ``hedges_sent`` and
+        ``hedges_throttled`` count the current version's hedged shard requests
+        and those the hedge budget stopped (since that version was loaded).
         """
         out = self._stats.summary()
-        out.update(version=self.version, versions=self.versions, mode=self.config.mode)
+        snap = self._versions.snapshot
+        out.update(version=snap.current, versions=list(snap.versions), mode=self.config.mode)
+        if self.config.hedge_after_s is not None:
+            fetcher = snap.versions[snap.current].fetcher
+            out["hedges_sent"] = fetcher.hedges_sent
+            out["hedges_throttled"] = fetcher.hedges_throttled
         out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
         out["in_flight"] = self._rpc.in_flight if self._rpc else 0
         return out

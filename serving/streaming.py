@@ -86,8 +86,7 @@ class _Stream:
         self.expired = True
         self._responses.cancel()
 
-    def abandon(self) -> None:
-        self.abandoned = True
+    def cancel(self) -> None:
         self._responses.cancel()
 
     def close(self) -> None:
@@ -152,20 +151,27 @@ class DeadlineWatchdog:
 class Pending:
     """A request sent on a stream: call it once to wait for the answer (``StreamPool.send``)."""
 
-    __slots__ = ("_pool", "stream", "payload", "deadline", "abandoned")
+    __slots__ = ("_pool", "stream", "payload", "deadline", "abandoned", "finished")
 
     def __init__(self, pool: StreamPool, stream: _Stream, payload: bytes, deadline: float):
         self._pool, self.stream, self.payload, self.deadline = pool, stream, payload, deadline
         self.abandoned = False
+        self.finished = False  # answered, and its stream handed back (set under the pool lock)
 
     def __call__(self) -> bytes:
         return self._pool._receive(self)
 
     def abandon(self) -> None:
         """Gives up on the answer: the waiting call raises ``Abandoned`` (unless the
-        answer is in already) and the stream is closed instead of reused."""
-        self.abandoned = True
-        self.stream.abandon()
+        answer is in already) and the stream is closed instead of reused. Does nothing
+        once the answer has been read (the stream may serve another call by then)."""
+        with self._pool._lock:
+            if self.finished:
+                return
+            self.abandoned = True
+            stream = self.stream
+            stream.abandoned = True
+        stream.cancel()  # outside the lock: takes gRPC's locks
 
 
 class StreamPool:
@@ -269,8 +275,11 @@ class StreamPool:
                 if fresh or code not in _BROKEN or now >= deadline or self._closed:
                     raise e from None
                 stream = self._take(fresh_only=True)  # it broke while idle: once more
-                pending.stream = stream
-                if pending.abandoned:  # abandoned meanwhile: abandon() saw the old stream
+                with self._lock:  # abandon() reads pending.stream under this lock
+                    abandoned = pending.abandoned
+                    if not abandoned:
+                        pending.stream = stream
+                if abandoned:  # abandoned meanwhile: abandon() saw the old stream
                     self._drop(stream)
                     raise Abandoned() from None
                 self._watchdog.arm(stream, deadline)
@@ -279,6 +288,7 @@ class StreamPool:
             self._watchdog.disarm(stream)
             stream.answered += 1
             with self._lock:
+                pending.finished = True  # a later abandon() must not cancel a reused stream
                 if not self._closed and not stream.expired and not stream.abandoned:
                     self._free.append(stream)
                     return out

@@ -811,6 +811,11 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge):
         for _ in range(3):
             got, want = call(req), call_m(req)
             assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+        stats = svc.stats()
+        if hedge is None:
+            assert "hedges_sent" not in stats
+        else:  # the dead primary fails at once (a handover); at most a hedge per fetch
+            assert 0 <= stats["hedges_sent"] <= 3 and stats["hedges_throttled"] == 0
         with pytest.raises(client_lib.ServingError, match="none of its replicas"):
             rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|{dead}",), **cfg))
     finally:

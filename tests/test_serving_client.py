@@ -264,8 +264,11 @@ def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(
         client.lookup("user", rows)
     assert time.monotonic() - t0 < 0.5 + 0.25
     assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.shard == 1
-    if transport == "stream":  # the answer of shard 2, sent with shard 1's, was read
-        pool = client._streams[three_shards[2]]
+    if transport == "stream":  # the answer of shard 2, sent with shard 1's, is read
+        pool = client._streams[three_shards[2]]  # (on a pool thread) and its stream kept
+        t_end = time.monotonic() + 5
+        while pool.free_streams < 1 and time.monotonic() < t_end:
+            time.sleep(0.01)
         assert pool.open_streams == pool.free_streams == 1
     np.testing.assert_array_equal(client.lookup("user", [5, 65]), _expected(art, "user", [5, 65]))
     client.close()
@@ -439,10 +442,90 @@ def test_always_hedged_concurrent_lookups_are_exact(art, transport):
                 f.result(timeout=120)
         np.testing.assert_array_equal(client.lookup("user", [0, 89]),
                                       _expected(art, "user", [0, 89]))
+        if transport == "stream":  # a try that lost its race leaves no stream behind
+            time.sleep(0.3)  # (was: about one stream per two lookups, kept until close)
+            for shard in addrs:
+                for addr in shard:
+                    assert client._streams[addr].open_streams <= 6, addr
     finally:
         client.close()
         for server in servers:
             server.stop(0)
+
+
+def test_hedge_timer_starts_when_the_caller_waits_for_the_shard(art):
+    """Shards are read in turn: a fast shard read after a slow one has its answer
+    waiting, and must not be hedged (its timer used to start at the send)."""
+    slow, slow_addr = _fake_shard(art.version, delay_s=0.3)
+    reals = [es.serve(es.ServerConfig(artifact=str(art.path), shard=1, num_shards=2,
+                                      log_every_s=0, workers=2)) for _ in range(2)]
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [slow_addr, [f"127.0.0.1:{r.port}" for r in reals]],
+            deadline_s=5.0, hedge_after_s=0.1, hedge_budget=1.0)
+        for _ in range(3):
+            got = client.lookup("user", [1, 80])
+            np.testing.assert_array_equal(got[1], _expected(art, "user", [80])[0])
+        assert (client.hedges_sent, client.hedges_throttled) == (0, 0)
+        client.close()
+    finally:
+        slow.stop(0)
+        for r in reals:
+            r.stop(0)
+
+
+@pytest.mark.parametrize("hedge", HEDGES)
+def test_a_failed_shard_is_reported_without_waiting_for_a_hung_one(art, hedge, hung_and_real):
+    """Shard 0 refuses the request at once; shard 1's first replica hangs. The error
+    comes back at once (it waited for the hung try: 2/3 of the deadline, or all of it
+    with hedging)."""
+    bad, bad_addr, _ = _refusing_server(grpc.StatusCode.INVALID_ARGUMENT)
+    try:
+        # Shard 0 of 2 (rows 0-44) refuses; shard 1 (rows 45-89) is [hung, real] --
+        # the real server serves all rows, as shard 0 of 1, which is fine for routing.
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [bad_addr, list(hung_and_real)], deadline_s=3.0,
+            hedge_after_s=hedge)
+        t0 = time.monotonic()
+        with pytest.raises(client_lib.ServingError) as e:
+            client.lookup("user", [1, 80])
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.shard == 0
+        assert time.monotonic() - t0 < 1.0
+        client.close()
+    finally:
+        bad.stop(0)
+
+
+def test_a_hedge_token_is_spent_only_for_a_hedge_that_goes_out(art, monkeypatch):
+    """The token is taken with the replica reserved, under the race's lock: a race that
+    ends while the watchdog thread is slow to take the token spends none (it used to
+    count hedges that never went out)."""
+    servers = [es.serve(es.ServerConfig(artifact=str(art.path), shard=0, num_shards=1,
+                                        log_every_s=0, workers=2)) for _ in range(2)]
+    launched = []
+    real_launch = client_lib._Race._launch
+    monkeypatch.setattr(client_lib._Race, "_launch",
+                        lambda self, r: (launched.append(r), real_launch(self, r)))
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [[f"127.0.0.1:{s.port}" for s in servers]], deadline_s=5.0,
+            hedge_after_s=0.0, hedge_budget=0.0, hedge_burst=3.0)
+        real_take = client._take_hedge_token
+
+        def slow_take():  # the watchdog thread preempted while it takes the token
+            time.sleep(0.02)
+            return real_take()
+
+        client._take_hedge_token = slow_take
+        for i in range(5):
+            client.lookup("user", [i])
+            time.sleep(0.05)
+        assert client.hedges_sent == len(launched) <= 3
+        assert client.hedges_sent + client._hedge_tokens == 3.0
+        client.close()
+    finally:
+        for s in servers:
+            s.stop(0)
 
 
 def test_hedge_after_s_is_validated(art):

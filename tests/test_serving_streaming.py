@@ -249,6 +249,37 @@ def test_echo_stream_answers_the_sizes_asked_for_on_one_call():
         server.stop(0)
 
 
+def test_abandon_cancels_a_round_trip_in_flight_and_is_a_no_op_once_answered():
+    """abandon() before the answer: the waiting call raises Abandoned and the stream is
+    closed. After the answer (the stream back in the pool, maybe lent to the next call)
+    it must not touch the stream: a late abandon used to cancel the next caller's."""
+    server, port = echo_server.start_echo_server(workers=2)
+    dog = streaming.DeadlineWatchdog()
+    req = echo_server.echo_request(request_bytes=100, response_bytes=10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            pool = streaming.StreamPool(channel, echo_server.ECHO_STREAM_METHOD, watchdog=dog)
+            first = pool.send(req, time.monotonic() + 5)
+            assert first() == bytes(10)
+            (stream,) = pool._all
+            second = pool.send(req, time.monotonic() + 5)  # the same stream, lent again
+            assert second.stream is stream
+            first.abandon()  # late: no effect on the stream serving `second`
+            assert second() == bytes(10) and stream.answered == 2 and not stream.abandoned
+            assert pool.open_streams == pool.free_streams == 1
+            # Abandoned in flight (a stalled answer is simulated by not reading it yet).
+            third = pool.send(req, time.monotonic() + 5)
+            third.abandon()
+            with pytest.raises(streaming.Abandoned):
+                third()
+            assert pool.open_streams == 0  # closed, not reused
+            assert pool.call(req, time.monotonic() + 5) == bytes(10)  # a fresh one
+            pool.close()
+    finally:
+        dog.close()
+        server.stop(0)
+
+
 def test_concurrent_callers_each_get_their_own_rows(arts):
     art = arts["a"]
     server = _start(art)
