@@ -55,10 +55,16 @@ the ranker process) and one hybrid per entry of ``--rank_shards`` (that many
 embedding shard processes each) and of ``--rank_wires`` (``quantized``: the
 shards send INT4 rows as stored and the ranker dequantizes, the default;
 ``float32``: the shards dequantize) and of ``--rank_transports`` (how the
-ranker's fetches travel: ``stream``, the default, or ``unary``); closed-loop
-clients each send one user x
+ranker's fetches travel: ``stream``, the default, or ``unary``) and of
+``--rank_cache_rows`` (``serve_ranker --cache_rows``: a row cache in the
+ranker, 0 = none, the default); closed-loop clients each send one user x
 ``--rank_candidates`` candidates per Rank call, alternating between the
 services in time slices as above (each gets ``duration_s / 2`` of time).
+Every call has a fresh random user and candidates (made before the call is
+timed): uniform over the ``--rank_rows`` pins by default, or, with
+``--rank_ad_pool=N``, distinct pins of an ads inventory of N (the candidates
+of ads ranking come from the ads, a small part of all pins; a row cache that
+holds the inventory then fetches only the user row).
 ``--rank_fetch_ahead=1,3`` runs every ranker once per setting of the
 service's ``fetch_ahead`` (how far its fetch thread may run ahead of the
 scorer; each hybrid is compared to the monolithic ranker of its own setting).
@@ -77,11 +83,13 @@ mode and client count, and one per mode with the service's own counters (how
 many requests the batcher merged):
 
   {"bench": "serving", "kind": "rank", "mode": "monolithic"|"hybrid", "shards", "wire",
-   "transport", "fetch_ahead", "clients", "candidates", "p50_ms", "p99_ms", "qps", "device",
+   "transport", "fetch_ahead", "cache_rows", "ad_pool", "clients", "candidates", "p50_ms",
+   "p99_ms", "qps", "device",
    "one_at_a_time", "p50_vs_monolithic", "p99_vs_monolithic", "serial_floor_vs_monolithic",
    ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
-   "candidates_per_batch", "server_p50_ms", "fetch_p50_ms", "score_p50_ms", "by_code", ...}
+   "candidates_per_batch", "server_p50_ms", "fetch_p50_ms", "score_p50_ms", "by_code",
+   "cache_hit_rate" (rows, with a row cache; else null), ...}
 
 (``server_p50_ms``: a Rank call inside the service, received to answered;
 ``fetch_p50_ms`` and ``score_p50_ms``: one batch's embedding fetch and its
@@ -228,6 +236,19 @@ _RANK_FETCH_AHEAD = flags.DEFINE_list(
     "to the monolithic ranker of its own setting; the serial floor uses the first.",
 )
 _RANK_CLIENTS = flags.DEFINE_list("rank_clients", ["1", "4"], "Concurrent Rank clients.")
+_RANK_CACHE_ROWS = flags.DEFINE_list(
+    "rank_cache_rows",
+    ["0"],
+    "Hybrid rankers' serve_ranker --cache_rows settings (one ranker per shard count, "
+    "wire, transport and setting; 0: no row cache).",
+)
+_RANK_AD_POOL = flags.DEFINE_integer(
+    "rank_ad_pool",
+    0,
+    "Candidates: 0 (default): uniform over all --rank_rows pins; N: the ads inventory is "
+    "N pins (the first N rows), each request's candidates are distinct pins drawn from it.",
+    lower_bound=0,
+)
 _RANK_ONE_AT_A_TIME = flags.DEFINE_bool(
     "rank_one_at_a_time",
     False,
@@ -279,7 +300,12 @@ def _caller(task: dict, rng):
         # to a server that sat idle during the call (as a shard does between fetches).
         rank, close_rank = _caller(dict(task, kind="rank"), rng)
         echo, close_echo = _caller(dict(task, kind="echo", address=task["echo_address"]), rng)
-        return (lambda i: (rank(i), echo(i))), (lambda: (close_rank(), close_echo()))
+
+        def rank_then_echo(i):
+            return rank(i), echo(i)
+
+        rank_then_echo.prepare = rank.prepare
+        return rank_then_echo, (lambda: (close_rank(), close_echo()))
     if task["kind"] == "echo":
         # One echo server (``address``), or a fan-out to several (``addresses``):
         # every request goes out first, then the answers are read in turn, as
@@ -338,8 +364,18 @@ def _caller(task: dict, rng):
 
         channel = grpc.insecure_channel(task["address"])
         call = channel.unary_unary(task["method"])
-        payloads = [_rank_payload(rng, task) for _ in range(64)]
-        return (lambda i: call(payloads[i % len(payloads)], timeout=10)), channel.close
+        # A fresh user and candidates every call (a ranker's row cache must not see
+        # the same requests again), made outside the timed call (``prepare``).
+        state = {}
+
+        def rank(i):
+            return call(state.pop("next"), timeout=10)
+
+        def prepare(i):
+            state["next"] = _rank_payload(rng, task)
+
+        rank.prepare = prepare
+        return rank, channel.close
     from serving import client as client_lib
 
     batches = [rng.integers(0, task["rows"], task["ids"]) for _ in range(64)]
@@ -367,8 +403,13 @@ def _client_loop(task: dict) -> dict:
     rng = np.random.default_rng(task["seed"])
     kinds = task.get("kinds") or [task]
     callers = [_caller(dict(task, **k), rng) for k in kinds]
-    for one, _ in callers:
+    # A kind whose call needs a fresh request made first has ``one.prepare(i)``:
+    # called before the timer starts.
+    prepares = [getattr(one, "prepare", None) for one, _ in callers]
+    for (one, _), prepare in zip(callers, prepares, strict=True):
         for i in range(task["warmup"]):
+            if prepare is not None:
+                prepare(i)
             one(i)
     while time.time() < task["start_at"]:
         time.sleep(0.001)
@@ -383,6 +424,8 @@ def _client_loop(task: dict) -> dict:
     i = 0
     while (now := time.time()) < end:
         k = int((now - start) / slice_s) % len(kinds)
+        if prepares[k] is not None:
+            prepares[k](i)
         t0 = time.perf_counter()
         callers[k][0](i)
         lat[k].append(time.perf_counter() - t0)
@@ -446,9 +489,13 @@ def _rank_payload(rng, task) -> bytes:
     from serving.protos import embedding_pb2 as pb
 
     c = task["candidates"]
+    if task.get("ad_pool"):  # distinct pins of the ads inventory (its first rows)
+        cands = rng.choice(task["ad_pool"], c, replace=False)
+    else:
+        cands = rng.integers(0, task["rows"], c)
     req = pb.RankRequest(
         user_row=int(rng.integers(0, task["rows"])),
-        candidate_ids=codec.encode_ids(rng.integers(0, task["rows"], c)),
+        candidate_ids=codec.encode_ids(cands),
     )
     req.context["advertiser"] = codec.encode_ids(rng.integers(0, task["advertisers"], c))
     req.context["hour"] = codec.encode_ids(rng.integers(0, 24, c))
@@ -643,6 +690,7 @@ def _spawn_ranker(
     fetch_ahead: int = 1,
     transport: str = "stream",
     env: dict | None = None,
+    cache_rows: int = 0,
 ) -> tuple[subprocess.Popen, dict]:
     shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
     t0 = time.perf_counter()
@@ -655,6 +703,7 @@ def _spawn_ranker(
         f"--wire={wire}",
         f"--fetch_ahead={fetch_ahead}",
         f"--transport={transport}",
+        f"--cache_rows={cache_rows}",
         # One cache for all rankers: same architecture and buckets, compiled once.
         f"--compilation_cache_dir={os.path.join(os.path.dirname(artifact_dir), 'jax_cache')}",
     ]
@@ -664,7 +713,7 @@ def _spawn_ranker(
     )
     print(  # progress: a ranker starts JAX and compiles its buckets first
         f"ranker shards={len(shard_ports)} wire={wire} transport={transport} "
-        f"fetch_ahead={fetch_ahead} on {info.get('device')}: up in "
+        f"fetch_ahead={fetch_ahead} cache_rows={cache_rows} on {info.get('device')}: up in "
         f"{time.perf_counter() - t0:.1f} s (start_s {info.get('start_s')})",
         file=sys.stderr,
         flush=True,
@@ -764,6 +813,7 @@ class _RankerKey(NamedTuple):
     wire: str  # "" for monolithic
     transport: str  # "" for monolithic
     fetch_ahead: int
+    cache_rows: int = 0  # serve_ranker --cache_rows (hybrid)
 
 
 def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
@@ -785,8 +835,10 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         rows=_RANK_ROWS.value,
         advertisers=advertisers,
         candidates=_RANK_CANDIDATES.value,
+        ad_pool=_RANK_AD_POOL.value,
         method="/jax_recsys.serving.RankerService/Rank",
     )
+    common["ad_pool"] = _RANK_AD_POOL.value
     shard_counts = [int(n) for n in _RANK_SHARDS.value]
     from serving import client as client_lib, codec
 
@@ -802,12 +854,14 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )
     keys = [_RankerKey("monolithic", 0, "", "", ahead) for ahead in aheads]
+    caches = _counts_or_zero(_RANK_CACHE_ROWS)
     keys += [
-        _RankerKey("hybrid", n, wire, transport, ahead)
+        _RankerKey("hybrid", n, wire, transport, ahead, cache)
         for n in shard_counts
         for wire in wires
         for transport in transports
         for ahead in aheads
+        for cache in caches
     ]
     # All rankers run side by side and every client alternates between them in
     # time slices: same machine state for all, so the ratios are not the drift of
@@ -831,7 +885,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     ports = [p for _, p in shard_procs.get(key.shards, [])]
                     rankers[key] = _spawn_ranker(
                         art_dir, ports, key.wire or "quantized", key.fetch_ahead,
-                        key.transport or "stream", env,
+                        key.transport or "stream", env, key.cache_rows,
                     )
                     devices[key] = rankers[key][1].get("device")
                 kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
@@ -919,6 +973,8 @@ def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
                 "fetch_p50_ms": round(stats.get("fetch_p50_ms", 0.0), 3),
                 "score_p50_ms": round(stats.get("score_p50_ms", 0.0), 3),
                 "by_code": stats.get("by_code"),
+                "cache_hit_rate": (round(stats["cache_hit_rate"], 4)
+                                   if "cache_hit_rate" in stats else None),
             }
         ),
         flush=True,
@@ -963,6 +1019,11 @@ def main(argv):
     if "rank" in parts:
         _counts(_RANK_SHARDS)
         _counts(_RANK_FETCH_AHEAD)
+        _counts_or_zero(_RANK_CACHE_ROWS)
+        pool_n = _RANK_AD_POOL.value
+        if 0 < pool_n < _RANK_CANDIDATES.value or pool_n > _RANK_ROWS.value:
+            raise ValueError(f"--rank_ad_pool={pool_n} must be 0 or in "
+                             f"[--rank_candidates, --rank_rows]")
     idle = _idle_settings() if "idle" in parts else None  # bad flags: before any work
     hedge_clients, hedge_after = _hedge_settings() if "hedge" in parts else ([], [])
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
@@ -993,6 +1054,17 @@ def main(argv):
             pool.close()
         if not _WORKDIR.value:  # the artifacts are ~85 MB at the default sizes
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _counts_or_zero(flag) -> list[int]:
+    """A list flag of distinct integers >= 0 (ValueError)."""
+    try:
+        got = [int(v) for v in flag.value]
+    except ValueError:
+        raise ValueError(f"--{flag.name} must list integers, got {flag.value}") from None
+    if not got or min(got) < 0 or len(set(got)) < len(got):
+        raise ValueError(f"--{flag.name} must list distinct integers >= 0, got {flag.value}")
+    return got
 
 
 def _counts(flag) -> list[int]:

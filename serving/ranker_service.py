@@ -87,7 +87,7 @@ from grpc_health.v1 import health, health_pb2
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from jax_recsys.ranking import model as model_lib
-from serving import client as client_lib, codec, grpc_util, versions as versions_lib
+from serving import client as client_lib, codec, grpc_util, row_cache, versions as versions_lib
 from serving.protos import embedding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,13 @@ class RankerServiceConfig:
       hedge_budget: hedges per shard fetch, at most, over time (the client's
         token bucket): caps the load hedging adds when the shards are slow
         because they are saturated.
+      cache_rows: hybrid only: 0 (default) fetches every row from the shards.
+        N > 0 keeps recently fetched rows in this process
+        (``serving.row_cache.RowCache``: up to N rows per table, a table of at
+        most N rows whole; about 4 * D * N bytes per table) and fetches only
+        the others, for repeated candidates (popular ads) and context rows.
+        One cache per loaded version (a swap starts cold); scores are
+        identical. A batch whose rows all hit makes no round trip.
     """
 
     artifact: str
@@ -196,6 +203,7 @@ class RankerServiceConfig:
     transport: str = "stream"
     hedge_after_s: float | None = None
     hedge_budget: float = 0.05
+    cache_rows: int = 0
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -218,6 +226,8 @@ class RankerServiceConfig:
             raise ValueError(f"hedge_after_s must be None or >= 0, got {self.hedge_after_s}")
         if not 0 <= self.hedge_budget <= 1:
             raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
+        if self.cache_rows < 0:
+            raise ValueError(f"cache_rows must be >= 0, got {self.cache_rows}")
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.max_batch_candidates < self.max_candidates:
@@ -425,7 +435,7 @@ class _Version:
     scorer: object  # jitted (params, rows [P, W], coarse [P, K]) -> [2, P] (pCTR, pCVR)
     columns: dict[str, slice]  # entity -> its columns of rows (``entity_columns``)
     params: dict[str, jax.Array]
-    fetcher: object  # EmbeddingClient or _LocalTables
+    fetcher: object  # EmbeddingClient, RowCache (around one) or _LocalTables
     table_rows: dict[str, int]
     user_index: _VocabIndex | None
     context_entities: tuple[str, ...]
@@ -590,6 +600,12 @@ class RankerService:
                 hedge_budget=cfg.hedge_budget,
                 root_certificates=ca,
             )
+            if cfg.cache_rows:
+                fetcher = row_cache.RowCache(
+                    fetcher, table_rows=table_rows,
+                    dims={name: int(t["dim"]) for name, t in tables.items()},
+                    capacity=cfg.cache_rows,
+                )
         else:
             fetcher = _LocalTables(art)
         ver = _Version(
@@ -725,13 +741,19 @@ class RankerService:
         device to host). In a hybrid ranker, its fetch minus a monolithic ranker's
         is what the shards cost; with ``hedge_after_s``, ``hedges_sent`` and
         ``hedges_throttled`` count the current version's hedged shard requests
-        and those the hedge budget stopped (since that version was loaded).
+        and those the hedge budget stopped (since that version was loaded); with
+        ``cache_rows``, ``cache_hits``, ``cache_misses`` (rows) and
+        ``cache_hit_rate`` of the current version's cache.
         """
         out = self._stats.summary()
         snap = self._versions.snapshot
         out.update(version=snap.current, versions=list(snap.versions), mode=self.config.mode)
+        fetcher = snap.versions[snap.current].fetcher
+        if isinstance(fetcher, row_cache.RowCache):
+            out["cache_hits"], out["cache_misses"] = fetcher.hits, fetcher.misses
+            out["cache_hit_rate"] = fetcher.hits / max(fetcher.hits + fetcher.misses, 1)
+            fetcher = fetcher.client
         if self.config.hedge_after_s is not None:
-            fetcher = snap.versions[snap.current].fetcher
             out["hedges_sent"] = fetcher.hedges_sent
             out["hedges_throttled"] = fetcher.hedges_throttled
         out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
@@ -789,8 +811,9 @@ class RankerService:
             n = len(cfg.shards)
             ranges = [codec.shard_range(ver.candidate_rows, i, n) for i in range(n)]
             probe = np.array(sorted({lo for lo, hi in ranges if hi > lo}), np.int64)
-            try:
-                ver.fetcher.lookup_many({cfg.candidate_entity: probe})
+            try:  # past the row cache: the shards themselves must answer
+                getattr(ver.fetcher, "client", ver.fetcher).lookup_many(
+                    {cfg.candidate_entity: probe})
             except Exception as e:  # down, wrong version, or a version closed by a swap
                 log.debug("shard probe failed: %s", e)
                 continue
@@ -1036,9 +1059,13 @@ class RankerService:
         # whose deadline passes first are answered UNAVAILABLE by their handlers),
         # not a fresh deadline_s: a hung shard must not hold the fetch thread longer.
         remaining = max(j.deadline for j in jobs) - time.monotonic()
+        contacted = bool(want)  # were the shards asked (not all rows from the cache)?
         try:
-            got = ver.fetcher.lookup_many(
-                want, deadline_s=max(remaining, 1e-3)) if want else {}
+            if isinstance(ver.fetcher, row_cache.RowCache):
+                got, contacted = ver.fetcher.fetch(want, deadline_s=max(remaining, 1e-3))
+            else:
+                got = ver.fetcher.lookup_many(
+                    want, deadline_s=max(remaining, 1e-3)) if want else {}
         except client_lib.ServingError as e:
             mismatch = isinstance(e, client_lib.VersionMismatch)
             if mismatch and ver.version != self._versions.current:  # pinned by the caller
@@ -1054,7 +1081,7 @@ class RankerService:
                 raise RankError(grpc.StatusCode.UNAVAILABLE, f"embedding shards {what}: {e}") \
                     from None
             raise RankError(grpc.StatusCode.INTERNAL, f"embedding shards: {e}") from None
-        if cfg.shards and want:
+        if cfg.shards and contacted:
             self._note_fetch(shards_ok=True)
         rows_pw, coarse_pk = self._zeros(ver, p)
         cols = ver.columns

@@ -7,6 +7,7 @@ noisy machines); the lines' presence, shape and internal consistency are.
 """
 
 import mp_util
+import numpy as np
 import pytest
 
 
@@ -177,3 +178,42 @@ def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(tmp_path
         assert floor["p50_vs_monolithic"] == pytest.approx(
             floor["p50_ms"] / mono["p50_ms"], abs=1e-3
         )
+
+
+@pytest.mark.slow  # ~15-25 s: three rankers
+@pytest.mark.multiprocess
+def test_rank_part_with_a_row_cache_and_an_ads_inventory(tmp_path):
+    args = [
+        "--parts=rank", "--duration_s=0.4", "--warmup=3", "--rank_rows=5000",
+        "--rank_candidates=100", "--rank_shards=1", "--rank_wires=quantized",
+        "--rank_clients=1", "--rank_cache_rows=0,6000", "--rank_ad_pool=200",
+        f"--workdir={tmp_path / 'work'}",
+    ]
+    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
+    services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
+    assert sorted(services) == [("hybrid", 0), ("hybrid", 6000), ("monolithic", 0)]
+    assert all(set(x["by_code"]) == {"OK"} for x in services.values())
+    assert services["hybrid", 0]["cache_hit_rate"] is None
+    # 100 of an inventory of 200 pins and 100 of a few advertisers per call: after the
+    # first calls only the (random) user row misses.
+    assert services["hybrid", 6000]["cache_hit_rate"] > 0.9
+    ranks = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank"}
+    assert sorted(ranks) == sorted(services)
+    for x in ranks.values():
+        assert x["ad_pool"] == 200 and x["requests"] > 0
+
+
+def test_rank_payloads_are_fresh_and_drawn_from_the_ads_inventory():
+    from launch import bench_serving as bs
+    from serving import codec
+    from serving.protos import embedding_pb2 as pb
+
+    rng = np.random.default_rng(0)
+    task = {"candidates": 50, "rows": 10_000, "advertisers": 7, "ad_pool": 60}
+    reqs = [pb.RankRequest.FromString(bs._rank_payload(rng, task)) for _ in range(20)]
+    for req in reqs:
+        cands = codec.decode_ids(req.candidate_ids)
+        assert cands.size == 50 and np.unique(cands).size == 50 and cands.max() < 60
+    assert len({req.user_row for req in reqs}) > 15  # a fresh random user each time
+    uniform = pb.RankRequest.FromString(bs._rank_payload(rng, dict(task, ad_pool=0)))
+    assert codec.decode_ids(uniform.candidate_ids).max() >= 60  # over all 10k rows

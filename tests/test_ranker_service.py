@@ -143,11 +143,13 @@ def stack(arts):
     shards = _shards(arts["a"])
     hybrid = _svc(arts["a"], shards)
     hybrid_f32 = _svc(arts["a"], shards, wire="float32")
+    # A row cache smaller than the pin table: hashed slots, evictions.
+    cached = _svc(arts["a"], shards, cache_rows=16)
     mono = _svc(arts["a"])
-    yield {"shards": shards, "hybrid": hybrid, "hybrid_f32": hybrid_f32, "mono": mono}
-    hybrid.stop(grace=0)
-    hybrid_f32.stop(grace=0)
-    mono.stop(grace=0)
+    yield {"shards": shards, "hybrid": hybrid, "hybrid_f32": hybrid_f32, "cached": cached,
+           "mono": mono}
+    for svc in (hybrid, hybrid_f32, cached, mono):
+        svc.stop(grace=0)
     for s in shards:
         s.stop(grace=0).wait()
 
@@ -201,6 +203,29 @@ def test_hybrid_equals_monolithic_exactly_and_matches_reference(arts, stack):
     ch_h.close()
     ch_f.close()
     ch_m.close()
+
+
+def test_a_hybrid_ranker_with_a_row_cache_scores_exactly_as_monolithic(arts, stack):
+    svc, mono = stack["cached"], stack["mono"]
+    before = svc.stats()
+    for _ in range(2):  # the second pass finds most rows in the cache
+        for user, cands, adv, hour in CASES:
+            req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour},
+                                  **user)
+            for got, want in zip(rs.decode_response(svc.rank(req)),
+                                 rs.decode_response(mono.rank(req)), strict=True):
+                np.testing.assert_array_equal(got, want)
+    stats = svc.stats()
+    hits = stats["cache_hits"] - before["cache_hits"]
+    misses = stats["cache_misses"] - before["cache_misses"]
+    # Every user, candidate and known advertiser row of both passes went through it.
+    rows = sum(len(c) + (_row(u) >= 0) + int(np.sum(np.broadcast_to(a, (len(c),)) >= 0))
+               for u, c, a, _ in CASES)
+    assert hits + misses == 2 * rows and hits > rows // 2
+    assert 0 < stats["cache_hit_rate"] < 1
+    assert "cache_hits" not in stack["hybrid"].stats()
+    with pytest.raises(ValueError, match="cache_rows must be >= 0"):
+        rs.RankerServiceConfig(artifact=str(arts["a"].path), cache_rows=-1)
 
 
 def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack):
@@ -548,6 +573,35 @@ def test_health_is_not_serving_while_the_shards_are_down_and_serving_after_resta
     ch.close()
     svc.stop(grace=0)
     back.stop(grace=0).wait()
+
+
+def test_cached_rows_are_served_while_the_shards_are_down_but_say_nothing_of_health(arts,
+                                                                                  stack):
+    """A batch whose rows all hit the cache needs no shard: it is answered during an
+    outage, and it neither counts as a failed fetch nor brings health back."""
+    (user, cands, adv, hour), other = CASES[0], CASES[2]
+    req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour}, **user)
+    req_b = rs.rank_request(candidates=other[1], context={"advertiser": other[2],
+                                                          "hour": other[3]}, **other[0])
+    want = rs.decode_response(stack["mono"].rank(req))
+    (shard,) = _shards(arts["a"], n=1)
+    svc = _svc(arts["a"], [shard], deadline_s=3.0, unhealthy_after=2, probe_every_s=0.05,
+               cache_rows=1000)
+    try:
+        svc.rank(req)  # fills the cache
+        shard.stop(grace=0).wait()
+        for got, expected in zip(rs.decode_response(svc.rank(req)), want, strict=True):
+            np.testing.assert_array_equal(got, expected)
+        for _ in range(2):  # rows not cached: the outage shows
+            with pytest.raises(rs.RankError) as e:
+                svc.rank(req_b)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert svc.stats()["health"] == "NOT_SERVING"
+        svc.rank(req)  # all from the cache: still answered, health unchanged
+        time.sleep(0.2)  # the probe goes past the cache and still finds the shard down
+        assert svc.stats()["health"] == "NOT_SERVING"
+    finally:
+        svc.stop(grace=0)
 
 
 def test_dead_shard_is_unavailable_within_deadline_and_refusals_at_start(arts):
