@@ -89,7 +89,8 @@ many requests the batcher merged):
    ...}
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "fetch_p50_ms", "score_p50_ms", "by_code",
-   "cache_hit_rate" (rows, with a row cache; else null), ...}
+   "cache_hit_rate" (rows, with a row cache, since the ranker started: every client
+   count and the warmup; else null), ...}
 
 (``server_p50_ms``: a Rank call inside the service, received to answered;
 ``fetch_p50_ms`` and ``score_p50_ms``: one batch's embedding fetch and its
@@ -451,6 +452,7 @@ class _ClientPool:
     def __init__(self, n: int):
         ctx = mp.get_context("spawn")
         self.task_q, self.result_q = ctx.Queue(), ctx.Queue()
+        self._runs = 0
         self.procs = [
             ctx.Process(target=_worker, args=(self.task_q, self.result_q), daemon=True)
             for _ in range(n)
@@ -462,7 +464,10 @@ class _ClientPool:
         """Latencies of every client, one array per kind of ``task["kinds"]`` (or one)."""
         start_at = time.time() + 1.0 + 0.05 * clients
         for c in range(clients):
-            self.task_q.put(dict(task, seed=c, start_at=start_at))
+            # A new seed for every run: the rankers (and their row caches) live across
+            # the client counts, and must not see the same requests again.
+            self.task_q.put(dict(task, seed=[self._runs, c], start_at=start_at))
+        self._runs += 1
         out = [[] for _ in task.get("kinds") or [task]]
         self.extras = [{} for _ in out]  # per kind: counters summed over the clients
         for _ in range(clients):

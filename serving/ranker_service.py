@@ -169,9 +169,10 @@ class RankerServiceConfig:
         because they are saturated.
       cache_rows: hybrid only: 0 (default) fetches every row from the shards.
         N > 0 keeps recently fetched rows in this process
-        (``serving.row_cache.RowCache``: up to N rows per table, a table of at
-        most N rows whole; about 4 * D * N bytes per table) and fetches only
-        the others, for repeated candidates (popular ads) and context rows.
+        (``serving.row_cache.RowCache``: up to N rows of each table the ranker
+        uses, a table of at most N rows whole; at most (4 * D + 8) * N bytes per
+        table, two versions' worth during a swap window) and fetches only the
+        others, for repeated candidates (popular ads) and context rows.
         One cache per loaded version (a swap starts cold); scores are
         identical. A batch whose rows all hit makes no round trip.
     """
@@ -604,7 +605,7 @@ class RankerService:
                 fetcher = row_cache.RowCache(
                     fetcher, table_rows=table_rows,
                     dims={name: int(t["dim"]) for name, t in tables.items()},
-                    capacity=cfg.cache_rows,
+                    capacity=cfg.cache_rows, tables=[e for e in ents if e in table_rows],
                 )
         else:
             fetcher = _LocalTables(art)

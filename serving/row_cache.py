@@ -16,10 +16,12 @@ answers as they are, so scores are bit-identical with and without the cache.
 Layout: per table, a direct-mapped cache of S slots (``tags`` int64 [S], the row
 held or -1, and ``values`` float32 [S, D]). A table of at most ``capacity``
 rows gets one slot per row (it is cached whole, as it is used); a larger one
-S = ``capacity`` rounded up to a power of two slots and row r goes to slot
+S = ``capacity`` rounded down to a power of two slots and row r goes to slot
 ``hash(r) >> (64 - log2 S)`` (Fibonacci hashing), a newer row replacing the one
-in its slot. All work is a handful of NumPy calls per table (no per-row
-Python); a lock covers the reads and the writes, never the fetch.
+in its slot. The arrays are allocated zeroed (the operating system gives the
+pages as rows are first written). All work is a handful of NumPy calls per
+table (no per-row Python); a lock covers the reads and the writes, never the
+fetch.
 
 Imports NumPy only.
 
@@ -41,8 +43,8 @@ class _TableCache:
         self.rows = rows
         if rows <= capacity:  # the whole table: slot = row
             self.slots, self.shift = rows, None
-        else:
-            bits = max(int(capacity - 1).bit_length(), 1)
+        else:  # capacity rounded down to a power of two (>= 2: one hash bit at least)
+            bits = max(int(capacity).bit_length() - 1, 1)
             self.slots, self.shift = 1 << bits, np.uint64(64 - bits)
         self.tags = np.full(self.slots, -1, np.int64)
         self.values = np.zeros((self.slots, dim), np.float32)
@@ -61,8 +63,10 @@ class RowCache:
         and ``close`` go to it.
       table_rows: table -> its number of rows.
       dims: table -> D.
-      capacity: slots per table, at most (a table of at most this many rows is
-        cached whole). Memory: about ``4 * D * capacity`` bytes per table.
+      capacity: rows per table, at most: a table of at most this many rows is
+        cached whole, a larger one in ``capacity`` rounded down to a power of two
+        slots (2 at least). Memory: at most ``(4 * D + 8) * capacity`` bytes per
+        table.
       tables: the tables to cache (default: all); others always go to ``fetcher``.
 
     Attributes:
@@ -91,12 +95,13 @@ class RowCache:
 
     @property
     def hits(self) -> int:
-        """Rows answered from the cache so far."""
+        """Rows of cached tables answered from the cache, in calls that succeeded."""
         return self._hits
 
     @property
     def misses(self) -> int:
-        """Rows fetched from the shards so far (by cached tables)."""
+        """Rows of cached tables not in the cache (sent to the fetcher, which may ask
+        the shards for a row asked for twice once), in calls that succeeded."""
         return self._misses
 
     @property
@@ -125,12 +130,18 @@ class RowCache:
                 if cache is None:
                     want[table] = rows_n
                     continue
-                rows_n = np.asarray(rows_n, np.int64)
+                rows_n = np.asarray(rows_n)
+                if rows_n.ndim != 1 or (rows_n.size and rows_n.dtype.kind not in "iu"):
+                    raise ValueError(
+                        f"table {table!r}: rows must be a 1-D integer array, got "
+                        f"{rows_n.dtype} {rows_n.shape}"
+                    )
                 if rows_n.size and (rows_n.min() < 0 or rows_n.max() >= cache.rows):
                     bad = rows_n[(rows_n < 0) | (rows_n >= cache.rows)][0]
                     raise ValueError(
                         f"table {table!r}: row {bad} is outside the table (rows [0, {cache.rows}))"
                     )
+                rows_n = rows_n.astype(np.int64, copy=False)
                 slot_n = cache.slot(rows_n)
                 out[table] = cache.values[slot_n]  # a copy (fancy indexing)
                 miss_m = np.flatnonzero(cache.tags[slot_n] != rows_n)
@@ -138,18 +149,23 @@ class RowCache:
                 if miss_m.size:
                     missing[table] = (miss_m, rows_n[miss_m], slot_n[miss_m])
                     want[table] = rows_n[miss_m]
-            self._hits += hits
-            self._misses += sum(m[0].size for m in missing.values())
+        misses = sum(m[0].size for m in missing.values())
         if not want:
+            with self._lock:
+                self._hits += hits
             return out, False
         got = self.client.lookup_many(want, deadline_s=deadline_s)  # outside the lock
         with self._lock:
+            self._hits += hits
+            self._misses += misses
             for table, (miss_m, rows_m, slot_m) in missing.items():
                 values = got[table]
                 out[table][miss_m] = values
-                # Two misses of one slot in one call: the last one stays (either is right).
-                self._caches[table].tags[slot_m] = rows_m
-                self._caches[table].values[slot_m] = values
+                # Misses sharing a slot: keep the last one, written to tags and values
+                # alike (NumPy does not promise which of repeated indices wins).
+                last_u = slot_m.size - 1 - np.unique(slot_m[::-1], return_index=True)[1]
+                self._caches[table].tags[slot_m[last_u]] = rows_m[last_u]
+                self._caches[table].values[slot_m[last_u]] = values[last_u]
         for table in want.keys() - missing.keys():
             out[table] = got[table]
         return out, True

@@ -217,3 +217,23 @@ def test_rank_payloads_are_fresh_and_drawn_from_the_ads_inventory():
     assert len({req.user_row for req in reqs}) > 15  # a fresh random user each time
     uniform = pb.RankRequest.FromString(bs._rank_payload(rng, dict(task, ad_pool=0)))
     assert codec.decode_ids(uniform.candidate_ids).max() >= 60  # over all 10k rows
+
+
+def test_every_client_of_every_run_gets_its_own_seed():
+    """The rankers (and their row caches) live across the client counts of a run: a
+    later run must not replay an earlier one's requests (it did, with seed = client)."""
+    import queue
+
+    from launch import bench_serving as bs
+
+    pool = bs._ClientPool.__new__(bs._ClientPool)  # no processes: queues only
+    pool.task_q, pool.result_q, pool._runs = queue.Queue(), queue.Queue(), 0
+    seeds = []
+    for clients in (1, 4, 4):
+        for _ in range(clients):
+            pool.result_q.put({"latencies": [[0.001]], "extras": [{}]})
+        pool.run({"duration_s": 0.1}, clients)
+        seeds += [tuple(pool.task_q.get_nowait()["seed"]) for _ in range(clients)]
+    assert len(set(seeds)) == len(seeds) == 9
+    rngs = [np.random.default_rng(list(s)).integers(0, 2**62) for s in seeds]
+    assert len(set(rngs)) == 9

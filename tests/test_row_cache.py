@@ -118,3 +118,49 @@ def test_concurrent_callers_get_exact_rows():
         t.join(60)
     assert errors == []
     assert cache.hits + cache.misses == 4 * 200 * 23
+
+
+def test_capacity_rounds_down_to_a_power_of_two_and_a_table_that_fits_is_whole():
+    dims = {"t": 2}
+    f = _Fetcher(dims)
+    assert row_cache.RowCache(f, table_rows={"t": 1000}, dims=dims,
+                              capacity=600)._caches["t"].slots == 512
+    whole = row_cache.RowCache(f, table_rows={"t": 1000}, dims=dims, capacity=1000)
+    assert whole._caches["t"].slots == 1000 and whole._caches["t"].shift is None
+
+
+def test_rows_that_are_not_1d_integers_are_refused():
+    cache, f = _cache()
+    for bad in (np.array([1.7, 2.2]), np.array([True, False]), np.array([[1, 2]]),
+                np.array(3)):
+        with pytest.raises(ValueError, match="1-D integer array"):
+            cache.lookup_many({"pin": bad})
+    np.testing.assert_array_equal(cache.lookup_many({"pin": np.array([], np.int32)})["pin"],
+                                  np.zeros((0, 3), np.float32))
+    got = cache.lookup_many({"pin": np.array([5, 9], np.uint32)})["pin"]
+    np.testing.assert_array_equal(got, f.value("pin", [5, 9]))
+
+
+def test_a_failed_fetch_counts_nothing_and_caches_nothing():
+    cache, f = _cache()
+    cache.lookup_many({"pin": np.array([1, 2])})
+    real = f.lookup_many
+    f.lookup_many = lambda rows, deadline_s=None: (_ for _ in ()).throw(RuntimeError("down"))
+    with pytest.raises(RuntimeError, match="down"):
+        cache.lookup_many({"pin": np.array([1, 3])})
+    assert (cache.hits, cache.misses) == (0, 2)
+    f.lookup_many = real
+    cache.lookup_many({"pin": np.array([3])})
+    assert f.asked[-1] == {"pin": [3]} and (cache.hits, cache.misses) == (0, 3)
+
+
+def test_misses_sharing_a_slot_leave_each_slot_with_its_own_rows_values():
+    cache, f = _cache(capacity=4)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        r = rng.integers(0, 1000, 40)  # 40 rows into 4 slots: many share one per call
+        np.testing.assert_array_equal(cache.lookup_many({"pin": r})["pin"], f.value("pin", r))
+        c = cache._caches["pin"]
+        held = c.tags >= 0
+        np.testing.assert_array_equal(c.values[held], f.value("pin", c.tags[held]))
+        np.testing.assert_array_equal(c.slot(c.tags[held]), np.flatnonzero(held))
