@@ -146,7 +146,10 @@ def main(argv):
         return
     rows = sorted(int(r) for r in _ROWS.value)
     results = {}
-    for dev in (int(d) for d in _DEVICES.value):
+    devices = common.int_list(_DEVICES)
+    if _EVAL_DEVICES.value < 1:
+        raise ValueError(f"--eval_devices must be >= 1, got {_EVAL_DEVICES.value}")
+    for dev in devices:
         for r in rows:
             for line in _spawn(dev, ["--child=train", f"--rows={r}"]):
                 print(json.dumps(line), flush=True)

@@ -212,7 +212,8 @@ def main(argv):
         return
     rows_list = [int(float(r)) for r in _ROWS.value]
     results = {}
-    for n_dev in (int(x) for x in _DEVICES.value):
+    devices = common.int_list(_DEVICES)
+    for n_dev in devices:
         for kind in _KINDS.value:
             for rows in rows_list:
                 if kind == "dense" and rows > _DENSE_MAX_ROWS.value:
@@ -227,7 +228,7 @@ def main(argv):
                 results[(kind, n_dev, rows)] = r
                 _emit(r)
     small, mid = min(rows_list), (4_000_000 if 4_000_000 in rows_list else max(rows_list))
-    for n_dev in (int(x) for x in _DEVICES.value):
+    for n_dev in devices:
         s_small = results.get(("sparse", n_dev, small), {}).get("step_ms")
         s_mid = results.get(("sparse", n_dev, mid), {}).get("step_ms")
         d_mid = results.get(("dense", n_dev, mid), {}).get("step_ms")

@@ -162,10 +162,14 @@ def _worker(n_dev: int) -> None:
 def main(argv):
     del argv
     if _WORKER.value:
+        if _WORKER.value < 1:
+            raise ValueError(f"--worker must be >= 1 (internal), got {_WORKER.value}")
         _worker(_WORKER.value)
         return
+    # Checked here: a worker for 0 devices would run this loop again (without end).
+    devices = common.int_list(_DEVICES)
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--devices")]
-    for n in _DEVICES.value:
+    for n in devices:
         env = dict(os.environ)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                             + f" --xla_force_host_platform_device_count={int(n)}").strip()

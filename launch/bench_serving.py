@@ -167,6 +167,7 @@ it at every step.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -1012,6 +1013,8 @@ def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
 def main(argv):
     del argv
     parts = set(_PARTS.value)
+    if not parts:
+        raise app.UsageError("--parts: empty; choose from lookup, rank, idle, hedge")
     unknown = parts - {"lookup", "rank", "idle", "hedge"}
     if unknown:
         raise app.UsageError(
@@ -1063,24 +1066,12 @@ def main(argv):
 
 def _counts_or_zero(flag) -> list[int]:
     """A list flag of distinct integers >= 0 (ValueError)."""
-    try:
-        got = [int(v) for v in flag.value]
-    except ValueError:
-        raise ValueError(f"--{flag.name} must list integers, got {flag.value}") from None
-    if not got or min(got) < 0 or len(set(got)) < len(got):
-        raise ValueError(f"--{flag.name} must list distinct integers >= 0, got {flag.value}")
-    return got
+    return common.int_list(flag, minimum=0, distinct=True)
 
 
 def _counts(flag) -> list[int]:
     """A list flag of counts, checked: a non-empty list of integers >= 1 (ValueError)."""
-    try:
-        counts = [int(v) for v in flag.value]
-    except ValueError:
-        raise ValueError(f"--{flag.name} must list integers, got {flag.value}") from None
-    if not counts or min(counts) < 1:
-        raise ValueError(f"--{flag.name} must list counts >= 1, got {flag.value}")
-    return counts
+    return common.int_list(flag)
 
 
 def _check_sizes() -> None:
@@ -1107,18 +1098,20 @@ def _idle_settings() -> tuple[list[float], int, int]:
 
 def _hedge_settings() -> tuple[list[int], list[float]]:
     """``--parts=hedge`` flags, checked: its client counts and hedge delays (ms)."""
-    bad = [f"--{f.name}={f.value} (must be > 0)" for f in
-           (_HEDGE_STALL, _HEDGE_STALL_EVERY) if not f.value > 0]
+    bad = [f"--{f.name}={f.value} (must be finite and > 0)" for f in
+           (_HEDGE_STALL, _HEDGE_STALL_EVERY) if not (math.isfinite(f.value) and f.value > 0)]
     try:
         after = [float(v) for v in _HEDGE_AFTER.value]
     except ValueError:
         after = []
-    if not after or min(after) < 0 or len(set(after)) < len(after):
-        bad.append(f"--hedge_after_ms={_HEDGE_AFTER.value} (distinct numbers >= 0)")
+    if (not after or not all(math.isfinite(a) and a >= 0 for a in after)
+            or len(set(after)) < len(after)):
+        bad.append(f"--hedge_after_ms={_HEDGE_AFTER.value} (distinct finite numbers >= 0)")
     if not 0 <= _HEDGE_BUDGET.value <= 1:
         bad.append(f"--hedge_budget={_HEDGE_BUDGET.value} (must be in [0, 1])")
     if bad:
         raise ValueError("bad flags: " + ", ".join(bad))
+    _transports(_TRANSPORTS)  # the hedge part uses the first
     return _counts(_HEDGE_CLIENTS), after
 
 
@@ -1161,54 +1154,61 @@ def _hedge_bench(art_dir, manifest, pool, base, client_counts, hedge_after) -> N
     and then stalls (see module docstring)."""
     common = {"bench": "serving", "kind": "hedge", "ids": _IDS.value, "dim": _DIM.value,
               "bits": _BITS.value, "rows": _ROWS.value, "cpus": os.cpu_count()}
-    procs = [_spawn_shard(art_dir, 0, 1) for _ in range(2)]  # two replicas of one shard
-    addresses = [[f"127.0.0.1:{port}" for _, port in procs]]
     transport = _transports(_TRANSPORTS)[0]
+    procs = []
+    try:
+        for _ in range(2):  # two replicas of one shard
+            procs.append(_spawn_shard(art_dir, 0, 1))
+        _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transport, common)
+    finally:
+        for proc, _ in procs:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transport,
+                common) -> None:
+    addresses = [[f"127.0.0.1:{port}" for _, port in procs]]
     kinds = [
         {"kind": "lookup", "manifest": manifest, "addresses": addresses, "transport": transport,
          "hedge_after_s": None if ms is None else ms / 1e3, "hedge_budget": _HEDGE_BUDGET.value}
         for ms in [None, *hedge_after]
     ]
     task = dict(base, kinds=kinds, slice_s=_SLICE.value, duration_s=len(kinds) * _DURATION.value)
-    try:
-        for stalls in (False, True):
-            for c in client_counts:
-                if stalls:
-                    with _Staller([p.pid for p, _ in procs], _HEDGE_STALL.value / 1e3,
-                                  _HEDGE_STALL_EVERY.value / 1e3) as staller:
-                        lats = pool.run(task, c)
-                    n_stalls = staller.stalls
-                else:
+    for stalls in (False, True):
+        for c in client_counts:
+            if stalls:
+                with _Staller([p.pid for p, _ in procs], _HEDGE_STALL.value / 1e3,
+                              _HEDGE_STALL_EVERY.value / 1e3) as staller:
                     lats = pool.run(task, c)
-                    n_stalls = 0
-                where = {"transport": transport, "clients": c, "stalls": n_stalls,
-                         "stall_ms": _HEDGE_STALL.value if stalls else 0.0,
-                         "stall_every_ms": _HEDGE_STALL_EVERY.value if stalls else 0.0}
-                got = []
-                for kind, lat, extra in zip(kinds, lats, pool.extras, strict=True):
-                    x = lat * 1e3
-                    hedge_s = kind["hedge_after_s"]
-                    got.append({
-                        "mode": "failover" if hedge_s is None else "hedged",
-                        "hedge_after_ms": None if hedge_s is None else hedge_s * 1e3,
-                        "hedge_budget": None if hedge_s is None else kind["hedge_budget"],
-                        "requests": int(x.size),
-                        "p50_ms": round(float(np.percentile(x, 50)), 4),
-                        "p99_ms": round(float(np.percentile(x, 99)), 4),
-                        "p999_ms": round(float(np.percentile(x, 99.9)), 4),
-                        "max_ms": round(float(x.max()), 4),
-                        "hedges_per_request": round(extra.get("hedges_sent", 0) / x.size, 4),
-                        "throttled_per_request": round(
-                            extra.get("hedges_throttled", 0) / x.size, 4),
-                    })
-                for st in got:
-                    ratios = {f"{q}_vs_failover": round(st[f"{q}_ms"] / got[0][f"{q}_ms"], 3)
-                              for q in ("p50", "p99", "p999")}
-                    print(json.dumps({**common, **where, **st, **ratios}), flush=True)
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-            proc.wait(30)
+                n_stalls = staller.stalls
+            else:
+                lats = pool.run(task, c)
+                n_stalls = 0
+            where = {"transport": transport, "clients": c, "stalls": n_stalls,
+                     "stall_ms": _HEDGE_STALL.value if stalls else 0.0,
+                     "stall_every_ms": _HEDGE_STALL_EVERY.value if stalls else 0.0}
+            got = []
+            for kind, lat, extra in zip(kinds, lats, pool.extras, strict=True):
+                x = lat * 1e3
+                hedge_s = kind["hedge_after_s"]
+                got.append({
+                    "mode": "failover" if hedge_s is None else "hedged",
+                    "hedge_after_ms": None if hedge_s is None else hedge_s * 1e3,
+                    "hedge_budget": None if hedge_s is None else kind["hedge_budget"],
+                    "requests": int(x.size),
+                    "p50_ms": round(float(np.percentile(x, 50)), 4),
+                    "p99_ms": round(float(np.percentile(x, 99)), 4),
+                    "p999_ms": round(float(np.percentile(x, 99.9)), 4),
+                    "max_ms": round(float(x.max()), 4),
+                    "hedges_per_request": round(extra.get("hedges_sent", 0) / x.size, 4),
+                    "throttled_per_request": round(
+                        extra.get("hedges_throttled", 0) / x.size, 4),
+                })
+            for st in got:
+                ratios = {f"{q}_vs_failover": round(st[f"{q}_ms"] / got[0][f"{q}_ms"], 3)
+                          for q in ("p50", "p99", "p999")}
+                print(json.dumps({**common, **where, **st, **ratios}), flush=True)
 
 
 def _idle_bench(art_dir: str, gaps: list[float], req_b: int, resp_b: int) -> None:

@@ -86,7 +86,7 @@ def child_error_line(name: str, e: subprocess.CalledProcessError | subprocess.Ti
     """`NAME: error: ...` for a child process that failed or ran out of time; the child
     printed its own error (above), so no traceback of the parent's is needed."""
     if isinstance(e, subprocess.TimeoutExpired):
-        what = f"timed out after {e.timeout:g} s"
+        what = f"timed out after {e.timeout:.4g} s"
     elif e.returncode < 0:
         what = f"was killed by signal {-e.returncode}"
     else:
@@ -150,6 +150,19 @@ def run(main: Callable, name: str | None = None) -> None:
             _fail(child_error_line(name, e))
 
     app.run(wrapped, flags_parser=parse)
+
+
+def int_list(flag, *, minimum: int = 1, distinct: bool = False) -> list[int]:
+    """A list flag of integers, checked (ValueError naming the flag): non-empty, each
+    >= ``minimum``, and no value twice when ``distinct``."""
+    try:
+        got = [int(v) for v in flag.value]
+    except ValueError:
+        raise ValueError(f"--{flag.name} must list integers, got {flag.value}") from None
+    if not got or min(got) < minimum or (distinct and len(set(got)) < len(got)):
+        what = "distinct integers" if distinct else "integers"
+        raise ValueError(f"--{flag.name} must list {what} >= {minimum}, got {flag.value}")
+    return got
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

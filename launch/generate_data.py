@@ -26,6 +26,15 @@ def main(argv):
     cfg = _CONFIG.value
     fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in cfg.world.items()}
     wcfg = world.WorldConfig(**fields)
+    # `scale` records the config's argument (configs/world.py:SCALE); setting it by hand
+    # would change nothing but the check below.
+    known = {world.scale_config(x).name: x for x in ("smoke", "default", "large")}
+    made = known.get(wcfg.name)
+    if made is not None and made != cfg.scale:
+        raise ValueError(
+            f"--config.scale={cfg.scale} does not resize the world (its fields are the "
+            f"{made} scale's); choose the scale with --config=configs/world.py:{cfg.scale}"
+        )
     if cfg.num_days:
         # days_override rewrites every day window: refuse windows set by hand beside it
         # rather than silently replacing them.

@@ -92,6 +92,9 @@ def main(argv):
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     seeds = _seeds(cfg.seeds)  # before any data is generated
+    if not cfg.pretrain.timeout_s > 0:
+        raise ValueError(f"pretrain.timeout_s must be > 0 (seconds per pretraining run), "
+                         f"got {cfg.pretrain.timeout_s}")
     if cfg.compilation_cache:
         # Runs of one variant differ only in the seed: identical programs, compiled once.
         import jax

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging as std_logging
+import math
 import os
 import signal
 import sys
@@ -103,9 +104,10 @@ _CACHE_ROWS = flags.DEFINE_integer(
     "cache_rows",
     0,
     "With --shards: keep up to this many recently fetched rows per table in the ranker "
-    "(a table that small is kept whole; ~4*dim bytes a row) and fetch only the others "
-    "from the shards: repeated candidates and context rows cost no fetch. One cache per "
-    "loaded version; scores are identical. 0: off.",
+    "(a table that small is kept whole, a larger one in this many slots rounded down to a "
+    "power of two; ~4*dim+8 bytes a slot) and fetch only the others from the shards: "
+    "repeated candidates and context rows cost no fetch. One cache per loaded version; "
+    "scores are identical. 0: off.",
     lower_bound=0,
 )
 _SHARD_CA = flags.DEFINE_string(
@@ -138,6 +140,10 @@ def main(argv):
         # Every bucket program, however quick to compile here: on a GPU each takes seconds.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:  # a bad flag, artifact, address or shard: one line and exit status 1
+        if _HEDGE_BUDGET.present and _HEDGE_MS.value is None:
+            raise ValueError("--hedge_budget needs --hedge_after_ms (it caps the hedges)")
+        if _HEDGE_MS.value is not None and not math.isfinite(_HEDGE_MS.value):
+            raise ValueError(f"--hedge_after_ms must be finite, got {_HEDGE_MS.value}")
         config = ranker_service.RankerServiceConfig(
             artifact=_ARTIFACT.value,
             shards=tuple(_SHARDS.value),

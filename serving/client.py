@@ -525,7 +525,9 @@ class EmbeddingClient:
         if hedge_after_s is not None and not (
             math.isfinite(hedge_after_s) and hedge_after_s >= 0
         ):
-            raise ValueError(f"hedge_after_s must be None or >= 0, got {hedge_after_s}")
+            raise ValueError(
+                f"hedge_after_s must be None or a finite number >= 0, got {hedge_after_s}"
+            )
         if not (0 <= hedge_budget <= 1 and hedge_burst >= 1):
             raise ValueError(
                 f"hedge_budget must be in [0, 1] and hedge_burst >= 1, got {hedge_budget} "

@@ -215,6 +215,11 @@ class RankerServiceConfig:
                     f"shards: {entry!r} must be 'host:port' or 'host:port|host:port|...' "
                     "(a shard's primary and replicas)"
                 )
+            replicas = [a.strip() for a in entry.split("|")]
+            if len(set(replicas)) < len(replicas):
+                raise ValueError(f"shards: {entry!r} lists an address twice (replicas must "
+                                 "be other servers)")
+
         if self.wire not in client_lib.WIRE_FORMATS:
             raise ValueError(f"wire must be one of {client_lib.WIRE_FORMATS}, got {self.wire!r}")
         if self.transport not in client_lib.TRANSPORTS:
@@ -224,11 +229,18 @@ class RankerServiceConfig:
         if self.hedge_after_s is not None and not (
             math.isfinite(self.hedge_after_s) and self.hedge_after_s >= 0
         ):
-            raise ValueError(f"hedge_after_s must be None or >= 0, got {self.hedge_after_s}")
+            raise ValueError(
+                f"hedge_after_s must be None or a finite number >= 0, got {self.hedge_after_s}"
+            )
         if not 0 <= self.hedge_budget <= 1:
             raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
         if self.cache_rows < 0:
             raise ValueError(f"cache_rows must be >= 0, got {self.cache_rows}")
+        if not self.shards and (self.cache_rows or self.hedge_after_s is not None):
+            raise ValueError(
+                "cache_rows and hedge_after_s need shards (a hybrid ranker); a monolithic "
+                "ranker reads its tables in process"
+            )
         if self.max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {self.max_candidates}")
         if self.max_batch_candidates < self.max_candidates:
@@ -526,6 +538,8 @@ class RankerService:
 
     def __init__(self, config: RankerServiceConfig):
         self.config = config
+        if config.hedge_after_s is not None and not any("|" in e for e in config.shards):
+            log.warning("hedge_after_s is set but no shard has a replica: nothing to hedge")
         first = self._load(config.artifact)
         self._versions: versions_lib.VersionSet[_Version] = versions_lib.VersionSet(
             first.version, first, name="ranker", on_drop=self._close_later)

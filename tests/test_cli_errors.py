@@ -154,3 +154,44 @@ def test_generate_data_refuses_num_days_beside_hand_set_windows(tmp_path):
     _assert_one_line(proc, "generate_data: error:", "num_days=6",
                      "world.kg_days, world.impression_start_day were also set")
     assert not (tmp_path / "w").exists()
+
+
+def test_generate_data_refuses_a_hand_set_scale_and_absurd_day_counts(tmp_path):
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.scale=large",
+                                  f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "generate_data: error:", "--config.scale=large does not resize",
+                     "configs/world.py:large")
+    proc = _run("generate_data", ["--config=configs/world.py:smoke",
+                                  "--config.num_days=1000000", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "generate_data: error:", "num_days must be <= 3650")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bench_kg_refuses_zero_devices_instead_of_spawning_itself_forever():
+    proc = _run("bench_kg", ["--devices=0"])
+    _assert_one_line(proc, "bench_kg: error:", "--devices must list integers >= 1")
+
+
+def test_bench_serving_hedge_flags_are_checked_before_any_work(tmp_path):
+    wd = tmp_path / "bench"
+    for bad in ("--hedge_after_ms=nan", "--hedge_stall_every_ms=inf", "--transports=bogus"):
+        proc = _run("bench_serving", ["--parts=hedge", bad, f"--workdir={wd}"])
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert bad.split("=")[0] in proc.stderr, proc.stderr[-2000:]
+    proc = _run("bench_serving", ["--parts=", f"--workdir={wd}"])
+    assert proc.returncode == 1 and "--parts: empty" in proc.stderr
+    assert not wd.exists()
+
+
+def test_serve_ranker_refuses_hybrid_only_flags_without_shards(tmp_path):
+    proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--cache_rows=10"])
+    _assert_one_line(proc, "serve_ranker: cannot start:", "need shards")
+    proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--hedge_budget=0.5"])
+    _assert_one_line(proc, "serve_ranker: cannot start:", "--hedge_budget needs --hedge_after_ms")
+
+
+def test_run_ablation_refuses_a_non_positive_pretraining_timeout(tmp_path):
+    proc = _run("run_ablation", ["--config=configs/ablation.py", "--config.pretrain.timeout_s=0",
+                                 f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "run_ablation: error:", "pretrain.timeout_s must be > 0")
+    assert not (tmp_path / "w" / "world").exists()

@@ -225,7 +225,7 @@ def test_a_hybrid_ranker_with_a_row_cache_scores_exactly_as_monolithic(arts, sta
     assert 0 < stats["cache_hit_rate"] < 1
     assert "cache_hits" not in stack["hybrid"].stats()
     with pytest.raises(ValueError, match="cache_rows must be >= 0"):
-        rs.RankerServiceConfig(artifact=str(arts["a"].path), cache_rows=-1)
+        rs.RankerServiceConfig(artifact=str(arts["a"].path), shards=("a",), cache_rows=-1)
 
 
 def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack):
@@ -845,19 +845,27 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge):
     """--shards=DEAD|LIVE: the ranker starts (the dead replica is logged) and scores
     through the live one, exactly as monolithic (failover, or hedged fetches)."""
     (shard,) = _shards(arts["a"], n=1)
-    with socket.socket() as sk:
+    with socket.socket() as sk, socket.socket() as sk2:
         sk.bind(("127.0.0.1", 0))
+        sk2.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sk.getsockname()[1]}"
+        dead2 = f"127.0.0.1:{sk2.getsockname()[1]}"
     cfg = dict(artifact=str(arts["a"].path), deadline_s=2.0, max_candidates=48,
                max_batch_candidates=64, min_bucket=32, hedge_after_s=hedge)
     with pytest.raises(ValueError, match="must be 'host:port' or"):
         rs.RankerServiceConfig(shards=("a|",), **cfg)
-    with pytest.raises(ValueError, match="hedge_after_s must be None or >= 0"):
-        rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_after_s": -1.0})
+    with pytest.raises(ValueError, match="lists an address twice"):
+        rs.RankerServiceConfig(shards=("a|b|a",), **cfg)
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="hedge_after_s must be None or a finite"):
+            rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_after_s": bad})
     with pytest.raises(ValueError, match="hedge_budget must be in"):
         rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_budget": 2.0})
+    for extra in ({"hedge_after_s": 0.01}, {"cache_rows": 10}):  # monolithic: nothing to do
+        with pytest.raises(ValueError, match="need shards"):
+            rs.RankerServiceConfig(**{**cfg, **extra})
     svc = rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|127.0.0.1:{shard.port}",), **cfg))
-    mono = rs.serve(rs.RankerServiceConfig(**cfg))
+    mono = rs.serve(rs.RankerServiceConfig(**{**cfg, "hedge_after_s": None}))
     ch, call = _call(svc.port)
     ch_m, call_m = _call(mono.port)
     req = rs.rank_request(candidates=[1, 2, 3], user_row=4, context={"advertiser": 1, "hour": 0})
@@ -871,7 +879,7 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge):
         else:  # the dead primary fails at once (a handover); at most a hedge per fetch
             assert 0 <= stats["hedges_sent"] <= 3 and stats["hedges_throttled"] == 0
         with pytest.raises(client_lib.ServingError, match="none of its replicas"):
-            rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|{dead}",), **cfg))
+            rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|{dead2}",), **cfg))
     finally:
         ch.close()
         ch_m.close()

@@ -1315,6 +1315,8 @@ def days_override(cfg: WorldConfig, num_days: int) -> WorldConfig:
     """
     if num_days < 5:
         raise ValueError("num_days must be >= 5 (five day windows)")
+    if num_days > 3650:
+        raise ValueError(f"num_days must be <= 3650 (ten years of events), got {num_days}")
     if num_days == cfg.num_days:
         return cfg
     # Cumulative boundaries stale | fresh | train | valid | test, each window >= 1 day.
