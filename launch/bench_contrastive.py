@@ -1,4 +1,4 @@
-"""Benchmark: contrastive pretraining throughput and full Recall@K evaluation time.
+r"""Benchmark: contrastive pretraining throughput and full Recall@K evaluation time.
 
   python -m launch.bench_contrastive                      # the full benchmark
   python -m launch.bench_contrastive --rows=20000 --batch_size=256 --steps=3 \

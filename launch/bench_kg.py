@@ -1,4 +1,4 @@
-"""Benchmark: KG embedding training throughput and full filtered evaluation.
+r"""Benchmark: KG embedding training throughput and full filtered evaluation.
 
   python -m launch.bench_kg                       # the full run (lead, quiet machine)
   python -m launch.bench_kg --steps=30 --entities=3000 --triples=30000 \

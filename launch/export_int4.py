@@ -1,4 +1,4 @@
-"""INT4 export: a trained ranker -> a versioned serving artifact, behind an AUC gate.
+r"""INT4 export: a trained ranker -> a versioned serving artifact, behind an AUC gate.
 
   python -m launch.export_int4 --ranker=DIR/ranker --out=ART [--data=DATASET] \
       [--max_auc_drop=0.001] [--auc_noise_z=0] [--bits=4] [--overwrite] [--workdir=DIR]
@@ -15,11 +15,12 @@ ART/../export_report.json (and --workdir/metrics.json when given) and is summari
 stdout. The dataset defaults to the one recorded next to the ranker (see
 jax_recsys/quant/export.py).
 
-Run time on a 2-core box: ~10 s for a smoke ranker; ~35 s for the default world's
-ranker (108k rows, dims 96-160). Expected result: INT4 tables at 13.1% of their float32
-size (26.3% of fp16 rows: dim 160 packs to 80 bytes plus 4 bytes of fp16 scale and
-bias) and test AUC deltas of a few 1e-4 (default world, 3 seeds: CTR -0.00006 to
--0.0008, all inside the 0.001 gate). A smoke world's test window has only ~60
+Run time on a 2-core box: ~10 s for a smoke ranker; ~7 s for the default world's
+ranker (108k rows, dims 96-160; process start included, measured 2026-11-27).
+Expected result: INT4 tables at 13.1% of their float32 size (26.3% of fp16 rows:
+dim 160 packs to 80 bytes plus 4 bytes of fp16 scale and bias) and test AUC deltas
+of a few 1e-4 (default world, 3 seeds: CTR -0.00006 to -0.0008, all inside the 0.001
+gate). A smoke world's test window has only ~60
 conversions, where rank jitter alone moves CVR AUC by +-0.005 (paired standard error
 ~0.006): pass --auc_noise_z=2 there, or the strict gate fails on noise.
 """

@@ -1,4 +1,4 @@
-"""User–pin contrastive pretraining: writes WORKDIR/facet_cl and WORKDIR/metrics.json.
+r"""User–pin contrastive pretraining: writes WORKDIR/facet_cl and WORKDIR/metrics.json.
 
   python -m launch.pretrain_contrastive --config=configs/contrastive.py[:smoke] \
       --workdir=DIR --config.data.path=DATASET_DIR \

@@ -1,4 +1,4 @@
-"""Knowledge-graph pretraining: writes WORKDIR/facet_kg and WORKDIR/metrics.json.
+r"""Knowledge-graph pretraining: writes WORKDIR/facet_kg and WORKDIR/metrics.json.
 
   python -m launch.pretrain_kg --config=configs/kg.py[:smoke] --workdir=DIR \
       --config.data.path=DATASET_DIR      # a dataset folder (reads its kg/)

@@ -1,4 +1,4 @@
-"""Ranker ablation over variants and seeds: writes WORKDIR/ablation.md, ablation.json, metrics.json.
+r"""Ranker ablation over variants and seeds: writes WORKDIR/ablation.md, ablation.json, metrics.json.
 
   python -m launch.run_ablation --config=configs/ablation.py[:smoke] --workdir=DIR \
       [--config.ranker.data.path=DATASET_DIR] [--config.facet_dirs.cl_fresh=DIR ...]

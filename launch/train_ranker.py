@@ -1,4 +1,4 @@
-"""CTR + CVR ranker: trains, saves WORKDIR/ranker, evaluates, writes WORKDIR/metrics.json.
+r"""CTR + CVR ranker: trains, saves WORKDIR/ranker, evaluates, writes WORKDIR/metrics.json.
 
   python -m launch.train_ranker --config=configs/ranker.py[:smoke] --workdir=DIR \
       --config.data.path=DATASET_DIR [--config.facets=cl,kg \

@@ -1184,7 +1184,9 @@ def _check_shard(i: int, addr: str, num_shards: int, version: str, timeout_s: fl
             raw = info(pb.InfoRequest().SerializeToString(), timeout=max(timeout_s, 1.0))
         except grpc.RpcError as e:
             raise client_lib.ServingError(
-                f"embedding shard {i} ({addr}) did not answer Info: {e.code().name}",
+                # gRPC's details name the cause (refused, TLS hostname check, ...).
+                f"embedding shard {i} ({addr}) did not answer Info: {e.code().name}: "
+                f"{e.details()}",
                 code=e.code(),
                 shard=i,
             ) from None
