@@ -491,9 +491,9 @@ class EmbeddingClient:
         ``hedge_budget`` of them, see below). Shards
         without replicas are unaffected; for those with replicas the first try
         still runs in the calling thread, plus a timer on the watchdog thread
-        (``launch.bench_serving --parts=hedge``: p50 +0-5% without stalls on
-        the 2-core box; with one replica stalled 20 ms every ~200 ms, p99.9
-        0.17-0.21x failover's).
+        (``launch.bench_serving --parts=hedge``, 1 client on the 2-core box:
+        p50 +3% without stalls; with one replica stalled 20 ms every ~200 ms,
+        p99.9 0.175x failover's at T = 2 ms).
       hedge_budget: hedges sent, at most, per hedged shard request, over time
         (a token bucket, as gRPC's retry throttling: each shard request earns
         ``hedge_budget`` tokens up to ``hedge_burst``, a hedge spends one; with
