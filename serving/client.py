@@ -53,11 +53,14 @@ from serving import codec, grpc_util, streaming
 WIRE_FORMATS = ("float32", "quantized")
 TRANSPORTS = ("stream", "unary")
 
-# Worth another replica: down, too slow, or shedding load (max_concurrent_rpcs).
+# Worth another replica: down, too slow, shedding load (max_concurrent_rpcs), or
+# stopping (grpcio cancels a call that races its server's graceful stop). Lookups
+# are reads: asking another replica is always safe.
 RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
 )
 
 

@@ -399,6 +399,25 @@ def _refusing_server(code):
 
 
 @pytest.mark.parametrize("hedge", HEDGES)
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_a_replica_stopping_mid_call_hands_over_to_the_next(art, hedge, transport,
+                                                            hung_and_real):
+    """grpcio answers CANCELLED to a call that races its server's graceful stop: the
+    lookup goes to the next replica (it failed with CANCELLED, and the ranker answered
+    INTERNAL)."""
+    stopping, stopping_addr, calls = _refusing_server(grpc.StatusCode.CANCELLED)
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [[stopping_addr, hung_and_real[1]]], deadline_s=5.0,
+            hedge_after_s=hedge, transport=transport)
+        np.testing.assert_array_equal(client.lookup("user", [4]), _expected(art, "user", [4]))
+        assert len(calls) == 1
+        client.close()
+    finally:
+        stopping.stop(0)
+
+
+@pytest.mark.parametrize("hedge", HEDGES)
 def test_a_non_retryable_error_is_not_sent_to_the_replica(art, hedge):
     """INVALID_ARGUMENT is the request's fault: another replica would say the same."""
     bad, bad_addr, calls = _refusing_server(grpc.StatusCode.INVALID_ARGUMENT)
