@@ -418,6 +418,48 @@ def test_a_replica_stopping_mid_call_hands_over_to_the_next(art, hedge, transpor
 
 
 @pytest.mark.parametrize("hedge", HEDGES)
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_a_replica_stopped_gracefully_under_load_fails_no_lookup(art, hedge, transport):
+    """Rolling restart: one of a shard's two replicas stops (graceful, as on SIGTERM)
+    while three threads look up rows; every lookup is answered, by the other."""
+    servers = [es.serve(es.ServerConfig(artifact=str(art.path), shard=0, num_shards=1,
+                                        log_every_s=0, workers=4)) for _ in range(2)]
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), [[f"127.0.0.1:{s.port}" for s in servers]], deadline_s=5.0,
+        hedge_after_s=hedge, transport=transport)
+    stop, failures, done = threading.Event(), [], [0]
+
+    def work(seed):
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            rows = rng.integers(0, 90, 5)
+            try:
+                np.testing.assert_array_equal(client.lookup("user", rows),
+                                              _expected(art, "user", rows))
+                done[0] += 1
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        servers[0].stop(1.0).wait()  # the primary goes away mid-stream
+        before = done[0]
+        time.sleep(0.3)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failures == [] and done[0] > before > 0
+    finally:
+        stop.set()
+        client.close()
+        for s in servers:
+            s.stop(0)
+
+
+@pytest.mark.parametrize("hedge", HEDGES)
 def test_a_non_retryable_error_is_not_sent_to_the_replica(art, hedge):
     """INVALID_ARGUMENT is the request's fault: another replica would say the same."""
     bad, bad_addr, calls = _refusing_server(grpc.StatusCode.INVALID_ARGUMENT)
