@@ -130,7 +130,7 @@ then while a thread of the benchmark stops one replica at random for
 ``duration_s`` of the time. One line per mode, client count and stall setting:
 
   {"bench": "serving", "kind": "hedge", "mode": "failover"|"hedged", "clients",
-   "stalls" (stalls during the run), "stall_ms", "stall_every_ms", "hedge_after_ms",
+   "stalls" (stalls while the clients ran, their warmup included), "stall_ms", "stall_every_ms", "hedge_after_ms",
    "hedge_budget", "p50_ms", "p99_ms", "p999_ms", "max_ms", "hedges_per_request",
    "throttled_per_request" (late tries not hedged: budget spent),
    "p50_vs_failover", "p99_vs_failover", "p999_vs_failover", ...}
@@ -597,6 +597,19 @@ def _spawn_service(
     return proc, json.loads(line)
 
 
+def _stop_all(procs) -> None:
+    """SIGTERM to every ``(process, ...)`` first, then waits for each (SIGKILL after
+    30 s): one that does not stop never keeps the others running."""
+    for proc, *_ in procs:
+        proc.terminate()
+    for proc, *_ in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def _spawn_shard(artifact_dir: str, shard: int, num_shards: int) -> tuple[subprocess.Popen, int]:
     args = [
         f"--artifact={artifact_dir}",
@@ -955,10 +968,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     )
                 print(json.dumps(line), flush=True)
     finally:
-        for procs in shard_procs.values():
-            for proc, _ in procs:
-                proc.terminate()
-                proc.wait(30)
+        _stop_all([p for procs in shard_procs.values() for p in procs])
         if echo is not None:
             echo.terminate()
             echo.join(10)
@@ -1088,7 +1098,7 @@ def _check_sizes() -> None:
 def _idle_settings() -> tuple[list[float], int, int]:
     """``--parts=idle`` flags, checked: (gaps in ms, request bytes, response bytes)."""
     gaps = [float(g) for g in _IDLE_GAPS.value]
-    if not gaps or min(gaps) < 0 or 0.0 not in gaps:
+    if not gaps or not all(math.isfinite(g) and g >= 0 for g in gaps) or 0.0 not in gaps:
         raise app.UsageError(f"--idle_gaps_ms: {gaps}; non-negative, 0 among them")
     req_b, resp_b = _IDLE_REQUEST.value, _IDLE_RESPONSE.value
     if req_b < 8 or resp_b < 0:
@@ -1138,7 +1148,10 @@ class _Staller:
         self._stop.set()
         self._thread.join(30)
         for pid in self._pids:  # whatever happens: no server is left stopped
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:  # it died: the run's own error says why
+                pass
 
     def _run(self) -> None:
         while not self._stop.wait(self._rng.uniform(0.5, 1.5) * self._every_s):
@@ -1161,9 +1174,7 @@ def _hedge_bench(art_dir, manifest, pool, base, client_counts, hedge_after) -> N
             procs.append(_spawn_shard(art_dir, 0, 1))
         _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transport, common)
     finally:
-        for proc, _ in procs:
-            proc.terminate()
-            proc.wait(30)
+        _stop_all(procs)
 
 
 def _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transport,
@@ -1353,9 +1364,7 @@ def _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts) ->
                             common, n, transport, c, st, floor, fanout, alone[transport, c]
                         )
             finally:
-                for proc, _ in procs:
-                    proc.terminate()
-                    proc.wait(30)
+                _stop_all(procs)
     finally:
         for proc, _ in echoes:
             proc.terminate()

@@ -241,10 +241,7 @@ def _discard(pending) -> None:
     """Gives up on a try nobody waits for: abandons it and reads what is left, so its
     stream leaves the pool (and the watchdog) now rather than at ``close``."""
     pending.abandon()
-    try:
-        pending()
-    except (streaming.Abandoned, streaming.StreamRefused, grpc.RpcError):
-        pass
+    _drain([pending])
 
 
 class _Race:
@@ -254,21 +251,23 @@ class _Race:
     client's watchdog thread calls ``expire``) and each retryable failure starts
     the next replica's try on the client's hedge pool. The first answer wins and
     abandons the tries still in flight; a non-retryable error ends the race at once.
+    A hedge over the budget waits instead until failover would have handed over
+    (``_try_deadline``), and then goes out without a token: hedging is never less
+    available than failover.
     """
 
     def __init__(self, client: EmbeddingClient, shard: int, payload: bytes, deadline: float,
-                 sent):
+                 first: int):
         self._client, self._shard, self._payload = client, shard, payload
         self._deadline = deadline
         self._addresses = client._specs[shard].addresses
-        first = client._preferred[shard] if sent is None else sent[0]
         n = len(self._addresses)
         self._order = [(first + k) % n for k in range(n)]
-        self._sent = sent
         # From when the caller starts waiting for this shard, not from the send: the
         # caller reads the shards in turn, and a shard read after a slow one has its
         # answer waiting already (a timer from the send would hedge it for nothing).
         self._hedge_at = time.monotonic() + client.hedge_after_s
+        self._failover_at = _try_deadline(deadline, n)  # failover's first hand-over
         client._earn_hedge_token()
         self._cond = threading.Condition()
         self._launched = 0  # replicas of _order whose try has started
@@ -276,16 +275,18 @@ class _Race:
         self._errors: list[tuple[int, grpc.RpcError]] = []
         self._answer: tuple[bytes, int] | None = None
         self._done = False
-        self._fatal = False  # ended by a non-retryable error
 
-    def run(self) -> tuple[bytes, int]:
+    def run(self, pending=None) -> tuple[bytes, int]:
         """Waits for the first answer: ``(raw response, replica)``; raises
-        ``ServingError``/``VersionMismatch`` as ``EmbeddingClient.lookup_many``."""
+        ``ServingError``/``VersionMismatch`` as ``EmbeddingClient.lookup_many``.
+
+        Args:
+          pending: the first replica's request when it is out already (``_send``).
+        """
         first = self._reserve()
-        self._client._watchdog.arm(self, self._hedge_at)
-        sent, self._sent = self._sent, None
+        self._client._watchdog.arm(self, min(self._hedge_at, self._failover_at))
         try:
-            self._attempt(first, None if sent is None else sent[1])
+            self._attempt(first, pending)
         except BaseException:  # not a gRPC error (a bug, KeyboardInterrupt): stop the race
             self._end(-1)
             raise
@@ -301,30 +302,38 @@ class _Race:
             self._inflight[replica] = None
             return replica
 
-    def _launch(self, replica: int) -> None:
+    def _launch(self, replica: int, paid: bool = False) -> None:
         try:
-            self._client._hedge_pool.submit(self._attempt, replica)
+            self._client._hedge_pool.submit(self._attempt, replica, None, paid)
         except RuntimeError:  # the client was closed
             self._lost(replica, streaming.StreamError(
                 grpc.StatusCode.CANCELLED, "the client was closed"))
 
     def expire(self) -> None:
-        """The hedge timer: the tries so far are late; ask the next replica too."""
-        if time.monotonic() >= self._deadline:
+        """The timer: the tries so far are late; ask the next replica too (a hedge,
+        paid with a token; or, at failover's hand-over point, free)."""
+        now = time.monotonic()
+        if now >= self._deadline:
             return
+        client = self._client
         with self._cond:
             if self._done or self._launched >= len(self._order):
                 return
-            # Spend a token only for a hedge that goes out (lock order: race, client).
-            if not self._client._take_hedge_token():
-                return  # over the hedge budget: the tries so far keep their deadline
-            replica = self._order[self._launched]
-            self._launched += 1
-            self._inflight[replica] = None
-            more = self._launched < len(self._order)
-        self._launch(replica)
-        if more:
-            self._client._watchdog.arm(self, time.monotonic() + self._client.hedge_after_s)
+            free = now >= self._failover_at
+            # Lock order: race, then client.
+            if not free and not client._take_hedge_token():
+                replica, rearm = None, self._failover_at  # over budget: hand over later
+            else:
+                replica = self._order[self._launched]
+                self._launched += 1
+                self._inflight[replica] = None
+                left = len(self._order) - self._launched
+                self._failover_at = _try_deadline(self._deadline, left + 1) if left else now
+                rearm = min(now + client.hedge_after_s, self._failover_at) if left else None
+        if replica is not None:
+            self._launch(replica, paid=not free)
+        if rearm is not None:
+            client._watchdog.arm(self, rearm)
 
     def _register(self, replica: int, pending) -> bool:
         """Records ``replica``'s try; False (and the try discarded) when the race is over."""
@@ -335,12 +344,14 @@ class _Race:
         _discard(pending)
         return False
 
-    def _attempt(self, replica: int, pending=None) -> None:
+    def _attempt(self, replica: int, pending=None, paid: bool = False) -> None:
         addr = self._addresses[replica]
         try:
             if pending is None:
                 with self._cond:
                     if self._done:  # another try answered meanwhile: send nothing
+                        if paid:
+                            self._client._refund_hedge_token()
                         return
                 pending = self._client._start(addr, self._payload, self._deadline)
             if not self._register(replica, pending):
@@ -371,7 +382,8 @@ class _Race:
             self._errors.append((replica, e))
             self._inflight.pop(replica, None)
             if code not in RETRYABLE and code != grpc.StatusCode.FAILED_PRECONDITION:
-                self._fatal = True  # the request's fault: another replica would say the same
+                # The request's fault: another replica would say the same (it is the
+                # last error: none is recorded once the race is over).
                 others = self._finish_locked()
             elif self._launched < len(self._order) and time.monotonic() < self._deadline:
                 nxt = self._order[self._launched]
@@ -430,7 +442,7 @@ class _Race:
                 "within the deadline", code=grpc.StatusCode.DEADLINE_EXCEEDED, shard=shard)
         replica, e = self._errors[-1]
         code = e.code()
-        if code == grpc.StatusCode.FAILED_PRECONDITION and not self._fatal:
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
             refused = [f"{self._addresses[r]}: {x.details()}" for r, x in self._errors
                        if x.code() == code]
             raise VersionMismatch(
@@ -496,11 +508,14 @@ class EmbeddingClient:
         still runs in the calling thread, plus a timer on the watchdog thread
         (``launch.bench_serving --parts=hedge``, 1 client on the 2-core box:
         p50 +3% without stalls; with one replica stalled 20 ms every ~200 ms,
-        p99.9 0.175x failover's at T = 2 ms).
+        p99.9 0.175x failover's at T = 2 ms). With ``transport="unary"`` the
+        first try becomes a gRPC future, which costs more (~0.15 ms a lookup
+        there, about +30%): hedge over streams.
       hedge_budget: hedges sent, at most, per hedged shard request, over time
         (a token bucket, as gRPC's retry throttling: each shard request earns
         ``hedge_budget`` tokens up to ``hedge_burst``, a hedge spends one; with
-        none left, a late try just keeps its deadline, ``hedges_throttled``).
+        none left, the next replica is asked when failover would have asked it,
+        ``hedges_throttled``).
         Hedges add load; when the servers are slow because they are
         saturated, hedging every late request would make it worse.
       hedge_burst: tokens the bucket holds (and starts with).
@@ -661,6 +676,12 @@ class EmbeddingClient:
     def _earn_hedge_token(self) -> None:
         with self._lock:
             self._hedge_tokens = min(self._hedge_tokens + self._hedge_budget, self._hedge_burst)
+
+    def _refund_hedge_token(self) -> None:
+        """A paid hedge that found its race over before it went out."""
+        with self._lock:
+            self._hedge_tokens = min(self._hedge_tokens + 1, self._hedge_burst)
+            self._hedges_sent -= 1
 
     def _take_hedge_token(self) -> bool:
         with self._lock:
@@ -936,7 +957,9 @@ class EmbeddingClient:
         if payload is None:
             payload = self._request(items)
         if self._hedged(shard):
-            raw, replica = _Race(self, shard, payload, deadline, sent).run()
+            first = self._preferred[shard] if sent is None else sent[0]
+            raw, replica = _Race(self, shard, payload, deadline, first).run(
+                None if sent is None else sent[1])
         else:
             raw, replica = self._failover(shard, payload, deadline, sent)
         if self._preferred[shard] != replica:

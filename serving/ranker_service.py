@@ -540,6 +540,9 @@ class RankerService:
         self.config = config
         if config.hedge_after_s is not None and not any("|" in e for e in config.shards):
             log.warning("hedge_after_s is set but no shard has a replica: nothing to hedge")
+        if config.hedge_after_s is not None and config.transport == "unary":
+            log.warning("hedging over unary calls makes every fetch a gRPC future (about "
+                        "+30%% a lookup on a 2-core box); hedge over streams")
         first = self._load(config.artifact)
         self._versions: versions_lib.VersionSet[_Version] = versions_lib.VersionSet(
             first.version, first, name="ranker", on_drop=self._close_later)

@@ -84,7 +84,7 @@ class _Stream:
 
     def expire(self) -> None:
         self.expired = True
-        self._responses.cancel()
+        self.cancel()
 
     def cancel(self) -> None:
         self._responses.cancel()
@@ -95,12 +95,13 @@ class _Stream:
 
 
 class DeadlineWatchdog:
-    """Cancels streams whose round trip outlives its deadline.
+    """A timer thread: cancels streams whose round trip outlives its deadline, and
+    runs ``serving.client``'s hedge timers.
 
     It calls ``expire()`` of whatever is armed once its time has come (a stream:
-    cancel it; ``serving.client``'s hedge timers use the same thread). ``arm`` notifies the thread only when the new deadline is earlier than the
-    one it sleeps towards, so with a constant time budget the thread wakes about
-    once per budget, not once per call. One can serve many stream pools.
+    cancel it). ``arm`` notifies the thread only when the new deadline is earlier
+    than the one it sleeps towards, so with a constant time budget the thread wakes
+    about once per budget, not once per call. One can serve many stream pools.
     """
 
     def __init__(self, name: str = "stream-deadlines"):
