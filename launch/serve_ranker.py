@@ -88,7 +88,7 @@ _HEDGE_MS = flags.DEFINE_float(
     None,
     "Hedged fetches for shards with replicas: a shard that has not answered after this "
     "many ms is also asked on its next replica and the first answer is used (set it near "
-    "the fetch p95-p99, e.g. from the service's stats line). Unset: replicas are tried "
+    "or a little above the fetch p99, from the service's stats line). Unset: replicas are tried "
     "one after another (failover).",
     lower_bound=0.0,
 )

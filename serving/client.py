@@ -500,7 +500,7 @@ class EmbeddingClient:
         so on, one more every ``hedge_after_s``), a failed try hands over to
         the next replica at once, and the first answer wins; the others are
         abandoned (their streams closed). Every try may use the whole
-        deadline. Set it near the lookup's p95-p99 latency: a slow or stalled
+        deadline. Set it at or a little above the lookup's p99: a slow or stalled
         replica then costs about that much instead of a failover's share of
         the deadline, for a few more requests (``hedges_sent``; at most about
         ``hedge_budget`` of them, see below). Shards

@@ -163,7 +163,7 @@ class RankerServiceConfig:
         (failover). A number: hedged fetches (``serving.client.EmbeddingClient``):
         a shard whose replica has not answered after this long is also asked
         on its next replica, and the first answer is used. Only shards with
-        replicas are affected; set it near the fetch's p95-p99.
+        replicas are affected; set it at or a little above the fetch's p99.
       hedge_budget: hedges per shard fetch, at most, over time (the client's
         token bucket): caps the load hedging adds when the shards are slow
         because they are saturated.
