@@ -873,7 +873,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )
     keys = [_RankerKey("monolithic", 0, "", "", ahead) for ahead in aheads]
-    caches = _counts_or_zero(_RANK_CACHE_ROWS)
+    caches = [int(v) for v in _RANK_CACHE_ROWS.value]  # checked in main
     keys += [
         _RankerKey("hybrid", n, wire, transport, ahead, cache)
         for n in shard_counts
@@ -1031,13 +1031,13 @@ def main(argv):
             f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle, hedge"
         )
     _check_sizes()  # bad flags: before any work
-    shard_counts = _counts(_SHARDS)
-    client_counts = _counts(_CLIENTS) if "lookup" in parts else []
-    rank_clients = _counts(_RANK_CLIENTS) if "rank" in parts else []
+    shard_counts = common.int_list(_SHARDS)
+    client_counts = common.int_list(_CLIENTS) if "lookup" in parts else []
+    rank_clients = common.int_list(_RANK_CLIENTS) if "rank" in parts else []
     if "rank" in parts:
-        _counts(_RANK_SHARDS)
-        _counts(_RANK_FETCH_AHEAD)
-        _counts_or_zero(_RANK_CACHE_ROWS)
+        common.int_list(_RANK_SHARDS)
+        common.int_list(_RANK_FETCH_AHEAD)
+        common.int_list(_RANK_CACHE_ROWS, minimum=0, distinct=True)
         pool_n = _RANK_AD_POOL.value
         if 0 < pool_n < _RANK_CANDIDATES.value or pool_n > _RANK_ROWS.value:
             raise ValueError(f"--rank_ad_pool={pool_n} must be 0 or in "
@@ -1072,16 +1072,6 @@ def main(argv):
             pool.close()
         if not _WORKDIR.value:  # the artifacts are ~85 MB at the default sizes
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _counts_or_zero(flag) -> list[int]:
-    """A list flag of distinct integers >= 0 (ValueError)."""
-    return common.int_list(flag, minimum=0, distinct=True)
-
-
-def _counts(flag) -> list[int]:
-    """A list flag of counts, checked: a non-empty list of integers >= 1 (ValueError)."""
-    return common.int_list(flag)
 
 
 def _check_sizes() -> None:
@@ -1122,7 +1112,7 @@ def _hedge_settings() -> tuple[list[int], list[float]]:
     if bad:
         raise ValueError("bad flags: " + ", ".join(bad))
     _transports(_TRANSPORTS)  # the hedge part uses the first
-    return _counts(_HEDGE_CLIENTS), after
+    return common.int_list(_HEDGE_CLIENTS), after
 
 
 class _Staller:

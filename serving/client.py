@@ -758,12 +758,7 @@ class EmbeddingClient:
             route = self._routes.get(table)
             if route is None:
                 raise ValueError(f"unknown table {table!r}; tables: {self.tables}")
-            rows_n = np.asarray(rows_n)
-            if rows_n.ndim != 1 or (rows_n.size and rows_n.dtype.kind not in "iu"):
-                raise ValueError(
-                    f"table {table!r}: rows must be a 1-D integer array, got "
-                    f"{rows_n.dtype} {rows_n.shape}"
-                )
+            rows_n = codec.row_array(table, rows_n)
             if rows_n.size == 0:
                 empty.append(table)
                 continue

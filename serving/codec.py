@@ -36,6 +36,17 @@ class CodecError(ValueError):
     """A payload whose bytes do not form the array the contract promises."""
 
 
+def row_array(table: str, rows_n) -> np.ndarray:
+    """``rows_n`` as an array, checked to be 1-D integers (ValueError naming ``table``)."""
+    rows_n = np.asarray(rows_n)
+    if rows_n.ndim != 1 or (rows_n.size and rows_n.dtype.kind not in "iu"):
+        raise ValueError(
+            f"table {table!r}: rows must be a 1-D integer array, got "
+            f"{rows_n.dtype} {rows_n.shape}"
+        )
+    return rows_n
+
+
 def encode_ids(rows_n: np.ndarray) -> bytes:
     """Encodes table rows as little-endian int64 bytes.
 

@@ -23,7 +23,7 @@ pages as rows are first written). All work is a handful of NumPy calls per
 table (no per-row Python); a lock covers the reads and the writes, never the
 fetch.
 
-Imports NumPy only.
+Imports NumPy and ``serving.codec`` only (no gRPC, no JAX).
 
 Dimension legend: n rows asked for, D embedding dim, S slots.
 """
@@ -34,6 +34,8 @@ import threading
 from collections.abc import Mapping
 
 import numpy as np
+
+from serving import codec
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Fibonacci hashing)
 
@@ -130,12 +132,7 @@ class RowCache:
                 if cache is None:
                     want[table] = rows_n
                     continue
-                rows_n = np.asarray(rows_n)
-                if rows_n.ndim != 1 or (rows_n.size and rows_n.dtype.kind not in "iu"):
-                    raise ValueError(
-                        f"table {table!r}: rows must be a 1-D integer array, got "
-                        f"{rows_n.dtype} {rows_n.shape}"
-                    )
+                rows_n = codec.row_array(table, rows_n)
                 if rows_n.size and (rows_n.min() < 0 or rows_n.max() >= cache.rows):
                     bad = rows_n[(rows_n < 0) | (rows_n >= cache.rows)][0]
                     raise ValueError(

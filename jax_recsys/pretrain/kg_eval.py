@@ -87,6 +87,29 @@ def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
     return out
 
 
+def count_above(scores_br, target_b, keep_br, axis: str):
+    """Inside ``shard_map``: per query, the kept candidates of all shards scoring above
+    and equal to its target, and the non-finite scores among them and the target.
+
+    NaN compares False both ways, so a NaN table would rank every target first: the
+    host rejects any non-finite count instead.
+
+    Args:
+      scores_br: float [B, R/S] this shard's candidate scores.
+      target_b: float [B] the target's score (already summed over shards).
+      keep_br: bool [B, R/S] candidates that count (valid, not filtered, not the target).
+      axis: the mesh axis the candidates are sharded over.
+
+    Returns:
+      (greater, equal, non_finite), int [B] each, summed over ``axis``.
+    """
+    ts = target_b[:, None]
+    greater = jax.lax.psum(jnp.sum(keep_br & (scores_br > ts), axis=1), axis)
+    equal = jax.lax.psum(jnp.sum(keep_br & (scores_br == ts), axis=1), axis)
+    bad = jax.lax.psum(jnp.sum(keep_br & ~jnp.isfinite(scores_br), axis=1), axis)
+    return greater, equal, bad + (~jnp.isfinite(target_b)).astype(bad.dtype)
+
+
 def _block_fn(fn: kg_scoring.ScoringFunction, mesh, axis: str, side: str, valid_rows: int):
     """The per-block device program: #greater, #equal and #non-finite scores per query."""
 
@@ -119,15 +142,7 @@ def _block_fn(fn: kg_scoring.ScoringFunction, mesh, axis: str, side: str, valid_
         b_idx = jnp.broadcast_to(jnp.arange(filt.shape[0])[:, None], filt.shape)
         excluded = jnp.zeros(scores.shape, bool).at[b_idx, f_off].set(True, mode="drop")
         excluded = excluded | (col[None, :] >= valid_rows) | is_target
-        keep = ~excluded
-        ts = target_score[:, None]
-        greater = jax.lax.psum(jnp.sum(keep & (scores > ts), axis=1), axis)
-        equal = jax.lax.psum(jnp.sum(keep & (scores == ts), axis=1), axis)
-        # NaN compares False both ways, so a NaN table would rank every target first:
-        # count non-finite scores (kept candidates and the target) for the host to reject.
-        bad = jax.lax.psum(jnp.sum(keep & ~jnp.isfinite(scores), axis=1), axis)
-        bad = bad + (~jnp.isfinite(target_score)).astype(bad.dtype)
-        return greater, equal, bad
+        return count_above(scores, target_score, ~excluded, axis)
 
     row_spec = P(axis, None)
     rel_spec = P()

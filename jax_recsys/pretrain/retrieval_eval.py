@@ -37,6 +37,7 @@ from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_recsys import metrics
+from jax_recsys.pretrain import kg_eval
 
 
 @functools.lru_cache(maxsize=32)
@@ -133,12 +134,7 @@ def _rank_counts_fn(mesh: Mesh, axis: str, rows_per_shard: int, valid_rows: int)
         is_pos = rows_r[None, :] == pos_q[:, None]
         pos_score = jax.lax.psum(jnp.sum(jnp.where(is_pos, scores_qr, 0.0), axis=1), axis)
         keep = (rows_r[None, :] < valid_rows) & ~is_pos
-        ps = pos_score[:, None]
-        greater = jax.lax.psum(jnp.sum(keep & (scores_qr > ps), axis=1), axis)
-        equal = jax.lax.psum(jnp.sum(keep & (scores_qr == ps), axis=1), axis)
-        bad = jax.lax.psum(jnp.sum(keep & ~jnp.isfinite(scores_qr), axis=1), axis)
-        bad = bad + (~jnp.isfinite(pos_score)).astype(bad.dtype)
-        return greater, equal, bad
+        return kg_eval.count_above(scores_qr, pos_score, keep, axis)
 
     fn = shard_map(
         local,
@@ -209,17 +205,12 @@ def positive_ranks(
         n = part.shape[0] - pad
         greater, equal = np.asarray(greater)[:n], np.asarray(equal)[:n]  # blocks
         bad += int(np.asarray(nonfinite)[:n].sum())
-        ranks.append(_realistic_rank(greater=greater, equal=equal))
+        ranks.append(kg_eval.realistic_rank(greater=greater, equal_others=equal))
     if bad:
         raise ValueError(
             f"retrieval scores contain {bad} non-finite values (NaN/inf user or pin "
             "embeddings); refusing to rank them")
     return np.concatenate(ranks) if ranks else np.zeros(0, np.float64)
-
-
-def _realistic_rank(*, greater: np.ndarray, equal: np.ndarray) -> np.ndarray:
-    """1 + #greater + #equal / 2 (the realistic rank of `jax_recsys.metrics`), float64."""
-    return 1.0 + np.asarray(greater, np.float64) + 0.5 * np.asarray(equal, np.float64)
 
 
 def rank_of_positive(*, top_rows_qk: np.ndarray, pos_rows_q: np.ndarray) -> np.ndarray:
