@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
 
+import contextlib
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -37,3 +38,14 @@ def pytest_collection_modifyitems(config, items):
         return 3
 
     items.sort(key=rank)  # stable: file order kept within each rank
+
+
+@pytest.fixture
+def dead_address():
+    """Makes addresses where nobody listens (``mp_util.dead_address``), held until the
+    test ends: a port found free and released could meanwhile be taken by another
+    server (another test's, under xdist) and answer."""
+    import mp_util
+
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(mp_util.dead_address())

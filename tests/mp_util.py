@@ -20,7 +20,7 @@ Typical use::
         mp_util.wait_for(lambda: (wd / "checkpoints" / "2").exists(), group=group)
         group.kill()
 
-API: `free_port()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
+API: `free_port()`, `dead_address()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
 `wait_for(predicate, ...)`, `read_metrics(workdir)`, `json_lines(module, args)`,
 `child_env(...)`, `self_signed_cert(dir)`, `hold_first_call(obj, name)`, `REPO`.
 
@@ -31,6 +31,7 @@ str(tmp_path / "xla_cache")}`` cuts the later ones' CPU time ~3x.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -69,6 +70,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def dead_address():
+    """Yields ``"127.0.0.1:PORT"`` where nobody listens, for as long as it is held.
+
+    The port stays bound (never listening: a connection is refused at once), so no
+    other server, say another test's under xdist, can take it in the meantime, as
+    it could a port that ``free_port`` found free and released.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def hold_first_call(obj, name: str, timeout_s: float = 20.0):

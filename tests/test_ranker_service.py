@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -711,9 +710,9 @@ def test_swap_under_concurrent_load_fails_no_request(arts):
 
 
 @pytest.mark.slow  # a fresh process imports JAX: ~5 s
-def test_serve_ranker_launch_refuses_a_dead_shard_in_one_line(arts):
+def test_serve_ranker_launch_refuses_a_dead_shard_in_one_line(arts, dead_address):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    dead = f"127.0.0.1:{mp_util.free_port()}"  # nobody listens there
+    dead = dead_address()
     out = subprocess.run(
         [sys.executable, "-m", "launch.serve_ranker", f"--artifact={arts['a'].path}",
          f"--shards={dead}", "--deadline_s=0.5"],
@@ -841,15 +840,11 @@ def test_shards_that_dropped_the_rankers_version_are_an_outage_not_a_bad_request
 
 
 @pytest.mark.parametrize("hedge", [None, 0.01])
-def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge):
+def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead_address):
     """--shards=DEAD|LIVE: the ranker starts (the dead replica is logged) and scores
     through the live one, exactly as monolithic (failover, or hedged fetches)."""
     (shard,) = _shards(arts["a"], n=1)
-    with socket.socket() as sk, socket.socket() as sk2:
-        sk.bind(("127.0.0.1", 0))
-        sk2.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{sk.getsockname()[1]}"
-        dead2 = f"127.0.0.1:{sk2.getsockname()[1]}"
+    dead, dead2 = dead_address(), dead_address()
     cfg = dict(artifact=str(arts["a"].path), deadline_s=2.0, max_candidates=48,
                max_batch_candidates=64, min_bucket=32, hedge_after_s=hedge)
     with pytest.raises(ValueError, match="must be 'host:port' or"):

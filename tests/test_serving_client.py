@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -56,12 +55,6 @@ def three_shards(art):
     yield [f"127.0.0.1:{s.port}" for s in servers]
     for s in servers:
         s.stop(0)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_routing_from_manifest_matches_server_ranges(art):
@@ -244,9 +237,9 @@ HEDGES = [None, 0.05]
 @pytest.mark.parametrize("hedge", HEDGES)
 @pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
 def test_dead_primary_falls_back_to_replica_and_dead_shard_is_unavailable(
-    art, three_shards, transport, hedge
+    art, three_shards, transport, hedge, dead_address
 ):
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = dead_address()
     with_replica = [three_shards[0], [dead, three_shards[1]], three_shards[2]]
     client = client_lib.EmbeddingClient.from_artifact(
         str(art.path), with_replica, deadline_s=5, transport=transport, hedge_after_s=hedge
