@@ -1,0 +1,31 @@
+"""docs/FLAGS.md is generated from the flag definitions and must match them."""
+
+import re
+
+from launch import flags_doc
+
+
+def test_flags_doc_is_up_to_date():
+    text = flags_doc.render()
+    assert flags_doc.OUT.read_text() == text, (
+        "docs/FLAGS.md is out of date: run python -m launch.flags_doc"
+    )
+    # Every entry point has its section, and a flag's row has its help text.
+    for name in flags_doc.entry_points():
+        assert f"\n## {name}\n" in text
+    serve_ranker = text.split("\n## serve_ranker\n")[1].split("\n## ")[0]
+    assert re.search(r"^\| `--hedge_budget` \| float \| `0.05` \| .*token bucket.* \|$",
+                     serve_ranker, re.M)
+    assert "| `--artifact` | string | (required) |" in serve_ranker
+    assert "| `--verify` | string enum | `sizes` | <sizes\\|full\\|none>:" in serve_ranker
+    assert "| `--[no]overwrite` | bool | `false` |" in text
+
+def test_render_escapes_table_cells():
+    rows = [{"name": "x", "type": "string", "boolean": False, "default": "'a|b'",
+             "help": "one\n  two | three", "required": False},
+            {"name": "flag", "type": "bool", "boolean": True, "default": "'true'",
+             "help": "", "required": False}]
+    assert flags_doc._table(rows)[2:] == [
+        "| `--[no]flag` | bool | `true` |  |",
+        "| `--x` | string | `a\\|b` | one two \\| three |",
+    ]
