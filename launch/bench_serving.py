@@ -74,11 +74,13 @@ buckets (42 s on an H200), the others load them (about 1 s); each start is
 reported on stderr, and each server's stderr goes to a log file in the work
 folder (a server that fails to start is reported with the end of its log).
 Side by side, the rankers share the accelerator, each preallocating a share of
-its memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set). One lent H200
-host took one process only (a second ranker failed: "no supported devices
+its memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set). Two lent H200
+hosts took one process only (a second ranker failed: "no supported devices
 found for platform CUDA"; earlier hosts ran five): there
 ``--rank_one_at_a_time`` gives each ranker a turn alone (the serial floor
-beside the first monolithic one), so the ratios span time. One JSON line per
+beside the first monolithic one), so the ratios span time. A second ranker
+that fails so makes the benchmark switch to that by itself (said on stderr; the
+lines then say ``"one_at_a_time": true``). One JSON line per
 mode and client count, and one per mode with the service's own counters (how
 many requests the batcher merged):
 
@@ -255,7 +257,8 @@ _RANK_ONE_AT_A_TIME = flags.DEFINE_bool(
     "rank_one_at_a_time",
     False,
     "Run the rankers one after another instead of side by side (for an accelerator that "
-    "takes one process at a time, as one lent H200 host did); ratios then span time.",
+    "takes one process at a time, as two lent H200 hosts did); ratios then span time. "
+    "Side by side falls back to this by itself when a second ranker finds no device.",
 )
 
 _HEDGE_AFTER = flags.DEFINE_list(
@@ -835,6 +838,10 @@ class _RankerKey(NamedTuple):
     cache_rows: int = 0  # serve_ranker --cache_rows (hybrid)
 
 
+# What a JAX process says when another one holds the accelerator (one lent H200 host).
+ONE_PROCESS_DEVICE = "no supported devices found for platform"
+
+
 def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     """End-to-end Rank latency: monolithic vs hybrid (shards in other processes)."""
     art_dir, advertisers = _write_rank_artifact(workdir)
@@ -887,7 +894,8 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     # a noisy box between runs. With --rank_one_at_a_time (an accelerator that
     # takes one process) each ranker gets a turn alone, the serial floor beside
     # the first monolithic one.
-    turns = [[k] for k in keys] if _RANK_ONE_AT_A_TIME.value else [keys]
+    one_at_a_time = _RANK_ONE_AT_A_TIME.value
+    turns = [[k] for k in keys] if one_at_a_time else [keys]
     shard_procs: dict[int, list] = {}
     results: dict[tuple, dict] = {}  # (key | "floor", clients) -> latency stats
     devices: dict[_RankerKey, str] = {}
@@ -896,8 +904,11 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         for n in shard_counts:
             shard_procs[n] = [_spawn_shard(art_dir, i, n) for i in range(n)]
         echo, echo_addr = _start_echo()
-        for turn in turns:
+        t = 0
+        while t < len(turns):
+            turn = turns[t]
             rankers = {}
+            measured = False
             try:
                 env = _ranker_env(len(turn))
                 for key in turn:
@@ -930,9 +941,24 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         st.pop("ids_per_s")
                     for key, st in zip([*turn, "floor"], per_kind, strict=False):
                         results[key, c] = st
+                measured = True
+            except RuntimeError as e:
+                if len(turn) > 1 and ONE_PROCESS_DEVICE in str(e):
+                    # An accelerator that takes one process (see the module docstring):
+                    # what --rank_one_at_a_time does, without a second run of the user's.
+                    print(f"a second ranker could not use the accelerator ({ONE_PROCESS_DEVICE}):"
+                          " running the rankers one at a time (--rank_one_at_a_time)",
+                          file=sys.stderr, flush=True)
+                    one_at_a_time, turns, t = True, [[k] for k in keys], 0
+                    results.clear()
+                    continue
+                raise
             finally:
                 for key, (proc, _) in rankers.items():
-                    _print_service_line(common, key, _stop_ranker(proc))
+                    stats = _stop_ranker(proc)
+                    if measured:  # a turn that failed has no counters worth a line
+                        _print_service_line(common, key, stats)
+            t += 1
         for c in clients:
             floor = results["floor", c]
             serial_floor = floor["p50_ms"] / results[keys[0], c]["p50_ms"]
@@ -956,7 +982,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             for key in keys:
                 st = results[key, c]
                 line = {**common, **key._asdict(), "clients": c, "device": devices[key], **st}
-                line["one_at_a_time"] = _RANK_ONE_AT_A_TIME.value
+                line["one_at_a_time"] = one_at_a_time
                 if key.mode == "hybrid":
                     # The monolithic ranker of the same fetch_ahead.
                     ref = results[_RankerKey("monolithic", 0, "", "", key.fetch_ahead), c]

@@ -6,6 +6,11 @@ servers, client processes, all three parts. Latencies are not asserted (shared,
 noisy machines); the lines' presence, shape and internal consistency are.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import mp_util
 import numpy as np
 import pytest
@@ -178,6 +183,58 @@ def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(tmp_path
         assert floor["p50_vs_monolithic"] == pytest.approx(
             floor["p50_ms"] / mono["p50_ms"], abs=1e-3
         )
+
+
+# A child that runs bench_serving on an "accelerator" that takes one process: a
+# ranker started while another is alive fails as on the lent H200 hosts.
+_ONE_PROCESS_DEVICE = """
+import sys
+from launch import bench_serving as b, common
+
+real, alive = b._spawn_ranker, []
+
+
+def spawn(*args, **kwargs):
+    if any(p.poll() is None for p in alive):
+        raise RuntimeError("ranker did not start (rc=1); end of its log:\\nRuntimeError: Unable "
+                           "to initialize backend 'cuda': INTERNAL: no supported devices found "
+                           "for platform CUDA")
+    proc, info = real(*args, **kwargs)
+    alive.append(proc)
+    return proc, info
+
+
+if __name__ == "__main__":  # the client processes (spawned) import this file too
+    b._spawn_ranker = spawn
+    sys.argv = ["bench_serving", *sys.argv[1:]]
+    common.run(b.main)
+"""
+
+
+@pytest.mark.slow  # ~25 s: a failed side-by-side start, then two rankers in turn
+@pytest.mark.multiprocess
+def test_rankers_fall_back_to_one_at_a_time_when_a_second_finds_no_device(tmp_path):
+    script = tmp_path / "one_process_device.py"
+    script.write_text(_ONE_PROCESS_DEVICE)
+    args = ["--parts=rank", "--duration_s=0.4", "--warmup=3", "--rank_rows=5000",
+            "--rank_candidates=100", "--rank_shards=1", "--rank_wires=quantized",
+            "--rank_clients=1", f"--workdir={tmp_path / 'work'}"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args], cwd=mp_util.REPO, capture_output=True,
+        text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=mp_util.pythonpath(), JAX_PLATFORMS="cpu"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "running the rankers one at a time (--rank_one_at_a_time)" in out.stderr
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    # No counters of the failed side-by-side turn; then each ranker alone, as with the flag.
+    assert [x["kind"] for x in lines] == ["rank_artifact", "rank_service", "rank_service",
+                                          "rank_serial_floor", "rank", "rank"]
+    services = [x for x in lines if x["kind"] == "rank_service"]
+    assert [x["mode"] for x in services] == ["monolithic", "hybrid"]
+    assert all(set(x["by_code"]) == {"OK"} for x in services)
+    ranks = [x for x in lines if x["kind"] == "rank"]
+    assert all(x["one_at_a_time"] and x["requests"] > 0 for x in ranks)
 
 
 @pytest.mark.slow  # ~15-25 s: three rankers
