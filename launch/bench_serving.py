@@ -92,7 +92,8 @@ many requests the batcher merged):
   {"bench": "serving", "kind": "rank_service", "mode", "requests_per_batch",
    "candidates_per_batch", "server_p50_ms", "fetch_p50_ms", "score_p50_ms", "by_code",
    "cache_hit_rate" (rows, with a row cache, since the ranker started: every client
-   count and the warmup; else null), ...}
+   count and the warmup; else null), "cache_bytes" (the row cache's arrays, or
+   null), ...}
 
 (``server_p50_ms``: a Rank call inside the service, received to answered;
 ``fetch_p50_ms`` and ``score_p50_ms``: one batch's embedding fetch and its
@@ -1017,6 +1018,7 @@ def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
                 "by_code": stats.get("by_code"),
                 "cache_hit_rate": (round(stats["cache_hit_rate"], 4)
                                    if "cache_hit_rate" in stats else None),
+                "cache_bytes": stats.get("cache_bytes"),
             }
         ),
         flush=True,

@@ -105,7 +105,10 @@ _CACHE_ROWS = flags.DEFINE_integer(
     0,
     "With --shards: keep up to this many recently fetched rows per table in the ranker "
     "(a table that small is kept whole, a larger one in this many slots rounded down to a "
-    "power of two; ~4*dim+8 bytes a slot) and fetch only the others from the shards: "
+    "power of two; with --wire=quantized an INT4/INT8 table keeps its codes, "
+    "ceil(dim/2)+16 (INT4) or dim+16 (INT8) bytes a slot, 48 for INT4 dim 64; with "
+    "--wire=float32 float32 rows, 4*dim+8 bytes a slot) and fetch only the others from "
+    "the shards: "
     "repeated candidates and context rows cost no fetch. One cache per loaded version; "
     "scores are identical. 0: off.",
     lower_bound=0,

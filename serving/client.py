@@ -6,7 +6,9 @@ shard that owns any of the rows (contiguous row ranges, see
 retries a shard's request on its next replica when one is unreachable, too
 slow or shedding load (``RETRYABLE``), or with ``hedge_after_s`` also sends it
 to the next replica once the first is late and takes the first answer (hedged
-requests), and reassembles the float32 rows in the caller's order. A table whose rows repeat a lot (a quarter or more,
+requests), and reassembles the float32 rows in the caller's order (or, with
+``lookup_many(..., dequantize=False)`` on the quantized wire, their codes, scale
+and bias, for ``serving.row_cache``). A table whose rows repeat a lot (a quarter or more,
 ``codec.worth_deduplicating``) is sent once per distinct row and expanded on
 arrival. Responses from a version other than the
 pinned one are refused (``VersionMismatch``); with no pinned version, all shards
@@ -157,12 +159,23 @@ def _dense(rows: np.ndarray | _Quantized) -> np.ndarray:
     return rowwise.dequantize_rows(rows) if isinstance(rows, _Quantized) else rows
 
 
-def _reassemble(table: str, n: int, pieces: list) -> np.ndarray:
+def _take(rows: np.ndarray | _Quantized, index_n: np.ndarray) -> np.ndarray | _Quantized:
+    """``rows[index_n]``, of float32 rows or of each array of quantized ones."""
+    if isinstance(rows, _Quantized):
+        return _Quantized(rows.codes.take(index_n, axis=0), rows.scale.take(index_n),
+                          rows.bias.take(index_n), dim=rows.dim, bits=rows.bits)
+    return rows.take(index_n, axis=0)
+
+
+def _reassemble(
+    table: str, n: int, pieces: list, dequantize: bool = True
+) -> np.ndarray | _Quantized:
     """float32 [n, D] of a table whose rows came from several shards, in the order sent.
 
     ``pieces``: ``(shard, positions, rows)`` per shard. Quantized parts are put
     together as codes, scale and bias and dequantized once (dequantization is row
-    by row, so this is bit-identical to dequantizing each part).
+    by row, so this is bit-identical to dequantizing each part); not ``dequantize``:
+    returned put together, as ``_Quantized``.
     """
     first = pieces[0][2]
     if all(isinstance(rows, _Quantized) for _, _, rows in pieces):
@@ -177,9 +190,8 @@ def _reassemble(table: str, n: int, pieces: list) -> np.ndarray:
         scale, bias = np.empty(n, np.float32), np.empty(n, np.float32)
         for _, pos, rows in pieces:
             codes[pos], scale[pos], bias[pos] = rows.codes, rows.scale, rows.bias
-        return rowwise.dequantize_rows(
-            _Quantized(codes, scale, bias, dim=first.dim, bits=first.bits)
-        )
+        rows = _Quantized(codes, scale, bias, dim=first.dim, bits=first.bits)
+        return rowwise.dequantize_rows(rows) if dequantize else rows
     dense = [(shard, pos, _dense(rows)) for shard, pos, rows in pieces]
     out = np.empty((n, dense[0][2].shape[1]), np.float32)
     for shard, pos, rows in dense:
@@ -723,19 +735,30 @@ class EmbeddingClient:
         return self.lookup_many({table: rows})[table]
 
     def lookup_many(
-        self, rows: Mapping[str, np.ndarray], *, deadline_s: float | None = None
-    ) -> dict[str, np.ndarray]:
+        self,
+        rows: Mapping[str, np.ndarray],
+        *,
+        deadline_s: float | None = None,
+        dequantize: bool = True,
+    ) -> dict[str, np.ndarray | rowwise.QuantizedTable]:
         """Rows of several tables, one request per shard involved.
 
         Args:
           rows: table -> int [n_t] global table rows.
           deadline_s: time budget of this call (retries included); None: the
             client's ``deadline_s``.
+          dequantize: False: the rows the shards sent INT4/INT8 (``wire="quantized"``)
+            are returned as they came, a ``rowwise.QuantizedTable`` per table (codes,
+            float32 scale and bias of the rows, in the order of the given rows;
+            ``rowwise.dequantize_rows`` of it is what True returns, bit for bit);
+            a table sent as float32 (the float32 wire, a float32 table, no rows
+            asked) is float32 [n_t, D_t] all the same. For ``serving.row_cache``.
 
         Returns:
-          table -> float32 [n_t, D_t] in the order of the given rows. When one
-          shard holds all of a table's rows the array is a read-only view of the
-          response bytes (copy it to write into it).
+          table -> float32 [n_t, D_t] in the order of the given rows (or a
+          ``QuantizedTable``, see ``dequantize``). When one shard holds all of a
+          table's rows the arrays are read-only views of the response bytes (copy
+          them to write into them).
 
         Raises:
           ValueError: unknown table or rows outside the table.
@@ -802,15 +825,15 @@ class EmbeddingClient:
                 for (table, pos, _), got in zip(plan[shard], tables, strict=True):
                     self._dims[table] = got.dim if isinstance(got, _Quantized) else got.shape[1]
                     if pos is None:  # one shard had them all: no copy (float32 wire)
-                        result[table] = _dense(got)
+                        result[table] = _dense(got) if dequantize else got
                     else:
                         split.setdefault(table, []).append((shard, pos, got))
             if len(versions) > 1:
                 raise VersionMismatch(f"shards answered different versions {sorted(versions)}")
             for table, pieces in split.items():
-                result[table] = _reassemble(table, sent[table], pieces)
+                result[table] = _reassemble(table, sent[table], pieces, dequantize)
             for table, inverse_n in inverses.items():
-                result[table] = result[table].take(inverse_n, axis=0)
+                result[table] = _take(result[table], inverse_n)
         for table in empty:
             result[table] = np.zeros((0, self._dims.get(table, 0)), np.float32)
         return result

@@ -170,8 +170,10 @@ class RankerServiceConfig:
       cache_rows: hybrid only: 0 (default) fetches every row from the shards.
         N > 0 keeps recently fetched rows in this process
         (``serving.row_cache.RowCache``: up to N rows of each table the ranker
-        uses, a table of at most N rows whole; at most (4 * D + 8) * N bytes per
-        table, two versions' worth during a swap window) and fetches only the
+        uses, a table of at most N rows whole; at most (ceil(D/2) + 16) * N
+        bytes per INT4 table on the quantized wire (the codes are kept), D + 16
+        per INT8 row, (4 * D + 8) on the float32 wire; two versions' worth
+        during a swap window; ``stats()["cache_bytes"]``) and fetches only the
         others, for repeated candidates (popular ads) and context rows.
         One cache per loaded version (a swap starts cold); scores are
         identical. A batch whose rows all hit makes no round trip.
@@ -623,6 +625,8 @@ class RankerService:
                     fetcher, table_rows=table_rows,
                     dims={name: int(t["dim"]) for name, t in tables.items()},
                     capacity=cfg.cache_rows, tables=[e for e in ents if e in table_rows],
+                    # On the quantized wire INT4/INT8 tables are cached as their codes.
+                    bits={name: q.bits for name, q in art.tables.items()},
                 )
         else:
             fetcher = _LocalTables(art)
@@ -760,8 +764,9 @@ class RankerService:
         is what the shards cost; with ``hedge_after_s``, ``hedges_sent`` and
         ``hedges_throttled`` count the current version's hedged shard requests
         and those the hedge budget stopped (since that version was loaded); with
-        ``cache_rows``, ``cache_hits``, ``cache_misses`` (rows) and
-        ``cache_hit_rate`` of the current version's cache.
+        ``cache_rows``, ``cache_hits``, ``cache_misses`` (rows),
+        ``cache_hit_rate`` and ``cache_bytes`` (its arrays) of the current
+        version's cache.
         """
         out = self._stats.summary()
         snap = self._versions.snapshot
@@ -770,6 +775,7 @@ class RankerService:
         if isinstance(fetcher, row_cache.RowCache):
             out["cache_hits"], out["cache_misses"] = fetcher.hits, fetcher.misses
             out["cache_hit_rate"] = fetcher.hits / max(fetcher.hits + fetcher.misses, 1)
+            out["cache_bytes"] = fetcher.nbytes
             fetcher = fetcher.client
         if self.config.hedge_after_s is not None:
             out["hedges_sent"] = fetcher.hedges_sent

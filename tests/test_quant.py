@@ -136,6 +136,9 @@ def test_dequantize_gathers_requested_rows_any_shape():
         rowwise.dequantize_rows(q, np.array([50]))
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         rowwise.dequantize_rows(q, np.array([-1]))
+    for bits in (4, 8):  # no rows asked for: [0, D]
+        q = rowwise.quantize_rows(x, bits=bits)
+        assert rowwise.dequantize_rows(q, np.array([], np.int64)).shape == (0, 9)
 
 
 def test_bits32_is_plain_float():

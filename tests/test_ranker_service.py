@@ -31,6 +31,7 @@ from serving import (
     embedding_server as es,
     grpc_util,
     ranker_service as rs,
+    row_cache,
 )
 from serving.protos import embedding_pb2 as pb
 
@@ -142,12 +143,14 @@ def stack(arts):
     shards = _shards(arts["a"])
     hybrid = _svc(arts["a"], shards)
     hybrid_f32 = _svc(arts["a"], shards, wire="float32")
-    # A row cache smaller than the pin table: hashed slots, evictions.
+    # A row cache smaller than the pin table: hashed slots, evictions. On the quantized
+    # wire it holds the INT4 codes, on the float32 wire float32 rows.
     cached = _svc(arts["a"], shards, cache_rows=16)
+    cached_f32 = _svc(arts["a"], shards, cache_rows=16, wire="float32")
     mono = _svc(arts["a"])
     yield {"shards": shards, "hybrid": hybrid, "hybrid_f32": hybrid_f32, "cached": cached,
-           "mono": mono}
-    for svc in (hybrid, hybrid_f32, cached, mono):
+           "cached_f32": cached_f32, "mono": mono}
+    for svc in (hybrid, hybrid_f32, cached, cached_f32, mono):
         svc.stop(grace=0)
     for s in shards:
         s.stop(grace=0).wait()
@@ -204,9 +207,20 @@ def test_hybrid_equals_monolithic_exactly_and_matches_reference(arts, stack):
     ch_m.close()
 
 
-def test_a_hybrid_ranker_with_a_row_cache_scores_exactly_as_monolithic(arts, stack):
-    svc, mono = stack["cached"], stack["mono"]
+@pytest.mark.parametrize("wire", ["quantized", "float32"])
+def test_a_hybrid_ranker_with_a_row_cache_scores_exactly_as_monolithic(arts, stack, wire):
+    svc, mono = stack["cached" if wire == "quantized" else "cached_f32"], stack["mono"]
+    cache = svc._versions.snapshot.versions[arts["a"].version].fetcher
+    assert isinstance(cache, row_cache.RowCache) and cache.client.wire == wire
+    # The quantized wire's cache holds the INT4 codes (+ float32 scale, bias, int64 tag):
+    # 16 slots of pin and user (hashed), advertiser's 7 rows whole.
+    per_row = {t: (d + 1) // 2 + 16 if wire == "quantized" else 4 * d + 8
+               for t, d in CFG.entity_dims}
+    assert cache.nbytes == 16 * per_row["user"] + 16 * per_row["pin"] + 7 * per_row["advertiser"]
+    assert all((c.held[0].dtype == np.uint8) == (wire == "quantized")
+               for c in cache._caches.values())
     before = svc.stats()
+    assert before["cache_bytes"] == cache.nbytes
     for _ in range(2):  # the second pass finds most rows in the cache
         for user, cands, adv, hour in CASES:
             req = rs.rank_request(candidates=cands, context={"advertiser": adv, "hour": hour},

@@ -299,7 +299,8 @@ def dequantize_rows(q: QuantizedTable, rows=None, *, checked: bool = True) -> np
         return out.reshape(*lead, q.dim)
     if q.bits == 4:
         # One table lookup per byte gives both nibbles as float32 (8 bytes).
-        vals = _NIBBLE_PAIRS.take(codes, mode="clip").view(np.float32).reshape(n, -1)  # [n, 2P]
+        # [n, 2P] (not reshape(n, -1): that fails for n = 0)
+        vals = _NIBBLE_PAIRS.take(codes, mode="clip").view(np.float32).reshape(n, 2 * codes.shape[1])
         if vals.shape[1] != q.dim:
             vals = np.ascontiguousarray(vals[:, : q.dim])
     else:
