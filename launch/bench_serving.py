@@ -125,7 +125,8 @@ Hedged lookups (``--parts=hedge``): two shard server processes serve the same
 single shard (a primary and its replica). One client process per
 ``--hedge_clients`` entry runs ``EmbeddingClient`` s over them, time-sliced
 as above: one that fails over (the default) and one per ``--hedge_after_ms``
-value with that ``hedge_after_s`` (and ``--hedge_budget``). First with both
+value with that ``hedge_after_s`` (and ``--hedge_budget``; ``auto``: the adaptive
+delay, with ``--hedge_quantile``). First with both
 replicas healthy (the cost of hedging),
 then while a thread of the benchmark stops one replica at random for
 ``--hedge_stall_ms`` (SIGSTOP, then SIGCONT) about every
@@ -136,6 +137,9 @@ then while a thread of the benchmark stops one replica at random for
    "stalls" (stalls while the clients ran, their warmup included), "stall_ms", "stall_every_ms", "hedge_after_ms",
    "hedge_budget", "p50_ms", "p99_ms", "p999_ms", "max_ms", "hedges_per_request",
    "throttled_per_request" (late tries not hedged: budget spent),
+   "hedge_quantile", "final_hedge_delay_ms" (``auto`` only: per client, its
+   delay per shard in ms when the run ended; each client starts cold, so the
+   first 100 lookups of a run, half of them in its warmup, are not hedged),
    "p50_vs_failover", "p99_vs_failover", "p999_vs_failover", ...}
 
 Round trips after idle (``--parts=idle``, ~30 s plus writing a ``--rows``
@@ -265,7 +269,11 @@ _RANK_ONE_AT_A_TIME = flags.DEFINE_bool(
 _HEDGE_AFTER = flags.DEFINE_list(
     "hedge_after_ms",
     ["2", "5"],
-    "--parts=hedge: hedge_after_s of the hedged clients, in ms (one client each).",
+    "--parts=hedge: hedge_after_s of the hedged clients, in ms (one client each); 'auto': "
+    "the adaptive delay (EmbeddingClient(hedge_after_s='auto')).",
+)
+_HEDGE_QUANTILE = flags.DEFINE_float(
+    "hedge_quantile", 0.99, "--parts=hedge: the 'auto' client's hedge_quantile."
 )
 _HEDGE_BUDGET = flags.DEFINE_float(
     "hedge_budget", 0.05, "--parts=hedge: the hedged clients' hedge_budget."
@@ -388,6 +396,7 @@ def _caller(task: dict, rng):
     client = client_lib.EmbeddingClient.from_artifact(
         task["manifest"], task["addresses"], deadline_s=5, transport=task["transport"],
         hedge_after_s=task.get("hedge_after_s"), hedge_budget=task.get("hedge_budget", 0.05),
+        hedge_quantile=task.get("hedge_quantile", 0.99),
     )
 
     def lookup(i):
@@ -395,6 +404,7 @@ def _caller(task: dict, rng):
 
     lookup.counters = lambda: {  # see _client_loop
         "hedges_sent": client.hedges_sent, "hedges_throttled": client.hedges_throttled}
+    lookup.final = lambda: {"hedge_delays_s": client.hedge_delays_s}
     return lookup, client.close
 
 
@@ -437,9 +447,10 @@ def _client_loop(task: dict) -> dict:
         lat[k].append(time.perf_counter() - t0)
         i += 1
     extras = [{k: v - b[k] for k, v in a.items()} for a, b in zip(counters(), before, strict=True)]
+    finals = [getattr(one, "final", dict)() for one, _ in callers]  # state at the end
     for _, close in callers:
         close()
-    return {"latencies": lat, "extras": extras}
+    return {"latencies": lat, "extras": extras, "finals": finals}
 
 
 def _worker(task_q, result_q) -> None:
@@ -475,6 +486,7 @@ class _ClientPool:
         self._runs += 1
         out = [[] for _ in task.get("kinds") or [task]]
         self.extras = [{} for _ in out]  # per kind: counters summed over the clients
+        self.finals = [[] for _ in out]  # per kind: each client's final state
         for _ in range(clients):
             res = self.result_q.get(timeout=task["duration_s"] + 120)
             if "error" in res:
@@ -484,6 +496,8 @@ class _ClientPool:
             for k, extra in enumerate(res["extras"]):
                 for name, v in extra.items():
                     self.extras[k][name] = self.extras[k].get(name, 0) + v
+            for k, final in enumerate(res["finals"]):
+                self.finals[k].append(final)
         return [np.array(x) for x in out]
 
     def close(self) -> None:
@@ -1124,17 +1138,21 @@ def _idle_settings() -> tuple[list[float], int, int]:
     return gaps, req_b, resp_b
 
 
-def _hedge_settings() -> tuple[list[int], list[float]]:
-    """``--parts=hedge`` flags, checked: its client counts and hedge delays (ms)."""
+def _hedge_settings() -> tuple[list[int], list[float | str]]:
+    """``--parts=hedge`` flags, checked: its client counts and hedge delays (ms, or "auto")."""
     bad = [f"--{f.name}={f.value} (must be finite and > 0)" for f in
            (_HEDGE_STALL, _HEDGE_STALL_EVERY) if not (math.isfinite(f.value) and f.value > 0)]
     try:
-        after = [float(v) for v in _HEDGE_AFTER.value]
+        after = [v.strip().lower() if v.strip().lower() == "auto" else float(v)
+                 for v in _HEDGE_AFTER.value]
     except ValueError:
         after = []
-    if (not after or not all(math.isfinite(a) and a >= 0 for a in after)
+    if (not after or not all(a == "auto" or (math.isfinite(a) and a >= 0) for a in after)
             or len(set(after)) < len(after)):
-        bad.append(f"--hedge_after_ms={_HEDGE_AFTER.value} (distinct finite numbers >= 0)")
+        bad.append(f"--hedge_after_ms={_HEDGE_AFTER.value} (distinct finite numbers >= 0 "
+                   "or 'auto')")
+    if not 0 < _HEDGE_QUANTILE.value < 1:
+        bad.append(f"--hedge_quantile={_HEDGE_QUANTILE.value} (must be in (0, 1))")
     if not 0 <= _HEDGE_BUDGET.value <= 1:
         bad.append(f"--hedge_budget={_HEDGE_BUDGET.value} (must be in [0, 1])")
     if bad:
@@ -1200,7 +1218,8 @@ def _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transpo
     addresses = [[f"127.0.0.1:{port}" for _, port in procs]]
     kinds = [
         {"kind": "lookup", "manifest": manifest, "addresses": addresses, "transport": transport,
-         "hedge_after_s": None if ms is None else ms / 1e3, "hedge_budget": _HEDGE_BUDGET.value}
+         "hedge_after_s": ms if ms is None or ms == "auto" else ms / 1e3,
+         "hedge_budget": _HEDGE_BUDGET.value, "hedge_quantile": _HEDGE_QUANTILE.value}
         for ms in [None, *hedge_after]
     ]
     task = dict(base, kinds=kinds, slice_s=_SLICE.value, duration_s=len(kinds) * _DURATION.value)
@@ -1218,12 +1237,21 @@ def _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transpo
                      "stall_ms": _HEDGE_STALL.value if stalls else 0.0,
                      "stall_every_ms": _HEDGE_STALL_EVERY.value if stalls else 0.0}
             got = []
-            for kind, lat, extra in zip(kinds, lats, pool.extras, strict=True):
+            for kind, lat, extra, finals in zip(kinds, lats, pool.extras, pool.finals,
+                                                strict=True):
                 x = lat * 1e3
                 hedge_s = kind["hedge_after_s"]
+                auto = hedge_s == "auto"
+                if auto:
+                    adaptive = {"hedge_quantile": kind["hedge_quantile"], "final_hedge_delay_ms": [
+                        [None if d is None else round(d * 1e3, 3) for d in f["hedge_delays_s"]]
+                        for f in finals]}
+                else:
+                    adaptive = {}
                 got.append({
                     "mode": "failover" if hedge_s is None else "hedged",
-                    "hedge_after_ms": None if hedge_s is None else hedge_s * 1e3,
+                    "hedge_after_ms": (None if hedge_s is None else "auto" if auto
+                                       else hedge_s * 1e3),
                     "hedge_budget": None if hedge_s is None else kind["hedge_budget"],
                     "requests": int(x.size),
                     "p50_ms": round(float(np.percentile(x, 50)), 4),
@@ -1233,6 +1261,7 @@ def _hedge_runs(procs, manifest, pool, base, client_counts, hedge_after, transpo
                     "hedges_per_request": round(extra.get("hedges_sent", 0) / x.size, 4),
                     "throttled_per_request": round(
                         extra.get("hedges_throttled", 0) / x.size, 4),
+                    **adaptive,
                 })
             for st in got:
                 ratios = {f"{q}_vs_failover": round(st[f"{q}_ms"] / got[0][f"{q}_ms"], 3)

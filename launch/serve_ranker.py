@@ -83,14 +83,26 @@ _TRANSPORT = flags.DEFINE_enum(
     "How fetches reach the shards: long-lived LookupStream calls (no per-call gRPC setup) "
     "or one unary Lookup per shard and batch. Scores are identical.",
 )
-_HEDGE_MS = flags.DEFINE_float(
+_HEDGE_MS = flags.DEFINE_string(
     "hedge_after_ms",
     None,
     "Hedged fetches for shards with replicas: a shard that has not answered after this "
-    "many ms is also asked on its next replica and the first answer is used (set it near "
-    "or a little above the fetch p99, from the service's stats line). Unset: replicas are tried "
-    "one after another (failover).",
-    lower_bound=0.0,
+    "many ms is also asked on its next replica and the first answer is used (set it at "
+    "or a little above the fetch p99, from the service's stats line). 'auto': per shard, "
+    "the --hedge_quantile of its last 1,000 answer times (at least --hedge_min_ms; no "
+    "hedging for its first 100; the stats line shows hedge_delay_ms). Unset: replicas are "
+    "tried one after another (failover).",
+)
+_HEDGE_QUANTILE = flags.DEFINE_float(
+    "hedge_quantile",
+    0.99,
+    "With --hedge_after_ms=auto: the quantile of a shard's recent answer times to hedge "
+    "after, in (0, 1) (0.99 hedges ~1% of fetches when the shards are as fast as usual).",
+)
+_HEDGE_MIN_MS = flags.DEFINE_float(
+    "hedge_min_ms",
+    1.0,
+    "With --hedge_after_ms=auto: the shortest hedge delay, in ms.",
 )
 _HEDGE_BUDGET = flags.DEFINE_float(
     "hedge_budget",
@@ -132,6 +144,32 @@ _CACHE_DIR = flags.DEFINE_string(
 )
 
 
+def _hedge_after_s() -> float | str | None:
+    """``hedge_after_s`` from the hedge flags; ValueError names the bad flag."""
+    ms = _HEDGE_MS.value
+    if _HEDGE_BUDGET.present and ms is None:
+        raise ValueError("--hedge_budget needs --hedge_after_ms (it caps the hedges)")
+    auto = ms is not None and ms.strip().lower() == client.HEDGE_AUTO
+    for flag in (_HEDGE_QUANTILE, _HEDGE_MIN_MS):
+        if flag.present and not auto:
+            raise ValueError(f"--{flag.name} needs --hedge_after_ms=auto")
+    if not 0 < _HEDGE_QUANTILE.value < 1:
+        raise ValueError(f"--hedge_quantile must be in (0, 1), got {_HEDGE_QUANTILE.value}")
+    if not (math.isfinite(_HEDGE_MIN_MS.value) and _HEDGE_MIN_MS.value >= 0):
+        raise ValueError(f"--hedge_min_ms must be a finite number >= 0, got "
+                         f"{_HEDGE_MIN_MS.value}")
+    if ms is None or auto:
+        return client.HEDGE_AUTO if auto else None
+    try:
+        value = float(ms)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"--hedge_after_ms must be 'auto' or a finite number of ms >= 0, "
+                         f"got {ms!r}")
+    return value / 1000.0
+
+
 def main(argv):
     del argv
     std_logging.getLogger("serving").setLevel(std_logging.INFO)
@@ -143,10 +181,7 @@ def main(argv):
         # Every bucket program, however quick to compile here: on a GPU each takes seconds.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:  # a bad flag, artifact, address or shard: one line and exit status 1
-        if _HEDGE_BUDGET.present and _HEDGE_MS.value is None:
-            raise ValueError("--hedge_budget needs --hedge_after_ms (it caps the hedges)")
-        if _HEDGE_MS.value is not None and not math.isfinite(_HEDGE_MS.value):
-            raise ValueError(f"--hedge_after_ms must be finite, got {_HEDGE_MS.value}")
+        hedge_after_s = _hedge_after_s()
         config = ranker_service.RankerServiceConfig(
             artifact=_ARTIFACT.value,
             shards=tuple(_SHARDS.value),
@@ -165,7 +200,9 @@ def main(argv):
             verify=_VERIFY.value,
             wire=_WIRE.value,
             transport=_TRANSPORT.value,
-            hedge_after_s=None if _HEDGE_MS.value is None else _HEDGE_MS.value / 1000.0,
+            hedge_after_s=hedge_after_s,
+            hedge_quantile=_HEDGE_QUANTILE.value,
+            hedge_min_s=_HEDGE_MIN_MS.value / 1000.0,
             hedge_budget=_HEDGE_BUDGET.value,
             cache_rows=_CACHE_ROWS.value,
             shard_ca_cert=_SHARD_CA.value,

@@ -6,13 +6,14 @@ shard that owns any of the rows (contiguous row ranges, see
 retries a shard's request on its next replica when one is unreachable, too
 slow or shedding load (``RETRYABLE``), or with ``hedge_after_s`` also sends it
 to the next replica once the first is late and takes the first answer (hedged
-requests), and reassembles the float32 rows in the caller's order (or, with
-``lookup_many(..., dequantize=False)`` on the quantized wire, their codes, scale
-and bias, for ``serving.row_cache``). A table whose rows repeat a lot (a quarter or more,
-``codec.worth_deduplicating``) is sent once per distinct row and expanded on
-arrival. Responses from a version other than the
-pinned one are refused (``VersionMismatch``); with no pinned version, all shards
-of one call must agree. With ``wire="quantized"`` the shards answer INT4/INT8
+requests; late: after a fixed delay, or with ``"auto"`` a high quantile of the
+shard's recent answer times, ``serving.hedge_delay``), and reassembles the
+float32 rows in the caller's order (or, with ``lookup_many(..., dequantize=False)``
+on the quantized wire, their codes, scale and bias, for ``serving.row_cache``). A
+table whose rows repeat a lot (a quarter or more, ``codec.worth_deduplicating``) is
+sent once per distinct row and expanded on arrival. Responses from a version other
+than the pinned one are refused (``VersionMismatch``); with no pinned version, all
+shards of one call must agree. With ``wire="quantized"`` the shards answer INT4/INT8
 rows as stored (about a fifth of the bytes) and the client dequantizes them with
 the shards' own function (``jax_recsys.quant.rowwise.dequantize_rows``), so the
 rows are bit-identical to ``wire="float32"``: once per table, after the parts
@@ -39,6 +40,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import numbers
 import os
 import threading
 import time
@@ -50,10 +52,11 @@ import grpc
 import numpy as np
 
 from jax_recsys.quant import rowwise
-from serving import codec, grpc_util, streaming
+from serving import codec, grpc_util, hedge_delay, streaming
 
 WIRE_FORMATS = ("float32", "quantized")
 TRANSPORTS = ("stream", "unary")
+HEDGE_AUTO = "auto"  # hedge_after_s: the delay follows each shard's answer times
 
 # Worth another replica: down, too slow, shedding load (max_concurrent_rpcs), or
 # stopping (grpcio cancels a call that races its server's graceful stop). Lookups
@@ -204,6 +207,18 @@ def _reassemble(
     return out
 
 
+def check_hedge_after(hedge_after_s) -> None:
+    """Raises ValueError unless ``hedge_after_s`` is None, ``"auto"`` or a finite number >= 0."""
+    if hedge_after_s is None or hedge_after_s == HEDGE_AUTO:
+        return
+    if not (isinstance(hedge_after_s, numbers.Real) and math.isfinite(hedge_after_s)
+            and hedge_after_s >= 0):
+        raise ValueError(
+            f"hedge_after_s must be None, {HEDGE_AUTO!r} or a finite number >= 0, "
+            f"got {hedge_after_s!r}"
+        )
+
+
 def _try_deadline(deadline: float, replicas_left: int) -> float:
     """The deadline of one try with ``replicas_left`` replicas not yet tried (this one
     included): ``r / (r + 1)`` of the time left, the whole of it for the last one.
@@ -278,7 +293,10 @@ class _Race:
         # From when the caller starts waiting for this shard, not from the send: the
         # caller reads the shards in turn, and a shard read after a slow one has its
         # answer waiting already (a timer from the send would hedge it for nothing).
-        self._hedge_at = time.monotonic() + client.hedge_after_s
+        # The adaptive delay measures answer times from here too (_end).
+        self._t0 = time.monotonic()
+        self._delay, self._record = client._hedge_timing(shard)  # inf: no hedge yet
+        self._hedge_at = self._t0 + self._delay
         self._failover_at = _try_deadline(deadline, n)  # failover's first hand-over
         client._earn_hedge_token()
         self._cond = threading.Condition()
@@ -341,7 +359,7 @@ class _Race:
                 self._inflight[replica] = None
                 left = len(self._order) - self._launched
                 self._failover_at = _try_deadline(self._deadline, left + 1) if left else now
-                rearm = min(now + client.hedge_after_s, self._failover_at) if left else None
+                rearm = min(now + self._delay, self._failover_at) if left else None
         if replica is not None:
             self._launch(replica, paid=not free)
         if rearm is not None:
@@ -412,6 +430,7 @@ class _Race:
 
     def _end(self, replica: int, answer: bytes | None = None) -> None:
         """Ends the race: with ``replica``'s answer, or (None) with what failed so far."""
+        now = time.monotonic()
         with self._cond:
             if self._done:
                 return
@@ -420,6 +439,11 @@ class _Race:
                 self._answer = (answer, replica)
             others = self._finish_locked()
         self._abandon(others)
+        if answer is not None and self._record is not None:
+            # The race's time to its first answer: when a hedge won, a lower bound
+            # on the late try's time, never the hedge's own round trip (which
+            # would hide the tail; see serving.hedge_delay).
+            self._record(now - self._t0)
 
     def _finish_locked(self) -> list:
         """Marks the race over (lock held): the tries still in flight, to abandon."""
@@ -523,6 +547,26 @@ class EmbeddingClient:
         p99.9 0.175x failover's at T = 2 ms). With ``transport="unary"`` the
         first try becomes a gRPC future, which costs more (~0.15 ms a lookup
         there, about +30%): hedge over streams.
+        ``"auto"``: the same, with a delay of each shard's own that follows its
+        answer times (``serving.hedge_delay``): the ``hedge_quantile`` of the
+        shard's last 1,000 answer times as this client measures them (from
+        when the caller starts waiting for the shard, as the hedge timer, to
+        the first answer; a hedged race counts as the delay plus the hedge's
+        round trip, a lower bound on the late try, so hedging does not hide
+        the tail it cuts), recomputed every 64 answers, at least
+        ``hedge_min_s``; no hedging (failover's hand-over only) until 100
+        answers are in. ``hedge_delays_s`` reports the current delays.
+        Per request this costs ~1 us.
+      hedge_quantile: with ``"auto"``: the quantile, in (0, 1). 0.99 hedges
+        about 1% of requests when the replicas are as fast as usual, well
+        under the default budget, which is then left for stalls; a lower one
+        hedges more in steady state, which on a saturated box adds the load
+        that makes it slower (a fixed delay below the p99 did, see
+        ``launch.bench_serving --parts=hedge``).
+      hedge_min_s: with ``"auto"``: the delay is never shorter (default 1 ms:
+        a shorter one would hedge on the hedge timer's own wake-up jitter on
+        a busy box, and an answer read after a slow shard's, waiting already,
+        counts as ~0 and would pull the delay towards nothing).
       hedge_budget: hedges sent, at most, per hedged shard request, over time
         (a token bucket, as gRPC's retry throttling: each shard request earns
         ``hedge_budget`` tokens up to ``hedge_burst``, a hedge spends one; with
@@ -547,17 +591,15 @@ class EmbeddingClient:
         dims: Mapping[str, int] | None = None,
         wire: str = "float32",
         transport: str = "stream",
-        hedge_after_s: float | None = None,
+        hedge_after_s: float | str | None = None,
+        hedge_quantile: float = hedge_delay.QUANTILE,
+        hedge_min_s: float = hedge_delay.FLOOR_S,
         hedge_budget: float = 0.05,
         hedge_burst: float = 10.0,
         hedge_workers: int = 16,
     ):
-        if hedge_after_s is not None and not (
-            math.isfinite(hedge_after_s) and hedge_after_s >= 0
-        ):
-            raise ValueError(
-                f"hedge_after_s must be None or a finite number >= 0, got {hedge_after_s}"
-            )
+        check_hedge_after(hedge_after_s)
+        hedge_delay.check(hedge_quantile, hedge_min_s)
         if not (0 <= hedge_budget <= 1 and hedge_burst >= 1):
             raise ValueError(
                 f"hedge_budget must be in [0, 1] and hedge_burst >= 1, got {hedge_budget} "
@@ -572,7 +614,11 @@ class EmbeddingClient:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=max(1, max_workers), thread_name_prefix="emb-client"
         )
-        self.hedge_after_s = None if hedge_after_s is None else float(hedge_after_s)
+        if hedge_after_s is None or hedge_after_s == HEDGE_AUTO:
+            self.hedge_after_s = hedge_after_s
+        else:
+            self.hedge_after_s = float(hedge_after_s)
+        self.hedge_quantile, self.hedge_min_s = float(hedge_quantile), float(hedge_min_s)
         self._hedge_pool = None
         if self.hedge_after_s is not None:
             self._hedge_pool = futures.ThreadPoolExecutor(
@@ -628,6 +674,12 @@ class EmbeddingClient:
         self._hedges_throttled = 0
         self._hedge_budget, self._hedge_burst = float(hedge_budget), float(hedge_burst)
         self._hedge_tokens = self._hedge_burst
+        # "auto": per shard with replicas, its answer times and delay.
+        self._delays: list[hedge_delay.HedgeDelay | None] = [
+            hedge_delay.HedgeDelay(quantile=self.hedge_quantile, floor_s=self.hedge_min_s)
+            if self.hedge_after_s == HEDGE_AUTO and len(spec.addresses) > 1 else None
+            for spec in self._specs
+        ]
 
     @classmethod
     def from_artifact(
@@ -679,6 +731,26 @@ class EmbeddingClient:
     def hedges_sent(self) -> int:
         """Hedged tries sent so far (a replica asked because another was late)."""
         return self._hedges_sent
+
+    @property
+    def hedge_delays_s(self) -> list[float | None]:
+        """Per shard, the hedge delay now (seconds): ``hedge_after_s`` when it is a
+        number, the adaptive one with ``"auto"``; None for a shard that is not
+        hedged (no replica, no ``hedge_after_s``, or still warming up)."""
+        return [
+            None if not self._hedged(shard)
+            else self.hedge_after_s if est is None else est.delay_s
+            for shard, est in enumerate(self._delays)
+        ]
+
+    def _hedge_timing(self, shard: int):
+        """``(delay in s, inf while warming up; its recorder, None for a fixed delay)``
+        of a hedged shard's race."""
+        est = self._delays[shard]
+        if est is None:
+            return self.hedge_after_s, None
+        delay = est.delay_s
+        return (math.inf if delay is None else delay), est.record
 
     @property
     def hedges_throttled(self) -> int:

@@ -71,7 +71,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -87,7 +86,14 @@ from grpc_health.v1 import health, health_pb2
 
 from jax_recsys.quant import artifact as artifact_lib, rowwise
 from jax_recsys.ranking import model as model_lib
-from serving import client as client_lib, codec, grpc_util, row_cache, versions as versions_lib
+from serving import (
+    client as client_lib,
+    codec,
+    grpc_util,
+    hedge_delay,
+    row_cache,
+    versions as versions_lib,
+)
 from serving.protos import embedding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -164,6 +170,11 @@ class RankerServiceConfig:
         a shard whose replica has not answered after this long is also asked
         on its next replica, and the first answer is used. Only shards with
         replicas are affected; set it at or a little above the fetch's p99.
+        ``"auto"``: the delay is, per shard, the ``hedge_quantile`` of its
+        recent answer times, at least ``hedge_min_s`` (``serving.hedge_delay``;
+        ``stats()["hedge_delay_ms"]``).
+      hedge_quantile: with ``hedge_after_s="auto"``: the quantile, in (0, 1).
+      hedge_min_s: with ``hedge_after_s="auto"``: the shortest delay (s).
       hedge_budget: hedges per shard fetch, at most, over time (the client's
         token bucket): caps the load hedging adds when the shards are slow
         because they are saturated.
@@ -204,7 +215,9 @@ class RankerServiceConfig:
     tls_key: str | None = None
     wire: str = "quantized"
     transport: str = "stream"
-    hedge_after_s: float | None = None
+    hedge_after_s: float | str | None = None
+    hedge_quantile: float = hedge_delay.QUANTILE
+    hedge_min_s: float = hedge_delay.FLOOR_S
     hedge_budget: float = 0.05
     cache_rows: int = 0
 
@@ -228,12 +241,8 @@ class RankerServiceConfig:
             raise ValueError(
                 f"transport must be one of {client_lib.TRANSPORTS}, got {self.transport!r}"
             )
-        if self.hedge_after_s is not None and not (
-            math.isfinite(self.hedge_after_s) and self.hedge_after_s >= 0
-        ):
-            raise ValueError(
-                f"hedge_after_s must be None or a finite number >= 0, got {self.hedge_after_s}"
-            )
+        client_lib.check_hedge_after(self.hedge_after_s)
+        hedge_delay.check(self.hedge_quantile, self.hedge_min_s)
         if not 0 <= self.hedge_budget <= 1:
             raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
         if self.cache_rows < 0:
@@ -617,6 +626,8 @@ class RankerService:
                 wire=cfg.wire,
                 transport=cfg.transport,
                 hedge_after_s=cfg.hedge_after_s,
+                hedge_quantile=cfg.hedge_quantile,
+                hedge_min_s=cfg.hedge_min_s,
                 hedge_budget=cfg.hedge_budget,
                 root_certificates=ca,
             )
@@ -763,7 +774,9 @@ class RankerService:
         device to host). In a hybrid ranker, its fetch minus a monolithic ranker's
         is what the shards cost; with ``hedge_after_s``, ``hedges_sent`` and
         ``hedges_throttled`` count the current version's hedged shard requests
-        and those the hedge budget stopped (since that version was loaded); with
+        and those the hedge budget stopped (since that version was loaded), and
+        ``hedge_delay_ms`` the current version's delay per shard (ms; None: a
+        shard without replicas, or, with ``"auto"``, still warming up); with
         ``cache_rows``, ``cache_hits``, ``cache_misses`` (rows),
         ``cache_hit_rate`` and ``cache_bytes`` (its arrays) of the current
         version's cache.
@@ -780,6 +793,8 @@ class RankerService:
         if self.config.hedge_after_s is not None:
             out["hedges_sent"] = fetcher.hedges_sent
             out["hedges_throttled"] = fetcher.hedges_throttled
+            out["hedge_delay_ms"] = [None if d is None else round(d * 1e3, 3)
+                                     for d in fetcher.hedge_delays_s]
         out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
         out["in_flight"] = self._rpc.in_flight if self._rpc else 0
         return out

@@ -104,13 +104,14 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
 @pytest.mark.multiprocess
 def test_bench_serving_hedge_part_compares_failover_and_hedged_lookups(tmp_path):
     args = ["--parts=hedge", "--rows=5000", "--hedge_clients=1", "--duration_s=0.4",
-            "--warmup=3", "--hedge_after_ms=1,3", "--hedge_budget=0.5", "--hedge_stall_ms=10",
+            "--warmup=3", "--hedge_after_ms=1,3,auto", "--hedge_budget=0.5", "--hedge_stall_ms=10",
             "--hedge_stall_every_ms=40", f"--workdir={tmp_path / 'work'}"]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
     hedge = [x for x in lines if x["kind"] == "hedge"]
-    assert sorted((x["stalls"] > 0, x["mode"], x["hedge_after_ms"] or 0) for x in hedge) == [
-        (False, "failover", 0), (False, "hedged", 1.0), (False, "hedged", 3.0),
-        (True, "failover", 0), (True, "hedged", 1.0), (True, "hedged", 3.0),
+    assert sorted((x["stalls"] > 0, x["mode"], str(x["hedge_after_ms"])) for x in hedge) == [
+        (False, "failover", "None"), (False, "hedged", "1.0"), (False, "hedged", "3.0"),
+        (False, "hedged", "auto"), (True, "failover", "None"), (True, "hedged", "1.0"),
+        (True, "hedged", "3.0"), (True, "hedged", "auto"),
     ]
     for x in hedge:
         assert x["clients"] == 1 and x["transport"] == "stream"
@@ -124,6 +125,12 @@ def test_bench_serving_hedge_part_compares_failover_and_hedged_lookups(tmp_path)
                 x[f"{q}_ms"] / failover[f"{q}_ms"], abs=1e-3)
         if x["mode"] == "failover":
             assert x["hedges_per_request"] == x["throttled_per_request"] == 0.0
+        if x["hedge_after_ms"] == "auto":  # one client, one shard: its delay (or none yet)
+            assert x["hedge_quantile"] == 0.99
+            ((delay,),) = x["final_hedge_delay_ms"]
+            assert delay is None or delay >= 1.0
+        else:
+            assert "final_hedge_delay_ms" not in x
 
 
 @pytest.mark.multiprocess
@@ -288,7 +295,7 @@ def test_every_client_of_every_run_gets_its_own_seed():
     seeds = []
     for clients in (1, 4, 4):
         for _ in range(clients):
-            pool.result_q.put({"latencies": [[0.001]], "extras": [{}]})
+            pool.result_q.put({"latencies": [[0.001]], "extras": [{}], "finals": [{}]})
         pool.run({"duration_s": 0.1}, clients)
         seeds += [tuple(pool.task_q.get_nowait()["seed"]) for _ in range(clients)]
     assert len(set(seeds)) == len(seeds) == 9

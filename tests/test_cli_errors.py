@@ -174,7 +174,8 @@ def test_bench_kg_refuses_zero_devices_instead_of_spawning_itself_forever():
 
 def test_bench_serving_hedge_flags_are_checked_before_any_work(tmp_path):
     wd = tmp_path / "bench"
-    for bad in ("--hedge_after_ms=nan", "--hedge_stall_every_ms=inf", "--transports=bogus"):
+    for bad in ("--hedge_after_ms=nan", "--hedge_stall_every_ms=inf", "--transports=bogus",
+                "--hedge_quantile=1", "--hedge_after_ms=auto,auto"):
         proc = _run("bench_serving", ["--parts=hedge", bad, f"--workdir={wd}"])
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert bad.split("=")[0] in proc.stderr, proc.stderr[-2000:]
@@ -188,6 +189,18 @@ def test_serve_ranker_refuses_hybrid_only_flags_without_shards(tmp_path):
     _assert_one_line(proc, "serve_ranker: cannot start:", "need shards")
     proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--hedge_budget=0.5"])
     _assert_one_line(proc, "serve_ranker: cannot start:", "--hedge_budget needs --hedge_after_ms")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--hedge_after_ms=soon"], "--hedge_after_ms must be 'auto' or a finite number of ms"),
+    (["--hedge_after_ms=-1"], "--hedge_after_ms must be 'auto' or a finite number of ms"),
+    (["--hedge_after_ms=auto", "--hedge_quantile=1"], "--hedge_quantile must be in (0, 1)"),
+    (["--hedge_after_ms=2", "--hedge_quantile=0.9"], "--hedge_quantile needs --hedge_after_ms=auto"),
+    (["--hedge_after_ms=auto", "--hedge_min_ms=nan"], "--hedge_min_ms must be a finite number"),
+])
+def test_serve_ranker_refuses_bad_hedge_flags(tmp_path, args, needle):
+    proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--shards=127.0.0.1:1", *args])
+    _assert_one_line(proc, "serve_ranker: cannot start:", needle)
 
 
 def test_run_ablation_refuses_a_non_positive_pretraining_timeout(tmp_path):

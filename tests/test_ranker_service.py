@@ -853,7 +853,7 @@ def test_shards_that_dropped_the_rankers_version_are_an_outage_not_a_bad_request
         shard.stop(grace=0).wait()
 
 
-@pytest.mark.parametrize("hedge", [None, 0.01])
+@pytest.mark.parametrize("hedge", [None, 0.01, "auto"])
 def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead_address):
     """--shards=DEAD|LIVE: the ranker starts (the dead replica is logged) and scores
     through the live one, exactly as monolithic (failover, or hedged fetches)."""
@@ -866,10 +866,14 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead
     with pytest.raises(ValueError, match="lists an address twice"):
         rs.RankerServiceConfig(shards=("a|b|a",), **cfg)
     for bad in (-1.0, float("inf")):
-        with pytest.raises(ValueError, match="hedge_after_s must be None or a finite"):
+        with pytest.raises(ValueError, match="hedge_after_s must be None, 'auto' or a finite"):
             rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_after_s": bad})
     with pytest.raises(ValueError, match="hedge_budget must be in"):
         rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_budget": 2.0})
+    with pytest.raises(ValueError, match="hedge_quantile must be in"):
+        rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_quantile": 0.0})
+    with pytest.raises(ValueError, match="hedge_min_s must be a finite"):
+        rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_min_s": float("nan")})
     for extra in ({"hedge_after_s": 0.01}, {"cache_rows": 10}):  # monolithic: nothing to do
         with pytest.raises(ValueError, match="need shards"):
             rs.RankerServiceConfig(**{**cfg, **extra})
@@ -887,6 +891,14 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead
             assert "hedges_sent" not in stats
         else:  # the dead primary fails at once (a handover); at most a hedge per fetch
             assert 0 <= stats["hedges_sent"] <= 3 and stats["hedges_throttled"] == 0
+            # The delay per shard: fixed, or "auto" still warming up (3 fetches of 100).
+            assert stats["hedge_delay_ms"] == ([10.0] if hedge == 0.01 else [None])
+            if hedge == "auto":  # the hedged shard's delay, once it has one, in ms
+                est = svc._versions.snapshot.versions[svc.version].fetcher._delays[0]
+                for _ in range(100):
+                    est.record(0.004)
+                assert svc.stats()["hedge_delay_ms"] == [round(est.delay_s * 1e3, 3)]
+                assert est.delay_s >= 0.004
         with pytest.raises(client_lib.ServingError, match="none of its replicas"):
             rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|{dead2}",), **cfg))
     finally:

@@ -4,6 +4,7 @@ Real servers on loopback (in-process, and real subprocesses started through
 ``launch.serve_embeddings`` for the kill/restart test), ports bound at run time.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -141,11 +142,11 @@ def _fake_shard(version, bits=0, delay_s=0.0):
     """A shard that ignores expected_version and answers zeros as `version`.
 
     With ``bits``: quantized rows whose codes are one byte short. With ``delay_s``:
-    each answer comes that late.
+    each answer comes that late (a function: it waits, and returns what to sleep).
     """
 
     def lookup(raw, context):
-        time.sleep(delay_s)
+        time.sleep(delay_s() if callable(delay_s) else delay_s)
         req = pb.LookupRequest.FromString(raw)
         resp = pb.LookupResponse(version=version)
         for t in req.tables:
@@ -605,7 +606,7 @@ def test_a_hedge_token_is_spent_only_for_a_hedge_that_goes_out(art, monkeypatch)
 
 def test_hedge_after_s_is_validated(art):
     for bad in (-0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="hedge_after_s must be None or a finite"):
+        with pytest.raises(ValueError, match="hedge_after_s must be None, 'auto' or a finite"):
             client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
                                                      hedge_after_s=bad)
     for budget, burst in ((-0.1, 10.0), (1.5, 10.0), (0.1, 0.5)):
@@ -613,6 +614,95 @@ def test_hedge_after_s_is_validated(art):
             client_lib.EmbeddingClient.from_artifact(
                 str(art.path), ["127.0.0.1:1"], hedge_after_s=0.01, hedge_budget=budget,
                 hedge_burst=burst)
+
+
+def test_hedge_after_s_auto_settings_are_validated(art):
+    for bad in ("soon", "AUTO", -1, float("nan")):
+        with pytest.raises(ValueError, match="hedge_after_s must be None, 'auto' or a finite"):
+            client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
+                                                     hedge_after_s=bad)
+    with pytest.raises(ValueError, match="hedge_quantile must be in"):
+        client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
+                                                 hedge_after_s="auto", hedge_quantile=1.0)
+    with pytest.raises(ValueError, match="hedge_min_s must be a finite number"):
+        client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
+                                                 hedge_after_s="auto", hedge_min_s=-0.001)
+
+
+def _stallable_shards(art, n=2):
+    """``n`` replicas of one shard (``_fake_shard``s, zeros), each answering after
+    ``delays[i]`` s (settable while they run); ``release`` ends every wait."""
+    delays, release = [0.0] * n, threading.Event()
+
+    def wait(i):
+        def delay():  # waits here (release ends it), sleeps no more
+            release.wait(delays[i])
+            return 0.0
+        return delay
+
+    servers, addrs = zip(*[_fake_shard(art.version, delay_s=wait(i)) for i in range(n)],
+                         strict=True)
+    return servers, list(addrs), delays, release
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_auto_hedge_delay_hedges_a_stalled_replica_once_warmed_up_and_not_before(
+        art, transport):
+    servers, addrs, delays, release = _stallable_shards(art)
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [addrs], deadline_s=6.0, transport=transport, hedge_after_s="auto")
+        est = client._delays[0]
+        # Warming up: a slow primary (0.3 s, failover hands over at 4 s) is waited for.
+        delays[0] = 0.3
+        assert client.lookup("user", [1]).shape == (1, 4)
+        assert (client.hedges_sent, client.hedges_throttled, client._preferred) == (0, 0, [0])
+        assert est.window()[0] >= 0.3  # the slow answer counts (timer start to answer)
+        delays[0] = 0.0
+        for _ in range(98):
+            client.lookup("user", [2])
+        assert client.hedge_delays_s == [None] and client.hedges_sent == 0
+        client.lookup("user", [3])  # the 100th answer: a delay, from the fast ones
+        (delay,) = client.hedge_delays_s
+        assert delay == est.delay_s and 0.001 <= delay < 0.3
+        # Warmed up: the primary hangs; the replica is asked after the delay.
+        delays[0] = 60.0
+        assert client.lookup("user", [4]).shape == (1, 4)
+        assert (client.hedges_sent, client._preferred) == (1, [1])
+        # The hedged race counts as the delay plus the hedge's round trip (a lower
+        # bound on the hung try), not as the hedge's own quick round trip.
+        assert est.samples == 101 and est.window()[-1] >= delay
+        client.close()
+    finally:
+        release.set()
+        for server in servers:
+            server.stop(0)
+
+
+def test_auto_hedge_delay_follows_a_replica_whose_latency_rises_and_falls(art, monkeypatch):
+    """A small window and the median, so the test is quick and noise-proof: every
+    answer after the rise takes >= 0.1 s from the timer's start, whichever replica
+    gives it, and the median of mostly-fast loopback answers is far below that."""
+    monkeypatch.setattr(client_lib.hedge_delay, "HedgeDelay", functools.partial(
+        client_lib.hedge_delay.HedgeDelay, window=20, every=5, warmup=10))
+    servers, addrs, delays, release = _stallable_shards(art)
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [addrs], deadline_s=5.0, hedge_after_s="auto", hedge_quantile=0.5)
+        delays_ms = []
+        for phase in (0.0, 0.1, 0.0):
+            delays[0] = delays[1] = phase
+            for _ in range(10 if not delays_ms else 15):
+                client.lookup("user", [1])
+            delays_ms.append(client.hedge_delays_s[0])
+        assert client._delays[0].samples == 40
+        low, high, low_again = delays_ms
+        assert 0.001 <= low < 0.1 <= high and 0.001 <= low_again < 0.1
+        client.close()
+    finally:
+        release.set()
+        for server in servers:
+            server.stop(0)
 
 
 def test_slow_but_in_time_replicas_still_answer(art):
