@@ -556,7 +556,10 @@ class EmbeddingClient:
         the tail it cuts), recomputed every 64 answers, at least
         ``hedge_min_s``; no hedging (failover's hand-over only) until 100
         answers are in. ``hedge_delays_s`` reports the current delays.
-        Per request this costs ~1 us.
+        Per request this costs ~1 us. Benchmark as above, two runs: the delay
+        settled at 1 ms (the floor) with 1 client, p99.9 with stalls 0.14x
+        failover's (2 ms: 0.17x); 2-3.4 ms with 4 clients on the 2-core box,
+        p99 with stalls 1.06-1.12x failover's (2 ms: 1.5-1.6x, 5 ms: 1.06x).
       hedge_quantile: with ``"auto"``: the quantile, in (0, 1). 0.99 hedges
         about 1% of requests when the replicas are as fast as usual, well
         under the default budget, which is then left for stalls; a lower one

@@ -47,10 +47,10 @@ def test_defaults_warm_up_on_100_answers_and_recompute_every_64():
     assert est.delay_s is None
     est.record(0.5)  # the 100th: one slow answer in 100 sits above the p99
     want = float(np.quantile(np.r_[0.002 + np.arange(99) * 1e-5, 0.5], 0.99))
-    assert est.delay_s == want and 0.002 < want < 0.5
+    assert est.delay_s == pytest.approx(want, rel=1e-12) and 0.002 < want < 0.5
     for _ in range(63):
         est.record(0.5)
-    assert est.delay_s == want  # the 163rd answer: not yet
+    assert est.delay_s == pytest.approx(want, rel=1e-12)  # the 163rd answer: not yet
     est.record(0.5)
     assert est.delay_s == 0.5  # the 164th: 65 of 164 answers at 0.5
 
@@ -81,3 +81,12 @@ def test_bad_settings_are_refused():
         hedge_delay.HedgeDelay(window=10, warmup=11)
     with pytest.raises(ValueError, match="every >= 1"):
         hedge_delay.HedgeDelay(every=0)
+
+
+def test_the_quantile_matches_numpy_linear_interpolation():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100, 1000):
+        x = rng.exponential(0.002, n)
+        for q in (0.01, 0.5, 0.9, 0.99, 0.999):
+            assert hedge_delay._quantile(x.copy(), q) == pytest.approx(
+                float(np.quantile(x, q)), rel=1e-12, abs=0.0)
