@@ -1153,6 +1153,9 @@ def _hedge_settings() -> tuple[list[int], list[float | str]]:
                    "or 'auto')")
     if not 0 < _HEDGE_QUANTILE.value < 1:
         bad.append(f"--hedge_quantile={_HEDGE_QUANTILE.value} (must be in (0, 1))")
+    elif _HEDGE_QUANTILE.present and "auto" not in after:  # fixed delays ignore it
+        bad.append(f"--hedge_quantile={_HEDGE_QUANTILE.value} (needs an 'auto' in "
+                   "--hedge_after_ms)")
     if not 0 <= _HEDGE_BUDGET.value <= 1:
         bad.append(f"--hedge_budget={_HEDGE_BUDGET.value} (must be in [0, 1])")
     if bad:

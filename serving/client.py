@@ -40,7 +40,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-import numbers
 import os
 import threading
 import time
@@ -211,7 +210,8 @@ def check_hedge_after(hedge_after_s) -> None:
     """Raises ValueError unless ``hedge_after_s`` is None, ``"auto"`` or a finite number >= 0."""
     if hedge_after_s is None or hedge_after_s == HEDGE_AUTO:
         return
-    if not (isinstance(hedge_after_s, numbers.Real) and math.isfinite(hedge_after_s)
+    # A bool is a number to Python: False would be a 0 ms delay, hedging every request.
+    if not (hedge_delay.is_number(hedge_after_s) and math.isfinite(hedge_after_s)
             and hedge_after_s >= 0):
         raise ValueError(
             f"hedge_after_s must be None, {HEDGE_AUTO!r} or a finite number >= 0, "

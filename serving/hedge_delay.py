@@ -121,9 +121,14 @@ def _quantile(x: np.ndarray, q: float) -> float:
     return float(x[lo] + (h - lo) * (x[hi] - x[lo]))
 
 
+def is_number(x) -> bool:
+    """A real number, not a bool (``True`` would pass as 1: a 1 s hedge floor)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def check(quantile: float, floor_s: float) -> None:
     """Raises ValueError unless ``0 < quantile < 1`` and ``floor_s`` is finite and >= 0."""
-    if not (isinstance(quantile, numbers.Real) and 0 < quantile < 1):
-        raise ValueError(f"hedge_quantile must be in (0, 1), got {quantile}")
-    if not (isinstance(floor_s, numbers.Real) and math.isfinite(floor_s) and floor_s >= 0):
-        raise ValueError(f"hedge_min_s must be a finite number >= 0, got {floor_s}")
+    if not (is_number(quantile) and 0 < quantile < 1):
+        raise ValueError(f"hedge_quantile must be in (0, 1), got {quantile!r}")
+    if not (is_number(floor_s) and math.isfinite(floor_s) and floor_s >= 0):
+        raise ValueError(f"hedge_min_s must be a finite number >= 0, got {floor_s!r}")

@@ -175,7 +175,8 @@ def test_bench_kg_refuses_zero_devices_instead_of_spawning_itself_forever():
 def test_bench_serving_hedge_flags_are_checked_before_any_work(tmp_path):
     wd = tmp_path / "bench"
     for bad in ("--hedge_after_ms=nan", "--hedge_stall_every_ms=inf", "--transports=bogus",
-                "--hedge_quantile=1", "--hedge_after_ms=auto,auto"):
+                "--hedge_quantile=1", "--hedge_after_ms=auto,auto",
+                "--hedge_quantile=0.5"):  # the last: no 'auto' delay to use it
         proc = _run("bench_serving", ["--parts=hedge", bad, f"--workdir={wd}"])
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert bad.split("=")[0] in proc.stderr, proc.stderr[-2000:]

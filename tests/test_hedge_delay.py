@@ -71,10 +71,10 @@ def test_concurrent_records_are_all_counted():
 
 
 def test_bad_settings_are_refused():
-    for q in (0.0, 1.0, -0.5, 1.5, float("nan")):
+    for q in (0.0, 1.0, -0.5, 1.5, float("nan"), np.True_):
         with pytest.raises(ValueError, match="hedge_quantile must be in"):
             hedge_delay.HedgeDelay(quantile=q)
-    for floor in (-0.001, float("inf"), float("nan")):
+    for floor in (-0.001, float("inf"), float("nan"), True, False):  # True is no 1 s
         with pytest.raises(ValueError, match="hedge_min_s must be a finite number"):
             hedge_delay.HedgeDelay(floor_s=floor)
     with pytest.raises(ValueError, match="warmup <= window"):

@@ -865,7 +865,7 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead
         rs.RankerServiceConfig(shards=("a|",), **cfg)
     with pytest.raises(ValueError, match="lists an address twice"):
         rs.RankerServiceConfig(shards=("a|b|a",), **cfg)
-    for bad in (-1.0, float("inf")):
+    for bad in (-1.0, float("inf"), False):  # False: not a 0 ms delay
         with pytest.raises(ValueError, match="hedge_after_s must be None, 'auto' or a finite"):
             rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_after_s": bad})
     with pytest.raises(ValueError, match="hedge_budget must be in"):

@@ -605,7 +605,8 @@ def test_a_hedge_token_is_spent_only_for_a_hedge_that_goes_out(art, monkeypatch)
 
 
 def test_hedge_after_s_is_validated(art):
-    for bad in (-0.1, float("nan"), float("inf")):
+    # A bool is no delay (False would be 0 ms: hedge every request).
+    for bad in (-0.1, float("nan"), float("inf"), False, True, np.True_):
         with pytest.raises(ValueError, match="hedge_after_s must be None, 'auto' or a finite"):
             client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
                                                      hedge_after_s=bad)
