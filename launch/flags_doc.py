@@ -31,6 +31,7 @@ NOT_ENTRY_POINTS = {"__init__", "common", "flags_doc", "pipeline_stages"}
 
 _CHECK = flags.DEFINE_bool("check", False, "Only compare: exit 1 if the file is out of date.")
 
+
 def _dump(module: str) -> dict:
     code = (
         "import importlib, json, sys\n"
