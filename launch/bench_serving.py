@@ -251,6 +251,12 @@ _RANK_CACHE_ROWS = flags.DEFINE_list(
     "Hybrid rankers' serve_ranker --cache_rows settings (one ranker per shard count, "
     "wire, transport and setting; 0: no row cache).",
 )
+_RANK_CACHE_TABLES = flags.DEFINE_list(
+    "rank_cache_tables",
+    [],
+    "Hybrid rankers with a row cache: serve_ranker --cache_tables (default: all the "
+    "ranker's tables; e.g. pin,advertiser leaves the users, all fresh here, out).",
+)
 _RANK_AD_POOL = flags.DEFINE_integer(
     "rank_ad_pool",
     0,
@@ -728,6 +734,7 @@ def _spawn_ranker(
     transport: str = "stream",
     env: dict | None = None,
     cache_rows: int = 0,
+    cache_tables: list[str] | tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, dict]:
     shards = ",".join(f"127.0.0.1:{p}" for p in shard_ports)
     t0 = time.perf_counter()
@@ -741,6 +748,7 @@ def _spawn_ranker(
         f"--fetch_ahead={fetch_ahead}",
         f"--transport={transport}",
         f"--cache_rows={cache_rows}",
+        *([f"--cache_tables={','.join(cache_tables)}"] if cache_rows and cache_tables else []),
         # One cache for all rankers: same architecture and buckets, compiled once.
         f"--compilation_cache_dir={os.path.join(os.path.dirname(artifact_dir), 'jax_cache')}",
     ]
@@ -880,6 +888,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         method="/jax_recsys.serving.RankerService/Rank",
     )
     common["ad_pool"] = _RANK_AD_POOL.value
+    common["cache_tables"] = list(_RANK_CACHE_TABLES.value)  # [] = all (with a cache)
     shard_counts = [int(n) for n in _RANK_SHARDS.value]
     from serving import client as client_lib, codec
 
@@ -930,7 +939,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     ports = [p for _, p in shard_procs.get(key.shards, [])]
                     rankers[key] = _spawn_ranker(
                         art_dir, ports, key.wire or "quantized", key.fetch_ahead,
-                        key.transport or "stream", env, key.cache_rows,
+                        key.transport or "stream", env, key.cache_rows, _RANK_CACHE_TABLES.value,
                     )
                     devices[key] = rankers[key][1].get("device")
                 kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]

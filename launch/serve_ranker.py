@@ -104,6 +104,13 @@ _HEDGE_MIN_MS = flags.DEFINE_float(
     1.0,
     "With --hedge_after_ms=auto: the shortest hedge delay, in ms.",
 )
+_CACHE_TABLES = flags.DEFINE_list(
+    "cache_tables",
+    [],
+    "With --cache_rows: the tables to cache, e.g. pin,advertiser (default: every table "
+    "the ranker fetches). Leave out a table whose rows rarely repeat (users not seen for "
+    "a while): it costs memory and misses every time.",
+)
 _HEDGE_BUDGET = flags.DEFINE_float(
     "hedge_budget",
     0.05,
@@ -205,6 +212,7 @@ def main(argv):
             hedge_min_s=_HEDGE_MIN_MS.value / 1000.0,
             hedge_budget=_HEDGE_BUDGET.value,
             cache_rows=_CACHE_ROWS.value,
+            cache_tables=tuple(t.strip() for t in _CACHE_TABLES.value),
             shard_ca_cert=_SHARD_CA.value,
             tls_cert=_TLS_CERT.value,
             tls_key=_TLS_KEY.value,

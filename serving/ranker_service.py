@@ -188,6 +188,10 @@ class RankerServiceConfig:
         others, for repeated candidates (popular ads) and context rows.
         One cache per loaded version (a swap starts cold); scores are
         identical. A batch whose rows all hit makes no round trip.
+      cache_tables: with ``cache_rows``: the tables to cache (default: every
+        table the ranker fetches). A table whose rows rarely repeat within the
+        cache's reach (users, when most requests come from users not seen for
+        a while) costs memory and a miss every time; leave it out.
     """
 
     artifact: str
@@ -220,6 +224,7 @@ class RankerServiceConfig:
     hedge_min_s: float = hedge_delay.FLOOR_S
     hedge_budget: float = 0.05
     cache_rows: int = 0
+    cache_tables: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -247,6 +252,10 @@ class RankerServiceConfig:
             raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
         if self.cache_rows < 0:
             raise ValueError(f"cache_rows must be >= 0, got {self.cache_rows}")
+        if self.cache_tables and not self.cache_rows:
+            raise ValueError("cache_tables needs cache_rows (the cache's size)")
+        if len(set(self.cache_tables)) < len(self.cache_tables):
+            raise ValueError(f"cache_tables lists a table twice: {list(self.cache_tables)}")
         if not self.shards and (self.cache_rows or self.hedge_after_s is not None):
             raise ValueError(
                 "cache_rows and hedge_after_s need shards (a hybrid ranker); a monolithic "
@@ -603,6 +612,12 @@ class RankerService:
             raise artifact_lib.ArtifactError(
                 f"{art.path}: no candidate table {cfg.candidate_entity!r}; has {sorted(table_rows)}"
             )
+        fetched = [e for e in ents if e in table_rows]  # the tables the shards serve it
+        unknown = sorted(set(cfg.cache_tables) - set(fetched))
+        if unknown:
+            raise ValueError(
+                f"cache_tables {unknown}: not tables this ranker fetches; it fetches {fetched}"
+            )
         scorer = jitted_scorer(json.dumps(rcfg.to_dict(), sort_keys=True))
         params = model_lib.unflatten_params(rcfg, art.ranker_params)  # validates every leaf
         del params
@@ -635,7 +650,8 @@ class RankerService:
                 fetcher = row_cache.RowCache(
                     fetcher, table_rows=table_rows,
                     dims={name: int(t["dim"]) for name, t in tables.items()},
-                    capacity=cfg.cache_rows, tables=[e for e in ents if e in table_rows],
+                    capacity=cfg.cache_rows,
+                    tables=[e for e in fetched if not cfg.cache_tables or e in cfg.cache_tables],
                     # On the quantized wire INT4/INT8 tables are cached as their codes.
                     bits={name: q.bits for name, q in art.tables.items()},
                 )

@@ -190,6 +190,9 @@ def test_serve_ranker_refuses_hybrid_only_flags_without_shards(tmp_path):
     _assert_one_line(proc, "serve_ranker: cannot start:", "need shards")
     proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--hedge_budget=0.5"])
     _assert_one_line(proc, "serve_ranker: cannot start:", "--hedge_budget needs --hedge_after_ms")
+    proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--shards=127.0.0.1:1",
+                                 "--cache_tables=pin"])
+    _assert_one_line(proc, "serve_ranker: cannot start:", "cache_tables needs cache_rows")
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -241,6 +241,37 @@ def test_a_hybrid_ranker_with_a_row_cache_scores_exactly_as_monolithic(arts, sta
         rs.RankerServiceConfig(artifact=str(arts["a"].path), shards=("a",), cache_rows=-1)
 
 
+def test_cache_tables_caches_only_the_tables_named(arts, stack):
+    """cache_tables=(pin, advertiser): no user table in the cache (its rows all go to
+    the shards), scores still exactly monolithic; bad settings are refused."""
+    svc = _svc(arts["a"], stack["shards"], cache_rows=16, cache_tables=("pin", "advertiser"))
+    try:
+        cache = svc._versions.snapshot.versions[arts["a"].version].fetcher
+        assert sorted(cache._caches) == ["advertiser", "pin"]
+        for _ in range(2):
+            for user, cands, adv, hour in CASES:
+                req = rs.rank_request(candidates=cands,
+                                      context={"advertiser": adv, "hour": hour}, **user)
+                for got, want in zip(rs.decode_response(svc.rank(req)),
+                                     rs.decode_response(stack["mono"].rank(req)), strict=True):
+                    np.testing.assert_array_equal(got, want)
+        stats = svc.stats()
+        # Only candidate and known advertiser rows are counted: the users bypass it.
+        rows = sum(len(c) + int(np.sum(np.broadcast_to(a, (len(c),)) >= 0))
+                   for _, c, a, _ in CASES)
+        assert stats["cache_hits"] + stats["cache_misses"] == 2 * rows
+    finally:
+        svc.stop(grace=0)
+    base = dict(artifact=str(arts["a"].path), shards=("a",))
+    with pytest.raises(ValueError, match="cache_tables needs cache_rows"):
+        rs.RankerServiceConfig(**base, cache_tables=("pin",))
+    with pytest.raises(ValueError, match="lists a table twice"):
+        rs.RankerServiceConfig(**base, cache_rows=8, cache_tables=("pin", "pin"))
+    with pytest.raises(ValueError, match=r"cache_tables \['item'\]: not tables this ranker "
+                                         r"fetches; it fetches \['user', 'pin', 'advertiser'\]"):
+        _svc(arts["a"], stack["shards"], cache_rows=8, cache_tables=("pin", "item"))
+
+
 def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack):
     svc = stack["mono"]
     reqs = [
