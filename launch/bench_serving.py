@@ -64,7 +64,16 @@ Every call has a fresh random user and candidates (made before the call is
 timed): uniform over the ``--rank_rows`` pins by default, or, with
 ``--rank_ad_pool=N``, distinct pins of an ads inventory of N (the candidates
 of ads ranking come from the ads, a small part of all pins; a row cache that
-holds the inventory then fetches only the user row).
+holds the inventory then fetches only the user row). ``--rank_cache_tables``
+picks the cached tables (``serve_ranker --cache_tables``). With
+``--rank_prefetch`` each client sends the ranker a ``Prefetch`` of the call's
+user before the (timed) Rank call, untimed, as an ads server can when the ad
+request arrives, while retrieval runs: a ranker whose row cache holds the
+users and the inventory then answers the Rank call with no round trip (the
+monolithic ranker gets the Prefetch too, a no-op; hybrids without a cache of
+users get none). The clients warm up (``--warmup`` calls each, however long
+that takes: a cold cache of a 50k inventory needs ~1,500 calls) before all
+start measuring at once.
 ``--rank_fetch_ahead=1,3`` runs every ranker once per setting of the
 service's ``fetch_ahead`` (how far its fetch thread may run ahead of the
 scorer; each hybrid is compared to the monolithic ranker of its own setting).
@@ -257,6 +266,14 @@ _RANK_CACHE_TABLES = flags.DEFINE_list(
     "Hybrid rankers with a row cache: serve_ranker --cache_tables (default: all the "
     "ranker's tables; e.g. pin,advertiser leaves the users, all fresh here, out).",
 )
+_RANK_PREFETCH = flags.DEFINE_bool(
+    "rank_prefetch",
+    False,
+    "Before each Rank call (untimed), send the ranker a Prefetch of the call's user, as an "
+    "ads server can when the ad request arrives, while retrieval runs (RankerService."
+    "prefetch): the Rank call then finds the user's row in the row cache. Sent to the "
+    "monolithic ranker (a no-op) and to the hybrids whose row cache holds the user table.",
+)
 _RANK_AD_POOL = flags.DEFINE_integer(
     "rank_ad_pool",
     0,
@@ -387,12 +404,21 @@ def _caller(task: dict, rng):
         # A fresh user and candidates every call (a ranker's row cache must not see
         # the same requests again), made outside the timed call (``prepare``).
         state = {}
+        prefetch = None
+        if task.get("prefetch"):  # the user's row fetched ahead of the (timed) call
+            from serving import ranker_service
+            from serving.protos import embedding_pb2 as pb
+
+            prefetch = channel.unary_unary(ranker_service.PREFETCH_METHOD)
 
         def rank(i):
             return call(state.pop("next"), timeout=10)
 
         def prepare(i):
             state["next"] = _rank_payload(rng, task)
+            if prefetch is not None:
+                user = pb.RankRequest.FromString(state["next"]).user_row
+                prefetch(pb.PrefetchRequest(user_row=user).SerializeToString(), timeout=10)
 
         rank.prepare = prepare
         return rank, channel.close
@@ -414,8 +440,13 @@ def _caller(task: dict, rng):
     return lookup, client.close
 
 
-def _client_loop(task: dict) -> dict:
-    """Closed loop from ``start_at`` for ``duration_s``; returns latencies per kind.
+def _client_loop(task: dict, ready=None) -> dict:
+    """Closed loop for ``duration_s`` from a common start; returns latencies per kind.
+
+    After its warm-up the client calls ``ready()``, which returns the start
+    (``time.time()``, the same for every client of the run: see ``_ClientPool.run``),
+    so a long warm-up never eats into the measured time; without ``ready``, the
+    task's ``start_at``.
 
     With several kinds (``task["kinds"]``), time is cut into slices of
     ``slice_s`` and every client sends kind ``k`` in slices ``k, k + K, ...``:
@@ -433,14 +464,15 @@ def _client_loop(task: dict) -> dict:
             if prepare is not None:
                 prepare(i)
             one(i)
-    while time.time() < task["start_at"]:
+    start = task["start_at"] if ready is None else ready()
+    while time.time() < start:
         time.sleep(0.001)
 
     def counters() -> list[dict]:  # a kind's counters (``one.counters``), if it has any
         return [getattr(one, "counters", dict)() for one, _ in callers]
 
     before = counters()
-    start, slice_s = task["start_at"], task.get("slice_s", 0.1)
+    slice_s = task.get("slice_s", 0.1)
     end = start + task["duration_s"]
     lat: list[list[float]] = [[] for _ in kinds]
     i = 0
@@ -459,44 +491,66 @@ def _client_loop(task: dict) -> dict:
     return {"latencies": lat, "extras": extras, "finals": finals}
 
 
-def _worker(task_q, result_q) -> None:
+def _worker(task_q, result_q, start_q) -> None:
     while True:
         task = task_q.get()
         if task is None:
             return
+
+        def ready():  # warmed up: say so, then wait for the run's common start
+            result_q.put({"ready": True})
+            return start_q.get()
+
         try:
-            result_q.put(_client_loop(task))
-        except Exception as e:  # report, don't hang the parent
+            result_q.put(_client_loop(task, ready))
+        except Exception as e:  # report, don't hang the parent (before ready: instead of it)
             result_q.put({"error": repr(e)})
+
+
+_WARMUP_TIMEOUT_S = 900  # a client's --warmup requests, at most (then the run fails)
 
 
 class _ClientPool:
     def __init__(self, n: int):
         ctx = mp.get_context("spawn")
-        self.task_q, self.result_q = ctx.Queue(), ctx.Queue()
+        self.task_q, self.result_q, self.start_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self._runs = 0
         self.procs = [
-            ctx.Process(target=_worker, args=(self.task_q, self.result_q), daemon=True)
+            ctx.Process(target=_worker, args=(self.task_q, self.result_q, self.start_q),
+                        daemon=True)
             for _ in range(n)
         ]
         for p in self.procs:
             p.start()
 
     def run(self, task: dict, clients: int) -> list[np.ndarray]:
-        """Latencies of every client, one array per kind of ``task["kinds"]`` (or one)."""
-        start_at = time.time() + 1.0 + 0.05 * clients
+        """Latencies of every client, one array per kind of ``task["kinds"]`` (or one).
+
+        The clients warm up (``--warmup`` requests each, as long as that takes), then
+        all start measuring at one time, set once the last is ready.
+        """
         for c in range(clients):
             # A new seed for every run: the rankers (and their row caches) live across
             # the client counts, and must not see the same requests again.
-            self.task_q.put(dict(task, seed=[self._runs, c], start_at=start_at))
+            self.task_q.put(dict(task, seed=[self._runs, c]))
         self._runs += 1
+        errors = []
+        for _ in range(clients):  # each client: ready, or failed before it was
+            msg = self.result_q.get(timeout=_WARMUP_TIMEOUT_S)
+            if "error" in msg:
+                errors.append(msg["error"])
+        start_at = time.time() + 0.1 + 0.01 * clients
+        for _ in range(clients - len(errors)):
+            self.start_q.put(start_at)
+        results = [self.result_q.get(timeout=task["duration_s"] + 120)
+                   for _ in range(clients - len(errors))]
+        errors += [res["error"] for res in results if "error" in res]
+        if errors:
+            raise RuntimeError(f"client failed: {errors[0]}")
         out = [[] for _ in task.get("kinds") or [task]]
         self.extras = [{} for _ in out]  # per kind: counters summed over the clients
         self.finals = [[] for _ in out]  # per kind: each client's final state
-        for _ in range(clients):
-            res = self.result_q.get(timeout=task["duration_s"] + 120)
-            if "error" in res:
-                raise RuntimeError(f"client failed: {res['error']}")
+        for res in results:
             for k, lat in enumerate(res["latencies"]):
                 out[k].extend(lat)
             for k, extra in enumerate(res["extras"]):
@@ -514,7 +568,8 @@ class _ClientPool:
 
 
 def _rank_payload(rng, task) -> bytes:
-    """One serialized RankRequest: a random user x ``candidates`` random pins."""
+    """One serialized RankRequest: a random user x ``candidates`` random pins (the
+    user's row: ``RankRequest.FromString(...).user_row``)."""
     from serving import codec
     from serving.protos import embedding_pb2 as pb
 
@@ -889,6 +944,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
     )
     common["ad_pool"] = _RANK_AD_POOL.value
     common["cache_tables"] = list(_RANK_CACHE_TABLES.value)  # [] = all (with a cache)
+    common["prefetch"] = _RANK_PREFETCH.value
     shard_counts = [int(n) for n in _RANK_SHARDS.value]
     from serving import client as client_lib, codec
 
@@ -942,7 +998,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                         key.transport or "stream", env, key.cache_rows, _RANK_CACHE_TABLES.value,
                     )
                     devices[key] = rankers[key][1].get("device")
-                kinds = [{"address": f"127.0.0.1:{info['port']}"} for _, info in rankers.values()]
+                kinds = [{"address": f"127.0.0.1:{info['port']}",
+                          "prefetch": _RANK_PREFETCH.value and _caches_users(key)}
+                         for key, (_, info) in rankers.items()]
                 if keys[0] in turn:  # the serial floor (see module docstring), last
                     kinds.append(
                         {
@@ -1024,6 +1082,12 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             echo.join(10)
 
 
+def _caches_users(key: _RankerKey) -> bool:
+    """Whether a ranker takes Prefetch calls: monolithic (a no-op) or a row cache of users."""
+    tables = _RANK_CACHE_TABLES.value
+    return key.mode == "monolithic" or (key.cache_rows > 0 and (not tables or "user" in tables))
+
+
 def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
     """One ranker's own counters (``RankerService.stats``) as a rank_service line."""
     print(
@@ -1042,6 +1106,7 @@ def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
                 "cache_hit_rate": (round(stats["cache_hit_rate"], 4)
                                    if "cache_hit_rate" in stats else None),
                 "cache_bytes": stats.get("cache_bytes"),
+                "prefetch_rows": stats.get("prefetch_rows"),
             }
         ),
         flush=True,
@@ -1061,6 +1126,9 @@ def _transports(flag) -> list[str]:
 
 
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
+    if not lat_s.size:
+        raise ValueError("a kind of request got no answer in its share of the time: "
+                         "raise --duration_s (or lower --slice_s)")
     return {
         "requests": int(lat_s.size),
         "p50_ms": round(float(np.percentile(lat_s, 50) * 1e3), 4),

@@ -100,6 +100,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "jax_recsys.serving.RankerService"
 RANK_METHOD = f"/{SERVICE_NAME}/Rank"
+PREFETCH_METHOD = f"/{SERVICE_NAME}/Prefetch"
 
 _LATENCY_WINDOW = 8192
 _BAD = grpc.StatusCode.INVALID_ARGUMENT
@@ -567,6 +568,9 @@ class RankerService:
         self._versions: versions_lib.VersionSet[_Version] = versions_lib.VersionSet(
             first.version, first, name="ranker", on_drop=self._close_later)
         self._stats = _Stats()
+        self._prefetch_lock = threading.Lock()
+        self._prefetches = 0  # Prefetch calls that reached the cache, since the start
+        self._prefetch_rows = 0  # of which fetched the row (the others found it cached)
         self._stopping = threading.Event()
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._compute_q: queue.Queue = queue.Queue()  # at most fetch_ahead (_ahead)
@@ -704,7 +708,8 @@ class RankerService:
         )
         server = rpc.grpc_server
         # Raw-bytes handler: garbage bytes become INVALID_ARGUMENT with a message.
-        handlers = {"Rank": rpc.unary_handler(self._rank_rpc)}
+        handlers = {"Rank": rpc.unary_handler(self._rank_rpc),
+                    "Prefetch": rpc.unary_handler(self._prefetch_rpc)}
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
@@ -795,7 +800,8 @@ class RankerService:
         shard without replicas, or, with ``"auto"``, still warming up); with
         ``cache_rows``, ``cache_hits``, ``cache_misses`` (rows),
         ``cache_hit_rate`` and ``cache_bytes`` (its arrays) of the current
-        version's cache.
+        version's cache, and ``prefetches`` / ``prefetch_rows`` (Prefetch calls
+        since the start / those that fetched the row).
         """
         out = self._stats.summary()
         snap = self._versions.snapshot
@@ -805,6 +811,7 @@ class RankerService:
             out["cache_hits"], out["cache_misses"] = fetcher.hits, fetcher.misses
             out["cache_hit_rate"] = fetcher.hits / max(fetcher.hits + fetcher.misses, 1)
             out["cache_bytes"] = fetcher.nbytes
+            out["prefetches"], out["prefetch_rows"] = self._prefetches, self._prefetch_rows
             fetcher = fetcher.client
         if self.config.hedge_after_s is not None:
             out["hedges_sent"] = fetcher.hedges_sent
@@ -928,19 +935,105 @@ class RankerService:
         self._stats.record(grpc.StatusCode.OK, time.perf_counter() - t0)
         return resp.SerializeToString()
 
+    def prefetch(self, request: pb.PrefetchRequest, *,
+                 timeout_s: float | None = None) -> pb.PrefetchResponse:
+        """Fetches a user's row into the row cache ahead of its Rank call.
+
+        An ads server knows the user when the ad request arrives, well before
+        retrieval has produced the candidates: a Prefetch sent then takes the
+        user's round trip to the shards off the Rank call, which (with the
+        candidates' rows cached too) then makes none. Monolithic: nothing to
+        fetch (answers at once). Hybrid: needs a row cache holding the user
+        table (``cache_rows``; ``cache_tables`` naming it, if set).
+
+        Returns:
+          The version used and ``rows_fetched`` (0: cached already, a cold-start
+          user, no user table, or monolithic).
+
+        Raises:
+          RankError: INVALID_ARGUMENT (bad user), FAILED_PRECONDITION (version not
+            served, or no cache for the user table), UNAVAILABLE (shards).
+        """
+        cfg = self.config
+        ver = self._version_for(request.expected_version)
+        resp = pb.PrefetchResponse(version=ver.version, rows_fetched=0)
+        if not ver.has_user:
+            return resp
+        user_row = self._user_row(ver, request)
+        fetcher = ver.fetcher
+        if not cfg.shards:  # tables in process
+            return resp
+        if not (isinstance(fetcher, row_cache.RowCache)
+                and cfg.user_entity in fetcher.cached_tables):
+            raise RankError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"Prefetch needs a row cache holding the {cfg.user_entity!r} table "
+                "(serve_ranker --cache_rows, and --cache_tables naming it if set): without "
+                "one the Rank call fetches the user's row again",
+            )
+        if user_row < 0:  # a cold-start user: a zero embedding, nothing to fetch
+            return resp
+        budget = cfg.deadline_s if timeout_s is None else max(min(timeout_s, cfg.deadline_s), 1e-3)
+        try:
+            _, contacted = fetcher.fetch({cfg.user_entity: np.array([user_row], np.int64)},
+                                         deadline_s=budget)
+        except client_lib.VersionMismatch as e:
+            raise RankError(grpc.StatusCode.UNAVAILABLE, f"embedding shards: {e}") from None
+        except client_lib.ServingError as e:
+            code = (grpc.StatusCode.UNAVAILABLE
+                    if e.code in (None, *client_lib.RETRYABLE) else grpc.StatusCode.INTERNAL)
+            raise RankError(code, f"embedding shards: {e}") from None
+        with self._prefetch_lock:
+            self._prefetches += 1
+            self._prefetch_rows += int(contacted)
+        resp.rows_fetched = int(contacted)
+        return resp
+
+    def _prefetch_rpc(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            try:
+                req = pb.PrefetchRequest.FromString(request)
+            except DecodeError as e:
+                raise RankError(_BAD, f"request is not a PrefetchRequest protobuf: {e}") from None
+            return self.prefetch(req, timeout_s=context.time_remaining()).SerializeToString()
+        except RankError as e:
+            context.abort(e.code, e.message)
+        except Exception as e:  # never let a request take the service down
+            log.exception("prefetch failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    def _version_for(self, expected: str) -> _Version:
+        """The version a request pins (``expected``), or the current one ("")."""
+        snap = self._versions.snapshot  # one snapshot for the whole request
+        if not expected:
+            return snap.versions[snap.current]
+        ver = snap.versions.get(expected)
+        if ver is None:
+            raise RankError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"version {expected!r} not served; the ranker serves {sorted(snap.versions)}",
+            )
+        return ver
+
+    def _user_row(self, ver: _Version, req) -> int:
+        """The user row of a Rank or Prefetch request (-1: a cold-start raw id)."""
+        cfg = self.config
+        rows = ver.table_rows[cfg.user_entity]
+        which = req.WhichOneof("user")
+        if which is None:
+            raise RankError(_BAD, "no user: set user_raw_id or user_row")
+        if which == "user_row":
+            user_row = int(req.user_row)
+            if not 0 <= user_row < rows:
+                raise RankError(
+                    _BAD, f"user_row {user_row} outside table {cfg.user_entity!r} rows [0, {rows})"
+                )
+            return user_row
+        return -1 if ver.user_index is None else ver.user_index.row(req.user_raw_id)
+
     def _validate(self, req: pb.RankRequest, *, deadline: float) -> _Job:
         cfg = self.config
-        snap = self._versions.snapshot  # one snapshot for the whole request
-        if req.expected_version:
-            ver = snap.versions.get(req.expected_version)
-            if ver is None:
-                raise RankError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"version {req.expected_version!r} not served; the ranker serves "
-                    f"{sorted(snap.versions)}",
-                )
-        else:
-            ver = snap.versions[snap.current]
+        ver = self._version_for(req.expected_version)
         cand_c = _decode_int64(req.candidate_ids, "candidate_ids")
         c = cand_c.size
         if c == 0:
@@ -954,21 +1047,7 @@ class RankerService:
                 f"candidate_ids: row {lo if lo < 0 else hi} outside table "
                 f"{cfg.candidate_entity!r} rows [0, {ver.candidate_rows})",
             )
-        user_row = -1
-        which = req.WhichOneof("user")
-        if ver.has_user:
-            rows = ver.table_rows[cfg.user_entity]
-            if which is None:
-                raise RankError(_BAD, "no user: set user_raw_id or user_row")
-            if which == "user_row":
-                user_row = int(req.user_row)
-                if not 0 <= user_row < rows:
-                    raise RankError(
-                        _BAD,
-                        f"user_row {user_row} outside table {cfg.user_entity!r} rows [0, {rows})",
-                    )
-            elif ver.user_index is not None:
-                user_row = ver.user_index.row(req.user_raw_id)  # -1: cold-start user
+        user_row = self._user_row(ver, req) if ver.has_user else -1  # -1: cold-start user
         known = set(ver.context_entities) | set(ver.coarse)
         unknown = sorted(set(req.context) - known)
         if unknown:
@@ -1286,6 +1365,20 @@ def rank_request(
         req.user_row = int(user_row)
     for name, v in (context or {}).items():
         req.context[name] = codec.encode_ids(np.asarray(v, np.int64).reshape(-1))
+    return req
+
+
+def prefetch_request(
+    *, user_raw_id: str | None = None, user_row: int | None = None, expected_version: str = ""
+) -> pb.PrefetchRequest:
+    """A PrefetchRequest for one user (raw id or row; see ``RankerService.prefetch``)."""
+    if (user_raw_id is None) == (user_row is None):
+        raise ValueError("give user_raw_id or user_row (one of them)")
+    req = pb.PrefetchRequest(expected_version=expected_version)
+    if user_raw_id is not None:
+        req.user_raw_id = str(user_raw_id)
+    else:
+        req.user_row = int(user_row)
     return req
 
 

@@ -181,6 +181,11 @@ class RowCache:
         return self._misses
 
     @property
+    def cached_tables(self) -> list[str]:
+        """The tables kept here (the others always go to the fetcher)."""
+        return list(self._caches)
+
+    @property
     def nbytes(self) -> int:
         """Memory of the cache arrays."""
         return sum(c.tags.nbytes + sum(a.nbytes for a in c.held) for c in self._caches.values())

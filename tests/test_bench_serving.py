@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import mp_util
 import numpy as np
@@ -291,9 +292,12 @@ def test_every_client_of_every_run_gets_its_own_seed():
     from launch import bench_serving as bs
 
     pool = bs._ClientPool.__new__(bs._ClientPool)  # no processes: queues only
-    pool.task_q, pool.result_q, pool._runs = queue.Queue(), queue.Queue(), 0
+    pool.task_q, pool.result_q, pool.start_q, pool._runs = (
+        queue.Queue(), queue.Queue(), queue.Queue(), 0)
     seeds = []
     for clients in (1, 4, 4):
+        for _ in range(clients):
+            pool.result_q.put({"ready": True})
         for _ in range(clients):
             pool.result_q.put({"latencies": [[0.001]], "extras": [{}], "finals": [{}]})
         pool.run({"duration_s": 0.1}, clients)
@@ -301,3 +305,48 @@ def test_every_client_of_every_run_gets_its_own_seed():
     assert len(set(seeds)) == len(seeds) == 9
     rngs = [np.random.default_rng(list(s)).integers(0, 2**62) for s in seeds]
     assert len(set(rngs)) == 9
+
+
+def test_clients_start_measuring_together_after_a_warm_up_of_any_length(monkeypatch):
+    """Each client warms up (here 3 calls of 0.4 s: longer than the 1 s the pool used
+    to allow before its fixed start, which left nothing measured), says it is ready,
+    and all start at the one time the pool sets once the last is ready; a client that
+    fails in its warm-up fails the run instead of hanging it."""
+    import queue
+    import threading
+
+    from launch import bench_serving as bs
+
+    calls = []
+
+    def caller(task, rng):
+        def one(i):
+            calls.append((task["seed"][1], time.time()))
+            time.sleep(0.4 if len(calls) <= 6 else 0.01)  # the warm-up is slow
+            if task.get("fail"):
+                raise RuntimeError("no server")
+
+        return one, lambda: None
+
+    monkeypatch.setattr(bs, "_caller", caller)
+    pool = bs._ClientPool.__new__(bs._ClientPool)  # threads instead of processes
+    pool.task_q, pool.result_q, pool.start_q, pool._runs = (
+        queue.Queue(), queue.Queue(), queue.Queue(), 0)
+    workers = [threading.Thread(target=bs._worker, args=(pool.task_q, pool.result_q,
+                                                         pool.start_q), daemon=True)
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    (lat,) = pool.run({"duration_s": 0.3, "warmup": 3}, 2)
+    assert lat.size > 10  # both measured their 0.3 s after the 1.2 s warm-up
+    firsts = {}
+    for client, t in calls[6:]:
+        firsts.setdefault(client, t)
+    assert len(firsts) == 2 and abs(firsts[0] - firsts[1]) < 0.05  # the same start
+    with pytest.raises(RuntimeError, match="client failed: RuntimeError\\('no server'"):
+        pool.run({"duration_s": 0.3, "warmup": 1, "fail": True}, 2)
+    for _ in workers:
+        pool.task_q.put(None)
+    for w in workers:
+        w.join(5)
+

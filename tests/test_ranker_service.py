@@ -272,6 +272,73 @@ def test_cache_tables_caches_only_the_tables_named(arts, stack):
         _svc(arts["a"], stack["shards"], cache_rows=8, cache_tables=("pin", "item"))
 
 
+def test_prefetch_puts_the_user_row_in_the_cache_so_rank_needs_no_round_trip(arts, stack):
+    """Prefetch(user) fetches the user's row into the row cache: with the candidates'
+    rows cached by an earlier call, the Rank call is then answered with the shards
+    stopped, exactly as monolithic; a second Prefetch finds the row cached."""
+    shards = _shards(arts["a"])
+    svc = _svc(arts["a"], shards, cache_rows=64)  # every table whole: no evictions
+    ch = grpc.insecure_channel(f"127.0.0.1:{svc.port}")
+    prefetch = ch.unary_unary(rs.PREFETCH_METHOD)
+    try:
+        cands, ctx = [3, 9, 27], {"advertiser": [0, 1, 2], "hour": 1}
+        svc.rank(rs.rank_request(candidates=cands, context=ctx, user_row=1))  # rows cached
+        got = pb.PrefetchResponse.FromString(prefetch(
+            rs.prefetch_request(user_raw_id=str(USER_IDS[7])).SerializeToString(), timeout=10))
+        assert (got.version, got.rows_fetched) == (arts["a"].version, 1)
+        assert svc.prefetch(rs.prefetch_request(user_row=7)).rows_fetched == 0  # cached now
+        for s in shards:
+            s.stop(grace=0).wait()
+        req = rs.rank_request(candidates=cands, context=ctx, user_row=7)
+        for got, want in zip(rs.decode_response(svc.rank(req)),
+                             rs.decode_response(stack["mono"].rank(req)), strict=True):
+            np.testing.assert_array_equal(got, want)
+        with pytest.raises(rs.RankError) as e:  # another user's row needs the shards
+            svc.rank(rs.rank_request(candidates=cands, context=ctx, user_row=8))
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(rs.RankError) as e:
+            svc.prefetch(rs.prefetch_request(user_row=8))
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        stats = svc.stats()
+        assert (stats["prefetches"], stats["prefetch_rows"]) == (2, 1)
+        # A cold-start raw id has nothing to fetch; bad input is INVALID_ARGUMENT.
+        assert svc.prefetch(rs.prefetch_request(user_raw_id="no-such-user")).rows_fetched == 0
+        for bad, match in ((pb.PrefetchRequest(), "no user"),
+                           (rs.prefetch_request(user_row=50), "outside table 'user'")):
+            with pytest.raises(rs.RankError, match=match) as e:
+                svc.prefetch(bad)
+            assert e.value.code == BAD
+        with pytest.raises(grpc.RpcError) as e:
+            prefetch(b"\xff\xff", timeout=10)
+        assert e.value.code() == BAD and "not a PrefetchRequest" in e.value.details()
+        with pytest.raises(rs.RankError) as e:
+            svc.prefetch(rs.prefetch_request(user_row=1, expected_version="nope"))
+        assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        ch.close()
+        svc.stop(grace=0)
+        for s in shards:
+            s.stop(grace=0).wait()
+
+
+def test_prefetch_needs_a_cache_of_the_user_table_and_is_a_no_op_monolithic(arts, stack):
+    req = rs.prefetch_request(user_row=3)
+    assert stack["mono"].prefetch(req).rows_fetched == 0  # tables in process
+    with pytest.raises(rs.RankError, match="user_row -1 outside table"):  # checked there too
+        stack["mono"].prefetch(rs.prefetch_request(user_row=-1))
+    svc = _svc(arts["a"], stack["shards"], cache_rows=16, cache_tables=("pin",))
+    try:
+        for hybrid in (stack["hybrid"], svc):  # no cache; a cache without the user table
+            with pytest.raises(rs.RankError, match="Prefetch needs a row cache holding the "
+                                                   "'user' table") as e:
+                hybrid.prefetch(req)
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        svc.stop(grace=0)
+    with pytest.raises(ValueError, match="give user_raw_id or user_row"):
+        rs.prefetch_request()
+
+
 def test_concurrent_requests_are_batched_and_scored_like_single_ones(arts, stack):
     svc = stack["mono"]
     reqs = [

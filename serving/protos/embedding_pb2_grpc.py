@@ -202,12 +202,23 @@ class RankerServiceStub:
                 request_serializer=serving_dot_protos_dot_embedding__pb2.RankRequest.SerializeToString,
                 response_deserializer=serving_dot_protos_dot_embedding__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/jax_recsys.serving.RankerService/Prefetch',
+                request_serializer=serving_dot_protos_dot_embedding__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=serving_dot_protos_dot_embedding__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
 
 
 class RankerServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Rank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prefetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +231,11 @@ def add_RankerServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=serving_dot_protos_dot_embedding__pb2.RankRequest.FromString,
                     response_serializer=serving_dot_protos_dot_embedding__pb2.RankResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=serving_dot_protos_dot_embedding__pb2.PrefetchRequest.FromString,
+                    response_serializer=serving_dot_protos_dot_embedding__pb2.PrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -249,6 +265,33 @@ class RankerService:
             '/jax_recsys.serving.RankerService/Rank',
             serving_dot_protos_dot_embedding__pb2.RankRequest.SerializeToString,
             serving_dot_protos_dot_embedding__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jax_recsys.serving.RankerService/Prefetch',
+            serving_dot_protos_dot_embedding__pb2.PrefetchRequest.SerializeToString,
+            serving_dot_protos_dot_embedding__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
