@@ -186,6 +186,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -406,10 +407,9 @@ def _caller(task: dict, rng):
         state = {}
         prefetch = None
         if task.get("prefetch"):  # the user's row fetched ahead of the (timed) call
-            from serving import ranker_service
-            from serving.protos import embedding_pb2 as pb
+            from serving.protos import embedding_pb2 as pb  # (ranker_service imports JAX)
 
-            prefetch = channel.unary_unary(ranker_service.PREFETCH_METHOD)
+            prefetch = channel.unary_unary(task["method"].rsplit("/", 1)[0] + "/Prefetch")
 
         def rank(i):
             return call(state.pop("next"), timeout=10)
@@ -499,7 +499,7 @@ def _worker(task_q, result_q, start_q) -> None:
 
         def ready():  # warmed up: say so, then wait for the run's common start
             result_q.put({"ready": True})
-            return start_q.get()
+            return start_q.get(timeout=_WARMUP_TIMEOUT_S + 60)
 
         try:
             result_q.put(_client_loop(task, ready))
@@ -515,6 +515,7 @@ class _ClientPool:
         ctx = mp.get_context("spawn")
         self.task_q, self.result_q, self.start_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
         self._runs = 0
+        self._broken = ""  # why run() may not be called again
         self.procs = [
             ctx.Process(target=_worker, args=(self.task_q, self.result_q, self.start_q),
                         daemon=True)
@@ -529,14 +530,21 @@ class _ClientPool:
         The clients warm up (``--warmup`` requests each, as long as that takes), then
         all start measuring at one time, set once the last is ready.
         """
+        if self._broken:
+            raise RuntimeError(f"the client pool is unusable: {self._broken}")
         for c in range(clients):
             # A new seed for every run: the rankers (and their row caches) live across
             # the client counts, and must not see the same requests again.
             self.task_q.put(dict(task, seed=[self._runs, c]))
         self._runs += 1
         errors = []
+        t_end = time.monotonic() + _WARMUP_TIMEOUT_S
         for _ in range(clients):  # each client: ready, or failed before it was
-            msg = self.result_q.get(timeout=_WARMUP_TIMEOUT_S)
+            try:
+                msg = self.result_q.get(timeout=max(t_end - time.monotonic(), 0.001))
+            except queue.Empty:  # clients still in their warm-up would answer a later run
+                self._broken = f"clients did not warm up in {_WARMUP_TIMEOUT_S} s"
+                raise RuntimeError(f"{self._broken} (lower --warmup)") from None
             if "error" in msg:
                 errors.append(msg["error"])
         start_at = time.time() + 0.1 + 0.01 * clients

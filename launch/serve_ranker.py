@@ -109,7 +109,9 @@ _CACHE_TABLES = flags.DEFINE_list(
     [],
     "With --cache_rows: the tables to cache, e.g. pin,advertiser (default: every table "
     "the ranker fetches). Leave out a table whose rows rarely repeat (users not seen for "
-    "a while): it costs memory and misses every time.",
+    "a while): it costs memory and misses every time; keep the user table to serve "
+    "Prefetch calls. A name the ranker does not fetch is refused at start (a swap to a "
+    "model without that table only warns).",
 )
 _HEDGE_BUDGET = flags.DEFINE_float(
     "hedge_budget",

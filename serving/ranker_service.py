@@ -190,7 +190,8 @@ class RankerServiceConfig:
         One cache per loaded version (a swap starts cold); scores are
         identical. A batch whose rows all hit makes no round trip.
       cache_tables: with ``cache_rows``: the tables to cache (default: every
-        table the ranker fetches). A table whose rows rarely repeat within the
+        table the ranker fetches); a name the ranker does not fetch is refused
+        at start, and at a swap to a model without that table only warned about. A table whose rows rarely repeat within the
         cache's reach (users, when most requests come from users not seen for
         a while) costs memory and a miss every time; leave it out.
     """
@@ -564,13 +565,14 @@ class RankerService:
         if config.hedge_after_s is not None and config.transport == "unary":
             log.warning("hedging over unary calls makes every fetch a gRPC future (about "
                         "+30%% a lookup on a 2-core box); hedge over streams")
-        first = self._load(config.artifact)
+        first = self._load(config.artifact, starting=True)
         self._versions: versions_lib.VersionSet[_Version] = versions_lib.VersionSet(
             first.version, first, name="ranker", on_drop=self._close_later)
         self._stats = _Stats()
         self._prefetch_lock = threading.Lock()
         self._prefetches = 0  # Prefetch calls that reached the cache, since the start
         self._prefetch_rows = 0  # of which fetched the row (the others found it cached)
+        self._prefetch_codes: dict[str, int] = {}  # Prefetch RPCs by status code
         self._stopping = threading.Event()
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._compute_q: queue.Queue = queue.Queue()  # at most fetch_ahead (_ahead)
@@ -592,7 +594,7 @@ class RankerService:
 
     # ---- loading ----
 
-    def _load(self, path: str) -> _Version:
+    def _load(self, path: str, starting: bool = False) -> _Version:
         cfg = self.config
         art = artifact_lib.load_artifact(path, verify=False if cfg.verify == "none" else cfg.verify)
         rcfg = _ranker_config(art.ranker_config, art.path)
@@ -618,10 +620,13 @@ class RankerService:
             )
         fetched = [e for e in ents if e in table_rows]  # the tables the shards serve it
         unknown = sorted(set(cfg.cache_tables) - set(fetched))
-        if unknown:
+        if unknown and starting:  # a typo: refuse to start
             raise ValueError(
                 f"cache_tables {unknown}: not tables this ranker fetches; it fetches {fetched}"
             )
+        if unknown:  # a new model without a feature must not be held back by a cache setting
+            log.warning("version %s does not fetch cache_tables %s; caching %s", art.version,
+                        unknown, [e for e in fetched if e in cfg.cache_tables])
         scorer = jitted_scorer(json.dumps(rcfg.to_dict(), sort_keys=True))
         params = model_lib.unflatten_params(rcfg, art.ranker_params)  # validates every leaf
         del params
@@ -800,8 +805,10 @@ class RankerService:
         shard without replicas, or, with ``"auto"``, still warming up); with
         ``cache_rows``, ``cache_hits``, ``cache_misses`` (rows),
         ``cache_hit_rate`` and ``cache_bytes`` (its arrays) of the current
-        version's cache, and ``prefetches`` / ``prefetch_rows`` (Prefetch calls
-        since the start / those that fetched the row).
+        version's cache (Prefetch lookups included), and ``prefetches`` /
+        ``prefetch_rows`` (Prefetch calls that reached the cache since the start /
+        those of them that fetched the row); ``prefetch_by_code``: Prefetch RPCs by
+        status code (``requests`` and ``by_code`` count Rank calls only).
         """
         out = self._stats.summary()
         snap = self._versions.snapshot
@@ -811,13 +818,16 @@ class RankerService:
             out["cache_hits"], out["cache_misses"] = fetcher.hits, fetcher.misses
             out["cache_hit_rate"] = fetcher.hits / max(fetcher.hits + fetcher.misses, 1)
             out["cache_bytes"] = fetcher.nbytes
-            out["prefetches"], out["prefetch_rows"] = self._prefetches, self._prefetch_rows
+            with self._prefetch_lock:
+                out["prefetches"], out["prefetch_rows"] = self._prefetches, self._prefetch_rows
             fetcher = fetcher.client
         if self.config.hedge_after_s is not None:
             out["hedges_sent"] = fetcher.hedges_sent
             out["hedges_throttled"] = fetcher.hedges_throttled
             out["hedge_delay_ms"] = [None if d is None else round(d * 1e3, 3)
                                      for d in fetcher.hedge_delays_s]
+        with self._prefetch_lock:
+            out["prefetch_by_code"] = dict(self._prefetch_codes)
         out["health"] = "NOT_SERVING" if self._shards_down else "SERVING"
         out["in_flight"] = self._rpc.in_flight if self._rpc else 0
         return out
@@ -952,7 +962,9 @@ class RankerService:
 
         Raises:
           RankError: INVALID_ARGUMENT (bad user), FAILED_PRECONDITION (version not
-            served, or no cache for the user table), UNAVAILABLE (shards).
+            served, no cache for the user table, or shards that dropped a pinned
+            older version), UNAVAILABLE (shards down or mid-rollout), INTERNAL
+            (a shard's other errors): as a Rank call's fetch would.
         """
         cfg = self.config
         ver = self._version_for(request.expected_version)
@@ -977,12 +989,8 @@ class RankerService:
         try:
             _, contacted = fetcher.fetch({cfg.user_entity: np.array([user_row], np.int64)},
                                          deadline_s=budget)
-        except client_lib.VersionMismatch as e:
-            raise RankError(grpc.StatusCode.UNAVAILABLE, f"embedding shards: {e}") from None
-        except client_lib.ServingError as e:
-            code = (grpc.StatusCode.UNAVAILABLE
-                    if e.code in (None, *client_lib.RETRYABLE) else grpc.StatusCode.INTERNAL)
-            raise RankError(code, f"embedding shards: {e}") from None
+        except client_lib.ServingError as e:  # health follows the Rank calls' fetches
+            raise self._shard_error(e, ver, budget) from None
         with self._prefetch_lock:
             self._prefetches += 1
             self._prefetch_rows += int(contacted)
@@ -995,12 +1003,20 @@ class RankerService:
                 req = pb.PrefetchRequest.FromString(request)
             except DecodeError as e:
                 raise RankError(_BAD, f"request is not a PrefetchRequest protobuf: {e}") from None
-            return self.prefetch(req, timeout_s=context.time_remaining()).SerializeToString()
+            resp = self.prefetch(req, timeout_s=context.time_remaining())
         except RankError as e:
+            self._note_prefetch(e.code)
             context.abort(e.code, e.message)
         except Exception as e:  # never let a request take the service down
             log.exception("prefetch failed")
+            self._note_prefetch(grpc.StatusCode.INTERNAL)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        self._note_prefetch(grpc.StatusCode.OK)
+        return resp.SerializeToString()
+
+    def _note_prefetch(self, code: grpc.StatusCode) -> None:
+        with self._prefetch_lock:
+            self._prefetch_codes[code.name] = self._prefetch_codes.get(code.name, 0) + 1
 
     def _version_for(self, expected: str) -> _Version:
         """The version a request pins (``expected``), or the current one ("")."""
@@ -1201,20 +1217,10 @@ class RankerService:
                 got = ver.fetcher.lookup_many(
                     want, deadline_s=max(remaining, 1e-3)) if want else {}
         except client_lib.ServingError as e:
-            mismatch = isinstance(e, client_lib.VersionMismatch)
-            if mismatch and ver.version != self._versions.current:  # pinned by the caller
-                raise RankError(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"embedding shards: {e}") from None
-            # Down, slow, shedding load, or not serving the version this ranker
-            # serves (the shard fleet mid-rollout): an outage, not the caller's doing.
-            if mismatch or e.code in (None, *client_lib.RETRYABLE):
-                if cfg.shards:
-                    self._note_fetch(shards_ok=False)
-                what = (f"do not serve this ranker's version {ver.version}" if mismatch
-                        else f"unavailable (budget {remaining:.3f}s)")
-                raise RankError(grpc.StatusCode.UNAVAILABLE, f"embedding shards {what}: {e}") \
-                    from None
-            raise RankError(grpc.StatusCode.INTERNAL, f"embedding shards: {e}") from None
+            err = self._shard_error(e, ver, remaining)
+            if err.code == grpc.StatusCode.UNAVAILABLE and cfg.shards:
+                self._note_fetch(shards_ok=False)
+            raise err from None
         if cfg.shards and contacted:
             self._note_fetch(shards_ok=True)
         rows_pw, coarse_pk = self._zeros(ver, p)
@@ -1234,6 +1240,20 @@ class RankerService:
         for k, c in enumerate(ver.coarse):
             coarse_pk[:total, k] = ctx[c]
         return rows_pw, coarse_pk
+
+    def _shard_error(self, e: client_lib.ServingError, ver: _Version,
+                     budget_s: float) -> RankError:
+        """What a fetch's failure is to the caller (Rank and Prefetch alike)."""
+        mismatch = isinstance(e, client_lib.VersionMismatch)
+        if mismatch and ver.version != self._versions.current:  # pinned by the caller
+            return RankError(grpc.StatusCode.FAILED_PRECONDITION, f"embedding shards: {e}")
+        # Down, slow, shedding load, or not serving the version this ranker
+        # serves (the shard fleet mid-rollout): an outage, not the caller's doing.
+        if mismatch or e.code in (None, *client_lib.RETRYABLE):
+            what = (f"do not serve this ranker's version {ver.version}" if mismatch
+                    else f"unavailable (budget {budget_s:.3f}s)")
+            return RankError(grpc.StatusCode.UNAVAILABLE, f"embedding shards {what}: {e}")
+        return RankError(grpc.StatusCode.INTERNAL, f"embedding shards: {e}")
 
     def _compute_loop(self) -> None:
         while not self._stopping.is_set():

@@ -292,8 +292,8 @@ def test_every_client_of_every_run_gets_its_own_seed():
     from launch import bench_serving as bs
 
     pool = bs._ClientPool.__new__(bs._ClientPool)  # no processes: queues only
-    pool.task_q, pool.result_q, pool.start_q, pool._runs = (
-        queue.Queue(), queue.Queue(), queue.Queue(), 0)
+    pool.task_q, pool.result_q, pool.start_q, pool._runs, pool._broken = (
+        queue.Queue(), queue.Queue(), queue.Queue(), 0, "")
     seeds = []
     for clients in (1, 4, 4):
         for _ in range(clients):
@@ -330,8 +330,8 @@ def test_clients_start_measuring_together_after_a_warm_up_of_any_length(monkeypa
 
     monkeypatch.setattr(bs, "_caller", caller)
     pool = bs._ClientPool.__new__(bs._ClientPool)  # threads instead of processes
-    pool.task_q, pool.result_q, pool.start_q, pool._runs = (
-        queue.Queue(), queue.Queue(), queue.Queue(), 0)
+    pool.task_q, pool.result_q, pool.start_q, pool._runs, pool._broken = (
+        queue.Queue(), queue.Queue(), queue.Queue(), 0, "")
     workers = [threading.Thread(target=bs._worker, args=(pool.task_q, pool.result_q,
                                                          pool.start_q), daemon=True)
                for _ in range(2)]
@@ -345,6 +345,16 @@ def test_clients_start_measuring_together_after_a_warm_up_of_any_length(monkeypa
     assert len(firsts) == 2 and abs(firsts[0] - firsts[1]) < 0.05  # the same start
     with pytest.raises(RuntimeError, match="client failed: RuntimeError\\('no server'"):
         pool.run({"duration_s": 0.3, "warmup": 1, "fail": True}, 2)
+    # A warm-up past the limit fails the run, and the pool refuses later runs (a client
+    # still warming up would answer them with this run's messages).
+    monkeypatch.setattr(bs, "_WARMUP_TIMEOUT_S", 0.2)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="clients did not warm up in 0.2 s"):
+        pool.run({"duration_s": 0.3, "warmup": 3}, 2)
+    with pytest.raises(RuntimeError, match="the client pool is unusable"):
+        pool.run({"duration_s": 0.3, "warmup": 1}, 1)
+    for _ in workers:  # let the stranded clients finish
+        pool.start_q.put(time.time())
     for _ in workers:
         pool.task_q.put(None)
     for w in workers:

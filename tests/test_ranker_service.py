@@ -49,9 +49,9 @@ BAD = grpc.StatusCode.INVALID_ARGUMENT
 _REF_SCORE = jax.jit(model_lib.make_score_fn(CFG))
 
 
-def _params(seed):
-    """Dense params of CFG filled from NumPy (init_dense's eager ops take ~20 s on a busy box)."""
-    model = nnx.eval_shape(lambda: model_lib.DenseRanker(CFG, rngs=nnx.Rngs(0)))
+def _params(seed, cfg=CFG):
+    """Dense params of cfg filled from NumPy (init_dense's eager ops take ~20 s on a busy box)."""
+    model = nnx.eval_shape(lambda: model_lib.DenseRanker(cfg, rngs=nnx.Rngs(0)))
     pure = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
     rng = np.random.default_rng(seed)
     flat = {
@@ -60,23 +60,21 @@ def _params(seed):
         ).astype(np.float32)
         for path, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]
     }
-    model_lib.unflatten_params(CFG, flat)  # same leaf names and shapes as flatten_params
+    model_lib.unflatten_params(cfg, flat)  # same leaf names and shapes as flatten_params
     return flat
 
 
-def _write(path, seed):
+def _write(path, seed, cfg=CFG):
     rng = np.random.default_rng(seed)
-    tables = {
-        name: rng.normal(size=(rows, dim)).astype(np.float32)
-        for (name, dim), rows in zip(CFG.entity_dims, ROWS.values(), strict=True)
-    }
+    tables = {name: rng.normal(size=(ROWS[name], dim)).astype(np.float32)
+              for name, dim in cfg.entity_dims}
     vocabs = {"user": USER_IDS, "pin": np.arange(40) + 5000, "advertiser": np.arange(7) + 9000}
     artifact.write_artifact(
         path,
         tables=tables,
-        vocabs=vocabs,
-        ranker_config=CFG.to_dict(),
-        ranker_params=_params(seed),
+        vocabs={name: vocabs[name] for name in tables},
+        ranker_config=cfg.to_dict(),
+        ranker_params=_params(seed, cfg),
     )
     return artifact.load_artifact(path)
 
@@ -272,6 +270,29 @@ def test_cache_tables_caches_only_the_tables_named(arts, stack):
         _svc(arts["a"], stack["shards"], cache_rows=8, cache_tables=("pin", "item"))
 
 
+def test_a_swap_to_a_model_without_a_cached_table_is_not_refused(arts, tmp_path):
+    """cache_tables names a table the next model no longer uses: refused at start (a
+    typo), but a swap goes ahead (warned), caching the tables it still fetches."""
+    cfg2 = model_lib.RankerConfig(entity_dims=(("user", 8), ("pin", 6)),
+                                  coarse_vocab_sizes=(("hour", 3),), coarse_dim=2,
+                                  num_cross_layers=1, mlp_dims=(8,), head_dims=(4,))
+    art2 = _write(str(tmp_path / "no_adv"), 2, cfg2)
+    (shard,) = _shards(arts["a"], n=1)
+    svc = _svc(arts["a"], [shard], cache_rows=16, cache_tables=("pin", "advertiser"))
+    try:
+        shard.swap(str(art2.path), window_s=60.0)
+        assert svc.swap(str(art2.path)) == art2.version
+        cache = svc._versions.snapshot.versions[art2.version].fetcher
+        assert cache.cached_tables == ["pin"]
+        req = rs.rank_request(candidates=[1, 2], user_row=0, context={"hour": 0})
+        assert rs.decode_response(svc.rank(req))[2] == art2.version
+        with pytest.raises(ValueError, match="not tables this ranker fetches"):
+            _svc(art2, [shard], cache_rows=16, cache_tables=("pin", "advertiser"))
+    finally:
+        svc.stop(grace=0)
+        shard.stop(grace=0).wait()
+
+
 def test_prefetch_puts_the_user_row_in_the_cache_so_rank_needs_no_round_trip(arts, stack):
     """Prefetch(user) fetches the user's row into the row cache: with the candidates'
     rows cached by an earlier call, the Rank call is then answered with the shards
@@ -311,6 +332,8 @@ def test_prefetch_puts_the_user_row_in_the_cache_so_rank_needs_no_round_trip(art
         with pytest.raises(grpc.RpcError) as e:
             prefetch(b"\xff\xff", timeout=10)
         assert e.value.code() == BAD and "not a PrefetchRequest" in e.value.details()
+        # The RPCs by code (the in-process calls above are not RPCs); Rank's count apart.
+        assert svc.stats()["prefetch_by_code"] == {"OK": 1, "INVALID_ARGUMENT": 1}
         with pytest.raises(rs.RankError) as e:
             svc.prefetch(rs.prefetch_request(user_row=1, expected_version="nope"))
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
@@ -933,18 +956,37 @@ def test_shards_that_dropped_the_rankers_version_are_an_outage_not_a_bad_request
     (shard,) = _shards(arts["a"], n=1)
     svc = rs.serve(rs.RankerServiceConfig(
         artifact=str(arts["a"].path), shards=(f"127.0.0.1:{shard.port}",), deadline_s=2.0,
-        max_candidates=48, max_batch_candidates=64, min_bucket=32, unhealthy_after=1))
+        max_candidates=48, max_batch_candidates=64, min_bucket=32, unhealthy_after=1,
+        cache_rows=64))
     ch, call = _call(svc.port)
     req = rs.rank_request(candidates=[1, 2], user_row=0, context={"advertiser": 0, "hour": 0})
     try:
         assert call(req)[2] == arts["a"].version
         shard.swap(str(arts["b"].path), window_s=60.0)
         assert shard.retire(arts["a"].version)
-        with pytest.raises(grpc.RpcError) as e:
-            call(req)
+        with pytest.raises(grpc.RpcError) as e:  # another user: not in the row cache
+            call(rs.rank_request(candidates=[1, 2], user_row=1,
+                                 context={"advertiser": 0, "hour": 0}))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "do not serve this ranker's version" in e.value.details()
         assert svc.stats()["health"] == "NOT_SERVING"
+        with pytest.raises(rs.RankError) as e:  # a Prefetch is answered as a Rank call
+            svc.prefetch(rs.prefetch_request(user_row=5))
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        # The ranker follows; a caller that pinned the old version must change its
+        # request (FAILED_PRECONDITION), Prefetch and Rank alike.
+        svc.swap(str(arts["b"].path), window_s=60.0)
+        assert svc.prefetch(rs.prefetch_request(user_row=5)).rows_fetched == 1
+        for pinned in (
+            lambda: svc.prefetch(rs.prefetch_request(user_row=6,
+                                                     expected_version=arts["a"].version)),
+            lambda: svc.rank(rs.rank_request(candidates=[1, 2], user_row=6,
+                                             context={"advertiser": 0, "hour": 0},
+                                             expected_version=arts["a"].version)),
+        ):
+            with pytest.raises(rs.RankError) as e:
+                pinned()
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         ch.close()
         svc.stop(grace=0)
