@@ -428,7 +428,8 @@ def _caller(task: dict, rng):
     client = client_lib.EmbeddingClient.from_artifact(
         task["manifest"], task["addresses"], deadline_s=5, transport=task["transport"],
         hedge_after_s=task.get("hedge_after_s"), hedge_budget=task.get("hedge_budget", 0.05),
-        hedge_quantile=task.get("hedge_quantile", 0.99),
+        **({"hedge_quantile": task["hedge_quantile"]}  # the adaptive delay's only
+           if task.get("hedge_after_s") == "auto" else {}),
     )
 
     def lookup(i):

@@ -126,9 +126,13 @@ def is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
-def check(quantile: float, floor_s: float) -> None:
-    """Raises ValueError unless ``0 < quantile < 1`` and ``floor_s`` is finite and >= 0."""
+def check(quantile: float, floor_s: float, adaptive: bool = True) -> None:
+    """Raises ValueError unless ``0 < quantile < 1`` and ``floor_s`` is finite and >= 0,
+    and (not ``adaptive``: a fixed delay, which uses neither) both are the defaults."""
     if not (is_number(quantile) and 0 < quantile < 1):
         raise ValueError(f"hedge_quantile must be in (0, 1), got {quantile!r}")
     if not (is_number(floor_s) and math.isfinite(floor_s) and floor_s >= 0):
         raise ValueError(f"hedge_min_s must be a finite number >= 0, got {floor_s!r}")
+    if not adaptive and (quantile, floor_s) != (QUANTILE, FLOOR_S):
+        raise ValueError(f"hedge_quantile and hedge_min_s need hedge_after_s='auto' (a fixed "
+                         f"delay uses neither), got {quantile!r} and {floor_s!r}")

@@ -249,7 +249,8 @@ class RankerServiceConfig:
                 f"transport must be one of {client_lib.TRANSPORTS}, got {self.transport!r}"
             )
         client_lib.check_hedge_after(self.hedge_after_s)
-        hedge_delay.check(self.hedge_quantile, self.hedge_min_s)
+        hedge_delay.check(self.hedge_quantile, self.hedge_min_s,
+                          adaptive=self.hedge_after_s == client_lib.HEDGE_AUTO)
         if not 0 <= self.hedge_budget <= 1:
             raise ValueError(f"hedge_budget must be in [0, 1], got {self.hedge_budget}")
         if self.cache_rows < 0:

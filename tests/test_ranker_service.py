@@ -1014,6 +1014,9 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead
         rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_quantile": 0.0})
     with pytest.raises(ValueError, match="hedge_min_s must be a finite"):
         rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_min_s": float("nan")})
+    if hedge != "auto":  # ignored by a fixed delay: refused
+        with pytest.raises(ValueError, match="need hedge_after_s='auto'"):
+            rs.RankerServiceConfig(shards=("a",), **{**cfg, "hedge_quantile": 0.9})
     for extra in ({"hedge_after_s": 0.01}, {"cache_rows": 10}):  # monolithic: nothing to do
         with pytest.raises(ValueError, match="need shards"):
             rs.RankerServiceConfig(**{**cfg, **extra})

@@ -628,6 +628,11 @@ def test_hedge_after_s_auto_settings_are_validated(art):
     with pytest.raises(ValueError, match="hedge_min_s must be a finite number"):
         client_lib.EmbeddingClient.from_artifact(str(art.path), ["127.0.0.1:1"],
                                                  hedge_after_s="auto", hedge_min_s=-0.001)
+    for fixed in (None, 0.01):  # settings a fixed delay (or none) would ignore
+        for extra in ({"hedge_quantile": 0.9}, {"hedge_min_s": 0.002}):
+            with pytest.raises(ValueError, match="need hedge_after_s='auto'"):
+                client_lib.EmbeddingClient.from_artifact(
+                    str(art.path), ["127.0.0.1:1"], hedge_after_s=fixed, **extra)
 
 
 def _stallable_shards(art, n=2):
