@@ -41,6 +41,15 @@ held -> FAILED_PRECONDITION; an embedding shard down, past the deadline or not
 serving the ranker's current version -> UNAVAILABLE (within ``deadline_s``);
 nothing a client sends stops the service.
 
+``RankerService.Prefetch`` (same proto) takes a user alone, as an ads server
+knows it when the ad request arrives, before retrieval has the candidates, and
+fetches that user's row into the ranker's row cache (``cache_rows``; the
+user table must be cached), so the Rank call that follows needs no round trip
+for it (none at all when its candidates' rows are cached too). Monolithic: a
+no-op. Its errors are Rank's: a bad user -> INVALID_ARGUMENT, a version not
+held (or no cache of users) -> FAILED_PRECONDITION, shards down ->
+UNAVAILABLE.
+
 Batching and pipelining: handler threads put requests on a queue. A fetch
 thread takes the first waiting request plus every request queued behind it (up
 to ``max_batch_candidates`` candidates; under concurrent load it waits up to
