@@ -407,18 +407,19 @@ def _caller(task: dict, rng):
         state = {}
         prefetch = None
         if task.get("prefetch"):  # the user's row fetched ahead of the (timed) call
-            from serving.protos import embedding_pb2 as pb  # (ranker_service imports JAX)
+            from serving.protos import embedding_pb2 as pb
 
-            prefetch = channel.unary_unary(task["method"].rsplit("/", 1)[0] + "/Prefetch")
+            prefetch = channel.unary_unary(task["prefetch_method"])
 
         def rank(i):
             return call(state.pop("next"), timeout=10)
 
         def prepare(i):
-            state["next"] = _rank_payload(rng, task)
+            req = _rank_request(rng, task)
+            state["next"] = req.SerializeToString()
             if prefetch is not None:
-                user = pb.RankRequest.FromString(state["next"]).user_row
-                prefetch(pb.PrefetchRequest(user_row=user).SerializeToString(), timeout=10)
+                prefetch(pb.PrefetchRequest(user_row=req.user_row).SerializeToString(),
+                         timeout=10)
 
         rank.prepare = prepare
         return rank, channel.close
@@ -441,13 +442,12 @@ def _caller(task: dict, rng):
     return lookup, client.close
 
 
-def _client_loop(task: dict, ready=None) -> dict:
+def _client_loop(task: dict, ready) -> dict:
     """Closed loop for ``duration_s`` from a common start; returns latencies per kind.
 
     After its warm-up the client calls ``ready()``, which returns the start
     (``time.time()``, the same for every client of the run: see ``_ClientPool.run``),
-    so a long warm-up never eats into the measured time; without ``ready``, the
-    task's ``start_at``.
+    so a long warm-up never eats into the measured time.
 
     With several kinds (``task["kinds"]``), time is cut into slices of
     ``slice_s`` and every client sends kind ``k`` in slices ``k, k + K, ...``:
@@ -465,7 +465,7 @@ def _client_loop(task: dict, ready=None) -> dict:
             if prepare is not None:
                 prepare(i)
             one(i)
-    start = task["start_at"] if ready is None else ready()
+    start = ready()
     while time.time() < start:
         time.sleep(0.001)
 
@@ -577,8 +577,12 @@ class _ClientPool:
 
 
 def _rank_payload(rng, task) -> bytes:
-    """One serialized RankRequest: a random user x ``candidates`` random pins (the
-    user's row: ``RankRequest.FromString(...).user_row``)."""
+    """One serialized RankRequest: a random user x ``candidates`` random pins."""
+    return _rank_request(rng, task).SerializeToString()
+
+
+def _rank_request(rng, task):
+    """``_rank_payload``'s RankRequest, unserialized."""
     from serving import codec
     from serving.protos import embedding_pb2 as pb
 
@@ -593,7 +597,7 @@ def _rank_payload(rng, task) -> bytes:
     )
     req.context["advertiser"] = codec.encode_ids(rng.integers(0, task["advertisers"], c))
     req.context["hour"] = codec.encode_ids(rng.integers(0, 24, c))
-    return req.SerializeToString()
+    return req
 
 
 # ---- servers ----
@@ -925,7 +929,7 @@ class _RankerKey(NamedTuple):
     cache_rows: int = 0  # serve_ranker --cache_rows (hybrid)
 
 
-# What a JAX process says when another one holds the accelerator (one lent H200 host).
+# What a JAX process says when another one holds the accelerator (lent H200 hosts).
 ONE_PROCESS_DEVICE = "no supported devices found for platform"
 
 
@@ -950,6 +954,7 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         candidates=_RANK_CANDIDATES.value,
         ad_pool=_RANK_AD_POOL.value,
         method="/jax_recsys.serving.RankerService/Rank",
+        prefetch_method="/jax_recsys.serving.RankerService/Prefetch",
     )
     common["ad_pool"] = _RANK_AD_POOL.value
     common["cache_tables"] = list(_RANK_CACHE_TABLES.value)  # [] = all (with a cache)

@@ -560,10 +560,10 @@ class EmbeddingClient:
         settled at 1 ms (the floor) with 1 client, p99.9 with stalls 0.14x
         failover's (2 ms: 0.17x); 2-3.4 ms with 4 clients on the 2-core box,
         p99 with stalls 1.06-1.12x failover's (2 ms: 1.5-1.6x, 5 ms: 1.06x).
-      hedge_quantile: with ``"auto"`` (only: another value with a fixed delay, which
-        would ignore it, is refused, as is a non-default ``hedge_min_s``): the
-        quantile, in (0, 1). 0.99 hedges
-        about 1% of requests when the replicas are as fast as usual, well
+      hedge_quantile: with ``"auto"`` (only: another value with a fixed delay,
+        which would ignore it, is refused, as is a non-default ``hedge_min_s``):
+        the quantile, in (0, 1). 0.99 hedges about 1% of requests when the
+        replicas are as fast as usual, well
         under the default budget, which is then left for stalls; a lower one
         hedges more in steady state, which on a saturated box adds the load
         that makes it slower (a fixed delay below the p99 did, see

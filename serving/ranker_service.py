@@ -200,9 +200,10 @@ class RankerServiceConfig:
         identical. A batch whose rows all hit makes no round trip.
       cache_tables: with ``cache_rows``: the tables to cache (default: every
         table the ranker fetches); a name the ranker does not fetch is refused
-        at start, and at a swap to a model without that table only warned about. A table whose rows rarely repeat within the
-        cache's reach (users, when most requests come from users not seen for
-        a while) costs memory and a miss every time; leave it out.
+        at start, and at a swap to a model without that table only warned
+        about. A table whose rows rarely repeat within the cache's reach
+        (users, when most requests come from users not seen for a while) costs
+        memory and a miss every time; leave it out.
     """
 
     artifact: str
@@ -634,9 +635,10 @@ class RankerService:
             raise ValueError(
                 f"cache_tables {unknown}: not tables this ranker fetches; it fetches {fetched}"
             )
+        cached = [e for e in fetched if not cfg.cache_tables or e in cfg.cache_tables]
         if unknown:  # a new model without a feature must not be held back by a cache setting
             log.warning("version %s does not fetch cache_tables %s; caching %s", art.version,
-                        unknown, [e for e in fetched if e in cfg.cache_tables])
+                        unknown, cached)
         scorer = jitted_scorer(json.dumps(rcfg.to_dict(), sort_keys=True))
         params = model_lib.unflatten_params(rcfg, art.ranker_params)  # validates every leaf
         del params
@@ -670,7 +672,7 @@ class RankerService:
                     fetcher, table_rows=table_rows,
                     dims={name: int(t["dim"]) for name, t in tables.items()},
                     capacity=cfg.cache_rows,
-                    tables=[e for e in fetched if not cfg.cache_tables or e in cfg.cache_tables],
+                    tables=cached,
                     # On the quantized wire INT4/INT8 tables are cached as their codes.
                     bits={name: q.bits for name, q in art.tables.items()},
                 )
@@ -916,9 +918,7 @@ class RankerService:
         Raises:
           RankError: with the gRPC status code the request gets.
         """
-        budget = self.config.deadline_s
-        if timeout_s is not None:
-            budget = max(min(timeout_s, budget), 1e-3)
+        budget = self._budget(timeout_s)
         job = self._validate(request, deadline=time.monotonic() + budget)
         self._queue.put(job)
         try:
@@ -995,7 +995,7 @@ class RankerService:
             )
         if user_row < 0:  # a cold-start user: a zero embedding, nothing to fetch
             return resp
-        budget = cfg.deadline_s if timeout_s is None else max(min(timeout_s, cfg.deadline_s), 1e-3)
+        budget = self._budget(timeout_s)
         try:
             _, contacted = fetcher.fetch({cfg.user_entity: np.array([user_row], np.int64)},
                                          deadline_s=budget)
@@ -1006,6 +1006,12 @@ class RankerService:
             self._prefetch_rows += int(contacted)
         resp.rows_fetched = int(contacted)
         return resp
+
+    def _budget(self, timeout_s: float | None) -> float:
+        """A call's time budget: the caller's, at most ``deadline_s`` (and >= 1 ms)."""
+        if timeout_s is None:
+            return self.config.deadline_s
+        return max(min(timeout_s, self.config.deadline_s), 1e-3)
 
     def _prefetch_rpc(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
