@@ -268,6 +268,26 @@ def test_rank_part_with_a_row_cache_and_an_ads_inventory(tmp_path):
         assert x["ad_pool"] == 200 and x["requests"] > 0
 
 
+@pytest.mark.slow  # ~15-25 s: three rankers
+@pytest.mark.multiprocess
+def test_rank_prefetch_reaches_the_rankers_that_cache_users_only(tmp_path):
+    args = [
+        "--parts=rank", "--duration_s=0.4", "--warmup=20", "--rank_rows=5000",
+        "--rank_candidates=100", "--rank_shards=1", "--rank_wires=quantized",
+        "--rank_clients=1", "--rank_cache_rows=0,6000", "--rank_ad_pool=200",
+        "--rank_prefetch", f"--workdir={tmp_path / 'work'}",
+    ]
+    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
+    services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
+    assert all(set(x["by_code"]) == {"OK"} for x in services.values())
+    cached = services["hybrid", 6000]
+    # Every Rank call's user was prefetched first: fetched then, unless a random user
+    # of the 5,000 came back while still cached.
+    assert 0.8 * cached["by_code"]["OK"] <= cached["prefetch_rows"] <= cached["by_code"]["OK"]
+    assert services["hybrid", 0]["prefetch_rows"] is None  # no cache: no Prefetch sent
+    assert all(x["prefetch"] for x in lines if x["kind"] == "rank")
+
+
 def test_rank_payloads_are_fresh_and_drawn_from_the_ads_inventory():
     from launch import bench_serving as bs
     from serving import codec
