@@ -162,7 +162,8 @@ def write_report(
 
     Args:
       workdir: the pipeline folder.
-      stages: one summary per stage: {"stage", "seconds", "summary", "skipped"}.
+      stages: one summary per stage: {"stage", "seconds", "summary", "skipped"}, and
+        "code_changed" (a skipped stage made by other code).
       ablation: ablation.json contents.
       export: the INT4 export report.
       serving: the live serving check's measurements.
@@ -179,7 +180,10 @@ def write_report(
     md = ["# jax_recsys pipeline report", ""]
     md += ["## Stages", "", "| stage | seconds | summary |", "|---|---|---|"]
     for s in stages:
-        secs = "skipped (up to date)" if s.get("skipped") else _cell(s.get("seconds"), ".0f")
+        secs = _cell(s.get("seconds"), ".0f")
+        if s.get("skipped"):
+            secs = ("skipped (up to date; made by other code)" if s.get("code_changed")
+                    else "skipped (up to date)")
         md.append(f"| {s.get('stage', 'n/a')} | {secs} | {s.get('summary', '')} |")
     md.append("")
     if ablation:

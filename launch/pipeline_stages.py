@@ -9,6 +9,7 @@ and how they run (keys, skipping, forcing, timeouts; see `launch.run_pipeline`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -84,6 +85,27 @@ def _config_fingerprint(spec: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# The project's code: a stage made by other code is still skipped (code is not
+# part of the key: an edit anywhere would redo the hour-long ablation), but it
+# says so, and the report marks it.
+_CODE_DIRS = ("jax_recsys", "launch", "serving", "configs")
+_CODE_SUFFIXES = (".py", ".proto")
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of the project's source files (``.py`` and ``.proto`` under
+    jax_recsys/, launch/, serving/, configs/: paths and bytes), 16 hex digits."""
+    h = hashlib.sha256()
+    for d in _CODE_DIRS:
+        files = sorted(p for p in (_REPO / d).rglob("*")
+                       if p.suffix in _CODE_SUFFIXES and "__pycache__" not in p.parts)
+        for p in files:
+            h.update(f"\0{p.relative_to(_REPO).as_posix()}\0".encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -107,6 +129,12 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
     key = stage.key(upstream)
     if not force and m.get("key") == key and stage.done_file.exists():
         print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
+        made_by, code = m.get("code"), code_digest()
+        if made_by is not None and made_by != code:
+            print(f"[{stage.name}] note: made by other code ({made_by}, now {code}); code "
+                  f"is not part of the key: --force={stage.name} redoes it (and what "
+                  "follows) if the change matters", flush=True)
+            return {**m, "skipped": True, "code_changed": True}
         return {**m, "skipped": True}
     # Neither the old marker nor the old output may outlive a run that is stopped
     # half-way: the next pipeline run would take the stage for finished.
@@ -125,8 +153,8 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
         stage.fn()
     if not stage.done_file.exists():
         raise SystemExit(f"[{stage.name}] finished but {stage.done_file} is missing")
-    out = {"stage": stage.name, "key": key, "seconds": time.time() - t0,
-           "summary": stage.summarize(wd)}
+    out = {"stage": stage.name, "key": key, "code": code_digest(),
+           "seconds": time.time() - t0, "summary": stage.summarize(wd)}
     common.write_json(marker, out)
     print(f"[{stage.name}] done in {out['seconds']:.0f} s: {out['summary']}", flush=True)
     return {**out, "skipped": False}

@@ -14,7 +14,10 @@ marker holds the current key is skipped, so an interrupted pipeline resumes; onc
 a stage runs, every later stage runs too (its inputs may have changed).
 `--force=STAGE` reruns that stage and everything after it; `--force=ablation`
 also retrains finished ablation runs and pretraining (`run_ablation --fresh`)
-instead of reusing them. Code changes are not part of the key: use `--force`.
+instead of reusing them. Code changes are not part of the key (an edit anywhere
+would redo the ablation): a skipped stage whose marker was written by other code
+(``pipeline_stages.code_digest``: the project's .py and .proto files) says so,
+and report.md marks it; use `--force`.
 One summary line per stage; the stages print their own progress.
 """
 

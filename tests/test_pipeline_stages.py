@@ -164,3 +164,52 @@ def test_config_fingerprint_is_stable_and_resolved(tmp_path):
     assert a != rp._config_fingerprint("configs/world.py")
     missing = rp._config_fingerprint(str(tmp_path / "none.py"))  # the stage reports it
     assert len(missing) == 64 and missing != a
+
+
+def test_a_stage_made_by_other_code_is_skipped_but_says_so(tmp_path, monkeypatch, capsys):
+    wd = tmp_path / "wd"
+    monkeypatch.setattr(rp, "code_digest", lambda: "aaaa")
+    rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
+    assert rp.read_json(wd / "stages" / "a.json")["code"] == "aaaa"
+    capsys.readouterr()
+    res = rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
+    assert [(r["skipped"], r.get("code_changed")) for r in res] == [(True, None), (True, None)]
+    assert "other code" not in capsys.readouterr().out
+    # The code changed: still skipped (code is not in the key), but flagged.
+    monkeypatch.setattr(rp, "code_digest", lambda: "bbbb")
+    res = rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
+    assert [(r["skipped"], r.get("code_changed")) for r in res] == [(True, True), (True, True)]
+    out = capsys.readouterr().out
+    assert "[a] note: made by other code (aaaa, now bbbb)" in out and "--force=b" in out
+    assert len(_runs(tmp_path)) == 2
+    from jax_recsys import report
+    md = report.write_report(wd, stages=res).read_text()
+    assert "| a | skipped (up to date; made by other code) | a |" in md
+    # A forced rerun records the new code: no note afterwards.
+    rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, {"a"}, 60)
+    res = rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
+    assert [r.get("code_changed") for r in res] == [None, None]
+
+
+def test_code_digest_follows_source_files_only(tmp_path, monkeypatch):
+    for d in rp._CODE_DIRS:
+        (tmp_path / d).mkdir()
+    (tmp_path / "serving" / "x.py").write_text("a = 1\n")
+    (tmp_path / "serving" / "x.proto").write_text("syntax = 'proto3';\n")
+    monkeypatch.setattr(rp, "_REPO", tmp_path)
+    digest = rp.code_digest.__wrapped__
+    d0 = digest()
+    assert len(d0) == 16 and digest() == d0
+    (tmp_path / "launch" / "notes.md").write_text("not code")  # not a source file
+    (tmp_path / "launch" / "__pycache__").mkdir()
+    (tmp_path / "launch" / "__pycache__" / "y.py").write_text("b = 2\n")
+    (tmp_path / "runs.py").write_text("outside the code folders\n")
+    assert digest() == d0
+    (tmp_path / "serving" / "x.proto").write_text("syntax = 'proto3'; // edited\n")
+    d1 = digest()
+    assert d1 != d0
+    (tmp_path / "serving" / "x.py").rename(tmp_path / "launch" / "x.py")  # a move is a change
+    assert digest() not in (d0, d1)
+    # The real project: a stable digest of its files.
+    monkeypatch.undo()
+    assert rp.code_digest() == digest() and len(rp.code_digest()) == 16
