@@ -48,7 +48,10 @@ _BITS = flags.DEFINE_enum("bits", "4", ["4", "8", "32"], "Bits per value (32: no
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an artifact of another version at --out."
 )
-_REPORT = flags.DEFINE_string("report", None, "Report path (default: OUT/../export_report.json).")
+_REPORT = flags.DEFINE_string(
+    "report", None,
+    "Report path (default: OUT/../export_report.json, shared by the artifacts of one "
+    "folder: a report of another artifact there is replaced, with a note).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Optional folder for metrics.json (the report).")
 _ABLATION = flags.DEFINE_string(
     "ablation", None, "Finished ablation folder: add the INT4-served row."

@@ -205,18 +205,25 @@ def test_gate_failure_writes_nothing_and_keeps_the_previous_artifact(trained, tm
     cfg = X.ExportConfig(
         ranker_dir=str(trained.ranker_dir), out_dir=str(out), max_auc_drop=-1.0, overwrite=True
     )
+    said = []
     with pytest.raises(X.ExportGateError, match="failed the quality gate") as e:
-        X.export_ranker(cfg, log=lambda s: None)
+        X.export_ranker(cfg, log=said.append)
+    assert not [s for s in said if "another artifact" in s]  # its own report
     assert e.value.report["gate"]["passed"] is False
     assert e.value.report["gate"]["failed_tasks"] == list(X.TASKS)
     assert AR.verify_artifact(out).version == good["version"]  # untouched (still the INT8 one)
     assert AR.load_artifact(out).tables["user"].bits == 8
     assert _leftovers(tmp_path) == []
     assert json.loads((tmp_path / X.REPORT_NAME).read_text())["gate"]["passed"] is False
-    # A fresh output folder is not created at all.
+    # A fresh output folder is not created at all. Its report replaces the sibling
+    # artifact's at the shared default path, and the export says so.
+    said = []
     with pytest.raises(X.ExportGateError):
-        X.export_ranker(dataclasses.replace(cfg, out_dir=str(tmp_path / "new")), log=lambda s: None)
+        X.export_ranker(dataclasses.replace(cfg, out_dir=str(tmp_path / "new")), log=said.append)
     assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
+    assert [s for s in said if "another artifact" in s] == [
+        f"export: {tmp_path / X.REPORT_NAME} holds the report of another artifact "
+        f"({out.absolute()}); it will be replaced (give --report to keep both)"]
 
 
 def test_gate_catches_a_broken_quantizer(trained, tmp_path, monkeypatch):

@@ -593,6 +593,14 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
     report_path = (
         pathlib.Path(config.report_path) if config.report_path else out.parent / REPORT_NAME
     )
+    if not config.report_path:  # sibling artifacts share the default report path
+        try:
+            other = json.loads(report_path.read_text()).get("artifact")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other and other != str(out):
+            log(f"export: {report_path} holds the report of another artifact ({other}); "
+                "it will be replaced (give --report to keep both)")
     ranker = model_lib.load_ranker(ranker_dir, mmap=True)
     if not ranker.tables:
         raise ValueError(f"{ranker_dir}: the ranker has no ID tables; nothing to quantize")
