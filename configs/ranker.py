@@ -10,7 +10,10 @@ Command:
 
 Variants: `--config.scratch_dim=0 --config.facets=''` is the "no large tables" ranker
 (coarse features only); `--config.facets=''` trains large tables from scratch;
-`--config.facet_mode=freeze` freezes the pretrained facets.
+`--config.facet_mode=freeze` freezes the pretrained facets;
+`--config.facet_missing=zeros` gives ranker ids a pretrained facet lacks an all-zero row
+instead of a random one (a frozen facet never trains those rows). In the ablation
+(configs/ablation.py) the same keys are `--config.ranker.facet_missing=zeros` etc.
 
 Run time on a 2-core box: smoke ~30 s (mostly compilation); default world ~1-2 min
 (600k training impressions, one epoch at batch 4096).
@@ -50,6 +53,10 @@ def get_config(arg=None):
     c.scratch_init_scale = -1.0  # -1: 1/sqrt(dim)
     c.facets = ""  # e.g. "cl,kg"
     c.facet_mode = "finetune"  # or "freeze"
+    # Rows of ranker ids a pretrained facet lacks: "random" (normal, std of the found rows)
+    # or "zeros". Left out of the pipeline's stage keys and the run fingerprints while
+    # "random", so runs made before this option existed are reused.
+    c.facet_missing = "random"
     c.facet_paths = ml_collections.ConfigDict({"cl": "", "kg": ""})
     c.facet_learning_rate = -1.0  # -1: table_learning_rate * finetune_lr_scale
     c.facet_target_norm = 1.0  # rescale each pretrained table to this mean row norm; -1: keep

@@ -69,11 +69,32 @@ class Stage:
         return h.hexdigest()[:16]
 
 
+# Config keys added after stage keys were first saved, with the value every config
+# before them had: left out of `_config_fingerprint` (at any depth) while they hold it,
+# so a finished stage of a config that does not set them is not rerun.
+_OMITTED_CONFIG_DEFAULTS = {"facet_missing": "random"}
+
+
+def _omit_defaults(cfg) -> None:
+    """Deletes, in place, the keys of ConfigDict `cfg` that `_OMITTED_CONFIG_DEFAULTS`
+    lists with their default value."""
+    with cfg.unlocked():
+        for k in list(cfg.keys()):
+            v = cfg[k]
+            if hasattr(v, "unlocked"):
+                _omit_defaults(v)
+            elif k in _OMITTED_CONFIG_DEFAULTS and v == _OMITTED_CONFIG_DEFAULTS[k]:
+                del cfg[k]
+
+
 def _config_fingerprint(spec: str) -> str:
-    """The resolved content of config ``FILE[:ARG]`` (its ``get_config(ARG)`` as JSON),
-    or of the file's bytes when it cannot be evaluated here (the stage reports that)."""
+    """The resolved content of config ``FILE[:ARG]`` (its ``get_config(ARG)`` as JSON,
+    without `_OMITTED_CONFIG_DEFAULTS` at their default), or of the file's bytes when it
+    cannot be evaluated here (the stage reports that)."""
     try:
         cfg = load_config(spec)
+        if hasattr(cfg, "unlocked"):
+            _omit_defaults(cfg)
         text = cfg.to_json_best_effort(sort_keys=True) if hasattr(cfg, "to_json_best_effort") \
             else json.dumps(cfg, sort_keys=True, default=str)
     except Exception:  # a broken or missing config: its bytes (the stage reports the error)

@@ -144,6 +144,7 @@ def main(argv):
         scratch_init_scale=train_ranker._opt(cfg.ranker.scratch_init_scale),
         facet_target_norm=train_ranker._opt(cfg.ranker.facet_target_norm),
         facet_learning_rate=train_ranker._opt(cfg.ranker.facet_learning_rate),
+        facet_missing=cfg.ranker.get("facet_missing", "random"),
         variants=names(cfg.variants),
         seeds=seeds,
         facet_dirs=tuple((k.replace("_", "/", 1), v) for k, v in cfg.facet_dirs.items() if v),

@@ -97,6 +97,7 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
         learning_rate=_opt(cfg.facet_learning_rate),
         target_norm=_opt(cfg.facet_target_norm),
         scratch_init_scale=_opt(cfg.scratch_init_scale),
+        missing=cfg.get("facet_missing", "random"),
     )
     return train.TrainConfig(
         data=data,

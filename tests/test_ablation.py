@@ -205,3 +205,33 @@ def test_a_given_facet_dir_of_another_facet_is_refused(tmp_path):
                               variants=("no_large_tables", "kg"))
     loaded, _ = A.obtain_facets(cfg, tmp_path, pretrainers={}, log=lambda s: None)
     assert loaded[("kg", "fresh")].facet == "kg"
+
+
+def test_fingerprints_leave_out_the_missing_rows_option_at_its_default():
+    """Finished ablation runs and ranker checkpoints made before `FacetSpec.missing` existed
+    keep their fingerprints when it is left at "random"; "zeros" is another run."""
+    import hashlib
+
+    from jax_recsys.ranking import facets as F
+
+    def config(**kw):
+        ents = F.build_entities(entities=(("user", "user_id"), ("pin", "item_id")), scratch_dim=4,
+                                pretrained=("cl", "kg"), mode="freeze", **kw)
+        return T.TrainConfig(data=T.DataConfig(path="/data/world"), entities=ents,
+                             model=M.RankerConfig(mlp_dims=(16,)), batch_size=256, seed=3)
+
+    def digests(tc):
+        run = json.dumps(T.run_fingerprint(tc, {}), sort_keys=True)
+        return (A._digest({"train_config": T.fingerprint_dict(tc)}),
+                hashlib.sha256(run.encode()).hexdigest()[:16])
+
+    # Computed with the code before the option (ablation.py hashed dataclasses.asdict(tc)).
+    # A change here means every finished run and checkpoint is retrained, not reused.
+    before = ("8b040e8be588494d", "9bac4099cbc1bf00")
+    assert digests(config()) == before
+    assert digests(config(missing="random")) == before
+    zeros = digests(config(missing="zeros"))
+    assert zeros[0] != before[0] and zeros[1] != before[1]
+    spec = config(missing="zeros").entities[0].facets[1]
+    assert spec.fingerprint_dict()["missing"] == "zeros"
+    assert "missing" not in dataclasses.replace(spec, missing="random").fingerprint_dict()

@@ -213,3 +213,27 @@ def test_code_digest_follows_source_files_only(tmp_path, monkeypatch):
     # The real project: a stable digest of its files.
     monkeypatch.undo()
     assert rp.code_digest() == digest() and len(rp.code_digest()) == 16
+
+
+def test_config_fingerprint_leaves_out_facet_missing_at_its_default(tmp_path):
+    """A stage's key is what it was before `facet_missing` was added to configs/ranker.py
+    (so the pipeline's finished ablation stage is not rerun), unless it is set to another value."""
+    def variant(config, name, body):
+        path = tmp_path / f"{name}.py"
+        path.write_text(
+            "import importlib.util\n\n"
+            "def get_config(arg=None):\n"
+            f"    spec = importlib.util.spec_from_file_location('c', {str(rp._REPO / config)!r})\n"
+            "    module = importlib.util.module_from_spec(spec)\n"
+            "    spec.loader.exec_module(module)\n"
+            "    c = module.get_config(arg)\n"
+            f"    {body}\n"
+            "    return c\n")
+        return rp._config_fingerprint(f"{path}:smoke")
+
+    ranker = rp._config_fingerprint("configs/ranker.py:smoke")
+    assert ranker == variant("configs/ranker.py", "r0", "del c['facet_missing']")  # as before it
+    assert ranker != variant("configs/ranker.py", "r1", "c.facet_missing = 'zeros'")
+    ablation = rp._config_fingerprint("configs/ablation.py:smoke")  # the pipeline's stage config
+    assert ablation == variant("configs/ablation.py", "a0", "del c.ranker['facet_missing']")
+    assert ablation != variant("configs/ablation.py", "a1", "c.ranker.facet_missing = 'zeros'")

@@ -137,3 +137,89 @@ def test_build_entities_rejects_a_facet_covering_no_entity():
     with pytest.raises(ValueError, match="facet 'kg' was requested"):
         F.build_entities(scratch_dim=0, pretrained=("cl", "kg"),
                          available={"cl": ["user"], "kg": ["item"]})
+
+
+# ------------------------------------------------------------- rows of ids missing from a facet
+
+_IDS, _FACET_IDS = np.array([10, 20, 30, 40]), np.array([40, 5, 10])
+_FACET_TABLE = np.array([[3.0, 4.0], [5.0, 5.0], [0.0, 10.0]], np.float32)  # norms 5, 7.07, 10
+
+
+def _align(**kw):
+    return F.align_facet_table(entity="user", facet="cl", ranker_ids=_IDS, facet_ids=_FACET_IDS,
+                               facet_table=_FACET_TABLE, seed=0, **kw)
+
+
+def test_align_random_missing_rows_are_those_before_the_option():
+    """The default ("random") is byte-identical to the table built before `missing` existed
+    (values pinned from that code), so existing runs train on the same initial rows."""
+    before = np.array([[0.0, 2.0], [-0.3522418439388275, 0.26989227533340454],
+                       [-0.48027902841567993, -0.15413792431354523],
+                       [0.6000000238418579, 0.800000011920929]], np.float32)
+    table, stats = _align(target_norm=1.5)
+    np.testing.assert_array_equal(table, before)
+    np.testing.assert_array_equal(_align(target_norm=1.5, missing="random")[0], before)
+    assert stats == F.AlignStats(entity="user", facet="cl", rows=4, found=2, missing=2,
+                                 facet_rows=3, scale=0.2)
+
+
+def test_align_zeros_gives_missing_ids_zero_rows_and_keeps_found_rows():
+    # Found: raw id 10 = [0, 10], raw id 40 = [3, 4]; mean norm 7.5, target 1.5: scale 0.2.
+    table, stats = _align(target_norm=1.5, missing="zeros")
+    np.testing.assert_array_equal(table, np.array([[0.0, 2.0], [0.0, 0.0], [0.0, 0.0], [0.6, 0.8]],
+                                                  np.float32))
+    assert table.dtype == np.float32
+    # Found rows and the scale are exactly those of "random" (the fresh rows do not enter
+    # the scale), and so are the stats.
+    random_table, random_stats = _align(target_norm=1.5)
+    np.testing.assert_array_equal(table[[0, 3]], random_table[[0, 3]])
+    assert stats == random_stats
+    raw, raw_stats = _align(target_norm=None, missing="zeros")
+    np.testing.assert_array_equal(raw, [[0.0, 10.0], [0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    assert raw_stats.scale == 1.0 and (raw_stats.found, raw_stats.missing) == (2, 2)
+
+
+def test_missing_rows_option_is_checked():
+    with pytest.raises(ValueError, match=r"FacetSpec\('kg'\)\.missing must be one of "
+                       r"\('random', 'zeros'\), got 'zero'"):
+        F.FacetSpec(source="kg", missing="zero")
+    with pytest.raises(ValueError, match=r"missing must be one of \('random', 'zeros'\), got 'nan'"):
+        _align(missing="nan")
+    with pytest.raises(ValueError, match=r"missing must be one of"):
+        F.build_entities(scratch_dim=4, pretrained=("cl",), missing="ones")
+    assert F.FacetSpec(source="cl").missing == "random"
+
+
+def test_missing_rows_option_reaches_the_pretrained_tables():
+    ckpt = _Ckpt(tables={"user": _FACET_TABLE}, vocabs={"user": _FACET_IDS})
+    ents = F.build_entities(entities=(("user", "user_id"),), scratch_dim=4, pretrained=("cl",),
+                            mode="freeze", missing="zeros")
+    # Only the pretrained facet takes it: a scratch facet has no missing ids.
+    assert [(f.source, f.missing) for f in ents[0].facets] == [("scratch", "random"), ("cl", "zeros")]
+    out = F.resolve_facets(ents, vocabs={"user": _IDS}, facets={"cl": ckpt},
+                           table_learning_rate=0.05, finetune_lr_scale=0.1, seed=0)
+    np.testing.assert_array_equal(out[1].values[1:3], np.zeros((2, 2)))
+    assert not out[1].trainable and out[1].stats.missing == 2
+
+
+def test_ranker_config_facet_missing_reaches_the_facet_specs():
+    from launch import pipeline_stages, train_ranker
+
+    cfg = pipeline_stages.load_config("configs/ranker.py:smoke")
+    cfg.facets = "cl,kg"
+    assert cfg.facet_missing == "random"
+    tc = train_ranker.train_config(cfg, data_path="/data", mode="freeze")
+    assert {f.missing for e in tc.entities for f in e.facets} == {"random"}
+    cfg.facet_missing = "zeros"
+    tc = train_ranker.train_config(cfg, data_path="/data", mode="freeze")
+    assert {(f.source, f.missing) for e in tc.entities for f in e.facets} == {
+        ("scratch", "random"), ("cl", "zeros"), ("kg", "zeros")}
+    # The ablation's variants take it from AblationConfig.facet_missing (run_ablation sets it
+    # from config.ranker.facet_missing).
+    from jax_recsys.ranking import ablation
+
+    loaded = {(f, "fresh"): _Ckpt(tables={"user": None, "pin": None}, vocabs={}) for f in ("cl", "kg")}
+    for missing in ("random", "zeros"):
+        ac = ablation.AblationConfig(base=tc, facet_missing=missing)
+        frozen = ablation._variant_config(ac, ablation.VARIANTS["cl_kg_frozen"], 0, loaded)
+        assert {f.missing for e in frozen.entities for f in e.facets if f.source != "scratch"} == {missing}

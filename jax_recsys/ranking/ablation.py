@@ -105,6 +105,8 @@ class AblationConfig:
       facet_target_norm: mean row norm the pretrained tables are rescaled to (None: keep).
       facet_learning_rate: row LR of fine-tuned facets (None: base.table_learning_rate *
         base.finetune_lr_scale).
+      facet_missing: rows of ids missing from a pretrained facet, "random" or "zeros"
+        (`FacetSpec.missing`), in every variant with facets.
       variants: names from `VARIANTS`, in table order (must include the baseline).
       seeds: seeds; each variant runs once per seed.
       facet_dirs: ("cl/fresh", dir) style pairs of existing facet checkpoints.
@@ -118,6 +120,7 @@ class AblationConfig:
     scratch_init_scale: float | None = None
     facet_target_norm: float | None = 1.0
     facet_learning_rate: float | None = None
+    facet_missing: str = "random"
     variants: tuple[str, ...] = tuple(VARIANTS)
     seeds: tuple[int, ...] = (0, 1, 2)
     facet_dirs: tuple[tuple[str, str], ...] = ()
@@ -131,6 +134,9 @@ class AblationConfig:
             raise ValueError(f"the variants must include the baseline {BASELINE!r}")
         if not self.seeds:
             raise ValueError("AblationConfig.seeds is empty")
+        if self.facet_missing not in facets_lib.MISSING_ROWS:
+            raise ValueError(f"AblationConfig.facet_missing must be one of "
+                             f"{facets_lib.MISSING_ROWS}, got {self.facet_missing!r}")
 
 
 Pretrainer = Callable[[str, pathlib.Path], str | pathlib.Path]
@@ -249,6 +255,7 @@ def _variant_config(config: AblationConfig, variant: Variant, seed: int, loaded)
             learning_rate=config.facet_learning_rate,
             target_norm=config.facet_target_norm,
             scratch_init_scale=config.scratch_init_scale,
+            missing=config.facet_missing,
         )
     else:
         entities = ()
@@ -267,10 +274,10 @@ def run_ablation(
     """Runs every variant for every seed and writes ablation.json / ablation.md.
 
     A finished run (runs/<variant>_s<seed>/metrics.json) is reused only when its
-    fingerprint matches: the run's full TrainConfig, the content of its facets'
-    facet.json, and the data folder (`folder_digest`: dataset.json and every
-    file's size and mtime). A run made with other settings or data is retrained
-    (and logged as such), never silently reused.
+    fingerprint matches: the run's full TrainConfig (`train.fingerprint_dict`), the
+    content of its facets' facet.json, and the data folder (`folder_digest`:
+    dataset.json and every file's size and mtime). A run made with other settings or
+    data is retrained (and logged as such), never silently reused.
 
     Args:
       config: the ablation config.
@@ -307,7 +314,7 @@ def run_ablation(
             mpath = rdir / "metrics.json"
             tc = _variant_config(config, variant, seed, loaded)
             fingerprint = _digest({
-                "train_config": dataclasses.asdict(tc),
+                "train_config": train_lib.fingerprint_dict(tc),
                 "facets": {f"{f}/{variant.window}": facet_digests[f"{f}/{variant.window}"]
                            for f in variant.facets},
                 "data": data_digest,

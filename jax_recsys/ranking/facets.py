@@ -12,11 +12,13 @@ frozen or fine-tuned (with its own learning rate) independently:
 Pretrained facets are mapped onto the ranker's vocabulary *by raw id*: row r of the
 ranker table for entity e receives the facet vector of the facet-vocabulary entry with
 the same raw id. Ids the pretraining run never saw get a fresh random row with the
-same per-coordinate standard deviation as the facet's found rows; how many were found
-and missing is counted and reported (`AlignStats`); a facet table that shares no raw
-id with the ranker's vocabulary is an error (it would be all random rows), and so is a
-requested facet whose checkpoint has no table for any ranker entity. Raw ids compare as integers when
-both vocabularies are integer, as strings otherwise (so "12" matches 12).
+same per-coordinate standard deviation as the facet's found rows, or an all-zero row
+(`FacetSpec.missing`: "zeros" suits a frozen facet, whose random rows would stay noise
+for good); how many were found and missing is counted and reported (`AlignStats`); a
+facet table that shares no raw id with the ranker's vocabulary is an error (it would be
+all random rows), and so is a requested facet whose checkpoint has no table for any
+ranker entity. Raw ids compare as integers when both vocabularies are integer, as
+strings otherwise (so "12" matches 12).
 
 Pretrained tables may be rescaled by one scalar per table (`FacetSpec.target_norm`) so
 their mean row L2 norm matches that of the scratch initialisation: facets come out of
@@ -38,6 +40,18 @@ import numpy as np
 
 SCRATCH = "scratch"
 MODES = ("finetune", "freeze")
+MISSING_ROWS = ("random", "zeros")
+
+# FacetSpec fields added after run fingerprints were first saved, with the value every
+# run before them had. `FacetSpec.fingerprint_dict` leaves such a field out at that
+# value, so finished runs and checkpoints of configs that do not set it keep their
+# fingerprints (and are reused); any other value is in the fingerprint.
+_FINGERPRINT_OMITTED_DEFAULTS = {"missing": "random"}
+
+
+def _check_missing(missing: str, where: str) -> None:
+    if missing not in MISSING_ROWS:
+        raise ValueError(f"{where}missing must be one of {MISSING_ROWS}, got {missing!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +70,10 @@ class FacetSpec:
       init_scale: stddev of a scratch facet's normal initialisation (None: 1/sqrt(dim)).
       target_norm: pretrained facets only: rescale the whole table by one scalar so its
         mean row L2 norm equals this value (None keeps the checkpoint's scale).
+      missing: pretrained facets only: the row of a ranker id the facet lacks:
+        ``"random"`` (normal, with the standard deviation of the found rows) or
+        ``"zeros"`` (all zero, also after the target_norm rescaling). A frozen facet
+        never trains its random rows, so "zeros" keeps them from feeding noise.
     """
 
     source: str
@@ -64,6 +82,7 @@ class FacetSpec:
     learning_rate: float | None = None
     init_scale: float | None = None
     target_norm: float | None = 1.0
+    missing: str = "random"
 
     def __post_init__(self):
         if not self.source:
@@ -83,11 +102,19 @@ class FacetSpec:
                     f"got {v!r}" + (" (0 wipes the table, a negative value flips its sign)"
                                     if name == "target_norm" else "")
                 )
+        _check_missing(self.missing, f"FacetSpec({self.source!r}).")
 
     @property
     def trainable(self) -> bool:
         """Whether the ranker updates this facet's table."""
         return self.mode == "finetune"
+
+    def fingerprint_dict(self) -> dict:
+        """`dataclasses.asdict(self)` as run fingerprints hash it: without the fields of
+        `_FINGERPRINT_OMITTED_DEFAULTS` that hold their default (a spec made before such a
+        field existed hashes as it did then)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in _FINGERPRINT_OMITTED_DEFAULTS and v == _FINGERPRINT_OMITTED_DEFAULTS[k])}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -185,6 +212,7 @@ def align_facet_table(
     facet_table: np.ndarray,
     seed: int,
     target_norm: float | None = None,
+    missing: str = "random",
 ) -> tuple[np.ndarray, AlignStats]:
     """Builds the ranker-vocabulary table of one pretrained facet.
 
@@ -197,6 +225,8 @@ def align_facet_table(
       seed: seeds the fresh rows of ids missing from the facet.
       target_norm: if set, the table (found and fresh rows) is multiplied by one scalar
         so the found rows' mean L2 norm equals it.
+      missing: rows of ids missing from the facet: "random" (normal, std of the found
+        rows, seeded by `seed`) or "zeros".
 
     Returns:
       (table float32 [R, D], AlignStats).
@@ -204,8 +234,9 @@ def align_facet_table(
     Raises:
       ValueError: the table and vocabulary disagree, or the facet shares no raw id
         with the ranker's vocabulary (the "pretrained" table would be all random rows:
-        usually a vocabulary of another dataset or id space).
+        usually a vocabulary of another dataset or id space), or `missing` is unknown.
     """
+    _check_missing(missing, "")
     facet_table = np.asarray(facet_table, np.float32)
     if facet_table.ndim != 2 or facet_table.shape[0] != len(facet_ids):
         raise ValueError(
@@ -222,10 +253,13 @@ def align_facet_table(
             "entirely random rows"
         )
     dim = facet_table.shape[1]
-    rng = np.random.default_rng([seed, 7919, len(ranker_ids), dim])
-    std = float(facet_table[src[found]].std()) if found.any() else 1.0 / np.sqrt(dim)
-    std = std if std > 0 else 1.0 / np.sqrt(dim)
-    out = rng.normal(0.0, std, size=(len(ranker_ids), dim)).astype(np.float32)
+    if missing == "zeros":
+        out = np.zeros((len(ranker_ids), dim), np.float32)
+    else:
+        rng = np.random.default_rng([seed, 7919, len(ranker_ids), dim])
+        std = float(facet_table[src[found]].std()) if found.any() else 1.0 / np.sqrt(dim)
+        std = std if std > 0 else 1.0 / np.sqrt(dim)
+        out = rng.normal(0.0, std, size=(len(ranker_ids), dim)).astype(np.float32)
     out[found] = facet_table[src[found]]
     scale = 1.0
     if target_norm is not None and found.any():
@@ -338,6 +372,7 @@ def resolve_facets(
                 facet_table=np.asarray(ckpt.tables[ent.name]),
                 seed=seed * 1000 + ei * 10 + fi,
                 target_norm=spec.target_norm,
+                missing=spec.missing,
             )
             if spec.learning_rate is not None:
                 lr = spec.learning_rate
@@ -379,6 +414,7 @@ def build_entities(
     learning_rate: float | None = None,
     target_norm: float | None = 1.0,
     scratch_init_scale: float | None = None,
+    missing: str = "random",
 ) -> tuple[EntitySpec, ...]:
     """The usual facet layout: a scratch facet plus every pretrained facet that covers the entity.
 
@@ -394,6 +430,7 @@ def build_entities(
         default, table_learning_rate * finetune_lr_scale).
       target_norm: `FacetSpec.target_norm` of the pretrained facets.
       scratch_init_scale: init stddev of the scratch facets (None: 1/sqrt(dim)).
+      missing: `FacetSpec.missing` of the pretrained facets ("random" or "zeros").
 
     Returns:
       EntitySpecs; entities left with no facet are dropped.
@@ -402,7 +439,9 @@ def build_entities(
       ValueError: naming the facet, the entities and the facet's tables when a requested
         facet covers none of the entities. (No facet at all, scratch_dim=0 and no
         pretrained facets, is the valid "no large tables" ranker: an empty tuple.)
+        Also for an unknown `missing`.
     """
+    _check_missing(missing, "the pretrained facets' ")
     names = [name for name, _ in entities]
     if available is not None:
         for f in pretrained:
@@ -421,7 +460,8 @@ def build_entities(
         for f in pretrained:
             if available is not None and name not in set(available.get(f, ())):
                 continue
-            fs.append(FacetSpec(source=f, mode=mode, learning_rate=learning_rate, target_norm=target_norm))
+            fs.append(FacetSpec(source=f, mode=mode, learning_rate=learning_rate,
+                                target_norm=target_norm, missing=missing))
         if fs:
             out.append(EntitySpec(name=name, column=column, facets=tuple(fs)))
     return tuple(out)

@@ -651,12 +651,31 @@ def _facet_digest(name: str, facet, path: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def fingerprint_dict(config: TrainConfig) -> dict[str, Any]:
+    """`dataclasses.asdict(config)` in the form run fingerprints hash.
+
+    Each facet is its `FacetSpec.fingerprint_dict()`: a field added to FacetSpec after
+    fingerprints were first saved is left out while it holds its default, so the runs and
+    checkpoints of configs that do not set it keep their fingerprints.
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      The nested dict (entities and their facets as tuples of dicts).
+    """
+    out = dataclasses.asdict(config)
+    out["entities"] = tuple({**dataclasses.asdict(e), "facets": tuple(f.fingerprint_dict() for f in e.facets)}
+                            for e in config.entities)
+    return out
+
+
 def run_fingerprint(config: TrainConfig, facets: Mapping[str, Any]) -> dict[str, Any]:
     """What defines a ranker run, as a flat JSON dict saved with its checkpoints.
 
-    Keys are the TrainConfig fields (nested dataclasses dotted: "model.mlp_dims") except
-    `_RESUMABLE_FIELDS`, plus "facets.<name>.path" and "facets.<name>.digest" (of its
-    facet.json) for every pretrained facet the run uses.
+    Keys are the TrainConfig fields (nested dataclasses dotted: "model.mlp_dims"; in the
+    form of `fingerprint_dict`) except `_RESUMABLE_FIELDS`, plus "facets.<name>.path"
+    and "facets.<name>.digest" (of its facet.json) for every pretrained facet the run uses.
     """
     out: dict[str, Any] = {}
 
@@ -667,7 +686,7 @@ def run_fingerprint(config: TrainConfig, facets: Mapping[str, Any]) -> dict[str,
             else:
                 out[prefix + k] = v
 
-    flatten("", {k: v for k, v in dataclasses.asdict(config).items()
+    flatten("", {k: v for k, v in fingerprint_dict(config).items()
                  if k not in _RESUMABLE_FIELDS})
     paths = dict(config.facet_paths)
     used = {f.source for e in config.entities for f in e.facets} - {facets_lib.SCRATCH}
