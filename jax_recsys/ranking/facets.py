@@ -11,8 +11,8 @@ frozen or fine-tuned (with its own learning rate) independently:
 
 Pretrained facets are mapped onto the ranker's vocabulary *by raw id*: row r of the
 ranker table for entity e receives the facet vector of the facet-vocabulary entry with
-the same raw id. Ids the pretraining run never saw get a fresh random row with the
-same per-coordinate standard deviation as the facet's found rows, or an all-zero row
+the same raw id. Ids the pretraining run never saw get a fresh random row (normal,
+with the standard deviation of all the found rows' values), or an all-zero row
 (`FacetSpec.missing`: "zeros" suits a frozen facet, whose random rows would stay noise
 for good); how many were found and missing is counted and reported (`AlignStats`); a
 facet table that shares no raw id with the ranker's vocabulary is an error (it would be
