@@ -582,6 +582,14 @@ class EmbeddingClient:
       hedge_burst: tokens the bucket holds (and starts with).
       hedge_workers: threads that wait for hedged tries (only with
         ``hedge_after_s``).
+      hedge_history: another client (typically the one this replaces, pinned to
+        the previous version) whose adaptive delays this one continues: each
+        shard whose replicas are the same addresses shares that client's answer
+        times (``hedge_delay.HedgeDelay``) instead of starting cold (no hedging
+        for its first ``hedge_delay.WARMUP`` answers). Used only when both
+        clients are ``"auto"`` with the same ``hedge_quantile`` and
+        ``hedge_min_s``; other shards start cold. The ranker service passes its
+        current version's client on a swap.
     """
 
     def __init__(
@@ -602,6 +610,7 @@ class EmbeddingClient:
         hedge_budget: float = 0.05,
         hedge_burst: float = 10.0,
         hedge_workers: int = 16,
+        hedge_history: EmbeddingClient | None = None,
     ):
         check_hedge_after(hedge_after_s)
         hedge_delay.check(hedge_quantile, hedge_min_s, adaptive=hedge_after_s == HEDGE_AUTO)
@@ -679,12 +688,26 @@ class EmbeddingClient:
         self._hedges_throttled = 0
         self._hedge_budget, self._hedge_burst = float(hedge_budget), float(hedge_burst)
         self._hedge_tokens = self._hedge_burst
-        # "auto": per shard with replicas, its answer times and delay.
+        # "auto": per shard with replicas, its answer times and delay (continued
+        # from hedge_history's for the same replicas and settings).
         self._delays: list[hedge_delay.HedgeDelay | None] = [
-            hedge_delay.HedgeDelay(quantile=self.hedge_quantile, floor_s=self.hedge_min_s)
+            self._inherited_delay(hedge_history, k)
+            or hedge_delay.HedgeDelay(quantile=self.hedge_quantile, floor_s=self.hedge_min_s)
             if self.hedge_after_s == HEDGE_AUTO and len(spec.addresses) > 1 else None
-            for spec in self._specs
+            for k, spec in enumerate(self._specs)
         ]
+
+    def _inherited_delay(self, other: EmbeddingClient | None,
+                         shard: int) -> hedge_delay.HedgeDelay | None:
+        """``other``'s adaptive delay of ``shard`` when it measures the same replicas
+        with the same settings, else None."""
+        if not isinstance(other, EmbeddingClient) or shard >= len(other._specs):
+            return None
+        est = other._delays[shard]
+        same = (est is not None
+                and tuple(other._specs[shard].addresses) == tuple(self._specs[shard].addresses)
+                and (est.quantile, est.floor_s) == (self.hedge_quantile, self.hedge_min_s))
+        return est if same else None
 
     @classmethod
     def from_artifact(

@@ -182,7 +182,9 @@ class RankerServiceConfig:
         replicas are affected; set it at or a little above the fetch's p99.
         ``"auto"``: the delay is, per shard, the ``hedge_quantile`` of its
         recent answer times, at least ``hedge_min_s`` (``serving.hedge_delay``;
-        ``stats()["hedge_delay_ms"]``).
+        ``stats()["hedge_delay_ms"]``); a swap continues them (the new
+        version's client shares the old one's answer times of the same
+        replicas) instead of fetching unhedged until they warm up again.
       hedge_quantile: with ``hedge_after_s="auto"``: the quantile, in (0, 1).
       hedge_min_s: with ``hedge_after_s="auto"``: the shortest delay (s).
       hedge_budget: hedges per shard fetch, at most, over time (the client's
@@ -605,6 +607,13 @@ class RankerService:
 
     # ---- loading ----
 
+    def _current_client(self) -> client_lib.EmbeddingClient | None:
+        """The current version's shard client (inside its row cache, if any)."""
+        snap = self._versions.snapshot
+        fetcher = snap.versions[snap.current].fetcher
+        client = getattr(fetcher, "client", fetcher)
+        return client if isinstance(client, client_lib.EmbeddingClient) else None
+
     def _load(self, path: str, starting: bool = False) -> _Version:
         cfg = self.config
         art = artifact_lib.load_artifact(path, verify=False if cfg.verify == "none" else cfg.verify)
@@ -666,6 +675,8 @@ class RankerService:
                 hedge_min_s=cfg.hedge_min_s,
                 hedge_budget=cfg.hedge_budget,
                 root_certificates=ca,
+                # A swap continues the adaptive hedge delays: the same shards answer.
+                hedge_history=None if starting else self._current_client(),
             )
             if cfg.cache_rows:
                 fetcher = row_cache.RowCache(

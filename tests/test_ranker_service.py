@@ -1042,6 +1042,12 @@ def test_a_shard_given_with_a_replica_fails_over_in_the_ranker(arts, hedge, dead
                     est.record(0.004)
                 assert svc.stats()["hedge_delay_ms"] == [round(est.delay_s * 1e3, 3)]
                 assert est.delay_s >= 0.004
+                # A swap's new version continues the delay (the same replicas answer).
+                nxt = svc._load(str(arts["a"].path))
+                try:
+                    assert nxt.fetcher._delays[0] is est
+                finally:
+                    nxt.fetcher.close()
         with pytest.raises(client_lib.ServingError, match="none of its replicas"):
             rs.serve(rs.RankerServiceConfig(shards=(f"{dead}|{dead2}",), **cfg))
     finally:

@@ -685,6 +685,50 @@ def test_auto_hedge_delay_hedges_a_stalled_replica_once_warmed_up_and_not_before
             server.stop(0)
 
 
+def test_a_client_continues_the_adaptive_hedge_delays_of_the_one_it_replaces(art):
+    """hedge_history (a ranker's swap): the new client shares the old one's answer
+    times of the same replicas, so it hedges at once instead of after 100 answers."""
+    servers, addrs, delays, release = _stallable_shards(art)
+    make = functools.partial(client_lib.EmbeddingClient.from_artifact, str(art.path),
+                             deadline_s=6.0)
+    clients = []
+    try:
+        old = make([addrs], hedge_after_s="auto")
+        clients.append(old)
+        est = old._delays[0]
+        for _ in range(100):
+            est.record(0.004)
+        assert old.hedge_delays_s == [est.delay_s] and est.delay_s >= 0.004
+        new = make([addrs], hedge_after_s="auto", hedge_history=old)
+        clients.append(new)
+        assert new._delays[0] is est and new.hedge_delays_s == old.hedge_delays_s
+        # Warm from the start: a hung primary is hedged on the first lookup.
+        delays[0] = 60.0
+        assert new.lookup("user", [4]).shape == (1, 4)
+        assert (new.hedges_sent, new._preferred) == (1, [1]) and est.samples == 101
+        delays[0] = 0.0
+        # Cold: other replicas (or their order), other settings, or no adaptive history.
+        fixed = make([addrs], hedge_after_s=0.01)
+        clients.append(fixed)
+        for shards, kwargs in (([addrs[::-1]], {}), ([addrs], {"hedge_quantile": 0.9}),
+                               ([addrs], {"hedge_min_s": 0.002}),
+                               ([addrs], {"hedge_history": fixed}),
+                               ([addrs], {"hedge_history": None})):
+            c = make(shards, hedge_after_s="auto", **{"hedge_history": old, **kwargs})
+            clients.append(c)
+            assert c.hedge_delays_s == [None] and c._delays[0] is not est
+        # A fixed delay takes nothing from the history.
+        c = make([addrs], hedge_after_s=0.02, hedge_history=old)
+        clients.append(c)
+        assert c.hedge_delays_s == [0.02] and c._delays == [None]
+    finally:
+        release.set()
+        for c in clients:
+            c.close()
+        for server in servers:
+            server.stop(0)
+
+
 def test_auto_hedge_delay_follows_a_replica_whose_latency_rises_and_falls(art, monkeypatch):
     """A small window and the median, so the test is quick and noise-proof: every
     answer after the rise takes >= 0.1 s from the timer's start, whichever replica
