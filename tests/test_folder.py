@@ -320,3 +320,87 @@ def test_spaces_after_the_delimiter_keep_integer_ids(tmp_path):
     p = _write(tmp_path / "sp.csv", "user_id, pin_id,click\n1, 7,1\n2, 8,0\n")
     t, _ = folder.read_text_table(p)
     assert t["pin_id"].dtype == np.int64 and t["pin_id"].tolist() == [7, 8]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e30"])
+def test_a_time_that_is_not_finite_names_the_line(tmp_path, value):
+    # NaN/inf days fall outside every window: the row would be dropped silently.
+    p = _write(tmp_path / "x.csv", f"user_id,timestamp,day\n1,10,0\n2,{value},0\n3,12,{value}\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("x"))
+    assert (e.file, e.column, e.line) == (str(p), "timestamp", 3)
+    assert "not a finite number" in str(e)
+    e = _err(lambda: DatasetFolder(tmp_path).table("x", columns=["day"]))
+    assert (e.column, e.line) == ("day", 4)
+    # Fractional seconds are fine.
+    _write(tmp_path / "y.csv", "user_id,timestamp\n1,10.5\n2,86400.25\n")
+    assert DatasetFolder(tmp_path).table("y")["timestamp"].tolist() == [10.5, 86400.25]
+
+
+def test_skip_bad_lines_counts_times_that_are_not_finite(tmp_path):
+    _write(tmp_path / "x.csv", "user_id,timestamp\n1,10\n2,nan\n3,-inf\n4,12\n")
+    ds = DatasetFolder(tmp_path, on_bad_lines="skip")
+    with pytest.warns(UserWarning, match="skipped 2 bad lines"):
+        assert ds.table("x")["user_id"].tolist() == [1, 4]
+    assert ds.skipped == {"x": 2}
+
+
+def test_an_npy_time_that_is_not_finite_names_the_row(tmp_path):
+    ts = np.array([10.0, 86400.0, np.nan, 5.0])
+    folder.write_table(tmp_path, "t", {"user_id": np.arange(4), "timestamp": ts})
+    e = _err(lambda: DatasetFolder(tmp_path).table("t"))
+    assert e.file == str(tmp_path / "t" / "timestamp.npy") and e.column == "timestamp"
+    assert "row 2" in str(e) and "nan" in str(e)
+    # In-memory columns given to select_days directly: refused as well, not dropped.
+    e = _err(lambda: folder.select_days({"user_id": np.arange(4), "timestamp": ts}, 0, 2))
+    assert e.column == "timestamp" and "row 2" in str(e)
+    e = _err(lambda: folder.select_days({"day": np.array([0.0, np.inf])}, 0, 2))
+    assert e.column == "day" and "row 1" in str(e)
+
+
+def test_malformed_npy_columns(tmp_path):
+    def table(name, **cols):
+        d = tmp_path / name
+        d.mkdir()
+        for c, a in cols.items():
+            np.save(d / f"{c}.npy", a)
+        return d
+
+    d = table("empty", user_id=np.arange(3), click=np.zeros(3))
+    (d / "click.npy").write_bytes(b"")  # 0 bytes: np.load raises EOFError
+    e = _err(lambda: folder.read_npy_table(d))
+    assert (e.file, e.column) == (str(d / "click.npy"), "click") and "unreadable" in str(e)
+    d = table("junk", user_id=np.arange(3))
+    (d / "user_id.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    assert _err(lambda: folder.read_npy_table(d)).column == "user_id"
+    # Ids, labels and times hold one value per row.
+    for c in ("user_id", "click", "day"):
+        d = table(f"twod_{c}", **{c: np.zeros((3, 1), np.int64)})
+        e = _err(lambda d=d: folder.read_npy_table(d))
+        assert e.column == c and "1-D" in str(e) and "(3, 1)" in str(e), c
+    # Other columns may keep trailing dimensions (as TableWriter writes them).
+    d = table("vec", user_id=np.arange(3), emb=np.zeros((3, 2), np.float32))
+    assert folder.read_npy_table(d)["emb"].shape == (3, 2)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_bytes("user_id,click\n1,0\n2,1\n".encode("utf-8-sig"))
+    (tmp_path / "y.tsv").write_bytes("user_id\tclick\nu\t1\n".encode("utf-8-sig"))
+    meta = {"format_version": 1, "name": "bom", "tables": {"x": {"path": "x.csv"},
+                                                           "y": {"path": "y.tsv"}}}
+    (tmp_path / "dataset.json").write_bytes(json.dumps(meta).encode("utf-8-sig"))
+    ds = DatasetFolder(tmp_path)
+    t = ds.table("x")
+    assert list(t) == ["user_id", "click"] and t["user_id"].tolist() == [1, 2]
+    assert list(ds.table("y")) == ["user_id", "click"]
+
+
+def test_folder_error_names_the_line_or_the_npy_row(tmp_path):
+    p = _write(tmp_path / "x.csv", "user_id,click\n1,0\n\n2,1\n3,0\n")  # a blank line 3
+    ds = DatasetFolder(tmp_path)
+    ds.table("x")
+    e = ds.error("x", "bad", column="click", row=1)
+    assert (e.file, e.column, e.line) == (str(p), "click", 4)
+    folder.write_table(tmp_path, "n", {"click": np.zeros(3)})
+    e = DatasetFolder(tmp_path).error("n", "bad", column="click", row=2)
+    assert e.file == str(tmp_path / "n" / "click.npy") and str(e).endswith("row 2: bad")

@@ -175,3 +175,14 @@ def test_triple_index_random_against_sets():
     mask = idx.mask(side="tail", anchor=anchor, rel=rel, num_rows=20)
     for i, (h, r) in enumerate(zip(anchor.tolist(), rel.tolist(), strict=True)):
         assert set(np.flatnonzero(mask[i]).tolist()) == truth.get((h, r), set())
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_entity(tmp_path):
+    d = tmp_path / "kg"
+    d.mkdir()
+    (d / "train.txt").write_bytes("e98\tr\te1\ne1\tr\te98\n".encode("utf-8-sig"))
+    (d / "test.txt").write_bytes("e1\tr\te98\n".encode("utf-8-sig"))
+    (d / "entity_types.tsv").write_bytes("e98\tthing\ne1\tthing\n".encode("utf-8-sig"))
+    kg = read_triples(d)
+    assert kg.vocabs["thing"].ids.tolist() == ["e1", "e98"]
+    np.testing.assert_array_equal(kg.splits["test"], [[0, 0, 1]])

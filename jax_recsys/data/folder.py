@@ -25,6 +25,11 @@ are appended to the ``.npy`` column files and the npy header is fixed at
 are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
 int64, other numbers -> float64, anything else -> ``np.str_`` ids; ``*_id``
 columns are int64 only if every spelling is canonical, else ``np.str_``).
+Text files may start with a UTF-8 byte-order mark (it is not part of the first
+column's name). Columns that hold one value per row -- ``*_id`` columns and
+:data:`NUMERIC_COLUMNS` -- must be 1-D in ``.npy`` tables; ``timestamp`` and ``day``
+values must be finite and within int64 range (a NaN day would fall outside every
+window and drop its row).
 
 Bad input raises :class:`DataError` (a ``ValueError``) naming the file, the
 column and the line. Nothing is dropped silently: ``on_bad_lines="skip"``
@@ -51,6 +56,10 @@ FORMAT_VERSION = 1
 NUMERIC_COLUMNS = frozenset(
     {"timestamp", "day", "click", "conversion", "engagement_type", "label", "weight"}
 )
+
+# Columns that give a row's time; a float value must be finite and fit in int64.
+TIME_COLUMNS = ("timestamp", "day")
+_INT64_BOUND = 2.0**63
 
 # Day-window aliases accepted by DatasetFolder.day_window.
 WINDOW_ALIASES = {
@@ -317,7 +326,38 @@ def write_dataset_json(
 # --------------------------------------------------------------------------- readers
 
 
+def _first_bad_time(values: np.ndarray) -> int | None:
+    """Index of the first time value that is not finite or beyond int64, or None."""
+    values = np.asarray(values)
+    if values.dtype.kind != "f":
+        return None  # integers are finite and in range by construction
+    bad = ~(np.isfinite(values) & (values >= -_INT64_BOUND) & (values < _INT64_BOUND))
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def _time_message(column: str, value) -> str:
+    return (
+        f"{column} {value!r} is not a finite number within int64 range (rows with such "
+        "a time would fall outside every day window)"
+    )
+
+
 def _parse_column(
+    values: list[str], lines: np.ndarray, *, file: str, column: str, kind: str | None
+) -> np.ndarray:
+    """Parses one text column (see :func:`_parse_column_values`); ``timestamp`` and
+    ``day`` values must be finite and within int64 range."""
+    out = _parse_column_values(values, lines, file=file, column=column, kind=kind)
+    if column in TIME_COLUMNS:
+        i = _first_bad_time(out)
+        if i is not None:
+            raise DataError(
+                _time_message(column, float(out[i])), file=file, column=column, line=int(lines[i])
+            )
+    return out
+
+
+def _parse_column_values(
     values: list[str], lines: np.ndarray, *, file: str, column: str, kind: str | None
 ) -> np.ndarray:
     """Turns one text column into int64, float64 or np.str_ (see module docstring)."""
@@ -397,8 +437,8 @@ def read_text_table(
         every value is a canonical int64 spelling (``str(int(v)) == v``: not "007",
         "+7" or beyond int64); otherwise they stay np.str_ (never float64), so
         distinct spellings stay distinct ids.
-      on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines are skipped
-        and counted). A CSV record spanning several physical lines (a quoted field
+      on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines, and lines
+        whose ``timestamp``/``day`` is not finite, are skipped and counted). A CSV record spanning several physical lines (a quoted field
         holding a line break, or an unmatched ``"`` swallowing the lines after it) is
         bad too; skipping it counts every physical line it spans.
 
@@ -408,12 +448,28 @@ def read_text_table(
     Returns:
       (column name -> array, number of skipped lines).
     """
+    out, skipped, _ = _read_text_table(
+        path, columns=columns, kinds=kinds, on_bad_lines=on_bad_lines
+    )
+    return out, skipped
+
+
+def _read_text_table(
+    path: str | os.PathLike,
+    *,
+    columns: Sequence[str] | None,
+    kinds: Mapping[str, str] | None,
+    on_bad_lines: str,
+) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """:func:`read_text_table`, plus the 1-based file line of each returned row."""
     path = pathlib.Path(path)
     file = str(path)
     if on_bad_lines not in ("error", "skip"):
         raise ValueError(f"on_bad_lines must be 'error' or 'skip', got {on_bad_lines!r}")
     kinds = dict(kinds or {})
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (as some editors and spreadsheets write) is dropped,
+    # not read as part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         if path.suffix == ".tsv":
             # TSV has no quoting: a '"' is an ordinary character.
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -497,9 +553,12 @@ def read_text_table(
                 caster = np.int64 if kind == "int" else float
                 for i, v in enumerate(values[j]):
                     try:
-                        caster(v)
+                        x = caster(v)
                     except (ValueError, OverflowError):
                         keep[i] = False
+                    else:
+                        if c in TIME_COLUMNS and not -_INT64_BOUND <= x < _INT64_BOUND:
+                            keep[i] = False  # NaN, inf or beyond int64 (see _parse_column)
                     if "_" in v:  # "1_0" is text, never 10 (see _parse_column)
                         keep[i] = False
         if not keep.all():
@@ -513,8 +572,8 @@ def read_text_table(
         for j, c in enumerate(wanted)
     }
     if skipped:
-        warnings.warn(f"{file}: skipped {skipped} bad lines (on_bad_lines='skip')", stacklevel=2)
-    return out, skipped
+        warnings.warn(f"{file}: skipped {skipped} bad lines (on_bad_lines='skip')", stacklevel=3)
+    return out, skipped, lines_arr
 
 
 def read_npy_table(
@@ -529,6 +588,12 @@ def read_npy_table(
 
     Returns:
       column name -> array; all columns have the same length.
+
+    Raises:
+      DataError: naming the file and column for an unreadable, empty or truncated
+        ``.npy`` file, a scalar, a ``*_id`` or :data:`NUMERIC_COLUMNS` column that is
+        not 1-D, a ``timestamp``/``day`` value that is not finite or beyond int64
+        (the row is named), or columns of different lengths.
     """
     path = pathlib.Path(path)
     available = sorted(p.stem for p in path.glob("*.npy"))
@@ -543,10 +608,24 @@ def read_npy_table(
             raise DataError(f"missing required column (have {available})", file=f, column=c)
         try:
             arr = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except ValueError as e:
-            raise DataError(f"unreadable npy column: {e}", file=f, column=c) from None
+        except (ValueError, OSError, EOFError) as e:
+            # EOFError: a 0-byte file; OSError / ValueError: a bad header, a truncated
+            # file, pickled objects.
+            raise DataError(
+                f"unreadable npy column: {e or type(e).__name__}", file=f, column=c
+            ) from None
         if arr.ndim < 1:
             raise DataError("column is a scalar", file=f, column=c)
+        if arr.ndim > 1 and (c in NUMERIC_COLUMNS or c.endswith("_id")):
+            raise DataError(
+                f"column must be 1-D (one value per row), got shape {arr.shape}",
+                file=f,
+                column=c,
+            )
+        if c in TIME_COLUMNS:
+            i = _first_bad_time(arr)
+            if i is not None:
+                raise DataError(f"row {i}: {_time_message(c, float(arr[i]))}", file=f, column=c)
         if rows is None:
             rows = arr.shape[0]
         elif arr.shape[0] != rows:
@@ -612,15 +691,27 @@ def select_days(
 
     Returns:
       the selected rows, column name -> array.
+
+    Raises:
+      DataError: no day or timestamp column, an empty window, a day or timestamp
+        that is not finite or beyond int64 (it would drop its row silently), or (unless
+        ``allow_empty``) no rows in the window.
     """
     if day_column in cols:
-        day = np.asarray(cols[day_column])
+        time_column = day_column
     elif "timestamp" in cols:
-        day = np.asarray(cols["timestamp"]) // 86400
+        time_column = "timestamp"
     else:
         raise DataError(
             f"no {day_column!r} or 'timestamp' column to select days by", column=day_column
         )
+    times = np.asarray(cols[time_column])
+    i = _first_bad_time(times)
+    if i is not None:
+        raise DataError(
+            f"row {i}: {_time_message(time_column, float(times[i]))}", column=time_column
+        )
+    day = times if time_column == day_column else times // 86400
     if end <= start:
         raise DataError(f"empty day window [{start}, {end})")
     mask = (day >= start) & (day < end)
@@ -649,12 +740,14 @@ class DatasetFolder:
         self.path = pathlib.Path(path)
         self.on_bad_lines = on_bad_lines
         self.skipped: dict[str, int] = {}
+        # Text table -> 1-based file line of each row of its last read (for `error`).
+        self._lines: dict[str, np.ndarray] = {}
         if not self.path.is_dir():
             raise DataError("dataset folder not found", file=self.path)
         meta_path = self.path / "dataset.json"
         if meta_path.exists():
             try:
-                meta = json.loads(meta_path.read_text())
+                meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg}", file=meta_path, line=e.lineno) from None
             if not isinstance(meta, dict):
@@ -752,12 +845,44 @@ class DatasetFolder:
         cols = None if columns is None else list(columns)
         if path.is_dir():
             return read_npy_table(path, columns=cols)
-        out, skipped = read_text_table(
+        out, skipped, lines = _read_text_table(
             path, columns=cols, kinds=kinds, on_bad_lines=self.on_bad_lines
         )
+        self._lines[name] = lines
         if skipped:
             self.skipped[name] = skipped
         return out
+
+    def error(
+        self, name: str, message: str, *, column: str | None = None, row: int | None = None
+    ) -> DataError:
+        """A DataError about table ``name`` that names the file, column and line.
+
+        Args:
+          name: table name.
+          message: what is wrong.
+          column: the offending column, or None.
+          row: 0-based row of the table as last returned by :meth:`table`, or None.
+            A text table names its file line (header = line 1); an npy table names
+            ``<table>/<column>.npy`` and the row.
+
+        Returns:
+          The DataError (to raise).
+        """
+        path = self.table_path(name)
+        if path.is_dir():
+            file = path / f"{column}.npy" if column is not None else path
+            if row is not None:
+                message = f"row {row}: {message}"
+            return DataError(message, file=file, column=column)
+        lines = self._lines.get(name)
+        line = None
+        if row is not None:
+            if lines is not None and 0 <= row < len(lines):
+                line = int(lines[row])
+            else:
+                message = f"row {row}: {message}"
+        return DataError(message, file=path, column=column, line=line)
 
     def num_rows(self, name: str) -> int:
         """Row count of a table (from dataset.json if recorded, else by reading it)."""

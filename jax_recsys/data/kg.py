@@ -8,7 +8,7 @@ Folder layout (the common link-prediction layout, plus optional types)::
 Without ``entity_types.tsv`` every entity has the one type ``"entity"``. ``train.txt``
 is required; ``valid.txt``/``test.txt`` are optional (a missing file means no such
 split), but a present file must hold at least one triple. Blank lines are ignored;
-``\\r\\n`` line ends are accepted.
+``\\r\\n`` line ends and a leading UTF-8 byte-order mark are accepted.
 
 Integer view: every entity type has its own table, so an entity is a row *within its
 type's table*; rows come from a per-type :class:`~jax_recsys.data.vocab.Vocab` built
@@ -79,7 +79,8 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
     """
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark is dropped, not read into the first entity's name.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 text: {e.reason}", file=file) from None
     if "\r" in text:
