@@ -39,13 +39,14 @@ def get_config(arg=None):
     c.data.path = ""  # dataset folder; empty: generate the world into WORKDIR/world
     c.data.world_config = "smoke" if smoke else "default"  # only when path is empty
     c.data.table = "impressions"
+    # Day windows of dataset.json; valid and test must not share days with train.
     c.data.train_window = "ranker_train"
-    c.data.valid_window = "ranker_valid"
+    c.data.valid_window = "ranker_valid"  # "": no validation
     c.data.test_window = "ranker_test"
-    c.data.click_column = "click"
+    c.data.click_column = "click"  # labels: every value 0 or 1
     c.data.conversion_column = "conversion"
     c.data.coarse_features = ""  # comma list; "" = every integer non-id column
-    c.data.max_train_examples = 0
+    c.data.max_train_examples = 0  # only the first N training impressions; 0: all
 
     # Entities as "name:column" pairs; facets as a comma list of pretrained facet names.
     c.entities = "user:user_id,pin:item_id,advertiser:advertiser_id"

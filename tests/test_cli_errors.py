@@ -212,3 +212,34 @@ def test_run_ablation_refuses_a_non_positive_pretraining_timeout(tmp_path):
                                  f"--workdir={tmp_path / 'w'}"])
     _assert_one_line(proc, "run_ablation: error:", "pretrain.timeout_s must be > 0")
     assert not (tmp_path / "w" / "world").exists()
+
+
+_IMPRESSIONS_CSV = ("user_id,item_id,advertiser_id,timestamp,click,conversion,hour\n"
+                    "1,10,3,0,1,0,4\n2,11,3,{ts},{click},0,5\n3,12,4,86400,0,0,6\n"
+                    "4,13,4,172800,1,0,7\n")
+
+
+@pytest.mark.parametrize("args, csv, needles", [
+    # Refused before training (it used to train, save the ranker, then end in KeyError).
+    (["--config.data.test_window="], {}, ["data.test_window is empty"]),
+    (["--config.data.test_window=ranker_train"], {}, ["test window 'ranker_train' = days [0, 1) "
+                                                      "overlaps the train window"]),
+    (["--config.data.max_train_examples=-5"], {}, ["max_train_examples must be an integer >= 0"]),
+    # A NaN click used to end in a FloatingPointError traceback; a NaN time dropped its row.
+    ([], {"click": "nan"}, ["impressions.csv:3, column 'click': label nan is not 0 or 1"]),
+    ([], {"ts": "nan"}, ["impressions.csv:3, column 'timestamp': timestamp nan is not a finite"]),
+])
+def test_train_ranker_refuses_bad_labels_and_windows_before_training(tmp_path, args, csv,
+                                                                      needles):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "impressions.csv").write_text(
+        _IMPRESSIONS_CSV.format(ts=csv.get("ts", 0), click=csv.get("click", 0)))
+    (data / "dataset.json").write_text(
+        '{"format_version": 1, "name": "tiny", "tables": {"impressions": {"path": '
+        '"impressions.csv"}}, "splits": {"ranker_train": [0, 1], "ranker_valid": [1, 2], '
+        '"ranker_test": [2, 3]}}')
+    proc = _run("train_ranker", ["--config=configs/ranker.py:smoke", f"--config.data.path={data}",
+                                 f"--workdir={tmp_path / 'w'}", *args])
+    _assert_one_line(proc, "train_ranker: error:", *needles)
+    assert not (tmp_path / "w" / "ranker").exists()

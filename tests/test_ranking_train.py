@@ -214,3 +214,102 @@ def test_a_facet_path_of_another_facet_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"facet_kg is a 'kg' facet checkpoint, but a 'cl' "
                        r"facet was expected"):
         T.train_and_evaluate(cfg, None, log=lambda s: None)
+
+
+def _data(path, **kw):
+    return T.DataConfig(path=str(path), **kw)
+
+
+def test_labels_must_be_0_or_1(tmp_path):
+    """A click of 2, a NaN conversion or a non-label column as labels stop before any
+    training with a DataError naming the file, the column and the row (CSV: line)."""
+    _write_world(tmp_path / "data", n=600)
+    imp = tmp_path / "data" / "impressions"
+    ids = ("user_id",)
+    click = np.load(imp / "click.npy")
+    bad = click.copy()
+    bad[37] = 2
+    np.save(imp / "click.npy", bad)
+    with pytest.raises(folder.DataError) as e:
+        T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    assert (e.value.file, e.value.column) == (str(imp / "click.npy"), "click")
+    assert "row 37: label 2 is not 0 or 1" in str(e.value)
+    np.save(imp / "click.npy", click)
+    conv = np.load(imp / "conversion.npy").astype(np.float32)
+    conv[5] = np.nan
+    np.save(imp / "conversion.npy", conv)
+    with pytest.raises(folder.DataError, match=r"conversion\.npy, column 'conversion': row 5: "
+                       r"label nan is not 0 or 1"):
+        T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    conv[5] = 0
+    np.save(imp / "conversion.npy", conv)
+    hour = np.load(imp / "hour.npy")
+    i = int(np.argmax(hour > 1))
+    with pytest.raises(folder.DataError, match=rf"column 'hour': row {i}: label {hour[i]} is not"):
+        T.prepare_data(_data(tmp_path / "data", click_column="hour"), id_columns=ids)
+    # Float 0.0 / 1.0 and bool labels are fine.
+    np.save(imp / "click.npy", click.astype(bool))
+    T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    # A CSV table: the error names the file line.
+    csv = tmp_path / "csv"
+    csv.mkdir()
+    (csv / "impressions.csv").write_text(
+        "user_id,timestamp,click,conversion\n1,0,1,0\n2,0,0,0\n3,86400,2,0\n4,86400,1,1\n")
+    with pytest.raises(folder.DataError) as e:
+        T.prepare_data(_data(csv, train_window=(0, 1), valid_window="", test_window=(1, 2)),
+                       id_columns=ids)
+    assert (e.value.file, e.value.column, e.value.line) == (
+        str(csv / "impressions.csv"), "click", 4)
+
+
+def test_valid_and_test_windows_must_not_overlap_the_train_window(tmp_path):
+    _write_world(tmp_path / "data", n=600)
+    ids = ("user_id",)
+    with pytest.raises(ValueError, match=re.escape(
+            "the test window 'ranker_train' = days [0, 4) overlaps the train window "
+            "'ranker_train' = days [0, 4): its metrics would be measured on training "
+            "impressions")):
+        T.prepare_data(_data(tmp_path / "data", test_window="ranker_train"), id_columns=ids)
+    with pytest.raises(ValueError, match=re.escape(
+            "the valid window (explicit) = days [3, 5) overlaps the train window")):
+        T.prepare_data(_data(tmp_path / "data", valid_window=(3, 5)), id_columns=ids)
+    with pytest.warns(UserWarning, match="valid window 'ranker_test' = days \\[5, 6\\) overlaps"):
+        data = T.prepare_data(_data(tmp_path / "data", valid_window="ranker_test"), id_columns=ids)
+    assert data.windows == {"train": (0, 4), "valid": (5, 6), "test": (5, 6)}
+    # A dataset.json whose test window is its train window.
+    meta = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    meta["splits"]["ranker_test"] = meta["splits"]["ranker_train"]
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="test window 'ranker_test' = days \\[0, 4\\) overlaps"):
+        T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    # Adjacent half-open windows do not overlap; an empty train window (export) is fine.
+    T.prepare_data(_data(tmp_path / "data", valid_window="", test_window=(4, 6)), id_columns=ids)
+    T.prepare_data(_data(tmp_path / "data", train_window="", valid_window=""), id_columns=ids)
+
+
+def test_train_and_test_windows_are_required_before_training(tmp_path):
+    _write_world(tmp_path / "data", n=600)
+    for field in ("test_window", "train_window"):
+        cfg = _cfg(tmp_path / "data", (), data=_data(tmp_path / "data", **{field: ""}))
+        with pytest.raises(ValueError, match=rf"data\.{field} is empty: the ranker needs"):
+            T.train_and_evaluate(cfg, None, log=lambda s: None)
+    data = T.prepare_data(_data(tmp_path / "data", test_window=""), id_columns=())
+    with pytest.raises(ValueError, match=r"data\.test_window is empty"):
+        T.train_and_evaluate(_cfg(tmp_path / "data", ()), None, data=data, log=lambda s: None)
+
+
+@pytest.mark.parametrize("value", [-5, -1, 2.5])
+def test_max_train_examples_must_be_a_count(value):
+    with pytest.raises(ValueError, match=re.escape(
+            f"max_train_examples must be an integer >= 0 (0: all), got {value!r}")):
+        T.DataConfig(path="unused", max_train_examples=value)
+
+
+def test_a_two_dimensional_column_names_the_file(tmp_path):
+    _write_world(tmp_path / "data", n=600)
+    imp = tmp_path / "data" / "impressions"
+    np.save(imp / "hour.npy", np.load(imp / "hour.npy")[:, None])
+    with pytest.raises(folder.DataError, match=re.escape(
+            f"{imp / 'hour.npy'}, column 'hour': column must be 1-D (one value per "
+            "impression), got shape (600, 1)")):
+        T.prepare_data(_data(tmp_path / "data", coarse_features=("hour",)), id_columns=())

@@ -81,11 +81,14 @@ class DataConfig:
       table: impressions table name.
       train_window, valid_window, test_window: day-window names in dataset.json
         (``ranker_train`` ...) or explicit half-open ``(start_day, end_day)`` pairs.
-        An empty valid window name ("") skips validation.
-      click_column, conversion_column: label columns (0/1).
+        An empty valid window name ("") skips validation; `train_and_evaluate` needs
+        the train and test windows. Neither the valid nor the test window may overlap
+        the train window (their metrics would be measured on training impressions);
+        a valid window overlapping the test window is only warned about.
+      click_column, conversion_column: label columns (binary: every value 0 or 1).
       coarse_features: coarse categorical columns (non-negative ints); None picks every
         integer column that is not an id, label, day or timestamp column.
-      max_train_examples: keep only the first N training impressions (0: all).
+      max_train_examples: keep only the first N training impressions (0: all; >= 0).
     """
 
     path: str
@@ -97,6 +100,11 @@ class DataConfig:
     conversion_column: str = "conversion"
     coarse_features: tuple[str, ...] | None = None
     max_train_examples: int = 0
+
+    def __post_init__(self):
+        n = self.max_train_examples
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(f"max_train_examples must be an integer >= 0 (0: all), got {n!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -196,6 +204,68 @@ def _window(folder, w) -> tuple[int, int]:
     return start, end
 
 
+def _check_windows(
+    named: Mapping[str, Any], wins: Mapping[str, tuple[int, int]], *, log_warning: Callable
+) -> None:
+    """Refuses valid/test windows that overlap the train window; warns on valid/test.
+
+    Args:
+      named: split -> the window as configured (a name or a pair), for the message.
+      wins: split -> resolved half-open (start_day, end_day).
+      log_warning: called with the message when the valid and test windows overlap.
+
+    Raises:
+      ValueError: the valid or test window shares days with the train window.
+    """
+
+    def overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return max(a[0], b[0]) < min(a[1], b[1])
+
+    def show(split: str) -> str:
+        start, end = wins[split]
+        w = named[split]
+        label = repr(w) if isinstance(w, str) else "(explicit)"
+        return f"{split} window {label} = days [{start}, {end})"
+
+    for split in ("valid", "test"):
+        if split in wins and "train" in wins and overlap(wins[split], wins["train"]):
+            raise ValueError(
+                f"the {show(split)} overlaps the {show('train')}: its metrics would be "
+                f"measured on training impressions; choose a {split} window of other days"
+            )
+    if "valid" in wins and "test" in wins and overlap(wins["valid"], wins["test"]):
+        log_warning(f"the {show('valid')} overlaps the {show('test')}: validation and test "
+                    "metrics share impressions")
+
+
+def _check_labels(folder, table: str, cols: Mapping[str, np.ndarray], columns) -> None:
+    """Every label is exactly 0 or 1 (a CTR/CVR ranker's labels are binary).
+
+    Args:
+      folder: the open DatasetFolder.
+      table: the impressions table's name.
+      cols: its columns, as `folder.table(table)` returned them.
+      columns: the label columns.
+
+    Raises:
+      DataError: naming the file, column and the first bad line (npy: row).
+    """
+    for c in dict.fromkeys(columns):
+        v = np.asarray(cols[c])
+        if v.dtype.kind not in "biuf":
+            raise folder.error(table, f"label column must hold 0/1 numbers, got dtype {v.dtype}",
+                               column=c)
+        bad = ~((v == 0) | (v == 1))  # NaN compares unequal to both
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise folder.error(
+                table,
+                f"label {v[i].item()!r} is not 0 or 1 (click and conversion labels are binary)",
+                column=c,
+                row=i,
+            )
+
+
 def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData:
     """Reads impressions, builds vocabularies for `id_columns`, splits by day windows.
 
@@ -207,11 +277,21 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
       RankerData.
 
     Raises:
-      jax_recsys.data.folder.DataError / ValueError naming the table and column.
+      jax_recsys.data.folder.DataError: naming the table's file, the column and (for a
+        bad value) the line: a missing column, a label that is not 0 or 1 (NaN
+        included), a negative or non-integer coarse feature, a column that is not 1-D,
+        a day/timestamp that is not finite, an unknown or empty day window.
+      ValueError: the valid or test window overlaps the train window.
     """
+    import warnings
+
     from jax_recsys.data import folder as folder_lib
 
     folder = folder_lib.DatasetFolder(data.path)
+    named = {"train": data.train_window, "valid": data.valid_window, "test": data.test_window}
+    named = {k: w for k, w in named.items() if not (w == "" or w is None)}
+    wins = {split: _window(folder, w) for split, w in named.items()}
+    _check_windows(named, wins, log_warning=lambda m: warnings.warn(m, stacklevel=3))
     cols = folder.table(data.table)
     where = f"{folder.table_path(data.table)}"
     for c in (data.click_column, data.conversion_column, *id_columns):
@@ -227,28 +307,33 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
         )
     else:
         coarse = tuple(data.coarse_features)
-    sizes = []
     for c in coarse:
         if c not in cols:
             raise folder_lib.DataError(f"coarse feature {c!r} not in the table", file=where, column=c)
+    for c in dict.fromkeys((data.click_column, data.conversion_column, *id_columns, *coarse)):
+        shape = np.shape(cols[c])
+        if len(shape) != 1:
+            raise folder.error(
+                data.table, f"column must be 1-D (one value per impression), got shape {shape}",
+                column=c,
+            )
+    _check_labels(folder, data.table, cols, (data.click_column, data.conversion_column))
+    sizes = []
+    for c in coarse:
         v = np.asarray(cols[c])
         if v.dtype.kind not in "iu":
-            raise folder_lib.DataError(
-                f"coarse feature {c!r} must be integer, got {v.dtype}", file=where, column=c
+            raise folder.error(
+                data.table, f"coarse feature {c!r} must be integer, got {v.dtype}", column=c
             )
         if v.size and v.min() < 0:
             i = int(np.argmin(v))
-            raise folder_lib.DataError(
-                f"coarse feature {c!r} has negative value {v[i]}", file=where, column=c, line=i + 2
+            raise folder.error(
+                data.table, f"coarse feature {c!r} has negative value {v[i]}", column=c, row=i
             )
         sizes.append((c, int(v.max()) + 1 if v.size else 1))
     vocabs = {c: np.unique(np.asarray(cols[c])) for c in id_columns}
-    windows = {"train": data.train_window, "valid": data.valid_window, "test": data.test_window}
-    splits, wins = {}, {}
-    for split, w in windows.items():
-        if w == "" or w is None:
-            continue
-        start, end = _window(folder, w)
+    splits = {}
+    for split, (start, end) in wins.items():
         sel = folder_lib.select_days(cols, start, end)
         n = len(sel[data.click_column])
         if split == "train" and data.max_train_examples:
@@ -261,7 +346,6 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
         out["click"] = np.asarray(sel[data.click_column][:n]).astype(np.float32)
         out["conversion"] = np.asarray(sel[data.conversion_column][:n]).astype(np.float32)
         splits[split] = out
-        wins[split] = (start, end)
     return RankerData(vocabs=vocabs, coarse_sizes=tuple(sizes), splits=splits, windows=wins)
 
 
@@ -847,12 +931,24 @@ def train_and_evaluate(
       metrics dict: "test" and "valid" task metrics, "facets" (found/missing ids per
       pretrained facet), "train" (steps, final loss, loss curve, examples/s), plus
       "ranker": the TrainedRanker object (not written to JSON).
+
+    Raises:
+      ValueError: (before any training) an empty train or test window, besides the
+        errors of `prepare_data`.
     """
     from jax_recsys import distributed
     from jax_recsys.data.batching import BatchIterator
 
     t0 = time.time()
     id_columns = tuple(dict.fromkeys(e.column for e in config.entities))
+    for split in ("train", "test"):
+        w = getattr(config.data, f"{split}_window")
+        if (split not in data.splits) if data is not None else (w == "" or w is None):
+            raise ValueError(
+                f"data.{split}_window is empty: the ranker needs a {split} window (a window "
+                f"name of dataset.json such as 'ranker_{split}', or a (start_day, end_day) "
+                "pair); only valid_window may be empty (no validation)"
+            )
     if data is None:
         data = prepare_data(config.data, id_columns=id_columns)
     missing_cols = [c for c in id_columns if c not in data.vocabs]
