@@ -38,7 +38,10 @@ _RANKER = flags.DEFINE_string(
     "ranker", None, "Saved ranker folder (WORKDIR/ranker of train_ranker)."
 )
 flags.DEFINE_alias("checkpoint", "ranker")
-_OUT = flags.DEFINE_string("out", None, "Artifact folder to create.")
+_OUT = flags.DEFINE_string(
+    "out", None,
+    "Artifact folder to create: new, empty, or an earlier artifact; never the ranker's or "
+    "the data's folder, nor inside or around them.")
 _DATA = flags.DEFINE_string("data", None, "Dataset folder (default: recorded next to the ranker).")
 _MAX_DROP = flags.DEFINE_float("max_auc_drop", 0.001, "Largest allowed test AUC drop of any task.")
 _NOISE_Z = flags.DEFINE_float(
@@ -46,8 +49,9 @@ _NOISE_Z = flags.DEFINE_float(
 )
 _BITS = flags.DEFINE_enum("bits", "4", ["4", "8", "32"], "Bits per value (32: no quantization).")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an artifact of another version at --out."
-)
+    "overwrite", False,
+    "Replace an artifact of another version at --out (only a serving artifact: any other "
+    "non-empty folder is refused, never deleted).")
 _REPORT = flags.DEFINE_string(
     "report", None,
     "Report path (default: OUT/../export_report.json, shared by the artifacts of one "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,38 @@ def test_version_is_content_derived_and_write_is_idempotent(tmp_path):
     m4 = _write(tmp_path / "a", seed=1, overwrite=True)
     assert artifact.load_artifact(tmp_path / "a").version == m4.version == m3.version
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+def test_overwrite_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
+    """overwrite=True used to swap away whatever folder it was given (a training run,
+    a dataset, a user's files) and delete it."""
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "src" / "a.py").write_text("print(1)")
+    for overwrite in (False, True):
+        with pytest.raises(artifact.ArtifactError, match=re.escape(
+                f"{mine} is not a serving artifact (no manifest.json) and not empty: it holds "
+                "notes.txt, src/; refusing to replace it")):
+            _write(mine, overwrite=overwrite)
+    (mine / "manifest.json").write_text("{}")  # a manifest.json that is no artifact's
+    with pytest.raises(artifact.ArtifactError, match="missing key 'format_version'.*notes.txt"):
+        _write(mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert (mine / "src" / "a.py").read_text() == "print(1)"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(artifact.ArtifactError, match="exists and is not a folder"):
+        _write(tmp_path / "file", overwrite=True)
+    assert (tmp_path / "file").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]  # nothing staged left
+    # An empty folder, and an artifact of another version (even a damaged one), are replaced.
+    (tmp_path / "empty").mkdir()
+    m = _write(tmp_path / "empty", overwrite=True)
+    assert artifact.check_replaceable(tmp_path / "empty").version == m.version
+    (tmp_path / "empty" / "tables" / "user.codes.npy").write_bytes(b"")
+    assert _write(tmp_path / "empty", seed=1, overwrite=True).version != m.version
+    artifact.verify_artifact(tmp_path / "empty")
+    assert artifact.check_replaceable(tmp_path / "nothing") is None
 
 
 def test_prequantized_int8_and_fp32_tables(tmp_path):

@@ -226,6 +226,53 @@ def test_gate_failure_writes_nothing_and_keeps_the_previous_artifact(trained, tm
         f"({out.absolute()}); it will be replaced (give --report to keep both)"]
 
 
+def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
+        trained, tmp_path, monkeypatch):
+    """`--overwrite` used to delete whatever --out named once the gate passed: RUN (its
+    checkpoints, metrics.json and float32 ranker), the ranker, the dataset, a folder of
+    a user's notes. Such an output is refused before the evaluation; nothing is touched."""
+
+    def files():
+        return sorted((str(p), p.stat().st_size) for root in (trained.run, trained.data)
+                      for p in root.rglob("*"))
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the output should have been refused before the evaluation")
+
+    before = files()
+    monkeypatch.setattr(X, "load_test_split", evaluated)
+    ranker, data = trained.ranker_dir, trained.data
+    cases = [
+        (trained.run, f"contains the ranker folder {ranker}", None),
+        (ranker, f"is the ranker folder {ranker}", None),
+        (ranker / "art", f"is inside the ranker folder {ranker}", None),
+        (data, f"is the dataset folder {data}", None),  # the dataset recorded by the run
+        (data, f"is the dataset folder {data}", str(data)),
+        (data / "art", f"is inside the dataset folder {data}", str(data)),
+        (tmp_path, f"contains the dataset folder {tmp_path / 'd'}", str(tmp_path / "d")),
+    ]
+    for out, relation, data_path in cases:
+        cfg = X.ExportConfig(ranker_dir=str(ranker), out_dir=str(out), data_path=data_path,
+                             overwrite=True, auc_noise_z=2)
+        with warnings.catch_warnings(), pytest.raises(ValueError) as e:
+            warnings.simplefilter("ignore")  # tmp_path/d is not the ranker's dataset
+            X.export_ranker(cfg, log=lambda s: None)
+        assert str(e.value).startswith(f"the artifact folder {out} {relation}: "), e.value
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(AR.ArtifactError,
+                       match=r"mine is not a serving artifact \(no manifest.json\) and not empty: "
+                             r"it holds notes.txt; refusing to replace it"):
+        X.export_ranker(X.ExportConfig(ranker_dir=str(ranker), out_dir=str(mine), overwrite=True),
+                        log=lambda s: None)
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert files() == before
+    assert not (ranker / "art").exists() and not (data / "art").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert _leftovers(trained.run) == [] and _leftovers(trained.run.parent) == []
+
+
 def test_gate_catches_a_broken_quantizer(trained, tmp_path, monkeypatch):
     real = rowwise.quantize_table_chunked
 

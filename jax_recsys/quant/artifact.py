@@ -25,7 +25,9 @@ to pair different ones.
 Writing is atomic: everything goes into a hidden temporary sibling folder,
 every file and folder is fsync'ed, then the folder is renamed into place. A
 failure removes the temporary folder, so a half-written artifact is never
-visible under the final name.
+visible under the final name. The folder it replaces must be empty or an
+artifact (`check_replaceable`): a training run, a dataset or any other folder
+given as the output is refused, never deleted.
 
 This module imports only NumPy and the standard library (the embedding server
 uses it).
@@ -254,6 +256,50 @@ def _expected_arrays(name: str, entry: dict) -> dict[str, tuple[tuple, np.dtype]
 # ----------------------------------------------------------------------------- write
 
 
+def _list_entries(path: pathlib.Path, limit: int = 6) -> str:
+    """The first `limit` names in folder `path` (folders with a trailing '/'), sorted."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
+    """Checks that an artifact written to `out_dir` may take the place of what is there.
+
+    Writing an artifact replaces its folder whole, so it may only land on nothing, on
+    an empty folder, or on a serving artifact: a folder whose manifest.json reads as
+    an artifact's (its files may be damaged: they are rewritten). Any other folder (a
+    training run, a dataset, a user's files) is refused, with or without overwrite.
+
+    Args:
+      out_dir: the artifact folder to write.
+
+    Returns:
+      The manifest of the artifact at `out_dir` (not verified against its files), or
+      None when `out_dir` does not exist or is an empty folder.
+
+    Raises:
+      ArtifactError: `out_dir` is not a folder, or a non-empty folder that is not a
+        serving artifact (the message names the folder and what it holds).
+    """
+    out = pathlib.Path(out_dir)
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ArtifactError(f"{out} exists and is not a folder; an artifact is a folder")
+    if not any(out.iterdir()):
+        return None
+    try:
+        return _read_manifest(out)
+    except ArtifactError as e:
+        why = "no manifest.json" if not (out / MANIFEST).exists() else str(e)
+        raise ArtifactError(
+            f"{out} is not a serving artifact ({why}) and not empty: it holds "
+            f"{_list_entries(out)}; refusing to replace it (overwrite replaces only an "
+            "earlier artifact or an empty folder): choose another artifact folder"
+        ) from None
+
+
 def write_artifact(
     out_dir: str | os.PathLike,
     *,
@@ -282,7 +328,8 @@ def write_artifact(
         the manifest.
       chunk_rows: rows per quantization chunk (bounds memory).
       scale_dtype: storage dtype of per-row scale and bias.
-      overwrite: replace an existing artifact of a different version at `out_dir`.
+      overwrite: replace an existing artifact of a different version at `out_dir`
+        (only an artifact: see `check_replaceable`).
 
     Returns:
       The written Manifest. When `out_dir` already holds this version, intact
@@ -291,7 +338,9 @@ def write_artifact(
       like any other content.
 
     Raises:
-      ArtifactError: `out_dir` holds something else and overwrite is False.
+      ArtifactError: `out_dir` holds another artifact version (or a damaged one) and
+        overwrite is False; or it is a file or a non-empty folder that is no serving
+        artifact (refused even with overwrite: `check_replaceable`).
       ValueError: bad table, vocab or parameter input (nothing is left behind).
     """
     out = pathlib.Path(out_dir).absolute()
@@ -299,6 +348,7 @@ def write_artifact(
         raise ValueError(f"vocabs without a table: {sorted(set(vocabs) - set(tables))}")
     if set(tables) - set(vocabs):
         raise ValueError(f"tables without a vocab: {sorted(set(tables) - set(vocabs))}")
+    check_replaceable(out)  # before any work; again just before the swap
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -338,6 +388,7 @@ def write_artifact(
                     f"{out} already holds {what}; new version is {manifest.version} "
                     "(pass overwrite=True, or --overwrite on the command line, to replace it)"
                 )
+            check_replaceable(out)  # still an artifact or empty (nothing put there meanwhile)
         fsutil.swap_dir(tmp, out)
         _fsync_dir(out.parent)
         return manifest

@@ -21,7 +21,10 @@
 5. otherwise writes the artifact atomically (`jax_recsys.quant.artifact.write_artifact`:
    manifest with the content version id, per-file sha256, table names/rows/dims/dtypes,
    vocabularies, ranker config JSON + dense params as .npy) with the report in the
-   manifest's "report".
+   manifest's "report". It replaces only an empty folder or an artifact (with
+   `overwrite` when of another version; `artifact.check_replaceable`), never a run, a
+   dataset or other files, and the output may not be, contain or lie inside the ranker
+   or the dataset folder: both are checked before step 2.
 
 The report (`export_report.json`, next to the artifact by default: OUT/../export_report.json,
 written on success *and* on a failed gate, with "gate": {"passed": ...}) holds per-table
@@ -107,7 +110,8 @@ class ExportConfig:
       chunk_rows: rows per quantization chunk (bounds memory).
       scale_dtype: storage dtype of the per-row scale and bias ("float16" or "float32").
       report_path: where to write the report; None: OUT/../export_report.json.
-      overwrite: replace an existing artifact of a different version at `out_dir`.
+      overwrite: replace an existing artifact of a different version at `out_dir`
+        (never any other folder: `artifact.check_replaceable`).
       eval_batch_size: scoring batch size of the evaluation.
     """
 
@@ -567,6 +571,23 @@ def _write_json(path: pathlib.Path, obj) -> None:
 # ----------------------------------------------------------------------------- export
 
 
+def _check_apart(out: pathlib.Path, other: str | os.PathLike, what: str) -> None:
+    """Raises ValueError when the artifact folder `out` is, holds or lies inside `other`."""
+    a, b = out.resolve(), pathlib.Path(other).resolve()
+    if a == b:
+        relation = "is"
+    elif b in a.parents:
+        relation = "is inside"
+    elif a in b.parents:
+        relation = "contains"
+    else:
+        return
+    raise ValueError(
+        f"the artifact folder {out} {relation} the {what} {other}: writing the artifact "
+        f"would replace the {what}; choose an output folder apart from the ranker and the data"
+    )
+
+
 def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantizes a trained ranker's tables, gates on test AUC, writes the serving artifact.
 
@@ -585,11 +606,15 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
     Raises:
       ExportGateError: the AUC of a task dropped by more than `max_auc_drop`; no
         artifact is written (the report, with "passed": false, is).
-      ValueError / FileNotFoundError: bad ranker, data or output (naming the file).
+      ValueError / FileNotFoundError: bad ranker, data or output (naming the file),
+        checked before the evaluation: among them an output folder that is, contains or
+        lies inside the ranker or the dataset folder, and an output folder that is
+        neither empty nor a serving artifact (`artifact.check_replaceable`).
     """
     t0 = time.time()
     ranker_dir = pathlib.Path(config.ranker_dir)
     out = pathlib.Path(config.out_dir).absolute()
+    _check_apart(out, ranker_dir, "ranker folder")
     report_path = (
         pathlib.Path(config.report_path) if config.report_path else out.parent / REPORT_NAME
     )
@@ -605,6 +630,8 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
     if not ranker.tables:
         raise ValueError(f"{ranker_dir}: the ranker has no ID tables; nothing to quantize")
     dcfg = resolve_data_config(ranker_dir, ranker, data_path=config.data_path)
+    _check_apart(out, dcfg.path, "dataset folder")
+    artifact_lib.check_replaceable(out)  # now, not after the evaluation
     split, window = load_test_split(ranker, dcfg)
     sdt = np.dtype(config.scale_dtype)
 
