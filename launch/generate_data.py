@@ -3,7 +3,9 @@
   python -m launch.generate_data --config=configs/world.py[:smoke|:large] --workdir=DIR
 
 DIR is the dataset folder itself (dataset.json, tables, kg/, world_summary.json);
-DIR/metrics.json repeats the summary.
+DIR/metrics.json repeats the summary. DIR must be new, empty, or a world generated
+before, which the new one replaces whole once complete; any other folder (your files,
+`--workdir=.`) is refused before any work and left as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from ml_collections import config_flags
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output dataset folder.", required=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Output dataset folder: new, empty, or a world generated before (replaced); any other "
+    "folder is refused.", required=True)
 
 
 def main(argv):

@@ -37,6 +37,18 @@ def test_generate_data_workdir_that_is_a_file(tmp_path):
     _assert_one_line(proc, "generate_data: error:", str(afile))
 
 
+def test_generate_data_refuses_a_folder_that_holds_no_world(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "src" / "a.py").write_text("print(1)")
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", f"--workdir={mine}"])
+    _assert_one_line(proc, "generate_data: error:", str(mine), "holds no generated world",
+                     "notes.txt, src/")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "src"]
+    assert (mine / "src" / "a.py").read_text() == "print(1)"
+
+
 def test_unknown_config_key_is_one_line(tmp_path):
     proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.no_such_key=1",
                                   f"--workdir={tmp_path / 'w'}"])

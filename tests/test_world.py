@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -81,6 +82,41 @@ def test_a_failed_run_over_an_old_world_leaves_it_whole(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         world.generate_world(_tiny(), tmp_path / "f", progress=False)
+
+
+def test_a_folder_without_a_world_is_refused_not_replaced(tmp_path, monkeypatch):
+    """An existing folder used to be swapped for the new world whole (`--workdir=.`
+    deleted the current directory): only an empty folder or a previous world is replaced."""
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "src" / "a.py").write_text("print(1)")
+    other = tmp_path / "other"  # a dataset folder of another maker
+    other.mkdir()
+    (other / "dataset.json").write_text(json.dumps({"name": "mine", "tables": {}}))
+
+    def generated(*args, **kwargs):
+        raise AssertionError("the folder should have been refused before any work")
+
+    monkeypatch.setattr(world, "_generate_into", generated)
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"{mine} is not empty and holds no generated world (no dataset.json of "
+            "jax_recsys.data.world): it holds notes.txt, src/; refusing to replace it")):
+        world.generate_world(_tiny(), mine, progress=False)
+    with pytest.raises(FileExistsError, match="holds no generated world.*it holds dataset.json;"):
+        world.generate_world(_tiny(), other, progress=False)
+    monkeypatch.undo()
+    assert (mine / "notes.txt").read_text() == "my notes"
+    assert (mine / "src" / "a.py").read_text() == "print(1)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other"]  # nothing staged
+    # An empty folder is filled; a previous world (with launch.generate_data's
+    # metrics.json beside it, as the pipeline leaves WORKDIR/world) is replaced whole.
+    (tmp_path / "w").mkdir()
+    world.generate_world(_tiny(), tmp_path / "w", progress=False)
+    (tmp_path / "w" / "metrics.json").write_text("{}")
+    world.generate_world(_tiny(seed=1), tmp_path / "w", progress=False)
+    assert json.loads((tmp_path / "w" / "dataset.json").read_text())["world_config"]["seed"] == 1
+    assert not (tmp_path / "w" / "metrics.json").exists()
 
 
 def test_chunk_size_changes_nothing_but_chunking(tmp_path):

@@ -945,6 +945,47 @@ def _chunks(total: int, size: int):
         yield i, min(size, total - c0)
 
 
+GENERATOR = "jax_recsys.data.world"  # dataset.json "generator" of every generated world
+
+
+def check_replaceable(out_dir: str | os.PathLike) -> None:
+    """Checks that a world may be written to ``out_dir``, replacing what is there.
+
+    The new world replaces the folder whole, so it may only land on nothing, on an
+    empty folder, or on a world of this generator (its dataset.json says
+    ``"generator": "jax_recsys.data.world"``); any other folder is refused, so that
+    ``--workdir=.`` or a folder of one's own files is never deleted.
+
+    Args:
+      out_dir: the dataset folder to write.
+
+    Raises:
+      NotADirectoryError: ``out_dir`` exists and is not a folder.
+      FileExistsError: ``out_dir`` is a non-empty folder without a generated world
+        (the message names the folder and what it holds).
+    """
+    final = pathlib.Path(out_dir)
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise NotADirectoryError(f"{final} exists and is not a folder")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir())
+    if not names:
+        return
+    try:
+        meta = json.loads((final / "dataset.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and meta.get("generator") == GENERATOR:
+        return
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    raise FileExistsError(
+        f"{final} is not empty and holds no generated world (no dataset.json of "
+        f"{GENERATOR}): it holds {shown}; refusing to replace it: give a new or empty "
+        "folder (or a previous world's)"
+    )
+
+
 def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bool = True,
                    workers: int | None = None) -> dict:
     """Generates the synthetic world as a dataset folder.
@@ -956,8 +997,9 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
 
     Args:
       cfg: the world parameters.
-      out_dir: the dataset folder to write (created; an existing one is replaced
-        whole when the new world is complete).
+      out_dir: the dataset folder to write: new, empty, or a world written here
+        before, which is replaced whole when the new world is complete (any other
+        folder is refused before any work: `check_replaceable`).
       progress: print one line per day (to stderr).
       workers: threads generating event chunks (default: min(2, CPUs)); the
         files are identical for any number.
@@ -966,16 +1008,20 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
       The summary (also written to ``out_dir/world_summary.json``): rows per
       table, long-tail shares, engagement/impression ratio, click and
       conversion rates, oracle AUCs, KG triple counts, events/s.
+
+    Raises:
+      NotADirectoryError: ``out_dir`` is a file.
+      FileExistsError: ``out_dir`` is a non-empty folder that holds no generated world.
     """
     cfg.validate()
     final = pathlib.Path(out_dir).absolute()
-    if final.exists() and not final.is_dir():
-        raise NotADirectoryError(f"{final} exists and is not a folder")
+    check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     out = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     out.mkdir()
     try:
         summary = _generate_into(cfg, out, progress=progress, workers=workers)
+        check_replaceable(final)  # still: nothing else was put there meanwhile
         fsutil.swap_dir(out, final)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -1159,7 +1205,7 @@ def _generate_into(cfg: WorldConfig, out: pathlib.Path, *, progress: bool,
         kg="kg",
         splits=cfg.windows(),
         extra={
-            "generator": "jax_recsys.data.world",
+            "generator": GENERATOR,
             "world_config": dataclasses.asdict(cfg),
             "entity_types": ["user", "pin", "advertiser", "board", "keyword"],
         },
