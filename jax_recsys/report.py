@@ -19,6 +19,14 @@ _PRETRAIN_KEYS = ("recall@10", "pop_recall@10", "ndcg@10", "pop_ndcg@10", "recal
                   "heldout_loss", "test_mrr", "test_hits@1", "test_hits@10", "final_loss")
 
 
+def _served_width(bits) -> str:
+    """How the export's tables are named by their width: "INT4", "INT8" or "float32"
+    (bits 4, 8, 32; the export's default, INT4, when the report does not say)."""
+    if bits is None:
+        return "INT4"
+    return {4: "INT4", 8: "INT8", 32: "float32"}.get(bits, f"{bits}-bit")
+
+
 def _num(x) -> float | int | None:
     """`x` if it is a finite number, else None (JSON null, NaN, inf, strings, bools)."""
     if isinstance(x, bool) or not isinstance(x, int | float):
@@ -165,7 +173,7 @@ def write_report(
       stages: one summary per stage: {"stage", "seconds", "summary", "skipped"}, and
         "code_changed" (a skipped stage made by other code).
       ablation: ablation.json contents.
-      export: the INT4 export report.
+      export: the export report (INT4, or INT8 / float32 as its "bits" say).
       serving: the live serving check's measurements.
       pretraining: final metrics per pretraining run ("cl/fresh", "kg/stale", ...).
       histories: stage name -> history records (training curves).
@@ -207,11 +215,16 @@ def write_report(
                     md.append(f"| {run} | {k} | {_cell(v, '.4f')} |")
         md.append("")
     if export:
-        md += ["## INT4 export", ""]
+        width = _served_width(export.get("bits"))
+        md += [f"## {width} export", ""]
         gate = export.get("gate") or {}
+        rows = (
+            "float32 rows (not quantized)" if export.get("bits") == 32
+            else f"{export.get('bits')}-bit rows with {export.get('scale_dtype', 'float16')} "
+            "scale/bias"
+        )
         md.append(
-            f"- version {export.get('version')}, {export.get('bits')}-bit rows with "
-            f"{export.get('scale_dtype', 'float16')} scale/bias; gate "
+            f"- version {export.get('version')}, {rows}; gate "
             f"{'passed' if gate.get('passed') else 'FAILED'} (max AUC drop "
             f"{gate.get('max_auc_drop')}, noise z {gate.get('noise_z', 0)})"
         )
@@ -231,7 +244,8 @@ def write_report(
                     )
         quality = export.get("quality") or {}
         if quality:
-            md += ["", "| task | metric | full precision | INT4 | delta |", "|---|---|---|---|---|"]
+            md += ["", f"| task | metric | full precision | {width} | delta |",
+                   "|---|---|---|---|---|"]
             for task, q in quality.items():
                 if not isinstance(q, Mapping):
                     continue

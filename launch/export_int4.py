@@ -5,7 +5,8 @@ r"""INT4 export: a trained ranker -> a versioned serving artifact, behind an AUC
   (--checkpoint=DIR/ranker is an alias of --ranker.)
 
   python -m launch.export_int4 --ablation=ABL [--bits=4]
-  adds the "+ both facets, INT4 served" row to a finished ablation (ABL/ablation.md).
+  adds the "+ both facets, INT4 served" row to a finished ablation (ABL/ablation.md;
+  "INT8 served" / "float32 served" with --bits=8 / 32; the row records its bits).
 
 Quantizes every table of the ranker row-wise (float16 scale/bias), scores the test
 window with full-precision and with quantized tables, and writes ART only when no
@@ -58,12 +59,15 @@ _REPORT = flags.DEFINE_string(
     "folder: a report of another artifact there is replaced, with a note).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Optional folder for metrics.json (the report).")
 _ABLATION = flags.DEFINE_string(
-    "ablation", None, "Finished ablation folder: add the INT4-served row."
+    "ablation", None,
+    "Finished ablation folder: add the row of its rankers served at --bits (INT4-served; "
+    "INT8 / float32 with --bits=8 / 32)."
 )
 _INT4_SOURCE = flags.DEFINE_string(
     "int4_source", "cl_kg",
     "With --ablation: the variant whose saved rankers give the INT4-served row "
-    "(row '<variant>_int4'; 'cl_kg' keeps the paper's '+ both facets, INT4 served').",
+    "(row '<variant>_int4', '_int8' / '_fp32' with --bits=8 / 32; 'cl_kg' keeps the "
+    "paper's '+ both facets, INT4 served').",
 )
 
 
@@ -73,7 +77,7 @@ def main(argv):
 
     if _ABLATION.value:
         source = _INT4_SOURCE.value
-        name, label = export.int4_row_name(source)
+        name, label = export.int4_row_name(source, bits=int(_BITS.value))
         row = export.add_int4_row(
             _ABLATION.value, bits=int(_BITS.value), data_path=_DATA.value,
             source_variant=source, name=name, label=label,

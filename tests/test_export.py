@@ -406,6 +406,35 @@ def test_int4_row_is_added_to_the_ablation(trained, tmp_path):
     md = (abl / "ablation.md").read_text()
     assert X.INT4_LABEL in md
     assert json.loads((abl / "ablation.json").read_text())["order"] == [A.BASELINE, X.INT4_ROW]
+    assert row["bits"] == 4
+
+
+def test_an_int8_or_float32_served_row_says_its_width_and_records_its_bits(trained, tmp_path):
+    """--bits=8 / 32 rows used to be labelled "+ both facets, INT4 served" (and replace the
+    INT4 row), with no record of their bit width."""
+    abl = tmp_path / "abl"
+    shutil.copytree(trained.ranker_dir, abl / "runs" / "cl_kg_s0" / "ranker")
+    full = trained.test_metrics
+    (abl / "ablation.json").write_text(json.dumps({
+        "seeds": [0], "data": dataclasses.asdict(T.DataConfig(path=str(trained.data))),
+        "windows": {"test": [5, 6]}, "order": [A.BASELINE], "variants": {
+            A.BASELINE: A.summarize_variant(label="fp32", per_seed={0: full}, baseline={0: full})},
+    }, default=T._json_default))
+    for bits, name, label in ((8, "cl_kg_int8", "+ both facets, INT8 served"),
+                              (32, "cl_kg_fp32", "+ both facets, float32 served")):
+        assert X.int4_row_name("cl_kg", bits=bits) == (name, label)
+        row = X.add_int4_row(abl, bits=bits)
+        assert row["label"] == label and row["bits"] == bits
+    result = json.loads((abl / "ablation.json").read_text())
+    assert result["order"] == [A.BASELINE, "cl_kg_int8", "cl_kg_fp32"]
+    assert result["variants"]["cl_kg_int8"]["bits"] == 8
+    # float32 rows served as they are: the full-precision ranker's AUC.
+    assert result["variants"]["cl_kg_fp32"]["ctr_auc_mean"] == pytest.approx(full["ctr_auc"], abs=1e-6)
+    md = (abl / "ablation.md").read_text()
+    assert "INT8 served" in md and "float32 served" in md and "INT4" not in md
+    assert X.int4_row_name("scratch", bits=8) == ("scratch_int8", "scratch, INT8 served")
+    with pytest.raises(ValueError, match="bits must be one of"):
+        X.int4_row_name("cl_kg", bits=2)
 
 
 @pytest.mark.slow

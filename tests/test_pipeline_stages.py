@@ -156,6 +156,9 @@ def test_int4_row_name():
 
     assert export.int4_row_name("cl_kg") == (export.INT4_ROW, export.INT4_LABEL)
     assert export.int4_row_name("scratch") == ("scratch_int4", "scratch, INT4 served")
+    assert export.int4_row_name("cl_kg", bits=4) == (export.INT4_ROW, export.INT4_LABEL)
+    assert export.int4_row_name("cl_kg", bits=8) == ("cl_kg_int8", "+ both facets, INT8 served")
+    assert export.int4_row_name("scratch", bits=32) == ("scratch_fp32", "scratch, float32 served")
 
 
 def test_config_fingerprint_is_stable_and_resolved(tmp_path):

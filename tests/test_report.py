@@ -90,8 +90,23 @@ def test_report_tables_and_plots(tmp_path):
     assert "| user | 36 | 256 | 14.06% | 28.12% |" in md
     assert "| ctr | auc | 0.74000 | 0.73990 | -0.00010 |" in md
     assert "latency_ms_p50: 3.25" in md
+    assert "## INT4 export" in md and "| task | metric | full precision | INT4 | delta |" in md
     for png in ("auc_per_variant.png", "training_curves.png", "pretraining_eval.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
+
+
+def test_report_names_the_exports_real_width(tmp_path):
+    """An 8-bit (pipeline --config.export.bits=8) or float32 export used to be reported
+    under "## INT4 export" with an "INT4" column over its numbers."""
+    quality = {"ctr": {"auc_full": 0.74, "auc_quant": 0.7399, "auc_delta": -0.0001}}
+    for bits, width, rows in ((8, "INT8", "8-bit rows with float16 scale/bias"),
+                              (32, "float32", "float32 rows (not quantized)")):
+        export = {"version": "abc", "bits": bits, "scale_dtype": "float16",
+                  "gate": {"passed": True, "max_auc_drop": 0.001}, "quality": quality}
+        md = report.write_report(tmp_path, stages=[], export=export).read_text()
+        assert f"## {width} export" in md and rows in md
+        assert f"| task | metric | full precision | {width} | delta |" in md
+        assert "INT4" not in md
 
 
 def test_report_renders_null_and_missing_values_as_na(tmp_path):

@@ -40,7 +40,8 @@ ablation run's ABL/runs/<variant>_s<seed>/ranker); `ExportConfig.data_path` over
 folder. The test rows are mapped onto the ranker's vocabulary by raw id.
 
 `int4_transform(ranker)` and `add_int4_row(ablation_workdir)` add the "+ both facets,
-INT4 served" row to a finished ablation through `ablation.evaluate_with_tables`.
+INT4 served" row to a finished ablation through `ablation.evaluate_with_tables` (at 8
+or 32 bits: "INT8 served" / "float32 served"; the row records its "bits").
 
 Unlike the rest of `jax_recsys.quant` this module imports JAX (through the ranker); the
 embedding server never imports it.
@@ -216,7 +217,7 @@ def int4_transform(
 
     Args:
       ranker: a trained ranker.
-      bits: 4 (default) or 8.
+      bits: 4 (default), 8 or 32.
       chunk_rows: rows per quantization chunk.
 
     Returns:
@@ -228,48 +229,85 @@ def int4_transform(
     }
 
 
-def int4_row_name(source_variant: str) -> tuple[str, str]:
-    """(row id, label) of the INT4-served row of ``source_variant``'s rankers."""
+# bits -> (row id suffix, the width as labels say it)
+_SERVED_WIDTH = {4: ("int4", "INT4"), 8: ("int8", "INT8"), 32: ("fp32", "float32")}
+
+
+def served_width(bits: int) -> str:
+    """How labels name tables served with `bits`-bit rows: "INT4", "INT8" or "float32".
+
+    Raises:
+      ValueError: `bits` is not 4, 8 or 32.
+    """
+    if bits not in _SERVED_WIDTH:
+        raise ValueError(f"bits must be one of {sorted(_SERVED_WIDTH)}, got {bits!r}")
+    return _SERVED_WIDTH[bits][1]
+
+
+def int4_row_name(source_variant: str, bits: int = 4) -> tuple[str, str]:
+    """(row id, label) of the row of ``source_variant``'s rankers served at ``bits``.
+
+    Args:
+      source_variant: the ablation variant whose rankers are re-scored.
+      bits: 4 (default), 8 or 32.
+
+    Returns:
+      4 bits: (`INT4_ROW`, `INT4_LABEL`) = ("cl_kg_int4", "+ both facets, INT4 served")
+      for "cl_kg", else ("<variant>_int4", "<variant>, INT4 served"); 8 and 32 bits name
+      their width instead: "_int8" / "INT8 served", "_fp32" / "float32 served".
+
+    Raises:
+      ValueError: `bits` is not 4, 8 or 32.
+    """
+    width = served_width(bits)
+    suffix = _SERVED_WIDTH[bits][0]
     if source_variant == "cl_kg":
-        return INT4_ROW, INT4_LABEL
-    return f"{source_variant}_int4", f"{source_variant}, INT4 served"
+        return f"cl_kg_{suffix}", INT4_LABEL.replace("INT4", width)
+    return f"{source_variant}_{suffix}", f"{source_variant}, {width} served"
 
 
 def add_int4_row(
     ablation_workdir: str | os.PathLike,
     *,
     bits: int = 4,
-    name: str = INT4_ROW,
-    label: str = INT4_LABEL,
+    name: str | None = None,
+    label: str | None = None,
     source_variant: str = "cl_kg",
     data_path: str | None = None,
 ) -> dict[str, Any]:
-    """Adds the "+ both facets, INT4 served" row to a finished ablation.
+    """Adds the "+ both facets, INT4 served" row (or INT8 / float32) to a finished ablation.
 
     Every saved ranker of `source_variant` (one per seed) is re-scored on the test
     window with its tables quantized to `bits` and dequantized on gather; the row
-    lands in ablation.json / ablation.md (see `ablation.evaluate_with_tables`).
+    lands in ablation.json / ablation.md (see `ablation.evaluate_with_tables`) and
+    records `bits`.
 
     Args:
       ablation_workdir: the ablation folder (ablation.json, runs/<variant>_s<seed>/ranker).
-      bits: 4 or 8.
-      name: the row's id.
-      label: the row's label.
+      bits: 4 (default), 8 or 32 (float32 rows: no quantization).
+      name: the row's id (default: `int4_row_name(source_variant, bits)`).
+      label: the row's label (default: `int4_row_name(source_variant, bits)`).
       source_variant: the variant whose rankers are quantized.
       data_path: dataset folder (None: the one recorded in ablation.json).
 
     Returns:
-      The row's summary (per task AUC mean/std over seeds, RelaImpr vs the baseline).
+      The row's summary (per task AUC mean/std over seeds, RelaImpr vs the baseline,
+      and "bits").
+
+    Raises:
+      ValueError: `bits` is not 4, 8 or 32 (and see `ablation.evaluate_with_tables`).
     """
     from jax_recsys.ranking import ablation
 
+    default_name, default_label = int4_row_name(source_variant, bits)
     return ablation.evaluate_with_tables(
         ablation_workdir,
         transform=functools.partial(int4_transform, bits=bits),
-        name=name,
-        label=label,
+        name=default_name if name is None else name,
+        label=default_label if label is None else label,
         source_variant=source_variant,
         data_path=data_path,
+        extra={"bits": bits},
     )
 
 

@@ -491,6 +491,7 @@ def evaluate_with_tables(
     label: str,
     source_variant: str = "cl_kg",
     data_path: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Adds a row computed from saved rankers with substituted tables (e.g. INT4 served).
 
@@ -506,9 +507,10 @@ def evaluate_with_tables(
       label: the new row's label.
       source_variant: the variant whose rankers are re-scored.
       data_path: dataset folder (None: the one recorded in the first run's config).
+      extra: entries added to the row as they are (e.g. {"bits": 8}).
 
     Returns:
-      The new row's summary.
+      The new row's summary (with `extra`).
     """
     workdir = pathlib.Path(workdir)
     result = json.loads((workdir / "ablation.json").read_text())
@@ -538,7 +540,7 @@ def evaluate_with_tables(
     if not per_seed:
         raise ValueError(f"no saved rankers of variant {source_variant!r} under {workdir / 'runs'}")
     base = {int(k): v for k, v in result["variants"][BASELINE]["per_seed"].items()}
-    row = summarize_variant(label=label, per_seed=per_seed, baseline=base)
+    row = {**summarize_variant(label=label, per_seed=per_seed, baseline=base), **(extra or {})}
     result["variants"][name] = row
     if name not in result["order"]:
         result["order"].append(name)
