@@ -26,6 +26,28 @@ def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def check_file_target(path: str | os.PathLike, what: str) -> None:
+    """Checks, before any work, that a file can be written at ``path`` later.
+
+    Args:
+      path: the file to be written (it and its folders may not exist yet).
+      what: how the message names it, e.g. "--workdir's metrics.json".
+
+    Raises:
+      IsADirectoryError: ``path`` is a folder.
+      NotADirectoryError: a folder above ``path`` exists as something else (a file).
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} cannot be written: it is a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(
+                    f"{what} {path} cannot be written: {parent} exists and is not a folder")
+            return
+
+
 def file_digest(path: str | os.PathLike) -> str | None:
     """sha256 (16 hex) of a file's bytes; None when it cannot be read."""
     try:

@@ -73,8 +73,12 @@ _INT4_SOURCE = flags.DEFINE_string(
 
 def main(argv):
     del argv
+    from jax_recsys import fsutil
     from jax_recsys.quant import export
 
+    if _WORKDIR.value:  # now, not once the artifact is written
+        fsutil.check_file_target(pathlib.Path(_WORKDIR.value) / "metrics.json",
+                                 "--workdir's report")
     if _ABLATION.value:
         source = _INT4_SOURCE.value
         name, label = export.int4_row_name(source, bits=int(_BITS.value))

@@ -87,6 +87,17 @@ def test_export_int4_negative_noise_z(tmp_path):
     _assert_one_line(proc, "export_int4: error:", "auc_noise_z")
 
 
+def test_export_int4_checks_the_workdir_before_any_work(tmp_path):
+    """A --workdir that is a file used to fail only after the artifact was written."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = _run("export_int4", [f"--ranker={tmp_path / 'no_ranker'}", f"--out={tmp_path / 'a'}",
+                                f"--workdir={afile}"])
+    _assert_one_line(proc, "export_int4: error:", "--workdir's report",
+                     f"{afile} exists and is not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 @pytest.mark.parametrize("port", ["-5", "70000"])
 def test_serve_embeddings_rejects_out_of_range_ports(tmp_path, port):
     proc = _run("serve_embeddings", [f"--artifact={tmp_path}", f"--port={port}"])

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -271,6 +272,27 @@ def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
     assert not (ranker / "art").exists() and not (data / "art").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert _leftovers(trained.run) == [] and _leftovers(trained.run.parent) == []
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_evaluation(
+        trained, tmp_path, monkeypatch):
+    """It used to fail only after the artifact was written."""
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the report path should have been refused before the evaluation")
+
+    monkeypatch.setattr(X, "load_test_split", evaluated)
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "f").write_text("x")
+    for report, error, message in (
+            (tmp_path / "rep", IsADirectoryError, "cannot be written: it is a folder"),
+            (tmp_path / "f" / "r.json", NotADirectoryError,
+             f"cannot be written: {tmp_path / 'f'} exists and is not a folder")):
+        cfg = X.ExportConfig(ranker_dir=str(trained.ranker_dir), out_dir=str(tmp_path / "art"),
+                             report_path=str(report))
+        with pytest.raises(error, match=re.escape(f"the report {report} {message}")):
+            X.export_ranker(cfg, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "rep"]
 
 
 def test_gate_catches_a_broken_quantizer(trained, tmp_path, monkeypatch):

@@ -656,6 +656,7 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
     report_path = (
         pathlib.Path(config.report_path) if config.report_path else out.parent / REPORT_NAME
     )
+    fsutil.check_file_target(report_path, "the report")  # not after the evaluation
     if not config.report_path:  # sibling artifacts share the default report path
         try:
             other = json.loads(report_path.read_text()).get("artifact")
