@@ -205,6 +205,12 @@ def test_config_rejects_bad_values():
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="num_epochs must be a finite number > 0"):
             ct.ContrastiveConfig(num_epochs=bad)
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match=rf"dim .*must be >= 1, got {bad}"):
+            ct.ContrastiveConfig(dim=bad)
+    for bad in ((), (0, 10), (-5,)):
+        with pytest.raises(ValueError, match="eval_ks must list cut-offs >= 1"):
+            ct.ContrastiveConfig(eval_ks=bad)
     assert ct.ContrastiveConfig(max_steps=None, num_epochs=0.5).max_steps is None
     assert ct.ContrastiveConfig(max_steps=1).max_steps == 1
     with pytest.raises(ValueError, match="batch_size 12 must divide by the 8"):

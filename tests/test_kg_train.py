@@ -215,3 +215,16 @@ def test_config_rejects_zero_steps():
         kg_train.KGTrainConfig(num_epochs=0)
     assert kg_train.KGTrainConfig(max_steps=None).max_steps is None
     assert kg_train.KGTrainConfig(max_steps=1).max_steps == 1
+
+
+def test_model_config_rejects_bad_dims_when_made():
+    """Checked when the config is made, not first when training builds the tables."""
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match=rf"KGModelConfig.dim .*must be > 0, got {bad}"):
+            kg_train.KGModelConfig(dim=bad)
+    with pytest.raises(ValueError, match="rel_dim must be positive"):
+        kg_train.KGModelConfig(model="transr", dim=8, rel_dim=0)
+    with pytest.raises(ValueError, match="must be even"):
+        kg_train.KGModelConfig(model="rotate", dim=7)
+    with pytest.raises(ValueError, match="unknown KG model"):
+        kg_train.KGModelConfig(model="nope")

@@ -146,6 +146,15 @@ def test_bad_inputs_raise_clear_errors():
         M.unflatten_params(cfg, flat)
 
 
+@pytest.mark.parametrize("field", ["mlp_dims", "head_dims"])
+@pytest.mark.parametrize("dims", [(0,), (-4,), (16, 0)])
+def test_layer_widths_must_be_positive(field, dims):
+    # (0,) used to end in ZeroDivisionError at init, (-4,) in a JAX TypeError.
+    with pytest.raises(ValueError, match=rf"RankerConfig\.{field}: every layer width must be > 0"):
+        M.RankerConfig(**{field: dims})
+    M.RankerConfig(**{field: ()})  # no hidden layer is allowed
+
+
 def test_save_and_load_ranker_round_trip(tmp_path):
     cfg = _cfg()
     _, params = M.init_dense(cfg)

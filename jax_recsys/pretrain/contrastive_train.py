@@ -116,6 +116,12 @@ class ContrastiveConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self):
+        if self.dim < 1:
+            raise ValueError(f"ContrastiveConfig.dim (the table and tower width) must be >= 1, got "
+                             f"{self.dim}")
+        if not self.eval_ks or min(self.eval_ks) < 1:
+            raise ValueError(f"ContrastiveConfig.eval_ks must list cut-offs >= 1, got "
+                             f"{tuple(self.eval_ks)}")
         if self.export not in ("tower", "raw"):
             raise ValueError(f"export must be 'tower' or 'raw', got {self.export!r}")
         if self.batch_size < 2:

@@ -95,6 +95,11 @@ class KGModelConfig:
     rel_dim: int | None = None
     init_scale: float | None = None
 
+    def __post_init__(self):
+        if self.dim <= 0:
+            raise ValueError(f"KGModelConfig.dim (the entity dim) must be > 0, got {self.dim}")
+        self.scoring()  # ValueError for an unknown model, an odd complex dim, a bad rel_dim
+
     def scoring(self) -> kg_scoring.ScoringFunction:
         fn = kg_scoring.ScoringFunction(name=self.model, gamma=self.gamma, rel_dim=self.rel_dim)
         fn.check_dim(self.dim)

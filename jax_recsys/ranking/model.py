@@ -89,6 +89,11 @@ class RankerConfig:
                 f"RankerConfig: bad coarse_dim={self.coarse_dim}, "
                 f"num_cross_layers={self.num_cross_layers} or cross_rank={self.cross_rank}"
             )
+        for field in ("mlp_dims", "head_dims"):
+            dims = getattr(self, field)
+            if any(int(d) <= 0 for d in dims):
+                raise ValueError(f"RankerConfig.{field}: every layer width must be > 0, got "
+                                 f"{tuple(dims)}")
         if self.entity_norm not in _NORMS:
             raise ValueError(f"RankerConfig.entity_norm must be one of {_NORMS}")
 
