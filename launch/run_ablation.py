@@ -73,7 +73,7 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
 
 
 def _seeds(value) -> tuple[int, ...]:
-    """config.seeds as ints: a non-empty list (`--config.seeds=0,1,2`)."""
+    """config.seeds as ints: a non-empty list of distinct seeds (`--config.seeds=0,1,2`)."""
     items = [value] if isinstance(value, int | str) else list(value)
     items = [x for s in items for x in (s.split(",") if isinstance(s, str) else [s])]
     try:
@@ -82,6 +82,10 @@ def _seeds(value) -> tuple[int, ...]:
         raise ValueError(f"config.seeds must be integers, got {value!r}") from None
     if not seeds:
         raise ValueError(f"config.seeds must list at least one seed, got {value!r}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ValueError(f"config.seeds lists {', '.join(map(str, twice))} more than once, got "
+                         f"{value!r} (a repeated seed repeats the same run)")
     return seeds
 
 

@@ -43,6 +43,14 @@ def test_config_rejects_unknown_variants():
         A.AblationConfig(base=base, variants=("scratch",))
 
 
+def test_config_rejects_a_repeated_seed():
+    # seeds=(3, 3, 3) used to train one run and report its "± 0.0000" over three seeds.
+    base = T.TrainConfig(data=T.DataConfig(path="nowhere"))
+    with pytest.raises(ValueError, match=r"seeds lists a seed twice: \[3, 3, 3\]"):
+        A.AblationConfig(base=base, seeds=(3, 3, 3))
+    assert A.AblationConfig(base=base, seeds=(3, 1)).seeds == (3, 1)
+
+
 def _write_data(path, n=2048, seed=0):
     rng = np.random.default_rng(seed)
     u = rng.integers(0, 32, n)

@@ -81,6 +81,13 @@ def test_run_ablation_empty_seeds(tmp_path):
     assert not (tmp_path / "w" / "world").exists()  # failed before generating data
 
 
+def test_run_ablation_repeated_seeds(tmp_path):
+    proc = _run("run_ablation", ["--config=configs/ablation.py", "--config.seeds=3,1,3",
+                                 f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "run_ablation: error:", "config.seeds lists 3 more than once")
+    assert not (tmp_path / "w" / "world").exists()  # failed before generating data
+
+
 def test_export_int4_negative_noise_z(tmp_path):
     proc = _run("export_int4", [f"--ranker={tmp_path / 'no_ranker'}", f"--out={tmp_path / 'a'}",
                                 "--auc_noise_z=-1"])

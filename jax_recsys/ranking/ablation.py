@@ -134,6 +134,9 @@ class AblationConfig:
             raise ValueError(f"the variants must include the baseline {BASELINE!r}")
         if not self.seeds:
             raise ValueError("AblationConfig.seeds is empty")
+        if len(set(self.seeds)) < len(self.seeds):
+            raise ValueError(f"AblationConfig.seeds lists a seed twice: {list(self.seeds)} "
+                             "(a repeated seed repeats the same run)")
         if self.facet_missing not in facets_lib.MISSING_ROWS:
             raise ValueError(f"AblationConfig.facet_missing must be one of "
                              f"{facets_lib.MISSING_ROWS}, got {self.facet_missing!r}")
