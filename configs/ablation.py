@@ -5,7 +5,8 @@ Command:
   python -m launch.run_ablation --config=configs/ablation.py --workdir=runs/ablation \
       --config.ranker.data.path=runs/world
   (`:smoke` for a minutes-long run on the smoke world; with an empty data path the
-  launcher first writes the synthetic world of the matching size into WORKDIR/world.)
+  launcher first writes the synthetic world of the matching size into WORKDIR/world; a
+  world of another size already there is refused.)
 
 Pretraining: the contrastive (`cl`) and knowledge-graph (`kg`) facets are pretrained
 once per window (fresh and stale) by running `launch.pretrain_contrastive` and

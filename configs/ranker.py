@@ -6,7 +6,8 @@ Command:
       [--config.facets=cl,kg --config.facet_paths.cl=runs/cl/facet_cl \
        --config.facet_paths.kg=runs/kg/facet_kg --config.facet_mode=finetune]
   (`:smoke` shrinks everything; with an empty data.path the launcher first writes the
-  synthetic world of the matching size into WORKDIR/world.)
+  synthetic world of the matching size into WORKDIR/world, or reuses the one there; a
+  world of another size there is refused.)
 
 Variants: `--config.scratch_dim=0 --config.facets=''` is the "no large tables" ranker
 (coarse features only); `--config.facets=''` trains large tables from scratch;

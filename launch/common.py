@@ -152,6 +152,76 @@ def run(main: Callable, name: str | None = None) -> None:
     app.run(wrapped, flags_parser=parse)
 
 
+def _world_settings(cfg) -> dict:
+    """A WorldConfig as its dataset.json records it (JSON: tuples become lists)."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _held_world(meta: dict, want: dict) -> str | None:
+    """None when dataset.json `meta` records the world settings `want`, else what it holds."""
+    from jax_recsys.data import world
+
+    got = meta.get("world_config") if meta.get("generator") == "jax_recsys.data.world" else None
+    if not isinstance(got, dict):
+        return "a dataset that is not a generated world (its dataset.json has no world_config)"
+    if got == want:
+        return None
+    for scale in ("smoke", "default", "large"):  # the scales of world.scale_config
+        if got == _world_settings(world.scale_config(scale)):
+            return f"the {scale!r} world"
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    return (f"a world made with other settings ({meta.get('name')!r}; "
+            f"{', '.join(diff[:3])}{more} differ)")
+
+
+def generated_world(scale: str, workdir: str | os.PathLike, *, key: str = "data") -> str:
+    """WORKDIR/world: the synthetic world of `scale`, written there when it is not yet.
+
+    What trainers use when their config's data path is empty. A world already in
+    WORKDIR/world (from an earlier run in the same workdir) is reused only when its
+    dataset.json records the settings `scale` gives; any other world, or a dataset
+    that is not a generated world, is refused rather than used or overwritten. With
+    several processes, process 0 writes the world and the others wait for it.
+
+    Args:
+      scale: "smoke", "default" or "large" (`jax_recsys.data.world.scale_config`).
+      workdir: the run's folder.
+      key: where the data settings sit in the config ("data", or "ranker.data" for
+        run_ablation), for the message.
+
+    Returns:
+      The world folder's path.
+
+    Raises:
+      ValueError: `scale` is unknown, or WORKDIR/world holds another world.
+    """
+    import jax
+
+    from jax_recsys.data import world
+
+    cfg = world.scale_config(scale)
+    out = pathlib.Path(workdir) / "world"
+    meta_path = out / "dataset.json"
+    if meta_path.exists():  # every process checks, so all of them refuse together
+        held = _held_world(json.loads(meta_path.read_text()), _world_settings(cfg))
+        if held is not None:
+            raise ValueError(
+                f"{out} holds {held}, but {key}.world_config asks for {scale!r}: remove "
+                f"{out}, or give --config.{key}.path=DIR (a dataset folder)"
+            )
+    if jax.process_index() == 0 and not meta_path.exists():
+        logging.info("no %s.path: writing the %s world to %s", key, scale, out)
+        world.generate_world(cfg, out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("world written")  # the others wait for it
+    return str(out)
+
+
 def int_list(flag, *, minimum: int = 1, distinct: bool = False) -> list[int]:
     """A list flag of integers, checked (ValueError naming the flag): non-empty, each
     >= ``minimum``, and no value twice when ``distinct``."""

@@ -42,18 +42,6 @@ def _table_optimizer(t):
     return kinds[t.table_optimizer]()
 
 
-def _dataset_path(cfg, workdir: pathlib.Path) -> str:
-    if cfg.data.path:
-        return cfg.data.path
-    from jax_recsys.data import world
-
-    out = workdir / "world"
-    if not (out / "dataset.json").exists():
-        logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
-        world.generate_world(world.scale_config(cfg.data.world_config), out)
-    return str(out)
-
-
 def main(argv):
     del argv
     common.setup(_WORKDIR.value)
@@ -62,7 +50,7 @@ def main(argv):
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     d, m, t = cfg.data, cfg.model, cfg.train
     data = contrastive_data.ContrastiveDataConfig(
-        path=_dataset_path(cfg, workdir), table=d.table, user_column=d.user_column,
+        path=d.path or common.generated_world(d.world_config, workdir), table=d.table, user_column=d.user_column,
         item_column=d.item_column, day_column=d.day_column,
         timestamp_column=d.timestamp_column, type_column=d.type_column,
         type_weights=tuple(d.type_weights), window=_unset(d.window),

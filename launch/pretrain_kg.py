@@ -34,13 +34,7 @@ def _dataset_path(cfg, workdir: pathlib.Path) -> str:
         return cfg.data.path
     if not cfg.data.world_config:
         raise app.UsageError("set --config.data.path to a triple folder")
-    from jax_recsys.data import world
-
-    out = workdir / "world"
-    if not (out / "dataset.json").exists():
-        logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
-        world.generate_world(world.scale_config(cfg.data.world_config), out)
-    return str(out)
+    return common.generated_world(cfg.data.world_config, workdir)
 
 
 def main(argv):

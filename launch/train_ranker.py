@@ -45,23 +45,13 @@ def _names(s) -> tuple[str, ...]:
     return tuple(x.strip() for x in str(s).split(",") if x.strip())
 
 
-def dataset_path(cfg, workdir: pathlib.Path) -> str:
-    """cfg.data.path, or a freshly generated world in WORKDIR/world when it is empty."""
+def dataset_path(cfg, workdir: pathlib.Path, *, key: str = "data") -> str:
+    """cfg.data.path, or the world of cfg.data.world_config in WORKDIR/world when it is
+    empty (written there if absent; another world there is refused with a ValueError:
+    see `common.generated_world`). `key` names cfg's data settings in messages."""
     if cfg.data.path:
         return cfg.data.path
-    import jax
-
-    from jax_recsys.data import world
-
-    out = workdir / "world"
-    if jax.process_index() == 0 and not (out / "dataset.json").exists():
-        logging.info("no data.path: writing the %s world to %s", cfg.data.world_config, out)
-        world.generate_world(world.scale_config(cfg.data.world_config), out)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("ranker world written")  # others wait for it
-    return str(out)
+    return common.generated_world(cfg.data.world_config, workdir, key=key)
 
 
 def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None, seed=None):

@@ -6,6 +6,7 @@ Each case runs a real `python -m launch.X` with input that fails before any heav
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -273,3 +274,47 @@ def test_train_ranker_refuses_bad_labels_and_windows_before_training(tmp_path, a
                                  f"--workdir={tmp_path / 'w'}", *args])
     _assert_one_line(proc, "train_ranker: error:", *needles)
     assert not (tmp_path / "w" / "ranker").exists()
+
+
+def _fake_world(folder, scale: str):
+    """A dataset.json recording the `scale` world's settings (no tables: enough for the
+    check, which runs before any data is read)."""
+    import dataclasses
+    import json
+
+    from jax_recsys.data import world
+
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({
+        "name": f"fake_{scale}", "generator": "jax_recsys.data.world",
+        "world_config": dataclasses.asdict(world.scale_config(scale))}))
+
+
+@pytest.mark.parametrize("module,config", [("train_ranker", "ranker.py"),
+                                           ("pretrain_contrastive", "contrastive.py"),
+                                           ("pretrain_kg", "kg.py")])
+def test_an_empty_data_path_refuses_another_world_in_the_workdir(tmp_path, module, config):
+    wd = tmp_path / "w"
+    _fake_world(wd / "world", "smoke")  # an earlier run's world; the config asks for default
+    proc = _run(module, [f"--config=configs/{config}", f"--workdir={wd}"])
+    _assert_one_line(proc, f"{module}: error:", str(wd / "world"), "'smoke' world",
+                     "'default'", "--config.data.path")
+    assert not (wd / "metrics.json").exists()
+
+
+def test_generated_world_reuses_only_the_same_world(tmp_path):
+    from launch import common
+
+    _fake_world(tmp_path / "world", "smoke")
+    assert common.generated_world("smoke", tmp_path) == str(tmp_path / "world")
+    with pytest.raises(ValueError, match="holds the 'smoke' world.*'large'"):
+        common.generated_world("large", tmp_path)
+    meta = json.loads((tmp_path / "world" / "dataset.json").read_text())
+    meta["world_config"]["num_users"] += 1  # e.g. made by other code
+    (tmp_path / "world" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="other settings.*num_users differ"):
+        common.generated_world("smoke", tmp_path)
+    del meta["world_config"]  # a dataset folder copied in by hand
+    (tmp_path / "world" / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not a generated world"):
+        common.generated_world("smoke", tmp_path, key="ranker.data")
