@@ -72,8 +72,16 @@ def main(argv):
     metrics = contrastive_train.train_and_evaluate(
         pairs=contrastive_data.load_pairs(data), config=config, workdir=workdir)
     common.write_json(workdir / "metrics.json", metrics)
-    logging.info("recall@10 %.4f (popularity %.4f), held-out loss %.4f",
-                 metrics["recall@10"], metrics["pop_recall@10"], metrics["heldout_loss"])
+    logging.info("%s", summary_line(metrics, config.eval_ks))
+
+
+def summary_line(metrics: dict, ks) -> str:
+    """The final log line: Recall@K (popularity baseline) for each K of `ks` that
+    `metrics` has, and the held-out loss."""
+    parts = [f"recall@{k} {metrics[f'recall@{k}']:.4f} (popularity "
+             f"{metrics.get(f'pop_recall@{k}', float('nan')):.4f})"
+             for k in dict.fromkeys(ks) if f"recall@{k}" in metrics]
+    return ", ".join([*parts, f"held-out loss {metrics.get('heldout_loss', float('nan')):.4f}"])
 
 
 if __name__ == "__main__":

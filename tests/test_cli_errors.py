@@ -318,3 +318,16 @@ def test_generated_world_reuses_only_the_same_world(tmp_path):
     (tmp_path / "world" / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="not a generated world"):
         common.generated_world("smoke", tmp_path, key="ranker.data")
+
+
+def test_pretrain_contrastive_without_recall_at_10_finishes(tmp_path_factory):
+    """eval_ks without 10 used to train, write the facet, then exit 1 (KeyError 'recall@10')."""
+    data = mp_util.smoke_world(tmp_path_factory)
+    wd = tmp_path_factory.mktemp("cl")
+    proc = _run("pretrain_contrastive", [
+        "--config=configs/contrastive.py:smoke", f"--config.data.path={data}", f"--workdir={wd}",
+        "--config.train.eval_ks=(5,20)", "--config.train.max_steps=2",
+        "--config.data.max_eval_pairs=200", "--config.train.eval_loss_batches=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recall@5 " in proc.stderr and "recall@20 " in proc.stderr
+    assert "recall@10" not in json.loads((wd / "metrics.json").read_text())
