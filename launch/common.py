@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -150,6 +151,37 @@ def run(main: Callable, name: str | None = None) -> None:
             _fail(child_error_line(name, e))
 
     app.run(wrapped, flags_parser=parse)
+
+
+# A line of absl's INFO or WARNING logging ("I1127 14:54:45.947905 ..."), and the
+# one-line error of an entry point ("serve_ranker: cannot start: ...", "x: error: ...").
+_LOG_NOISE = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d")
+_ERROR_LINE = re.compile(r"^[\w.]+: (error|cannot start): ")
+
+
+def log_tail(path: str | os.PathLike, max_lines: int = 2) -> str:
+    """What a child process's log says about why it stopped, as one line.
+
+    Args:
+      path: the log file (the child's stderr).
+      max_lines: how many of the last lines to keep when it printed no error line.
+
+    Returns:
+      Its last `NAME: error: ...` or `NAME: cannot start: ...` line when there is one
+      (see `run`); else its last `max_lines` lines that are neither INFO/WARNING
+      logging nor JSON event lines (e.g. a traceback's last line), joined by " | ";
+      "" when there are none or the log cannot be read.
+    """
+    try:
+        text = pathlib.Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+    if errors:
+        return errors[-1]
+    keep = [ln for ln in lines if not _LOG_NOISE.match(ln) and not ln.startswith("{")]
+    return " | ".join(keep[-max_lines:])
 
 
 def _world_settings(cfg) -> dict:

@@ -16,7 +16,10 @@ are checked against the offline ones too. Every process is stopped on exit, also
 on failure.
 
 Exit status 1 (and `"ok": false` in the JSON) when any request fails or a served
-score differs from the offline score by more than `--tolerance`.
+score differs from the offline score by more than `--tolerance`. A server that exits
+before it serves (e.g. refusing a `--candidates` above what the shards take per
+request) ends the check with one `serving_check: error: ...` line that repeats the
+server's own error line; its log is in `serving_logs/` beside `--out`.
 
 Dimension legend: C candidates of a request, N test impressions.
 """
@@ -83,21 +86,35 @@ class _Proc:
         self.lines.put(None)
 
     def wait_event(self, event: str, timeout_s: float) -> dict:
+        """The child's next JSON line whose "event" is `event`.
+
+        Raises:
+          ChildProcessError: the child exited first (e.g. a flag or artifact it
+            refused); the message carries its log's error line and the log's path.
+          TimeoutError: it did not report `event` within `timeout_s`.
+        """
         end = time.time() + timeout_s
         while True:
             left = end - time.time()
             if left <= 0:
-                raise TimeoutError(f"{self.name} did not report {event!r} within {timeout_s:.0f} s "
-                                   f"(log: {self.log.name})")
+                raise TimeoutError(f"{self.name} did not report {event!r} within {timeout_s:.0f} s"
+                                   f"{self._said()} (log: {self.log.name})")
             try:
                 msg = self.lines.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
             if msg is None:
-                raise RuntimeError(f"{self.name} exited with code {self.proc.wait()} before "
-                                   f"{event!r} (log: {self.log.name})")
+                rc = self.proc.wait()
+                raise ChildProcessError(f"{self.name} exited with code {rc} before {event!r}"
+                                        f"{self._said()} (log: {self.log.name})")
             if msg.get("event") == event:
                 return msg
+
+    def _said(self) -> str:
+        """': <the log's last error line>', or '' when it has none."""
+        self.log.flush()
+        tail = common.log_tail(self.log.name)
+        return f": {tail}" if tail else ""
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         if self.proc.poll() is None:

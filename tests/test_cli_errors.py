@@ -331,3 +331,42 @@ def test_pretrain_contrastive_without_recall_at_10_finishes(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recall@5 " in proc.stderr and "recall@20 " in proc.stderr
     assert "recall@10" not in json.loads((wd / "metrics.json").read_text())
+
+
+def test_serving_check_says_why_a_server_did_not_start(tmp_path):
+    """A child server that exits before serving ends serving_check with one line that
+    carries the child's own error (it used to be a RuntimeError traceback naming only
+    the log)."""
+    log = tmp_path / "ranker.log"
+    code = (
+        "import pathlib, sys\n"
+        "from launch import common, serving_check\n"
+        "def main(argv):\n"
+        "    p = serving_check._Proc('ranker service', ['launch.serve_ranker',\n"
+        f"        '--artifact={tmp_path}', '--port=-1'], pathlib.Path({str(log)!r}))\n"
+        "    try:\n"
+        "        p.wait_event('serving', 120)\n"
+        "    finally:\n"
+        "        p.stop()\n"
+        "sys.argv = ['serving_check', '--artifact=a', '--ranker=r', '--data=d', '--out=o']\n"
+        "common.run(main)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=mp_util.REPO, capture_output=True,
+                          text=True, timeout=120, env=mp_util.child_env(1, {"JAX_RECSYS_TRACEBACK": ""}))
+    _assert_one_line(proc, "serving_check: error:",
+                     "ranker service exited with code 1 before 'serving': serve_ranker: cannot "
+                     "start: port must be in", str(log))
+
+
+def test_log_tail_prefers_the_error_line(tmp_path):
+    from launch import common
+
+    log = tmp_path / "x.log"
+    log.write_text("I1127 14:54:45.947905 1 xla_bridge.py:849] Unable to initialize 'tpu'\n"
+                   "x: cannot start: shard 0 takes at most 65536 ids\n"
+                   '{"event": "stopped"}\nW1127 14:54:46.000000 1 a.py:1] bye\n')
+    assert common.log_tail(log) == "x: cannot start: shard 0 takes at most 65536 ids"
+    log.write_text("I1127 14:54:45.947905 1 a.py:1] hi\nTraceback (most recent call last):\n"
+                   '  File "a.py", line 1\nKeyError: \'k\'\n')
+    assert common.log_tail(log) == "File \"a.py\", line 1 | KeyError: 'k'"
+    assert common.log_tail(tmp_path / "missing.log") == ""
