@@ -6,7 +6,8 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID), creates the workdir and returns the resolve
 settings. Only process 0 writes reports (`write_json`).
 
 Entry points start with `run(main)` instead of `app.run(main)`: a user mistake ends
-with one `NAME: error: ...` line on stderr and exit status 1, not a traceback (see `run`).
+with one `NAME: error: ...` line on stderr and exit status 1, not a traceback, and Ctrl-C
+with one `NAME: interrupted (...)` line and exit status 130 (see `run`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -110,7 +113,75 @@ def _fail(line: str):
     sys.exit(1)
 
 
-def run(main: Callable, name: str | None = None) -> None:
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
+
+# What to tell a user who pressed Ctrl-C in a trainer that may or may not save
+# checkpoints (see `checkpoint_resume_hint`).
+RESUME = "rerun the same command to resume"
+
+
+def checkpoint_resume_hint(config_flag) -> Callable[[], str]:
+    """A `run(resume_hint=...)` for trainers: resuming needs config.train.checkpoint_every > 0.
+
+    Args:
+      config_flag: the script's ``--config`` flag holder.
+    """
+    def hint() -> str:
+        if config_flag.value.train.get("checkpoint_every", 0) > 0:
+            return f"{RESUME} from the newest checkpoint"
+        return "a rerun starts over: config.train.checkpoint_every is 0"
+
+    return hint
+
+
+def _join_threads() -> None:
+    """Waits for the running non-daemon threads other than thread-pool workers.
+
+    A normal exit waits for them too, but only after shutting down every thread pool;
+    an async checkpoint's writers still submit work to their pools, so they are waited
+    for first (idle pool workers would never end: those are left to the shutdown).
+    """
+    from concurrent.futures import thread as pool_thread
+
+    me = threading.current_thread()
+    while True:
+        workers = set(getattr(pool_thread, "_threads_queues", {}))
+        busy = [t for t in threading.enumerate()
+                if t is not me and not t.daemon and t not in workers and t.is_alive()]
+        if not busy:
+            return
+        busy[0].join()
+
+
+def _interrupted(name: str, resume_hint) -> None:
+    """Ends the process after a Ctrl-C: one line on stderr, exit status 130.
+
+    Background threads still running (e.g. an async checkpoint's finalisation) are
+    waited for, as at a normal exit (`_join_threads`); then the process ends with
+    `os._exit`, skipping the interpreter's teardown, which can crash ("Fatal Python
+    error: Segmentation fault") when the interrupt came during an XLA compilation.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
+    if _want_traceback():
+        traceback.print_exc()
+    try:
+        hint = resume_hint() if callable(resume_hint) else resume_hint
+    except Exception:  # noqa: BLE001 (e.g. interrupted before the flags were parsed)
+        hint = None
+    sys.stderr.write(f"{name}: interrupted" + (f" ({hint})" if hint else "") + "\n")  # one write
+    try:
+        _join_threads()
+        shutdown = getattr(threading, "_shutdown", None)  # what a normal exit runs first
+        if shutdown is not None:
+            shutdown()
+        logging.flush()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT)
+
+
+def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
     """`app.run(main)` that ends user mistakes with one line instead of a traceback.
 
     A ValueError (DataError, ArtifactError, ...) or OSError (FileNotFoundError,
@@ -125,12 +196,19 @@ def run(main: Callable, name: str | None = None) -> None:
     (``TimeoutExpired``) ends the same way, naming the child's command: the child has
     printed its own error already.
 
-    Full traceback of a caught error: pass ``--verbosity=1`` or set the environment
-    variable ``JAX_RECSYS_TRACEBACK=1``.
+    Ctrl-C (KeyboardInterrupt, wherever it lands) prints ``NAME: interrupted`` and, when
+    given, `` (<resume_hint>)`` on stderr and exits with status 130 once background
+    threads (e.g. a checkpoint being finalised) are done; a second Ctrl-C ends the
+    process at once.
+
+    Full traceback of a caught error or interrupt: pass ``--verbosity=1`` or set the
+    environment variable ``JAX_RECSYS_TRACEBACK=1``.
 
     Args:
       main: the absl main, `main(argv)`.
       name: NAME in the message (default: the script's file name, e.g. `generate_data`).
+      resume_hint: what a rerun does after Ctrl-C (e.g. `RESUME`), or a function that
+        says it when called (see `checkpoint_resume_hint`); None: nothing.
     """
     name = name or pathlib.Path(sys.argv[0]).stem or "main"
 
@@ -150,7 +228,10 @@ def run(main: Callable, name: str | None = None) -> None:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             _fail(child_error_line(name, e))
 
-    app.run(wrapped, flags_parser=parse)
+    try:
+        app.run(wrapped, flags_parser=parse)
+    except KeyboardInterrupt:  # outermost: every finally/with inside has run
+        _interrupted(name, resume_hint)
 
 
 # A line of absl's INFO or WARNING logging ("I1127 14:54:45.947905 ..."), and the

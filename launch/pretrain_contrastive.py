@@ -85,4 +85,4 @@ def summary_line(metrics: dict, ks) -> str:
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, resume_hint=common.checkpoint_resume_hint(_CONFIG))

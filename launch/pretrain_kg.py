@@ -71,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, resume_hint=common.checkpoint_resume_hint(_CONFIG))

@@ -163,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, resume_hint=f"{common.RESUME}: finished runs and facets are reused")

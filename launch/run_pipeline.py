@@ -134,4 +134,4 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
 
 
 if __name__ == "__main__":
-    common.run(main)
+    common.run(main, resume_hint=f"{common.RESUME}: finished stages are skipped")

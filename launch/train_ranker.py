@@ -142,4 +142,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    common.run(main)
+    common.run(main, resume_hint=common.checkpoint_resume_hint(_CONFIG))

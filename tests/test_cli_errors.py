@@ -7,6 +7,7 @@ Each case runs a real `python -m launch.X` with input that fails before any heav
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -370,3 +371,61 @@ def test_log_tail_prefers_the_error_line(tmp_path):
                    '  File "a.py", line 1\nKeyError: \'k\'\n')
     assert common.log_tail(log) == "File \"a.py\", line 1 | KeyError: 'k'"
     assert common.log_tail(tmp_path / "missing.log") == ""
+
+
+_TINY_APP = '''
+import pathlib, sys, threading, time
+from concurrent import futures
+from launch import common
+
+out = pathlib.Path(sys.argv.pop())
+pool = futures.ThreadPoolExecutor(1)
+pool.submit(lambda: None).result()  # an idle pool worker, as an async checkpointer keeps
+
+
+def finish():  # like an async checkpoint's writer: it still uses its pool after Ctrl-C
+    time.sleep(1.0)
+    out.write_text(pool.submit(lambda: "saved").result())
+
+
+def main(argv):
+    threading.Thread(target=finish).start()
+    print("ready", flush=True)
+    time.sleep(120)
+
+
+common.run(main, name="tiny", resume_hint=common.RESUME)
+'''
+
+
+def test_ctrl_c_is_one_line_exit_130_after_background_work(tmp_path):
+    """SIGINT used to print a KeyboardInterrupt traceback (and sometimes crash in the
+    interpreter's teardown); a background writer is still allowed to finish."""
+    out = tmp_path / "saved.txt"
+    proc = subprocess.Popen([sys.executable, "-c", _TINY_APP, str(out)], cwd=mp_util.REPO,
+                            env=mp_util.child_env(1, {"JAX_RECSYS_TRACEBACK": ""}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "tiny: interrupted (rerun the same command to resume)"
+    assert out.read_text() == "saved"
+
+
+def test_checkpoint_resume_hint_says_whether_a_rerun_resumes():
+    import ml_collections
+
+    from launch import common
+
+    class Holder:
+        value = ml_collections.ConfigDict({"train": {"checkpoint_every": 5}})
+
+    hint = common.checkpoint_resume_hint(Holder)
+    assert hint() == "rerun the same command to resume from the newest checkpoint"
+    Holder.value.train.checkpoint_every = 0
+    assert "starts over" in hint()
