@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -249,7 +250,18 @@ def test_labels_must_be_0_or_1(tmp_path):
         T.prepare_data(_data(tmp_path / "data", click_column="hour"), id_columns=ids)
     # Float 0.0 / 1.0 and bool labels are fine.
     np.save(imp / "click.npy", click.astype(bool))
-    T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no conversion without a click here
+        T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    # A conversion without a click (post-view) is counted and warned about: the ESMM
+    # labels (click AND conversion) take it for no conversion.
+    unclicked = np.flatnonzero(click == 0)[:3]
+    conv[unclicked] = 1
+    np.save(imp / "conversion.npy", conv)
+    with pytest.warns(UserWarning, match="3 impressions have conversion=1 with click=0"):
+        T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    conv[unclicked] = 0
+    np.save(imp / "conversion.npy", conv)
     # A CSV table: the error names the file line.
     csv = tmp_path / "csv"
     csv.mkdir()

@@ -318,6 +318,14 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
                 column=c,
             )
     _check_labels(folder, data.table, cols, (data.click_column, data.conversion_column))
+    unclicked = int(np.count_nonzero((np.asarray(cols[data.conversion_column]) == 1)
+                                     & (np.asarray(cols[data.click_column]) == 0)))
+    if unclicked:  # post-view conversions: the ESMM labels see click AND conversion
+        warnings.warn(
+            f"{data.path}: {unclicked} impressions have {data.conversion_column}=1 with "
+            f"{data.click_column}=0; the ranker models conversions after a click "
+            "(CTCVR label = click AND conversion), so they count as no conversion",
+            stacklevel=2)
     sizes = []
     for c in coarse:
         v = np.asarray(cols[c])
