@@ -16,9 +16,10 @@ are checked against the offline ones too. Every process is stopped on exit, also
 on failure.
 
 Exit status 1 (and `"ok": false` in the JSON) when any request fails or a served
-score differs from the offline score by more than `--tolerance`. A server that exits
-before it serves (e.g. refusing a `--candidates` above what the shards take per
-request) ends the check with one `serving_check: error: ...` line that repeats the
+score differs from the offline score by more than `--tolerance`. The shards are
+started with a `--max_ids_per_request` large enough for one batch of the ranker
+(`--candidates` × `--concurrency` × the artifact's tables, at least the default), so
+any `--candidates` can be checked. A server that exits before it serves ends the check with one `serving_check: error: ...` line that repeats the
 server's own error line; its log is in `serving_logs/` beside `--out`.
 
 Dimension legend: C candidates of a request, N test impressions.
@@ -236,10 +237,16 @@ def main(argv):
                     "ranker_device": None, "ok": False}
     try:
         t0 = time.time()
+        # The most ids one batch of the ranker can send a shard: a user, a candidate and
+        # a row of each other table per candidate (the ranker refuses shards that take
+        # fewer); never below the servers' default.
+        batch = _CANDIDATES.value * max(1, _CONCURRENCY.value)
+        max_ids = max(1 << 16, batch * max(2, len(art.tables)))
         for i in range(_NUM_SHARDS.value):
             procs.append(_Proc(f"embedding shard {i}", [
                 "launch.serve_embeddings", f"--artifact={_ARTIFACT.value}", f"--shard={i}",
-                f"--num_shards={_NUM_SHARDS.value}", "--port=0", "--log_every_s=0"],
+                f"--num_shards={_NUM_SHARDS.value}", "--port=0", "--log_every_s=0",
+                f"--max_ids_per_request={max_ids}"],
                 logdir / f"shard{i}.log"))
         ports = [p.wait_event("serving", _START_TIMEOUT.value)["port"] for p in procs]
         shards = ",".join(f"127.0.0.1:{p}" for p in ports)
