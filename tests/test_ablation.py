@@ -33,6 +33,15 @@ def test_relaimpr_and_summary_hand_computed():
     md = A.render_markdown({"seeds": [0, 1], "windows": {"test": [5, 6]}, "order": ["no_large_tables", "cl"],
                             "variants": {"no_large_tables": b, "cl": s}, "seconds": 1.0})
     assert "| x | 0.6200 ± 0.0000 | +10.0% ± 14.1 |" in md
+    # The coverage lines say what the rows of ids a facet lacks are.
+    cov = {"cl": [{"facet": "kg", "entity": "pin", "found": 7, "rows": 9, "missing": 2,
+                   "facet_rows": 12}]}
+    base_result = {"seeds": [0, 1], "windows": {"test": [5, 6]}, "order": ["no_large_tables", "cl"],
+                   "variants": {"no_large_tables": b, "cl": s}, "facet_coverage": cov}
+    line = "- kg/pin (fresh window): 7 of 9 ranker ids found, 2 {} rows; facet table 12 rows"
+    assert line.format("fresh") in A.render_markdown(base_result)  # before facet_missing
+    assert line.format("fresh") in A.render_markdown({**base_result, "facet_missing": "random"})
+    assert line.format("zero") in A.render_markdown({**base_result, "facet_missing": "zeros"})
 
 
 def test_config_rejects_unknown_variants():

@@ -354,6 +354,7 @@ def run_ablation(
         "windows": {k: list(v) for k, v in data.windows.items()},
         "pretraining": pretrain_info,
         "facet_coverage": facet_stats,
+        "facet_missing": config.facet_missing,
         "variants": {},
         "order": list(config.variants),
         "seconds": time.time() - t0,
@@ -452,6 +453,8 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     cov = result.get("facet_coverage") or {}
+    # Rows of ids a facet lacks: fresh random ones, or zeros (AblationConfig.facet_missing).
+    fresh = "zero" if result.get("facet_missing") == "zeros" else "fresh"
     seen = set()
     cov_lines = []
     for name in result["order"]:
@@ -463,7 +466,7 @@ def render_markdown(result: Mapping[str, Any]) -> str:
             seen.add(key)
             cov_lines.append(
                 f"- {s['facet']}/{s['entity']} ({window} window): {s['found']} of {s['rows']} ranker "
-                f"ids found, {s['missing']} fresh rows; facet table {s['facet_rows']} rows"
+                f"ids found, {s['missing']} {fresh} rows; facet table {s['facet_rows']} rows"
             )
     if cov_lines:
         lines += ["Pretrained ids found in the ranker's vocabulary (first seed):", "", *cov_lines, ""]
