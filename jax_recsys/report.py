@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import math
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 TASKS = ("ctr", "cvr", "ctcvr")
-# Pretraining metrics shown in the report (the rest stay in each run's metrics.json).
-_PRETRAIN_KEYS = ("recall@10", "pop_recall@10", "ndcg@10", "pop_ndcg@10", "recall@100",
-                  "heldout_loss", "test_mrr", "test_hits@1", "test_hits@10", "final_loss")
+# Pretraining metrics shown in the report (the rest stay in each run's metrics.json):
+# ranking metrics at every K the run evaluated (its eval_ks; 10 and 100 by default).
+_PRETRAIN_KEY = re.compile(
+    r"(pop_)?(recall|ndcg)@\d+|test_hits@\d+|heldout_loss|test_mrr|final_loss")
+# Curves of pretraining evaluation: these metrics at K = 10 (at the smallest K a run
+# has when it has no 10), and MRR.
+_CURVE_KEY = re.compile(r"(.*_)?(recall|ndcg|hits)@(\d+)")
 
 
 def _served_width(bits) -> str:
@@ -120,6 +125,20 @@ def plot_auc(ablation: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path | 
     return path
 
 
+def _eval_curve(histories: Mapping[str, Sequence[Mapping[str, float]]]):
+    """`select` for the pretraining evaluation curves: MRR, and Recall/NDCG/Hits at
+    K = 10, or at the smallest K recorded when no metric has K = 10."""
+    ks = {int(m.group(3)) for recs in histories.values() for r in recs
+          if isinstance(r, Mapping) for k in r if (m := _CURVE_KEY.fullmatch(k))}
+    k_shown = 10 if 10 in ks or not ks else min(ks)
+
+    def select(k: str) -> bool:
+        m = _CURVE_KEY.fullmatch(k)
+        return k.endswith("mrr") or (m is not None and int(m.group(3)) == k_shown)
+
+    return select
+
+
 def plot_curves(
     histories: Mapping[str, Sequence[Mapping[str, float]]],
     path: pathlib.Path,
@@ -211,7 +230,7 @@ def write_report(
         for run, m in pretraining.items():
             for k in sorted(m):
                 v = m[k]
-                if k in _PRETRAIN_KEYS and (v is None or isinstance(v, int | float)):
+                if _PRETRAIN_KEY.fullmatch(k) and (v is None or isinstance(v, int | float)):
                     md.append(f"| {run} | {k} | {_cell(v, '.4f')} |")
         md.append("")
     if export:
@@ -272,8 +291,7 @@ def write_report(
         title="training loss per stage",
     )
     retr_png = plot_curves(
-        histories, plots / "pretraining_eval.png",
-        select=lambda k: k.endswith(("recall@10", "ndcg@10", "mrr", "hits@10")),
+        histories, plots / "pretraining_eval.png", select=_eval_curve(histories),
         title="pretraining evaluation during training",
     )
     if loss_png:

@@ -95,6 +95,30 @@ def test_report_tables_and_plots(tmp_path):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
 
 
+def test_pretraining_metrics_at_every_k_the_run_evaluated(tmp_path):
+    """A run evaluated at eval_ks=(5, 20): its Recall/NDCG rows are in the table (only
+    @10 and recall@100 were), and its curves are drawn at K=5 (none were drawn)."""
+    metrics = {"recall@5": 0.1, "recall@20": 0.3, "pop_ndcg@5": 0.05, "test_hits@3": 0.2,
+               "final_loss": 1.5, "steps": 7, "recall@x": 0.9}
+    md = report.write_report(tmp_path, stages=[], pretraining={"cl/fresh": metrics}).read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| cl/fresh |")]
+    assert rows == ["| cl/fresh | final_loss | 1.5000 |", "| cl/fresh | pop_ndcg@5 | 0.0500 |",
+                    "| cl/fresh | recall@20 | 0.3000 |", "| cl/fresh | recall@5 | 0.1000 |",
+                    "| cl/fresh | test_hits@3 | 0.2000 |"]
+    hist = {"pretrain cl": [{"step": 1, "recall@5": 0.1, "recall@20": 0.2, "test_mrr": 0.3},
+                            {"step": 2, "recall@5": 0.2, "recall@20": 0.3, "test_mrr": 0.4}]}
+    select = report._eval_curve(hist)
+    assert [k for k in ("recall@5", "recall@20", "test_mrr", "step") if select(k)] == [
+        "recall@5", "test_mrr"]
+    report.write_report(tmp_path, stages=[], histories=hist)
+    assert (tmp_path / "plots" / "pretraining_eval.png").stat().st_size > 1000
+    # With K = 10 recorded, the curves stay at 10 (as before), whatever else there is.
+    select = report._eval_curve({"kg": [{"step": 1, "test_hits@10": 0.5, "test_hits@1": 0.1,
+                                         "valid_recall@10": 0.2}]})
+    assert [k for k in ("test_hits@10", "test_hits@1", "valid_recall@10", "recall@100")
+            if select(k)] == ["test_hits@10", "valid_recall@10"]
+
+
 def test_report_names_the_exports_real_width(tmp_path):
     """An 8-bit (pipeline --config.export.bits=8) or float32 export used to be reported
     under "## INT4 export" with an "INT4" column over its numbers."""
