@@ -372,14 +372,16 @@ def test_malformed_npy_columns(tmp_path):
     d = table("junk", user_id=np.arange(3))
     (d / "user_id.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
     assert _err(lambda: folder.read_npy_table(d)).column == "user_id"
-    # Ids, labels and times hold one value per row.
-    for c in ("user_id", "click", "day"):
+    # Labels and times hold one value per row.
+    for c in ("click", "day"):
         d = table(f"twod_{c}", **{c: np.zeros((3, 1), np.int64)})
         e = _err(lambda d=d: folder.read_npy_table(d))
         assert e.column == c and "1-D" in str(e) and "(3, 1)" in str(e), c
     # Other columns may keep trailing dimensions (as TableWriter writes them).
-    d = table("vec", user_id=np.arange(3), emb=np.zeros((3, 2), np.float32))
-    assert folder.read_npy_table(d)["emb"].shape == (3, 2)
+    d = table("vec", user_id=np.arange(3), emb=np.zeros((3, 2), np.float32),
+              hist_item_id=np.zeros((3, 5), np.int64))  # a list of ids per row
+    t = folder.read_npy_table(d)
+    assert t["emb"].shape == (3, 2) and t["hist_item_id"].shape == (3, 5)
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):

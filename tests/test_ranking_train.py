@@ -258,9 +258,27 @@ def test_labels_must_be_0_or_1(tmp_path):
     unclicked = np.flatnonzero(click == 0)[:3]
     conv[unclicked] = 1
     np.save(imp / "conversion.npy", conv)
-    with pytest.warns(UserWarning, match="3 impressions have conversion=1 with click=0"):
+    with pytest.warns(UserWarning, match="3 impressions of the windows have conversion=1 "
+                      "with click=0"):
         T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
     conv[unclicked] = 0
+    # Only the rows the windows use are checked: a pending (NaN) label on day 5, outside
+    # the windows below, or a bad one past max_train_examples, is not read at all.
+    conv[550] = np.nan
+    np.save(imp / "conversion.npy", conv)
+    with pytest.raises(folder.DataError, match="row 550: label nan"):
+        T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    got = T.prepare_data(_data(tmp_path / "data", valid_window="", test_window=(4, 5)),
+                         id_columns=ids)
+    assert [len(got.splits[k]["click"]) for k in ("train", "test")] == [400, 100]
+    conv[550] = 0
+    conv[300] = np.nan  # day 3: train rows 0..399
+    np.save(imp / "conversion.npy", conv)
+    got = T.prepare_data(_data(tmp_path / "data", max_train_examples=300), id_columns=ids)
+    assert len(got.splits["train"]["click"]) == 300
+    with pytest.raises(folder.DataError, match="row 300: label nan"):
+        T.prepare_data(_data(tmp_path / "data", max_train_examples=301), id_columns=ids)
+    conv[300] = 0
     np.save(imp / "conversion.npy", conv)
     # A CSV table: the error names the file line.
     csv = tmp_path / "csv"

@@ -26,8 +26,9 @@ are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
 int64, other numbers -> float64, anything else -> ``np.str_`` ids; ``*_id``
 columns are int64 only if every spelling is canonical, else ``np.str_``).
 Text files may start with a UTF-8 byte-order mark (it is not part of the first
-column's name). Columns that hold one value per row -- ``*_id`` columns and
-:data:`NUMERIC_COLUMNS` -- must be 1-D in ``.npy`` tables; ``timestamp`` and ``day``
+column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D in ``.npy``
+tables (other columns may have trailing dimensions: e.g. a list of ids per row; a
+consumer checks the columns it uses); ``timestamp`` and ``day``
 values must be finite and within int64 range (a NaN day would fall outside every
 window and drop its row).
 
@@ -591,8 +592,7 @@ def read_npy_table(
 
     Raises:
       DataError: naming the file and column for an unreadable, empty or truncated
-        ``.npy`` file, a scalar, a ``*_id`` or :data:`NUMERIC_COLUMNS` column that is
-        not 1-D, a ``timestamp``/``day`` value that is not finite or beyond int64
+        ``.npy`` file, a scalar, a :data:`NUMERIC_COLUMNS` column that is not 1-D, a ``timestamp``/``day`` value that is not finite or beyond int64
         (the row is named), or columns of different lengths.
     """
     path = pathlib.Path(path)
@@ -616,7 +616,7 @@ def read_npy_table(
             ) from None
         if arr.ndim < 1:
             raise DataError("column is a scalar", file=f, column=c)
-        if arr.ndim > 1 and (c in NUMERIC_COLUMNS or c.endswith("_id")):
+        if arr.ndim > 1 and c in NUMERIC_COLUMNS:
             raise DataError(
                 f"column must be 1-D (one value per row), got shape {arr.shape}",
                 file=f,

@@ -238,14 +238,19 @@ def _check_windows(
                     "metrics share impressions")
 
 
-def _check_labels(folder, table: str, cols: Mapping[str, np.ndarray], columns) -> None:
+_ROW = "\0row"  # a window's rows' positions in the table (not a column name a file can have)
+
+
+def _check_labels(folder, table: str, cols: Mapping[str, np.ndarray], columns,
+                  rows: np.ndarray) -> None:
     """Every label is exactly 0 or 1 (a CTR/CVR ranker's labels are binary).
 
     Args:
       folder: the open DatasetFolder.
       table: the impressions table's name.
-      cols: its columns, as `folder.table(table)` returned them.
+      cols: label columns of some of its rows.
       columns: the label columns.
+      rows: [n] those rows' positions in the table (for the error's line or row).
 
     Raises:
       DataError: naming the file, column and the first bad line (npy: row).
@@ -262,7 +267,7 @@ def _check_labels(folder, table: str, cols: Mapping[str, np.ndarray], columns) -
                 table,
                 f"label {v[i].item()!r} is not 0 or 1 (click and conversion labels are binary)",
                 column=c,
-                row=i,
+                row=int(rows[i]),
             )
 
 
@@ -317,15 +322,6 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
                 data.table, f"column must be 1-D (one value per impression), got shape {shape}",
                 column=c,
             )
-    _check_labels(folder, data.table, cols, (data.click_column, data.conversion_column))
-    unclicked = int(np.count_nonzero((np.asarray(cols[data.conversion_column]) == 1)
-                                     & (np.asarray(cols[data.click_column]) == 0)))
-    if unclicked:  # post-view conversions: the ESMM labels see click AND conversion
-        warnings.warn(
-            f"{data.path}: {unclicked} impressions have {data.conversion_column}=1 with "
-            f"{data.click_column}=0; the ranker models conversions after a click "
-            "(CTCVR label = click AND conversion), so they count as no conversion",
-            stacklevel=2)
     sizes = []
     for c in coarse:
         v = np.asarray(cols[c])
@@ -341,11 +337,20 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
         sizes.append((c, int(v.max()) + 1 if v.size else 1))
     vocabs = {c: np.unique(np.asarray(cols[c])) for c in id_columns}
     splits = {}
+    # Each window's rows carry their table row, so a bad label names its line; only the
+    # rows used are checked (e.g. pending labels on days after the test window are fine).
+    labels = (data.click_column, data.conversion_column)
+    indexed = {**cols, _ROW: np.arange(len(cols[data.click_column]))}
+    unclicked = 0
     for split, (start, end) in wins.items():
-        sel = folder_lib.select_days(cols, start, end)
+        sel = folder_lib.select_days(indexed, start, end)
         n = len(sel[data.click_column])
         if split == "train" and data.max_train_examples:
             n = min(n, data.max_train_examples)
+        used = {c: np.asarray(sel[c][:n]) for c in labels}
+        _check_labels(folder, data.table, used, labels, rows=sel[_ROW][:n])
+        unclicked += int(np.count_nonzero((used[data.conversion_column] == 1)
+                                          & (used[data.click_column] == 0)))
         out = {}
         for c in id_columns:
             out[c] = np.searchsorted(vocabs[c], np.asarray(sel[c][:n])).astype(np.int32)
@@ -354,6 +359,12 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
         out["click"] = np.asarray(sel[data.click_column][:n]).astype(np.float32)
         out["conversion"] = np.asarray(sel[data.conversion_column][:n]).astype(np.float32)
         splits[split] = out
+    if unclicked:  # post-view conversions: the ESMM labels see click AND conversion
+        warnings.warn(
+            f"{data.path}: {unclicked} impressions of the windows have "
+            f"{data.conversion_column}=1 with {data.click_column}=0; the ranker models "
+            "conversions after a click (CTCVR label = click AND conversion), so they count "
+            "as no conversion", stacklevel=2)
     return RankerData(vocabs=vocabs, coarse_sizes=tuple(sizes), splits=splits, windows=wins)
 
 
