@@ -4,8 +4,7 @@ Command:
   python -m launch.pretrain_contrastive --config=configs/contrastive.py \
       --workdir=runs/cl --config.data.path=runs/world
   (add `:smoke` for a seconds-long run; with an empty data.path the launcher first
-  writes the synthetic world of the matching size into WORKDIR/world; a world of
-  another size already there is refused.)
+  writes the synthetic world of the matching size into WORKDIR/world.)
 
 Day window: `--config.data.window=stale` (a named window of the folder's
 dataset.json), or `--config.data.window_start=0 --config.data.window_end=20`

@@ -5,7 +5,7 @@ Command:
       --config.data.path=runs/world
   (add `:smoke` for a seconds-long run; with an empty data.path the launcher first
   writes the synthetic world of the matching size into WORKDIR/world and reads
-  WORKDIR/world/kg; a world of another size already there is refused.)
+  WORKDIR/world/kg.)
 
 The graph: users, pins, advertisers, boards and keywords (one row-sharded table per
 type), relations such as `user engaged pin`, `user converted advertiser`,

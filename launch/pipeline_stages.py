@@ -64,13 +64,13 @@ class Stage:
         h = hashlib.sha256(json.dumps(self.cmd or self.name).encode())
         named = [a.split("=", 1)[1] for a in self.cmd or () if a.startswith("--config=")]
         for spec in [*named, *self.configs]:
-            h.update(f"\0{spec}\0{_config_fingerprint(spec)}".encode())
+            h.update(f"\0{spec}\0{config_fingerprint(spec)}".encode())
         h.update(f"\0upstream\0{upstream}".encode())
         return h.hexdigest()[:16]
 
 
 # Config keys added after stage keys were first saved, with the value every config
-# before them had: left out of `_config_fingerprint` (at any depth) while they hold it,
+# before them had: left out of `config_fingerprint` (at any depth) while they hold it,
 # so a finished stage of a config that does not set them is not rerun.
 _OMITTED_CONFIG_DEFAULTS = {"facet_missing": "random"}
 
@@ -87,7 +87,7 @@ def _omit_defaults(cfg) -> None:
                 del cfg[k]
 
 
-def _config_fingerprint(spec: str) -> str:
+def config_fingerprint(spec: str) -> str:
     """The resolved content of config ``FILE[:ARG]`` (its ``get_config(ARG)`` as JSON,
     without `_OMITTED_CONFIG_DEFAULTS` at their default), or of the file's bytes when it
     cannot be evaluated here (the stage reports that)."""

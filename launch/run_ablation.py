@@ -9,7 +9,7 @@ ranker variant reuses them (see jax_recsys/ranking/ablation.py).
 
 Rerunning resumes: a finished ranker run, pretrained facet or stale-window KG world
 in WORKDIR is reused only when it was made with the same settings and data (the
-run's config, the pretraining command and config files, the data folder's
+run's config, the pretraining command and resolved configs, the data folder's
 dataset.json and its files' sizes and mtimes); anything else is redone and logged. `--fresh` redoes everything.
 """
 
@@ -126,18 +126,27 @@ def main(argv):
         _run("launch.pretrain_kg", p.kg_config, out, extra, p.timeout_s)
         return out / "facet_kg"
 
-    def key(module: str, config: str, args: list[str], data: str) -> str:
-        """What a pretraining run depends on: its command, config file and data."""
-        from jax_recsys.ranking import ablation as ablation_lib
+    def key(module: str, config: str, args: list[str], data: str,
+            suffix: str = "") -> tuple[str, str]:
+        """What a pretraining run depends on: its command, resolved config and data.
 
-        return json.dumps([module, config, args, _config_file_digest(config),
-                           ablation_lib.folder_digest(data)])
+        Returns the key, then its form before 2026-11-27 (the config file's bytes, so
+        an edit of a docstring redid the pretraining), still accepted for facets
+        made then.
+        """
+        from jax_recsys.ranking import ablation as ablation_lib
+        from launch import pipeline_stages
+
+        digest = ablation_lib.folder_digest(data)
+        resolved = pipeline_stages.config_fingerprint(config)
+        return (json.dumps([module, config, args, {"resolved_config": resolved}, digest]) + suffix,
+                json.dumps([module, config, args, _config_file_digest(config), digest]) + suffix)
 
     pretrain_keys = {
         "cl": lambda w: key("launch.pretrain_contrastive", p.cl_config, cl_args(w), data_path),
         # The stale KG world is derived from the data folder: its digest covers both.
         "kg": lambda w: key("launch.pretrain_kg", p.kg_config, shlex.split(p.kg_flags),
-                            data_path) + w,
+                            data_path, suffix=w),
     }
 
     names = train_ranker._names

@@ -202,6 +202,16 @@ def test_pretrained_facets_are_reused_only_under_the_same_key(tmp_path):
     assert not (out / "history.jsonl").exists()  # no curves of the previous pretraining
     obtain(fresh=True)
     assert len(calls) == 3
+    # A key function may give older forms of the key after the current one: a facet
+    # made under one of them is reused, and a new pretraining records the current one.
+    A.obtain_facets(cfg, tmp_path, log=lambda s: None, pretrainers={"cl": pretrain},
+                    pretrain_keys={"cl": lambda w: ("new" + w, "b" + w)})
+    assert len(calls) == 3
+    assert json.loads((out / "pretrain_key.json").read_text()) == {"key": "newfresh"}
+    A.obtain_facets(cfg, tmp_path, log=lambda s: None, pretrainers={"cl": pretrain},
+                    pretrain_keys={"cl": lambda w: ("newer" + w, "older" + w)})
+    assert len(calls) == 4
+    assert json.loads((out / "pretrain_key.json").read_text()) == {"key": "newerfresh"}
     key["v"] = "c"
     with pytest.raises(ValueError, match="made with other settings.*no pretrainer"):
         obtain(pretrainers={})

@@ -162,10 +162,10 @@ def test_int4_row_name():
 
 
 def test_config_fingerprint_is_stable_and_resolved(tmp_path):
-    a = rp._config_fingerprint("configs/world.py:smoke")
-    assert a == rp._config_fingerprint("configs/world.py:smoke")
-    assert a != rp._config_fingerprint("configs/world.py")
-    missing = rp._config_fingerprint(str(tmp_path / "none.py"))  # the stage reports it
+    a = rp.config_fingerprint("configs/world.py:smoke")
+    assert a == rp.config_fingerprint("configs/world.py:smoke")
+    assert a != rp.config_fingerprint("configs/world.py")
+    missing = rp.config_fingerprint(str(tmp_path / "none.py"))  # the stage reports it
     assert len(missing) == 64 and missing != a
 
 
@@ -232,11 +232,11 @@ def test_config_fingerprint_leaves_out_facet_missing_at_its_default(tmp_path):
             "    c = module.get_config(arg)\n"
             f"    {body}\n"
             "    return c\n")
-        return rp._config_fingerprint(f"{path}:smoke")
+        return rp.config_fingerprint(f"{path}:smoke")
 
-    ranker = rp._config_fingerprint("configs/ranker.py:smoke")
+    ranker = rp.config_fingerprint("configs/ranker.py:smoke")
     assert ranker == variant("configs/ranker.py", "r0", "del c['facet_missing']")  # as before it
     assert ranker != variant("configs/ranker.py", "r1", "c.facet_missing = 'zeros'")
-    ablation = rp._config_fingerprint("configs/ablation.py:smoke")  # the pipeline's stage config
+    ablation = rp.config_fingerprint("configs/ablation.py:smoke")  # the pipeline's stage config
     assert ablation == variant("configs/ablation.py", "a0", "del c.ranker['facet_missing']")
     assert ablation != variant("configs/ablation.py", "a1", "c.ranker.facet_missing = 'zeros'")

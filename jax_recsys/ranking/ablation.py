@@ -171,7 +171,7 @@ def obtain_facets(
     *,
     pretrainers: Mapping[str, Pretrainer],
     log: Callable[[str], None] = print,
-    pretrain_keys: Mapping[str, Callable[[str], str]] | None = None,
+    pretrain_keys: Mapping[str, Callable[[str], str | Sequence[str]]] | None = None,
     fresh: bool = False,
 ) -> tuple[dict[tuple[str, str], Any], dict[str, Any]]:
     """Loads (pretraining first if needed) every (facet, window) the variants use.
@@ -182,9 +182,11 @@ def obtain_facets(
       pretrainers: facet -> fn(window, out_dir) returning the facet checkpoint dir.
       log: progress printer.
       pretrain_keys: facet -> fn(window) -> a key of everything the pretraining
-        depends on (command, configs, data). A facet in WORKDIR/pretrain is reused
-        only when it was made under the same key; without a key function any
-        finished facet there is reused.
+        depends on (command, configs, data), or a sequence of keys: the first is the
+        current one (recorded with a new pretraining), the others older forms of the
+        same key that are still accepted (a facet reused under one of them gets the
+        current key). A facet in WORKDIR/pretrain is reused only when it was made
+        under one of them; without a key function any finished facet there is reused.
       fresh: pretrain again even when a finished facet with the same key exists.
 
     Returns:
@@ -210,11 +212,15 @@ def obtain_facets(
             path = out / f"facet_{facet}"
             want = (pretrain_keys or {}).get(facet)
             want = want(window) if want is not None else None
+            accepted = [want] if want is None or isinstance(want, str) else list(want)
+            want = accepted[0]
             have = json.loads((out / _PRETRAIN_KEY).read_text()).get("key") \
                 if (out / _PRETRAIN_KEY).exists() else None
             done = (path / "facet.json").exists()
-            if done and not fresh and (want is None or have == want):
+            if done and not fresh and (want is None or have in accepted):
                 log(f"ablation: reusing pretrained {key} at {path}")
+                if want is not None and have != want:  # made under an older form of the key
+                    (out / _PRETRAIN_KEY).write_text(json.dumps({"key": want}) + "\n")
             elif facet in pretrainers:
                 why = ("--fresh" if fresh else "its settings or data changed") if done else "none yet"
                 log(f"ablation: pretraining {key} into {out} ({why})")
@@ -271,7 +277,7 @@ def run_ablation(
     *,
     pretrainers: Mapping[str, Pretrainer] | None = None,
     log: Callable[[str], None] = print,
-    pretrain_keys: Mapping[str, Callable[[str], str]] | None = None,
+    pretrain_keys: Mapping[str, Callable[[str], str | Sequence[str]]] | None = None,
     fresh: bool = False,
 ) -> dict[str, Any]:
     """Runs every variant for every seed and writes ablation.json / ablation.md.
