@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -134,23 +135,40 @@ def checkpoint_resume_hint(config_flag) -> Callable[[], str]:
     return hint
 
 
-def _join_threads() -> None:
-    """Waits for the running non-daemon threads other than thread-pool workers.
+_JOIN_TIMEOUT_S = 30.0  # how long a Ctrl-C waits for background work before the shutdown
 
-    A normal exit waits for them too, but only after shutting down every thread pool;
-    an async checkpoint's writers still submit work to their pools, so they are waited
-    for first (idle pool workers would never end: those are left to the shutdown).
+
+def _join_threads(name: str, timeout_s: float | None = None) -> bool:
+    """Waits, at most ``timeout_s``, for the running non-daemon threads other than the
+    workers and managers of executors (those end only at the shutdown).
+
+    A normal exit waits for them too, but only after shutting down every executor; an
+    async checkpoint's writers still submit work to their pools, so they are waited for
+    first. A thread that would only end at the shutdown (one this does not know about)
+    is given up on after ``timeout_s`` (default ``_JOIN_TIMEOUT_S``).
+
+    Returns:
+      True when no such thread is left running.
     """
-    from concurrent.futures import thread as pool_thread
+    from concurrent.futures import process as process_pool, thread as thread_pool
 
+    timeout_s = _JOIN_TIMEOUT_S if timeout_s is None else timeout_s
     me = threading.current_thread()
+    deadline = time.monotonic() + timeout_s
+    said = False
     while True:
-        workers = set(getattr(pool_thread, "_threads_queues", {}))
+        known = {*getattr(thread_pool, "_threads_queues", {}),
+                 *getattr(process_pool, "_threads_wakeups", {})}
         busy = [t for t in threading.enumerate()
-                if t is not me and not t.daemon and t not in workers and t.is_alive()]
-        if not busy:
-            return
-        busy[0].join()
+                if t is not me and not t.daemon and t not in known and t.is_alive()]
+        left = deadline - time.monotonic()
+        if not busy or left <= 0:
+            return not busy
+        if not said and left < timeout_s - 2.0:  # quick work ends without a word
+            sys.stderr.write(f"{name}: waiting up to {timeout_s:.0f} s for background work "
+                             "(e.g. a checkpoint being written); Ctrl-C again quits now\n")
+            said = True
+        busy[0].join(min(left, 0.5))
 
 
 def _interrupted(name: str, resume_hint) -> None:
@@ -170,10 +188,16 @@ def _interrupted(name: str, resume_hint) -> None:
         hint = None
     sys.stderr.write(f"{name}: interrupted" + (f" ({hint})" if hint else "") + "\n")  # one write
     try:
-        _join_threads()
-        shutdown = getattr(threading, "_shutdown", None)  # what a normal exit runs first
-        if shutdown is not None:
+        # What a normal exit runs first (executors' shutdown, then joining the
+        # threads); skipped when a thread outlived the wait: it would hang here too.
+        shutdown = getattr(threading, "_shutdown", None)
+        if _join_threads(name) and shutdown is not None:
             shutdown()
+        else:  # no shutdown: stop the child processes it would have (e.g. a process pool's)
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                child.terminate()
         logging.flush()
     finally:
         sys.stdout.flush()

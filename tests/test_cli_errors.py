@@ -10,6 +10,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import mp_util
 import pytest
@@ -415,6 +416,53 @@ def test_ctrl_c_is_one_line_exit_130_after_background_work(tmp_path):
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "tiny: interrupted (rerun the same command to resume)"
     assert out.read_text() == "saved"
+
+
+_STUCK_APP = '''
+import os, threading, time
+from concurrent import futures
+from launch import common
+
+common._JOIN_TIMEOUT_S = 3.0
+pool = futures.ProcessPoolExecutor(1)  # e.g. a data loader's: its manager thread is not daemon
+pool.submit(abs, -1).result()
+stuck = threading.Event()
+
+
+def main(argv):
+    if os.environ.get("STUCK"):  # a thread that never ends by itself
+        threading.Thread(target=stuck.wait).start()
+    print("ready", flush=True)
+    time.sleep(120)
+
+
+common.run(main, name="stuck")
+'''
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_ctrl_c_does_not_wait_for_threads_that_end_only_at_exit(stuck):
+    """An idle process pool's manager thread ends only at the shutdown: Ctrl-C used to
+    wait for it forever. A thread that never ends is given up on after the wait."""
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_APP], cwd=mp_util.REPO,
+                            env=mp_util.child_env(1, {"STUCK": "1" if stuck else ""}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    lines = err.strip().splitlines()
+    assert "stuck: interrupted" in lines
+    if stuck:
+        assert lines[-1].startswith("stuck: waiting up to 3 s for background work")
+        assert 2.5 < took < 30
+    else:
+        assert lines[-1] == "stuck: interrupted" and took < 30
 
 
 def test_checkpoint_resume_hint_says_whether_a_rerun_resumes():
