@@ -42,7 +42,7 @@ flags.DEFINE_alias("checkpoint", "ranker")
 _OUT = flags.DEFINE_string(
     "out", None,
     "Artifact folder to create: new, empty, or an earlier artifact; never the ranker's or "
-    "the data's folder, nor inside or around them.")
+    "the data's folder, nor a folder around them.")
 _DATA = flags.DEFINE_string("data", None, "Dataset folder (default: recorded next to the ranker).")
 _MAX_DROP = flags.DEFINE_float("max_auc_drop", 0.001, "Largest allowed test AUC drop of any task.")
 _NOISE_Z = flags.DEFINE_float(

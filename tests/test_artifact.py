@@ -105,8 +105,25 @@ def test_overwrite_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
     assert artifact.check_replaceable(tmp_path / "empty").version == m.version
     (tmp_path / "empty" / "tables" / "user.codes.npy").write_bytes(b"")
     assert _write(tmp_path / "empty", seed=1, overwrite=True).version != m.version
+    m2 = _write(tmp_path / "seed2", seed=2)
     artifact.verify_artifact(tmp_path / "empty")
     assert artifact.check_replaceable(tmp_path / "nothing") is None
+    # A damaged manifest (truncated, or a format this version does not read) in a
+    # folder holding only an artifact's entries: a damaged artifact, replaced too.
+    art = tmp_path / "empty"
+    text = (art / "manifest.json").read_text()
+    for damaged in (text[: len(text) // 2],
+                    json.dumps({**json.loads(text), "format_version": 99})):
+        (art / "manifest.json").write_text(damaged)
+        assert artifact.check_replaceable(art) is None
+        assert _write(art, seed=2, overwrite=True).version == m2.version
+        artifact.verify_artifact(art)
+    # ... but not with anything else beside it.
+    (art / "manifest.json").write_text("{")
+    (art / "notes.txt").write_text("mine")
+    with pytest.raises(artifact.ArtifactError, match="not valid JSON.*notes.txt"):
+        _write(art, overwrite=True)
+    assert (art / "notes.txt").read_text() == "mine"
 
 
 def test_prequantized_int8_and_fp32_tables(tmp_path):

@@ -246,10 +246,8 @@ def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
     cases = [
         (trained.run, f"contains the ranker folder {ranker}", None),
         (ranker, f"is the ranker folder {ranker}", None),
-        (ranker / "art", f"is inside the ranker folder {ranker}", None),
         (data, f"is the dataset folder {data}", None),  # the dataset recorded by the run
         (data, f"is the dataset folder {data}", str(data)),
-        (data / "art", f"is inside the dataset folder {data}", str(data)),
         (tmp_path, f"contains the dataset folder {tmp_path / 'd'}", str(tmp_path / "d")),
     ]
     for out, relation, data_path in cases:
@@ -270,6 +268,9 @@ def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
     assert (mine / "notes.txt").read_text() == "my notes"
     assert files() == before
     assert not (ranker / "art").exists() and not (data / "art").exists()
+    # A folder inside the ranker's or the data's is fine: writing it replaces nothing.
+    for inside, other in ((ranker / "art", ranker), (data / "artifacts" / "v1", data)):
+        assert X._check_apart(inside, other, "folder") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert _leftovers(trained.run) == [] and _leftovers(trained.run.parent) == []
 

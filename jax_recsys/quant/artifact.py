@@ -263,20 +263,26 @@ def _list_entries(path: pathlib.Path, limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+# What an artifact folder holds (`write_artifact`).
+_ARTIFACT_ENTRIES = frozenset({MANIFEST, "tables", "vocab", "ranker"})
+
+
 def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
     """Checks that an artifact written to `out_dir` may take the place of what is there.
 
     Writing an artifact replaces its folder whole, so it may only land on nothing, on
     an empty folder, or on a serving artifact: a folder whose manifest.json reads as
-    an artifact's (its files may be damaged: they are rewritten). Any other folder (a
-    training run, a dataset, a user's files) is refused, with or without overwrite.
+    an artifact's (its files may be damaged: they are rewritten), or a damaged one (a
+    manifest.json that does not read, and nothing but an artifact's entries: tables/,
+    vocab/, ranker/). Any other folder (a training run, a dataset, a user's files) is
+    refused, with or without overwrite.
 
     Args:
       out_dir: the artifact folder to write.
 
     Returns:
       The manifest of the artifact at `out_dir` (not verified against its files), or
-      None when `out_dir` does not exist or is an empty folder.
+      None when `out_dir` does not exist, is an empty folder or a damaged artifact.
 
     Raises:
       ArtifactError: `out_dir` is not a folder, or a non-empty folder that is not a
@@ -292,6 +298,10 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
     try:
         return _read_manifest(out)
     except ArtifactError as e:
+        if (out / MANIFEST).exists() and all(
+                p.name in _ARTIFACT_ENTRIES or p.name.startswith(f".{MANIFEST}.tmp-")
+                for p in out.iterdir()):
+            return None  # a damaged artifact (its manifest unreadable): nothing else there
         why = "no manifest.json" if not (out / MANIFEST).exists() else str(e)
         raise ArtifactError(
             f"{out} is not a serving artifact ({why}) and not empty: it holds "

@@ -23,8 +23,8 @@
    vocabularies, ranker config JSON + dense params as .npy) with the report in the
    manifest's "report". It replaces only an empty folder or an artifact (with
    `overwrite` when of another version; `artifact.check_replaceable`), never a run, a
-   dataset or other files, and the output may not be, contain or lie inside the ranker
-   or the dataset folder: both are checked before step 2.
+   dataset or other files, and the output may not be or contain the ranker or the
+   dataset folder: both are checked before step 2.
 
 The report (`export_report.json`, next to the artifact by default: OUT/../export_report.json,
 written on success *and* on a failed gate, with "gate": {"passed": ...}) holds per-table
@@ -610,12 +610,11 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 
 def _check_apart(out: pathlib.Path, other: str | os.PathLike, what: str) -> None:
-    """Raises ValueError when the artifact folder `out` is, holds or lies inside `other`."""
+    """Raises ValueError when the artifact folder `out` is or holds `other` (writing the
+    artifact would replace it; a folder inside `other` is fine: nothing there is lost)."""
     a, b = out.resolve(), pathlib.Path(other).resolve()
     if a == b:
         relation = "is"
-    elif b in a.parents:
-        relation = "is inside"
     elif a in b.parents:
         relation = "contains"
     else:
@@ -645,8 +644,8 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
       ExportGateError: the AUC of a task dropped by more than `max_auc_drop`; no
         artifact is written (the report, with "passed": false, is).
       ValueError / FileNotFoundError: bad ranker, data or output (naming the file),
-        checked before the evaluation: among them an output folder that is, contains or
-        lies inside the ranker or the dataset folder, and an output folder that is
+        checked before the evaluation: among them an output folder that is or contains
+        the ranker or the dataset folder, and an output folder that is
         neither empty nor a serving artifact (`artifact.check_replaceable`).
     """
     t0 = time.time()
