@@ -150,9 +150,9 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
     key = stage.key(upstream)
     if not force and m.get("key") == key and stage.done_file.exists():
         print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
-        made_by, code = m.get("code"), code_digest()
-        if made_by is not None and made_by != code:
-            print(f"[{stage.name}] note: made by other code ({made_by}, now {code}); code "
+        made_by, code = m.get("code", "unknown: recorded since 2026-11-27"), code_digest()
+        if made_by != code:
+            print(f"[{stage.name}] note: made by other code ({made_by}; now {code}); code "
                   f"is not part of the key: --force={stage.name} redoes it (and what "
                   "follows) if the change matters", flush=True)
             return {**m, "skipped": True, "code_changed": True}

@@ -18,7 +18,7 @@ on failure.
 Exit status 1 (and `"ok": false` in the JSON) when any request fails or a served
 score differs from the offline score by more than `--tolerance`. The shards are
 started with a `--max_ids_per_request` large enough for one batch of the ranker
-(`--candidates` × `--concurrency` × the artifact's tables, at least the default), so
+(`--candidates` × `--concurrency` × (2 + the artifact's tables), at least the default), so
 any `--candidates` can be checked. A server that exits before it serves ends the check with one `serving_check: error: ...` line that repeats the
 server's own error line; its log is in `serving_logs/` beside `--out`.
 
@@ -241,7 +241,7 @@ def main(argv):
         # a row of each other table per candidate (the ranker refuses shards that take
         # fewer); never below the servers' default.
         batch = _CANDIDATES.value * max(1, _CONCURRENCY.value)
-        max_ids = max(1 << 16, batch * max(2, len(art.tables)))
+        max_ids = max(1 << 16, batch * (2 + len(art.tables)))
         for i in range(_NUM_SHARDS.value):
             procs.append(_Proc(f"embedding shard {i}", [
                 "launch.serve_embeddings", f"--artifact={_ARTIFACT.value}", f"--shard={i}",

@@ -3,6 +3,7 @@ stages never taken for finished, timeouts that stop every process, config checks
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -183,11 +184,20 @@ def test_a_stage_made_by_other_code_is_skipped_but_says_so(tmp_path, monkeypatch
     res = rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
     assert [(r["skipped"], r.get("code_changed")) for r in res] == [(True, True), (True, True)]
     out = capsys.readouterr().out
-    assert "[a] note: made by other code (aaaa, now bbbb)" in out and "--force=b" in out
+    assert "[a] note: made by other code (aaaa; now bbbb)" in out and "--force=b" in out
     assert len(_runs(tmp_path)) == 2
     from jax_recsys import report
     md = report.write_report(wd, stages=res).read_text()
     assert "| a | skipped (up to date; made by other code) | a |" in md
+    # A marker written before markers recorded the code: the code is unknown, so noted.
+    marker = wd / "stages" / "a.json"
+    m = rp.read_json(marker)
+    del m["code"]
+    marker.write_text(json.dumps(m))
+    res = rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
+    assert [(r["skipped"], r.get("code_changed")) for r in res] == [(True, True), (True, True)]
+    assert "[a] note: made by other code (unknown: recorded since 2026-11-27; now bbbb)" in \
+        capsys.readouterr().out
     # A forced rerun records the new code: no note afterwards.
     rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, {"a"}, 60)
     res = rp.run_stages([_stage(tmp_path, "a"), _stage(tmp_path, "b")], wd, set(), 60)
