@@ -125,6 +125,12 @@ def plot_auc(ablation: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path | 
     return path
 
 
+def _metric_order(k: str) -> tuple[str, int]:
+    """Sort key: by name, then by K as a number (recall@10 before recall@100)."""
+    name, _, at = k.partition("@")
+    return (name, int(at)) if at.isdigit() else (k, -1)
+
+
 def _eval_curve(histories: Mapping[str, Sequence[Mapping[str, float]]]):
     """`select` for the pretraining evaluation curves: MRR, and Recall/NDCG/Hits at
     K = 10, or at the smallest K recorded when no metric has K = 10."""
@@ -228,7 +234,7 @@ def write_report(
     if pretraining:
         md += ["## Pretraining", "", "| run | metric | value |", "|---|---|---|"]
         for run, m in pretraining.items():
-            for k in sorted(m):
+            for k in sorted(m, key=_metric_order):
                 v = m[k]
                 if _PRETRAIN_KEY.fullmatch(k) and (v is None or isinstance(v, int | float)):
                     md.append(f"| {run} | {k} | {_cell(v, '.4f')} |")

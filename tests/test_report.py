@@ -99,12 +99,12 @@ def test_pretraining_metrics_at_every_k_the_run_evaluated(tmp_path):
     """A run evaluated at eval_ks=(5, 20): its Recall/NDCG rows are in the table (only
     @10 and recall@100 were), and its curves are drawn at K=5 (none were drawn)."""
     metrics = {"recall@5": 0.1, "recall@20": 0.3, "pop_ndcg@5": 0.05, "test_hits@3": 0.2,
-               "final_loss": 1.5, "steps": 7, "recall@x": 0.9}
+               "final_loss": 1.5, "steps": 7, "recall@x": 0.9, "recall@100": 0.5}
     md = report.write_report(tmp_path, stages=[], pretraining={"cl/fresh": metrics}).read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| cl/fresh |")]
     assert rows == ["| cl/fresh | final_loss | 1.5000 |", "| cl/fresh | pop_ndcg@5 | 0.0500 |",
-                    "| cl/fresh | recall@20 | 0.3000 |", "| cl/fresh | recall@5 | 0.1000 |",
-                    "| cl/fresh | test_hits@3 | 0.2000 |"]
+                    "| cl/fresh | recall@5 | 0.1000 |", "| cl/fresh | recall@20 | 0.3000 |",
+                    "| cl/fresh | recall@100 | 0.5000 |", "| cl/fresh | test_hits@3 | 0.2000 |"]
     hist = {"pretrain cl": [{"step": 1, "recall@5": 0.1, "recall@20": 0.2, "test_mrr": 0.3},
                             {"step": 2, "recall@5": 0.2, "recall@20": 0.3, "test_mrr": 0.4}]}
     select = report._eval_curve(hist)
