@@ -118,9 +118,14 @@ def test_overwrite_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
         assert artifact.check_replaceable(art) is None
         assert _write(art, seed=2, overwrite=True).version == m2.version
         artifact.verify_artifact(art)
-    # ... but not with anything else beside it.
-    (art / "manifest.json").write_text("{")
+    # ... but not with anything else beside it, nor a sound artifact with files put
+    # beside its own (e.g. metrics.json of `export_int4 --workdir=ART`).
     (art / "notes.txt").write_text("mine")
+    with pytest.raises(artifact.ArtifactError, match=re.escape(
+            f"{art} is a serving artifact but also holds notes.txt, which replacing it "
+            "would delete")):
+        _write(art, seed=3, overwrite=True)
+    (art / "manifest.json").write_text("{")
     with pytest.raises(artifact.ArtifactError, match="not valid JSON.*notes.txt"):
         _write(art, overwrite=True)
     assert (art / "notes.txt").read_text() == "mine"

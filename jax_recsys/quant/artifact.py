@@ -273,9 +273,10 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
     Writing an artifact replaces its folder whole, so it may only land on nothing, on
     an empty folder, or on a serving artifact: a folder whose manifest.json reads as
     an artifact's (its files may be damaged: they are rewritten), or a damaged one (a
-    manifest.json that does not read, and nothing but an artifact's entries: tables/,
-    vocab/, ranker/). Any other folder (a training run, a dataset, a user's files) is
-    refused, with or without overwrite.
+    manifest.json that does not read), in either case holding nothing but an
+    artifact's entries (manifest.json, tables/, vocab/, ranker/). Any other folder (a
+    training run, a dataset, a user's files, an artifact with files put beside its
+    own) is refused, with or without overwrite.
 
     Args:
       out_dir: the artifact folder to write.
@@ -286,7 +287,8 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
 
     Raises:
       ArtifactError: `out_dir` is not a folder, or a non-empty folder that is not a
-        serving artifact (the message names the folder and what it holds).
+        serving artifact or holds other entries beside one (the message names the
+        folder and what it holds).
     """
     out = pathlib.Path(out_dir)
     if not out.exists():
@@ -295,12 +297,13 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
         raise ArtifactError(f"{out} exists and is not a folder; an artifact is a folder")
     if not any(out.iterdir()):
         return None
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                    if p.name not in _ARTIFACT_ENTRIES
+                    and not p.name.startswith(f".{MANIFEST}.tmp-"))
     try:
-        return _read_manifest(out)
+        manifest = _read_manifest(out)
     except ArtifactError as e:
-        if (out / MANIFEST).exists() and all(
-                p.name in _ARTIFACT_ENTRIES or p.name.startswith(f".{MANIFEST}.tmp-")
-                for p in out.iterdir()):
+        if (out / MANIFEST).exists() and not others:
             return None  # a damaged artifact (its manifest unreadable): nothing else there
         why = "no manifest.json" if not (out / MANIFEST).exists() else str(e)
         raise ArtifactError(
@@ -308,6 +311,13 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
             f"{_list_entries(out)}; refusing to replace it (overwrite replaces only an "
             "earlier artifact or an empty folder): choose another artifact folder"
         ) from None
+    if others:  # replacing the folder would delete them
+        raise ArtifactError(
+            f"{out} is a serving artifact but also holds {', '.join(others[:6])}"
+            f"{' ...' if len(others) > 6 else ''}, which replacing it would delete: move "
+            "them out of the artifact folder first"
+        )
+    return manifest
 
 
 def write_artifact(
