@@ -42,7 +42,7 @@ flags.DEFINE_alias("checkpoint", "ranker")
 _OUT = flags.DEFINE_string(
     "out", None,
     "Artifact folder to create: new, empty, or an earlier artifact; never the ranker's or "
-    "the data's folder, nor a folder around them.")
+    "the data's folder, a folder around them, or a folder inside the data's.")
 _DATA = flags.DEFINE_string("data", None, "Dataset folder (default: recorded next to the ranker).")
 _MAX_DROP = flags.DEFINE_float("max_auc_drop", 0.001, "Largest allowed test AUC drop of any task.")
 _NOISE_Z = flags.DEFINE_float(
@@ -79,6 +79,12 @@ def main(argv):
     if _WORKDIR.value:  # now, not once the artifact is written
         fsutil.check_file_target(pathlib.Path(_WORKDIR.value) / "metrics.json",
                                  "--workdir's report")
+        wd = pathlib.Path(_WORKDIR.value).resolve()
+        if _OUT.value and (wd == pathlib.Path(_OUT.value).resolve()
+                           or pathlib.Path(_OUT.value).resolve() in wd.parents):
+            raise ValueError(f"--workdir={_WORKDIR.value} is inside --out={_OUT.value}: its "
+                                 "metrics.json would sit in the artifact folder, which the next "
+                                 "export would have to delete; give another --workdir")
     if _ABLATION.value:
         source = _INT4_SOURCE.value
         name, label = export.int4_row_name(source, bits=int(_BITS.value))

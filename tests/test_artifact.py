@@ -125,6 +125,8 @@ def test_overwrite_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
             f"{art} is a serving artifact but also holds notes.txt, which replacing it "
             "would delete")):
         _write(art, seed=3, overwrite=True)
+    assert _write(art, seed=2, overwrite=True).version == m2.version  # the same: kept as is
+    assert (art / "notes.txt").read_text() == "mine"
     (art / "manifest.json").write_text("{")
     with pytest.raises(artifact.ArtifactError, match="not valid JSON.*notes.txt"):
         _write(art, overwrite=True)

@@ -106,6 +106,13 @@ def test_export_int4_checks_the_workdir_before_any_work(tmp_path):
     _assert_one_line(proc, "export_int4: error:", "--workdir's report",
                      f"{afile} exists and is not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    # A --workdir in the artifact folder: its metrics.json would block the next export.
+    for wd in ("a", "a/run"):
+        proc = _run("export_int4", [f"--ranker={tmp_path / 'no_ranker'}",
+                                    f"--out={tmp_path / 'a'}", f"--workdir={tmp_path / wd}"])
+        _assert_one_line(proc, "export_int4: error:", f"--workdir={tmp_path / wd} is inside "
+                         f"--out={tmp_path / 'a'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 @pytest.mark.parametrize("port", ["-5", "70000"])

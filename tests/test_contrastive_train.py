@@ -115,6 +115,14 @@ def test_load_pairs_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match=r"no training pairs .* days \[5, 6\)"):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), item_column="pin",
                                                window_start=5, window_end=6))
+    # A used id column with a list per row (the reader keeps it): one error naming it,
+    # not a NumPy broadcast error or a traceback.
+    write_table(tmp_path / "two_d", "engagements", {"user_id": np.array([[1, 2]]),
+                                                    "item_id": np.array([2]),
+                                                    "day": np.array([0])})
+    with pytest.raises(ValueError, match=r"engagements/user_id\.npy, column 'user_id': column "
+                       r"must be 1-D \(one value per row\), got shape \(1, 2\)"):
+        cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path / "two_d")))
 
 
 # ----------------------------------------------------------------------------- training

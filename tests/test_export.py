@@ -248,6 +248,9 @@ def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
         (ranker, f"is the ranker folder {ranker}", None),
         (data, f"is the dataset folder {data}", None),  # the dataset recorded by the run
         (data, f"is the dataset folder {data}", str(data)),
+        # Inside the data: the dataset folder would change, and an ablation made from
+        # it would redo every run.
+        (data / "artifacts" / "v1", f"is inside the dataset folder {data}", str(data)),
         (tmp_path, f"contains the dataset folder {tmp_path / 'd'}", str(tmp_path / "d")),
     ]
     for out, relation, data_path in cases:
@@ -268,9 +271,14 @@ def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
     assert (mine / "notes.txt").read_text() == "my notes"
     assert files() == before
     assert not (ranker / "art").exists() and not (data / "art").exists()
-    # A folder inside the ranker's or the data's is fine: writing it replaces nothing.
-    for inside, other in ((ranker / "art", ranker), (data / "artifacts" / "v1", data)):
-        assert X._check_apart(inside, other, "folder") is None
+    # A folder inside the ranker's is fine: writing it replaces and changes nothing used.
+    assert X._check_apart(ranker / "art", ranker, "ranker folder") is None
+    # A report inside the artifact folder would block the next export: refused.
+    with pytest.raises(ValueError, match="would be inside the artifact folder"):
+        X.export_ranker(X.ExportConfig(ranker_dir=str(ranker), out_dir=str(tmp_path / "o"),
+                                       report_path=str(tmp_path / "o" / "r.json")),
+                        log=lambda s: None)
+    assert not (tmp_path / "o").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert _leftovers(trained.run) == [] and _leftovers(trained.run.parent) == []
 

@@ -255,12 +255,16 @@ def test_labels_must_be_0_or_1(tmp_path):
         T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
     # A conversion without a click (post-view) is counted and warned about: the ESMM
     # labels (click AND conversion) take it for no conversion.
-    unclicked = np.flatnonzero(click == 0)[:3]
+    unclicked = np.flatnonzero((click == 0) & (np.arange(600) >= 400))[:3]  # days 4 and 5
     conv[unclicked] = 1
     np.save(imp / "conversion.npy", conv)
     with pytest.warns(UserWarning, match="3 impressions of the windows have conversion=1 "
                       "with click=0"):
         T.prepare_data(_data(tmp_path / "data"), id_columns=ids)
+    # A row in two windows (valid and test may overlap) is counted once.
+    with pytest.warns(UserWarning, match="3 impressions of the windows"):
+        T.prepare_data(_data(tmp_path / "data", valid_window=(4, 6), test_window=(4, 6)),
+                       id_columns=ids)
     conv[unclicked] = 0
     # Only the rows the windows use are checked: a pending (NaN) label on day 5, outside
     # the windows below, or a bad one past max_train_examples, is not read at all.

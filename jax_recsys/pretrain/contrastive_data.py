@@ -155,6 +155,11 @@ def _columns(folder, table: str, wanted: list[str], path: str) -> dict[str, np.n
         raise ValueError(
             f"{path}: table {table!r} lacks column(s) {missing}; it has {sorted(cols)}"
         )
+    for c in wanted:  # one value per row (a reader keeps other columns' extra dimensions)
+        shape = np.shape(cols[c])
+        if len(shape) != 1:
+            raise folder.error(table, f"column must be 1-D (one value per row), got shape "
+                               f"{shape}", column=c)
     return cols
 
 

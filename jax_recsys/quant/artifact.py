@@ -267,7 +267,7 @@ def _list_entries(path: pathlib.Path, limit: int = 6) -> str:
 _ARTIFACT_ENTRIES = frozenset({MANIFEST, "tables", "vocab", "ranker"})
 
 
-def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
+def check_replaceable(out_dir: str | os.PathLike, *, swap: bool = True) -> Manifest | None:
     """Checks that an artifact written to `out_dir` may take the place of what is there.
 
     Writing an artifact replaces its folder whole, so it may only land on nothing, on
@@ -280,6 +280,9 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
 
     Args:
       out_dir: the artifact folder to write.
+      swap: the folder is about to be replaced. False (a check before any work, when
+        the new version is not known yet: the same version leaves the folder as it is)
+        lets an artifact with other files beside its own pass.
 
     Returns:
       The manifest of the artifact at `out_dir` (not verified against its files), or
@@ -311,7 +314,7 @@ def check_replaceable(out_dir: str | os.PathLike) -> Manifest | None:
             f"{_list_entries(out)}; refusing to replace it (overwrite replaces only an "
             "earlier artifact or an empty folder): choose another artifact folder"
         ) from None
-    if others:  # replacing the folder would delete them
+    if others and swap:  # replacing the folder would delete them
         raise ArtifactError(
             f"{out} is a serving artifact but also holds {', '.join(others[:6])}"
             f"{' ...' if len(others) > 6 else ''}, which replacing it would delete: move "
@@ -368,7 +371,7 @@ def write_artifact(
         raise ValueError(f"vocabs without a table: {sorted(set(vocabs) - set(tables))}")
     if set(tables) - set(vocabs):
         raise ValueError(f"tables without a vocab: {sorted(set(tables) - set(vocabs))}")
-    check_replaceable(out)  # before any work; again just before the swap
+    check_replaceable(out, swap=False)  # before any work; again just before the swap
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

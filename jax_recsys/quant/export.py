@@ -24,7 +24,8 @@
    manifest's "report". It replaces only an empty folder or an artifact (with
    `overwrite` when of another version; `artifact.check_replaceable`), never a run, a
    dataset or other files, and the output may not be or contain the ranker or the
-   dataset folder: both are checked before step 2.
+   dataset folder, nor lie inside the dataset folder (it would change the folder an
+   ablation fingerprints): checked before step 2.
 
 The report (`export_report.json`, next to the artifact by default: OUT/../export_report.json,
 written on success *and* on a failed gate, with "gate": {"passed": ...}) holds per-table
@@ -609,19 +610,23 @@ def _write_json(path: pathlib.Path, obj) -> None:
 # ----------------------------------------------------------------------------- export
 
 
-def _check_apart(out: pathlib.Path, other: str | os.PathLike, what: str) -> None:
+def _check_apart(out: pathlib.Path, other: str | os.PathLike, what: str,
+                 inside_ok: bool = True) -> None:
     """Raises ValueError when the artifact folder `out` is or holds `other` (writing the
-    artifact would replace it; a folder inside `other` is fine: nothing there is lost)."""
+    artifact would replace it) or, unless `inside_ok`, lies inside it."""
     a, b = out.resolve(), pathlib.Path(other).resolve()
-    if a == b:
-        relation = "is"
-    elif a in b.parents:
-        relation = "contains"
+    if a == b or a in b.parents:
+        relation = "is" if a == b else "contains"
+        why = f"writing the artifact would replace the {what}"
+    elif b in a.parents and not inside_ok:
+        relation = "is inside"
+        why = (f"the artifact (and its report beside it) would change the {what}, and a "
+               "changed dataset folder makes an ablation redo every run and facet made from it")
     else:
         return
     raise ValueError(
-        f"the artifact folder {out} {relation} the {what} {other}: writing the artifact "
-        f"would replace the {what}; choose an output folder apart from the ranker and the data"
+        f"the artifact folder {out} {relation} the {what} {other}: {why}; choose an output "
+        "folder apart from the ranker and the data"
     )
 
 
@@ -645,7 +650,8 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
         artifact is written (the report, with "passed": false, is).
       ValueError / FileNotFoundError: bad ranker, data or output (naming the file),
         checked before the evaluation: among them an output folder that is or contains
-        the ranker or the dataset folder, and an output folder that is
+        the ranker or the dataset folder or lies inside the dataset folder, a report
+        inside the output folder, and an output folder that is
         neither empty nor a serving artifact (`artifact.check_replaceable`).
     """
     t0 = time.time()
@@ -656,6 +662,9 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
         pathlib.Path(config.report_path) if config.report_path else out.parent / REPORT_NAME
     )
     fsutil.check_file_target(report_path, "the report")  # not after the evaluation
+    if out.resolve() in report_path.resolve().parents:
+        raise ValueError(f"the report {report_path} would be inside the artifact folder {out}, "
+                         "whose next export would have to delete it: write it elsewhere")
     if not config.report_path:  # sibling artifacts share the default report path
         try:
             other = json.loads(report_path.read_text()).get("artifact")
@@ -668,8 +677,8 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
     if not ranker.tables:
         raise ValueError(f"{ranker_dir}: the ranker has no ID tables; nothing to quantize")
     dcfg = resolve_data_config(ranker_dir, ranker, data_path=config.data_path)
-    _check_apart(out, dcfg.path, "dataset folder")
-    artifact_lib.check_replaceable(out)  # now, not after the evaluation
+    _check_apart(out, dcfg.path, "dataset folder", inside_ok=False)
+    artifact_lib.check_replaceable(out, swap=False)  # now, not after the evaluation
     split, window = load_test_split(ranker, dcfg)
     sdt = np.dtype(config.scale_dtype)
 

@@ -341,7 +341,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     # rows used are checked (e.g. pending labels on days after the test window are fine).
     labels = (data.click_column, data.conversion_column)
     indexed = {**cols, _ROW: np.arange(len(cols[data.click_column]))}
-    unclicked = 0
+    unclicked = []  # table rows with a conversion and no click (a row may be in 2 windows)
     for split, (start, end) in wins.items():
         sel = folder_lib.select_days(indexed, start, end)
         n = len(sel[data.click_column])
@@ -349,8 +349,8 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
             n = min(n, data.max_train_examples)
         used = {c: np.asarray(sel[c][:n]) for c in labels}
         _check_labels(folder, data.table, used, labels, rows=sel[_ROW][:n])
-        unclicked += int(np.count_nonzero((used[data.conversion_column] == 1)
-                                          & (used[data.click_column] == 0)))
+        unclicked.append(sel[_ROW][:n][(used[data.conversion_column] == 1)
+                                       & (used[data.click_column] == 0)])
         out = {}
         for c in id_columns:
             out[c] = np.searchsorted(vocabs[c], np.asarray(sel[c][:n])).astype(np.int32)
@@ -359,6 +359,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
         out["click"] = np.asarray(sel[data.click_column][:n]).astype(np.float32)
         out["conversion"] = np.asarray(sel[data.conversion_column][:n]).astype(np.float32)
         splits[split] = out
+    unclicked = np.unique(np.concatenate(unclicked)).size if unclicked else 0
     if unclicked:  # post-view conversions: the ESMM labels see click AND conversion
         warnings.warn(
             f"{data.path}: {unclicked} impressions of the windows have "
