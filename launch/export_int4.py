@@ -80,11 +80,10 @@ def main(argv):
         fsutil.check_file_target(pathlib.Path(_WORKDIR.value) / "metrics.json",
                                  "--workdir's report")
         wd = pathlib.Path(_WORKDIR.value).resolve()
-        if _OUT.value and (wd == pathlib.Path(_OUT.value).resolve()
-                           or pathlib.Path(_OUT.value).resolve() in wd.parents):
+        if _OUT.value and wd.is_relative_to(pathlib.Path(_OUT.value).resolve()):
             raise ValueError(f"--workdir={_WORKDIR.value} is inside --out={_OUT.value}: its "
-                                 "metrics.json would sit in the artifact folder, which the next "
-                                 "export would have to delete; give another --workdir")
+                             "metrics.json would sit in the artifact folder, which the next "
+                             "export would have to delete; give another --workdir")
     if _ABLATION.value:
         source = _INT4_SOURCE.value
         name, label = export.int4_row_name(source, bits=int(_BITS.value))

@@ -607,12 +607,16 @@ class RankerService:
 
     # ---- loading ----
 
-    def _current_client(self) -> client_lib.EmbeddingClient | None:
-        """The current version's shard client (inside its row cache, if any)."""
-        snap = self._versions.snapshot
-        fetcher = snap.versions[snap.current].fetcher
-        client = getattr(fetcher, "client", fetcher)
+    @staticmethod
+    def _shard_client(ver: _Version) -> client_lib.EmbeddingClient | None:
+        """A version's shard client (inside its row cache, if any); None: monolithic."""
+        client = getattr(ver.fetcher, "client", ver.fetcher)
         return client if isinstance(client, client_lib.EmbeddingClient) else None
+
+    def _current_client(self) -> client_lib.EmbeddingClient | None:
+        """The current version's shard client (None: monolithic)."""
+        snap = self._versions.snapshot
+        return self._shard_client(snap.versions[snap.current])
 
     def _load(self, path: str, starting: bool = False) -> _Version:
         cfg = self.config
@@ -904,7 +908,7 @@ class RankerService:
         n = len(self.config.shards)
         ranges = [codec.shard_range(ver.candidate_rows, i, n) for i in range(n)]
         probe = np.array(sorted({lo for lo, hi in ranges if hi > lo}), np.int64)
-        getattr(ver.fetcher, "client", ver.fetcher).lookup_many(
+        self._shard_client(ver).lookup_many(
             {self.config.candidate_entity: probe}, deadline_s=deadline_s)
 
     def _warm_fetches(self, ver: _Version) -> None:

@@ -245,15 +245,19 @@ def test_rankers_fall_back_to_one_at_a_time_when_a_second_finds_no_device(tmp_pa
     assert all(x["one_at_a_time"] and x["requests"] > 0 for x in ranks)
 
 
+# One uncached and one cached hybrid (its cache holds every row) beside the monolithic
+# ranker, candidates from an ads inventory of 200 pins.
+_CACHED_RANK_ARGS = (
+    "--parts=rank", "--duration_s=0.4", "--rank_rows=5000", "--rank_candidates=100",
+    "--rank_shards=1", "--rank_wires=quantized", "--rank_clients=1",
+    "--rank_cache_rows=0,6000", "--rank_ad_pool=200",
+)
+
+
 @pytest.mark.slow  # ~15-25 s: three rankers
 @pytest.mark.multiprocess
 def test_rank_part_with_a_row_cache_and_an_ads_inventory(tmp_path):
-    args = [
-        "--parts=rank", "--duration_s=0.4", "--warmup=3", "--rank_rows=5000",
-        "--rank_candidates=100", "--rank_shards=1", "--rank_wires=quantized",
-        "--rank_clients=1", "--rank_cache_rows=0,6000", "--rank_ad_pool=200",
-        f"--workdir={tmp_path / 'work'}",
-    ]
+    args = [*_CACHED_RANK_ARGS, "--warmup=3", f"--workdir={tmp_path / 'work'}"]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
     services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
     assert sorted(services) == [("hybrid", 0), ("hybrid", 6000), ("monolithic", 0)]
@@ -271,12 +275,8 @@ def test_rank_part_with_a_row_cache_and_an_ads_inventory(tmp_path):
 @pytest.mark.slow  # ~15-25 s: three rankers
 @pytest.mark.multiprocess
 def test_rank_prefetch_reaches_the_rankers_that_cache_users_only(tmp_path):
-    args = [
-        "--parts=rank", "--duration_s=0.4", "--warmup=20", "--rank_rows=5000",
-        "--rank_candidates=100", "--rank_shards=1", "--rank_wires=quantized",
-        "--rank_clients=1", "--rank_cache_rows=0,6000", "--rank_ad_pool=200",
-        "--rank_prefetch", f"--workdir={tmp_path / 'work'}",
-    ]
+    args = [*_CACHED_RANK_ARGS, "--warmup=20", "--rank_prefetch",
+            f"--workdir={tmp_path / 'work'}"]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
     services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
     assert all(set(x["by_code"]) == {"OK"} for x in services.values())

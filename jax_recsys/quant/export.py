@@ -615,10 +615,10 @@ def _check_apart(out: pathlib.Path, other: str | os.PathLike, what: str,
     """Raises ValueError when the artifact folder `out` is or holds `other` (writing the
     artifact would replace it) or, unless `inside_ok`, lies inside it."""
     a, b = out.resolve(), pathlib.Path(other).resolve()
-    if a == b or a in b.parents:
+    if b.is_relative_to(a):
         relation = "is" if a == b else "contains"
         why = f"writing the artifact would replace the {what}"
-    elif b in a.parents and not inside_ok:
+    elif a.is_relative_to(b) and not inside_ok:
         relation = "is inside"
         why = (f"the artifact (and its report beside it) would change the {what}, and a "
                "changed dataset folder makes an ablation redo every run and facet made from it")
