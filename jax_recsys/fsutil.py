@@ -26,6 +26,18 @@ def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def list_names(names, limit: int = 6) -> str:
+    """``names`` sorted and joined for a message, cut after ``limit``: "a, b/ and 3 more"."""
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def folder_names(path: str | os.PathLike) -> list[str]:
+    """The names in folder ``path``, folders with a trailing '/'."""
+    return [p.name + ("/" if p.is_dir() else "") for p in pathlib.Path(path).iterdir()]
+
+
 def check_file_target(path: str | os.PathLike, what: str) -> None:
     """Checks, before any work, that a file can be written at ``path`` later.
 

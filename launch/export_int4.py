@@ -41,8 +41,9 @@ _RANKER = flags.DEFINE_string(
 flags.DEFINE_alias("checkpoint", "ranker")
 _OUT = flags.DEFINE_string(
     "out", None,
-    "Artifact folder to create: new, empty, or an earlier artifact; never the ranker's or "
-    "the data's folder, a folder around them, or a folder inside the data's.")
+    "Artifact folder to create: new, empty, or an earlier artifact; never a symlink (export "
+    "to a new folder, then `ln -sfn NEW LINK`), the ranker's or the data's folder, a folder "
+    "around them, or a folder inside the data's.")
 _DATA = flags.DEFINE_string("data", None, "Dataset folder (default: recorded next to the ranker).")
 _MAX_DROP = flags.DEFINE_float("max_auc_drop", 0.001, "Largest allowed test AUC drop of any task.")
 _NOISE_Z = flags.DEFINE_float(
@@ -74,8 +75,10 @@ _INT4_SOURCE = flags.DEFINE_string(
 def main(argv):
     del argv
     from jax_recsys import fsutil
-    from jax_recsys.quant import export
+    from jax_recsys.quant import artifact, export
 
+    if _OUT.value:  # before any work (the --ablation row too)
+        artifact.check_not_symlink(_OUT.value)
     if _WORKDIR.value:  # now, not once the artifact is written
         fsutil.check_file_target(pathlib.Path(_WORKDIR.value) / "metrics.json",
                                  "--workdir's report")

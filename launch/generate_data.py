@@ -5,7 +5,8 @@
 DIR is the dataset folder itself (dataset.json, tables, kg/, world_summary.json);
 DIR/metrics.json repeats the summary. DIR must be new, empty, or a world generated
 before, which the new one replaces whole once complete; any other folder (your files,
-`--workdir=.`) is refused before any work and left as it is.
+`--workdir=.`), or a world with other files put beside its own (notes, a subfolder:
+replacing it would delete them), is refused before any work and left as it is.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Output dataset folder: new, empty, or a world generated before (replaced); any other "
-    "folder is refused.", required=True)
+    "folder, or a world with other files beside its own, is refused.", required=True)
 
 
 def main(argv):

@@ -133,6 +133,28 @@ def test_overwrite_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
     assert (art / "notes.txt").read_text() == "mine"
 
 
+def test_a_symlink_output_is_refused_and_left_a_link(tmp_path):
+    """Writing to a symlink ART (the README's rollout scheme: `ln -sfn NEW ART`) used to
+    replace the link with a folder: refused, whatever it points at, with or without
+    overwrite."""
+    a = _write(tmp_path / "a")
+    (tmp_path / "ART").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "none")
+    for link, seed, overwrite in (("ART", 0, False), ("ART", 1, False), ("ART", 1, True),
+                                  ("dangling", 0, True)):
+        target = os.readlink(tmp_path / link)
+        with pytest.raises(artifact.ArtifactError, match=re.escape(
+                f"{tmp_path / link} is a symlink to {target}: writing the artifact would "
+                "replace the link with a folder; write to a new folder, then point the link "
+                f"at it: ln -sfn NEW {tmp_path / link}")):
+            _write(tmp_path / link, seed=seed, overwrite=overwrite)
+        with pytest.raises(artifact.ArtifactError, match="is a symlink to"):
+            artifact.check_replaceable(tmp_path / link, swap=False)
+    assert os.readlink(tmp_path / "ART") == str(tmp_path / "a")
+    assert artifact.verify_artifact(tmp_path / "a", mode="full").version == a.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ART", "a", "dangling"]
+
+
 def test_prequantized_int8_and_fp32_tables(tmp_path):
     tables, vocabs, _ = _inputs()
     q8 = rowwise.quantize_rows(tables["user"], bits=8)

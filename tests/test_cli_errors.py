@@ -52,6 +52,25 @@ def test_generate_data_refuses_a_folder_that_holds_no_world(tmp_path):
     assert (mine / "src" / "a.py").read_text() == "print(1)"
 
 
+def test_generate_data_refuses_a_world_with_other_files_beside_it(tmp_path):
+    """A previous world's folder used to be replaced whole, deleting a user's files in it."""
+    w = tmp_path / "w"
+    (w / "drafts").mkdir(parents=True)
+    (w / "dataset.json").write_text(json.dumps({"generator": "jax_recsys.data.world",
+                                                "tables": {}, "kg": "kg"}))
+    (w / "world_summary.json").write_text("{}")
+    (w / "notes.txt").write_text("my notes")
+    (w / "drafts" / "a.py").write_text("print(1)")
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", f"--workdir={w}"])
+    _assert_one_line(proc, "generate_data: error:", f"{w} holds a generated world but also "
+                     "drafts/, notes.txt, which replacing it would delete")
+    assert sorted(p.name for p in w.iterdir()) == [
+        "dataset.json", "drafts", "notes.txt", "world_summary.json"]
+    assert (w / "drafts" / "a.py").read_text() == "print(1)"
+    assert (w / "notes.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # nothing staged
+
+
 def test_unknown_config_key_is_one_line(tmp_path):
     proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.no_such_key=1",
                                   f"--workdir={tmp_path / 'w'}"])
@@ -113,6 +132,22 @@ def test_export_int4_checks_the_workdir_before_any_work(tmp_path):
         _assert_one_line(proc, "export_int4: error:", f"--workdir={tmp_path / wd} is inside "
                          f"--out={tmp_path / 'a'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_export_int4_refuses_a_symlink_out_before_any_work(tmp_path):
+    """--overwrite used to replace a symlink --out (the README's ART, rolled out with
+    `ln -sfn NEW ART`) with a real folder, leaving the old target as it was."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "ART").symlink_to(tmp_path / "v1")
+    for extra in (["--overwrite"], [], [f"--ablation={tmp_path / 'no_ablation'}"]):
+        proc = _run("export_int4", [f"--ranker={tmp_path / 'no_ranker'}",
+                                    f"--out={tmp_path / 'ART'}", *extra])
+        _assert_one_line(proc, "export_int4: error:",
+                         f"{tmp_path / 'ART'} is a symlink to {tmp_path / 'v1'}",
+                         f"write to a new folder, then point the link at it: ln -sfn NEW "
+                         f"{tmp_path / 'ART'}")
+    assert (tmp_path / "ART").readlink() == tmp_path / "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ART", "v1"]
 
 
 @pytest.mark.parametrize("port", ["-5", "70000"])

@@ -283,6 +283,27 @@ def test_export_never_replaces_the_run_the_ranker_the_data_or_other_files(
     assert _leftovers(trained.run) == [] and _leftovers(trained.run.parent) == []
 
 
+def test_a_symlink_out_is_refused_before_the_evaluation(trained, tmp_path, monkeypatch):
+    """An export with overwrite replaced a symlink --out with a folder (the README's
+    rollout is `ln -sfn NEW ART`): refused whatever the link points at."""
+
+    def evaluated(*args, **kwargs):
+        raise AssertionError("the symlink should have been refused before the evaluation")
+
+    monkeypatch.setattr(X, "load_test_split", evaluated)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "ART").symlink_to(tmp_path / "v1")
+    (tmp_path / "dangling").symlink_to(tmp_path / "none")
+    for link, overwrite in (("ART", True), ("ART", False), ("dangling", False)):
+        cfg = X.ExportConfig(ranker_dir=str(trained.ranker_dir),
+                             out_dir=str(tmp_path / link), overwrite=overwrite)
+        with pytest.raises(AR.ArtifactError, match=re.escape(
+                f"{tmp_path / link} is a symlink to {os.readlink(tmp_path / link)}: ")):
+            X.export_ranker(cfg, log=lambda s: None)
+    assert os.readlink(tmp_path / "ART") == str(tmp_path / "v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ART", "dangling", "v1"]
+
+
 def test_a_report_path_that_cannot_be_written_is_refused_before_the_evaluation(
         trained, tmp_path, monkeypatch):
     """It used to fail only after the artifact was written."""

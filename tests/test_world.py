@@ -84,6 +84,15 @@ def test_a_failed_run_over_an_old_world_leaves_it_whole(tmp_path, monkeypatch):
         world.generate_world(_tiny(), tmp_path / "f", progress=False)
 
 
+def _forbid_work(monkeypatch):
+    """Makes generating a world fail the test: the folder is to be refused before."""
+
+    def generated(*args, **kwargs):
+        raise AssertionError("the folder should have been refused before any work")
+
+    monkeypatch.setattr(world, "_generate_into", generated)
+
+
 def test_a_folder_without_a_world_is_refused_not_replaced(tmp_path, monkeypatch):
     """An existing folder used to be swapped for the new world whole (`--workdir=.`
     deleted the current directory): only an empty folder or a previous world is replaced."""
@@ -94,11 +103,7 @@ def test_a_folder_without_a_world_is_refused_not_replaced(tmp_path, monkeypatch)
     other = tmp_path / "other"  # a dataset folder of another maker
     other.mkdir()
     (other / "dataset.json").write_text(json.dumps({"name": "mine", "tables": {}}))
-
-    def generated(*args, **kwargs):
-        raise AssertionError("the folder should have been refused before any work")
-
-    monkeypatch.setattr(world, "_generate_into", generated)
+    _forbid_work(monkeypatch)
     with pytest.raises(FileExistsError, match=re.escape(
             f"{mine} is not empty and holds no generated world (no dataset.json of "
             "jax_recsys.data.world): it holds notes.txt, src/; refusing to replace it")):
@@ -117,6 +122,49 @@ def test_a_folder_without_a_world_is_refused_not_replaced(tmp_path, monkeypatch)
     world.generate_world(_tiny(seed=1), tmp_path / "w", progress=False)
     assert json.loads((tmp_path / "w" / "dataset.json").read_text())["world_config"]["seed"] == 1
     assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+def test_a_world_with_other_files_beside_it_is_refused_not_replaced(tmp_path, monkeypatch):
+    """A previous world used to be replaced whole with whatever else was put in its
+    folder (a user's notes, a subfolder): such a folder is refused before any work and
+    left as it is; the world's own entries (and metrics.json) alone are replaced."""
+    w = tmp_path / "w"
+    world.generate_world(_tiny(), w, progress=False)
+    (w / "metrics.json").write_text("{}")  # launch.generate_data's, beside the world
+    (w / "notes.txt").write_text("my notes")
+    (w / "drafts").mkdir()
+    (w / "drafts" / "a.py").write_text("print(1)")
+    before = _digest(w)
+    _forbid_work(monkeypatch)
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"{w} holds a generated world but also drafts/, notes.txt, which replacing "
+            "it would delete: move them out of the folder first")):
+        world.generate_world(_tiny(seed=1), w, progress=False)
+    for i in range(7):  # a long list is cut short
+        (w / f"x{i}.txt").write_text("x")
+    with pytest.raises(FileExistsError,
+                       match=r"but also drafts/, notes.txt, x0.txt, x1.txt, x2.txt, x3.txt "
+                             r"and 3 more, which"):
+        world.generate_world(_tiny(seed=1), w, progress=False)
+    monkeypatch.undo()
+    after = _digest(w)
+    assert {k: after[k] for k in before} == before and len(after) == len(before) + 7
+    assert (w / "notes.txt").read_text() == "my notes"
+    assert (w / "drafts" / "a.py").read_text() == "print(1)"
+    assert (w / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # nothing staged
+    # Without them the world is replaced, also one whose world_summary.json is gone
+    # (run_pipeline removes it before it reruns the world stage).
+    for p in [w / "notes.txt", *w.glob("x*.txt")]:
+        p.unlink()
+    (w / "drafts" / "a.py").unlink()
+    (w / "drafts").rmdir()
+    (w / "world_summary.json").unlink()
+    world.generate_world(_tiny(seed=1), w, progress=False)
+    assert json.loads((w / "dataset.json").read_text())["world_config"]["seed"] == 1
+    assert sorted(p.name for p in w.iterdir()) == [
+        "advertisers", "conversions", "dataset.json", "engagements", "impressions", "items",
+        "kg", "users", "world_summary.json"]
 
 
 def test_chunk_size_changes_nothing_but_chunking(tmp_path):

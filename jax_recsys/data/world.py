@@ -948,42 +948,65 @@ def _chunks(total: int, size: int):
 GENERATOR = "jax_recsys.data.world"  # dataset.json "generator" of every generated world
 
 
+# What a world folder holds besides its tables and kg/ (which its dataset.json names):
+# launch.generate_data writes metrics.json beside the world.
+_WORLD_FILES = frozenset({"dataset.json", "world_summary.json", "metrics.json"})
+
+
+def _world_entries(meta: dict) -> set[str]:
+    """The names a world folder of dataset.json ``meta`` may hold at its top."""
+    tables = meta.get("tables") if isinstance(meta.get("tables"), dict) else {}
+    rels = [t.get("path") for t in tables.values() if isinstance(t, dict)] + [meta.get("kg")]
+    parts = [pathlib.PurePath(r).parts for r in rels if isinstance(r, str)]
+    return {p[0] for p in parts if p} | _WORLD_FILES
+
+
 def check_replaceable(out_dir: str | os.PathLike) -> None:
     """Checks that a world may be written to ``out_dir``, replacing what is there.
 
     The new world replaces the folder whole, so it may only land on nothing, on an
     empty folder, or on a world of this generator (its dataset.json says
-    ``"generator": "jax_recsys.data.world"``); any other folder is refused, so that
-    ``--workdir=.`` or a folder of one's own files is never deleted.
+    ``"generator": "jax_recsys.data.world"``) holding nothing but a world's entries
+    (dataset.json, world_summary.json, launch.generate_data's metrics.json, the tables
+    and kg/ its dataset.json names); any other folder is refused, so that
+    ``--workdir=.``, a folder of one's own files, or files put beside a world (notes,
+    a subfolder) are never deleted.
 
     Args:
       out_dir: the dataset folder to write.
 
     Raises:
       NotADirectoryError: ``out_dir`` exists and is not a folder.
-      FileExistsError: ``out_dir`` is a non-empty folder without a generated world
-        (the message names the folder and what it holds).
+      FileExistsError: ``out_dir`` is a non-empty folder without a generated world, or
+        a world's folder that also holds other files (the message names the folder and
+        what it holds).
     """
     final = pathlib.Path(out_dir)
     if not final.exists():
         return
     if not final.is_dir():
         raise NotADirectoryError(f"{final} exists and is not a folder")
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir())
+    names = fsutil.folder_names(final)
     if not names:
         return
     try:
         meta = json.loads((final / "dataset.json").read_text())
     except (OSError, ValueError):
         meta = None
-    if isinstance(meta, dict) and meta.get("generator") == GENERATOR:
-        return
-    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    raise FileExistsError(
-        f"{final} is not empty and holds no generated world (no dataset.json of "
-        f"{GENERATOR}): it holds {shown}; refusing to replace it: give a new or empty "
-        "folder (or a previous world's)"
-    )
+    if not (isinstance(meta, dict) and meta.get("generator") == GENERATOR):
+        raise FileExistsError(
+            f"{final} is not empty and holds no generated world (no dataset.json of "
+            f"{GENERATOR}): it holds {fsutil.list_names(names)}; refusing to replace it: "
+            "give a new or empty folder (or a previous world's)"
+        )
+    own = _world_entries(meta)
+    others = [n for n in names if n.rstrip("/") not in own]
+    if others:
+        raise FileExistsError(
+            f"{final} holds a generated world but also {fsutil.list_names(others)}, which "
+            "replacing it would delete: move them out of the folder first (or write the "
+            "world to another folder)"
+        )
 
 
 def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bool = True,
@@ -999,7 +1022,8 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
       cfg: the world parameters.
       out_dir: the dataset folder to write: new, empty, or a world written here
         before, which is replaced whole when the new world is complete (any other
-        folder is refused before any work: `check_replaceable`).
+        folder, or a world with other files beside its own, is refused before any
+        work: `check_replaceable`).
       progress: print one line per day (to stderr).
       workers: threads generating event chunks (default: min(2, CPUs)); the
         files are identical for any number.
@@ -1011,7 +1035,8 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
 
     Raises:
       NotADirectoryError: ``out_dir`` is a file.
-      FileExistsError: ``out_dir`` is a non-empty folder that holds no generated world.
+      FileExistsError: ``out_dir`` is a non-empty folder that holds no generated world,
+        or other files beside one.
     """
     cfg.validate()
     final = pathlib.Path(out_dir).absolute()

@@ -27,7 +27,8 @@ every file and folder is fsync'ed, then the folder is renamed into place. A
 failure removes the temporary folder, so a half-written artifact is never
 visible under the final name. The folder it replaces must be empty or an
 artifact (`check_replaceable`): a training run, a dataset or any other folder
-given as the output is refused, never deleted.
+given as the output is refused, never deleted; so is a symlink (the rename would
+replace the link, not its target: write a new folder and repoint the link).
 
 This module imports only NumPy and the standard library (the embedding server
 uses it).
@@ -258,9 +259,27 @@ def _expected_arrays(name: str, entry: dict) -> dict[str, tuple[tuple, np.dtype]
 
 def _list_entries(path: pathlib.Path, limit: int = 6) -> str:
     """The first `limit` names in folder `path` (folders with a trailing '/'), sorted."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return fsutil.list_names(fsutil.folder_names(path), limit)
+
+
+def check_not_symlink(out_dir: str | os.PathLike) -> None:
+    """Refuses an artifact folder that is a symlink (to anything, or dangling).
+
+    Writing an artifact replaces its folder whole: at a symlink it would put a folder
+    in the link's place and leave the link's target as it was, breaking the rollout
+    of a link that servers follow (`ln -sfn NEW ART`).
+
+    Raises:
+      ArtifactError: `out_dir` is a symlink (the message names its target and says
+        what to do instead).
+    """
+    out = pathlib.Path(out_dir)
+    if out.is_symlink():
+        raise ArtifactError(
+            f"{out} is a symlink to {os.readlink(out)}: writing the artifact would replace "
+            "the link with a folder; write to a new folder, then point the link at it: "
+            f"ln -sfn NEW {out}"
+        )
 
 
 # What an artifact folder holds (`write_artifact`).
@@ -276,7 +295,8 @@ def check_replaceable(out_dir: str | os.PathLike, *, swap: bool = True) -> Manif
     manifest.json that does not read), in either case holding nothing but an
     artifact's entries (manifest.json, tables/, vocab/, ranker/). Any other folder (a
     training run, a dataset, a user's files, an artifact with files put beside its
-    own) is refused, with or without overwrite.
+    own) is refused, with or without overwrite, and so is a symlink
+    (`check_not_symlink`).
 
     Args:
       out_dir: the artifact folder to write.
@@ -289,11 +309,12 @@ def check_replaceable(out_dir: str | os.PathLike, *, swap: bool = True) -> Manif
       None when `out_dir` does not exist, is an empty folder or a damaged artifact.
 
     Raises:
-      ArtifactError: `out_dir` is not a folder, or a non-empty folder that is not a
-        serving artifact or holds other entries beside one (the message names the
-        folder and what it holds).
+      ArtifactError: `out_dir` is a symlink or not a folder, or a non-empty folder that
+        is not a serving artifact or holds other entries beside one (the message names
+        the folder and what it holds).
     """
     out = pathlib.Path(out_dir)
+    check_not_symlink(out)
     if not out.exists():
         return None
     if not out.is_dir():
@@ -362,8 +383,8 @@ def write_artifact(
 
     Raises:
       ArtifactError: `out_dir` holds another artifact version (or a damaged one) and
-        overwrite is False; or it is a file or a non-empty folder that is no serving
-        artifact (refused even with overwrite: `check_replaceable`).
+        overwrite is False; or it is a symlink, a file or a non-empty folder that is no
+        serving artifact (refused even with overwrite: `check_replaceable`).
       ValueError: bad table, vocab or parameter input (nothing is left behind).
     """
     out = pathlib.Path(out_dir).absolute()

@@ -23,9 +23,9 @@
    vocabularies, ranker config JSON + dense params as .npy) with the report in the
    manifest's "report". It replaces only an empty folder or an artifact (with
    `overwrite` when of another version; `artifact.check_replaceable`), never a run, a
-   dataset or other files, and the output may not be or contain the ranker or the
-   dataset folder, nor lie inside the dataset folder (it would change the folder an
-   ablation fingerprints): checked before step 2.
+   dataset, other files or a symlink, and the output may not be or contain the ranker
+   or the dataset folder, nor lie inside the dataset folder (it would change the folder
+   an ablation fingerprints): checked before step 2.
 
 The report (`export_report.json`, next to the artifact by default: OUT/../export_report.json,
 written on success *and* on a failed gate, with "gate": {"passed": ...}) holds per-table
@@ -651,7 +651,7 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
       ValueError / FileNotFoundError: bad ranker, data or output (naming the file),
         checked before the evaluation: among them an output folder that is or contains
         the ranker or the dataset folder or lies inside the dataset folder, a report
-        inside the output folder, and an output folder that is
+        inside the output folder, and an output folder that is a symlink or
         neither empty nor a serving artifact (`artifact.check_replaceable`).
     """
     t0 = time.time()
