@@ -26,6 +26,27 @@ def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def symlink_refusal(path: str | os.PathLike, what: str) -> str | None:
+    """Why a folder written by replacing it whole may not be at ``path``, or None.
+
+    Swapping a complete folder into place (``swap_dir``) at a symlink would put a
+    folder in the link's place and leave the link's target as it was, breaking a
+    link that readers follow (``ln -sfn NEW LINK``). Dangling links count too.
+
+    Args:
+      path: the folder to be written.
+      what: what is written, for the message ("the artifact", "the world").
+    """
+    path = pathlib.Path(path)
+    if not path.is_symlink():
+        return None
+    return (
+        f"{path} is a symlink to {os.readlink(path)}: writing {what} would replace the "
+        f"link with a folder; write to a new folder, then point the link at it: "
+        f"ln -sfn NEW {path}"
+    )
+
+
 def list_names(names, limit: int = 6) -> str:
     """``names`` sorted and joined for a message, cut after ``limit``: "a, b/ and 3 more"."""
     names = sorted(names)

@@ -6,7 +6,8 @@ DIR is the dataset folder itself (dataset.json, tables, kg/, world_summary.json)
 DIR/metrics.json repeats the summary. DIR must be new, empty, or a world generated
 before, which the new one replaces whole once complete; any other folder (your files,
 `--workdir=.`), or a world with other files put beside its own (notes, a subfolder:
-replacing it would delete them), is refused before any work and left as it is.
+replacing it would delete them), is refused before any work and left as it is; so is a
+symlink (replacing it would put a folder in the link's place).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Output dataset folder: new, empty, or a world generated before (replaced); any other "
-    "folder, or a world with other files beside its own, is refused.", required=True)
+    "folder, a world with other files beside its own, or a symlink, is refused.",
+    required=True)
 
 
 def main(argv):

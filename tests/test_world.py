@@ -167,6 +167,26 @@ def test_a_world_with_other_files_beside_it_is_refused_not_replaced(tmp_path, mo
         "kg", "users", "world_summary.json"]
 
 
+def test_a_symlink_world_folder_is_refused_and_left_a_link(tmp_path, monkeypatch):
+    """A --workdir that is a symlink to a previous world used to become a real folder
+    (the link's target untouched, a stray link left beside it): refused before any work."""
+    w = tmp_path / "w"
+    world.generate_world(_tiny(), w, progress=False)
+    before = _digest(w)
+    (tmp_path / "LINK").symlink_to(w)
+    (tmp_path / "dangling").symlink_to(tmp_path / "none")
+    _forbid_work(monkeypatch)
+    for link, target in [("LINK", w), ("dangling", tmp_path / "none")]:
+        with pytest.raises(FileExistsError, match=re.escape(
+                f"{tmp_path / link} is a symlink to {target}: writing the world would "
+                f"replace the link with a folder; write to a new folder, then point the "
+                f"link at it: ln -sfn NEW {tmp_path / link}")):
+            world.generate_world(_tiny(seed=1), tmp_path / link, progress=False)
+        assert (tmp_path / link).is_symlink()
+    assert _digest(w) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LINK", "dangling", "w"]
+
+
 def test_chunk_size_changes_nothing_but_chunking(tmp_path):
     # Chunks have their own random streams; the *statistics* must not depend on them.
     s1 = world.generate_world(_tiny(), tmp_path / "a", progress=False)

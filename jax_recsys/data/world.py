@@ -970,18 +970,22 @@ def check_replaceable(out_dir: str | os.PathLike) -> None:
     (dataset.json, world_summary.json, launch.generate_data's metrics.json, the tables
     and kg/ its dataset.json names); any other folder is refused, so that
     ``--workdir=.``, a folder of one's own files, or files put beside a world (notes,
-    a subfolder) are never deleted.
+    a subfolder) are never deleted. A symlink (to anything, or dangling) is refused
+    too: the swap would put a folder in the link's place.
 
     Args:
       out_dir: the dataset folder to write.
 
     Raises:
       NotADirectoryError: ``out_dir`` exists and is not a folder.
-      FileExistsError: ``out_dir`` is a non-empty folder without a generated world, or
-        a world's folder that also holds other files (the message names the folder and
-        what it holds).
+      FileExistsError: ``out_dir`` is a non-empty folder without a generated world, a
+        world's folder that also holds other files (the message names the folder and
+        what it holds), or a symlink.
     """
     final = pathlib.Path(out_dir)
+    refusal = fsutil.symlink_refusal(final, "the world")
+    if refusal:
+        raise FileExistsError(refusal)
     if not final.exists():
         return
     if not final.is_dir():

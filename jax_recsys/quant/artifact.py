@@ -273,13 +273,9 @@ def check_not_symlink(out_dir: str | os.PathLike) -> None:
       ArtifactError: `out_dir` is a symlink (the message names its target and says
         what to do instead).
     """
-    out = pathlib.Path(out_dir)
-    if out.is_symlink():
-        raise ArtifactError(
-            f"{out} is a symlink to {os.readlink(out)}: writing the artifact would replace "
-            "the link with a folder; write to a new folder, then point the link at it: "
-            f"ln -sfn NEW {out}"
-        )
+    refusal = fsutil.symlink_refusal(out_dir, "the artifact")
+    if refusal:
+        raise ArtifactError(refusal)
 
 
 # What an artifact folder holds (`write_artifact`).
