@@ -87,7 +87,24 @@ def main(argv):
             raise ValueError(f"--workdir={_WORKDIR.value} is inside --out={_OUT.value}: its "
                              "metrics.json would sit in the artifact folder, which the next "
                              "export would have to delete; give another --workdir")
+    exporting = bool(_RANKER.value or _OUT.value) or not _ABLATION.value
+    cfg = None
+    if exporting:
+        if not _RANKER.value or not _OUT.value:
+            raise app.UsageError("--ranker (or --checkpoint) and --out are required")
+        cfg = export.ExportConfig(
+            ranker_dir=_RANKER.value,
+            out_dir=_OUT.value,
+            data_path=_DATA.value,
+            bits=int(_BITS.value),
+            max_auc_drop=_MAX_DROP.value,
+            auc_noise_z=_NOISE_Z.value,
+            report_path=_REPORT.value,
+            overwrite=_OVERWRITE.value,
+        )
     if _ABLATION.value:
+        if cfg is not None:  # a bad ranker, data or --out is refused before the row's work
+            export.check_export(cfg)
         source = _INT4_SOURCE.value
         name, label = export.int4_row_name(source, bits=int(_BITS.value))
         row = export.add_int4_row(
@@ -99,20 +116,8 @@ def main(argv):
             f"({100 * row['ctr_relaimpr_mean']:+.1f}%), CVR AUC {row['cvr_auc_mean']:.4f} "
             f"({100 * row['cvr_relaimpr_mean']:+.1f}%) -> {_ABLATION.value}/ablation.md"
         )
-        if not (_RANKER.value or _OUT.value):
-            return
-    if not _RANKER.value or not _OUT.value:
-        raise app.UsageError("--ranker (or --checkpoint) and --out are required")
-    cfg = export.ExportConfig(
-        ranker_dir=_RANKER.value,
-        out_dir=_OUT.value,
-        data_path=_DATA.value,
-        bits=int(_BITS.value),
-        max_auc_drop=_MAX_DROP.value,
-        auc_noise_z=_NOISE_Z.value,
-        report_path=_REPORT.value,
-        overwrite=_OVERWRITE.value,
-    )
+    if cfg is None:
+        return
     try:
         report = export.export_ranker(cfg)
     except export.ExportGateError as e:

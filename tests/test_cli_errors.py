@@ -150,6 +150,25 @@ def test_export_int4_refuses_a_symlink_out_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ART", "v1"]
 
 
+def test_export_int4_checks_the_export_before_the_ablation_row(tmp_path):
+    """With --ablation, a bad --ranker or --out used to be found only after the
+    ablation row's evaluation: now before it (the row's missing ablation.json would
+    have been the error)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    abl = [f"--ablation={tmp_path / 'no_ablation'}"]
+    proc = _run("export_int4", [f"--ranker={tmp_path / 'no_ranker'}",
+                                f"--out={tmp_path / 'art'}", *abl])
+    _assert_one_line(proc, "export_int4: error:", f"{tmp_path / 'no_ranker'} is not a saved "
+                     "ranker")
+    proc = _run("export_int4", [f"--out={mine}", *abl])  # --ranker missing: usage error
+    assert proc.returncode == 1 and "--ranker (or --checkpoint) and --out are required" in (
+        proc.stderr), proc.stderr[-2000:]
+    assert "ablation.json" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 @pytest.mark.parametrize("port", ["-5", "70000"])
 def test_serve_embeddings_rejects_out_of_range_ports(tmp_path, port):
     proc = _run("serve_embeddings", [f"--artifact={tmp_path}", f"--port={port}"])

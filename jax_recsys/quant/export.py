@@ -630,6 +630,46 @@ def _check_apart(out: pathlib.Path, other: str | os.PathLike, what: str,
     )
 
 
+def check_export(config: ExportConfig) -> None:
+    """Runs `export_ranker`'s checks of the ranker, data and output, and nothing else.
+
+    For callers with other work to do first (``launch.export_int4 --ablation``): a bad
+    output is refused before that work, not after it. Raises what `export_ranker`
+    raises before its evaluation.
+    """
+    _prepare(config, lambda _: None)
+
+
+def _prepare(config: ExportConfig, log: Callable[[str], None]):
+    """`export_ranker`'s checks before any work: ``(out, ranker_dir, report_path,
+    ranker, data config)``."""
+    ranker_dir = pathlib.Path(config.ranker_dir)
+    out = pathlib.Path(config.out_dir).absolute()
+    _check_apart(out, ranker_dir, "ranker folder")
+    report_path = (
+        pathlib.Path(config.report_path) if config.report_path else out.parent / REPORT_NAME
+    )
+    fsutil.check_file_target(report_path, "the report")  # not after the evaluation
+    if out.resolve() in report_path.resolve().parents:
+        raise ValueError(f"the report {report_path} would be inside the artifact folder {out}, "
+                         "whose next export would have to delete it: write it elsewhere")
+    if not config.report_path:  # sibling artifacts share the default report path
+        try:
+            other = json.loads(report_path.read_text()).get("artifact")
+        except (OSError, ValueError, AttributeError):
+            other = None
+        if other and other != str(out):
+            log(f"export: {report_path} holds the report of another artifact ({other}); "
+                "it will be replaced (give --report to keep both)")
+    ranker = model_lib.load_ranker(ranker_dir, mmap=True)
+    if not ranker.tables:
+        raise ValueError(f"{ranker_dir}: the ranker has no ID tables; nothing to quantize")
+    dcfg = resolve_data_config(ranker_dir, ranker, data_path=config.data_path)
+    _check_apart(out, dcfg.path, "dataset folder", inside_ok=False)
+    artifact_lib.check_replaceable(out, swap=False)  # now, not after the evaluation
+    return out, ranker_dir, report_path, ranker, dcfg
+
+
 def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantizes a trained ranker's tables, gates on test AUC, writes the serving artifact.
 
@@ -655,30 +695,7 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
         neither empty nor a serving artifact (`artifact.check_replaceable`).
     """
     t0 = time.time()
-    ranker_dir = pathlib.Path(config.ranker_dir)
-    out = pathlib.Path(config.out_dir).absolute()
-    _check_apart(out, ranker_dir, "ranker folder")
-    report_path = (
-        pathlib.Path(config.report_path) if config.report_path else out.parent / REPORT_NAME
-    )
-    fsutil.check_file_target(report_path, "the report")  # not after the evaluation
-    if out.resolve() in report_path.resolve().parents:
-        raise ValueError(f"the report {report_path} would be inside the artifact folder {out}, "
-                         "whose next export would have to delete it: write it elsewhere")
-    if not config.report_path:  # sibling artifacts share the default report path
-        try:
-            other = json.loads(report_path.read_text()).get("artifact")
-        except (OSError, ValueError, AttributeError):
-            other = None
-        if other and other != str(out):
-            log(f"export: {report_path} holds the report of another artifact ({other}); "
-                "it will be replaced (give --report to keep both)")
-    ranker = model_lib.load_ranker(ranker_dir, mmap=True)
-    if not ranker.tables:
-        raise ValueError(f"{ranker_dir}: the ranker has no ID tables; nothing to quantize")
-    dcfg = resolve_data_config(ranker_dir, ranker, data_path=config.data_path)
-    _check_apart(out, dcfg.path, "dataset folder", inside_ok=False)
-    artifact_lib.check_replaceable(out, swap=False)  # now, not after the evaluation
+    out, ranker_dir, report_path, ranker, dcfg = _prepare(config, log)
     split, window = load_test_split(ranker, dcfg)
     sdt = np.dtype(config.scale_dtype)
 
