@@ -59,14 +59,56 @@ class Stage:
         self.name, self.cmd, self.done_file, self.summarize, self.fn = name, cmd, done_file, summarize, fn
         self.forced_args, self.configs = tuple(forced_args), tuple(configs)
 
-    def key(self, upstream: str = "") -> str:
-        """Hash of the command, the configs it names (resolved) and ``upstream``."""
-        h = hashlib.sha256(json.dumps(self.cmd or self.name).encode())
+    def key(self, upstream: str = "", wd: pathlib.Path | None = None) -> str:
+        """Hash of the command, the configs it names (resolved) and ``upstream``, with
+        the command's paths as `_portable_arg` writes them (inside workdir ``wd``:
+        relative to it; inside the repository: relative to it) and without the
+        interpreter: a workdir moved or copied, alone or with the checkout, keeps
+        its keys."""
+        return self.keys((upstream, upstream), wd)[0]
+
+    def keys(self, upstream: tuple[str, str] = ("", ""),
+             wd: pathlib.Path | None = None) -> tuple[str, str]:
+        """This stage's key (see `key`), then its form until 2026-11-27 (the command
+        as given: absolute paths and `sys.executable`), still accepted from a marker
+        made then in the same place (and replaced by the key); ``upstream``: the
+        previous stage's pair."""
         named = [a.split("=", 1)[1] for a in self.cmd or () if a.startswith("--config=")]
-        for spec in [*named, *self.configs]:
-            h.update(f"\0{spec}\0{config_fingerprint(spec)}".encode())
+        specs = [*named, *self.configs]
+        prints = {spec: config_fingerprint(spec) for spec in specs}  # each evaluated once
+        cmd = None if self.cmd is None else [_portable_arg(a, wd) for a in self.cmd]
+        return (self._hash(cmd, [(_portable_arg(s, wd), prints[s]) for s in specs], upstream[0]),
+                self._hash(self.cmd, [(s, prints[s]) for s in specs], upstream[1]))
+
+    def _hash(self, cmd: list[str] | None, configs: list[tuple[str, str]], upstream: str) -> str:
+        """``configs``: (the spec as the key holds it, its `config_fingerprint`)."""
+        h = hashlib.sha256(json.dumps(cmd or self.name).encode())
+        for spec, fingerprint in configs:
+            h.update(f"\0{spec}\0{fingerprint}".encode())
         h.update(f"\0upstream\0{upstream}".encode())
         return h.hexdigest()[:16]
+
+
+def _portable_arg(arg: str, wd: pathlib.Path | None) -> str:
+    """A command argument as a stage key holds it: the interpreter as ``python``; an
+    absolute path (alone or as ``--flag=PATH``) inside workdir ``wd`` as
+    ``$WORKDIR/REL``, else inside the repository as REL (the commands run from the
+    repository root, so it names the same file); any other argument as given (a
+    path outside both, e.g. a user's dataset, is part of what the stage reads)."""
+    if arg == sys.executable:
+        return "python"
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    path = pathlib.Path(value)
+    if not path.is_absolute():
+        return arg
+    if wd is not None and path.is_relative_to(wd):
+        rel = path.relative_to(wd).as_posix()
+        value = "$WORKDIR" if rel == "." else f"$WORKDIR/{rel}"
+    elif path.is_relative_to(_REPO):
+        value = path.relative_to(_REPO).as_posix()
+    else:
+        return arg
+    return f"{flag}{eq}{value}"
 
 
 # Config keys added after stage keys were first saved, with the value every config
@@ -137,18 +179,22 @@ def read_json(path: pathlib.Path) -> dict:
 
 
 def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
-               *, upstream: str = "", user_forced: bool = False) -> dict:
+               *, keys: tuple[str, str], user_forced: bool = False) -> dict:
     """Runs ``stage`` unless its marker holds its current key (and ``force`` is off).
 
     Args:
       force: run even if up to date (forced by the user, or an earlier stage ran).
-      upstream: the previous stage's key (part of this stage's key).
+      keys: the stage's key and its older form (`Stage.keys`); a marker holding the
+        older form is rewritten with the key.
       user_forced: the user named this stage in ``--force`` (adds its forced_args).
     """
     marker = wd / "stages" / f"{stage.name}.json"
     m = read_json(marker)
-    key = stage.key(upstream)
-    if not force and m.get("key") == key and stage.done_file.exists():
+    key = keys[0]
+    if not force and m.get("key") in keys and stage.done_file.exists():
+        if m["key"] != key:  # made before keys were portable: the same stage, now movable
+            m = {**m, "key": key}
+            common.write_json(marker, m)
         print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
         made_by, code = m.get("code", "unknown: recorded since 2026-11-27"), code_digest()
         if made_by != code:
@@ -226,12 +272,13 @@ def run_stages(stages: list[Stage], wd: pathlib.Path, force: set[str], timeout_s
     unknown = sorted(set(force) - set(names) - {"all"})
     if unknown:
         raise app.UsageError(f"--force names unknown stage(s) {unknown}; stages: {names} or 'all'")
-    results, upstream, ran = [], "", False
+    results, upstream, ran = [], ("", ""), False
     for st in stages:
         user_forced = "all" in force or st.name in force
+        upstream = st.keys(upstream, wd)  # each key covers the stages before it
         r = _run_stage(st, wd, force=user_forced or ran, timeout_s=timeout_s,
-                       upstream=upstream, user_forced=user_forced)
-        upstream, ran = r["key"], ran or not r["skipped"]
+                       keys=upstream, user_forced=user_forced)
+        ran = ran or not r["skipped"]
         results.append(r)
         if on_result is not None:
             on_result(r)

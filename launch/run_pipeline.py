@@ -11,7 +11,12 @@ stage is never taken for a finished one). The key hashes the command, the resolv
 content of every config it names (`--config=FILE[:ARG]`, and the pretraining
 configs the ablation config names) and the previous stage's key. A stage whose
 marker holds the current key is skipped, so an interrupted pipeline resumes; once
-a stage runs, every later stage runs too (its inputs may have changed).
+a stage runs, every later stage runs too (its inputs may have changed). The key
+holds a path inside DIR relative to DIR and one inside the checkout relative to
+it, and not the interpreter's path, so a pipeline folder moved or copied (alone,
+or with the checkout) keeps its finished stages; a path outside both (a user's
+dataset) is an input as given. Markers written until 2026-11-27 hold the
+absolute form: accepted where the folder was made, and rewritten on that run.
 `--force=STAGE` reruns that stage and everything after it; `--force=ablation`
 also retrains finished ablation runs and pretraining (`run_ablation --fresh`)
 instead of reusing them. Code changes are not part of the key (an edit anywhere

@@ -3,9 +3,11 @@ stages never taken for finished, timeouts that stop every process, config checks
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -250,3 +252,173 @@ def test_config_fingerprint_leaves_out_facet_missing_at_its_default(tmp_path):
     ablation = rp.config_fingerprint("configs/ablation.py:smoke")  # the pipeline's stage config
     assert ablation == variant("configs/ablation.py", "a0", "del c.ranker['facet_missing']")
     assert ablation != variant("configs/ablation.py", "a1", "c.ranker.facet_missing = 'zeros'")
+
+
+def _stage_in(wd, log, name, *args):
+    """A stage as `build` makes them: its paths (its done file in WORKDIR ``wd``, the
+    configs) are arguments, and it appends its name and arguments to ``log``."""
+    script = ("import pathlib, sys; "
+              f"open({str(log)!r}, 'a').write(' '.join([{name!r}, *sys.argv[1:]]) + '\\n'); "
+              "pathlib.Path(sys.argv[1].split('=', 1)[1]).write_text('ok')")
+    done = wd / f"{name}.done"
+    return rp.Stage(name, [sys.executable, "-c", script, f"--done={done}", *args], done,
+                    lambda wd: name)
+
+
+def _checkout(tmp_path, monkeypatch, name):
+    """A checkout at tmp_path/NAME (a config and a workdir, runs/main, in it) with its
+    own interpreter path (a link to this one), as `pipeline_stages` sees it."""
+    repo = tmp_path / name
+    if not repo.exists():
+        (repo / "configs").mkdir(parents=True)
+        _write_config(repo / "configs" / "w.py", 1)
+    (repo / "venv").mkdir(exist_ok=True)
+    python = repo / "venv" / "python"
+    if not python.exists():
+        python.symlink_to(sys.executable)
+    monkeypatch.setattr(rp, "_REPO", repo)
+    monkeypatch.setattr(sys, "executable", str(python))
+    return repo
+
+
+def _moved_stages(repo, wd, log, *, data=None):
+    return [_stage_in(wd, log, "world", f"--config={repo / 'configs' / 'w.py'}:smoke"),
+            _stage_in(wd, log, "train", f"--data={data or wd / 'world.done'}"),
+            _stage_in(wd, log, "export", f"--ranker={wd / 'train.done'}")]
+
+
+def test_a_moved_or_copied_workdir_keeps_its_finished_stages(tmp_path, monkeypatch):
+    log = tmp_path / "runs.txt"
+    repo = _checkout(tmp_path, monkeypatch, "checkout")
+    wd = repo / "runs" / "main"
+    wd.mkdir(parents=True)
+    skipped = lambda res: [r["skipped"] for r in res]  # noqa: E731
+    assert skipped(rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)) == [False] * 3
+    keys = [rp.read_json(wd / "stages" / f"{n}.json")["key"] for n in ("world", "train", "export")]
+    # `mv runs/main runs/old`: every stage is up to date there.
+    shutil.move(wd, repo / "runs" / "old")
+    wd = repo / "runs" / "old"
+    assert skipped(rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)) == [True] * 3
+    # A copy out of the checkout (its config stays there), then the whole checkout
+    # moved, interpreter included.
+    shutil.copytree(wd, tmp_path / "elsewhere" / "copy")
+    wd = tmp_path / "elsewhere" / "copy"
+    assert skipped(rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)) == [True] * 3
+    shutil.move(repo, tmp_path / "moved")
+    repo = _checkout(tmp_path, monkeypatch, "moved")
+    wd = repo / "runs" / "old"
+    assert skipped(rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)) == [True] * 3
+    assert [rp.read_json(wd / "stages" / f"{n}.json")["key"]
+            for n in ("world", "train", "export")] == keys
+    assert len(_runs(tmp_path)) == 3
+
+
+def test_a_moved_workdir_still_reruns_what_changed(tmp_path, monkeypatch):
+    log = tmp_path / "runs.txt"
+    repo = _checkout(tmp_path, monkeypatch, "checkout")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    outside = tmp_path / "dataset"  # a user's dataset: its path is the stage's input
+    rp.run_stages(_moved_stages(repo, wd, log, data=outside), wd, set(), 60)
+    shutil.move(wd, tmp_path / "wd2")
+    wd = tmp_path / "wd2"
+    skipped = lambda **kw: [r["skipped"] for r in rp.run_stages(  # noqa: E731
+        _moved_stages(repo, wd, log, **kw), wd, set(), 60)]
+    assert skipped(data=outside) == [True, True, True]
+    # Another dataset (outside the workdir and the checkout): that stage and the next rerun.
+    assert skipped(data=tmp_path / "dataset2") == [True, False, False]
+    assert _runs(tmp_path)[-2:] == [f"train --done={wd / 'train.done'} --data={tmp_path / 'dataset2'}",
+                                    f"export --done={wd / 'export.done'} --ranker={wd / 'train.done'}"]
+    # Another file inside the workdir is another input, too.
+    assert skipped(data=wd / "other") == [True, False, False]
+    assert skipped(data=wd / "other") == [True, True, True]
+    # The config edited in the checkout: everything reruns.
+    _write_config(repo / "configs" / "w.py", 2)
+    assert skipped(data=wd / "other") == [False, False, False]
+
+
+def _key_until_2026_11_27(stage, upstream=""):
+    """`Stage.key` as markers were written until 2026-11-27 (the command as given)."""
+    h = hashlib.sha256(json.dumps(stage.cmd or stage.name).encode())
+    named = [a.split("=", 1)[1] for a in stage.cmd or () if a.startswith("--config=")]
+    for spec in [*named, *stage.configs]:
+        h.update(f"\0{spec}\0{rp.config_fingerprint(spec)}".encode())
+    h.update(f"\0upstream\0{upstream}".encode())
+    return h.hexdigest()[:16]
+
+
+def test_markers_of_the_absolute_key_form_are_reused_and_rewritten(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "runs.txt"
+    repo = _checkout(tmp_path, monkeypatch, "checkout")
+    wd = repo / "runs" / "main"
+    wd.mkdir(parents=True)
+    monkeypatch.setattr(rp, "code_digest", lambda: "aaaa")
+    rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)
+    names = ("world", "train", "export")
+    keys = [rp.read_json(wd / "stages" / f"{n}.json")["key"] for n in names]
+    # The markers a pipeline folder made before keys were portable hold (each covering
+    # the stages before it, in that form).
+    upstream = ""
+    for st in _moved_stages(repo, wd, log):
+        upstream = _key_until_2026_11_27(st, upstream)
+        marker = wd / "stages" / f"{st.name}.json"
+        marker.write_text(json.dumps({**rp.read_json(marker), "key": upstream}))
+    assert upstream not in keys
+    monkeypatch.setattr(rp, "code_digest", lambda: "bbbb")
+    res = rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)
+    assert [r["skipped"] for r in res] == [True] * 3 and len(_runs(tmp_path)) == 3
+    markers = [rp.read_json(wd / "stages" / f"{n}.json") for n in names]
+    assert [m["key"] for m in markers] == keys  # rewritten in the portable form
+    assert [m["code"] for m in markers] == ["aaaa"] * 3  # and still made by the old code
+    assert "[world] note: made by other code (aaaa; now bbbb)" in capsys.readouterr().out
+    shutil.move(wd, repo / "runs" / "old")  # so the folder can be moved from now on
+    wd = repo / "runs" / "old"
+    res = rp.run_stages(_moved_stages(repo, wd, log), wd, set(), 60)
+    assert [r["skipped"] for r in res] == [True] * 3 and len(_runs(tmp_path)) == 3
+    # An old-form marker of another command is not taken for this one.
+    st = _moved_stages(repo, wd, log, data=tmp_path / "dataset")
+    marker = wd / "stages" / "world.json"
+    marker.write_text(json.dumps({**rp.read_json(marker), "key": _key_until_2026_11_27(st[0])}))
+    marker = wd / "stages" / "train.json"
+    marker.write_text(json.dumps({**rp.read_json(marker), "key": _key_until_2026_11_27(
+        _moved_stages(repo, wd, log)[1], _key_until_2026_11_27(st[0]))}))
+    res = rp.run_stages(st, wd, set(), 60)
+    assert [r["skipped"] for r in res] == [True, False, False]
+
+
+def test_pipeline_keys_do_not_hold_the_workdir_the_checkout_or_the_interpreter(tmp_path, monkeypatch):
+    summaries = dict.fromkeys(("world", "ablation", "export", "serving"), lambda wd: "")
+    cfg = _pipeline_cfg()
+
+    def keys(wd):
+        upstream, out = ("", ""), []
+        for st in rp.build(cfg, wd, summaries=summaries):
+            upstream = st.keys(upstream, wd)
+            out.append(upstream[0])
+        return out
+
+    before = keys(tmp_path / "a")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "other_venv" / "python"))
+    assert keys(tmp_path / "b" / "c") == before
+    cfg.export.bits = 8
+    assert keys(tmp_path / "b" / "c")[:2] == before[:2] and keys(tmp_path / "b")[2:] != before[2:]
+    cfg.ablation_flags = f"--config.facet_dirs.cl_fresh={tmp_path / 'facet'}"
+    assert keys(tmp_path / "b")[0] == before[0] and keys(tmp_path / "b")[1] != before[1]
+    assert rp._portable_arg(f"--config.facet_dirs.cl_fresh={tmp_path / 'facet'}", tmp_path / "b") == \
+        f"--config.facet_dirs.cl_fresh={tmp_path / 'facet'}"  # outside both: as given
+
+
+def test_portable_arguments(tmp_path, monkeypatch):
+    monkeypatch.setattr(rp, "_REPO", tmp_path / "repo")
+    wd = tmp_path / "repo" / "runs" / "main"
+    assert rp._portable_arg(sys.executable, wd) == "python"
+    assert rp._portable_arg(f"--workdir={wd}", wd) == "--workdir=$WORKDIR"
+    assert rp._portable_arg(f"--out={wd / 'a' / 'b.json'}", wd) == "--out=$WORKDIR/a/b.json"
+    assert rp._portable_arg(str(wd / "x"), wd) == "$WORKDIR/x"
+    assert rp._portable_arg(f"--config={tmp_path}/repo/configs/w.py:smoke", wd) == \
+        "--config=configs/w.py:smoke"  # the commands run from the repository root
+    assert rp._portable_arg(f"--config.data.path={tmp_path}/data", wd) == \
+        f"--config.data.path={tmp_path}/data"
+    assert rp._portable_arg(f"--x={tmp_path}/repo/runs/mainly", wd) == "--x=runs/mainly"
+    for arg in ("--config=configs/w.py", "--bits=4", "-c", "--fresh", "world"):
+        assert rp._portable_arg(arg, wd) == arg
