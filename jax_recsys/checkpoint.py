@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -334,8 +335,25 @@ class Checkpointer:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        """Closes, waiting for a pending save, also when the block raised: the caller
+        never gets the block's exception while a step folder is half written (a rerun
+        in the same process would remove it as a killed save's leftover).
+
+        A failure of that save is logged, not raised over the block's own exception.
+        After a Ctrl-C it does not wait: `launch.common.run` waits for the save's
+        threads, at most 30 s, and a second Ctrl-C quits at once.
+        """
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            return
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (the block's exception is the one to report)
+            logging.warning("%s: closing the checkpoints after an error failed too",
+                            self.directory, exc_info=True)
 
 
 # ----------------------------------------------------------------------------- facets

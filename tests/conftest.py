@@ -49,3 +49,21 @@ def dead_address():
 
     with contextlib.ExitStack() as stack:
         yield lambda: stack.enter_context(mp_util.dead_address())
+
+
+@pytest.fixture
+def slow_checkpoint_finalize(monkeypatch):
+    """Orbax's async save finishes (renames its tmp folder) 1 s late, as on a slow disk,
+    so a test can see what a caller gets while a checkpoint is still being written."""
+    import time
+
+    import orbax.checkpoint as ocp
+
+    finalize = ocp.CheckpointManager._finalize
+
+    def slow_finalize(self, *args, **kwargs):
+        time.sleep(1.0)
+        return finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "_finalize", slow_finalize)
+    return monkeypatch

@@ -103,6 +103,36 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
     ck.close()
 
 
+def test_leaving_a_with_block_by_an_error(tmp_path, slow_checkpoint_finalize, caplog):
+    """An error in the block waits for the save being written (then re-raises it, not an
+    error of the save, which is logged); Ctrl-C does not wait (launch.common.run does,
+    at most 30 s)."""
+    import time
+
+    with pytest.raises(RuntimeError, match="in the block"):
+        with checkpoint.Checkpointer(tmp_path / "a") as ck:
+            ck.save(1, {"x": np.arange(3)})
+            raise RuntimeError("in the block")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["1"]
+    with pytest.raises(RuntimeError, match="in the block"):
+        with checkpoint.Checkpointer(tmp_path / "b") as ck:
+            ck.save(1, {"x": np.arange(3)})
+            slow_checkpoint_finalize.setattr(ck._mgr, "wait_until_finished",
+                                             lambda: 1 / 0)
+            raise RuntimeError("in the block")
+    assert "closing the checkpoints after an error failed too" in caplog.text
+    assert "ZeroDivisionError" in caplog.text
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoint.Checkpointer(tmp_path / "c") as ck:
+            ck.save(1, {"x": np.arange(3)})
+            t0 = time.monotonic()
+            raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 0.9  # the 1 s finalisation still runs
+    slow_checkpoint_finalize.undo()
+    ck.close()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["1"]
+
+
 def test_restore_onto_other_meshes(tmp_path, devices):
     """Saved row-sharded over 8 devices; restored on 4, on 1, and replicated."""
     state = _state(_mesh(8))

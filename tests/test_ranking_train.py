@@ -205,6 +205,34 @@ def test_rerun_with_other_settings_refuses_the_old_checkpoint(tmp_path):
     assert again["train"]["resumed_from_step"] == first["train"]["steps"] > 0
 
 
+def test_an_error_during_training_leaves_a_complete_checkpoint(tmp_path,
+                                                               slow_checkpoint_finalize):
+    """An exception while a checkpoint is still being written (asynchronously) reaches
+    the caller only once the checkpoint is finished: no half-written step folder, and a
+    rerun in the same process resumes from it."""
+    import threading
+
+    _write_world(tmp_path / "data", n=1536)
+    cfg = _cfg(tmp_path / "data", (), num_epochs=1.0, checkpoint_every=2)
+    ckpts = tmp_path / "ckpt"
+
+    def log(line):
+        if line.lstrip().startswith("step 3/"):  # the step after the first save
+            raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        T.train_and_evaluate(cfg, None, log=log, checkpoint_dir=ckpts)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2"]  # no *.orbax-checkpoint-tmp-*
+    assert not [t for t in threading.enumerate() if t.name == "save_finalize"]
+    with checkpoint.Checkpointer(ckpts) as ckpt:
+        assert ckpt.latest_step() == 2 and ckpt.restore_meta()["step"] == 2
+    slow_checkpoint_finalize.undo()
+    logs = []
+    again = T.train_and_evaluate(cfg, None, log=logs.append, checkpoint_dir=ckpts)
+    assert any("resumed from" in s for s in logs), logs
+    assert again["train"]["resumed_from_step"] == 2
+
+
 def test_a_facet_path_of_another_facet_is_refused(tmp_path):
     """facet_paths cl -> a KG facet checkpoint must not be trained as the contrastive facet."""
     user_raw, _ = _write_world(tmp_path / "data", n=1536)

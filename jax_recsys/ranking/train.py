@@ -46,6 +46,7 @@ N examples of a split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -1096,16 +1097,6 @@ def train_and_evaluate(
         from jax_recsys import checkpoint as checkpoint_lib
 
         ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
-        if ckpt.latest_step() is not None:
-            # Checked before the state is read: another model would fail there less clearly.
-            _check_resume(ckpt.restore_meta(), ckpt, config=config, vocabs=vocabs,
-                          total_steps=total_steps, fingerprint=fingerprint, log=log)
-            state, meta = restore_train_state(ckpt, fresh_state=state, collection=ec)
-            it.restore(meta["data"])
-            step = int(meta["step"])
-            loss_ema = meta["loss_ema"]
-            curve = [tuple(x) for x in meta["loss_curve"]]
-            log(f"ranker: resumed from {ckpt.directory}/{step} ({step}/{total_steps} steps done)")
 
     def save(force: bool):
         meta = {
@@ -1121,40 +1112,51 @@ def train_and_evaluate(
         }
         ckpt.save(step, _host_dense(state), meta, vocabs=vocabs, force=force)
 
-    log(
-        f"ranker: {n_train} train impressions, batch {bs} over {n_dev} devices / {n_proc} "
-        f"processes, {total_steps} steps, "
-        f"tables {[(t.name, t.dim, 'ft' if t.trainable else 'frozen', t.learning_rate) for t in tables]}"
-    )
-    saving = ckpt is not None and config.checkpoint_every > 0
-    t_train = time.time()
-    first_step = step
-    t_first = t_train
-    while step < total_steps:
-        # next() only when a step will use the batch: the iterator position saved with
-        # the state is then exactly the next step's batch.
-        batch = next(it)
-        state, metrics = step_fn(state, put(batch))
-        loss = float(metrics["loss"])  # blocks on the step: keeps few programs in flight
-        if step == first_step:
-            t_first = time.time()  # the first step compiles: not throughput
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"ranker loss is {loss} at step {step}")
-        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-        step += 1
-        if config.log_every and (step % config.log_every == 0 or step == total_steps):
-            curve.append((step, loss_ema))
-            log(
-                f"  step {step}/{total_steps} loss {loss:.4f} (ema {loss_ema:.4f}) "
-                f"ctr {float(metrics['bce_ctr']):.4f} ctcvr {float(metrics['bce_ctcvr']):.4f} "
-                f"{(step - 1 - first_step) * bs / max(time.time() - t_first, 1e-9):.0f} ex/s"
-            )
-        if saving and step % config.checkpoint_every == 0 and step < total_steps:
-            save(force=False)
-    if saving and ckpt.latest_step() != step:
-        save(force=True)  # the final state: a run killed during evaluation skips training
-    if ckpt is not None:
-        ckpt.close()
+    # Closed also when training raises (Checkpointer.__exit__): a save still being
+    # written is finished before the error reaches the caller.
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        if ckpt is not None and ckpt.latest_step() is not None:
+            # Checked before the state is read: another model would fail there less clearly.
+            _check_resume(ckpt.restore_meta(), ckpt, config=config, vocabs=vocabs,
+                          total_steps=total_steps, fingerprint=fingerprint, log=log)
+            state, meta = restore_train_state(ckpt, fresh_state=state, collection=ec)
+            it.restore(meta["data"])
+            step = int(meta["step"])
+            loss_ema = meta["loss_ema"]
+            curve = [tuple(x) for x in meta["loss_curve"]]
+            log(f"ranker: resumed from {ckpt.directory}/{step} ({step}/{total_steps} steps done)")
+        log(
+            f"ranker: {n_train} train impressions, batch {bs} over {n_dev} devices / {n_proc} "
+            f"processes, {total_steps} steps, "
+            f"tables {[(t.name, t.dim, 'ft' if t.trainable else 'frozen', t.learning_rate) for t in tables]}"
+        )
+        saving = ckpt is not None and config.checkpoint_every > 0
+        t_train = time.time()
+        first_step = step
+        t_first = t_train
+        while step < total_steps:
+            # next() only when a step will use the batch: the iterator position saved with
+            # the state is then exactly the next step's batch.
+            batch = next(it)
+            state, metrics = step_fn(state, put(batch))
+            loss = float(metrics["loss"])  # blocks on the step: keeps few programs in flight
+            if step == first_step:
+                t_first = time.time()  # the first step compiles: not throughput
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"ranker loss is {loss} at step {step}")
+            loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
+            step += 1
+            if config.log_every and (step % config.log_every == 0 or step == total_steps):
+                curve.append((step, loss_ema))
+                log(
+                    f"  step {step}/{total_steps} loss {loss:.4f} (ema {loss_ema:.4f}) "
+                    f"ctr {float(metrics['bce_ctr']):.4f} ctcvr {float(metrics['bce_ctcvr']):.4f} "
+                    f"{(step - 1 - first_step) * bs / max(time.time() - t_first, 1e-9):.0f} ex/s"
+                )
+            if saving and step % config.checkpoint_every == 0 and step < total_steps:
+                save(force=False)
+        if saving and ckpt.latest_step() != step:
+            save(force=True)  # the final state: a run killed during evaluation skips training
     train_s = time.time() - t_train
     done = step - first_step
     steady_s = time.time() - t_first if done > 1 else float("nan")
