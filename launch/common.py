@@ -138,17 +138,28 @@ def checkpoint_resume_hint(config_flag) -> Callable[[], str]:
 _JOIN_TIMEOUT_S = 30.0  # how long a Ctrl-C waits for background work before the shutdown
 
 
-def _join_threads(name: str, timeout_s: float | None = None) -> bool:
-    """Waits, at most ``timeout_s``, for the running non-daemon threads other than the
-    workers and managers of executors (those end only at the shutdown).
+def _end_executors() -> None:
+    """What concurrent.futures runs at the interpreter's exit: no new tasks; idle workers
+    end, running tasks (queued ones too) are waited for."""
+    from concurrent.futures import process as process_pool, thread as thread_pool
 
-    A normal exit waits for them too, but only after shutting down every executor; an
-    async checkpoint's writers still submit work to their pools, so they are waited for
-    first. A thread that would only end at the shutdown (one this does not know about)
-    is given up on after ``timeout_s`` (default ``_JOIN_TIMEOUT_S``).
+    for pool in (thread_pool, process_pool):
+        hook = getattr(pool, "_python_exit", None)
+        if hook is not None:
+            hook()
+
+
+def _join_threads(name: str, timeout_s: float | None = None) -> bool:
+    """Waits, at most ``timeout_s`` in all, for background work, in a normal exit's order.
+
+    First the running non-daemon threads other than the workers and managers of
+    executors: an async checkpoint's writers still submit work to their pools. Then the
+    executors' tasks (`_end_executors`, in a daemon thread: a normal exit would wait
+    for a running task without limit). A thread or task still running after
+    ``timeout_s`` (default ``_JOIN_TIMEOUT_S``) is given up on.
 
     Returns:
-      True when no such thread is left running.
+      True when nothing is left running.
     """
     from concurrent.futures import process as process_pool, thread as thread_pool
 
@@ -156,11 +167,19 @@ def _join_threads(name: str, timeout_s: float | None = None) -> bool:
     me = threading.current_thread()
     deadline = time.monotonic() + timeout_s
     said = False
+    executors = None  # the thread running `_end_executors`, once the others are done
     while True:
         known = {*getattr(thread_pool, "_threads_queues", {}),
                  *getattr(process_pool, "_threads_wakeups", {})}
         busy = [t for t in threading.enumerate()
-                if t is not me and not t.daemon and t not in known and t.is_alive()]
+                if t is not me and not t.daemon and t not in known and t is not executors
+                and t.is_alive()]
+        if not busy:
+            if executors is None:
+                executors = threading.Thread(target=_end_executors, name="end executors",
+                                             daemon=True)
+                executors.start()
+            busy = [executors] if executors.is_alive() else []
         left = deadline - time.monotonic()
         if not busy or left <= 0:
             return not busy
@@ -174,8 +193,9 @@ def _join_threads(name: str, timeout_s: float | None = None) -> bool:
 def _interrupted(name: str, resume_hint) -> None:
     """Ends the process after a Ctrl-C: one line on stderr, exit status 130.
 
-    Background threads still running (e.g. an async checkpoint's finalisation) are
-    waited for, as at a normal exit (`_join_threads`); then the process ends with
+    Background threads still running (e.g. an async checkpoint's finalisation) and
+    executors' running tasks are waited for, as at a normal exit but at most
+    `_JOIN_TIMEOUT_S` in all (`_join_threads`); then the process ends with
     `os._exit`, skipping the interpreter's teardown, which can crash ("Fatal Python
     error: Segmentation fault") when the interrupt came during an XLA compilation.
     """
@@ -189,7 +209,8 @@ def _interrupted(name: str, resume_hint) -> None:
     sys.stderr.write(f"{name}: interrupted" + (f" ({hint})" if hint else "") + "\n")  # one write
     try:
         # What a normal exit runs first (executors' shutdown, then joining the
-        # threads); skipped when a thread outlived the wait: it would hang here too.
+        # threads: both done by now); skipped when a thread or an executor's task
+        # outlived the wait: it would hang here too.
         shutdown = getattr(threading, "_shutdown", None)
         if _join_threads(name) and shutdown is not None:
             shutdown()
@@ -222,8 +243,8 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
 
     Ctrl-C (KeyboardInterrupt, wherever it lands) prints ``NAME: interrupted`` and, when
     given, `` (<resume_hint>)`` on stderr and exits with status 130 once background
-    threads (e.g. a checkpoint being finalised) are done; a second Ctrl-C ends the
-    process at once.
+    threads (e.g. a checkpoint being finalised) and executors' running tasks are done,
+    or after ``_JOIN_TIMEOUT_S`` (30 s) in all; a second Ctrl-C ends the process at once.
 
     Full traceback of a caught error or interrupt: pass ``--verbosity=1`` or set the
     environment variable ``JAX_RECSYS_TRACEBACK=1``.

@@ -6,7 +6,9 @@ Each case runs a real `python -m launch.X` with input that fails before any heav
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -435,6 +437,27 @@ def test_log_tail_prefers_the_error_line(tmp_path):
     assert common.log_tail(tmp_path / "missing.log") == ""
 
 
+def _interrupt(app: str, env: dict[str, str], *args: str) -> tuple[int, str, float]:
+    """Runs Python source `app` and sends it SIGINT once it prints "ready".
+
+    Returns:
+      (exit status, stderr, seconds from the signal to the end). Its process group (a
+      process pool's workers too) is killed afterwards.
+    """
+    proc = subprocess.Popen([sys.executable, "-c", app, *args], cwd=mp_util.REPO,
+                            env=mp_util.child_env(1, env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        return proc.returncode, err, time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 _TINY_APP = '''
 import pathlib, sys, threading, time
 from concurrent import futures
@@ -464,16 +487,8 @@ def test_ctrl_c_is_one_line_exit_130_after_background_work(tmp_path):
     """SIGINT used to print a KeyboardInterrupt traceback (and sometimes crash in the
     interpreter's teardown); a background writer is still allowed to finish."""
     out = tmp_path / "saved.txt"
-    proc = subprocess.Popen([sys.executable, "-c", _TINY_APP, str(out)], cwd=mp_util.REPO,
-                            env=mp_util.child_env(1, {"JAX_RECSYS_TRACEBACK": ""}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    rc, err, _ = _interrupt(_TINY_APP, {"JAX_RECSYS_TRACEBACK": ""}, str(out))
+    assert rc == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "tiny: interrupted (rerun the same command to resume)"
     assert out.read_text() == "saved"
@@ -505,18 +520,8 @@ common.run(main, name="stuck")
 def test_ctrl_c_does_not_wait_for_threads_that_end_only_at_exit(stuck):
     """An idle process pool's manager thread ends only at the shutdown: Ctrl-C used to
     wait for it forever. A thread that never ends is given up on after the wait."""
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_APP], cwd=mp_util.REPO,
-                            env=mp_util.child_env(1, {"STUCK": "1" if stuck else ""}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        took = time.monotonic() - t0
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-3000:]
+    rc, err, took = _interrupt(_STUCK_APP, {"STUCK": "1" if stuck else ""})
+    assert rc == 130, err[-3000:]
     lines = err.strip().splitlines()
     assert "stuck: interrupted" in lines
     if stuck:
@@ -524,6 +529,51 @@ def test_ctrl_c_does_not_wait_for_threads_that_end_only_at_exit(stuck):
         assert 2.5 < took < 30
     else:
         assert lines[-1] == "stuck: interrupted" and took < 30
+
+
+_BUSY_APP = '''
+import os, pathlib, sys, time
+from concurrent import futures
+from launch import common
+
+common._JOIN_TIMEOUT_S = 3.0
+out = pathlib.Path(sys.argv.pop())
+pool = (futures.ProcessPoolExecutor if os.environ["POOL"] == "process"
+        else futures.ThreadPoolExecutor)(1)
+
+
+def task(seconds):
+    time.sleep(seconds)
+    out.write_text("done")
+
+
+def main(argv):
+    pool.submit(task, float(os.environ["TASK_S"]))
+    print("ready", flush=True)
+    time.sleep(120)
+
+
+common.run(main, name="busy")
+'''
+
+
+@pytest.mark.parametrize("pool, task_s", [("thread", 600), ("process", 600), ("thread", 1),
+                                          ("process", 1)])
+def test_ctrl_c_waits_for_a_running_executor_task_at_most_the_cap(tmp_path, pool, task_s):
+    """The executors' exit hook waits for their running tasks: Ctrl-C used to wait for a
+    long one forever. A task that ends within the wait still ends."""
+    out = tmp_path / "done.txt"
+    rc, err, took = _interrupt(_BUSY_APP, {"POOL": pool, "TASK_S": str(task_s),
+                                           "JAX_RECSYS_TRACEBACK": ""}, str(out))
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert "busy: interrupted" in lines
+    if task_s > 3:
+        assert lines[-1].startswith("busy: waiting up to 3 s for background work")
+        assert 2.5 < took < 30 and not out.exists()
+    else:
+        assert took < 30 and out.read_text() == "done"
 
 
 def test_checkpoint_resume_hint_says_whether_a_rerun_resumes():
