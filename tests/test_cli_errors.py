@@ -323,6 +323,8 @@ _IMPRESSIONS_CSV = ("user_id,item_id,advertiser_id,timestamp,click,conversion,ho
     (["--config.data.max_train_examples=-5"], {}, ["max_train_examples must be an integer >= 0"]),
     # A NaN click used to end in a FloatingPointError traceback; a NaN time dropped its row.
     ([], {"click": "nan"}, ["impressions.csv:3, column 'click': label nan is not 0 or 1"]),
+    # An empty label cell is NaN (fine outside the windows); it was "cannot parse ''".
+    ([], {"click": ""}, ["impressions.csv:3, column 'click': label nan is not 0 or 1"]),
     ([], {"ts": "nan"}, ["impressions.csv:3, column 'timestamp': timestamp nan is not a finite"]),
 ])
 def test_train_ranker_refuses_bad_labels_and_windows_before_training(tmp_path, args, csv,

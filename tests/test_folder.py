@@ -315,6 +315,28 @@ def test_underscores_are_text_not_digit_separators(tmp_path):
     assert skipped == 1 and t["user_id"].tolist() == [1, 3]
 
 
+def test_an_empty_label_cell_is_nan_for_the_label_kind(tmp_path):
+    """kinds={col: "label"}: an empty cell is a label not known yet (NaN, as in an npy
+    label column), kept also with on_bad_lines="skip"; without it an empty cell of a
+    numeric column stays unparsable. Other cells parse as "number" does."""
+    p = _write(tmp_path / "x.csv", "user_id,click,conversion\n1,1,0\n2,0, \n3,,\n")
+    t, _ = folder.read_text_table(p, kinds={"click": "label", "conversion": "label"})
+    np.testing.assert_array_equal(t["click"], [1, 0, np.nan])
+    np.testing.assert_array_equal(t["conversion"], [0, np.nan, np.nan])
+    t, skipped = folder.read_text_table(p, kinds={"click": "label", "conversion": "label"},
+                                        on_bad_lines="skip")
+    assert skipped == 0 and t["user_id"].tolist() == [1, 2, 3]
+    t, _ = folder.read_text_table(p, columns=["click"], kinds={"click": "label"})
+    assert t["click"].dtype == np.float64
+    full = _write(tmp_path / "y.csv", "click\n1\n0\n")
+    assert folder.read_text_table(full, kinds={"click": "label"})[0]["click"].dtype == np.int64
+    with pytest.raises(DataError, match=r"x.csv:4, column 'click': cannot parse '' as a number"):
+        folder.read_text_table(p, columns=["click"])
+    bad = _write(tmp_path / "z.csv", "click\n1\n\"\"\nyes\n")
+    with pytest.raises(DataError, match=r"z.csv:4, column 'click': cannot parse 'yes' as a number"):
+        folder.read_text_table(bad, kinds={"click": "label"})
+
+
 def test_spaces_after_the_delimiter_keep_integer_ids(tmp_path):
     # "a, b" files: " 7" is the id 7 (as before the canonical-spelling rule), "007" is not.
     p = _write(tmp_path / "sp.csv", "user_id, pin_id,click\n1, 7,1\n2, 8,0\n")

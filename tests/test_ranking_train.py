@@ -325,6 +325,24 @@ def test_labels_must_be_0_or_1(tmp_path):
         str(csv / "impressions.csv"), "click", 4)
 
 
+def test_an_empty_csv_label_is_a_label_not_known_yet(tmp_path):
+    """An empty label cell reads as NaN: fine on a row outside the windows (a pending
+    conversion), refused inside one with a DataError naming the file, column and line."""
+    csv = tmp_path / "impressions.csv"
+    csv.write_text("user_id,timestamp,click,conversion\n1,0,1,0\n2,0,0,0\n3,86400,1,1\n"
+                   "4,86400,0,0\n5,172800,1,\n6,172800,,\n")
+    ids = ("user_id",)
+    got = T.prepare_data(_data(tmp_path, train_window=(0, 1), valid_window="",
+                               test_window=(1, 2)), id_columns=ids)
+    assert got.splits["train"]["click"].tolist() == [1, 0]
+    assert got.splits["test"]["conversion"].tolist() == [1, 0]
+    with pytest.raises(folder.DataError) as e:
+        T.prepare_data(_data(tmp_path, train_window=(0, 1), valid_window="",
+                             test_window=(1, 3)), id_columns=ids)
+    assert (e.value.file, e.value.column, e.value.line) == (str(csv), "click", 7)
+    assert re.search(r"label nan is not 0 or 1 \(.*an empty or NaN label", str(e.value))
+
+
 def test_valid_and_test_windows_must_not_overlap_the_train_window(tmp_path):
     _write_world(tmp_path / "data", n=600)
     ids = ("user_id",)

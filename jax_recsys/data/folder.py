@@ -24,8 +24,9 @@ are appended to the ``.npy`` column files and the npy header is fixed at
 :func:`write_dataset_json`. Reader: :class:`DatasetFolder`; ``.npy`` columns
 are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
 int64, other numbers -> float64, anything else -> ``np.str_`` ids; ``*_id``
-columns are int64 only if every spelling is canonical, else ``np.str_``).
-Text files may start with a UTF-8 byte-order mark (it is not part of the first
+columns are int64 only if every spelling is canonical, else ``np.str_``; an
+empty cell is an error unless the reader is told the column holds labels, where it
+is a label not known yet: NaN). Text files may start with a UTF-8 byte-order mark (it is not part of the first
 column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D in ``.npy``
 tables (other columns may have trailing dimensions: e.g. a list of ids per row; a
 consumer checks the columns it uses); ``timestamp`` and ``day``
@@ -367,6 +368,16 @@ def _parse_column_values(
         kind = "number"
     if kind == "str":
         return arr
+    if kind == "label":
+        missing = np.char.strip(arr) == ""
+        if not missing.any():
+            kind = "number"
+        else:  # a label not known yet: NaN, as in an .npy column (float64)
+            out = np.full(arr.shape, np.nan)
+            out[~missing] = _parse_column_values(
+                arr[~missing], lines[~missing], file=file, column=column, kind="float"
+            )
+            return out
     # Python's int() and float() read "1_0" as 10: in a data file that is text,
     # never a number.
     underscore = np.char.find(arr, "_") >= 0
@@ -432,9 +443,11 @@ def read_text_table(
     Args:
       path: a ``.csv`` or ``.tsv`` file.
       columns: columns to return (default all); a missing one is a DataError.
-      kinds: optional column -> "int" | "float" | "number" | "str" to force a type;
-        otherwise integers -> int64, other numbers -> float64, the rest -> np.str_,
-        and NUMERIC_COLUMNS must be numbers. ``*_id`` columns are int64 only when
+      kinds: optional column -> "int" | "float" | "number" | "str" | "label" to force a
+        type; otherwise integers -> int64, other numbers -> float64, the rest -> np.str_,
+        and NUMERIC_COLUMNS must be numbers. "label" is "number" where an empty cell
+        is a label not known yet: NaN (the column is then float64), kept by
+        ``on_bad_lines="skip"``; whoever uses the labels checks the rows it reads. ``*_id`` columns are int64 only when
         every value is a canonical int64 spelling (``str(int(v)) == v``: not "007",
         "+7" or beyond int64); otherwise they stay np.str_ (never float64), so
         distinct spellings stay distinct ids.
@@ -550,9 +563,11 @@ def _read_text_table(
         keep = np.ones(len(lines_arr), dtype=bool)
         for j, c in enumerate(wanted):
             kind = kinds.get(c, "number" if c in NUMERIC_COLUMNS else None)
-            if kind in ("int", "float", "number"):
+            if kind in ("int", "float", "number", "label"):
                 caster = np.int64 if kind == "int" else float
                 for i, v in enumerate(values[j]):
+                    if kind == "label" and not v.strip():
+                        continue  # a label not known yet (NaN), not a bad line
                     try:
                         x = caster(v)
                     except (ValueError, OverflowError):
@@ -836,7 +851,8 @@ class DatasetFolder:
         Args:
           name: table name.
           columns: columns to return (all by default); a missing one is a DataError.
-          kinds: forced column types for text tables ("int", "float", "number", "str").
+          kinds: forced column types for text tables ("int", "float", "number", "str",
+            "label"; see :func:`read_text_table`).
 
         Returns:
           column name -> array (npy columns memory-mapped).

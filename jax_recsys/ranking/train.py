@@ -264,12 +264,13 @@ def _check_labels(folder, table: str, cols: Mapping[str, np.ndarray], columns,
         bad = ~((v == 0) | (v == 1))  # NaN compares unequal to both
         if bad.any():
             i = int(np.argmax(bad))
-            raise folder.error(
-                table,
-                f"label {v[i].item()!r} is not 0 or 1 (click and conversion labels are binary)",
-                column=c,
-                row=int(rows[i]),
-            )
+            why = "click and conversion labels are binary"
+            if np.isnan(v[i]):
+                text = not folder.table_path(table).is_dir()
+                why += (f"; an {'empty or ' if text else ''}NaN label, one not known yet, may "
+                        "only be on rows outside the train/valid/test windows")
+            raise folder.error(table, f"label {v[i].item()!r} is not 0 or 1 ({why})",
+                               column=c, row=int(rows[i]))
 
 
 def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData:
@@ -284,8 +285,8 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
 
     Raises:
       jax_recsys.data.folder.DataError: naming the table's file, the column and (for a
-        bad value) the line: a missing column, a label that is not 0 or 1 (NaN
-        included), a negative or non-integer coarse feature, a column that is not 1-D,
+        bad value) the line: a missing column, a label that is not 0 or 1 (NaN or an
+        empty CSV/TSV cell included) in a row a window uses, a negative or non-integer coarse feature, a column that is not 1-D,
         a day/timestamp that is not finite, an unknown or empty day window.
       ValueError: the valid or test window overlaps the train window.
     """
@@ -298,7 +299,9 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     named = {k: w for k, w in named.items() if not (w == "" or w is None)}
     wins = {split: _window(folder, w) for split, w in named.items()}
     _check_windows(named, wins, log_warning=lambda m: warnings.warn(m, stacklevel=3))
-    cols = folder.table(data.table)
+    # An empty label cell (a label not known yet) reads as NaN: checked below, in the rows used.
+    cols = folder.table(data.table, kinds=dict.fromkeys(
+        (data.click_column, data.conversion_column), "label"))
     where = f"{folder.table_path(data.table)}"
     for c in (data.click_column, data.conversion_column, *id_columns):
         if c not in cols:
