@@ -243,16 +243,23 @@ def test_log_every_zero_never_logs(tmp_path, devices):
     assert math.isfinite(m["train_loss"])
 
 
-def test_non_finite_loss_stops_training(tmp_path, devices, monkeypatch):
+def _nan_loss_at(monkeypatch, step: int) -> list:
+    """Makes the trainer's `step`-th train step (1-based) report a NaN loss; returns
+    the list that gets an item per step."""
     real_step = ct.ContrastiveTrainer.train_step
     calls = []
 
-    def nan_on_second(self, batch):
+    def nan_at(self, batch):
         out = real_step(self, batch)
         calls.append(1)
-        return {**out, "loss": float("nan")} if len(calls) == 2 else out
+        return {**out, "loss": float("nan")} if len(calls) == step else out
 
-    monkeypatch.setattr(ct.ContrastiveTrainer, "train_step", nan_on_second)
+    monkeypatch.setattr(ct.ContrastiveTrainer, "train_step", nan_at)
+    return calls
+
+
+def test_non_finite_loss_stops_training(tmp_path, devices, monkeypatch):
+    calls = _nan_loss_at(monkeypatch, 2)
     cfg = ct.ContrastiveConfig(dim=8, batch_size=64, max_steps=4, eval_ks=(10,), log_every=1,
                                project=False, eval_loss_batches=1)
     with pytest.raises(FloatingPointError, match="contrastive loss is nan at step 2"):
@@ -260,3 +267,22 @@ def test_non_finite_loss_stops_training(tmp_path, devices, monkeypatch):
                               workdir=tmp_path / "run",
                               mesh=global_mesh(devices=devices[:2]), save=False)
     assert len(calls) == 2
+
+
+def test_an_error_during_training_leaves_a_complete_checkpoint(tmp_path, devices,
+                                                               slow_checkpoint_finalize):
+    """An error while a checkpoint is still being written reaches the caller only once
+    the checkpoint is finished (no *.orbax-checkpoint-tmp-* folder left)."""
+    from jax_recsys import checkpoint
+
+    _nan_loss_at(slow_checkpoint_finalize, 3)
+    cfg = ct.ContrastiveConfig(dim=8, batch_size=64, max_steps=4, eval_ks=(10,), log_every=1,
+                               project=False, eval_loss_batches=1, checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match="contrastive loss is nan at step 3"):
+        ct.train_and_evaluate(pairs=_tiny_pairs(tmp_path), config=cfg,
+                              workdir=tmp_path / "run",
+                              mesh=global_mesh(devices=devices[:2]), save=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2"]
+    with checkpoint.Checkpointer(ckpts) as ckpt:
+        assert ckpt.restore_meta()["step"] == 2

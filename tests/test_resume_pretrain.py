@@ -103,6 +103,16 @@ def _graph(seed=0, users=40, pins=48, boards=4, per_user=5):
                 "test": likes[perm[:n_test]]})
 
 
+def _likes_graph():
+    """`_graph`'s likes only: one type pair, so one compiled step."""
+    g = _graph()
+    likes = g.splits["train"][g.splits["train"][:, 1] == 0]
+    return KnowledgeGraph(entity_types=("pin", "user"),
+                          vocabs={t: g.vocabs[t] for t in ("pin", "user")},
+                          relations=("likes",), rel_head_type=("user",), rel_tail_type=("pin",),
+                          splits={"train": likes})
+
+
 def test_chunk_sampler_resumes_mid_epoch_and_slices_processes():
     g = _graph()
     cfg = kg_train.KGTrainConfig(chunk_size=4, uniform_negatives=3, chunks_per_batch=4, seed=5)
@@ -188,11 +198,7 @@ def test_contrastive_checkpoint_restores_onto_4_then_1_devices(tmp_path):
 def test_kg_resume_on_another_mesh_equals_uninterrupted(tmp_path):
     """A run that lost its last checkpoints (crash after step 4) resumes from step 4 on 4
     devices instead of 8 and ends like the uninterrupted run, across an epoch boundary."""
-    g = _graph()
-    likes = g.splits["train"][g.splits["train"][:, 1] == 0]
-    g = KnowledgeGraph(entity_types=("pin", "user"), vocabs={t: g.vocabs[t] for t in ("pin", "user")},
-                       relations=("likes",), rel_head_type=("user",), rel_tail_type=("pin",),
-                       splits={"train": likes})  # one type pair: one compiled step
+    g = _likes_graph()
     model = kg_train.KGModelConfig(model="distmult", dim=8)
     cfg = kg_train.KGTrainConfig(chunk_size=4, uniform_negatives=3, chunks_per_batch=8,
                                  num_epochs=3, max_steps=9, log_every=1, checkpoint_every=2,
@@ -228,6 +234,27 @@ def test_kg_resume_on_another_mesh_equals_uninterrupted(tmp_path):
     got = kg_train.entity_tables(resumed)
     for t in want:
         np.testing.assert_allclose(got[t], want[t], rtol=1e-4, atol=1e-6, err_msg=t)
+
+
+def test_kg_error_during_training_leaves_a_complete_checkpoint(tmp_path,
+                                                               slow_checkpoint_finalize):
+    """An error while a checkpoint is still being written reaches the caller only once
+    the checkpoint is finished (no *.orbax-checkpoint-tmp-* folder left)."""
+    g = _likes_graph()  # no compilation after the first step: the error comes at once
+    cfg = kg_train.KGTrainConfig(chunk_size=4, uniform_negatives=3, chunks_per_batch=8,
+                                 num_epochs=3, max_steps=9, log_every=1, checkpoint_every=2)
+
+    def log(rec):
+        if rec.get("step") == 3:
+            raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        kg_train.train(g, model=kg_train.KGModelConfig(model="distmult", dim=8),
+                       train_config=cfg, mesh=_mesh(2), log_fn=log,
+                       checkpoint_dir=tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["2"]
+    with checkpoint.Checkpointer(tmp_path / "ck") as ckpt:
+        assert ckpt.restore_meta()["step"] == 2
 
 
 # ----------------------------------------------------------------------------- SIGKILL

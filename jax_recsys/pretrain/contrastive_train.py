@@ -30,6 +30,7 @@ dim, R pin rows, Q held-out pairs, S devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -495,44 +496,40 @@ def train_and_evaluate(
 
         ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints",
                                        keep=cfg.keep_checkpoints)
-        if ckpt.latest_step() is not None:
-            try:
-                trainer.state, meta = restore_train_state(ckpt, fresh=trainer.state,
-                                                          expected=identity)
-            except BaseException:
-                ckpt.close()
-                raise
+    # Closed also when training raises (Checkpointer.__exit__): a save still being
+    # written is finished before the error reaches the caller.
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        if ckpt is not None and ckpt.latest_step() is not None:
+            trainer.state, meta = restore_train_state(ckpt, fresh=trainer.state, expected=identity)
             start, history, ema, m = meta["step"], meta["history"], meta["ema"], meta["last"]
             logging.info("resumed from %s at step %d (epoch %d, step %d of it)",
                          ckpt.directory, start, meta["epoch"], meta["step_in_epoch"])
-    t_start, train_time, seen = time.perf_counter(), 0.0, 0
-    perm_epoch, perm = None, None
-    for step in range(start + 1, total + 1):
-        epoch = schedule.position(step - 1)["epoch"]
-        if epoch != perm_epoch:
-            perm_epoch, perm = epoch, schedule.permutation(epoch)
-        t0 = time.perf_counter()
-        m = trainer.train_step(trainer.step_batch(pairs, schedule, step - 1, perm))
-        if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"contrastive loss is {m['loss']} at step {step}")
-        if step > start + 1:  # the first step compiles: not throughput
-            train_time += time.perf_counter() - t0
-            seen += b
-        ema = m["loss"] if ema is None else 0.9 * ema + 0.1 * m["loss"]
-        if cfg.log_every and (step % cfg.log_every == 0 or step == total):
-            logging.info("step %d/%d loss %.4f (ema %.4f) acc %.3f %.0f examples/s",
-                         step, total, m["loss"], ema, m["acc"], seen / max(train_time, 1e-9))
-            history.append({"step": step, "loss": m["loss"], "acc": m["acc"]})
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
-            ev = trainer.evaluate(pairs, heldout_loss=True)
-            history.append({"step": step, **ev})
-            logging.info("eval step %d: %s", step, _fmt(ev))
-        if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == total):
-            save_train_state(ckpt, step, trainer.state, {
-                **identity, "step": step, **schedule.position(step), "ema": ema,
-                "last": m, "history": history})
-    if ckpt is not None:
-        ckpt.close()
+        t_start, train_time, seen = time.perf_counter(), 0.0, 0
+        perm_epoch, perm = None, None
+        for step in range(start + 1, total + 1):
+            epoch = schedule.position(step - 1)["epoch"]
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, schedule.permutation(epoch)
+            t0 = time.perf_counter()
+            m = trainer.train_step(trainer.step_batch(pairs, schedule, step - 1, perm))
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"contrastive loss is {m['loss']} at step {step}")
+            if step > start + 1:  # the first step compiles: not throughput
+                train_time += time.perf_counter() - t0
+                seen += b
+            ema = m["loss"] if ema is None else 0.9 * ema + 0.1 * m["loss"]
+            if cfg.log_every and (step % cfg.log_every == 0 or step == total):
+                logging.info("step %d/%d loss %.4f (ema %.4f) acc %.3f %.0f examples/s",
+                             step, total, m["loss"], ema, m["acc"], seen / max(train_time, 1e-9))
+                history.append({"step": step, "loss": m["loss"], "acc": m["acc"]})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != total:
+                ev = trainer.evaluate(pairs, heldout_loss=True)
+                history.append({"step": step, **ev})
+                logging.info("eval step %d: %s", step, _fmt(ev))
+            if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == total):
+                save_train_state(ckpt, step, trainer.state, {
+                    **identity, "step": step, **schedule.position(step), "ema": ema,
+                    "last": m, "history": history})
     if start > total:
         logging.warning("the checkpoint is at step %d, past the %d steps asked for", start, total)
     train_seconds = time.perf_counter() - t_start

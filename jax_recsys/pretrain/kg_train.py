@@ -53,6 +53,7 @@ N = C + U candidates, D entity dim, T triples, NR relations, S devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -600,84 +601,81 @@ def train(
         from jax_recsys import checkpoint
 
         ckpt = checkpoint.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
-        if ckpt.latest_step() is not None:
-            try:
-                state, meta = ckpt_lib.restore_train_state(ckpt, fresh=state, expected=identity)
-            except BaseException:
-                ckpt.close()
-                raise
+    # Closed also when training raises (Checkpointer.__exit__): a save still being
+    # written is finished before the error reaches the caller.
+    with ckpt if ckpt is not None else contextlib.nullcontext():
+        if ckpt is not None and ckpt.latest_step() is not None:
+            state, meta = ckpt_lib.restore_train_state(ckpt, fresh=state, expected=identity)
             step, positives = meta["step"], meta["positives"]
             start_epoch, start_batch = meta["epoch"], meta["batch_in_epoch"]
             history, last = meta["history"], meta["last"]
             log_fn({"resumed_from_step": step, "epoch": start_epoch, "batch": start_batch,
                     "checkpoints": str(ckpt.directory)})
-    resumed_from = step
+        resumed_from = step
 
-    saved = [step]
+        saved = [step]
 
-    def save(epoch, next_batch):
-        saved[0] = step
-        ckpt_lib.save_train_state(ckpt, step, state, {
-            **identity, "step": step, "epoch": epoch, "batch_in_epoch": next_batch,
-            "positives": positives, "history": history, "last": last})
+        def save(epoch, next_batch):
+            saved[0] = step
+            ckpt_lib.save_train_state(ckpt, step, state, {
+                **identity, "step": step, "epoch": epoch, "batch_in_epoch": next_batch,
+                "positives": positives, "history": history, "last": last})
 
-    steady_s = compile_s = 0.0
-    compiled = set()  # batch structures (type pairs) already traced
-    window = [time.perf_counter(), 0]
-    t_step = time.perf_counter()
-    done = train_config.max_steps is not None and step >= train_config.max_steps
-    epoch = start_epoch
-    pid, nproc = jax.process_index(), jax.process_count()
-    for epoch in range(start_epoch, train_config.num_epochs if not done else start_epoch):
-        first = start_batch if epoch == start_epoch else 0
-        for bi, batch in enumerate(sampler.epoch(epoch, start=first, process_index=pid,
-                                                 process_count=nproc), start=first):
-            n_pos = sampler.batch_positives  # of the global batch
-            structure = tuple(sorted(batch.ids))
-            state, m = step_fn(state, train_step_lib.shard_batch(batch, mesh=mesh, axis=axis))
-            last = {k: float(v) for k, v in m.items()}  # blocks on every step (DEVELOPERS.md)
-            # Wall time since the previous step finished: sampling + transfer + step.
-            t_now = time.perf_counter()
-            dt, t_step = t_now - t_step, t_now
-            if structure in compiled:
-                steady_s, steady_pos = steady_s + dt, steady_pos + n_pos
-            else:
-                compiled.add(structure)
-                compile_s += dt
-            positives += n_pos
-            window[1] += n_pos
-            step += 1
-            if not math.isfinite(last["loss"]):
-                raise FloatingPointError(f"loss is {last['loss']} at step {step}")
-            if train_config.log_every and step % train_config.log_every == 0:
-                now = time.perf_counter()
-                rec = {"step": step, "epoch": epoch, **last,
-                       "positives_per_s": window[1] / (now - window[0])}
-                window = [now, 0]
+        steady_s = compile_s = 0.0
+        compiled = set()  # batch structures (type pairs) already traced
+        window = [time.perf_counter(), 0]
+        t_step = time.perf_counter()
+        done = train_config.max_steps is not None and step >= train_config.max_steps
+        epoch = start_epoch
+        pid, nproc = jax.process_index(), jax.process_count()
+        for epoch in range(start_epoch, train_config.num_epochs if not done else start_epoch):
+            first = start_batch if epoch == start_epoch else 0
+            for bi, batch in enumerate(sampler.epoch(epoch, start=first, process_index=pid,
+                                                     process_count=nproc), start=first):
+                n_pos = sampler.batch_positives  # of the global batch
+                structure = tuple(sorted(batch.ids))
+                state, m = step_fn(state, train_step_lib.shard_batch(batch, mesh=mesh, axis=axis))
+                last = {k: float(v) for k, v in m.items()}  # blocks on every step (DEVELOPERS.md)
+                # Wall time since the previous step finished: sampling + transfer + step.
+                t_now = time.perf_counter()
+                dt, t_step = t_now - t_step, t_now
+                if structure in compiled:
+                    steady_s, steady_pos = steady_s + dt, steady_pos + n_pos
+                else:
+                    compiled.add(structure)
+                    compile_s += dt
+                positives += n_pos
+                window[1] += n_pos
+                step += 1
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {step}")
+                if train_config.log_every and step % train_config.log_every == 0:
+                    now = time.perf_counter()
+                    rec = {"step": step, "epoch": epoch, **last,
+                           "positives_per_s": window[1] / (now - window[0])}
+                    window = [now, 0]
+                    history.append(rec)
+                    log_fn(rec)
+                done = train_config.max_steps is not None and step >= train_config.max_steps
+                if ckpt is not None and (step % train_config.checkpoint_every == 0 or done):
+                    save(epoch, bi + 1)
+                if done:
+                    break
+            if (not done and train_config.eval_every_epochs and "valid" in graph.splits
+                    and (epoch + 1) % train_config.eval_every_epochs == 0):
+                filter_index = filter_index or graph.filter_index()
+                ev = evaluate_state(graph, state=state, collection=coll, model=model, split="valid",
+                                    config=eval_config or kg_eval.KGEvalConfig(max_triples=2000),
+                                    filter_index=filter_index)
+                rec = {"step": step, "epoch": epoch, **{f"valid_{k}": v for k, v in ev.items()}}
                 history.append(rec)
                 log_fn(rec)
-            done = train_config.max_steps is not None and step >= train_config.max_steps
-            if ckpt is not None and (step % train_config.checkpoint_every == 0 or done):
-                save(epoch, bi + 1)
+                window = [time.perf_counter(), 0]
+                t_step = time.perf_counter()
             if done:
                 break
-        if (not done and train_config.eval_every_epochs and "valid" in graph.splits
-                and (epoch + 1) % train_config.eval_every_epochs == 0):
-            filter_index = filter_index or graph.filter_index()
-            ev = evaluate_state(graph, state=state, collection=coll, model=model, split="valid",
-                                config=eval_config or kg_eval.KGEvalConfig(max_triples=2000),
-                                filter_index=filter_index)
-            rec = {"step": step, "epoch": epoch, **{f"valid_{k}": v for k, v in ev.items()}}
-            history.append(rec)
-            log_fn(rec)
-            window = [time.perf_counter(), 0]
-            t_step = time.perf_counter()
-        if done:
-            break
-    if ckpt is not None:
-        if saved[0] != step:  # the last step was off the save interval
+        if ckpt is not None and saved[0] != step:  # the last step was off the save interval
             save(train_config.num_epochs, 0)
-        ckpt.close()
     pos_rate = steady_pos / steady_s if steady_s > 0 else float("nan")
     metrics = {
         "steps": step,
