@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import warnings
 
 import jax
@@ -415,19 +416,54 @@ def test_recorded_data_is_found_or_the_error_says_where_it_looked(trained, tmp_p
     with pytest.raises(ValueError, match="--data=DATASET") as e:
         X.resolve_data_config(abl_ranker, ranker)
     assert "ablation.json" in str(e.value)
-    (tmp_path / "abl" / "ablation.json").write_text(
-        json.dumps({"data": {"path": "/elsewhere", "test_window": [5, 6], "coarse_features": None}})
-    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "dataset.json").write_text('{"name": "elsewhere"}\n')
+    (tmp_path / "abl" / "ablation.json").write_text(json.dumps(
+        {"data": {"path": str(elsewhere), "test_window": [5, 6], "coarse_features": None}}))
     d = X.resolve_data_config(abl_ranker, ranker)
-    assert (d.path, d.test_window) == ("/elsewhere", (5, 6))
+    assert (d.path, d.test_window) == (str(elsewhere), (5, 6))
     # Other data than the recorded one: scored, with a warning naming both.
-    with pytest.warns(UserWarning, match="not the dataset the ranker was trained on"):
+    with pytest.warns(UserWarning, match="not the dataset the ranker was trained on.*differ"):
         other = X.resolve_data_config(abl_ranker, ranker, data_path=str(trained.data))
     assert other.path == str(trained.data)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the recorded data itself: no warning
         assert X.resolve_data_config(trained.ranker_dir, ranker,
                                      data_path=str(trained.data)).path == str(trained.data)
+
+
+def test_a_recorded_dataset_that_is_gone_is_said_to_be_gone_not_to_differ(tmp_path):
+    """A moved pipeline folder: ablation.json records the world where it was; the
+    export is given the world where it is now."""
+    ranker = types.SimpleNamespace(config=types.SimpleNamespace(coarse_vocab_sizes=(("hour", 3),)))
+    ranker_dir = tmp_path / "new" / "ablation" / "runs" / "cl_kg_s0" / "ranker"
+    ranker_dir.mkdir(parents=True)
+    world = tmp_path / "new" / "world"
+    world.mkdir()
+    (world / "dataset.json").write_text('{"name": "world"}\n')
+    recorded = tmp_path / "old" / "world"  # no longer there
+    abl_json = tmp_path / "new" / "ablation" / "ablation.json"
+    abl_json.write_text(json.dumps({"data": {"path": str(recorded)}}))
+    with pytest.warns(UserWarning) as caught:
+        d = X.resolve_data_config(ranker_dir, ranker, data_path=str(world))
+    assert d.path == str(world) and len(caught) == 1
+    msg = str(caught[0].message)
+    assert f"the dataset the ranker was trained on, {recorded} (recorded in {abl_json}), is gone" in msg
+    assert f"scoring on the given {world}" in msg and "differ" not in msg, msg
+    # Without --data there is nothing to score on: said before any work.
+    with pytest.raises(ValueError, match=f"{re.escape(str(recorded))} .*is gone.*--data=DATASET"):
+        X.resolve_data_config(ranker_dir, ranker)
+    # Both there: "differ" only when their dataset.json do.
+    recorded.mkdir(parents=True)
+    shutil.copy(world / "dataset.json", recorded / "dataset.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert X.resolve_data_config(ranker_dir, ranker, data_path=str(world)).path == str(world)
+    (recorded / "dataset.json").write_text('{"name": "another world"}\n')
+    with pytest.warns(UserWarning, match=f"scoring on {re.escape(str(world))}, not the dataset "
+                      "the ranker was trained on .*: their dataset.json differ"):
+        X.resolve_data_config(ranker_dir, ranker, data_path=str(world))
 
 
 def test_int4_row_is_added_to_the_ablation(trained, tmp_path):

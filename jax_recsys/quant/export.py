@@ -38,7 +38,9 @@ The data to score on is the dataset the ranker was trained on, found from what t
 trainer recorded next to the ranker (`resolve_data_config`): DIR/metrics.json "config"
 (written by `launch.train_ranker` for DIR/ranker) or ABL/ablation.json "data" (an
 ablation run's ABL/runs/<variant>_s<seed>/ranker); `ExportConfig.data_path` overrides the
-folder. The test rows are mapped onto the ranker's vocabulary by raw id.
+folder (a warning when its dataset.json differs from the recorded one's, or says the
+recorded folder is gone, e.g. moved with the runs; without it a gone folder is refused).
+The test rows are mapped onto the ranker's vocabulary by raw id.
 
 `int4_transform(ranker)` and `add_int4_row(ablation_workdir)` add the "+ both facets,
 INT4 served" row to a finished ablation through `ablation.evaluate_with_tables` (at 8
@@ -358,8 +360,13 @@ def resolve_data_config(
     Returns:
       DataConfig with empty train/valid windows and the ranker's coarse features.
 
+    Warns (UserWarning) when `data_path` is given and the recorded dataset's
+    dataset.json differs from its own, or the recorded dataset is gone (e.g. the runs
+    were moved: nothing to compare with).
+
     Raises:
-      ValueError: nothing recorded and no `data_path` (names the files looked at).
+      ValueError: nothing recorded and no `data_path` (names the files looked at), or
+        the recorded dataset is gone and no `data_path` is given.
     """
     ranker_dir = pathlib.Path(ranker_dir)
     recorded, looked = _recorded_data(ranker_dir)
@@ -373,10 +380,19 @@ def resolve_data_config(
     for k, v in (recorded or {}).items():
         if k in fields:
             kw[k] = tuple(v) if isinstance(v, list) else v
+    rec_path = (recorded or {}).get("path")
+    digest = lambda p: fsutil.file_digest(pathlib.Path(p) / "dataset.json")  # noqa: E731
+    gone = bool(rec_path) and digest(rec_path) is None
+    trained_on = f"the dataset the ranker was trained on, {rec_path} (recorded in {looked[-1]})"
+    if gone and not data_path:
+        raise ValueError(f"{ranker_dir}: {trained_on}, is gone (no dataset.json there: moved or "
+                         "deleted?); pass the dataset folder (--data=DATASET)")
     if data_path:
-        rec_path = (recorded or {}).get("path")
-        digest = lambda p: fsutil.file_digest(pathlib.Path(p) / "dataset.json")  # noqa: E731
-        if rec_path and digest(rec_path) != digest(data_path):
+        if gone:
+            warnings.warn(
+                f"{trained_on}, is gone (no dataset.json there: moved or deleted?): scoring on "
+                f"the given {data_path}, which cannot be checked against it", stacklevel=2)
+        elif rec_path and digest(data_path) not in (None, digest(rec_path)):
             warnings.warn(
                 f"scoring on {data_path}, not the dataset the ranker was trained on "
                 f"({rec_path}): their dataset.json differ, so the AUC gate compares full "
