@@ -11,6 +11,11 @@ Rerunning resumes: a finished ranker run, pretrained facet or stale-window KG wo
 in WORKDIR is reused only when it was made with the same settings and data (the
 run's config, the pretraining command and resolved configs, the data folder's
 dataset.json and its files' sizes and mtimes); anything else is redone and logged. `--fresh` redoes everything.
+The data folder counts by that content, not by its path, so WORKDIR or the data
+moved or copied elsewhere (mtimes kept: mv, cp -a) keeps its runs and facets; those
+made until 2026-11-27, whose keys held the path, are recognized through the path
+then given or recorded in the report of the last finished ablation (WORKDIR/ablation.json
+or metrics.json), and their keys rewritten.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -45,6 +51,58 @@ def _config_file_digest(spec: str) -> str | None:
     """Digest of a ``FILE[:ARG]`` config's file (relative to the repository root)."""
     path = pathlib.Path(spec.partition(":")[0])
     return fsutil.file_digest(path if path.is_absolute() else _REPO / path)
+
+
+def _cl_args(p, window: str) -> list[str]:
+    """The contrastive pretraining's arguments after its --config.data.path (``p``:
+    the ablation config's ``pretrain``)."""
+    return [f"--config.data.window={window}", *shlex.split(p.cl_flags)]
+
+
+def _pretrain_key(module: str, config: str, args: list[str], data: str, *, suffix: str = "",
+                  old_args: Sequence[list[str]] = ()) -> list[str]:
+    """What a pretraining run depends on: its command, resolved config and data.
+
+    ``args``: the command's arguments but the data folder's path, which the key holds
+    as its content (`ablation.folder_digest`) alone, so a moved or copied data or
+    ablation folder keeps its facets. Returns the key, then its older forms, still
+    accepted for facets made under them (and replaced by the key): the arguments as
+    given (``old_args``, each: the data path included) until 2026-11-27,
+    with the resolved config or, before that, the config file's bytes (an edit of a
+    docstring redid the pretraining).
+    """
+    from jax_recsys.ranking import ablation
+    from launch import pipeline_stages
+
+    digest = ablation.folder_digest(data)
+    resolved = {"resolved_config": pipeline_stages.config_fingerprint(config)}
+    forms = [json.dumps([module, config, args, resolved, digest]) + suffix]
+    for given in old_args:
+        forms += [json.dumps([module, config, given, resolved, digest]) + suffix,
+                  json.dumps([module, config, given, _config_file_digest(config), digest]) + suffix]
+    return list(dict.fromkeys(forms))
+
+
+def pretrain_keys(p, data_path: str, workdir: pathlib.Path) -> dict[str, Callable]:
+    """facet -> fn(window) -> its pretraining's keys (`_pretrain_key`), for
+    `ablation.obtain_facets`. ``p``: the ablation config's ``pretrain``."""
+    from jax_recsys.ranking import ablation
+
+    old_paths = ablation.old_key_data_paths(data_path, workdir)  # the forms holding the path
+
+    def cl(window: str) -> list[str]:
+        args = _cl_args(p, window)
+        return _pretrain_key("launch.pretrain_contrastive", p.cl_config, args, data_path,
+                             old_args=[[f"--config.data.path={d}", *args] for d in old_paths])
+
+    def kg(window: str) -> list[str]:
+        # Its arguments never held the data path. The stale KG world is derived from
+        # the data folder: its digest covers both.
+        args = shlex.split(p.kg_flags)
+        return _pretrain_key("launch.pretrain_kg", p.kg_config, args, data_path, suffix=window,
+                             old_args=[args])
+
+    return {"cl": cl, "kg": kg}
 
 
 def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
@@ -109,45 +167,19 @@ def main(argv):
     base = train_ranker.train_config(cfg.ranker, data_path=data_path, pretrained=())
     p = cfg.pretrain
 
-    def cl_args(window: str) -> list[str]:
-        return [f"--config.data.path={data_path}", f"--config.data.window={window}",
-                *shlex.split(p.cl_flags)]
-
     def kg_path(window: str) -> str:
         stale = workdir / "pretrain" / "world_kg_stale"
         return data_path if window == "fresh" else _stale_kg_world(data_path, stale)
 
     def pretrain_cl(window: str, out: pathlib.Path) -> pathlib.Path:
-        _run("launch.pretrain_contrastive", p.cl_config, out, cl_args(window), p.timeout_s)
+        args = [f"--config.data.path={data_path}", *_cl_args(p, window)]
+        _run("launch.pretrain_contrastive", p.cl_config, out, args, p.timeout_s)
         return out / "facet_cl"
 
     def pretrain_kg(window: str, out: pathlib.Path) -> pathlib.Path:
         extra = [f"--config.data.path={kg_path(window)}", *shlex.split(p.kg_flags)]
         _run("launch.pretrain_kg", p.kg_config, out, extra, p.timeout_s)
         return out / "facet_kg"
-
-    def key(module: str, config: str, args: list[str], data: str,
-            suffix: str = "") -> tuple[str, str]:
-        """What a pretraining run depends on: its command, resolved config and data.
-
-        Returns the key, then its form before 2026-11-27 (the config file's bytes, so
-        an edit of a docstring redid the pretraining), still accepted for facets
-        made then.
-        """
-        from jax_recsys.ranking import ablation as ablation_lib
-        from launch import pipeline_stages
-
-        digest = ablation_lib.folder_digest(data)
-        resolved = pipeline_stages.config_fingerprint(config)
-        return (json.dumps([module, config, args, {"resolved_config": resolved}, digest]) + suffix,
-                json.dumps([module, config, args, _config_file_digest(config), digest]) + suffix)
-
-    pretrain_keys = {
-        "cl": lambda w: key("launch.pretrain_contrastive", p.cl_config, cl_args(w), data_path),
-        # The stale KG world is derived from the data folder: its digest covers both.
-        "kg": lambda w: key("launch.pretrain_kg", p.kg_config, shlex.split(p.kg_flags),
-                            data_path, suffix=w),
-    }
 
     names = train_ranker._names
     config = ablation.AblationConfig(
@@ -165,7 +197,7 @@ def main(argv):
     )
     result = ablation.run_ablation(
         config, workdir, pretrainers={"cl": pretrain_cl, "kg": pretrain_kg}, log=logging.info,
-        pretrain_keys=pretrain_keys, fresh=_FRESH.value,
+        pretrain_keys=pretrain_keys(p, data_path, workdir), fresh=_FRESH.value,
     )
     print((workdir / "ablation.md").read_text())
     common.write_json(workdir / "metrics.json", result)

@@ -3,13 +3,18 @@
 import dataclasses
 import json
 import math
+import pathlib
+import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
-from jax_recsys import checkpoint, history
+from jax_recsys import checkpoint, fsutil, history
 from jax_recsys.data import folder
 from jax_recsys.ranking import ablation as A, model as M, train as T
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_relaimpr_and_summary_hand_computed():
@@ -77,22 +82,27 @@ def _write_data(path, n=2048, seed=0):
                               splits={"ranker_train": [0, 2], "ranker_valid": [2, 3], "ranker_test": [3, 4]})
 
 
+def _fake_pretrainer(facet, calls):
+    """A pretrainer of `run_ablation`'s shape that appends (facet, window) to ``calls``."""
+    def run(window, out):
+        calls.append((facet, window))
+        rng = np.random.default_rng(len(calls))
+        ents = {"cl": ("user", "pin"), "kg": ("user", "pin", "advertiser")}[facet]
+        ids = {"user": 100 + np.arange(30), "pin": 500 + np.arange(24), "advertiser": np.arange(3)}
+        checkpoint.save_facet(out / f"facet_{facet}", facet=facet,
+                              tables={e: rng.normal(size=(len(ids[e]), 4)).astype(np.float32) for e in ents},
+                              vocabs={e: ids[e] for e in ents})
+        return out / f"facet_{facet}"
+    return run
+
+
 @pytest.mark.slow
 def test_ablation_runs_every_variant_and_shares_pretraining(tmp_path):
     _write_data(tmp_path / "data")
     calls = []
 
     def fake_pretrainer(facet):
-        def run(window, out):
-            calls.append((facet, window))
-            rng = np.random.default_rng(len(calls))
-            ents = {"cl": ("user", "pin"), "kg": ("user", "pin", "advertiser")}[facet]
-            ids = {"user": 100 + np.arange(30), "pin": 500 + np.arange(24), "advertiser": np.arange(3)}
-            checkpoint.save_facet(out / f"facet_{facet}", facet=facet,
-                                  tables={e: rng.normal(size=(len(ids[e]), 4)).astype(np.float32) for e in ents},
-                                  vocabs={e: ids[e] for e in ents})
-            return out / f"facet_{facet}"
-        return run
+        return _fake_pretrainer(facet, calls)
 
     base = T.TrainConfig(
         data=T.DataConfig(path=str(tmp_path / "data")), batch_size=256, num_epochs=1.0, log_every=0,
@@ -234,18 +244,22 @@ def test_a_given_facet_dir_of_another_facet_is_refused(tmp_path):
     assert loaded[("kg", "fresh")].facet == "kg"
 
 
+def _golden_config(**kw):
+    """The run whose fingerprints are pinned below."""
+    from jax_recsys.ranking import facets as F
+
+    ents = F.build_entities(entities=(("user", "user_id"), ("pin", "item_id")), scratch_dim=4,
+                            pretrained=("cl", "kg"), mode="freeze", **kw)
+    return T.TrainConfig(data=T.DataConfig(path="/data/world"), entities=ents,
+                         model=M.RankerConfig(mlp_dims=(16,)), batch_size=256, seed=3)
+
+
 def test_fingerprints_leave_out_the_missing_rows_option_at_its_default():
     """Finished ablation runs and ranker checkpoints made before `FacetSpec.missing` existed
     keep their fingerprints when it is left at "random"; "zeros" is another run."""
     import hashlib
 
-    from jax_recsys.ranking import facets as F
-
-    def config(**kw):
-        ents = F.build_entities(entities=(("user", "user_id"), ("pin", "item_id")), scratch_dim=4,
-                                pretrained=("cl", "kg"), mode="freeze", **kw)
-        return T.TrainConfig(data=T.DataConfig(path="/data/world"), entities=ents,
-                             model=M.RankerConfig(mlp_dims=(16,)), batch_size=256, seed=3)
+    config = _golden_config
 
     def digests(tc):
         run = json.dumps(T.run_fingerprint(tc, {}), sort_keys=True)
@@ -262,3 +276,165 @@ def test_fingerprints_leave_out_the_missing_rows_option_at_its_default():
     spec = config(missing="zeros").entities[0].facets[1]
     assert spec.fingerprint_dict()["missing"] == "zeros"
     assert "missing" not in dataclasses.replace(spec, missing="random").fingerprint_dict()
+
+
+def test_run_fingerprints_hold_the_data_by_content_and_accept_the_form_with_its_path():
+    tc = _golden_config()
+    facets = {"cl/fresh": "0123456789abcdef", "kg/fresh": "fedcba9876543210"}
+    forms = A.run_fingerprints(tc, facets=facets, data="00aa11bb22cc33dd", saved_ranker=True,
+                               data_paths=["/data/world", "/old/world"])
+    # A change of either value means finished runs are retrained, not reused.
+    assert forms[0] == "819e6e13a302bb67"
+    # The fingerprint until 2026-11-27 (the whole TrainConfig, its data.path as given),
+    # for each path: still accepted. The pinned value is the code's of then.
+    until_2026_11_27 = [A._digest({"train_config": T.fingerprint_dict(dataclasses.replace(
+        tc, data=dataclasses.replace(tc.data, path=p))), "facets": facets,
+        "data": "00aa11bb22cc33dd", "saved_ranker": True}) for p in ("/data/world", "/old/world")]
+    assert forms[1:] == until_2026_11_27 and forms[1] == "242a6968c89318b6"
+    # The new form does not depend on where the data is, only on what it is.
+    for path in ("/elsewhere/world", "world"):
+        moved = dataclasses.replace(tc, data=dataclasses.replace(tc.data, path=path))
+        assert A.run_fingerprints(moved, facets=facets, data="00aa11bb22cc33dd",
+                                  saved_ranker=True) == [forms[0]]
+    assert A.run_fingerprints(tc, facets=facets, data="00aa11bb22cc33de", saved_ranker=True) != [forms[0]]
+    assert A.run_fingerprints(dataclasses.replace(tc, seed=4), facets=facets,
+                              data="00aa11bb22cc33dd", saved_ranker=True) != [forms[0]]
+
+
+# ----------------------------------------------------------------------------- moved folders
+
+_PRETRAIN = {"cl_config": "configs/contrastive.py:smoke", "kg_config": "configs/kg.py:smoke",
+             "cl_flags": "--config.train.eval_every=100", "kg_flags": "--config.model.model=transe"}
+
+
+class _Pipeline:
+    """A pipeline folder ROOT (ROOT/world, ROOT/ablation) ablated the way `launch.run_ablation`
+    wires it (its pretraining keys), with fake pretraining and training that count calls."""
+
+    def __init__(self, monkeypatch):
+        self.pretrained, self.trained, self.logs = [], [], []
+        monkeypatch.setattr(A.train_lib, "train_and_evaluate", self._train)
+
+    def _train(self, tc, workdir, *, data, facets, log):
+        self.trained.append(tc)
+        m = {f"{t}_{k}": 0.6 + 0.01 * (len(self.trained) % 7) for t in A.TASKS
+             for k in ("auc", "ne", "log_loss")}
+        return {"test": m, "facets": [], "ranker": None}
+
+    def run(self, root, **kw):
+        from launch import run_ablation
+
+        data, abl = str(root / "world"), root / "ablation"
+        self.logs.clear()
+        base = T.TrainConfig(data=T.DataConfig(path=data), batch_size=256, log_every=0)
+        cfg = A.AblationConfig(base=base, scratch_dim=4, seeds=(0,), save_ranker_variants=())
+        keys = run_ablation.pretrain_keys(ml_collections.ConfigDict(_PRETRAIN), data, abl)
+        pretrainers = {f: _fake_pretrainer(f, self.pretrained) for f in ("cl", "kg")}
+        return A.run_ablation(cfg, abl, pretrainers=pretrainers, log=self.logs.append,
+                              pretrain_keys=keys, **kw)
+
+    def counts(self):
+        return len(self.pretrained), len(self.trained)
+
+    def retrained(self):
+        return [s for s in self.logs if "had other settings or data" in s or "pretraining" in s]
+
+
+def _keys(abl):
+    """Every pretraining key and run fingerprint in ablation folder ``abl``."""
+    return ({p.parent.name: json.loads(p.read_text())["key"] for p in abl.glob("pretrain/*/pretrain_key.json")},
+            {p.parent.name: json.loads(p.read_text())["fingerprint"] for p in abl.glob("runs/*/metrics.json")})
+
+
+def test_a_moved_ablation_folder_reuses_its_pretraining_and_runs(tmp_path, monkeypatch):
+    pipe = _Pipeline(monkeypatch)
+    _write_data(tmp_path / "a" / "world")
+    pipe.run(tmp_path / "a")
+    assert pipe.counts() == (4, 7)
+    keys = _keys(tmp_path / "a" / "ablation")
+    assert len(keys[0]) == 4 and len(keys[1]) == 7
+    assert str(tmp_path) not in json.dumps(keys)  # the data's path is not in them
+    # `mv runs/a runs/b` (world and ablation together): nothing is redone.
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    res = pipe.run(tmp_path / "b")
+    assert pipe.counts() == (4, 7) and pipe.retrained() == [], pipe.logs
+    assert sum("reusing" in s for s in pipe.logs) == 4 + 7
+    assert _keys(tmp_path / "b" / "ablation") == keys
+    assert res["data_path"] == str(tmp_path / "b" / "world")
+    # The data really changed (regenerated in place): everything is redone.
+    _write_data(tmp_path / "b" / "world", seed=1)
+    pipe.run(tmp_path / "b")
+    assert pipe.counts() == (8, 14)
+    assert sum("its settings or data changed" in s for s in pipe.logs) == 4
+    assert sum("had other settings or data" in s for s in pipe.logs) == 7
+
+
+def _key_forms_until_2026_11_27(pipe, abl, path, data=None):
+    """The pretraining keys and run fingerprints the ablation in ``abl`` got until
+    2026-11-27, with the data (``data``, default ``path``) given as ``path`` (held in
+    the keys): the CL pretraining's command held --config.data.path, a run's
+    fingerprint the whole TrainConfig."""
+    from launch import pipeline_stages
+
+    digest = A.folder_digest(data or path)
+    flags = _PRETRAIN["cl_flags"].split()
+    config = {"resolved_config": pipeline_stages.config_fingerprint(_PRETRAIN["cl_config"])}
+    keys = {f"cl_{w}": json.dumps(["launch.pretrain_contrastive", _PRETRAIN["cl_config"],
+                                   [f"--config.data.path={path}", f"--config.data.window={w}", *flags],
+                                   config, digest]) for w in ("fresh", "stale")}
+    # Before that, the config file's bytes instead of its resolved content.
+    keys["cl_stale"] = keys["cl_stale"].replace(
+        json.dumps(config), json.dumps(fsutil.file_digest(REPO / "configs" / "contrastive.py")))
+    facet = lambda f, w: fsutil.file_digest(abl / "pretrain" / f"{f}_{w}" / f"facet_{f}" / "facet.json")  # noqa: E731
+    runs = {}
+    for tc, v in zip(pipe.trained[-7:], A.DEFAULT_VARIANTS, strict=True):
+        tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, path=str(path)))
+        runs[f"{v.name}_s0"] = A._digest({
+            "train_config": T.fingerprint_dict(tc), "data": digest, "saved_ranker": False,
+            "facets": {f"{f}/{v.window}": facet(f, v.window) for f in v.facets}})
+    return keys, runs
+
+
+def _write_keys(abl, keys, runs):
+    for name, key in keys.items():
+        (abl / "pretrain" / name / "pretrain_key.json").write_text(json.dumps({"key": key}))
+    for name, fingerprint in runs.items():
+        mpath = abl / "runs" / name / "metrics.json"
+        mpath.write_text(json.dumps({**json.loads(mpath.read_text()), "fingerprint": fingerprint}))
+
+
+def test_keys_holding_the_data_path_are_still_accepted_and_rewritten(tmp_path, monkeypatch):
+    pipe = _Pipeline(monkeypatch)
+    _write_data(tmp_path / "a" / "world")
+    pipe.run(tmp_path / "a")
+    abl = tmp_path / "a" / "ablation"
+    new = _keys(abl)
+    # The folder as the code until 2026-11-27 left it, then moved: the old path is in
+    # its keys and in ablation.json only.
+    old = _key_forms_until_2026_11_27(pipe, abl, tmp_path / "a" / "world")
+    _write_keys(abl, *old)
+    assert _keys(abl)[1] != new[1] and _keys(abl)[0]["cl_fresh"] != new[0]["cl_fresh"]
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    abl = tmp_path / "b" / "ablation"
+    (abl / "ablation.json").unlink()  # as run_pipeline does before it reruns the stage
+    pipe.run(tmp_path / "b")
+    assert pipe.counts() == (4, 7) and pipe.retrained() == [], pipe.logs
+    assert _keys(abl) == new  # rewritten in the new form
+    # Made in place and never finished (no report): this run's path is the old one.
+    _write_keys(abl, *_key_forms_until_2026_11_27(pipe, abl, tmp_path / "b" / "world"))
+    (abl / "ablation.json").unlink()
+    (abl / "metrics.json").unlink()
+    pipe.run(tmp_path / "b")
+    assert pipe.counts() == (4, 7) and pipe.retrained() == [], pipe.logs
+    assert _keys(abl) == new
+    # Old keys of another path than either (the folder this was copied from is not
+    # known): not taken for this data's, redone.
+    _write_keys(abl, *_key_forms_until_2026_11_27(pipe, abl, tmp_path / "c" / "world",
+                                                  data=tmp_path / "b" / "world"))
+    pipe.run(tmp_path / "b")
+    assert pipe.counts() == (6, 14)  # the two CL pretrainings (KG keys never held the path)
+    # Old keys of this path, but the data changed since: redone.
+    _write_keys(abl, *_key_forms_until_2026_11_27(pipe, abl, tmp_path / "b" / "world"))
+    _write_data(tmp_path / "b" / "world", seed=1)
+    pipe.run(tmp_path / "b")
+    assert pipe.counts() == (10, 21)

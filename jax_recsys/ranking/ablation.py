@@ -153,6 +153,54 @@ def _digest(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def old_key_data_paths(data_path: str | pathlib.Path, workdir: str | pathlib.Path) -> list[str]:
+    """The data folder paths that keys made until 2026-11-27 in ablation folder
+    ``workdir`` may hold (`run_fingerprints`, run_ablation's pretraining keys): this
+    run's ``data_path``, and the one the report of the last finished ablation records
+    (where the data was then, e.g. before the folder was moved): WORKDIR/ablation.json,
+    or its copy WORKDIR/metrics.json (`write_report`), which stays when run_pipeline
+    removes ablation.json, the stage's done file, before rerunning the stage."""
+    paths = [str(data_path)]
+    for name in ("ablation.json", "metrics.json"):
+        try:
+            result = json.loads((pathlib.Path(workdir) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict):
+            data = result.get("data")
+            paths += [data.get("path") if isinstance(data, dict) else None, result.get("data_path")]
+    return list(dict.fromkeys(p for p in paths if p and isinstance(p, str)))
+
+
+def run_fingerprints(tc: train_lib.TrainConfig, *, facets: Mapping[str, str | None], data: str,
+                     saved_ranker: bool, data_paths: Sequence[str] = ()) -> list[str]:
+    """A finished run's fingerprint, then its older forms still accepted.
+
+    The fingerprint hashes the run's TrainConfig (`train.fingerprint_dict`) without
+    ``data.path``, the digests of its facets' facet.json (``facets``), the data
+    folder's `folder_digest` (``data``) and whether its ranker is saved. The data is
+    identified by its content alone: the same folder moved or copied (with its
+    mtimes: ``mv``, ``cp -a``, `shutil.copytree`), or named another way (relative,
+    through a link), is the same data, and its runs are reused.
+
+    Until 2026-11-27 the fingerprint held ``data.path`` as given, so a moved folder
+    retrained every run. That form is returned for each of ``data_paths`` (this run's
+    path and the one the last finished ablation's report records:
+    `old_key_data_paths`): a run made under it is the same run, since its data digest
+    matches too.
+    """
+    def digest(train_config: dict) -> str:
+        return _digest({"train_config": train_config, "facets": dict(facets), "data": data,
+                        "saved_ranker": saved_ranker})
+
+    d = train_lib.fingerprint_dict(tc)
+    forms = [digest({**d, "data": {k: v for k, v in d["data"].items() if k != "path"}})]
+    for path in data_paths:
+        old = dataclasses.replace(tc, data=dataclasses.replace(tc.data, path=path))
+        forms.append(digest(train_lib.fingerprint_dict(old)))
+    return list(dict.fromkeys(forms))
+
+
 def folder_digest(path: str | pathlib.Path) -> str:
     """Digest of a data folder: its dataset.json bytes and every file's (path, size,
     mtime): a regenerated or edited table changes it; reading does not."""
@@ -283,10 +331,12 @@ def run_ablation(
     """Runs every variant for every seed and writes ablation.json / ablation.md.
 
     A finished run (runs/<variant>_s<seed>/metrics.json) is reused only when its
-    fingerprint matches: the run's full TrainConfig (`train.fingerprint_dict`), the
-    content of its facets' facet.json, and the data folder (`folder_digest`:
-    dataset.json and every file's size and mtime). A run made with other settings or
-    data is retrained (and logged as such), never silently reused.
+    fingerprint matches (`run_fingerprints`): the run's full TrainConfig
+    (`train.fingerprint_dict`) but for the data folder's path, the content of its
+    facets' facet.json, and the data folder's content (`folder_digest`: dataset.json
+    and every file's size and mtime), so a moved ablation or data folder keeps its
+    runs. A run made with other settings or data is retrained (and logged as such),
+    never silently reused.
 
     Args:
       config: the ablation config.
@@ -311,6 +361,7 @@ def run_ablation(
     facet_digests = {k: fsutil.file_digest(pathlib.Path(v["path"]) / "facet.json")
                      for k, v in pretrain_info.items()}
     data_digest = folder_digest(config.base.data.path)
+    old_paths = old_key_data_paths(config.base.data.path, workdir)
     id_columns = tuple(dict.fromkeys(c for _, c in config.entities))
     data = train_lib.prepare_data(config.base.data, id_columns=id_columns)
     runs: dict[str, dict[int, dict]] = {}
@@ -322,17 +373,20 @@ def run_ablation(
             rdir = workdir / "runs" / f"{name}_s{seed}"
             mpath = rdir / "metrics.json"
             tc = _variant_config(config, variant, seed, loaded)
-            fingerprint = _digest({
-                "train_config": train_lib.fingerprint_dict(tc),
-                "facets": {f"{f}/{variant.window}": facet_digests[f"{f}/{variant.window}"]
-                           for f in variant.facets},
-                "data": data_digest,
-                "saved_ranker": name in config.save_ranker_variants,
-            })
+            accepted = run_fingerprints(
+                tc, facets={f"{f}/{variant.window}": facet_digests[f"{f}/{variant.window}"]
+                            for f in variant.facets},
+                data=data_digest, saved_ranker=name in config.save_ranker_variants,
+                data_paths=old_paths)
+            fingerprint = accepted[0]
             old = json.loads(mpath.read_text()) if mpath.exists() else None
-            if old is not None and not fresh and old.get("fingerprint") == fingerprint:
+            if old is not None and not fresh and old.get("fingerprint") in accepted:
                 res = old
                 log(f"ablation: reusing {rdir}")
+                if old["fingerprint"] != fingerprint:  # the older form, with the data's path
+                    res = {**old, "fingerprint": fingerprint}
+                    mpath.write_text(json.dumps(res, indent=2, sort_keys=True,
+                                                default=train_lib._json_default) + "\n")
             else:
                 why = "" if old is None else (
                     " (--fresh)" if fresh else " (the finished run had other settings or data)")
