@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import shutil
 
 import ml_collections
@@ -140,6 +141,18 @@ def test_ablation_runs_every_variant_and_shares_pretraining(tmp_path):
     again = A.run_ablation(cfg, tmp_path / "abl", pretrainers={}, log=lambda s: None)
     assert len(calls) == 4
     assert again["variants"]["scratch"]["ctr_auc_mean"] == res["variants"]["scratch"]["ctr_auc_mean"]
+
+    # The data moved away: a row without data_path names the recorded folder (it was a
+    # FileNotFoundError of a file inside it); with data_path it is scored as before.
+    (tmp_path / "data").rename(tmp_path / "moved")
+    with pytest.raises(ValueError, match=re.escape(
+            f"the dataset {tmp_path / 'abl' / 'ablation.json'} records, {tmp_path / 'data'}, "
+            "is gone (moved?): pass its folder as data_path")):
+        A.evaluate_with_tables(tmp_path / "abl", transform=lambda r: dict(r.tables), name="same",
+                               label="same")
+    moved = A.evaluate_with_tables(tmp_path / "abl", transform=lambda r: dict(r.tables),
+                                   name="same", label="same", data_path=str(tmp_path / "moved"))
+    assert moved["ctr_auc_mean"] == same["ctr_auc_mean"]
 
 
 def test_finished_runs_are_reused_only_with_the_same_settings_and_data(tmp_path):

@@ -593,6 +593,11 @@ def evaluate_with_tables(
                 recorded["path"] = data_path
             if not recorded.get("path"):
                 raise ValueError("evaluate_with_tables: pass data_path (not recorded in ablation.json)")
+            if not data_path and not pathlib.Path(recorded["path"]).is_dir():
+                raise ValueError(
+                    f"the dataset {workdir / 'ablation.json'} records, {recorded['path']}, is "
+                    "gone (moved?): pass its folder as data_path (export_int4 --data=DATASET)"
+                )
             for k, v in recorded.items():
                 if isinstance(v, list):
                     recorded[k] = tuple(v)
