@@ -342,7 +342,11 @@ class Checkpointer:
 
         A failure of that save is logged, not raised over the block's own exception.
         After a Ctrl-C it does not wait: `launch.common.run` waits for the save's
-        threads, at most 30 s, and a second Ctrl-C quits at once.
+        threads, at most 30 s, and a second Ctrl-C quits at once. Elsewhere (a
+        notebook, a library caller catching KeyboardInterrupt) call ``close()`` on
+        this Checkpointer before opening its directory again in the same process: a
+        new one removes the unfinished step folder as a killed save's leftover, and
+        that save is lost.
         """
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             return

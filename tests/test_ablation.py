@@ -155,6 +155,38 @@ def test_ablation_runs_every_variant_and_shares_pretraining(tmp_path):
     assert moved["ctr_auc_mean"] == same["ctr_auc_mean"]
 
 
+def _old_folder_digest(root):
+    """folder_digest as it was until 2026-11-27 (rglob: linked folders not entered)."""
+    import hashlib
+
+    h = hashlib.sha256((fsutil.file_digest(root / "dataset.json") or "missing").encode())
+    for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        st = f.stat()
+        h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def test_folder_digest_enters_linked_folders_and_keeps_plain_digests(tmp_path):
+    """Runs are keyed by the data's digest, not its path: a table folder that is a
+    symlink was not entered, so repointing it kept the digest (and reused runs trained
+    on the old table). A folder without links keeps its digest (no retraining)."""
+    data = tmp_path / "data"
+    _write_data(data)
+    (data / "sub").mkdir()
+    (data / "sub" / "x.npy").write_bytes(b"x" * 10)
+    assert A.folder_digest(data) == _old_folder_digest(data)
+    for name, size in (("t1", 100), ("t2", 7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.npy").write_bytes(b"0" * size)
+    (data / "linked").symlink_to(tmp_path / "t1")
+    (data / "linked" / "loop").symlink_to(data)  # a cycle is walked once
+    one, old_one = A.folder_digest(data), _old_folder_digest(data)
+    (data / "linked").unlink()
+    (data / "linked").symlink_to(tmp_path / "t2")
+    assert A.folder_digest(data) != one
+    assert _old_folder_digest(data) == old_one  # the old digest did not see the change
+
+
 def test_finished_runs_are_reused_only_with_the_same_settings_and_data(tmp_path):
     """A rerun after a config or data change retrains instead of relabelling old numbers."""
     _write_data(tmp_path / "data")

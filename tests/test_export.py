@@ -464,6 +464,18 @@ def test_a_recorded_dataset_that_is_gone_is_said_to_be_gone_not_to_differ(tmp_pa
     with pytest.warns(UserWarning, match=f"scoring on {re.escape(str(world))}, not the dataset "
                       "the ranker was trained on .*: their dataset.json differ"):
         X.resolve_data_config(ranker_dir, ranker, data_path=str(world))
+    # A folder without dataset.json (its tables are found by name) is there, not gone:
+    # scored without --data, and without a warning as --data; another folder without one
+    # cannot be compared with it, which the warning says.
+    (recorded / "dataset.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert X.resolve_data_config(ranker_dir, ranker).path == str(recorded)
+        assert X.resolve_data_config(ranker_dir, ranker,
+                                     data_path=str(recorded)).path == str(recorded)
+    with pytest.warns(UserWarning, match=f"scoring on {re.escape(str(world))}, not the dataset "
+                      "the ranker was trained on .*: one has no dataset.json to compare"):
+        X.resolve_data_config(ranker_dir, ranker, data_path=str(world))
 
 
 def test_int4_row_is_added_to_the_ablation(trained, tmp_path):

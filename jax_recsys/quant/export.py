@@ -360,9 +360,9 @@ def resolve_data_config(
     Returns:
       DataConfig with empty train/valid windows and the ranker's coarse features.
 
-    Warns (UserWarning) when `data_path` is given and the recorded dataset's
-    dataset.json differs from its own, or the recorded dataset is gone (e.g. the runs
-    were moved: nothing to compare with).
+    Warns (UserWarning) when `data_path` is given, is another folder than the recorded
+    dataset, and their dataset.json differ (or one has none), or when the recorded
+    dataset's folder is gone (e.g. the runs were moved: nothing to compare with).
 
     Raises:
       ValueError: nothing recorded and no `data_path` (names the files looked at), or
@@ -382,21 +382,29 @@ def resolve_data_config(
             kw[k] = tuple(v) if isinstance(v, list) else v
     rec_path = (recorded or {}).get("path")
     digest = lambda p: fsutil.file_digest(pathlib.Path(p) / "dataset.json")  # noqa: E731
-    gone = bool(rec_path) and digest(rec_path) is None
+    gone = bool(rec_path) and not pathlib.Path(rec_path).is_dir()
     trained_on = f"the dataset the ranker was trained on, {rec_path} (recorded in {looked[-1]})"
     if gone and not data_path:
-        raise ValueError(f"{ranker_dir}: {trained_on}, is gone (no dataset.json there: moved or "
-                         "deleted?); pass the dataset folder (--data=DATASET)")
+        raise ValueError(f"{ranker_dir}: {trained_on}, is gone (moved or deleted?); pass the "
+                         "dataset folder (--data=DATASET)")
     if data_path:
         if gone:
             warnings.warn(
-                f"{trained_on}, is gone (no dataset.json there: moved or deleted?): scoring on "
-                f"the given {data_path}, which cannot be checked against it", stacklevel=2)
-        elif rec_path and digest(data_path) not in (None, digest(rec_path)):
-            warnings.warn(
-                f"scoring on {data_path}, not the dataset the ranker was trained on "
-                f"({rec_path}): their dataset.json differ, so the AUC gate compares full "
-                "precision and INT4 on other data than the ranker's", stacklevel=2)
+                f"{trained_on}, is gone (moved or deleted?): scoring on the given "
+                f"{data_path}, which cannot be checked against it", stacklevel=2)
+        elif rec_path and pathlib.Path(data_path).resolve() != pathlib.Path(rec_path).resolve():
+            mine, theirs = digest(data_path), digest(rec_path)
+            if mine is None or theirs is None:
+                why = "one has no dataset.json to compare"
+            elif mine != theirs:
+                why = "their dataset.json differ"
+            else:
+                why = None  # a copy of it
+            if why:
+                warnings.warn(
+                    f"scoring on {data_path}, not the dataset the ranker was trained on "
+                    f"({rec_path}): {why}, so the AUC gate may compare full precision and "
+                    "INT4 on other data than the ranker's", stacklevel=2)
         kw["path"] = str(data_path)
     kw.update(
         train_window="",

@@ -41,6 +41,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -203,11 +204,25 @@ def run_fingerprints(tc: train_lib.TrainConfig, *, facets: Mapping[str, str | No
 
 def folder_digest(path: str | pathlib.Path) -> str:
     """Digest of a data folder: its dataset.json bytes and every file's (path, size,
-    mtime): a regenerated or edited table changes it; reading does not."""
+    mtime): a regenerated or edited table changes it; reading does not.
+
+    Files in linked folders count too (a table folder that is a symlink: repointing
+    the link changes the digest). File bytes are not read: two folders whose files
+    have the same names, sizes and mtimes (a copy that keeps mtimes) count as the same
+    data, which is how a moved or copied dataset keeps its runs (`run_fingerprints`).
+    """
     root = pathlib.Path(path)
     h = hashlib.sha256((fsutil.file_digest(root / "dataset.json") or "missing").encode())
     if root.is_dir():
-        for f in sorted(q for q in root.rglob("*") if q.is_file()):
+        files, seen = [], set()
+        for top, dirs, names in os.walk(root, followlinks=True):
+            real = os.path.realpath(top)
+            if real in seen:  # a link back up the tree
+                dirs[:] = []
+                continue
+            seen.add(real)
+            files += [q for q in (pathlib.Path(top) / n for n in names) if q.is_file()]
+        for f in sorted(files):
             st = f.stat()
             h.update(f"\0{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
