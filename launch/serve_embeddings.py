@@ -24,7 +24,7 @@ import threading
 
 from absl import app, flags, logging
 
-from serving import embedding_server
+from serving import embedding_server, grpc_util
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARD = flags.DEFINE_integer("shard", 0, "This server's shard index i in [0, num_shards).")
@@ -62,6 +62,7 @@ def main(argv):
     del argv
     std_logging.getLogger("serving").setLevel(std_logging.INFO)
     try:  # a bad flag, artifact or address: one line and exit status 1, no traceback
+        grpc_util.check_seconds("grace_s", _GRACE.value)  # not in the config
         config = embedding_server.ServerConfig(
             artifact=_ARTIFACT.value,
             shard=_SHARD.value,

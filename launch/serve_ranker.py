@@ -30,7 +30,7 @@ import time
 
 from absl import app, flags, logging
 
-from serving import client, ranker_service
+from serving import client, grpc_util, ranker_service
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARDS = flags.DEFINE_list(
@@ -191,6 +191,7 @@ def main(argv):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:  # a bad flag, artifact, address or shard: one line and exit status 1
         hedge_after_s = _hedge_after_s()
+        grpc_util.check_seconds("log_every_s", _LOG_EVERY.value)  # not in the config
         config = ranker_service.RankerServiceConfig(
             artifact=_ARTIFACT.value,
             shards=tuple(_SHARDS.value),

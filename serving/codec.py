@@ -36,15 +36,26 @@ class CodecError(ValueError):
     """A payload whose bytes do not form the array the contract promises."""
 
 
+def int_array(what: str, values, *, scalar_ok: bool = False) -> np.ndarray:
+    """``values`` as a 1-D integer array (ValueError naming ``what`` otherwise).
+
+    Floats are refused rather than truncated, bools rather than read as 0/1, and
+    other shapes rather than flattened; an empty array of any dtype passes.
+    ``scalar_ok``: an integer scalar is also accepted, as an array of one.
+    """
+    arr = np.asarray(values)
+    if scalar_ok and arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        shape = "an integer or a 1-D integer array" if scalar_ok else "a 1-D integer array"
+        raise ValueError(f"{what} must be {shape}, got {np.asarray(values).dtype} "
+                         f"{np.shape(values)}")
+    return arr
+
+
 def row_array(table: str, rows_n) -> np.ndarray:
     """``rows_n`` as an array, checked to be 1-D integers (ValueError naming ``table``)."""
-    rows_n = np.asarray(rows_n)
-    if rows_n.ndim != 1 or (rows_n.size and rows_n.dtype.kind not in "iu"):
-        raise ValueError(
-            f"table {table!r}: rows must be a 1-D integer array, got "
-            f"{rows_n.dtype} {rows_n.shape}"
-        )
-    return rows_n
+    return int_array(f"table {table!r}: rows", rows_n)
 
 
 def encode_ids(rows_n: np.ndarray) -> bytes:

@@ -91,6 +91,9 @@ class ServerConfig:
         "full" (sha256 of every file) or "none".
       swap_window_s: how long the previous version stays servable after a swap.
       log_every_s: period of the request/latency log line (0: never).
+
+    Durations are seconds, finite, >= 0 and at most a day
+    (``grpc_util.check_seconds``); a bad field is a ValueError when the config is made.
     """
 
     artifact: str
@@ -112,6 +115,15 @@ class ServerConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535] (0: pick a free one), got {self.port}")
+        codec.shard_range(0, self.shard, self.num_shards)  # checks shard and num_shards
+        for name in ("workers", "max_ids_per_request", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        grpc_util.check_max_concurrent_rpcs(self.max_concurrent_rpcs)
+        grpc_util.check_max_streams(self.max_streams)
+        grpc_util.check_tls_pair(self.tls_cert, self.tls_key)
+        grpc_util.check_seconds("swap_window_s", self.swap_window_s)
+        grpc_util.check_seconds("log_every_s", self.log_every_s)
 
 
 class _BadRequest(Exception):
@@ -213,12 +225,7 @@ class EmbeddingServer:
     """
 
     def __init__(self, config: ServerConfig):
-        grpc_util.check_tls_pair(config.tls_cert, config.tls_key)
-        if config.max_ids_per_request < 1:
-            raise ValueError(f"max_ids_per_request must be >= 1, got {config.max_ids_per_request}")
-        grpc_util.check_max_concurrent_rpcs(config.max_concurrent_rpcs)
-        grpc_util.check_max_streams(config.max_streams)
-        self.config = config
+        self.config = config  # checked when made (ServerConfig.__post_init__)
         first = load_shard(
             config.artifact,
             shard=config.shard,
@@ -347,9 +354,10 @@ class EmbeddingServer:
           The new version id.
         """
         cfg = self.config
+        window = cfg.swap_window_s if window_s is None else window_s
+        grpc_util.check_seconds("window_s", window)  # before the load
         new = load_shard(path, shard=cfg.shard, num_shards=cfg.num_shards, verify=cfg.verify)
-        self._versions.swap(new.version, new,
-                            window_s=cfg.swap_window_s if window_s is None else window_s)
+        self._versions.swap(new.version, new, window_s=window)
         return new.version
 
     def retire(self, version: str) -> bool:

@@ -18,6 +18,7 @@ JAX-free).
 
 from __future__ import annotations
 
+import numbers
 import threading
 from concurrent import futures
 
@@ -26,6 +27,8 @@ from grpc_health.v1 import health, health_pb2
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 _EXPRESS_THREADS = 2
+# The longest duration a server setting may hold (deadlines, waits, windows, periods).
+MAX_SECONDS = 86400.0
 
 
 def check_pem(data: bytes, what: str) -> None:
@@ -47,6 +50,22 @@ def check_tls_pair(tls_cert: str | None, tls_key: str | None) -> None:
     """Raises ValueError unless both or neither of a server's TLS files are given."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key must be given together")
+
+
+def check_seconds(name: str, value, *, positive: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a number of seconds in ``[0, MAX_SECONDS]``
+    (``(0, MAX_SECONDS]`` when ``positive``).
+
+    A duration a server waits on must be finite: inf (or 1e10) overflows timers,
+    queue waits and gRPC deadlines (``OverflowError`` in the thread that waits),
+    and nan never ends a wait (``queue.get(timeout=nan)`` spins). A bool is no
+    duration (True would be 1 s).
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        0 < value <= MAX_SECONDS if positive else 0 <= value <= MAX_SECONDS)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number of seconds {'>' if positive else '>='} "
+                         f"0 and at most {MAX_SECONDS:g} (1 day), got {value!r}")
 
 
 def check_max_concurrent_rpcs(value: int | None) -> None:

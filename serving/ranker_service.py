@@ -80,6 +80,7 @@ import dataclasses
 import functools
 import json
 import logging
+import numbers
 import queue
 import threading
 import time
@@ -129,7 +130,9 @@ class RankerServiceConfig:
       host: interface to bind.
       port: port to bind; 0 picks a free one (``RankerService.port``).
       deadline_s: time budget of one Rank call (embedding fetch included); a
-        dead shard is reported UNAVAILABLE within it.
+        dead shard is reported UNAVAILABLE within it. Every duration here is
+        in seconds, finite and at most a day (``grpc_util.check_seconds``);
+        this and ``probe_every_s`` > 0, the others >= 0.
       max_candidates: C above this is INVALID_ARGUMENT.
       max_batch_candidates: candidates of all requests scored in one batch
         (rounded up to a power of two; at least ``max_candidates``).
@@ -285,14 +288,17 @@ class RankerServiceConfig:
             )
         if self.fetch_ahead < 1:
             raise ValueError(f"fetch_ahead must be >= 1, got {self.fetch_ahead}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         grpc_util.check_max_concurrent_rpcs(self.max_concurrent_rpcs)
-        if self.unhealthy_after < 0 or self.probe_every_s <= 0:
-            raise ValueError(
-                f"bad unhealthy_after={self.unhealthy_after} (>= 0) or "
-                f"probe_every_s={self.probe_every_s} (> 0)"
-            )
-        if self.min_bucket < 1 or self.deadline_s <= 0:
-            raise ValueError(f"bad min_bucket={self.min_bucket} or deadline_s={self.deadline_s}")
+        if self.unhealthy_after < 0:
+            raise ValueError(f"unhealthy_after must be >= 0 (0: never), got {self.unhealthy_after}")
+        if self.min_bucket < 1:
+            raise ValueError(f"min_bucket must be >= 1, got {self.min_bucket}")
+        grpc_util.check_seconds("deadline_s", self.deadline_s, positive=True)
+        grpc_util.check_seconds("probe_every_s", self.probe_every_s, positive=True)
+        grpc_util.check_seconds("batch_wait_s", self.batch_wait_s)
+        grpc_util.check_seconds("swap_window_s", self.swap_window_s)
         grpc_util.check_tls_pair(self.tls_cert, self.tls_key)
         if self.verify not in ("sizes", "full", "none"):
             raise ValueError(f"verify must be 'sizes', 'full' or 'none', got {self.verify!r}")
@@ -804,8 +810,9 @@ class RankerService:
         Returns:
           The new version id.
         """
-        new = self._load(path)
         window = self.config.swap_window_s if window_s is None else window_s
+        grpc_util.check_seconds("window_s", window)  # before loading: nothing to release
+        new = self._load(path)
         if not self._versions.swap(new.version, new, window_s=window):
             new.fetcher.close()
         return new.version
@@ -816,7 +823,9 @@ class RankerService:
 
     def _close_later(self, ver: _Version) -> None:
         # Requests that took this version before it was dropped finish within their deadline.
-        self._versions.later(2 * self.config.deadline_s + 1.0, ver.fetcher.close)
+        # (deadline_s <= MAX_SECONDS, so the cap still waits out every deadline.)
+        self._versions.later(min(2 * self.config.deadline_s + 1.0, grpc_util.MAX_SECONDS),
+                             ver.fetcher.close)
 
     def stats(self) -> dict:
         """Counters since start, and calls in flight now.
@@ -1414,16 +1423,20 @@ def rank_request(
     Args:
       candidates: int [C] candidate rows.
       user_raw_id: the user's raw id (exclusive with ``user_row``).
-      user_row: the user's row.
-      context: name -> int [C] or scalar (see module docstring).
+      user_row: the user's row (an int or NumPy integer).
+      context: name -> int [C] or an integer scalar (see module docstring).
       expected_version: pin a version ("" = current).
       request_id: echoed back.
 
     Returns:
       The request.
+
+    Raises:
+      ValueError: both users given, or a value that is not integers of the
+        right shape (floats are refused, not truncated; [C] arrays are 1-D).
     """
     req = pb.RankRequest(
-        candidate_ids=codec.encode_ids(np.asarray(candidates, np.int64).reshape(-1)),
+        candidate_ids=codec.encode_ids(codec.int_array("candidates", candidates)),
         expected_version=expected_version,
         request_id=request_id,
     )
@@ -1432,10 +1445,18 @@ def rank_request(
     if user_raw_id is not None:
         req.user_raw_id = str(user_raw_id)
     elif user_row is not None:
-        req.user_row = int(user_row)
+        req.user_row = _int_scalar("user_row", user_row)
     for name, v in (context or {}).items():
-        req.context[name] = codec.encode_ids(np.asarray(v, np.int64).reshape(-1))
+        req.context[name] = codec.encode_ids(
+            codec.int_array(f"context[{name!r}]", v, scalar_ok=True))
     return req
+
+
+def _int_scalar(what: str, value) -> int:
+    """``value`` as an int: a Python or NumPy integer, not a bool or float (ValueError)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def prefetch_request(
@@ -1448,7 +1469,7 @@ def prefetch_request(
     if user_raw_id is not None:
         req.user_raw_id = str(user_raw_id)
     else:
-        req.user_row = int(user_row)
+        req.user_row = _int_scalar("user_row", user_row)
     return req
 
 

@@ -7,7 +7,8 @@ change the version under a request in flight. After ``swap`` the outgoing
 current version stays servable to requests that pin it for a window, then is
 retired; at most the new and the outgoing current version are kept.
 
-Imports the stdlib only (the shard servers stay NumPy/gRPC-only, never JAX).
+Imports the stdlib and ``serving.grpc_util`` only (the shard servers stay
+NumPy/gRPC-only, never JAX).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import logging
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from serving import grpc_util
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,17 @@ class VersionSet(Generic[V]):
         Args:
           version: the new version id.
           value: what serving it needs.
-          window_s: seconds before the outgoing current version is retired.
+          window_s: seconds before the outgoing current version is retired
+            (finite, >= 0, at most a day: ``grpc_util.check_seconds``).
 
         Returns:
           False (and nothing changes) when ``version`` is already current: the
           caller still owns ``value``.
+
+        Raises:
+          ValueError: a bad ``window_s`` (nothing changes).
         """
+        grpc_util.check_seconds("window_s", window_s)
         with self._lock:
             old = self._snapshot
             if version == old.current:
@@ -126,7 +134,12 @@ class VersionSet(Generic[V]):
         return True
 
     def later(self, delay_s: float, fn: Callable, *args) -> None:
-        """Runs ``fn(*args)`` after ``delay_s`` on a daemon timer (cancelled by close)."""
+        """Runs ``fn(*args)`` after ``delay_s`` on a daemon timer (cancelled by close).
+
+        ValueError unless ``delay_s`` passes ``grpc_util.check_seconds`` (an
+        infinite delay would kill the timer's thread and ``fn`` would never run).
+        """
+        grpc_util.check_seconds("delay_s", delay_s)
         t = threading.Timer(delay_s, fn, args=args)
         t.daemon = True
         t.start()

@@ -590,3 +590,20 @@ def test_checkpoint_resume_hint_says_whether_a_rerun_resumes():
     assert hint() == "rerun the same command to resume from the newest checkpoint"
     Holder.value.train.checkpoint_every = 0
     assert "starts over" in hint()
+
+
+@pytest.mark.parametrize("flag", ["--swap_window_s=nan", "--grace_s=-1", "--log_every_s=inf"])
+def test_serve_embeddings_refuses_durations_no_timer_can_wait(tmp_path, flag):
+    proc = _run("serve_embeddings", [f"--artifact={tmp_path}", flag])
+    name, value = flag[2:].split("=")
+    _assert_one_line(proc, "serve_embeddings: cannot start:",
+                     f"{name} must be a finite number of seconds >= 0", value)
+
+
+@pytest.mark.parametrize("flag, sign", [("--deadline_s=inf", ">"), ("--batch_wait_s=nan", ">="),
+                                        ("--swap_window_s=-1", ">="), ("--log_every_s=nan", ">=")])
+def test_serve_ranker_refuses_durations_no_timer_can_wait(tmp_path, flag, sign):
+    proc = _run("serve_ranker", [f"--artifact={tmp_path}", flag])
+    name, value = flag[2:].split("=")
+    _assert_one_line(proc, "serve_ranker: cannot start:",
+                     f"{name} must be a finite number of seconds {sign} 0", value)

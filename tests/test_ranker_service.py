@@ -1133,3 +1133,69 @@ def test_the_fetch_gives_up_with_the_requests_not_a_fresh_deadline(arts):
         release.set()
         svc.stop(grace=0)
         hung.stop(0)
+
+
+@pytest.mark.parametrize("field, bad", [
+    ("deadline_s", float("inf")), ("deadline_s", float("nan")), ("deadline_s", 1e10),
+    ("deadline_s", 0.0), ("probe_every_s", float("nan")), ("probe_every_s", 0.0),
+    ("batch_wait_s", float("nan")), ("batch_wait_s", float("inf")), ("batch_wait_s", -0.001),
+    ("swap_window_s", float("inf")), ("swap_window_s", float("nan")), ("swap_window_s", -1.0),
+    ("swap_window_s", True),
+])
+def test_config_refuses_durations_that_would_wedge_or_crash_the_service(field, bad):
+    """inf/1e10 overflowed gRPC deadlines, queue waits and timers (a Rank call without a
+    client deadline failed INTERNAL, the fetch or retirement thread died), nan made the
+    batcher spin, a negative window or wait acted as 0: all refused when the config is made."""
+    sign = ">" if field in ("deadline_s", "probe_every_s") else ">="
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number of seconds {sign} 0 "
+                                         r"and at most 86400 \(1 day\), got "):
+        rs.RankerServiceConfig(artifact="unused", **{field: bad})
+    rs.RankerServiceConfig(artifact="unused", **{field: grpc_util.MAX_SECONDS})  # the bound
+
+
+@pytest.mark.parametrize("field, bad, message", [
+    ("workers", 0, "workers must be >= 1, got 0"),
+    ("min_bucket", 0, "min_bucket must be >= 1, got 0"),
+    ("unhealthy_after", -1, r"unhealthy_after must be >= 0 \(0: never\), got -1"),
+])
+def test_config_names_the_bad_count(field, bad, message):
+    with pytest.raises(ValueError, match=message):
+        rs.RankerServiceConfig(artifact="unused", **{field: bad})
+
+
+def test_swap_checks_its_window_before_loading(stack):
+    svc = stack["mono"]
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="window_s must be a finite number of seconds"):
+            svc.swap("/nonexistent/artifact", window_s=bad)  # not a load error
+    assert len(svc.versions) == 1
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(user_row=3.9, candidates=[1, 2]), "user_row must be an integer, got float 3.9"),
+    (dict(user_row=True, candidates=[1, 2]), "user_row must be an integer, got bool True"),
+    (dict(user_row=3, candidates=[1.7, 2.2]),
+     r"candidates must be a 1-D integer array, got float64 \(2,\)"),
+    (dict(user_row=3, candidates=[[1, 2], [3, 4]]),
+     r"candidates must be a 1-D integer array, got int64 \(2, 2\)"),
+    (dict(user_row=3, candidates=[True, False]), "candidates must be a 1-D integer array"),
+    (dict(user_row=3, candidates=[1], context={"hour": 1.9}),
+     r"context\['hour'\] must be an integer or a 1-D integer array, got float64 \(\)"),
+    (dict(user_row=3, candidates=[1], context={"advertiser": [[0]]}),
+     r"context\['advertiser'\] must be an integer or a 1-D integer array, got int64 \(1, 1\)"),
+])
+def test_rank_request_refuses_floats_and_shapes_instead_of_truncating(kw, message):
+    with pytest.raises(ValueError, match=message):
+        rs.rank_request(**kw)
+    with pytest.raises(ValueError, match="user_row must be an integer"):
+        rs.prefetch_request(user_row=2.5)
+
+
+def test_rank_request_takes_numpy_integers_and_scalar_context():
+    req = rs.rank_request(user_row=np.int32(3), candidates=np.array([4, 5], np.uint16),
+                          context={"hour": np.int8(2), "advertiser": [0, 1]})
+    assert req.user_row == 3
+    np.testing.assert_array_equal(codec.decode_ids(req.candidate_ids), [4, 5])
+    np.testing.assert_array_equal(codec.decode_ids(req.context["hour"]), [2])
+    np.testing.assert_array_equal(codec.decode_ids(req.context["advertiser"]), [0, 1])
+    assert rs.prefetch_request(user_row=np.int64(7)).user_row == 7

@@ -662,3 +662,37 @@ def test_launch_script_swaps_on_sighup_and_stops_on_sigterm(arts, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("field, bad, message", [
+    ("swap_window_s", float("inf"), "swap_window_s must be a finite number of seconds >= 0"),
+    ("swap_window_s", float("nan"), "swap_window_s must be a finite number of seconds >= 0"),
+    ("swap_window_s", -1.0, r"swap_window_s .* \(1 day\), got -1.0"),
+    ("log_every_s", float("nan"), "log_every_s must be a finite number of seconds >= 0"),
+    ("log_every_s", 1e10, "log_every_s must be a finite number of seconds >= 0"),
+    ("workers", 0, "workers must be >= 1, got 0"),
+    ("max_ids_per_request", 0, "max_ids_per_request must be >= 1, got 0"),
+    ("max_message_bytes", 0, "max_message_bytes must be >= 1, got 0"),
+    ("max_streams", -1, "max_streams must be >= 0"),
+    ("max_concurrent_rpcs", 0, "max_concurrent_rpcs must be >= 1 or None"),
+    ("num_shards", 0, "num_shards must be >= 1, got 0"),
+    ("shard", 2, r"shard must be in \[0, 1\), got 2"),
+    ("tls_cert", "cert.pem", "tls_cert and tls_key must be given together"),
+])
+def test_config_refuses_bad_fields_when_made(field, bad, message):
+    """Checked before any load: inf swap windows killed the retirement timer (the old
+    version was never retired), nan/negative ones acted as 0, a nan log period was
+    taken silently."""
+    with pytest.raises(ValueError, match=message):
+        es.ServerConfig(artifact="unused", **{field: bad})
+    es.ServerConfig(artifact="unused", log_every_s=0, swap_window_s=0)  # 0: off / at once
+
+
+def test_swap_checks_its_window_before_loading(arts):
+    server = _start(arts["a"])
+    try:
+        with pytest.raises(ValueError, match="window_s must be a finite number of seconds"):
+            server.swap("/nonexistent/artifact", window_s=float("inf"))  # not a load error
+        assert server.versions == [arts["a"].version]
+    finally:
+        server.stop(0).wait()

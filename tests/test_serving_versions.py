@@ -3,6 +3,8 @@
 import threading
 import time
 
+import pytest
+
 from serving.versions import VersionSet
 
 
@@ -61,3 +63,15 @@ def test_a_rollback_and_roll_forward_keep_the_latest_window():
     assert first[0](*first[1]) is False and vs.ids == ["a", "b"]  # voided by the later swaps
     assert second[0](*second[1]) is False  # b is current
     assert third[0](*third[1]) is True and vs.ids == ["b"] and dropped == ["A", "B", "A2"]
+
+
+def test_a_window_or_delay_that_no_timer_can_wait_is_refused_and_changes_nothing():
+    """inf (a Timer's OverflowError: the old version was never retired), nan, negative."""
+    vs = VersionSet("a", "A", name="t")
+    for bad in (float("inf"), float("nan"), -1.0, 1e10):
+        with pytest.raises(ValueError, match="window_s must be a finite number of seconds"):
+            vs.swap("b", "B", window_s=bad)
+        assert (vs.current, vs.ids) == ("a", ["a"])
+        with pytest.raises(ValueError, match="delay_s must be a finite number of seconds"):
+            vs.later(bad, lambda: None)
+    assert vs._timers == []
