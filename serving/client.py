@@ -56,6 +56,9 @@ from serving import codec, grpc_util, hedge_delay, streaming
 WIRE_FORMATS = ("float32", "quantized")
 TRANSPORTS = ("stream", "unary")
 HEDGE_AUTO = "auto"  # hedge_after_s: the delay follows each shard's answer times
+# The longest time budget a lookup may have (one day): a longer one is refused, as
+# are 0, negatives, NaN and infinity (no lookup waits without a deadline).
+MAX_DEADLINE_S = 86_400.0
 
 # Worth another replica: down, too slow, shedding load (max_concurrent_rpcs), or
 # stopping (grpcio cancels a call that races its server's graceful stop). Lookups
@@ -217,6 +220,17 @@ def check_hedge_after(hedge_after_s) -> None:
             f"hedge_after_s must be None, {HEDGE_AUTO!r} or a finite number >= 0, "
             f"got {hedge_after_s!r}"
         )
+
+
+def check_deadline(deadline_s, name: str = "deadline_s") -> float:
+    """``deadline_s`` as a float; ValueError (naming ``name``) unless it is a number of
+    seconds in ``(0, MAX_DEADLINE_S]`` (not a bool, NaN or infinity)."""
+    if not (hedge_delay.is_number(deadline_s) and 0 < deadline_s <= MAX_DEADLINE_S):
+        raise ValueError(
+            f"{name} must be a number of seconds > 0 and <= {MAX_DEADLINE_S:g} (one day), "
+            f"got {deadline_s!r}"
+        )
+    return float(deadline_s)
 
 
 def _try_deadline(deadline: float, replicas_left: int) -> float:
@@ -464,7 +478,7 @@ class _Race:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(left, streaming.MAX_WAIT_S))
             timed_out = not self._done
             tried = [self._addresses[r] for r in self._order[: self._launched]]
         if timed_out:
@@ -510,10 +524,12 @@ class EmbeddingClient:
         another version raise ``VersionMismatch``); None accepts whatever the
         shards serve as long as they agree within one call.
       deadline_s: time budget of one ``lookup``/``lookup_many`` call, retries
-        included. With replicas, a try gets ``r / (r + 1)`` of the time left (r
-        replicas not yet tried, this one included; 2/3 then the rest for two), so
-        a replica that hangs leaves the next time to answer while a slow one still
-        has most of the budget; a single address gets the whole budget.
+        included: seconds, > 0 and at most ``MAX_DEADLINE_S`` (one day; anything
+        else, NaN and infinity included, is a ValueError). With replicas, a try
+        gets ``r / (r + 1)`` of the time left (r replicas not yet tried, this one
+        included; 2/3 then the rest for two), so a replica that hangs leaves the
+        next time to answer while a slow one still has most of the budget; a
+        single address gets the whole budget.
       max_workers: threads that call shards in parallel (the caller's thread
         takes one shard itself).
       dims: table -> D, so that empty lookups have the right shape (learned
@@ -612,6 +628,7 @@ class EmbeddingClient:
         hedge_workers: int = 16,
         hedge_history: EmbeddingClient | None = None,
     ):
+        deadline_s = check_deadline(deadline_s)
         check_hedge_after(hedge_after_s)
         hedge_delay.check(hedge_quantile, hedge_min_s, adaptive=hedge_after_s == HEDGE_AUTO)
         if not (0 <= hedge_budget <= 1 and hedge_burst >= 1):
@@ -643,7 +660,7 @@ class EmbeddingClient:
         if not self._specs:
             raise ValueError("EmbeddingClient needs at least one shard")
         self.version = version
-        self.deadline_s = float(deadline_s)
+        self.deadline_s = deadline_s
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -845,8 +862,8 @@ class EmbeddingClient:
 
         Args:
           rows: table -> int [n_t] global table rows.
-          deadline_s: time budget of this call (retries included); None: the
-            client's ``deadline_s``.
+          deadline_s: time budget of this call (retries included), in
+            ``(0, MAX_DEADLINE_S]`` as the client's; None: the client's ``deadline_s``.
           dequantize: False: the rows the shards sent INT4/INT8 (``wire="quantized"``)
             are returned as they came, a ``rowwise.QuantizedTable`` per table (codes,
             float32 scale and bias of the rows, in the order of the given rows;
@@ -861,13 +878,14 @@ class EmbeddingClient:
           them to write into them).
 
         Raises:
-          ValueError: unknown table or rows outside the table.
+          ValueError: unknown table, rows outside the table, or a bad ``deadline_s``.
           VersionMismatch: a shard serves another version than the pinned one
             (or, unpinned, shards disagree).
           ServingError: a shard failed (``.code`` says how: UNAVAILABLE,
             DEADLINE_EXCEEDED, INVALID_ARGUMENT, ...) on every replica.
         """
-        deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+        deadline = time.monotonic() + (
+            self.deadline_s if deadline_s is None else check_deadline(deadline_s))
         # Route the rows of each table to the shards holding them, in the caller's
         # order; rows asked for many times go once (see codec.worth_deduplicating).
         # plan: shard -> [(table, positions in the rows sent or None = all, rows)].

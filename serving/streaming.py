@@ -26,12 +26,23 @@ the standard library only.
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
 import time
 
 import grpc
+
+log = logging.getLogger(__name__)
+
+# The watchdog sleeps at most this long at a time (a far deadline is waited for in
+# steps): Condition.wait refuses a timeout over threading.TIMEOUT_MAX (~292 years).
+MAX_WAIT_S = 3600.0
+# After an unexpected error in its loop the watchdog pauses this long (so an error
+# that repeats does not spin a core) and goes on; it logs at most one per minute.
+_ERROR_PAUSE_S = 0.01
+_ERROR_LOG_EVERY_S = 60.0
 
 # A fresh stream answered with one of these: the server does not take streams
 # (now). The caller falls back to unary calls.
@@ -102,6 +113,11 @@ class DeadlineWatchdog:
     cancel it). ``arm`` notifies the thread only when the new deadline is earlier
     than the one it sleeps towards, so with a constant time budget the thread wakes
     about once per budget, not once per call. One can serve many stream pools.
+
+    The thread must outlive anything armed on it (a dead watchdog would silently
+    keep every later deadline): a far deadline is slept towards in steps of at most
+    ``MAX_WAIT_S``, an ``expire()`` that raises is ignored, and any other error in
+    its loop is logged and the loop goes on.
     """
 
     def __init__(self, name: str = "stream-deadlines"):
@@ -109,12 +125,27 @@ class DeadlineWatchdog:
         self._armed: dict[object, float] = {}  # anything with expire() -> when
         self._wake_at = math.inf
         self._closed = False
+        self._errors = 0  # unexpected errors in the loop (logged, survived)
+        self._logged_at = -math.inf
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def arm(self, stream, deadline: float) -> None:
-        """Calls ``stream.expire()`` (from this thread) at ``deadline`` unless disarmed."""
+        """Calls ``stream.expire()`` (from this thread) at ``deadline`` unless disarmed.
+
+        Args:
+          stream: anything with ``expire()``; arming it again replaces its deadline.
+          deadline: a ``time.monotonic()`` time; ``math.inf``: never (disarms it).
+
+        Raises:
+          ValueError: ``deadline`` is NaN (it would be due never and always).
+        """
+        if deadline != deadline:  # NaN
+            raise ValueError(f"deadline must be a time.monotonic() time, got {deadline!r}")
         with self._cond:
+            if deadline == math.inf:
+                self._armed.pop(stream, None)
+                return
             self._armed[stream] = deadline
             if deadline < self._wake_at:
                 self._wake_at = deadline
@@ -129,24 +160,52 @@ class DeadlineWatchdog:
             self._closed = True
             self._cond.notify()
 
+    @property
+    def alive(self) -> bool:
+        """The thread runs (until ``close``)."""
+        return self._thread.is_alive()
+
+    @property
+    def errors(self) -> int:
+        """Unexpected errors its loop survived (each logged, at most one a minute)."""
+        return self._errors
+
     def _run(self) -> None:
         while True:
-            with self._cond:
-                if self._closed:
+            try:
+                if not self._step():
                     return
+            except Exception:  # noqa: BLE001 (a dead watchdog disables every deadline)
+                self._errors += 1
                 now = time.monotonic()
-                due = [s for s, d in self._armed.items() if d <= now]
-                for s in due:
-                    del self._armed[s]
-                self._wake_at = min(self._armed.values(), default=math.inf)
-                if not due:
-                    self._cond.wait(None if self._wake_at == math.inf else self._wake_at - now)
-                    continue
-            for s in due:  # outside the lock: cancel takes gRPC's locks
-                try:
-                    s.expire()
-                except Exception:  # noqa: BLE001 (a failing timer must not stop the others)
-                    pass
+                if now - self._logged_at >= _ERROR_LOG_EVERY_S:
+                    self._logged_at = now
+                    log.exception("deadline watchdog: unexpected error (%d so far); "
+                                  "it goes on", self._errors)
+                time.sleep(_ERROR_PAUSE_S)
+
+    def _step(self) -> bool:
+        """Expires what is due, or sleeps until the next deadline (or a notify);
+        False once closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            now = time.monotonic()
+            due = [s for s, d in self._armed.items() if d <= now]
+            for s in due:
+                del self._armed[s]
+            self._wake_at = min(self._armed.values(), default=math.inf)
+            if not due:
+                self._cond.wait(
+                    None if self._wake_at == math.inf
+                    else min(self._wake_at - now, MAX_WAIT_S))
+                return True
+        for s in due:  # outside the lock: cancel takes gRPC's locks
+            try:
+                s.expire()
+            except Exception:  # noqa: BLE001 (a failing timer must not stop the others)
+                pass
+        return True
 
 
 class Pending:
@@ -228,6 +287,7 @@ class StreamPool:
 
         Raises:
           StreamRefused: the server takes no stream now; make a unary call.
+          ValueError: ``deadline`` is not finite.
           grpc.RpcError: the round trip failed (``code()``, ``details()``):
             the server's status, DEADLINE_EXCEEDED, UNAVAILABLE, ...
         """
@@ -243,7 +303,11 @@ class StreamPool:
 
         Raises:
           StreamRefused: the server refused a stream a moment ago (see ``refuse_s``).
+          ValueError: ``deadline`` is not finite (a round trip without one could
+            wait forever on a stalled server).
         """
+        if not math.isfinite(deadline):
+            raise ValueError(f"deadline must be a finite time.monotonic() time, got {deadline!r}")
         if time.monotonic() < self._refused_until:
             raise StreamRefused()
         stream = self._take()

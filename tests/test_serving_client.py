@@ -617,6 +617,63 @@ def test_hedge_after_s_is_validated(art):
                 hedge_burst=burst)
 
 
+_BAD_DEADLINES = (float("nan"), float("inf"), -float("inf"), 0, 0.0, -1, -1.0, 1e10,
+                  86_401.0, True, "1")  # over MAX_DEADLINE_S (one day)
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_deadline_s_is_validated_by_the_client_and_each_lookup(art, transport):
+    """NaN/inf used to mean no deadline on streams and DEADLINE_EXCEEDED at once on
+    unary calls, 0/-1 the reverse; over ~9.2e9 s killed the stream watchdog."""
+    # Addresses nobody listens on: a ValueError proves no RPC was made.
+    addrs = ["127.0.0.1:1"]
+    for bad in _BAD_DEADLINES:
+        with pytest.raises(ValueError, match="deadline_s must be a number of seconds > 0"):
+            client_lib.EmbeddingClient.from_artifact(str(art.path), addrs, deadline_s=bad,
+                                                     transport=transport)
+    client = client_lib.EmbeddingClient.from_artifact(
+        str(art.path), addrs, transport=transport, deadline_s=client_lib.MAX_DEADLINE_S)
+    assert client.deadline_s == client_lib.MAX_DEADLINE_S
+    for bad in _BAD_DEADLINES:
+        with pytest.raises(ValueError, match="deadline_s must be a number of seconds > 0"):
+            client.lookup_many({"user": [1]}, deadline_s=bad)
+    with pytest.raises(client_lib.ServingError) as e:  # a good one goes out (and fails)
+        client.lookup_many({"user": [1]}, deadline_s=np.float32(0.2))
+    assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert client._watchdog is None or client._watchdog.alive
+    client.close()
+
+
+@pytest.mark.parametrize("transport", client_lib.TRANSPORTS)
+def test_stalled_replicas_still_time_out_with_far_hedge_timers(art, transport):
+    """Hedge timers share the watchdog: a huge hedge delay (never before failover) and a
+    refused huge deadline leave every later deadline kept."""
+    release = threading.Event()
+    servers, addrs = zip(*[_hung_server(release) for _ in range(2)], strict=True)
+    timer = threading.Timer(5.0, release.set)  # bounds a failing run
+    timer.start()
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [list(addrs)], deadline_s=0.3, transport=transport,
+            hedge_after_s=1e12)
+        with pytest.raises(ValueError, match="deadline_s must be"):
+            client.lookup_many({"user": [1]}, deadline_s=1e10)
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(client_lib.ServingError) as e:
+                client.lookup("user", [1])
+            took = time.monotonic() - t0
+            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert 0.25 < took < 1.5, took
+        assert client.hedges_sent == 0 and client._watchdog.alive
+        client.close()
+    finally:
+        timer.cancel()
+        release.set()
+        for s in servers:
+            s.stop(0)
+
+
 def test_hedge_after_s_auto_settings_are_validated(art):
     for bad in ("soon", "AUTO", -1, float("nan")):
         with pytest.raises(ValueError, match="hedge_after_s must be None, 'auto' or a finite"):

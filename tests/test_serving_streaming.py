@@ -397,3 +397,108 @@ def test_a_client_dropped_without_close_ends_its_streams(arts):
         mp_util.wait_for(lambda: server.stats()["streams_open"] == 0, timeout_s=10)
     finally:
         server.stop(0)
+
+
+def test_a_far_deadline_neither_kills_the_watchdog_nor_delays_a_near_one():
+    """A deadline past threading.TIMEOUT_MAX (~292 years) used to raise OverflowError
+    in the watchdog thread, which died: every later deadline was silently ignored."""
+    dog = streaming.DeadlineWatchdog()
+    try:
+        far, farther, near = _FakeStream(), _FakeStream(), _FakeStream()
+        dog.arm(far, time.monotonic() + 1e10)
+        dog.arm(farther, time.monotonic() + 1e300)
+        time.sleep(0.05)  # the thread sleeps towards the far deadline now
+        t0 = time.monotonic()
+        dog.arm(near, t0 + 0.05)
+        mp_util.wait_for(lambda: near.expired_at is not None, timeout_s=3)
+        assert near.expired_at - t0 < 1.0
+        assert far.expired_at is None and farther.expired_at is None
+        assert dog.alive and dog.errors == 0
+    finally:
+        dog.close()
+
+
+def test_the_watchdog_refuses_nan_and_takes_inf_as_never():
+    dog = streaming.DeadlineWatchdog()
+    try:
+        fake, never, near = _FakeStream(), _FakeStream(), _FakeStream()
+        with pytest.raises(ValueError, match="deadline must be"):
+            dog.arm(fake, float("nan"))
+        dog.arm(never, time.monotonic() + 0.05)
+        dog.arm(never, float("inf"))  # re-armed with no deadline: disarmed
+        dog.arm(near, time.monotonic() + 0.1)
+        mp_util.wait_for(lambda: near.expired_at is not None, timeout_s=3)
+        time.sleep(0.05)
+        assert fake.expired_at is None and never.expired_at is None
+        assert dog.alive
+    finally:
+        dog.close()
+
+
+def test_the_watchdog_survives_an_unexpected_error_in_its_loop(monkeypatch, caplog):
+    class Clock:  # time as the watchdog sees it: its next reading fails once
+        fail = threading.Event()
+
+        def monotonic(self):
+            if self.fail.is_set():
+                self.fail.clear()
+                raise RuntimeError("clock trouble")
+            return time.monotonic()
+
+        sleep = staticmethod(time.sleep)
+
+    clock = Clock()
+    monkeypatch.setattr(streaming, "time", clock)
+    dog = streaming.DeadlineWatchdog()
+    try:
+        near = _FakeStream()
+        clock.fail.set()
+        dog.arm(near, time.monotonic() + 0.05)  # wakes the thread: its reading fails
+        mp_util.wait_for(lambda: near.expired_at is not None, timeout_s=3)
+        assert dog.alive and dog.errors == 1
+        assert "deadline watchdog: unexpected error" in caplog.text
+    finally:
+        dog.close()
+
+
+def test_a_stream_pool_refuses_a_deadline_that_is_not_finite():
+    dog = streaming.DeadlineWatchdog()
+    try:
+        with grpc.insecure_channel("127.0.0.1:1") as channel:
+            pool = streaming.StreamPool(channel, echo_server.ECHO_STREAM_METHOD, watchdog=dog)
+            for bad in (float("nan"), float("inf"), -float("inf")):
+                with pytest.raises(ValueError, match="deadline must be a finite"):
+                    pool.send(b"", bad)
+            assert pool.open_streams == 0  # refused before taking a stream
+            pool.close()
+        assert dog.alive
+    finally:
+        dog.close()
+
+
+def test_a_stalled_shard_gets_deadline_exceeded_after_a_huge_deadline_was_asked(arts):
+    """The review's case: one lookup_many(deadline_s=1e10) killed the client's watchdog,
+    and a later 0.5 s lookup against a stalled shard waited as long as the stall."""
+    art = arts["a"]
+    server = _start(art)
+    try:
+        client = _client(art, [f"127.0.0.1:{server.port}"], deadline_s=0.5)
+        np.testing.assert_array_equal(client.lookup("user", [1]), _expected(art, "user", [1]))
+        with pytest.raises(ValueError, match="deadline_s must be"):
+            client.lookup_many({"user": [1]}, deadline_s=1e10)
+        far = _FakeStream()  # a timer past threading.TIMEOUT_MAX on the client's watchdog
+        client._watchdog.arm(far, time.monotonic() + 1e12)
+        time.sleep(0.05)
+        entered, release = mp_util.hold_first_call(server, "_handle_lookup", timeout_s=3)
+        t0 = time.monotonic()
+        with pytest.raises(client_lib.ServingError) as e:
+            client.lookup_many({"user": [2]}, deadline_s=0.5)
+        took = time.monotonic() - t0
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert entered.is_set() and 0.45 < took < 2.0, took
+        release.set()
+        np.testing.assert_array_equal(client.lookup("user", [2]), _expected(art, "user", [2]))
+        assert far.expired_at is None and client._watchdog.alive
+        client.close()
+    finally:
+        server.stop(0)
