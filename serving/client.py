@@ -56,9 +56,10 @@ from serving import codec, grpc_util, hedge_delay, streaming
 WIRE_FORMATS = ("float32", "quantized")
 TRANSPORTS = ("stream", "unary")
 HEDGE_AUTO = "auto"  # hedge_after_s: the delay follows each shard's answer times
-# The longest time budget a lookup may have (one day): a longer one is refused, as
-# are 0, negatives, NaN and infinity (no lookup waits without a deadline).
-MAX_DEADLINE_S = 86_400.0
+# The longest time budget a lookup may have (one day, as every duration the servers
+# take): a longer one is refused, as are 0, negatives, NaN and infinity (no lookup
+# waits without a deadline).
+MAX_DEADLINE_S = grpc_util.MAX_SECONDS
 
 # Worth another replica: down, too slow, shedding load (max_concurrent_rpcs), or
 # stopping (grpcio cancels a call that races its server's graceful stop). Lookups
@@ -225,11 +226,7 @@ def check_hedge_after(hedge_after_s) -> None:
 def check_deadline(deadline_s, name: str = "deadline_s") -> float:
     """``deadline_s`` as a float; ValueError (naming ``name``) unless it is a number of
     seconds in ``(0, MAX_DEADLINE_S]`` (not a bool, NaN or infinity)."""
-    if not (hedge_delay.is_number(deadline_s) and 0 < deadline_s <= MAX_DEADLINE_S):
-        raise ValueError(
-            f"{name} must be a number of seconds > 0 and <= {MAX_DEADLINE_S:g} (one day), "
-            f"got {deadline_s!r}"
-        )
+    grpc_util.check_seconds(name, deadline_s, positive=True)
     return float(deadline_s)
 
 
