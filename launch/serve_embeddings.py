@@ -10,7 +10,9 @@ artifact that --artifact points to now (point it at a symlink to the current
 version). Imports no JAX: starts in well under a second plus artifact
 verification time. A start that cannot succeed (bad flags, no artifact, an
 address that cannot be bound) prints one ``serve_embeddings: cannot start: ...``
-line on stderr and exits with status 1 (``--verbosity=1`` adds the traceback).
+line on stderr and exits with status 1 (``--verbosity=1`` adds the traceback); Ctrl-C
+before it serves (e.g. during ``--verify=full`` of a large artifact) prints
+``serve_embeddings: interrupted`` and exits with status 130.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ import signal
 import sys
 import threading
 
-from absl import app, flags, logging
+import launch
 
-from serving import embedding_server, grpc_util
+if __name__ == "__main__":  # Ctrl-C from here until serving: one line, exit status 130
+    launch.exit_on_interrupt("serve_embeddings")
+
+from absl import app, flags, logging  # noqa: E402
+
+from serving import embedding_server, grpc_util  # noqa: E402
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARD = flags.DEFINE_integer("shard", 0, "This server's shard index i in [0, num_shards).")
@@ -86,7 +93,7 @@ def main(argv):
     stop = threading.Event()
     swap = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # serving: a graceful stop from now
     signal.signal(signal.SIGHUP, lambda *_: swap.set())
     print(
         json.dumps(

@@ -14,7 +14,9 @@ swap the shards first (``serve_embeddings`` also swaps on SIGHUP), then the
 ranker. Request contract and status codes: ``serving/ranker_service.py``.
 A start that cannot succeed (bad flags, no artifact, an address that cannot be
 bound, a shard that does not answer or serves another version) prints one
-``serve_ranker: cannot start: ...`` line on stderr and exits with status 1.
+``serve_ranker: cannot start: ...`` line on stderr and exits with status 1; Ctrl-C
+before it serves (JAX's import and the compiles take seconds, 40 s on a GPU host)
+prints ``serve_ranker: interrupted`` and exits with status 130.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ import sys
 import threading
 import time
 
-from absl import app, flags, logging
+import launch
 
-from serving import client, grpc_util, ranker_service
+if __name__ == "__main__":  # Ctrl-C from here until serving: one line, exit status 130
+    launch.exit_on_interrupt("serve_ranker")
+
+from absl import app, flags, logging  # noqa: E402
+
+from serving import client, grpc_util, ranker_service  # noqa: E402 (JAX: seconds)
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARDS = flags.DEFINE_list(
@@ -226,7 +233,7 @@ def main(argv):
         sys.exit(f"serve_ranker: cannot start: {e}")
     stop, swap = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # serving: a graceful stop from now
     signal.signal(signal.SIGHUP, lambda *_: swap.set())
     print(
         json.dumps(

@@ -607,3 +607,76 @@ def test_serve_ranker_refuses_durations_no_timer_can_wait(tmp_path, flag, sign):
     name, value = flag[2:].split("=")
     _assert_one_line(proc, "serve_ranker: cannot start:",
                      f"{name} must be a finite number of seconds {sign} 0", value)
+
+
+_SERVER_APP = '''
+import importlib.abc, json, runpy, sys, time
+
+module, where = sys.argv[1:]
+lib = __import__("serving." + ("ranker_service" if module == "serve_ranker" else
+                               "embedding_server"), fromlist=["_"])
+
+
+class Slow(importlib.abc.MetaPathFinder):  # the launcher's own imports take a while
+    def find_spec(self, name, path, target=None):
+        if where == "import" and name == "serving.client":
+            print("ready", flush=True)
+            time.sleep(120)
+
+
+class Service:  # what serve() returns
+    port, version = 1, "v1"
+
+    def stats(self):
+        return {"requests": 0}
+
+    def stop(self, grace):
+        class Done:
+            def wait(self):
+                pass
+        return Done()
+
+
+def serve(config):
+    if where == "start":  # loading the artifact, compiling the buckets
+        print("ready", flush=True)
+        time.sleep(120)
+    return Service()
+
+
+if where == "import":  # imported again, through Slow
+    del sys.modules["serving.client"], sys.modules["serving"].client
+sys.meta_path.insert(0, Slow())
+lib.serve = serve
+sys.argv = [module, "--artifact=unused", "--port=0", "--log_every_s=0"]
+runpy.run_module("launch." + module, run_name="__main__")
+'''
+
+
+@pytest.mark.parametrize("module, where", [("serve_ranker", "import"),
+                                           ("serve_ranker", "start"),
+                                           ("serve_embeddings", "start")])
+def test_ctrl_c_while_a_server_starts_is_one_line_exit_130(module, where):
+    """Ctrl-C during a server's start-up (imports, JIT compiles: 40 s on a GPU host) used
+    to print a KeyboardInterrupt traceback and end with status -2."""
+    rc, err, took = _interrupt(_SERVER_APP, {"JAX_RECSYS_TRACEBACK": ""}, module, where)
+    assert rc == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"{module}: interrupted" and took < 30
+
+
+@pytest.mark.parametrize("module", ["serve_ranker", "serve_embeddings"])
+def test_ctrl_c_once_a_server_serves_stops_it_gracefully(module):
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_APP, module, "serving"],
+                            cwd=mp_util.REPO, env=mp_util.child_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "serving", proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
+        assert "interrupted" not in err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
