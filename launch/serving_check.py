@@ -28,6 +28,7 @@ Dimension legend: C candidates of a request, N test impressions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import queue
@@ -184,9 +185,11 @@ def check_flags() -> None:
             ("num_requests", _NUM_REQUESTS.value, _NUM_REQUESTS.value >= 1, ">= 1"),
             ("candidates", _CANDIDATES.value, _CANDIDATES.value >= 1, ">= 1"),
             ("concurrency", _CONCURRENCY.value, _CONCURRENCY.value >= 0, ">= 0"),
-            ("deadline_s", _DEADLINE.value, _DEADLINE.value > 0, "> 0"),
+            ("deadline_s", _DEADLINE.value, math.isfinite(_DEADLINE.value) and _DEADLINE.value > 0,
+             "finite and > 0"),
             ("tolerance", _TOLERANCE.value, _TOLERANCE.value >= 0, ">= 0"),
             ("start_timeout_s", _START_TIMEOUT.value, _START_TIMEOUT.value > 0, "> 0"),
+            ("seed", _SEED.value, _SEED.value >= 0, ">= 0"),
         ]
         if not ok
     ]
@@ -194,31 +197,61 @@ def check_flags() -> None:
         raise ValueError("bad flags: " + ", ".join(bad))
 
 
+def check_pair(art, ranker) -> None:
+    """Refuses (ValueError) an artifact that was not exported from the ranker: one that
+    lacks a table of the ranker's, or has one of another width or row count (the offline
+    scores would fail with a width error of the model, or differ)."""
+    missing = [e for e, _ in ranker.config.entity_dims if e not in art.tables]
+    problems = [f"it lacks tables {missing} of the ranker"] if missing else []
+    for ent, dim in ranker.config.entity_dims:
+        table, own = art.tables.get(ent), ranker.tables.get(ent)
+        if table is None:
+            continue
+        rows = table.codes.shape[0]
+        if table.dim != dim:
+            problems.append(f"its table {ent!r} is {table.dim} wide, the ranker's {dim}")
+        elif own is not None and rows != own.shape[0]:
+            problems.append(f"its table {ent!r} has {rows} rows, the ranker's {own.shape[0]}")
+    if problems:
+        raise ValueError(f"artifact {_ARTIFACT.value} does not match ranker {_RANKER.value}: "
+                         f"{'; '.join(problems)} (give the ranker it was exported from, or "
+                         "export it from this one: launch.export_int4)")
+
+
+def held_out(data: str, window: str) -> dict[str, np.ndarray]:
+    """The impressions of day window ``window`` of dataset folder ``data``, raw columns.
+
+    An empty click or conversion cell of a text table (a label not known yet, which the
+    ranker's training reads as NaN outside its windows) reads as NaN here too: the
+    labels are not used.
+    """
+    from jax_recsys.data import folder as folder_lib
+
+    folder = folder_lib.DatasetFolder(data)
+    start, end = folder.day_window(window)
+    cols = folder.table("impressions", kinds=dict.fromkeys(("click", "conversion"), "label"))
+    return folder_lib.select_days(cols, start, end)
+
+
 def main(argv):
     del argv
     check_flags()
     import jax
 
-    from jax_recsys.data import folder as folder_lib
     from jax_recsys.quant import artifact as artifact_lib
     from jax_recsys.ranking import model as model_lib, train as train_lib
     from serving import ranker_service
 
+    art = artifact_lib.load_artifact(_ARTIFACT.value)
+    ranker = model_lib.load_ranker(_RANKER.value)
+    check_pair(art, ranker)
     out_path = pathlib.Path(_OUT.value).resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     logdir = out_path.parent / "serving_logs"
     logdir.mkdir(exist_ok=True)
-    art = artifact_lib.load_artifact(_ARTIFACT.value)
-    ranker = model_lib.load_ranker(_RANKER.value)
-    missing = [e for e, _ in ranker.config.entity_dims if e not in art.tables]
-    if missing:
-        raise SystemExit(f"artifact {_ARTIFACT.value} lacks tables {missing} of the ranker")
 
     # Held-out requests and their offline INT4 scores.
-    folder = folder_lib.DatasetFolder(_DATA.value)
-    start, end = folder.day_window(_WINDOW.value)
-    raw = folder_lib.select_days(folder.table("impressions"), start, end)
-    columns = train_lib.raw_to_rows(ranker, raw)
+    columns = train_lib.raw_to_rows(ranker, held_out(_DATA.value, _WINDOW.value))
     reqs = build_requests(ranker, columns, num_requests=_NUM_REQUESTS.value,
                           candidates=_CANDIDATES.value, seed=_SEED.value)
     deq = {e: art.lookup(e, np.arange(art.tables[e].codes.shape[0])) for e, _ in ranker.config.entity_dims}

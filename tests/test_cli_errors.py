@@ -186,10 +186,65 @@ def test_serving_check_validates_counts_before_starting(tmp_path):
     out = tmp_path / "check" / "serving_check.json"
     proc = _run("serving_check", [f"--artifact={tmp_path}", f"--ranker={tmp_path}",
                                   f"--data={tmp_path}", f"--out={out}", "--num_shards=0",
-                                  "--num_requests=0", "--candidates=0", "--concurrency=-3"])
+                                  "--num_requests=0", "--candidates=0", "--concurrency=-3",
+                                  "--seed=-1", "--deadline_s=inf"])
     _assert_one_line(proc, "serving_check: error:", "--num_shards=0", "--num_requests=0",
-                     "--candidates=0", "--concurrency=-3")
+                     "--candidates=0", "--concurrency=-3", "--seed=-1 (must be >= 0)",
+                     "--deadline_s=inf (must be finite and > 0)")
     assert not out.parent.exists()  # nothing started, nothing written
+
+
+def test_serving_check_refuses_an_artifact_of_another_ranker_before_starting(tmp_path):
+    """It used to end in the model's "entity 'user' embedding has width 16, config says
+    8" (from the offline scores), or print "artifact ... lacks tables" without the
+    `serving_check: error:` prefix."""
+    import numpy as np
+
+    from jax_recsys.quant import artifact
+    from jax_recsys.ranking import model as M
+
+    dims = {"user": 8, "pin": 6, "advertiser": 4}
+    cfg = M.RankerConfig(entity_dims=tuple(dims.items()), mlp_dims=(4,), head_dims=(2,),
+                         num_cross_layers=1)
+    M.save_ranker(tmp_path / "ranker", M.TrainedRanker(
+        config=cfg, params=M.flatten_params(M.init_dense(cfg)[1]),
+        tables={e: np.zeros((5, d), np.float32) for e, d in dims.items()},
+        vocabs={e: np.arange(5) for e in dims}, entity_columns={e: f"{e}_id" for e in dims},
+        facet_layout={e: [("scratch", d, True)] for e, d in dims.items()}))
+    shapes = {"user": (5, 16), "pin": (7, 6)}  # no advertiser table
+    artifact.write_artifact(tmp_path / "art",
+                            tables={e: np.ones(s, np.float32) for e, s in shapes.items()},
+                            vocabs={e: np.arange(s[0]) for e, s in shapes.items()})
+    out = tmp_path / "check" / "serving_check.json"
+    proc = _run("serving_check", [f"--artifact={tmp_path / 'art'}",
+                                  f"--ranker={tmp_path / 'ranker'}", f"--data={tmp_path}",
+                                  f"--out={out}"])
+    _assert_one_line(proc, "serving_check: error:", "does not match ranker",
+                     "it lacks tables ['advertiser'] of the ranker",
+                     "its table 'user' is 16 wide, the ranker's 8",
+                     "its table 'pin' has 7 rows, the ranker's 5")
+    assert not out.parent.exists()
+
+
+def test_serving_check_reads_empty_label_cells(tmp_path):
+    """Labels not known yet (empty click/conversion cells, which the ranker's training
+    reads as NaN) used to make serving_check refuse data the ranker trained on."""
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "format_version": 1, "tables": {"impressions": {"path": "impressions.csv"}},
+        "splits": {"ranker_test": [1, 3]}}))
+    (tmp_path / "impressions.csv").write_text(
+        "day,user_id,pin_id,click,conversion\n0,1,2,1,0\n1,1,3,,\n2,4,5,0,\n")
+    code = ("import json, sys\n"
+            "from launch import serving_check\n"
+            "cols = serving_check.held_out(sys.argv[1], 'ranker_test')\n"
+            "print(json.dumps({k: [None if v != v else v for v in c.tolist()]\n"
+            "                  for k, c in cols.items()}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=mp_util.REPO,
+                          env=mp_util.child_env(1), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cols = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cols["pin_id"] == [3, 5] and cols["click"] == [None, 0]
+    assert cols["conversion"] == [None, None]
 
 
 def test_bench_serving_validates_flags_before_any_work(tmp_path):
