@@ -81,7 +81,8 @@ The rankers share one persistent XLA compilation cache in the work folder
 (``serve_ranker --compilation_cache_dir``): on a GPU the first compiles its
 buckets (42 s on an H200), the others load them (about 1 s); each start is
 reported on stderr, and each server's stderr goes to a log file in the work
-folder (a server that fails to start is reported with the end of its log).
+folder (a server that fails to start ends the run with one ``bench_serving:
+error: ...`` line that repeats the server's own error line).
 Side by side, the rankers share the accelerator, each preallocating a share of
 its memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set). Two lent H200
 hosts took one process only (a second ranker failed: "no supported devices
@@ -196,7 +197,7 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from launch import common
 
@@ -662,7 +663,7 @@ def _spawn_service(
     """Starts ``python -m module args`` (a server that prints one JSON line when up).
 
     Its stderr goes to a log file in ``log_dir`` (the work folder); a server that
-    exits before its line fails with the log's last lines, not a bare return code.
+    exits before its line raises `_StartError`, which repeats the log's error line.
 
     Returns:
       (process, the JSON line as a dict).
@@ -682,11 +683,32 @@ def _spawn_service(
         )
     line = proc.stdout.readline()
     if not line:
-        rc = proc.wait()
-        with open(log_path, errors="replace") as f:
-            tail = "".join(f.readlines()[-15:])
-        raise RuntimeError(f"{what} did not start (rc={rc}); end of {log_path}:\n{tail}")
+        raise _StartError(what, proc.wait(), log_path)
     return proc, json.loads(line)
+
+
+class _StartError(ChildProcessError):
+    """A server that exited before it served: one line with its own error line (an
+    OSError: ``common.run`` prints it as ``bench_serving: error: ...``, no traceback).
+
+    Attributes:
+      log_text: the end of its log (its stderr), e.g. for `ONE_PROCESS_DEVICE`.
+      log_kept: whether the log outlives the run (not in a temporary work folder).
+    """
+
+    def __init__(self, what: str, returncode: int, log_path: str):
+        super().__init__(what)
+        self.what, self.returncode, self.log_path = what, returncode, log_path
+        self.log_kept = True
+        with open(log_path, errors="replace") as f:
+            self.log_text = "".join(f.readlines()[-15:])
+        self.said = common.log_tail(log_path) or "its log says nothing"
+
+    def __str__(self) -> str:
+        rc = self.returncode
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        where = f"log: {self.log_path}" if self.log_kept else "--workdir=DIR keeps its log"
+        return f"{self.what} {how} before it served: {self.said} ({where})"
 
 
 def _stop_all(procs) -> None:
@@ -858,6 +880,10 @@ def _stop_ranker(proc: subprocess.Popen) -> dict:
     return {}
 
 
+# The tables of the ranking artifact (`_write_rank_artifact`), in the ranker's order.
+_RANK_TABLES = ("user", "pin", "advertiser")
+
+
 def _write_rank_artifact(out_dir: str) -> tuple[str, int]:
     """A ranking artifact: user/pin/advertiser INT tables and a DCN-v2 ranker."""
     from jax_recsys.quant import artifact
@@ -865,11 +891,8 @@ def _write_rank_artifact(out_dir: str) -> tuple[str, int]:
 
     rows, dim = _RANK_ROWS.value, _DIM.value
     advertisers = max(rows // 100, 1)
-    shapes = {
-        "user": (rows, dim),
-        "pin": (rows, dim),
-        "advertiser": (advertisers, max(dim // 2, 1)),
-    }
+    shapes = dict(zip(_RANK_TABLES, [(rows, dim), (rows, dim), (advertisers, max(dim // 2, 1))],
+                      strict=True))
     rng = np.random.default_rng(1)
     tables = {}
     for name, (r, d) in shapes.items():
@@ -933,10 +956,53 @@ class _RankerKey(NamedTuple):
 ONE_PROCESS_DEVICE = "no supported devices found for platform"
 
 
-def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
+class _RankSettings(NamedTuple):
+    """The ``--parts=rank`` flags, checked (`_rank_settings`)."""
+
+    clients: list[int]
+    shard_counts: list[int]
+    wires: list[str]
+    transports: list[str]
+    aheads: list[int]  # fetch_ahead settings
+    cache_rows: list[int]
+    cache_tables: list[str]  # [] = all (with a cache)
+
+
+def _rank_settings() -> _RankSettings:
+    """The ``--parts=rank`` flags, checked (ValueError naming the flag)."""
+    from serving import client as client_lib
+
+    wires = list(_RANK_WIRES.value)
+    if not wires or set(wires) - set(client_lib.WIRE_FORMATS) or len(set(wires)) < len(wires):
+        raise ValueError(f"--rank_wires={','.join(wires)}: must be distinct values of "
+                         f"{list(client_lib.WIRE_FORMATS)}")
+    cache_rows = common.int_list(_RANK_CACHE_ROWS, minimum=0, distinct=True)
+    tables = [t.strip() for t in _RANK_CACHE_TABLES.value]
+    if set(tables) - set(_RANK_TABLES) or len(set(tables)) < len(tables):
+        raise ValueError(f"--rank_cache_tables={','.join(tables)}: must be distinct tables of "
+                         f"the benchmark's ranking artifact, {list(_RANK_TABLES)}")
+    if tables and not any(cache_rows):
+        raise ValueError("--rank_cache_tables needs a --rank_cache_rows setting > 0 (the "
+                         "rankers without a row cache take no --cache_tables)")
+    pool_n = _RANK_AD_POOL.value
+    if 0 < pool_n < _RANK_CANDIDATES.value or pool_n > _RANK_ROWS.value:
+        raise ValueError(f"--rank_ad_pool={pool_n} must be 0 or in "
+                         f"[--rank_candidates, --rank_rows]")
+    return _RankSettings(
+        clients=common.int_list(_RANK_CLIENTS),
+        shard_counts=common.int_list(_RANK_SHARDS),
+        wires=wires,
+        transports=_transports(_RANK_TRANSPORTS),
+        aheads=common.int_list(_RANK_FETCH_AHEAD),
+        cache_rows=cache_rows,
+        cache_tables=tables,
+    )
+
+
+def _rank_bench(workdir: str, pool: _ClientPool, base: dict, rs: _RankSettings) -> None:
     """End-to-end Rank latency: monolithic vs hybrid (shards in other processes)."""
     art_dir, advertisers = _write_rank_artifact(workdir)
-    clients = [int(c) for c in _RANK_CLIENTS.value]
+    clients = rs.clients
     common = {
         "bench": "serving",
         "kind": "rank",
@@ -957,24 +1023,17 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
         prefetch_method="/jax_recsys.serving.RankerService/Prefetch",
     )
     common["ad_pool"] = _RANK_AD_POOL.value
-    common["cache_tables"] = list(_RANK_CACHE_TABLES.value)  # [] = all (with a cache)
+    common["cache_tables"] = rs.cache_tables  # [] = all (with a cache)
     common["prefetch"] = _RANK_PREFETCH.value
-    shard_counts = [int(n) for n in _RANK_SHARDS.value]
-    from serving import client as client_lib, codec
+    shard_counts, aheads, wires, transports = rs.shard_counts, rs.aheads, rs.wires, rs.transports
+    from serving import codec
 
     manifest = codec.read_manifest(art_dir)
-    aheads = [int(v) for v in _RANK_FETCH_AHEAD.value]
-    if not aheads or min(aheads) < 1:
-        raise app.UsageError(f"--rank_fetch_ahead: {aheads}; each >= 1")
-    wires = list(_RANK_WIRES.value)
-    if not wires or set(wires) - set(client_lib.WIRE_FORMATS):
-        raise app.UsageError(f"--rank_wires: {wires}; known: {list(client_lib.WIRE_FORMATS)}")
-    transports = _transports(_RANK_TRANSPORTS)
     request_bytes, response_bytes = _fetch_sizes(
         manifest["version"], _RANK_CANDIDATES.value, manifest["tables"], wires[0]
     )
     keys = [_RankerKey("monolithic", 0, "", "", ahead) for ahead in aheads]
-    caches = [int(v) for v in _RANK_CACHE_ROWS.value]  # checked in main
+    caches = rs.cache_rows
     keys += [
         _RankerKey("hybrid", n, wire, transport, ahead, cache)
         for n in shard_counts
@@ -1009,11 +1068,11 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     ports = [p for _, p in shard_procs.get(key.shards, [])]
                     rankers[key] = _spawn_ranker(
                         art_dir, ports, key.wire or "quantized", key.fetch_ahead,
-                        key.transport or "stream", env, key.cache_rows, _RANK_CACHE_TABLES.value,
+                        key.transport or "stream", env, key.cache_rows, rs.cache_tables,
                     )
                     devices[key] = rankers[key][1].get("device")
                 kinds = [{"address": f"127.0.0.1:{info['port']}",
-                          "prefetch": _RANK_PREFETCH.value and _caches_users(key)}
+                          "prefetch": _RANK_PREFETCH.value and _caches_users(key, rs)}
                          for key, (_, info) in rankers.items()]
                 if keys[0] in turn:  # the serial floor (see module docstring), last
                     kinds.append(
@@ -1038,8 +1097,8 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
                     for key, st in zip([*turn, "floor"], per_kind, strict=False):
                         results[key, c] = st
                 measured = True
-            except RuntimeError as e:
-                if len(turn) > 1 and ONE_PROCESS_DEVICE in str(e):
+            except _StartError as e:
+                if len(turn) > 1 and ONE_PROCESS_DEVICE in e.log_text:
                     # An accelerator that takes one process (see the module docstring):
                     # what --rank_one_at_a_time does, without a second run of the user's.
                     print(f"a second ranker could not use the accelerator ({ONE_PROCESS_DEVICE}):"
@@ -1096,9 +1155,9 @@ def _rank_bench(workdir: str, pool: _ClientPool, base: dict) -> None:
             echo.join(10)
 
 
-def _caches_users(key: _RankerKey) -> bool:
+def _caches_users(key: _RankerKey, rs: _RankSettings) -> bool:
     """Whether a ranker takes Prefetch calls: monolithic (a no-op) or a row cache of users."""
-    tables = _RANK_CACHE_TABLES.value
+    tables = rs.cache_tables
     return key.mode == "monolithic" or (key.cache_rows > 0 and (not tables or "user" in tables))
 
 
@@ -1133,9 +1192,8 @@ def _transports(flag) -> list[str]:
 
     got = list(flag.value)
     if not got or set(got) - set(client_lib.TRANSPORTS) or len(set(got)) < len(got):
-        raise app.UsageError(
-            f"--{flag.name}: {got}; distinct values of {list(client_lib.TRANSPORTS)}"
-        )
+        raise ValueError(f"--{flag.name}={','.join(got)}: must be distinct values of "
+                         f"{list(client_lib.TRANSPORTS)}")
     return got
 
 
@@ -1155,28 +1213,21 @@ def _stats(lat_s: np.ndarray, duration_s: float) -> dict:
 
 def main(argv):
     del argv
+    # Bad flags, before any work (the lookup part alone takes minutes): every flag, also
+    # those of the parts not run, ends the run here with one line naming it.
     parts = set(_PARTS.value)
     if not parts:
-        raise app.UsageError("--parts: empty; choose from lookup, rank, idle, hedge")
+        raise ValueError("--parts: empty; choose from lookup, rank, idle, hedge")
     unknown = parts - {"lookup", "rank", "idle", "hedge"}
     if unknown:
-        raise app.UsageError(
-            f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle, hedge"
-        )
-    _check_sizes()  # bad flags: before any work
+        raise ValueError(f"--parts: unknown {sorted(unknown)}; known: lookup, rank, idle, hedge")
+    _check_sizes()
     shard_counts = common.int_list(_SHARDS)
-    client_counts = common.int_list(_CLIENTS) if "lookup" in parts else []
-    rank_clients = common.int_list(_RANK_CLIENTS) if "rank" in parts else []
-    if "rank" in parts:
-        common.int_list(_RANK_SHARDS)
-        common.int_list(_RANK_FETCH_AHEAD)
-        common.int_list(_RANK_CACHE_ROWS, minimum=0, distinct=True)
-        pool_n = _RANK_AD_POOL.value
-        if 0 < pool_n < _RANK_CANDIDATES.value or pool_n > _RANK_ROWS.value:
-            raise ValueError(f"--rank_ad_pool={pool_n} must be 0 or in "
-                             f"[--rank_candidates, --rank_rows]")
-    idle = _idle_settings() if "idle" in parts else None  # bad flags: before any work
-    hedge_clients, hedge_after = _hedge_settings() if "hedge" in parts else ([], [])
+    client_counts = common.int_list(_CLIENTS)
+    rank = _rank_settings()
+    idle = _idle_settings()
+    hedge_clients, hedge_after = _hedge_settings()  # and --transports
+    clients = {"lookup": client_counts, "rank": rank.clients, "hedge": hedge_clients}
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_serving_")
     os.makedirs(workdir, exist_ok=True)
     base = {
@@ -1190,16 +1241,19 @@ def main(argv):
         # One synthetic table for the idle and lookup parts.
         manifest = _write_artifact(workdir) if parts & {"idle", "lookup", "hedge"} else None
         art_dir = os.path.join(workdir, "art")
-        if idle is not None:
+        if "idle" in parts:
             _idle_bench(art_dir, *idle)
         if parts - {"idle"}:
-            pool = _ClientPool(max(client_counts + rank_clients + hedge_clients))
+            pool = _ClientPool(max(c for part in parts - {"idle"} for c in clients[part]))
         if "lookup" in parts:
             _lookup_bench(art_dir, manifest, pool, base, shard_counts, client_counts)
         if "hedge" in parts:
             _hedge_bench(art_dir, manifest, pool, base, hedge_clients, hedge_after)
         if "rank" in parts:
-            _rank_bench(workdir, pool, base)
+            _rank_bench(workdir, pool, base, rank)
+    except _StartError as e:
+        e.log_kept = bool(_WORKDIR.value)  # else its log goes with the work folder
+        raise
     finally:
         if pool is not None:
             pool.close()
@@ -1209,10 +1263,14 @@ def main(argv):
 
 def _check_sizes() -> None:
     """The numeric flags, checked (ValueError naming every bad one)."""
+    from jax_recsys.quant import rowwise  # NumPy only
+
     rules = [(f, f.value >= 1, ">= 1") for f in
-             (_ROWS, _DIM, _IDS, _SERVER_WORKERS, _RANK_ROWS, _RANK_CANDIDATES)]
-    rules += [(_WARMUP, _WARMUP.value >= 0, ">= 0")]
-    rules += [(f, f.value > 0, "> 0") for f in (_DURATION, _SLICE)]
+             (_ROWS, _DIM, _IDS, _SERVER_WORKERS, _RANK_ROWS, _RANK_CANDIDATES, _IDLE_CALLS)]
+    rules += [(_WARMUP, _WARMUP.value >= 0, ">= 0"),
+              (_BITS, _BITS.value in rowwise.SUPPORTED_BITS, f"one of {rowwise.SUPPORTED_BITS}")]
+    rules += [(f, math.isfinite(f.value) and f.value > 0, "finite and > 0")
+              for f in (_DURATION, _SLICE)]
     bad = [f"--{f.name}={f.value} (must be {rule})" for f, ok, rule in rules if not ok]
     if bad:
         raise ValueError("bad flags: " + ", ".join(bad))
@@ -1220,12 +1278,16 @@ def _check_sizes() -> None:
 
 def _idle_settings() -> tuple[list[float], int, int]:
     """``--parts=idle`` flags, checked: (gaps in ms, request bytes, response bytes)."""
-    gaps = [float(g) for g in _IDLE_GAPS.value]
+    try:
+        gaps = [float(g) for g in _IDLE_GAPS.value]
+    except ValueError:
+        gaps = []
     if not gaps or not all(math.isfinite(g) and g >= 0 for g in gaps) or 0.0 not in gaps:
-        raise app.UsageError(f"--idle_gaps_ms: {gaps}; non-negative, 0 among them")
+        raise ValueError(f"--idle_gaps_ms={','.join(_IDLE_GAPS.value)}: must be finite numbers "
+                         "of ms >= 0, 0 among them")
     req_b, resp_b = _IDLE_REQUEST.value, _IDLE_RESPONSE.value
     if req_b < 8 or resp_b < 0:
-        raise app.UsageError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
+        raise ValueError("--idle_request_bytes must be >= 8, --idle_response_bytes >= 0")
     return gaps, req_b, resp_b
 
 
@@ -1240,7 +1302,7 @@ def _hedge_settings() -> tuple[list[int], list[float | str]]:
         after = []
     if (not after or not all(a == "auto" or (math.isfinite(a) and a >= 0) for a in after)
             or len(set(after)) < len(after)):
-        bad.append(f"--hedge_after_ms={_HEDGE_AFTER.value} (distinct finite numbers >= 0 "
+        bad.append(f"--hedge_after_ms={','.join(_HEDGE_AFTER.value)} (distinct finite numbers >= 0 "
                    "or 'auto')")
     if not 0 < _HEDGE_QUANTILE.value < 1:
         bad.append(f"--hedge_quantile={_HEDGE_QUANTILE.value} (must be in (0, 1))")

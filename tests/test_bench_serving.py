@@ -138,12 +138,17 @@ def test_bench_serving_hedge_part_compares_failover_and_hedged_lookups(tmp_path)
 def test_a_server_that_does_not_start_fails_with_the_end_of_its_log(tmp_path):
     from launch import bench_serving
 
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ChildProcessError) as err:  # an OSError: common.run prints one line
         bench_serving._spawn_ranker(str(tmp_path / "no_artifact"), [])
     # The ranker's own one-line reason, read back from its log beside the artifact.
-    assert "ranker shards=0 wire=quantized did not start (rc=1)" in str(err.value)
-    assert "no_artifact/manifest.json: missing" in str(err.value)
-    assert len(list(tmp_path.glob("serve_ranker_*.log"))) == 1
+    (log,) = tmp_path.glob("serve_ranker_*.log")
+    line = str(err.value)
+    assert line.startswith("ranker shards=0 wire=quantized exited with status 1 before it "
+                           f"served: serve_ranker: cannot start: {tmp_path / 'no_artifact'}")
+    assert "\n" not in line and line.endswith(f" (log: {log})")
+    assert "serve_ranker: cannot start" in err.value.log_text
+    err.value.log_kept = False  # a temporary work folder: the log is removed with it
+    assert str(err.value).endswith(" (--workdir=DIR keeps its log)")
 
 
 def test_rankers_sharing_a_gpu_get_a_share_of_its_memory_unless_told(monkeypatch):
@@ -196,7 +201,7 @@ def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(tmp_path
 # A child that runs bench_serving on an "accelerator" that takes one process: a
 # ranker started while another is alive fails as on the lent H200 hosts.
 _ONE_PROCESS_DEVICE = """
-import sys
+import os, sys
 from launch import bench_serving as b, common
 
 real, alive = b._spawn_ranker, []
@@ -204,9 +209,11 @@ real, alive = b._spawn_ranker, []
 
 def spawn(*args, **kwargs):
     if any(p.poll() is None for p in alive):
-        raise RuntimeError("ranker did not start (rc=1); end of its log:\\nRuntimeError: Unable "
-                           "to initialize backend 'cuda': INTERNAL: no supported devices found "
-                           "for platform CUDA")
+        log = os.path.join(os.path.dirname(args[0]), "failed_ranker.log")  # beside the artifact
+        with open(log, "w") as f:
+            f.write("RuntimeError: Unable to initialize backend 'cuda': INTERNAL: no supported "
+                    "devices found for platform CUDA\\n")
+        raise b._StartError("ranker", 1, log)
     proc, info = real(*args, **kwargs)
     alive.append(proc)
     return proc, info

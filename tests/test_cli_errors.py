@@ -336,6 +336,35 @@ def test_bench_serving_hedge_flags_are_checked_before_any_work(tmp_path):
     assert not wd.exists()
 
 
+# Small sizes: before the flags were checked up front, the parts ran until one of them
+# used the bad flag (the lookup part alone takes minutes at the default sizes).
+_TINY_BENCH = ["--rows=1000", "--rank_rows=1000", "--rank_candidates=10", "--shards=1",
+               "--clients=1", "--rank_clients=1", "--rank_shards=1", "--duration_s=0.1",
+               "--warmup=1", "--transports=stream", "--idle_calls=1"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--rank_wires=qantized"], "--rank_wires=qantized: must be distinct values of"),
+    (["--rank_transports=steam"], "--rank_transports=steam: must be distinct values of"),
+    (["--rank_cache_tables=nosuch", "--rank_cache_rows=0,100"],
+     "--rank_cache_tables=nosuch: must be distinct tables of the benchmark's ranking artifact"),
+    (["--rank_cache_tables=pin"], "--rank_cache_tables needs a --rank_cache_rows setting > 0"),
+    (["--parts=idle", "--idle_gaps_ms=abc"], "--idle_gaps_ms=abc: must be finite numbers"),
+    (["--parts=lookup", "--hedge_after_ms=garbage"], "--hedge_after_ms=garbage (distinct"),
+    (["--parts=lookup", "--rank_fetch_ahead=0"], "--rank_fetch_ahead must list integers >= 1"),
+    (["--parts=rank", "--bits=5"], "--bits=5 (must be one of"),
+])
+def test_bench_serving_checks_every_flag_before_any_work(tmp_path, args, needle):
+    """A bad flag of a later part (or of one not run) used to be found after the earlier
+    parts had run, or never; --rank_wires and --rank_transports with absl's usage dump,
+    an unknown --rank_cache_tables name in a traceback of the ranker that did not start."""
+    wd = tmp_path / "bench"
+    proc = _run("bench_serving", [*_TINY_BENCH, *args, f"--workdir={wd}"])
+    _assert_one_line(proc, "bench_serving: error:", needle)
+    assert "Try --helpfull" not in proc.stderr, proc.stderr[-3000:]
+    assert not wd.exists()
+
+
 def test_serve_ranker_refuses_hybrid_only_flags_without_shards(tmp_path):
     proc = _run("serve_ranker", [f"--artifact={tmp_path}", "--cache_rows=10"])
     _assert_one_line(proc, "serve_ranker: cannot start:", "need shards")
