@@ -33,11 +33,20 @@ from ml_collections import config_flags
 from jax_recsys import fsutil
 from launch import common, train_ranker
 
-_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
-_FRESH = flags.DEFINE_bool(
-    "fresh", False, "Retrain every run and pretrain every facet instead of reusing finished ones."
-)
+_CONFIG = _WORKDIR = _FRESH = None
+
+
+def _define_flags():
+    """Defines the flags, only when run as the entry point: the tests import this module
+    (`pretrain_keys`) beside others that define --workdir too (one absl registry)."""
+    global _CONFIG, _WORKDIR, _FRESH
+    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+    _FRESH = flags.DEFINE_bool(
+        "fresh", False,
+        "Retrain every run and pretrain every facet instead of reusing finished ones.")
+
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -204,4 +213,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     common.run(main, resume_hint=f"{common.RESUME}: finished runs and facets are reused")
