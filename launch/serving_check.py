@@ -43,6 +43,7 @@ import numpy as np
 from absl import flags, logging
 
 from launch import common
+from serving import grpc_util
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _RANKER = flags.DEFINE_string("ranker", None, "The saved ranker the artifact was exported from.",
@@ -185,8 +186,9 @@ def check_flags() -> None:
             ("num_requests", _NUM_REQUESTS.value, _NUM_REQUESTS.value >= 1, ">= 1"),
             ("candidates", _CANDIDATES.value, _CANDIDATES.value >= 1, ">= 1"),
             ("concurrency", _CONCURRENCY.value, _CONCURRENCY.value >= 0, ">= 0"),
-            ("deadline_s", _DEADLINE.value, math.isfinite(_DEADLINE.value) and _DEADLINE.value > 0,
-             "finite and > 0"),
+            ("deadline_s", _DEADLINE.value,
+             math.isfinite(_DEADLINE.value) and 0 < _DEADLINE.value <= grpc_util.MAX_SECONDS,
+             f"finite, > 0 and at most {grpc_util.MAX_SECONDS:g} (1 day), as the ranker's"),
             ("tolerance", _TOLERANCE.value, _TOLERANCE.value >= 0, ">= 0"),
             ("start_timeout_s", _START_TIMEOUT.value, _START_TIMEOUT.value > 0, "> 0"),
             ("seed", _SEED.value, _SEED.value >= 0, ">= 0"),

@@ -50,6 +50,9 @@ def int_array(what: str, values, *, scalar_ok: bool = False) -> np.ndarray:
         shape = "an integer or a 1-D integer array" if scalar_ok else "a 1-D integer array"
         raise ValueError(f"{what} must be {shape}, got {np.asarray(values).dtype} "
                          f"{np.shape(values)}")
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{what}: {int(arr.max())} does not fit in int64 (ids and rows "
+                         "travel as little-endian int64)")
     return arr
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import queue
 import threading
 import time
@@ -138,9 +139,10 @@ class DeadlineWatchdog:
           deadline: a ``time.monotonic()`` time; ``math.inf``: never (disarms it).
 
         Raises:
-          ValueError: ``deadline`` is NaN (it would be due never and always).
+          ValueError: ``deadline`` is not a number, or NaN (it would be due never and
+            always); nothing is armed then.
         """
-        if deadline != deadline:  # NaN
+        if not isinstance(deadline, numbers.Real) or deadline != deadline:  # NaN
             raise ValueError(f"deadline must be a time.monotonic() time, got {deadline!r}")
         with self._cond:
             if deadline == math.inf:

@@ -190,8 +190,14 @@ def test_serving_check_validates_counts_before_starting(tmp_path):
                                   "--seed=-1", "--deadline_s=inf"])
     _assert_one_line(proc, "serving_check: error:", "--num_shards=0", "--num_requests=0",
                      "--candidates=0", "--concurrency=-3", "--seed=-1 (must be >= 0)",
-                     "--deadline_s=inf (must be finite and > 0)")
+                     "--deadline_s=inf (must be finite, > 0 and at most 86400 (1 day)")
     assert not out.parent.exists()  # nothing started, nothing written
+    # Longer than a day passed the check and failed only when the ranker refused it.
+    proc = _run("serving_check", [f"--artifact={tmp_path}", f"--ranker={tmp_path}",
+                                  f"--data={tmp_path}", f"--out={out}", "--deadline_s=86401"])
+    _assert_one_line(proc, "serving_check: error:", "--deadline_s=86401.0 (must be finite, > 0 "
+                     "and at most 86400 (1 day), as the ranker's)")
+    assert not out.parent.exists()
 
 
 def test_serving_check_refuses_an_artifact_of_another_ranker_before_starting(tmp_path):

@@ -1179,6 +1179,8 @@ def test_swap_checks_its_window_before_loading(stack):
     (dict(user_row=3, candidates=[[1, 2], [3, 4]]),
      r"candidates must be a 1-D integer array, got int64 \(2, 2\)"),
     (dict(user_row=3, candidates=[True, False]), "candidates must be a 1-D integer array"),
+    (dict(user_row=3, candidates=[2**63]),  # uint64: was sent wrapped, as -2**63
+     "candidates: 9223372036854775808 does not fit in int64"),
     (dict(user_row=3, candidates=[1], context={"hour": 1.9}),
      r"context\['hour'\] must be an integer or a 1-D integer array, got float64 \(\)"),
     (dict(user_row=3, candidates=[1], context={"advertiser": [[0]]}),

@@ -422,8 +422,9 @@ def test_the_watchdog_refuses_nan_and_takes_inf_as_never():
     dog = streaming.DeadlineWatchdog()
     try:
         fake, never, near = _FakeStream(), _FakeStream(), _FakeStream()
-        with pytest.raises(ValueError, match="deadline must be"):
-            dog.arm(fake, float("nan"))
+        for bad in (float("nan"), None, "1"):  # refused before it is stored: a stored
+            with pytest.raises(ValueError, match="deadline must be"):  # None broke every
+                dog.arm(fake, bad)  # later step of the loop, and no deadline was kept
         dog.arm(never, time.monotonic() + 0.05)
         dog.arm(never, float("inf"))  # re-armed with no deadline: disarmed
         dog.arm(near, time.monotonic() + 0.1)
