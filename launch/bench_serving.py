@@ -188,6 +188,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -657,13 +658,19 @@ def _child_env(root: str) -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
+# How long a server may take to print its line (a ranker compiles first: 47 s on a
+# GPU host without the compilation cache).
+_START_TIMEOUT_S = 600.0
+
+
 def _spawn_service(
     module: str, args: list[str], what: str, log_dir: str, env: dict | None = None
 ):
     """Starts ``python -m module args`` (a server that prints one JSON line when up).
 
     Its stderr goes to a log file in ``log_dir`` (the work folder); a server that
-    exits before its line raises `_StartError`, which repeats the log's error line.
+    exits before its line, or has not printed it after ``_START_TIMEOUT_S`` (it is
+    killed then), raises `_StartError`, which repeats the log's error line.
 
     Returns:
       (process, the JSON line as a dict).
@@ -681,9 +688,13 @@ def _spawn_service(
             stderr=log_file,
             text=True,
         )
-    line = proc.stdout.readline()
+    ready, _, _ = select.select([proc.stdout], [], [], _START_TIMEOUT_S)
+    line = proc.stdout.readline() if ready else ""
     if not line:
-        raise _StartError(what, proc.wait(), log_path)
+        if not ready:
+            proc.kill()
+        raise _StartError(what, proc.wait(), log_path,
+                          None if ready else f"did not start within {_START_TIMEOUT_S:g} s (killed)")
     return proc, json.loads(line)
 
 
@@ -696,9 +707,10 @@ class _StartError(ChildProcessError):
       log_kept: whether the log outlives the run (not in a temporary work folder).
     """
 
-    def __init__(self, what: str, returncode: int, log_path: str):
+    def __init__(self, what: str, returncode: int, log_path: str, how: str | None = None):
         super().__init__(what)
         self.what, self.returncode, self.log_path = what, returncode, log_path
+        self.how = how  # None: it exited (or was killed) on its own
         self.log_kept = True
         with open(log_path, errors="replace") as f:
             self.log_text = "".join(f.readlines()[-15:])
@@ -706,9 +718,10 @@ class _StartError(ChildProcessError):
 
     def __str__(self) -> str:
         rc = self.returncode
-        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        how = self.how or ((f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}")
+                           + " before it served")
         where = f"log: {self.log_path}" if self.log_kept else "--workdir=DIR keeps its log"
-        return f"{self.what} {how} before it served: {self.said} ({where})"
+        return f"{self.what} {how}: {self.said} ({where})"
 
 
 def _stop_all(procs) -> None:

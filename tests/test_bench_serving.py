@@ -387,3 +387,18 @@ def test_clients_start_measuring_together_after_a_warm_up_of_any_length(monkeypa
     for w in workers:
         w.join(5)
 
+
+
+def test_a_server_that_never_says_it_is_up_is_killed_and_reported(tmp_path, monkeypatch):
+    """_spawn_service waited without limit for a server's first line: a server that
+    hangs while starting (a stuck compile, a lock) hung the whole benchmark."""
+    from launch import bench_serving as bs
+
+    monkeypatch.setattr(bs, "_START_TIMEOUT_S", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(bs._StartError) as e:  # silent for 60 s, as a stuck start
+        bs._spawn_service("timeit", ["-n", "1", "-r", "1", "import time; time.sleep(60)"],
+                          "shard 0/1", str(tmp_path))
+    assert time.monotonic() - t0 < 30
+    assert str(e.value).startswith("shard 0/1 did not start within 1 s (killed): ")
+    assert e.value.returncode == -9
