@@ -299,11 +299,17 @@ class EmbeddingServer:
         """Stops accepting requests; in-flight ones get ``grace`` seconds to finish.
 
         Args:
-          grace: seconds; None aborts in-flight requests at once.
+          grace: seconds (`grpc_util.check_seconds`: finite, >= 0, at most a day);
+            None aborts in-flight requests at once.
 
         Returns:
           An event set when the server has fully stopped.
+
+        Raises:
+          ValueError: a bad ``grace``, before anything is stopped.
         """
+        if grace is not None:
+            grpc_util.check_seconds("grace", grace)
         self._stopping.set()
         self._versions.close()
         if self._health is not None:

@@ -764,7 +764,11 @@ class RankerService:
         return port
 
     def stop(self, grace: float | None = 2.0) -> None:
-        """Stops the gRPC server (in-flight requests get ``grace`` s) and the pipeline."""
+        """Stops the gRPC server (in-flight requests get ``grace`` s; None: none) and the
+        pipeline. A bad ``grace`` (`grpc_util.check_seconds`) is a ValueError before
+        anything is stopped."""
+        if grace is not None:
+            grpc_util.check_seconds("grace", grace)
         if self._health is not None:
             self._health.enter_graceful_shutdown()
         if self._rpc is not None:

@@ -1163,6 +1163,21 @@ def test_config_names_the_bad_count(field, bad, message):
         rs.RankerServiceConfig(artifact="unused", **{field: bad})
 
 
+def test_stop_checks_grace_before_stopping_anything(stack):
+    """stop(grace=nan/inf/-1) reached gRPC's stop only after the server had begun to
+    shut down (health NOT_SERVING): refused first, and both keep serving."""
+    hybrid, shard = stack["hybrid"], stack["shards"][0]
+    for bad in (float("inf"), float("nan"), -1.0):
+        for server in (hybrid, shard):
+            with pytest.raises(ValueError, match="grace must be a finite number of seconds >= 0"):
+                server.stop(grace=bad)
+    ch, rank = _call(hybrid.port)  # through the shards
+    ctr, _, version = rank(rs.rank_request(user_row=1, candidates=[2, 3],
+                                           context={"advertiser": 0, "hour": 1}))
+    assert version == hybrid.version and ctr.shape == (2,)
+    ch.close()
+
+
 def test_swap_checks_its_window_before_loading(stack):
     svc = stack["mono"]
     for bad in (float("inf"), float("nan"), -1.0):
