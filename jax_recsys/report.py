@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jax_recsys.quant import rowwise
+
 TASKS = ("ctr", "cvr", "ctcvr")
 # Pretraining metrics shown in the report (the rest stay in each run's metrics.json):
 # ranking metrics at every K the run evaluated (its eval_ks; 10 and 100 by default).
@@ -29,7 +31,7 @@ def _served_width(bits) -> str:
     (bits 4, 8, 32; the export's default, INT4, when the report does not say)."""
     if bits is None:
         return "INT4"
-    return {4: "INT4", 8: "INT8", 32: "float32"}.get(bits, f"{bits}-bit")
+    return rowwise.WIDTH_NAMES.get(bits, f"{bits}-bit")
 
 
 def _num(x) -> float | int | None:

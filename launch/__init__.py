@@ -1,6 +1,6 @@
 """Entry points: ``python -m launch.NAME``. Their shared plumbing is ``launch/common.py``.
 
-`exit_on_interrupt` is here, not there, because the servers call it before their own
+`exit_on_interrupt` (and the constants both use) is here, not there, because the servers call it before their own
 imports and without common's multi-process flags; it uses the standard library only
 (this package is imported first by ``python -m launch.NAME`` anyway).
 """
@@ -11,6 +11,14 @@ import os
 import signal
 import sys
 import traceback
+
+TRACEBACK_ENV = "JAX_RECSYS_TRACEBACK"  # set (not "0"): full tracebacks of errors
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
+
+
+def traceback_env_set() -> bool:
+    """Whether ``TRACEBACK_ENV`` asks for full tracebacks."""
+    return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
 
 
 def exit_on_interrupt(name: str) -> None:
@@ -29,10 +37,10 @@ def exit_on_interrupt(name: str) -> None:
 
     def interrupted(signum, frame) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
-        if os.environ.get("JAX_RECSYS_TRACEBACK", "").strip() not in ("", "0"):
+        if traceback_env_set():
             traceback.print_stack(frame)
         sys.stderr.flush()
         os.write(2, f"{name}: interrupted\n".encode())
-        os._exit(130)  # launch.common.INTERRUPTED_EXIT
+        os._exit(INTERRUPTED_EXIT)
 
     signal.signal(signal.SIGINT, interrupted)

@@ -985,10 +985,7 @@ def _rank_settings() -> _RankSettings:
     """The ``--parts=rank`` flags, checked (ValueError naming the flag)."""
     from serving import client as client_lib
 
-    wires = list(_RANK_WIRES.value)
-    if not wires or set(wires) - set(client_lib.WIRE_FORMATS) or len(set(wires)) < len(wires):
-        raise ValueError(f"--rank_wires={','.join(wires)}: must be distinct values of "
-                         f"{list(client_lib.WIRE_FORMATS)}")
+    wires = _choices(_RANK_WIRES, client_lib.WIRE_FORMATS)
     cache_rows = common.int_list(_RANK_CACHE_ROWS, minimum=0, distinct=True)
     tables = [t.strip() for t in _RANK_CACHE_TABLES.value]
     if set(tables) - set(_RANK_TABLES) or len(set(tables)) < len(tables):
@@ -1199,15 +1196,20 @@ def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
     )
 
 
+def _choices(flag, known) -> list[str]:
+    """A list flag of distinct values out of ``known`` (ValueError naming the flag)."""
+    got = list(flag.value)
+    if not got or set(got) - set(known) or len(set(got)) < len(got):
+        raise ValueError(f"--{flag.name}={','.join(got)}: must be distinct values of "
+                         f"{list(known)}")
+    return got
+
+
 def _transports(flag) -> list[str]:
     """A transports flag, checked against ``serving.client.TRANSPORTS``."""
     from serving import client as client_lib
 
-    got = list(flag.value)
-    if not got or set(got) - set(client_lib.TRANSPORTS) or len(set(got)) < len(got):
-        raise ValueError(f"--{flag.name}={','.join(got)}: must be distinct values of "
-                         f"{list(client_lib.TRANSPORTS)}")
-    return got
+    return _choices(flag, client_lib.TRANSPORTS)
 
 
 def _stats(lat_s: np.ndarray, duration_s: float) -> dict:

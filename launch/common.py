@@ -28,6 +28,12 @@ from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 
+from launch import (  # defined there: the servers use them before importing this module
+    INTERRUPTED_EXIT,
+    TRACEBACK_ENV,  # noqa: F401 (common.TRACEBACK_ENV, as before)
+    traceback_env_set,
+)
+
 if TYPE_CHECKING:
     from jax_recsys import distributed
 
@@ -61,8 +67,6 @@ def setup(workdir: str | None) -> distributed.DistributedConfig:
     return cfg
 
 
-TRACEBACK_ENV = "JAX_RECSYS_TRACEBACK"
-
 # What a user's input (flags, config, paths, data) can cause. ValueError covers
 # DataError, ArtifactError and CodecError; OSError covers FileNotFoundError,
 # FileExistsError, NotADirectoryError, IsADirectoryError and PermissionError.
@@ -70,7 +74,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
 def _want_traceback() -> bool:
-    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+    if traceback_env_set():
         return True
     try:
         return flags.FLAGS["verbosity"].present and flags.FLAGS["verbosity"].value >= 1
@@ -113,8 +117,6 @@ def _fail(line: str):
     print(line, file=sys.stderr)
     sys.exit(1)
 
-
-INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C'd command
 
 # What to tell a user who pressed Ctrl-C in a trainer that may or may not save
 # checkpoints (see `checkpoint_resume_hint`).
@@ -321,7 +323,7 @@ def _held_world(meta: dict, want: dict) -> str | None:
     """None when dataset.json `meta` records the world settings `want`, else what it holds."""
     from jax_recsys.data import world
 
-    got = meta.get("world_config") if meta.get("generator") == "jax_recsys.data.world" else None
+    got = meta.get("world_config") if meta.get("generator") == world.GENERATOR else None
     if not isinstance(got, dict):
         return "a dataset that is not a generated world (its dataset.json has no world_config)"
     if got == want:

@@ -59,20 +59,18 @@ class Stage:
         self.name, self.cmd, self.done_file, self.summarize, self.fn = name, cmd, done_file, summarize, fn
         self.forced_args, self.configs = tuple(forced_args), tuple(configs)
 
-    def key(self, upstream: str = "", wd: pathlib.Path | None = None) -> str:
-        """Hash of the command, the configs it names (resolved) and ``upstream``, with
-        the command's paths as `_portable_arg` writes them (inside workdir ``wd``:
-        relative to it; inside the repository: relative to it) and without the
-        interpreter: a workdir moved or copied, alone or with the checkout, keeps
-        its keys."""
-        return self.keys((upstream, upstream), wd)[0]
-
     def keys(self, upstream: tuple[str, str] = ("", ""),
              wd: pathlib.Path | None = None) -> tuple[str, str]:
-        """This stage's key (see `key`), then its form until 2026-11-27 (the command
-        as given: absolute paths and `sys.executable`), still accepted from a marker
+        """This stage's key, then its form until 2026-11-27, still accepted from a marker
         made then in the same place (and replaced by the key); ``upstream``: the
-        previous stage's pair."""
+        previous stage's pair.
+
+        The key hashes the command, the configs it names (resolved) and the upstream
+        key, with the command's paths as `_portable_arg` writes them (inside workdir
+        ``wd``: relative to it; inside the repository: relative to it) and without the
+        interpreter: a workdir moved or copied, alone or with the checkout, keeps its
+        keys. The old form hashed the command as given (absolute paths and
+        `sys.executable`)."""
         named = [a.split("=", 1)[1] for a in self.cmd or () if a.startswith("--config=")]
         specs = [*named, *self.configs]
         prints = {spec: config_fingerprint(spec) for spec in specs}  # each evaluated once

@@ -289,7 +289,7 @@ def main(argv):
             "launch.serve_ranker", f"--artifact={_ARTIFACT.value}", f"--shards={shards}",
             "--port=0", f"--deadline_s={_DEADLINE.value}",
             f"--max_candidates={_CANDIDATES.value}",
-            f"--max_batch_candidates={_CANDIDATES.value * max(1, _CONCURRENCY.value)}",
+            f"--max_batch_candidates={batch}",
             "--log_every_s=0"],
             logdir / "ranker.log")
         procs.append(rk)

@@ -475,7 +475,7 @@ class _Race:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
                     break
-                self._cond.wait(min(left, streaming.MAX_WAIT_S))
+                self._cond.wait(left)  # at most MAX_DEADLINE_S (lookup_many's budget)
             timed_out = not self._done
             tried = [self._addresses[r] for r in self._order[: self._launched]]
         if timed_out:

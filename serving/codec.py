@@ -48,8 +48,7 @@ def int_array(what: str, values, *, scalar_ok: bool = False) -> np.ndarray:
         arr = arr.reshape(1)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         shape = "an integer or a 1-D integer array" if scalar_ok else "a 1-D integer array"
-        raise ValueError(f"{what} must be {shape}, got {np.asarray(values).dtype} "
-                         f"{np.shape(values)}")
+        raise ValueError(f"{what} must be {shape}, got {arr.dtype} {np.shape(values)}")
     if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{what}: {int(arr.max())} does not fit in int64 (ids and rows "
                          "travel as little-endian int64)")
@@ -58,7 +57,10 @@ def int_array(what: str, values, *, scalar_ok: bool = False) -> np.ndarray:
 
 def row_array(table: str, rows_n) -> np.ndarray:
     """``rows_n`` as an array, checked to be 1-D integers (ValueError naming ``table``)."""
-    return int_array(f"table {table!r}: rows", rows_n)
+    arr = np.asarray(rows_n)
+    if arr.ndim == 1 and arr.dtype.kind == "i":  # the lookup path: nothing else to check
+        return arr
+    return int_array(f"table {table!r}: rows", arr)
 
 
 def encode_ids(rows_n: np.ndarray) -> bytes:

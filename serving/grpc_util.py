@@ -61,8 +61,10 @@ def check_seconds(name: str, value, *, positive: bool = False) -> None:
     and nan never ends a wait (``queue.get(timeout=nan)`` spins). A bool is no
     duration (True would be 1 s).
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
-        0 < value <= MAX_SECONDS if positive else 0 <= value <= MAX_SECONDS)
+    # type() first: a float or int (not bool) skips the slower ABC check (the lookup path).
+    real = type(value) in (float, int) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool))
+    ok = real and (0 < value <= MAX_SECONDS if positive else 0 <= value <= MAX_SECONDS)
     if not ok:
         raise ValueError(f"{name} must be a finite number of seconds {'>' if positive else '>='} "
                          f"0 and at most {MAX_SECONDS:g} (1 day), got {value!r}")

@@ -142,7 +142,8 @@ class DeadlineWatchdog:
           ValueError: ``deadline`` is not a number, or NaN (it would be due never and
             always); nothing is armed then.
         """
-        if not isinstance(deadline, numbers.Real) or deadline != deadline:  # NaN
+        if not (type(deadline) is float or isinstance(deadline, numbers.Real)) or (
+                deadline != deadline):  # not a number, or NaN (type() first: every send)
             raise ValueError(f"deadline must be a time.monotonic() time, got {deadline!r}")
         with self._cond:
             if deadline == math.inf:

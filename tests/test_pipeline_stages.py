@@ -63,8 +63,8 @@ def test_keys_follow_config_content_and_upstream_stages(tmp_path):
     res = rp.run_stages(stages(), wd, set(), 60)
     assert [r["skipped"] for r in res] == [False, False, False]
     # The same command with another config argument is another key, too.
-    assert _stage(tmp_path, "a", config=f"{cfg}:smoke").key() != \
-        _stage(tmp_path, "a", config=f"{cfg}").key()
+    assert _stage(tmp_path, "a", config=f"{cfg}:smoke").keys()[0] != \
+        _stage(tmp_path, "a", config=f"{cfg}").keys()[0]
     # Forcing a middle stage reruns it and what follows, not what precedes; its
     # forced_args reach the command but not the key.
     stages2 = [_stage(tmp_path, "a", config=f"{cfg}:smoke"),

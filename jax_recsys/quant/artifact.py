@@ -257,11 +257,6 @@ def _expected_arrays(name: str, entry: dict) -> dict[str, tuple[tuple, np.dtype]
 # ----------------------------------------------------------------------------- write
 
 
-def _list_entries(path: pathlib.Path, limit: int = 6) -> str:
-    """The first `limit` names in folder `path` (folders with a trailing '/'), sorted."""
-    return fsutil.list_names(fsutil.folder_names(path), limit)
-
-
 def check_not_symlink(out_dir: str | os.PathLike) -> None:
     """Refuses an artifact folder that is a symlink (to anything, or dangling).
 
@@ -315,11 +310,11 @@ def check_replaceable(out_dir: str | os.PathLike, *, swap: bool = True) -> Manif
         return None
     if not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a folder; an artifact is a folder")
-    if not any(out.iterdir()):
+    names = fsutil.folder_names(out)  # one listing for the checks and the messages
+    if not names:
         return None
-    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
-                    if p.name not in _ARTIFACT_ENTRIES
-                    and not p.name.startswith(f".{MANIFEST}.tmp-"))
+    others = sorted(n for n in names if n.rstrip("/") not in _ARTIFACT_ENTRIES
+                    and not n.startswith(f".{MANIFEST}.tmp-"))
     try:
         manifest = _read_manifest(out)
     except ArtifactError as e:
@@ -328,7 +323,7 @@ def check_replaceable(out_dir: str | os.PathLike, *, swap: bool = True) -> Manif
         why = "no manifest.json" if not (out / MANIFEST).exists() else str(e)
         raise ArtifactError(
             f"{out} is not a serving artifact ({why}) and not empty: it holds "
-            f"{_list_entries(out)}; refusing to replace it (overwrite replaces only an "
+            f"{fsutil.list_names(names)}; refusing to replace it (overwrite replaces only an "
             "earlier artifact or an empty folder): choose another artifact folder"
         ) from None
     if others and swap:  # replacing the folder would delete them

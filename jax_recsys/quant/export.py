@@ -232,8 +232,7 @@ def int4_transform(
     }
 
 
-# bits -> (row id suffix, the width as labels say it)
-_SERVED_WIDTH = {4: ("int4", "INT4"), 8: ("int8", "INT8"), 32: ("fp32", "float32")}
+_ROW_SUFFIX = {4: "int4", 8: "int8", 32: "fp32"}  # bits -> the served row's id suffix
 
 
 def served_width(bits: int) -> str:
@@ -242,9 +241,9 @@ def served_width(bits: int) -> str:
     Raises:
       ValueError: `bits` is not 4, 8 or 32.
     """
-    if bits not in _SERVED_WIDTH:
-        raise ValueError(f"bits must be one of {sorted(_SERVED_WIDTH)}, got {bits!r}")
-    return _SERVED_WIDTH[bits][1]
+    if bits not in rowwise.WIDTH_NAMES:
+        raise ValueError(f"bits must be one of {sorted(rowwise.WIDTH_NAMES)}, got {bits!r}")
+    return rowwise.WIDTH_NAMES[bits]
 
 
 def int4_row_name(source_variant: str, bits: int = 4) -> tuple[str, str]:
@@ -263,7 +262,7 @@ def int4_row_name(source_variant: str, bits: int = 4) -> tuple[str, str]:
       ValueError: `bits` is not 4, 8 or 32.
     """
     width = served_width(bits)
-    suffix = _SERVED_WIDTH[bits][0]
+    suffix = _ROW_SUFFIX[bits]
     if source_variant == "cl_kg":
         return f"cl_kg_{suffix}", INT4_LABEL.replace("INT4", width)
     return f"{source_variant}_{suffix}", f"{source_variant}, {width} served"

@@ -35,6 +35,7 @@ import pathlib
 import numpy as np
 
 SUPPORTED_BITS = (4, 8, 32)
+WIDTH_NAMES = {4: "INT4", 8: "INT8", 32: "float32"}  # how labels name rows of these bits
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
