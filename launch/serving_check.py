@@ -6,7 +6,9 @@ r"""Live hybrid serving check: shard servers + ranker service on loopback, real 
 Starts `--num_shards` `launch.serve_embeddings` processes and one
 `launch.serve_ranker` process over them (ports picked at run time), builds
 held-out requests from the dataset's test window (one user, their test-window
-impressions plus other test-window candidates up to `--candidates`), sends them
+impressions plus other test-window candidates up to `--candidates`; the impressions
+table and label columns the ranker was trained with, as `launch.export_int4` finds
+them next to the ranker), sends them
 one at a time through real gRPC, and checks that the served pCTR/pCVR equal the
 offline scores of the same INT4 tables (the artifact's tables dequantized in this
 process and scored with the ranker's pure score function, `ranking.train.predict`).
@@ -19,8 +21,8 @@ Exit status 1 (and `"ok": false` in the JSON) when any request fails or a served
 score differs from the offline score by more than `--tolerance`. The shards are
 started with a `--max_ids_per_request` large enough for one batch of the ranker
 (`--candidates` × `--concurrency` × (2 + the artifact's tables), at least the default), so
-any `--candidates` can be checked. A server that exits before it serves ends the check with one `serving_check: error: ...` line that repeats the
-server's own error line; its log is in `serving_logs/` beside `--out`.
+any `--candidates` can be checked. A server that exits before it serves ends the
+check with one `serving_check: error: ...` line that repeats the server's own error line; its log is in `serving_logs/` beside `--out`.
 
 Dimension legend: C candidates of a request, N test impressions.
 """
@@ -220,10 +222,11 @@ def check_pair(art, ranker) -> None:
                          "export it from this one: launch.export_int4)")
 
 
-def held_out(data: str, window: str) -> dict[str, np.ndarray]:
-    """The impressions of day window ``window`` of dataset folder ``data``, raw columns.
+def held_out(data: str, window: str, *, table: str = "impressions",
+             labels: tuple[str, ...] = ("click", "conversion")) -> dict[str, np.ndarray]:
+    """The rows of ``table`` in day window ``window`` of dataset folder ``data``, raw columns.
 
-    An empty click or conversion cell of a text table (a label not known yet, which the
+    An empty cell of a ``labels`` column of a text table (a label not known yet, which the
     ranker's training reads as NaN outside its windows) reads as NaN here too: the
     labels are not used.
     """
@@ -231,8 +234,18 @@ def held_out(data: str, window: str) -> dict[str, np.ndarray]:
 
     folder = folder_lib.DatasetFolder(data)
     start, end = folder.day_window(window)
-    cols = folder.table("impressions", kinds=dict.fromkeys(("click", "conversion"), "label"))
+    cols = folder.table(table, kinds=dict.fromkeys(labels, "label"))
     return folder_lib.select_days(cols, start, end)
+
+
+def ranker_held_out(ranker_dir: str, ranker, data: str, window: str) -> dict[str, np.ndarray]:
+    """`held_out` from the table and label columns the ranker was trained with, as
+    recorded next to it (`export.resolve_data_config`; the defaults when nothing is)."""
+    from jax_recsys.quant import export
+
+    dcfg = export.resolve_data_config(ranker_dir, ranker, data_path=data)
+    return held_out(data, window, table=dcfg.table,
+                    labels=(dcfg.click_column, dcfg.conversion_column))
 
 
 def main(argv):
@@ -253,7 +266,8 @@ def main(argv):
     logdir.mkdir(exist_ok=True)
 
     # Held-out requests and their offline INT4 scores.
-    columns = train_lib.raw_to_rows(ranker, held_out(_DATA.value, _WINDOW.value))
+    columns = train_lib.raw_to_rows(
+        ranker, ranker_held_out(_RANKER.value, ranker, _DATA.value, _WINDOW.value))
     reqs = build_requests(ranker, columns, num_requests=_NUM_REQUESTS.value,
                           candidates=_CANDIDATES.value, seed=_SEED.value)
     deq = {e: art.lookup(e, np.arange(art.tables[e].codes.shape[0])) for e, _ in ranker.config.entity_dims}

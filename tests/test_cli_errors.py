@@ -253,6 +253,35 @@ def test_serving_check_reads_empty_label_cells(tmp_path):
     assert cols["conversion"] == [None, None]
 
 
+def test_serving_check_reads_the_table_and_labels_the_ranker_trained_on(tmp_path):
+    """It read the "impressions" table with "click"/"conversion" labels whatever the
+    ranker was trained on: a ranker trained on another table (``data.table``) failed
+    with "no table", and one with other label names had its empty label cells read as
+    ids, which refused the data the ranker trained on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({
+        "format_version": 1, "tables": {"events": {"path": "events.csv"}},
+        "splits": {"ranker_test": [1, 3]}}))
+    (data / "events.csv").write_text(
+        "day,user_id,pin_id,clk,cv\n0,1,2,1,0\n1,1,3,,\n2,4,5,0,\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"data": {
+        "path": str(data), "table": "events", "click_column": "clk", "conversion_column": "cv",
+        "test_window": "ranker_test"}}}))
+    code = ("import json, sys, types\n"
+            "from launch import serving_check\n"
+            "ranker = types.SimpleNamespace(config=types.SimpleNamespace(coarse_vocab_sizes=()))\n"
+            "cols = serving_check.ranker_held_out(sys.argv[1], ranker, sys.argv[2], 'ranker_test')\n"
+            "print(json.dumps({k: [None if v != v else v for v in c.tolist()]\n"
+            "                  for k, c in cols.items()}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ranker"), str(data)],
+                          cwd=mp_util.REPO, env=mp_util.child_env(1), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cols = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert cols["pin_id"] == [3, 5] and cols["clk"] == [None, 0] and cols["cv"] == [None, None]
+
+
 def test_bench_serving_validates_flags_before_any_work(tmp_path):
     wd = tmp_path / "bench"
     proc = _run("bench_serving", ["--shards=0", f"--workdir={wd}"])
