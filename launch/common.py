@@ -337,6 +337,27 @@ def _held_world(meta: dict, want: dict) -> str | None:
             f"{', '.join(diff[:3])}{more} differ)")
 
 
+def dataset_path(cfg, workdir: str | os.PathLike, *, key: str = "data") -> str:
+    """A trainer config's dataset folder: cfg.data.path, or the world of
+    cfg.data.world_config in WORKDIR/world when the path is empty (`generated_world`).
+
+    Args:
+      cfg: a config with ``data.path`` and ``data.world_config``.
+      workdir: the run's folder.
+      key: where the data settings sit in the config, for messages.
+
+    Raises:
+      ValueError: both are empty (a config whose data has no generated world, such
+        as KG triples, needs a path), or as `generated_world`.
+    """
+    if cfg.data.path:
+        return cfg.data.path
+    if not cfg.data.world_config:
+        raise ValueError(f"set --config.{key}.path: this config has no generated world "
+                         f"({key}.world_config is empty)")
+    return generated_world(cfg.data.world_config, workdir, key=key)
+
+
 def generated_world(scale: str, workdir: str | os.PathLike, *, key: str = "data") -> str:
     """WORKDIR/world: the synthetic world of `scale`, written there when it is not yet.
 

@@ -50,7 +50,7 @@ def main(argv):
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     d, m, t = cfg.data, cfg.model, cfg.train
     data = contrastive_data.ContrastiveDataConfig(
-        path=d.path or common.generated_world(d.world_config, workdir), table=d.table, user_column=d.user_column,
+        path=common.dataset_path(cfg, workdir), table=d.table, user_column=d.user_column,
         item_column=d.item_column, day_column=d.day_column,
         timestamp_column=d.timestamp_column, type_column=d.type_column,
         type_weights=tuple(d.type_weights), window=_unset(d.window),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from launch import common
@@ -29,14 +29,6 @@ def _unset(v):
     return None if v in (-1, -1.0, "") else v
 
 
-def _dataset_path(cfg, workdir: pathlib.Path) -> str:
-    if cfg.data.path:
-        return cfg.data.path
-    if not cfg.data.world_config:
-        raise app.UsageError("set --config.data.path to a triple folder")
-    return common.generated_world(cfg.data.world_config, workdir)
-
-
 def main(argv):
     del argv
     common.setup(_WORKDIR.value)
@@ -45,7 +37,7 @@ def main(argv):
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     m, t, e = cfg.model, cfg.train, cfg.eval
     metrics = kg_train.train_and_evaluate(
-        data=kg_train.KGDataConfig(path=_dataset_path(cfg, workdir), unseen=cfg.data.unseen),
+        data=kg_train.KGDataConfig(path=common.dataset_path(cfg, workdir), unseen=cfg.data.unseen),
         model=kg_train.KGModelConfig(model=m.model, dim=m.dim, gamma=m.gamma,
                                      rel_dim=_unset(m.rel_dim), init_scale=_unset(m.init_scale)),
         train_config=kg_train.KGTrainConfig(

@@ -172,7 +172,7 @@ def main(argv):
 
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    data_path = train_ranker.dataset_path(cfg.ranker, workdir, key="ranker.data")
+    data_path = common.dataset_path(cfg.ranker, workdir, key="ranker.data")
     base = train_ranker.train_config(cfg.ranker, data_path=data_path, pretrained=())
     p = cfg.pretrain
 

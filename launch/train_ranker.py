@@ -45,15 +45,6 @@ def _names(s) -> tuple[str, ...]:
     return tuple(x.strip() for x in str(s).split(",") if x.strip())
 
 
-def dataset_path(cfg, workdir: pathlib.Path, *, key: str = "data") -> str:
-    """cfg.data.path, or the world of cfg.data.world_config in WORKDIR/world when it is
-    empty (written there if absent; another world there is refused with a ValueError:
-    see `common.generated_world`). `key` names cfg's data settings in messages."""
-    if cfg.data.path:
-        return cfg.data.path
-    return common.generated_world(cfg.data.world_config, workdir, key=key)
-
-
 def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None, seed=None):
     """Turns the ranker ConfigDict into a `jax_recsys.ranking.train.TrainConfig`.
 
@@ -123,7 +114,7 @@ def main(argv):
         raise app.UsageError(f"facets {missing} need --config.facet_paths.<name>=DIR")
     facets = {k: checkpoint.load_facet(v, expected=k)
               for k, v in paths.items() if k in _names(cfg.facets)}
-    tc = train_config(cfg, data_path=dataset_path(cfg, workdir), facets=facets)
+    tc = train_config(cfg, data_path=common.dataset_path(cfg, workdir), facets=facets)
     metrics = train.train_and_evaluate(
         tc, None, facets=facets, log=logging.info, checkpoint_dir=workdir / "checkpoints"
     )

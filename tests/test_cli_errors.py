@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import mp_util
 import pytest
 
@@ -486,6 +487,21 @@ def test_an_empty_data_path_refuses_another_world_in_the_workdir(tmp_path, modul
     _assert_one_line(proc, f"{module}: error:", str(wd / "world"), "'smoke' world",
                      "'default'", "--config.data.path")
     assert not (wd / "metrics.json").exists()
+
+
+def test_a_config_without_data_path_or_world_is_one_line(tmp_path):
+    """The KG triples config has no generated world: an empty data.path used to end
+    in absl's usage text (app.UsageError) rather than one error line."""
+    proc = _run("pretrain_kg", ["--config=configs/kg_triples.py", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, "pretrain_kg: error:", "set --config.data.path",
+                     "data.world_config is empty")
+    from launch import common
+
+    cfg = ml_collections.ConfigDict({"data": {"path": "", "world_config": ""}})
+    with pytest.raises(ValueError, match=r"set --config.ranker.data.path.*ranker.data.world_config"):
+        common.dataset_path(cfg, tmp_path, key="ranker.data")
+    cfg.data.path = "/some/folder"
+    assert common.dataset_path(cfg, tmp_path) == "/some/folder"
 
 
 def test_generated_world_reuses_only_the_same_world(tmp_path):
