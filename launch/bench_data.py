@@ -86,6 +86,27 @@ def _generate(scale: str, days: int, out: pathlib.Path) -> dict:
     return {"summary": summary, "peak_rss_mb": rusage.ru_maxrss / 1024.0, "wall": wall}
 
 
+_IDS = ("user_id", "item_id", "advertiser_id", "pin_category", "hour", "device", "country",
+        "position")
+_LABELS = ("click", "conversion")
+
+
+def _iterator_columns(path: pathlib.Path, batch_size: int) -> dict:
+    """The iterator bench's columns: the ranker-train impressions of dataset folder
+    ``path`` (all of them when those make fewer than 4 batches), without ``day``. An
+    empty label cell of a text table is a label not known yet (NaN), as the ranker's
+    training reads it (folder kinds "label")."""
+    from jax_recsys.data import folder
+
+    ds = folder.DatasetFolder(path)
+    table = ds.table("impressions", [*_IDS, *_LABELS, "day"],
+                     kinds=dict.fromkeys(_LABELS, "label"))
+    cols = folder.select_days(table, *ds.day_window("ranker_train"))
+    if len(cols["day"]) < 4 * batch_size:  # tiny worlds: all impressions
+        cols = table
+    return {k: v for k, v in cols.items() if k != "day"}
+
+
 def _bench_iterator(path: pathlib.Path, scale: str) -> None:
     try:
         from jax_recsys.data.batching import BatchIterator
@@ -97,31 +118,13 @@ def _bench_iterator(path: pathlib.Path, scale: str) -> None:
             }
         )
         return
-    from jax_recsys.data import folder
-
-    ds = folder.DatasetFolder(path)
-    ids = [
-        "user_id",
-        "item_id",
-        "advertiser_id",
-        "pin_category",
-        "hour",
-        "device",
-        "country",
-        "position",
-    ]
-    labels = ["click", "conversion"]
-    table = ds.table("impressions", ids + labels + ["day"])
-    cols = folder.select_days(table, *ds.day_window("ranker_train"))
-    if len(cols["day"]) < 4 * _BATCH.value:  # tiny worlds: all impressions
-        cols = table
-    cols = {k: v for k, v in cols.items() if k != "day"}
+    cols = _iterator_columns(path, _BATCH.value)
     n = len(cols["user_id"])
     it = BatchIterator(
         cols,
         batch_size=_BATCH.value,
-        id_features=ids,
-        label_features=labels,
+        id_features=_IDS,
+        label_features=_LABELS,
         shuffle=True,
         seed=0,
         drop_remainder=True,
@@ -141,8 +144,8 @@ def _bench_iterator(path: pathlib.Path, scale: str) -> None:
             "world": scale,
             "rows": n,
             "batch_size": _BATCH.value,
-            "id_features": len(ids),
-            "label_features": len(labels),
+            "id_features": len(_IDS),
+            "label_features": len(_LABELS),
             "batches": _BATCHES.value,
             "examples_per_second": round(eps),
             "target_examples_per_second": _TARGET_EXAMPLES,

@@ -113,3 +113,32 @@ def test_bench_scorer_on_an_artifact_ranker_without_coarse_features(tmp_path):
     (x,) = mp_util.json_lines("launch.bench_scorer", args)
     # No coarse ids: the service's scorer gets an int32 [P, 0] array and scores as unpacked.
     assert x["padded"] == 64 and x["unpacked_max_rel_diff"] <= 1e-6
+
+
+def test_bench_data_iterator_reads_empty_label_cells_as_nan(tmp_path):
+    """The iterator bench reads the impressions table as the ranker's training does: an
+    empty click/conversion cell of a text table is a label not known yet (NaN), not an
+    error. In a child: importing launch.bench_data here would define its flags beside
+    other benches' (--workdir)."""
+    import json
+    import subprocess
+    import sys
+
+    ids = "user_id,item_id,advertiser_id,pin_category,hour,device,country,position"
+    (tmp_path / "impressions.csv").write_text(
+        f"{ids},click,conversion,day\n"
+        "1,10,5,0,1,0,0,0,1,0,0\n2,11,5,1,2,1,0,1,,,0\n3,12,6,2,3,0,1,2,0,,1\n")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "format_version": 1, "name": "csv", "tables": {"impressions": {"path": "impressions.csv"}},
+        "splits": {"ranker_train": [0, 1]}}))
+    code = ("import json, sys\nfrom launch import bench_data\n"
+            "cols = bench_data._iterator_columns(sys.argv[1], 1)\n"
+            "print(json.dumps({k: [None if x != x else x for x in v.tolist()] "
+            "for k, v in cols.items()}))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=mp_util.REPO,
+                         env=mp_util.child_env(1), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cols = json.loads(out.stdout.splitlines()[-1])
+    # Fewer than 4 batches of 1 in ranker_train: every row, day dropped.
+    assert cols["click"] == [1.0, None, 0.0] and cols["conversion"] == [0.0, None, None]
+    assert cols["user_id"] == [1, 2, 3] and "day" not in cols

@@ -135,3 +135,24 @@ def test_edited_npy_column_changes_config_name(world, tmp_path):
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     again = tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "t").info.config_name
     assert again != name
+
+
+def test_empty_label_cells_are_nan_as_in_the_folder_reader(tmp_path):
+    """An empty click/conversion cell of a text impressions table is a label not known
+    yet (folder kinds "label"): NaN, as the ranker's training reads it, not an error."""
+    src = tmp_path / "csvds"
+    src.mkdir()
+    (src / "impressions.csv").write_text(
+        "user_id,item_id,click,conversion,day\n1,10,1,0,0\n2,11,,,0\n3,12,0, ,0\n")
+    b = tfds_builders.AdsImpressions(source_dir=src, data_dir=tmp_path / "tfds",
+                                     windows={"train": (0, 1)})
+    b.download_and_prepare()
+    cols = tfds_builders.read_columns(b.as_data_source("train"))
+    np.testing.assert_array_equal(cols["click"], np.array([1, np.nan, 0], np.float32))
+    np.testing.assert_array_equal(cols["conversion"], np.array([0, np.nan, np.nan], np.float32))
+    np.testing.assert_array_equal(cols["item_id"], [10, 11, 12])
+    # Only the labels: an empty cell of another numeric column is still an error.
+    (src / "engagements.csv").write_text(
+        "user_id,item_id,engagement_type,day\n1,10,,0\n")
+    with pytest.raises(folder.DataError, match=r"engagements.csv:2, column 'engagement_type'"):
+        tfds_builders.Engagements(source_dir=src, data_dir=tmp_path / "tfds", window=(0, 1))

@@ -7,6 +7,8 @@ Two ``tfds.core.GeneratorBasedBuilder`` subclasses turn tables of a dataset fold
   ``valid`` / ``test`` by the day windows of ``dataset.json`` (``ranker_train``,
   ``ranker_valid``, ``ranker_test``), every column a scalar feature (user_id,
   item_id, advertiser_id, day, timestamp, click, conversion and the coarse features).
+  An empty click/conversion cell of a text table is a label not known yet: NaN (the
+  column is then float32), as the ranker's training reads it.
 * :class:`Engagements` -- user-pin pretraining pairs: the ``engagements`` table in one
   day window (default ``fresh_pretrain``); ``train`` is the window, and with
   ``holdout_days > 0`` its last days form a ``valid`` split.
@@ -102,6 +104,9 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     TABLE = ""
     REQUIRED: tuple[str, ...] = ()
+    # Label columns: an empty cell of a text table is a label not known yet (NaN), as
+    # the trainer reads it (folder kinds "label").
+    LABELS: tuple[str, ...] = ()
 
     def __init__(self, *, source_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
                  options: Mapping, config_name: str | None = None):
@@ -125,7 +130,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise NotImplementedError
 
     def _columns(self) -> dict[str, np.ndarray]:
-        cols = self._folder.table(self.TABLE)
+        cols = self._folder.table(self.TABLE, kinds=dict.fromkeys(self.LABELS, "label"))
         missing = [c for c in self.REQUIRED if c not in cols]
         if missing:
             raise DataError(f"table {self.TABLE!r} lacks required columns {missing} "
@@ -177,6 +182,7 @@ class AdsImpressions(_FolderBuilder):
 
     TABLE = "impressions"
     REQUIRED = ("user_id", "item_id", "click", "conversion")
+    LABELS = ("click", "conversion")
 
     def __init__(self, *, source_dir: str | os.PathLike, data_dir=None,
                  windows: Mapping[str, str | Sequence[int]] | None = None,
