@@ -419,6 +419,23 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     assert list(ds.table("y")) == ["user_id", "click"]
 
 
+def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    # Latin-1 "café" on line 4 (after 3000 lines in the big file: another read chunk).
+    for name, head in (("x.csv", b"user_id,name\n1,a\n2,b\n"),
+                       ("y.tsv", b"user_id\tname\n" + b"".join(b"%d\ta\n" % i for i in range(3000)))):
+        p = tmp_path / name
+        p.write_bytes(head + b"3,caf\xe9\n")
+        e = _err(lambda p=p: folder.read_text_table(p))
+        assert (e.file, e.line) == (str(p), head.count(b"\n") + 1), str(e)
+        assert "not UTF-8 text: invalid continuation byte" in str(e)
+    p = tmp_path / "h.csv"
+    p.write_bytes(b"user_id,n\xe9\n1,2\n")
+    assert _err(lambda: folder.read_text_table(p)).line == 1
+    (tmp_path / "dataset.json").write_bytes(b'{"format_version": 1,\n "name": "caf\xe9"}')
+    e = _err(lambda: DatasetFolder(tmp_path))
+    assert (e.file, e.line) == (str(tmp_path / "dataset.json"), 2) and "not UTF-8" in str(e)
+
+
 def test_folder_error_names_the_line_or_the_npy_row(tmp_path):
     p = _write(tmp_path / "x.csv", "user_id,click\n1,0\n\n2,1\n3,0\n")  # a blank line 3
     ds = DatasetFolder(tmp_path)

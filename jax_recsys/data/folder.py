@@ -26,8 +26,9 @@ are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
 int64, other numbers -> float64, anything else -> ``np.str_`` ids; ``*_id``
 columns are int64 only if every spelling is canonical, else ``np.str_``; an
 empty cell is an error unless the reader is told the column holds labels, where it
-is a label not known yet: NaN). Text files may start with a UTF-8 byte-order mark (it is not part of the first
-column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D in ``.npy``
+is a label not known yet: NaN). Text files are UTF-8 (anything else is a DataError naming
+the line of the first byte that is not) and may start with a byte-order mark (it is
+not part of the first column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D in ``.npy``
 tables (other columns may have trailing dimensions: e.g. a list of ids per row; a
 consumer checks the columns it uses); ``timestamp`` and ``day``
 values must be finite and within int64 range (a NaN day would fall outside every
@@ -337,6 +338,21 @@ def _first_bad_time(values: np.ndarray) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+def _not_utf8(path: str | os.PathLike) -> DataError:
+    """A DataError naming the file and line of the first byte of ``path`` that is not
+    UTF-8 (found again on the raw bytes: a text reader's error does not say where)."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        data.decode("utf-8")  # a byte-order mark is valid UTF-8: offsets stay exact
+    except UnicodeDecodeError as e:
+        return DataError(
+            f"not UTF-8 text: {e.reason} (byte {e.start})",
+            file=path,
+            line=data.count(b"\n", 0, e.start) + 1,
+        )
+    return DataError("not UTF-8 text", file=path)
+
+
 def _time_message(column: str, value) -> str:
     return (
         f"{column} {value!r} is not a finite number within int64 range (rows with such "
@@ -495,6 +511,8 @@ def _read_text_table(
             raise DataError("empty file: no header row", file=file, line=1) from None
         except csv.Error as e:
             raise DataError(f"unreadable header: {e}", file=file, line=1) from None
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
         if reader.line_num > 1:
             raise DataError(
                 f"header spans lines 1-{reader.line_num} (a quoted field holds a line "
@@ -530,6 +548,8 @@ def _read_text_table(
                 break
             except csv.Error as e:
                 raise DataError(f"unreadable line: {e}", file=file, line=start_line) from None
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
             line_no = reader.line_num
             if not row:  # blank line
                 continue
@@ -765,6 +785,8 @@ class DatasetFolder:
                 meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg}", file=meta_path, line=e.lineno) from None
+            except UnicodeDecodeError:
+                raise _not_utf8(meta_path) from None
             if not isinstance(meta, dict):
                 raise DataError("expected a JSON object", file=meta_path)
             if meta.get("format_version") != FORMAT_VERSION:
