@@ -193,6 +193,10 @@ def test_bad_dataset_json(tmp_path):
         ({"format_version": 1, "tables": ["imp"]}, "'tables' must map"),
         ({"format_version": 1, "splits": {"ranker_train": [21]}}, "'splits' must map"),
         ({"format_version": 1, "splits": {"w": [5, 2]}}, "start <= end"),
+        ({"format_version": 1, "tables": {"imp": {"path": None}}},
+         "table 'imp' 'path' must be a string, got None"),
+        ({"format_version": 1, "tables": {"imp": {"path": 3}}}, "'path' must be a string"),
+        ({"format_version": 1, "kg": 5}, "'kg' must be a folder name or null, got 5"),
     ):
         (tmp_path / "dataset.json").write_text(json.dumps(meta))
         e = _err(lambda: DatasetFolder(tmp_path))

@@ -799,6 +799,11 @@ class DatasetFolder:
             for name, t in tables.items():
                 if "path" not in t:
                     raise DataError(f"table {name!r} has no 'path'", file=meta_path)
+                if not isinstance(t["path"], str):
+                    raise DataError(
+                        f"table {name!r} 'path' must be a string, got {t['path']!r}",
+                        file=meta_path,
+                    )
                 if not (self.path / t["path"]).exists():
                     raise DataError(
                         f"table {name!r} path {t['path']!r} does not exist", file=meta_path
@@ -817,6 +822,10 @@ class DatasetFolder:
                     file=meta_path,
                 )
             meta.setdefault("kg", None)
+            if not (meta["kg"] is None or isinstance(meta["kg"], str)):
+                raise DataError(
+                    f"'kg' must be a folder name or null, got {meta['kg']!r}", file=meta_path
+                )
             meta.setdefault("num_days", None)
             self.meta = meta
         else:
