@@ -381,6 +381,28 @@ def test_an_npy_time_that_is_not_finite_names_the_row(tmp_path):
     assert e.column == "timestamp" and "row 2" in str(e)
     e = _err(lambda: folder.select_days({"day": np.array([0.0, np.inf])}, 0, 2))
     assert e.column == "day" and "row 1" in str(e)
+    # uint64 beyond int64 (a -1 written unsigned) fell outside every window: dropped.
+    day = np.array([1, 2**64 - 1, 0], np.uint64)
+    folder.write_table(tmp_path, "u", {"user_id": np.arange(3), "day": day})
+    e = _err(lambda: DatasetFolder(tmp_path).table("u"))
+    assert e.column == "day" and "row 1: day 18446744073709551615 is not" in str(e)
+    e = _err(lambda: folder.select_days({"day": day}, 0, 5))
+    assert e.column == "day" and "row 1" in str(e)
+    np.testing.assert_array_equal(folder.select_days({"day": day[[0, 2]]}, 1, 5)["day"], [1])
+
+
+def test_npy_labels_and_times_must_be_numbers(tmp_path):
+    # A CSV refuses text in these columns; an npy table did not (a string day was
+    # NumPy's UFuncTypeError in select_days, a string click passed).
+    for c in ("day", "click", "timestamp"):
+        folder.write_table(tmp_path, c, {"user_id": np.arange(2), c: np.array(["1", "2"])})
+        e = _err(lambda c=c: DatasetFolder(tmp_path).table(c))
+        assert (e.file, e.column) == (str(tmp_path / c / f"{c}.npy"), c)
+        assert "column must hold numbers, got dtype <U1" in str(e)
+    e = _err(lambda: folder.select_days({"day": np.array(["1", "2"])}, 0, 5))
+    assert e.column == "day" and "must hold numbers" in str(e)
+    folder.write_table(tmp_path, "b", {"click": np.array([True, False]), "day": np.arange(2)})
+    assert DatasetFolder(tmp_path).table("b")["click"].tolist() == [True, False]
 
 
 def test_malformed_npy_columns(tmp_path):

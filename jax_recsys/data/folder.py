@@ -28,7 +28,7 @@ columns are int64 only if every spelling is canonical, else ``np.str_``; an
 empty cell is an error unless the reader is told the column holds labels, where it
 is a label not known yet: NaN). Text files are UTF-8 (anything else is a DataError naming
 the line of the first byte that is not) and may start with a byte-order mark (it is
-not part of the first column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D in ``.npy``
+not part of the first column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D numbers in ``.npy``
 tables (other columns may have trailing dimensions: e.g. a list of ids per row; a
 consumer checks the columns it uses); ``timestamp`` and ``day``
 values must be finite and within int64 range (a NaN day would fall outside every
@@ -332,9 +332,12 @@ def write_dataset_json(
 def _first_bad_time(values: np.ndarray) -> int | None:
     """Index of the first time value that is not finite or beyond int64, or None."""
     values = np.asarray(values)
-    if values.dtype.kind != "f":
-        return None  # integers are finite and in range by construction
-    bad = ~(np.isfinite(values) & (values >= -_INT64_BOUND) & (values < _INT64_BOUND))
+    if values.dtype.kind == "u":  # uint64 beyond int64 (a -1 written unsigned)
+        bad = values > np.iinfo(np.int64).max
+    elif values.dtype.kind != "f":
+        return None  # other integers are finite and in range by construction
+    else:
+        bad = ~(np.isfinite(values) & (values >= -_INT64_BOUND) & (values < _INT64_BOUND))
     return int(np.argmax(bad)) if bad.any() else None
 
 
@@ -627,7 +630,8 @@ def read_npy_table(
 
     Raises:
       DataError: naming the file and column for an unreadable, empty or truncated
-        ``.npy`` file, a scalar, a :data:`NUMERIC_COLUMNS` column that is not 1-D, a ``timestamp``/``day`` value that is not finite or beyond int64
+        ``.npy`` file, a scalar, a :data:`NUMERIC_COLUMNS` column that is not 1-D or not
+        numbers (bool, int, float), a ``timestamp``/``day`` value that is not finite or beyond int64
         (the row is named), or columns of different lengths.
     """
     path = pathlib.Path(path)
@@ -657,10 +661,12 @@ def read_npy_table(
                 file=f,
                 column=c,
             )
+        if c in NUMERIC_COLUMNS and arr.dtype.kind not in "biuf":
+            raise DataError(f"column must hold numbers, got dtype {arr.dtype}", file=f, column=c)
         if c in TIME_COLUMNS:
             i = _first_bad_time(arr)
             if i is not None:
-                raise DataError(f"row {i}: {_time_message(c, float(arr[i]))}", file=f, column=c)
+                raise DataError(f"row {i}: {_time_message(c, arr[i].item())}", file=f, column=c)
         if rows is None:
             rows = arr.shape[0]
         elif arr.shape[0] != rows:
@@ -741,10 +747,12 @@ def select_days(
             f"no {day_column!r} or 'timestamp' column to select days by", column=day_column
         )
     times = np.asarray(cols[time_column])
+    if times.dtype.kind not in "biuf":
+        raise DataError(f"column must hold numbers, got dtype {times.dtype}", column=time_column)
     i = _first_bad_time(times)
     if i is not None:
         raise DataError(
-            f"row {i}: {_time_message(time_column, float(times[i]))}", column=time_column
+            f"row {i}: {_time_message(time_column, times[i].item())}", column=time_column
         )
     day = times if time_column == day_column else times // 86400
     if end <= start:
