@@ -52,6 +52,16 @@ def test_mixed_kinds():
     assert b.ids.tolist() == ["p", "q"] and b.lookup(["q"]).tolist() == [1]
 
 
+def test_uint64_ids_beyond_int64_do_not_wrap_onto_negative_ids():
+    big = np.array([2**64 - 1, 5], np.uint64)  # 2**64 - 1 is -1 once cast to int64
+    for v in (Vocab([-1, 5]), Vocab([-1, 5, 10**15])):  # dense and searchsorted lookups
+        assert v.lookup(big).tolist() == [-1, 1]
+        assert v.lookup(big, unknown=-2).tolist() == [-2, 1]
+    s = Vocab(["-1", "18446744073709551615", "5"])
+    assert s.lookup(big).tolist() == [1, 2]
+    assert s.lookup(np.array([True])).tolist() == [-1]  # bools are 0/1, not "True"
+
+
 def test_unsorted_vocab_and_duplicates():
     v = Vocab(np.array([5, 1, 9]))
     assert v.lookup([9, 5, 1, 2]).tolist() == [2, 0, 1, -1]

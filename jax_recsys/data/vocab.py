@@ -34,6 +34,7 @@ import numpy as np
 
 ORDERS = ("sorted", "frequency", "first")
 _DENSE_FACTOR = 4  # direct index table when the id range is at most 4x the vocabulary
+_INT64_MAX = np.iinfo(np.int64).max
 
 
 def _unique(raw_v: np.ndarray, *, need_first: bool):
@@ -227,9 +228,14 @@ class Vocab:
                     return out.reshape(q.shape), ok.reshape(q.shape)
             if q.dtype.kind not in "iub":
                 raise ValueError(f"cannot look up dtype {q.dtype} in an integer vocabulary")
+            if q.dtype.kind == "u" and q.size and q.max() > _INT64_MAX:
+                # Beyond int64: in no int64 vocabulary (a cast would wrap to negative ids).
+                ok = q <= _INT64_MAX
+                return np.where(ok, q, 0).astype(np.int64), ok
             return q.astype(np.int64, copy=False), None
         if q.dtype.kind in "iub":
-            return q.astype(np.int64).astype(np.str_), None
+            # uint64 straight to text: through int64 it would wrap to a negative id.
+            return (q.astype(np.int64) if q.dtype.kind == "b" else q).astype(np.str_), None
         if q.dtype.kind != "U":
             raise ValueError(f"cannot look up dtype {q.dtype} in a string vocabulary")
         return q, None
