@@ -109,6 +109,11 @@ def test_multi_hot_ragged_padding_and_truncation():
     b = next(it)
     np.testing.assert_array_equal(b.ids["topics"], [[5, 6, -1], [-1, -1, -1], [7, 8, 9]])
     assert b.ids["topics"].dtype == np.int32
+    # [6, 1] values gave [3, 3, 1] batches; float offsets were truncated (2.5 -> 2).
+    for bad in ((values[:, None], offsets), (values, np.array([0, 2.5, 2, 6]))):
+        with pytest.raises(ValueError, match="'topics': values must be 1-D and offsets integers"):
+            BatchIterator({**cols, "topics": bad}, batch_size=3, id_features=["user", "topics"],
+                          multi_hot={"topics": 3})
 
 
 def test_pad_batch_and_pytree():

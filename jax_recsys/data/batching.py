@@ -182,7 +182,13 @@ class BatchIterator:
             if name in multi_hot:
                 if not (isinstance(col, tuple) and len(col) == 2):
                     raise ValueError(f"multi-hot column {name!r} must be (values, offsets)")
-                values, offsets = np.asarray(col[0]), np.asarray(col[1]).astype(np.int64)
+                values, offsets = np.asarray(col[0]), np.asarray(col[1])
+                # 2-D values or float offsets gathered garbage rows without an error.
+                if values.ndim != 1 or offsets.dtype.kind not in "iu":
+                    raise ValueError(f"multi-hot column {name!r}: values must be 1-D and "
+                                     f"offsets integers, got values {values.shape} and "
+                                     f"offsets {offsets.dtype}")
+                offsets = offsets.astype(np.int64)
                 length = int(multi_hot[name])
                 if length < 1:
                     raise ValueError(f"multi_hot[{name!r}] must be >= 1, got {length}")
