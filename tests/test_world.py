@@ -528,6 +528,9 @@ def test_config_validate_catches_settings_that_fail_later():
         "impression_start_day": base.ranker_train_days[0] + 1,
         "impressions_per_day": 0,
         "engagements_per_day": -1,
+        "click_bias": float("nan"),
+        "user_zipf": float("nan"),
+        "drift_per_day": float("inf"),
         "topics_per_category": 0,
         "hidden_dim": 0,
         "latent_dim": 0,
@@ -538,6 +541,9 @@ def test_config_validate_catches_settings_that_fail_later():
     for name, value in bad.items():
         with pytest.raises(ValueError, match=name):
             dataclasses.replace(base, **{name: value}).validate()
+    # NaN passed the sum check (abs(nan - 1) > 1e-6 is False).
+    with pytest.raises(ValueError, match=r"engagement_type_probs=\(nan, 0.5, 0.5\) must be finite"):
+        dataclasses.replace(base, engagement_type_probs=(float("nan"), 0.5, 0.5)).validate()
     with pytest.raises(ValueError, match="kg_valid_fraction \\+ kg_test_fraction"):
         dataclasses.replace(base, kg_valid_fraction=0.5, kg_test_fraction=0.5).validate()
     with pytest.raises(ValueError, match="impression_start_day"):

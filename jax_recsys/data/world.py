@@ -283,6 +283,13 @@ class WorldConfig:
 
     def validate(self) -> None:
         """Raises ValueError for an inconsistent config (before any generation work)."""
+        # A NaN or infinite float generated a world without a word (click_bias=nan: no
+        # click at all; user_zipf=nan: ids from NaN casts).
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if any(isinstance(x, float) and not math.isfinite(x)
+                   for x in (v if isinstance(v, tuple | list) else (v,))):
+                raise ValueError(f"{f.name}={v} must be finite")
         T = self.num_topics
         if min(self.num_users, self.num_pins, self.num_advertisers) < 1:
             raise ValueError("num_users, num_pins and num_advertisers must be >= 1")
