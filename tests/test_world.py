@@ -527,7 +527,7 @@ def test_config_validate_catches_settings_that_fail_later():
         "kg_engagement_types": (0, 3),
         "impression_start_day": base.ranker_train_days[0] + 1,
         "impressions_per_day": 0,
-        "engagements_per_day": -1,
+        "engagements_per_day": 0,
         "click_bias": float("nan"),
         "user_zipf": float("nan"),
         "drift_per_day": float("inf"),

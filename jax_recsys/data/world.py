@@ -356,6 +356,13 @@ class WorldConfig:
             )
         if self.impressions_per_day < 1:
             raise ValueError("impressions_per_day must be >= 1 (the ranker windows need them)")
+        if self.engagements_per_day < 1:
+            # 0 failed after the static state and every day's conversions and
+            # impressions, naming a hidden partial folder ("empty table").
+            raise ValueError(
+                f"engagements_per_day={self.engagements_per_day} must be >= 1 (the "
+                "engagements table needs rows)"
+            )
         if min(self.engagements_per_day, self.conversions_per_day, self.summary_sample_per_day) < 0:
             raise ValueError(
                 "engagements_per_day, conversions_per_day and summary_sample_per_day "
