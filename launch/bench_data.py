@@ -177,11 +177,29 @@ def _bench_vocab(n: int) -> None:
            "ratio_vs_target": round((t2 - t0) / 20.0, 3)})
 
 
+def _check_flags() -> list[int]:
+    """Checks every flag before any world is generated (a bad --configs or --days was
+    a traceback of the world's child process, after the worlds before it); returns the
+    day counts ([0]: each scale's own)."""
+    from jax_recsys.data import world
+
+    for scale in _CONFIGS.value:
+        try:
+            world.scale_config(scale)
+        except ValueError as e:
+            raise ValueError(f"--configs: {e}") from None
+    days = common.int_list(_DAYS, minimum=5) if _DAYS.value else [0]
+    for flag, minimum in ((_BATCH, 1), (_BATCHES, 1), (_VOCAB_IDS, 0)):
+        if flag.value < minimum:
+            raise ValueError(f"--{flag.name} must be >= {minimum}, got {flag.value}")
+    return days
+
+
 def main(argv):
     del argv
+    days_list = _check_flags()
     root = pathlib.Path(_WORKDIR.value or tempfile.mkdtemp(prefix="bench_data_"))
     root.mkdir(parents=True, exist_ok=True)
-    days_list = [int(d) for d in _DAYS.value] or [0]
     iterator_world = None
     try:
         for scale in _CONFIGS.value:

@@ -142,3 +142,28 @@ def test_bench_data_iterator_reads_empty_label_cells_as_nan(tmp_path):
     # Fewer than 4 batches of 1 in ranker_train: every row, day dropped.
     assert cols["click"] == [1.0, None, 0.0] and cols["conversion"] == [0.0, None, None]
     assert cols["user_id"] == [1, 2, 3] and "day" not in cols
+
+
+def test_bench_data_checks_its_flags_before_any_world(tmp_path):
+    """One 'bench_data: error:' line before any world is written (a bad --configs or
+    --days was a traceback of the world's child process, after the worlds before it)."""
+    import subprocess
+    import sys
+
+    for arg, message in (
+        ("--configs=smoke,huge",
+         "--configs: unknown world scale 'huge' (want smoke, default or large)"),
+        ("--days=3", "--days must list integers >= 5, got ['3']"),
+        ("--days=abc", "--days must list integers, got ['abc']"),
+        ("--batch_size=0", "--batch_size must be >= 1, got 0"),
+        ("--iterator_batches=0", "--iterator_batches must be >= 1, got 0"),
+        ("--vocab_ids=-1", "--vocab_ids must be >= 0, got -1"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "launch.bench_data", "--configs=smoke",
+             f"--workdir={tmp_path}", arg],
+            cwd=mp_util.REPO, env=mp_util.child_env(1, {"JAX_RECSYS_TRACEBACK": ""}),
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert out.stderr.strip().splitlines()[-1] == f"bench_data: error: {message}", arg
+        assert not any(tmp_path.iterdir()), arg  # no world generated
