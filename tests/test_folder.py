@@ -76,6 +76,20 @@ def test_table_writer_chunks_equal_one_shot(tmp_path):
         assert a[-cols[c].nbytes :] == b[-cols[c].nbytes :]
 
 
+def test_writers_refuse_a_folder_with_another_tables_columns(tmp_path):
+    # A rewritten table without 'click' read the old table's click.npy as its own.
+    folder.write_table(tmp_path, "t", {"user_id": np.arange(3), "click": np.ones(3)})
+    folder.write_table(tmp_path, "t", {"user_id": np.array([7, 8, 9]), "click": np.zeros(3)})
+    assert folder.read_npy_table(tmp_path / "t")["click"].tolist() == [0, 0, 0]
+    e = _err(lambda: folder.write_table(tmp_path, "t", {"user_id": np.array([4, 5, 6])}))
+    assert e.file == str(tmp_path / "t") and "already holds columns ['click']" in str(e)
+    w = folder.TableWriter(tmp_path, "t")
+    e = _err(lambda: w.append({"item_id": np.arange(3)}))
+    assert "already holds columns ['click', 'user_id']" in str(e)
+    # Nothing was overwritten.
+    assert folder.read_npy_table(tmp_path / "t")["user_id"].tolist() == [7, 8, 9]
+
+
 def test_table_writer_rejects_mismatched_chunks(tmp_path):
     w = folder.TableWriter(tmp_path, "t")
     w.append({"a": np.arange(3)})

@@ -134,6 +134,18 @@ def _check_columns(columns: Mapping[str, np.ndarray], where: str) -> int:
     return int(rows)
 
 
+def _check_no_other_columns(tdir: pathlib.Path, columns: Iterable[str]) -> None:
+    """Refuses to write into a table folder that holds ``.npy`` columns this table lacks:
+    a reader would take those leftovers of an earlier table for columns of this one."""
+    others = sorted({p.stem for p in tdir.glob("*.npy")} - set(columns))
+    if others:
+        raise DataError(
+            f"the table folder already holds columns {others} that this table does not have "
+            "(a reader would read them as its own); remove them or the folder first",
+            file=tdir,
+        )
+
+
 def write_table(directory: str | os.PathLike, name: str, columns: Mapping[str, np.ndarray]) -> dict:
     """Writes a table as ``directory/name/<column>.npy`` (one shot).
 
@@ -144,9 +156,14 @@ def write_table(directory: str | os.PathLike, name: str, columns: Mapping[str, n
 
     Returns:
       The table's ``dataset.json`` entry ``{"path", "columns", "rows"}``.
+
+    Raises:
+      DataError: bad columns, or the table folder already holds ``.npy`` columns that
+        ``columns`` lacks (an earlier table's: rewriting the same columns is fine).
     """
     tdir = pathlib.Path(directory) / name
     rows = _check_columns(columns, str(tdir))
+    _check_no_other_columns(tdir, columns)
     tdir.mkdir(parents=True, exist_ok=True)
     for col, arr in columns.items():
         np.save(tdir / f"{col}.npy", np.ascontiguousarray(arr), allow_pickle=False)
@@ -185,7 +202,8 @@ class TableWriter:
 
     The first ``append`` fixes the columns, dtypes and trailing shapes; the npy
     headers carry the final row count after ``close()``. Usable as a context
-    manager. Memory use is one chunk.
+    manager. Memory use is one chunk. As :func:`write_table`, it refuses a table folder
+    that holds ``.npy`` columns the first chunk lacks.
 
     Args:
       directory: the dataset folder.
@@ -213,6 +231,7 @@ class TableWriter:
             raise DataError("append after close", file=self.path)
         n = _check_columns(columns, str(self.path))
         if not self._spec:
+            _check_no_other_columns(self.path, columns)
             self.path.mkdir(parents=True, exist_ok=True)
             for col, arr in columns.items():
                 arr = np.asarray(arr)
