@@ -156,3 +156,28 @@ def test_empty_label_cells_are_nan_as_in_the_folder_reader(tmp_path):
         "user_id,item_id,engagement_type,day\n1,10,,0\n")
     with pytest.raises(folder.DataError, match=r"engagements.csv:2, column 'engagement_type'"):
         tfds_builders.Engagements(source_dir=src, data_dir=tmp_path / "tfds", window=(0, 1))
+
+
+def test_a_table_linked_in_from_outside_the_folder(tmp_path):
+    """A symlinked table file outside the dataset folder (large data linked in) was a
+    ValueError ('... is not in the subpath of ...') when the config name was made;
+    repointing the link gives new records."""
+    src, ext = tmp_path / "ds", tmp_path / "elsewhere"
+    src.mkdir()
+    ext.mkdir()
+    for name, item in (("a.csv", 10), ("b.csv", 20)):
+        (ext / name).write_text(f"user_id,item_id,click,conversion,day\n1,{item},1,0,0\n")
+    (src / "impressions.csv").symlink_to(ext / "a.csv")
+
+    def read():
+        b = tfds_builders.AdsImpressions(source_dir=src, data_dir=tmp_path / "tfds",
+                                         windows={"train": (0, 1)})
+        b.download_and_prepare()
+        return b.info.config_name, tfds_builders.read_columns(b.as_data_source("train"))
+
+    name_a, cols = read()
+    assert cols["item_id"].tolist() == [10]
+    (src / "impressions.csv").unlink()
+    (src / "impressions.csv").symlink_to(ext / "b.csv")
+    name_b, cols = read()
+    assert name_b != name_a and cols["item_id"].tolist() == [20]

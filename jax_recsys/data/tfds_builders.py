@@ -91,7 +91,8 @@ def _config_name(folder: DatasetFolder, options: Mapping, table: str) -> str:
     h.update(json.dumps(options, sort_keys=True).encode())
     for f in _table_files(folder, table):
         st = f.stat()
-        rel = f.resolve().relative_to(folder.path.resolve()).as_posix()
+        # relpath: a table linked in from outside the folder is "../...", not a ValueError.
+        rel = pathlib.Path(os.path.relpath(f.resolve(), folder.path.resolve())).as_posix()
         h.update(json.dumps([rel, st.st_size, st.st_mtime_ns]).encode())
     base = re.sub(r"[^a-z0-9_]+", "_", str(folder.meta.get("name") or folder.path.name).lower())
     return f"{base.strip('_') or 'folder'}_{h.hexdigest()[:10]}"
