@@ -1,6 +1,7 @@
 """Tests for jax_recsys.data.vocab: exact row orders, OOV handling, save/load, and
 hypothesis properties of the raw id <-> row remapping."""
 
+import re
 
 import numpy as np
 import pytest
@@ -60,6 +61,14 @@ def test_uint64_ids_beyond_int64_do_not_wrap_onto_negative_ids():
     s = Vocab(["-1", "18446744073709551615", "5"])
     assert s.lookup(big).tolist() == [1, 2]
     assert s.lookup(np.array([True])).tolist() == [-1]  # bools are 0/1, not "True"
+
+
+def test_load_names_the_file_of_a_bad_vocabulary(tmp_path):
+    for name, ids, message in (("dup", np.array([3, 1, 3]), "duplicate raw id 3"),
+                               ("big", np.array([2**64 - 1], np.uint64), "above int64 range")):
+        np.save(tmp_path / f"{name}.npy", ids)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / name))}.npy: .*{message}"):
+            Vocab.load(tmp_path / f"{name}.npy")
 
 
 def test_unsorted_vocab_and_duplicates():

@@ -334,7 +334,10 @@ class Vocab:
         if ids.ndim != 1 or ids.dtype.kind not in "iuU":
             raise ValueError(f"{path}: vocabulary must be a 1-D int or unicode array, "
                              f"got shape {ids.shape} dtype {ids.dtype}")
-        return cls(ids, reserved_oov=reserved_oov)
+        try:
+            return cls(ids, reserved_oov=reserved_oov)
+        except ValueError as e:  # duplicate ids, uint64 beyond int64: name the file
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _is_chunk_iterable(x) -> bool:
