@@ -181,3 +181,18 @@ def test_a_table_linked_in_from_outside_the_folder(tmp_path):
     (src / "impressions.csv").symlink_to(ext / "b.csv")
     name_b, cols = read()
     assert name_b != name_a and cols["item_id"].tolist() == [20]
+
+
+def test_uint64_ids_beyond_int64_are_a_data_error(world, tmp_path):
+    d, imp, _ = world
+    big = np.array([2**64 - 1, 1, 2, 3, 4, 5, 6], np.uint64)
+    np.save(d / "impressions" / "item_id.npy", big)  # was an OverflowError traceback
+    b = tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "tfds")
+    with pytest.raises(folder.DataError, match=r"impressions, column 'item_id': uint64 value "
+                       r"18446744073709551615 beyond the int64 range"):
+        b.download_and_prepare()
+    np.save(d / "impressions" / "item_id.npy", big >> np.uint64(1))  # fits: kept exactly
+    b = tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "tfds")
+    b.download_and_prepare()
+    cols = tfds_builders.read_columns(b.as_data_source("train"))
+    assert cols["item_id"].tolist() == [2**63 - 1, 0, 1]

@@ -161,6 +161,13 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                            window: tuple[int, int]) -> Iterator[tuple[int, dict]]:
         part = select_days(cols, window[0], window[1])
         names = list(part)
+        for k in names:
+            col = part[k]
+            if col.dtype.kind == "u" and len(col) and col.max() > np.iinfo(np.int64).max:
+                # The int64 feature's encoder would fail with an OverflowError traceback.
+                raise DataError(f"uint64 value {col.max()} beyond the int64 range of the "
+                                "integer feature", file=self._folder.table_path(self.TABLE),
+                                column=k)
         n = len(part[names[0]])
         for c0 in range(0, n, _CHUNK):
             chunk = {k: np.asarray(part[k][c0:c0 + _CHUNK]).tolist() for k in names}
