@@ -147,6 +147,9 @@ def test_bad_inputs_name_the_column():
         _it({**cols, "user": cols["user"] + 2**31})
     with pytest.raises(ValueError, match="no full batch"):
         _it(cols, batch_size=11)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed}"):
+            _it(cols, seed=seed)
 
 
 def test_ids_below_minus_one_are_oov_not_an_error():

@@ -153,6 +153,10 @@ class BatchIterator:
         if batch_size % process_count:
             raise ValueError(f"batch_size={batch_size} is not divisible by "
                              f"process_count={process_count}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            # NumPy refused a negative seed only at the first batch ("expected
+            # non-negative integer"), and int() truncated 1.5.
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
         names = list(id_features) + list(dense_features) + list(label_features)
