@@ -114,6 +114,26 @@ def test_table_wise_packs_tables_on_owners():
     assert len(sharding.plan_shardings(ts, num_shards=2).storages) == 2
 
 
+def test_table_named_like_a_table_wise_storage_keeps_its_own_storage():
+    """A table named table_wise_0 shared its storage key with the packed group: the
+    group's storage replaced the table's, which read and trained the group's rows."""
+    ts = [specs.TableSpec(name="table_wise_0", rows=10, dim=2, sharding="row_wise",
+                          initializer="ones"),
+          specs.TableSpec(name="b", rows=3, dim=2, sharding="table_wise", initializer="zeros")]
+    ec = collection.EmbeddingCollection(
+        tables=ts, features=[specs.FeatureSpec(name="f", table="table_wise_0"),
+                             specs.FeatureSpec(name="g", table="b")], mesh=_mesh(2))
+    assert ec.plan.placements["b"].storage == "_table_wise_0"
+    assert ec.plan.placements["table_wise_0"].storage == "table_wise_0"
+    state = ec.init(jax.random.key(0))
+    ids = {"f": np.array([0, 9], np.int32), "g": np.array([0, 2], np.int32)}
+    np.testing.assert_array_equal(np.asarray(ec.lookup(state.tables, ids)["f"]), 1.0)
+    state = ec.apply_gradients(state, ids, {"f": np.ones((2, 2), np.float32),
+                                            "g": np.zeros((2, 2), np.float32)})
+    vals = ec.export_tables(state)
+    np.testing.assert_array_equal(vals["b"], 0.0)
+    assert vals["table_wise_0"][0, 0] < 1.0 and vals["table_wise_0"][1, 0] == 1.0
+
 
 def test_table_wise_groups_balance_their_own_rows_whatever_the_names():
     """A group costs its busiest device's rows x dim on every device: its tables are

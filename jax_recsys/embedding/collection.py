@@ -5,7 +5,8 @@ The one object trainers hold. State lives outside it, in a pytree
 so that it can be donated to jitted steps and checkpointed with Orbax.
 
 Storage keys equal table names except for table-wise tables, which are packed
-into shared ``table_wise_<i>`` storages (see ``sharding.py``). Read a table
+into shared ``table_wise_<i>`` storages (``_table_wise_<i>`` if a table has that
+name; see ``sharding.py``). Read a table
 with ``collection.table_value(tables, name)`` (inside or outside jit, returns
 the unpadded [R, D]) or ``collection.export_tables(state)`` (host NumPy).
 

@@ -304,6 +304,8 @@ def plan_shardings(
             load[owner] += table_bytes_with_slots(t)
         blk = max(max(rows_on), 1)
         skey = f"table_wise_{gi}"
+        while skey in names or skey in storages:  # a table may be named table_wise_0
+            skey = "_" + skey
         storages[skey] = StorageLayout(
             key=skey, sharding=ShardingType.TABLE_WISE, rows=blk * num_shards, dim=dim,
             true_dim=dim, dtype=dtype, optimizer=optimizer,
