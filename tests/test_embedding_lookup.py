@@ -114,6 +114,28 @@ def test_lookup_rejects_bad_batches():
         ec.lookup(st.tables, {"u": jnp.zeros((8,), jnp.int32)})
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch_gives_empty_rows(kind):
+    """B = 0 (a multiple of every device count): row-wise, table-wise and column-wise
+    lookups failed to compile ('result dimension size at scatter_dimension cannot be zero')."""
+    ec = collection.EmbeddingCollection(
+        tables=[specs.TableSpec(name="user", rows=10, dim=3, sharding=kind, dtype="bfloat16")],
+        features=[specs.FeatureSpec(name="u", table="user"),
+                  specs.FeatureSpec(name="h", table="user", max_ids=2),
+                  specs.FeatureSpec(name="p", table="user", pooling="sum", max_ids=2)],
+        mesh=_mesh(8))
+    st = ec.init(jax.random.key(0))
+    ids = {"u": np.zeros((0,), np.int32), "h": np.zeros((0, 2), np.int32),
+           "p": np.zeros((0, 2), np.int32)}
+    out = ec.lookup(st.tables, ids, {"p": np.zeros((0, 2), np.float32)})
+    assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+        "u": ((0, 3), jnp.bfloat16), "h": ((0, 2, 3), jnp.bfloat16), "p": ((0, 3), jnp.bfloat16)}
+    assert ec.gather(st.tables, ids)["p"].shape == (0, 2, 3)
+    grads = {"u": np.zeros((0, 3), np.float32), "p": np.zeros((0, 3), np.float32)}
+    new = ec.apply_gradients(st, ids, grads)
+    np.testing.assert_array_equal(ec.export_tables(new)["user"], ec.export_tables(st)["user"])
+
+
 def test_bfloat16_table_lookup():
     ec = collection.EmbeddingCollection(
         tables=[specs.TableSpec(name="user", rows=16, dim=4, dtype="bfloat16", sharding="row_wise")],

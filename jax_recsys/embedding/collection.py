@@ -446,6 +446,16 @@ class EmbeddingCollection:
         self._check_storage(tables, used)
         tabs = {k: tables[k] for k in used}
         bspec = P(self.axis)
+        # An empty batch looks up nothing (and the collectives refuse zero-size operands).
+        empty = {}
+        for name in [n for n, s in sids.items() if s.shape[0] == 0]:
+            t = self.tables[self.features[name].table]
+            s = sids.pop(name)
+            weights.pop(name, None)
+            lead = s.shape[:1] if pooled and self.features[name].pooling != "none" else s.shape
+            empty[name] = jnp.zeros(lead + (t.dim,), jnp.dtype(t.dtype))
+        if not sids:
+            return empty
 
         def body(tabs, sids, weights):
             out = {}
@@ -467,7 +477,7 @@ class EmbeddingCollection:
             out_specs={n: bspec for n in sids},
             check_vma=False,
         )
-        return fn(tabs, sids, weights)
+        return {**fn(tabs, sids, weights), **empty}
 
     def gather(
         self, tables: Mapping[str, jax.Array], ids: Mapping[str, jax.Array]
