@@ -112,6 +112,14 @@ def test_lookup_rejects_bad_batches():
         ec.lookup(st.tables, {"v": jnp.zeros((8,), jnp.int32)})
     with pytest.raises(ValueError, match="pooling='sum' needs ids \\[B, L\\]"):
         ec.lookup(st.tables, {"u": jnp.zeros((8,), jnp.int32)})
+    # float ids were truncated to rows (2.7 -> row 2) and trained; bools read as rows 0/1
+    bad = {"u": np.full((8, 2), 2.7, np.float32)}
+    with pytest.raises(ValueError, match="'u': ids must be an integer array, got dtype float32"):
+        ec.lookup(st.tables, bad)
+    with pytest.raises(ValueError, match="'u': ids must be an integer array, got dtype float32"):
+        ec.apply_gradients(st, bad, {"u": np.ones((8, 2), np.float32)})
+    with pytest.raises(ValueError, match="'u': ids must be an integer array, got dtype bool"):
+        ec.gather(st.tables, {"u": np.ones((8, 2), bool)})
 
 
 @pytest.mark.parametrize("kind", KINDS)

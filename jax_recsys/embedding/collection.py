@@ -422,6 +422,13 @@ class EmbeddingCollection:
     def _check_batch(self, ids: Mapping[str, jax.Array]) -> None:
         for name, a in ids.items():
             f = self._feature(name)
+            dtype = getattr(a, "dtype", None)
+            if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+                # map_ids would truncate float ids (2.7 -> row 2) and read bools as rows 0/1
+                raise ValueError(
+                    f"feature {name!r}: ids must be an integer array, got "
+                    f"{type(a).__name__ if dtype is None else f'dtype {dtype}'}"
+                )
             if a.ndim not in (1, 2):
                 raise ValueError(f"feature {name!r}: ids must be [B] or [B, L], got shape {a.shape}")
             if a.ndim == 2 and a.shape[1] != f.max_ids:
