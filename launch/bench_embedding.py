@@ -30,6 +30,7 @@ Known numbers on a 2-core box, 1 device: sparse 1.7 ms -> 2.7 ms per step from
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -197,11 +198,46 @@ def _emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def _checked_flags() -> tuple[list[int], list[int]]:
+    """The flags, checked before any measurement (ValueError naming every bad one).
+
+    Returns:
+      (table sizes of --rows, device counts of --devices).
+    """
+    try:
+        sizes = [float(r) for r in _ROWS.value]
+    except ValueError:
+        sizes = []
+    if not sizes or not all(math.isfinite(r) and r >= 1 and r == int(r) for r in sizes):
+        raise ValueError(f"--rows must list whole numbers of rows >= 1 (1e5 or 100000), "
+                         f"got {','.join(_ROWS.value)}")
+    devices = common.int_list(_DEVICES)
+    kinds = set(_KINDS.value)
+    rules = [(f, f.value >= 1, ">= 1") for f in (_BATCH, _DIM, _STEPS, _TIMEOUT)]
+    rules += [
+        (_WARMUP, _WARMUP.value >= 0, ">= 0"),
+        (_KINDS, bool(kinds) and kinds <= {"sparse", "dense"}, "sparse and/or dense"),
+        (_ZIPF, math.isfinite(_ZIPF.value) and _ZIPF.value > 1, "finite and > 1"),
+        (_DENSE_MAX_ROWS, _DENSE_MAX_ROWS.value >= 0, ">= 0"),
+        (_MAX_ROWS, _MAX_ROWS.value == 0 or (math.isfinite(_MAX_ROWS.value) and _MAX_ROWS.value >= 1),
+         "0 (off) or a finite number of rows >= 1"),
+    ]
+    if _MAX_ROWS.value <= 0:  # --max_rows runs on one device
+        rules.append((_BATCH, all(_BATCH.value % n == 0 for n in devices),
+                      f"a multiple of every --devices count {','.join(_DEVICES.value)}"))
+    bad = [f"--{f.name}={f.value if not isinstance(f.value, list) else ','.join(f.value)} "
+           f"(must be {rule})" for f, ok, rule in rules if not ok]
+    if bad:
+        raise ValueError("bad flags: " + ", ".join(bad))
+    return [int(r) for r in sizes], devices
+
+
 def main(argv):
     del argv
     if _WORKER.value:
         _emit(_worker(_WORKER.value, int(float(_ROWS.value[0])), _NDEV.value))
         return
+    rows_list, devices = _checked_flags()
     if _MAX_ROWS.value > 0:
         rows = int(_MAX_ROWS.value)
         r = _spawn("sparse", rows, 1, steps=min(_STEPS.value, 5))
@@ -210,9 +246,7 @@ def main(argv):
         r["target_rows"] = 40_000_000
         _emit(r)
         return
-    rows_list = [int(float(r)) for r in _ROWS.value]
     results = {}
-    devices = common.int_list(_DEVICES)
     for n_dev in devices:
         for kind in _KINDS.value:
             for rows in rows_list:

@@ -298,6 +298,23 @@ def test_bench_quant_rejects_zero_rows():
     assert "--rows" in proc.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--kinds=foo"], "--kinds=foo (must be sparse and/or dense)"),
+    (["--kinds=sparse", "--steps=0"], "--steps=0 (must be >= 1)"),
+    (["--kinds=sparse", "--devices=3"], "--batch=4096 (must be a multiple of every --devices count 3)"),
+    (["--kinds=sparse", "--zipf=1"], "--zipf=1.0 (must be finite and > 1)"),
+    (["--rows=1e3,0"], "--rows must list whole numbers of rows >= 1"),
+])
+def test_bench_embedding_checks_its_flags_before_any_work(args, needle):
+    """--kinds=foo timed the dense step and printed it as kind 'foo', --steps=0 printed
+    step_ms NaN, and a batch that a device count does not divide (or a Zipf exponent
+    <= 1) turned every measurement into an error line, all with exit status 0."""
+    proc = _run("bench_embedding", ["--rows=1e3", "--devices=1", "--warmup=1", "--steps=1",
+                                    *args])
+    _assert_one_line(proc, "bench_embedding: error:", needle)
+    assert not proc.stdout, proc.stdout
+
+
 def test_error_line_names_the_type_unless_value_or_os_error():
     from launch import common
 
