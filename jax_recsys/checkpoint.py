@@ -172,9 +172,9 @@ class Checkpointer:
 
     Args:
       directory: root folder; one sub-folder per saved step.
-      keep: number of most recent checkpoints kept (None keeps all).
+      keep: number of most recent checkpoints kept, >= 1 (None keeps all).
       save_interval_steps: `save` is a no-op unless step % interval == 0
-        (or force=True, or no checkpoint exists yet).
+        (or force=True, or no checkpoint exists yet); >= 1.
       async_save: write in a background thread; `save` returns once device
         arrays are copied to host, so the caller may donate them afterwards.
     """
@@ -187,6 +187,14 @@ class Checkpointer:
         save_interval_steps: int = 1,
         async_save: bool = True,
     ):
+        # Orbax takes keep=0 as "keep none": every save is deleted once written.
+        for name, value, none_ok in (("keep", keep, True),
+                                     ("save_interval_steps", save_interval_steps, False)):
+            if not ((none_ok and value is None) or (
+                    isinstance(value, int | np.integer) and not isinstance(value, bool)
+                    and value >= 1)):
+                raise ValueError(f"Checkpointer: {name} must be an int >= 1"
+                                 f"{' or None' if none_ok else ''}, got {value!r}")
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

@@ -83,6 +83,19 @@ def test_keep_and_interval(tmp_path):
     ck.close()
 
 
+@pytest.mark.parametrize("kw, needle", [
+    ({"keep": 0}, "keep must be an int >= 1 or None, got 0"),
+    ({"save_interval_steps": 0}, "save_interval_steps must be an int >= 1, got 0"),
+    ({"save_interval_steps": -2}, "save_interval_steps must be an int >= 1, got -2"),
+])
+def test_keep_and_interval_below_one_are_refused(tmp_path, kw, needle):
+    """keep=0 deleted every checkpoint once written (save returned True, all_steps() was
+    []), save_interval_steps=0 was a ZeroDivisionError, -2 saved every other step."""
+    with pytest.raises(ValueError, match=needle):
+        checkpoint.Checkpointer(tmp_path / "c", async_save=False, **kw)
+    assert not (tmp_path / "c").exists()
+
+
 def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
     ck = checkpoint.Checkpointer(tmp_path, async_save=False)
     ck.save(3, {"x": np.arange(4)}, {"data": {"position": 12}})
