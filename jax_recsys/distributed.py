@@ -40,7 +40,8 @@ class DistributedConfig:
       coordinator_address: "host:port" of the coordinator (process 0). Empty: read
         JAX_COORDINATOR_ADDRESS; still empty: single-process run.
       num_processes: total processes; 0 means read JAX_NUM_PROCESSES (default 1).
-      process_id: this process's index; -1 means read JAX_PROCESS_ID (default 0).
+      process_id: this process's index; -1 means read JAX_PROCESS_ID (default 0
+        for a single process; several processes must each be given theirs).
       initialization_timeout_s: how long to wait for all processes to join.
     """
 
@@ -52,10 +53,18 @@ class DistributedConfig:
     def resolved(self) -> DistributedConfig:
         """Fills unset fields from the environment."""
         addr = self.coordinator_address or os.environ.get(_ENV_ADDR, "")
-        num = self.num_processes or int(os.environ.get(_ENV_NUM, "1") or 1)
-        pid = self.process_id if self.process_id >= 0 else int(os.environ.get(_ENV_ID, "0") or 0)
+        num = self.num_processes or _env_int(_ENV_NUM, 1)
+        pid = self.process_id if self.process_id != -1 else _env_int(_ENV_ID, None)
         if num < 1:
             raise ValueError(f"num_processes must be >= 1, got {num}")
+        if pid is None:
+            # Defaulting to 0 made every process claim index 0: the coordinator aborted
+            # them all (SIGABRT, a C++ stack) instead of starting the run.
+            if num > 1:
+                raise ValueError(
+                    f"{num} processes need each process's index (--process_id or {_ENV_ID})"
+                )
+            pid = 0
         if not 0 <= pid < num:
             raise ValueError(f"process_id must be in [0, {num}), got {pid}")
         if num > 1 and not addr:
@@ -65,6 +74,17 @@ class DistributedConfig:
         return dataclasses.replace(
             self, coordinator_address=addr, num_processes=num, process_id=pid
         )
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    """The integer in environment variable `name`, `default` if unset or empty."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def initialize(config: DistributedConfig | None = None) -> DistributedConfig:
