@@ -506,13 +506,21 @@ def load_facet(path: str | os.PathLike, *, expected: str | None = None) -> Facet
         raise FileNotFoundError(f"{mpath}: missing; {path} is not a facet checkpoint") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{mpath}: not a facet description (a JSON object)")
     if meta.get("format_version") != FACET_FORMAT_VERSION:
         raise ValueError(f"{mpath}: unsupported format_version {meta.get('format_version')}")
+    entries = meta.get("tables")
+    fields = {"rows", "dim", "table", "vocab"}
+    if not isinstance(meta.get("facet"), str) or not isinstance(entries, dict) or not all(
+            isinstance(e, dict) and fields <= set(e) for e in entries.values()):
+        raise ValueError(f"{mpath}: damaged: it must name the facet and give each table's "
+                         f"{', '.join(sorted(fields))}")
     if expected is not None and meta.get("facet") != expected:
         raise ValueError(f"{path} is a {meta.get('facet')!r} facet checkpoint, but a "
                          f"{expected!r} facet was expected: check the facet path")
     tables, vocabs = {}, {}
-    for name, e in meta["tables"].items():
+    for name, e in entries.items():
         tpath, vpath = path / e["table"], path / e["vocab"]
         try:
             t = np.load(tpath, mmap_mode="r", allow_pickle=False)

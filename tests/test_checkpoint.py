@@ -1,5 +1,7 @@
 """Tests for jax_recsys.checkpoint: Orbax save/restore, cross-mesh restore, facets."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,3 +264,17 @@ def test_facet_bad_input_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="facet.json"):
         checkpoint.load_facet(tmp_path / "kg")
+
+
+@pytest.mark.parametrize("meta", [
+    [1],
+    {"format_version": 1, "facet": "cl"},
+    {"format_version": 1, "facet": "cl", "tables": {"user": {"rows": 3}}},
+    {"format_version": 1, "tables": {}},
+])
+def test_damaged_facet_json_is_named(tmp_path, meta):
+    """A facet.json without its fields was a KeyError/AttributeError traceback
+    ('tables', 'table', 'list' object has no attribute 'get') naming no file."""
+    (tmp_path / "facet.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"facet\.json: (damaged|not a facet description)"):
+        checkpoint.load_facet(tmp_path)
