@@ -242,6 +242,24 @@ def test_state_from_another_mesh_is_rejected():
         ec8.apply_gradients(st1, ids, {"u": jnp.ones((8, 4))})
 
 
+def test_state_made_with_another_optimizer_is_rejected():
+    """Its slots did not fit the shard_map in_specs: a multi-line 'pytree structure
+    error' about in_specs[1]['user'] that named neither the optimizer nor the slots."""
+    def make(optimizer):
+        return collection.EmbeddingCollection(
+            tables=[specs.TableSpec(name="user", rows=16, dim=4, optimizer=optimizer)],
+            features=[specs.FeatureSpec(name="u", table="user")], mesh=_mesh(8))
+
+    st = make(specs.RowAdagrad()).init(jax.random.key(0))
+    ids, grads = {"u": np.zeros((8,), np.int32)}, {"u": jnp.ones((8, 4))}
+    with pytest.raises(ValueError, match=r"storage 'user' \(tables \['user'\]\) has optimizer "
+                                         r"slots \['acc'\] but this collection's LazyAdam.* needs "
+                                         r"\['m', 'step', 'v'\]"):
+        make(specs.LazyAdam()).apply_gradients(st, ids, grads)
+    with pytest.raises(ValueError, match=r"slots \['acc'\] .* needs \['acc', 'count'\]"):
+        make(specs.RowAdagrad(frequency_adaptive=True)).apply_gradients(st, ids, grads)
+
+
 # --------------------------------------------------------------------------- review fixes
 
 

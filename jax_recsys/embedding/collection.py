@@ -406,7 +406,12 @@ class EmbeddingCollection:
             raise ValueError(f"unknown feature {name!r}; features are {sorted(self.features)}")
         return self.features[name]
 
-    def _check_storage(self, tables: Mapping[str, jax.Array], keys: Iterable[str]) -> None:
+    def _check_storage(
+        self,
+        tables: Mapping[str, jax.Array],
+        keys: Iterable[str],
+        slots: Mapping[str, Mapping[str, jax.Array]] | None = None,
+    ) -> None:
         for k in keys:
             st = self.plan.storages[k]
             if k not in tables:
@@ -417,6 +422,13 @@ class EmbeddingCollection:
                     f"storage {k!r} (tables {list(st.tables)}) has shape {tuple(tables[k].shape)} but "
                     f"this collection's {st.sharding.value} plan over {st.num_shards} device(s) "
                     f"expects {(st.rows, st.dim)}: was the state made for another mesh or plan?"
+                )
+            want = sorted(opt_lib.slot_layout(st.optimizer))
+            if slots is not None and sorted(slots.get(k, {})) != want:
+                raise ValueError(
+                    f"storage {k!r} (tables {list(st.tables)}) has optimizer slots "
+                    f"{sorted(slots.get(k, {}))} but this collection's {st.optimizer} needs "
+                    f"{want}: was the state made with another optimizer?"
                 )
 
     def _check_batch(self, ids: Mapping[str, jax.Array]) -> None:
@@ -627,7 +639,7 @@ class EmbeddingCollection:
         gr = {n: grads[n] for n in feats}
         wts = {n: weights[n] for n in feats if n in weights}
         used = sorted({self.plan.placements[self.features[n].table].storage for n in feats})
-        self._check_storage(state.tables, used)
+        self._check_storage(state.tables, used, state.slots)
         axis = self.axis
 
         def body(tabs, slots, sids, gr, wts, lr_scale):
