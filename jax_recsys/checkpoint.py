@@ -24,8 +24,9 @@ and `iterator.restore(meta["data"])`. Save typed PRNG keys as
 
 Facet checkpoints (`save_facet` / `load_facet`) hand pretrained tables to the
 ranker: a folder with `facet.json`, `tables/<entity>.npy` (float32 [R, D]) and
-`vocab/<entity>.npy` (raw ids in row order), written atomically and loaded
-with `np.load(mmap_mode="r", allow_pickle=False)`.
+`vocab/<entity>.npy` (raw ids in row order; `_<i>.npy` for an entity type that is
+not a plain file name, e.g. `/people/person`: facet.json maps each type to its
+files), written atomically and loaded with `np.load(mmap_mode="r", allow_pickle=False)`.
 
 Dimension legend: R table rows, D embedding dim.
 """
@@ -37,6 +38,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -448,6 +450,7 @@ def save_facet(
     try:
         (tmp / "tables").mkdir(parents=True)
         (tmp / "vocab").mkdir()
+        stems = _file_stems(sorted(host_tables))
         for name in sorted(host_tables):
             t = host_tables[name]
             if t.ndim != 2:
@@ -457,13 +460,14 @@ def save_facet(
                 raise ValueError(
                     f"facet {facet!r} table {name!r}: {t.shape[0]} rows but vocab has {v.shape[0]} ids"
                 )
-            np.save(tmp / "tables" / f"{name}.npy", t.astype(np.float32, copy=False), allow_pickle=False)
-            np.save(tmp / "vocab" / f"{name}.npy", v, allow_pickle=False)
+            stem = stems[name]
+            np.save(tmp / "tables" / f"{stem}.npy", t.astype(np.float32, copy=False), allow_pickle=False)
+            np.save(tmp / "vocab" / f"{stem}.npy", v, allow_pickle=False)
             meta["tables"][name] = {
                 "rows": int(t.shape[0]),
                 "dim": int(t.shape[1]),
-                "table": f"tables/{name}.npy",
-                "vocab": f"vocab/{name}.npy",
+                "table": f"tables/{stem}.npy",
+                "vocab": f"vocab/{stem}.npy",
             }
         (tmp / _FACET_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default) + "\n")
         for p in tmp.rglob("*"):
@@ -475,6 +479,22 @@ def save_facet(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _file_stems(names: list[str]) -> dict[str, str]:
+    """Table name -> file name stem inside the facet: the name itself when it is a plain
+    file name, unique also on case-insensitive file systems; else ``_<index>``.
+
+    Names are entity types, which a knowledge graph's entity_types.tsv may spell like
+    Freebase's ``/people/person``: as a path it is absolute (or leaves the folder).
+    """
+    seen = {n.casefold() for n in names if _PLAIN_NAME.fullmatch(n)}
+    counts = {k: sum(n.casefold() == k for n in names) for k in seen}
+    return {n: n if _PLAIN_NAME.fullmatch(n) and counts[n.casefold()] == 1 else f"_{i}"
+            for i, n in enumerate(names)}
 
 
 def _json_default(x):

@@ -266,6 +266,27 @@ def test_facet_bad_input_leaves_nothing(tmp_path):
         checkpoint.load_facet(tmp_path / "kg")
 
 
+def test_facet_of_entity_types_that_are_not_file_names(tmp_path):
+    """Entity types come from a graph's entity_types.tsv (Freebase spells them
+    '/people/person'). '/people/person' and 'a/b' failed to save (FileNotFoundError,
+    the first under the root folder); '../../evil' wrote its table outside the facet
+    folder, then its vocabulary over that table, and the facet did not load."""
+    names = ["/people/person", "a/b", "../../evil", "..", "User", "user", "pin"]
+    wd = tmp_path / "wd"
+    tables = {n: np.full((2, 3), i, np.float32) for i, n in enumerate(names)}
+    vocabs = {n: np.array([10 * i, 10 * i + 1]) for i, n in enumerate(names)}
+    path = checkpoint.save_facet(wd / "kg", facet="kg", tables=tables, vocabs=vocabs)
+    f = checkpoint.load_facet(path)
+    assert sorted(f.tables) == sorted(names)
+    for i, n in enumerate(names):
+        np.testing.assert_array_equal(f.tables[n], np.full((2, 3), i))
+        np.testing.assert_array_equal(f.vocabs[n], [10 * i, 10 * i + 1])
+    assert sorted(p.name for p in wd.iterdir()) == ["kg"]
+    # _<index in sorted order>; 'User' and 'user' would share a file on macOS
+    assert sorted(p.name for p in (path / "tables").iterdir()) == [
+        "_0.npy", "_1.npy", "_2.npy", "_3.npy", "_4.npy", "_6.npy", "pin.npy"]
+
+
 @pytest.mark.parametrize("meta", [
     [1],
     {"format_version": 1, "facet": "cl"},
