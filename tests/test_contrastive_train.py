@@ -125,6 +125,24 @@ def test_load_pairs_errors_name_the_problem(tmp_path):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path / "two_d")))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("type_weights", (1.0, -2.0, 1.0), r"type_weights\[1\] must be a finite number >= 0 \(a pair's "
+     r"weight\), got -2.0"),
+    ("type_weights", (math.nan,), r"type_weights\[0\] must be a finite number >= 0"),
+    ("conversion_weight", -1.0, "conversion_weight must be a finite number >= 0"),
+    ("conversion_weight", math.inf, "conversion_weight must be a finite number >= 0"),
+    ("eval_days", 0, r"eval_days and max_eval_pairs must be >= 1, got 0, 20000"),
+    ("max_eval_pairs", 0, r"eval_days and max_eval_pairs must be >= 1, got 1, 0"),
+])
+def test_data_config_rejects_negative_weights_and_no_held_out_pairs(field, value, message):
+    # Were accepted: a negative weight drove the training loss to -1e11, and no held-out
+    # pairs reported Recall@K 0.0 for the model and the popularity baseline alike.
+    with pytest.raises(ValueError, match=message):
+        cd.ContrastiveDataConfig(path="x", **{field: value})
+    assert cd.ContrastiveDataConfig(path="x", type_weights=(0.0, 1, 2.5),
+                                    conversion_weight=0.0).conversion_weight == 0.0
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 
@@ -95,6 +96,19 @@ class ContrastiveDataConfig:
     pin_side_features: tuple[str, ...] = ()
     max_eval_pairs: int = 20000
     seed: int = 0
+
+    def __post_init__(self):
+        # A negative weight turns a positive pair's loss into one the training maximises.
+        weights = {**{f"type_weights[{i}]": w for i, w in enumerate(self.type_weights)},
+                   "conversion_weight": self.conversion_weight}
+        for name, w in weights.items():
+            if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (a pair's weight), "
+                                 f"got {w!r}")
+        # No held-out pairs: Recall@K and the popularity baseline would read 0.
+        if self.eval_days < 1 or self.max_eval_pairs < 1:
+            raise ValueError(f"eval_days and max_eval_pairs must be >= 1, got "
+                             f"{self.eval_days}, {self.max_eval_pairs}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
