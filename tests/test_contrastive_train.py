@@ -231,6 +231,16 @@ def test_config_rejects_bad_values():
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="num_epochs must be a finite number > 0"):
             ct.ContrastiveConfig(num_epochs=bad)
+    # Were accepted: NaN ended training with a FloatingPointError traceback, a negative
+    # dense rate trained the towers up the loss (recall@10 0.005 against 0.21).
+    for bad in (0.0, -0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match=rf"temperature must be a finite number > 0, got {bad}"):
+            ct.ContrastiveConfig(temperature=bad)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError,
+                           match=rf"dense_learning_rate must be a finite number >= 0, got {bad}"):
+            ct.ContrastiveConfig(dense_learning_rate=bad)
+    assert ct.ContrastiveConfig(dense_learning_rate=0.0).dense_learning_rate == 0.0
     for bad in (0, -4):
         with pytest.raises(ValueError, match=rf"dim .*must be >= 1, got {bad}"):
             ct.ContrastiveConfig(dim=bad)

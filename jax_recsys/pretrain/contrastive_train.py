@@ -127,6 +127,12 @@ class ContrastiveConfig:
             raise ValueError(f"export must be 'tower' or 'raw', got {self.export!r}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+        # NaN stopped training with a FloatingPointError; a negative rate ascends the loss.
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.dense_learning_rate) and self.dense_learning_rate >= 0):
+            raise ValueError(f"dense_learning_rate must be a finite number >= 0, got "
+                             f"{self.dense_learning_rate}")
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
         if not (math.isfinite(self.num_epochs) and self.num_epochs > 0):
