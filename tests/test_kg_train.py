@@ -206,6 +206,16 @@ def test_config_rejects_negative_intervals_and_unused_adversarial_temperature():
         assert kg_train.KGTrainConfig(loss=loss, adversarial_temperature=1.0).loss == loss
 
 
+@pytest.mark.parametrize("field", ["margin", "regularization", "relation_learning_rate"])
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_config_rejects_negative_or_non_finite_rates_and_weights(field, bad):
+    # Were accepted: NaN ended training with a FloatingPointError traceback, -1 trained to
+    # the end (relation_learning_rate=-1: relations trained up the loss).
+    with pytest.raises(ValueError, match=rf"^{field} must be a finite number >= 0, got {bad}$"):
+        kg_train.KGTrainConfig(loss="margin", **{field: bad})
+    assert getattr(kg_train.KGTrainConfig(loss="margin", **{field: 0.0}), field) == 0.0
+
+
 def test_config_rejects_zero_steps():
     """max_steps=0 would write an untrained facet; None (not 0) means no limit."""
     for bad in (0, -2):
@@ -228,3 +238,7 @@ def test_model_config_rejects_bad_dims_when_made():
         kg_train.KGModelConfig(model="rotate", dim=7)
     with pytest.raises(ValueError, match="unknown KG model"):
         kg_train.KGModelConfig(model="nope")
+    for bad in (math.nan, math.inf):  # were NaN scores: a FloatingPointError at step 1
+        with pytest.raises(ValueError, match=rf"gamma must be a finite number, got {bad}"):
+            kg_train.KGModelConfig(model="transe", dim=8, gamma=bad)
+    assert kg_train.KGModelConfig(model="transe", dim=8, gamma=-2.0).gamma == -2.0

@@ -67,6 +67,8 @@ class ScoringFunction:
             raise ValueError(f"unknown KG model {self.name!r}; choose one of {sorted(_MODELS)}")
         if self.rel_dim is not None and self.rel_dim <= 0:
             raise ValueError(f"rel_dim must be positive, got {self.rel_dim}")
+        if not math.isfinite(self.gamma):  # NaN scores: training stopped at its first step
+            raise ValueError(f"gamma must be a finite number, got {self.gamma}")
 
     @property
     def comparator(self) -> str:

@@ -176,6 +176,12 @@ class KGTrainConfig:
         if self.log_every < 0 or self.eval_every_epochs < 0:
             raise ValueError(f"log_every and eval_every_epochs must be >= 0 (0: never), got "
                              f"{self.log_every}, {self.eval_every_epochs}")
+        # NaN stopped training with a FloatingPointError; a negative value trained silently
+        # (relations up the loss, norms rewarded, negatives kept above the positives).
+        for name in ("margin", "regularization", "relation_learning_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.adversarial_temperature < 0:
             raise ValueError(
                 f"adversarial_temperature must be >= 0, got {self.adversarial_temperature}")
