@@ -53,6 +53,17 @@ def test_hand_built_filtered_ranks(n_dev):
     np.testing.assert_array_equal(ranks["tail"], [3.5])
 
 
+@pytest.mark.parametrize("bad", [0, -5])
+def test_config_rejects_max_triples_below_one(bad):
+    # Were accepted: after the whole training run, 0 failed with "no ranks to summarise"
+    # and -5 with NumPy's "negative dimensions are not allowed".
+    with pytest.raises(ValueError, match=rf"max_triples must be >= 1 or None \(all triples\), "
+                       rf"got {bad}"):
+        kg_eval.KGEvalConfig(max_triples=bad)
+    assert kg_eval.KGEvalConfig(max_triples=1).max_triples == 1
+    assert kg_eval.KGEvalConfig(max_triples=None).max_triples is None
+
+
 def test_rank_metrics_hand_computed():
     m = kg_eval.rank_metrics(np.array([1.0, 2.5, 4.0, 20.0]))
     np.testing.assert_allclose(m["mrr"], (1 + 0.4 + 0.25 + 0.05) / 4)
