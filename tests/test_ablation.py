@@ -56,6 +56,11 @@ def test_config_rejects_unknown_variants():
         A.AblationConfig(base=base, variants=("no_large_tables", "magic"))
     with pytest.raises(ValueError, match="baseline"):
         A.AblationConfig(base=base, variants=("scratch",))
+    # Was accepted: no run kept its ranker, and the export asking for it failed after the
+    # whole ablation.
+    with pytest.raises(ValueError, match=r"unknown save_ranker_variants \['cl_kgg'\]; known: "):
+        A.AblationConfig(base=base, save_ranker_variants=("cl_kg", "cl_kgg"))
+    assert A.AblationConfig(base=base, save_ranker_variants=()).save_ranker_variants == ()
 
 
 def test_config_rejects_a_repeated_seed():

@@ -131,6 +131,9 @@ class AblationConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown ablation variants {unknown}; known: {list(VARIANTS)}")
+        unknown = [v for v in self.save_ranker_variants if v not in VARIANTS]
+        if unknown:  # a misspelt name kept no ranker, found missing only by the export after it
+            raise ValueError(f"unknown save_ranker_variants {unknown}; known: {list(VARIANTS)}")
         if BASELINE not in self.variants:
             raise ValueError(f"the variants must include the baseline {BASELINE!r}")
         if not self.seeds:
