@@ -263,9 +263,15 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
         try:
             return app.parse_flags_with_usage(argv)
         except (AttributeError, KeyError) as e:  # --config.NO_SUCH_KEY=...
-            key = str(e).strip("\"'")
+            kind, inner = type(e).__name__, e
+            while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
+                inner = inner.args[0]
+            # ml_collections' message: "'key'", then "\nDid you mean ...?" for a near miss.
+            key, _, hint = (str(inner.args[0]) if inner.args else str(inner)).partition("\n")
+            key = key.strip("\"'")
+            hint = f"; {hint[:1].lower()}{hint[1:]}" if hint.strip() else ""
             _fail(f"{name}: error: unknown config key {key!r} in a --config.KEY=VALUE "
-                        f"override ({type(e).__name__})")
+                  f"override{hint} ({kind})")
 
     def wrapped(argv):
         try:

@@ -81,6 +81,17 @@ def test_unknown_config_key_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_misspelt_config_key_names_the_key_and_the_near_miss(tmp_path):
+    # Was "unknown config key '\\\'batch_sise\\\'\\nDid you mean ...": the repr of a
+    # KeyError inside an AttributeError, escapes and all.
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.world.num_user=1",
+                                  f"--workdir={tmp_path / 'w'}"])
+    line = _assert_one_line(proc, "generate_data: error:")
+    assert line == ("generate_data: error: unknown config key 'num_user' in a --config.KEY=VALUE "
+                    'override; did you mean "num_users" instead of "num_user"? (AttributeError)')
+    assert not (tmp_path / "w").exists()
+
+
 def test_pretrain_contrastive_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",
