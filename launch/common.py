@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -115,6 +116,17 @@ def _fail(line: str):
     if _want_traceback():
         traceback.print_exc()
     print(line, file=sys.stderr)
+    sys.exit(1)
+
+
+def _absl_usage_exit(error: Exception):
+    """What `app.parse_flags_with_usage` prints for a flag it cannot parse, and exit 1."""
+    message = str(error)
+    if "\n" in message:
+        sys.stderr.write("FATAL Flags parsing error:\n" + textwrap.indent(message, "  ") + "\n")
+    else:
+        sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
 
 
@@ -232,9 +244,10 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
     """`app.run(main)` that ends user mistakes with one line instead of a traceback.
 
     A ValueError (DataError, ArtifactError, ...) or OSError (FileNotFoundError,
-    FileExistsError, NotADirectoryError, PermissionError, ...) raised by `main`, and an
+    FileExistsError, NotADirectoryError, PermissionError, ...) raised by `main`, an
     unknown config key in a `--config.KEY=...` override (ml_collections raises
-    AttributeError/KeyError while the flags are parsed), print one line
+    AttributeError/KeyError while the flags are parsed), and a `--config=FILE[:ARG]` that
+    does not load (no such file, or its get_config raised), print one line
     ``NAME: error: <message>`` on stderr and exit with status 1. The message names the
     exception type when it is not a ValueError/OSError. Every other exception (a bug)
     propagates with its traceback as usual; `sys.exit` codes (e.g. export_int4's 2 for a
@@ -261,7 +274,15 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
 
     def parse(argv):
         try:
-            return app.parse_flags_with_usage(argv)
+            rest = flags.FLAGS(argv)
+        except flags.Error as e:
+            # --config=FILE[:ARG] whose get_config raised: ml_collections puts its whole
+            # traceback in the message; its last line says what was wrong.
+            flag, sep, trace = str(e).partition(": Error whilst parsing config file:")
+            last = [ln.strip() for ln in trace.splitlines() if ln.strip()][-1:]
+            if sep and last:
+                _fail(f"{name}: error: {flag.removeprefix('flag ')}: {last[0]}")
+            _absl_usage_exit(e)
         except (AttributeError, KeyError) as e:  # --config.NO_SUCH_KEY=...
             kind, inner = type(e).__name__, e
             while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
@@ -272,6 +293,13 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
             hint = f"; {hint[:1].lower()}{hint[1:]}" if hint.strip() else ""
             _fail(f"{name}: error: unknown config key {key!r} in a --config.KEY=VALUE "
                   f"override{hint} ({kind})")
+        for flag_name in flags.FLAGS:
+            value = flags.FLAGS[flag_name].value
+            if type(value).__name__ == "_ErrorConfig":  # ml_collections defers a load error
+                lines = [ln.strip() for ln in str(value._error).splitlines() if ln.strip()]
+                _fail(f"{name}: error: cannot load --{flag_name}: "
+                      f"{lines[-1] if lines else type(value._error).__name__}")
+        return rest
 
     def wrapped(argv):
         try:

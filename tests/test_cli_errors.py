@@ -92,6 +92,31 @@ def test_misspelt_config_key_names_the_key_and_the_near_miss(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("config, message", [
+    # Was 4 lines: "Configuration is not available because of an earlier failure to load:
+    # Failed loading config file config_config", the attempted paths, the errno.
+    ("configs/no_such.py", "generate_data: error: cannot load --config: [Errno 2] No such file "
+     "or directory: 'configs/no_such.py'"),
+    # Was absl's "FATAL Flags parsing error:" with ml_collections' traceback in it.
+    ("configs/world.py:smok", "generate_data: error: --config=configs/world.py:smok: ValueError: "
+     "unknown config arg 'smok'; use nothing, 'smoke' or 'large'"),
+])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, config, message):
+    proc = _run("generate_data", [f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "generate_data: error:") == message
+    assert "FATAL" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_bad_flag_value_keeps_absls_message(tmp_path):
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.world.seed=abc",
+                                  f"--workdir={tmp_path / 'w'}"])
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-2:] == [
+        "FATAL Flags parsing error: flag --config.world.seed=abc: invalid literal for int() "
+        "with base 10: 'abc'", "Pass --helpshort or --helpfull to see help on flags."]
+
+
 def test_pretrain_contrastive_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",
