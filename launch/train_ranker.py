@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from launch import common
@@ -110,8 +110,9 @@ def main(argv):
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     paths = {k: v for k, v in cfg.facet_paths.items() if v}
     missing = [f for f in _names(cfg.facets) if f not in paths]
-    if missing:
-        raise app.UsageError(f"facets {missing} need --config.facet_paths.<name>=DIR")
+    if missing:  # one error line (a UsageError printed the whole usage text before it)
+        raise ValueError(f"--config.facets={cfg.facets} needs a facet folder for each facet: "
+                         f"give {' '.join(f'--config.facet_paths.{f}=DIR' for f in missing)}")
     facets = {k: checkpoint.load_facet(v, expected=k)
               for k, v in paths.items() if k in _names(cfg.facets)}
     tc = train_config(cfg, data_path=common.dataset_path(cfg, workdir), facets=facets)

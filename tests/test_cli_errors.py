@@ -117,6 +117,16 @@ def test_a_bad_flag_value_keeps_absls_message(tmp_path):
         "with base 10: 'abc'", "Pass --helpshort or --helpfull to see help on flags."]
 
 
+def test_train_ranker_facets_without_a_folder_is_one_line(tmp_path):
+    # Was an absl UsageError: the whole usage text (~20 lines), then the message.
+    proc = _run("train_ranker", ["--config=configs/ranker.py:smoke", "--config.facets=cl,kg",
+                                 f"--config.facet_paths.kg={tmp_path}", f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "train_ranker: error:") == (
+        "train_ranker: error: --config.facets=cl,kg needs a facet folder for each facet: give "
+        "--config.facet_paths.cl=DIR")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_pretrain_contrastive_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",
