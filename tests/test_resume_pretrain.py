@@ -257,6 +257,45 @@ def test_kg_error_during_training_leaves_a_complete_checkpoint(tmp_path,
         assert ckpt.restore_meta()["step"] == 2
 
 
+def test_a_finished_kg_run_is_not_resumed_with_other_settings(tmp_path):
+    """A rerun in the same workdir with another loss or learning rate was "resumed" at
+    its last step: no training, and the old tables written as the new run's facet."""
+    g = _likes_graph()
+    model = kg_train.KGModelConfig(model="distmult", dim=8)
+    cfg = kg_train.KGTrainConfig(chunk_size=4, uniform_negatives=3, chunks_per_batch=8,
+                                 num_epochs=1, max_steps=2, log_every=0, checkpoint_every=2)
+
+    def run(**kw):
+        return kg_train.train(g, model=model, train_config=dataclasses.replace(cfg, **kw),
+                              mesh=_mesh(2), log_fn=lambda d: None, checkpoint_dir=tmp_path / "ck")
+
+    run()
+    assert run().metrics["resumed_from_step"] == 2  # the same settings resume
+    with pytest.raises(ValueError, match=r"belongs to another run \(saved vs now: \{'loss': "
+                       r"\('softmax', 'logistic'\), 'relation_learning_rate': \(0.01, 0.5\)\}"):
+        run(loss="logistic", relation_learning_rate=0.5)
+
+
+def test_a_contrastive_checkpoint_of_other_settings_is_refused(tmp_path):
+    pairs = types.SimpleNamespace(train_user=np.arange(4, dtype=np.int32),
+                                  train_pin=np.arange(4, dtype=np.int32),
+                                  train_weight=np.ones(4, np.float32))
+    cfg = ct.ContrastiveConfig(dim=8, temperature=0.2)
+    saved = {"seed": 0, **ct.training_settings(cfg, pairs)}
+    ct.check_resume_meta(saved, {"seed": 0, **ct.training_settings(cfg, pairs)}, "ck/4")
+    with pytest.raises(ValueError, match=r"ck/4: the checkpoint belongs to another run \(saved "
+                       r"vs now: \{'temperature': \(0.2, 0.05\)\}\)"):
+        ct.check_resume_meta(saved, {"seed": 0, **ct.training_settings(
+            dataclasses.replace(cfg, temperature=0.05), pairs)}, "ck/4")
+    pairs.train_weight = np.full(4, 2.0, np.float32)  # e.g. another conversion_weight
+    with pytest.raises(ValueError, match="'train_pairs_digest'"):
+        ct.check_resume_meta(saved, {"seed": 0, **ct.training_settings(cfg, pairs)}, "ck/4")
+    # A checkpoint saved before these settings were recorded still resumes.
+    ct.check_resume_meta({"seed": 0}, {"seed": 0, **ct.training_settings(cfg, pairs)}, "ck/4")
+    with pytest.raises(ValueError, match=r"\{'seed': \(0, 1\)\}"):
+        ct.check_resume_meta({"seed": 0}, {"seed": 1, **ct.training_settings(cfg, pairs)}, "ck/4")
+
+
 # ----------------------------------------------------------------------------- SIGKILL
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -494,7 +495,8 @@ def train_and_evaluate(
                 "num_users": int(pairs.user_ids.size), "num_pins": int(pairs.pin_ids.size),
                 "dim": cfg.dim, "project": cfg.project,
                 "uniform_negatives": cfg.uniform_negatives,
-                "pin_side": {k: int(v) for k, v in pairs.side_vocab_sizes.items()}}
+                "pin_side": {k: int(v) for k, v in pairs.side_vocab_sizes.items()},
+                **training_settings(cfg, pairs)}
     history, ema, m, start = [], None, {}, 0
     ckpt = None
     if cfg.checkpoint_every:
@@ -637,15 +639,48 @@ def _fit_shape(x: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
 
 
 
+def training_settings(cfg: ContrastiveConfig, pairs: ContrastivePairs) -> dict:
+    """The settings besides the shapes that decide what a run trains (loss, optimizers,
+    pair weights), as checkpoint meta: a rerun in the same workdir with other ones is
+    refused instead of resuming (a finished run's checkpoint skipped all training)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for a in (pairs.train_user, pairs.train_pin, pairs.train_weight):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    opt = cfg.table_optimizer
+    settings = {"temperature": cfg.temperature, "use_logq": cfg.use_logq,
+                "remove_accidental_hits": cfg.remove_accidental_hits,
+                "dense_learning_rate": cfg.dense_learning_rate, "init_scale": cfg.init_scale,
+                "table_optimizer": {"kind": type(opt).__name__, **dataclasses.asdict(opt)},
+                "train_pairs_digest": digest.hexdigest()[:16]}
+    return json.loads(json.dumps(settings))  # as the meta comes back
+
+
+# Keys of `expected` added after checkpoints were first saved: a checkpoint without them
+# resumes with a warning (`check_resume_meta`); one that has them must match.
+RESUME_KEYS_ADDED = frozenset({
+    "temperature", "use_logq", "remove_accidental_hits", "dense_learning_rate", "init_scale",
+    "table_optimizer", "train_pairs_digest", "loss", "margin", "adversarial_temperature",
+    "regularization", "corrupt", "entity_learning_rate", "entity_initial_accumulator",
+    "relation_learning_rate", "gamma"})
+
+
 def check_resume_meta(meta: dict, expected: dict, where) -> None:
     """Raises ValueError naming `where` if a checkpoint's meta disagrees with `expected`.
 
     Args:
       meta: the restored checkpoint meta.
-      expected: keys that must match (seed, batch size, data sizes...).
+      expected: keys that must match (seed, batch size, data sizes...); those of
+        `RESUME_KEYS_ADDED` only when the meta has them.
       where: the checkpoint folder (for the message).
     """
-    diff = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    unchecked = sorted(k for k in expected if k in RESUME_KEYS_ADDED and k not in meta)
+    if unchecked:
+        logging.warning("%s was saved without %s; resuming it without checking them", where,
+                        ", ".join(unchecked))
+    diff = {k: (meta.get(k), v) for k, v in expected.items()
+            if meta.get(k) != v and k not in unchecked}
     if diff:
         raise ValueError(
             f"{where}: the checkpoint belongs to another run (saved vs now: {diff}); "

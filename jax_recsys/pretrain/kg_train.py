@@ -597,7 +597,14 @@ def train(
                 "chunks_per_batch": train_config.chunks_per_batch,
                 "uniform_negatives": train_config.uniform_negatives,
                 "num_train_triples": int(len(graph.splits["train"])),
-                "num_rows": {k: int(v) for k, v in sorted(graph.num_rows.items())}}
+                "num_rows": {k: int(v) for k, v in sorted(graph.num_rows.items())},
+                # What else decides the training: a rerun with other values is refused
+                # (a finished run's checkpoint skipped all training).
+                "gamma": model.gamma, "init_scale": model.init_scale,
+                **{k: getattr(train_config, k) for k in (
+                    "loss", "margin", "adversarial_temperature", "regularization", "corrupt",
+                    "entity_learning_rate", "entity_initial_accumulator",
+                    "relation_learning_rate")}}
     filter_index = None
     history, last = [], {}
     step = positives = steady_pos = 0
