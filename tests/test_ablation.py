@@ -69,6 +69,9 @@ def test_config_rejects_a_repeated_seed():
     with pytest.raises(ValueError, match=r"seeds lists a seed twice: \[3, 3, 3\]"):
         A.AblationConfig(base=base, seeds=(3, 3, 3))
     assert A.AblationConfig(base=base, seeds=(3, 1)).seeds == (3, 1)
+    # Was accepted; the first run of seed -1 failed after the pretraining.
+    with pytest.raises(ValueError, match=r"seeds must be >= 0, got \[0, -1\]"):
+        A.AblationConfig(base=base, seeds=(0, -1))
 
 
 def _write_data(path, n=2048, seed=0):

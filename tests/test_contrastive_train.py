@@ -133,6 +133,8 @@ def test_load_pairs_errors_name_the_problem(tmp_path):
     ("conversion_weight", math.inf, "conversion_weight must be a finite number >= 0"),
     ("eval_days", 0, r"eval_days and max_eval_pairs must be >= 1, got 0, 20000"),
     ("max_eval_pairs", 0, r"eval_days and max_eval_pairs must be >= 1, got 1, 0"),
+    # Was NumPy's "expected non-negative integer" (no name) when the pairs were read.
+    ("seed", -1, r"data seed must be >= 0, got -1"),
 ])
 def test_data_config_rejects_negative_weights_and_no_held_out_pairs(field, value, message):
     # Were accepted: a negative weight drove the training loss to -1e11, and no held-out
@@ -241,6 +243,9 @@ def test_config_rejects_bad_values():
                            match=rf"dense_learning_rate must be a finite number >= 0, got {bad}"):
             ct.ContrastiveConfig(dense_learning_rate=bad)
     assert ct.ContrastiveConfig(dense_learning_rate=0.0).dense_learning_rate == 0.0
+    # Was NumPy's "expected non-negative integer" (no name) at the first training step.
+    with pytest.raises(ValueError, match=r"^seed must be >= 0, got -1$"):
+        ct.ContrastiveConfig(seed=-1)
     for bad in (0, -4):
         with pytest.raises(ValueError, match=rf"dim .*must be >= 1, got {bad}"):
             ct.ContrastiveConfig(dim=bad)

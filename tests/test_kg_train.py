@@ -223,6 +223,9 @@ def test_config_rejects_zero_steps():
             kg_train.KGTrainConfig(max_steps=bad)
     with pytest.raises(ValueError, match="num_epochs must be >= 1, got 0"):
         kg_train.KGTrainConfig(num_epochs=0)
+    # Was NumPy's "expected non-negative integer" (no name) at the first training step.
+    with pytest.raises(ValueError, match=r"^seed must be >= 0, got -1$"):
+        kg_train.KGTrainConfig(seed=-1)
     assert kg_train.KGTrainConfig(max_steps=None).max_steps is None
     assert kg_train.KGTrainConfig(max_steps=1).max_steps == 1
 

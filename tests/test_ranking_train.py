@@ -60,6 +60,8 @@ def _cfg(path, entities, **kw):
     ("keep_checkpoints", 0, "keep_checkpoints must be >= 1, got 0"),
     ("dense_learning_rate", -1e-3, "dense_learning_rate must be a finite number >= 0, got -0.001"),
     ("table_learning_rate", float("inf"), "table_learning_rate must be a finite number >= 0"),
+    # Was NumPy's "expected non-negative integer" at the first training step.
+    ("seed", -1, "seed must be >= 0, got -1"),
 ])
 def test_train_config_rejects_bad_values(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -109,6 +109,8 @@ class ContrastiveDataConfig:
         if self.eval_days < 1 or self.max_eval_pairs < 1:
             raise ValueError(f"eval_days and max_eval_pairs must be >= 1, got "
                              f"{self.eval_days}, {self.max_eval_pairs}")
+        if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
+            raise ValueError(f"data seed must be >= 0, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

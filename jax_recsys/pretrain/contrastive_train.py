@@ -147,6 +147,8 @@ class ContrastiveConfig:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
                              f"{self.checkpoint_every}, {self.keep_checkpoints}")
+        if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def _to_host(x) -> np.ndarray:

@@ -173,6 +173,8 @@ class KGTrainConfig:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
                              f"{self.checkpoint_every}, {self.keep_checkpoints}")
+        if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.log_every < 0 or self.eval_every_epochs < 0:
             raise ValueError(f"log_every and eval_every_epochs must be >= 0 (0: never), got "
                              f"{self.log_every}, {self.eval_every_epochs}")

@@ -138,6 +138,8 @@ class AblationConfig:
             raise ValueError(f"the variants must include the baseline {BASELINE!r}")
         if not self.seeds:
             raise ValueError("AblationConfig.seeds is empty")
+        if min(self.seeds) < 0:  # each run's TrainConfig would refuse it, after the pretraining
+            raise ValueError(f"AblationConfig.seeds must be >= 0, got {list(self.seeds)}")
         if len(set(self.seeds)) < len(self.seeds):
             raise ValueError(f"AblationConfig.seeds lists a seed twice: {list(self.seeds)} "
                              "(a repeated seed repeats the same run)")

@@ -170,6 +170,8 @@ class TrainConfig:
                              f"{self.checkpoint_every}, {self.warmup_steps}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         for name in ("dense_learning_rate", "dense_weight_decay", "table_learning_rate",
                      "table_initial_accumulator", "finetune_lr_scale", "cvr_weight"):
             value = getattr(self, name)
