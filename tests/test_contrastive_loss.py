@@ -190,6 +190,9 @@ def test_recall_ndcg_and_popularity():
     assert m["recall@1"] == pytest.approx(1 / 3)
     assert m["recall@2"] == pytest.approx(2 / 3)
     assert m["ndcg@2"] == pytest.approx((1 / math.log2(3) + 1.0) / 3)
+    # No queries (no held-out pairs): undefined, not a model that never finds the positive.
+    empty = retrieval_eval.recall_ndcg_from_ranks(np.zeros(0), ks=(10,))
+    assert list(empty) == ["recall@10", "ndcg@10"] and all(map(math.isnan, empty.values()))
     # Pin 4 is most popular, then pin 1 (ties to 2 broken by row).
     pop = retrieval_eval.popularity_ranks(
         train_pin_rows=np.array([4, 4, 4, 1, 1, 2, 2]), pos_rows_q=np.array([4, 2, 0]),

@@ -290,6 +290,11 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     if pairs.shape[0] > cfg.max_eval_pairs:
         pairs = pairs[np.sort(rng.choice(pairs.shape[0], cfg.max_eval_pairs, replace=False))]
     stats["eval_pairs"] = int(pairs.shape[0])
+    if not stats["eval_pairs"]:
+        logging.warning("contrastive data: no held-out pairs in days [%d, %d) (%d there, %d of "
+                        "users or pins not in training): Recall@K and NDCG@K will be NaN",
+                        e_start, e_end, stats["eval_pairs_total"],
+                        stats["eval_pairs_unseen_dropped"])
 
     pin_side, side_sizes = {}, {}
     if cfg.pin_side_features:

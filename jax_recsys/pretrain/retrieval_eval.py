@@ -28,6 +28,7 @@ Legend: Q queries, D embedding dim, R pin rows, S shards, K top-k.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -240,14 +241,15 @@ def recall_ndcg_from_ranks(ranks_q: np.ndarray, ks: Sequence[int]) -> dict[str, 
       ks: cut-offs.
 
     Returns:
-      {"recall@K": ..., "ndcg@K": ...} for each K (0.0 when Q == 0).
+      {"recall@K": ..., "ndcg@K": ...} for each K (NaN when Q == 0: undefined, where 0.0
+      read as a model, and a popularity baseline, that never found a positive).
     """
     one_based = np.asarray(ranks_q) + 1
     out = {}
     for k in ks:
         empty = one_based.size == 0
-        out[f"recall@{k}"] = 0.0 if empty else metrics.recall_at_k(one_based, k)
-        out[f"ndcg@{k}"] = 0.0 if empty else metrics.ndcg_at_k(one_based, k)
+        out[f"recall@{k}"] = math.nan if empty else metrics.recall_at_k(one_based, k)
+        out[f"ndcg@{k}"] = math.nan if empty else metrics.ndcg_at_k(one_based, k)
     return out
 
 
