@@ -193,7 +193,7 @@ def main(argv):
     names = train_ranker._names
     config = ablation.AblationConfig(
         base=base,
-        entities=tuple(tuple(e.split(":")) for e in names(cfg.ranker.entities)),
+        entities=train_ranker.entity_pairs(cfg.ranker.entities, key="ranker.entities"),
         scratch_dim=cfg.ranker.scratch_dim,
         scratch_init_scale=train_ranker._opt(cfg.ranker.scratch_init_scale),
         facet_target_norm=train_ranker._opt(cfg.ranker.facet_target_norm),

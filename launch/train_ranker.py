@@ -45,6 +45,23 @@ def _names(s) -> tuple[str, ...]:
     return tuple(x.strip() for x in str(s).split(",") if x.strip())
 
 
+def entity_pairs(value, *, key: str = "entities") -> tuple[tuple[str, str], ...]:
+    """config.entities ("user:user_id,pin:item_id") as (entity, column) pairs, checked:
+    each a name:column pair, no entity twice (ValueError naming `key`)."""
+    pairs = []
+    for item in _names(value):
+        name, sep, column = (x.strip() for x in item.partition(":"))
+        if not (name and sep and column) or ":" in column:
+            raise ValueError(f"config.{key} must list name:column pairs such as "
+                             f"user:user_id, got {item!r}")
+        pairs.append((name, column))
+    twice = sorted({n for n, _ in pairs if [m for m, _ in pairs].count(n) > 1})
+    if twice:
+        raise ValueError(f"config.{key} lists the entity {', '.join(twice)} more than once: "
+                         f"{value!r}")
+    return tuple(pairs)
+
+
 def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None, seed=None):
     """Turns the ranker ConfigDict into a `jax_recsys.ranking.train.TrainConfig`.
 
@@ -70,7 +87,7 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
     )
     pretrained = _names(cfg.facets) if pretrained is None else tuple(pretrained)
     entities = facets_lib.build_entities(
-        entities=[tuple(e.split(":")) for e in _names(cfg.entities)],
+        entities=entity_pairs(cfg.entities),
         scratch_dim=cfg.scratch_dim,
         pretrained=pretrained,
         mode=mode or cfg.facet_mode,

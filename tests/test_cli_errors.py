@@ -127,6 +127,22 @@ def test_train_ranker_facets_without_a_folder_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("entities, message", [
+    # Were Python's "not enough values to unpack (expected 2, got 1)" / "too many values to
+    # unpack (expected 2)", and for a repeated entity a list of its table names.
+    ("user:user_id,pin", "config.entities must list name:column pairs such as user:user_id, "
+     "got 'pin'"),
+    ("user:user_id:x", "config.entities must list name:column pairs such as user:user_id, "
+     "got 'user:user_id:x'"),
+    ("user:user_id,user:item_id", "config.entities lists the entity user more than once: "
+     "'user:user_id,user:item_id'"),
+])
+def test_train_ranker_bad_entities_are_one_line(tmp_path, entities, message):
+    proc = _run("train_ranker", ["--config=configs/ranker.py:smoke", f"--config.entities={entities}",
+                                 f"--config.data.path={tmp_path}", f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "train_ranker: error:") == f"train_ranker: error: {message}"
+
+
 def test_pretrain_contrastive_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",
