@@ -163,6 +163,7 @@ def main(argv):
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     seeds = _seeds(cfg.seeds)  # before any data is generated
+    entities = train_ranker.entity_pairs(cfg.ranker.entities, key="ranker.entities")
     if not cfg.pretrain.timeout_s > 0:
         raise ValueError(f"pretrain.timeout_s must be > 0 (seconds per pretraining run), "
                          f"got {cfg.pretrain.timeout_s}")
@@ -193,7 +194,7 @@ def main(argv):
     names = train_ranker._names
     config = ablation.AblationConfig(
         base=base,
-        entities=train_ranker.entity_pairs(cfg.ranker.entities, key="ranker.entities"),
+        entities=entities,
         scratch_dim=cfg.ranker.scratch_dim,
         scratch_init_scale=train_ranker._opt(cfg.ranker.scratch_init_scale),
         facet_target_norm=train_ranker._opt(cfg.ranker.facet_target_norm),

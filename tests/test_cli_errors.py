@@ -143,6 +143,16 @@ def test_train_ranker_bad_entities_are_one_line(tmp_path, entities, message):
     assert _assert_one_line(proc, "train_ranker: error:") == f"train_ranker: error: {message}"
 
 
+def test_run_ablation_bad_entities_name_its_key(tmp_path):
+    # Was "config.entities ..." (train_ranker's key), and before that Python's unpacking error.
+    proc = _run("run_ablation", ["--config=configs/ablation.py:smoke",
+                                 "--config.ranker.entities=user", f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "run_ablation: error:") == (
+        "run_ablation: error: config.ranker.entities must list name:column pairs such as "
+        "user:user_id, got 'user'")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []  # no world generated
+
+
 def test_pretrain_contrastive_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",
