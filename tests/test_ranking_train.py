@@ -159,6 +159,12 @@ def test_substituted_tables_change_the_evaluation(tmp_path):
     assert same["ctr_log_loss"] == pytest.approx(res["test"]["ctr_log_loss"], rel=1e-6)
     zero = T.evaluate_ranker(ranker, data.splits["test"], tables={"user": np.zeros_like(ranker.tables["user"])})
     assert zero["ctr_log_loss"] != pytest.approx(same["ctr_log_loss"], rel=1e-6)
+    # A table of another row count was scored (rows clipped into it): wrong numbers.
+    rows = len(ranker.vocabs["user"])
+    for bad in (ranker.tables["user"][:5], ranker.tables["user"][:, :3]):
+        with pytest.raises(ValueError, match=re.escape(
+                f"predict: the 'user' table has shape {bad.shape}, the ranker's is ({rows}, 4)")):
+            T.evaluate_ranker(ranker, data.splits["test"], tables={"user": bad})
 
 
 def test_bad_data_names_the_column(tmp_path):

@@ -452,9 +452,14 @@ def predict(
       (p_ctr [N], p_cvr [N]) float32.
     """
     tables = dict(ranker.tables if tables is None else tables)
-    for ent, _ in ranker.config.entity_dims:
+    for ent, dim in ranker.config.entity_dims:
         if ent not in tables:
             raise ValueError(f"predict: no table for entity {ent!r}")
+        # Rows are clipped into the table below: one of fewer rows scored silently wrong.
+        want = (len(ranker.vocabs[ent]), dim)
+        if tuple(np.shape(tables[ent])) != want:
+            raise ValueError(f"predict: the {ent!r} table has shape {tuple(np.shape(tables[ent]))}, "
+                             f"the ranker's is {want} (vocabulary rows, width)")
     score = _jitted_score_fn(ranker.config)
     params = {k: jnp.asarray(v) for k, v in ranker.params.items()}
     coarse_names = [n for n, _ in ranker.config.coarse_vocab_sizes]
