@@ -12,6 +12,7 @@ with one `NAME: interrupted (...)` line and exit status 130 (see `run`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -238,6 +239,20 @@ def _interrupted(name: str, resume_hint) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED_EXIT)
+
+
+@contextlib.contextmanager
+def flagfile_errors():
+    """Around `config_flags.DEFINE_config_file`: a --flagfile that cannot be opened ends
+    with one ``NAME: error: ...`` line. ml_collections reads the command line's flag files
+    while it defines the flag, before `run` can catch anything, and absl's
+    CantOpenFlagFileError was a traceback. (A wrapper function would make the flag
+    this module's, not the script's.)"""
+    try:
+        yield
+    except flags.CantOpenFlagFileError as e:
+        message = str(e).removeprefix("ERROR:: ")
+        _fail(f"{pathlib.Path(sys.argv[0]).stem or 'main'}: error: {message}")
 
 
 def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:

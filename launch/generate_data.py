@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+with common.flagfile_errors():
+    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Output dataset folder: new, empty, or a world generated before (replaced); any other "

@@ -40,7 +40,8 @@ def _define_flags():
     """Defines the flags, only when run as the entry point: the tests import this module
     (`pretrain_keys`) beside others that define --workdir too (one absl registry)."""
     global _CONFIG, _WORKDIR, _FRESH
-    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+    with common.flagfile_errors():
+        _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
     _FRESH = flags.DEFINE_bool(
         "fresh", False,

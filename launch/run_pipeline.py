@@ -38,7 +38,8 @@ from ml_collections import config_flags
 from jax_recsys import history, report
 from launch import common, pipeline_stages
 
-_CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+with common.flagfile_errors():
+    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline folder.", required=True)
 _FORCE = flags.DEFINE_list("force", [], "Stages to rerun even if up to date (or 'all').")
 

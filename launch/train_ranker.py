@@ -31,7 +31,8 @@ _WORKDIR = None
 
 def _define_flags():
     global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+    with common.flagfile_errors():
+        _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 
 

@@ -593,6 +593,19 @@ def test_a_config_without_data_path_or_world_is_one_line(tmp_path):
     assert common.dataset_path(cfg, tmp_path) == "/some/folder"
 
 
+@pytest.mark.parametrize("module", ["train_ranker", "run_pipeline"])
+def test_a_flagfile_that_cannot_be_opened_is_one_line(tmp_path, module):
+    """ml_collections reads the flag files while it defines --config, before
+    common.run: a missing --flagfile was absl's CantOpenFlagFileError traceback."""
+    missing = tmp_path / "nope.flags"
+    proc = _run(module, [f"--flagfile={missing}", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, f"{module}: error:", "Unable to open flagfile", str(missing))
+    good = tmp_path / "good.flags"  # a flag file that opens still works
+    good.write_text("--config=configs/nope.py\n")
+    proc = _run(module, [f"--flagfile={good}", f"--workdir={tmp_path / 'w'}"])
+    _assert_one_line(proc, f"{module}: error:", "cannot load --config", "configs/nope.py")
+
+
 def test_generated_world_reuses_only_the_same_world(tmp_path):
     from launch import common
 
