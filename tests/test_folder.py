@@ -54,6 +54,26 @@ def test_tsv_and_npy_tables_discovered(tmp_path):
     np.testing.assert_array_equal(it["name"], ["a", "bb", "c"])
     assert ds.kg_path is None and not ds.has_table("nope")
 
+def test_discovery_takes_upper_case_suffixes_and_skips_hidden_files(tmp_path):
+    # Upper-case .CSV/.TSV were ignored (a table lost) and macOS "._x.csv" resource forks
+    # (binary) were taken for a table "._x".
+    _write(tmp_path / "Imp.CSV", "user_id,click\n1,0\n2,1\n")
+    _write(tmp_path / "Users.TSV", "user_id\tcountry\n7\tFR\n")
+    (tmp_path / "._Imp.CSV").write_bytes(b"\x00\x05\x16\x07\x00\x02")
+    (tmp_path / ".hidden").mkdir()
+    np.save(tmp_path / ".hidden" / "a.npy", np.arange(3))
+    ds = DatasetFolder(tmp_path)
+    assert ds.table_names == ["Imp", "Users"]
+    np.testing.assert_array_equal(ds.table("Imp")["click"], [0, 1])
+    u = ds.table("Users")  # tab-separated, not one column "user_id\tcountry"
+    assert list(u) == ["user_id", "country"]
+    np.testing.assert_array_equal(u["country"], ["FR"])
+    assert list(folder.read_table(tmp_path / "Imp.CSV")) == ["user_id", "click"]
+    folder.write_table(tmp_path, "items", {"item_id": np.array([3, 4])})
+    (tmp_path / "items" / "._item_id.npy").write_bytes(b"\x00\x05\x16\x07\x00\x02")
+    assert list(DatasetFolder(tmp_path).table("items")) == ["item_id"]
+
+
 
 def test_table_writer_chunks_equal_one_shot(tmp_path):
     rng = np.random.default_rng(0)

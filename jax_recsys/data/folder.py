@@ -134,10 +134,16 @@ def _check_columns(columns: Mapping[str, np.ndarray], where: str) -> int:
     return int(rows)
 
 
+def _npy_columns(tdir: pathlib.Path) -> list[str]:
+    """Column names of the ``<column>.npy`` files in a table folder, sorted; hidden files
+    (macOS ``._<column>.npy`` resource forks) are not columns."""
+    return sorted(p.stem for p in tdir.glob("*.npy") if not p.name.startswith("."))
+
+
 def _check_no_other_columns(tdir: pathlib.Path, columns: Iterable[str]) -> None:
     """Refuses to write into a table folder that holds ``.npy`` columns this table lacks:
     a reader would take those leftovers of an earlier table for columns of this one."""
-    others = sorted({p.stem for p in tdir.glob("*.npy")} - set(columns))
+    others = sorted(set(_npy_columns(tdir)) - set(columns))
     if others:
         raise DataError(
             f"the table folder already holds columns {others} that this table does not have "
@@ -522,7 +528,7 @@ def _read_text_table(
     # utf-8-sig: a byte-order mark (as some editors and spreadsheets write) is dropped,
     # not read as part of the first column's name.
     with open(path, newline="", encoding="utf-8-sig") as f:
-        if path.suffix == ".tsv":
+        if path.suffix.lower() == ".tsv":
             # TSV has no quoting: a '"' is an ordinary character.
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -641,7 +647,8 @@ def read_npy_table(
 
     Args:
       path: the table folder.
-      columns: columns to return (default all, sorted by name).
+      columns: columns to return (default all, sorted by name; hidden files such as
+        macOS ``._<column>.npy`` are not columns).
       mmap: memory-map the columns (``mmap_mode="r"``).
 
     Returns:
@@ -654,7 +661,7 @@ def read_npy_table(
         (the row is named), or columns of different lengths.
     """
     path = pathlib.Path(path)
-    available = sorted(p.stem for p in path.glob("*.npy"))
+    available = _npy_columns(path)
     if not available:
         raise DataError("no <column>.npy files in table folder", file=path)
     wanted = available if columns is None else list(columns)
@@ -722,7 +729,7 @@ def read_table(
     path = pathlib.Path(path)
     if path.is_dir():
         return read_npy_table(path, columns=columns)
-    if path.suffix in (".csv", ".tsv"):
+    if path.suffix.lower() in (".csv", ".tsv"):
         return read_text_table(path, columns=columns, kinds=kinds, on_bad_lines=on_bad_lines)[0]
     if not path.exists():
         raise DataError("table not found", file=path)
@@ -793,8 +800,9 @@ class DatasetFolder:
 
     Args:
       path: the folder. ``dataset.json`` is optional: without it, ``*.csv``,
-        ``*.tsv`` and sub-folders of ``*.npy`` are tables and ``kg/`` (if it holds
-        ``train.txt``) is the knowledge graph.
+        ``*.tsv`` (any case: ``.CSV``) and sub-folders of ``*.npy`` are tables, names
+        starting with ``.`` are not (hidden files, macOS ``._x.csv``), and ``kg/`` (if
+        it holds ``train.txt``) is the knowledge graph.
       on_bad_lines: "error" or "skip" for CSV/TSV tables.
     """
 
@@ -861,9 +869,11 @@ class DatasetFolder:
     def _discover(self) -> dict:
         tables: dict[str, dict] = {}
         for p in sorted(self.path.iterdir()):
-            if p.is_file() and p.suffix in (".csv", ".tsv"):
+            if p.name.startswith("."):
+                continue  # hidden: macOS "._x.csv" resource forks, editor and VCS files
+            if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):
                 name = p.stem
-            elif p.is_dir() and any(p.glob("*.npy")):
+            elif p.is_dir() and _npy_columns(p):
                 name = p.name
             else:
                 continue
