@@ -505,3 +505,20 @@ def test_folder_error_names_the_line_or_the_npy_row(tmp_path):
     folder.write_table(tmp_path, "n", {"click": np.zeros(3)})
     e = DatasetFolder(tmp_path).error("n", "bad", column="click", row=2)
     assert e.file == str(tmp_path / "n" / "click.npy") and str(e).endswith("row 2: bad")
+
+
+def test_table_writer_empty_first_chunk_does_not_fix_the_dtypes(tmp_path):
+    # np.array([]) is float64: an empty first chunk (a day with no rows) fixed every
+    # column to float64 and the int chunks after it were refused.
+    with folder.TableWriter(tmp_path, "t") as w:
+        w.append({"i": np.array([]), "v": np.array([])})
+        w.append({"i": np.array([3, 4]), "v": np.ones((2, 2), np.float32)})
+        w.append({"i": np.array([5], np.int8), "v": np.zeros((1, 2), np.float32)})
+        w.append({"i": np.array([]), "v": np.array([])})  # empty again: not checked
+        e = _err(lambda: w.append({"i": np.array([0.5]), "v": np.zeros((1, 2), np.float32)}))
+        assert e.column == "i" and "cannot be stored safely in the column's int64" in str(e)
+    t = folder.read_npy_table(tmp_path / "t", mmap=False)
+    assert t["i"].dtype == np.int64 and t["v"].dtype == np.float32
+    np.testing.assert_array_equal(t["i"], [3, 4, 5])
+    np.testing.assert_array_equal(t["v"], [[1, 1], [1, 1], [0, 0]])
+    assert w.close() == {"path": "t", "columns": ["i", "v"], "rows": 3}

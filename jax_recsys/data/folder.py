@@ -206,10 +206,11 @@ def _safe_chunk_cast(src: np.dtype, dst: np.dtype) -> bool:
 class TableWriter:
     """Streams a table to ``directory/name/<column>.npy`` chunk by chunk.
 
-    The first ``append`` fixes the columns, dtypes and trailing shapes; the npy
-    headers carry the final row count after ``close()``. Usable as a context
-    manager. Memory use is one chunk. As :func:`write_table`, it refuses a table folder
-    that holds ``.npy`` columns the first chunk lacks.
+    The first ``append`` fixes the columns; the first chunk with rows fixes the dtypes
+    and trailing shapes (an empty chunk has no values to fix them by: ``np.array([])``
+    is float64); the npy headers carry the final row count after ``close()``. Usable as
+    a context manager. Memory use is one chunk. As :func:`write_table`, it refuses a
+    table folder that holds ``.npy`` columns the first chunk lacks.
 
     Args:
       directory: the dataset folder.
@@ -231,7 +232,8 @@ class TableWriter:
         A later chunk may use a narrower dtype of the same family (int32 into an
         int64 column, float32 into float64, shorter strings); anything that could
         change a value (wider ints, floats into ints, bytes into str, longer strings)
-        is a DataError naming the column. Empty chunks are not checked.
+        is a DataError naming the column. Empty chunks are not checked (only their
+        column names).
         """
         if self._closed:
             raise DataError("append after close", file=self.path)
@@ -251,15 +253,19 @@ class TableWriter:
                 f"{sorted(self._spec)}",
                 file=self.path,
             )
+        if not n:
+            return
         # Check every column before writing any, so a bad chunk leaves no partial rows.
         chunk = {col: np.asarray(arr) for col, arr in columns.items()}
+        if not self.rows:  # the first rows fix the dtypes (nothing is written yet)
+            self._spec = {col: (chunk[col].dtype, chunk[col].shape[1:]) for col in self._spec}
         for col, arr in chunk.items():
             dtype, trailing = self._spec[col]
-            if n and not _safe_chunk_cast(arr.dtype, dtype):
+            if not _safe_chunk_cast(arr.dtype, dtype):
                 raise DataError(
-                    f"chunk dtype {arr.dtype} cannot be stored safely in the first chunk's "
-                    f"{dtype} (values would wrap, truncate or change kind); append a first "
-                    "chunk with the widest dtype",
+                    f"chunk dtype {arr.dtype} cannot be stored safely in the column's "
+                    f"{dtype} (values would wrap, truncate or change kind; the first chunk "
+                    "with rows fixes the dtype); append that chunk with the widest dtype",
                     file=self.path,
                     column=col,
                 )
@@ -269,8 +275,8 @@ class TableWriter:
                 and arr.dtype.itemsize > dtype.itemsize
             ):
                 raise DataError(
-                    f"strings wider than the first chunk's {dtype}; append a "
-                    "first chunk with the widest dtype",
+                    f"strings wider than the column's {dtype} (the first chunk with "
+                    "rows fixes the dtype); append that chunk with the widest dtype",
                     file=self.path,
                     column=col,
                 )
