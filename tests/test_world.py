@@ -570,3 +570,22 @@ def test_config_validate_catches_settings_that_fail_later():
         kg_test_fraction=0.0,
         impression_start_day=0,
     ).validate()
+
+
+def test_a_world_too_big_for_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    # num_candidates=10**6 was killed by the OS part-way, without a message.
+    cfg = _tiny(latent_dim=4, hidden_dim=2)
+    # Users 4(4+2)+20 = 44 B, pins 4*4+30 = 46 B; 2 chunks of 3000 events with 6
+    # candidates of 4(4+2)+32 = 56 B.
+    assert world.memory_estimate(cfg, 2) == 1_500 * 44 + 2_000 * 46 + 2 * 3_000 * 6 * 56
+    monkeypatch.setattr(world, "_physical_memory", lambda: 2**30)
+    big = dataclasses.replace(cfg, num_candidates=10**6)
+    out = tmp_path / "w"
+    with pytest.raises(ValueError, match=(
+        r"needs about 312.9 GiB of memory but this machine has 1.0 GiB: "
+        r"num_candidates=1000000 candidates for each of the 3000 events of a chunk "
+        r"\(chunk_events=65536\), 2 chunk\(s\) at once; lower num_candidates or chunk_events")):
+        world.generate_world(big, out, progress=False, workers=2)
+    assert list(tmp_path.iterdir()) == []
+    # Fewer events per chunk fit (the check passes; generation itself is not run here).
+    world._check_memory(dataclasses.replace(big, chunk_events=4), 2)

@@ -105,9 +105,11 @@ windows; ``world_summary.json``. Rows are in day order; within a day they are
 not sorted by timestamp. Ids are int64, days int32, labels int8.
 
 Memory: the per-entity state (about ``4(k + h) + 20`` bytes per user and
-``4k + 30`` per pin, float32) plus one chunk of events; the graph is
+``4k + 30`` per pin, float32) plus the ``M`` candidates of each chunk of events
+being generated (about ``4(k + h) + 32`` bytes per candidate); the graph is
 spilled to partition files by user, so peak memory does not grow with the
-number of days.
+number of days. ``generate_world`` refuses, before any work, a world whose
+:func:`memory_estimate` exceeds the machine's RAM.
 
 Dimension legend: k latent dim, h hidden taste dim, T topics, M candidates,
 n events in a chunk.
@@ -959,6 +961,58 @@ def _chunks(total: int, size: int):
         yield i, min(size, total - c0)
 
 
+def _num_workers(workers: int | None) -> int:
+    return max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
+
+
+def memory_estimate(cfg: WorldConfig, workers: int = 1) -> int:
+    """Bytes the generator holds at its peak, about (see "Memory" in the module docstring).
+
+    The per-entity state plus, for each of ``workers`` chunks generated at once, the
+    [n, M] candidates of a chunk of ``n = chunk_events`` events (fewer if no day has
+    that many): at most ``4(k + h) + 32`` bytes per candidate (a gathered latent
+    vector and a few per-candidate numbers).
+
+    Args:
+      cfg: the world parameters.
+      workers: chunks generated at once.
+
+    Returns:
+      The estimate in bytes.
+    """
+    k, h = cfg.latent_dim, cfg.hidden_dim
+    static = cfg.num_users * (4 * (k + h) + 20) + cfg.num_pins * (4 * k + 30)
+    return static + workers * _chunk_rows(cfg) * cfg.num_candidates * (4 * (k + h) + 32)
+
+
+def _chunk_rows(cfg: WorldConfig) -> int:
+    """Events in the largest chunk."""
+    return min(cfg.chunk_events,
+               max(cfg.engagements_per_day, cfg.conversions_per_day, cfg.impressions_per_day))
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(cfg: WorldConfig, workers: int) -> None:
+    """Refuses a world whose :func:`memory_estimate` exceeds this machine's RAM: it would
+    be killed by the OS part-way, without a message (num_candidates=10**6 did)."""
+    need, have = memory_estimate(cfg, workers), _physical_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"the world needs about {need / 2**30:.1f} GiB of memory but this machine has "
+            f"{have / 2**30:.1f} GiB: num_candidates={cfg.num_candidates} candidates for "
+            f"each of the {_chunk_rows(cfg)} events of a chunk (chunk_events="
+            f"{cfg.chunk_events}), {workers} chunk(s) at once; lower num_candidates or "
+            "chunk_events"
+        )
+
+
 GENERATOR = "jax_recsys.data.world"  # dataset.json "generator" of every generated world
 
 
@@ -1052,11 +1106,14 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
       conversion rates, oracle AUCs, KG triple counts, events/s.
 
     Raises:
+      ValueError: an invalid config, or one whose :func:`memory_estimate` exceeds this
+        machine's RAM (checked before any work).
       NotADirectoryError: ``out_dir`` is a file.
       FileExistsError: ``out_dir`` is a non-empty folder that holds no generated world,
         or other files beside one.
     """
     cfg.validate()
+    _check_memory(cfg, _num_workers(workers))
     final = pathlib.Path(out_dir).absolute()
     check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -1099,7 +1156,7 @@ def _generate_into(cfg: WorldConfig, out: pathlib.Path, *, progress: bool,
     events = 0
     t_days = time.perf_counter()
     cpu_days = time.process_time()
-    n_workers = max(1, workers if workers is not None else min(2, os.cpu_count() or 1))
+    n_workers = _num_workers(workers)
 
     def tasks():  # (kind, day, chunk, rows) in the order their results are written
         for day in range(cfg.num_days):
