@@ -522,3 +522,18 @@ def test_table_writer_empty_first_chunk_does_not_fix_the_dtypes(tmp_path):
     np.testing.assert_array_equal(t["i"], [3, 4, 5])
     np.testing.assert_array_equal(t["v"], [[1, 1], [1, 1], [0, 0]])
     assert w.close() == {"path": "t", "columns": ["i", "v"], "rows": 3}
+
+
+def test_whitespace_around_an_id_is_not_part_of_it(tmp_path):
+    # "a " and "a" were two users (string ids kept the spaces; integer ids did not).
+    p = _write(tmp_path / "x.csv", "user_id,pin_id,tag_id,note,click\n"
+                                   "a ,a_b , 7,x ,1\n a,a_b,8 ,y,0\n")
+    t, _ = folder.read_text_table(p)
+    np.testing.assert_array_equal(t["user_id"], ["a", "a"])
+    np.testing.assert_array_equal(t["pin_id"], ["a_b", "a_b"])
+    assert t["tag_id"].tolist() == [7, 8]
+    np.testing.assert_array_equal(t["note"], ["x ", "y"])  # not an id: kept as written
+    # An id of spaces only is an empty id, not the id " ".
+    _write(tmp_path / "y.csv", "user_id,click\nu1,1\n  ,0\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("y"))
+    assert (e.column, e.line) == ("user_id", 3) and "empty id" in str(e)

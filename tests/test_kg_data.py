@@ -186,3 +186,18 @@ def test_a_byte_order_mark_is_not_part_of_the_first_entity(tmp_path):
     kg = read_triples(d)
     assert kg.vocabs["thing"].ids.tolist() == ["e1", "e98"]
     np.testing.assert_array_equal(kg.splits["test"], [[0, 0, 1]])
+
+
+@pytest.mark.parametrize("blank", ["", "\n"])  # vectorised path, line-by-line path
+def test_whitespace_around_a_field_is_not_part_of_it(tmp_path, blank):
+    # "a " and "a" were two entities (and "user:12 " kept the user type's ids strings).
+    d = _write(tmp_path / "kg", train_txt=f"user:12 \tengaged\tpin:1\n{blank}"
+               "user:12\t engaged\tpin:2\xa0\nuser:3\tengaged \tpin:1\n",
+               test_txt="user:3\tengaged\t pin:2\n",
+               entity_types_tsv="user:12 \tuser\nuser:3\t user\npin:1\tpin\npin:2\tpin\n")
+    kg = read_triples(d)
+    assert kg.relations == ("engaged",)
+    assert kg.vocabs["user"].ids.tolist() == [3, 12]
+    assert kg.vocabs["pin"].ids.tolist() == [1, 2]
+    np.testing.assert_array_equal(kg.splits["train"], [[1, 0, 0], [1, 0, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(kg.splits["test"], [[0, 0, 1]])

@@ -24,7 +24,8 @@ are appended to the ``.npy`` column files and the npy header is fixed at
 :func:`write_dataset_json`. Reader: :class:`DatasetFolder`; ``.npy`` columns
 are memory-mapped, CSV/TSV columns are parsed with their header (integers ->
 int64, other numbers -> float64, anything else -> ``np.str_`` ids; ``*_id``
-columns are int64 only if every spelling is canonical, else ``np.str_``; an
+columns are int64 only if every spelling is canonical, else ``np.str_``, and
+whitespace around an id is not part of it; an
 empty cell is an error unless the reader is told the column holds labels, where it
 is a label not known yet: NaN). Text files are UTF-8 (anything else is a DataError naming
 the line of the first byte that is not) and may start with a byte-order mark (it is
@@ -416,6 +417,9 @@ def _parse_column_values(
     arr = np.asarray(values, dtype=np.str_)
     if kind is None and column in NUMERIC_COLUMNS:
         kind = "number"
+    is_id = kind is None and column.endswith("_id")
+    if is_id:  # spaces around an id are not part of it: "a " is the id "a" (as in kg.py)
+        arr = np.char.strip(arr)
     if kind == "str":
         return arr
     if kind == "label":
@@ -440,7 +444,6 @@ def _parse_column_values(
             f"cannot parse {str(arr[i])!r} as {what}", file=file, column=column, line=int(lines[i])
         )
     empty = arr == ""
-    is_id = kind is None and column.endswith("_id")
     if is_id and empty.any():
         i = int(np.argmax(empty))
         raise DataError("empty id", file=file, column=column, line=int(lines[i]))
@@ -454,9 +457,9 @@ def _parse_column_values(
                 return arr  # ids that are not all int64 stay strings, never floats
         else:
             # Ids become int64 only if every spelling is canonical ("12", not "012" or
-            # "+12"; spaces around the value, as in "a, b" files, do not count), so
+            # "+12"; spaces around the value, as in "a, b" files, were stripped above), so
             # distinct ids never merge (as in kg._normalize).
-            if not is_id or np.array_equal(as_int.astype(np.str_), np.char.strip(arr)):
+            if not is_id or np.array_equal(as_int.astype(np.str_), arr):
                 return as_int
             return arr
     if kind in ("float", "number", None):
@@ -500,7 +503,8 @@ def read_text_table(
         ``on_bad_lines="skip"``; whoever uses the labels checks the rows it reads. ``*_id`` columns are int64 only when
         every value is a canonical int64 spelling (``str(int(v)) == v``: not "007",
         "+7" or beyond int64); otherwise they stay np.str_ (never float64), so
-        distinct spellings stay distinct ids.
+        distinct spellings stay distinct ids. Whitespace around an id is not part of it
+        (``"a "`` and ``" a"`` are the id ``"a"``, as in knowledge-graph folders).
       on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines, and lines
         whose ``timestamp``/``day`` is not finite, are skipped and counted). A CSV record spanning several physical lines (a quoted field
         holding a line break, or an unmatched ``"`` swallowing the lines after it) is

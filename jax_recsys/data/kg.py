@@ -8,7 +8,9 @@ Folder layout (the common link-prediction layout, plus optional types)::
 Without ``entity_types.tsv`` every entity has the one type ``"entity"``. ``train.txt``
 is required; ``valid.txt``/``test.txt`` are optional (a missing file means no such
 split), but a present file must hold at least one triple. Blank lines are ignored;
-``\\r\\n`` line ends and a leading UTF-8 byte-order mark are accepted.
+``\\r\\n`` line ends and a leading UTF-8 byte-order mark are accepted. Whitespace
+around a field is not part of it (``"a "`` is the entity ``"a"``), as for ids in CSV/TSV
+tables (:mod:`jax_recsys.data.folder`).
 
 Integer view: every entity type has its own table, so an entity is a row *within its
 type's table*; rows come from a per-type :class:`~jax_recsys.data.vocab.Vocab` built
@@ -69,13 +71,16 @@ UNTYPED = "entity"
 
 # A field of whitespace only (spaces, \r, ...), between tabs / line ends.
 _BLANK_FIELD = re.compile(r"(?:^|[\t\n])[^\S\t\n]+(?=[\t\n]|$)")
+# A field that starts or ends with whitespace other than the tab / line end around it.
+_PADDED_FIELD = re.compile(r"(?:^|[\t\n])[^\S\t\n]|[^\S\t\n](?=[\t\n]|$)")
 
 
 def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.ndarray]:
     """Reads a tab-separated file of ``nfields`` columns.
 
     Returns:
-      (one list of strings per field, int64 1-based line numbers); blank lines skipped.
+      (one list of strings per field, int64 1-based line numbers); blank lines skipped,
+      whitespace around a field removed.
     """
     file = str(path)
     try:
@@ -101,6 +106,8 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
                        or _BLANK_FIELD.search(body) is not None)
         if (tabs_per_line == nfields - 1).all() and not empty_field:
             flat = body.replace("\n", "\t").split("\t")
+            if _PADDED_FIELD.search(body) is not None:
+                flat = [x.strip() for x in flat]
             return [flat[j::nfields] for j in range(nfields)], np.arange(1, n + 1)
     cols: list[list[str]] = [[] for _ in range(nfields)]
     line_list: list[int] = []
@@ -115,7 +122,7 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
         if any(not p.strip() for p in parts):
             raise DataError("empty field", file=file, line=i)
         for j, p in enumerate(parts):
-            cols[j].append(p)
+            cols[j].append(p.strip())
         line_list.append(i)
     if not line_list:
         raise DataError("empty file: no lines", file=file)
