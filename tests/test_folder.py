@@ -537,3 +537,10 @@ def test_whitespace_around_an_id_is_not_part_of_it(tmp_path):
     _write(tmp_path / "y.csv", "user_id,click\nu1,1\n  ,0\n")
     e = _err(lambda: DatasetFolder(tmp_path).table("y"))
     assert (e.column, e.line) == ("user_id", 3) and "empty id" in str(e)
+
+
+def test_a_nul_character_in_a_value_names_the_line(tmp_path):
+    # NumPy strings drop trailing NULs: "a\x00" and "a" were one user.
+    _write(tmp_path / "x.csv", "user_id,click\na,1\na\x00,0\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("x"))
+    assert (e.column, e.line) == ("user_id", 3) and "NUL character in 'a\\x00'" in str(e)

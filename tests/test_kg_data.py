@@ -201,3 +201,14 @@ def test_whitespace_around_a_field_is_not_part_of_it(tmp_path, blank):
     assert kg.vocabs["pin"].ids.tolist() == [1, 2]
     np.testing.assert_array_equal(kg.splits["train"], [[1, 0, 0], [1, 0, 1], [0, 0, 0]])
     np.testing.assert_array_equal(kg.splits["test"], [[0, 0, 1]])
+
+
+@pytest.mark.parametrize("files,bad", [
+    (dict(train_txt="a\tr\tb\r\na\tr\tb\x00\n"), "train.txt"),
+    (dict(train_txt="a\tr\tb\n", entity_types_tsv="a\tt\nb\x00\tt\n"), "entity_types.tsv"),
+])
+def test_a_nul_character_names_the_line(tmp_path, files, bad):
+    # NumPy strings drop trailing NULs: "b\x00" and "b" were one entity.
+    with pytest.raises(DataError, match="NUL character") as e:
+        read_triples(_write(tmp_path / "kg", **files))
+    assert e.value.line == 2 and e.value.file == str(tmp_path / "kg" / bad)

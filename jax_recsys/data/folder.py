@@ -29,9 +29,11 @@ whitespace around an id is not part of it; an
 empty cell is an error unless the reader is told the column holds labels, where it
 is a label not known yet: NaN). Text files are UTF-8 (anything else is a DataError naming
 the line of the first byte that is not) and may start with a byte-order mark (it is
-not part of the first column's name). Labels and times (:data:`NUMERIC_COLUMNS`) must be 1-D numbers in ``.npy``
-tables (other columns may have trailing dimensions: e.g. a list of ids per row; a
-consumer checks the columns it uses); ``timestamp`` and ``day``
+not part of the first column's name); a NUL character in a value is a DataError (NumPy
+strings drop trailing NULs: ``"a\\x00"`` would become the id ``"a"``). Labels and
+times (:data:`NUMERIC_COLUMNS`) must be 1-D numbers in ``.npy`` tables (other columns
+may have trailing dimensions: e.g. a list of ids per row; a consumer checks the columns
+it uses); ``timestamp`` and ``day``
 values must be finite and within int64 range (a NaN day would fall outside every
 window and drop its row).
 
@@ -399,7 +401,16 @@ def _parse_column(
     values: list[str], lines: np.ndarray, *, file: str, column: str, kind: str | None
 ) -> np.ndarray:
     """Parses one text column (see :func:`_parse_column_values`); ``timestamp`` and
-    ``day`` values must be finite and within int64 range."""
+    ``day`` values must be finite and within int64 range; no value may hold a NUL."""
+    if "\x00" in "".join(values):  # one C-speed scan; NumPy strings drop trailing NULs
+        i = next(i for i, v in enumerate(values) if "\x00" in v)
+        raise DataError(
+            f"NUL character in {values[i]!r} (NumPy strings drop trailing NULs, so "
+            "'a\\x00' would become 'a')",
+            file=file,
+            column=column,
+            line=int(lines[i]),
+        )
     out = _parse_column_values(values, lines, file=file, column=column, kind=kind)
     if column in TIME_COLUMNS:
         i = _first_bad_time(out)

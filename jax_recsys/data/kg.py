@@ -10,7 +10,8 @@ is required; ``valid.txt``/``test.txt`` are optional (a missing file means no su
 split), but a present file must hold at least one triple. Blank lines are ignored;
 ``\\r\\n`` line ends and a leading UTF-8 byte-order mark are accepted. Whitespace
 around a field is not part of it (``"a "`` is the entity ``"a"``), as for ids in CSV/TSV
-tables (:mod:`jax_recsys.data.folder`).
+tables (:mod:`jax_recsys.data.folder`). A NUL character is an error (NumPy strings drop
+trailing NULs: ``"a\\x00"`` would be the entity ``"a"``).
 
 Integer view: every entity type has its own table, so an entity is a row *within its
 type's table*; rows come from a per-type :class:`~jax_recsys.data.vocab.Vocab` built
@@ -90,6 +91,9 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
         raise DataError(f"not UTF-8 text: {e.reason}", file=file) from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\x00" in text:  # NumPy strings drop trailing NULs: "a\x00" would be entity "a"
+        raise DataError("NUL character in an entity or relation name",
+                        file=file, line=text.count("\n", 0, text.index("\x00")) + 1)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
