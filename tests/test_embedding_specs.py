@@ -23,6 +23,17 @@ def test_bad_table_sizes_raise(field, value):
         specs.TableSpec(**kw)
 
 
+def test_rows_beyond_int32_are_refused():
+    # Ids are int32 inside jit: a table of 2**31 rows was accepted, then a direct lookup
+    # failed with an OverflowError and rows beyond could never be looked up.
+    assert specs.TableSpec(name="user", rows=2**31 - 1, dim=4).rows == 2**31 - 1
+    for rows in (2**31, np.int64(3 * 2**31)):
+        with pytest.raises(ValueError, match=(
+                r"TableSpec 'user': rows must be <= 2\*\*31 - 1 = 2147483647 \(ids and rows are "
+                rf"int32 inside jit: rows beyond could never be looked up\), got {rows}; ")):
+            specs.TableSpec(name="user", rows=rows, dim=4)
+
+
 def test_bad_spec_fields_raise():
     with pytest.raises(ValueError, match="unknown sharding 'diagonal'"):
         specs.TableSpec(name="t", rows=4, dim=4, sharding="diagonal")

@@ -23,6 +23,7 @@ Pooling = Literal["none", "sum", "mean"]
 IdMode = Literal["direct", "oov", "hash"]
 INITIALIZERS = ("normal", "uniform", "zeros", "ones")
 SHARDINGS = ("row_wise", "table_wise", "column_wise", "replicated")
+MAX_ROWS = 2**31 - 1  # ids and rows are int32 inside jit
 
 
 def _real(owner: str, field: str, value: Any, *, low: float, low_ok: bool, high: float | None = None
@@ -136,8 +137,9 @@ class TableSpec:
 
     Attributes:
       name: unique table name (e.g. an entity type: ``user``, ``pin``).
-      rows: number of rows R (> 0). Row-wise sharding pads R to a multiple of
-        the device count; padded rows are zero and never receive ids.
+      rows: number of rows R (> 0, at most ``MAX_ROWS`` = 2**31 - 1: ids are int32
+        inside jit). Row-wise sharding pads R to a multiple of the device count;
+        padded rows are zero and never receive ids.
       dim: embedding dimension D (> 0).
       initializer: ``"normal"`` (stddev ``init_scale`` or 1/sqrt(D)),
         ``"uniform"`` (in +-``init_scale`` or +-1/sqrt(D)), ``"zeros"``, ``"ones"``,
@@ -166,6 +168,12 @@ class TableSpec:
             value = getattr(self, field)
             if not isinstance(value, int | np.integer) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TableSpec {self.name!r}: {field} must be an int > 0, got {value!r}")
+        if self.rows > MAX_ROWS:
+            raise ValueError(
+                f"TableSpec {self.name!r}: rows must be <= 2**31 - 1 = {MAX_ROWS} (ids and rows "
+                f"are int32 inside jit: rows beyond could never be looked up), got {self.rows}; "
+                "split the table or hash the ids into fewer rows"
+            )
         if isinstance(self.initializer, str) and self.initializer not in INITIALIZERS:
             raise ValueError(
                 f"TableSpec {self.name!r}: unknown initializer {self.initializer!r}; "
