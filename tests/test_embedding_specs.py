@@ -1,6 +1,7 @@
 """Specs, planner, padding, id checks, hashing and OOV of the embedding engine."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,27 @@ def test_planner_memory_budget():
         sharding.plan_shardings([big], num_shards=2,
                                 config=sharding.PlannerConfig(memory_budget_bytes=50_000,
                                                               replicate_max_bytes=0))
+
+
+@pytest.mark.parametrize("field,value,low", [
+    ("memory_budget_bytes", -1, 1), ("memory_budget_bytes", 0, 1),
+    ("memory_budget_bytes", 1.5, 1), ("memory_budget_bytes", "1G", 1),
+    ("replicate_max_bytes", -5, 0), ("replicate_max_bytes", None, 0),
+    ("table_wise_max_bytes", True, 0),
+])
+def test_bad_planner_config_raises(field, value, low):
+    # A negative budget said "the budget is -0.0 MiB" at planning; "1G" was a TypeError;
+    # a negative replicate_max_bytes was accepted.
+    none = " or None" if field == "memory_budget_bytes" else ""
+    with pytest.raises(ValueError, match=re.escape(
+            f"PlannerConfig.{field} must be an int >= {low} (bytes){none}, got {value!r}")):
+        sharding.PlannerConfig(**{field: value})
+
+
+def test_planner_config_accepts_numpy_ints_and_no_budget():
+    cfg = sharding.PlannerConfig(memory_budget_bytes=np.int64(5), replicate_max_bytes=0)
+    assert cfg.memory_budget_bytes == 5 and type(cfg.memory_budget_bytes) is int
+    assert sharding.PlannerConfig(memory_budget_bytes=None).memory_budget_bytes is None
 
 
 def test_table_wise_packs_tables_on_owners():

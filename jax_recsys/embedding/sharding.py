@@ -38,6 +38,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_recsys.embedding import specs as specs_lib
@@ -57,16 +58,31 @@ class PlannerConfig:
     """Knobs of the sharding planner.
 
     Attributes:
-      memory_budget_bytes: per-device bytes for tables + optimizer state; None
-        means unlimited. A plan that does not fit raises a ValueError.
-      replicate_max_bytes: tables (values + slots) at most this big are replicated.
+      memory_budget_bytes: per-device bytes for tables + optimizer state (an int
+        > 0); None means unlimited. A plan that does not fit raises a ValueError.
+      replicate_max_bytes: tables (values + slots) at most this big are replicated
+        (an int >= 0; 0 replicates none).
       table_wise_max_bytes: tables above ``replicate_max_bytes`` and at most this
-        big are table-wise; bigger ones are row-wise. 0 disables table-wise.
+        big are table-wise; bigger ones are row-wise (an int >= 0). 0 disables
+        table-wise.
     """
 
     memory_budget_bytes: int | None = None
     replicate_max_bytes: int = 1 << 20
     table_wise_max_bytes: int = 0
+
+    def __post_init__(self):
+        for field, low in (("memory_budget_bytes", 1), ("replicate_max_bytes", 0),
+                           ("table_wise_max_bytes", 0)):
+            value = getattr(self, field)
+            if value is None and field == "memory_budget_bytes":
+                continue
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+                raise ValueError(
+                    f"PlannerConfig.{field} must be an int >= {low} (bytes)"
+                    f"{' or None' if field == 'memory_budget_bytes' else ''}, got {value!r}"
+                )
+            object.__setattr__(self, field, int(value))  # NumPy ints -> int (frozen)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
