@@ -423,13 +423,30 @@ class EmbeddingCollection:
                     f"this collection's {st.sharding.value} plan over {st.num_shards} device(s) "
                     f"expects {(st.rows, st.dim)}: was the state made for another mesh or plan?"
                 )
-            want = sorted(opt_lib.slot_layout(st.optimizer))
-            if slots is not None and sorted(slots.get(k, {})) != want:
+            layout = opt_lib.slot_layout(st.optimizer)
+            want = sorted(layout)
+            if slots is None:
+                continue
+            if sorted(slots.get(k, {})) != want:
                 raise ValueError(
                     f"storage {k!r} (tables {list(st.tables)}) has optimizer slots "
                     f"{sorted(slots.get(k, {}))} but this collection's {st.optimizer} needs "
                     f"{want}: was the state made with another optimizer?"
                 )
+            # An update writes rows and slots back in the dtype it is given: a bfloat16
+            # slot in a float32 collection silently lost small updates (acc += 1e-4 at 1.0).
+            given = [("values", tables[k].dtype, jnp.dtype(st.dtype))] + [
+                (f"optimizer slot {name!r}", slots[k][name].dtype, jnp.dtype(dt))
+                for name, (_, _, dt) in layout.items()
+            ]
+            for what, have, dtype in given:
+                if have != dtype:
+                    raise ValueError(
+                        f"storage {k!r} (tables {list(st.tables)}): the dtype of its {what} is "
+                        f"{have} but this collection uses {dtype} (see state_shapes()); the "
+                        f"update would keep {have} (losing precision or drifting from the spec): "
+                        "cast the state or build the collection with the state's dtypes"
+                    )
 
     def _check_batch(self, ids: Mapping[str, jax.Array]) -> None:
         for name, a in ids.items():
@@ -598,7 +615,10 @@ class EmbeddingCollection:
           The new EmbeddingState (untouched rows and storages unchanged).
 
         Raises:
-          ValueError: bad ids, gradients of the wrong shape, or bad weights.
+          ValueError: bad ids, gradients of the wrong shape, bad weights, or a state
+            whose values or optimizer slots do not have this collection's dtypes
+            (``state_shapes()``: the update would keep them, e.g. a bfloat16 slot in a
+            float32 collection would lose small updates).
         """
         self._check_host_ids(ids)
         return self._apply_jit(state, dict(ids), dict(grads), dict(weights or {}),
