@@ -203,6 +203,19 @@ def test_whitespace_around_a_field_is_not_part_of_it(tmp_path, blank):
     np.testing.assert_array_equal(kg.splits["test"], [[0, 0, 1]])
 
 
+@pytest.mark.parametrize("pad", [" ", "\x0b", "\x0c", "\x1f"])
+def test_ascii_padding_is_found_without_the_regex_pass(tmp_path, pad):
+    """The fast path skips the padding regexes when the text holds no whitespace but
+    tabs and newlines (kg._may_pad); every ASCII character strip() removes must count."""
+    from jax_recsys.data import kg as kg_lib
+
+    assert set(kg_lib._ASCII_SPACES) == {
+        chr(i) for i in range(128) if chr(i).isspace() and chr(i) not in "\t\n\r"}
+    kg = read_triples(_write(tmp_path / "kg", train_txt=f"a{pad}\tr\tb\nb\tr\ta\n"))
+    assert kg.vocabs["entity"].ids.tolist() == ["a", "b"]
+    np.testing.assert_array_equal(kg.splits["train"], [[0, 0, 1], [1, 0, 0]])
+
+
 @pytest.mark.parametrize("files,bad", [
     (dict(train_txt="a\tr\tb\r\na\tr\tb\x00\n"), "train.txt"),
     (dict(train_txt="a\tr\tb\n", entity_types_tsv="a\tt\nb\x00\tt\n"), "entity_types.tsv"),

@@ -74,6 +74,15 @@ UNTYPED = "entity"
 _BLANK_FIELD = re.compile(r"(?:^|[\t\n])[^\S\t\n]+(?=[\t\n]|$)")
 # A field that starts or ends with whitespace other than the tab / line end around it.
 _PADDED_FIELD = re.compile(r"(?:^|[\t\n])[^\S\t\n]|[^\S\t\n](?=[\t\n]|$)")
+# The ASCII characters str.strip() removes, other than tab, newline and \r (gone by then).
+_ASCII_SPACES = (" ", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f")
+
+
+def _may_pad(body: str) -> bool:
+    """False when ``body`` holds no whitespace but tabs and newlines, so neither
+    `_BLANK_FIELD` nor `_PADDED_FIELD` can match: a few C-speed scans instead of two
+    regex passes (about 1.9 s for a 59 MB triple file)."""
+    return not body.isascii() or any(c in body for c in _ASCII_SPACES)
 
 
 def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.ndarray]:
@@ -105,12 +114,13 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
         raw_b = np.frombuffer(body.encode("utf-8"), np.uint8)
         tab_line = np.searchsorted(np.flatnonzero(raw_b == 10), np.flatnonzero(raw_b == 9))
         tabs_per_line = np.bincount(tab_line, minlength=n)
+        may_pad = _may_pad(body)
         empty_field = ("\t\t" in body or "\n\t" in body or "\t\n" in body
                        or body.startswith("\t") or body.endswith("\t")
-                       or _BLANK_FIELD.search(body) is not None)
+                       or (may_pad and _BLANK_FIELD.search(body) is not None))
         if (tabs_per_line == nfields - 1).all() and not empty_field:
             flat = body.replace("\n", "\t").split("\t")
-            if _PADDED_FIELD.search(body) is not None:
+            if may_pad and _PADDED_FIELD.search(body) is not None:
                 flat = [x.strip() for x in flat]
             return [flat[j::nfields] for j in range(nfields)], np.arange(1, n + 1)
     cols: list[list[str]] = [[] for _ in range(nfields)]
