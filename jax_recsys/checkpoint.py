@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -450,7 +449,7 @@ def save_facet(
     try:
         (tmp / "tables").mkdir(parents=True)
         (tmp / "vocab").mkdir()
-        stems = _file_stems(sorted(host_tables))
+        stems = fsutil.file_stems(sorted(host_tables))
         for name in sorted(host_tables):
             t = host_tables[name]
             if t.ndim != 2:
@@ -479,22 +478,6 @@ def save_facet(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-
-def _file_stems(names: list[str]) -> dict[str, str]:
-    """Table name -> file name stem inside the facet: the name itself when it is a plain
-    file name, unique also on case-insensitive file systems; else ``_<index>``.
-
-    Names are entity types, which a knowledge graph's entity_types.tsv may spell like
-    Freebase's ``/people/person``: as a path it is absolute (or leaves the folder).
-    """
-    seen = {n.casefold() for n in names if _PLAIN_NAME.fullmatch(n)}
-    counts = {k: sum(n.casefold() == k for n in names) for k in seen}
-    return {n: n if _PLAIN_NAME.fullmatch(n) and counts[n.casefold()] == 1 else f"_{i}"
-            for i, n in enumerate(names)}
 
 
 def _json_default(x):

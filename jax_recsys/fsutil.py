@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import shutil
 import uuid
 
@@ -24,6 +25,24 @@ def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     os.rename(final, trash)
     os.rename(staged, final)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def file_stems(names: list[str]) -> dict[str, str]:
+    """Table name -> file name stem inside a folder of tables: the name itself when it
+    is a plain file name, unique also on case-insensitive file systems; else ``_<index>``.
+
+    Names are entity types, which a knowledge graph's entity_types.tsv may spell like
+    Freebase's ``/people/person``: as a path it is absolute (or leaves the folder). The
+    writers (facets, saved rankers, serving artifacts) record each name's files, so
+    readers never rebuild a path from a name.
+    """
+    seen = {n.casefold() for n in names if _PLAIN_NAME.fullmatch(n)}
+    counts = {k: sum(n.casefold() == k for n in names) for k in seen}
+    return {n: n if _PLAIN_NAME.fullmatch(n) and counts[n.casefold()] == 1 else f"_{i}"
+            for i, n in enumerate(names)}
 
 
 def symlink_refusal(path: str | os.PathLike, what: str) -> str | None:

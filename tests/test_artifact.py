@@ -62,6 +62,27 @@ def test_roundtrip(tmp_path):
             np.load(tmp_path / "art" / rel, mmap_mode="r", allow_pickle=False)
 
 
+def test_table_names_that_are_not_file_names(tmp_path):
+    """Table names are the ranker's entities, which may be a graph's entity types
+    ('/people/person'): write_artifact refused every name that was not a plain file
+    name, so such a ranker could not be exported. They are stored as _<index> now and
+    load under their names."""
+    names = ["/people/person", "a/b", "../../x", "User", "user", "pin"]
+    tables = {n: np.full((2, 3), i, np.float32) for i, n in enumerate(names)}
+    vocabs = {n: np.array([10 * i, 10 * i + 1]) for i, n in enumerate(names)}
+    m = artifact.write_artifact(tmp_path / "wd" / "art", tables=tables, vocabs=vocabs)
+    assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["art"]
+    assert m.tables["/people/person"]["files"] == {
+        "codes": "tables/_1.codes.npy", "scale": "tables/_1.scale.npy",
+        "bias": "tables/_1.bias.npy", "vocab": "vocab/_1.npy"}  # sorted: after "../../x"
+    assert sorted(p.name for p in (tmp_path / "wd" / "art" / "vocab").iterdir()) == [
+        "_0.npy", "_1.npy", "_2.npy", "_3.npy", "_5.npy", "pin.npy"]
+    art = artifact.load_artifact(tmp_path / "wd" / "art")
+    for i, n in enumerate(names):
+        np.testing.assert_array_equal(art.lookup(n, np.array([1, 0])), np.full((2, 3), i))
+        np.testing.assert_array_equal(art.vocabs[n], [10 * i, 10 * i + 1])
+
+
 def test_version_is_content_derived_and_write_is_idempotent(tmp_path):
     m1 = _write(tmp_path / "a")
     m2 = _write(tmp_path / "b")

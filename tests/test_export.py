@@ -198,6 +198,37 @@ def test_size_report_arithmetic_is_exact(trained, tmp_path):
     assert art.tables["user"].nbytes == u["bytes"]
 
 
+def test_export_of_an_entity_named_like_a_graph_entity_type(trained, tmp_path):
+    """An entity named like a Freebase type ('/people/person') could not be saved by
+    save_ranker (FileNotFoundError), staged by the export (its files were built from the
+    name) nor written by write_artifact (refused as 'not a safe file name')."""
+    r = M.load_ranker(trained.ranker_dir, mmap=False)
+    ent = "/people/person"
+    ren = lambda k: ent if k == "user" else k  # noqa: E731
+    renamed = M.TrainedRanker(
+        config=dataclasses.replace(
+            r.config, entity_dims=tuple((ren(n), d) for n, d in r.config.entity_dims)),
+        params={k.replace("norms/user/", f"norms/{ent}/"): v for k, v in r.params.items()},
+        tables={ren(k): v for k, v in r.tables.items()},
+        vocabs={ren(k): v for k, v in r.vocabs.items()},
+        entity_columns={ren(k): v for k, v in r.entity_columns.items()},
+        facet_layout={ren(k): v for k, v in r.facet_layout.items()},
+    )
+    (tmp_path / "run").mkdir()
+    shutil.copy(trained.run / "metrics.json", tmp_path / "run" / "metrics.json")
+    M.save_ranker(tmp_path / "run" / "ranker", renamed)
+    rep = X.export_ranker(
+        X.ExportConfig(ranker_dir=str(tmp_path / "run" / "ranker"), out_dir=str(tmp_path / "art")),
+        log=lambda s: None,
+    )
+    assert rep["gate"]["passed"] and sorted(rep["sizes"]["tables"]) == [ent, "pin"]
+    art = AR.load_artifact(tmp_path / "art")
+    want = rowwise.quantize_rows(np.asarray(r.tables["user"]), bits=4)
+    np.testing.assert_array_equal(art.tables[ent].codes, want.codes)
+    np.testing.assert_array_equal(art.vocabs[ent], r.vocabs["user"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", X.REPORT_NAME, "run"]
+
+
 def test_gate_failure_writes_nothing_and_keeps_the_previous_artifact(trained, tmp_path):
     out = tmp_path / "art"
     good = X.export_ranker(

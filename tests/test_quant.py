@@ -176,6 +176,16 @@ def test_chunked_reports_bad_row_globally(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial file (zero scale = zero rows)
 
 
+@pytest.mark.parametrize("name", ["a/b", "../x", ""])
+def test_chunked_refuses_a_name_that_is_not_one_path_component(tmp_path, name):
+    # The files were built from the name: 'a/b' and '../x' failed with a
+    # FileNotFoundError on their temporary file; a table name goes through
+    # fsutil.file_stems first.
+    with pytest.raises(ValueError, match="must be one path component"):
+        rowwise.quantize_table_chunked(np.zeros((2, 2), np.float32), tmp_path / "out", name)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_chunked_failure_keeps_earlier_outputs(tmp_path):
     rng = np.random.default_rng(0)
     good = rng.standard_normal((10, 4)).astype(np.float32)

@@ -174,3 +174,28 @@ def test_save_and_load_ranker_round_trip(tmp_path):
     assert back.facet_layout["pin"] == [("cl", 6, False)]
     for k, v in r.params.items():
         np.testing.assert_array_equal(back.params[k], v)
+
+
+def test_save_ranker_of_entity_names_that_are_not_file_names(tmp_path):
+    """Entity names may be a graph's entity types ('/people/person'). save_ranker built
+    tables/<entity>.npy: '/people/person' and 'a/b' failed (FileNotFoundError), and
+    '../../x' wrote its table outside the ranker folder, then its vocabulary over it."""
+    names = ["/people/person", "a/b", "../../x", "User", "user", "pin"]
+    cfg = M.RankerConfig(entity_dims=tuple((n, 2) for n in names), mlp_dims=(4,), head_dims=())
+    _, params = M.init_dense(cfg)
+    r = M.TrainedRanker(
+        config=cfg, params=M.flatten_params(params),
+        tables={n: np.full((2, 2), i, np.float32) for i, n in enumerate(names)},
+        vocabs={n: np.array([10 * i, 10 * i + 1]) for i, n in enumerate(names)},
+        entity_columns={n: f"c{i}" for i, n in enumerate(names)},
+        facet_layout={n: [("scratch", 2, True)] for n in names},
+    )
+    path = M.save_ranker(tmp_path / "wd" / "ranker", r)
+    back = M.load_ranker(path)
+    for i, n in enumerate(names):
+        np.testing.assert_array_equal(back.tables[n], np.full((2, 2), i))
+        np.testing.assert_array_equal(back.vocabs[n], [10 * i, 10 * i + 1])
+    assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["ranker"]
+    # _<index in insertion order>; 'User' and 'user' would share a file on macOS
+    assert sorted(p.name for p in (path / "tables").iterdir()) == [
+        "_0.npy", "_1.npy", "_2.npy", "_3.npy", "_4.npy", "pin.npy"]

@@ -11,6 +11,11 @@ Layout (the contract in docs/ARCHITECTURE.md, "Serving artifact"):
       ranker/config.json       the ranker's config (JSON)
       ranker/params/<leaf>.npy dense parameters, one file per leaf path
 
+A table whose name is not a plain file name (Freebase-style ``/people/person``, or
+one of two names that differ only in case) is stored as ``_<index>`` instead of
+``<name>`` (`fsutil.file_stems`); the manifest's "files" entry of each table names
+its files, so readers never build a path from a name.
+
 `manifest["files"]` maps every file (relative path) except manifest.json to
 its sha256; `manifest["sizes"]` to its size in bytes. The version id is the
 first 16 hex digits of sha256 over the sorted lines "<relpath>\\0<sha256>\\n"
@@ -55,7 +60,6 @@ from jax_recsys.quant import rowwise
 FORMAT_VERSION = 2
 _READABLE_FORMATS = (1, 2)  # 1: the version covers the file hashes only
 MANIFEST = "manifest.json"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _DTYPE_OF_BITS = {4: "int4", 8: "int8", 32: "float32"}
 _BITS_OF_DTYPE = {v: k for k, v in _DTYPE_OF_BITS.items()}
 
@@ -210,13 +214,6 @@ def _json_default(x):
 
 def _dump_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-
-
-def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"{kind} name {name!r} is not a safe file name (letters, digits, '_', '.', '-')"
-        )
 
 
 def _param_file_name(leaf: str, taken: set[str]) -> str:
@@ -447,13 +444,13 @@ def _write_into(
     if bits not in rowwise.SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {rowwise.SUPPORTED_BITS}, got {bits}")
     table_entries = {}
+    stems = fsutil.file_stems(sorted(tables))  # table names may hold '/' or '..'
     for name in sorted(tables):
-        _check_name("table", name)
         src = tables[name]
         tdir = root / "tables"
         if isinstance(src, rowwise.QuantizedTable):
             q = src
-            names = rowwise.table_file_names(name, q.bits)
+            names = rowwise.table_file_names(stems[name], q.bits)
             arrays = {"codes": q.codes, "scale": q.scale, "bias": q.bias}
             for kind, fname in names.items():
                 _save_npy(tdir / fname, arrays[kind], f"table {name!r} {kind}")
@@ -463,9 +460,9 @@ def _write_into(
             if getattr(src, "ndim", None) != 2:
                 raise ValueError(f"table {name!r}: expected [R, D], got shape {getattr(src, 'shape', None)}")
             rowwise.quantize_table_chunked(
-                src, tdir, name, bits=bits, chunk_rows=chunk_rows, scale_dtype=scale_dtype
+                src, tdir, stems[name], bits=bits, chunk_rows=chunk_rows, scale_dtype=scale_dtype
             )
-            names = rowwise.table_file_names(name, bits)
+            names = rowwise.table_file_names(stems[name], bits)
             rows, dim, tbits = int(src.shape[0]), int(src.shape[1]), bits
             sdt = None if bits == 32 else np.dtype(scale_dtype).name
         vocab = np.asarray(vocabs[name])
@@ -473,9 +470,9 @@ def _write_into(
             raise ValueError(f"vocab {name!r}: shape {vocab.shape} does not match table rows {rows}")
         if vocab.dtype.kind not in "iuU":
             raise ValueError(f"vocab {name!r}: dtype {vocab.dtype} must be integer or unicode str")
-        _save_npy(root / "vocab" / f"{name}.npy", vocab, f"vocab {name!r}")
+        _save_npy(root / "vocab" / f"{stems[name]}.npy", vocab, f"vocab {name!r}")
         files = {k: f"tables/{v}" for k, v in names.items()}
-        files["vocab"] = f"vocab/{name}.npy"
+        files["vocab"] = f"vocab/{stems[name]}.npy"
         table_entries[name] = {
             "rows": rows,
             "dim": dim,

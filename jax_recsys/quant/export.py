@@ -728,10 +728,12 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
         tdir = staging / "tables"
         qtables: dict[str, rowwise.QuantizedTable] = {}
         errors = {}
+        stems = fsutil.file_stems(sorted(ranker.tables))  # entity names may hold '/'
         for ent in sorted(ranker.tables):
             src = ranker.tables[ent]
             paths = rowwise.quantize_table_chunked(
-                src, tdir, ent, bits=config.bits, chunk_rows=config.chunk_rows, scale_dtype=sdt
+                src, tdir, stems[ent], bits=config.bits, chunk_rows=config.chunk_rows,
+                scale_dtype=sdt,
             )
             arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
             qtables[ent] = rowwise.QuantizedTable(

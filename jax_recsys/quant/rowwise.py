@@ -388,7 +388,8 @@ def quantize_table_chunked(
       src: [R, D] array-like (np.ndarray, np.memmap, or a path to a .npy file,
         which is opened with mmap_mode="r").
       out_dir: folder for the outputs (created if missing).
-      name: table name; files are `<name>.codes.npy`, `.scale.npy`, `.bias.npy`.
+      name: the files' stem (one path component, no '/'): files are `<name>.codes.npy`,
+        `.scale.npy`, `.bias.npy`.
       bits: 4, 8 or 32 (32 copies the rows as float32, only `codes`).
       chunk_rows: rows per chunk.
       scale_dtype: storage dtype of scale and bias.
@@ -400,6 +401,9 @@ def quantize_table_chunked(
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if not name or any(sep and sep in name for sep in ("/", os.sep, os.altsep)):
+        raise ValueError(f"table file name {name!r} must be one path component, without '/' "
+                         "(map table names to file names with jax_recsys.fsutil.file_stems)")
     if isinstance(src, (str, os.PathLike)):
         src = np.load(src, mmap_mode="r", allow_pickle=False)
     if getattr(src, "ndim", None) != 2:

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_recsys import fsutil
+
 _NORMS = ("none", "layernorm")
 
 
@@ -488,6 +490,9 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
       PATH/tables/<entity>.npy  float32 [R, D_e]
       PATH/vocab/<entity>.npy   raw ids in row order
 
+    An entity whose name is not a plain file name (Freebase-style ``/people/person``)
+    is stored as ``_<index>.npy`` (`fsutil.file_stems`); config.json names each file.
+
     Args:
       path: output folder (created).
       ranker: the ranker.
@@ -504,15 +509,16 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
         np.save(path / rel, np.asarray(v), allow_pickle=False)
         params[leaf] = rel
     tables = {}
+    stems = fsutil.file_stems(list(ranker.tables))  # entity names may hold '/' or '..'
     for ent, t in ranker.tables.items():
-        np.save(path / f"tables/{ent}.npy", np.asarray(t, np.float32), allow_pickle=False)
+        np.save(path / f"tables/{stems[ent]}.npy", np.asarray(t, np.float32), allow_pickle=False)
         vocab = np.asarray(ranker.vocabs[ent])
         if vocab.dtype.kind == "O":
             vocab = vocab.astype(np.str_)
-        np.save(path / f"vocab/{ent}.npy", vocab, allow_pickle=False)
+        np.save(path / f"vocab/{stems[ent]}.npy", vocab, allow_pickle=False)
         tables[ent] = {
-            "table": f"tables/{ent}.npy",
-            "vocab": f"vocab/{ent}.npy",
+            "table": f"tables/{stems[ent]}.npy",
+            "vocab": f"vocab/{stems[ent]}.npy",
             "rows": int(t.shape[0]),
             "dim": int(t.shape[1]),
         }
