@@ -199,3 +199,25 @@ def test_save_ranker_of_entity_names_that_are_not_file_names(tmp_path):
     # _<index in insertion order>; 'User' and 'user' would share a file on macOS
     assert sorted(p.name for p in (path / "tables").iterdir()) == [
         "_0.npy", "_1.npy", "_2.npy", "_3.npy", "_4.npy", "pin.npy"]
+
+
+def test_save_ranker_keeps_parameters_whose_file_names_would_coincide(tmp_path):
+    """Leaf 'norms/a/b/scale' (entity 'a/b') and 'norms/a.b/scale' (entity 'a.b') were
+    both saved as params/norms.a.b.scale.npy: the second overwrote the first and both
+    loaded with its values, without a word; 'User' and 'user' share a file on macOS."""
+    names = ["a/b", "a.b", "User", "user"]
+    cfg = M.RankerConfig(entity_dims=tuple((n, 2) for n in names), mlp_dims=(4,), head_dims=())
+    _, params = M.init_dense(cfg)
+    flat = {k: np.asarray(v) for k, v in M.flatten_params(params).items()}
+    for i, n in enumerate(names):
+        flat[f"norms/{n}/scale"] = np.full(2, i, np.float32)
+    r = M.TrainedRanker(
+        config=cfg, params=flat, tables={n: np.zeros((2, 2), np.float32) for n in names},
+        vocabs={n: np.arange(2) for n in names}, entity_columns={n: "c" for n in names},
+        facet_layout={n: [("scratch", 2, True)] for n in names},
+    )
+    back = M.load_ranker(M.save_ranker(tmp_path / "ranker", r))
+    for i, n in enumerate(names):
+        np.testing.assert_array_equal(back.params[f"norms/{n}/scale"], [i, i])
+    files = [p.name.casefold() for p in (tmp_path / "ranker" / "params").iterdir()]
+    assert len(files) == len(set(files)) == len(flat)

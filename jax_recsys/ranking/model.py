@@ -486,7 +486,7 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
 
       PATH/config.json          {"ranker": RankerConfig.to_dict(), "entity_columns",
                                  "facet_layout", "params": {leaf: rel}, "tables": {...}}
-      PATH/params/<leaf with / -> .>.npy
+      PATH/params/<leaf with / -> .>.npy   (_<index>.npy when that file is taken)
       PATH/tables/<entity>.npy  float32 [R, D_e]
       PATH/vocab/<entity>.npy   raw ids in row order
 
@@ -503,9 +503,12 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
     path = pathlib.Path(path)
     for sub in ("params", "tables", "vocab"):
         (path / sub).mkdir(parents=True, exist_ok=True)
-    params = {}
-    for leaf, v in ranker.params.items():
+    params, taken = {}, set()
+    for i, (leaf, v) in enumerate(ranker.params.items()):
         rel = f"params/{leaf.replace('/', '.')}.npy"
+        if rel.casefold() in taken:  # entities 'a/b' and 'a.b' (or 'User' and 'user')
+            rel = f"params/_{i}.npy"  # leaves start with a layer's name, never '_'
+        taken.add(rel.casefold())
         np.save(path / rel, np.asarray(v), allow_pickle=False)
         params[leaf] = rel
     tables = {}
