@@ -212,6 +212,10 @@ def test_jax_dequant_equals_numpy(bits, dim):
     got = fn(jnp.asarray(q.codes), jnp.asarray(scale), jnp.asarray(bias), rows, dim=dim, bits=bits)
     assert got.shape == (2, 3, dim) and got.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(got), want)
+    # No rows (an empty request): INT4's reshape(..., -1) was a ZeroDivisionError.
+    for rows in (np.zeros(0, np.int32), np.zeros((2, 0), np.int32)):
+        got = fn(jnp.asarray(q.codes), jnp.asarray(scale), jnp.asarray(bias), rows, dim=dim, bits=bits)
+        assert got.shape == (*rows.shape, dim) and got.dtype == jnp.float32
 
 
 def test_numpy_modules_do_not_import_jax():

@@ -39,7 +39,7 @@ def dequantize_rows_jax(codes, scale, bias, rows, *, dim: int, bits: int):
     g = jnp.asarray(codes)[rows]  # rows.shape + (P,)
     if bits == 4:
         g = jnp.stack([g & 0xF, g >> 4], axis=-1)
-        g = g.reshape(*rows.shape, -1)[..., :dim]
+        g = g.reshape(*rows.shape, 2 * g.shape[-2])[..., :dim]  # not -1: no rows is size 0
     elif bits != 8:
         raise ValueError(f"bits must be 4, 8 or 32, got {bits}")
     s = jnp.asarray(scale)[rows].astype(jnp.float32)[..., None]
