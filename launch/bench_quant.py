@@ -45,7 +45,7 @@ from launch import common
 
 _ROWS = flags.DEFINE_integer("rows", 10_000_000, "Rows of the fp32 source table.", lower_bound=1)
 _DIM = flags.DEFINE_integer("dim", 64, "Embedding dim.", lower_bound=1)
-_BITS = flags.DEFINE_integer("bits", 4, "Quantization bits (4 or 8).")
+_BITS = flags.DEFINE_enum("bits", "4", ["4", "8"], "Quantization bits.")
 _CHUNK = flags.DEFINE_integer("chunk_rows", 131072, "Rows per quantization chunk.", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch", 4096, "Rows per gather + dequantize.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer(
@@ -100,7 +100,7 @@ def _time_ms(fn, repeats: int) -> float:
 
 def main(argv):
     del argv
-    rows, dim, bits, batch = _ROWS.value, _DIM.value, _BITS.value, _BATCH.value
+    rows, dim, bits, batch = _ROWS.value, _DIM.value, int(_BITS.value), _BATCH.value
     work = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_quant_")
     os.makedirs(work, exist_ok=True)
     src_path = os.path.join(work, "source.npy")

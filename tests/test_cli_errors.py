@@ -370,6 +370,15 @@ def test_bench_quant_rejects_zero_rows():
     assert "--rows" in proc.stderr
 
 
+@pytest.mark.parametrize("bits", ["32", "5"])
+def test_bench_quant_refuses_bits_other_than_4_or_8_before_any_work(bits, tmp_path):
+    # --bits=32 ended in KeyError 'scale' and --bits=5 in 'bits must be one of (4, 8, 32)',
+    # both after writing the source table (2.56 GB at the default --rows).
+    proc = _run("bench_quant", [f"--bits={bits}", "--rows=1000", f"--workdir={tmp_path}"])
+    _assert_one_line(proc, "FATAL Flags parsing error", f"--bits={bits}", "one of <4|8>")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--kinds=foo"], "--kinds=foo (must be sparse and/or dense)"),
     (["--kinds=sparse", "--steps=0"], "--steps=0 (must be >= 1)"),
