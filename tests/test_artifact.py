@@ -304,6 +304,17 @@ def test_malformed_manifest_entries_give_artifact_errors(tmp_path, edit, message
         artifact.load_artifact(tmp_path / "art", verify=False)
 
 
+@pytest.mark.parametrize("verify", ["sizes", False])
+def test_a_damaged_ranker_config_of_the_same_size_is_an_artifact_error(tmp_path, verify):
+    # The servers start with verify="sizes", which cannot see a same-size change: bytes
+    # that are not UTF-8 ended in a UnicodeDecodeError traceback naming no file.
+    _write(tmp_path / "art")
+    f = tmp_path / "art" / "ranker" / "config.json"
+    f.write_bytes(b"\xff" * f.stat().st_size)
+    with pytest.raises(artifact.ArtifactError, match=r"ranker/config\.json: not valid JSON"):
+        artifact.load_artifact(tmp_path / "art", verify=verify)
+
+
 def test_rewrite_repairs_damaged_files_and_keeps_the_new_report(tmp_path):
     m = _write(tmp_path / "art")
     f = tmp_path / "art" / "tables" / "user.codes.npy"

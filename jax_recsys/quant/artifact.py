@@ -724,8 +724,10 @@ def _load_once(root: pathlib.Path, *, verify, expected_version) -> Artifact | No
             ranker_config = json.loads(cpath.read_text())
         except FileNotFoundError:
             raise ArtifactError(f"{cpath}: missing (listed in {root / MANIFEST})") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{cpath}: not valid JSON ({e})") from None
+        except OSError as e:  # a folder, unreadable
+            raise ArtifactError(f"{cpath}: unreadable ({e})") from None
     ranker_params = {
         leaf: _load_npy(root, rel, mmap=False) for leaf, rel in (ranker.get("params") or {}).items()
     }
