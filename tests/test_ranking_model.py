@@ -1,6 +1,7 @@
 """Ranker dense model, ESMM loss, param (de)serialisation and the serving score function."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +222,34 @@ def test_save_ranker_keeps_parameters_whose_file_names_would_coincide(tmp_path):
         np.testing.assert_array_equal(back.params[f"norms/{n}/scale"], [i, i])
     files = [p.name.casefold() for p in (tmp_path / "ranker" / "params").iterdir()]
     assert len(files) == len(set(files)) == len(flat)
+
+
+def _saved_ranker(path):
+    cfg = M.RankerConfig(entity_dims=(("user", 4),), mlp_dims=(4,), head_dims=())
+    _, params = M.init_dense(cfg)
+    return M.save_ranker(path, M.TrainedRanker(
+        config=cfg, params=M.flatten_params(params), tables={"user": np.zeros((3, 4), np.float32)},
+        vocabs={"user": np.arange(3)}, entity_columns={"user": "user_id"},
+        facet_layout={"user": [("scratch", 4, True)]}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "config.json").write_text("{"), r"config\.json: not valid JSON"),
+    (lambda p: (p / "config.json").write_bytes(b"\xff"), r"config\.json: not valid JSON"),
+    (lambda p: (p / "config.json").write_text('{"ranker": {}}'),
+     r"config\.json: damaged, not a saved ranker's config \(KeyError: 'params'\)"),
+    (lambda p: (p / "config.json").write_text("[]"), r"config\.json: damaged"),
+    (lambda p: os.truncate(p / "tables" / "user.npy", 100), r"tables/user\.npy: unreadable or truncated"),
+    (lambda p: os.truncate(p / "params" / "trunk.0.kernel.npy", 140),
+     r"params/trunk\.0\.kernel\.npy: unreadable or truncated"),
+    (lambda p: (p / "vocab" / "user.npy").write_bytes(b"\0" * 8), r"vocab/user\.npy: unreadable"),
+])
+def test_load_ranker_names_a_damaged_file(tmp_path, damage, message):
+    """A damaged config.json was a JSONDecodeError ('Expecting property name ...'), a
+    KeyError traceback or a UnicodeDecodeError, and a truncated table or parameter
+    NumPy's 'mmap length is greater than file size' / 'Failed to read all data for
+    array': none named the file (export_int4 printed them as its one error line)."""
+    path = _saved_ranker(tmp_path / "ranker")
+    damage(path)
+    with pytest.raises(ValueError, match=message):
+        M.load_ranker(path)

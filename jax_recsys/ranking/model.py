@@ -556,22 +556,43 @@ def load_ranker(path: str | os.PathLike, *, mmap: bool = True) -> TrainedRanker:
     cpath = path / "config.json"
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: missing; {path} is not a saved ranker")
-    meta = json.loads(cpath.read_text())
-    config = RankerConfig.from_dict(meta["ranker"])
-    params = {leaf: np.load(path / rel, allow_pickle=False) for leaf, rel in meta["params"].items()}
+    try:
+        meta = json.loads(cpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    try:
+        config = RankerConfig.from_dict(meta["ranker"])
+        param_files = dict(meta["params"])
+        entries = {ent: (e["table"], e["vocab"], (int(e["rows"]), int(e["dim"])))
+                   for ent, e in meta["tables"].items()}
+        entity_columns = dict(meta["entity_columns"])
+        facet_layout = {e: [tuple(x) for x in lay] for e, lay in meta["facet_layout"].items()}
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{cpath}: damaged, not a saved ranker's config "
+                         f"({type(e).__name__}: {e})") from None
+
+    def load(rel, mmap_mode=None):
+        try:
+            return np.load(path / rel, mmap_mode=mmap_mode, allow_pickle=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path / rel}: missing (listed in {cpath})") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path / rel}: unreadable or truncated .npy ({e})") from None
+
+    params = {leaf: load(rel) for leaf, rel in param_files.items()}
     tables, vocabs = {}, {}
-    for ent, e in meta["tables"].items():
-        t = np.load(path / e["table"], mmap_mode="r" if mmap else None, allow_pickle=False)
-        if t.shape != (e["rows"], e["dim"]):
-            raise ValueError(f"{path / e['table']}: shape {t.shape}, config.json says {(e['rows'], e['dim'])}")
+    for ent, (table, vocab, shape) in entries.items():
+        t = load(table, "r" if mmap else None)
+        if t.shape != shape:
+            raise ValueError(f"{path / table}: shape {t.shape}, config.json says {shape}")
         tables[ent] = t
-        vocabs[ent] = np.load(path / e["vocab"], allow_pickle=False)
+        vocabs[ent] = load(vocab)
     unflatten_params(config, params)  # validates every leaf's presence and shape
     return TrainedRanker(
         config=config,
         params=params,
         tables=tables,
         vocabs=vocabs,
-        entity_columns=dict(meta["entity_columns"]),
-        facet_layout={e: [tuple(x) for x in lay] for e, lay in meta["facet_layout"].items()},
+        entity_columns=entity_columns,
+        facet_layout=facet_layout,
     )
