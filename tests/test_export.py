@@ -379,6 +379,31 @@ def test_gate_catches_a_broken_quantizer(trained, tmp_path, monkeypatch):
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
 
 
+def test_gate_that_checked_no_task_fails(trained, tmp_path, monkeypatch):
+    """A test window without a click leaves every task without an AUC: all three were
+    skipped and the gate 'PASSED' (even with max_auc_drop=-1, documented to always fail),
+    writing an artifact that nothing had checked."""
+    real = X.load_test_split
+
+    def no_clicks(ranker, dcfg):
+        split, window = real(ranker, dcfg)
+        zeros = np.zeros_like(split["click"])
+        return dict(split, click=zeros, conversion=zeros), window
+
+    monkeypatch.setattr(X, "load_test_split", no_clicks)
+    with pytest.raises(X.ExportGateError, match=re.escape(
+            "no task has a test AUC to compare (the labels of ctr, cvr, ctcvr are all equal "
+            "in the test days [5, 6)), so nothing was checked; no artifact written")) as e:
+        X.export_ranker(
+            X.ExportConfig(ranker_dir=str(trained.ranker_dir), out_dir=str(tmp_path / "art")),
+            log=lambda s: None,
+        )
+    gate = e.value.report["gate"]
+    assert (gate["passed"], gate["failed_tasks"], gate["skipped_tasks"]) == (False, [], list(X.TASKS))
+    assert "gate: FAILED (no task has a test AUC)" in X.format_report(e.value.report)
+    assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
+
+
 def test_paired_auc_delta_by_hand_and_against_the_pairwise_definition():
     # a: 0.9 beats both negatives, 0.4 beats one -> 0.75; b ranks both positives first.
     auc_a, auc_b, se = X.paired_auc_delta([1, 1, 0, 0], [0.9, 0.4, 0.5, 0.1], [0.9, 0.6, 0.5, 0.1])

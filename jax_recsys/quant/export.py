@@ -105,7 +105,8 @@ class ExportConfig:
       bits: 4 (default), 8, or 32 (float32 rows: no quantization).
       max_auc_drop: the gate: fail when full-precision AUC minus quantized AUC exceeds
         this for any task (tasks whose test labels are all equal have no AUC and are
-        skipped). A negative value always fails (for testing the failure path).
+        skipped; with every task skipped the gate checked nothing and fails). A negative
+        value always fails (for testing the failure path).
       auc_noise_z: 0 (default): the gate is exactly `max_auc_drop`. z > 0: a task also
         needs its drop to exceed z standard errors of the paired AUC difference
         (DeLong, same test examples scored both ways) to fail, so that a tiny test
@@ -541,7 +542,7 @@ def _gate(quality: Mapping[str, Any], max_auc_drop: float, noise_z: float = 0.0)
         "failed_tasks": failed,
         "within_noise_tasks": within_noise,
         "skipped_tasks": skipped,
-        "passed": not failed,
+        "passed": bool(drops) and not failed,  # every task skipped: nothing was checked
     }
 
 
@@ -606,7 +607,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         )
     g = report["gate"]
     worst = max(g["auc_drop"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
-    verdict = "PASSED" if g["passed"] else f"FAILED ({', '.join(g['failed_tasks'])})"
+    verdict = "PASSED" if g["passed"] else (
+        f"FAILED ({', '.join(g['failed_tasks']) or 'no task has a test AUC'})")
     noise = ""
     if g.get("noise_z"):
         noise = f" unless within {g['noise_z']:g} se"
@@ -802,9 +804,14 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
                 f"{t} {gate['auc_drop'][t]:+.5f} (se {quality[t]['auc_delta_se']:.5f})"
                 for t in gate["failed_tasks"]
             )
+            why = (
+                f"test AUC dropped by more than {config.max_auc_drop:g} with {config.bits}-bit "
+                f"tables ({drops})" if drops else
+                f"no task has a test AUC to compare (the labels of {', '.join(gate['skipped_tasks'])} "
+                f"are all equal in the test days [{window[0]}, {window[1]})), so nothing was checked"
+            )
             raise ExportGateError(
-                f"export of {ranker_dir} failed the quality gate: test AUC dropped by more than "
-                f"{config.max_auc_drop:g} with {config.bits}-bit tables ({drops}); no artifact "
+                f"export of {ranker_dir} failed the quality gate: {why}; no artifact "
                 f"written to {out} (report: {report_path})",
                 report,
             )
