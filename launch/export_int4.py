@@ -28,6 +28,7 @@ conversions, where rank jitter alone moves CVR AUC by +-0.005 (paired standard e
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -58,7 +59,10 @@ _REPORT = flags.DEFINE_string(
     "report", None,
     "Report path (default: OUT/../export_report.json, shared by the artifacts of one "
     "folder: a report of another artifact there is replaced, with a note).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Optional folder for metrics.json (the report).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Optional folder for metrics.json (the report); not one holding another metrics.json "
+    "(a training run's).")
 _ABLATION = flags.DEFINE_string(
     "ablation", None,
     "Finished ablation folder: add the row of its rankers served at --bits (INT4-served; "
@@ -87,6 +91,16 @@ def main(argv):
             raise ValueError(f"--workdir={_WORKDIR.value} is inside --out={_OUT.value}: its "
                              "metrics.json would sit in the artifact folder, which the next "
                              "export would have to delete; give another --workdir")
+        held = pathlib.Path(_WORKDIR.value) / "metrics.json"
+        if held.is_file():  # an earlier export's report is replaced; nothing else
+            try:
+                report = json.loads(held.read_text())
+            except (OSError, ValueError):
+                report = None
+            if not (isinstance(report, dict) and {"artifact", "gate"} <= report.keys()):
+                raise ValueError(f"--workdir={_WORKDIR.value} holds a metrics.json that is not "
+                                 "an export report (a training run's?), which the report would "
+                                 "replace; give another --workdir")
     exporting = bool(_RANKER.value or _OUT.value) or not _ABLATION.value
     cfg = None
     if exporting:

@@ -209,6 +209,26 @@ def test_export_int4_checks_the_workdir_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_export_int4_keeps_a_training_runs_metrics_in_the_workdir(tmp_path):
+    """--workdir=RUN (the training run of --ranker=RUN/ranker) replaced the trainer's
+    RUN/metrics.json (its train/valid/test metrics and the dataset it records, which the
+    export reads) with the export report: the next export of that ranker found no data."""
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer = json.dumps({"config": {"data": {"path": "d"}}, "test": {"ctr_auc": 0.7}})
+    (run / "metrics.json").write_text(trainer)
+    proc = _run("export_int4", [f"--ranker={run / 'ranker'}", f"--out={tmp_path / 'a'}",
+                                f"--workdir={run}"])
+    _assert_one_line(proc, "export_int4: error:", f"--workdir={run} holds a metrics.json that is "
+                     "not an export report")
+    assert (run / "metrics.json").read_text() == trainer
+    # An earlier export's report there is replaced: the export goes on (to the ranker check).
+    (run / "metrics.json").write_text(json.dumps({"artifact": "a", "gate": {"passed": True}}))
+    proc = _run("export_int4", [f"--ranker={run / 'ranker'}", f"--out={tmp_path / 'a'}",
+                                f"--workdir={run}"])
+    _assert_one_line(proc, "export_int4: error:", f"{run / 'ranker'} is not a saved ranker")
+
+
 def test_export_int4_refuses_a_symlink_out_before_any_work(tmp_path):
     """--overwrite used to replace a symlink --out (the README's ART, rolled out with
     `ln -sfn NEW ART`) with a real folder, leaving the old target as it was."""
