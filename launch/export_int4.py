@@ -1,15 +1,16 @@
 r"""INT4 export: a trained ranker -> a versioned serving artifact, behind an AUC gate.
 
   python -m launch.export_int4 --ranker=DIR/ranker --out=ART [--data=DATASET] \
-      [--max_auc_drop=0.001] [--auc_noise_z=0] [--bits=4] [--overwrite] [--workdir=DIR]
+      [--max_auc_drop=0.001] [--auc_noise_z=0] [--bits=4] [--scale_dtype=float16] \
+      [--overwrite] [--workdir=DIR]
   (--checkpoint=DIR/ranker is an alias of --ranker.)
 
   python -m launch.export_int4 --ablation=ABL [--bits=4]
   adds the "+ both facets, INT4 served" row to a finished ablation (ABL/ablation.md;
   "INT8 served" / "float32 served" with --bits=8 / 32; the row records its bits).
 
-Quantizes every table of the ranker row-wise (float16 scale/bias), scores the test
-window with full-precision and with quantized tables, and writes ART only when no
+Quantizes every table of the ranker row-wise (float16 scale/bias: --scale_dtype), scores
+the test window with full-precision and with quantized tables, and writes ART only when no
 task's test AUC drops by more than --max_auc_drop (otherwise exits with status 2 and
 leaves ART as it was; a user mistake exits with status 1). The report goes to
 ART/../export_report.json (and --workdir/metrics.json when given) and is summarised on
@@ -51,6 +52,10 @@ _NOISE_Z = flags.DEFINE_float(
     "auc_noise_z", 0.0, "Let a drop within this many standard errors pass (0: strict gate)."
 )
 _BITS = flags.DEFINE_enum("bits", "4", ["4", "8", "32"], "Bits per value (32: no quantization).")
+_SCALE_DTYPE = flags.DEFINE_enum(
+    "scale_dtype", "float16", ["float16", "float32"],
+    "Storage of each row's scale and bias (float32: 4 more bytes per row, for tables "
+    "holding values beyond float16's +-65504).")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False,
     "Replace an artifact of another version at --out (only a serving artifact: any other "
@@ -111,6 +116,7 @@ def main(argv):
             out_dir=_OUT.value,
             data_path=_DATA.value,
             bits=int(_BITS.value),
+            scale_dtype=_SCALE_DTYPE.value,
             max_auc_drop=_MAX_DROP.value,
             auc_noise_z=_NOISE_Z.value,
             report_path=_REPORT.value,

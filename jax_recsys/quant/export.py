@@ -733,10 +733,13 @@ def export_ranker(config: ExportConfig, *, log: Callable[[str], None] = print) -
         stems = fsutil.file_stems(sorted(ranker.tables))  # entity names may hold '/'
         for ent in sorted(ranker.tables):
             src = ranker.tables[ent]
-            paths = rowwise.quantize_table_chunked(
-                src, tdir, stems[ent], bits=config.bits, chunk_rows=config.chunk_rows,
-                scale_dtype=sdt,
-            )
+            try:
+                paths = rowwise.quantize_table_chunked(
+                    src, tdir, stems[ent], bits=config.bits, chunk_rows=config.chunk_rows,
+                    scale_dtype=sdt,
+                )
+            except ValueError as e:  # a non-finite row, or one a float16 bias cannot hold
+                raise ValueError(f"{ranker_dir}: table {ent!r}: {e}") from None
             arrays = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
             qtables[ent] = rowwise.QuantizedTable(
                 codes=arrays["codes"],

@@ -200,7 +200,7 @@ def _quantize_block(x: np.ndarray, bits: int, scale_dtype, first_row: int = 0):
             r = first_row + int(np.flatnonzero(big)[0])
             raise ValueError(
                 f"row {r} has |x| > {_FP16_MAX} which float16 bias cannot hold; "
-                "use scale_dtype=np.float32"
+                "use scale_dtype float32"
             )
     scale, bias = _row_params(lo, hi, bits, scale_dtype)
     scale32 = scale.astype(np.float32)
