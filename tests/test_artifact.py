@@ -384,7 +384,7 @@ def test_version_mismatch_refused(tmp_path):
 def test_failed_write_leaves_nothing(tmp_path):
     tables, vocabs, params = _inputs()
     tables["pin"][4, 2] = np.nan
-    with pytest.raises(ValueError, match="row 4"):
+    with pytest.raises(ValueError, match="table 'pin': row 4 holds a non-finite"):  # named the row only
         artifact.write_artifact(tmp_path / "art", tables=tables, vocabs=vocabs, ranker_params=params)
     assert list(tmp_path.iterdir()) == []
     tables, vocabs, _ = _inputs()

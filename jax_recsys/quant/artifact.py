@@ -459,9 +459,13 @@ def _write_into(
         else:
             if getattr(src, "ndim", None) != 2:
                 raise ValueError(f"table {name!r}: expected [R, D], got shape {getattr(src, 'shape', None)}")
-            rowwise.quantize_table_chunked(
-                src, tdir, stems[name], bits=bits, chunk_rows=chunk_rows, scale_dtype=scale_dtype
-            )
+            try:
+                rowwise.quantize_table_chunked(
+                    src, tdir, stems[name], bits=bits, chunk_rows=chunk_rows,
+                    scale_dtype=scale_dtype,
+                )
+            except ValueError as e:  # a non-finite row, or one a float16 bias cannot hold
+                raise ValueError(f"table {name!r}: {e}") from None
             names = rowwise.table_file_names(stems[name], bits)
             rows, dim, tbits = int(src.shape[0]), int(src.shape[1]), bits
             sdt = None if bits == 32 else np.dtype(scale_dtype).name
