@@ -141,6 +141,17 @@ def test_dequantize_gathers_requested_rows_any_shape():
         assert rowwise.dequantize_rows(q, np.array([], np.int64)).shape == (0, 9)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_of_no_values(tmp_path, bits):
+    # [R, 0] ended in NumPy's 'zero-size array to reduction operation minimum which has
+    # no identity' (bits=32 already gave [R, 0] back).
+    q = rowwise.quantize_rows(np.zeros((3, 0), np.float32), bits=bits)
+    assert (q.codes.shape, q.scale.shape, q.bias.shape) == ((3, 0), (3,), (3,))
+    assert rowwise.dequantize_rows(q, np.array([2, 0])).shape == (2, 0)
+    paths = rowwise.quantize_table_chunked(np.zeros((3, 0), np.float32), tmp_path, "t", bits=bits)
+    assert np.load(paths["codes"]).shape == (3, 0) and np.load(paths["scale"]).tolist() == [0, 0, 0]
+
+
 def test_bits32_is_plain_float():
     x = np.random.default_rng(2).standard_normal((5, 3)).astype(np.float32)
     q = rowwise.quantize_rows(x, bits=32)

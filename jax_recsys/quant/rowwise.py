@@ -185,9 +185,9 @@ def _row_params(lo: np.ndarray, hi: np.ndarray, bits: int, scale_dtype) -> tuple
 def _quantize_block(x: np.ndarray, bits: int, scale_dtype, first_row: int = 0):
     """Quantizes a float [n, D] block; returns (codes_unpacked uint8, scale, bias)."""
     x = np.asarray(x, dtype=np.float32)
-    if x.shape[0] == 0:
+    if x.size == 0:  # no rows, or rows of no values (nothing to take a min or max of)
         sdt = np.dtype(scale_dtype)
-        return np.zeros(x.shape, np.uint8), np.zeros(0, sdt), np.zeros(0, sdt)
+        return np.zeros(x.shape, np.uint8), np.zeros(x.shape[0], sdt), np.zeros(x.shape[0], sdt)
     lo = x.min(axis=1)
     hi = x.max(axis=1)
     bad = ~(np.isfinite(lo) & np.isfinite(hi))
