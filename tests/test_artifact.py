@@ -188,6 +188,20 @@ def test_prequantized_int8_and_fp32_tables(tmp_path):
     assert art.ranker_config is None and art.ranker_params == {}
 
 
+def test_prequantized_tables_the_manifest_could_not_describe_are_refused(tmp_path):
+    # Both were written, and the artifact then failed to load: 't.codes.npy: dtype
+    # float64, manifest says float32' and 't.bias.npy: dtype float16, manifest says float64'.
+    fp64 = rowwise.QuantizedTable(codes=np.zeros((2, 3)), scale=None, bias=None, dim=3, bits=32)
+    mixed = rowwise.QuantizedTable(codes=np.zeros((2, 2), np.uint8), scale=np.ones(2),
+                                   bias=np.zeros(2, np.float16), dim=3, bits=4)
+    for q, message in ((fp64, "table 't': an unquantized (bits=32) table's rows must be "
+                        "float32, got float64"),
+                       (mixed, "table 't': scale (float64) and bias (float16) must have one dtype")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            artifact.write_artifact(tmp_path / "art", tables={"t": q}, vocabs={"t": np.arange(2)})
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_truncated_file_refused(tmp_path):
     _write(tmp_path / "art")
     f = tmp_path / "art" / "tables" / "user.codes.npy"

@@ -450,6 +450,13 @@ def _write_into(
         tdir = root / "tables"
         if isinstance(src, rowwise.QuantizedTable):
             q = src
+            # What the manifest will say of the files, as load_artifact checks it.
+            if q.bits == 32 and q.codes.dtype != np.float32:
+                raise ValueError(f"table {name!r}: an unquantized (bits=32) table's rows must be "
+                                 f"float32, got {q.codes.dtype}")
+            if q.bits != 32 and q.scale.dtype != q.bias.dtype:
+                raise ValueError(f"table {name!r}: scale ({q.scale.dtype}) and bias "
+                                 f"({q.bias.dtype}) must have one dtype")
             names = rowwise.table_file_names(stems[name], q.bits)
             arrays = {"codes": q.codes, "scale": q.scale, "bias": q.bias}
             for kind, fname in names.items():
