@@ -154,6 +154,17 @@ def test_overwrite_replaces_only_an_artifact_or_an_empty_folder(tmp_path):
     assert (art / "notes.txt").read_text() == "mine"
 
 
+def test_an_output_below_a_file_is_refused_before_any_work(tmp_path):
+    # check_replaceable let it pass: export_int4 (with --report elsewhere) loaded the
+    # ranker and the test data, then stopped with "[Errno 17] File exists: '.../afile'".
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "art", tmp_path / "afile" / "x" / "art"):
+        with pytest.raises(artifact.ArtifactError, match=re.escape(
+                f"{out} cannot be created: {tmp_path / 'afile'} exists and is not a folder")):
+            artifact.check_replaceable(out, swap=False)
+    assert artifact.check_replaceable(tmp_path / "new" / "art", swap=False) is None
+
+
 def test_a_symlink_output_is_refused_and_left_a_link(tmp_path):
     """Writing to a symlink ART (the README's rollout scheme: `ln -sfn NEW ART`) used to
     replace the link with a folder: refused, whatever it points at, with or without

@@ -297,13 +297,16 @@ def check_replaceable(out_dir: str | os.PathLike, *, swap: bool = True) -> Manif
       None when `out_dir` does not exist, is an empty folder or a damaged artifact.
 
     Raises:
-      ArtifactError: `out_dir` is a symlink or not a folder, or a non-empty folder that
-        is not a serving artifact or holds other entries beside one (the message names
-        the folder and what it holds).
+      ArtifactError: `out_dir` is a symlink or not a folder (or lies below a file), or a
+        non-empty folder that is not a serving artifact or holds other entries beside one
+        (the message names the folder and what it holds).
     """
     out = pathlib.Path(out_dir)
     check_not_symlink(out)
     if not out.exists():
+        above = next((d for d in out.absolute().parents if d.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ArtifactError(f"{out} cannot be created: {above} exists and is not a folder")
         return None
     if not out.is_dir():
         raise ArtifactError(f"{out} exists and is not a folder; an artifact is a folder")
