@@ -83,6 +83,19 @@ def test_table_names_that_are_not_file_names(tmp_path):
         np.testing.assert_array_equal(art.vocabs[n], [10 * i, 10 * i + 1])
 
 
+def test_parameters_differing_only_in_case_get_their_own_files(tmp_path):
+    # The LayerNorm leaves of entities 'User' and 'user' were stored as
+    # norms_User_scale.npy and norms_user_scale.npy: one file on macOS, the second
+    # written over the first.
+    params = {"norms/User/scale": np.ones(2, np.float32), "norms/user/scale": np.zeros(2, np.float32)}
+    m = artifact.write_artifact(tmp_path / "art", tables={}, vocabs={}, ranker_params=params)
+    assert m.ranker["params"] == {"norms/User/scale": "ranker/params/norms_User_scale.npy",
+                                  "norms/user/scale": "ranker/params/norms_user_scale_1.npy"}
+    art = artifact.load_artifact(tmp_path / "art")
+    for k, v in params.items():
+        np.testing.assert_array_equal(art.ranker_params[k], v)
+
+
 def test_version_is_content_derived_and_write_is_idempotent(tmp_path):
     m1 = _write(tmp_path / "a")
     m2 = _write(tmp_path / "b")

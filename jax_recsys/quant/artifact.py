@@ -219,9 +219,9 @@ def _dump_json(obj) -> str:
 def _param_file_name(leaf: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9_.\-]", "_", leaf).strip(".") or "param"
     name, i = base, 1
-    while name in taken:
+    while name.casefold() in taken:  # one file on case-insensitive file systems
         name, i = f"{base}_{i}", i + 1
-    taken.add(name)
+    taken.add(name.casefold())
     return name
 
 
