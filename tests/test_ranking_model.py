@@ -1,5 +1,6 @@
 """Ranker dense model, ESMM loss, param (de)serialisation and the serving score function."""
 
+import dataclasses
 import math
 import os
 
@@ -175,6 +176,33 @@ def test_save_and_load_ranker_round_trip(tmp_path):
     assert back.facet_layout["pin"] == [("cl", 6, False)]
     for k, v in r.params.items():
         np.testing.assert_array_equal(back.params[k], v)
+
+
+def test_save_ranker_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    """save_ranker wrote into PATH in place: a save that failed half-way left a mix of
+    the old and the new ranker, a new save kept an old ranker's other files, and saving
+    a ranker over the folder its tables are memory-mapped from truncated them."""
+    cfg = _cfg()
+    _, params = M.init_dense(cfg)
+    r = M.TrainedRanker(
+        config=cfg, params=M.flatten_params(params),
+        tables={"user": np.arange(12, dtype=np.float32).reshape(3, 4)},
+        vocabs={"user": np.array([5, 7, 9])}, entity_columns={"user": "user_id"},
+        facet_layout={"user": [("scratch", 4, True)]})
+    path = M.save_ranker(tmp_path / "ranker", r)
+    (path / "tables" / "old_entity.npy").write_bytes(b"leftover")
+    back = M.load_ranker(path)  # memory-mapped from path
+    back.tables["user"] = back.tables["user"] * 2  # a new table to write over it
+    M.save_ranker(path, back)
+    assert not (path / "tables" / "old_entity.npy").exists()
+    np.testing.assert_array_equal(M.load_ranker(path).tables["user"],
+                                  np.arange(12, dtype=np.float32).reshape(3, 4) * 2)
+    broken = dataclasses.replace(r, vocabs={})  # fails after the params are written
+    with pytest.raises(KeyError):
+        M.save_ranker(path, broken)
+    np.testing.assert_array_equal(M.load_ranker(path).tables["user"],
+                                  np.arange(12, dtype=np.float32).reshape(3, 4) * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker"]  # no staging left
 
 
 def test_save_ranker_of_entity_names_that_are_not_file_names(tmp_path):

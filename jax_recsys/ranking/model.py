@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -493,16 +494,33 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
     An entity whose name is not a plain file name (Freebase-style ``/people/person``)
     is stored as ``_<index>.npy`` (`fsutil.file_stems`); config.json names each file.
 
+    Written atomically: into a hidden sibling folder that then replaces PATH whole
+    (`fsutil.swap_dir`), so PATH is always the old ranker or the new one, never a
+    half-written mix or the new files beside an old ranker's leftovers (also when the
+    ranker's tables are memory-mapped from PATH itself).
+
     Args:
-      path: output folder (created).
+      path: output folder (created, or replaced whole).
       ranker: the ranker.
 
     Returns:
       The folder.
     """
-    path = pathlib.Path(path)
+    final = pathlib.Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = final.parent / f".{final.name}.tmp-{os.urandom(4).hex()}"
+    try:
+        _write_ranker(path, ranker)
+        fsutil.swap_dir(path, final)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_ranker(path: pathlib.Path, ranker: TrainedRanker) -> None:
     for sub in ("params", "tables", "vocab"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub).mkdir(parents=True)
     params, taken = {}, set()
     for i, (leaf, v) in enumerate(ranker.params.items()):
         rel = f"params/{leaf.replace('/', '.')}.npy"
@@ -536,7 +554,6 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
         "tables": tables,
     }
     (path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
 
 
 def load_ranker(path: str | os.PathLike, *, mmap: bool = True) -> TrainedRanker:
