@@ -57,6 +57,19 @@ def _fmt(mean: float | None, std: float | None, pct: bool = False) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+FEWER_SEEDS_NOTE = (
+    "(n=K of N): mean ± std over the K of the N seeds that have a value; the other seeds' "
+    "are undefined (an AUC on a test set of one class; a gain whose same-seed baseline AUC "
+    "is within 0.01 of 0.5, or that has no baseline run).")
+
+
+def seeds_note(n, total) -> str:
+    """" (n=K of N)" for a mean over K of the N seeds run, K < N; else ""."""
+    if _num(n) is None or _num(total) is None or not 0 < n < total:
+        return ""
+    return f" (n={n} of {total})"
+
+
 def _variants(ablation: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     """(name, results) in ablation["order"] (default: the variants' own order); names
     missing from ablation["variants"] are skipped."""
@@ -69,22 +82,28 @@ def ablation_table(ablation: Mapping[str, Any], baseline: str = "no_large_tables
     """Markdown rows of the ablation table (mean ± std AUC and RelaImpr per task).
 
     Missing or null values show as "n/a"; variants named in "order" without results
-    are left out.
+    are left out. A mean over fewer seeds than were run says so, "(n=K of N)", and a
+    line under the table (`FEWER_SEEDS_NOTE`) says why.
     """
     lines = [
         "| variant | CTR AUC | CTR gain | CVR AUC | CVR gain | CTCVR AUC | CTCVR gain |",
         "|---|---|---|---|---|---|---|",
     ]
+    seeds = ablation.get("seeds")
+    total = len(seeds) if isinstance(seeds, list | tuple) else None
+    fewer = False
     for name, r in _variants(ablation):
         cells = [r.get("label", name)]
         for t in TASKS:
-            cells.append(_fmt(r.get(f"{t}_auc_mean"), r.get(f"{t}_auc_std")))
+            notes = [seeds_note(r.get(f"{t}_{m}_n"), total) for m in ("auc", "relaimpr")]
+            fewer = fewer or any(notes)
+            cells.append(_fmt(r.get(f"{t}_auc_mean"), r.get(f"{t}_auc_std")) + notes[0])
             cells.append(
                 "—" if name == baseline
-                else _fmt(r.get(f"{t}_relaimpr_mean"), r.get(f"{t}_relaimpr_std"), pct=True)
+                else _fmt(r.get(f"{t}_relaimpr_mean"), r.get(f"{t}_relaimpr_std"), pct=True) + notes[1]
             )
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + (["", FEWER_SEEDS_NOTE] if fewer else [])
 
 
 def _plt():

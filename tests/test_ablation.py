@@ -50,6 +50,30 @@ def test_relaimpr_and_summary_hand_computed():
     assert line.format("zero") in A.render_markdown({**base_result, "facet_missing": "zeros"})
 
 
+def test_a_mean_over_fewer_seeds_says_so():
+    # Seed 0's CVR baseline is near random: its CVR RelaImpr is NaN and left out of the
+    # mean, which was shown as a mean over all 3 seeds.
+    m = lambda ctr, cvr: {"ctr_auc": ctr, "cvr_auc": cvr, "ctcvr_auc": ctr, "ctr_ne": 0.9,  # noqa: E731
+                          "cvr_ne": 0.9, "ctcvr_ne": 0.9, "ctr_log_loss": 0.1, "cvr_log_loss": 0.2,
+                          "ctcvr_log_loss": 0.05}
+    base = {0: m(0.6, 0.505), 1: m(0.6, 0.7), 2: m(0.6, 0.7)}
+    var = {0: m(0.62, 0.9), 1: m(0.62, 0.72), 2: m(0.62, 0.74)}
+    s = A.summarize_variant(label="x", per_seed=var, baseline=base)
+    assert s["cvr_relaimpr_mean"] == pytest.approx(0.15) and s["cvr_relaimpr_n"] == 2
+    assert s["ctr_relaimpr_n"] == 3 and s["cvr_auc_n"] == 3
+    b = A.summarize_variant(label="b", per_seed=base, baseline=base)
+    md = A.render_markdown({"seeds": [0, 1, 2], "windows": {"test": [5, 6]},
+                            "order": ["no_large_tables", "cl"],
+                            "variants": {"no_large_tables": b, "cl": s}, "seconds": 1.0})
+    assert ("| x | 0.6200 ± 0.0000 | +20.0% ± 0.0 | 0.7867 ± 0.0987 | +15.0% ± 7.1 (n=2 of 3) "
+            "| 0.6200 ± 0.0000 | +20.0% ± 0.0 |") in md
+    assert "(n=K of N): mean ± std over the K of the N seeds that have a value" in md
+    full = A.summarize_variant(label="x", per_seed={1: var[1], 2: var[2]}, baseline=base)
+    md = A.render_markdown({"seeds": [1, 2], "windows": {"test": [5, 6]}, "order": ["cl"],
+                            "variants": {"cl": full}, "seconds": 1.0})
+    assert "(n=" not in md
+
+
 def test_config_rejects_unknown_variants():
     base = T.TrainConfig(data=T.DataConfig(path="nowhere"))
     with pytest.raises(ValueError, match="unknown ablation variants"):

@@ -133,6 +133,18 @@ def test_report_names_the_exports_real_width(tmp_path):
         assert "INT4" not in md
 
 
+def test_ablation_table_marks_a_mean_over_fewer_seeds():
+    ablation = _ablation()
+    ablation["variants"]["cl_kg"].update(ctr_auc_n=2, ctr_relaimpr_n=1, cvr_auc_n=2)
+    lines = report.ablation_table(ablation)
+    assert lines[3] == ("| + both facets | 0.7400 ± 0.0050 | +20.0% ± 1.0 (n=1 of 2) | "
+                        "0.5600 ± 0.0100 | n/a | n/a | n/a |")
+    assert lines[-1] == report.FEWER_SEEDS_NOTE
+    ablation["variants"]["cl_kg"].update(ctr_relaimpr_n=2, ctr_auc_n=0)  # all seeds, or none
+    assert report.ablation_table(ablation)[-1].startswith("| + both facets | 0.7400 ± 0.0050 | "
+                                                         "+20.0% ± 1.0 | ")
+
+
 def test_report_renders_null_and_missing_values_as_na(tmp_path):
     nan = float("nan")
     ablation = {

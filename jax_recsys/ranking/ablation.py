@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from jax_recsys import fsutil, history as history_lib
+from jax_recsys import fsutil, history as history_lib, report
 from jax_recsys.ranking import facets as facets_lib, model as model_lib, train as train_lib
 
 TASKS = ("ctr", "cvr", "ctcvr")
@@ -447,11 +447,12 @@ def run_ablation(
     return result
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+def _mean_std(xs: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample std and count of the values of ``xs`` that are not None or NaN."""
     a = np.asarray([x for x in xs if x is not None and not math.isnan(x)], np.float64)
     if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+        return float("nan"), float("nan"), 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
 
 
 def summarize_variant(
@@ -465,22 +466,26 @@ def summarize_variant(
       baseline: seed -> test metrics of the no-large-tables baseline.
 
     Returns:
-      {"label", "per_seed", and per task "<task>_auc_mean"/"_std", "<task>_relaimpr_mean"/
-      "_std", "<task>_ne_mean", "<task>_log_loss_mean"}.
+      {"label", "per_seed", and per task "<task>_auc_mean"/"_std"/"_n",
+      "<task>_relaimpr_mean"/"_std"/"_n", "<task>_ne_mean", "<task>_log_loss_mean"}.
+      "_n" counts the seeds the mean is over: the seeds with a value (an AUC of a test
+      set with one class, or a RelaImpr whose baseline is near random, is NaN; a seed
+      without a baseline run has no RelaImpr), which may be fewer than were run.
     """
     out: dict[str, Any] = {"label": label, "per_seed": {str(s): dict(m) for s, m in per_seed.items()}}
     for task in TASKS:
         aucs = [m[f"{task}_auc"] for m in per_seed.values()]
-        out[f"{task}_auc_mean"], out[f"{task}_auc_std"] = _mean_std(aucs)
+        out[f"{task}_auc_mean"], out[f"{task}_auc_std"], out[f"{task}_auc_n"] = _mean_std(aucs)
         gains = []
         for s, m in per_seed.items():
             b = baseline.get(s) or baseline.get(str(s))
             if b is None:
                 continue
             gains.append(relaimpr(m[f"{task}_auc"], b[f"{task}_auc"]))
-        out[f"{task}_relaimpr_mean"], out[f"{task}_relaimpr_std"] = _mean_std(gains)
-        out[f"{task}_ne_mean"], _ = _mean_std([m[f"{task}_ne"] for m in per_seed.values()])
-        out[f"{task}_log_loss_mean"], _ = _mean_std([m[f"{task}_log_loss"] for m in per_seed.values()])
+        (out[f"{task}_relaimpr_mean"], out[f"{task}_relaimpr_std"],
+         out[f"{task}_relaimpr_n"]) = _mean_std(gains)
+        out[f"{task}_ne_mean"] = _mean_std([m[f"{task}_ne"] for m in per_seed.values()])[0]
+        out[f"{task}_log_loss_mean"] = _mean_std([m[f"{task}_log_loss"] for m in per_seed.values()])[0]
     return out
 
 
@@ -521,17 +526,25 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         "| variant | CTR AUC | CTR gain | CVR AUC | CVR gain | CTCVR AUC | CTCVR gain |",
         "|---|---|---|---|---|---|---|",
     ]
+    fewer = False
     for name in result["order"]:
         r = result["variants"][name]
         cells = [r["label"]]
         for task in TASKS:
-            cells.append(_fmt(r[f"{task}_auc_mean"], r[f"{task}_auc_std"]))
+            # A mean over fewer seeds than were run (NaN values left out) says so.
+            notes = [report.seeds_note(r.get(f"{task}_{m}_n"), len(result["seeds"]))
+                     for m in ("auc", "relaimpr")]
+            fewer = fewer or any(notes)
+            cells.append(_fmt(r[f"{task}_auc_mean"], r[f"{task}_auc_std"]) + notes[0])
             if name == BASELINE:
                 cells.append("—")
             else:
-                cells.append(_fmt(r[f"{task}_relaimpr_mean"], r[f"{task}_relaimpr_std"], pct=True))
+                cells.append(_fmt(r[f"{task}_relaimpr_mean"], r[f"{task}_relaimpr_std"], pct=True)
+                             + notes[1])
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if fewer:
+        lines += [report.FEWER_SEEDS_NOTE, ""]
     cov = result.get("facet_coverage") or {}
     # Rows of ids a facet lacks: fresh random ones, or zeros (AblationConfig.facet_missing).
     fresh = "zero" if result.get("facet_missing") == "zeros" else "fresh"
