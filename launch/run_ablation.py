@@ -165,6 +165,7 @@ def main(argv):
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     seeds = _seeds(cfg.seeds)  # before any data is generated
     entities = train_ranker.entity_pairs(cfg.ranker.entities, key="ranker.entities")
+    train_ranker.facet_mode(cfg.ranker, key="ranker.facet_mode")
     if not cfg.pretrain.timeout_s > 0:
         raise ValueError(f"pretrain.timeout_s must be > 0 (seconds per pretraining run), "
                          f"got {cfg.pretrain.timeout_s}")

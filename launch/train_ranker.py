@@ -63,6 +63,17 @@ def entity_pairs(value, *, key: str = "entities") -> tuple[tuple[str, str], ...]
     return tuple(pairs)
 
 
+def facet_mode(cfg, *, key: str = "facet_mode") -> str:
+    """cfg.facet_mode, checked (ValueError naming `key`) also when no facet is pretrained
+    and the mode goes unused, so a misspelt mode is refused rather than ignored."""
+    from jax_recsys.ranking import facets as facets_lib
+
+    mode = cfg.facet_mode
+    if mode not in facets_lib.MODES:
+        raise ValueError(f"config.{key} must be one of {', '.join(facets_lib.MODES)}, got {mode!r}")
+    return mode
+
+
 def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None, seed=None):
     """Turns the ranker ConfigDict into a `jax_recsys.ranking.train.TrainConfig`.
 
@@ -91,7 +102,7 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
         entities=entity_pairs(cfg.entities),
         scratch_dim=cfg.scratch_dim,
         pretrained=pretrained,
-        mode=mode or cfg.facet_mode,
+        mode=mode or facet_mode(cfg),
         available=None if facets is None else {k: list(f.tables) for k, f in facets.items()},
         learning_rate=_opt(cfg.facet_learning_rate),
         target_norm=_opt(cfg.facet_target_norm),
@@ -126,6 +137,7 @@ def main(argv):
     from jax_recsys.ranking import train
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+    facet_mode(cfg)  # before any data is generated
     paths = {k: v for k, v in cfg.facet_paths.items() if v}
     missing = [f for f in _names(cfg.facets) if f not in paths]
     if missing:  # one error line (a UsageError printed the whole usage text before it)

@@ -153,6 +153,15 @@ def test_run_ablation_bad_entities_name_its_key(tmp_path):
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []  # no world generated
 
 
+def test_train_ranker_refuses_an_unknown_facet_mode_first(tmp_path):
+    # Without --config.facets the mode went unused: a misspelt one trained silently.
+    proc = _run("train_ranker", ["--config=configs/ranker.py:smoke", "--config.facet_mode=frozn",
+                                 f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "train_ranker: error:") == (
+        "train_ranker: error: config.facet_mode must be one of finetune, freeze, got 'frozn'")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []  # no world generated
+
+
 def test_pretrain_contrastive_missing_data_path(tmp_path):
     missing = tmp_path / "no_such_data"
     proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py",

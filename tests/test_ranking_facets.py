@@ -202,6 +202,23 @@ def test_missing_rows_option_reaches_the_pretrained_tables():
     assert not out[1].trainable and out[1].stats.missing == 2
 
 
+@pytest.mark.parametrize("facets", ["", "cl"])
+def test_ranker_config_refuses_an_unknown_facet_mode(facets):
+    # Without pretrained facets the mode went unused and a misspelt one ran silently;
+    # with them, FacetSpec's message named neither the config key nor the flag.
+    from launch import pipeline_stages, train_ranker
+
+    cfg = pipeline_stages.load_config("configs/ranker.py:smoke")
+    cfg.facets, cfg.facet_mode = facets, "frozn"
+    with pytest.raises(ValueError, match=r"^config\.facet_mode must be one of finetune, freeze, "
+                                         r"got 'frozn'$"):
+        train_ranker.train_config(cfg, data_path="/data")
+    with pytest.raises(ValueError, match=r"^config\.ranker\.facet_mode must be one of"):
+        train_ranker.facet_mode(cfg, key="ranker.facet_mode")
+    cfg.facet_mode = "freeze"
+    assert train_ranker.facet_mode(cfg) == "freeze"
+
+
 def test_ranker_config_facet_missing_reaches_the_facet_specs():
     from launch import pipeline_stages, train_ranker
 
