@@ -150,6 +150,12 @@ def test_bad_inputs_name_the_column():
     for seed in (-1, 1.5, True):
         with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed}"):
             _it(cols, seed=seed)
+    # 1.5 epochs ran 2 whole epochs (the iterator stops only at an epoch boundary).
+    for n in (1.5, 0, True):
+        with pytest.raises(ValueError, match=rf"num_epochs must be a whole number >= 1 or None, "
+                                             rf"got {n}$"):
+            _it(cols, num_epochs=n)
+    assert len(list(_it(cols, num_epochs=np.int64(2)))) == 4  # 2 batches of 4 from 10 rows, twice
 
 
 def test_ids_below_minus_one_are_oov_not_an_error():

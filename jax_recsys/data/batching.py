@@ -124,7 +124,7 @@ class BatchIterator:
       shuffle: permute examples each epoch (permutation seeded by (seed, epoch)).
       seed: shuffling seed.
       drop_remainder: drop the last partial batch; otherwise it is padded (mask 0).
-      num_epochs: stop after this many epochs; None = repeat forever.
+      num_epochs: stop after this many whole epochs; None = repeat forever.
       process_index: this process's index.
       process_count: number of processes; each yields B_p = B / process_count rows.
     """
@@ -157,8 +157,11 @@ class BatchIterator:
             # NumPy refused a negative seed only at the first batch ("expected
             # non-negative integer"), and int() truncated 1.5.
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if num_epochs is not None and num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+        if num_epochs is not None and (isinstance(num_epochs, bool) or num_epochs < 1
+                                       or not isinstance(num_epochs, int | np.integer)):
+            # The iterator stops at an epoch boundary: 1.5 ran 2 whole epochs. A fraction
+            # of an epoch is a step count (the trainers' num_epochs * steps per epoch).
+            raise ValueError(f"num_epochs must be a whole number >= 1 or None, got {num_epochs!r}")
         names = list(id_features) + list(dense_features) + list(label_features)
         if len(set(names)) != len(names):
             raise ValueError(f"a column is listed twice among id/dense/label features: {names}")
