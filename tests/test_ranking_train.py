@@ -394,6 +394,33 @@ def test_max_train_examples_must_be_a_count(value):
         T.DataConfig(path="unused", max_train_examples=value)
 
 
+def test_coarse_features_refuse_labels_ids_and_repeats(tmp_path):
+    # A label was refused only by the batch iterator ("a column is listed twice among
+    # id/dense/label features"); an entity's id column replaced that table's row indices
+    # with its raw ids (item ids up to 323 into a 40-row table) and trained silently.
+    for kw, message in [
+        (dict(coarse_features=("hour", "click")),
+         "coarse_features lists 'click', the click label (click_column): a label cannot be a feature"),
+        (dict(coarse_features=("hour",), conversion_column="hour"),
+         "coarse_features lists 'hour', the conversion label (conversion_column): a label "
+         "cannot be a feature"),
+        (dict(coarse_features=("click",), click_column="hour"),
+         "coarse_features lists 'click', a name the ranker gives its labels: a label cannot "
+         "be a feature"),
+        (dict(coarse_features=("hour", "hour")), "coarse_features lists 'hour' more than once"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            _data(tmp_path, **kw)
+    _write_world(tmp_path / "data", n=600)
+    with pytest.raises(ValueError, match=re.escape(
+            "coarse_features lists 'item_id', the id column of an entity table")):
+        T.prepare_data(_data(tmp_path / "data", coarse_features=("item_id",)),
+                       id_columns=("user_id", "item_id"))
+    got = T.prepare_data(_data(tmp_path / "data", coarse_features=("item_id",)),
+                         id_columns=("user_id",))  # no pin table: a coarse feature like any
+    assert got.coarse_sizes == (("item_id", 50 + 7 * (NUM_PINS - 1) + 1),)
+
+
 def test_a_two_dimensional_column_names_the_file(tmp_path):
     _write_world(tmp_path / "data", n=600)
     imp = tmp_path / "data" / "impressions"

@@ -87,8 +87,9 @@ class DataConfig:
         the train window (their metrics would be measured on training impressions);
         a valid window overlapping the test window is only warned about.
       click_column, conversion_column: label columns (binary: every value 0 or 1).
-      coarse_features: coarse categorical columns (non-negative ints); None picks every
-        integer column that is not an id, label, day or timestamp column.
+      coarse_features: coarse categorical columns (non-negative ints; neither a label
+        nor an entity's id column, each once); None picks every integer column that is
+        not an id, label, day or timestamp column.
       max_train_examples: keep only the first N training impressions (0: all; >= 0).
     """
 
@@ -106,6 +107,17 @@ class DataConfig:
         n = self.max_train_examples
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
             raise ValueError(f"max_train_examples must be an integer >= 0 (0: all), got {n!r}")
+        coarse = list(self.coarse_features or ())
+        twice = sorted({c for c in coarse if coarse.count(c) > 1})
+        if twice:
+            raise ValueError(f"coarse_features lists {', '.join(map(repr, twice))} more than once")
+        for c in coarse:  # a label as a feature: the model would see what it predicts
+            what = ("the click label (click_column)" if c == self.click_column
+                    else "the conversion label (conversion_column)" if c == self.conversion_column
+                    else "a name the ranker gives its labels" if c in ("click", "conversion")
+                    else None)
+            if what:
+                raise ValueError(f"coarse_features lists {c!r}, {what}: a label cannot be a feature")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -290,7 +302,8 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
         bad value) the line: a missing column, a label that is not 0 or 1 (NaN or an
         empty CSV/TSV cell included) in a row a window uses, a negative or non-integer coarse feature, a column that is not 1-D,
         a day/timestamp that is not finite, an unknown or empty day window.
-      ValueError: the valid or test window overlaps the train window.
+      ValueError: the valid or test window overlaps the train window; a coarse feature
+        is one of `id_columns`.
     """
     import warnings
 
@@ -319,6 +332,9 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     else:
         coarse = tuple(data.coarse_features)
     for c in coarse:
+        if c in id_columns:  # its raw values would replace the entity table's row indices
+            raise ValueError(f"coarse_features lists {c!r}, the id column of an entity table "
+                             "(the entity's ID table already embeds it)")
         if c not in cols:
             raise folder_lib.DataError(f"coarse feature {c!r} not in the table", file=where, column=c)
     for c in dict.fromkeys((data.click_column, data.conversion_column, *id_columns, *coarse)):
