@@ -116,7 +116,15 @@ def build_stages(cfg, wd: pathlib.Path) -> list[pipeline_stages.Stage]:
 
 
 def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib.Path:
-    abl = pipeline_stages.read_json(wd / "ablation" / "ablation.json") or None
+    """Writes WORKDIR/report.md from the outputs of the stages in ``results`` (the
+    stages of this run's config): the output of a stage it does not have (serving
+    disabled) is an earlier run's, perhaps of another artifact, and stays out."""
+    stages = {r.get("stage") for r in results}
+
+    def output(stage: str, path: pathlib.Path) -> dict | None:
+        return (pipeline_stages.read_json(path) or None) if stage in stages else None
+
+    abl = output("ablation", wd / "ablation" / "ablation.json")
     pre = {}
     hist = {}
     for k, p in ((abl or {}).get("pretraining") or {}).items():
@@ -134,8 +142,8 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
             if recs and d.name.endswith("_s0"):
                 hist[f"ranker {d.name[:-3]}"] = recs
     path = report.write_report(
-        wd, stages=results, ablation=abl, export=pipeline_stages.read_json(wd / "export_report.json") or None,
-        serving=pipeline_stages.read_json(wd / "serving_check.json") or None, pretraining=pre, histories=hist)
+        wd, stages=results, ablation=abl, export=output("export", wd / "export_report.json"),
+        serving=output("serving", wd / "serving_check.json"), pretraining=pre, histories=hist)
     return path
 
 

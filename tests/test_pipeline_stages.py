@@ -93,6 +93,26 @@ def test_a_stage_stopped_half_way_is_not_taken_for_finished(tmp_path):
     assert res[0]["skipped"] is False and done.read_text() == "ok"
 
 
+def test_the_report_leaves_out_outputs_of_stages_the_run_does_not_have(tmp_path):
+    # Serving disabled after a run that had it: report.md showed the old serving check
+    # (of an INT4 artifact) under this run's INT8 export.
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "export_report.json").write_text(json.dumps({"version": "new", "bits": 8}))
+    (wd / "serving_check.json").write_text(json.dumps({"version": "old", "ok": True}))
+    code = ("import pathlib, sys; sys.argv = ['run_pipeline']\n"
+            "from launch import run_pipeline\n"
+            f"wd = pathlib.Path({str(wd)!r})\n"
+            "for stages in (['world', 'export'], ['world', 'export', 'serving']):\n"
+            "    results = [{'stage': s, 'seconds': 1.0, 'summary': s} for s in stages]\n"
+            "    text = run_pipeline.write_pipeline_report(None, wd, results).read_text()\n"
+            "    print('INT8 export' in text, 'Live hybrid serving' in text, '- version: old' in text)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["True False False", "True True True"]
+
+
 def test_timeout_stops_the_stage_and_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     code = (
