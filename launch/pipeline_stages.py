@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -325,9 +326,26 @@ def ablation_plan(cfg) -> dict:
 
 
 def check(cfg, plan: dict) -> None:
-    """Refuses, before anything runs, an export that could only fail after the ablation."""
+    """Refuses, before anything runs, an export, a serving check or a stage timeout that
+    could only fail after the ablation (with the rules of export_int4 and serving_check)."""
     e = cfg.export
     problems = []
+    if not (math.isfinite(cfg.stage_timeout_s) and cfg.stage_timeout_s > 0):
+        problems.append(f"stage_timeout_s={cfg.stage_timeout_s} must be > 0 (seconds per stage)")
+    if not (math.isfinite(e.auc_noise_z) and e.auc_noise_z >= 0):
+        problems.append(f"export.auc_noise_z={e.auc_noise_z} must be >= 0 (0: strict)")
+    if cfg.serving.enabled:
+        from serving import grpc_util
+
+        s = cfg.serving
+        for key, ok, rule in [
+            ("num_shards", s.num_shards >= 1, ">= 1"), ("num_requests", s.num_requests >= 1, ">= 1"),
+            ("candidates", s.candidates >= 1, ">= 1"), ("concurrency", s.concurrency >= 0, ">= 0"),
+            ("deadline_s", math.isfinite(s.deadline_s) and 0 < s.deadline_s <= grpc_util.MAX_SECONDS,
+             f"> 0 and at most {grpc_util.MAX_SECONDS:g}"),
+        ]:
+            if not ok:
+                problems.append(f"serving.{key}={s[key]} must be {rule}")
     if e.variant not in plan["variants"]:
         problems.append(f"export.variant={e.variant!r} is not an ablation variant "
                         f"{plan['variants']}")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -172,6 +173,28 @@ def test_export_settings_are_checked_before_any_stage_runs(tmp_path):
     cfg.ablation_flags = "--config.seeds=0 --config.save_ranker_variants=scratch,cl_kg"
     export = next(s for s in build(cfg) if s.name == "export")
     assert "--int4_source=scratch" in export.cmd
+
+
+def test_serving_and_timeout_settings_are_checked_before_any_stage_runs(tmp_path):
+    # Refused only by their stage, after the ablation (serving_check's "bad flags:
+    # --num_shards=0", export_int4's auc_noise_z), or by a stage timing out at once.
+    summaries = dict.fromkeys(("world", "ablation", "export", "serving"), lambda wd: "")
+    for key, value, message in [
+        ("serving.num_shards", 0, "serving.num_shards=0 must be >= 1"),
+        ("serving.concurrency", -1, "serving.concurrency=-1 must be >= 0"),
+        ("serving.deadline_s", 1e9, "serving.deadline_s=1000000000.0 must be > 0 and at most 86400"),
+        ("export.auc_noise_z", -1.0, "export.auc_noise_z=-1.0 must be >= 0 (0: strict)"),
+        ("stage_timeout_s", 0, "stage_timeout_s=0 must be > 0 (seconds per stage)"),
+    ]:
+        cfg = _pipeline_cfg()
+        section, _, name = key.rpartition(".")
+        (cfg[section] if section else cfg)[name] = value
+        with pytest.raises(app.UsageError, match=f"^pipeline config: {re.escape(message)}$"):
+            rp.build(cfg, tmp_path, summaries=summaries)
+    cfg = _pipeline_cfg()
+    cfg.serving.enabled, cfg.serving.num_shards = False, 0  # no serving stage: unused
+    assert [s.name for s in rp.build(cfg, tmp_path, summaries=summaries)] == [
+        "world", "ablation", "export"]
 
 
 def test_int4_row_name():
