@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from absl import app, logging
+from absl import logging
 
 from launch import common
 
@@ -265,12 +265,12 @@ def run_stages(stages: list[Stage], wd: pathlib.Path, force: set[str], timeout_s
     """Runs the stages in order (see the module docstring for skipping and forcing).
 
     Raises:
-      app.UsageError: ``force`` names a stage that does not exist.
+      ValueError: ``force`` names a stage that does not exist.
     """
     names = [st.name for st in stages]
     unknown = sorted(set(force) - set(names) - {"all"})
     if unknown:
-        raise app.UsageError(f"--force names unknown stage(s) {unknown}; stages: {names} or 'all'")
+        raise ValueError(f"--force names unknown stage(s) {unknown}; stages: {names} or 'all'")
     results, upstream, ran = [], ("", ""), False
     for st in stages:
         user_forced = "all" in force or st.name in force
@@ -307,18 +307,26 @@ def _names(value) -> list[str]:
     return [x.strip() for x in str(value).strip("()[] ").split(",") if x.strip()]
 
 
+def _seeds(value) -> list[int]:
+    """The ablation's seeds as ints (ValueError naming the key)."""
+    try:
+        return [int(s) for s in _names(value)]
+    except ValueError:
+        raise ValueError(f"the ablation's config.seeds must be integers, got {value!r}") from None
+
+
 def ablation_plan(cfg) -> dict:
     """What the ablation stage will run: its resolved config's variants, seeds, saved
     ranker variants and pretraining configs, with ``cfg.ablation_flags`` applied."""
     try:
         abl = load_config(cfg.ablation_config)
     except Exception as e:
-        raise app.UsageError(f"ablation_config {cfg.ablation_config!r}: {e}") from None
+        raise ValueError(f"ablation_config {cfg.ablation_config!r}: {e}") from None
     over = _overrides(cfg.ablation_flags)
     pick = lambda key, default: over.get(key, default)  # noqa: E731
     return {
         "variants": _names(pick("variants", abl.variants)),
-        "seeds": [int(s) for s in _names(pick("seeds", abl.seeds))],
+        "seeds": _seeds(pick("seeds", abl.seeds)),
         "save_ranker_variants": _names(pick("save_ranker_variants", abl.save_ranker_variants)),
         "configs": [pick("pretrain.cl_config", abl.pretrain.cl_config),
                     pick("pretrain.kg_config", abl.pretrain.kg_config)],
@@ -358,14 +366,14 @@ def check(cfg, plan: dict) -> None:
     if e.bits not in (4, 8, 32):
         problems.append(f"export.bits={e.bits} must be 4, 8 or 32")
     if problems:
-        raise app.UsageError("pipeline config: " + "; ".join(problems))
+        raise ValueError("pipeline config: " + "; ".join(problems))
 
 
 def build(cfg, wd: pathlib.Path, *, summaries) -> list[Stage]:
     """Returns the pipeline's stages for config `cfg` in workdir `wd`.
 
     Raises:
-      app.UsageError: the config asks for an export the ablation cannot feed.
+      ValueError: the config asks for an export the ablation cannot feed.
     """
     plan = ablation_plan(cfg)
     check(cfg, plan)

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from jax_recsys import fsutil
@@ -127,7 +127,7 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     stamp.unlink(missing_ok=True)
     meta = json.loads((pathlib.Path(data_path) / "dataset.json").read_text())
     if meta.get("generator") != "jax_recsys.data.world" or "world_config" not in meta:
-        raise app.UsageError(
+        raise ValueError(
             f"{data_path} is not a generated world: give --config.facet_dirs.kg_stale=DIR "
             "(a KG facet pretrained on the stale window)"
         )

@@ -74,6 +74,17 @@ def test_a_mean_over_fewer_seeds_says_so():
     assert "(n=" not in md
 
 
+def test_a_stale_kg_of_a_dataset_that_is_not_generated_is_a_value_error(tmp_path):
+    # Was an absl UsageError: run_ablation printed its whole usage text before the message.
+    from launch import run_ablation
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text('{"name": "by hand"}')
+    with pytest.raises(ValueError, match=r"is not a generated world: give "
+                                         r"--config\.facet_dirs\.kg_stale=DIR"):
+        run_ablation._stale_kg_world(str(tmp_path / "data"), tmp_path / "stale")
+
+
 def test_config_rejects_unknown_variants():
     base = T.TrainConfig(data=T.DataConfig(path="nowhere"))
     with pytest.raises(ValueError, match="unknown ablation variants"):

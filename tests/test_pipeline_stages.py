@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-from absl import app
 
 from launch import pipeline_stages as rp
 
@@ -76,7 +75,7 @@ def test_keys_follow_config_content_and_upstream_stages(tmp_path):
     assert _runs(tmp_path)[before:] == ["b --fresh", "c"]
     res = rp.run_stages(stages(), wd, set(), 60)
     assert [r["skipped"] for r in res] == [True, True, True]
-    with pytest.raises(app.UsageError, match=r"unknown stage\(s\) \['bb'\]"):
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['bb'\]"):
         rp.run_stages(stages(), wd, {"bb"}, 60)
 
 
@@ -158,13 +157,13 @@ def test_export_settings_are_checked_before_any_stage_runs(tmp_path):
     abl = next(s for s in stages if s.name == "ablation")
     assert abl.forced_args == ("--fresh",)
     assert abl.configs == ("configs/contrastive.py:smoke", "configs/kg.py:smoke")
-    with pytest.raises(app.UsageError, match="not in the ablation's save_ranker_variants"):
+    with pytest.raises(ValueError, match="not in the ablation's save_ranker_variants"):
         build(_pipeline_cfg(variant="scratch"))
-    with pytest.raises(app.UsageError, match="export.variant='magic' is not an ablation variant"):
+    with pytest.raises(ValueError, match="export.variant='magic' is not an ablation variant"):
         build(_pipeline_cfg(variant="magic"))
-    with pytest.raises(app.UsageError, match=r"export.seed=3 is not an ablation seed \[0\]"):
+    with pytest.raises(ValueError, match=r"export.seed=3 is not an ablation seed \[0\]"):
         build(_pipeline_cfg(seed=3))
-    with pytest.raises(app.UsageError, match="export.bits=3 must be 4, 8 or 32"):
+    with pytest.raises(ValueError, match="export.bits=3 must be 4, 8 or 32"):
         build(_pipeline_cfg(bits=3))
     cfg = _pipeline_cfg(seed=3)
     cfg.ablation_flags = "--config.seeds 3"  # absl's space-separated form
@@ -189,12 +188,31 @@ def test_serving_and_timeout_settings_are_checked_before_any_stage_runs(tmp_path
         cfg = _pipeline_cfg()
         section, _, name = key.rpartition(".")
         (cfg[section] if section else cfg)[name] = value
-        with pytest.raises(app.UsageError, match=f"^pipeline config: {re.escape(message)}$"):
+        with pytest.raises(ValueError, match=f"^pipeline config: {re.escape(message)}$"):
             rp.build(cfg, tmp_path, summaries=summaries)
     cfg = _pipeline_cfg()
     cfg.serving.enabled, cfg.serving.num_shards = False, 0  # no serving stage: unused
     assert [s.name for s in rp.build(cfg, tmp_path, summaries=summaries)] == [
         "world", "ablation", "export"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--force=ablaton"], "--force names unknown stage(s) ['ablaton']; stages: ['world', "
+                          "'ablation', 'export', 'serving'] or 'all'"),
+    (["--config.export.bits=3"], "pipeline config: export.bits=3 must be 4, 8 or 32"),
+    (["--config.ablation_flags=--config.seeds=0,x"],
+     "the ablation's config.seeds must be integers, got '0,x'"),
+])
+def test_bad_pipeline_arguments_are_one_line(tmp_path, args, message):
+    # Were absl usage errors: the whole usage text (39 lines) before the message; a bad
+    # seed was "invalid literal for int() with base 10: 'x'".
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.run_pipeline", "--config=configs/pipeline.py:smoke",
+         f"--workdir={tmp_path / 'wd'}", *args],
+        cwd=rp._REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"run_pipeline: error: {message}"]
+    assert not (tmp_path / "wd" / "stages").exists()  # no stage ran
 
 
 def test_int4_row_name():
