@@ -217,7 +217,8 @@ def write_report(
     Args:
       workdir: the pipeline folder.
       stages: one summary per stage: {"stage", "seconds", "summary", "skipped"}, and
-        "code_changed" (a skipped stage made by other code).
+        "code_changed" (a skipped stage made by other code) or "failed" (the stage
+        that stopped the run; its summary says why).
       ablation: ablation.json contents.
       export: the export report (INT4, or INT8 / float32 as its "bits" say).
       serving: the live serving check's measurements.
@@ -235,7 +236,9 @@ def write_report(
     md += ["## Stages", "", "| stage | seconds | summary |", "|---|---|---|"]
     for s in stages:
         secs = _cell(s.get("seconds"), ".0f")
-        if s.get("skipped"):
+        if s.get("failed"):
+            secs = "FAILED (later stages not run)"
+        elif s.get("skipped"):
             secs = ("skipped (up to date; made by other code)" if s.get("code_changed")
                     else "skipped (up to date)")
         md.append(f"| {s.get('stage', 'n/a')} | {secs} | {s.get('summary', '')} |")

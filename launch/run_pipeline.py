@@ -23,7 +23,9 @@ instead of reusing them. Code changes are not part of the key (an edit anywhere
 would redo the ablation): a skipped stage whose marker was written by other code
 (``pipeline_stages.code_digest``: the project's .py and .proto files) says so,
 and report.md marks it; use `--force`.
-One summary line per stage; the stages print their own progress.
+One summary line per stage; the stages print their own progress. report.md holds
+only this run's stages: a stage that fails (or is interrupted) leaves it with the
+stages before it and that one marked FAILED.
 """
 
 from __future__ import annotations
@@ -104,9 +106,34 @@ def main(argv):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **r}) + "\n")
 
-    results = pipeline_stages.run_stages(stages, wd, set(_FORCE.value), cfg.stage_timeout_s, on_result=record)
-    path = write_pipeline_report(cfg, wd, results)
+    path = run_and_report(cfg, wd, stages, set(_FORCE.value), on_result=record)
     print(f"pipeline done in {time.time() - t0:.0f} s; report: {path}", flush=True)
+
+
+def run_and_report(cfg, wd: pathlib.Path, stages: list[pipeline_stages.Stage], force: set[str],
+                   *, on_result=None) -> pathlib.Path:
+    """Runs the stages (`pipeline_stages.run_stages`), then writes report.md.
+
+    A stage that fails or is interrupted has removed its marker and its output: the
+    report is then rewritten too, with the stages before it and that stage marked
+    failed, and the error goes on; an earlier run's report never stands for this one.
+    """
+    done = []
+
+    def record(r):
+        done.append(r)
+        if on_result is not None:
+            on_result(r)
+
+    try:
+        results = pipeline_stages.run_stages(stages, wd, force, cfg.stage_timeout_s, on_result=record)
+    except (SystemExit, KeyboardInterrupt) as e:
+        if len(done) < len(stages):
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e.code)
+            write_pipeline_report(cfg, wd, [*done, {"stage": stages[len(done)].name,
+                                                    "failed": True, "summary": why}])
+        raise
+    return write_pipeline_report(cfg, wd, results)
 
 
 def build_stages(cfg, wd: pathlib.Path) -> list[pipeline_stages.Stage]:
@@ -117,9 +144,10 @@ def build_stages(cfg, wd: pathlib.Path) -> list[pipeline_stages.Stage]:
 
 def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib.Path:
     """Writes WORKDIR/report.md from the outputs of the stages in ``results`` (the
-    stages of this run's config): the output of a stage it does not have (serving
-    disabled) is an earlier run's, perhaps of another artifact, and stays out."""
-    stages = {r.get("stage") for r in results}
+    stages of this run's config, up to one marked failed): the output of a stage it
+    does not have (serving disabled, or after a failed stage) is an earlier run's,
+    perhaps of another artifact, and stays out."""
+    stages = {r.get("stage") for r in results if not r.get("failed")}
 
     def output(stage: str, path: pathlib.Path) -> dict | None:
         return (pipeline_stages.read_json(path) or None) if stage in stages else None
@@ -130,13 +158,13 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
     for k, p in ((abl or {}).get("pretraining") or {}).items():
         pre[k] = {kk: vv for kk, vv in (p.get("metrics") or {}).items() if not isinstance(vv, dict | list)}
     pdir = wd / "ablation" / "pretrain"
-    if pdir.exists():
+    if abl is not None and pdir.exists():  # curves of the ablation the report shows
         for d in sorted(pdir.iterdir()):
             recs = history.export_run_history(d) if (d / "metrics.json").exists() else []
             if recs:
                 hist[f"pretrain {d.name}"] = recs
     runs = wd / "ablation" / "runs"
-    if runs.exists():
+    if abl is not None and runs.exists():
         for d in sorted(runs.iterdir()):
             recs = history.export_run_history(d)
             if recs and d.name.endswith("_s0"):

@@ -113,6 +113,43 @@ def test_the_report_leaves_out_outputs_of_stages_the_run_does_not_have(tmp_path)
     assert proc.stdout.splitlines() == ["True False False", "True True True"]
 
 
+def test_a_failed_stage_rewrites_the_report(tmp_path):
+    # The report of the last finished run stayed, describing an ablation whose output
+    # the failed rerun had removed (and its export, serving check and curves).
+    wd = tmp_path / "wd"
+    (wd / "ablation" / "runs" / "cl_s0").mkdir(parents=True)
+    (wd / "report.md").write_text("old report\n")
+    (wd / "ablation" / "ablation.json").write_text(json.dumps(
+        {"order": ["cl"], "seeds": [0], "variants": {"cl": {"label": "old cl", "ctr_auc_mean": 0.6}}}))
+    (wd / "ablation" / "runs" / "cl_s0" / "metrics.json").write_text(
+        json.dumps({"train": {"loss_curve": [[10, 0.9], [20, 0.8]]}}))
+    (wd / "export_report.json").write_text(json.dumps({"version": "old", "bits": 4}))
+    code = (
+        "import pathlib, sys, types; sys.argv = ['run_pipeline']\n"
+        "from launch import pipeline_stages as rp, run_pipeline\n"
+        f"wd = pathlib.Path({str(wd)!r})\n"
+        "py = lambda code, *args: [sys.executable, '-c', code, *args]\n"
+        "touch = py('import pathlib, sys; pathlib.Path(sys.argv[1]).touch()', str(wd / 'w.done'))\n"
+        "stages = [rp.Stage('world', touch, wd / 'w.done', lambda wd: 'world made'),\n"
+        "          rp.Stage('ablation', py('import sys; sys.exit(3)'),\n"
+        "                   wd / 'ablation' / 'ablation.json', lambda wd: ''),\n"
+        "          rp.Stage('export', py('pass'), wd / 'export_report.json', lambda wd: '')]\n"
+        "try:\n"
+        "    run_pipeline.run_and_report(types.SimpleNamespace(stage_timeout_s=60), wd, stages, set())\n"
+        "except SystemExit as e:\n"
+        "    print('exit:', e.code)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = proc.stdout.splitlines()[-1].removeprefix("exit: ")
+    assert error.startswith("[ablation] failed with exit code 3: ")
+    lines = (wd / "report.md").read_text().splitlines()
+    assert lines[5:8] == ["|---|---|---|", "| world | 0 | world made |",
+                          f"| ablation | FAILED (later stages not run) | {error} |"]
+    assert [ln for ln in lines if ln.startswith("## ")] == ["## Stages", "## Training curves"]
+    assert "(no history.jsonl curves were recorded by the stages)" in lines
+
+
 def test_timeout_stops_the_stage_and_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     code = (
