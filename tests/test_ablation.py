@@ -266,6 +266,16 @@ def test_finished_runs_are_reused_only_with_the_same_settings_and_data(tmp_path)
     assert any("reusing" in s for s in logs)
     run(more, fresh=True)
     assert not any("reusing" in s for s in logs) and any("--fresh" in s for s in logs)
+    # A metrics.json cut short (a run stopped while writing it): the run is not finished,
+    # and is trained again. Was "Expecting property name enclosed in double quotes" on
+    # every rerun, --fresh included.
+    text = (rdir / "metrics.json").read_text()
+    (rdir / "metrics.json").write_text(text[:100])
+    again = run(more)["variants"]["no_large_tables"]["ctr_auc_mean"]
+    assert not any("reusing" in s for s in logs) and logs[-1].startswith("ranker test:")
+    assert json.loads((rdir / "metrics.json").read_text())["fingerprint"] == json.loads(text)["fingerprint"]
+    assert not (rdir / "metrics.json.tmp").exists() and again == pytest.approx(
+        json.loads(text)["test"]["ctr_auc"], abs=1e-6)
 
 
 def test_pretrained_facets_are_reused_only_under_the_same_key(tmp_path):
@@ -313,6 +323,10 @@ def test_pretrained_facets_are_reused_only_under_the_same_key(tmp_path):
     key["v"] = "c"
     with pytest.raises(ValueError, match="made with other settings.*no pretrainer"):
         obtain(pretrainers={})
+    # A pretrain_key.json cut short (stopped while writing it): redone, not an error.
+    (out / "pretrain_key.json").write_text('{"key": ')
+    obtain()
+    assert len(calls) == 5 and json.loads((out / "pretrain_key.json").read_text()) == {"key": "cfresh"}
 
 
 def test_a_given_facet_dir_of_another_facet_is_refused(tmp_path):

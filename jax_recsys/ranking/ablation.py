@@ -154,6 +154,27 @@ Pretrainer = Callable[[str, pathlib.Path], str | pathlib.Path]
 _PRETRAIN_KEY = "pretrain_key.json"
 
 
+def _read_json(path: pathlib.Path) -> dict | None:
+    """``path``'s JSON object, or None when it is missing or cut short (a run stopped
+    while writing it, before writes were atomic): that run or facet is not finished."""
+    try:
+        obj = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+    """Writes ``path`` atomically: a run stopped meanwhile leaves the old file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
+
+
 def _digest(obj) -> str:
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -282,13 +303,12 @@ def obtain_facets(
             want = want(window) if want is not None else None
             accepted = [want] if want is None or isinstance(want, str) else list(want)
             want = accepted[0]
-            have = json.loads((out / _PRETRAIN_KEY).read_text()).get("key") \
-                if (out / _PRETRAIN_KEY).exists() else None
+            have = (_read_json(out / _PRETRAIN_KEY) or {}).get("key")
             done = (path / "facet.json").exists()
             if done and not fresh and (want is None or have in accepted):
                 log(f"ablation: reusing pretrained {key} at {path}")
                 if want is not None and have != want:  # made under an older form of the key
-                    (out / _PRETRAIN_KEY).write_text(json.dumps({"key": want}) + "\n")
+                    _write_json(out / _PRETRAIN_KEY, {"key": want})
             elif facet in pretrainers:
                 why = ("--fresh" if fresh else "its settings or data changed") if done else "none yet"
                 log(f"ablation: pretraining {key} into {out} ({why})")
@@ -297,7 +317,7 @@ def obtain_facets(
                 path = pathlib.Path(pretrainers[facet](window, out))
                 if want is not None:
                     out.mkdir(parents=True, exist_ok=True)
-                    (out / _PRETRAIN_KEY).write_text(json.dumps({"key": want}) + "\n")
+                    _write_json(out / _PRETRAIN_KEY, {"key": want})
             elif done:
                 raise ValueError(
                     f"pretrained {key} at {path} was made with other settings or data (or "
@@ -399,14 +419,13 @@ def run_ablation(
                 data=data_digest, saved_ranker=name in config.save_ranker_variants,
                 data_paths=old_paths)
             fingerprint = accepted[0]
-            old = json.loads(mpath.read_text()) if mpath.exists() else None
+            old = _read_json(mpath)
             if old is not None and not fresh and old.get("fingerprint") in accepted:
                 res = old
                 log(f"ablation: reusing {rdir}")
                 if old["fingerprint"] != fingerprint:  # the older form, with the data's path
                     res = {**old, "fingerprint": fingerprint}
-                    mpath.write_text(json.dumps(res, indent=2, sort_keys=True,
-                                                default=train_lib._json_default) + "\n")
+                    _write_json(mpath, res)
             else:
                 why = "" if old is None else (
                     " (--fresh)" if fresh else " (the finished run had other settings or data)")
@@ -421,7 +440,7 @@ def run_ablation(
                 if name in config.save_ranker_variants:
                     model_lib.save_ranker(rdir / "ranker", ranker)
                 res["fingerprint"] = fingerprint
-                mpath.write_text(json.dumps(res, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
+                _write_json(mpath, res)
             runs[name][seed] = res["test"]
             if seed == config.seeds[0]:
                 facet_stats[name] = res.get("facets", [])
@@ -576,10 +595,11 @@ def render_markdown(result: Mapping[str, Any]) -> str:
 def write_report(workdir: str | pathlib.Path, result: Mapping[str, Any]) -> None:
     """Writes ablation.json, ablation.md and metrics.json into `workdir`."""
     workdir = pathlib.Path(workdir)
-    text = json.dumps(result, indent=2, sort_keys=True, default=train_lib._json_default) + "\n"
-    (workdir / "ablation.json").write_text(text)
-    (workdir / "metrics.json").write_text(text)
-    (workdir / "ablation.md").write_text(render_markdown(result))
+    # Atomic: the export rewrites ablation.json (its INT4 row) after the ablation stage
+    # has finished; cut short, it would stop every later export.
+    _write_json(workdir / "ablation.json", result)
+    _write_json(workdir / "metrics.json", result)
+    _write_text(workdir / "ablation.md", render_markdown(result))
 
 
 def evaluate_with_tables(
