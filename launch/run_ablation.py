@@ -166,6 +166,14 @@ def main(argv):
     seeds = _seeds(cfg.seeds)  # before any data is generated
     entities = train_ranker.entity_pairs(cfg.ranker.entities, key="ranker.entities")
     train_ranker.facet_mode(cfg.ranker, key="ranker.facet_mode")
+    unused = [k for k, given in [("facets", train_ranker._names(cfg.ranker.facets)),
+                                 ("facet_paths", any(cfg.ranker.facet_paths.values())),
+                                 ("facet_mode", cfg.ranker.facet_mode != "finetune")] if given]
+    if unused:  # were ignored without a word
+        raise ValueError(
+            f"config.ranker.{', config.ranker.'.join(unused)}: not used by the ablation, whose "
+            "variants choose the pretrained facets and their mode (cl_kg_frozen freezes them); "
+            "give finished facets with --config.facet_dirs.cl_fresh=DIR etc.")
     if not cfg.pretrain.timeout_s > 0:
         raise ValueError(f"pretrain.timeout_s must be > 0 (seconds per pretraining run), "
                          f"got {cfg.pretrain.timeout_s}")

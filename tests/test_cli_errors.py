@@ -153,6 +153,17 @@ def test_run_ablation_bad_entities_name_its_key(tmp_path):
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []  # no world generated
 
 
+def test_run_ablation_refuses_the_rankers_facet_settings_it_does_not_use(tmp_path):
+    # Were ignored without a word: the variants choose the facets and their mode.
+    proc = _run("run_ablation", ["--config=configs/ablation.py:smoke", "--config.ranker.facets=cl",
+                                 "--config.ranker.facet_mode=freeze", f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "run_ablation: error:") == (
+        "run_ablation: error: config.ranker.facets, config.ranker.facet_mode: not used by the "
+        "ablation, whose variants choose the pretrained facets and their mode (cl_kg_frozen "
+        "freezes them); give finished facets with --config.facet_dirs.cl_fresh=DIR etc.")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == []  # no world generated
+
+
 def test_train_ranker_refuses_an_unknown_facet_mode_first(tmp_path):
     # Without --config.facets the mode went unused: a misspelt one trained silently.
     proc = _run("train_ranker", ["--config=configs/ranker.py:smoke", "--config.facet_mode=frozn",
