@@ -471,6 +471,10 @@ def test_gate_with_noise_z_passes_drops_within_the_paired_error():
     assert X._gate(q, 0.001, noise_z=2.0)["passed"]
     q["cvr"] = {"auc_full": float("nan"), "auc_quant": float("nan"), "auc_delta_se": None}
     assert X._gate(q, 0.001)["skipped_tasks"] == ["cvr"]
+    # A negative gate always fails (documented, for testing the failure path); the
+    # noise allowance used to pass drops within z standard errors of it.
+    negative = X._gate(q, -1.0, noise_z=2.0)
+    assert negative["failed_tasks"] == ["ctr", "ctcvr"] and not negative["passed"]
 
 
 def test_dequantized_table_gathers_like_dequantize_rows():

@@ -106,7 +106,7 @@ class ExportConfig:
       max_auc_drop: the gate: fail when full-precision AUC minus quantized AUC exceeds
         this for any task (tasks whose test labels are all equal have no AUC and are
         skipped; with every task skipped the gate checked nothing and fails). A negative
-        value always fails (for testing the failure path).
+        value always fails, whatever `auc_noise_z` (for testing the failure path).
       auc_noise_z: 0 (default): the gate is exactly `max_auc_drop`. z > 0: a task also
         needs its drop to exceed z standard errors of the paired AUC difference
         (DeLong, same test examples scored both ways) to fail, so that a tiny test
@@ -528,6 +528,7 @@ def _gate(quality: Mapping[str, Any], max_auc_drop: float, noise_z: float = 0.0)
             se = quality[task].get("auc_delta_se")
             if (
                 noise_z > 0
+                and max_auc_drop >= 0  # a negative gate always fails, noise or not
                 and se is not None
                 and not math.isnan(se)
                 and drops[task] <= noise_z * se
