@@ -19,9 +19,10 @@ Embeddings come from one of two places, with the same numbers:
 Request contract (what the proto leaves open):
 
 - the user: ``user_raw_id`` is mapped through the artifact's vocabulary of the
-  user table; **an unknown raw id is not an error**: the user is scored as a
-  cold-start user with a zero embedding (what offline evaluation does for ids
-  outside the ranker's vocabulary, ``ranking.train.predict`` rows of -1).
+  user table (whitespace around it ignored, as the data readers read ids); **an
+  unknown raw id is not an error**: the user is scored as a cold-start user with a
+  zero embedding (what offline evaluation does for ids outside the ranker's
+  vocabulary, ``ranking.train.predict`` rows of -1).
   ``user_row`` must be a row of the user table (else INVALID_ARGUMENT). A
   request naming no user is INVALID_ARGUMENT when the ranker has a user table.
 - ``candidate_ids``: little-endian int64 [C] rows of the candidate table
@@ -435,14 +436,18 @@ class _VocabIndex:
             self._sorted = vocab
 
     def row(self, raw_id: str) -> int:
-        """The row of ``raw_id``, or -1 when the vocabulary does not hold it."""
+        """The row of ``raw_id``, or -1 when the vocabulary does not hold it.
+
+        Whitespace around the id is not part of it, as when the data folder and the
+        knowledge-graph reader read ids (``" 7"`` is the id 7, ``"a "`` the id "a")."""
+        raw_id = raw_id.strip()
         if self._int:
             try:
                 key = int(raw_id)
             except ValueError:
                 return -1
-            # Only the canonical spelling: " 7", "07", "+7", "7_0" or "٧" are other
-            # (unknown) ids, never aliases of 7 (as when the data folder read them).
+            # Only the canonical spelling: "07", "+7", "7_0" or "٧" are other (unknown)
+            # ids, never aliases of 7 (as when the data folder read them).
             if str(key) != raw_id:
                 return -1
             if not np.iinfo(np.int64).min <= key <= np.iinfo(np.int64).max:
