@@ -163,12 +163,13 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
             recs = history.export_run_history(d) if (d / "metrics.json").exists() else []
             if recs:
                 hist[f"pretrain {d.name}"] = recs
-    runs = wd / "ablation" / "runs"
-    if abl is not None and runs.exists():
-        for d in sorted(runs.iterdir()):
-            recs = history.export_run_history(d)
-            if recs and d.name.endswith("_s0"):
-                hist[f"ranker {d.name[:-3]}"] = recs
+    seeds = (abl or {}).get("seeds")
+    if seeds and isinstance(seeds, list):  # ranker curves of the ablation's first seed
+        for name in abl.get("order") or []:
+            d = wd / "ablation" / "runs" / f"{name}_s{seeds[0]}"
+            recs = history.export_run_history(d) if d.is_dir() else []
+            if recs:
+                hist[f"ranker {name}"] = recs
     path = report.write_report(
         wd, stages=results, ablation=abl, export=output("export", wd / "export_report.json"),
         serving=output("serving", wd / "serving_check.json"), pretraining=pre, histories=hist)

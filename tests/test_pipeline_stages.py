@@ -150,6 +150,28 @@ def test_a_failed_stage_rewrites_the_report(tmp_path):
     assert "(no history.jsonl curves were recorded by the stages)" in lines
 
 
+def test_the_report_draws_the_ranker_curves_of_the_ablations_first_seed(tmp_path):
+    # Only runs named *_s0 were drawn: an ablation with seeds 1,2 had no ranker curves,
+    # and a stale cl_s0 (or a variant no longer in the ablation) was drawn instead.
+    wd = tmp_path / "wd"
+    for name, loss in (("cl_s0", 0.1), ("cl_s1", 0.8), ("cl_s2", 0.7), ("old_s1", 0.6)):
+        (wd / "ablation" / "runs" / name).mkdir(parents=True)
+        (wd / "ablation" / "runs" / name / "metrics.json").write_text(
+            json.dumps({"train": {"loss_curve": [[10, loss]]}}))
+    (wd / "ablation" / "ablation.json").write_text(json.dumps(
+        {"order": ["cl"], "seeds": [1, 2], "variants": {"cl": {"label": "cl"}}}))
+    code = ("import pathlib, sys; sys.argv = ['run_pipeline']\n"
+            "from launch import run_pipeline\n"
+            "from jax_recsys import report\n"
+            "report.write_report = lambda wd, **kw: print(kw['histories'])\n"
+            f"run_pipeline.write_pipeline_report(None, pathlib.Path({str(wd)!r}),\n"
+            "    [{'stage': 'ablation', 'seconds': 1.0, 'summary': ''}])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["{'ranker cl': [{'step': 10, 'loss_ema': 0.8}]}"]
+
+
 def test_timeout_stops_the_stage_and_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     code = (
