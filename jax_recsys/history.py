@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -62,20 +63,25 @@ class MetricWriter:
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """Reads a history.jsonl file (missing file: empty list; bad lines raise with the line number)."""
+    """Reads a history.jsonl file (missing file: empty list).
+
+    A line that is not JSON (a killed trainer's half-written last line, a damaged
+    file) is skipped with a warning naming the file and line: a report still draws
+    the rest of the curve.
+    """
     path = pathlib.Path(path)
     if path.is_dir():
         path = path / "history.jsonl"
     if not path.exists():
         return []
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not a JSON line: {e}") from e
+            logging.warning("%s:%d: not a JSON line, skipped: %s", path, i, e)
     return out
 
 
