@@ -261,7 +261,8 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
     A ValueError (DataError, ArtifactError, ...) or OSError (FileNotFoundError,
     FileExistsError, NotADirectoryError, PermissionError, ...) raised by `main`, an
     unknown config key in a `--config.KEY=...` override (ml_collections raises
-    AttributeError/KeyError while the flags are parsed), and a `--config=FILE[:ARG]` that
+    AttributeError/KeyError while the flags are parsed) or a VALUE that does not parse
+    as the key's type (`--config.train.num_epochs=1.5`), and a `--config=FILE[:ARG]` that
     does not load (no such file, or its get_config raised), print one line
     ``NAME: error: <message>`` on stderr and exit with status 1. The message names the
     exception type when it is not a ValueError/OSError. Every other exception (a bug)
@@ -297,6 +298,14 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
             last = [ln.strip() for ln in trace.splitlines() if ln.strip()][-1:]
             if sep and last:
                 _fail(f"{name}: error: {flag.removeprefix('flag ')}: {last[0]}")
+            # --config.KEY=VALUE whose VALUE does not parse as KEY's type (absl: "flag
+            # --config.train.num_epochs=1.5: invalid literal for int() ...").
+            m = re.match(r"flag --(\w+)\.([^=\s]+)=", str(e))
+            if m and m[1] in flags.FLAGS and e.__context__ is not None:
+                inner = str(e.__context__)
+                value = str(e)[m.end():].removesuffix(f": {inner}")
+                _fail(f"{name}: error: bad value {value!r} for config key {m[2]!r} in a "
+                      f"--{m[1]}.KEY=VALUE override: {inner}")
             _absl_usage_exit(e)
         except (AttributeError, KeyError) as e:  # --config.NO_SUCH_KEY=...
             kind, inner = type(e).__name__, e

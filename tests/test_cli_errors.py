@@ -92,6 +92,18 @@ def test_misspelt_config_key_names_the_key_and_the_near_miss(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_config_override_of_the_wrong_type_is_one_line_naming_the_key(tmp_path):
+    # Was absl's "FATAL Flags parsing error: flag --config.train.num_epochs=1.5: ..." and
+    # "Pass --helpshort or --helpfull to see help on flags.".
+    proc = _run("pretrain_kg", ["--config=configs/kg.py:smoke", "--config.train.num_epochs=1.5",
+                                f"--workdir={tmp_path / 'w'}"])
+    line = _assert_one_line(proc, "pretrain_kg: error:")
+    assert line == ("pretrain_kg: error: bad value '1.5' for config key 'train.num_epochs' in a "
+                    "--config.KEY=VALUE override: invalid literal for int() with base 10: '1.5'")
+    assert "FATAL" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("config, message", [
     # Was 4 lines: "Configuration is not available because of an earlier failure to load:
     # Failed loading config file config_config", the attempted paths, the errno.
