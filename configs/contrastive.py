@@ -39,8 +39,9 @@ def get_config(arg=None):
     c.data.type_column = "engagement_type"
     # Weight per engagement type: 0 = save, 1 = click, 2 = closeup.
     c.data.type_weights = (2.0, 1.0, 0.5)
-    # Named window ("fresh", "stale", ...); "auto" = the folder's fresh_pretrain
-    # window if it has one; "" = the days below.
+    # Named window ("fresh", "stale", ...), not together with the days below;
+    # "auto" = the folder's fresh_pretrain window if it has one and no day below
+    # is set; "" = the days below.
     c.data.window = "auto"
     c.data.window_start = -1  # first training day; -1 = first day of the data
     c.data.window_end = -1  # end (exclusive); -1 = eval_days before the last day

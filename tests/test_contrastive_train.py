@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jax_recsys import checkpoint
-from jax_recsys.data.folder import write_table
+from jax_recsys.data.folder import write_dataset_json, write_table
 from jax_recsys.distributed import global_mesh
 from jax_recsys.embedding import specs
 from jax_recsys.pretrain import contrastive_data as cd, contrastive_train as ct
@@ -103,6 +103,30 @@ def test_load_pairs_user_folder_strings_and_timestamps(tmp_path):
     np.testing.assert_array_equal(pairs.train_weight, [1.0, 1.0, 1.0])
     assert (pairs.user_ids[pairs.eval_user].tolist(), pairs.pin_ids[pairs.eval_pin].tolist()) \
         == (["bob"], ["pinA"])
+
+
+def test_a_named_window_and_explicit_days_are_not_combined(tmp_path):
+    # Were silently combined: window "stale" [0, 2) with window_end=4 trained on days
+    # [0, 4) reported as "stale"; the default "auto" with window_start=1 trained on
+    # [1, 4), fresh_pretrain's end, not the documented "eval_days before the last day".
+    ent = write_table(tmp_path, "engagements", {"user_id": np.array([7, 7, 8, 9, 8, 7, 8, 9]),
+                                                "item_id": np.array([50, 51, 50, 52, 51, 53, 50, 52]),
+                                                "day": np.array([0, 1, 1, 2, 3, 3, 4, 5])})
+    write_dataset_json(tmp_path, name="t", tables={"engagements": ent},
+                       splits={"stale_pretrain": [0, 2], "fresh_pretrain": [2, 4]})
+    with pytest.raises(ValueError, match=r"^give a named window or window_start/window_end, "
+                       r"not both: window 'stale' with window_end=4 \(set window to '' to use "
+                       r"the days\)$"):
+        cd.ContrastiveDataConfig(path=str(tmp_path), window="stale", window_end=4)
+
+    def days(**kw):
+        s = cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), **kw)).stats
+        return s["window"], s["window_start"], s["window_end"]
+
+    assert days() == ("fresh_pretrain", 2, 4)
+    assert days(window="stale") == ("stale", 0, 2)
+    assert days(window_start=1) == ("", 1, 5)
+    assert days(window_start=0, window_end=3) == ("", 0, 3)
 
 
 def test_load_pairs_errors_name_the_problem(tmp_path):

@@ -58,8 +58,9 @@ class ContrastiveDataConfig:
       type_weights: weight of engagement type t (t indexes the tuple; the world
         uses 0=save, 1=click, 2=closeup).
       window: a named day window of the folder (dataset.json "splits", aliases
-        "fresh"/"stale" allowed); used when window_start/window_end are None.
-        "auto": the folder's `fresh_pretrain` window when it has one, else none.
+        "fresh"/"stale" allowed); a named window and window_start/window_end
+        together are refused. "auto": the folder's `fresh_pretrain` window when it
+        has one and neither window_start nor window_end is given, else none.
       window_start, window_end: training days [start, end); None (and no
         `window`) = first day / the day `eval_days` before the last.
       eval_start, eval_end: held-out days [start, end); None = window_end /
@@ -111,6 +112,14 @@ class ContrastiveDataConfig:
                              f"{self.eval_days}, {self.max_eval_pairs}")
         if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
             raise ValueError(f"data seed must be >= 0, got {self.seed}")
+        # Was silently combined: window "stale" [0, 2) with window_end=4 trained on [0, 4).
+        days = {k: v for k, v in (("window_start", self.window_start),
+                                  ("window_end", self.window_end)) if v is not None}
+        if self.window not in (None, "", "auto") and days:
+            raise ValueError(
+                f"give a named window or window_start/window_end, not both: window "
+                f"{self.window!r} with {', '.join(f'{k}={v}' for k, v in days.items())} "
+                f"(set window to '' to use the days)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -226,8 +235,9 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
 
     last_day = int(days.max()) if days.size else 0
     window = cfg.window
-    if window == "auto":
-        window = "fresh_pretrain" if "fresh_pretrain" in folder.splits else None
+    if window == "auto":  # explicit days override it
+        explicit = (cfg.window_start, cfg.window_end) != (None, None)
+        window = "fresh_pretrain" if "fresh_pretrain" in folder.splits and not explicit else None
     named = folder.day_window(window) if window else None
     w_end = (cfg.window_end if cfg.window_end is not None
              else named[1] if named else last_day + 1 - cfg.eval_days)
