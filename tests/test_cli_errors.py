@@ -121,12 +121,19 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path, config, message)
 
 
 def test_a_bad_flag_value_keeps_absls_message(tmp_path):
-    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.world.seed=abc",
+    """An ordinary flag's bad value keeps absl's own two lines (a --config.KEY override's
+    is one line naming the key: test_config_override_of_the_wrong_type_...)."""
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--verbosity=abc",
                                   f"--workdir={tmp_path / 'w'}"])
     assert proc.returncode == 1
     assert proc.stderr.splitlines()[-2:] == [
-        "FATAL Flags parsing error: flag --config.world.seed=abc: invalid literal for int() "
+        "FATAL Flags parsing error: flag --verbosity=abc: invalid literal for int() "
         "with base 10: 'abc'", "Pass --helpshort or --helpfull to see help on flags."]
+    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.world.seed=abc",
+                                  f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, "generate_data: error:") == (
+        "generate_data: error: bad value 'abc' for config key 'world.seed' in a "
+        "--config.KEY=VALUE override: invalid literal for int() with base 10: 'abc'")
 
 
 def test_train_ranker_facets_without_a_folder_is_one_line(tmp_path):
