@@ -30,24 +30,6 @@ def test_plain_in_batch_softmax():
     assert float(loss) == pytest.approx(sum(ce) / 3, rel=1e-6)
 
 
-def test_accuracy_counts_a_tie_at_the_top_as_one_over_its_size(devices):
-    # Logits row 0: [2, 0, 2] (tie of 2), row 1: [0, 2, 0], row 2: [2, 2, 2] (tie of 3).
-    # Ties were counted as correct: accuracy 1, and 1 for a collapsed model too.
-    mesh = global_mesh(devices=devices[:1])
-    for kw, want in (({}, (1 / 2 + 1 + 1 / 3) / 3),
-                     # Row 0 loses column 2, row 2 column 0 (same pin): row 2 ties with 1.
-                     (dict(user_ids_b=jnp.array([1, 2, 3]), pin_ids_b=PIN_IDS,
-                           remove_accidental_hits=True), (1 + 1 + 1 / 2) / 3)):
-        _, aux = _loss(**kw)
-        assert float(aux["acc"]) == pytest.approx(want, rel=1e-6)
-        _, acc = closs.sharded_loss_and_acc(mesh=mesh, axis="data", user_bd=U, pin_bd=PINS,
-                                            temperature=0.5, **kw)
-        assert float(acc) == pytest.approx(want, rel=1e-6)
-    _, aux = sampled_softmax_loss(user_bd=jnp.zeros((4, 2)), pin_bd=jnp.ones((4, 2)),
-                                  temperature=0.1)
-    assert float(aux["acc"]) == pytest.approx(0.25)  # collapsed: chance, not 1
-
-
 def test_accidental_hits_same_pin():
     loss, aux = _loss(user_ids_b=jnp.array([1, 2, 3]), pin_ids_b=PIN_IDS,
                       remove_accidental_hits=True)

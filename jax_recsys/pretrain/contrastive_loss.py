@@ -90,8 +90,7 @@ def sampled_softmax_loss(
       (loss, aux): the scalar weighted mean cross entropy, and a dict with
       `ce_b` [B] per-example cross entropy (0 at padding), `logits` [B, B + N]
       (masked entries at MASKED_LOGIT) and `acc` the weighted fraction of
-      examples whose positive has the highest logit (a tie of k columns at the top
-      counts 1/k, the expected accuracy under random tie-breaking).
+      examples whose positive has the highest logit (ties count as correct).
     """
     if user_bd.ndim != 2 or pin_bd.shape != user_bd.shape:
         raise ValueError(
@@ -258,10 +257,7 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
         s_t = jnp.sum(e_tc, axis=1)
         pos_t = jnp.take_along_axis(x_tc, idx_t[:, None], axis=1)[:, 0]
         ce_t = m_t + jnp.log(s_t) - pos_t
-        # A positive tied with k - 1 other columns at the top wins 1/k of the time under
-        # random tie-breaking (a collapsed model, every logit equal, scored accuracy 1).
-        n_top = jnp.sum(x_tc == m_t[:, None], axis=1)
-        correct_t = jnp.where(pos_t >= m_t, 1.0 / n_top, 0.0)
+        correct_t = (pos_t >= m_t).astype(jnp.int32)
         if not grads:
             return carry, (ce_t, correct_t)
         # d CE_i / d logit_ij = e_ij / s_i - [j is i's positive]; the second term
@@ -290,8 +286,7 @@ def _blocked_pass(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols, grads
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _weighted_ce_sum(temperature, q_bd, c_cd, bias_c, a_b, idx_b, rows, cols):
-    """sum_i a_i CE_i of the masked softmax, and [B] where the positive wins: 1, or 1/k
-    when it ties with k - 1 other columns at the top.
+    """sum_i a_i CE_i of the masked softmax, and [B] int 1 where the positive wins.
 
     Same math as logsumexp(masked logits) - positive logit, but computed in row
     blocks that stay in cache, with the gradients produced by the forward pass
