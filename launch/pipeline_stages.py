@@ -308,11 +308,13 @@ def _names(value) -> list[str]:
 
 
 def _seeds(value) -> list[int]:
-    """The ablation's seeds as ints (ValueError naming the key)."""
+    """The ablation's seeds as ints, by run_ablation's own rules (ValueError naming the key)."""
+    from launch import run_ablation
+
     try:
-        return [int(s) for s in _names(value)]
-    except ValueError:
-        raise ValueError(f"the ablation's config.seeds must be integers, got {value!r}") from None
+        return list(run_ablation.parse_seeds(value))
+    except ValueError as e:
+        raise ValueError(f"the ablation's {e}") from None
 
 
 def ablation_plan(cfg) -> dict:

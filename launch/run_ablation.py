@@ -140,8 +140,9 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     return str(out)
 
 
-def _seeds(value) -> tuple[int, ...]:
-    """config.seeds as ints: a non-empty list of distinct seeds (`--config.seeds=0,1,2`)."""
+def parse_seeds(value) -> tuple[int, ...]:
+    """config.seeds as ints: a non-empty list of distinct seeds >= 0 (`--config.seeds=0,1,2`;
+    run_pipeline checks its ablation's seeds with it before any stage runs)."""
     items = [value] if isinstance(value, int | str) else list(value)
     items = [x for s in items for x in (s.split(",") if isinstance(s, str) else [s])]
     try:
@@ -154,6 +155,9 @@ def _seeds(value) -> tuple[int, ...]:
     if twice:
         raise ValueError(f"config.seeds lists {', '.join(map(str, twice))} more than once, got "
                          f"{value!r} (a repeated seed repeats the same run)")
+    negative = [s for s in seeds if s < 0]
+    if negative:
+        raise ValueError(f"config.seeds must be >= 0, got {value!r}")
     return seeds
 
 
@@ -163,7 +167,7 @@ def main(argv):
     from jax_recsys.ranking import ablation
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
-    seeds = _seeds(cfg.seeds)  # before any data is generated
+    seeds = parse_seeds(cfg.seeds)  # before any data is generated
     entities = train_ranker.entity_pairs(cfg.ranker.entities, key="ranker.entities")
     train_ranker.facet_mode(cfg.ranker, key="ranker.facet_mode")
     unused = [k for k, given in [("facets", train_ranker._names(cfg.ranker.facets)),

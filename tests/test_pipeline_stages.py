@@ -261,6 +261,12 @@ def test_serving_and_timeout_settings_are_checked_before_any_stage_runs(tmp_path
     (["--config.export.bits=3"], "pipeline config: export.bits=3 must be 4, 8 or 32"),
     (["--config.ablation_flags=--config.seeds=0,x"],
      "the ablation's config.seeds must be integers, got '0,x'"),
+    # run_ablation's own rules (they were checked only after the world stage ran).
+    (["--config.ablation_flags=--config.seeds=0,0"],
+     "the ablation's config.seeds lists 0 more than once, got '0,0' (a repeated seed "
+     "repeats the same run)"),
+    (["--config.ablation_flags=--config.seeds=1,-2"],
+     "the ablation's config.seeds must be >= 0, got '1,-2'"),
 ])
 def test_bad_pipeline_arguments_are_one_line(tmp_path, args, message):
     # Were absl usage errors: the whole usage text (39 lines) before the message; a bad
