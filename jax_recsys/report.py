@@ -60,7 +60,7 @@ def _fmt(mean: float | None, std: float | None, pct: bool = False) -> str:
 FEWER_SEEDS_NOTE = (
     "(n=K of N): mean ± std over the K of the N seeds that have a value; the other seeds' "
     "are undefined (an AUC on a test set of one class; a gain whose same-seed baseline AUC "
-    "is within 0.01 of 0.5, or that has no baseline run).")
+    "is below 0.51, or that has no baseline run).")
 
 
 def seeds_note(n, total) -> str:

@@ -47,7 +47,9 @@ _NPROC = flags.DEFINE_integer(
     "num_processes", 0, "Number of processes (default: $JAX_NUM_PROCESSES or 1)."
 )
 _PID = flags.DEFINE_integer(
-    "process_id", -1, "This process's index (default: $JAX_PROCESS_ID or 0)."
+    "process_id", -1,
+    "This process's index (default: $JAX_PROCESS_ID; 0 for a single process, required with "
+    "several)."
 )
 
 
