@@ -13,6 +13,7 @@ rerunning the same command resumes from the newest one.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 from absl import flags, logging
@@ -50,8 +51,9 @@ def main(argv):
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     d, m, t = cfg.data, cfg.model, cfg.train
+    # Every setting is checked before the data path, which may generate the world.
     data = contrastive_data.ContrastiveDataConfig(
-        path=common.dataset_path(cfg, workdir), table=d.table, user_column=d.user_column,
+        path=d.path, table=d.table, user_column=d.user_column,
         item_column=d.item_column, day_column=d.day_column,
         timestamp_column=d.timestamp_column, type_column=d.type_column,
         type_weights=tuple(d.type_weights), window=_unset(d.window),
@@ -70,6 +72,7 @@ def main(argv):
         log_every=t.log_every, seed=t.seed,
         checkpoint_every=t.get("checkpoint_every", 0), keep_checkpoints=t.get("keep_checkpoints", 2),
     )
+    data = dataclasses.replace(data, path=common.dataset_path(cfg, workdir))
     metrics = contrastive_train.train_and_evaluate(
         pairs=contrastive_data.load_pairs(data), config=config, workdir=workdir)
     common.write_json(workdir / "metrics.json", metrics)

@@ -37,23 +37,27 @@ def main(argv):
 
     cfg, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
     m, t, e = cfg.model, cfg.train, cfg.eval
+    # Every config is checked before the data path, which may generate the world.
+    model = kg_train.KGModelConfig(model=m.model, dim=m.dim, gamma=m.gamma,
+                                   rel_dim=_unset(m.rel_dim), init_scale=_unset(m.init_scale))
+    train_config = kg_train.KGTrainConfig(
+        chunk_size=t.chunk_size, uniform_negatives=t.uniform_negatives,
+        chunks_per_batch=t.chunks_per_batch, corrupt=t.corrupt, loss=t.loss, margin=t.margin,
+        adversarial_temperature=t.adversarial_temperature, regularization=t.regularization,
+        entity_learning_rate=t.entity_learning_rate,
+        entity_initial_accumulator=t.entity_initial_accumulator,
+        relation_learning_rate=t.relation_learning_rate, num_epochs=t.num_epochs,
+        max_steps=_unset(t.max_steps), seed=t.seed, log_every=t.log_every,
+        eval_every_epochs=t.eval_every_epochs,
+        checkpoint_every=t.get("checkpoint_every", 0),
+        keep_checkpoints=t.get("keep_checkpoints", 2))
+    eval_config = kg_eval.KGEvalConfig(block_size=e.block_size,
+                                       max_triples=_unset(e.max_triples), sides=tuple(e.sides))
     metrics = kg_train.train_and_evaluate(
         data=kg_train.KGDataConfig(path=common.dataset_path(cfg, workdir), unseen=cfg.data.unseen),
-        model=kg_train.KGModelConfig(model=m.model, dim=m.dim, gamma=m.gamma,
-                                     rel_dim=_unset(m.rel_dim), init_scale=_unset(m.init_scale)),
-        train_config=kg_train.KGTrainConfig(
-            chunk_size=t.chunk_size, uniform_negatives=t.uniform_negatives,
-            chunks_per_batch=t.chunks_per_batch, corrupt=t.corrupt, loss=t.loss, margin=t.margin,
-            adversarial_temperature=t.adversarial_temperature, regularization=t.regularization,
-            entity_learning_rate=t.entity_learning_rate,
-            entity_initial_accumulator=t.entity_initial_accumulator,
-            relation_learning_rate=t.relation_learning_rate, num_epochs=t.num_epochs,
-            max_steps=_unset(t.max_steps), seed=t.seed, log_every=t.log_every,
-            eval_every_epochs=t.eval_every_epochs,
-            checkpoint_every=t.get("checkpoint_every", 0),
-            keep_checkpoints=t.get("keep_checkpoints", 2)),
-        eval_config=kg_eval.KGEvalConfig(block_size=e.block_size,
-                                         max_triples=_unset(e.max_triples), sides=tuple(e.sides)),
+        model=model,
+        train_config=train_config,
+        eval_config=eval_config,
         workdir=workdir,
         log_fn=lambda d: logging.info("%s", d),
     )

@@ -674,6 +674,20 @@ def test_a_flagfile_that_cannot_be_opened_is_one_line(tmp_path, module):
     _assert_one_line(proc, f"{module}: error:", "cannot load --config", "configs/nope.py")
 
 
+@pytest.mark.parametrize("module,config,arg,needle", [
+    ("pretrain_kg", "kg.py:smoke", "--config.eval.max_triples=0", "max_triples must be >= 1"),
+    ("pretrain_contrastive", "contrastive.py:smoke", "--config.data.eval_days=0",
+     "eval_days and max_eval_pairs must be >= 1"),
+])
+def test_pretrainer_settings_are_checked_before_the_world_is_generated(
+        tmp_path, module, config, arg, needle):
+    """The data path (which may generate WORKDIR/world) was resolved first."""
+    wd = tmp_path / "w"
+    proc = _run(module, [f"--config=configs/{config}", arg, f"--workdir={wd}"])
+    _assert_one_line(proc, f"{module}: error:", needle)
+    assert not (wd / "world").exists()
+
+
 def test_generated_world_reuses_only_the_same_world(tmp_path):
     from launch import common
 

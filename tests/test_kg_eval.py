@@ -57,8 +57,8 @@ def test_hand_built_filtered_ranks(n_dev):
 def test_config_rejects_max_triples_below_one(bad):
     # Were accepted: after the whole training run, 0 failed with "no ranks to summarise"
     # and -5 with NumPy's "negative dimensions are not allowed".
-    with pytest.raises(ValueError, match=rf"max_triples must be >= 1 or None \(all triples\), "
-                       rf"got {bad}"):
+    with pytest.raises(ValueError, match=rf"max_triples must be >= 1 or None \(all triples; -1 in "
+                                         rf"a config file or on the command line\), got {bad}"):
         kg_eval.KGEvalConfig(max_triples=bad)
     assert kg_eval.KGEvalConfig(max_triples=1).max_triples == 1
     assert kg_eval.KGEvalConfig(max_triples=None).max_triples is None

@@ -68,8 +68,8 @@ class KGEvalConfig:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.max_triples is not None and self.max_triples < 1:  # None: all of them
-            raise ValueError(f"max_triples must be >= 1 or None (all triples), got "
-                             f"{self.max_triples}")
+            raise ValueError(f"max_triples must be >= 1 or None (all triples; -1 in a config "
+                             f"file or on the command line), got {self.max_triples}")
         if not self.sides or any(s not in ("head", "tail") for s in self.sides):
             raise ValueError(f"sides must be a non-empty subset of ('head', 'tail'), got {self.sides}")
 
