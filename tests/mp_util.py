@@ -328,6 +328,21 @@ def json_lines(module: str, args: Sequence[str], *, timeout_s: float = 300) -> l
     return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
 
 
+def child_columns(code: str, *args: str) -> dict[str, list]:
+    """Runs ``code`` (which sets ``cols``, name -> 1-D array) in a fresh 1-device child
+    with ``args`` as ``sys.argv[1:]``; returns the columns as lists, NaN as None.
+
+    For launch modules a test worker must not import (they define absl flags that
+    clash with other entry points' flags, e.g. --workdir)."""
+    script = (f"import json, sys\n{code}\n"
+              "print(json.dumps({k: [None if x != x else x for x in v.tolist()]\n"
+              "                  for k, v in cols.items()}))\n")
+    out = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=child_env(1),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def read_metrics(workdir: str | os.PathLike) -> dict:
     """WORKDIR/metrics.json as a dict."""
     return json.loads((pathlib.Path(workdir) / "metrics.json").read_text())

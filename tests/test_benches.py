@@ -121,8 +121,6 @@ def test_bench_data_iterator_reads_empty_label_cells_as_nan(tmp_path):
     error. In a child: importing launch.bench_data here would define its flags beside
     other benches' (--workdir)."""
     import json
-    import subprocess
-    import sys
 
     ids = "user_id,item_id,advertiser_id,pin_category,hour,device,country,position"
     (tmp_path / "impressions.csv").write_text(
@@ -131,14 +129,9 @@ def test_bench_data_iterator_reads_empty_label_cells_as_nan(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({
         "format_version": 1, "name": "csv", "tables": {"impressions": {"path": "impressions.csv"}},
         "splits": {"ranker_train": [0, 1]}}))
-    code = ("import json, sys\nfrom launch import bench_data\n"
-            "cols = bench_data._iterator_columns(sys.argv[1], 1)\n"
-            "print(json.dumps({k: [None if x != x else x for x in v.tolist()] "
-            "for k, v in cols.items()}))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=mp_util.REPO,
-                         env=mp_util.child_env(1), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    cols = json.loads(out.stdout.splitlines()[-1])
+    cols = mp_util.child_columns(
+        "from launch import bench_data\ncols = bench_data._iterator_columns(sys.argv[1], 1)",
+        str(tmp_path))
     # Fewer than 4 batches of 1 in ranker_train: every row, day dropped.
     assert cols["click"] == [1.0, None, 0.0] and cols["conversion"] == [0.0, None, None]
     assert cols["user_id"] == [1, 2, 3] and "day" not in cols

@@ -372,15 +372,9 @@ def test_serving_check_reads_empty_label_cells(tmp_path):
         "splits": {"ranker_test": [1, 3]}}))
     (tmp_path / "impressions.csv").write_text(
         "day,user_id,pin_id,click,conversion\n0,1,2,1,0\n1,1,3,,\n2,4,5,0,\n")
-    code = ("import json, sys\n"
-            "from launch import serving_check\n"
-            "cols = serving_check.held_out(sys.argv[1], 'ranker_test')\n"
-            "print(json.dumps({k: [None if v != v else v for v in c.tolist()]\n"
-            "                  for k, c in cols.items()}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=mp_util.REPO,
-                          env=mp_util.child_env(1), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cols = json.loads(proc.stdout.strip().splitlines()[-1])
+    cols = mp_util.child_columns(
+        "from launch import serving_check\ncols = serving_check.held_out(sys.argv[1], 'ranker_test')",
+        str(tmp_path))
     assert cols["pin_id"] == [3, 5] and cols["click"] == [None, 0]
     assert cols["conversion"] == [None, None]
 
@@ -400,17 +394,11 @@ def test_serving_check_reads_the_table_and_labels_the_ranker_trained_on(tmp_path
     (tmp_path / "metrics.json").write_text(json.dumps({"config": {"data": {
         "path": str(data), "table": "events", "click_column": "clk", "conversion_column": "cv",
         "test_window": "ranker_test"}}}))
-    code = ("import json, sys, types\n"
-            "from launch import serving_check\n"
-            "ranker = types.SimpleNamespace(config=types.SimpleNamespace(coarse_vocab_sizes=()))\n"
-            "cols = serving_check.ranker_held_out(sys.argv[1], ranker, sys.argv[2], 'ranker_test')\n"
-            "print(json.dumps({k: [None if v != v else v for v in c.tolist()]\n"
-            "                  for k, c in cols.items()}))\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ranker"), str(data)],
-                          cwd=mp_util.REPO, env=mp_util.child_env(1), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    cols = json.loads(proc.stdout.strip().splitlines()[-1])
+    cols = mp_util.child_columns(
+        "import types\nfrom launch import serving_check\n"
+        "ranker = types.SimpleNamespace(config=types.SimpleNamespace(coarse_vocab_sizes=()))\n"
+        "cols = serving_check.ranker_held_out(sys.argv[1], ranker, sys.argv[2], 'ranker_test')",
+        str(tmp_path / "ranker"), str(data))
     assert cols["pin_id"] == [3, 5] and cols["clk"] == [None, 0] and cols["cv"] == [None, None]
 
 
