@@ -27,6 +27,20 @@ def swap_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``path`` through a hidden sibling temporary file renamed over it: a process
+    stopped meanwhile leaves the old file or none, never part of the new one."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 

@@ -625,12 +625,8 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(
-        json.dumps(obj, indent=2, sort_keys=True, default=train_lib._json_default) + "\n"
-    )
-    os.replace(tmp, path)
+    fsutil.write_text_atomic(
+        path, json.dumps(obj, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
 
 
 # ----------------------------------------------------------------------------- export

@@ -164,15 +164,10 @@ def _read_json(path: pathlib.Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-    """Writes ``path`` atomically: a run stopped meanwhile leaves the old file or none."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_json(path: pathlib.Path, obj) -> None:
-    _write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
+    """Writes ``path`` atomically: a run stopped meanwhile leaves the old file or none."""
+    fsutil.write_text_atomic(
+        path, json.dumps(obj, indent=2, sort_keys=True, default=train_lib._json_default) + "\n")
 
 
 def _digest(obj) -> str:
@@ -599,7 +594,7 @@ def write_report(workdir: str | pathlib.Path, result: Mapping[str, Any]) -> None
     # has finished; cut short, it would stop every later export.
     _write_json(workdir / "ablation.json", result)
     _write_json(workdir / "metrics.json", result)
-    _write_text(workdir / "ablation.md", render_markdown(result))
+    fsutil.write_text_atomic(workdir / "ablation.md", render_markdown(result))
 
 
 def evaluate_with_tables(
