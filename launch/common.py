@@ -21,7 +21,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import traceback
@@ -119,17 +118,6 @@ def _fail(line: str):
     if _want_traceback():
         traceback.print_exc()
     print(line, file=sys.stderr)
-    sys.exit(1)
-
-
-def _absl_usage_exit(error: Exception):
-    """What `app.parse_flags_with_usage` prints for a flag it cannot parse, and exit 1."""
-    message = str(error)
-    if "\n" in message:
-        sys.stderr.write("FATAL Flags parsing error:\n" + textwrap.indent(message, "  ") + "\n")
-    else:
-        sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
-    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(1)
 
 
@@ -308,7 +296,7 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
                 value = str(e)[m.end():].removesuffix(f": {inner}")
                 _fail(f"{name}: error: bad value {value!r} for config key {m[2]!r} in a "
                       f"--{m[1]}.KEY=VALUE override: {inner}")
-            _absl_usage_exit(e)
+            return app.parse_flags_with_usage(argv)  # absl's own message and exit 1
         except (AttributeError, KeyError) as e:  # --config.NO_SUCH_KEY=...
             kind, inner = type(e).__name__, e
             while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
