@@ -335,6 +335,10 @@ def ablation_plan(cfg) -> dict:
     }
 
 
+# The serving section's settings that are serving_check flags (`serving.check_rules`).
+_SERVING_CHECKED = ("num_shards", "num_requests", "candidates", "concurrency", "deadline_s")
+
+
 def check(cfg, plan: dict) -> None:
     """Refuses, before anything runs, an export, a serving check or a stage timeout that
     could only fail after the ablation (with the rules of export_int4 and serving_check)."""
@@ -342,20 +346,17 @@ def check(cfg, plan: dict) -> None:
     problems = []
     if not (math.isfinite(cfg.stage_timeout_s) and cfg.stage_timeout_s > 0):
         problems.append(f"stage_timeout_s={cfg.stage_timeout_s} must be > 0 (seconds per stage)")
-    if not (math.isfinite(e.auc_noise_z) and e.auc_noise_z >= 0):
-        problems.append(f"export.auc_noise_z={e.auc_noise_z} must be >= 0 (0: strict)")
-    if cfg.serving.enabled:
-        from serving import grpc_util
+    from jax_recsys.quant import export  # the export's own rules, in its words
+
+    problems += [f"export.{key}={value} must be {rule}" for key, value, rule in
+                 export.setting_violations(auc_noise_z=e.auc_noise_z,
+                                           max_auc_drop=e.max_auc_drop, bits=e.bits)]
+    if cfg.serving.enabled:  # by serving_check's own rules, in its words
+        from serving import check_rules
 
         s = cfg.serving
-        for key, ok, rule in [
-            ("num_shards", s.num_shards >= 1, ">= 1"), ("num_requests", s.num_requests >= 1, ">= 1"),
-            ("candidates", s.candidates >= 1, ">= 1"), ("concurrency", s.concurrency >= 0, ">= 0"),
-            ("deadline_s", math.isfinite(s.deadline_s) and 0 < s.deadline_s <= grpc_util.MAX_SECONDS,
-             f"> 0 and at most {grpc_util.MAX_SECONDS:g}"),
-        ]:
-            if not ok:
-                problems.append(f"serving.{key}={s[key]} must be {rule}")
+        problems += [f"serving.{key}={value} must be {rule}" for key, value, rule in
+                     check_rules.violations(**{k: s[k] for k in _SERVING_CHECKED})]
     if e.variant not in plan["variants"]:
         problems.append(f"export.variant={e.variant!r} is not an ablation variant "
                         f"{plan['variants']}")
@@ -365,8 +366,6 @@ def check(cfg, plan: dict) -> None:
                         "would not be saved; add it with --config.ablation_flags)")
     if e.seed not in plan["seeds"]:
         problems.append(f"export.seed={e.seed} is not an ablation seed {plan['seeds']}")
-    if e.bits not in (4, 8, 32):
-        problems.append(f"export.bits={e.bits} must be 4, 8 or 32")
     if problems:
         raise ValueError("pipeline config: " + "; ".join(problems))
 

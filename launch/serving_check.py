@@ -30,7 +30,6 @@ Dimension legend: C candidates of a request, N test impressions.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import queue
@@ -45,7 +44,7 @@ import numpy as np
 from absl import flags, logging
 
 from launch import common
-from serving import grpc_util
+from serving import check_rules
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _RANKER = flags.DEFINE_string("ranker", None, "The saved ranker the artifact was exported from.",
@@ -180,25 +179,16 @@ def _rank_fn(port: int):
 
 
 def check_flags() -> None:
-    """Rejects bad flag values before anything is loaded or started (ValueError)."""
-    bad = [
-        f"--{flag}={value} (must be {rule})"
-        for flag, value, ok, rule in [
-            ("num_shards", _NUM_SHARDS.value, _NUM_SHARDS.value >= 1, ">= 1"),
-            ("num_requests", _NUM_REQUESTS.value, _NUM_REQUESTS.value >= 1, ">= 1"),
-            ("candidates", _CANDIDATES.value, _CANDIDATES.value >= 1, ">= 1"),
-            ("concurrency", _CONCURRENCY.value, _CONCURRENCY.value >= 0, ">= 0"),
-            ("deadline_s", _DEADLINE.value,
-             math.isfinite(_DEADLINE.value) and 0 < _DEADLINE.value <= grpc_util.MAX_SECONDS,
-             f"finite, > 0 and at most {grpc_util.MAX_SECONDS:g} (1 day), as the ranker's"),
-            ("tolerance", _TOLERANCE.value, _TOLERANCE.value >= 0, ">= 0"),
-            ("start_timeout_s", _START_TIMEOUT.value, _START_TIMEOUT.value > 0, "> 0"),
-            ("seed", _SEED.value, _SEED.value >= 0, ">= 0"),
-        ]
-        if not ok
-    ]
+    """Rejects bad flag values before anything is loaded or started (ValueError), by
+    `serving.check_rules` (run_pipeline checks its serving section with them too)."""
+    bad = check_rules.violations(
+        num_shards=_NUM_SHARDS.value, num_requests=_NUM_REQUESTS.value,
+        candidates=_CANDIDATES.value, concurrency=_CONCURRENCY.value,
+        deadline_s=_DEADLINE.value, tolerance=_TOLERANCE.value,
+        start_timeout_s=_START_TIMEOUT.value, seed=_SEED.value)
     if bad:
-        raise ValueError("bad flags: " + ", ".join(bad))
+        raise ValueError("bad flags: " + ", ".join(
+            f"--{flag}={value} (must be {rule})" for flag, value, rule in bad))
 
 
 def check_pair(art, ranker) -> None:

@@ -240,8 +240,11 @@ def test_serving_and_timeout_settings_are_checked_before_any_stage_runs(tmp_path
     for key, value, message in [
         ("serving.num_shards", 0, "serving.num_shards=0 must be >= 1"),
         ("serving.concurrency", -1, "serving.concurrency=-1 must be >= 0"),
-        ("serving.deadline_s", 1e9, "serving.deadline_s=1000000000.0 must be > 0 and at most 86400"),
+        ("serving.deadline_s", 1e9, "serving.deadline_s=1000000000.0 must be finite, > 0 and "
+                                    "at most 86400 (1 day), as the ranker's"),
         ("export.auc_noise_z", -1.0, "export.auc_noise_z=-1.0 must be >= 0 (0: strict)"),
+        # Passed to export_int4, which refused it only after the ablation.
+        ("export.max_auc_drop", float("nan"), "export.max_auc_drop=nan must be finite"),
         ("stage_timeout_s", 0, "stage_timeout_s=0 must be > 0 (seconds per stage)"),
     ]:
         cfg = _pipeline_cfg()

@@ -93,6 +93,29 @@ class ExportGateError(RuntimeError):
         self.report = report
 
 
+# ExportConfig's rules for its settings, name -> (accepts(value), the rule as messages
+# state it: "must be <rule>"). run_pipeline checks its export section with them before
+# any stage runs (`launch.pipeline_stages.check`), in the same words.
+SETTING_RULES = {
+    "bits": (lambda v: v in rowwise.SUPPORTED_BITS,
+             ", ".join(map(str, rowwise.SUPPORTED_BITS[:-1])) + f" or {rowwise.SUPPORTED_BITS[-1]}"),
+    "scale_dtype": (lambda v: v in ("float16", "float32"), "float16 or float32"),
+    "chunk_rows": (lambda v: v > 0, "positive"),
+    "max_auc_drop": (lambda v: math.isfinite(v), "finite"),
+    "auc_noise_z": (lambda v: math.isfinite(v) and v >= 0, ">= 0 (0: strict)"),
+}
+
+
+def setting_violations(**settings) -> list[tuple[str, object, str]]:
+    """The ExportConfig settings (keywords named as in `SETTING_RULES`) that break their rule.
+
+    Returns:
+      [(name, value, rule)] in the order given; empty when all are accepted.
+    """
+    return [(name, value, SETTING_RULES[name][1]) for name, value in settings.items()
+            if not SETTING_RULES[name][0](value)]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     """One export of a trained ranker to a serving artifact.
@@ -133,20 +156,12 @@ class ExportConfig:
     eval_batch_size: int = 16384
 
     def __post_init__(self):
-        if self.bits not in rowwise.SUPPORTED_BITS:
-            raise ValueError(
-                f"ExportConfig.bits must be one of {rowwise.SUPPORTED_BITS}, got {self.bits}"
-            )
-        if self.scale_dtype not in ("float16", "float32"):
-            raise ValueError(
-                f"ExportConfig.scale_dtype must be float16 or float32, got {self.scale_dtype!r}"
-            )
-        if self.chunk_rows <= 0:
-            raise ValueError(f"ExportConfig.chunk_rows must be positive, got {self.chunk_rows}")
-        if not math.isfinite(self.max_auc_drop):
-            raise ValueError(f"ExportConfig.max_auc_drop must be finite, got {self.max_auc_drop}")
-        if not (math.isfinite(self.auc_noise_z) and self.auc_noise_z >= 0):
-            raise ValueError(f"ExportConfig.auc_noise_z must be >= 0, got {self.auc_noise_z}")
+        bad = setting_violations(bits=self.bits, scale_dtype=self.scale_dtype,
+                                 chunk_rows=self.chunk_rows, max_auc_drop=self.max_auc_drop,
+                                 auc_noise_z=self.auc_noise_z)
+        if bad:
+            name, value, rule = bad[0]
+            raise ValueError(f"ExportConfig.{name} must be {rule}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- tables
