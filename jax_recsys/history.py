@@ -85,6 +85,10 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def _is_num(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
 def records_from_metrics(metrics: Mapping) -> list[dict]:
     """Training-curve records from a run's metrics.json.
 
@@ -97,16 +101,29 @@ def records_from_metrics(metrics: Mapping) -> list[dict]:
 
     Returns:
       Records sorted by step (empty when the run logged nothing).
+
+    Raises:
+      ValueError: ``metrics`` is not an object, or its curves are not of that shape
+        (an entry without a numeric step); the message says which entry.
     """
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"not a JSON object but {type(metrics).__name__}")
     recs = []
-    for r in metrics.get("history") or []:
-        if isinstance(r, Mapping) and "step" in r:
-            rec = {k: v for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-            recs.append(rec)
+    hist = metrics.get("history") or []
+    if not isinstance(hist, list):
+        raise ValueError(f"history is {type(hist).__name__}, not a list of records")
+    for i, r in enumerate(hist):
+        if not (isinstance(r, Mapping) and _is_num(r.get("step"))):
+            raise ValueError(f"history[{i}] is not a record with a numeric step: {r!r:.80}")
+        recs.append({k: v for k, v in r.items() if _is_num(v)})
     train = metrics.get("train")
-    if isinstance(train, Mapping):
-        for step, loss in train.get("loss_curve") or []:
-            recs.append({"step": step, "loss_ema": loss})
+    curve = (train.get("loss_curve") if isinstance(train, Mapping) else None) or []
+    if not isinstance(curve, list):
+        raise ValueError(f"train.loss_curve is {type(curve).__name__}, not a list of pairs")
+    for i, pair in enumerate(curve):
+        if not (isinstance(pair, list) and len(pair) == 2 and _is_num(pair[0])):
+            raise ValueError(f"train.loss_curve[{i}] is not a [step, loss] pair: {pair!r:.80}")
+        recs.append({"step": pair[0], **({"loss_ema": pair[1]} if _is_num(pair[1]) else {})})
     return sorted(recs, key=lambda r: r["step"])
 
 
@@ -134,6 +151,10 @@ def export_run_history(run_dir: str | os.PathLike, *, tensorboard: bool = True) 
     a trainer itself), when it is not older than metrics.json; otherwise the run
     was retrained and the history is rebuilt. Without a metrics.json the existing
     history (if any) is returned as it is. Returns the records.
+
+    Raises:
+      ValueError: metrics.json is damaged (not JSON, not an object, curves of another
+        shape: `records_from_metrics`); the message names it. Nothing is changed then.
     """
     run_dir = pathlib.Path(run_dir)
     existing = read_history(run_dir)
@@ -153,8 +174,11 @@ def export_run_history(run_dir: str | os.PathLike, *, tensorboard: bool = True) 
                 return existing
         elif (run_dir / "history.jsonl").stat().st_mtime_ns >= mpath.stat().st_mtime_ns:
             return existing
+    try:
+        recs = records_from_metrics(json.loads(raw))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{mpath} is damaged: {e}") from None
     clear_run_history(run_dir)
-    recs = records_from_metrics(json.loads(raw))
     if recs:
         w = MetricWriter(run_dir, tensorboard=tensorboard)
         for r in recs:

@@ -211,6 +211,7 @@ def write_report(
     serving: Mapping[str, Any] | None = None,
     pretraining: Mapping[str, Mapping[str, Any]] | None = None,
     histories: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+    curves_left_out: Sequence[str] = (),
 ) -> pathlib.Path:
     """Writes `workdir/report.md` and `workdir/plots/*.png`.
 
@@ -224,6 +225,8 @@ def write_report(
       serving: the live serving check's measurements.
       pretraining: final metrics per pretraining run ("cl/fresh", "kg/stale", ...).
       histories: stage name -> history records (training curves).
+      curves_left_out: why a run's curves are not drawn (its metrics.json is damaged),
+        one line each, listed under the curves.
 
     Returns:
       The report's path.
@@ -331,6 +334,8 @@ def write_report(
     if not (loss_png or retr_png):
         md.append("(no history.jsonl curves were recorded by the stages)")
     md.append("")
+    if curves_left_out:
+        md += [f"- curves left out: {why}" for why in curves_left_out] + [""]
     path = workdir / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

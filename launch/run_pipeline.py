@@ -34,7 +34,7 @@ import json
 import pathlib
 import time
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from jax_recsys import history, report
@@ -157,22 +157,35 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
     hist = {}
     for k, p in ((abl or {}).get("pretraining") or {}).items():
         pre[k] = {kk: vv for kk, vv in (p.get("metrics") or {}).items() if not isinstance(vv, dict | list)}
+    left_out = []
+
+    def curves(d: pathlib.Path) -> list[dict]:
+        """The run's curves; none, with a warning and a line in the report, when its
+        metrics.json is damaged (the report is still written)."""
+        try:
+            return history.export_run_history(d)
+        except ValueError as e:
+            logging.warning("report: %s; its curves are left out", e)
+            left_out.append(str(e))
+            return []
+
     pdir = wd / "ablation" / "pretrain"
     if abl is not None and pdir.exists():  # curves of the ablation the report shows
         for d in sorted(pdir.iterdir()):
-            recs = history.export_run_history(d) if (d / "metrics.json").exists() else []
+            recs = curves(d) if (d / "metrics.json").exists() else []
             if recs:
                 hist[f"pretrain {d.name}"] = recs
     seeds = (abl or {}).get("seeds")
     if seeds and isinstance(seeds, list):  # ranker curves of the ablation's first seed
         for name in abl.get("order") or []:
             d = wd / "ablation" / "runs" / f"{name}_s{seeds[0]}"
-            recs = history.export_run_history(d) if d.is_dir() else []
+            recs = curves(d) if d.is_dir() else []
             if recs:
                 hist[f"ranker {name}"] = recs
     path = report.write_report(
         wd, stages=results, ablation=abl, export=output("export", wd / "export_report.json"),
-        serving=output("serving", wd / "serving_check.json"), pretraining=pre, histories=hist)
+        serving=output("serving", wd / "serving_check.json"), pretraining=pre, histories=hist,
+        curves_left_out=left_out)
     return path
 
 

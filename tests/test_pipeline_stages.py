@@ -172,6 +172,50 @@ def test_the_report_draws_the_ranker_curves_of_the_ablations_first_seed(tmp_path
     assert proc.stdout.splitlines() == ["{'ranker cl': [{'step': 10, 'loss_ema': 0.8}]}"]
 
 
+def test_a_damaged_run_metrics_json_leaves_its_curves_out_of_the_report(tmp_path):
+    # report.md was not written: run_pipeline ended with "run_pipeline: error: Expecting
+    # ',' delimiter: ..." (no file named) for a cut-short metrics.json, and a traceback
+    # for one that is a list or holds a [step] without a loss.
+    wd = tmp_path / "wd"
+    runs = {"runs/cl_s0": '{"train": {"loss_curve": [[10, 0.9], [20',
+            "runs/kg_s0": '{"train": {"loss_curve": [[10]]}}',
+            "runs/scratch_s0": json.dumps({"train": {"loss_curve": [[10, 0.5], [20, "NaN"]]}}),
+            "pretrain/cl_fresh": "[1, 2]",
+            "pretrain/kg_fresh": json.dumps({"history": [{"step": 5, "loss": 2.0}]})}
+    for name, text in runs.items():
+        (wd / "ablation" / name).mkdir(parents=True)
+        (wd / "ablation" / name / "metrics.json").write_text(text)
+    (wd / "ablation" / "ablation.json").write_text(json.dumps(
+        {"order": ["scratch", "cl", "kg"], "seeds": [0],
+         "variants": {n: {"label": n, "ctr_auc_mean": 0.6} for n in ("scratch", "cl", "kg")}}))
+    code = ("import pathlib, sys; sys.argv = ['run_pipeline']\n"
+            "from launch import run_pipeline\n"
+            "from jax_recsys import report\n"
+            "write = report.write_report\n"
+            "report.write_report = lambda wd, **kw: print(kw['histories']) or write(wd, **kw)\n"
+            f"run_pipeline.write_pipeline_report(None, pathlib.Path({str(wd)!r}),\n"
+            "    [{'stage': 'ablation', 'seconds': 1.0, 'summary': ''}])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The undamaged runs are drawn (a "NaN" loss dropped, as other non-numeric values).
+    assert proc.stdout.splitlines() == [
+        "{'pretrain kg_fresh': [{'step': 5, 'loss': 2.0}], "
+        "'ranker scratch': [{'step': 10, 'loss_ema': 0.5}, {'step': 20}]}"]
+    damaged = [f"{wd / 'ablation' / 'pretrain' / 'cl_fresh' / 'metrics.json'} is damaged: "
+               "not a JSON object but list",
+               f"{wd / 'ablation' / 'runs' / 'cl_s0' / 'metrics.json'} is damaged: "
+               "Expecting ',' delimiter: line 1 column 41 (char 40)",
+               f"{wd / 'ablation' / 'runs' / 'kg_s0' / 'metrics.json'} is damaged: "
+               "train.loss_curve[0] is not a [step, loss] pair: [10]"]
+    lines = (wd / "report.md").read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith("- curves left out: ")] == [
+        f"- curves left out: {d}" for d in damaged]
+    assert "![training curves](plots/training_curves.png)" in lines
+    warned = [ln.split("report: ", 1)[1] for ln in proc.stderr.splitlines() if "report: " in ln]
+    assert warned == [f"{d}; its curves are left out" for d in damaged]
+
+
 def test_timeout_stops_the_stage_and_its_children(tmp_path):
     pid_file = tmp_path / "child.pid"
     code = (
