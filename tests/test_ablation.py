@@ -540,3 +540,31 @@ def test_keys_holding_the_data_path_are_still_accepted_and_rewritten(tmp_path, m
     _write_data(tmp_path / "b" / "world", seed=1)
     pipe.run(tmp_path / "b")
     assert pipe.counts() == (10, 21)
+
+
+def test_a_damaged_run_metrics_json_is_retrained_with_a_line_naming_it(tmp_path, monkeypatch):
+    # A run whose metrics.json kept its fingerprint but lost a test metric (or holds
+    # "NaN" strings) stopped the ablation (KeyError: 'ctr_auc'; TypeError: must be real
+    # number, not str); a cut-short one was retrained without a word why.
+    pipe = _Pipeline(monkeypatch)
+    _write_data(tmp_path / "world")
+    pipe.run(tmp_path)
+    runs = tmp_path / "ablation" / "runs"
+    m = json.loads((runs / "kg_s0" / "metrics.json").read_text())
+    (runs / "cl_s0" / "metrics.json").write_text('{"test": {"ctr_auc": 0.6')
+    (runs / "kg_s0" / "metrics.json").write_text(json.dumps(
+        {**m, "test": {k: "NaN" if k == "cvr_auc" else v for k, v in m["test"].items()}}))
+    (runs / "scratch_s0" / "metrics.json").write_text(json.dumps(
+        {**m, "test": {k: v for k, v in m["test"].items() if k != "ctr_auc"}}))
+    res = pipe.run(tmp_path)
+    assert pipe.counts() == (4, 10)  # those three runs, nothing else
+    assert sum("reusing" in s and "runs" in s for s in pipe.logs) == 4
+    assert [s for s in pipe.logs if s.endswith("; retrained)")] == [
+        f"ablation: large tables from scratch (seed 0) ({runs / 'scratch_s0' / 'metrics.json'} "
+        "is damaged: its test metrics lack ctr_auc; retrained)",
+        f"ablation: + contrastive facet (seed 0) ({runs / 'cl_s0' / 'metrics.json'} is cut "
+        "short or not a JSON object; retrained)",
+        f"ablation: + knowledge-graph facet (seed 0) ({runs / 'kg_s0' / 'metrics.json'} is "
+        "damaged: its test metrics cvr_auc='NaN' are not numbers; retrained)"]
+    assert all(math.isfinite(res["variants"][n]["cvr_auc_mean"]) for n in res["order"])
+    assert json.loads((runs / "kg_s0" / "metrics.json").read_text())["test"]["cvr_auc"] != "NaN"

@@ -164,6 +164,34 @@ def _read_json(path: pathlib.Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
+# What the table takes from a finished run's metrics.json: test metrics (a number or
+# null each) and, for the coverage lines, the facets' counts.
+_TEST_KEYS = tuple(f"{t}_{k}" for t in TASKS for k in ("auc", "ne", "log_loss"))
+_FACET_KEYS = ("facet", "entity", "found", "rows", "missing", "facet_rows")
+
+
+def _run_damage(metrics: Mapping, path: pathlib.Path) -> str | None:
+    """Why finished-run ``metrics`` (read from ``path``) cannot be summarized, or None:
+    a key the table reads is missing or not a number (e.g. edited, or written by
+    another tool with "NaN" strings). Such a run is retrained, not reused."""
+    test = metrics.get("test")
+    if not isinstance(test, Mapping):
+        return f"{path} is damaged: it has no test metrics"
+    missing = [k for k in _TEST_KEYS if k not in test]
+    if missing:
+        return f"{path} is damaged: its test metrics lack {', '.join(missing)}"
+    bad = [k for k in _TEST_KEYS if test[k] is not None and (
+        isinstance(test[k], bool) or not isinstance(test[k], int | float))]
+    if bad:
+        return (f"{path} is damaged: its test metrics "
+                f"{', '.join(f'{k}={test[k]!r}' for k in bad)} are not numbers")
+    facets = metrics.get("facets", [])
+    if not (isinstance(facets, list) and all(
+            isinstance(f, Mapping) and all(k in f for k in _FACET_KEYS) for f in facets)):
+        return f"{path} is damaged: its facets are not a list of facet counts"
+    return None
+
+
 def _write_json(path: pathlib.Path, obj) -> None:
     """Writes ``path`` atomically: a run stopped meanwhile leaves the old file or none."""
     fsutil.write_text_atomic(
@@ -415,15 +443,19 @@ def run_ablation(
                 data_paths=old_paths)
             fingerprint = accepted[0]
             old = _read_json(mpath)
-            if old is not None and not fresh and old.get("fingerprint") in accepted:
+            damaged = (f"{mpath} is cut short or not a JSON object" if old is None
+                       else _run_damage(old, mpath))
+            if old is not None and not fresh and old.get("fingerprint") in accepted \
+                    and damaged is None:
                 res = old
                 log(f"ablation: reusing {rdir}")
                 if old["fingerprint"] != fingerprint:  # the older form, with the data's path
                     res = {**old, "fingerprint": fingerprint}
                     _write_json(mpath, res)
             else:
-                why = "" if old is None else (
-                    " (--fresh)" if fresh else " (the finished run had other settings or data)")
+                why = (" (--fresh)" if fresh else
+                       f" ({damaged}; retrained)" if damaged and mpath.exists() else
+                       "" if old is None else " (the finished run had other settings or data)")
                 log(f"ablation: {variant.label} (seed {seed}){why}")
                 mpath.unlink(missing_ok=True)
                 shutil.rmtree(rdir / "ranker", ignore_errors=True)  # never an old run's ranker
