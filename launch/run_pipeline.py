@@ -142,6 +142,27 @@ def build_stages(cfg, wd: pathlib.Path) -> list[pipeline_stages.Stage]:
         "serving": _serving_summary})
 
 
+def _mark_served_rows(abl: dict | None, cfg, export: dict | None) -> dict | None:
+    """ablation.json with the labels of the rows exports added (`export.add_int4_row`:
+    they hold "bits") saying whether they are this run's artifact: an export adds the
+    row of its width and keeps the others', so an INT4 row made by an earlier run stays
+    beside this run's INT8 export (or a row stays beside an export that failed).
+    Unchanged without ``cfg`` (which export this run made is not known)."""
+    variants = (abl or {}).get("variants")
+    if cfg is None or not isinstance(variants, dict):
+        return abl
+    from jax_recsys.quant import export as export_lib
+
+    served = export_lib.int4_row_name(cfg.export.variant, cfg.export.bits)[0] if export else None
+    marked = {}
+    for name, r in variants.items():
+        if isinstance(r, dict) and "bits" in r:
+            mine = "this run's artifact" if name == served else "not this run's artifact"
+            r = {**r, "label": f"{r.get('label', name)} ({mine})"}
+        marked[name] = r
+    return {**abl, "variants": marked}
+
+
 def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib.Path:
     """Writes WORKDIR/report.md from the outputs of the stages in ``results`` (the
     stages of this run's config, up to one marked failed): the output of a stage it
@@ -152,7 +173,8 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
     def output(stage: str, path: pathlib.Path) -> dict | None:
         return (pipeline_stages.read_json(path) or None) if stage in stages else None
 
-    abl = output("ablation", wd / "ablation" / "ablation.json")
+    export = output("export", wd / "export_report.json")
+    abl = _mark_served_rows(output("ablation", wd / "ablation" / "ablation.json"), cfg, export)
     pre = {}
     hist = {}
     for k, p in ((abl or {}).get("pretraining") or {}).items():
@@ -183,7 +205,7 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
             if recs:
                 hist[f"ranker {name}"] = recs
     path = report.write_report(
-        wd, stages=results, ablation=abl, export=output("export", wd / "export_report.json"),
+        wd, stages=results, ablation=abl, export=export,
         serving=output("serving", wd / "serving_check.json"), pretraining=pre, histories=hist,
         curves_left_out=left_out)
     return path

@@ -172,6 +172,38 @@ def test_the_report_draws_the_ranker_curves_of_the_ablations_first_seed(tmp_path
     assert proc.stdout.splitlines() == ["{'ranker cl': [{'step': 10, 'loss_ema': 0.8}]}"]
 
 
+def test_the_report_says_which_served_row_is_this_runs_artifact(tmp_path):
+    # An export adds its width's row and keeps the others: after an INT4 run, a rerun
+    # with export.bits=8 showed "INT4 served" and "INT8 served" alike beside the INT8
+    # export, and a row of an export that failed its gate beside no artifact.
+    wd = tmp_path / "wd"
+    (wd / "ablation").mkdir(parents=True)
+    rows = {"no_large_tables": {"label": "baseline"}, "cl_kg": {"label": "+ both facets"},
+            "cl_kg_int4": {"label": "+ both facets, INT4 served", "bits": 4},
+            "cl_kg_int8": {"label": "+ both facets, INT8 served", "bits": 8}}
+    (wd / "ablation" / "ablation.json").write_text(json.dumps(
+        {"order": list(rows), "seeds": [0], "variants": rows}))
+    (wd / "export_report.json").write_text(json.dumps({"version": "v8", "bits": 8}))
+    code = ("import pathlib, sys, types; sys.argv = ['run_pipeline']\n"
+            "from launch import run_pipeline\n"
+            f"wd = pathlib.Path({str(wd)!r})\n"
+            "cfg = types.SimpleNamespace(export=types.SimpleNamespace(variant='cl_kg', bits=8))\n"
+            "for export in ({'stage': 'export'}, {'stage': 'export', 'failed': True}):\n"
+            "    results = [{'stage': 'ablation', 'seconds': 1.0, 'summary': ''}, export]\n"
+            "    text = run_pipeline.write_pipeline_report(cfg, wd, results).read_text()\n"
+            "    print([ln.split(' |')[0] for ln in text.splitlines() if 'served' in ln])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        str(["| + both facets, INT4 served (not this run's artifact)",
+             "| + both facets, INT8 served (this run's artifact)"]),
+        str(["| + both facets, INT4 served (not this run's artifact)",
+             "| + both facets, INT8 served (not this run's artifact)"])]
+    # ablation.json itself keeps the labels the export gave.
+    assert json.loads((wd / "ablation" / "ablation.json").read_text())["variants"] == rows
+
+
 def test_a_damaged_run_metrics_json_leaves_its_curves_out_of_the_report(tmp_path):
     # report.md was not written: run_pipeline ended with "run_pipeline: error: Expecting
     # ',' delimiter: ..." (no file named) for a cut-short metrics.json, and a traceback
