@@ -39,6 +39,7 @@ import time
 
 from absl import flags
 
+from jax_recsys import sysmem
 from launch import common
 
 _ROWS = flags.DEFINE_list("rows", ["1e5", "1e6", "4e6", "16e6"], "Table sizes (rows).")
@@ -178,14 +179,21 @@ def _spawn(kind: str, rows: int, n_dev: int, steps: int | None = None) -> dict:
 
 
 def _mem_available_bytes() -> int | None:
+    """MemAvailable, capped by a container's cgroup memory limit (which /proc/meminfo
+    does not show: a table past it was killed by the OOM killer instead of skipped)."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return None
+    limit = sysmem.cgroup_limit()
+    if limit is not None:
+        avail = limit[0] if avail is None else min(avail, limit[0])
+    return avail
 
 
 def _needed_bytes(kind: str, rows: int) -> int:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from jax_recsys import sysmem
 from jax_recsys.data import folder, world
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -578,14 +579,51 @@ def test_a_world_too_big_for_memory_is_refused_before_any_work(tmp_path, monkeyp
     # Users 4(4+2)+20 = 44 B, pins 4*4+30 = 46 B; 2 chunks of 3000 events with 6
     # candidates of 4(4+2)+32 = 56 B.
     assert world.memory_estimate(cfg, 2) == 1_500 * 44 + 2_000 * 46 + 2 * 3_000 * 6 * 56
-    monkeypatch.setattr(world, "_physical_memory", lambda: 2**30)
+    monkeypatch.setattr(sysmem, "physical_memory", lambda: 2**30)
+    monkeypatch.setattr(sysmem, "CGROUP_LIMIT_FILES", ())
     big = dataclasses.replace(cfg, num_candidates=10**6)
     out = tmp_path / "w"
     with pytest.raises(ValueError, match=(
-        r"needs about 312.9 GiB of memory but this machine has 1.0 GiB: "
+        r"needs about 312.9 GiB of memory but this machine has 1.0 GiB of RAM: "
         r"num_candidates=1000000 candidates for each of the 3000 events of a chunk "
         r"\(chunk_events=65536\), 2 chunk\(s\) at once; lower num_candidates or chunk_events")):
         world.generate_world(big, out, progress=False, workers=2)
     assert list(tmp_path.iterdir()) == []
     # Fewer events per chunk fit (the check passes; generation itself is not run here).
     world._check_memory(dataclasses.replace(big, chunk_events=4), 2)
+
+
+def test_the_memory_check_uses_a_smaller_container_limit(tmp_path, monkeypatch):
+    # In a container with a cgroup memory limit below the machine's RAM, a world that
+    # fits in RAM but not in the limit was killed by the OOM killer without a message.
+    cfg = dataclasses.replace(_tiny(latent_dim=4, hidden_dim=2), num_candidates=10**6)
+    need = world.memory_estimate(cfg, 2)  # 312.9 GiB
+    monkeypatch.setattr(sysmem, "physical_memory", lambda: 2**40)  # 1 TiB
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(sysmem, "CGROUP_LIMIT_FILES", (str(v2), str(v1)))
+    # No limit file, "max" (v2), v1's "no limit" value, or a limit above RAM: RAM counts.
+    world._check_memory(cfg, 2)
+    assert sysmem.memory_limit() == (2**40, "this machine has 1024.0 GiB of RAM")
+    v2.write_text("max\n")
+    v1.write_text(f"{2**31}\n")  # v2's file wins where it exists
+    world._check_memory(cfg, 2)
+    v2.unlink()
+    v1.write_text("9223372036854771712\n")
+    world._check_memory(cfg, 2)
+    v1.write_text(f"{2**41}\n")
+    world._check_memory(cfg, 2)
+    # A limit below RAM and below the need: refused, naming the limit and its file.
+    v1.write_text(f"{2 * 2**30}\n")
+    with pytest.raises(ValueError, match=(
+            rf"needs about 312.9 GiB of memory but the container's memory limit "
+            rf"\({re.escape(str(v1))}\) is 2.0 GiB: num_candidates=1000000")):
+        world._check_memory(cfg, 2)
+    v2.write_text(f"{300 * 2**30}\n")
+    assert sysmem.memory_limit() == (
+        300 * 2**30, f"the container's memory limit ({v2}) is 300.0 GiB")
+    assert need > 300 * 2**30
+    with pytest.raises(ValueError, match=r"memory limit .*memory\.max\) is 300\.0 GiB"):
+        world._check_memory(cfg, 2)
+    # RAM unknown: the limit alone counts.
+    monkeypatch.setattr(sysmem, "physical_memory", lambda: None)
+    assert sysmem.memory_limit()[0] == 300 * 2**30

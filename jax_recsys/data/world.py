@@ -109,7 +109,8 @@ Memory: the per-entity state (about ``4(k + h) + 20`` bytes per user and
 being generated (about ``4(k + h) + 32`` bytes per candidate); the graph is
 spilled to partition files by user, so peak memory does not grow with the
 number of days. ``generate_world`` refuses, before any work, a world whose
-:func:`memory_estimate` exceeds the machine's RAM.
+:func:`memory_estimate` exceeds the machine's RAM or, in a container, its cgroup
+memory limit where that is smaller.
 
 Dimension legend: k latent dim, h hidden taste dim, T topics, M candidates,
 n events in a chunk.
@@ -131,7 +132,7 @@ from concurrent import futures
 
 import numpy as np
 
-from jax_recsys import fsutil
+from jax_recsys import fsutil, sysmem
 from jax_recsys.data import folder
 
 _STATIC = 1_000_003  # stream id for the static (day-independent) world
@@ -991,22 +992,15 @@ def _chunk_rows(cfg: WorldConfig) -> int:
                max(cfg.engagements_per_day, cfg.conversions_per_day, cfg.impressions_per_day))
 
 
-def _physical_memory() -> int | None:
-    """Bytes of RAM of this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_memory(cfg: WorldConfig, workers: int) -> None:
-    """Refuses a world whose :func:`memory_estimate` exceeds this machine's RAM: it would
-    be killed by the OS part-way, without a message (num_candidates=10**6 did)."""
-    need, have = memory_estimate(cfg, workers), _physical_memory()
-    if have is not None and need > have:
+    """Refuses a world whose :func:`memory_estimate` exceeds the memory this process can
+    use (RAM, or a container's cgroup limit where smaller): it would be killed by the OS
+    part-way, without a message (num_candidates=10**6 did)."""
+    need, limit = memory_estimate(cfg, workers), sysmem.memory_limit()
+    if limit is not None and need > limit[0]:
         raise ValueError(
-            f"the world needs about {need / 2**30:.1f} GiB of memory but this machine has "
-            f"{have / 2**30:.1f} GiB: num_candidates={cfg.num_candidates} candidates for "
+            f"the world needs about {need / 2**30:.1f} GiB of memory but {limit[1]}: "
+            f"num_candidates={cfg.num_candidates} candidates for "
             f"each of the {_chunk_rows(cfg)} events of a chunk (chunk_events="
             f"{cfg.chunk_events}), {workers} chunk(s) at once; lower num_candidates or "
             "chunk_events"
@@ -1107,7 +1101,7 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, progress: bo
 
     Raises:
       ValueError: an invalid config, or one whose :func:`memory_estimate` exceeds this
-        machine's RAM (checked before any work).
+        machine's RAM or cgroup memory limit (checked before any work).
       NotADirectoryError: ``out_dir`` is a file.
       FileExistsError: ``out_dir`` is a non-empty folder that holds no generated world,
         or other files beside one.
