@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -544,3 +545,35 @@ def test_a_nul_character_in_a_value_names_the_line(tmp_path):
     _write(tmp_path / "x.csv", "user_id,click\na,1\na\x00,0\n")
     e = _err(lambda: DatasetFolder(tmp_path).table("x"))
     assert (e.column, e.line) == ("user_id", 3) and "NUL character in 'a\\x00'" in str(e)
+
+
+def test_a_field_over_the_csv_limit_says_why(tmp_path):
+    # Was "unreadable line: field larger than field limit (131072)", also for a '"'
+    # left open in a big file, and on_bad_lines="skip" did not skip either.
+    long = "x" * 131_073
+    p = _write(tmp_path / "long.csv", f"user_id,note\n1,a\n2,{long}\n3,b\n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert (e.file, e.line) == (str(p), 3)
+    assert str(e) == (f"{p}:3: a field longer than the CSV reader's limit of 131072 characters "
+                      "(a column's values are stored as wide as its longest one; keep long "
+                      "text out of the table)")
+    with pytest.warns(UserWarning, match="skipped 1 bad lines"):
+        t, skipped = folder.read_text_table(p, on_bad_lines="skip")
+    assert skipped == 1 and t["user_id"].tolist() == [1, 3]
+    np.testing.assert_array_equal(t["note"], ["a", "b"])
+    p = _write(tmp_path / "long.tsv", f"user_id\tnote\n1\ta\n2\t{long}\n")
+    assert _err(lambda: folder.read_text_table(p)).line == 3
+    p = _write(tmp_path / "head.csv", f"user_id,{long}\n1,a\n")
+    assert "longer than the CSV reader's limit" in str(_err(lambda: folder.read_text_table(p)))
+    # An unmatched '"' in a file too big for the limit: the message names the quote.
+    rows = "".join(f"{i},{i},1\n" for i in range(4, 20_000))
+    p = _write(tmp_path / "quote.csv", f'user_id,pin_id,click\n1,2,0\n3,"4,1\n{rows}')
+    e = _err(lambda: folder.read_text_table(p))
+    assert e.line == 3 and re.search(
+        r"quote.csv:3: a quoted field runs from line 3 past line \d+ without its closing '\"', "
+        r"over the CSV reader's limit of 131072 characters: a '\"' is unmatched", str(e))
+    end = int(re.search(r"past line (\d+)", str(e))[1])
+    with pytest.warns(UserWarning, match=f"skipped {end - 2} bad lines"):
+        t, skipped = folder.read_text_table(p, on_bad_lines="skip")
+    # Lines 3..end are dropped; reading goes on at the next line (line k holds id k).
+    assert t["user_id"].tolist() == [1, *range(end + 1, 20_000)]

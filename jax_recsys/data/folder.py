@@ -495,6 +495,29 @@ def _raise_first_bad(arr, lines, dtype, file, column, what):
     raise DataError(f"cannot parse column as {what}", file=file, column=column)
 
 
+def _is_field_limit(e: csv.Error) -> bool:
+    return "field limit" in str(e)
+
+
+def _csv_error(what: str, e: csv.Error, file: str, start: int, end: int) -> DataError:
+    """A DataError for the csv module's error ``e`` in the record from line ``start``
+    (the reader stopped on line ``end``). Its "field larger than field limit (131072)"
+    does not say why: a '"' left open (the field runs on over the lines after it), or
+    a value over the limit, which this format does not take (a text column is stored
+    as wide as its longest value in every row: 128K characters x 1M rows = 512 GB)."""
+    if not _is_field_limit(e):
+        return DataError(f"{what}: {e}", file=file, line=start)
+    limit = csv.field_size_limit()
+    if end > start:
+        msg = (f"a quoted field runs from line {start} past line {end} without its closing "
+               f"'\"', over the CSV reader's limit of {limit} characters: a '\"' is unmatched")
+    else:
+        msg = (f"a field longer than the CSV reader's limit of {limit} characters (a "
+               "column's values are stored as wide as its longest one; keep long text out "
+               "of the table)")
+    return DataError(msg, file=file, line=start)
+
+
 def read_text_table(
     path: str | os.PathLike,
     *,
@@ -519,7 +542,10 @@ def read_text_table(
       on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines, and lines
         whose ``timestamp``/``day`` is not finite, are skipped and counted). A CSV record spanning several physical lines (a quoted field
         holding a line break, or an unmatched ``"`` swallowing the lines after it) is
-        bad too; skipping it counts every physical line it spans.
+        bad too; skipping it counts every physical line it spans. So is a field longer than
+        the csv module's limit (131072 characters): a column is stored as wide as its
+        longest value in every row, so such a value has no place in a table (an
+        unmatched ``"`` in a large file ends this way too, and the message says so).
 
     Quoting: ``.csv`` follows the usual ``"`` quoting (``"u,3"`` is one field); ``.tsv``
     has no quoting (a ``"`` is an ordinary character).
@@ -559,7 +585,7 @@ def _read_text_table(
         except StopIteration:
             raise DataError("empty file: no header row", file=file, line=1) from None
         except csv.Error as e:
-            raise DataError(f"unreadable header: {e}", file=file, line=1) from None
+            raise _csv_error("unreadable header", e, file, 1, reader.line_num) from None
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
         if reader.line_num > 1:
@@ -596,7 +622,13 @@ def _read_text_table(
             except StopIteration:
                 break
             except csv.Error as e:
-                raise DataError(f"unreadable line: {e}", file=file, line=start_line) from None
+                # The reader drops the rest of the physical line it failed on and reads
+                # on from the next one: with "skip" the lines up to there are a bad record.
+                if on_bad_lines == "skip" and _is_field_limit(e):
+                    skipped += reader.line_num - start_line + 1
+                    line_no = reader.line_num
+                    continue
+                raise _csv_error("unreadable line", e, file, start_line, reader.line_num) from None
             except UnicodeDecodeError:
                 raise _not_utf8(path) from None
             line_no = reader.line_num
