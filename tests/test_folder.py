@@ -577,3 +577,48 @@ def test_a_field_over_the_csv_limit_says_why(tmp_path):
         t, skipped = folder.read_text_table(p, on_bad_lines="skip")
     # Lines 3..end are dropped; reading goes on at the next line (line k holds id k).
     assert t["user_id"].tolist() == [1, *range(end + 1, 20_000)]
+
+
+def test_blank_lines_before_the_header_are_skipped(tmp_path):
+    # Was "x.csv:3: ragged row: 2 fields, header has 0": a blank first line was read as
+    # a header of no columns.
+    p = _write(tmp_path / "x.csv", "\n\r\nuser_id,click\n1,1\n2,x\n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert (e.line, e.column) == (5, "click") and "cannot parse 'x' as a number" in str(e)
+    p = _write(tmp_path / "y.tsv", "\nuser_id\tclick\n1\t1\n\n2\t0\n")
+    t, _ = folder.read_text_table(p)
+    assert t["user_id"].tolist() == [1, 2] and t["click"].tolist() == [1, 0]
+    # Header errors name the header's own line.
+    p = _write(tmp_path / "d.csv", "\nuser_id,click,click\n1,1,1\n")
+    assert _err(lambda: folder.read_text_table(p)).line == 2
+    p = _write(tmp_path / "h.csv", "\n\nuser_id,click\n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert e.line == 3 and "empty table: header but no rows" in str(e)
+    # Only blank lines: no header ("empty table: header but no rows" before).
+    p = _write(tmp_path / "b.csv", "\n\n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert str(e) == f"{p}:1: blank lines only: no header row"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("t.csv", "user_id\tclick\n1\t1\n",
+     "the header is one column 'user_id\\tclick' holding tabs: a tab-separated file must "
+     "be named .tsv"),
+    ("s.csv", "user_id;click\n1;1\n",
+     "the header is one column 'user_id;click' holding semicolons: fields of a .csv file "
+     "are separated by commas"),
+    ("c.tsv", "user_id,click\n1,1\n",
+     "the header is one column 'user_id,click' holding commas: a comma-separated file "
+     "must be named .csv"),
+])
+def test_a_file_of_another_separator_is_named(tmp_path, name, text, message):
+    # Was read as a table of one column named "user_id\tclick" (silently, for a caller
+    # that asks for no columns by name).
+    p = _write(tmp_path / name, text)
+    e = _err(lambda: folder.read_text_table(p))
+    assert str(e) == f"{p}:1: {message}"
+    e = _err(lambda: DatasetFolder(tmp_path).table(p.stem))
+    assert e.line == 1 and "the header is one column" in str(e)
+    # A table of one column is still fine.
+    p = _write(tmp_path / f"one{p.suffix}", "user_id\n1\n2\n")
+    assert folder.read_text_table(p)[0]["user_id"].tolist() == [1, 2]

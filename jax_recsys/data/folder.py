@@ -548,7 +548,9 @@ def read_text_table(
         unmatched ``"`` in a large file ends this way too, and the message says so).
 
     Quoting: ``.csv`` follows the usual ``"`` quoting (``"u,3"`` is one field); ``.tsv``
-    has no quoting (a ``"`` is an ordinary character).
+    has no quoting (a ``"`` is an ordinary character). The name says the separator: a
+    header of one column that holds tabs or semicolons (``.csv``) or commas (``.tsv``)
+    is a DataError saying so. Blank lines are skipped, before the header too.
 
     Returns:
       (column name -> array, number of skipped lines).
@@ -574,40 +576,57 @@ def _read_text_table(
     kinds = dict(kinds or {})
     # utf-8-sig: a byte-order mark (as some editors and spreadsheets write) is dropped,
     # not read as part of the first column's name.
+    tsv = path.suffix.lower() == ".tsv"
     with open(path, newline="", encoding="utf-8-sig") as f:
-        if path.suffix.lower() == ".tsv":
+        if tsv:
             # TSV has no quoting: a '"' is an ordinary character.
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
             reader = csv.reader(f, delimiter=",")
+        header: list[str] = []
+        hline = 1  # the header's line: blank lines before it are skipped, as after it
         try:
-            header = next(reader)
+            while not header:
+                hline = reader.line_num + 1
+                header = next(reader)
         except StopIteration:
-            raise DataError("empty file: no header row", file=file, line=1) from None
+            what = "blank lines only" if reader.line_num else "empty file"
+            raise DataError(f"{what}: no header row", file=file, line=1) from None
         except csv.Error as e:
-            raise _csv_error("unreadable header", e, file, 1, reader.line_num) from None
+            raise _csv_error("unreadable header", e, file, hline, reader.line_num) from None
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
-        if reader.line_num > 1:
+        if reader.line_num > hline:
             raise DataError(
-                f"header spans lines 1-{reader.line_num} (a quoted field holds a line "
+                f"header spans lines {hline}-{reader.line_num} (a quoted field holds a line "
                 "break, or a '\"' is unmatched)",
                 file=file,
-                line=1,
+                line=hline,
             )
         header = [h.strip() for h in header]
+        if len(header) == 1:
+            # A file of another separator reads as one column with every name in it.
+            seps = {",": "commas"} if tsv else {"\t": "tabs", ";": "semicolons"}
+            held = [name for sep, name in seps.items() if sep in header[0]]
+            if held:
+                fix = ("fields of a .csv file are separated by commas" if held[0] == "semicolons"
+                       else f"a {'comma' if tsv else 'tab'}-separated file must be named "
+                       f"{'.csv' if tsv else '.tsv'}")
+                raise DataError(f"the header is one column {header[0]!r} holding {held[0]}: "
+                                f"{fix}", file=file, line=hline)
         seen = set()
         for h in header:
             if not h:
-                raise DataError("empty column name in header", file=file, line=1)
+                raise DataError("empty column name in header", file=file, line=hline)
             if h in seen:
-                raise DataError("duplicate column in header", file=file, column=h, line=1)
+                raise DataError("duplicate column in header", file=file, column=h, line=hline)
             seen.add(h)
         wanted = list(header) if columns is None else list(columns)
         for c in wanted:
             if c not in seen:
                 raise DataError(
-                    f"missing required column (header has {header})", file=file, column=c, line=1
+                    f"missing required column (header has {header})", file=file, column=c,
+                    line=hline,
                 )
         idx = [header.index(c) for c in wanted]
         ncol = len(header)
@@ -657,7 +676,7 @@ def _read_text_table(
                 values[j].append(row[i])
             lines.append(start_line)
     if not lines:
-        raise DataError("empty table: header but no rows", file=file, line=1)
+        raise DataError("empty table: header but no rows", file=file, line=hline)
     lines_arr = np.asarray(lines, dtype=np.int64)
     if on_bad_lines == "skip":
         # Drop rows whose forced/numeric columns do not parse, counting them.
