@@ -622,3 +622,13 @@ def test_a_file_of_another_separator_is_named(tmp_path, name, text, message):
     # A table of one column is still fine.
     p = _write(tmp_path / f"one{p.suffix}", "user_id\n1\n2\n")
     assert folder.read_text_table(p)[0]["user_id"].tolist() == [1, 2]
+
+
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    # A spreadsheet's "Unicode text" export: was "not UTF-8 text: invalid start byte
+    # (byte 0)".
+    p = tmp_path / "x.tsv"
+    p.write_bytes("user_id\tclick\n1\t1\n".encode("utf-16"))
+    e = _err(lambda: folder.read_text_table(p))
+    assert str(e) == (f"{p}:1: UTF-16 text (it starts with a UTF-16 byte-order mark), not "
+                      "UTF-8: save it as UTF-8")

@@ -225,3 +225,22 @@ def test_a_nul_character_names_the_line(tmp_path, files, bad):
     with pytest.raises(DataError, match="NUL character") as e:
         read_triples(_write(tmp_path / "kg", **files))
     assert e.value.line == 2 and e.value.file == str(tmp_path / "kg" / bad)
+
+
+def test_an_unreadable_triple_file_names_the_file_and_line(tmp_path):
+    # Not UTF-8: was "train.txt: not UTF-8 text: invalid start byte", without the line.
+    d = _write(tmp_path / "kg", train_txt="a\tr\tb\n")
+    (d / "valid.txt").write_bytes("a\tr\tb\nM\xfcnchen\tr\ta\n".encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_triples(d)
+    assert (e.value.file, e.value.line) == (str(d / "valid.txt"), 2)
+    assert str(e.value).endswith(": not UTF-8 text: invalid start byte (byte 7)")
+    # UTF-16 (a spreadsheet's "Unicode text"): said so.
+    (d / "valid.txt").write_bytes("a\tr\tb\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"valid.txt:1: UTF-16 text .*: save it as UTF-8"):
+        read_triples(d)
+    # A folder named test.txt: was an IsADirectoryError traceback.
+    (d / "valid.txt").unlink()
+    (d / "test.txt").mkdir()
+    with pytest.raises(DataError, match=r"test.txt: cannot read: Is a directory"):
+        read_triples(d)

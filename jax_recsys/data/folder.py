@@ -379,6 +379,9 @@ def _not_utf8(path: str | os.PathLike) -> DataError:
     """A DataError naming the file and line of the first byte of ``path`` that is not
     UTF-8 (found again on the raw bytes: a text reader's error does not say where)."""
     data = pathlib.Path(path).read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # spreadsheets' "Unicode text" export
+        return DataError("UTF-16 text (it starts with a UTF-16 byte-order mark), not "
+                         "UTF-8: save it as UTF-8", file=path, line=1)
     try:
         data.decode("utf-8")  # a byte-order mark is valid UTF-8: offsets stay exact
     except UnicodeDecodeError as e:

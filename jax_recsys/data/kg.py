@@ -25,8 +25,8 @@ names all carry the prefix ``"<type>:"`` (``user:12``, as the synthetic world wr
 them) has the prefix removed, and names that are all canonical decimal integers become
 int64. Pretrained facet tables then map onto the ranker's integer ids by raw id.
 
-Errors are :class:`~jax_recsys.data.folder.DataError` with file and line: wrong number
-of fields, empty file, entity without a type, conflicting entity types, inconsistent
+Errors are :class:`~jax_recsys.data.folder.DataError` with file and line: text that
+is not UTF-8, wrong number of fields, empty file, entity without a type, conflicting entity types, inconsistent
 relation types, and -- with ``unseen="error"`` (default) -- a valid/test triple whose
 entity or relation never occurs in train. ``unseen="skip"`` drops such triples and
 reports the count per split (``KnowledgeGraph.skipped`` and a warning).
@@ -53,7 +53,7 @@ import numpy as np
 from jax_recsys.data.vocab import Vocab
 
 try:  # the dataset-folder module owns the error type; fall back if it is absent
-    from jax_recsys.data.folder import DataError
+    from jax_recsys.data.folder import DataError, _not_utf8
 except ImportError:  # pragma: no cover
     class DataError(ValueError):
         """Bad input data (file and line in the message)."""
@@ -62,6 +62,9 @@ except ImportError:  # pragma: no cover
             self.file, self.column, self.line = file, column, line
             where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
             super().__init__(where + message)
+
+    def _not_utf8(path):
+        return DataError("not UTF-8 text", file=path)
 
 SPLITS = ("train", "valid", "test")
 UNTYPED = "entity"
@@ -96,8 +99,10 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
     try:
         # utf-8-sig: a byte-order mark is dropped, not read into the first entity's name.
         text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text: {e.reason}", file=file) from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None  # names the line of the first bad byte
+    except OSError as e:  # a folder of that name, no permission
+        raise DataError(f"cannot read: {e.strerror or e}", file=file) from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "\x00" in text:  # NumPy strings drop trailing NULs: "a\x00" would be entity "a"
