@@ -632,3 +632,24 @@ def test_a_utf16_file_is_named_as_such(tmp_path):
     e = _err(lambda: folder.read_text_table(p))
     assert str(e) == (f"{p}:1: UTF-16 text (it starts with a UTF-16 byte-order mark), not "
                       "UTF-8: save it as UTF-8")
+
+
+def test_a_text_column_too_wide_for_memory_names_its_longest_value(tmp_path, monkeypatch):
+    # One 100000-character note in a 300000-row CSV: NumPy's "MemoryError: Unable to
+    # allocate 112. GiB for an array with shape (300000,) and data type <U100000", a
+    # traceback naming neither file nor column. Here the allocation fails sooner.
+    real = folder._parse_column_values
+
+    def small_memory(values, *args, **kwargs):
+        if 4 * max(map(len, values)) * len(values) > 10_000:
+            raise MemoryError("Unable to allocate")
+        return real(values, *args, **kwargs)
+
+    monkeypatch.setattr(folder, "_parse_column_values", small_memory)
+    p = _write(tmp_path / "x.csv", "user_id,note,click\n1,a,1\n2," + "y" * 100_000 + ",0\n3,b,1\n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert (e.column, e.line) == ("note", 3)
+    assert str(e) == (
+        f"{p}:3, column 'note': too big for memory: 3 values as wide as the longest (100000 "
+        "characters, line 3) need 1.1 MiB (a text column is stored as wide as its longest "
+        "value in every row; keep long text out of the table)")

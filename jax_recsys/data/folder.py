@@ -414,7 +414,21 @@ def _parse_column(
             column=column,
             line=int(lines[i]),
         )
-    out = _parse_column_values(values, lines, file=file, column=column, kind=kind)
+    try:
+        out = _parse_column_values(values, lines, file=file, column=column, kind=kind)
+    except MemoryError:  # NumPy's own says neither file nor column, nor why so big
+        i = max(range(len(values)), key=lambda k: len(values[k]))
+        need = 4 * len(values[i]) * len(values)
+        size = f"{need / 2**30:.1f} GiB" if need >= 2**30 else f"{need / 2**20:.1f} MiB"
+        raise DataError(
+            f"too big for memory: {len(values)} values as wide as the longest "
+            f"({len(values[i])} characters, line {int(lines[i])}) need {size} "
+            "(a text column is stored as wide as its longest value in every row; keep "
+            "long text out of the table)",
+            file=file,
+            column=column,
+            line=int(lines[i]),
+        ) from None
     if column in TIME_COLUMNS:
         i = _first_bad_time(out)
         if i is not None:
