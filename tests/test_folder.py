@@ -579,6 +579,17 @@ def test_a_field_over_the_csv_limit_says_why(tmp_path):
     assert t["user_id"].tolist() == [1, *range(end + 1, 20_000)]
 
 
+def test_a_line_of_spaces_is_blank(tmp_path):
+    # Was "x.csv:4: ragged row: 1 fields, header has 2" (kg files already skip it).
+    p = _write(tmp_path / "x.csv", "  \nuser_id,click\n1,1\n \t \n2,0\n   \n")
+    t, skipped = folder.read_text_table(p)
+    assert skipped == 0 and t["user_id"].tolist() == [1, 2] and t["click"].tolist() == [1, 0]
+    # In a table of one column it is a value: an empty id.
+    p = _write(tmp_path / "one.csv", "user_id\n1\n  \n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert e.line == 3 and "empty id" in str(e)
+
+
 def test_blank_lines_before_the_header_are_skipped(tmp_path):
     # Was "x.csv:3: ragged row: 2 fields, header has 0": a blank first line was read as
     # a header of no columns.

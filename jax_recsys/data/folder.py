@@ -567,7 +567,8 @@ def read_text_table(
     Quoting: ``.csv`` follows the usual ``"`` quoting (``"u,3"`` is one field); ``.tsv``
     has no quoting (a ``"`` is an ordinary character). The name says the separator: a
     header of one column that holds tabs or semicolons (``.csv``) or commas (``.tsv``)
-    is a DataError saying so. Blank lines are skipped, before the header too.
+    is a DataError saying so. Blank lines (or of spaces only) are skipped, before the
+    header too.
 
     Returns:
       (column name -> array, number of skipped lines).
@@ -603,7 +604,7 @@ def _read_text_table(
         header: list[str] = []
         hline = 1  # the header's line: blank lines before it are skipped, as after it
         try:
-            while not header:
+            while not header or (len(header) == 1 and not header[0].strip()):
                 hline = reader.line_num + 1
                 header = next(reader)
         except StopIteration:
@@ -670,6 +671,8 @@ def _read_text_table(
             line_no = reader.line_num
             if not row:  # blank line
                 continue
+            if ncol > 1 and len(row) == 1 and not row[0].strip() and line_no == start_line:
+                continue  # a line of spaces only is blank too (as in knowledge-graph files)
             if line_no > start_line:
                 # One record over several physical lines: a quoted field holds a line
                 # break, or an unmatched '"' swallowed the following lines.
