@@ -179,7 +179,7 @@ def _spawn(kind: str, rows: int, n_dev: int, steps: int | None = None) -> dict:
 
 
 def _mem_available_bytes() -> int | None:
-    """MemAvailable, capped by a container's cgroup memory limit (which /proc/meminfo
+    """MemAvailable, capped by this process's cgroup memory limit (which /proc/meminfo
     does not show: a table past it was killed by the OOM killer instead of skipped)."""
     avail = None
     try:

@@ -109,8 +109,8 @@ Memory: the per-entity state (about ``4(k + h) + 20`` bytes per user and
 being generated (about ``4(k + h) + 32`` bytes per candidate); the graph is
 spilled to partition files by user, so peak memory does not grow with the
 number of days. ``generate_world`` refuses, before any work, a world whose
-:func:`memory_estimate` exceeds the machine's RAM or, in a container, its cgroup
-memory limit where that is smaller.
+:func:`memory_estimate` exceeds the machine's RAM or, where smaller, the memory limit
+of its cgroup (a container, a Slurm job).
 
 Dimension legend: k latent dim, h hidden taste dim, T topics, M candidates,
 n events in a chunk.
@@ -994,7 +994,7 @@ def _chunk_rows(cfg: WorldConfig) -> int:
 
 def _check_memory(cfg: WorldConfig, workers: int) -> None:
     """Refuses a world whose :func:`memory_estimate` exceeds the memory this process can
-    use (RAM, or a container's cgroup limit where smaller): it would be killed by the OS
+    use (RAM, or its cgroup's memory limit where smaller): it would be killed by the OS
     part-way, without a message (num_candidates=10**6 did)."""
     need, limit = memory_estimate(cfg, workers), sysmem.memory_limit()
     if limit is not None and need > limit[0]:
