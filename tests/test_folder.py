@@ -1,5 +1,6 @@
 """Dataset folder: CSV/TSV/npy round trips, streaming writer, and precise errors."""
 
+import gzip
 import json
 import pathlib
 import re
@@ -664,3 +665,15 @@ def test_a_text_column_too_wide_for_memory_names_its_longest_value(tmp_path, mon
         f"{p}:3, column 'note': too big for memory: 3 values as wide as the longest (100000 "
         "characters, line 3) need 1.1 MiB (a text column is stored as wide as its longest "
         "value in every row; keep long text out of the table)")
+
+
+def test_a_compressed_table_is_named_when_the_table_is_missing(tmp_path):
+    # Was "no table 'impressions' (have [])" beside impressions.csv.gz.
+    (tmp_path / "impressions.csv.gz").write_bytes(gzip.compress(b"user_id,click\n1,1\n"))
+    _write(tmp_path / "users.csv", "user_id\n1\n")
+    e = _err(lambda: DatasetFolder(tmp_path).table("impressions"))
+    assert str(e) == (
+        f"{tmp_path}: no table 'impressions' (have ['users']); impressions.csv.gz is not "
+        "read: a table is a .csv or .tsv file (uncompressed) or a folder of .npy columns")
+    e = _err(lambda: DatasetFolder(tmp_path).table("clicks"))  # nothing like it: no hint
+    assert str(e) == f"{tmp_path}: no table 'clicks' (have ['users'])"

@@ -996,7 +996,13 @@ class DatasetFolder:
     def table_path(self, name: str) -> pathlib.Path:
         """Path of table ``name`` (a file or a column folder)."""
         if not self.has_table(name):
-            raise DataError(f"no table {name!r} (have {self.table_names})", file=self.path)
+            # impressions.csv.gz or .parquet is no table, but looks like one: say so.
+            packed = sorted(p.name for p in self.path.iterdir() if p.name.startswith(f"{name}.")
+                            and p.is_file() and p.suffix.lower() not in (".csv", ".tsv"))
+            hint = (f"; {', '.join(packed)} is not read: a table is a .csv or .tsv file "
+                    "(uncompressed) or a folder of .npy columns") if packed else ""
+            raise DataError(f"no table {name!r} (have {self.table_names}){hint}",
+                            file=self.path)
         return self.path / self.meta["tables"][name]["path"]
 
     def table(
