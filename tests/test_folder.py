@@ -573,11 +573,9 @@ def test_a_field_over_the_csv_limit_says_why(tmp_path):
     assert e.line == 3 and re.search(
         r"quote.csv:3: a quoted field runs from line 3 past line \d+ without its closing '\"', "
         r"over the CSV reader's limit of 131072 characters: a '\"' is unmatched", str(e))
-    end = int(re.search(r"past line (\d+)", str(e))[1])
-    with pytest.warns(UserWarning, match=f"skipped {end - 2} bad lines"):
-        t, skipped = folder.read_text_table(p, on_bad_lines="skip")
-    # Lines 3..end are dropped; reading goes on at the next line (line k holds id k).
-    assert t["user_id"].tolist() == [1, *range(end + 1, 20_000)]
+    # Not skipped: the reader gave up inside the quoted field, so where the rows start
+    # again is not known (what follows could be the rest of a long quoted text).
+    assert str(_err(lambda: folder.read_text_table(p, on_bad_lines="skip"))) == str(e)
 
 
 def test_a_line_of_spaces_is_blank(tmp_path):

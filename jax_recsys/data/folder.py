@@ -559,10 +559,12 @@ def read_text_table(
       on_bad_lines: "error" (default) or "skip" (ragged/unparsable lines, and lines
         whose ``timestamp``/``day`` is not finite, are skipped and counted). A CSV record spanning several physical lines (a quoted field
         holding a line break, or an unmatched ``"`` swallowing the lines after it) is
-        bad too; skipping it counts every physical line it spans. So is a field longer than
-        the csv module's limit (131072 characters): a column is stored as wide as its
-        longest value in every row, so such a value has no place in a table (an
-        unmatched ``"`` in a large file ends this way too, and the message says so).
+        bad too; skipping it counts every physical line it spans. So is a line with a field
+        longer than the csv module's limit (131072 characters): a column is stored as
+        wide as its longest value in every row, so such a value has no place in a
+        table. A quoted field that runs over several lines past that limit (an
+        unmatched ``"`` in a large file) is an error even with "skip": where its record
+        ends is not known.
 
     Quoting: ``.csv`` follows the usual ``"`` quoting (``"u,3"`` is one field); ``.tsv``
     has no quoting (a ``"`` is an ordinary character). The name says the separator: a
@@ -660,9 +662,11 @@ def _read_text_table(
                 break
             except csv.Error as e:
                 # The reader drops the rest of the physical line it failed on and reads
-                # on from the next one: with "skip" the lines up to there are a bad record.
-                if on_bad_lines == "skip" and _is_field_limit(e):
-                    skipped += reader.line_num - start_line + 1
+                # on from the next one: with "skip" a line that long is a bad line. A
+                # quoted field over several lines is not skipped: where it ends (where
+                # the next row starts) is not known.
+                if on_bad_lines == "skip" and _is_field_limit(e) and reader.line_num == start_line:
+                    skipped += 1
                     line_no = reader.line_num
                     continue
                 raise _csv_error("unreadable line", e, file, start_line, reader.line_num) from None
