@@ -521,7 +521,7 @@ def _csv_error(what: str, e: csv.Error, file: str, start: int, end: int) -> Data
     (the reader stopped on line ``end``). Its "field larger than field limit (131072)"
     does not say why: a '"' left open (the field runs on over the lines after it), or
     a value over the limit, which this format does not take (a text column is stored
-    as wide as its longest value in every row: 128K characters x 1M rows = 512 GB)."""
+    as wide as its longest value in every row: 131072 characters x 1M rows = 524 GB)."""
     if not _is_field_limit(e):
         return DataError(f"{what}: {e}", file=file, line=start)
     limit = csv.field_size_limit()

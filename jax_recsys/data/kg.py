@@ -26,10 +26,11 @@ them) has the prefix removed, and names that are all canonical decimal integers 
 int64. Pretrained facet tables then map onto the ranker's integer ids by raw id.
 
 Errors are :class:`~jax_recsys.data.folder.DataError` with file and line: text that
-is not UTF-8, wrong number of fields, empty file, entity without a type, conflicting entity types, inconsistent
-relation types, and -- with ``unseen="error"`` (default) -- a valid/test triple whose
-entity or relation never occurs in train. ``unseen="skip"`` drops such triples and
-reports the count per split (``KnowledgeGraph.skipped`` and a warning).
+is not UTF-8, wrong number of fields, empty file, entity without a type, conflicting
+entity types, inconsistent relation types, and -- with ``unseen="error"`` (default) --
+a valid/test triple whose entity or relation never occurs in train. ``unseen="skip"``
+drops such triples and reports the count per split (``KnowledgeGraph.skipped`` and a
+warning).
 
 :meth:`KnowledgeGraph.filter_index` builds a :class:`TripleIndex` over all true
 triples (train + valid + test) for filtered ranking evaluation.
