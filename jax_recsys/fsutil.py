@@ -59,6 +59,32 @@ def file_stems(names: list[str]) -> dict[str, str]:
             for i, n in enumerate(names)}
 
 
+_NOT_FILE_CHAR = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def param_file_stems(leaves) -> dict[str, str]:
+    """Parameter leaf path -> file name stem inside a folder of parameters.
+
+    A leaf path ("trunk/0/kernel", "norms//people/person/scale" for an entity named like
+    a Freebase type) becomes the stem with every character outside [A-Za-z0-9_.-]
+    replaced by '_' ("trunk_0_kernel"), leading and trailing dots dropped (no hidden or
+    relative names; "param" when nothing is left) and cut to 120 characters. Leaves are
+    taken in sorted order; one whose stem is taken already, also on a case-insensitive
+    file system, gets "<stem>_1", "<stem>_2", ... The saved ranker and the serving
+    artifact name their parameter files this way and record each leaf's file, so
+    readers never rebuild a path from a leaf (and read files named otherwise before).
+    """
+    stems, taken = {}, set()
+    for leaf in sorted(leaves):
+        base = _NOT_FILE_CHAR.sub("_", leaf).strip(".")[:120] or "param"
+        stem, i = base, 1
+        while stem.casefold() in taken:
+            stem, i = f"{base}_{i}", i + 1
+        taken.add(stem.casefold())
+        stems[leaf] = stem
+    return stems
+
+
 def symlink_refusal(path: str | os.PathLike, what: str) -> str | None:
     """Why a folder written by replacing it whole may not be at ``path``, or None.
 

@@ -342,6 +342,40 @@ def test_malformed_manifest_entries_give_artifact_errors(tmp_path, edit, message
         artifact.load_artifact(tmp_path / "art", verify=False)
 
 
+def _forge(path, edit):
+    """Edits the manifest at `path` and records the version its new content gives, as
+    a hand-edited (or forged) manifest would: the version check cannot see the edit."""
+    mpath = path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    edit(m)
+    m["version"] = artifact.compute_version(m["files"], tables=m["tables"], ranker=m["ranker"])
+    mpath.write_text(json.dumps(m))
+
+
+def test_parameter_files_named_otherwise_load_by_the_manifest(tmp_path):
+    """Readers take each file from the manifest, never from a name: an artifact whose
+    parameter files are named another way (as the saved ranker named them before,
+    <leaf with / -> .>.npy) loads with the right values."""
+    tables, vocabs, params = _inputs()
+    m = _write(tmp_path / "art")
+    root = tmp_path / "art"
+    moved = {}
+    for leaf, rel in m.ranker["params"].items():
+        moved[leaf] = "ranker/params/" + leaf.replace("/", ".") + ".npy"
+        os.rename(root / rel, root / moved[leaf])
+
+    def edit(d):
+        for leaf, rel in d["ranker"]["params"].items():
+            d["files"][moved[leaf]] = d["files"].pop(rel)
+            d["sizes"][moved[leaf]] = d["sizes"].pop(rel)
+        d["ranker"]["params"] = moved
+    _forge(root, edit)
+    art = artifact.load_artifact(root)
+    assert art.manifest.ranker["params"]["mlp/layers/0/kernel"] == "ranker/params/mlp.layers.0.kernel.npy"
+    for k, v in params.items():
+        np.testing.assert_array_equal(art.ranker_params[k], v)
+
+
 @pytest.mark.parametrize("verify", ["sizes", False])
 def test_a_damaged_ranker_config_of_the_same_size_is_an_artifact_error(tmp_path, verify):
     # The servers start with verify="sizes", which cannot see a same-size change: bytes

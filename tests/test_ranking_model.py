@@ -1,6 +1,7 @@
 """Ranker dense model, ESMM loss, param (de)serialisation and the serving score function."""
 
 import dataclasses
+import json
 import math
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jax_recsys.quant import artifact
 from jax_recsys.ranking import model as M
 
 
@@ -268,8 +270,8 @@ def _saved_ranker(path):
      r"config\.json: damaged, not a saved ranker's config \(KeyError: 'params'\)"),
     (lambda p: (p / "config.json").write_text("[]"), r"config\.json: damaged"),
     (lambda p: os.truncate(p / "tables" / "user.npy", 100), r"tables/user\.npy: unreadable or truncated"),
-    (lambda p: os.truncate(p / "params" / "trunk.0.kernel.npy", 140),
-     r"params/trunk\.0\.kernel\.npy: unreadable or truncated"),
+    (lambda p: os.truncate(p / "params" / "trunk_0_kernel.npy", 140),
+     r"params/trunk_0_kernel\.npy: unreadable or truncated"),
     (lambda p: (p / "vocab" / "user.npy").write_bytes(b"\0" * 8), r"vocab/user\.npy: unreadable"),
 ])
 def test_load_ranker_names_a_damaged_file(tmp_path, damage, message):
@@ -281,3 +283,71 @@ def test_load_ranker_names_a_damaged_file(tmp_path, damage, message):
     damage(path)
     with pytest.raises(ValueError, match=message):
         M.load_ranker(path)
+
+
+def test_saved_ranker_and_artifact_name_parameter_files_alike(tmp_path):
+    """save_ranker named a leaf's file <leaf with / -> .>.npy (_<index>.npy on a clash)
+    and the artifact <leaf, other characters -> _>.npy (_1, _2 on a clash): two schemes
+    for one job. Both use fsutil.param_file_stems now."""
+    names = ["/people/person", "a.b", "User", "user"]
+    cfg = M.RankerConfig(entity_dims=tuple((n, 2) for n in names), mlp_dims=(4,),
+                         head_dims=(), entity_norm="layernorm")
+    _, params = M.init_dense(cfg)
+    r = M.TrainedRanker(
+        config=cfg, params=M.flatten_params(params),
+        tables={n: np.zeros((2, 2), np.float32) for n in names},
+        vocabs={n: np.arange(2) for n in names}, entity_columns={n: "c" for n in names},
+        facet_layout={n: [("scratch", 2, True)] for n in names},
+    )
+    path = M.save_ranker(tmp_path / "ranker", r)
+    saved = json.loads((path / "config.json").read_text())["params"]
+    m = artifact.write_artifact(tmp_path / "art", tables={}, vocabs={}, ranker_params=r.params)
+    assert {k: v.removeprefix("params/") for k, v in saved.items()} == {
+        k: v.removeprefix("ranker/params/") for k, v in m.ranker["params"].items()}
+    assert saved["trunk/0/kernel"] == "params/trunk_0_kernel.npy"
+    assert saved["norms//people/person/scale"] == "params/norms__people_person_scale.npy"
+    assert saved["norms/user/scale"] == "params/norms_user_scale_1.npy"  # User's, casefolded
+
+
+def test_a_parameter_of_an_entity_with_a_long_name_is_saved(tmp_path):
+    """A leaf holds its entity's name ('norms/<entity>/scale'): one of 300 characters
+    made a file name over the file system's 255 bytes (OSError: File name too long)
+    in save_ranker and write_artifact; the stem is cut to 120 characters now."""
+    name = "e" * 300
+    cfg = M.RankerConfig(entity_dims=((name, 2),), mlp_dims=(4,), head_dims=(),
+                         entity_norm="layernorm")
+    _, params = M.init_dense(cfg)
+    flat = M.flatten_params(params)
+    flat[f"norms/{name}/scale"] = np.full(2, 3.0, np.float32)
+    r = M.TrainedRanker(
+        config=cfg, params=flat, tables={name: np.zeros((2, 2), np.float32)},
+        vocabs={name: np.arange(2)}, entity_columns={name: "c"},
+        facet_layout={name: [("scratch", 2, True)]},
+    )
+    back = M.load_ranker(M.save_ranker(tmp_path / "ranker", r))
+    np.testing.assert_array_equal(back.params[f"norms/{name}/scale"], [3.0, 3.0])
+    m = artifact.write_artifact(tmp_path / "art", tables={}, vocabs={}, ranker_params=flat)
+    stem = f"ranker/params/norms_{'e' * 114}"  # cut alike: the first leaf in sorted order keeps it
+    assert m.ranker["params"][f"norms/{name}/bias"] == f"{stem}.npy"
+    assert m.ranker["params"][f"norms/{name}/scale"] == f"{stem}_1.npy"
+    art = artifact.load_artifact(tmp_path / "art")
+    np.testing.assert_array_equal(art.ranker_params[f"norms/{name}/scale"], [3.0, 3.0])
+
+
+def test_a_ranker_saved_with_the_old_parameter_file_names_still_loads(tmp_path):
+    """Rankers saved before param_file_stems have <leaf with / -> .>.npy files (and
+    _<index>.npy on a clash): load_ranker reads the file config.json records."""
+    path = _saved_ranker(tmp_path / "ranker")
+    want = {k: np.array(v) for k, v in M.load_ranker(path).params.items()}
+    meta = json.loads((path / "config.json").read_text())
+    for i, (leaf, rel) in enumerate(sorted(meta["params"].items())):
+        old = f"params/_{i}.npy" if i == 0 else f"params/{leaf.replace('/', '.')}.npy"
+        os.rename(path / rel, path / old)
+        meta["params"][leaf] = old
+    (path / "config.json").write_text(json.dumps(meta))
+    assert sorted(p.name for p in (path / "params").iterdir())[:2] == [
+        "_0.npy", "cross.0.full.kernel.npy"]
+    back = M.load_ranker(path)
+    assert back.params.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(back.params[k], v)

@@ -10,6 +10,7 @@ Layout (the contract in docs/ARCHITECTURE.md, "Serving artifact"):
       vocab/<name>.npy         raw ids in row order (int64 or unicode; never object)
       ranker/config.json       the ranker's config (JSON)
       ranker/params/<leaf>.npy dense parameters, one file per leaf path
+                               (named by `fsutil.param_file_stems`)
 
 A table whose name is not a plain file name (Freebase-style ``/people/person``, or
 one of two names that differ only in case) is stored as ``_<index>`` instead of
@@ -48,7 +49,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 import shutil
 import uuid
 
@@ -214,15 +214,6 @@ def _json_default(x):
 
 def _dump_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
-
-
-def _param_file_name(leaf: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.\-]", "_", leaf).strip(".") or "param"
-    name, i = base, 1
-    while name.casefold() in taken:  # one file on case-insensitive file systems
-        name, i = f"{base}_{i}", i + 1
-    taken.add(name.casefold())
-    return name
 
 
 def _save_npy(path: pathlib.Path, arr: np.ndarray, what: str) -> None:
@@ -501,9 +492,9 @@ def _write_into(
             (root / "ranker").mkdir(exist_ok=True)
             (root / "ranker" / "config.json").write_text(_dump_json(ranker_config))
             ranker["config"] = "ranker/config.json"
-        taken: set[str] = set()
+        stems = fsutil.param_file_stems(ranker_params or {})
         for leaf in sorted(ranker_params or {}):
-            rel = f"ranker/params/{_param_file_name(leaf, taken)}.npy"
+            rel = f"ranker/params/{stems[leaf]}.npy"
             _save_npy(root / rel, ranker_params[leaf], f"ranker param {leaf!r}")
             ranker["params"][leaf] = rel
     files, sizes = {}, {}

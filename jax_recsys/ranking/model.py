@@ -487,7 +487,7 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
 
       PATH/config.json          {"ranker": RankerConfig.to_dict(), "entity_columns",
                                  "facet_layout", "params": {leaf: rel}, "tables": {...}}
-      PATH/params/<leaf with / -> .>.npy   (_<index>.npy when that file is taken)
+      PATH/params/<leaf>.npy    one file per parameter leaf (`fsutil.param_file_stems`)
       PATH/tables/<entity>.npy  float32 [R, D_e]
       PATH/vocab/<entity>.npy   raw ids in row order
 
@@ -521,12 +521,10 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
 def _write_ranker(path: pathlib.Path, ranker: TrainedRanker) -> None:
     for sub in ("params", "tables", "vocab"):
         (path / sub).mkdir(parents=True)
-    params, taken = {}, set()
-    for i, (leaf, v) in enumerate(ranker.params.items()):
-        rel = f"params/{leaf.replace('/', '.')}.npy"
-        if rel.casefold() in taken:  # entities 'a/b' and 'a.b' (or 'User' and 'user')
-            rel = f"params/_{i}.npy"  # leaves start with a layer's name, never '_'
-        taken.add(rel.casefold())
+    params = {}
+    stems = fsutil.param_file_stems(ranker.params)  # entity names in leaves may hold '/'
+    for leaf, v in ranker.params.items():
+        rel = f"params/{stems[leaf]}.npy"
         np.save(path / rel, np.asarray(v), allow_pickle=False)
         params[leaf] = rel
     tables = {}
