@@ -351,3 +351,36 @@ def test_a_ranker_saved_with_the_old_parameter_file_names_still_loads(tmp_path):
     assert back.params.keys() == want.keys()
     for k, v in want.items():
         np.testing.assert_array_equal(back.params[k], v)
+
+
+@pytest.mark.parametrize("ids, dtype", [
+    (np.array([5, 7, 2**40], dtype=object), np.int64),
+    (np.array([np.int32(5), 7, 9], dtype=object), np.int64),
+    (np.array(["u5", "u7", "u9"], dtype=object), np.str_),
+])
+def test_an_object_vocabulary_round_trips_exactly(tmp_path, ids, dtype):
+    """An object vocabulary (a TrainedRanker built by hand) was saved with
+    astype(np.str_): Python ints came back as '5', '7', ..., no longer equal to the
+    data's int64 ids (raw-id lookups found none of them)."""
+    path = _saved_ranker(tmp_path / "ranker")
+    r = dataclasses.replace(M.load_ranker(path), vocabs={"user": ids})
+    back = M.load_ranker(M.save_ranker(tmp_path / "again", r))
+    assert back.vocabs["user"].dtype.kind == np.dtype(dtype).kind
+    assert back.vocabs["user"].tolist() == ids.tolist()
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.array([5, "a", 9], dtype=object), "an object array holding int, str"),
+    (np.array([5, 7, None], dtype=object), "an object array holding NoneType, int"),
+    (np.array([5, 7, 2**70], dtype=object), "an id is beyond the int64 range"),
+])
+def test_a_vocabulary_that_cannot_round_trip_is_refused_at_save(tmp_path, ids, message):
+    """A mixed object vocabulary was saved as strings ([5, 'a', 9] -> ['5', 'a', '9']),
+    silently: its ints no longer matched the data's ids. It is refused now, and the
+    ranker saved at the path before is left as it was."""
+    path = _saved_ranker(tmp_path / "ranker")
+    r = dataclasses.replace(M.load_ranker(path, mmap=False), vocabs={"user": ids})
+    with pytest.raises(ValueError, match=f"ranker vocabulary of entity 'user': {message}"):
+        M.save_ranker(path, r)
+    np.testing.assert_array_equal(M.load_ranker(path).vocabs["user"], np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker"]  # no staging left

@@ -505,6 +505,10 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
 
     Returns:
       The folder.
+
+    Raises:
+      ValueError: a vocabulary that would not load back equal: an object array that is
+        not all integers (saved as int64) or all strings (saved as unicode).
     """
     final = pathlib.Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -518,7 +522,36 @@ def save_ranker(path: str | os.PathLike, ranker: TrainedRanker) -> pathlib.Path:
     return final
 
 
+def _storable_vocab(entity: str, vocab) -> np.ndarray:
+    """``vocab`` as an array .npy stores without pickle and loads back equal: an object
+    array of Python ints becomes int64, one of str fixed-width unicode.
+
+    Raises:
+      ValueError: an object vocabulary that is not all integers or all strings (saved
+        as strings, its ints would no longer equal the data's raw ids), or an integer
+        beyond int64.
+    """
+    vocab = np.asarray(vocab)
+    if vocab.dtype.kind != "O":
+        return vocab
+    ids = vocab.ravel()
+    if all(isinstance(x, str) for x in ids):
+        return vocab.astype(np.str_)
+    if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in ids):
+        try:
+            return vocab.astype(np.int64)
+        except OverflowError:
+            raise ValueError(f"ranker vocabulary of entity {entity!r}: an id is beyond "
+                             "the int64 range") from None
+    kinds = ", ".join(sorted({type(x).__name__ for x in ids}))
+    raise ValueError(
+        f"ranker vocabulary of entity {entity!r}: an object array holding {kinds}; raw ids "
+        "must be all integers or all strings (convert it first, e.g. "
+        "np.asarray(ids, np.int64) or np.asarray(ids, str))")
+
+
 def _write_ranker(path: pathlib.Path, ranker: TrainedRanker) -> None:
+    vocabs = {ent: _storable_vocab(ent, ranker.vocabs[ent]) for ent in ranker.tables}
     for sub in ("params", "tables", "vocab"):
         (path / sub).mkdir(parents=True)
     params = {}
@@ -531,10 +564,7 @@ def _write_ranker(path: pathlib.Path, ranker: TrainedRanker) -> None:
     stems = fsutil.file_stems(list(ranker.tables))  # entity names may hold '/' or '..'
     for ent, t in ranker.tables.items():
         np.save(path / f"tables/{stems[ent]}.npy", np.asarray(t, np.float32), allow_pickle=False)
-        vocab = np.asarray(ranker.vocabs[ent])
-        if vocab.dtype.kind == "O":
-            vocab = vocab.astype(np.str_)
-        np.save(path / f"vocab/{stems[ent]}.npy", vocab, allow_pickle=False)
+        np.save(path / f"vocab/{stems[ent]}.npy", vocabs[ent], allow_pickle=False)
         tables[ent] = {
             "table": f"tables/{stems[ent]}.npy",
             "vocab": f"vocab/{stems[ent]}.npy",
