@@ -1,5 +1,6 @@
 """Tests for jax_recsys.quant.artifact: write/load round trip and refusal of bad artifacts."""
 
+import hashlib
 import json
 import os
 import re
@@ -331,6 +332,8 @@ def test_version_covers_what_the_manifest_says_of_the_files(tmp_path):
         (lambda d: d.update(ranker=7), "'ranker' must be null"),
         (lambda d: d["tables"]["pin"].update(scale_dtype="flaot16"), "table 'pin' has a malformed"),
         (lambda d: d["tables"]["pin"].update(rows=None), "table 'pin' has a malformed"),
+        # JSON's 1e999 reads as infinity: an OverflowError traceback (int(inf))
+        (lambda d: d["tables"]["pin"].update(rows=float("inf")), "table 'pin' has a malformed"),
     ],
 )
 def test_malformed_manifest_entries_give_artifact_errors(tmp_path, edit, message):
@@ -350,6 +353,53 @@ def _forge(path, edit):
     edit(m)
     m["version"] = artifact.compute_version(m["files"], tables=m["tables"], ranker=m["ranker"])
     mpath.write_text(json.dumps(m))
+
+
+def _name_outside(where, rel, digest, size):
+    def edit(m):
+        if where == "vocab":
+            m["tables"]["pin"]["files"]["vocab"] = rel
+        else:
+            m["ranker"]["params"]["mlp/layers/0/bias"] = rel
+        m["files"][rel], m["sizes"][rel] = digest, size
+    return edit
+
+
+@pytest.mark.parametrize("where", ["vocab", "param"])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_manifest_naming_a_file_outside_the_artifact_is_refused(tmp_path, where, absolute):
+    """A manifest path is joined to the artifact folder: "../x.npy" and an absolute
+    "/abs/x.npy" (which replaces the folder in the join) were hashed and loaded from
+    outside the folder by every verify mode: the servers served those ids/params."""
+    _write(tmp_path / "art")
+    outside = tmp_path / "outside.npy"
+    np.save(outside, np.arange(11) + 1000 if where == "vocab" else np.ones(3, np.float32))
+    rel = str(outside) if absolute else "../outside.npy"
+    digest = hashlib.sha256(outside.read_bytes()).hexdigest()
+    _forge(tmp_path / "art", _name_outside(where, rel, digest, outside.stat().st_size))
+    for verify in (True, "sizes", False):
+        with pytest.raises(artifact.ArtifactError,
+                           match=rf"'files' names '{re.escape(rel)}', not a relative path of a "
+                                 "file inside the artifact folder"):
+            artifact.load_artifact(tmp_path / "art", verify=verify)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["ranker"].update(config=7), "the ranker's config names 7"),
+    (lambda m: m["ranker"]["params"].update({"mlp/layers/0/bias": 7}),
+     "ranker param 'mlp/layers/0/bias' names 7"),
+    (lambda m: m["tables"]["pin"]["files"].update(vocab=["vocab/pin.npy"]),
+     r"table 'pin' names \['vocab/pin\.npy'\]"),
+])
+def test_a_manifest_path_that_is_not_a_string_is_an_artifact_error(tmp_path, edit, message):
+    # verify's sorted() of the paths, or the join of folder and path, raised a TypeError
+    # ('<' not supported between instances of 'int' and 'str'): a traceback from
+    # serve_embeddings / serve_ranker instead of their one-line start-up error.
+    _write(tmp_path / "art")
+    _forge(tmp_path / "art", edit)
+    for verify in (True, "sizes", False):
+        with pytest.raises(artifact.ArtifactError, match=message):
+            artifact.load_artifact(tmp_path / "art", verify=verify)
 
 
 def test_parameter_files_named_otherwise_load_by_the_manifest(tmp_path):

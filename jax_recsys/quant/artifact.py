@@ -18,8 +18,11 @@ one of two names that differ only in case) is stored as ``_<index>`` instead of
 its files, so readers never build a path from a name.
 
 `manifest["files"]` maps every file (relative path) except manifest.json to
-its sha256; `manifest["sizes"]` to its size in bytes. The version id is the
-first 16 hex digits of sha256 over the sorted lines "<relpath>\\0<sha256>\\n"
+its sha256; `manifest["sizes"]` to its size in bytes. Every path the manifest
+names is relative and inside the folder: a reader refuses an absolute path or
+one with a '..' part (a hand-edited manifest) before it opens any file. The
+version id is the first 16 hex digits of sha256 over the sorted lines
+"<relpath>\\0<sha256>\\n"
 followed (format 2) by the canonical JSON of the manifest's "tables" and
 "ranker" entries (`compute_version`), so equal content gives an equal version,
 and any changed byte, or any change to what the manifest says the files are
@@ -563,7 +566,36 @@ def _read_manifest(path: pathlib.Path) -> Manifest:
         isinstance(ranker, dict) and isinstance(ranker.get("params") or {}, dict)
     ):
         raise ArtifactError(f"{mpath}: 'ranker' must be null or an entry with 'params'")
+    # Every path it names lies inside the artifact folder: a hand-edited "../x.npy" or
+    # "/abs/x.npy" was hashed and loaded from outside it (with a recomputed version,
+    # by every verify mode).
+    named = [("'files'", rel) for rel in data["files"]]
+    named += [("'sizes'", rel) for rel in data.get("sizes", {})]
+    named += [(f"table {name!r}", rel) for name, t in tables.items() for rel in t["files"].values()]
+    if ranker is not None:
+        if ranker.get("config") is not None:
+            named.append(("the ranker's config", ranker["config"]))
+        named += [(f"ranker param {leaf!r}", rel)
+                  for leaf, rel in (ranker.get("params") or {}).items()]
+    for where, rel in named:
+        if not _inside(rel):
+            raise ArtifactError(
+                f"{mpath}: {where} names {rel!r}, not a relative path of a file inside the "
+                "artifact folder; the manifest was edited or damaged"
+            )
     return Manifest(data)
+
+
+def _inside(rel) -> bool:
+    """Whether ``rel`` is a path of a file inside the artifact folder, as the writer
+    records them ("tables/user.codes.npy"): relative, no '..', '.' or empty part."""
+    return (
+        isinstance(rel, str)
+        and "\0" not in rel
+        and rel != MANIFEST
+        and not rel.startswith("/")
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
 
 
 def _referenced_files(manifest: Manifest) -> list[str]:
@@ -715,7 +747,7 @@ def _load_once(root: pathlib.Path, *, verify, expected_version) -> Artifact | No
                 vocabs[name] = _load_npy(root, files["vocab"], mmap=True, shape=(int(entry["rows"]),))
         except KeyError as e:
             raise ArtifactError(f"{root / MANIFEST}: table {name!r} lacks key {e}") from None
-        except (TypeError, ValueError, AttributeError) as e:
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:  # rows: 1e999
             if isinstance(e, ArtifactError):
                 raise
             raise ArtifactError(
