@@ -85,6 +85,19 @@ def param_file_stems(leaves) -> dict[str, str]:
     return stems
 
 
+def is_inner_path(rel) -> bool:
+    """Whether ``rel``, a path a writer recorded in its folder's metadata
+    ("tables/user.npy"), names a file inside that folder: a string, relative, with no
+    '..', '.' or empty part and no NUL. A hand-edited "../x.npy" or "/abs/x.npy" is
+    not (joined to the folder, an absolute path replaces it)."""
+    return (
+        isinstance(rel, str)
+        and "\0" not in rel
+        and not rel.startswith("/")
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
+
+
 def symlink_refusal(path: str | os.PathLike, what: str) -> str | None:
     """Why a folder written by replacing it whole may not be at ``path``, or None.
 

@@ -384,3 +384,18 @@ def test_a_vocabulary_that_cannot_round_trip_is_refused_at_save(tmp_path, ids, m
         M.save_ranker(path, r)
     np.testing.assert_array_equal(M.load_ranker(path).vocabs["user"], np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker"]  # no staging left
+
+
+@pytest.mark.parametrize("rel", ["../x.npy", "ABS", 5])
+def test_load_ranker_reads_only_files_inside_its_folder(tmp_path, rel):
+    """config.json's paths were joined to the folder as they were: an edited '../x.npy'
+    or an absolute path loaded that file from outside the ranker, and a path that is
+    not a string was a TypeError traceback ('unsupported operand type(s) for /')."""
+    path = _saved_ranker(tmp_path / "ranker")
+    meta = json.loads((path / "config.json").read_text())
+    np.save(tmp_path / "x.npy", np.load(path / meta["params"]["trunk/0/kernel"]))
+    meta["params"]["trunk/0/kernel"] = str(tmp_path / "x.npy") if rel == "ABS" else rel
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"config\.json: names .*, not a relative path of a "
+                                         "file inside"):
+        M.load_ranker(path)

@@ -578,24 +578,12 @@ def _read_manifest(path: pathlib.Path) -> Manifest:
         named += [(f"ranker param {leaf!r}", rel)
                   for leaf, rel in (ranker.get("params") or {}).items()]
     for where, rel in named:
-        if not _inside(rel):
+        if not fsutil.is_inner_path(rel) or rel == MANIFEST:
             raise ArtifactError(
                 f"{mpath}: {where} names {rel!r}, not a relative path of a file inside the "
                 "artifact folder; the manifest was edited or damaged"
             )
     return Manifest(data)
-
-
-def _inside(rel) -> bool:
-    """Whether ``rel`` is a path of a file inside the artifact folder, as the writer
-    records them ("tables/user.codes.npy"): relative, no '..', '.' or empty part."""
-    return (
-        isinstance(rel, str)
-        and "\0" not in rel
-        and rel != MANIFEST
-        and not rel.startswith("/")
-        and all(part not in ("", ".", "..") for part in rel.split("/"))
-    )
 
 
 def _referenced_files(manifest: Manifest) -> list[str]:

@@ -615,6 +615,12 @@ def load_ranker(path: str | os.PathLike, *, mmap: bool = True) -> TrainedRanker:
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"{cpath}: damaged, not a saved ranker's config "
                          f"({type(e).__name__}: {e})") from None
+    # Only files inside the folder: an edited "../x.npy" or "/abs/x.npy" was read from
+    # outside it, and a path that is not a string was a TypeError traceback.
+    for rel in [*param_files.values(), *(f for t, v, _ in entries.values() for f in (t, v))]:
+        if not fsutil.is_inner_path(rel):
+            raise ValueError(f"{cpath}: names {rel!r}, not a relative path of a file inside "
+                             f"{path}; the config was edited or damaged")
 
     def load(rel, mmap_mode=None):
         try:
