@@ -19,6 +19,7 @@ JAX-free).
 from __future__ import annotations
 
 import numbers
+import ssl
 import threading
 from concurrent import futures
 
@@ -50,6 +51,33 @@ def check_tls_pair(tls_cert: str | None, tls_key: str | None) -> None:
     """Raises ValueError unless both or neither of a server's TLS files are given."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key must be given together")
+
+
+def check_key_pair(cert: bytes, key: bytes, tls_cert: str, tls_key: str) -> None:
+    """Raises ValueError unless ``key`` (PEM) is the unencrypted private key of the first
+    certificate in ``cert`` (PEM); ``tls_cert`` / ``tls_key`` are their paths, for the message.
+
+    gRPC takes any PEM pair and then fails to bind with no word of why (``could not
+    bind ...``): a swapped, mismatched or encrypted pair is named here instead.
+    """
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise ValueError(f"tls_cert {tls_cert} holds no certificate (no -----BEGIN "
+                         "CERTIFICATE----- block; are --tls_cert and --tls_key swapped?)")
+    if b"PRIVATE KEY-----" not in key:
+        raise ValueError(f"tls_key {tls_key} holds no private key (no -----BEGIN ... PRIVATE "
+                         "KEY----- block; are --tls_cert and --tls_key swapped?)")
+    if b"ENCRYPTED" in key:
+        raise ValueError(f"tls_key {tls_key} is encrypted; gRPC needs an unencrypted key "
+                         f"(openssl pkey -in {tls_key} -out KEY.pem)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:  # the files as read; a password callback so that OpenSSL never prompts
+        context.load_cert_chain(tls_cert, tls_key, password=lambda: b"")
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"tls_key {tls_key} is not the private key of the certificate "
+                             f"in tls_cert {tls_cert}") from None
+        raise ValueError(f"tls_cert {tls_cert} and tls_key {tls_key}: OpenSSL cannot load "
+                         f"them as a certificate and its key ({e.reason or e})") from None
 
 
 def check_seconds(name: str, value, *, positive: bool = False) -> None:
@@ -99,13 +127,15 @@ def bind(
     Raises:
       OSError: the address cannot be bound (in use, no such interface) or a
         TLS file cannot be read.
-      ValueError: a TLS file is empty or not PEM.
+      ValueError: a TLS file is empty or not PEM, or the key is not the certificate's
+        (or is encrypted).
     """
     check_tls_pair(tls_cert, tls_key)
     try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
         if tls_cert is not None:
             key = read_pem(tls_key, "tls_key")
             cert = read_pem(tls_cert, "tls_cert")
+            check_key_pair(cert, key, tls_cert, tls_key)
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = server.add_insecure_port(address)

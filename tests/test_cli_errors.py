@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -987,3 +988,34 @@ def test_ctrl_c_once_a_server_serves_stops_it_gracefully(module):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _tiny_artifact(path) -> str:
+    import numpy as np
+
+    from jax_recsys.quant import artifact
+
+    artifact.write_artifact(path, tables={"user": np.ones((5, 4), np.float32)},
+                            vocabs={"user": np.arange(5)})
+    return str(path)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_serve_embeddings_names_a_tls_key_that_is_not_the_certificates(tmp_path):
+    """A key of another certificate, or the two files swapped, used to end in 'could not
+    bind 127.0.0.1:0 (in use, or no such interface)' after three lines of gRPC's own log,
+    which sent the user after the port."""
+    art = _tiny_artifact(tmp_path / "art")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    key_a, cert_a = mp_util.self_signed_cert(tmp_path / "a")
+    key_b, _ = mp_util.self_signed_cert(tmp_path / "b")
+    cases = [(cert_a, key_b, f"tls_key {key_b} is not the private key of the certificate in "
+                             f"tls_cert {cert_a}"),
+             (key_a, cert_a, f"tls_cert {key_a} holds no certificate"),
+             (cert_a, cert_a, f"tls_key {cert_a} holds no private key")]
+    for cert, key, message in cases:
+        proc = _run("serve_embeddings", [f"--artifact={art}", f"--tls_cert={cert}",
+                                         f"--tls_key={key}", "--log_every_s=0"])
+        _assert_one_line(proc, "serve_embeddings: cannot start:", message)
+        assert "bind" not in proc.stderr, proc.stderr
