@@ -117,7 +117,8 @@ def main(argv):
                 print(json.dumps({"event": "swapped", "version": version}), flush=True)
             except Exception as e:  # a bad new artifact must not take the shard down
                 logging.error("swap failed, still serving %s: %s", server.version, e)
-    logging.info("stopping (grace %.1fs); stats %s", _GRACE.value, server.stats())
+    logging.info("stopping (grace %.1fs); stats %s", _GRACE.value,
+                 grpc_util.stats_line(server.stats()))
     server.stop(_GRACE.value).wait()
     print(json.dumps({"event": "stopped", "stats": server.stats()}), flush=True)
     sys.stdout.flush()

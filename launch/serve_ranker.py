@@ -264,7 +264,7 @@ def main(argv):
                 logging.error("swap failed, still serving %s: %s", service.version, e)
         if _LOG_EVERY.value > 0 and ticks * 0.2 - last_log >= _LOG_EVERY.value:
             last_log = ticks * 0.2
-            logging.info("stats %s", service.stats())
+            logging.info("stats %s", grpc_util.stats_line(service.stats()))
     service.stop(grace=2.0)
     print(json.dumps({"event": "stopped", "stats": service.stats()}), flush=True)
 

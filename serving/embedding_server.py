@@ -389,7 +389,7 @@ class EmbeddingServer:
 
     def _log_loop(self) -> None:
         while not self._stopping.wait(self.config.log_every_s):
-            log.info("stats %s", self.stats())
+            log.info("stats %s", grpc_util.stats_line(self.stats()))
 
     # ---- handlers ----
 

@@ -18,6 +18,7 @@ JAX-free).
 
 from __future__ import annotations
 
+import json
 import numbers
 import ssl
 import threading
@@ -78,6 +79,22 @@ def check_key_pair(cert: bytes, key: bytes, tls_cert: str, tls_key: str) -> None
                              f"in tls_cert {tls_cert}") from None
         raise ValueError(f"tls_cert {tls_cert} and tls_key {tls_key}: OpenSSL cannot load "
                          f"them as a certificate and its key ({e.reason or e})") from None
+
+
+def stats_line(stats: dict) -> str:
+    """A server's ``stats()`` as one JSON object for its periodic log line, floats rounded
+    to 3 decimals (latencies in ms to the microsecond; ``stats()`` keeps them exact)."""
+
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 3)
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [rounded(v) for v in value]
+        return value
+
+    return json.dumps(rounded(stats))
 
 
 def check_seconds(name: str, value, *, positive: bool = False) -> None:

@@ -696,3 +696,32 @@ def test_swap_checks_its_window_before_loading(arts):
         assert server.versions == [arts["a"].version]
     finally:
         server.stop(0).wait()
+
+
+def test_the_periodic_stats_line_is_json_with_latencies_to_the_microsecond(arts, caplog):
+    """The shard's stats line was a Python dict repr with latencies like
+    'lookup_p50_ms': 0.2081179999890992 (the ranker's, from serve_ranker, alike)."""
+    art = arts["a"]
+    server = es.serve(es.ServerConfig(artifact=str(art.path), log_every_s=0.05))
+    channel, lookup = _raw(server.port)
+    try:
+        with caplog.at_level("INFO", logger="serving"):
+            for _ in range(5):
+                _parse(lookup(_req([("user", [1, 2, 3])]), timeout=10))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                lines = [r.getMessage() for r in caplog.records
+                         if r.getMessage().startswith("stats ")]
+                if lines and json.loads(lines[-1][6:])["requests"] == 5:
+                    break
+                time.sleep(0.05)
+        stats = json.loads(lines[-1][len("stats "):])
+        exact = server.stats()
+        assert stats["requests"] == 5 and stats["by_code"] == {"OK": 5}
+        assert stats["version"] == art.version and stats["shard"] == 0
+        for key in ("lookup_p50_ms", "lookup_p99_ms"):
+            assert stats[key] == round(exact[key], 3) and stats[key] > 0
+            assert len(repr(stats[key]).split(".")[1]) <= 3, lines[-1]
+    finally:
+        channel.close()
+        server.stop(0).wait()
