@@ -1019,3 +1019,15 @@ def test_serve_embeddings_names_a_tls_key_that_is_not_the_certificates(tmp_path)
                                          f"--tls_key={key}", "--log_every_s=0"])
         _assert_one_line(proc, "serve_embeddings: cannot start:", message)
         assert "bind" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("module", ["serve_embeddings", "serve_ranker"])
+def test_a_server_given_a_file_for_the_artifact_says_it_is_not_a_folder(tmp_path, module):
+    """--artifact=FILE (a manifest.json, a tarball) used to be "[Errno 20] Not a directory:
+    'FILE/manifest.json'"."""
+    afile = tmp_path / "art.tar"
+    afile.write_text("not a folder")
+    proc = _run(module, [f"--artifact={afile}", "--log_every_s=0"])
+    _assert_one_line(proc, f"{module}: cannot start:",
+                     f"{afile}: not a folder; a serving artifact is a folder holding "
+                     "manifest.json")

@@ -532,6 +532,9 @@ def _read_manifest(path: pathlib.Path) -> Manifest:
         data = json.loads(mpath.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{mpath}: missing; {path} is not a serving artifact") from None
+    except NotADirectoryError:  # a file given for the folder: not '[Errno 20] ...manifest.json'
+        raise ArtifactError(f"{path}: not a folder; a serving artifact is a folder holding "
+                            f"{MANIFEST}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
