@@ -41,9 +41,17 @@ def check_pem(data: bytes, what: str) -> None:
 
 
 def read_pem(path: str, what: str) -> bytes:
-    """The bytes of PEM file ``path``, checked (see ``check_pem``)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """The bytes of PEM file ``path``, checked (see ``check_pem``).
+
+    Raises:
+      OSError: the file cannot be read; the message names ``what`` (the flag) and ``path``.
+      ValueError: it is empty or not PEM.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # '[Errno 2] No such file or directory: ...' named no flag
+        raise OSError(f"{what} {path}: cannot read it ({e.strerror})") from None
     check_pem(data, f"{what} {path}")
     return data
 
@@ -150,8 +158,8 @@ def bind(
     check_tls_pair(tls_cert, tls_key)
     try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
         if tls_cert is not None:
-            key = read_pem(tls_key, "tls_key")
             cert = read_pem(tls_cert, "tls_cert")
+            key = read_pem(tls_key, "tls_key")
             check_key_pair(cert, key, tls_cert, tls_key)
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:

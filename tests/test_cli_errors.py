@@ -1031,3 +1031,19 @@ def test_a_server_given_a_file_for_the_artifact_says_it_is_not_a_folder(tmp_path
     _assert_one_line(proc, f"{module}: cannot start:",
                      f"{afile}: not a folder; a serving artifact is a folder holding "
                      "manifest.json")
+
+
+def test_serve_embeddings_names_the_tls_flag_of_a_file_it_cannot_read(tmp_path):
+    """A missing --tls_cert/--tls_key used to be '[Errno 2] No such file or directory:
+    PATH', naming no flag (and the key first when both were missing)."""
+    art = _tiny_artifact(tmp_path / "art")
+    for cert, key, message in [
+        (tmp_path / "no_cert.pem", tmp_path / "no_key.pem",
+         f"tls_cert {tmp_path / 'no_cert.pem'}: cannot read it (No such file or directory)"),
+        (tmp_path, tmp_path / "no_key.pem", f"tls_cert {tmp_path}: cannot read it (Is a "
+                                            "directory)"),
+    ]:
+        proc = _run("serve_embeddings", [f"--artifact={art}", f"--tls_cert={cert}",
+                                         f"--tls_key={key}", "--log_every_s=0"])
+        line = _assert_one_line(proc, "serve_embeddings: cannot start:", message)
+        assert "Errno" not in line
