@@ -18,8 +18,10 @@ JAX-free).
 
 from __future__ import annotations
 
+import errno
 import json
 import numbers
+import socket
 import ssl
 import threading
 from concurrent import futures
@@ -164,11 +166,33 @@ def bind(
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise OSError(f"could not bind {address} (in use, or no such interface): {e}") from None
-    if port == 0:
-        raise OSError(f"could not bind {address} (in use, or no such interface)")
+    except RuntimeError:
+        port = 0
+    if port == 0:  # gRPC says only 'Failed to bind ...; set GRPC_VERBOSITY=debug ...'
+        raise OSError(f"could not bind {address}: {_why_not_bound(address)}")
     return port
+
+
+def _why_not_bound(address: str) -> str:
+    """Why ``host:port`` cannot be bound, from a bind of a plain socket (as gRPC's:
+    SO_REUSEADDR): 'Address already in use', an unknown host, a foreign address."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError, OverflowError) as e:
+        return f"no such host or interface ({e})"
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return (f"{e.strerror} (another process listens there: choose another "
+                            "--port, or --port=0 for a free one)")
+                return e.strerror or str(e)
+    return "gRPC refused it (GRPC_VERBOSITY=debug says why)"
 
 
 def channel(

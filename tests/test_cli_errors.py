@@ -1047,3 +1047,21 @@ def test_serve_embeddings_names_the_tls_flag_of_a_file_it_cannot_read(tmp_path):
                                          f"--tls_key={key}", "--log_every_s=0"])
         line = _assert_one_line(proc, "serve_embeddings: cannot start:", message)
         assert "Errno" not in line
+
+
+def test_serve_embeddings_says_a_port_is_in_use(tmp_path):
+    """A port another process listens on was 'could not bind 127.0.0.1:P (in use, or no
+    such interface): Failed to bind ...; set GRPC_VERBOSITY=debug environment variable to
+    see detailed error message.'"""
+    import socket
+
+    art = _tiny_artifact(tmp_path / "art")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        proc = _run("serve_embeddings", [f"--artifact={art}", f"--port={port}",
+                                         "--log_every_s=0"])
+    line = _assert_one_line(proc, "serve_embeddings: cannot start:",
+                            f"could not bind 127.0.0.1:{port}: Address already in use "
+                            "(another process listens there: choose another --port, or "
+                            "--port=0 for a free one)")
+    assert "GRPC_VERBOSITY" not in line
