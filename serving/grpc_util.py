@@ -137,6 +137,12 @@ def check_max_streams(value: int) -> None:
         raise ValueError(f"max_streams must be >= 0 (0: no streams), got {value}")
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` for gRPC, an IPv6 host in brackets (``[::1]:50051``; ``::1:50051`` is
+    no address to gRPC)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def bind(
     server: grpc.Server, address: str, *, tls_cert: str | None = None, tls_key: str | None = None
 ) -> int:

@@ -759,7 +759,7 @@ class RankerService:
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
         self._health = rpc.health
-        address = f"{cfg.host}:{cfg.port}"
+        address = grpc_util.host_port(cfg.host, cfg.port)
         port = grpc_util.bind(server, address, tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
         server.start()
         self._rpc, self.port = rpc, port

@@ -725,3 +725,24 @@ def test_the_periodic_stats_line_is_json_with_latencies_to_the_microsecond(arts,
     finally:
         channel.close()
         server.stop(0).wait()
+
+
+def test_an_ipv6_host_is_bound_in_brackets(arts):
+    """--host=::1 (or ::, every IPv6 interface) was bound as '::1:0', which gRPC cannot
+    parse: 'could not bind ::1:0 (in use, or no such interface)'."""
+    probe = socket.socket(socket.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    finally:
+        probe.close()
+    art = arts["a"]
+    server = _start(art, host="::1")
+    try:
+        client = client_lib.EmbeddingClient.from_artifact(
+            str(art.path), [f"[::1]:{server.port}"], deadline_s=10)
+        np.testing.assert_array_equal(client.lookup("user", [4, 2]), _expected(art, "user", [4, 2]))
+        client.close()
+    finally:
+        server.stop(0).wait()
