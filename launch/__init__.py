@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 
 TRACEBACK_ENV = "JAX_RECSYS_TRACEBACK"  # set (not "0"): full tracebacks of errors
@@ -44,3 +45,18 @@ def exit_on_interrupt(name: str) -> None:
         os._exit(INTERRUPTED_EXIT)
 
     signal.signal(signal.SIGINT, interrupted)
+
+
+# SIGHUP (swap) while a server starts; see `hold_hangup`.
+HANGUP_PENDING = threading.Event()
+
+
+def hold_hangup() -> None:
+    """Makes SIGHUP during a server's start-up a pending swap (``HANGUP_PENDING``).
+
+    A server swaps artifacts on SIGHUP once serving; before its handler was set, the
+    signal's default ended it at once with no word (status 129): a rollout that
+    HUPs every server killed one still starting (a ranker's start is 40 s on a GPU
+    host). The server swaps once it serves, and sets the event from its own handler.
+    """
+    signal.signal(signal.SIGHUP, lambda *_: HANGUP_PENDING.set())

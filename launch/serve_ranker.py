@@ -34,6 +34,7 @@ import launch
 
 if __name__ == "__main__":  # Ctrl-C from here until serving: one line, exit status 130
     launch.exit_on_interrupt("serve_ranker")
+    launch.hold_hangup()  # SIGHUP from here until serving: a swap once serving
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -231,7 +232,7 @@ def main(argv):
     except (ValueError, OSError, client.ServingError) as e:
         logging.debug("start-up failed", exc_info=True)  # --verbosity=1 shows it
         sys.exit(f"serve_ranker: cannot start: {e}")
-    stop, swap = threading.Event(), threading.Event()
+    stop, swap = threading.Event(), launch.HANGUP_PENDING  # set: a SIGHUP while starting
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # serving: a graceful stop from now
     signal.signal(signal.SIGHUP, lambda *_: swap.set())

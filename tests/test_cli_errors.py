@@ -938,6 +938,9 @@ class Service:  # what serve() returns
     def stats(self):
         return {"requests": 0}
 
+    def swap(self, artifact):
+        return "v2"
+
     def stop(self, grace):
         class Done:
             def wait(self):
@@ -949,6 +952,9 @@ def serve(config):
     if where == "start":  # loading the artifact, compiling the buckets
         print("ready", flush=True)
         time.sleep(120)
+    if where == "hangup":  # a start that a SIGHUP interrupts
+        print("ready", flush=True)
+        time.sleep(3)
     return Service()
 
 
@@ -1065,3 +1071,25 @@ def test_serve_embeddings_says_a_port_is_in_use(tmp_path):
                             "(another process listens there: choose another --port, or "
                             "--port=0 for a free one)")
     assert "GRPC_VERBOSITY" not in line
+
+
+@pytest.mark.parametrize("module", ["serve_ranker", "serve_embeddings"])
+def test_sighup_while_a_server_starts_is_a_swap_once_it_serves(module):
+    """A SIGHUP (a rollout's swap) before the server had set its handler ended it at once,
+    silently, with status 129 (SIGHUP's default)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_APP, module, "hangup"],
+                            cwd=mp_util.REPO, env=mp_util.child_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+        proc.send_signal(signal.SIGHUP)
+        serving = proc.stdout.readline()
+        assert serving and json.loads(serving)["event"] == "serving", proc.stderr.read()
+        assert json.loads(proc.stdout.readline()) == {"event": "swapped", "version": "v2"}
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
