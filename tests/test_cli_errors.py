@@ -1093,3 +1093,17 @@ def test_sighup_while_a_server_starts_is_a_swap_once_it_serves(module):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("module", ["serve_embeddings", "serve_ranker"])
+@pytest.mark.parametrize("flag, message", [
+    ("--artifact=", "artifact is empty: give the serving artifact folder"),
+    ("--host=", "host is empty: give the interface to bind"),
+])
+def test_a_server_refuses_an_empty_artifact_or_host(tmp_path, module, flag, message):
+    """'--artifact=$ART' with ART unset looked for an artifact in the working folder
+    ("manifest.json: missing; . is not a serving artifact"); an empty --host ended in
+    "could not bind :0"."""
+    args = [f"--artifact={_tiny_artifact(tmp_path / 'art')}", "--log_every_s=0", flag]
+    proc = _run(module, args)
+    _assert_one_line(proc, f"{module}: cannot start:", message)
