@@ -13,8 +13,9 @@ the artifact --artifact points to now (a symlink to the current version):
 swap the shards first (``serve_embeddings`` also swaps on SIGHUP), then the
 ranker. Request contract and status codes: ``serving/ranker_service.py``.
 A start that cannot succeed (bad flags, no artifact, an address that cannot be
-bound, a shard that does not answer or serves another version) prints one
-``serve_ranker: cannot start: ...`` line on stderr and exits with status 1; Ctrl-C
+bound, a shard that does not answer within ``--wait_for_shards_s`` or serves another
+version) prints one ``serve_ranker: cannot start: ...`` line on stderr and exits
+with status 1; Ctrl-C
 before it serves (JAX's import and the compiles take seconds, 40 s on a GPU host)
 prints ``serve_ranker: interrupted`` and exits with status 130.
 """
@@ -46,6 +47,13 @@ _SHARDS = flags.DEFINE_list(
     "host:port of each embedding shard in shard order; 'host:port|host:port' lists a "
     "shard's primary and replicas (lookups fail over; quote the flag in a shell); "
     "empty = monolithic.",
+)
+_WAIT_SHARDS = flags.DEFINE_float(
+    "wait_for_shards_s",
+    0.0,
+    "At start, how long to wait for a shard that does not answer yet (not started, still "
+    "loading; asked again every 0.5 s), e.g. when shards and ranker start together. 0: "
+    "refuse to start at once. A shard serving another version is refused at once.",
 )
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 for all).")
 _PORT = flags.DEFINE_integer("port", 0, "Port; 0 picks a free one (printed).")
@@ -214,6 +222,7 @@ def main(argv):
             workers=_WORKERS.value,
             max_concurrent_rpcs=_MAX_RPCS.value or None,
             unhealthy_after=_UNHEALTHY_AFTER.value,
+            wait_for_shards_s=_WAIT_SHARDS.value,
             swap_window_s=_SWAP_WINDOW.value,
             verify=_VERIFY.value,
             wire=_WIRE.value,

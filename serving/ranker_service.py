@@ -161,6 +161,11 @@ class RankerServiceConfig:
       warmup: compile every bucket at load (else on first use).
       check_shards: at load, ask every shard (Info) whether it serves the
         artifact's version; refuse to start (or swap) when one does not.
+      wait_for_shards_s: at start, how long to wait for a shard none of whose
+        replicas answers Info yet (not started, still loading): asked again every
+        0.5 s until one does or the time is up. 0: refuse to start at once. A shard
+        that answers with another version or index is refused at once; a swap
+        never waits.
       unhealthy_after: consecutive batches whose fetch found the shards
         unavailable before the gRPC health service reports NOT_SERVING, so a
         load balancer can send Rank calls to rankers that can reach their
@@ -230,6 +235,7 @@ class RankerServiceConfig:
     verify: str = "sizes"
     warmup: bool = True
     check_shards: bool = True
+    wait_for_shards_s: float = 0.0
     unhealthy_after: int = 3
     probe_every_s: float = 0.5
     shard_ca_cert: str | None = None
@@ -305,6 +311,7 @@ class RankerServiceConfig:
         grpc_util.check_seconds("probe_every_s", self.probe_every_s, positive=True)
         grpc_util.check_seconds("batch_wait_s", self.batch_wait_s)
         grpc_util.check_seconds("swap_window_s", self.swap_window_s)
+        grpc_util.check_seconds("wait_for_shards_s", self.wait_for_shards_s)
         grpc_util.check_tls_pair(self.tls_cert, self.tls_key)
         if self.verify not in ("sizes", "full", "none"):
             raise ValueError(f"verify must be 'sizes', 'full' or 'none', got {self.verify!r}")
@@ -682,7 +689,8 @@ class RankerService:
                 # of every context entity per candidate.
                 n_ctx = sum(e not in (cfg.user_entity, cfg.candidate_entity) for e in ents)
                 _check_shards(cfg.shards, art.version, cfg.deadline_s, root_certificates=ca,
-                              batch_ids=cfg.max_batch_candidates * (2 + n_ctx))
+                              batch_ids=cfg.max_batch_candidates * (2 + n_ctx),
+                              wait_s=cfg.wait_for_shards_s if starting else 0.0)
             fetcher = client_lib.EmbeddingClient.from_artifact(
                 art.manifest,
                 [entry.split("|") for entry in cfg.shards],
@@ -1362,29 +1370,46 @@ class RankerService:
 
 def _check_shards(
     addresses: Sequence[str], version: str, timeout_s: float, root_certificates=None,
-    batch_ids: int = 0,
+    batch_ids: int = 0, wait_s: float = 0.0,
 ) -> None:
     """Refuses to pair with shards that do not serve ``version`` (Info on each), or
     whose ``max_ids_per_request`` is below ``batch_ids`` (the most ids one batch can
     send one shard): every request of such a batch would fail, though each alone
     would pass. Of a shard's replicas (``"a|b"``), every one that answers must pass;
-    one that does not answer is logged, as long as one of them answers."""
+    one that does not answer is logged, as long as one of them answers. A shard none
+    of whose replicas answers is asked again every 0.5 s for up to ``wait_s``."""
+    end = time.monotonic() + wait_s
     for i, entry in enumerate(addresses):
         replicas = entry.split("|")
-        answered = []
-        for addr in replicas:
-            try:
-                _check_shard(i, addr, len(addresses), version, timeout_s, root_certificates,
-                             batch_ids)
-                answered.append(addr)
-            except client_lib.ServingError as e:
-                if e.code is None or len(replicas) == 1:
-                    raise
-                log.warning("%s", e)
+        waited = False
+        while True:
+            answered, silent = [], []
+            for addr in replicas:
+                try:
+                    _check_shard(i, addr, len(addresses), version, timeout_s,
+                                 root_certificates, batch_ids)
+                    answered.append(addr)
+                except client_lib.ServingError as e:
+                    if e.code is None:  # it answered: another version, index or count
+                        raise
+                    silent.append(e)
+            if answered or time.monotonic() >= end:
+                break
+            if not waited:
+                log.info("embedding shard %d (%s) does not answer yet; waiting up to %.0f s "
+                         "(wait_for_shards_s)", i, entry, end - time.monotonic())
+                waited = True
+            time.sleep(min(0.5, max(end - time.monotonic(), 0.0)))
+        after = f" (after waiting {wait_s:g} s for it)" if wait_s > 0 else ""
+        if not answered and len(replicas) == 1:
+            raise client_lib.ServingError(f"{silent[0]}{after}", code=silent[0].code, shard=i)
         if not answered:
             raise client_lib.ServingError(
-                f"embedding shard {i}: none of its replicas {replicas} answered Info", shard=i
+                f"embedding shard {i}: none of its replicas {replicas} answered Info{after}",
+                shard=i,
             )
+        for e in silent:
+            log.warning("%s", e)
 
 
 def _check_shard(i: int, addr: str, num_shards: int, version: str, timeout_s: float,

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -1219,3 +1220,60 @@ def test_rank_request_takes_numpy_integers_and_scalar_context():
     np.testing.assert_array_equal(codec.decode_ids(req.context["hour"]), [2])
     np.testing.assert_array_equal(codec.decode_ids(req.context["advertiser"]), [0, 1])
     assert rs.prefetch_request(user_row=np.int64(7)).user_row == 7
+
+
+def test_a_ranker_started_with_its_shards_waits_for_them_with_wait_for_shards_s(
+        arts, dead_address):
+    """A ranker refused to start at once when a shard did not answer yet (shards and
+    ranker started together, a shard still loading); with wait_for_shards_s it asks
+    again until the shard answers, and names the wait when it never does."""
+    with socket.socket() as probe:  # a port free now, for a shard that starts later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    waiting, started = threading.Event(), []
+
+    class Seen(logging.Handler):
+        def emit(self, record):
+            if "does not answer yet" in record.getMessage():
+                waiting.set()
+
+    def start_late():  # once the ranker says it waits
+        if waiting.wait(60):
+            started.append(es.serve(es.ServerConfig(
+                artifact=str(arts["a"].path), port=port, log_every_s=0)))
+
+    seen, logger = Seen(), logging.getLogger("serving")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(seen)
+    late = threading.Thread(target=start_late)
+    late.start()
+    try:
+        svc = rs.serve(rs.RankerServiceConfig(
+            artifact=str(arts["a"].path), shards=(f"127.0.0.1:{port}",), deadline_s=2.0,
+            wait_for_shards_s=60.0, max_candidates=48, max_batch_candidates=64,
+            min_bucket=32))
+        assert waiting.is_set() and started
+        ch, call = _call(svc.port)
+        req = rs.rank_request(candidates=[4, 5], user_row=1, context={"advertiser": 2, "hour": 1})
+        ctr, _, version = call(req)
+        ref_ctr, _ = _reference(arts["a"], user_row=1, cands=[4, 5], adv=2, hour=1)
+        np.testing.assert_allclose(ctr, ref_ctr, rtol=2e-5, atol=1e-6)
+        assert version == arts["a"].version
+        ch.close()
+        svc.stop(grace=0)
+    finally:
+        waiting.set()
+        late.join(60)
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+        for s in started:
+            s.stop(grace=0).wait()
+    dead = dead_address()
+    t0 = time.monotonic()
+    with pytest.raises(client_lib.ServingError,
+                       match=rf"shard 0 \({dead}\) did not answer Info.*after waiting 1 s"):
+        rs.serve(rs.RankerServiceConfig(
+            artifact=str(arts["a"].path), shards=(dead,), deadline_s=0.5,
+            wait_for_shards_s=1.0, max_candidates=48, max_batch_candidates=64, min_bucket=32))
+    assert time.monotonic() - t0 >= 1.0
