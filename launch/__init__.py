@@ -58,5 +58,8 @@ def hold_hangup() -> None:
     signal's default ended it at once with no word (status 129): a rollout that
     HUPs every server killed one still starting (a ranker's start is 40 s on a GPU
     host). The server swaps once it serves, and sets the event from its own handler.
+    Does nothing where SIGHUP is ignored (``nohup``) until then.
     """
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+        return
     signal.signal(signal.SIGHUP, lambda *_: HANGUP_PENDING.set())
