@@ -1412,6 +1412,17 @@ def _check_shards(
             log.warning("%s", e)
 
 
+def _tls_hint(details: str, tls: bool) -> str:
+    """What gRPC's words for a TLS mismatch at connect mean, in flags ('' if none)."""
+    if not tls and "Socket closed" in details:
+        return " (a TLS shard, serve_embeddings --tls_cert? give --shard_ca_cert)"
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return " (a plaintext shard? --shard_ca_cert talks TLS to the shards)"
+    if tls and "CERTIFICATE_VERIFY_FAILED" in details:
+        return " (the shard's certificate is not signed by --shard_ca_cert)"
+    return ""
+
+
 def _check_shard(i: int, addr: str, num_shards: int, version: str, timeout_s: float,
                  root_certificates, batch_ids: int) -> None:
     """`_check_shards` for one address of shard ``i``."""
@@ -1423,7 +1434,7 @@ def _check_shard(i: int, addr: str, num_shards: int, version: str, timeout_s: fl
             raise client_lib.ServingError(
                 # gRPC's details name the cause (refused, TLS hostname check, ...).
                 f"embedding shard {i} ({addr}) did not answer Info: {e.code().name}: "
-                f"{e.details()}",
+                f"{e.details()}{_tls_hint(e.details() or '', root_certificates is not None)}",
                 code=e.code(),
                 shard=i,
             ) from None

@@ -1277,3 +1277,26 @@ def test_a_ranker_started_with_its_shards_waits_for_them_with_wait_for_shards_s(
             artifact=str(arts["a"].path), shards=(dead,), deadline_s=0.5,
             wait_for_shards_s=1.0, max_candidates=48, max_batch_candidates=64, min_bucket=32))
     assert time.monotonic() - t0 >= 1.0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_a_tls_mismatch_with_the_shards_is_named_in_flags(arts, tmp_path):
+    """A plaintext ranker of TLS shards was refused with gRPC's 'Socket closed', a TLS
+    ranker of plaintext shards with 'WRONG_VERSION_NUMBER': neither said which flag."""
+    key, cert = mp_util.self_signed_cert(tmp_path)
+    (tls,) = _shards(arts["a"], n=1, tls_cert=str(cert), tls_key=str(key))
+    (plain,) = _shards(arts["a"], n=1)
+    try:
+        for shard, ca, hint in [
+            (tls, None, "(a TLS shard, serve_embeddings --tls_cert? give --shard_ca_cert)"),
+            (plain, str(cert), "(a plaintext shard? --shard_ca_cert talks TLS to the shards)"),
+        ]:
+            with pytest.raises(client_lib.ServingError) as e:
+                rs.serve(rs.RankerServiceConfig(
+                    artifact=str(arts["a"].path), shards=(f"127.0.0.1:{shard.port}",),
+                    shard_ca_cert=ca, deadline_s=2.0, max_candidates=48,
+                    max_batch_candidates=64, min_bucket=32))
+            assert "did not answer Info" in str(e.value) and str(e.value).endswith(hint)
+    finally:
+        tls.stop(grace=0).wait()
+        plain.stop(grace=0).wait()
