@@ -46,7 +46,9 @@ def get_config(arg=None):
     c.data.test_window = "ranker_test"
     c.data.click_column = "click"  # labels: every value 0 or 1
     c.data.conversion_column = "conversion"
-    c.data.coarse_features = ""  # comma list; "" = every integer non-id column
+    # Comma list of small integer columns (values < 2**20); "" = every integer column that
+    # is not an entity id, a label (click/conversion_column) or day/timestamp.
+    c.data.coarse_features = ""
     c.data.max_train_examples = 0  # only the first N training impressions; 0: all
 
     # Entities as "name:column" pairs; facets as a comma list of pretrained facet names.

@@ -68,6 +68,9 @@ from jax_recsys.ranking import facets as facets_lib, model as model_lib
 
 LABEL_COLUMNS = ("click", "conversion")
 _NOT_COARSE = ("day", "timestamp", "click", "conversion", "user_id", "item_id", "advertiser_id")
+# A coarse feature is embedded in a table of max value + 1 rows: a column of ids or times
+# (1.7e12 for a time in ms) would be a table of terabytes.
+MAX_COARSE_VALUES = 1 << 20
 
 
 # ----------------------------------------------------------------------------- configs
@@ -88,8 +91,9 @@ class DataConfig:
         a valid window overlapping the test window is only warned about.
       click_column, conversion_column: label columns (binary: every value 0 or 1).
       coarse_features: coarse categorical columns (non-negative ints; neither a label
-        nor an entity's id column, each once); None picks every integer column that is
-        not an id, label, day or timestamp column.
+        nor an entity's id column, each once, values below `MAX_COARSE_VALUES`); None
+        picks every integer column that is not an id, label (`click_column` and
+        `conversion_column` included), day or timestamp column.
       max_train_examples: keep only the first N training impressions (0: all; >= 0).
     """
 
@@ -328,6 +332,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
             c
             for c in cols
             if c not in _NOT_COARSE and c not in id_columns and np.asarray(cols[c]).dtype.kind in "iu"
+            and c not in (data.click_column, data.conversion_column)  # labels: never features
         )
     else:
         coarse = tuple(data.coarse_features)
@@ -356,6 +361,13 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
             raise folder.error(
                 data.table, f"coarse feature {c!r} has negative value {v[i]}", column=c, row=i
             )
+        if v.size and v.max() >= MAX_COARSE_VALUES:
+            i = int(np.argmax(v))
+            raise folder.error(
+                data.table, f"coarse feature {c!r} has value {v[i]}: a coarse feature is a small "
+                f"categorical embedded in a table of max value + 1 rows (below {MAX_COARSE_VALUES});"
+                " list the coarse features (data.coarse_features) or make an id column an "
+                "entity (entities)", column=c, row=i)
         sizes.append((c, int(v.max()) + 1 if v.size else 1))
     vocabs = {c: np.unique(np.asarray(cols[c])) for c in id_columns}
     splits = {}
