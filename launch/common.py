@@ -114,6 +114,22 @@ def error_line(name: str, e: BaseException) -> str:
     return f"{name}: error: {msg}"
 
 
+def _missing_config_key(e: BaseException) -> str | None:
+    """The key a ConfigDict lacked when `e` is ml_collections' error for reading it, else
+    None (an AttributeError or KeyError of anything else is a bug: keep its traceback)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not tb.tb_frame.f_code.co_filename.endswith(
+            os.path.join("ml_collections", "config_dict", "config_dict.py")):
+        return None
+    inner = e
+    while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
+        inner = inner.args[0]
+    text = str(inner.args[0]) if inner.args else str(inner)
+    return text.partition("\n")[0].strip("\"'")
+
+
 def _fail(line: str):
     if _want_traceback():
         traceback.print_exc()
@@ -278,6 +294,16 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
     """
     name = name or pathlib.Path(sys.argv[0]).stem or "main"
 
+    def load_error():
+        """Ends with one line when a --config=FILE did not load (ml_collections defers
+        the error to the flag's value)."""
+        for flag_name in flags.FLAGS:
+            value = flags.FLAGS[flag_name].value
+            if type(value).__name__ == "_ErrorConfig":  # ml_collections defers a load error
+                lines = [ln.strip() for ln in str(value._error).splitlines() if ln.strip()]
+                _fail(f"{name}: error: cannot load --{flag_name}: "
+                      f"{lines[-1] if lines else type(value._error).__name__}")
+
     def parse(argv):
         try:
             rest = flags.FLAGS(argv)
@@ -307,12 +333,17 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
             hint = f"; {hint[:1].lower()}{hint[1:]}" if hint.strip() else ""
             _fail(f"{name}: error: unknown config key {key!r} in a --config.KEY=VALUE "
                   f"override{hint} ({kind})")
-        for flag_name in flags.FLAGS:
-            value = flags.FLAGS[flag_name].value
-            if type(value).__name__ == "_ErrorConfig":  # ml_collections defers a load error
-                lines = [ln.strip() for ln in str(value._error).splitlines() if ln.strip()]
-                _fail(f"{name}: error: cannot load --{flag_name}: "
-                      f"{lines[-1] if lines else type(value._error).__name__}")
+        except OSError as e:
+            # A --config.KEY=VALUE override of a --config=FILE that did not load (e.g. a
+            # relative configs/x.py run from another folder) raised ml_collections'
+            # "Configuration is not available ..." with a traceback.
+            if "earlier failure to load" not in str(e):
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            files = [f for f in flags.FLAGS if type(flags.FLAGS[f]).__name__ == "_ConfigFlag"]
+            _fail(f"{name}: error: cannot load --{files[0] if len(files) == 1 else 'config'}: "
+                  f"{lines[-1]}")
+        load_error()
         return rest
 
     def wrapped(argv):
@@ -320,6 +351,14 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
             return main(argv)
         except USER_ERRORS as e:
             _fail(error_line(name, e))
+        except (AttributeError, KeyError) as e:
+            key = _missing_config_key(e)
+            if key is None:
+                raise
+            # Another entry point's config (configs/kg.py for train_ranker) was an
+            # AttributeError traceback at the first key the script read.
+            _fail(f"{name}: error: the config has no key {key!r}: is --config the config of "
+                  f"{name}? (README: Entry points)")
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             _fail(child_error_line(name, e))
 

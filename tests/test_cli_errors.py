@@ -1107,3 +1107,40 @@ def test_a_server_refuses_an_empty_artifact_or_host(tmp_path, module, flag, mess
     args = [f"--artifact={_tiny_artifact(tmp_path / 'art')}", "--log_every_s=0", flag]
     proc = _run(module, args)
     _assert_one_line(proc, f"{module}: cannot start:", message)
+
+
+@pytest.mark.parametrize("module", ["train_ranker", "pretrain_contrastive"])
+def test_a_config_that_does_not_load_with_overrides_is_one_line(tmp_path, module):
+    # A relative --config run from another folder, with any --config.KEY=VALUE override,
+    # was ml_collections' "Configuration is not available because of an earlier failure
+    # to load" with two tracebacks.
+    proc = _run(module, ["--config=configs/no_such.py:smoke", "--config.data.path=x",
+                         f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, f"{module}: error:") == (
+        f"{module}: error: cannot load --config: [Errno 2] No such file or directory: "
+        "'configs/no_such.py'")
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("module, config, key", [
+    ("train_ranker", "configs/kg_triples.py:smoke", "facet_mode"),
+    ("pretrain_contrastive", "configs/ranker.py:smoke", "user_column"),
+    ("pretrain_kg", "configs/contrastive.py:smoke", "eval"),
+])
+def test_the_config_of_another_entry_point_is_one_line(tmp_path, module, config, key):
+    # Was an AttributeError traceback ("'facet_mode'") at the first key the script read.
+    proc = _run(module, [f"--config={config}", f"--config.data.path={tmp_path}",
+                         f"--workdir={tmp_path / 'w'}"])
+    assert _assert_one_line(proc, f"{module}: error:") == (
+        f"{module}: error: the config has no key {key!r}: is --config the config of "
+        f"{module}? (README: Entry points)")
+
+
+def test_an_attribute_error_of_the_code_keeps_its_traceback():
+    from launch import common
+
+    assert common._missing_config_key(AttributeError("'NoneType' has no attribute 'x'")) is None
+    cfg = ml_collections.ConfigDict({"a": 1})
+    with pytest.raises(AttributeError) as e:
+        cfg.b  # noqa: B018
+    assert common._missing_config_key(e.value) == "b"
