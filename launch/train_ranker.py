@@ -16,6 +16,7 @@ WORKDIR/checkpoints; rerunning the same command resumes from the newest checkpoi
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from absl import flags, logging
@@ -130,6 +131,16 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
     )
 
 
+def recorded_config(cfg) -> dict:
+    """The config as metrics.json records it, its data path absolute: `export_int4` and
+    `serving_check` find the dataset by it, from whatever folder they run in (a relative
+    ``--config.data.path=../data`` was read against theirs: "is gone (moved or deleted?)")."""
+    out = cfg.to_dict()
+    if out["data"].get("path"):
+        out["data"]["path"] = os.path.abspath(out["data"]["path"])
+    return out
+
+
 def main(argv):
     del argv
     common.setup(_WORKDIR.value)
@@ -155,7 +166,7 @@ def main(argv):
 
     if distributed.is_chief():
         model.save_ranker(workdir / "ranker", ranker)
-    metrics["config"] = cfg.to_dict()
+    metrics["config"] = recorded_config(cfg)
     common.write_json(workdir / "metrics.json", metrics)
     te = metrics["test"]
     logging.info("test CTR AUC %.4f, CVR AUC %.4f, CTCVR AUC %.4f", te["ctr_auc"], te["cvr_auc"],

@@ -658,3 +658,28 @@ def test_launch_exports_and_fails_the_gate_with_a_nonzero_exit(trained, tmp_path
     metrics = json.loads((tmp_path / "wd" / "metrics.json").read_text())
     assert metrics["version"] == AR.verify_artifact(tmp_path / "art").version
     assert "gate: PASSED" in ok.stdout
+
+
+def test_a_relative_data_path_of_train_ranker_is_found_from_another_folder(tmp_path,
+                                                                           monkeypatch):
+    # launch.train_ranker recorded --config.data.path=data as given, and export_int4 run
+    # from another folder read it against its own: "the dataset the ranker was trained
+    # on, data (recorded in ...metrics.json), is gone (moved or deleted?)".
+    import mp_util
+
+    _write_world(tmp_path / "data", n=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train_ranker", f"--config={REPO}/configs/ranker.py:smoke",
+         "--config.data.path=data", "--workdir=run", "--config.entities=user:user_id,pin:item_id",
+         "--config.train.num_epochs=1"],
+        cwd=tmp_path, env=mp_util.child_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]["data"]
+    assert recorded["path"] == str(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ranker = M.load_ranker(tmp_path / "run" / "ranker")
+    got = X.resolve_data_config(tmp_path / "run" / "ranker", ranker)
+    assert got.path == str(tmp_path / "data") and got.test_window == "ranker_test"
+    split, window = X.load_test_split(ranker, got)
+    assert window == (5, 6) and len(split["click"]) == 200
