@@ -72,3 +72,21 @@ def test_bad_triple_file_names_the_line(tmp_path):
 def test_missing_graph_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no train.txt"):
         kg_train.resolve_kg_path(tmp_path)
+
+
+def test_a_dataset_json_without_a_kg_entry_reads_the_kg_folder(tmp_path):
+    # A dataset.json written for its "splits" that left "kg" out: its kg/ folder was
+    # "dataset.json has no knowledge graph ("kg": null)", a key the file did not have.
+    _write_folder(tmp_path / "kg")
+    meta = {"format_version": 1, "tables": {}, "splits": {"ranker_train": [0, 1]}}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    assert kg_train.resolve_kg_path(tmp_path) == tmp_path / "kg"
+    # Said so: "kg": null is no graph, also beside a kg/ folder.
+    (tmp_path / "dataset.json").write_text(json.dumps({**meta, "kg": None}))
+    with pytest.raises(ValueError, match=r'dataset\.json has no knowledge graph \("kg": null\)$'):
+        kg_train.resolve_kg_path(tmp_path)
+    (tmp_path / "kg" / "train.txt").unlink()
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r'no knowledge graph \(no "kg" entry, and no '
+                                         r'kg/train\.txt\)$'):
+        kg_train.resolve_kg_path(tmp_path)
