@@ -40,7 +40,8 @@ def get_config(arg=None):
     c.data.path = ""  # dataset folder; empty: generate the world into WORKDIR/world
     c.data.world_config = "smoke" if smoke else "default"  # only when path is empty
     c.data.table = "impressions"
-    # Day windows of dataset.json; valid and test must not share days with train.
+    # Day windows: names of dataset.json's "splits", or "START,END" days (END exclusive:
+    # --config.data.train_window=20464,20466); valid and test must not share days with train.
     c.data.train_window = "ranker_train"
     c.data.valid_window = "ranker_valid"  # "": no validation
     c.data.test_window = "ranker_test"

@@ -51,7 +51,9 @@ _RANKER = flags.DEFINE_string("ranker", None, "The saved ranker the artifact was
                               required=True)
 _DATA = flags.DEFINE_string("data", None, "Dataset folder (held-out requests).", required=True)
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON report.", required=True)
-_WINDOW = flags.DEFINE_string("window", "ranker_test", "Day window of the held-out requests.")
+_WINDOW = flags.DEFINE_string(
+    "window", "", "Day window of the held-out requests: a window name of the dataset's "
+    "dataset.json or 'START,END' days; empty: the ranker's test window.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 2, "Embedding shard servers to start.")
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 200, "Requests (one user each).")
 _CANDIDATES = flags.DEFINE_integer("candidates", 500, "Candidates per request.")
@@ -221,9 +223,10 @@ def held_out(data: str, window: str, *, table: str = "impressions",
     labels are not used.
     """
     from jax_recsys.data import folder as folder_lib
+    from jax_recsys.ranking import train as train_lib
 
     folder = folder_lib.DatasetFolder(data)
-    start, end = folder.day_window(window)
+    start, end = train_lib.window_days(folder, window)
     cols = folder.table(table, kinds=dict.fromkeys(labels, "label"))
     return folder_lib.select_days(cols, start, end)
 
@@ -234,7 +237,7 @@ def ranker_held_out(ranker_dir: str, ranker, data: str, window: str) -> dict[str
     from jax_recsys.quant import export
 
     dcfg = export.resolve_data_config(ranker_dir, ranker, data_path=data)
-    return held_out(data, window, table=dcfg.table,
+    return held_out(data, window or dcfg.test_window, table=dcfg.table,
                     labels=(dcfg.click_column, dcfg.conversion_column))
 
 
@@ -268,7 +271,7 @@ def main(argv):
     for r in reqs:
         r["offline"] = train_lib.predict(ranker, r["columns"], tables=deq)
     logging.info("%d requests × %d candidates from window %s; offline INT4 scores done",
-                 len(reqs), _CANDIDATES.value, _WINDOW.value)
+                 len(reqs), _CANDIDATES.value, _WINDOW.value or "(the ranker's test window)")
 
     procs: list[_Proc] = []
     report: dict = {"num_shards": _NUM_SHARDS.value, "num_requests": len(reqs),

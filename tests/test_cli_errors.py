@@ -1144,3 +1144,21 @@ def test_an_attribute_error_of_the_code_keeps_its_traceback():
     with pytest.raises(AttributeError) as e:
         cfg.b  # noqa: B018
     assert common._missing_config_key(e.value) == "b"
+
+
+def test_serving_check_takes_start_end_days_and_defaults_to_the_rankers_test_window(tmp_path):
+    # A folder with no dataset.json has no named window: serving_check's window was
+    # "ranker_test" whatever the ranker was tested on ("no day window 'ranker_test'
+    # (have [])"), and --window took names only.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "events.csv").write_text(
+        "day,user_id,pin_id,click,conversion\n20,1,2,1,0\n21,1,3,0,0\n22,4,5,0,0\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"data": {
+        "path": str(data), "table": "events", "test_window": "21,23"}}}))
+    code = ("import types\nfrom launch import serving_check\n"
+            "ranker = types.SimpleNamespace(config=types.SimpleNamespace(coarse_vocab_sizes=()))\n"
+            "cols = serving_check.ranker_held_out(sys.argv[1], ranker, sys.argv[2], sys.argv[3])")
+    for window, pins in (("", [3, 5]), ("20, 21", [2])):
+        cols = mp_util.child_columns(code, str(tmp_path / "ranker"), str(data), window)
+        assert cols["pin_id"] == pins, window

@@ -476,3 +476,26 @@ def test_a_coarse_feature_of_ids_or_times_is_refused_not_allocated(tmp_path):
                                conversion_column="converted", coarse_features=("device",)),
                          id_columns=("uid", "pin"))
     assert got.coarse_sizes == (("device", 3),)
+
+
+def test_windows_may_be_start_end_days_for_a_folder_without_dataset_json(tmp_path):
+    # --config.data.train_window can only hold a string: a folder with no dataset.json
+    # (no named window) could not train a ranker ("no day window '20464,20466' (have [])").
+    _write_csv_impressions(tmp_path / "data")
+    (tmp_path / "data" / "dataset.json").unlink()
+    got = T.prepare_data(_data(tmp_path / "data", click_column="clicked",
+                               conversion_column="converted", train_window="100,101",
+                               valid_window="", test_window=" 101 , 103 "),
+                         id_columns=("uid", "pin"))
+    assert got.windows == {"train": (100, 101), "test": (101, 103)}
+    assert len(got.splits["train"]["click"]) == 20 and len(got.splits["test"]["click"]) == 40
+    with pytest.raises(folder.DataError, match=re.escape(
+            "empty day window '101,101': [101, 101) (START,END: END is exclusive")):
+        T.prepare_data(_data(tmp_path / "data", click_column="clicked",
+                             conversion_column="converted", train_window="100,101",
+                             valid_window="", test_window="101,101"), id_columns=("uid",))
+    with pytest.raises(ValueError, match=re.escape(
+            "the test window '100,102' = days [100, 102) overlaps the train window '100,101'")):
+        T.prepare_data(_data(tmp_path / "data", click_column="clicked",
+                             conversion_column="converted", train_window="100,101",
+                             valid_window="", test_window="100,102"), id_columns=("uid",))

@@ -53,6 +53,7 @@ import hashlib
 import json
 import math
 import pathlib
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -84,7 +85,8 @@ class DataConfig:
       path: dataset folder (see docs/ARCHITECTURE.md).
       table: impressions table name.
       train_window, valid_window, test_window: day-window names in dataset.json
-        (``ranker_train`` ...) or explicit half-open ``(start_day, end_day)`` pairs.
+        (``ranker_train`` ...) or explicit half-open ``(start_day, end_day)`` pairs,
+        also as ``"START,END"`` strings (`window_days`).
         An empty valid window name ("") skips validation; `train_and_evaluate` needs
         the train and test windows. Neither the valid nor the test window may overlap
         the train window (their metrics would be measured on training impressions);
@@ -216,10 +218,26 @@ class RankerData:
     windows: dict[str, tuple[int, int]]
 
 
-def _window(folder, w) -> tuple[int, int]:
-    if isinstance(w, str):
+_DAYS = re.compile(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*")
+
+
+def window_days(folder, w) -> tuple[int, int]:
+    """The half-open (start_day, end_day) of window `w`: a window name of the folder's
+    dataset.json, a ``"START,END"`` string of days (what a ``--config.data.*_window``
+    override can hold: a folder with no dataset.json has no named window) or a pair.
+
+    Raises:
+      DataError: an unknown name, or an empty window.
+    """
+    m = _DAYS.fullmatch(w) if isinstance(w, str) else None
+    if isinstance(w, str) and m is None:
         return folder.day_window(w)
-    start, end = (int(x) for x in w)
+    start, end = (int(x) for x in (m.groups() if m else w))
+    if end <= start:
+        from jax_recsys.data.folder import DataError
+
+        raise DataError(f"empty day window {w!r}: [{start}, {end}) (START,END: END is "
+                        "exclusive and must be above START)")
     return start, end
 
 
@@ -316,7 +334,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     folder = folder_lib.DatasetFolder(data.path)
     named = {"train": data.train_window, "valid": data.valid_window, "test": data.test_window}
     named = {k: w for k, w in named.items() if not (w == "" or w is None)}
-    wins = {split: _window(folder, w) for split, w in named.items()}
+    wins = {split: window_days(folder, w) for split, w in named.items()}
     _check_windows(named, wins, log_warning=lambda m: warnings.warn(m, stacklevel=3))
     # An empty label cell (a label not known yet) reads as NaN: checked below, in the rows used.
     cols = folder.table(data.table, kinds=dict.fromkeys(
@@ -1005,8 +1023,8 @@ def train_and_evaluate(
         if (split not in data.splits) if data is not None else (w == "" or w is None):
             raise ValueError(
                 f"data.{split}_window is empty: the ranker needs a {split} window (a window "
-                f"name of dataset.json such as 'ranker_{split}', or a (start_day, end_day) "
-                "pair); only valid_window may be empty (no validation)"
+                f"name of dataset.json such as 'ranker_{split}', or 'START,END' days); only "
+                "valid_window may be empty (no validation)"
             )
     if data is None:
         data = prepare_data(config.data, id_columns=id_columns)
