@@ -63,6 +63,10 @@ def main(argv):
     )
     common.write_json(workdir / "metrics.json", metrics)
     split = "test" if "test_mrr" in metrics else "valid"
+    if f"{split}_mrr" not in metrics:  # no valid or test triples (kg_train warned)
+        logging.info("not evaluated (no valid or test triples); %.0f positive triples/s",
+                     metrics["positives_per_s"])
+        return
     logging.info("%s filtered MRR %.4f, Hits@10 %.4f; %.0f positive triples/s", split,
                  metrics[f"{split}_mrr"], metrics[f"{split}_hits@10"], metrics["positives_per_s"])
 

@@ -90,3 +90,43 @@ def test_a_dataset_json_without_a_kg_entry_reads_the_kg_folder(tmp_path):
     with pytest.raises(ValueError, match=r'no knowledge graph \(no "kg" entry, and no '
                                          r'kg/train\.txt\)$'):
         kg_train.resolve_kg_path(tmp_path)
+
+
+def test_a_graph_of_train_triples_only_saves_its_facet_unevaluated(tmp_path):
+    # With train.txt alone (valid/test are optional files), training ran in full and
+    # then ended with "no 'valid' triples to evaluate (splits: ['train'])": no facet.
+    _write_folder(tmp_path / "kg")
+    (tmp_path / "kg" / "valid.txt").unlink()
+    (tmp_path / "kg" / "test.txt").unlink()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    with pytest.warns(UserWarning, match=r"no valid or test triples \(splits: \['train'\]\): "
+                                         "the facet is saved without an evaluation"):
+        out = kg_train.train_and_evaluate(data=kg_train.KGDataConfig(path=str(tmp_path / "kg")),
+                                          workdir=tmp_path / "run", mesh=mesh,
+                                          log_fn=lambda d: None, **_configs())
+    assert not any(k.endswith("_mrr") for k in out) and out["num_train_triples"] > 0
+    facet = checkpoint.load_facet(tmp_path / "run" / "facet_kg")
+    assert sorted(facet.tables) == ["board", "pin", "user"]
+    assert facet.tables["user"].shape == (24, 8) and np.isfinite(facet.tables["user"]).all()
+
+
+def test_pretrain_kg_on_train_triples_only_finishes(tmp_path):
+    # Its summary line read metrics["valid_mrr"]: a KeyError traceback after the facet.
+    import subprocess
+    import sys
+
+    import mp_util
+
+    _write_folder(tmp_path / "kg")
+    (tmp_path / "kg" / "valid.txt").unlink()
+    (tmp_path / "kg" / "test.txt").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.pretrain_kg", "--config=configs/kg_triples.py:smoke",
+         f"--config.data.path={tmp_path / 'kg'}", f"--workdir={tmp_path / 'run'}",
+         "--config.train.max_steps=2", "--config.train.chunks_per_batch=1"],
+        cwd=mp_util.REPO, env=mp_util.child_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not evaluated (no valid or test triples)" in proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "test_mrr" not in metrics
+    assert (tmp_path / "run" / "facet_kg" / "facet.json").exists()

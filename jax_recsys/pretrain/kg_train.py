@@ -60,6 +60,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -864,9 +865,16 @@ def train_and_evaluate(
                 log_fn=log_fn, checkpoint_dir=workdir / "checkpoints")
     split = "test" if len(graph.splits.get("test", ())) else "valid"
     t0 = time.perf_counter()
-    ev = evaluate_state(graph, state=res.state, collection=res.collection, model=model,
-                        split=split, config=eval_config)
-    out = {f"{split}_{k}": v for k, v in ev.items()}
+    if len(graph.splits.get(split, ())):
+        ev = evaluate_state(graph, state=res.state, collection=res.collection, model=model,
+                            split=split, config=eval_config)
+        out = {f"{split}_{k}": v for k, v in ev.items()}
+    else:
+        # A graph of train.txt alone (or whose valid/test triples were all skipped as
+        # unseen) trained in full, then failed here and saved no facet.
+        warnings.warn(f"{kg_path}: no valid or test triples (splits: {sorted(graph.splits)}): "
+                      "the facet is saved without an evaluation", stacklevel=2)
+        out = {}
     out.update(res.metrics)
     out.update({"eval_seconds": time.perf_counter() - t0, "model": model.model, "dim": model.dim,
                 "num_entities": int(sum(graph.num_rows.values())),
