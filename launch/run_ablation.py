@@ -115,6 +115,22 @@ def pretrain_keys(p, data_path: str, workdir: pathlib.Path) -> dict[str, Callabl
     return {"cl": cl, "kg": kg}
 
 
+def _world_meta(data_path: str) -> dict:
+    """The dataset.json of a generated world (the stale KG regenerates it); ValueError for
+    any other folder (a user's own data: no generator, or no dataset.json at all)."""
+    try:
+        meta = json.loads((pathlib.Path(data_path) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("generator") != "jax_recsys.data.world" \
+            or "world_config" not in meta:
+        raise ValueError(
+            f"{data_path} is not a generated world: give --config.facet_dirs.kg_stale=DIR "
+            "(a KG facet pretrained on the stale window)"
+        )
+    return meta
+
+
 def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     """The same world (same seed, same logs) with its KG built from the stale window."""
     from jax_recsys.data import world
@@ -125,12 +141,7 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
             json.loads(stamp.read_text()).get("digest") == source:
         return str(out)
     stamp.unlink(missing_ok=True)
-    meta = json.loads((pathlib.Path(data_path) / "dataset.json").read_text())
-    if meta.get("generator") != "jax_recsys.data.world" or "world_config" not in meta:
-        raise ValueError(
-            f"{data_path} is not a generated world: give --config.facet_dirs.kg_stale=DIR "
-            "(a KG facet pretrained on the stale window)"
-        )
+    meta = _world_meta(data_path)
     wc = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["world_config"].items()}
     stale = meta["splits"]["stale_pretrain"]
     cfg = world.WorldConfig(**{**wc, "kg_days": (int(stale[0]), int(stale[1]))})
@@ -219,6 +230,10 @@ def main(argv):
         facet_dirs=tuple((k.replace("_", "/", 1), v) for k, v in cfg.facet_dirs.items() if v),
         save_ranker_variants=names(cfg.save_ranker_variants),
     )
+    if "kg/stale" not in dict(config.facet_dirs) and any(
+            ablation.VARIANTS[v].window == "stale" and "kg" in ablation.VARIANTS[v].facets
+            for v in config.variants if v in ablation.VARIANTS):
+        _world_meta(data_path)  # before any pretraining (it found out after the others)
     result = ablation.run_ablation(
         config, workdir, pretrainers={"cl": pretrain_cl, "kg": pretrain_kg}, log=logging.info,
         pretrain_keys=pretrain_keys(p, data_path, workdir), fresh=_FRESH.value,

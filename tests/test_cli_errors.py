@@ -1162,3 +1162,23 @@ def test_serving_check_takes_start_end_days_and_defaults_to_the_rankers_test_win
     for window, pins in (("", [3, 5]), ("20, 21", [2])):
         cols = mp_util.child_columns(code, str(tmp_path / "ranker"), str(data), window)
         assert cols["pin_id"] == pins, window
+
+
+@pytest.mark.parametrize("with_json", [True, False])
+def test_run_ablation_refuses_a_stale_kg_of_own_data_before_any_pretraining(tmp_path, with_json):
+    # A user's own folder (not a generated world) with the cl_kg_stale variant pretrained
+    # cl_fresh and cl_stale first, then said the stale KG cannot be made; without a
+    # dataset.json it was "No such file or directory: .../dataset.json".
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "impressions.csv").write_text("day,user_id,item_id,click,conversion\n0,1,2,1,0\n")
+    if with_json:
+        (data / "dataset.json").write_text(json.dumps({
+            "format_version": 1, "tables": {"impressions": {"path": "impressions.csv"}}}))
+    proc = _run("run_ablation", ["--config=configs/ablation.py:smoke",
+                                 f"--config.ranker.data.path={data}", f"--workdir={tmp_path / 'w'}",
+                                 "--config.variants=no_large_tables,cl,cl_kg_stale"])
+    assert _assert_one_line(proc, "run_ablation: error:") == (
+        f"run_ablation: error: {data} is not a generated world: give "
+        "--config.facet_dirs.kg_stale=DIR (a KG facet pretrained on the stale window)")
+    assert not (tmp_path / "w" / "pretrain").exists()
