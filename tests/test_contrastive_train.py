@@ -343,3 +343,25 @@ def test_an_error_during_training_leaves_a_complete_checkpoint(tmp_path, devices
     assert sorted(p.name for p in ckpts.iterdir()) == ["2"]
     with checkpoint.Checkpointer(ckpts) as ckpt:
         assert ckpt.restore_meta()["step"] == 2
+
+
+def test_load_pairs_real_dates_start_at_their_first_day_and_unjoinable_conversions_warn(
+        tmp_path, caplog):
+    # Timestamps of 2026 (days 20454..): the window "from the first day of the data"
+    # read window_start 0 (days.min(initial=0)), and the no-pairs message "data has days
+    # 0..20456". A conversions table without an items table was left out silently.
+    t0 = 20454 * 86400
+    (tmp_path / "interactions.csv").write_text(
+        "user_id,item_id,timestamp\n"
+        f"u_1,p_1,{t0 + 5}\nu_2,p_2,{t0 + 86400}\nu_1,p_2,{t0 + 2 * 86400}\n")
+    (tmp_path / "conversions.csv").write_text(f"user_id,advertiser_id,timestamp\nu_1,a_1,{t0}\n")
+    with caplog.at_level("WARNING"):
+        pairs = cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), table="interactions"))
+    assert (pairs.stats["window_start"], pairs.stats["window_end"]) == (20454, 20456)
+    assert pairs.stats["conversion_pairs"] == 0 and pairs.stats["train_pairs"] == 2
+    assert "table 'conversions' is not used: conversions become pairs through the 'items' " \
+           "table (advertiser_id -> item_id)" in caplog.text
+    with pytest.raises(ValueError, match=r"for days \[20457, 20458\) \(data has days "
+                                         r"20454\.\.20456\)"):
+        cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), table="interactions",
+                                               window="", window_start=20457, window_end=20458))

@@ -234,6 +234,7 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
         weights = np.ones(users.shape, np.float32)
 
     last_day = int(days.max()) if days.size else 0
+    first_day = int(days.min()) if days.size else 0  # min(initial=0) read 0 for days 20454..
     window = cfg.window
     if window == "auto":  # explicit days override it
         explicit = (cfg.window_start, cfg.window_end) != (None, None)
@@ -242,7 +243,7 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     w_end = (cfg.window_end if cfg.window_end is not None
              else named[1] if named else last_day + 1 - cfg.eval_days)
     w_start = (cfg.window_start if cfg.window_start is not None
-               else named[0] if named else int(days.min(initial=0)))
+               else named[0] if named else first_day)
     e_start = cfg.eval_start if cfg.eval_start is not None else w_end
     e_end = cfg.eval_end if cfg.eval_end is not None else e_start + cfg.eval_days
     in_train = (days >= w_start) & (days < w_end)
@@ -256,6 +257,11 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     }
 
     conv_pairs = 0
+    if (cfg.use_conversions and folder.has_table(cfg.conversions_table)
+            and not folder.has_table(cfg.items_table)):  # were left out without a word
+        logging.warning("contrastive data: table %r is not used: conversions become pairs "
+                        "through the %r table (%s -> %s), which %s lacks", cfg.conversions_table,
+                        cfg.items_table, cfg.advertiser_column, cfg.item_column, cfg.path)
     if (cfg.use_conversions and folder.has_table(cfg.conversions_table)
             and folder.has_table(cfg.items_table)):
         conv = _columns(folder, cfg.conversions_table,
@@ -284,7 +290,7 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     if tr_u.size == 0:
         raise ValueError(
             f"{cfg.path}: no training pairs in table {cfg.table!r} for days "
-            f"[{w_start}, {w_end}) (data has days {int(days.min(initial=0))}..{last_day})"
+            f"[{w_start}, {w_end}) (data has days {first_day}..{last_day})"
         )
 
     user_ids, train_user = np.unique(tr_u, return_inverse=True)
