@@ -47,6 +47,11 @@ def get_config(arg=None):
     c.data.window_end = -1  # end (exclusive); -1 = eval_days before the last day
     c.data.eval_days = 1
     c.data.use_conversions = True
+    # Conversions (user, advertiser) become pairs with a pin of that advertiser from the
+    # items table (item_column, advertiser_column).
+    c.data.conversions_table = "conversions"
+    c.data.items_table = "items"
+    c.data.advertiser_column = "advertiser_id"
     c.data.conversion_weight = 3.0
     c.data.pin_side_features = ()  # e.g. ("topic",) from the items table
     c.data.max_eval_pairs = 2000 if smoke else 10000

@@ -113,7 +113,8 @@ def _portable_arg(arg: str, wd: pathlib.Path | None) -> str:
 # Config keys added after stage keys were first saved, with the value every config
 # before them had: left out of `config_fingerprint` (at any depth) while they hold it,
 # so a finished stage of a config that does not set them is not rerun.
-_OMITTED_CONFIG_DEFAULTS = {"facet_missing": "random"}
+_OMITTED_CONFIG_DEFAULTS = {"facet_missing": "random", "conversions_table": "conversions",
+                            "items_table": "items", "advertiser_column": "advertiser_id"}
 
 
 def _omit_defaults(cfg) -> None:

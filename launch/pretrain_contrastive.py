@@ -59,6 +59,7 @@ def main(argv):
         type_weights=tuple(d.type_weights), window=_unset(d.window),
         window_start=_unset(d.window_start), window_end=_unset(d.window_end),
         eval_days=d.eval_days, use_conversions=d.use_conversions,
+        **{k: d[k] for k in ("conversions_table", "items_table", "advertiser_column") if k in d},
         conversion_weight=d.conversion_weight, pin_side_features=tuple(d.pin_side_features),
         max_eval_pairs=d.max_eval_pairs, seed=d.seed,
     )

@@ -365,3 +365,31 @@ def test_load_pairs_real_dates_start_at_their_first_day_and_unjoinable_conversio
                                          r"20454\.\.20456\)"):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), table="interactions",
                                                window="", window_start=20457, window_end=20458))
+
+
+def test_pretrain_contrastive_takes_the_conversions_own_column_names(tmp_path):
+    # configs/contrastive.py had no key for the advertiser column, so a user's own
+    # names ("adv") ended with "table 'conversions' lacks column(s) ['advertiser_id']".
+    import json
+    import subprocess
+    import sys
+
+    import mp_util
+
+    (tmp_path / "clicks.csv").write_text("uid,pin,day\n" + "".join(
+        f"u{i % 5},p{i % 7},{i % 3}\n" for i in range(60)))
+    (tmp_path / "buys.csv").write_text("uid,adv,day\nu1,a1,0\nu2,a2,1\nu3,a9,1\n")
+    (tmp_path / "catalog.csv").write_text("pin,adv\n" + "".join(
+        f"p{j},a{j % 3}\n" for j in range(7)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.pretrain_contrastive",
+         "--config=configs/contrastive.py:smoke", f"--config.data.path={tmp_path}",
+         f"--workdir={tmp_path / 'run'}", "--config.data.table=clicks",
+         "--config.data.user_column=uid", "--config.data.item_column=pin",
+         "--config.data.conversions_table=buys", "--config.data.items_table=catalog",
+         "--config.data.advertiser_column=adv", "--config.train.max_steps=1"],
+        cwd=mp_util.REPO, env=mp_util.child_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]
+    assert (data["conversion_pairs"], data["conversions_without_pins"]) == (2, 1)
+    assert data["train_pairs"] == data["engagement_pairs"] + 2

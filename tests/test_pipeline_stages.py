@@ -435,21 +435,27 @@ def test_code_digest_follows_source_files_only(tmp_path, monkeypatch):
     assert rp.code_digest() == digest() and len(rp.code_digest()) == 16
 
 
+def _fingerprint_of_variant(tmp_path, config, name, body):
+    """config_fingerprint of repo config ``config``:smoke with the statement ``body``
+    run on it (``c``) in a config file of its own."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(
+        "import importlib.util\n\n"
+        "def get_config(arg=None):\n"
+        f"    spec = importlib.util.spec_from_file_location('c', {str(rp._REPO / config)!r})\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "    c = module.get_config(arg)\n"
+        f"    {body}\n"
+        "    return c\n")
+    return rp.config_fingerprint(f"{path}:smoke")
+
+
 def test_config_fingerprint_leaves_out_facet_missing_at_its_default(tmp_path):
     """A stage's key is what it was before `facet_missing` was added to configs/ranker.py
     (so the pipeline's finished ablation stage is not rerun), unless it is set to another value."""
     def variant(config, name, body):
-        path = tmp_path / f"{name}.py"
-        path.write_text(
-            "import importlib.util\n\n"
-            "def get_config(arg=None):\n"
-            f"    spec = importlib.util.spec_from_file_location('c', {str(rp._REPO / config)!r})\n"
-            "    module = importlib.util.module_from_spec(spec)\n"
-            "    spec.loader.exec_module(module)\n"
-            "    c = module.get_config(arg)\n"
-            f"    {body}\n"
-            "    return c\n")
-        return rp.config_fingerprint(f"{path}:smoke")
+        return _fingerprint_of_variant(tmp_path, config, name, body)
 
     ranker = rp.config_fingerprint("configs/ranker.py:smoke")
     assert ranker == variant("configs/ranker.py", "r0", "del c['facet_missing']")  # as before it
@@ -457,6 +463,20 @@ def test_config_fingerprint_leaves_out_facet_missing_at_its_default(tmp_path):
     ablation = rp.config_fingerprint("configs/ablation.py:smoke")  # the pipeline's stage config
     assert ablation == variant("configs/ablation.py", "a0", "del c.ranker['facet_missing']")
     assert ablation != variant("configs/ablation.py", "a1", "c.ranker.facet_missing = 'zeros'")
+
+
+def test_config_fingerprint_leaves_out_the_contrastive_table_and_column_keys_at_their_defaults(
+        tmp_path):
+    """conversions_table, items_table and advertiser_column (added so a user's own column
+    names can be given) leave the contrastive pretraining's key as it was before them."""
+    def variant(name, body):
+        return _fingerprint_of_variant(tmp_path, "configs/contrastive.py", name, body)
+
+    cl = rp.config_fingerprint("configs/contrastive.py:smoke")
+    before = "; ".join(f"del c.data[{k!r}]" for k in
+                       ("conversions_table", "items_table", "advertiser_column"))
+    assert cl == variant("c0", before)
+    assert cl != variant("c1", "c.data.advertiser_column = 'adv'")
 
 
 def _stage_in(wd, log, name, *args):
