@@ -1,6 +1,7 @@
 """Facet assembly: pretrained vectors land in the right ranker rows, by raw id."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -137,6 +138,17 @@ def test_build_entities_rejects_a_facet_covering_no_entity():
     with pytest.raises(ValueError, match="facet 'kg' was requested"):
         F.build_entities(scratch_dim=0, pretrained=("cl", "kg"),
                          available={"cl": ["user"], "kg": ["item"]})
+
+
+def test_a_kg_facet_of_one_untyped_entity_table_says_where_types_come_from():
+    # A KG folder of "user:12" names without entity_types.tsv trains one table "entity";
+    # the message said to rename "the facet's entity types" but not how.
+    with pytest.raises(ValueError, match=re.escape(
+            "its checkpoint has tables ['entity']; a facet is attached by entity name, so "
+            "rename the facet's entity types or the entities; a knowledge graph without "
+            "entity_types.tsv has the one type 'entity': give its kg/entity_types.tsv "
+            "(entity<TAB>type, types named as the entities)")):
+        F.build_entities(scratch_dim=4, pretrained=("kg",), available={"kg": ["entity"]})
 
 
 # ------------------------------------------------------------- rows of ids missing from a facet

@@ -447,10 +447,15 @@ def build_entities(
         for f in pretrained:
             tables = sorted(available.get(f, ()))
             if not set(tables) & set(names):
+                # A KG folder without entity_types.tsv has the one type "entity", also
+                # when its names read "user:12": say where the types come from.
+                hint = ("; a knowledge graph without entity_types.tsv has the one type "
+                        "'entity': give its kg/entity_types.tsv (entity<TAB>type, types "
+                        "named as the entities)") if tables == ["entity"] else ""
                 raise ValueError(
                     f"facet {f!r} was requested but covers none of the ranker's entities "
                     f"{names}: its checkpoint has tables {tables}; a facet is attached by "
-                    "entity name, so rename the facet's entity types or the entities"
+                    f"entity name, so rename the facet's entity types or the entities{hint}"
                 )
     out = []
     for name, column in entities:
