@@ -284,16 +284,19 @@ def main(argv):
         # fewer); never below the servers' default.
         batch = _CANDIDATES.value * max(1, _CONCURRENCY.value)
         max_ids = max(1 << 16, batch * (2 + len(art.tables)))
+        # The servers run in the checkout (_Proc): a relative --artifact=art was "art is
+        # not a serving artifact" there.
+        art_path = os.path.abspath(_ARTIFACT.value)
         for i in range(_NUM_SHARDS.value):
             procs.append(_Proc(f"embedding shard {i}", [
-                "launch.serve_embeddings", f"--artifact={_ARTIFACT.value}", f"--shard={i}",
+                "launch.serve_embeddings", f"--artifact={art_path}", f"--shard={i}",
                 f"--num_shards={_NUM_SHARDS.value}", "--port=0", "--log_every_s=0",
                 f"--max_ids_per_request={max_ids}"],
                 logdir / f"shard{i}.log"))
         ports = [p.wait_event("serving", _START_TIMEOUT.value)["port"] for p in procs]
         shards = ",".join(f"127.0.0.1:{p}" for p in ports)
         rk = _Proc("ranker service", [
-            "launch.serve_ranker", f"--artifact={_ARTIFACT.value}", f"--shards={shards}",
+            "launch.serve_ranker", f"--artifact={art_path}", f"--shards={shards}",
             "--port=0", f"--deadline_s={_DEADLINE.value}",
             f"--max_candidates={_CANDIDATES.value}",
             f"--max_batch_candidates={batch}",

@@ -1182,3 +1182,44 @@ def test_run_ablation_refuses_a_stale_kg_of_own_data_before_any_pretraining(tmp_
         f"run_ablation: error: {data} is not a generated world: give "
         "--config.facet_dirs.kg_stale=DIR (a KG facet pretrained on the stale window)")
     assert not (tmp_path / "w" / "pretrain").exists()
+
+
+def test_serving_check_takes_a_relative_artifact_path(tmp_path):
+    # Its servers run in the checkout: --artifact=art from the artifact's parent folder
+    # ended with "embedding shard 0 exited with code 1 before 'serving': serve_embeddings:
+    # cannot start: art/manifest.json: missing; art is not a serving artifact".
+    import numpy as np
+
+    from jax_recsys.quant import artifact
+    from jax_recsys.ranking import model as M
+
+    dims = {"user": 4, "pin": 3}
+    cfg = M.RankerConfig(entity_dims=tuple(dims.items()), mlp_dims=(4,), head_dims=(2,),
+                         num_cross_layers=1)
+    rng = np.random.default_rng(0)
+    ranker = M.TrainedRanker(
+        config=cfg, params=M.flatten_params(M.init_dense(cfg)[1]),
+        tables={e: rng.normal(size=(3, d)).astype(np.float32) for e, d in dims.items()},
+        vocabs={"user": np.array(["u0", "u1", "u2"]), "pin": np.array(["p0", "p1", "p2"])},
+        entity_columns={"user": "user_id", "pin": "item_id"},
+        facet_layout={e: [("scratch", d, True)] for e, d in dims.items()})
+    M.save_ranker(tmp_path / "ranker", ranker)
+    artifact.write_artifact(
+        tmp_path / "art", tables=dict(ranker.tables), vocabs=dict(ranker.vocabs),
+        ranker_config={**cfg.to_dict(), "entity_columns": dict(ranker.entity_columns),
+                       "facet_layout": {e: [list(x) for x in v]
+                                        for e, v in ranker.facet_layout.items()}},
+        ranker_params={k: np.asarray(v) for k, v in ranker.params.items()})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "impressions.csv").write_text(
+        "day,user_id,item_id,click,conversion\n" + "".join(
+            f"7,u{i % 3},p{i % 3 if i < 6 else 0},{i % 2},0\n" for i in range(9)))
+    env = mp_util.child_env(1, {"JAX_RECSYS_TRACEBACK": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.serving_check", "--artifact=art", "--ranker=ranker",
+         "--data=data", "--window=7,8", "--out=check/serving_check.json", "--num_shards=1",
+         "--num_requests=2", "--candidates=3", "--concurrency=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "check" / "serving_check.json").read_text())
+    assert report["ok"] and report["num_requests"] == 2 and report["failed_requests"] == 0
