@@ -21,6 +21,7 @@ or metrics.json), and their keys rewritten.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -52,7 +53,11 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(module: str, config: str, out: pathlib.Path, extra: list[str], timeout_s: int) -> None:
-    cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={out}", *extra]
+    # It runs in the checkout (configs/... are relative to it): a relative --workdir of
+    # run_ablation started elsewhere put the facet into the checkout, and the run
+    # then failed with "ablrel/pretrain/cl_fresh/facet_cl is not a facet checkpoint".
+    cmd = [sys.executable, "-m", module, f"--config={config}",
+           f"--workdir={os.path.abspath(out)}", *extra]
     logging.info("running %s", " ".join(shlex.quote(c) for c in cmd))
     subprocess.run(cmd, cwd=_REPO, check=True, timeout=timeout_s)
 
@@ -198,7 +203,9 @@ def main(argv):
 
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    data_path = common.dataset_path(cfg.ranker, workdir, key="ranker.data")
+    # Absolute: the pretrainers run in the checkout, and ablation.json records it for
+    # export_int4 (a relative path was read against their folders).
+    data_path = os.path.abspath(common.dataset_path(cfg.ranker, workdir, key="ranker.data"))
     base = train_ranker.train_config(cfg.ranker, data_path=data_path, pretrained=())
     p = cfg.pretrain
 
@@ -212,7 +219,8 @@ def main(argv):
         return out / "facet_cl"
 
     def pretrain_kg(window: str, out: pathlib.Path) -> pathlib.Path:
-        extra = [f"--config.data.path={kg_path(window)}", *shlex.split(p.kg_flags)]
+        extra = [f"--config.data.path={os.path.abspath(kg_path(window))}",
+                 *shlex.split(p.kg_flags)]
         _run("launch.pretrain_kg", p.kg_config, out, extra, p.timeout_s)
         return out / "facet_kg"
 

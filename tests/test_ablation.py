@@ -568,3 +568,40 @@ def test_a_damaged_run_metrics_json_is_retrained_with_a_line_naming_it(tmp_path,
         "damaged: its test metrics cvr_auc='NaN' are not numbers; retrained)"]
     assert all(math.isfinite(res["variants"][n]["cvr_auc_mean"]) for n in res["order"])
     assert json.loads((runs / "kg_s0" / "metrics.json").read_text())["test"]["cvr_auc"] != "NaN"
+
+
+@pytest.mark.slow  # ~30-60 s: one contrastive pretraining and two ranker runs, real processes
+def test_run_ablation_with_relative_paths_from_another_folder(tmp_path):
+    # Its pretrainers run in the checkout: --workdir=abl from elsewhere put the facet into
+    # the checkout's abl/ and ended "abl/pretrain/cl_fresh/facet_cl is not a facet
+    # checkpoint"; --config.ranker.data.path=mydata was read against the checkout too,
+    # and ablation.json recorded it relative, for export_int4 to read against its own.
+    import subprocess
+    import sys
+
+    import mp_util
+
+    here = tmp_path / "elsewhere"
+    _write_data(here / "mydata")
+    rng = np.random.default_rng(1)
+    t = folder.write_table(here / "mydata", "engagements", {
+        "user_id": (100 + rng.integers(0, 32, 600)).astype(np.int64),
+        "item_id": (500 + rng.integers(0, 24, 600)).astype(np.int64),
+        "day": np.repeat(np.arange(3), 200).astype(np.int32)})
+    meta = json.loads((here / "mydata" / "dataset.json").read_text())
+    meta["tables"]["engagements"] = t
+    meta["splits"]["fresh_pretrain"] = [0, 2]
+    (here / "mydata" / "dataset.json").write_text(json.dumps(meta))
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.run_ablation",
+         f"--config={mp_util.REPO}/configs/ablation.py:smoke", "--config.ranker.data.path=mydata",
+         "--workdir=abl", "--config.variants=no_large_tables,cl", "--config.seeds=0",
+         "--config.ranker.entities=user:user_id,pin:item_id",
+         "--config.pretrain.cl_flags=--config.train.max_steps=1"],
+        cwd=here, env=mp_util.child_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (here / "abl" / "pretrain" / "cl_fresh" / "facet_cl" / "facet.json").exists()
+    assert not (mp_util.REPO / "abl").exists()
+    result = json.loads((here / "abl" / "ablation.json").read_text())
+    assert result["data"]["path"] == str(here / "mydata")
+    assert set(result["variants"]) == {"no_large_tables", "cl"}
