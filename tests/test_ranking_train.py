@@ -499,3 +499,25 @@ def test_windows_may_be_start_end_days_for_a_folder_without_dataset_json(tmp_pat
         T.prepare_data(_data(tmp_path / "data", click_column="clicked",
                              conversion_column="converted", train_window="100,101",
                              valid_window="", test_window="100,102"), id_columns=("uid",))
+
+
+def test_a_train_window_without_conversions_warns(tmp_path):
+    # A data set with no conversions trained a CVR head on all-zero labels without a
+    # word (test CVR AUC NaN, the export's CVR row "n/a").
+    _write_csv_impressions(tmp_path / "data")
+    csv = tmp_path / "data" / "impressions.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([lines[0], *(ln[:-4] + ",0," + ln[-1] for ln in lines[1:])]) + "\n")
+    with pytest.warns(UserWarning, match=re.escape(
+            "no impression of the train window (days [100, 101)) has converted=1 after a "
+            "click: the CVR head has nothing to learn")) as rec:
+        got = T.prepare_data(_data(tmp_path / "data", click_column="clicked",
+                                   conversion_column="converted"), id_columns=("uid",))
+    assert not any("CTR head" in str(w.message) for w in rec)
+    assert got.splits["train"]["conversion"].sum() == 0
+    assert got.splits["train"]["click"].sum() == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the usual data: no warning
+        _write_csv_impressions(tmp_path / "data2")
+        T.prepare_data(_data(tmp_path / "data2", click_column="clicked",
+                             conversion_column="converted"), id_columns=("uid",))

@@ -418,6 +418,17 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
             f"{data.conversion_column}=1 with {data.click_column}=0; the ranker models "
             "conversions after a click (CTCVR label = click AND conversion), so they count "
             "as no conversion", stacklevel=2)
+    tr = splits.get("train")
+    if tr is not None and len(tr["click"]):  # e.g. a data set without conversions
+        positives = {(data.click_column, "CTR", ""): tr["click"].sum(),
+                     (data.conversion_column, "CVR", " after a click"):
+                         (tr["click"] * tr["conversion"]).sum()}
+        for (col, task, after), n in positives.items():
+            if n == 0:
+                warnings.warn(
+                    f"{data.path}: no impression of the train window (days "
+                    f"[{wins['train'][0]}, {wins['train'][1]})) has {col}=1{after}: the {task} "
+                    "head has nothing to learn", stacklevel=2)
     return RankerData(vocabs=vocabs, coarse_sizes=tuple(sizes), splits=splits, windows=wins)
 
 
