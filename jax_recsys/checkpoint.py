@@ -178,6 +178,12 @@ class Checkpointer:
         (or force=True, or no checkpoint exists yet); >= 1.
       async_save: write in a background thread; `save` returns once device
         arrays are copied to host, so the caller may donate them afterwards.
+
+    Raises:
+      PermissionError: `directory` is not writable (a read-only file system, no
+        write permission): checked here, before any training, because an Orbax save
+        that cannot write fails in its background threads (tracebacks, then a
+        wait of minutes for threads that never get their signal).
     """
 
     def __init__(
@@ -206,6 +212,12 @@ class Checkpointer:
             # restarted run removes it and resumes from the last committed step.
             cleanup_tmp_directories=True,
         )
+        # Before the manager, whose start-up starts background work. (A folder it has
+        # to create fails there, with the OSError of its mkdir.)
+        if self.directory.is_dir() and not os.access(self.directory, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"{self.directory}: cannot write checkpoints there (a read-only file system "
+                "or no write permission): make it writable or use another workdir")
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
     def save(
@@ -474,10 +486,29 @@ def save_facet(
         _fsync_path(tmp, directory=True)
         fsutil.swap_dir(tmp, path)
         _fsync_path(path.parent, directory=True)
+    except OSError as e:  # numpy's "24000 requested and 4064 written" named no file
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(_facet_write_error(path, facet, host_tables, e)) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _facet_write_error(path: pathlib.Path, facet: str, tables: Mapping[str, np.ndarray],
+                       e: OSError) -> str:
+    """The message for a facet that could not be written: names the folder, and says
+    when its disk has less room than the facet needs (tables + int64 ids, about)."""
+    msg = f"{path}: could not write the {facet!r} facet ({e})"
+    need = sum(t.shape[0] * (t.shape[1] * 4 + 8) for t in tables.values() if t.ndim == 2)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return msg
+    if free < need:
+        msg += (f": the disk is full ({free / 2**20:.1f} MiB free, the facet needs about "
+                f"{need / 2**20:.1f} MiB); free some space or write it elsewhere")
+    return msg
 
 
 def _json_default(x):

@@ -1,6 +1,9 @@
 """Tests for jax_recsys.checkpoint: Orbax save/restore, cross-mesh restore, facets."""
 
 import json
+import os
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +151,25 @@ def test_leaving_a_with_block_by_an_error(tmp_path, slow_checkpoint_finalize, ca
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["1"]
 
 
+def test_a_folder_that_cannot_be_written_is_refused_before_any_save(tmp_path, monkeypatch):
+    """A read-only checkpoint folder used to fail only at the first save, inside Orbax's
+    background threads: tracebacks, and the process hung for 5 minutes after its error
+    line (threads waiting for the signal of the one that failed)."""
+    d = tmp_path / "ck"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.access(d, os.W_OK):  # root ignores the mode: let access() answer as for a user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **kw: (
+            False if pathlib.Path(p) == d and mode & os.W_OK else real(p, mode, *a, **kw)))
+    try:
+        with pytest.raises(PermissionError, match=r"/ck: cannot write checkpoints there \(a "
+                           r"read-only file system or no write permission\)"):
+            checkpoint.Checkpointer(d)
+    finally:
+        d.chmod(0o755)
+
+
 def test_restore_onto_other_meshes(tmp_path, devices):
     """Saved row-sharded over 8 devices; restored on 4, on 1, and replicated."""
     state = _state(_mesh(8))
@@ -264,6 +286,33 @@ def test_facet_bad_input_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="facet.json"):
         checkpoint.load_facet(tmp_path / "kg")
+
+
+def test_a_facet_that_does_not_fit_on_the_disk_is_named(tmp_path, monkeypatch):
+    """A full disk ended a finished pretraining run with numpy's bare "24000 requested
+    and 4064 written"; now the message names the facet folder and the free space, and
+    the facet already there is left as it was."""
+    path = tmp_path / "facet_cl"
+    checkpoint.save_facet(path, facet="cl", tables={"user": np.ones((4, 2), np.float32)},
+                          vocabs={"user": np.arange(4)})
+    real_save, calls = np.save, []
+
+    def short_write(file, arr, **kw):  # what np.save raises when the disk fills mid-file
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError("24000 requested and 4064 written")
+        real_save(file, arr, **kw)
+
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 100))
+    with pytest.raises(OSError, match=r"/facet_cl: could not write the 'cl' facet \(24000 "
+                       r"requested and 4064 written\): the disk is full \(0\.0 MiB free, the "
+                       r"facet needs about 0\.1 MiB\)"):
+        checkpoint.save_facet(path, facet="cl", tables={"user": np.zeros((1000, 16), np.float32)},
+                              vocabs={"user": np.arange(1000)})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["facet_cl"]  # no temporary folder left
+    np.testing.assert_array_equal(checkpoint.load_facet(path).tables["user"], np.ones((4, 2)))
 
 
 def test_facet_of_entity_types_that_are_not_file_names(tmp_path):
