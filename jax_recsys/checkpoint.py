@@ -381,6 +381,31 @@ class Checkpointer:
                             self.directory, exc_info=True)
 
 
+# Meta keys only one trainer saves with its checkpoints: who wrote a checkpoint found in
+# a workdir (the three launchers all use WORKDIR/checkpoints).
+_TRAINER_KEYS = (("train_ranker", "loss_curve"), ("pretrain_contrastive", "num_pairs"),
+                 ("pretrain_kg", "num_train_triples"))
+
+
+def trainer_of(meta: Mapping[str, Any]) -> str | None:
+    """The launcher whose trainer saved a checkpoint with this `meta` (or whose resume
+    check expects these keys), or None when the keys do not say."""
+    for name, key in _TRAINER_KEYS:
+        if key in meta:
+            return name
+    return None
+
+
+def check_trainer(meta: Mapping[str, Any], trainer: str, where) -> None:
+    """Raises ValueError when the checkpoint `where` was written by another trainer than
+    `trainer` (a workdir shared by two launchers), before its settings are compared."""
+    saved_by = trainer_of(meta)
+    if saved_by is not None and saved_by != trainer:
+        raise ValueError(f"{where}: a {saved_by} checkpoint, not a {trainer} one (the "
+                         f"workdir holds another trainer's checkpoints): give {trainer} "
+                         "its own workdir")
+
+
 # ----------------------------------------------------------------------------- facets
 
 

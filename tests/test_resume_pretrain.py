@@ -296,6 +296,24 @@ def test_a_contrastive_checkpoint_of_other_settings_is_refused(tmp_path):
         ct.check_resume_meta({"seed": 0}, {"seed": 1, **ct.training_settings(cfg, pairs)}, "ck/4")
 
 
+def test_a_checkpoint_of_another_trainer_is_named(tmp_path):
+    """pretrain_kg then pretrain_contrastive in one workdir: the KG checkpoint was refused
+    as "another run" with a diff of keys the KG trainer never saves."""
+    pairs = types.SimpleNamespace(train_user=np.arange(4, dtype=np.int32),
+                                  train_pin=np.arange(4, dtype=np.int32),
+                                  train_weight=np.ones(4, np.float32))
+    expected = {"num_pairs": 4, "seed": 0,  # as the trainer's identity starts
+                **ct.training_settings(ct.ContrastiveConfig(dim=8), pairs)}
+    kg_meta = {"seed": 0, "model": "distmult", "dim": 8, "num_train_triples": 40, "step": 4}
+    with pytest.raises(ValueError, match=r"^ck/4: a pretrain_kg checkpoint, not a "
+                       r"pretrain_contrastive one \(the workdir holds another trainer's "
+                       r"checkpoints\): give pretrain_contrastive its own workdir$"):
+        ct.check_resume_meta(kg_meta, expected, "ck/4")
+    with pytest.raises(ValueError, match=r"a pretrain_contrastive checkpoint, not a pretrain_kg"):
+        ct.check_resume_meta({"seed": 0, **expected}, {"seed": 0, "num_train_triples": 40},
+                             "ck/4")
+
+
 # ----------------------------------------------------------------------------- SIGKILL
 
 

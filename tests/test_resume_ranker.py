@@ -340,3 +340,23 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     logged = []
     check(dataclasses.replace(cfg, dense_learning_rate=0.01), folder="old", log=logged.append)
     assert len(logged) == 1 and "without a run fingerprint" in logged[0], logged
+
+
+def test_resume_names_a_checkpoint_of_another_trainer(tmp_path):
+    """train_ranker in the workdir of pretrain_contrastive said "checkpoint is at step 506,
+    past this run's 30 steps" (or "has no embedding layout" for an earlier step)."""
+    from jax_recsys import checkpoint
+    from jax_recsys.ranking import train
+
+    _save_facet(tmp_path / "cl", 1.0)
+    cfg = _fingerprint_config(tmp_path / "cl")
+    facet = {"cl": checkpoint.load_facet(tmp_path / "cl")}
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(506, {"x": np.zeros(2)}, {"num_pairs": 64800, "seed": 3, "dim": 16,
+                                            "step": 506, "epoch": 2, "step_in_epoch": 0})
+        ckpt.wait()
+        with pytest.raises(ValueError, match=r"ckpt/506: a pretrain_contrastive checkpoint, "
+                           r"not a train_ranker one .*give train_ranker its own workdir"):
+            train._check_resume(ckpt.restore_meta(), ckpt, config=cfg,
+                                vocabs={"user_id": np.arange(5)}, total_steps=30,
+                                fingerprint=train.run_fingerprint(cfg, facet))

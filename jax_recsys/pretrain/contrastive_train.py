@@ -677,6 +677,11 @@ def check_resume_meta(meta: dict, expected: dict, where) -> None:
         `RESUME_KEYS_ADDED` only when the meta has them.
       where: the checkpoint folder (for the message).
     """
+    from jax_recsys import checkpoint
+
+    now = checkpoint.trainer_of(expected)
+    if now is not None:
+        checkpoint.check_trainer(meta, now, where)
     unchecked = sorted(k for k in expected if k in RESUME_KEYS_ADDED and k not in meta)
     if unchecked:
         logging.warning("%s was saved without %s; resuming it without checking them", where,

@@ -883,7 +883,10 @@ def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int,
         one saved as meta["run"]; a checkpoint saved without one resumes with a warning.
       log: where the warning goes.
     """
+    from jax_recsys import checkpoint as checkpoint_lib
+
     where = f"{ckpt.directory}/{meta.get('step')}"
+    checkpoint_lib.check_trainer(meta, "train_ranker", where)
     if int(meta.get("seed", config.seed)) != config.seed:
         raise ValueError(f"{where}: checkpoint seed {meta['seed']} != config seed {config.seed}")
     if fingerprint is not None:
