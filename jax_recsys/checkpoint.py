@@ -33,11 +33,14 @@ Dimension legend: R table rows, D embedding dim.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import uuid
 from collections.abc import Mapping
@@ -50,6 +53,9 @@ import orbax.checkpoint as ocp
 from jax_recsys import fsutil
 
 FACET_FORMAT_VERSION = 1
+# tensorstore's error text (Orbax re-raises it as ValueError): "RESOURCE_EXHAUSTED: ...".
+_TS_STATUS = re.compile(r"(RESOURCE_EXHAUSTED|PERMISSION_DENIED|DATA_LOSS|UNAVAILABLE|"
+                        r"INTERNAL|UNKNOWN|ABORTED|DEADLINE_EXCEEDED): ")
 _FACET_JSON = "facet.json"
 
 
@@ -168,6 +174,28 @@ def _fit(sharding, shape):
     return sharding
 
 
+class _NoOrbaxTracebacks(logging.Filter):
+    """Drops the tracebacks of Orbax's error logs, keeping their one-line message.
+
+    A save that cannot write (e.g. a full disk) fails in several Orbax writer threads,
+    each logging its traceback; `Checkpointer` raises the failure as one OSError line,
+    and the launchers print that. JAX_RECSYS_TRACEBACK=1 (as for the launchers' own
+    errors) keeps them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname
+                and os.environ.get("JAX_RECSYS_TRACEBACK", "").strip() in ("", "0")):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+    absl_logger = logging.getLogger("absl")  # Orbax logs with absl.logging
+    if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
+        absl_logger.addFilter(_NoOrbaxTracebacks())
+
+
 class Checkpointer:
     """Orbax `CheckpointManager` with `state` (pytree), `meta` (JSON) and `vocab` items.
 
@@ -218,7 +246,10 @@ class Checkpointer:
             raise PermissionError(
                 f"{self.directory}: cannot write checkpoints there (a read-only file system "
                 "or no write permission): make it writable or use another workdir")
+        _quiet_orbax_tracebacks()
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
+        self._pending_step: int | None = None  # the newest save started
+        self._reported = False  # a failed save was raised already
 
     def save(
         self,
@@ -240,6 +271,11 @@ class Checkpointer:
 
         Returns:
           True if a checkpoint was started.
+
+        Raises:
+          OSError: this save, or the previous one still being written in the
+            background, could not write (no space left, ...); `wait` and `close` raise
+            it too, once.
         """
         meta = {} if meta is None else meta
         try:
@@ -250,7 +286,12 @@ class Checkpointer:
         if vocabs:
             enc = {name: _encode_vocab(v) for name, v in vocabs.items()}
             items["vocab"] = ocp.args.StandardSave(enc)
-        return self._mgr.save(int(step), args=ocp.args.Composite(**items), force=force)
+        with self._writing():  # a failure of the previous (async) save surfaces here
+            self._mgr.wait_until_finished()
+        self._pending_step = int(step)
+        with self._writing():
+            started = self._mgr.save(int(step), args=ocp.args.Composite(**items), force=force)
+        return started
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint's step, or None."""
@@ -346,12 +387,50 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
-        self._mgr.wait_until_finished()
+        with self._writing():
+            self._mgr.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        reported = self._reported  # a failed save raised already: not again here
+        try:
+            with self._writing():
+                try:
+                    self._mgr.wait_until_finished()
+                finally:
+                    self._mgr.close()  # (it waits too, and raises the same failure)
+        except OSError:
+            if not reported:
+                raise
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turns a save that failed to write (no space left, an I/O error; Orbax raises
+        them from its writer threads, tensorstore's as a ValueError with a long status
+        message) into one OSError naming the folder, the step and the step to resume."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            text = str(e)
+            if not isinstance(e, OSError) and not _TS_STATUS.match(text):
+                raise  # not a write error (e.g. a bad tree): as Orbax said it
+            step, self._reported = self._pending_step, True
+            full = getattr(e, "errno", None) == errno.ENOSPC or "os_error_code='28'" in text
+            if full:
+                try:
+                    free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
+                except OSError:
+                    free = "free space unknown"
+                why = f"no space left on the device ({free})"
+            else:
+                why = text if len(text) <= 300 else text[:297] + "..."
+            latest = self._mgr.latest_step()
+            raise OSError(
+                f"{self.directory}: writing the checkpoint"
+                + (f" of step {step}" if step is not None else "") + f" failed: {why}; "
+                + ("free some space (or keep fewer checkpoints), then " if full else "")
+                + ("rerun to start over" if latest is None
+                   else f"rerun to resume from step {latest}")) from e
 
     def __enter__(self):
         return self

@@ -170,6 +170,43 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_save(tmp_path, mo
         d.chmod(0o755)
 
 
+def test_a_save_that_fails_to_write_ends_in_one_line(tmp_path, monkeypatch, caplog):
+    """A full disk failed an async save in Orbax's writer threads: the next save raised
+    tensorstore's 'RESOURCE_EXHAUSTED: Error writing "emb.tables.user/0.0" in OCDBT
+    database at local file ...' (and Orbax logged four tracebacks). Now: one OSError
+    naming the folder, the step, the free space and the step a rerun resumes from."""
+    import logging
+
+    ck = checkpoint.Checkpointer(tmp_path / "ck", keep=2)
+    ck.save(1, {"w": np.ones(3)})
+    ck.wait()
+    started = []
+    ts_error = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "w/0.0" in OCDBT database at local file '
+        f'"{tmp_path}/ck/2.orbax-checkpoint-tmp/state/": Failed to write 33515 bytes to '
+        "file 14: No space left on device [os_error_code='28']")
+
+    def wait_until_finished():  # as Orbax's, once the writer threads of step 2 failed
+        if started:
+            raise ts_error
+
+    monkeypatch.setattr(ck._mgr, "save", lambda step, **kw: started.append(step) or True)
+    monkeypatch.setattr(ck._mgr, "wait_until_finished", wait_until_finished)
+    assert ck.save(2, {"w": np.ones(3)})
+    with pytest.raises(OSError, match=r"/ck: writing the checkpoint of step 2 failed: no space "
+                       r"left on the device \([\d.]+ MiB free\); free some space \(or keep "
+                       r"fewer checkpoints\), then rerun to resume from step 1$"):
+        ck.save(3, {"w": np.ones(3)})
+    ck.close()  # the failure was raised already: closing does not raise it again
+    # Orbax's own error logs keep their line but lose the traceback.
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        from absl import logging as absl_logging
+        record = logging.LogRecord("absl", logging.ERROR, "/x/orbax/checkpoint/f.py", 1,
+                                   "save failed", (), (ValueError, ts_error, None))
+        absl_logging.get_absl_logger().handle(record)
+    assert record.exc_info is None and caplog.records[-1].getMessage() == "save failed"
+
+
 def test_restore_onto_other_meshes(tmp_path, devices):
     """Saved row-sharded over 8 devices; restored on 4, on 1, and replicated."""
     state = _state(_mesh(8))
