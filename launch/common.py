@@ -65,6 +65,10 @@ def setup(workdir: str | None) -> distributed.DistributedConfig:
     )
     if workdir:
         pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        # Now, not when the first checkpoint or the final facet is written, hours later.
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise PermissionError(f"{workdir}: cannot write there (a read-only file system or "
+                                  "no write permission): give a writable --workdir")
     if cfg.num_processes > 1:
         logging.info("process %d of %d", cfg.process_id, cfg.num_processes)
     return cfg

@@ -67,3 +67,19 @@ def slow_checkpoint_finalize(monkeypatch):
 
     monkeypatch.setattr(ocp.CheckpointManager, "_finalize", slow_finalize)
     return monkeypatch
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A new folder that this process cannot write: mode 0o555, and where that does not
+    stop this process (root), `os.access` answering for it as for a user."""
+    d = tmp_path / "read_only"
+    d.mkdir()
+    d.chmod(0o555)
+    if os.access(d, os.W_OK):
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **kw: (
+            False if os.fspath(p) == os.fspath(d) and mode & os.W_OK
+            else real(p, mode, *a, **kw)))
+    yield d
+    d.chmod(0o755)

@@ -75,6 +75,25 @@ def test_generate_data_refuses_a_world_with_other_files_beside_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # nothing staged
 
 
+def test_a_workdir_that_cannot_be_written_is_refused_before_any_work(read_only_dir):
+    """A read-only workdir (and checkpoint_every=0) was found out only when the trained
+    facet was written, at the end of the run."""
+    from absl import flags
+
+    from launch import common
+
+    parsed = flags.FLAGS.is_parsed()
+    flags.FLAGS.mark_as_parsed()  # setup reads the multi-process flags' defaults
+    try:
+        with pytest.raises(PermissionError, match=r"/read_only: cannot write there \(a "
+                           r"read-only file system or no write permission\): give a "
+                           r"writable --workdir"):
+            common.setup(str(read_only_dir))
+    finally:
+        if not parsed:
+            flags.FLAGS.unparse_flags()
+
+
 def test_unknown_config_key_is_one_line(tmp_path):
     proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.no_such_key=1",
                                   f"--workdir={tmp_path / 'w'}"])
