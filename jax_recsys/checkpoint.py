@@ -56,7 +56,17 @@ FACET_FORMAT_VERSION = 1
 # tensorstore's error text (Orbax re-raises it as ValueError): "RESOURCE_EXHAUSTED: ...".
 _TS_STATUS = re.compile(r"(RESOURCE_EXHAUSTED|PERMISSION_DENIED|DATA_LOSS|UNAVAILABLE|"
                         r"INTERNAL|UNKNOWN|ABORTED|DEADLINE_EXCEEDED): ")
+# ... and its errors of a stored file that is missing, cut short or garbled.
+_TS_READ_STATUS = re.compile(r"(FAILED_PRECONDITION|NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|"
+                             r"INVALID_ARGUMENT): ")
 _FACET_JSON = "facet.json"
+
+
+def _damaged(e: BaseException) -> bool:
+    """Whether an error of Orbax's restore says a stored file is missing or unreadable."""
+    return (isinstance(e, FileNotFoundError | json.JSONDecodeError)
+            or (isinstance(e, KeyError) and "was not found in the checkpoint" in str(e))
+            or bool(_TS_READ_STATUS.match(str(e))))
 
 
 # ----------------------------------------------------------------------------- vocab codec
@@ -334,7 +344,8 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
         )
-        out = self._mgr.restore(step, args=args)
+        with self._reading(step):
+            out = self._mgr.restore(step, args=args)
         if target is not None:
             self._check_like_target(step, out["state"], target)
         return out["state"], dict(out["meta"] or {})
@@ -374,7 +385,8 @@ class Checkpointer:
         decides the restore target.
         """
         step = self._resolve(step)
-        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        with self._reading(step):
+            out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"] or {})
 
     def restore_vocabs(self, step: int | None = None) -> dict[str, np.ndarray]:
@@ -382,7 +394,9 @@ class Checkpointer:
         step = self._resolve(step)
         if not (self.directory / str(step) / "vocab").exists():
             return {}
-        out = self._mgr.restore(step, args=ocp.args.Composite(vocab=ocp.args.StandardRestore()))
+        with self._reading(step):
+            out = self._mgr.restore(step,
+                                    args=ocp.args.Composite(vocab=ocp.args.StandardRestore()))
         return {name: _decode_vocab(enc) for name, enc in out["vocab"].items()}
 
     def wait(self) -> None:
@@ -402,6 +416,31 @@ class Checkpointer:
         except OSError:
             if not reported:
                 raise
+
+    @contextlib.contextmanager
+    def _reading(self, step: int):
+        """Turns a step folder that cannot be read (a file missing or cut short: a copy or
+        sync of the workdir that did not finish, a damaged disk; Orbax's own saves are
+        atomic) into one ValueError naming it and the older step a rerun can resume from,
+        instead of Orbax's traceback."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 (only a damaged-checkpoint cause is turned)
+            chain, x = [], e
+            while x is not None and len(chain) < 16:
+                chain.append(x)
+                x = x.__cause__ or x.__context__
+            hit = next((x for x in reversed(chain) if _damaged(x)), None)
+            if hit is None:
+                raise
+            reason = str(hit.args[0] if isinstance(hit, KeyError) and hit.args else hit)
+            reason = (reason.strip().splitlines() or [type(hit).__name__])[0]
+            reason = reason if len(reason) <= 240 else reason[:237] + "..."
+            older = [s for s in self.all_steps() if s < step]
+            then = (f"delete that folder to resume from step {older[-1]}" if older
+                    else "delete that folder (or use a fresh workdir) to start over")
+            raise ValueError(f"{self.directory}/{step}: this checkpoint cannot be read, it is "
+                             f"damaged or incomplete ({reason}); {then}") from e
 
     @contextlib.contextmanager
     def _writing(self):

@@ -215,6 +215,35 @@ def test_restore_onto_other_meshes(tmp_path, devices):
     ck.close()
 
 
+@pytest.mark.parametrize("damage", ["no state", "cut data", "empty meta"])
+def test_a_damaged_step_folder_is_named_with_the_step_to_resume_from(tmp_path, damage):
+    """A step folder damaged after Orbax committed it (a copy of the workdir that did not
+    finish) ended the resume with Orbax's traceback (KeyError 'Item "state" was not
+    found', 'Encountered error while reading array index', a JSONDecodeError)."""
+    # Large enough for files of its own (a few bytes go into the index).
+    state = {"w": jnp.asarray(np.random.default_rng(0).random((256, 64)), jnp.float32)}
+    with checkpoint.Checkpointer(tmp_path / "ck", keep=3) as ck:
+        ck.save(1, state, {"step": 1})
+        ck.save(2, state, {"step": 2})
+    folder = tmp_path / "ck" / "2"
+    if damage == "no state":
+        shutil.rmtree(folder / "state")
+    elif damage == "cut data":
+        for f in (folder / "state").glob("ocdbt.process_*/d/*"):
+            f.write_bytes(f.read_bytes()[:5])
+    else:
+        (folder / "meta" / "metadata").write_text("")
+    with checkpoint.Checkpointer(tmp_path / "ck", keep=3) as ck:
+        with pytest.raises(ValueError, match=r"/ck/2: this checkpoint cannot be read, it is "
+                           r"damaged or incomplete \(.+\); delete that folder to resume from "
+                           r"step 1$"):
+            ck.restore_meta()
+            ck.restore(target=checkpoint.abstract_like(state))
+        got, meta = ck.restore(1, target=checkpoint.abstract_like(state))
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(state["w"]))
+
+
 def test_restore_refuses_a_target_of_another_shape(tmp_path):
     """NumPy and unsharded targets would come back in the saved shape: refused by name."""
     ck = checkpoint.Checkpointer(tmp_path / "ck", async_save=False)
