@@ -325,8 +325,14 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
         check(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_dims=(8,))))
     frozen = tuple(dataclasses.replace(e, facets=(dataclasses.replace(e.facets[0], mode="freeze"),
                                                   *e.facets[1:])) for e in cfg.entities)
-    with pytest.raises(ValueError, match=r"belongs to another run: entities was .*'finetune'"):
+    with pytest.raises(ValueError, match=r"belongs to another run: entities\[user\]\.facets"
+                       r"\[cl\]\.mode was 'finetune', now 'freeze'; use a fresh workdir$"):
         check(dataclasses.replace(cfg, entities=frozen))
+    wider = tuple(dataclasses.replace(e, facets=(e.facets[0], dataclasses.replace(
+        e.facets[1], dim=8))) for e in cfg.entities)
+    with pytest.raises(ValueError, match=r"another run: entities\[user\]\.facets\[scratch\]"
+                       r"\.dim was 4, now 8; use"):
+        check(dataclasses.replace(cfg, entities=wider))
     _save_facet(tmp_path / "cl2", 1.0)
     with pytest.raises(ValueError, match=r"facets\.cl\.path was '.*/cl', now '.*/cl2'"):
         check(dataclasses.replace(cfg, facet_paths=(("cl", str(tmp_path / "cl2")),)))

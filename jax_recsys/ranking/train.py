@@ -868,6 +868,36 @@ def run_fingerprint(config: TrainConfig, facets: Mapping[str, Any]) -> dict[str,
     return json.loads(json.dumps(out, default=str))  # tuples -> lists, as saved
 
 
+def _leaf_diffs(a, b, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted path, a's value, b's value) where the JSON values `a` and `b` differ: down
+    to the field (`entities[user].facets[scratch].dim`) rather than two whole lists of
+    entities; a list of plain values (`model.mlp_dims`) is one value."""
+    missing = "<unset>"
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _leaf_diffs(a.get(k, missing), b.get(k, missing),
+                                     f"{path}.{k}" if path else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and a and b:
+        la, lb = _labels(a), _labels(b)  # entities by name, facets by source
+        if la is not None and lb is not None:
+            out = [] if [k for k in la if k in lb] == [k for k in lb if k in la] else [
+                (f"{path} order", list(la), list(lb))]
+            return out + [d for k in [*la, *(k for k in lb if k not in la)]
+                          for d in _leaf_diffs(la.get(k, missing), lb.get(k, missing),
+                                               f"{path}[{k}]")]
+    return [] if a == b else [(path, a, b)]
+
+
+def _labels(items: list) -> dict[str, Any] | None:
+    """A list of dicts keyed by their "name" (or else "source"), in order, when every item
+    has one and no two share it; else None."""
+    for key in ("name", "source"):
+        if all(isinstance(x, dict) and isinstance(x.get(key), str) for x in items):
+            out = {x[key]: x for x in items}
+            return out if len(out) == len(items) else None
+    return None
+
+
 def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int,
                   fingerprint: Mapping[str, Any] | None = None,
                   log: Callable[[str], None] = print) -> None:
@@ -895,10 +925,7 @@ def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int,
             log(f"ranker: WARNING: {where} was saved without a run fingerprint; resuming it "
                 "without checking that its settings and facets are this run's")
         else:
-            missing = "<unset>"
-            diffs = [f"{k} was {saved_fp.get(k, missing)!r}, now {fingerprint.get(k, missing)!r}"
-                     for k in sorted(set(saved_fp) | set(fingerprint))
-                     if saved_fp.get(k, missing) != fingerprint.get(k, missing)]
+            diffs = [f"{k} was {a!r}, now {b!r}" for k, a, b in _leaf_diffs(saved_fp, fingerprint)]
             if diffs:
                 raise ValueError(f"{where}: the checkpoint belongs to another run: "
                                  f"{'; '.join(diffs)}; use a fresh workdir")
