@@ -42,6 +42,8 @@ import os
 import pathlib
 import re
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -184,6 +186,29 @@ def _fit(sharding, shape):
     return sharding
 
 
+@contextlib.contextmanager
+def _ctrl_c_after():
+    """Holds a Ctrl-C (SIGINT) back until the block is done, then raises it.
+
+    Around the blocking part of an Orbax save: interrupted there, the save never
+    started the thread that finishes it, and its step was lost although the launchers
+    wait for a checkpoint being written before they exit. Only where SIGINT has Python's
+    default handler, in the main thread.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 class _NoOrbaxTracebacks(logging.Filter):
     """Drops the tracebacks of Orbax's error logs, keeping their one-line message.
 
@@ -299,7 +324,7 @@ class Checkpointer:
         with self._writing():  # a failure of the previous (async) save surfaces here
             self._mgr.wait_until_finished()
         self._pending_step = int(step)
-        with self._writing():
+        with self._writing(), _ctrl_c_after():
             started = self._mgr.save(int(step), args=ocp.args.Composite(**items), force=force)
         return started
 

@@ -195,6 +195,27 @@ def test_a_save_that_fails_to_write_ends_in_one_line(tmp_path, monkeypatch, capl
     assert record.exc_info is None and caplog.records[-1].getMessage() == "save failed"
 
 
+def test_ctrl_c_during_the_blocking_part_of_a_save_keeps_that_save(tmp_path, monkeypatch):
+    """Ctrl-C while Orbax's save was still in the caller's thread lost that step (its
+    folder stayed *.orbax-checkpoint-tmp): a rerun resumed one interval earlier."""
+    import os
+    import signal
+
+    ck = checkpoint.Checkpointer(tmp_path / "ck")
+    save = ck._mgr.save
+
+    def interrupted_save(*args, **kwargs):  # Ctrl-C arrives while Orbax prepares the save
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(ck._mgr, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(5, {"w": np.arange(4.0)}, {"step": 5})
+    ck.close()
+    assert ck.all_steps() == [5]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_restore_onto_other_meshes(tmp_path, devices):
     """Saved row-sharded over 8 devices; restored on 4, on 1, and replicated."""
     state = _state(_mesh(8))
