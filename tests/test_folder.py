@@ -239,6 +239,33 @@ def test_bad_dataset_json(tmp_path):
         assert message in str(e) and e.file.endswith("dataset.json"), (meta, str(e))
 
 
+def test_a_dataset_json_for_its_splits_only_finds_tables_and_kg_by_name(tmp_path):
+    # A user's dataset.json written for its day windows, without "tables" or "kg", was
+    # KeyError: 'tables' (a traceback) in every entry point.
+    _write(tmp_path / "impressions.csv", "user_id,item_id,timestamp,click\nu1,p1,86400,1\n")
+    (tmp_path / "kg").mkdir()
+    _write(tmp_path / "kg" / "train.txt", "a\tr\tb\n")
+    meta = {"format_version": 1, "splits": {"ranker_train": [1, 2]}}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    d = DatasetFolder(tmp_path)
+    assert d.table_names == ["impressions"] and d.has_table("impressions")
+    assert d.table("impressions")["user_id"].tolist() == ["u1"]
+    assert d.kg_path == tmp_path / "kg" and d.day_window("ranker_train") == (1, 2)
+    # An explicit "kg": null is no graph; listed tables are the only ones.
+    _write(tmp_path / "other.csv", "a\n1\n")
+    meta.update(kg=None, tables={"impressions": {"path": "impressions.csv"}})
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    d = DatasetFolder(tmp_path)
+    assert d.kg_path is None and d.table_names == ["impressions"]
+
+
+def test_a_file_given_as_the_dataset_folder_says_so(tmp_path):
+    _write(tmp_path / "impressions.csv", "a\n1\n")
+    e = _err(lambda: DatasetFolder(tmp_path / "impressions.csv"))
+    assert "a file, not a dataset folder" in str(e) and str(tmp_path) in str(e)
+    assert "not found" in str(_err(lambda: DatasetFolder(tmp_path / "nope")))
+
+
 def test_kg_folder_discovered(tmp_path):
     (tmp_path / "kg").mkdir()
     _write(tmp_path / "kg" / "train.txt", "a\tr\tb\n")

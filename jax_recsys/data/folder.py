@@ -18,6 +18,9 @@ DIR/
      "kg": "kg" | null,
      "splits": {window_name: [start_day, end_day]}}     # half-open day windows
 
+Left out, "tables" and "kg" are found as without ``dataset.json`` (one written only
+for its "splits"); ``"kg": null`` means no graph.
+
 Writers: :func:`write_table` (one shot), :class:`TableWriter` (streaming: chunks
 are appended to the ``.npy`` column files and the npy header is fixed at
 ``close()``, so producers never hold a whole table in memory) and
@@ -908,6 +911,11 @@ class DatasetFolder:
         self.skipped: dict[str, int] = {}
         # Text table -> 1-based file line of each row of its last read (for `error`).
         self._lines: dict[str, np.ndarray] = {}
+        if self.path.is_file():
+            raise DataError(
+                f"a file, not a dataset folder: give the folder that holds it ({self.path.parent})",
+                file=self.path,
+            )
         if not self.path.is_dir():
             raise DataError("dataset folder not found", file=self.path)
         meta_path = self.path / "dataset.json"
@@ -924,7 +932,10 @@ class DatasetFolder:
                 raise DataError(
                     f"unsupported format_version {meta.get('format_version')!r}", file=meta_path
                 )
-            tables = meta.get("tables", {})
+            found = None  # what the folder holds, for the entries dataset.json leaves out
+            if "tables" not in meta or "kg" not in meta:  # (one written for its "splits")
+                found = self._discover()
+            tables = meta.setdefault("tables", found and found["tables"])
             if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
                 raise DataError("'tables' must map table names to {\"path\": ...}", file=meta_path)
             for name, t in tables.items():
@@ -952,7 +963,7 @@ class DatasetFolder:
                     f"start <= end), got {splits!r}",
                     file=meta_path,
                 )
-            meta.setdefault("kg", None)
+            meta.setdefault("kg", found and found["kg"])  # an explicit null: no graph
             if not (meta["kg"] is None or isinstance(meta["kg"], str)):
                 raise DataError(
                     f"'kg' must be a folder name or null, got {meta['kg']!r}", file=meta_path

@@ -802,11 +802,8 @@ def resolve_kg_path(path: str | os.PathLike) -> pathlib.Path:
 
         kg = DatasetFolder(root).kg_path
         if kg is None:
-            # A dataset.json written for its "splits" that leaves "kg" out: its kg/ folder
-            # (what a folder without dataset.json uses) was "no knowledge graph".
+            # DatasetFolder reads kg/ for a dataset.json that leaves "kg" out.
             given = "kg" in json.loads((root / "dataset.json").read_text(encoding="utf-8-sig"))
-            if not given and (root / "kg" / "train.txt").exists():
-                return root / "kg"
             raise ValueError(f"{root / 'dataset.json'} has no knowledge graph ("
                              + ('"kg": null' if given else 'no "kg" entry, and no kg/train.txt')
                              + ")")
