@@ -174,8 +174,32 @@ def _py(module: str, *args: str) -> list[str]:
 
 
 def read_json(path: pathlib.Path) -> dict:
-    """A JSON file's object, or {} when the file does not exist."""
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A JSON file's object, or {} when the file does not exist.
+
+    Raises:
+      ValueError: the file is not a JSON object (damaged, e.g. cut short), naming it.
+    """
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is damaged ({e}); rerun the stage that writes it "
+                         "(--force=STAGE)") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); rerun the stage that "
+                         "writes it (--force=STAGE)")
+    return obj
+
+
+def _read_marker(marker: pathlib.Path) -> dict:
+    """A stage marker, or {} when it is missing or damaged: either way the stage is
+    not known to be finished and runs again."""
+    try:
+        return read_json(marker)
+    except ValueError:
+        print(f"[{marker.stem}] marker {marker} is damaged: the stage runs again", flush=True)
+        return {}
 
 
 def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
@@ -189,7 +213,7 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
       user_forced: the user named this stage in ``--force`` (adds its forced_args).
     """
     marker = wd / "stages" / f"{stage.name}.json"
-    m = read_json(marker)
+    m = _read_marker(marker)
     key = keys[0]
     if not force and m.get("key") in keys and stage.done_file.exists():
         if m["key"] != key:  # made before keys were portable: the same stage, now movable

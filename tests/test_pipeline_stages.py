@@ -647,3 +647,29 @@ def test_portable_arguments(tmp_path, monkeypatch):
     assert rp._portable_arg(f"--x={tmp_path}/repo/runs/mainly", wd) == "--x=runs/mainly"
     for arg in ("--config=configs/w.py", "--bits=4", "-c", "--fresh", "world"):
         assert rp._portable_arg(arg, wd) == arg
+
+
+def test_a_damaged_stage_marker_reruns_the_stage_and_a_damaged_output_is_named(tmp_path, capsys):
+    # A marker cut short (a full disk, a killed copy) failed every later run with a bare
+    # JSONDecodeError naming no file; a missing marker reruns the stage, so does this one.
+    wd = tmp_path / "wd"
+    rp.run_stages([_stage(tmp_path, "a")], wd, set(), 60)
+    marker = wd / "stages" / "a.json"
+    for damaged in ('{"stage": "a", "key', "[1, 2]"):
+        marker.write_text(damaged)
+        res = rp.run_stages([_stage(tmp_path, "a")], wd, set(), 60)
+        assert res[0]["skipped"] is False
+        assert f"[a] marker {marker} is damaged: the stage runs again" in capsys.readouterr().out
+        assert rp.read_json(marker)["key"] == res[0]["key"]
+    assert len(_runs(tmp_path)) == 3
+    # A damaged stage output (ablation.json, export_report.json, serving_check.json):
+    # a one-line error that names the file.
+    out = wd / "serving_check.json"
+    out.write_text('{"ok": tr')
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} is damaged \(.*\); rerun "
+                       r"the stage that writes it \(--force=STAGE\)$"):
+        rp.read_json(out)
+    out.write_text("null")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} is damaged \(not a JSON object\)"):
+        rp.read_json(out)
+    assert rp.read_json(wd / "none.json") == {}
