@@ -43,6 +43,7 @@ from concurrent import futures
 import numpy as np
 from absl import flags, logging
 
+from jax_recsys import fsutil
 from launch import common
 from serving import check_rules
 
@@ -385,11 +386,18 @@ def main(argv):
     finally:
         codes = [p.stop() for p in reversed(procs)]
         report["server_exit_codes"] = codes[::-1]
-        out_path.write_text(json.dumps(report, indent=2))
+        write_report(out_path, report)
     print(json.dumps({"serving_check": report}), flush=True)
     del jax
     if not report["ok"]:
         raise SystemExit(f"serving check failed: {json.dumps(report)}")
+
+
+def write_report(out_path: pathlib.Path, report: dict) -> None:
+    """Writes serving_check.json atomically: it is the pipeline's serving stage's done
+    file, and a check stopped while writing it must leave the old file or none (the
+    stage then runs again), never a part of it."""
+    fsutil.write_text_atomic(out_path, json.dumps(report, indent=2))
 
 
 def _safe_call(call, payload: bytes, deadline_s: float):
