@@ -277,10 +277,10 @@ def test_manifest_edits_refused(tmp_path):
         artifact.load_artifact(tmp_path / "art")
     with pytest.raises(artifact.ArtifactError, match=r"ghost\.codes\.npy: missing"):
         artifact.load_artifact(tmp_path / "art", verify=False)
-    # Declared shape differs from the file.
-    edited = json.loads(json.dumps(m))
-    edited["tables"]["pin"]["rows"] = 12
-    mpath.write_text(json.dumps(edited))
+    # Declared shape differs from the file (the version recomputed: checked without
+    # any file check too).
+    mpath.write_text(json.dumps(m))
+    _forge(tmp_path / "art", lambda d: d["tables"]["pin"].update(rows=12))
     with pytest.raises(artifact.ArtifactError, match=r"pin\.codes\.npy: shape \(11, 3\), manifest says \(12, 3\)"):
         artifact.load_artifact(tmp_path / "art", verify=False)
     # Changed hash list without a new version id.
@@ -308,6 +308,12 @@ def test_version_covers_what_the_manifest_says_of_the_files(tmp_path):
         for mode in ("sizes", "full"):
             with pytest.raises(artifact.ArtifactError, match="version .* was edited"):
                 artifact.verify_artifact(tmp_path / "art", mode=mode)
+        # Without any file check too (serve_* --verify=none): a dim 6 table loaded under
+        # the version of the dim 5 one. The check reads the manifest only.
+        for verify in (False, "sizes", True):
+            with pytest.raises(artifact.ArtifactError, match=f"version {m.version} does not "
+                               "match the recorded file hashes and tables .*; the manifest was edited"):
+                artifact.load_artifact(tmp_path / "art", verify=verify)
     # Format 1 artifacts (version over the file hashes only) still load.
     old = json.loads(json.dumps(m))
     old["format_version"] = 1
@@ -337,10 +343,8 @@ def test_version_covers_what_the_manifest_says_of_the_files(tmp_path):
     ],
 )
 def test_malformed_manifest_entries_give_artifact_errors(tmp_path, edit, message):
-    m = _write(tmp_path / "art")
-    edited = json.loads(json.dumps(m))
-    edit(edited)
-    (tmp_path / "art" / "manifest.json").write_text(json.dumps(edited))
+    _write(tmp_path / "art")
+    _forge(tmp_path / "art", edit)  # the version recomputed: the entry itself is refused
     with pytest.raises(artifact.ArtifactError, match=message):
         artifact.load_artifact(tmp_path / "art", verify=False)
 

@@ -598,6 +598,15 @@ def _referenced_files(manifest: Manifest) -> list[str]:
     return refs
 
 
+def _check_version(manifest: Manifest, mpath: pathlib.Path) -> None:
+    """The manifest's version is the one its own entries give (reads no data file)."""
+    if _manifest_version(manifest) != manifest.version:
+        raise ArtifactError(
+            f"{mpath}: version {manifest.version} does not match the recorded file hashes "
+            f"and tables ({_manifest_version(manifest)}); the manifest was edited"
+        )
+
+
 def verify_artifact(path: str | os.PathLike, *, mode: str = "full") -> Manifest:
     """Checks an artifact's files against its manifest.
 
@@ -625,11 +634,7 @@ def verify_artifact(path: str | os.PathLike, *, mode: str = "full") -> Manifest:
     root = pathlib.Path(path)
     manifest = _read_manifest(root)
     mpath = root / MANIFEST
-    if _manifest_version(manifest) != manifest.version:
-        raise ArtifactError(
-            f"{mpath}: version {manifest.version} does not match the recorded file hashes "
-            f"and tables ({_manifest_version(manifest)}); the manifest was edited"
-        )
+    _check_version(manifest, mpath)
     for rel in sorted(_referenced_files(manifest)):
         if rel not in manifest.files:
             raise ArtifactError(f"{mpath}: references {rel} which has no checksum entry")
@@ -674,8 +679,9 @@ def load_artifact(
     Args:
       path: the artifact folder.
       verify: True or "full" = full checksum pass (`verify_artifact`), "sizes" =
-        sizes only (fast start-up), False = no file-level check (shapes and
-        dtypes are still checked against the manifest).
+        sizes only (fast start-up), False = no file-level check (the manifest's
+        version is still checked against its own entries, which reads no data
+        file, and shapes and dtypes against the manifest).
       expected_version: refuse the artifact unless its version equals this.
 
     Returns:
@@ -716,6 +722,8 @@ def _load_once(root: pathlib.Path, *, verify, expected_version) -> Artifact | No
         verified = verify_artifact(root, mode="full" if verify is True else verify)
         if verified.version != manifest.version:  # swapped in between: not verified
             return None
+    else:  # no file check, but a hand-edited manifest never loads under its old version
+        _check_version(manifest, root / MANIFEST)
     tables, vocabs = {}, {}
     for name, entry in manifest.tables.items():
         try:
