@@ -76,6 +76,36 @@ def test_discovery_takes_upper_case_suffixes_and_skips_hidden_files(tmp_path):
     assert list(DatasetFolder(tmp_path).table("items")) == ["item_id"]
 
 
+def test_npy_columns_in_upper_case_are_read_as_csv_tables_are(tmp_path):
+    # A column folder of "user_id.NPY" files (as a .CSV table is found) was no table:
+    # "no table 'clicks' (have [])", and read_table said "no <column>.npy files".
+    t = tmp_path / "clicks"
+    t.mkdir()
+    np.save(t / "user_id.npy", np.array([3, 4, 5]))
+    np.save(t / "label.npy", np.array([0.0, 1.0, 0.0]))
+    (t / "user_id.npy").rename(t / "user_id.NPY")
+    (t / "label.npy").rename(t / "label.Npy")
+    ds = DatasetFolder(tmp_path)
+    assert ds.table_names == ["clicks"]
+    got = ds.table("clicks")
+    assert list(got) == ["label", "user_id"]
+    np.testing.assert_array_equal(got["user_id"], [3, 4, 5])
+    np.testing.assert_array_equal(ds.table("clicks", ["user_id"])["user_id"], [3, 4, 5])
+    np.testing.assert_array_equal(folder.read_table(t)["label"], [0.0, 1.0, 0.0])
+    assert str(ds.error("clicks", "bad", column="user_id", row=1)).startswith(
+        f"{t / 'user_id.NPY'}")
+    # One column in two files (the same name, the suffix in two cases): which one?
+    np.save(t / "user_id.npy", np.array([6, 7, 8]))
+    with pytest.raises(DataError, match=r"two files of column 'user_id': 'user_id.NPY' and "
+                       r"'user_id.npy'; keep one"):
+        folder.read_table(t)
+    # The writers leave no such pair: a table written over "user_id.NPY" is refused.
+    (t / "user_id.npy").unlink()
+    with pytest.raises(DataError, match=r"already holds columns \['label', 'user_id.NPY'\]"):
+        folder.write_table(tmp_path, "clicks", {"user_id": np.array([1, 2])})
+    assert sorted(p.name for p in t.iterdir()) == ["label.Npy", "user_id.NPY"]
+
+
 
 def test_table_writer_chunks_equal_one_shot(tmp_path):
     rng = np.random.default_rng(0)

@@ -140,16 +140,39 @@ def _check_columns(columns: Mapping[str, np.ndarray], where: str) -> int:
     return int(rows)
 
 
+def _npy_files(tdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Column name -> file of the ``<column>.npy`` files in a table folder, by name; the
+    suffix in any case (``.NPY``, as ``.CSV`` tables); hidden files (macOS
+    ``._<column>.npy`` resource forks) are not columns.
+
+    Raises:
+      DataError: two files of one column (``a.npy`` and ``a.NPY``).
+    """
+    files: dict[str, pathlib.Path] = {}
+    if not tdir.is_dir():
+        return files
+    for p in sorted(tdir.iterdir()):
+        if p.suffix.lower() != ".npy" or p.name.startswith(".") or not p.is_file():
+            continue
+        if p.stem in files:
+            raise DataError(f"two files of column {p.stem!r}: {files[p.stem].name!r} and "
+                            f"{p.name!r}; keep one", file=tdir, column=p.stem)
+        files[p.stem] = p
+    return dict(sorted(files.items()))
+
+
 def _npy_columns(tdir: pathlib.Path) -> list[str]:
-    """Column names of the ``<column>.npy`` files in a table folder, sorted; hidden files
-    (macOS ``._<column>.npy`` resource forks) are not columns."""
-    return sorted(p.stem for p in tdir.glob("*.npy") if not p.name.startswith("."))
+    """Column names of the ``<column>.npy`` files in a table folder, sorted (`_npy_files`)."""
+    return list(_npy_files(tdir))
 
 
 def _check_no_other_columns(tdir: pathlib.Path, columns: Iterable[str]) -> None:
     """Refuses to write into a table folder that holds ``.npy`` columns this table lacks:
     a reader would take those leftovers of an earlier table for columns of this one."""
-    others = sorted(set(_npy_columns(tdir)) - set(columns))
+    columns = set(columns)
+    # "a.NPY" beside the "a.npy" written now would be a second file of column "a".
+    others = sorted(p.name if c in columns else c for c, p in _npy_files(tdir).items()
+                    if c not in columns or p.name != f"{c}.npy")
     if others:
         raise DataError(
             f"the table folder already holds columns {others} that this table does not have "
@@ -760,14 +783,15 @@ def read_npy_table(
         (the row is named), or columns of different lengths.
     """
     path = pathlib.Path(path)
-    available = _npy_columns(path)
+    files = _npy_files(path)
+    available = list(files)
     if not available:
         raise DataError("no <column>.npy files in table folder", file=path)
     wanted = available if columns is None else list(columns)
     out = {}
     rows = None
     for c in wanted:
-        f = path / f"{c}.npy"
+        f = files.get(c, path / f"{c}.npy")
         if not f.exists():
             raise DataError(f"missing required column (have {available})", file=f, column=c)
         try:
@@ -899,7 +923,7 @@ class DatasetFolder:
 
     Args:
       path: the folder. ``dataset.json`` is optional: without it, ``*.csv``,
-        ``*.tsv`` (any case: ``.CSV``) and sub-folders of ``*.npy`` are tables, names
+        ``*.tsv`` and sub-folders of ``*.npy`` (any case: ``.CSV``, ``.NPY``) are tables, names
         starting with ``.`` are not (hidden files, macOS ``._x.csv``), and ``kg/`` (if
         it holds ``train.txt``) is the knowledge graph.
       on_bad_lines: "error" or "skip" for CSV/TSV tables.
@@ -1068,7 +1092,8 @@ class DatasetFolder:
         """
         path = self.table_path(name)
         if path.is_dir():
-            file = path / f"{column}.npy" if column is not None else path
+            file = (_npy_files(path).get(column, path / f"{column}.npy")
+                    if column is not None else path)
             if row is not None:
                 message = f"row {row}: {message}"
             return DataError(message, file=file, column=column)
