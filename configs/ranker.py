@@ -87,8 +87,8 @@ def get_config(arg=None):
     c.train.log_every = 10 if smoke else 25
     c.train.eval_batch_size = 16384
     c.train.seed = 0
-    # Checkpoints in WORKDIR/checkpoints every N steps and at the end (0: none); a rerun
-    # with the same WORKDIR resumes from the latest one. Keep the newest `keep_checkpoints`.
+    # Checkpoints in WORKDIR/checkpoints every N steps and at the end (0: none, and none
+    # there is resumed); a rerun with the same WORKDIR resumes from the latest one. Keep the newest `keep_checkpoints`.
     c.train.checkpoint_every = 0 if smoke else 500
     c.train.keep_checkpoints = 2
     # Force one sharding type on every table ("row_wise", "replicated", ...; "": planner).

@@ -213,6 +213,25 @@ def test_rerun_with_other_settings_refuses_the_old_checkpoint(tmp_path):
     assert again["train"]["resumed_from_step"] == first["train"]["steps"] > 0
 
 
+def test_checkpoint_every_0_neither_resumes_nor_creates_checkpoints(tmp_path):
+    """checkpoint_every=0 (configs/ranker.py: "0: none") still made an empty checkpoints/
+    folder and resumed from checkpoints already there; the pretrainers do neither."""
+    _write_world(tmp_path / "data", n=1536)
+    cfg = _cfg(tmp_path / "data", (), num_epochs=1.0, checkpoint_every=2)
+    ckpts, quiet = tmp_path / "ckpt", lambda s: None
+    first = T.train_and_evaluate(cfg, None, log=quiet, checkpoint_dir=ckpts)
+    steps = first["train"]["steps"]
+    assert steps > 2 and (ckpts / str(steps)).is_dir()
+    logs = []
+    off = dataclasses.replace(cfg, checkpoint_every=0)
+    again = T.train_and_evaluate(off, None, log=logs.append, checkpoint_dir=ckpts)
+    assert again["train"]["resumed_from_step"] == 0 and again["train"]["steps"] == steps
+    assert not any("resumed from" in s for s in logs), logs
+    assert again["test"]["ctr_auc"] == pytest.approx(first["test"]["ctr_auc"], abs=1e-6)
+    T.train_and_evaluate(off, None, log=quiet, checkpoint_dir=tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
 def test_an_error_during_training_leaves_a_complete_checkpoint(tmp_path,
                                                                slow_checkpoint_finalize):
     """An exception while a checkpoint is still being written (asynchronously) reaches

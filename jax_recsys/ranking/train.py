@@ -149,8 +149,9 @@ class TrainConfig:
       seed: seeds initialisation and the data order.
       log_every: print the training loss every N steps (0: never).
       eval_batch_size: batch size of the evaluation.
-      checkpoint_every: save a training checkpoint every N steps and at the end (0: never;
-        only used when `train_and_evaluate` gets a checkpoint_dir).
+      checkpoint_every: save a training checkpoint every N steps and at the end, and
+        resume from the newest one (0: never, and checkpoints already there are not
+        read; only used when `train_and_evaluate` gets a checkpoint_dir).
       keep_checkpoints: how many recent checkpoints to keep.
       table_sharding: force one sharding type on every table ("row_wise", "replicated",
         "table_wise", "column_wise"); "" lets the planner choose by size.
@@ -1040,10 +1041,11 @@ def train_and_evaluate(
       log: progress printer.
       mesh: device mesh for the tables and the batch (None: all devices of all
         processes, axis "data").
-      checkpoint_dir: Orbax checkpoint folder. If it holds a checkpoint the run resumes
-        from the newest one (any mesh, any process count); with
-        `config.checkpoint_every > 0` the state is saved every that many steps and
-        at the end. None: no checkpoints.
+      checkpoint_dir: Orbax checkpoint folder, used with `config.checkpoint_every > 0`:
+        if it holds a checkpoint the run resumes from the newest one (any mesh, any
+        process count), and the state is saved every that many steps and at the end.
+        None or `checkpoint_every` 0: no checkpoints (the folder is neither read nor
+        created, as in the pretrainers).
 
     Returns:
       metrics dict: "test" and "valid" task metrics, "facets" (found/missing ids per
@@ -1190,8 +1192,8 @@ def train_and_evaluate(
     ckpt = None
     vocabs = {c: data.vocabs[c] for c in id_columns}
     fingerprint = run_fingerprint(config, facets)
-    if checkpoint_dir is not None:
-        from jax_recsys import checkpoint as checkpoint_lib
+    if checkpoint_dir is not None and config.checkpoint_every > 0:  # 0: no checkpoints at
+        from jax_recsys import checkpoint as checkpoint_lib  # all, as in the pretrainers
 
         ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
 
@@ -1227,7 +1229,7 @@ def train_and_evaluate(
             f"processes, {total_steps} steps, "
             f"tables {[(t.name, t.dim, 'ft' if t.trainable else 'frozen', t.learning_rate) for t in tables]}"
         )
-        saving = ckpt is not None and config.checkpoint_every > 0
+        saving = ckpt is not None
         t_train = time.time()
         first_step = step
         t_first = t_train
