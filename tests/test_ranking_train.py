@@ -359,8 +359,9 @@ def test_an_empty_csv_label_is_a_label_not_known_yet(tmp_path):
     csv.write_text("user_id,timestamp,click,conversion\n1,0,1,0\n2,0,0,0\n3,86400,1,1\n"
                    "4,86400,0,0\n5,172800,1,\n6,172800,,\n")
     ids = ("user_id",)
-    got = T.prepare_data(_data(tmp_path, train_window=(0, 1), valid_window="",
-                               test_window=(1, 2)), id_columns=ids)
+    with pytest.warns(UserWarning, match="conversion=1 after a click: the CVR head"):
+        got = T.prepare_data(_data(tmp_path, train_window=(0, 1), valid_window="",
+                                   test_window=(1, 2)), id_columns=ids)
     assert got.splits["train"]["click"].tolist() == [1, 0]
     assert got.splits["test"]["conversion"].tolist() == [1, 0]
     with pytest.raises(folder.DataError) as e:
