@@ -6,10 +6,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/main
 CONFIG ?= configs/pipeline.py
-# pytest-xdist workers: one per core, and at least 3 (about a quarter of the suite's
-# time is tests waiting on their servers and subprocesses: on 2 cores, 2 workers
-# left the CPUs idle that long).
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(3, os.cpu_count() or 1))")
 
 .PHONY: venv run smoke test test-fast lint bench clean
 
@@ -28,7 +24,7 @@ smoke: venv
 	$(PY) -m launch.run_pipeline --config=$(CONFIG):smoke --workdir=runs/smoke
 
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow and not multiprocess" tests
