@@ -47,6 +47,15 @@ def _write_config(path, value):
     )
 
 
+def _run_child(code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh Python in the checkout (launch's absl flags stay out of
+    this process); asserts it exits 0."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_keys_follow_config_content_and_upstream_stages(tmp_path):
     cfg = tmp_path / "world_cfg.py"
     _write_config(cfg, 1)
@@ -107,9 +116,7 @@ def test_the_report_leaves_out_outputs_of_stages_the_run_does_not_have(tmp_path)
             "    results = [{'stage': s, 'seconds': 1.0, 'summary': s} for s in stages]\n"
             "    text = run_pipeline.write_pipeline_report(None, wd, results).read_text()\n"
             "    print('INT8 export' in text, 'Live hybrid serving' in text, '- version: old' in text)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_child(code)
     assert proc.stdout.splitlines() == ["True False False", "True True True"]
 
 
@@ -138,9 +145,7 @@ def test_a_failed_stage_rewrites_the_report(tmp_path):
         "    run_pipeline.run_and_report(types.SimpleNamespace(stage_timeout_s=60), wd, stages, set())\n"
         "except SystemExit as e:\n"
         "    print('exit:', e.code)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_child(code)
     error = proc.stdout.splitlines()[-1].removeprefix("exit: ")
     assert error.startswith("[ablation] failed with exit code 3: ")
     lines = (wd / "report.md").read_text().splitlines()
@@ -166,9 +171,7 @@ def test_the_report_draws_the_ranker_curves_of_the_ablations_first_seed(tmp_path
             "report.write_report = lambda wd, **kw: print(kw['histories'])\n"
             f"run_pipeline.write_pipeline_report(None, pathlib.Path({str(wd)!r}),\n"
             "    [{'stage': 'ablation', 'seconds': 1.0, 'summary': ''}])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_child(code)
     assert proc.stdout.splitlines() == ["{'ranker cl': [{'step': 10, 'loss_ema': 0.8}]}"]
 
 
@@ -192,9 +195,7 @@ def test_the_report_says_which_served_row_is_this_runs_artifact(tmp_path):
             "    results = [{'stage': 'ablation', 'seconds': 1.0, 'summary': ''}, export]\n"
             "    text = run_pipeline.write_pipeline_report(cfg, wd, results).read_text()\n"
             "    print([ln.split(' |')[0] for ln in text.splitlines() if 'served' in ln])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_child(code)
     assert proc.stdout.splitlines() == [
         str(["| + both facets, INT4 served (not this run's artifact)",
              "| + both facets, INT8 served (this run's artifact)"]),
@@ -227,9 +228,7 @@ def test_a_damaged_run_metrics_json_leaves_its_curves_out_of_the_report(tmp_path
             "report.write_report = lambda wd, **kw: print(kw['histories']) or write(wd, **kw)\n"
             f"run_pipeline.write_pipeline_report(None, pathlib.Path({str(wd)!r}),\n"
             "    [{'stage': 'ablation', 'seconds': 1.0, 'summary': ''}])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=rp._REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run_child(code)
     # The undamaged runs are drawn (a "NaN" loss dropped, as other non-numeric values).
     assert proc.stdout.splitlines() == [
         "{'pretrain kg_fresh': [{'step': 5, 'loss': 2.0}], "
