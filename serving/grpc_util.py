@@ -18,11 +18,15 @@ JAX-free).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import numbers
+import os
 import socket
 import ssl
+import sys
+import tempfile
 import threading
 from concurrent import futures
 
@@ -164,24 +168,68 @@ def bind(
         (or is encrypted).
     """
     check_tls_pair(tls_cert, tls_key)
-    try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
-        if tls_cert is not None:
-            cert = read_pem(tls_cert, "tls_cert")
-            key = read_pem(tls_key, "tls_key")
-            check_key_pair(cert, key, tls_cert, tls_key)
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
+    credentials = None
+    if tls_cert is not None:
+        cert = read_pem(tls_cert, "tls_cert")
+        key = read_pem(tls_key, "tls_key")
+        check_key_pair(cert, key, tls_cert, tls_key)
+        credentials = grpc.ssl_server_credentials([(key, cert)])
+    # gRPC's C core logs a failed bind on stderr itself ('E... add_port.cc:83] Failed to
+    # add port ...'), above the one line that says why: held back, and written out only
+    # when the bind succeeds (then it is no failure of ours to explain).
+    with _stderr_held() as held:
+        try:  # gRPC raises (newer releases) or returns 0 when it cannot bind
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
     if port == 0:  # gRPC says only 'Failed to bind ...; set GRPC_VERBOSITY=debug ...'
-        raise OSError(f"could not bind {address}: {_why_not_bound(address)}")
+        raise OSError(f"could not bind {address}: {_why_not_bound(address, held.text)}")
+    held.release()
     return port
 
 
-def _why_not_bound(address: str) -> str:
+class _Held:
+    """What ``_stderr_held`` caught: ``text``; ``release()`` writes it to stderr."""
+
+    text = ""
+
+    def release(self) -> None:
+        if self.text:
+            sys.stderr.write(self.text)
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """Catches what anything in this process (gRPC's C core included) writes to file
+    descriptor 2 meanwhile; yields a ``_Held`` that has it once the block ends. Catches
+    nothing where descriptor 2 is not open."""
+    held = _Held()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hold back
+        yield held
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            held.text = caught.read().decode(errors="replace")
+
+
+def _why_not_bound(address: str, grpc_log: str = "") -> str:
     """Why ``host:port`` cannot be bound, from a bind of a plain socket (as gRPC's:
-    SO_REUSEADDR): 'Address already in use', an unknown host, a foreign address."""
+    SO_REUSEADDR): 'Address already in use', an unknown host, a foreign address; else
+    the last line gRPC logged of it (``grpc_log``)."""
     host, _, port = address.rpartition(":")
     try:
         infos = socket.getaddrinfo(host.strip("[]") or None, int(port),
@@ -198,7 +246,8 @@ def _why_not_bound(address: str) -> str:
                     return (f"{e.strerror} (another process listens there: choose another "
                             "--port, or --port=0 for a free one)")
                 return e.strerror or str(e)
-    return "gRPC refused it (GRPC_VERBOSITY=debug says why)"
+    said = [ln.split("] ", 1)[-1].strip() for ln in grpc_log.splitlines() if ln.strip()]
+    return f"gRPC refused it ({said[-1]})" if said else "gRPC refused it"
 
 
 def channel(

@@ -1077,7 +1077,7 @@ def test_serve_embeddings_names_the_tls_flag_of_a_file_it_cannot_read(tmp_path):
 def test_serve_embeddings_says_a_port_is_in_use(tmp_path):
     """A port another process listens on was 'could not bind 127.0.0.1:P (in use, or no
     such interface): Failed to bind ...; set GRPC_VERBOSITY=debug environment variable to
-    see detailed error message.'"""
+    see detailed error message.', and then came below a line of gRPC's own log."""
     import socket
 
     art = _tiny_artifact(tmp_path / "art")
@@ -1090,6 +1090,8 @@ def test_serve_embeddings_says_a_port_is_in_use(tmp_path):
                             "(another process listens there: choose another --port, or "
                             "--port=0 for a free one)")
     assert "GRPC_VERBOSITY" not in line
+    # gRPC's own 'E... add_port.cc:83] Failed to add port ...' line came first.
+    assert proc.stderr.splitlines() == [line], proc.stderr
 
 
 @pytest.mark.parametrize("module", ["serve_ranker", "serve_embeddings"])

@@ -1,6 +1,9 @@
 """serving.grpc_util.Server: what counts toward max_concurrent_rpcs, and when it stops."""
 
+import os
+import socket
 import threading
+from concurrent import futures
 
 import grpc
 import pytest
@@ -61,3 +64,40 @@ def test_a_unary_call_stops_counting_when_its_handler_returns_not_when_its_item_
         send_go.set()
         channel.close()
         rpc.grpc_server.stop(None)
+
+
+def test_a_port_in_use_is_one_error_and_grpcs_own_log_lines_stay_out_of_stderr(capfd):
+    """gRPC's C core logged 'E... add_port.cc:83] Failed to add port to server: ...' on
+    stderr above the server's one-line 'cannot start: could not bind ...'."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+        with pytest.raises(OSError) as e:
+            grpc_util.bind(server, f"127.0.0.1:{port}")
+    assert str(e.value) == (f"could not bind 127.0.0.1:{port}: Address already in use (another "
+                            "process listens there: choose another --port, or --port=0 for a "
+                            "free one)")
+    assert capfd.readouterr().err == ""
+
+
+class _LoggingServer:
+    """Stands in for a grpc.Server whose add_insecure_port logs on stderr (file descriptor
+    2, as gRPC's C core does) and returns ``port`` (0: not bound)."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def add_insecure_port(self, address):
+        os.write(2, b"E0000 00:00:00.000000 1 add_port.cc:83] Failed to add port: busted\n")
+        return self.port
+
+
+def test_what_is_logged_during_a_bind_is_written_out_when_it_binds_and_names_why_when_not(capfd):
+    assert grpc_util.bind(_LoggingServer(1234), "127.0.0.1:0") == 1234
+    assert capfd.readouterr().err == ("E0000 00:00:00.000000 1 add_port.cc:83] Failed to add "
+                                      "port: busted\n")
+    # A bind the plain-socket probe cannot explain: gRPC's own last line says why.
+    with pytest.raises(OSError, match=r"^could not bind 127.0.0.1:0: gRPC refused it "
+                                      r"\(Failed to add port: busted\)$"):
+        grpc_util.bind(_LoggingServer(0), "127.0.0.1:0")
+    assert capfd.readouterr().err == ""
