@@ -13,7 +13,7 @@ lookup response measures what gRPC itself costs on the same payloads, so
 ``serve_tcp_forever`` is the same echo over a bare TCP socket (no gRPC), to
 separate what gRPC costs from what the kernel and the machine cost.
 
-Imports NumPy-free stdlib + gRPC only.
+Imports the stdlib, gRPC and ``serving.grpc_util`` only (no NumPy).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import threading
 from concurrent import futures
 
 import grpc
+
+from serving import grpc_util
 
 ECHO_METHOD = "/jax_recsys.serving.Echo/Echo"
 ECHO_STREAM_METHOD = "/jax_recsys.serving.Echo/EchoStream"
@@ -96,9 +98,10 @@ def start_echo_server(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("jax_recsys.serving.Echo", handlers),)
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = grpc_util.host_port(host, port)
+    bound = server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"echo server could not bind {host}:{port}")
+        raise OSError(f"echo server could not bind {address}")
     server.start()
     return server, bound
 

@@ -291,12 +291,11 @@ class EmbeddingServer:
             self._log_thread = threading.Thread(target=self._log_loop, daemon=True)
             self._log_thread.start()
         log.info(
-            "shard %d/%d serving version %s on %s:%d",
+            "shard %d/%d serving version %s on %s",
             cfg.shard,
             cfg.num_shards,
             self.version,
-            cfg.host,
-            port,
+            grpc_util.host_port(cfg.host, port),
         )
         return port
 

@@ -778,7 +778,8 @@ class RankerService:
         self._rpc, self.port = rpc, port
         with self._health_lock:
             self._publish_health()
-        log.info("ranker (%s) serving version %s on %s:%d", cfg.mode, self.version, cfg.host, port)
+        log.info("ranker (%s) serving version %s on %s", cfg.mode, self.version,
+                 grpc_util.host_port(cfg.host, port))
         return port
 
     def stop(self, grace: float | None = 2.0) -> None:

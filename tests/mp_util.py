@@ -20,7 +20,7 @@ Typical use::
         mp_util.wait_for(lambda: (wd / "checkpoints" / "2").exists(), group=group)
         group.kill()
 
-API: `free_port()`, `dead_address()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
+API: `free_port()`, `has_ipv6_loopback()`, `dead_address()`, `start(...) -> ProcessGroup`, `run(...) -> list[ProcResult]`,
 `wait_for(predicate, ...)`, `read_metrics(workdir)`, `json_lines(module, args)`,
 `child_env(...)`, `self_signed_cert(dir)`, `hold_first_call(obj, name)`, `REPO`.
 
@@ -70,6 +70,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (tests of IPv6 hosts skip where not)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

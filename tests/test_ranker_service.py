@@ -1300,3 +1300,16 @@ def test_a_tls_mismatch_with_the_shards_is_named_in_flags(arts, tmp_path):
     finally:
         tls.stop(grace=0).wait()
         plain.stop(grace=0).wait()
+
+
+def test_the_serving_log_line_brackets_an_ipv6_host(arts, caplog):
+    """It said 'ranker (monolithic) serving version V on ::1:P', no address to paste."""
+    if not mp_util.has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    with caplog.at_level(logging.INFO, logger="serving.ranker_service"):
+        svc = _svc(arts["a"], host="::1")
+    try:
+        assert (f"ranker (monolithic) serving version {arts['a'].version} on [::1]:{svc.port}"
+                in [r.getMessage() for r in caplog.records])
+    finally:
+        svc.stop(grace=0)
