@@ -392,8 +392,10 @@ class EmbeddingServer:
         return out
 
     def _log_loop(self) -> None:
-        while not self._stopping.wait(self.config.log_every_s):
-            log.info("stats %s", grpc_util.stats_line(self.stats()))
+        stats_due = grpc_util.Cadence(self.config.log_every_s)  # no drift by the line's cost
+        while not self._stopping.wait(stats_due.left_s()):
+            if stats_due.due():
+                log.info("stats %s", grpc_util.stats_line(self.stats()))
 
     # ---- handlers ----
 

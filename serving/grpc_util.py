@@ -28,6 +28,7 @@ import ssl
 import sys
 import tempfile
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -109,6 +110,40 @@ def stats_line(stats: dict) -> str:
         return value
 
     return json.dumps(rounded(stats))
+
+
+class Cadence:
+    """Due times on a fixed cadence, ``start + k * period_s``: when a periodic stats line
+    is due.
+
+    A loop that sleeps ``period_s`` after its work (or counts its polls) drifts by that
+    work's time: after a ranker's SIGHUP swap, which takes seconds, every later line came
+    that much later. Here a late check does not move the due times after it, and due
+    times missed whole (a swap longer than the period) are skipped, not made up in a
+    burst of lines.
+
+    Args:
+      period_s: seconds between due times, > 0.
+      clock: seconds, monotonic (``time.monotonic``; tests pass their own).
+    """
+
+    def __init__(self, period_s: float, *, clock=time.monotonic):
+        check_seconds("period_s", period_s, positive=True)
+        self.period_s = period_s
+        self._clock = clock
+        self._due = clock() + period_s
+
+    def left_s(self) -> float:
+        """Seconds until the next due time; 0 when it has come."""
+        return max(0.0, self._due - self._clock())
+
+    def due(self) -> bool:
+        """Whether a due time has come; if so, the next one is the first after now."""
+        now = self._clock()
+        if now < self._due:
+            return False
+        self._due += self.period_s * (1 + (now - self._due) // self.period_s)
+        return True
 
 
 def check_seconds(name: str, value, *, positive: bool = False) -> None:

@@ -101,3 +101,19 @@ def test_what_is_logged_during_a_bind_is_written_out_when_it_binds_and_names_why
                                       r"\(Failed to add port: busted\)$"):
         grpc_util.bind(_LoggingServer(0), "127.0.0.1:0")
     assert capfd.readouterr().err == ""
+
+
+def test_cadence_keeps_its_due_times_after_late_checks_and_skips_those_missed_whole():
+    now = [100.0]
+    cadence = grpc_util.Cadence(1.0, clock=lambda: now[0])
+    seen = []
+    # Checked every 0.25 s, with one late check (1.5 s of work after 2.0) and one gap of
+    # 2.75 s (a slow swap) after 4.0.
+    for step in [0.25] * 8 + [1.5] + [0.25] * 2 + [2.75] + [0.25] * 8:
+        now[0] += step
+        if cadence.due():
+            seen.append(now[0] - 100.0)
+    assert seen == [1.0, 2.0, 3.5, 4.0, 6.75, 7.0, 8.0]
+    assert cadence.left_s() == 0.25  # at 8.75: the next is due at 9.0
+    with pytest.raises(ValueError, match="period_s must be a finite number of seconds > 0"):
+        grpc_util.Cadence(0.0)
