@@ -36,7 +36,11 @@ from serving import embedding_server, grpc_util  # noqa: E402
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARD = flags.DEFINE_integer("shard", 0, "This server's shard index i in [0, num_shards).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of shards S.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", 1,
+    "Number of shards S, at most the rows of the artifact's largest table (more would "
+    "leave some shards no row of any table: refused). A table of fewer rows than S "
+    "leaves some shards none of its rows, with a warning on each.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0 for all).")
 _PORT = flags.DEFINE_integer("port", 0, "Port; 0 picks a free one (printed).")
 _WORKERS = flags.DEFINE_integer("workers", 8, "Handler threads.")

@@ -68,7 +68,8 @@ class ServerConfig:
     Attributes:
       artifact: path of the serving artifact folder.
       shard: which shard of ``num_shards`` this server holds.
-      num_shards: S, shards every table is split into (contiguous row ranges).
+      num_shards: S, shards every table is split into (contiguous row ranges); at
+        most the rows of the largest table (``load_shard``).
       host: interface to bind; loopback unless told otherwise.
       port: port to bind; 0 picks a free one (read ``EmbeddingServer.port``).
       workers: handler threads.
@@ -159,6 +160,13 @@ class _Version:
 def load_shard(path: str, *, shard: int, num_shards: int, verify: str = "sizes") -> _Version:
     """Loads one shard of every table of an artifact (mmap'd views).
 
+    A table of fewer rows than shards leaves some shards none of its rows (lookups of
+    it go to the others): normal for a small table beside large ones, and logged as a
+    warning on each shard it leaves empty. More shards than the rows of the largest
+    table leave some shards no row of any table, servers that could answer nothing: a
+    mistake (an artifact of the wrong size, a shard count for another deployment), so
+    every shard of such a deployment refuses, not only the empty ones.
+
     Args:
       path: artifact folder.
       shard: i.
@@ -167,6 +175,9 @@ def load_shard(path: str, *, shard: int, num_shards: int, verify: str = "sizes")
 
     Returns:
       The loaded version.
+
+    Raises:
+      ValueError: ``num_shards`` is more than the rows of the largest table.
     """
     if verify not in ("sizes", "full", "none"):
         raise ValueError(f"verify must be 'sizes', 'full' or 'none', got {verify!r}")
@@ -186,7 +197,27 @@ def load_shard(path: str, *, shard: int, num_shards: int, verify: str = "sizes")
             dtype=dtype,
             q=rowwise.slice_rows(q, lo, hi),
         )
+    _check_shard_rows(path, tables, shard=shard, num_shards=num_shards)
     return _Version(version=str(art.version), path=str(path), tables=tables)
+
+
+def _check_shard_rows(path: str, tables: dict[str, _ShardTable], *, shard: int,
+                      num_shards: int) -> None:
+    """Refuses more shards than the largest table has rows; warns of each table this
+    shard holds no rows of (see ``load_shard``)."""
+    if not tables:
+        return
+    largest = max(tables.values(), key=lambda t: t.rows)
+    if largest.rows < num_shards:
+        raise ValueError(
+            f"{path}: num_shards={num_shards} is more than the {largest.rows} rows of its "
+            f"largest table ({largest.name!r}): {num_shards - largest.rows} of the shards "
+            f"would hold no row of any table; serve it with at most {largest.rows} shards")
+    for t in tables.values():
+        if t.hi == t.lo:
+            log.warning("shard %d/%d holds no rows of table %r (%d rows over %d shards); "
+                        "its lookups go to the other shards", shard, num_shards, t.name,
+                        t.rows, num_shards)
 
 
 class _Stats:

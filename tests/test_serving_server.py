@@ -598,6 +598,9 @@ def test_server_and_client_import_no_jax():
         (["--artifact={a}", "--shard=3", "--num_shards=2"], "shard must be in [0, 2), got 3"),
         (["--artifact={a}/nowhere"], "nowhere/manifest.json: missing"),
         (["--artifact={a}", "--host=256.0.0.1"], "could not bind 256.0.0.1:0"),
+        (["--artifact={a}", "--num_shards=101"],
+         "num_shards=101 is more than the 100 rows of its largest table ('user'): 1 of the "
+         "shards would hold no row of any table; serve it with at most 100 shards"),
     ],
 )
 def test_launch_script_refuses_bad_start_in_one_line(arts, args, message):
@@ -686,6 +689,51 @@ def test_config_refuses_bad_fields_when_made(field, bad, message):
     with pytest.raises(ValueError, match=message):
         es.ServerConfig(artifact="unused", **{field: bad})
     es.ServerConfig(artifact="unused", log_every_s=0, swap_window_s=0)  # 0: off / at once
+
+
+def test_a_table_with_fewer_rows_than_shards_is_a_warning_on_the_shards_it_leaves_empty(
+        arts, caplog):
+    """With more shards than a table has rows, some shards started holding none of its
+    rows without a word."""
+    art = arts["a"]  # user: 100 rows, pin: 37
+    with caplog.at_level("WARNING", logger="serving"):
+        empty, holding = _start(art, 0, 50), _start(art, 1, 50)  # pin rows [0, 0), [0, 1)
+    try:
+        assert [r.getMessage() for r in caplog.records] == [
+            "shard 0/50 holds no rows of table 'pin' (37 rows over 50 shards); its lookups "
+            "go to the other shards"]
+        ch, lookup = _raw(empty.port)
+        _, vals = _parse(lookup(_req([("user", [1, 0])]), timeout=10))
+        np.testing.assert_array_equal(vals["user"], _expected(art, "user", [1, 0]))
+        ch.close()
+    finally:
+        empty.stop(0).wait()
+        holding.stop(0).wait()
+
+
+def test_more_shards_than_the_largest_table_has_rows_is_refused_by_every_shard(arts):
+    """101 shards of a 100-row table started, one of them holding no row at all."""
+    art = arts["a"]
+    for shard in (0, 100):  # one that holds rows, the one that would hold none
+        with pytest.raises(ValueError, match=r"num_shards=101 is more than the 100 rows of its "
+                                             r"largest table \('user'\): 1 of the shards "
+                                             r"would hold no row of any table; serve it with "
+                                             r"at most 100 shards$"):
+            _start(art, shard, 101)
+    server = _start(art, 0, 100)
+    try:  # a swap to an artifact too small for the shard count keeps the old version
+        small = _write_small(art.path.parent / "small")
+        with pytest.raises(ValueError, match="num_shards=100 is more than the 5 rows"):
+            server.swap(str(small.path))
+        assert server.versions == [art.version]
+    finally:
+        server.stop(0).wait()
+
+
+def _write_small(path):
+    tables = {"user": np.ones((5, 4), np.float32)}
+    artifact.write_artifact(str(path), tables=tables, vocabs={"user": np.arange(5)})
+    return artifact.load_artifact(str(path))
 
 
 def test_swap_checks_its_window_before_loading(arts):
