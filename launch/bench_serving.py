@@ -1171,6 +1171,11 @@ def _caches_users(key: _RankerKey, rs: _RankSettings) -> bool:
     return key.mode == "monolithic" or (key.cache_rows > 0 and (not tables or "user" in tables))
 
 
+def _ms(value: float | None) -> float | None:
+    """A latency of a server's stats, rounded to the microsecond; None (no call) stays."""
+    return None if value is None else round(value, 3)
+
+
 def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
     """One ranker's own counters (``RankerService.stats``) as a rank_service line."""
     print(
@@ -1181,10 +1186,10 @@ def _print_service_line(common: dict, key: _RankerKey, stats: dict) -> None:
                 **key._asdict(),
                 "requests_per_batch": round(stats.get("requests_per_batch", 0.0), 3),
                 "candidates_per_batch": round(stats.get("candidates_per_batch", 0.0), 1),
-                "server_p50_ms": round(stats.get("rank_p50_ms", 0.0), 3),
+                "server_p50_ms": _ms(stats.get("rank_p50_ms")),
                 # Per batch, inside the service: lookups + assembly; scoring.
-                "fetch_p50_ms": round(stats.get("fetch_p50_ms", 0.0), 3),
-                "score_p50_ms": round(stats.get("score_p50_ms", 0.0), 3),
+                "fetch_p50_ms": _ms(stats.get("fetch_p50_ms")),
+                "score_p50_ms": _ms(stats.get("score_p50_ms")),
                 "by_code": stats.get("by_code"),
                 "cache_hit_rate": (round(stats["cache_hit_rate"], 4)
                                    if "cache_hit_rate" in stats else None),

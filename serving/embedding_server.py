@@ -237,14 +237,17 @@ class _Stats:
                 self.latencies_s.append(latency_s)
 
     def summary(self) -> dict:
+        """Counters, and p50/p99 of the recent lookups in ms; None before the first."""
         with self._lock:
-            lat = np.array(self.latencies_s) if self.latencies_s else np.zeros(1)
+            p50 = p99 = None  # not 0.0: no lookup was that fast
+            if self.latencies_s:
+                p50, p99 = (float(v) * 1e3 for v in np.percentile(self.latencies_s, [50, 99]))
             return {
                 "requests": int(sum(self.codes.values())),
                 "by_code": dict(self.codes),
                 "ids": self.ids,
-                "lookup_p50_ms": float(np.percentile(lat, 50) * 1e3),
-                "lookup_p99_ms": float(np.percentile(lat, 99) * 1e3),
+                "lookup_p50_ms": p50,
+                "lookup_p99_ms": p99,
             }
 
 
@@ -415,7 +418,8 @@ class EmbeddingServer:
     # ---- stats ----
 
     def stats(self) -> dict:
-        """Counters since start: requests by status code, ids, recent p50/p99; calls in flight now."""
+        """Counters since start: requests by status code, ids, p50/p99 of recent lookups
+        (None before the first); calls in flight now."""
         out = self._stats.summary()
         out.update(version=self.version, versions=self.versions, shard=self.config.shard)
         out["in_flight"] = self._rpc.in_flight if self._rpc else 0

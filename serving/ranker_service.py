@@ -573,9 +573,10 @@ class _Stats:
                 "requests_per_batch": self.batched_requests / max(self.batches, 1),
                 "candidates_per_batch": self.batched_candidates / max(self.batches, 1),
             }
-            for stage, times in self.stage_s.items():
-                for q in (50, 99):
-                    out[f"{stage}_p{q}_ms"] = float(np.percentile(times or [0.0], q) * 1e3)
+            for stage, times in self.stage_s.items():  # None, not 0.0, before the first
+                ms = np.percentile(times, [50, 99]) * 1e3 if times else (None, None)
+                out[f"{stage}_p50_ms"], out[f"{stage}_p99_ms"] = (
+                    None if v is None else float(v) for v in ms)
             return out
 
 
@@ -858,7 +859,7 @@ class RankerService:
         the handler) and over recent batches of each stage: ``fetch_p50_ms`` (the
         embedding lookups, from the shards or in-process, and their assembly into
         the padded batch) and ``score_p50_ms`` (host to device, the jitted scorer,
-        device to host). In a hybrid ranker, its fetch minus a monolithic ranker's
+        device to host); each None before its first call or batch. In a hybrid ranker, its fetch minus a monolithic ranker's
         is what the shards cost; with ``hedge_after_s``, ``hedges_sent`` and
         ``hedges_throttled`` count the current version's hedged shard requests
         and those the hedge budget stopped (since that version was loaded), and

@@ -1347,3 +1347,20 @@ def test_serve_ranker_logs_stats_on_a_fixed_cadence_through_a_slow_swap(capsys):
                                      log_every_s=1.0, clock=lambda: now[0])
     assert Service.stats_at == [2.9, 3.0, 4.0, 5.0, 6.0]
     assert json.loads(capsys.readouterr().out) == {"event": "swapped", "version": "v2"}
+
+
+def test_latencies_are_null_until_a_call_or_batch_is_counted(arts):
+    """Before any Rank call the stats said rank/fetch/score_p50_ms 0.0."""
+    svc = _svc(arts["a"])
+    channel, rank = _call(svc.port)
+    try:
+        stats = svc.stats()
+        keys = [f"{stage}_p{q}_ms" for stage in ("rank", "fetch", "score") for q in (50, 99)]
+        assert {k: stats[k] for k in keys} == dict.fromkeys(keys)
+        rank(rs.rank_request(user_row=1, candidates=[0, 1],
+                             context={"advertiser": 0, "hour": 1}))
+        stats = svc.stats()
+        assert all(isinstance(stats[k], float) and stats[k] > 0 for k in keys), stats
+    finally:
+        channel.close()
+        svc.stop(grace=0)

@@ -775,6 +775,27 @@ def test_the_periodic_stats_line_is_json_with_latencies_to_the_microsecond(arts,
         server.stop(0).wait()
 
 
+def test_latencies_are_null_until_a_lookup_is_answered(arts):
+    """Before any lookup the stats said lookup_p50_ms 0.0, as if lookups took no time."""
+    art = arts["a"]
+    server = _start(art)
+    channel, lookup = _raw(server.port)
+    try:
+        stats = server.stats()
+        assert (stats["lookup_p50_ms"], stats["lookup_p99_ms"]) == (None, None)
+        line = json.loads(es.grpc_util.stats_line(stats))
+        assert (line["lookup_p50_ms"], line["lookup_p99_ms"]) == (None, None)
+        with pytest.raises(grpc.RpcError):  # refused: counted, but no lookup latency
+            lookup(_req([("nope", [1])]), timeout=10)
+        assert server.stats()["lookup_p50_ms"] is None
+        _parse(lookup(_req([("user", [1])]), timeout=10))
+        stats = server.stats()
+        assert 0 < stats["lookup_p50_ms"] == stats["lookup_p99_ms"]
+    finally:
+        channel.close()
+        server.stop(0).wait()
+
+
 def test_an_ipv6_host_is_bound_in_brackets(arts, caplog):
     """--host=::1 (or ::, every IPv6 interface) was bound as '::1:0', which gRPC cannot
     parse: 'could not bind ::1:0 (in use, or no such interface)'; once bound, the log
