@@ -89,13 +89,34 @@ def is_inner_path(rel) -> bool:
     """Whether ``rel``, a path a writer recorded in its folder's metadata
     ("tables/user.npy"), names a file inside that folder: a string, relative, with no
     '..', '.' or empty part and no NUL. A hand-edited "../x.npy" or "/abs/x.npy" is
-    not (joined to the folder, an absolute path replaces it)."""
+    not (joined to the folder, an absolute path replaces it). Symlinks: ``link_outside``."""
     return (
         isinstance(rel, str)
         and "\0" not in rel
         and not rel.startswith("/")
         and all(part not in ("", ".", "..") for part in rel.split("/"))
     )
+
+
+def link_outside(folder: str | os.PathLike, rel: str) -> str | None:
+    """Where ``folder/rel`` leads when a symlink takes it outside ``folder``, else None.
+
+    ``is_inner_path`` reads only the text of ``rel``: "tables/user.npy" passes it even
+    when that file (or the folder "tables") is a symlink to a file elsewhere, which a
+    reader would then hash and load. Both ``folder`` (itself often a link to the current
+    version) and ``folder/rel`` are resolved (``os.path.realpath``); a link that stays
+    inside the folder is fine, and so is a file that does not exist (reading it says so).
+
+    Args:
+      folder: the folder whose metadata names ``rel``.
+      rel: a path that passed ``is_inner_path``.
+
+    Returns:
+      The resolved path outside ``folder``, or None.
+    """
+    root = os.path.realpath(folder)
+    real = os.path.realpath(os.path.join(folder, rel))
+    return None if os.path.commonpath([root, real]) == root else real
 
 
 def symlink_refusal(path: str | os.PathLike, what: str) -> str | None:

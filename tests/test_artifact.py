@@ -388,6 +388,39 @@ def test_a_manifest_naming_a_file_outside_the_artifact_is_refused(tmp_path, wher
             artifact.load_artifact(tmp_path / "art", verify=verify)
 
 
+@pytest.mark.parametrize("link", ["vocab/pin.npy", "vocab"])
+def test_a_symlink_in_the_artifact_that_leads_outside_it_is_refused(tmp_path, link):
+    """The check read only the manifest's text: vocab/pin.npy (or the folder vocab) made
+    a symlink to a copy outside the folder passed every verify mode (same bytes, same
+    hashes), and the servers then read whatever that outside file came to hold."""
+    art = tmp_path / "art"
+    _write(art)
+    outside = tmp_path / "elsewhere"
+    os.rename(art / link, outside)
+    os.symlink(outside, art / link)
+    target = outside if link == "vocab/pin.npy" else outside / "pin.npy"
+    current = tmp_path / "current"  # the folder given through a link, as deployed: fine
+    current.symlink_to(art)
+    for verify in (True, "sizes", False):
+        with pytest.raises(artifact.ArtifactError, match=re.escape(
+                f"{current / 'manifest.json'}: 'files' names 'vocab/pin.npy', which a symlink "
+                f"leads outside the artifact folder (to {os.path.realpath(target)}); an artifact holds its own files: put the file itself "
+                "there, or export the artifact again")):
+            artifact.load_artifact(current, verify=verify)
+
+
+def test_symlinks_that_stay_inside_the_artifact_are_read(tmp_path):
+    art = tmp_path / "art"
+    m = _write(art)
+    os.rename(art / "vocab" / "pin.npy", art / "pin_vocab.npy")
+    os.symlink("../pin_vocab.npy", art / "vocab" / "pin.npy")  # relative, inside
+    current = tmp_path / "current"
+    current.symlink_to(art)
+    loaded = artifact.load_artifact(current, verify=True)
+    assert loaded.version == m.version
+    np.testing.assert_array_equal(loaded.vocabs["pin"], _inputs(0)[1]["pin"])
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["ranker"].update(config=7), "the ranker's config names 7"),
     (lambda m: m["ranker"]["params"].update({"mlp/layers/0/bias": 7}),

@@ -386,6 +386,21 @@ def test_a_vocabulary_that_cannot_round_trip_is_refused_at_save(tmp_path, ids, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranker"]  # no staging left
 
 
+def test_load_ranker_refuses_a_symlink_that_leads_outside_its_folder(tmp_path):
+    """config.json's paths were checked as text only: a file of the ranker replaced by a
+    symlink to a file elsewhere was loaded from there."""
+    path = _saved_ranker(tmp_path / "ranker")
+    rel = json.loads((path / "config.json").read_text())["params"]["trunk/0/kernel"]
+    os.rename(path / rel, tmp_path / "x.npy")
+    os.symlink(tmp_path / "x.npy", path / rel)
+    with pytest.raises(ValueError) as e:
+        M.load_ranker(path)
+    assert str(e.value) == (
+        f"{path / 'config.json'}: names {rel!r}, which a symlink leads outside {path} (to "
+        f"{os.path.realpath(tmp_path / 'x.npy')}); a saved ranker holds its own files: put the file itself "
+        "there, or save the ranker again")
+
+
 @pytest.mark.parametrize("rel", ["../x.npy", "ABS", 5])
 def test_load_ranker_reads_only_files_inside_its_folder(tmp_path, rel):
     """config.json's paths were joined to the folder as they were: an edited '../x.npy'

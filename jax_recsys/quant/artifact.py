@@ -586,6 +586,13 @@ def _read_manifest(path: pathlib.Path) -> Manifest:
                 f"{mpath}: {where} names {rel!r}, not a relative path of a file inside the "
                 "artifact folder; the manifest was edited or damaged"
             )
+        outside = fsutil.link_outside(path, rel)
+        if outside is not None:  # the text is inside, a symlink on the way leads out
+            raise ArtifactError(
+                f"{mpath}: {where} names {rel!r}, which a symlink leads outside the artifact "
+                f"folder (to {outside}); an artifact holds its own files: put the file "
+                "itself there, or export the artifact again"
+            )
     return Manifest(data)
 
 

@@ -621,6 +621,11 @@ def load_ranker(path: str | os.PathLike, *, mmap: bool = True) -> TrainedRanker:
         if not fsutil.is_inner_path(rel):
             raise ValueError(f"{cpath}: names {rel!r}, not a relative path of a file inside "
                              f"{path}; the config was edited or damaged")
+        outside = fsutil.link_outside(path, rel)
+        if outside is not None:  # the text is inside, a symlink on the way leads out
+            raise ValueError(f"{cpath}: names {rel!r}, which a symlink leads outside {path} "
+                             f"(to {outside}); a saved ranker holds its own files: put the "
+                             "file itself there, or save the ranker again")
 
     def load(rel, mmap_mode=None):
         try:
