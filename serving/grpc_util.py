@@ -232,7 +232,7 @@ class _Held:
     text = ""
 
     def release(self) -> None:
-        if self.text:
+        if self.text and sys.stderr is not None:
             sys.stderr.write(self.text)
             sys.stderr.flush()
 
@@ -243,18 +243,25 @@ def _stderr_held():
     descriptor 2 meanwhile; yields a ``_Held`` that has it once the block ends. Catches
     nothing where descriptor 2 is not open."""
     held = _Held()
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        sys.stderr.flush()
     try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to hold back
+        caught = tempfile.TemporaryFile()
+    except OSError:  # nowhere to hold it: let it through
         yield held
         return
-    with tempfile.TemporaryFile() as caught:
+    with caught:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr to hold back
+            yield held
+            return
         os.dup2(caught.fileno(), 2)
         try:
             yield held
         finally:
-            sys.stderr.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
