@@ -538,6 +538,24 @@ def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
     assert list(ds.table("y")) == ["user_id", "click"]
 
 
+def test_two_byte_order_marks_are_not_part_of_the_first_column(tmp_path):
+    """A file re-saved by two tools that each add a mark: utf-8-sig dropped one and the
+    first column was '\\ufeffuser_id' (its quoted name '\\ufeff"user_id"')."""
+    bom2 = "\ufeff\ufeff"
+    (tmp_path / "x.csv").write_text(bom2 + 'user_id,click\n1,0\n2,1\n', encoding="utf-8")
+    (tmp_path / "q.csv").write_text(bom2 + '"user_id",click\n1,0\n', encoding="utf-8")
+    (tmp_path / "y.tsv").write_text(bom2 + "user_id\tclick\nu\t1\n", encoding="utf-8")
+    (tmp_path / "dataset.json").write_text(bom2 + json.dumps({"format_version": 1,
+                                                             "name": "bom2"}), encoding="utf-8")
+    ds = DatasetFolder(tmp_path)
+    assert ds.meta["name"] == "bom2" and ds.table_names == ["q", "x", "y"]
+    t = ds.table("x")
+    assert list(t) == ["user_id", "click"] and t["user_id"].tolist() == [1, 2]
+    assert list(ds.table("q")) == ["user_id", "click"]
+    assert list(ds.table("y")) == ["user_id", "click"]
+    assert folder.read_utf8(tmp_path / "y.tsv") == "user_id\tclick\nu\t1\n"
+
+
 def test_text_that_is_not_utf8_names_the_file_and_line(tmp_path):
     # Latin-1 "café" on line 4 (after 3000 lines in the big file: another read chunk).
     for name, head in (("x.csv", b"user_id,name\n1,a\n2,b\n"),

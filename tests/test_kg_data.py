@@ -188,6 +188,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_entity(tmp_path):
     np.testing.assert_array_equal(kg.splits["test"], [[0, 0, 1]])
 
 
+def test_two_byte_order_marks_are_not_part_of_the_first_entity(tmp_path):
+    """A file re-saved by two tools that each add a mark: the first entity was '\\ufeffe98'."""
+    d = _write(tmp_path / "kg", train_txt="\ufeff\ufeffe98\tr\te1\ne1\tr\te98\n",
+               entity_types_tsv="\ufeff\ufeffe98\tthing\ne1\tthing\n")
+    kg = read_triples(d)
+    assert kg.vocabs["thing"].ids.tolist() == ["e1", "e98"]
+    np.testing.assert_array_equal(kg.splits["train"], [[1, 0, 0], [0, 0, 1]])
+
+
 @pytest.mark.parametrize("blank", ["", "\n"])  # vectorised path, line-by-line path
 def test_whitespace_around_a_field_is_not_part_of_it(tmp_path, blank):
     # "a " and "a" were two entities (and "user:12 " kept the user type's ids strings).

@@ -31,8 +31,8 @@ columns are int64 only if every spelling is canonical, else ``np.str_``, and
 whitespace around an id is not part of it; an
 empty cell is an error unless the reader is told the column holds labels, where it
 is a label not known yet: NaN). Text files are UTF-8 (anything else is a DataError naming
-the line of the first byte that is not) and may start with a byte-order mark (it is
-not part of the first column's name); a NUL character in a value is a DataError (NumPy
+the line of the first byte that is not) and may start with byte-order marks (one, or
+more where tools re-saved the file: they are not part of the first column's name); a NUL character in a value is a DataError (NumPy
 strings drop trailing NULs: ``"a\\x00"`` would become the id ``"a"``). Labels and
 times (:data:`NUMERIC_COLUMNS`) must be 1-D numbers in ``.npy`` tables (other columns
 may have trailing dimensions: e.g. a list of ids per row; a consumer checks the columns
@@ -401,6 +401,34 @@ def _first_bad_time(values: np.ndarray) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+_BOM = "\ufeff"
+
+
+def _skip_boms(f) -> None:
+    """Moves text file ``f``, just opened, past every byte-order mark at its start.
+
+    A file re-saved by tools that each add a mark (an editor, then a spreadsheet)
+    starts with two; ``utf-8-sig`` drops only one, and the other was read into the
+    first column's (or entity's) name."""
+    while True:
+        pos = f.tell()
+        if f.read(1) != _BOM:
+            f.seek(pos)
+            return
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of UTF-8 file ``path`` without the byte-order marks at its start (any
+    number); line ends as in the file.
+
+    Raises:
+      UnicodeDecodeError: not UTF-8 (`_not_utf8` says where); OSError.
+    """
+    with open(path, encoding="utf-8", newline="") as f:
+        _skip_boms(f)
+        return f.read()
+
+
 def _not_utf8(path: str | os.PathLike) -> DataError:
     """A DataError naming the file and line of the first byte of ``path`` that is not
     UTF-8 (found again on the raw bytes: a text reader's error does not say where)."""
@@ -620,10 +648,14 @@ def _read_text_table(
     if on_bad_lines not in ("error", "skip"):
         raise ValueError(f"on_bad_lines must be 'error' or 'skip', got {on_bad_lines!r}")
     kinds = dict(kinds or {})
-    # utf-8-sig: a byte-order mark (as some editors and spreadsheets write) is dropped,
-    # not read as part of the first column's name.
     tsv = path.suffix.lower() == ".tsv"
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open(path, newline="", encoding="utf-8") as f:
+        # Byte-order marks (as some editors and spreadsheets write) are dropped, not
+        # read as part of the first column's name.
+        try:
+            _skip_boms(f)
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
         if tsv:
             # TSV has no quoting: a '"' is an ordinary character.
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -945,7 +977,7 @@ class DatasetFolder:
         meta_path = self.path / "dataset.json"
         if meta_path.exists():
             try:
-                meta = json.loads(meta_path.read_text(encoding="utf-8-sig"))
+                meta = json.loads(read_utf8(meta_path))
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg}", file=meta_path, line=e.lineno) from None
             except UnicodeDecodeError:

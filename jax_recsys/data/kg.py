@@ -8,7 +8,7 @@ Folder layout (the common link-prediction layout, plus optional types)::
 Without ``entity_types.tsv`` every entity has the one type ``"entity"``. ``train.txt``
 is required; ``valid.txt``/``test.txt`` are optional (a missing file means no such
 split), but a present file must hold at least one triple. Blank lines are ignored;
-``\\r\\n`` line ends and a leading UTF-8 byte-order mark are accepted. Whitespace
+``\\r\\n`` line ends and leading UTF-8 byte-order marks (one or more) are accepted. Whitespace
 around a field is not part of it (``"a "`` is the entity ``"a"``), as for ids in CSV/TSV
 tables (:mod:`jax_recsys.data.folder`). A NUL character is an error (NumPy strings drop
 trailing NULs: ``"a\\x00"`` would be the entity ``"a"``).
@@ -54,7 +54,7 @@ import numpy as np
 from jax_recsys.data.vocab import Vocab
 
 try:  # the dataset-folder module owns the error type; fall back if it is absent
-    from jax_recsys.data.folder import DataError, _not_utf8
+    from jax_recsys.data.folder import DataError, _not_utf8, read_utf8
 except ImportError:  # pragma: no cover
     class DataError(ValueError):
         """Bad input data (file and line in the message)."""
@@ -66,6 +66,9 @@ except ImportError:  # pragma: no cover
 
     def _not_utf8(path):
         return DataError("not UTF-8 text", file=path)
+
+    def read_utf8(path):
+        return pathlib.Path(path).read_text(encoding="utf-8-sig")
 
 SPLITS = ("train", "valid", "test")
 UNTYPED = "entity"
@@ -98,8 +101,8 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
     """
     file = str(path)
     try:
-        # utf-8-sig: a byte-order mark is dropped, not read into the first entity's name.
-        text = path.read_text(encoding="utf-8-sig")
+        # Byte-order marks are dropped, not read into the first entity's name.
+        text = read_utf8(path)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None  # names the line of the first bad byte
     except OSError as e:  # a folder of that name, no permission

@@ -798,12 +798,12 @@ def resolve_kg_path(path: str | os.PathLike) -> pathlib.Path:
     if (root / "train.txt").exists():
         return root
     if (root / "dataset.json").exists():
-        from jax_recsys.data.folder import DatasetFolder
+        from jax_recsys.data.folder import DatasetFolder, read_utf8
 
         kg = DatasetFolder(root).kg_path
         if kg is None:
             # DatasetFolder reads kg/ for a dataset.json that leaves "kg" out.
-            given = "kg" in json.loads((root / "dataset.json").read_text(encoding="utf-8-sig"))
+            given = "kg" in json.loads(read_utf8(root / "dataset.json"))
             raise ValueError(f"{root / 'dataset.json'} has no knowledge graph ("
                              + ('"kg": null' if given else 'no "kg" entry, and no kg/train.txt')
                              + ")")
