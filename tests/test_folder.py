@@ -691,7 +691,10 @@ def test_blank_lines_before_the_header_are_skipped(tmp_path):
      "be named .tsv"),
     ("s.csv", "user_id;click\n1;1\n",
      "the header is one column 'user_id;click' holding semicolons: fields of a .csv file "
-     "are separated by commas"),
+     "are separated by commas (or by the one a first line 'sep=;' names)"),
+    ("p.csv", "sep=;\nuser_id,click\n1,1\n",
+     "the header is one column 'user_id,click' holding commas: line 1 'sep=;' names another "
+     "separator; correct or remove that line"),
     ("c.tsv", "user_id,click\n1,1\n",
      "the header is one column 'user_id,click' holding commas: a comma-separated file "
      "must be named .csv"),
@@ -701,12 +704,34 @@ def test_a_file_of_another_separator_is_named(tmp_path, name, text, message):
     # that asks for no columns by name).
     p = _write(tmp_path / name, text)
     e = _err(lambda: folder.read_text_table(p))
-    assert str(e) == f"{p}:1: {message}"
+    assert str(e) == f"{p}:{text.count('sep=') + 1}: {message}"
     e = _err(lambda: DatasetFolder(tmp_path).table(p.stem))
-    assert e.line == 1 and "the header is one column" in str(e)
+    assert e.line == text.count("sep=") + 1 and "the header is one column" in str(e)
     # A table of one column is still fine.
     p = _write(tmp_path / f"one{p.suffix}", "user_id\n1\n2\n")
     assert folder.read_text_table(p)[0]["user_id"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t", "|"])
+def test_an_excel_separator_line_names_the_separator(tmp_path, sep):
+    """Excel's first line 'sep=,' was read as a header ['sep=', ''] ('empty column
+    name'); it names the separator and line numbers stay the file's."""
+    rows = [["user_id", "name", "click"], ["1", '"a,;|b"', "0"], ["2", "c", "1"]]
+    text = f"sep={sep}\r\n" + "".join(sep.join(r) + "\r\n" for r in rows)
+    p = _write(tmp_path / "x.csv", "\ufeff" + text)
+    t, skipped = folder.read_text_table(p)
+    assert list(t) == ["user_id", "name", "click"] and skipped == 0
+    assert t["name"].tolist() == ["a,;|b", "c"] and t["click"].tolist() == [0, 1]
+    p = _write(tmp_path / "y.csv", text + sep.join(["3", "d"]) + "\n")  # ragged: line 5
+    e = _err(lambda: DatasetFolder(tmp_path).table("y"))
+    assert str(e) == f"{p}:5: ragged row: 2 fields, header has 3"
+
+
+def test_a_separator_line_naming_no_separator_is_refused(tmp_path):
+    p = _write(tmp_path / "x.csv", "sep=:\nuser_id:click\n1:0\n")
+    e = _err(lambda: folder.read_text_table(p))
+    assert str(e) == (f"{p}:1: first line 'sep=:' names no separator: a separator line is "
+                      "'sep=' and one of ',', ';', '|' or a tab")
 
 
 def test_a_utf16_file_is_named_as_such(tmp_path):

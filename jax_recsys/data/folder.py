@@ -32,8 +32,9 @@ whitespace around an id is not part of it; an
 empty cell is an error unless the reader is told the column holds labels, where it
 is a label not known yet: NaN). Text files are UTF-8 (anything else is a DataError naming
 the line of the first byte that is not) and may start with byte-order marks (one, or
-more where tools re-saved the file: they are not part of the first column's name); a NUL character in a value is a DataError (NumPy
-strings drop trailing NULs: ``"a\\x00"`` would become the id ``"a"``). Labels and
+more where tools re-saved the file: they are not part of the first column's name); a
+first line ``sep=X`` (Excel's) names the separator; a NUL character in a value is a
+DataError (NumPy strings drop trailing NULs: ``"a\\x00"`` would become the id ``"a"``). Labels and
 times (:data:`NUMERIC_COLUMNS`) must be 1-D numbers in ``.npy`` tables (other columns
 may have trailing dimensions: e.g. a list of ids per row; a consumer checks the columns
 it uses); ``timestamp`` and ``day``
@@ -51,6 +52,7 @@ Dimension legend: R rows of a table.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import pathlib
@@ -566,6 +568,26 @@ def _raise_first_bad(arr, lines, dtype, file, column, what):
     raise DataError(f"cannot parse column as {what}", file=file, column=column)
 
 
+# Separators a first line "sep=X" (as Excel writes and reads it) may name.
+_SEPARATORS = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "bars"}
+
+
+def _separator_line(line: str, file: str) -> str | None:
+    """The separator a file's first line ``sep=X`` names, or None for any other line.
+
+    Raises:
+      DataError: ``sep=`` names none of `_SEPARATORS`.
+    """
+    line = line.rstrip("\r\n")
+    if not line.startswith("sep="):
+        return None
+    sep = line[len("sep="):]
+    if sep not in _SEPARATORS:
+        raise DataError(f"first line {line!r} names no separator: a separator line is 'sep=' "
+                        "and one of ',', ';', '|' or a tab", file=file, line=1)
+    return sep
+
+
 def _is_field_limit(e: csv.Error) -> bool:
     return "field limit" in str(e)
 
@@ -623,8 +645,10 @@ def read_text_table(
     Quoting: ``.csv`` follows the usual ``"`` quoting (``"u,3"`` is one field); ``.tsv``
     has no quoting (a ``"`` is an ordinary character). The name says the separator: a
     header of one column that holds tabs or semicolons (``.csv``) or commas (``.tsv``)
-    is a DataError saying so. Blank lines (or of spaces only) are skipped, before the
-    header too.
+    is a DataError saying so. A first line ``sep=X`` (as Excel writes: ``sep=,``,
+    ``sep=;``; X one of ``,`` ``;`` ``|`` or a tab) names the separator and is not a row;
+    the quoting still follows the name. Blank lines (or of spaces only) are skipped,
+    before the header too.
 
     Returns:
       (column name -> array, number of skipped lines).
@@ -654,13 +678,18 @@ def _read_text_table(
         # read as part of the first column's name.
         try:
             _skip_boms(f)
+            first = f.readline()
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
+        sep = _separator_line(first, file)
+        delimiter = sep or ("\t" if tsv else ",")
+        # The separator line reads as a blank line: line numbers stay the file's.
+        source = itertools.chain(["\n" if sep else first] if first else [], f)
         if tsv:
             # TSV has no quoting: a '"' is an ordinary character.
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            reader = csv.reader(source, delimiter=delimiter, quoting=csv.QUOTE_NONE)
         else:
-            reader = csv.reader(f, delimiter=",")
+            reader = csv.reader(source, delimiter=delimiter)
         header: list[str] = []
         hline = 1  # the header's line: blank lines before it are skipped, as after it
         try:
@@ -684,10 +713,14 @@ def _read_text_table(
         header = [h.strip() for h in header]
         if len(header) == 1:
             # A file of another separator reads as one column with every name in it.
-            seps = {",": "commas"} if tsv else {"\t": "tabs", ";": "semicolons"}
-            held = [name for sep, name in seps.items() if sep in header[0]]
+            seps = ({s: n for s, n in _SEPARATORS.items() if s != sep} if sep
+                    else {",": "commas"} if tsv else {"\t": "tabs", ";": "semicolons"})
+            held = [name for s, name in seps.items() if s in header[0]]
             if held:
-                fix = ("fields of a .csv file are separated by commas" if held[0] == "semicolons"
+                fix = (f"line 1 {first.rstrip(chr(13) + chr(10))!r} names another separator; "
+                       "correct or remove that line" if sep
+                       else "fields of a .csv file are separated by commas (or by the one a "
+                       "first line 'sep=;' names)" if held[0] == "semicolons"
                        else f"a {'comma' if tsv else 'tab'}-separated file must be named "
                        f"{'.csv' if tsv else '.tsv'}")
                 raise DataError(f"the header is one column {header[0]!r} holding {held[0]}: "
