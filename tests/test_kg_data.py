@@ -19,6 +19,12 @@ def _write(d: pathlib.Path, **files: str) -> pathlib.Path:
     return d
 
 
+def _err(fn) -> DataError:
+    with pytest.raises(DataError) as e:
+        fn()
+    return e.value
+
+
 TYPED_TRAIN = (
     "user:2\tengaged\tpin:10\n"
     "user:1\tengaged\tpin:7\n"
@@ -195,6 +201,27 @@ def test_two_byte_order_marks_are_not_part_of_the_first_entity(tmp_path):
     kg = read_triples(d)
     assert kg.vocabs["thing"].ids.tolist() == ["e1", "e98"]
     np.testing.assert_array_equal(kg.splits["train"], [[1, 0, 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize("blank", ["", "\n"])  # vectorised path, line-by-line path
+def test_a_header_line_is_skipped_and_lines_keep_their_numbers(tmp_path, blank):
+    """A first line 'head relation tail' (an export with column names) was read as a
+    triple: a relation 'relation' between entities 'head' and 'tail'."""
+    d = _write(tmp_path / "kg", train_txt=f"{blank}head\trelation\ttail\na\tr\tb\nb\tr\thead\n",
+               valid_txt="Subject\tPredicate\tObject\na\tr\tb\n",
+               test_txt=f"HEAD\tRelation\tTail\n{blank}a\tr\tzz\n",
+               entity_types_tsv="entity\ttype\na\tx\nb\tx\nhead\tx\nzz\tx\n")
+    e = _err(lambda: read_triples(d))  # the error after the header names the file's line
+    assert str(e) == (f"{d / 'test.txt'}:{2 + len(blank)}: entity 'zz' does not occur in "
+                      "train.txt (pass unseen='skip' to drop such triples)")
+    with pytest.warns(UserWarning, match="skipped 1 triples"):
+        kg = read_triples(d, unseen="skip")
+    assert kg.relations == ("r",) and kg.vocabs["x"].ids.tolist() == ["a", "b", "head"]
+    np.testing.assert_array_equal(kg.splits["train"], [[0, 0, 1], [1, 0, 2]])
+    np.testing.assert_array_equal(kg.splits["valid"], [[0, 0, 1]])
+    _write(d, valid_txt="head\trelation\ttail\n\n")
+    e = _err(lambda: read_triples(d, unseen="skip"))
+    assert str(e) == f"{d / 'valid.txt'}:1: empty file: a header line 'head\\trelation\\ttail' and no line after it"
 
 
 @pytest.mark.parametrize("blank", ["", "\n"])  # vectorised path, line-by-line path

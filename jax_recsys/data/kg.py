@@ -7,7 +7,11 @@ Folder layout (the common link-prediction layout, plus optional types)::
 
 Without ``entity_types.tsv`` every entity has the one type ``"entity"``. ``train.txt``
 is required; ``valid.txt``/``test.txt`` are optional (a missing file means no such
-split), but a present file must hold at least one triple. Blank lines are ignored;
+split), but a present file must hold at least one triple. A first line
+``head<TAB>relation<TAB>tail`` or ``subject<TAB>predicate<TAB>object`` (any case;
+``entity<TAB>type`` in ``entity_types.tsv``) is a header and skipped: a table exported
+with its column names (:data:`TRIPLE_HEADERS`); any other line is data, so name the
+columns so or drop the line. Blank lines are ignored;
 ``\\r\\n`` line ends and leading UTF-8 byte-order marks (one or more) are accepted. Whitespace
 around a field is not part of it (``"a "`` is the entity ``"a"``), as for ids in CSV/TSV
 tables (:mod:`jax_recsys.data.folder`). A NUL character is an error (NumPy strings drop
@@ -72,6 +76,12 @@ except ImportError:  # pragma: no cover
 
 SPLITS = ("train", "valid", "test")
 UNTYPED = "entity"
+# Column-name lines a triple file / entity_types.tsv may start with (compared without
+# case): what a table exported with its header writes (pandas ``to_csv(sep="\\t",
+# index=False)``, a spreadsheet). Skipped, never read as a triple of entities "head"
+# and "tail".
+TRIPLE_HEADERS = (("head", "relation", "tail"), ("subject", "predicate", "object"))
+TYPE_HEADERS = (("entity", "type"),)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -92,12 +102,19 @@ def _may_pad(body: str) -> bool:
     return not body.isascii() or any(c in body for c in _ASCII_SPACES)
 
 
-def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.ndarray]:
+def _read_fields(path: pathlib.Path, nfields: int,
+                 headers: Sequence[tuple[str, ...]] = ()) -> tuple[list[list[str]], np.ndarray]:
     """Reads a tab-separated file of ``nfields`` columns.
 
+    Args:
+      path: the file.
+      nfields: fields per line.
+      headers: column-name lines the file may start with (lower case); its first
+        line that is not blank is skipped when it is one of them (in any case).
+
     Returns:
-      (one list of strings per field, int64 1-based line numbers); blank lines skipped,
-      whitespace around a field removed.
+      (one list of strings per field, int64 1-based line numbers); blank lines and a
+      header skipped, whitespace around a field removed.
     """
     file = str(path)
     try:
@@ -115,6 +132,15 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    skip = 0  # lines before the first one read: blank ones and a header
+    if first is not None and tuple(
+            f.strip().lower() for f in lines[first].split("\t")) in headers:
+        skip, header = first + 1, lines[first]
+        lines = lines[skip:]
+        if not any(line.strip() for line in lines):
+            raise DataError(f"empty file: a header line {header!r} and no line after it",
+                            file=file, line=skip)
     n = len(lines)
     # Fast path (vectorised): every line has exactly nfields-1 tabs (so no blank lines)
     # and no field is empty.
@@ -131,10 +157,10 @@ def _read_fields(path: pathlib.Path, nfields: int) -> tuple[list[list[str]], np.
             flat = body.replace("\n", "\t").split("\t")
             if may_pad and _PADDED_FIELD.search(body) is not None:
                 flat = [x.strip() for x in flat]
-            return [flat[j::nfields] for j in range(nfields)], np.arange(1, n + 1)
+            return [flat[j::nfields] for j in range(nfields)], np.arange(1, n + 1) + skip
     cols: list[list[str]] = [[] for _ in range(nfields)]
     line_list: list[int] = []
-    for i, line in enumerate(lines, start=1):
+    for i, line in enumerate(lines, start=1 + skip):
         if not line.strip():
             continue
         parts = line.split("\t")
@@ -420,7 +446,7 @@ def read_triples(
     for split in SPLITS:
         f = root / f"{split}.txt"
         if f.exists():
-            (h, r, t), lines = _read_fields(f, 3)
+            (h, r, t), lines = _read_fields(f, 3, TRIPLE_HEADERS)
             parsed[split] = (h, r, t, lines, str(f))
 
     # Global entity codes over every split (a dict: far faster than sorting strings).
@@ -431,7 +457,7 @@ def read_triples(
     # Types.
     types_file = root / "entity_types.tsv"
     if types_file.exists():
-        (ent, typ), tlines = _read_fields(types_file, 2)
+        (ent, typ), tlines = _read_fields(types_file, 2, TYPE_HEADERS)
         type_names = tuple(sorted(set(typ)))
         type_code = {name: i for i, name in enumerate(type_names)}
         type_of: dict[str, int] = {}
