@@ -1,5 +1,6 @@
 """Contrastive pretraining: data loading, sparse updates, sharded == unsharded, planted world."""
 
+import gzip
 import math
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from jax_recsys import checkpoint
-from jax_recsys.data.folder import write_dataset_json, write_table
+from jax_recsys.data.folder import DataError, write_dataset_json, write_table
 from jax_recsys.distributed import global_mesh
 from jax_recsys.embedding import specs
 from jax_recsys.pretrain import contrastive_data as cd, contrastive_train as ct
@@ -136,6 +137,15 @@ def test_load_pairs_errors_name_the_problem(tmp_path):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path)))
     with pytest.raises(ValueError, match="no table 'clicks'"):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), table="clicks"))
+    # A compressed table beside it is named, as the folder's own reader names it (was
+    # "dataset folder has no table 'clicks'").
+    with gzip.open(tmp_path / "clicks.csv.gz", "wt") as f:
+        f.write("user_id,item_id,day\n1,2,0\n")
+    hint = ("clicks.csv.gz is not read: a table is a .csv or .tsv file (uncompressed) or a "
+            "folder of .npy columns")
+    with pytest.raises(DataError) as e:
+        cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), table="clicks"))
+    assert str(e.value) == f"{tmp_path}: no table 'clicks' (have ['engagements']); {hint}"
     with pytest.raises(ValueError, match=r"no training pairs .* days \[5, 6\)"):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), item_column="pin",
                                                window_start=5, window_end=6))

@@ -96,6 +96,13 @@ def test_string_ids_and_errors(tmp_path):
         tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "t2").download_and_prepare()
     with pytest.raises(folder.DataError, match="no table 'engagements'"):
         tfds_builders.Engagements(source_dir=d, data_dir=tmp_path / "t3")
+    # As the folder's reader: a compressed table beside it is named.
+    (d / "engagements.csv.gz").write_bytes(b"")
+    with pytest.raises(folder.DataError) as e:
+        tfds_builders.Engagements(source_dir=d, data_dir=tmp_path / "t3")
+    assert str(e.value) == (f"{d}: no table 'engagements' (have ['impressions']); "
+                            "engagements.csv.gz is not read: a table is a .csv or .tsv file "
+                            "(uncompressed) or a folder of .npy columns")
 
 
 def test_edited_table_gives_new_records_not_stale_ones(tmp_path):

@@ -112,9 +112,7 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, source_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
                  options: Mapping, config_name: str | None = None):
         self._folder = DatasetFolder(source_dir)
-        if not self._folder.has_table(self.TABLE):
-            raise DataError(f"no table {self.TABLE!r} (have {self._folder.table_names})",
-                            file=self._folder.path)
+        self._folder.table_path(self.TABLE)  # a DataError naming a table.csv.gz beside it
         self._options = dict(options)
         config = FolderConfig(
             name=config_name or _config_name(self._folder, self._options, self.TABLE),

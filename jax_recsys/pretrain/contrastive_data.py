@@ -172,8 +172,7 @@ def _days(cols: dict[str, np.ndarray], cfg: ContrastiveDataConfig, table: str) -
 
 
 def _columns(folder, table: str, wanted: list[str], path: str) -> dict[str, np.ndarray]:
-    if not folder.has_table(table):
-        raise ValueError(f"{path}: dataset folder has no table {table!r}")
+    # A missing table is the folder's DataError (it names a table.csv.gz beside it).
     cols = folder.table(table)
     missing = [c for c in wanted if c not in cols]
     if missing:
