@@ -144,6 +144,33 @@ def test_edited_npy_column_changes_config_name(world, tmp_path):
     assert again != name
 
 
+def test_an_upper_case_npy_column_is_part_of_the_config_name(tmp_path):
+    """The table's files were found by '*.npy' only: an edit to a user_id.NPY column
+    (which the folder reads, in any case) kept the config name, and so stale records;
+    a hidden ._x.npy (no column) changed it."""
+    d = tmp_path / "upper"
+    folder.write_table(d, "impressions", {"user_id": np.array([1, 2]), "item_id": np.array([3, 4]),
+                                          "click": np.array([1, 0]), "conversion": np.array([0, 0]),
+                                          "day": np.array([0, 0])})
+    p = d / "impressions" / "click.NPY"
+    (d / "impressions" / "click.npy").rename(p)
+    ds = folder.DatasetFolder(d)
+    assert [f.name for f in ds.table_files("impressions")] == [
+        "click.NPY", "conversion.npy", "day.npy", "item_id.npy", "user_id.npy"]
+
+    def name():
+        return tfds_builders.AdsImpressions(source_dir=d, data_dir=tmp_path / "t",
+                                            windows={"train": (0, 1)}).info.config_name
+
+    before = name()
+    (d / "impressions" / "._click.npy").write_bytes(b"resource fork")
+    assert name() == before
+    np.save(p, np.array([0, 1]))  # same size, new content
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert name() != before
+
+
 def test_empty_label_cells_are_nan_as_in_the_folder_reader(tmp_path):
     """An empty click/conversion cell of a text impressions table is a label not known
     yet (folder kinds "label"): NaN, as the ranker's training reads it, not an error."""

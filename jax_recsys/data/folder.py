@@ -1109,6 +1109,13 @@ class DatasetFolder:
                             file=self.path)
         return self.path / self.meta["tables"][name]["path"]
 
+    def table_files(self, name: str) -> list[pathlib.Path]:
+        """The files holding table ``name``: its CSV/TSV file, or the ``.npy`` column files
+        of its folder as :meth:`table` reads them (any case, hidden files left out),
+        sorted by column."""
+        path = self.table_path(name)
+        return list(_npy_files(path).values()) if path.is_dir() else [path]
+
     def table(
         self,
         name: str,

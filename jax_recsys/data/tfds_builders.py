@@ -74,12 +74,6 @@ def _feature_for(name: str, col: np.ndarray) -> tfds.features.FeatureConnector:
     raise DataError(f"unsupported column dtype {col.dtype}", column=name)
 
 
-def _table_files(folder: DatasetFolder, table: str) -> list[pathlib.Path]:
-    """The files holding ``table``: the CSV/TSV file or the column ``.npy`` files."""
-    path = folder.table_path(table)
-    return sorted(path.glob("*.npy")) if path.is_dir() else [path]
-
-
 def _config_name(folder: DatasetFolder, options: Mapping, table: str) -> str:
     """``<dataset name>_<hash>``; the hash covers the folder path, ``dataset.json``,
     the options and (relative path, size, mtime_ns) of every file of ``table``, so
@@ -89,7 +83,7 @@ def _config_name(folder: DatasetFolder, options: Mapping, table: str) -> str:
     h.update(str(folder.path.resolve()).encode())
     h.update(meta.read_bytes() if meta.exists() else b"")
     h.update(json.dumps(options, sort_keys=True).encode())
-    for f in _table_files(folder, table):
+    for f in folder.table_files(table):
         st = f.stat()
         # relpath: a table linked in from outside the folder is "../...", not a ValueError.
         rel = pathlib.Path(os.path.relpath(f.resolve(), folder.path.resolve())).as_posix()
