@@ -101,7 +101,8 @@ def _iterator_columns(path: pathlib.Path, batch_size: int) -> dict:
     ds = folder.DatasetFolder(path)
     table = ds.table("impressions", [*_IDS, *_LABELS, "day"],
                      kinds=dict.fromkeys(_LABELS, "label"))
-    cols = folder.select_days(table, *ds.day_window("ranker_train"))
+    cols = folder.select_days(table, *ds.day_window("ranker_train"),
+                              file=ds.table_path("impressions"))
     if len(cols["day"]) < 4 * batch_size:  # tiny worlds: all impressions
         cols = table
     return {k: v for k, v in cols.items() if k != "day"}

@@ -229,7 +229,7 @@ def held_out(data: str, window: str, *, table: str = "impressions",
     folder = folder_lib.DatasetFolder(data)
     start, end = train_lib.window_days(folder, window)
     cols = folder.table(table, kinds=dict.fromkeys(labels, "label"))
-    return folder_lib.select_days(cols, start, end)
+    return folder_lib.select_days(cols, start, end, file=folder.table_path(table))
 
 
 def ranker_held_out(ranker_dir: str, ranker, data: str, window: str) -> dict[str, np.ndarray]:

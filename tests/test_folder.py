@@ -182,6 +182,19 @@ def test_dataset_json_windows_and_select_days(tmp_path):
         folder.select_days(ds.table("imp"), 5, 7)
 
 
+def test_select_days_errors_name_the_table_file(tmp_path):
+    """Was "column 'day': no 'day' or 'timestamp' column to select days by", naming no
+    table or file."""
+    p = _write(tmp_path / "imp.csv", "user_id,date\n1,0\n")
+    t = DatasetFolder(tmp_path).table("imp")
+    e = _err(lambda: folder.select_days(t, 0, 1, file=p))
+    assert str(e) == f"{p}, column 'day': no 'day' or 'timestamp' column to select days by"
+    e = _err(lambda: folder.select_days(t, 5, 6, day_column="date", file=p))
+    assert str(e) == f"{p}, column 'date': empty split: no rows with date in [5, 6)"
+    e = _err(lambda: folder.select_days(t, 1, 1, day_column="date", file=p))
+    assert str(e) == f"{p}: empty day window [1, 1)"
+
+
 def _err(fn) -> DataError:
     with pytest.raises(DataError) as e:
         fn()

@@ -466,6 +466,19 @@ def _write_csv_impressions(path, extra=None, n=60):
                    "ranker_test": [102, 103]}}))
 
 
+def test_no_time_column_names_the_impressions_file(tmp_path):
+    """Was "column 'day': no 'day' or 'timestamp' column to select days by", naming no
+    table or file."""
+    _write_csv_impressions(tmp_path / "data")
+    p = tmp_path / "data" / "impressions.csv"
+    p.write_text(p.read_text().replace("day", "date", 1))
+    with pytest.raises(folder.DataError) as e:
+        T.prepare_data(_data(tmp_path / "data", click_column="clicked",
+                             conversion_column="converted"), id_columns=("uid",))
+    assert str(e.value) == (f"{p}, column 'day': no 'day' or 'timestamp' column to select "
+                            "days by")
+
+
 def test_renamed_label_columns_are_never_picked_as_coarse_features(tmp_path):
     # With click_column=clicked, every integer column but ids, day and timestamp was a
     # coarse feature: the labels too, so the ranker saw what it predicts (test CTCVR

@@ -931,6 +931,7 @@ def select_days(
     *,
     day_column: str = "day",
     allow_empty: bool = False,
+    file: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows whose day lies in the half-open window ``[start, end)``.
 
@@ -943,6 +944,8 @@ def select_days(
       end: last day (exclusive).
       day_column: the day column's name.
       allow_empty: return an empty selection instead of raising.
+      file: the table's file or folder (``DatasetFolder.table_path``), named in every
+        error.
 
     Returns:
       the selected rows, column name -> array.
@@ -958,23 +961,27 @@ def select_days(
         time_column = "timestamp"
     else:
         raise DataError(
-            f"no {day_column!r} or 'timestamp' column to select days by", column=day_column
+            f"no {day_column!r} or 'timestamp' column to select days by", file=file,
+            column=day_column,
         )
     times = np.asarray(cols[time_column])
     if times.dtype.kind not in "biuf":
-        raise DataError(f"column must hold numbers, got dtype {times.dtype}", column=time_column)
+        raise DataError(f"column must hold numbers, got dtype {times.dtype}", file=file,
+                        column=time_column)
     i = _first_bad_time(times)
     if i is not None:
         raise DataError(
-            f"row {i}: {_time_message(time_column, times[i].item())}", column=time_column
+            f"row {i}: {_time_message(time_column, times[i].item())}", file=file,
+            column=time_column,
         )
     day = times if time_column == day_column else times // 86400
     if end <= start:
-        raise DataError(f"empty day window [{start}, {end})")
+        raise DataError(f"empty day window [{start}, {end})", file=file)
     mask = (day >= start) & (day < end)
     if not allow_empty and not mask.any():
         raise DataError(
-            f"empty split: no rows with {day_column} in [{start}, {end})", column=day_column
+            f"empty split: no rows with {day_column} in [{start}, {end})", file=file,
+            column=day_column,
         )
     # Contiguous windows (the world writes days in order) avoid a full-table copy.
     idx = np.flatnonzero(mask)

@@ -151,7 +151,8 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, *, cols: Mapping[str, np.ndarray],
                            window: tuple[int, int]) -> Iterator[tuple[int, dict]]:
-        part = select_days(cols, window[0], window[1])
+        part = select_days(cols, window[0], window[1],
+                           file=self._folder.table_path(self.TABLE))
         names = list(part)
         for k in names:
             col = part[k]

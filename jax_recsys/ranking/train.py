@@ -396,7 +396,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     indexed = {**cols, _ROW: np.arange(len(cols[data.click_column]))}
     unclicked = []  # table rows with a conversion and no click (a row may be in 2 windows)
     for split, (start, end) in wins.items():
-        sel = folder_lib.select_days(indexed, start, end)
+        sel = folder_lib.select_days(indexed, start, end, file=where)
         n = len(sel[data.click_column])
         if split == "train" and data.max_train_examples:
             n = min(n, data.max_train_examples)
