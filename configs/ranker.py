@@ -47,8 +47,13 @@ def get_config(arg=None):
     c.data.test_window = "ranker_test"
     c.data.click_column = "click"  # labels: every value 0 or 1
     c.data.conversion_column = "conversion"
+    # An impression's day (the windows' days); without it, timestamp_column (seconds) // 86400.
+    # Left out of the pipeline's stage keys and the run fingerprints at these defaults.
+    c.data.day_column = "day"
+    c.data.timestamp_column = "timestamp"
     # Comma list of small integer columns (values < 2**20); "" = every integer column that
-    # is not an entity id, a label (click/conversion_column) or day/timestamp.
+    # is not an entity id, a label (click/conversion_column) or a time (day/timestamp and
+    # day_column/timestamp_column).
     c.data.coarse_features = ""
     c.data.max_train_examples = 0  # only the first N training impressions; 0: all
 

@@ -115,17 +115,24 @@ def _portable_arg(arg: str, wd: pathlib.Path | None) -> str:
 # so a finished stage of a config that does not set them is not rerun.
 _OMITTED_CONFIG_DEFAULTS = {"facet_missing": "random", "conversions_table": "conversions",
                             "items_table": "items", "advertiser_column": "advertiser_id"}
+# The same for keys added to one kind of section only, where a key of that name elsewhere
+# predates stage keys (configs/contrastive.py's data.day_column): (a key that marks the
+# section, the key) -> its default. The ranker's data section holds "click_column".
+_OMITTED_SECTION_DEFAULTS = {("click_column", "day_column"): "day",
+                             ("click_column", "timestamp_column"): "timestamp"}
 
 
 def _omit_defaults(cfg) -> None:
     """Deletes, in place, the keys of ConfigDict `cfg` that `_OMITTED_CONFIG_DEFAULTS`
-    lists with their default value."""
+    (or, in their section, `_OMITTED_SECTION_DEFAULTS`) list with their default value."""
+    omitted = {**_OMITTED_CONFIG_DEFAULTS,
+               **{k: v for (mark, k), v in _OMITTED_SECTION_DEFAULTS.items() if mark in cfg}}
     with cfg.unlocked():
         for k in list(cfg.keys()):
             v = cfg[k]
             if hasattr(v, "unlocked"):
                 _omit_defaults(v)
-            elif k in _OMITTED_CONFIG_DEFAULTS and v == _OMITTED_CONFIG_DEFAULTS[k]:
+            elif k in omitted and v == omitted[k]:
                 del cfg[k]
 
 

@@ -216,8 +216,10 @@ def check_pair(art, ranker) -> None:
 
 
 def held_out(data: str, window: str, *, table: str = "impressions",
-             labels: tuple[str, ...] = ("click", "conversion")) -> dict[str, np.ndarray]:
-    """The rows of ``table`` in day window ``window`` of dataset folder ``data``, raw columns.
+             labels: tuple[str, ...] = ("click", "conversion"), day_column: str = "day",
+             timestamp_column: str = "timestamp") -> dict[str, np.ndarray]:
+    """The rows of ``table`` in day window ``window`` of dataset folder ``data``, raw columns;
+    days from ``day_column``, else ``timestamp_column`` // 86400 (`folder.select_days`).
 
     An empty cell of a ``labels`` column of a text table (a label not known yet, which the
     ranker's training reads as NaN outside its windows) reads as NaN here too: the
@@ -229,17 +231,19 @@ def held_out(data: str, window: str, *, table: str = "impressions",
     folder = folder_lib.DatasetFolder(data)
     start, end = train_lib.window_days(folder, window)
     cols = folder.table(table, kinds=dict.fromkeys(labels, "label"))
-    return folder_lib.select_days(cols, start, end, file=folder.table_path(table))
+    return folder_lib.select_days(cols, start, end, day_column=day_column,
+                                  timestamp_column=timestamp_column, file=folder.table_path(table))
 
 
 def ranker_held_out(ranker_dir: str, ranker, data: str, window: str) -> dict[str, np.ndarray]:
-    """`held_out` from the table and label columns the ranker was trained with, as
+    """`held_out` from the table, label and time columns the ranker was trained with, as
     recorded next to it (`export.resolve_data_config`; the defaults when nothing is)."""
     from jax_recsys.quant import export
 
     dcfg = export.resolve_data_config(ranker_dir, ranker, data_path=data)
     return held_out(data, window or dcfg.test_window, table=dcfg.table,
-                    labels=(dcfg.click_column, dcfg.conversion_column))
+                    labels=(dcfg.click_column, dcfg.conversion_column),
+                    day_column=dcfg.day_column, timestamp_column=dcfg.timestamp_column)
 
 
 def main(argv):

@@ -95,7 +95,8 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
     data = train.DataConfig(
         path=data_path, table=d.table, train_window=d.train_window,
         valid_window=d.valid_window, test_window=d.test_window, click_column=d.click_column,
-        conversion_column=d.conversion_column, coarse_features=coarse or None,
+        conversion_column=d.conversion_column, day_column=d.get("day_column", "day"),
+        timestamp_column=d.get("timestamp_column", "timestamp"), coarse_features=coarse or None,
         max_train_examples=d.max_train_examples,
     )
     pretrained = _names(cfg.facets) if pretrained is None else tuple(pretrained)

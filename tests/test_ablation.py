@@ -380,6 +380,25 @@ def test_fingerprints_leave_out_the_missing_rows_option_at_its_default():
     assert "missing" not in dataclasses.replace(spec, missing="random").fingerprint_dict()
 
 
+def test_fingerprints_leave_out_the_rankers_time_columns_at_their_defaults():
+    """DataConfig.day_column / timestamp_column (added so a user's own time column can be
+    named) keep the fingerprints pinned above at "day" / "timestamp"; another is another run."""
+    import hashlib
+
+    def digests(**data):
+        tc = _golden_config()
+        tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **data))
+        run = json.dumps(T.run_fingerprint(tc, {}), sort_keys=True)
+        return (A._digest({"train_config": T.fingerprint_dict(tc)}),
+                hashlib.sha256(run.encode()).hexdigest()[:16])
+
+    before = ("8b040e8be588494d", "9bac4099cbc1bf00")
+    assert digests(day_column="day", timestamp_column="timestamp") == before
+    for other in ({"day_column": "date"}, {"timestamp_column": "ts"}):
+        got = digests(**other)
+        assert got[0] != before[0] and got[1] != before[1], other
+
+
 def test_run_fingerprints_hold_the_data_by_content_and_accept_the_form_with_its_path():
     tc = _golden_config()
     facets = {"cl/fresh": "0123456789abcdef", "kg/fresh": "fedcba9876543210"}

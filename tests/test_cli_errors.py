@@ -1183,6 +1183,13 @@ def test_serving_check_takes_start_end_days_and_defaults_to_the_rankers_test_win
     for window, pins in (("", [3, 5]), ("20, 21", [2])):
         cols = mp_util.child_columns(code, str(tmp_path / "ranker"), str(data), window)
         assert cols["pin_id"] == pins, window
+    # The ranker's own time column (data.day_column), as recorded: was "no 'day' or
+    # 'timestamp' column".
+    (data / "events.csv").write_text((data / "events.csv").read_text().replace("day", "date"))
+    (tmp_path / "metrics.json").write_text(json.dumps({"config": {"data": {
+        "path": str(data), "table": "events", "test_window": "21,23", "day_column": "date"}}}))
+    cols = mp_util.child_columns(code, str(tmp_path / "ranker"), str(data), "")
+    assert cols["pin_id"] == [3, 5] and cols["date"] == [21, 22]
 
 
 @pytest.mark.parametrize("with_json", [True, False])

@@ -478,6 +478,26 @@ def test_config_fingerprint_leaves_out_the_contrastive_table_and_column_keys_at_
     assert cl != variant("c1", "c.data.advertiser_column = 'adv'")
 
 
+def test_config_fingerprint_leaves_out_the_rankers_time_columns_at_their_defaults(tmp_path):
+    """data.day_column / timestamp_column of configs/ranker.py (and so of the ablation)
+    leave their stage keys as they were before them; the contrastive config's own
+    data.day_column, older than stage keys, still counts."""
+    def variant(config, name, body):
+        return _fingerprint_of_variant(tmp_path, config, name, body)
+
+    ranker = rp.config_fingerprint("configs/ranker.py:smoke")
+    assert ranker == variant("configs/ranker.py", "r0",
+                             "del c.data['day_column']; del c.data['timestamp_column']")
+    assert ranker != variant("configs/ranker.py", "r1", "c.data.day_column = 'date'")
+    assert ranker != variant("configs/ranker.py", "r2", "c.data.timestamp_column = 'ts'")
+    ablation = rp.config_fingerprint("configs/ablation.py:smoke")
+    assert ablation == variant("configs/ablation.py", "a0", "del c.ranker.data['day_column']; "
+                               "del c.ranker.data['timestamp_column']")
+    assert ablation != variant("configs/ablation.py", "a1", "c.ranker.data.day_column = 'date'")
+    cl = rp.config_fingerprint("configs/contrastive.py:smoke")
+    assert cl != variant("configs/contrastive.py", "c0", "del c.data['day_column']")
+
+
 def _stage_in(wd, log, name, *args):
     """A stage as `build` makes them: its paths (its done file in WORKDIR ``wd``, the
     configs) are arguments, and it appends its name and arguments to ``log``."""

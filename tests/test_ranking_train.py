@@ -479,6 +479,35 @@ def test_no_time_column_names_the_impressions_file(tmp_path):
                             "days by")
 
 
+def test_the_time_column_is_configurable(tmp_path):
+    """The ranker's days came from `day` or `timestamp` only (the contrastive trainer
+    names its own); a table whose day is `date`, or whose seconds are `seen_at`, was
+    "no 'day' or 'timestamp' column". Neither is picked as a coarse feature."""
+    _write_csv_impressions(tmp_path / "data")
+    p = tmp_path / "data" / "impressions.csv"
+    p.write_text(p.read_text().replace("day", "date", 1))
+    kw = dict(click_column="clicked", conversion_column="converted")
+    got = T.prepare_data(_data(tmp_path / "data", day_column="date", **kw), id_columns=("uid",))
+    assert got.coarse_sizes == (("device", 3),)
+    assert [len(got.splits[k]["click"]) for k in ("train", "valid", "test")] == [20, 20, 20]
+    np.testing.assert_array_equal(got.splits["test"]["click"], [i % 2 for i in range(2, 60, 3)])
+    # Seconds: day = seen_at // 86400 (days 100..102 as above).
+    lines = p.read_text().splitlines()
+    rows = [r.split(",") for r in lines[1:]]
+    p.write_text("\n".join([lines[0].replace("date", "seen_at"),
+                            *(",".join([*r[:2], str(int(r[2]) * 86400 + 5), *r[3:]]) for r in rows)]) + "\n")
+    got2 = T.prepare_data(_data(tmp_path / "data", timestamp_column="seen_at", **kw),
+                          id_columns=("uid",))
+    assert got2.coarse_sizes == (("device", 3),)
+    for k in ("train", "valid", "test"):
+        np.testing.assert_array_equal(got2.splits[k]["click"], got.splits[k]["click"])
+    with pytest.raises(folder.DataError) as e:
+        T.prepare_data(_data(tmp_path / "data", coarse_features=("device",), **kw),
+                       id_columns=("uid",))
+    assert str(e.value) == (f"{p}, column 'day': no 'day' or 'timestamp' column to select "
+                            "days by")
+
+
 def test_renamed_label_columns_are_never_picked_as_coarse_features(tmp_path):
     # With click_column=clicked, every integer column but ids, day and timestamp was a
     # coarse feature: the labels too, so the ranker saw what it predicts (test CTCVR

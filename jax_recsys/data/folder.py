@@ -930,6 +930,7 @@ def select_days(
     end: int,
     *,
     day_column: str = "day",
+    timestamp_column: str = "timestamp",
     allow_empty: bool = False,
     file: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
@@ -943,6 +944,8 @@ def select_days(
       start: first day (inclusive).
       end: last day (exclusive).
       day_column: the day column's name.
+      timestamp_column: the name of the column of seconds, read when there is no
+        ``day_column``.
       allow_empty: return an empty selection instead of raising.
       file: the table's file or folder (``DatasetFolder.table_path``), named in every
         error.
@@ -957,11 +960,11 @@ def select_days(
     """
     if day_column in cols:
         time_column = day_column
-    elif "timestamp" in cols:
-        time_column = "timestamp"
+    elif timestamp_column in cols:
+        time_column = timestamp_column
     else:
         raise DataError(
-            f"no {day_column!r} or 'timestamp' column to select days by", file=file,
+            f"no {day_column!r} or {timestamp_column!r} column to select days by", file=file,
             column=day_column,
         )
     times = np.asarray(cols[time_column])

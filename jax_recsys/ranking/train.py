@@ -92,10 +92,14 @@ class DataConfig:
         the train window (their metrics would be measured on training impressions);
         a valid window overlapping the test window is only warned about.
       click_column, conversion_column: label columns (binary: every value 0 or 1).
+      day_column: the day of an impression (the windows' days); when the table lacks
+        it, days are `timestamp_column` // 86400.
+      timestamp_column: seconds; used only when there is no day column.
       coarse_features: coarse categorical columns (non-negative ints; neither a label
         nor an entity's id column, each once, values below `MAX_COARSE_VALUES`); None
         picks every integer column that is not an id, label (`click_column` and
-        `conversion_column` included), day or timestamp column.
+        `conversion_column` included), day or timestamp column (`day_column`,
+        `timestamp_column` and the default names).
       max_train_examples: keep only the first N training impressions (0: all; >= 0).
     """
 
@@ -106,6 +110,8 @@ class DataConfig:
     test_window: str | tuple[int, int] = "ranker_test"
     click_column: str = "click"
     conversion_column: str = "conversion"
+    day_column: str = "day"
+    timestamp_column: str = "timestamp"
     coarse_features: tuple[str, ...] | None = None
     max_train_examples: int = 0
 
@@ -352,6 +358,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
             for c in cols
             if c not in _NOT_COARSE and c not in id_columns and np.asarray(cols[c]).dtype.kind in "iu"
             and c not in (data.click_column, data.conversion_column)  # labels: never features
+            and c not in (data.day_column, data.timestamp_column)
         )
     else:
         coarse = tuple(data.coarse_features)
@@ -396,7 +403,8 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     indexed = {**cols, _ROW: np.arange(len(cols[data.click_column]))}
     unclicked = []  # table rows with a conversion and no click (a row may be in 2 windows)
     for split, (start, end) in wins.items():
-        sel = folder_lib.select_days(indexed, start, end, file=where)
+        sel = folder_lib.select_days(indexed, start, end, day_column=data.day_column,
+                                     timestamp_column=data.timestamp_column, file=where)
         n = len(sel[data.click_column])
         if split == "train" and data.max_train_examples:
             n = min(n, data.max_train_examples)
@@ -824,12 +832,19 @@ def _facet_digest(name: str, facet, path: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# DataConfig fields added after run fingerprints were first saved, with the value every
+# run before them had: left out of `fingerprint_dict` at that value (as
+# `facets._FINGERPRINT_OMITTED_DEFAULTS`), so finished runs and checkpoints are reused.
+_DATA_FINGERPRINT_OMITTED_DEFAULTS = {"day_column": "day", "timestamp_column": "timestamp"}
+
+
 def fingerprint_dict(config: TrainConfig) -> dict[str, Any]:
     """`dataclasses.asdict(config)` in the form run fingerprints hash.
 
     Each facet is its `FacetSpec.fingerprint_dict()`: a field added to FacetSpec after
     fingerprints were first saved is left out while it holds its default, so the runs and
-    checkpoints of configs that do not set it keep their fingerprints.
+    checkpoints of configs that do not set it keep their fingerprints; so are the
+    DataConfig fields of `_DATA_FINGERPRINT_OMITTED_DEFAULTS`.
 
     Args:
       config: the run's config.
@@ -838,6 +853,9 @@ def fingerprint_dict(config: TrainConfig) -> dict[str, Any]:
       The nested dict (entities and their facets as tuples of dicts).
     """
     out = dataclasses.asdict(config)
+    out["data"] = {k: v for k, v in out["data"].items()
+                   if not (k in _DATA_FINGERPRINT_OMITTED_DEFAULTS
+                           and v == _DATA_FINGERPRINT_OMITTED_DEFAULTS[k])}
     out["entities"] = tuple({**dataclasses.asdict(e), "facets": tuple(f.fingerprint_dict() for f in e.facets)}
                             for e in config.entities)
     return out
