@@ -1,11 +1,12 @@
 r"""Live hybrid serving check: shard servers + ranker service on loopback, real gRPC.
 
-  python -m launch.serving_check --artifact=ART --ranker=RANKER_DIR --data=WORLD \
+  python -m launch.serving_check --artifact=ART --ranker=RANKER_DIR [--data=WORLD] \
       --out=DIR/serving_check.json [--num_shards=2] [--num_requests=200] [--candidates=500]
 
 Starts `--num_shards` `launch.serve_embeddings` processes and one
 `launch.serve_ranker` process over them (ports picked at run time), builds
-held-out requests from the dataset's test window (one user, their test-window
+held-out requests from the dataset's test window (the dataset the ranker was trained
+on, as recorded next to it, unless `--data` names another; one user, their test-window
 impressions plus other test-window candidates up to `--candidates`; the impressions
 table and label columns the ranker was trained with, as `launch.export_int4` finds
 them next to the ranker), sends them
@@ -50,7 +51,9 @@ from serving import check_rules
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _RANKER = flags.DEFINE_string("ranker", None, "The saved ranker the artifact was exported from.",
                               required=True)
-_DATA = flags.DEFINE_string("data", None, "Dataset folder (held-out requests).", required=True)
+_DATA = flags.DEFINE_string(
+    "data", None, "Dataset folder (held-out requests); default: the one recorded next to the "
+    "ranker (its trainer's metrics.json or ablation.json).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON report.", required=True)
 _WINDOW = flags.DEFINE_string(
     "window", "", "Day window of the held-out requests: a window name of the dataset's "
@@ -235,13 +238,16 @@ def held_out(data: str, window: str, *, table: str = "impressions",
                                   timestamp_column=timestamp_column, file=folder.table_path(table))
 
 
-def ranker_held_out(ranker_dir: str, ranker, data: str, window: str) -> dict[str, np.ndarray]:
+def ranker_held_out(ranker_dir: str, ranker, data: str | None,
+                    window: str) -> dict[str, np.ndarray]:
     """`held_out` from the table, label and time columns the ranker was trained with, as
-    recorded next to it (`export.resolve_data_config`; the defaults when nothing is)."""
+    recorded next to it (`export.resolve_data_config`; the defaults when nothing is), of
+    dataset folder ``data``, or (None or "") of the recorded one (an error naming it
+    when it is gone)."""
     from jax_recsys.quant import export
 
-    dcfg = export.resolve_data_config(ranker_dir, ranker, data_path=data)
-    return held_out(data, window or dcfg.test_window, table=dcfg.table,
+    dcfg = export.resolve_data_config(ranker_dir, ranker, data_path=data or None)
+    return held_out(dcfg.path, window or dcfg.test_window, table=dcfg.table,
                     labels=(dcfg.click_column, dcfg.conversion_column),
                     day_column=dcfg.day_column, timestamp_column=dcfg.timestamp_column)
 
@@ -258,14 +264,15 @@ def main(argv):
     art = artifact_lib.load_artifact(_ARTIFACT.value)
     ranker = model_lib.load_ranker(_RANKER.value)
     check_pair(art, ranker)
+    # Held-out requests and their offline INT4 scores (the data first: a dataset that is
+    # gone is an error before anything is written).
+    columns = train_lib.raw_to_rows(
+        ranker, ranker_held_out(_RANKER.value, ranker, _DATA.value, _WINDOW.value))
     out_path = pathlib.Path(_OUT.value).resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     logdir = out_path.parent / "serving_logs"
     logdir.mkdir(exist_ok=True)
 
-    # Held-out requests and their offline INT4 scores.
-    columns = train_lib.raw_to_rows(
-        ranker, ranker_held_out(_RANKER.value, ranker, _DATA.value, _WINDOW.value))
     reqs = build_requests(ranker, columns, num_requests=_NUM_REQUESTS.value,
                           candidates=_CANDIDATES.value, seed=_SEED.value)
     deq = {e: art.lookup(e, np.arange(art.tables[e].codes.shape[0])) for e, _ in ranker.config.entity_dims}

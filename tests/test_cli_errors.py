@@ -352,6 +352,36 @@ def test_serving_check_validates_counts_before_starting(tmp_path):
     assert not out.parent.exists()
 
 
+def test_serving_check_defaults_data_to_the_recorded_dataset(tmp_path):
+    """--data was required though train_ranker records the (absolute) data path next to
+    the ranker; without it the recorded one is read, and one that is gone is one line
+    naming it, before anything is written."""
+    import numpy as np
+
+    from jax_recsys.quant import artifact
+    from jax_recsys.ranking import model as M
+
+    cfg = M.RankerConfig(entity_dims=(("user", 4),), mlp_dims=(4,), head_dims=(2,),
+                         num_cross_layers=1)
+    M.save_ranker(tmp_path / "run" / "ranker", M.TrainedRanker(
+        config=cfg, params=M.flatten_params(M.init_dense(cfg)[1]),
+        tables={"user": np.zeros((5, 4), np.float32)}, vocabs={"user": np.arange(5)},
+        entity_columns={"user": "user_id"}, facet_layout={"user": [("scratch", 4, True)]}))
+    artifact.write_artifact(tmp_path / "art", tables={"user": np.ones((5, 4), np.float32)},
+                            vocabs={"user": np.arange(5)})
+    gone = tmp_path / "moved_away"
+    metrics = tmp_path / "run" / "metrics.json"
+    metrics.write_text(json.dumps({"config": {"data": {"path": str(gone)}}}))
+    out = tmp_path / "check" / "serving_check.json"
+    proc = _run("serving_check", [f"--artifact={tmp_path / 'art'}",
+                                  f"--ranker={tmp_path / 'run' / 'ranker'}", f"--out={out}"])
+    assert _assert_one_line(proc, "serving_check: error:") == (
+        f"serving_check: error: {tmp_path / 'run' / 'ranker'}: the dataset the ranker was "
+        f"trained on, {gone} (recorded in {metrics}), is gone (moved or deleted?); pass the "
+        "dataset folder (--data=DATASET)")
+    assert not out.parent.exists()
+
+
 def test_serving_check_refuses_an_artifact_of_another_ranker_before_starting(tmp_path):
     """It used to end in the model's "entity 'user' embedding has width 16, config says
     8" (from the offline scores), or print "artifact ... lacks tables" without the
@@ -1190,6 +1220,9 @@ def test_serving_check_takes_start_end_days_and_defaults_to_the_rankers_test_win
         "path": str(data), "table": "events", "test_window": "21,23", "day_column": "date"}}}))
     cols = mp_util.child_columns(code, str(tmp_path / "ranker"), str(data), "")
     assert cols["pin_id"] == [3, 5] and cols["date"] == [21, 22]
+    # No data folder given: the recorded one (serving_check --data is optional).
+    cols = mp_util.child_columns(code, str(tmp_path / "ranker"), "", "")
+    assert cols["pin_id"] == [3, 5]
 
 
 @pytest.mark.parametrize("with_json", [True, False])
