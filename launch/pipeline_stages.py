@@ -378,10 +378,10 @@ def check(cfg, plan: dict) -> None:
     problems = []
     if not (math.isfinite(cfg.stage_timeout_s) and cfg.stage_timeout_s > 0):
         problems.append(f"stage_timeout_s={cfg.stage_timeout_s} must be > 0 (seconds per stage)")
-    from jax_recsys.quant import export  # the export's own rules, in its words
+    from jax_recsys.quant import export_rules  # the export's own rules, in its words
 
     problems += [f"export.{key}={value} must be {rule}" for key, value, rule in
-                 export.setting_violations(auc_noise_z=e.auc_noise_z,
+                 export_rules.setting_violations(auc_noise_z=e.auc_noise_z,
                                            max_auc_drop=e.max_auc_drop, bits=e.bits)]
     if cfg.serving.enabled:  # by serving_check's own rules, in its words
         from serving import check_rules

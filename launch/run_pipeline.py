@@ -151,9 +151,9 @@ def _mark_served_rows(abl: dict | None, cfg, export: dict | None) -> dict | None
     variants = (abl or {}).get("variants")
     if cfg is None or not isinstance(variants, dict):
         return abl
-    from jax_recsys.quant import export as export_lib
+    from jax_recsys.quant import export_rules
 
-    served = export_lib.int4_row_name(cfg.export.variant, cfg.export.bits)[0] if export else None
+    served = export_rules.int4_row_name(cfg.export.variant, cfg.export.bits)[0] if export else None
     marked = {}
     for name, r in variants.items():
         if isinstance(r, dict) and "bits" in r:

@@ -692,3 +692,26 @@ def test_a_damaged_stage_marker_reruns_the_stage_and_a_damaged_output_is_named(t
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} is damaged \(not a JSON object\)"):
         rp.read_json(out)
     assert rp.read_json(wd / "none.json") == {}
+
+
+def test_the_up_front_check_and_the_report_do_not_import_jax(tmp_path):
+    # run_pipeline runs every stage in a child process; its own process imported JAX
+    # (seconds) only for the export's setting rules (pipeline_stages.check) and the
+    # names of the rows an export adds (the report).
+    wd = tmp_path / "wd"
+    (wd / "ablation").mkdir(parents=True)
+    (wd / "ablation" / "ablation.json").write_text('{"variants": {"cl_kg_int4": {"bits": 4}}}')
+    (wd / "export_report.json").write_text('{"bits": 4}')
+    code = ("import pathlib, sys; sys.argv = ['run_pipeline']\n"
+            "from launch import pipeline_stages as rp, run_pipeline\n"
+            f"wd = pathlib.Path({str(wd)!r})\n"
+            "cfg = rp.load_config('configs/pipeline.py:smoke')\n"
+            "run_pipeline.build_stages(cfg, wd)  # pipeline_stages.check\n"
+            "results = [{'stage': s, 'seconds': 1.0, 'summary': ''} for s in ('ablation', 'export')]\n"
+            "text = run_pipeline.write_pipeline_report(cfg, wd, results).read_text()\n"
+            "print(\"cl_kg_int4 (this run's artifact)\" in text)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'\n"
+            "             or m == 'jax_recsys.quant.export'))\n")
+    proc = _run_child(code)
+    assert proc.stdout.splitlines() == ["True", "[]"]
+
