@@ -180,22 +180,26 @@ def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
-def read_json(path: pathlib.Path) -> dict:
+def read_json(path: pathlib.Path, *, stage: str | None = None) -> dict:
     """A JSON file's object, or {} when the file does not exist.
 
+    Args:
+      stage: the stage whose output the file is, named in the error.
+
     Raises:
-      ValueError: the file is not a JSON object (damaged, e.g. cut short), naming it.
+      ValueError: the file is not a JSON object (damaged, e.g. cut short), naming it
+        (and how to rerun ``stage``).
     """
     if not path.exists():
         return {}
     try:
         obj = json.loads(path.read_text())
+        why = "" if isinstance(obj, dict) else "not a JSON object"
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is damaged ({e}); rerun the stage that writes it "
-                         "(--force=STAGE)") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} is damaged (not a JSON object); rerun the stage that "
-                         "writes it (--force=STAGE)")
+        why = str(e)
+    if why:
+        rerun = f" (--force={stage})" if stage else ""
+        raise ValueError(f"{path} is damaged ({why}); rerun the stage that writes it{rerun}")
     return obj
 
 

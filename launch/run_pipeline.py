@@ -47,14 +47,14 @@ _FORCE = flags.DEFINE_list("force", [], "Stages to rerun even if up to date (or 
 
 
 def _world_summary(wd: pathlib.Path) -> str:
-    s = pipeline_stages.read_json(wd / "world" / "world_summary.json")
+    s = pipeline_stages.read_json(wd / "world" / "world_summary.json", stage="world")
     rows = s.get("rows", {})
     parts = [f"{k}={v:,}" for k, v in rows.items() if isinstance(v, int)][:6]
     return ", ".join(parts) or "world written"
 
 
 def _ablation_summary(wd: pathlib.Path) -> str:
-    a = pipeline_stages.read_json(wd / "ablation" / "ablation.json")
+    a = pipeline_stages.read_json(wd / "ablation" / "ablation.json", stage="ablation")
     if not a:
         return "no ablation.json"
     v = a["variants"]
@@ -69,7 +69,7 @@ def _ablation_summary(wd: pathlib.Path) -> str:
 
 
 def _export_summary(wd: pathlib.Path) -> str:
-    e = pipeline_stages.read_json(wd / "export_report.json")
+    e = pipeline_stages.read_json(wd / "export_report.json", stage="export")
     if not e:
         return "no export_report.json"
     q = e.get("quality") or {}
@@ -82,7 +82,7 @@ def _export_summary(wd: pathlib.Path) -> str:
 
 
 def _serving_summary(wd: pathlib.Path) -> str:
-    s = pipeline_stages.read_json(wd / "serving_check.json")
+    s = pipeline_stages.read_json(wd / "serving_check.json", stage="serving")
     if not s:
         return "no serving_check.json"
     return (f"{s.get('num_requests')} requests × {s.get('candidates')} candidates over "
@@ -171,7 +171,7 @@ def write_pipeline_report(cfg, wd: pathlib.Path, results: list[dict]) -> pathlib
     stages = {r.get("stage") for r in results if not r.get("failed")}
 
     def output(stage: str, path: pathlib.Path) -> dict | None:
-        return (pipeline_stages.read_json(path) or None) if stage in stages else None
+        return (pipeline_stages.read_json(path, stage=stage) or None) if stage in stages else None
 
     export = output("export", wd / "export_report.json")
     abl = _mark_served_rows(output("ablation", wd / "ablation" / "ablation.json"), cfg, export)

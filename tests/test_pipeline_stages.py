@@ -686,8 +686,8 @@ def test_a_damaged_stage_marker_reruns_the_stage_and_a_damaged_output_is_named(t
     out = wd / "serving_check.json"
     out.write_text('{"ok": tr')
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} is damaged \(.*\); rerun "
-                       r"the stage that writes it \(--force=STAGE\)$"):
-        rp.read_json(out)
+                       r"the stage that writes it \(--force=serving\)$"):
+        rp.read_json(out, stage="serving")
     out.write_text("null")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out))} is damaged \(not a JSON object\)"):
         rp.read_json(out)
@@ -715,3 +715,24 @@ def test_the_up_front_check_and_the_report_do_not_import_jax(tmp_path):
     proc = _run_child(code)
     assert proc.stdout.splitlines() == ["True", "[]"]
 
+
+def test_a_damaged_stage_output_names_the_stage_to_rerun(tmp_path):
+    # The message said "(--force=STAGE)", leaving the user to find which stage.
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    out = wd / "export_report.json"
+    out.write_text('{"version": "v')
+    code = ("import pathlib, sys; sys.argv = ['run_pipeline']\n"
+            "from launch import run_pipeline\n"
+            f"wd = pathlib.Path({str(wd)!r})\n"
+            "for read in (lambda: run_pipeline.write_pipeline_report(\n"
+            "                 None, wd, [{'stage': 'export', 'seconds': 1.0, 'summary': ''}]),\n"
+            "             lambda: run_pipeline._export_summary(wd)):\n"
+            "    try:\n"
+            "        read()\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    proc = _run_child(code)
+    assert proc.stdout.splitlines() == [
+        f"{out} is damaged (Unterminated string starting at: line 1 column 13 (char 12)); "
+        "rerun the stage that writes it (--force=export)"] * 2
