@@ -294,12 +294,13 @@ def test_a_dataset_json_for_its_splits_only_finds_tables_and_kg_by_name(tmp_path
     assert d.table_names == ["impressions"] and d.has_table("impressions")
     assert d.table("impressions")["user_id"].tolist() == ["u1"]
     assert d.kg_path == tmp_path / "kg" and d.day_window("ranker_train") == (1, 2)
+    assert d.found_by_name == ("tables", "kg")
     # An explicit "kg": null is no graph; listed tables are the only ones.
     _write(tmp_path / "other.csv", "a\n1\n")
     meta.update(kg=None, tables={"impressions": {"path": "impressions.csv"}})
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     d = DatasetFolder(tmp_path)
-    assert d.kg_path is None and d.table_names == ["impressions"]
+    assert d.kg_path is None and d.table_names == ["impressions"] and d.found_by_name == ()
 
 
 def test_a_file_given_as_the_dataset_folder_says_so(tmp_path):
@@ -313,6 +314,7 @@ def test_kg_folder_discovered(tmp_path):
     (tmp_path / "kg").mkdir()
     _write(tmp_path / "kg" / "train.txt", "a\tr\tb\n")
     assert DatasetFolder(tmp_path).kg_path == tmp_path / "kg"
+    assert DatasetFolder(tmp_path).found_by_name == ("tables", "kg")
 
 
 def test_csv_record_over_several_lines_is_a_bad_line(tmp_path):

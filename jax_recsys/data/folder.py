@@ -1002,6 +1002,11 @@ class DatasetFolder:
         starting with ``.`` are not (hidden files, macOS ``._x.csv``), and ``kg/`` (if
         it holds ``train.txt``) is the knowledge graph.
       on_bad_lines: "error" or "skip" for CSV/TSV tables.
+
+    Attributes:
+      found_by_name: the entries of ("tables", "kg") that dataset.json leaves out (all
+        without one), found in the folder as above; "kg" not in it and `kg_path` None
+        means an explicit ``"kg": null``.
     """
 
     def __init__(self, path: str | os.PathLike, *, on_bad_lines: str = "error"):
@@ -1032,7 +1037,8 @@ class DatasetFolder:
                     f"unsupported format_version {meta.get('format_version')!r}", file=meta_path
                 )
             found = None  # what the folder holds, for the entries dataset.json leaves out
-            if "tables" not in meta or "kg" not in meta:  # (one written for its "splits")
+            self.found_by_name = tuple(k for k in ("tables", "kg") if k not in meta)
+            if self.found_by_name:  # (one written for its "splits")
                 found = self._discover()
             tables = meta.setdefault("tables", found and found["tables"])
             if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
@@ -1071,6 +1077,7 @@ class DatasetFolder:
             self.meta = meta
         else:
             self.meta = self._discover()
+            self.found_by_name = ("tables", "kg")
 
     def _discover(self) -> dict:
         tables: dict[str, dict] = {}

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -798,16 +797,14 @@ def resolve_kg_path(path: str | os.PathLike) -> pathlib.Path:
     if (root / "train.txt").exists():
         return root
     if (root / "dataset.json").exists():
-        from jax_recsys.data.folder import DatasetFolder, read_utf8
+        from jax_recsys.data.folder import DatasetFolder
 
-        kg = DatasetFolder(root).kg_path
-        if kg is None:
-            # DatasetFolder reads kg/ for a dataset.json that leaves "kg" out.
-            given = "kg" in json.loads(read_utf8(root / "dataset.json"))
+        folder = DatasetFolder(root)
+        if folder.kg_path is None:  # (dataset.json left "kg" out: kg/ was looked for)
             raise ValueError(f"{root / 'dataset.json'} has no knowledge graph ("
-                             + ('"kg": null' if given else 'no "kg" entry, and no kg/train.txt')
-                             + ")")
-        return kg
+                             + ('no "kg" entry, and no kg/train.txt'
+                                if "kg" in folder.found_by_name else '"kg": null') + ")")
+        return folder.kg_path
     if (root / "kg" / "train.txt").exists():
         return root / "kg"
     raise FileNotFoundError(f"{root}: no train.txt here nor in {root / 'kg'} (expected a triple "
