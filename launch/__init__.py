@@ -1,8 +1,8 @@
 """Entry points: ``python -m launch.NAME``. Their shared plumbing is ``launch/common.py``.
 
-`exit_on_interrupt` (and the constants both use) is here, not there, because the servers call it before their own
-imports and without common's multi-process flags; it uses the standard library only
-(this package is imported first by ``python -m launch.NAME`` anyway).
+`server_starting` (and the constants both use) is here, not there, because the servers
+call it before their own imports and without common's multi-process flags; it uses the
+standard library only (this package is imported first by ``python -m launch.NAME`` anyway).
 """
 
 from __future__ import annotations
@@ -22,44 +22,38 @@ def traceback_env_set() -> bool:
     return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
 
 
-def exit_on_interrupt(name: str) -> None:
-    """Makes Ctrl-C (SIGINT) end this process at once: one ``NAME: interrupted`` line on
-    stderr and exit status 130, as ``launch.common.run`` ends the other entry points.
-
-    For a server's start-up (imports, artifact checks, JIT compiles: 40 s on a GPU
-    host), which used to end in a KeyboardInterrupt traceback; once serving, the server
-    sets its own handler (a graceful stop). ``os._exit``: nothing is left to save, and
-    the interpreter's teardown can crash after an interrupted XLA compilation. Does
-    nothing where SIGINT is not Python's default (e.g. ignored, as in a non-interactive
-    shell's background job). ``JAX_RECSYS_TRACEBACK=1`` prints where it was interrupted.
-    """
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return
-
-    def interrupted(signum, frame) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
-        if traceback_env_set():
-            traceback.print_stack(frame)
-        sys.stderr.flush()
-        os.write(2, f"{name}: interrupted\n".encode())
-        os._exit(INTERRUPTED_EXIT)
-
-    signal.signal(signal.SIGINT, interrupted)
-
-
-# SIGHUP (swap) while a server starts; see `hold_hangup`.
+# A SIGHUP (swap) that came while a server started; see `server_starting`.
 HANGUP_PENDING = threading.Event()
 
 
-def hold_hangup() -> None:
-    """Makes SIGHUP during a server's start-up a pending swap (``HANGUP_PENDING``).
+def server_starting(name: str) -> None:
+    """A server's signal handling until it serves and sets its own handlers (a graceful
+    stop on Ctrl-C, a swap on SIGHUP); its start-up (imports, artifact checks, JIT
+    compiles) takes seconds, 40 s on a GPU host.
 
-    A server swaps artifacts on SIGHUP once serving; before its handler was set, the
-    signal's default ended it at once with no word (status 129): a rollout that
-    HUPs every server killed one still starting (a ranker's start is 40 s on a GPU
-    host). The server swaps once it serves, and sets the event from its own handler.
-    Does nothing where SIGHUP is ignored (``nohup``) until then.
+    - Ctrl-C (SIGINT) ends the process at once: one ``NAME: interrupted`` line on
+      stderr and exit status 130, as ``launch.common.run`` ends the other entry
+      points (it was a KeyboardInterrupt traceback). ``os._exit``: nothing is left to
+      save, and the interpreter's teardown can crash after an interrupted XLA
+      compilation. ``JAX_RECSYS_TRACEBACK=1`` prints where it was interrupted.
+    - SIGHUP is a pending swap (``HANGUP_PENDING``), done once the server serves: its
+      default ended the process at once with no word (status 129), so a rollout that
+      HUPs every server killed one still starting.
+
+    Each only where the signal is as a process gets it by default: SIGINT with Python's
+    default handler (not ignored, as in a non-interactive shell's background job),
+    SIGHUP not ignored (``nohup``).
     """
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
-        return
-    signal.signal(signal.SIGHUP, lambda *_: HANGUP_PENDING.set())
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+
+        def interrupted(signum, frame) -> None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
+            if traceback_env_set():
+                traceback.print_stack(frame)
+            sys.stderr.flush()
+            os.write(2, f"{name}: interrupted\n".encode())
+            os._exit(INTERRUPTED_EXIT)
+
+        signal.signal(signal.SIGINT, interrupted)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda *_: HANGUP_PENDING.set())

@@ -26,9 +26,8 @@ import threading
 
 import launch
 
-if __name__ == "__main__":  # Ctrl-C from here until serving: one line, exit status 130
-    launch.exit_on_interrupt("serve_embeddings")
-    launch.hold_hangup()  # SIGHUP from here until serving: a swap once serving
+if __name__ == "__main__":  # until serving: Ctrl-C is one line, exit 130; SIGHUP a swap
+    launch.server_starting("serve_embeddings")
 
 from absl import app, flags, logging  # noqa: E402
 

@@ -33,9 +33,8 @@ import time
 
 import launch
 
-if __name__ == "__main__":  # Ctrl-C from here until serving: one line, exit status 130
-    launch.exit_on_interrupt("serve_ranker")
-    launch.hold_hangup()  # SIGHUP from here until serving: a swap once serving
+if __name__ == "__main__":  # until serving: Ctrl-C is one line, exit 130; SIGHUP a swap
+    launch.server_starting("serve_ranker")
 
 from absl import app, flags, logging  # noqa: E402
 
