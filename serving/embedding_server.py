@@ -114,13 +114,7 @@ class ServerConfig:
     log_every_s: float = 30.0
 
     def __post_init__(self):
-        if not str(self.artifact).strip():  # '--artifact=$ART', ART unset: not the cwd
-            raise ValueError("artifact is empty: give the serving artifact folder")
-        if not self.host.strip():
-            raise ValueError("host is empty: give the interface to bind (127.0.0.1; 0.0.0.0 "
-                             "for all)")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535] (0: pick a free one), got {self.port}")
+        grpc_util.check_server_settings(self.artifact, self.host, self.port)
         codec.shard_range(0, self.shard, self.num_shards)  # checks shard and num_shards
         for name in ("workers", "max_ids_per_request", "max_message_bytes"):
             if getattr(self, name) < 1:

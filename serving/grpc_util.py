@@ -63,6 +63,19 @@ def read_pem(path: str, what: str) -> bytes:
     return data
 
 
+def check_server_settings(artifact, host: str, port: int) -> None:
+    """Raises ValueError unless a server's ``artifact`` and ``host`` are not empty and
+    ``port`` is in [0, 65535] (0: a free one): '--artifact=$ART' with ART unset must not
+    serve the working folder, and an empty host is no interface."""
+    if not str(artifact).strip():
+        raise ValueError("artifact is empty: give the serving artifact folder")
+    if not host.strip():
+        raise ValueError("host is empty: give the interface to bind (127.0.0.1; 0.0.0.0 "
+                         "for all)")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in [0, 65535] (0: pick a free one), got {port}")
+
+
 def check_tls_pair(tls_cert: str | None, tls_key: str | None) -> None:
     """Raises ValueError unless both or neither of a server's TLS files are given."""
     if (tls_cert is None) != (tls_key is None):

@@ -251,13 +251,7 @@ class RankerServiceConfig:
     cache_tables: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not str(self.artifact).strip():  # '--artifact=$ART', ART unset: not the cwd
-            raise ValueError("artifact is empty: give the serving artifact folder")
-        if not self.host.strip():
-            raise ValueError("host is empty: give the interface to bind (127.0.0.1; 0.0.0.0 "
-                             "for all)")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535] (0: pick a free one), got {self.port}")
+        grpc_util.check_server_settings(self.artifact, self.host, self.port)
         for entry in self.shards:
             if not isinstance(entry, str) or not all(a.strip() for a in entry.split("|")):
                 raise ValueError(
