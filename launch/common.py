@@ -118,6 +118,17 @@ def error_line(name: str, e: BaseException) -> str:
     return f"{name}: error: {msg}"
 
 
+def _config_key_error(e: BaseException) -> tuple[str, str]:
+    """(key, hint) of ml_collections' error for a key a ConfigDict lacks: its message is
+    "'key'", then "\nDid you mean ...?" (the hint) for a near miss, in a KeyError that
+    an AttributeError may wrap."""
+    inner = e
+    while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
+        inner = inner.args[0]
+    key, _, hint = (str(inner.args[0]) if inner.args else str(inner)).partition("\n")
+    return key.strip("\"'"), hint
+
+
 def _missing_config_key(e: BaseException) -> str | None:
     """The key a ConfigDict lacked when `e` is ml_collections' error for reading it, else
     None (an AttributeError or KeyError of anything else is a bug: keep its traceback)."""
@@ -127,11 +138,14 @@ def _missing_config_key(e: BaseException) -> str | None:
     if tb is None or not tb.tb_frame.f_code.co_filename.endswith(
             os.path.join("ml_collections", "config_dict", "config_dict.py")):
         return None
-    inner = e
-    while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
-        inner = inner.args[0]
-    text = str(inner.args[0]) if inner.args else str(inner)
-    return text.partition("\n")[0].strip("\"'")
+    return _config_key_error(e)[0]
+
+
+def _last_line(text: str) -> str | None:
+    """The last non-blank line of ``text``, stripped, or None: ml_collections' errors of a
+    config file that did not load hold a whole traceback, whose last line says why."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else None
 
 
 def _fail(line: str):
@@ -304,9 +318,8 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
         for flag_name in flags.FLAGS:
             value = flags.FLAGS[flag_name].value
             if type(value).__name__ == "_ErrorConfig":  # ml_collections defers a load error
-                lines = [ln.strip() for ln in str(value._error).splitlines() if ln.strip()]
                 _fail(f"{name}: error: cannot load --{flag_name}: "
-                      f"{lines[-1] if lines else type(value._error).__name__}")
+                      f"{_last_line(str(value._error)) or type(value._error).__name__}")
 
     def parse(argv):
         try:
@@ -315,9 +328,9 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
             # --config=FILE[:ARG] whose get_config raised: ml_collections puts its whole
             # traceback in the message; its last line says what was wrong.
             flag, sep, trace = str(e).partition(": Error whilst parsing config file:")
-            last = [ln.strip() for ln in trace.splitlines() if ln.strip()][-1:]
+            last = _last_line(trace)
             if sep and last:
-                _fail(f"{name}: error: {flag.removeprefix('flag ')}: {last[0]}")
+                _fail(f"{name}: error: {flag.removeprefix('flag ')}: {last}")
             # --config.KEY=VALUE whose VALUE does not parse as KEY's type (absl: "flag
             # --config.train.num_epochs=1.5: invalid literal for int() ...").
             m = re.match(r"flag --(\w+)\.([^=\s]+)=", str(e))
@@ -328,25 +341,19 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
                       f"--{m[1]}.KEY=VALUE override: {inner}")
             return app.parse_flags_with_usage(argv)  # absl's own message and exit 1
         except (AttributeError, KeyError) as e:  # --config.NO_SUCH_KEY=...
-            kind, inner = type(e).__name__, e
-            while inner.args and isinstance(inner.args[0], BaseException):  # AttributeError(KeyError)
-                inner = inner.args[0]
-            # ml_collections' message: "'key'", then "\nDid you mean ...?" for a near miss.
-            key, _, hint = (str(inner.args[0]) if inner.args else str(inner)).partition("\n")
-            key = key.strip("\"'")
+            key, hint = _config_key_error(e)
             hint = f"; {hint[:1].lower()}{hint[1:]}" if hint.strip() else ""
             _fail(f"{name}: error: unknown config key {key!r} in a --config.KEY=VALUE "
-                  f"override{hint} ({kind})")
+                  f"override{hint} ({type(e).__name__})")
         except OSError as e:
             # A --config.KEY=VALUE override of a --config=FILE that did not load (e.g. a
             # relative configs/x.py run from another folder) raised ml_collections'
             # "Configuration is not available ..." with a traceback.
             if "earlier failure to load" not in str(e):
                 raise
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             files = [f for f in flags.FLAGS if type(flags.FLAGS[f]).__name__ == "_ConfigFlag"]
             _fail(f"{name}: error: cannot load --{files[0] if len(files) == 1 else 'config'}: "
-                  f"{lines[-1]}")
+                  f"{_last_line(str(e))}")
         load_error()
         return rest
 
