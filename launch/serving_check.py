@@ -229,10 +229,9 @@ def held_out(data: str, window: str, *, table: str = "impressions",
     labels are not used.
     """
     from jax_recsys.data import folder as folder_lib
-    from jax_recsys.ranking import train as train_lib
 
     folder = folder_lib.DatasetFolder(data)
-    start, end = train_lib.window_days(folder, window)
+    start, end = folder.window_days(window)
     cols = folder.table(table, kinds=dict.fromkeys(labels, "label"))
     return folder_lib.select_days(cols, start, end, day_column=day_column,
                                   timestamp_column=timestamp_column, file=folder.table_path(table))

@@ -180,6 +180,10 @@ def test_dataset_json_windows_and_select_days(tmp_path):
         ds.day_window("valid")
     with pytest.raises(DataError, match="empty split"):
         folder.select_days(ds.table("imp"), 5, 7)
+    # A window name, "START,END" days (a flag or config override) or a pair.
+    assert [ds.window_days(w) for w in ("test", " 0 , 2 ", (1, 3))] == [(2, 3), (0, 2), (1, 3)]
+    with pytest.raises(DataError, match=re.escape("empty day window '2,2': [2, 2) (START,END")):
+        ds.window_days("2,2")
 
 
 def test_select_days_errors_name_the_table_file(tmp_path):

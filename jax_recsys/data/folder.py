@@ -56,6 +56,7 @@ import itertools
 import json
 import os
 import pathlib
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -993,6 +994,9 @@ def select_days(
     return {k: np.asarray(v)[mask] for k, v in cols.items()}
 
 
+_DAYS = re.compile(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*")  # "START,END" (`window_days`)
+
+
 class DatasetFolder:
     """Reader for a dataset folder (see the module docstring).
 
@@ -1212,6 +1216,23 @@ class DatasetFolder:
     def splits(self) -> dict[str, tuple[int, int]]:
         """Window name -> (start_day, end_day), half-open."""
         return {k: (int(v[0]), int(v[1])) for k, v in self.meta.get("splits", {}).items()}
+
+    def window_days(self, window) -> tuple[int, int]:
+        """The half-open (start_day, end_day) of ``window``: a window name (`day_window`),
+        a ``"START,END"`` string of days (what a ``--config.data.*_window`` override or
+        a flag can hold: a folder without dataset.json has no named window) or a pair.
+
+        Raises:
+          DataError: an unknown name, or an empty window.
+        """
+        m = _DAYS.fullmatch(window) if isinstance(window, str) else None
+        if isinstance(window, str) and m is None:
+            return self.day_window(window)
+        start, end = (int(x) for x in (m.groups() if m else window))
+        if end <= start:
+            raise DataError(f"empty day window {window!r}: [{start}, {end}) (START,END: END "
+                            "is exclusive and must be above START)")
+        return start, end
 
     def day_window(self, name: str) -> tuple[int, int]:
         """The half-open day window ``name`` (aliases: train, valid, test, pretrain,

@@ -53,7 +53,6 @@ import hashlib
 import json
 import math
 import pathlib
-import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -86,7 +85,7 @@ class DataConfig:
       table: impressions table name.
       train_window, valid_window, test_window: day-window names in dataset.json
         (``ranker_train`` ...) or explicit half-open ``(start_day, end_day)`` pairs,
-        also as ``"START,END"`` strings (`window_days`).
+        also as ``"START,END"`` strings (`DatasetFolder.window_days`).
         An empty valid window name ("") skips validation; `train_and_evaluate` needs
         the train and test windows. Neither the valid nor the test window may overlap
         the train window (their metrics would be measured on training impressions);
@@ -225,29 +224,6 @@ class RankerData:
     windows: dict[str, tuple[int, int]]
 
 
-_DAYS = re.compile(r"\s*(-?\d+)\s*,\s*(-?\d+)\s*")
-
-
-def window_days(folder, w) -> tuple[int, int]:
-    """The half-open (start_day, end_day) of window `w`: a window name of the folder's
-    dataset.json, a ``"START,END"`` string of days (what a ``--config.data.*_window``
-    override can hold: a folder with no dataset.json has no named window) or a pair.
-
-    Raises:
-      DataError: an unknown name, or an empty window.
-    """
-    m = _DAYS.fullmatch(w) if isinstance(w, str) else None
-    if isinstance(w, str) and m is None:
-        return folder.day_window(w)
-    start, end = (int(x) for x in (m.groups() if m else w))
-    if end <= start:
-        from jax_recsys.data.folder import DataError
-
-        raise DataError(f"empty day window {w!r}: [{start}, {end}) (START,END: END is "
-                        "exclusive and must be above START)")
-    return start, end
-
-
 def _check_windows(
     named: Mapping[str, Any], wins: Mapping[str, tuple[int, int]], *, log_warning: Callable
 ) -> None:
@@ -341,7 +317,7 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
     folder = folder_lib.DatasetFolder(data.path)
     named = {"train": data.train_window, "valid": data.valid_window, "test": data.test_window}
     named = {k: w for k, w in named.items() if not (w == "" or w is None)}
-    wins = {split: window_days(folder, w) for split, w in named.items()}
+    wins = {split: folder.window_days(w) for split, w in named.items()}
     _check_windows(named, wins, log_warning=lambda m: warnings.warn(m, stacklevel=3))
     # An empty label cell (a label not known yet) reads as NaN: checked below, in the rows used.
     cols = folder.table(data.table, kinds=dict.fromkeys(
