@@ -256,13 +256,13 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     }
 
     conv_pairs = 0
-    if (cfg.use_conversions and folder.has_table(cfg.conversions_table)
-            and not folder.has_table(cfg.items_table)):  # were left out without a word
+    use_conversions = cfg.use_conversions and folder.has_table(cfg.conversions_table)
+    if use_conversions and not folder.has_table(cfg.items_table):  # were left out without a word
         logging.warning("contrastive data: table %r is not used: conversions become pairs "
                         "through the %r table (%s -> %s), which %s lacks", cfg.conversions_table,
                         cfg.items_table, cfg.advertiser_column, cfg.item_column, cfg.path)
-    if (cfg.use_conversions and folder.has_table(cfg.conversions_table)
-            and folder.has_table(cfg.items_table)):
+        use_conversions = False
+    if use_conversions:
         conv = _columns(folder, cfg.conversions_table,
                         [cfg.user_column, cfg.advertiser_column], cfg.path)
         it = _columns(folder, cfg.items_table, [cfg.item_column, cfg.advertiser_column],
