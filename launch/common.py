@@ -64,14 +64,20 @@ def setup(workdir: str | None) -> distributed.DistributedConfig:
         )
     )
     if workdir:
-        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-        # Now, not when the first checkpoint or the final facet is written, hours later.
-        if not os.access(workdir, os.W_OK | os.X_OK):
-            raise PermissionError(f"{workdir}: cannot write there (a read-only file system or "
-                                  "no write permission): give a writable --workdir")
+        make_workdir(workdir)
     if cfg.num_processes > 1:
         logging.info("process %d of %d", cfg.process_id, cfg.num_processes)
     return cfg
+
+
+def make_workdir(workdir: str | os.PathLike) -> None:
+    """Creates ``workdir`` and refuses one that cannot be written: now, not when the first
+    checkpoint or the final facet is written, hours later (no JAX: run_pipeline, whose
+    stages run as children, calls it instead of `setup`)."""
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise PermissionError(f"{workdir}: cannot write there (a read-only file system or "
+                              "no write permission): give a writable --workdir")
 
 
 # What a user's input (flags, config, paths, data) can cause. ValueError covers
@@ -515,16 +521,14 @@ def int_list(flag, *, minimum: int = 1, distinct: bool = False) -> list[int]:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Writes JSON atomically, on process 0 only."""
-    from jax_recsys import distributed
+    """Writes JSON atomically, on process 0 only (asking JAX which process this is starts
+    its backend: not for a process that runs no JAX, see `pipeline_stages.write_json`)."""
+    from jax_recsys import distributed, fsutil
 
     if not distributed.is_chief():
         return
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
-    os.replace(tmp, path)
+    fsutil.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_default)
+                             + "\n")
 
 
 def _default(x):

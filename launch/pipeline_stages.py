@@ -24,7 +24,7 @@ import time
 
 from absl import logging
 
-from launch import common
+from jax_recsys import fsutil
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -203,6 +203,14 @@ def read_json(path: pathlib.Path, *, stage: str | None = None) -> dict:
     return obj
 
 
+def write_json(path: pathlib.Path, obj: dict) -> None:
+    """Writes a pipeline file (a stage marker, config.json) atomically. Not
+    `common.write_json`: that asks JAX whether this is process 0, which starts JAX's
+    backend (on a GPU, 75% of its memory) in the pipeline's own process for the whole
+    run, while its stages, children, need the device."""
+    fsutil.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
 def _read_marker(marker: pathlib.Path) -> dict:
     """A stage marker, or {} when it is missing or damaged: either way the stage is
     not known to be finished and runs again."""
@@ -229,7 +237,7 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
     if not force and m.get("key") in keys and stage.done_file.exists():
         if m["key"] != key:  # made before keys were portable: the same stage, now movable
             m = {**m, "key": key}
-            common.write_json(marker, m)
+            write_json(marker, m)
         print(f"[{stage.name}] up to date, skipped ({m.get('summary', '')})", flush=True)
         made_by, code = m.get("code", "unknown: recorded since 2026-11-27"), code_digest()
         if made_by != code:
@@ -257,7 +265,7 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
         raise SystemExit(f"[{stage.name}] finished but {stage.done_file} is missing")
     out = {"stage": stage.name, "key": key, "code": code_digest(),
            "seconds": time.time() - t0, "summary": stage.summarize(wd)}
-    common.write_json(marker, out)
+    write_json(marker, out)
     print(f"[{stage.name}] done in {out['seconds']:.0f} s: {out['summary']}", flush=True)
     return {**out, "skipped": False}
 

@@ -96,9 +96,9 @@ def main(argv):
     del argv
     cfg = _CONFIG.value
     wd = pathlib.Path(_WORKDIR.value).resolve()
-    common.setup(str(wd))
+    common.make_workdir(wd)  # not common.setup: no JAX here, the stages use the device
     stages = build_stages(cfg, wd)  # checks the config before anything runs
-    common.write_json(wd / "config.json", cfg.to_dict())
+    pipeline_stages.write_json(wd / "config.json", cfg.to_dict())
     t0 = time.time()
     metrics_path = wd / "metrics.jsonl"
 

@@ -736,3 +736,25 @@ def test_a_damaged_stage_output_names_the_stage_to_rerun(tmp_path):
     assert proc.stdout.splitlines() == [
         f"{out} is damaged (Unterminated string starting at: line 1 column 13 (char 12)); "
         "rerun the stage that writes it (--force=export)"] * 2
+
+
+def test_run_pipeline_itself_never_starts_jax(tmp_path):
+    # Its stages run as children; the pipeline's own process started JAX's backend to
+    # write config.json and each stage marker (common.write_json asks JAX whether it is
+    # process 0), which on a GPU host holds 75% of the GPU's memory for the whole run.
+    wd = tmp_path / "wd"
+    stage = _stage(tmp_path, "a")
+    code = ("import pathlib, sys\n"
+            "from absl import flags\n"
+            "from launch import pipeline_stages as rp, run_pipeline\n"
+            f"stage = rp.Stage('a', {stage.cmd!r}, pathlib.Path({str(stage.done_file)!r}),\n"
+            "                 lambda wd: 'a done')\n"
+            "run_pipeline.build_stages = lambda cfg, wd: [stage]\n"
+            "flags.FLAGS(['run_pipeline', '--config=configs/pipeline.py:smoke',\n"
+            f"             '--workdir={wd}'])\n"
+            "run_pipeline.main([])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'))\n")
+    proc = _run_child(code)
+    assert proc.stdout.splitlines()[-1] == "[]"
+    assert rp.read_json(wd / "stages" / "a.json")["summary"] == "a done"
+    assert "export" in json.loads((wd / "config.json").read_text())
