@@ -152,7 +152,9 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     cfg = world.WorldConfig(**{**wc, "kg_days": (int(stale[0]), int(stale[1]))})
     logging.info("stale KG: regenerating the world with kg_days=%s into %s", cfg.kg_days, out)
     world.generate_world(cfg, out, progress=False)
-    common.write_json(stamp, {"digest": source, "source": str(data_path)})
+    # Not common.write_json: its process-0 check starts JAX's backend (on a GPU, most of
+    # its memory), here, before the stale KG's pretrain_kg child runs.
+    fsutil.write_text_atomic(stamp, json.dumps({"digest": source, "source": str(data_path)}))
     return str(out)
 
 

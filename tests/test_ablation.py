@@ -6,6 +6,8 @@ import math
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -624,3 +626,29 @@ def test_run_ablation_with_relative_paths_from_another_folder(tmp_path):
     result = json.loads((here / "abl" / "ablation.json").read_text())
     assert result["data"]["path"] == str(here / "mydata")
     assert set(result["variants"]) == {"no_large_tables", "cl"}
+
+
+def test_the_stale_kg_world_leaves_jaxs_backend_unstarted(tmp_path):
+    # run_ablation's own process makes the stale-KG world between its pretrainers, which
+    # run as children: its stamp was written with common.write_json, whose process-0
+    # check (jax.process_index()) started JAX's backend (on a GPU: 75% of its memory,
+    # XLA's preallocation) just before the stale KG's pretrain_kg child needed the device.
+    data, out = tmp_path / "data", tmp_path / "stale"
+    code = (
+        "import pathlib, sys\n"
+        "from jax_recsys.data import world\n"
+        "from launch import run_ablation\n"
+        "cfg = world.days_override(world.scale_config(\n"
+        "    'smoke', engagements_per_day=3_000, conversions_per_day=300,\n"
+        "    impressions_per_day=1_000), 6)\n"
+        f"data, out = pathlib.Path({str(data)!r}), pathlib.Path({str(out)!r})\n"
+        "world.generate_world(cfg, data, progress=False)\n"
+        "print(run_ablation._stale_kg_world(str(data), out) == str(out))\n"
+        "from jax._src import xla_bridge\n"
+        "print(xla_bridge.backends_are_initialized())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["True", "False"]
+    stamp = json.loads((out / "source_dataset.json").read_text())
+    assert stamp["source"] == str(data) and len(stamp["digest"]) > 8
