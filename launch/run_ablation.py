@@ -20,6 +20,7 @@ or metrics.json), and their keys rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -205,10 +206,26 @@ def main(argv):
 
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    names = train_ranker._names
+    # Every setting is checked before the data path, which may generate WORKDIR/world.
+    config = ablation.AblationConfig(
+        base=train_ranker.train_config(cfg.ranker, data_path=cfg.ranker.data.path,
+                                       pretrained=()),
+        entities=entities,
+        scratch_dim=cfg.ranker.scratch_dim,
+        scratch_init_scale=train_ranker._opt(cfg.ranker.scratch_init_scale),
+        facet_target_norm=train_ranker._opt(cfg.ranker.facet_target_norm),
+        facet_learning_rate=train_ranker._opt(cfg.ranker.facet_learning_rate),
+        facet_missing=cfg.ranker.get("facet_missing", "random"),
+        variants=names(cfg.variants),
+        seeds=seeds,
+        facet_dirs=tuple((k.replace("_", "/", 1), v) for k, v in cfg.facet_dirs.items() if v),
+        save_ranker_variants=names(cfg.save_ranker_variants),
+    )
     # Absolute: the pretrainers run in the checkout, and ablation.json records it for
     # export_int4 (a relative path was read against their folders).
     data_path = os.path.abspath(common.dataset_path(cfg.ranker, workdir, key="ranker.data"))
-    base = train_ranker.train_config(cfg.ranker, data_path=data_path, pretrained=())
+    config = dataclasses.replace(config, base=train_ranker.with_data_path(config.base, data_path))
     p = cfg.pretrain
 
     def kg_path(window: str) -> str:
@@ -226,20 +243,6 @@ def main(argv):
         _run("launch.pretrain_kg", p.kg_config, out, extra, p.timeout_s)
         return out / "facet_kg"
 
-    names = train_ranker._names
-    config = ablation.AblationConfig(
-        base=base,
-        entities=entities,
-        scratch_dim=cfg.ranker.scratch_dim,
-        scratch_init_scale=train_ranker._opt(cfg.ranker.scratch_init_scale),
-        facet_target_norm=train_ranker._opt(cfg.ranker.facet_target_norm),
-        facet_learning_rate=train_ranker._opt(cfg.ranker.facet_learning_rate),
-        facet_missing=cfg.ranker.get("facet_missing", "random"),
-        variants=names(cfg.variants),
-        seeds=seeds,
-        facet_dirs=tuple((k.replace("_", "/", 1), v) for k, v in cfg.facet_dirs.items() if v),
-        save_ranker_variants=names(cfg.save_ranker_variants),
-    )
     if "kg/stale" not in dict(config.facet_dirs) and any(
             ablation.VARIANTS[v].window == "stale" and "kg" in ablation.VARIANTS[v].facets
             for v in config.variants if v in ablation.VARIANTS):

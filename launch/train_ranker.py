@@ -16,6 +16,7 @@ WORKDIR/checkpoints; rerunning the same command resumes from the newest checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -132,6 +133,13 @@ def train_config(cfg, *, data_path: str, facets=None, pretrained=None, mode=None
     )
 
 
+def with_data_path(tc, path: str):
+    """`tc` (a TrainConfig) reading the dataset folder `path`. The launchers make their
+    TrainConfig, which checks every setting, with the config's own data path, and only
+    then resolve it (`common.dataset_path` may generate WORKDIR/world: minutes)."""
+    return dataclasses.replace(tc, data=dataclasses.replace(tc.data, path=path))
+
+
 def recorded_config(cfg) -> dict:
     """The config as metrics.json records it, its data path absolute: `export_int4` and
     `serving_check` find the dataset by it, from whatever folder they run in (a relative
@@ -157,7 +165,9 @@ def main(argv):
                          f"give {' '.join(f'--config.facet_paths.{f}=DIR' for f in missing)}")
     facets = {k: checkpoint.load_facet(v, expected=k)
               for k, v in paths.items() if k in _names(cfg.facets)}
-    tc = train_config(cfg, data_path=common.dataset_path(cfg, workdir), facets=facets)
+    # Every setting is checked before the data path, which may generate WORKDIR/world.
+    tc = train_config(cfg, data_path=cfg.data.path, facets=facets)
+    tc = with_data_path(tc, common.dataset_path(cfg, workdir))
     metrics = train.train_and_evaluate(
         tc, None, facets=facets, log=logging.info, checkpoint_dir=workdir / "checkpoints"
     )

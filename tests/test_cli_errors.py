@@ -1284,3 +1284,15 @@ def test_serving_check_takes_a_relative_artifact_path(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "check" / "serving_check.json").read_text())
     assert report["ok"] and report["num_requests"] == 2 and report["failed_requests"] == 0
+
+
+@pytest.mark.parametrize("module, config, key", [
+    ("train_ranker", "configs/ranker.py:smoke", "train.batch_size"),
+    ("run_ablation", "configs/ablation.py:smoke", "ranker.train.batch_size")])
+def test_a_bad_ranker_setting_is_refused_before_the_world_is_written(tmp_path, module, config,
+                                                                     key):
+    # Refused only once WORKDIR/world was generated (minutes at the default scale), as
+    # pretrain_kg and pretrain_contrastive were before they checked their settings first.
+    proc = _run(module, [f"--config={config}", f"--config.{key}=0", f"--workdir={tmp_path}"])
+    _assert_one_line(proc, f"{module}: error:", "batch_size and eval_batch_size must be >= 1")
+    assert not (tmp_path / "world").exists()
