@@ -497,10 +497,14 @@ def generated_world(scale: str, workdir: str | os.PathLike, *, key: str = "data"
                 f"{out} holds {held}, but {key}.world_config asks for {scale!r}: remove "
                 f"{out}, or give --config.{key}.path=DIR (a dataset folder)"
             )
-    if jax.process_index() == 0 and not meta_path.exists():
+    # Several processes have joined (`setup`) before they ask which one this is: asking
+    # a single process starts JAX's backend (on a GPU, most of its memory), which
+    # run_ablation's own process must not hold while its pretrainers, children, run.
+    several = jax.distributed.is_initialized()
+    if (not several or jax.process_index() == 0) and not meta_path.exists():
         logging.info("no %s.path: writing the %s world to %s", key, scale, out)
         world.generate_world(cfg, out)
-    if jax.process_count() > 1:
+    if several and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("world written")  # the others wait for it

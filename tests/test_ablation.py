@@ -652,3 +652,27 @@ def test_the_stale_kg_world_leaves_jaxs_backend_unstarted(tmp_path):
     assert proc.stdout.splitlines() == ["True", "False"]
     stamp = json.loads((out / "source_dataset.json").read_text())
     assert stamp["source"] == str(data) and len(stamp["digest"]) > 8
+
+
+def test_run_ablation_generates_its_world_without_starting_jaxs_backend(tmp_path):
+    # With an empty data path (configs/ablation.py:smoke as documented) run_ablation's own
+    # process writes WORKDIR/world; common.generated_world asked jax.process_index()
+    # whether it is process 0, which started JAX's backend (on a GPU: 75% of its memory)
+    # before every pretrainer, each a child process that needs the device.
+    code = (
+        "from absl import flags\n"
+        "from jax._src import xla_bridge\n"
+        "from launch import run_ablation\n"
+        "run_ablation._define_flags()\n"
+        "def pretrainer(module, config, out, extra, timeout_s):\n"
+        "    print(module, xla_bridge.backends_are_initialized(), flush=True)\n"
+        "    raise SystemExit(0)\n"
+        "run_ablation._run = pretrainer\n"
+        "flags.FLAGS(['run_ablation', '--config=configs/ablation.py:smoke',\n"
+        f"             '--workdir={tmp_path}'])\n"
+        "run_ablation.main([])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["launch.pretrain_contrastive False"]
+    assert (tmp_path / "world" / "dataset.json").exists()
