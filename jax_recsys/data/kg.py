@@ -55,24 +55,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jax_recsys.data.folder import DataError, _not_utf8, read_utf8
 from jax_recsys.data.vocab import Vocab
-
-try:  # the dataset-folder module owns the error type; fall back if it is absent
-    from jax_recsys.data.folder import DataError, _not_utf8, read_utf8
-except ImportError:  # pragma: no cover
-    class DataError(ValueError):
-        """Bad input data (file and line in the message)."""
-
-        def __init__(self, message, *, file=None, column=None, line=None):
-            self.file, self.column, self.line = file, column, line
-            where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
-            super().__init__(where + message)
-
-    def _not_utf8(path):
-        return DataError("not UTF-8 text", file=path)
-
-    def read_utf8(path):
-        return pathlib.Path(path).read_text(encoding="utf-8-sig")
 
 SPLITS = ("train", "valid", "test")
 UNTYPED = "entity"
