@@ -12,7 +12,10 @@ table and label columns the ranker was trained with, as `launch.export_int4` fin
 them next to the ranker), sends them
 one at a time through real gRPC, and checks that the served pCTR/pCVR equal the
 offline scores of the same INT4 tables (the artifact's tables dequantized in this
-process and scored with the ranker's pure score function, `ranking.train.predict`).
+process and scored with the ranker's pure score function, `ranking.train.predict`,
+on this host's CPU: the accelerator is left to the ranker under test, since on
+hosts where one process holds a GPU a second JAX process cannot use it; see
+`OFFLINE_PLATFORM`).
 Measures per-request latency (p50/p99) and, with `--concurrency` > 1, throughput
 under concurrent load, where the ranker merges requests into batches: those scores
 are checked against the offline ones too. Every process is stopped on exit, also
@@ -69,6 +72,13 @@ _START_TIMEOUT = flags.DEFINE_float("start_timeout_s", 180.0, "Time a server may
 _SEED = flags.DEFINE_integer("seed", 0, "Which users and candidates are drawn.")
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
+# Where this process computes the offline reference scores. Not the accelerator: the
+# ranker under test (a child process) serves there, and on some GPU hosts a second
+# JAX process finds no device while one holds it ("no supported devices found for
+# platform CUDA"; launch.bench_serving). The served scores use full float32 matmuls
+# on every device (serving.ranker_service.jitted_scorer), so they are checked
+# against CPU float32 scores at --tolerance.
+OFFLINE_PLATFORM = "cpu"
 
 
 class _Proc:
@@ -255,6 +265,8 @@ def main(argv):
     del argv
     check_flags()
     import jax
+
+    jax.config.update("jax_platforms", OFFLINE_PLATFORM)  # before any array is made
 
     from jax_recsys.quant import artifact as artifact_lib
     from jax_recsys.ranking import model as model_lib, train as train_lib
