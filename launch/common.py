@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -285,6 +286,34 @@ def flagfile_errors():
         _fail(f"{pathlib.Path(sys.argv[0]).stem or 'main'}: error: {message}")
 
 
+# Set (not "0"): keep the INFO logs of Orbax and tensorstore (see `quiet_library_logs`).
+LIBRARY_LOGS_ENV = "JAX_RECSYS_LIBRARY_LOGS"
+# A source file of Orbax or tensorstore (their logs go through absl's handler).
+_LIBRARY_FILE = re.compile(r"[/\\](orbax|tensorstore)[/\\]")
+
+
+class _NoLibraryInfo(std_logging.Filter):
+    """Drops the records below WARNING that Orbax or tensorstore log."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not _LIBRARY_FILE.search(record.pathname)
+
+
+def quiet_library_logs() -> None:
+    """Keeps Orbax's and tensorstore's INFO logs off the console, WARNING and above kept.
+
+    An Orbax checkpoint save logs about 55 INFO lines (every save, every thread), which
+    buried the trainers' own progress lines. A filter on absl's handler (Orbax logs with
+    absl.logging), so this process's own INFO lines are printed as before. Does nothing
+    when ``JAX_RECSYS_LIBRARY_LOGS`` is set (not "0").
+    """
+    if os.environ.get(LIBRARY_LOGS_ENV, "").strip() not in ("", "0"):
+        return
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _NoLibraryInfo) for f in handler.filters):
+        handler.addFilter(_NoLibraryInfo())
+
+
 def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
     """`app.run(main)` that ends user mistakes with one line instead of a traceback.
 
@@ -308,7 +337,8 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
     or after ``_JOIN_TIMEOUT_S`` (30 s) in all; a second Ctrl-C ends the process at once.
 
     Full traceback of a caught error or interrupt: pass ``--verbosity=1`` or set the
-    environment variable ``JAX_RECSYS_TRACEBACK=1``.
+    environment variable ``JAX_RECSYS_TRACEBACK=1``. Orbax's and tensorstore's INFO logs
+    are left out (`quiet_library_logs`); ``JAX_RECSYS_LIBRARY_LOGS=1`` keeps them.
 
     Args:
       main: the absl main, `main(argv)`.
@@ -317,6 +347,7 @@ def run(main: Callable, name: str | None = None, *, resume_hint=None) -> None:
         says it when called (see `checkpoint_resume_hint`); None: nothing.
     """
     name = name or pathlib.Path(sys.argv[0]).stem or "main"
+    quiet_library_logs()
 
     def load_error():
         """Ends with one line when a --config=FILE did not load (ml_collections defers

@@ -1296,3 +1296,40 @@ def test_a_bad_ranker_setting_is_refused_before_the_world_is_written(tmp_path, m
     proc = _run(module, [f"--config={config}", f"--config.{key}=0", f"--workdir={tmp_path}"])
     _assert_one_line(proc, f"{module}: error:", "batch_size and eval_batch_size must be >= 1")
     assert not (tmp_path / "world").exists()
+
+
+def test_orbax_info_logs_are_left_out_of_the_console(tmp_path, monkeypatch, caplog):
+    """Every Orbax save logged about 55 INFO lines (each thread, each step) through absl
+    into the console of the entry points, burying their own progress lines; Orbax's
+    WARNING and ERROR lines are kept, and JAX_RECSYS_LIBRARY_LOGS=1 keeps them all."""
+    import logging
+
+    import numpy as np
+    from absl import logging as absl_logging
+
+    from jax_recsys import checkpoint
+    from launch import common
+
+    handler = absl_logging.get_absl_handler()
+    monkeypatch.setattr(handler, "filters", [])  # the filters this test adds go with it
+    with caplog.at_level(logging.INFO):
+        with checkpoint.Checkpointer(tmp_path / "ck") as ck:  # real Orbax records
+            ck.save(1, {"w": np.ones(3)})
+        absl_logging.info("step 1: loss 0.5")  # ours
+        absl_logging.warning("a warning of ours")
+    orbax = [r for r in caplog.records if "/orbax/" in r.pathname]
+    assert len(orbax) > 20 and {r.levelno for r in orbax} == {logging.INFO}
+    warning = logging.LogRecord("absl", logging.WARNING, "/x/orbax/checkpoint/f.py", 1,
+                                "slow save", (), None)
+    ours = [r for r in caplog.records if r.pathname == __file__]
+    records = [*orbax, *ours, warning]
+
+    monkeypatch.setenv(common.LIBRARY_LOGS_ENV, "1")
+    common.quiet_library_logs()
+    assert all(handler.filter(r) for r in records)
+    monkeypatch.setenv(common.LIBRARY_LOGS_ENV, "")
+    common.quiet_library_logs()
+    common.quiet_library_logs()  # once only
+    assert len(handler.filters) == 1
+    assert [r.getMessage() for r in records if handler.filter(r)] == [
+        "step 1: loss 0.5", "a warning of ours", "slow save"]
