@@ -43,6 +43,7 @@ import pathlib
 import re
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from collections.abc import Mapping
@@ -209,6 +210,12 @@ def _ctrl_c_after():
         raise KeyboardInterrupt
 
 
+def _quiet() -> bool:
+    """Whether Orbax's noise is to be cut (JAX_RECSYS_TRACEBACK, as for the launchers'
+    own errors, not set)."""
+    return os.environ.get("JAX_RECSYS_TRACEBACK", "").strip() in ("", "0")
+
+
 class _NoOrbaxTracebacks(logging.Filter):
     """Drops the tracebacks of Orbax's error logs, keeping their one-line message.
 
@@ -219,16 +226,46 @@ class _NoOrbaxTracebacks(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname
-                and os.environ.get("JAX_RECSYS_TRACEBACK", "").strip() in ("", "0")):
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname and _quiet():
             record.exc_info = record.exc_text = None
         return True
 
 
-def _quiet_orbax_tracebacks() -> None:
+def _quiet_orbax_errors() -> None:
+    """Cuts what a failed save prints besides its one line (`_NoOrbaxTracebacks`,
+    `_NoClosedLoopCallbacks`); once per process."""
     absl_logger = logging.getLogger("absl")  # Orbax logs with absl.logging
     if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
         absl_logger.addFilter(_NoOrbaxTracebacks())
+    if not isinstance(sys.unraisablehook, _NoClosedLoopCallbacks):
+        sys.unraisablehook = _NoClosedLoopCallbacks(sys.unraisablehook)
+
+
+class _NoClosedLoopCallbacks:
+    """A `sys.unraisablehook` that drops tensorstore's calls into an event loop Orbax closed.
+
+    A save that cannot write fails in its writer thread as soon as one tensorstore write
+    fails: Orbax's `asyncio.gather` of the writes raises and the thread's event loop is
+    closed while the other writes are still running. As each of them ends, tensorstore
+    calls `loop.call_soon_threadsafe` on that closed loop and prints the RuntimeError
+    ('Event loop is closed', a traceback each) as unraisable, around and after the one
+    line `Checkpointer` raises. Nothing awaits those writes any more, so only that print
+    is dropped; any other unraisable exception goes to the previous hook, and
+    JAX_RECSYS_TRACEBACK=1 keeps them all.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        tb = unraisable.exc_traceback
+        code = tb.tb_frame.f_code if tb is not None else None
+        if (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and code is not None and code.co_name == "call_soon_threadsafe"
+                and f"{os.sep}asyncio{os.sep}" in code.co_filename and _quiet()):
+            return
+        self.previous(unraisable)
 
 
 class Checkpointer:
@@ -281,7 +318,7 @@ class Checkpointer:
             raise PermissionError(
                 f"{self.directory}: cannot write checkpoints there (a read-only file system "
                 "or no write permission): make it writable or use another workdir")
-        _quiet_orbax_tracebacks()
+        _quiet_orbax_errors()
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
         self._pending_step: int | None = None  # the newest save started
         self._reported = False  # a failed save was raised already

@@ -423,3 +423,44 @@ def test_damaged_facet_json_is_named(tmp_path, meta):
     (tmp_path / "facet.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"facet\.json: (damaged|not a facet description)"):
         checkpoint.load_facet(tmp_path)
+
+
+def test_tensorstore_calls_into_a_closed_event_loop_print_nothing(tmp_path, monkeypatch):
+    """A full disk printed 'RuntimeError: Event loop is closed' tracebacks around and
+    after the one-line error: tensorstore writes still running when Orbax's writer
+    thread had failed and closed its event loop call `call_soon_threadsafe` on it as
+    they end (an unraisable exception). The same as on a full disk, with a tensorstore
+    promise kept open past the loop; other unraisable exceptions still print."""
+    import asyncio
+    import sys
+
+    import tensorstore as ts
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.delenv("JAX_RECSYS_TRACEBACK", raising=False)
+    checkpoint.Checkpointer(tmp_path / "ck").close()  # installs the hook
+
+    def end_a_write_after_its_loop_closed():
+        promise, write = ts.Promise.new()
+
+        async def writer():
+            await write
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(writer())
+        task._log_destroy_pending = False  # (asyncio's own note of the pending task)
+        loop.run_until_complete(asyncio.sleep(0.01))  # the writer awaits the write
+        loop.close()
+        promise.set_result(None)  # tensorstore: loop.call_soon_threadsafe(...)
+
+    end_a_write_after_its_loop_closed()
+    other = RuntimeError("Event loop is closed")
+    sys.unraisablehook(type("U", (), {"exc_type": RuntimeError, "exc_value": other,
+                                      "exc_traceback": None, "err_msg": None,
+                                      "object": None})())
+    assert [u.exc_value for u in seen] == [other]
+    monkeypatch.setenv("JAX_RECSYS_TRACEBACK", "1")
+    end_a_write_after_its_loop_closed()
+    assert [str(u.exc_value) for u in seen] == ["Event loop is closed"] * 2
+    assert seen[1].exc_traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"
