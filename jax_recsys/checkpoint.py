@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import inspect
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -266,6 +268,58 @@ class _NoClosedLoopCallbacks:
                 and f"{os.sep}asyncio{os.sep}" in code.co_filename and _quiet()):
             return
         self.previous(unraisable)
+
+
+def _end_stranded_threads() -> None:
+    """Ends the threads of the newest save that wait for a step of it that failed.
+
+    Orbax runs each part of an async save in a thread that first waits for the signals
+    of the parts it needs (the step folder created, ...). A part that fails sends none,
+    so when creating the step folder failed (no space or inode left, a folder that
+    became read-only) the writers waited for it for 300 s (Orbax's coordination
+    timeout), and the process, its one-line error printed, only exited then. Each
+    such thread is cancelled (it then returns without running its part, or a part
+    running stops) and given the signals it waits for. Best effort: the threads are
+    Orbax internals (0.12), and on another version nothing changes.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future, synchronization
+
+        op = synchronization.OperationIdGenerator.get_current_operation_id()
+        stranded = [t for t in threading.enumerate()
+                    if isinstance(t, future._SignalingThread) and t.is_alive()
+                    and getattr(t, "_operation_id", None) == op]
+    except (ImportError, AttributeError):  # pragma: no cover (another Orbax)
+        return
+    for t in stranded:
+        with contextlib.suppress(RuntimeError):  # its event loop is closed already
+            t.cancel()
+        with contextlib.suppress(Exception):  # noqa: BLE001 (best effort, see above)
+            future.set_signals(t._receive_signals, operation_id=op)
+    deadline = time.monotonic() + 5.0
+    for t in stranded:  # (their own join raises their exception)
+        threading.Thread.join(t, max(0.0, deadline - time.monotonic()))
+        if not t.is_alive():  # its part never ran: close it ("was never awaited" else)
+            _close_unstarted(getattr(t, "_target", None))
+
+
+def _close_unstarted(obj, depth: int = 0) -> None:
+    """Closes the coroutines that `obj` (a function, through its closure, or a
+    coroutine, through its arguments) holds and that never started."""
+    if depth > 6:
+        return
+    if inspect.iscoroutine(obj):
+        if inspect.getcoroutinestate(obj) == inspect.CORO_CREATED:
+            for value in obj.cr_frame.f_locals.values():
+                _close_unstarted(value, depth + 1)
+            obj.close()
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            _close_unstarted(value, depth + 1)
+    elif inspect.isfunction(obj):
+        for cell in obj.__closure__ or ():
+            with contextlib.suppress(ValueError):  # an empty cell
+                _close_unstarted(cell.cell_contents, depth + 1)
 
 
 class Checkpointer:
@@ -508,10 +562,16 @@ class Checkpointer:
     def _writing(self):
         """Turns a save that failed to write (no space left, an I/O error; Orbax raises
         them from its writer threads, tensorstore's as a ValueError with a long status
-        message) into one OSError naming the folder, the step and the step to resume."""
+        message) into one OSError naming the folder, the step and the step to resume.
+
+        Any failure also ends the save's threads that still wait for it
+        (`_end_stranded_threads`)."""
         try:
             yield
-        except (OSError, ValueError) as e:
+        except Exception as e:  # (not Ctrl-C: that save goes on, see __exit__)
+            _end_stranded_threads()
+            if not isinstance(e, OSError | ValueError):
+                raise
             text = str(e)
             if not isinstance(e, OSError) and not _TS_STATUS.match(text):
                 raise  # not a write error (e.g. a bad tree): as Orbax said it

@@ -464,3 +464,43 @@ def test_tensorstore_calls_into_a_closed_event_loop_print_nothing(tmp_path, monk
     end_a_write_after_its_loop_closed()
     assert [str(u.exc_value) for u in seen] == ["Event loop is closed"] * 2
     assert seen[1].exc_traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"
+
+
+def test_a_step_folder_that_cannot_be_created_leaves_no_thread_waiting(tmp_path, monkeypatch):
+    """When creating a step's folder failed (no space or inode left on the disk, a folder
+    made read-only since the start), the save's other threads kept waiting for its
+    signal until Orbax's 300 s coordination timeout: the process exited 5 minutes after
+    its one-line error. Now they end with the failure, their parts never run (and
+    closed: no 'coroutine ... was never awaited' warnings)."""
+    import errno
+    import gc
+    import threading
+    import warnings
+
+    from orbax.checkpoint._src.futures import future
+    from orbax.checkpoint._src.path import async_path
+
+    mkdir = async_path.mkdir
+
+    async def no_space(path, *args, **kwargs):
+        if path.name.endswith(".orbax-checkpoint-tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return await mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(async_path, "mkdir", no_space)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ck = checkpoint.Checkpointer(tmp_path / "ck")
+        ck.save(1, {"w": np.ones(3), "b": np.zeros(2)}, {"a": 1})
+        with pytest.raises(OSError, match=r"/ck: writing the checkpoint of step 1 failed: no "
+                           r"space left on the device \([\d.]+ MiB free\); free some space "
+                           r"\(or keep fewer checkpoints\), then rerun to start over$"):
+            ck.wait()
+        waiting = [t.name for t in threading.enumerate()
+                   if isinstance(t, future._SignalingThread)]
+        ck.close()
+        del ck
+        gc.collect()
+    assert waiting == []
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert not (tmp_path / "ck" / "1").exists()
