@@ -621,6 +621,23 @@ class Checkpointer:
                             self.directory, exc_info=True)
 
 
+def check_settings(*, checkpoint_every: int, keep_checkpoints: int) -> None:
+    """Checks a trainer's checkpoint settings, in the same words for every trainer.
+
+    Args:
+      checkpoint_every: steps between training checkpoints (0: none).
+      keep_checkpoints: how many of the newest checkpoints are kept.
+
+    Raises:
+      ValueError: naming the setting that is out of range.
+    """
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: no checkpoints), got "
+                         f"{checkpoint_every}")
+    if keep_checkpoints < 1:  # (Orbax takes 0 as "keep none")
+        raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+
+
 # Meta keys only one trainer saves with its checkpoints: who wrote a checkpoint found in
 # a workdir (the three launchers all use WORKDIR/checkpoints).
 _TRAINER_KEYS = (("train_ranker", "loss_curve"), ("pretrain_contrastive", "num_pairs"),

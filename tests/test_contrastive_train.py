@@ -280,6 +280,13 @@ def test_config_rejects_bad_values():
     # Was NumPy's "expected non-negative integer" (no name) at the first training step.
     with pytest.raises(ValueError, match=r"^seed must be >= 0, got -1$"):
         ct.ContrastiveConfig(seed=-1)
+    # Was one message for both ('checkpoint_every must be >= 0 and keep_checkpoints >= 1,
+    # got 0, 0'); the same words as the ranker's now.
+    with pytest.raises(ValueError, match=r"^keep_checkpoints must be >= 1, got 0$"):
+        ct.ContrastiveConfig(keep_checkpoints=0)
+    with pytest.raises(ValueError,
+                       match=r"^checkpoint_every must be >= 0 \(0: no checkpoints\), got -1$"):
+        ct.ContrastiveConfig(checkpoint_every=-1)
     for bad in (0, -4):
         with pytest.raises(ValueError, match=rf"dim .*must be >= 1, got {bad}"):
             ct.ContrastiveConfig(dim=bad)

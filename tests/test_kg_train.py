@@ -230,6 +230,16 @@ def test_config_rejects_zero_steps():
     assert kg_train.KGTrainConfig(max_steps=1).max_steps == 1
 
 
+def test_config_names_the_checkpoint_setting_that_is_out_of_range():
+    """Was one message for both ('checkpoint_every must be >= 0 and keep_checkpoints >= 1,
+    got 0, 0'); each is named alone now, in the ranker's words."""
+    with pytest.raises(ValueError, match=r"^keep_checkpoints must be >= 1, got 0$"):
+        kg_train.KGTrainConfig(keep_checkpoints=0)
+    with pytest.raises(ValueError,
+                       match=r"^checkpoint_every must be >= 0 \(0: no checkpoints\), got -1$"):
+        kg_train.KGTrainConfig(checkpoint_every=-1)
+
+
 def test_model_config_rejects_bad_dims_when_made():
     """Checked when the config is made, not first when training builds the tables."""
     for bad in (0, -4):

@@ -144,9 +144,10 @@ class ContrastiveConfig:
         if self.log_every < 0 or self.eval_every < 0:
             raise ValueError(f"log_every and eval_every must be >= 0 (0: never / only at the "
                              f"end), got {self.log_every}, {self.eval_every}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
-                             f"{self.checkpoint_every}, {self.keep_checkpoints}")
+        from jax_recsys import checkpoint
+
+        checkpoint.check_settings(checkpoint_every=self.checkpoint_every,
+                                  keep_checkpoints=self.keep_checkpoints)
         if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 

@@ -171,9 +171,10 @@ class KGTrainConfig:
             raise ValueError(f"max_steps must be >= 1 or None (no limit), got {self.max_steps}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError(f"checkpoint_every must be >= 0 and keep_checkpoints >= 1, got "
-                             f"{self.checkpoint_every}, {self.keep_checkpoints}")
+        from jax_recsys import checkpoint
+
+        checkpoint.check_settings(checkpoint_every=self.checkpoint_every,
+                                  keep_checkpoints=self.keep_checkpoints)
         if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.log_every < 0 or self.eval_every_epochs < 0:

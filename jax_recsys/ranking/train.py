@@ -188,12 +188,13 @@ class TrainConfig:
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch_size and eval_batch_size must be >= 1, got "
                              f"{self.batch_size}, {self.eval_batch_size}")
-        if self.log_every < 0 or self.checkpoint_every < 0 or self.warmup_steps < 0:
-            raise ValueError(f"log_every, checkpoint_every and warmup_steps must be >= 0 "
-                             f"(0: never / no warm-up), got {self.log_every}, "
-                             f"{self.checkpoint_every}, {self.warmup_steps}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.log_every < 0 or self.warmup_steps < 0:
+            raise ValueError(f"log_every and warmup_steps must be >= 0 (0: never / no warm-up), "
+                             f"got {self.log_every}, {self.warmup_steps}")
+        from jax_recsys import checkpoint as checkpoint_lib
+
+        checkpoint_lib.check_settings(checkpoint_every=self.checkpoint_every,
+                                      keep_checkpoints=self.keep_checkpoints)
         if self.seed < 0:  # NumPy's generators take none (was "expected non-negative integer")
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         for name in ("dense_learning_rate", "dense_weight_decay", "table_learning_rate",
