@@ -159,6 +159,34 @@ def test_load_pairs_errors_name_the_problem(tmp_path):
         cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path / "two_d")))
 
 
+def test_load_pairs_reads_days_by_the_folders_rule(tmp_path):
+    """`_days` had its own rule: a NaN in a renamed time column became day -1e14 (a
+    window from -106751991167301, no error), a text column a bare "invalid literal for
+    int()" and no time column a message of its own. It now is `folder.row_days`, the
+    ranker's `select_days` rule, errors naming the file."""
+    p = tmp_path / "engagements.csv"
+    p.write_text("user_id,item_id,seen_at\nu1,p1,1767225600\nu2,p2,nan\n"
+                 "u1,p2,1767312000\nu2,p1,1767398400\n")
+
+    def err(**kw):
+        with pytest.raises(DataError) as e:
+            cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path), **kw))
+        return str(e.value)
+
+    nan = ("row 1: seen_at nan is not a finite number within int64 range (rows with such a "
+           "time would fall outside every day window)")
+    assert err(timestamp_column="seen_at") == f"{p}, column 'seen_at': {nan}"
+    assert err(day_column="seen_at") == f"{p}, column 'seen_at': {nan}"
+    assert err(timestamp_column="user_id") == (f"{p}, column 'user_id': column must hold "
+                                               "numbers, got dtype <U2")
+    assert err() == f"{p}, column 'day': no 'day' or 'timestamp' column to select days by"
+    p.write_text("user_id,item_id,seen_at\nu1,p1,1767225600.5\nu2,p2,1767312000\n"
+                 "u1,p2,1767398400\n")
+    s = cd.load_pairs(cd.ContrastiveDataConfig(path=str(tmp_path),
+                                               timestamp_column="seen_at")).stats
+    assert (s["window_start"], s["window_end"], s["train_pairs"]) == (20454, 20456, 2)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("type_weights", (1.0, -2.0, 1.0), r"type_weights\[1\] must be a finite number >= 0 \(a pair's "
      r"weight\), got -2.0"),

@@ -197,6 +197,9 @@ def test_select_days_errors_name_the_table_file(tmp_path):
     assert str(e) == f"{p}, column 'date': empty split: no rows with date in [5, 6)"
     e = _err(lambda: folder.select_days(t, 1, 1, day_column="date", file=p))
     assert str(e) == f"{p}: empty day window [1, 1)"
+    # Days from seconds: the message names the column read (was "column 'day': ... day").
+    e = _err(lambda: folder.select_days(t, 5, 6, timestamp_column="date", file=p))
+    assert str(e) == f"{p}, column 'date': empty split: no rows with date // 86400 in [5, 6)"
 
 
 def _err(fn) -> DataError:

@@ -925,39 +925,32 @@ def read_table(
     raise DataError("unknown table format (want .csv, .tsv or a folder of .npy)", file=path)
 
 
-def select_days(
+def row_days(
     cols: Mapping[str, np.ndarray],
-    start: int,
-    end: int,
     *,
     day_column: str = "day",
     timestamp_column: str = "timestamp",
-    allow_empty: bool = False,
     file: str | os.PathLike | None = None,
-) -> dict[str, np.ndarray]:
-    """Rows whose day lies in the half-open window ``[start, end)``.
-
-    If the table has no ``day`` column but has ``timestamp`` (seconds), the day
-    is ``timestamp // 86400``.
+) -> tuple[np.ndarray, str]:
+    """The day of every row: the ``day_column``, or, when the table has none,
+    ``timestamp_column`` (seconds) // 86400.
 
     Args:
       cols: column name -> array (R rows).
-      start: first day (inclusive).
-      end: last day (exclusive).
       day_column: the day column's name.
       timestamp_column: the name of the column of seconds, read when there is no
         ``day_column``.
-      allow_empty: return an empty selection instead of raising.
       file: the table's file or folder (``DatasetFolder.table_path``), named in every
         error.
 
     Returns:
-      the selected rows, column name -> array.
+      (days, time column): the days as int64 [R] (a fractional day or timestamp is
+      floored, as a window's ``start <= day < end`` counts it), and the column they
+      came from.
 
     Raises:
-      DataError: no day or timestamp column, an empty window, a day or timestamp
-        that is not finite or beyond int64 (it would drop its row silently), or (unless
-        ``allow_empty``) no rows in the window.
+      DataError: no day or timestamp column, one that does not hold numbers, or a day
+        or timestamp that is not finite or beyond int64 (it would drop its row silently).
     """
     if day_column in cols:
         time_column = day_column
@@ -978,14 +971,53 @@ def select_days(
             f"row {i}: {_time_message(time_column, times[i].item())}", file=file,
             column=time_column,
         )
-    day = times if time_column == day_column else times // 86400
+    if time_column != day_column:
+        times = times // 86400
+    if times.dtype.kind == "f":
+        times = np.floor(times)
+    return times.astype(np.int64, copy=False), time_column
+
+
+def select_days(
+    cols: Mapping[str, np.ndarray],
+    start: int,
+    end: int,
+    *,
+    day_column: str = "day",
+    timestamp_column: str = "timestamp",
+    allow_empty: bool = False,
+    file: str | os.PathLike | None = None,
+) -> dict[str, np.ndarray]:
+    """Rows whose day (:func:`row_days`) lies in the half-open window ``[start, end)``.
+
+    Args:
+      cols: column name -> array (R rows).
+      start: first day (inclusive).
+      end: last day (exclusive).
+      day_column: the day column's name.
+      timestamp_column: the name of the column of seconds, read when there is no
+        ``day_column``.
+      allow_empty: return an empty selection instead of raising.
+      file: the table's file or folder (``DatasetFolder.table_path``), named in every
+        error.
+
+    Returns:
+      the selected rows, column name -> array.
+
+    Raises:
+      DataError: as :func:`row_days`; an empty window, or (unless ``allow_empty``) no
+        rows in the window.
+    """
+    day, time_column = row_days(cols, day_column=day_column,
+                                timestamp_column=timestamp_column, file=file)
     if end <= start:
         raise DataError(f"empty day window [{start}, {end})", file=file)
     mask = (day >= start) & (day < end)
     if not allow_empty and not mask.any():
+        what = day_column if time_column == day_column else f"{time_column} // 86400"
         raise DataError(
-            f"empty split: no rows with {day_column} in [{start}, {end})", file=file,
-            column=day_column,
+            f"empty split: no rows with {what} in [{start}, {end})", file=file,
+            column=time_column,
         )
     # Contiguous windows (the world writes days in order) avoid a full-table copy.
     idx = np.flatnonzero(mask)

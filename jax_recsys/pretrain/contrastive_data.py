@@ -40,8 +40,6 @@ import math
 
 import numpy as np
 
-SECONDS_PER_DAY = 86400
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ContrastiveDataConfig:
@@ -159,16 +157,14 @@ def _join_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([a.astype(np.str_), b.astype(np.str_)])
 
 
-def _days(cols: dict[str, np.ndarray], cfg: ContrastiveDataConfig, table: str) -> np.ndarray:
-    if cfg.day_column in cols:
-        return np.asarray(cols[cfg.day_column]).astype(np.int64)
-    if cfg.timestamp_column in cols:
-        ts = np.asarray(cols[cfg.timestamp_column]).astype(np.int64)
-        return ts // SECONDS_PER_DAY
-    raise ValueError(
-        f"{cfg.path}: table {table!r} has neither a {cfg.day_column!r} nor a "
-        f"{cfg.timestamp_column!r} column; columns are {sorted(cols)}"
-    )
+def _days(cols: dict[str, np.ndarray], cfg: ContrastiveDataConfig, folder, table: str
+          ) -> np.ndarray:
+    """Each row's day by the folder's rule (`folder.row_days`), errors naming the file."""
+    from jax_recsys.data import folder as folder_lib
+
+    return folder_lib.row_days(cols, day_column=cfg.day_column,
+                               timestamp_column=cfg.timestamp_column,
+                               file=folder.table_path(table))[0]
 
 
 def _columns(folder, table: str, wanted: list[str], path: str) -> dict[str, np.ndarray]:
@@ -218,7 +214,7 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     cols = _columns(folder, cfg.table, [cfg.user_column, cfg.item_column], cfg.path)
     users = np.asarray(cols[cfg.user_column])
     items = np.asarray(cols[cfg.item_column])
-    days = _days(cols, cfg, cfg.table)
+    days = _days(cols, cfg, folder, cfg.table)
     if cfg.type_column in cols:
         types = np.asarray(cols[cfg.type_column]).astype(np.int64)
         tw = np.asarray(cfg.type_weights, np.float32)
@@ -267,7 +263,7 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
                         [cfg.user_column, cfg.advertiser_column], cfg.path)
         it = _columns(folder, cfg.items_table, [cfg.item_column, cfg.advertiser_column],
                       cfg.path)
-        cdays = _days(conv, cfg, cfg.conversions_table)
+        cdays = _days(conv, cfg, folder, cfg.conversions_table)
         keep = (cdays >= w_start) & (cdays < w_end)
         c_user = np.asarray(conv[cfg.user_column])[keep]
         c_adv = np.asarray(conv[cfg.advertiser_column])[keep]
