@@ -2,6 +2,7 @@
 dataset folder written here, and read back the exact records with as_data_source
 (no TensorFlow)."""
 
+import json
 import os
 
 import numpy as np
@@ -230,3 +231,44 @@ def test_uint64_ids_beyond_int64_are_a_data_error(world, tmp_path):
     b.download_and_prepare()
     cols = tfds_builders.read_columns(b.as_data_source("train"))
     assert cols["item_id"].tolist() == [2**63 - 1, 0, 1]
+
+
+def test_ads_impressions_take_the_rankers_column_names(tmp_path):
+    """The builder read days from `day` or `timestamp` and labels from `click` and
+    `conversion` only: a folder the ranker trains on with `--config.data.timestamp_column
+    =seen_at --config.data.click_column=clicked ...` was "lacks required columns"."""
+    src = tmp_path / "own"
+    src.mkdir()
+    t0 = 20454 * 86400
+    (src / "impressions.csv").write_text(
+        "uid,pin_id,seen_at,clicked,converted\n"
+        f"u1,p1,{t0 + 5},1,0\nu2,p2,{t0 + 86400},0,\nu1,p3,{t0 + 2 * 86400 + 7},1,1\n")
+    with pytest.raises(folder.DataError, match=r"lacks required columns \['user_id'"):
+        tfds_builders.AdsImpressions(source_dir=src, data_dir=tmp_path / "t0",
+                                     windows={"train": (20454, 20456)})
+    b = tfds_builders.AdsImpressions(
+        source_dir=src, data_dir=tmp_path / "tfds",
+        windows={"train": (20454, 20456), "test": (20456, 20457)}, id_columns=("uid", "pin_id"),
+        click_column="clicked", conversion_column="converted", timestamp_column="seen_at")
+    b.download_and_prepare()
+    train = tfds_builders.read_columns(b.as_data_source("train"))
+    test = tfds_builders.read_columns(b.as_data_source("test"))
+    assert train["pin_id"].tolist() == ["p1", "p2"]
+    np.testing.assert_array_equal(train["clicked"], [1, 0])
+    np.testing.assert_array_equal(train["converted"], [0, np.nan])  # empty label: NaN
+    np.testing.assert_array_equal(test["seen_at"], [t0 + 2 * 86400 + 7])
+    with pytest.raises(folder.DataError) as e:
+        tfds_builders.AdsImpressions(
+            source_dir=src, data_dir=tmp_path / "t1", windows={"train": (20454, 20456)},
+            id_columns=("uid",), click_column="clicked", conversion_column="converted",
+            day_column="date", timestamp_column="seen_on").download_and_prepare()
+    assert str(e.value) == (f"{src / 'impressions.csv'}, column 'date': no 'date' or "
+                            "'seen_on' column to select days by")
+    # Default names keep the config name records were prepared under before.
+    std = tmp_path / "std"
+    std.mkdir()
+    (std / "impressions.csv").write_text("user_id,item_id,day,click,conversion\n1,2,0,1,0\n")
+    d = tfds_builders.AdsImpressions(source_dir=std, data_dir=tmp_path / "t2",
+                                     windows={"train": (0, 1)})
+    assert json.loads(d.builder_config.options) == {"table": "impressions",
+                                                    "windows": {"train": [0, 1]}}

@@ -8,7 +8,9 @@ Two ``tfds.core.GeneratorBasedBuilder`` subclasses turn tables of a dataset fold
   ``ranker_valid``, ``ranker_test``), every column a scalar feature (user_id,
   item_id, advertiser_id, day, timestamp, click, conversion and the coarse features).
   An empty click/conversion cell of a text table is a label not known yet: NaN (the
-  column is then float32), as the ranker's training reads it.
+  column is then float32), as the ranker's training reads it. Other column names
+  (``id_columns``, ``click_column``, ``conversion_column``, ``day_column``,
+  ``timestamp_column``) are given as the ranker's ``DataConfig`` gives them.
 * :class:`Engagements` -- user-pin pretraining pairs: the ``engagements`` table in one
   day window (default ``fresh_pretrain``); ``train`` is the window, and with
   ``holdout_days > 0`` its last days form a ``valid`` split.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import pathlib
@@ -104,7 +107,9 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     LABELS: tuple[str, ...] = ()
 
     def __init__(self, *, source_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
-                 options: Mapping, config_name: str | None = None):
+                 options: Mapping, config_name: str | None = None, day_column: str = "day",
+                 timestamp_column: str = "timestamp"):
+        self._day_column, self._timestamp_column = day_column, timestamp_column
         self._folder = DatasetFolder(source_dir)
         self._folder.table_path(self.TABLE)  # a DataError naming a table.csv.gz beside it
         self._options = dict(options)
@@ -151,7 +156,8 @@ class _FolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, *, cols: Mapping[str, np.ndarray],
                            window: tuple[int, int]) -> Iterator[tuple[int, dict]]:
-        part = select_days(cols, window[0], window[1],
+        part = select_days(cols, window[0], window[1], day_column=self._day_column,
+                           timestamp_column=self._timestamp_column,
                            file=self._folder.table_path(self.TABLE))
         names = list(part)
         for k in names:
@@ -179,6 +185,12 @@ class AdsImpressions(_FolderBuilder):
         ``ranker_*`` windows in dataset.json).
       table: the impressions table's name.
       config_name: override the derived config name.
+      id_columns: columns the table must have besides the labels (the ranker's entity
+        columns, ``--config.entities``).
+      click_column, conversion_column: the label columns (an empty text cell: NaN).
+      day_column, timestamp_column: an impression's day, or, when the table has no
+        day column, its seconds (day = seconds // 86400), as the ranker's
+        ``DataConfig`` reads them.
     """
 
     TABLE = "impressions"
@@ -187,12 +199,26 @@ class AdsImpressions(_FolderBuilder):
 
     def __init__(self, *, source_dir: str | os.PathLike, data_dir=None,
                  windows: Mapping[str, str | Sequence[int]] | None = None,
-                 table: str = "impressions", config_name: str | None = None):
+                 table: str = "impressions", config_name: str | None = None,
+                 id_columns: Sequence[str] = ("user_id", "item_id"),
+                 click_column: str = "click", conversion_column: str = "conversion",
+                 day_column: str = "day", timestamp_column: str = "timestamp"):
         self.TABLE = table
+        self.REQUIRED = (*id_columns, click_column, conversion_column)
+        self.LABELS = (click_column, conversion_column)
         windows = dict(windows or {"train": "train", "valid": "valid", "test": "test"})
         self._window_spec = windows
+        options = {"table": table, "windows": windows}
+        # Only names other than the defaults enter the options (the config name), so
+        # records prepared before these arguments existed keep their name.
+        names = {"id_columns": tuple(id_columns), "click_column": click_column,
+                 "conversion_column": conversion_column, "day_column": day_column,
+                 "timestamp_column": timestamp_column}
+        defaults = inspect.signature(AdsImpressions.__init__).parameters
+        options.update({k: v for k, v in names.items() if v != defaults[k].default})
         super().__init__(source_dir=source_dir, data_dir=data_dir, config_name=config_name,
-                         options={"table": table, "windows": windows})
+                         options=options, day_column=day_column,
+                         timestamp_column=timestamp_column)
 
     def _windows(self) -> dict[str, tuple[int, int]]:
         return {split: _resolve_window(self._folder, w) for split, w in self._window_spec.items()}
