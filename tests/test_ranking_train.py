@@ -272,6 +272,18 @@ def test_a_facet_path_of_another_facet_is_refused(tmp_path):
         T.train_and_evaluate(cfg, None, log=lambda s: None)
 
 
+def test_a_train_window_smaller_than_one_batch_says_what_to_lower(tmp_path):
+    """Was "400 examples make no full batch of 512 (drop_remainder=True)" (BatchIterator),
+    which names neither the window nor the setting to change."""
+    _write_world(tmp_path / "data", n=600)
+    with pytest.raises(ValueError) as e:
+        T.train_and_evaluate(_cfg(tmp_path / "data", (), batch_size=512), None,
+                             log=lambda s: None)
+    assert str(e.value) == ("the train window has 400 impressions, fewer than one batch of "
+                            "512 (batch_size, batches are full): lower batch_size to 400 or "
+                            "less, or widen the train window")
+
+
 def _data(path, **kw):
     return T.DataConfig(path=str(path), **kw)
 

@@ -1106,6 +1106,12 @@ def train_and_evaluate(
     n_dev = int(np.prod(list(mesh.shape.values())))
     n_proc = jax.process_count()
     bs = max(n_dev, (config.batch_size // n_dev) * n_dev)
+    if n_train < bs:  # was BatchIterator's "320 examples make no full batch of 512"
+        fix = (f"lower batch_size to {n_train} or less" if n_train >= n_dev else
+               f"it needs at least one impression per device ({n_dev})")
+        raise ValueError(f"the train window has {n_train} impressions, fewer than one batch "
+                         f"of {bs} (batch_size, batches are full): {fix}, or widen the "
+                         "train window")
     steps_per_epoch = max(1, n_train // bs)
     total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
     tx = _dense_tx(config, total_steps)
