@@ -573,6 +573,15 @@ def test_windows_may_be_start_end_days_for_a_folder_without_dataset_json(tmp_pat
         T.prepare_data(_data(tmp_path / "data", click_column="clicked",
                              conversion_column="converted", train_window="100,101",
                              valid_window="", test_window="100,102"), id_columns=("uid",))
+    # A typo in the days read as a window name: the message named a dataset.json that is
+    # not there ("DIR/dataset.json: no day window '100-101' (have [])") and not the days.
+    with pytest.raises(folder.DataError) as e:
+        T.prepare_data(_data(tmp_path / "data", click_column="clicked",
+                             conversion_column="converted", train_window="100-101",
+                             valid_window="", test_window="101,103"), id_columns=("uid",))
+    assert str(e.value) == (f"{tmp_path / 'data'}: no day window '100-101' (the folder has no "
+                            "dataset.json to name windows); or give days as START,END (END "
+                            "exclusive)")
 
 
 def test_a_train_window_without_conversions_warns(tmp_path):

@@ -1259,20 +1259,22 @@ class DatasetFolder:
         """
         m = _DAYS.fullmatch(window) if isinstance(window, str) else None
         if isinstance(window, str) and m is None:
-            return self.day_window(window)
+            return self.day_window(window, hint="; or give days as START,END (END exclusive)")
         start, end = (int(x) for x in (m.groups() if m else window))
         if end <= start:
             raise DataError(f"empty day window {window!r}: [{start}, {end}) (START,END: END "
                             "is exclusive and must be above START)")
         return start, end
 
-    def day_window(self, name: str) -> tuple[int, int]:
+    def day_window(self, name: str, *, hint: str = "") -> tuple[int, int]:
         """The half-open day window ``name`` (aliases: train, valid, test, pretrain,
         stale, fresh -> ranker_train, ranker_valid, ranker_test, fresh_pretrain,
         stale_pretrain, fresh_pretrain).
 
         Args:
           name: window name.
+          hint: appended to the message of a window not found (what else the caller
+            takes, e.g. days).
 
         Returns:
           (start_day, end_day).
@@ -1280,9 +1282,11 @@ class DatasetFolder:
         splits = self.splits
         key = name if name in splits else WINDOW_ALIASES.get(name, name)
         if key not in splits:
-            raise DataError(
-                f"no day window {name!r} (have {sorted(splits)})", file=self.path / "dataset.json"
-            )
+            meta = self.path / "dataset.json"
+            # A folder without dataset.json was named as "DIR/dataset.json: ... (have [])".
+            where, have = ((meta, f"have {sorted(splits)}") if meta.exists()
+                           else (self.path, "the folder has no dataset.json to name windows"))
+            raise DataError(f"no day window {name!r} ({have}){hint}", file=where)
         start, end = splits[key]
         if end <= start:
             raise DataError(
