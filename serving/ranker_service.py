@@ -1148,7 +1148,8 @@ class RankerService:
         context = {}
         for name in (*ver.context_entities, *ver.coarse):
             if name not in req.context:
-                raise RankError(_BAD, f"context {name!r} missing (int64 [C] or [1] expected)")
+                raise RankError(_BAD, f"context {name!r} missing (int64 [C] or [1] expected); "
+                                      f"the ranker takes {sorted(known)}")
             v = _decode_int64(req.context[name], f"context {name!r}")
             if v.size == 1:
                 v = np.broadcast_to(v, (c,))

@@ -495,6 +495,12 @@ def test_bad_inputs_get_their_codes_and_service_keeps_answering(arts, stack):
             call(req)
         assert e.value.code() == BAD, what
         assert e.value.details(), what
+    # Every input it takes, not only the first one missing (a client of its own data
+    # learnt them one call at a time).
+    with pytest.raises(grpc.RpcError) as e:
+        call(bad["missing context"])
+    assert e.value.details() == ("context 'advertiser' missing (int64 [C] or [1] expected); "
+                                 "the ranker takes ['advertiser', 'hour']")
     wrong = rs.rank_request(candidates=[1], user_row=3, context=ctx, expected_version="0" * 16)
     with pytest.raises(grpc.RpcError) as e:
         call(wrong)
