@@ -75,7 +75,12 @@ def make_workdir(workdir: str | os.PathLike) -> None:
     """Creates ``workdir`` and refuses one that cannot be written: now, not when the first
     checkpoint or the final facet is written, hours later (no JAX: run_pipeline, whose
     stages run as children, calls it instead of `setup`)."""
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    try:
+        pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # was "[Errno 17] File exists: 'x'"
+        raise NotADirectoryError(
+            f"--workdir {workdir}: it or a folder above it exists and is not a folder: "
+            "give a folder (new or existing)") from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise PermissionError(f"{workdir}: cannot write there (a read-only file system or "
                               "no write permission): give a writable --workdir")

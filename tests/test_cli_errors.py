@@ -44,6 +44,19 @@ def test_generate_data_workdir_that_is_a_file(tmp_path):
     _assert_one_line(proc, "generate_data: error:", str(afile))
 
 
+def test_a_trainers_workdir_that_is_a_file_is_named_as_such(tmp_path):
+    """Was "pretrain_contrastive: error: [Errno 17] File exists: '.../afile'" (and
+    "[Errno 20] Not a directory" for a folder under a file)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for wd in (afile, afile / "run"):
+        proc = _run("pretrain_contrastive", ["--config=configs/contrastive.py:smoke",
+                                             f"--workdir={wd}"])
+        line = _assert_one_line(proc, "pretrain_contrastive: error:")
+        assert line == (f"pretrain_contrastive: error: --workdir {wd}: it or a folder above "
+                        "it exists and is not a folder: give a folder (new or existing)")
+
+
 def test_generate_data_refuses_a_folder_that_holds_no_world(tmp_path):
     mine = tmp_path / "mine"
     (mine / "src").mkdir(parents=True)
