@@ -272,3 +272,20 @@ def test_ads_impressions_take_the_rankers_column_names(tmp_path):
                                      windows={"train": (0, 1)})
     assert json.loads(d.builder_config.options) == {"table": "impressions",
                                                     "windows": {"train": [0, 1]}}
+
+
+def test_engagements_take_the_contrastive_column_names(tmp_path):
+    """As AdsImpressions: the pairs' and time columns were `user_id`, `item_id`, `day` or
+    `timestamp` only."""
+    src = tmp_path / "own"
+    src.mkdir()
+    (src / "engagements.csv").write_text("uid,pin,date\nu1,p1,3\nu2,p2,4\nu1,p3,5\n")
+    b = tfds_builders.Engagements(source_dir=src, data_dir=tmp_path / "tfds", window=(3, 6),
+                                  holdout_days=1, user_column="uid", item_column="pin",
+                                  day_column="date")
+    b.download_and_prepare()
+    assert tfds_builders.read_columns(b.as_data_source("train"))["pin"].tolist() == ["p1", "p2"]
+    assert tfds_builders.read_columns(b.as_data_source("valid"))["date"].tolist() == [5]
+    assert json.loads(b.builder_config.options) == {
+        "table": "engagements", "window": [3, 6], "holdout_days": 1, "user_column": "uid",
+        "item_column": "pin", "day_column": "date"}

@@ -208,14 +208,10 @@ class AdsImpressions(_FolderBuilder):
         self.LABELS = (click_column, conversion_column)
         windows = dict(windows or {"train": "train", "valid": "valid", "test": "test"})
         self._window_spec = windows
-        options = {"table": table, "windows": windows}
-        # Only names other than the defaults enter the options (the config name), so
-        # records prepared before these arguments existed keep their name.
-        names = {"id_columns": tuple(id_columns), "click_column": click_column,
-                 "conversion_column": conversion_column, "day_column": day_column,
-                 "timestamp_column": timestamp_column}
-        defaults = inspect.signature(AdsImpressions.__init__).parameters
-        options.update({k: v for k, v in names.items() if v != defaults[k].default})
+        options = {"table": table, "windows": windows, **_renamed(
+            AdsImpressions.__init__, id_columns=tuple(id_columns), click_column=click_column,
+            conversion_column=conversion_column, day_column=day_column,
+            timestamp_column=timestamp_column)}
         super().__init__(source_dir=source_dir, data_dir=data_dir, config_name=config_name,
                          options=options, day_column=day_column,
                          timestamp_column=timestamp_column)
@@ -235,6 +231,10 @@ class Engagements(_FolderBuilder):
       holdout_days: the window's last days form a ``valid`` split (0: no valid split).
       table: the engagements table's name.
       config_name: override the derived config name.
+      user_column, item_column: the pair's columns.
+      day_column, timestamp_column: an engagement's day, or, when the table has no day
+        column, its seconds (day = seconds // 86400), as ``pretrain_contrastive``'s
+        ``--config.data.*`` names them.
     """
 
     TABLE = "engagements"
@@ -242,15 +242,22 @@ class Engagements(_FolderBuilder):
 
     def __init__(self, *, source_dir: str | os.PathLike, data_dir=None,
                  window: str | Sequence[int] = "pretrain", holdout_days: int = 0,
-                 table: str = "engagements", config_name: str | None = None):
+                 table: str = "engagements", config_name: str | None = None,
+                 user_column: str = "user_id", item_column: str = "item_id",
+                 day_column: str = "day", timestamp_column: str = "timestamp"):
         self.TABLE = table
+        self.REQUIRED = (user_column, item_column)
         if holdout_days < 0:
             raise ValueError(f"holdout_days must be >= 0, got {holdout_days}")
         self._window_spec = window if isinstance(window, str) else [int(x) for x in window]
         self._holdout_days = int(holdout_days)
+        options = {"table": table, "window": self._window_spec,
+                   "holdout_days": self._holdout_days, **_renamed(
+                       Engagements.__init__, user_column=user_column, item_column=item_column,
+                       day_column=day_column, timestamp_column=timestamp_column)}
         super().__init__(source_dir=source_dir, data_dir=data_dir, config_name=config_name,
-                         options={"table": table, "window": self._window_spec,
-                                  "holdout_days": self._holdout_days})
+                         options=options, day_column=day_column,
+                         timestamp_column=timestamp_column)
 
     def _windows(self) -> dict[str, tuple[int, int]]:
         start, end = _resolve_window(self._folder, self._window_spec)
@@ -261,6 +268,14 @@ class Engagements(_FolderBuilder):
             raise DataError(f"holdout_days={self._holdout_days} leaves no training days in "
                             f"[{start}, {end})", file=self._folder.path / "dataset.json")
         return {"train": (start, cut), "valid": (cut, end)}
+
+
+def _renamed(init, **names) -> dict:
+    """The column names of ``names`` that differ from ``init``'s defaults: only those
+    enter a builder's options (its config name), so records prepared before the
+    builders took column names keep their name."""
+    defaults = inspect.signature(init).parameters
+    return {k: v for k, v in names.items() if v != defaults[k].default}
 
 
 def _resolve_window(folder: DatasetFolder, window) -> tuple[int, int]:
