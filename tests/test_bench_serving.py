@@ -17,9 +17,23 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture
+def rank_workdir(tmp_path):
+    """A new --workdir whose jax_cache (the rankers' --compilation_cache_dir) is the test
+    run's XLA compilation cache (conftest.py): the rankers of these tests serve artifacts
+    of the same sizes (5,000 rows, 100 candidates), so the first ranker of the run
+    compiles the bucket programs and the later ones load them, as the later rankers of
+    one benchmark run do."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "jax_cache").symlink_to(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                    target_is_directory=True)
+    return work
+
+
 @pytest.mark.slow  # ~40-60 s on a busy 2-core box: rankers import JAX and compile
 @pytest.mark.multiprocess
-def test_bench_serving_smoke_prints_every_kind(tmp_path):
+def test_bench_serving_smoke_prints_every_kind(rank_workdir):
     args = [
         "--parts=lookup,rank,idle",
         "--rows=5000",
@@ -34,7 +48,7 @@ def test_bench_serving_smoke_prints_every_kind(tmp_path):
         "--rank_clients=1",
         "--idle_calls=10",
         "--idle_gaps_ms=0,1",
-        f"--workdir={tmp_path / 'work'}",
+        f"--workdir={rank_workdir}",
     ]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=400)
     by_kind = {}
@@ -164,7 +178,7 @@ def test_rankers_sharing_a_gpu_get_a_share_of_its_memory_unless_told(monkeypatch
 
 @pytest.mark.slow  # ~20 s: two rankers start one after the other
 @pytest.mark.multiprocess
-def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(tmp_path):
+def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(rank_workdir):
     args = [
         "--parts=rank",
         "--duration_s=0.4",
@@ -175,7 +189,7 @@ def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(tmp_path
         "--rank_wires=quantized",
         "--rank_clients=1,2",
         "--rank_one_at_a_time",
-        f"--workdir={tmp_path / 'work'}",
+        f"--workdir={rank_workdir}",
     ]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
     kinds = [x["kind"] for x in lines]
@@ -228,12 +242,12 @@ if __name__ == "__main__":  # the client processes (spawned) import this file to
 
 @pytest.mark.slow  # ~25 s: a failed side-by-side start, then two rankers in turn
 @pytest.mark.multiprocess
-def test_rankers_fall_back_to_one_at_a_time_when_a_second_finds_no_device(tmp_path):
+def test_rankers_fall_back_to_one_at_a_time_when_a_second_finds_no_device(tmp_path, rank_workdir):
     script = tmp_path / "one_process_device.py"
     script.write_text(_ONE_PROCESS_DEVICE)
     args = ["--parts=rank", "--duration_s=0.4", "--warmup=3", "--rank_rows=5000",
             "--rank_candidates=100", "--rank_shards=1", "--rank_wires=quantized",
-            "--rank_clients=1", f"--workdir={tmp_path / 'work'}"]
+            "--rank_clients=1", f"--workdir={rank_workdir}"]
     out = subprocess.run(
         [sys.executable, str(script), *args], cwd=mp_util.REPO, capture_output=True,
         text=True, timeout=300,
@@ -263,8 +277,8 @@ _CACHED_RANK_ARGS = (
 
 @pytest.mark.slow  # ~15-25 s: three rankers
 @pytest.mark.multiprocess
-def test_rank_part_with_a_row_cache_and_an_ads_inventory(tmp_path):
-    args = [*_CACHED_RANK_ARGS, "--warmup=3", f"--workdir={tmp_path / 'work'}"]
+def test_rank_part_with_a_row_cache_and_an_ads_inventory(rank_workdir):
+    args = [*_CACHED_RANK_ARGS, "--warmup=3", f"--workdir={rank_workdir}"]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
     services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
     assert sorted(services) == [("hybrid", 0), ("hybrid", 6000), ("monolithic", 0)]
@@ -281,9 +295,9 @@ def test_rank_part_with_a_row_cache_and_an_ads_inventory(tmp_path):
 
 @pytest.mark.slow  # ~15-25 s: three rankers
 @pytest.mark.multiprocess
-def test_rank_prefetch_reaches_the_rankers_that_cache_users_only(tmp_path):
+def test_rank_prefetch_reaches_the_rankers_that_cache_users_only(rank_workdir):
     args = [*_CACHED_RANK_ARGS, "--warmup=20", "--rank_prefetch",
-            f"--workdir={tmp_path / 'work'}"]
+            f"--workdir={rank_workdir}"]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
     services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
     assert all(set(x["by_code"]) == {"OK"} for x in services.values())
