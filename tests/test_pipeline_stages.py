@@ -292,7 +292,7 @@ def test_export_settings_are_checked_before_any_stage_runs(tmp_path):
     assert abl.forced_args == ("--fresh",)
     assert abl.configs == ("configs/contrastive.py:smoke", "configs/kg.py:smoke")
     with pytest.raises(ValueError, match="not in the ablation's save_ranker_variants"):
-        build(_pipeline_cfg(variant="scratch"))
+        build(_pipeline_cfg(variant="cl_kg_frozen"))  # a smoke variant whose ranker is not saved
     with pytest.raises(ValueError, match="export.variant='magic' is not an ablation variant"):
         build(_pipeline_cfg(variant="magic"))
     with pytest.raises(ValueError, match=r"export.seed=3 is not an ablation seed \[0\]"):
