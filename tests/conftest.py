@@ -24,6 +24,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _XLA_CACHE = tempfile.mkdtemp(prefix="jax_recsys_tests_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # A size limit makes JAX lock the folder (filelock, a test dependency) around every
+    # read and write: without it an entry is written in place, and a worker reading it
+    # while another writes it gets a cut-short file ("Error reading persistent
+    # compilation cache entry" on stderr, where tests assert one-line errors).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
     atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
