@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
+import time
 import traceback
 
 TRACEBACK_ENV = "JAX_RECSYS_TRACEBACK"  # set (not "0"): full tracebacks of errors
@@ -22,8 +22,46 @@ def traceback_env_set() -> bool:
     return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
 
 
+class SignalFlag:
+    """A flag that a signal handler sets: ``set``/``is_set``/``clear``/``wait`` as a
+    ``threading.Event``'s, without its lock.
+
+    A handler runs in the main thread between two bytecodes of whatever that thread
+    was doing. An Event's ``set()`` in a handler takes the Event's lock, and when the
+    signal lands while the main thread holds that lock (inside its own
+    ``event.wait(0.2)`` poll, or ``clear()``), the handler waits for itself forever and
+    the server hangs (tests/test_signal_flag.py makes that happen). Here ``set`` is one
+    attribute store, and ``wait`` sleeps in short steps (a signal ends no sleep early:
+    PEP 475), so a handler never waits and the waiter sees the flag within a step.
+    """
+
+    _STEP_S = 0.02
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds for the flag; returns it."""
+        end = time.monotonic() + timeout
+        while not self._set:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(left, self._STEP_S))
+        return True
+
+
 # A SIGHUP (swap) that came while a server started; see `server_starting`.
-HANGUP_PENDING = threading.Event()
+HANGUP_PENDING = SignalFlag()
 
 
 def server_starting(name: str) -> None:

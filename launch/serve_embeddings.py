@@ -22,7 +22,6 @@ import logging as std_logging
 import os
 import signal
 import sys
-import threading
 
 import launch
 
@@ -94,7 +93,7 @@ def main(argv):
     except (ValueError, OSError) as e:
         logging.debug("start-up failed", exc_info=True)  # --verbosity=1 shows it
         sys.exit(f"serve_embeddings: cannot start: {e}")
-    stop = threading.Event()
+    stop = launch.SignalFlag()  # no threading.Event: its lock can deadlock a handler
     swap = launch.HANGUP_PENDING  # set: a SIGHUP came while starting
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # serving: a graceful stop from now

@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 
 import launch
@@ -194,7 +193,7 @@ def _hedge_after_s() -> float | str | None:
     return value / 1000.0
 
 
-def serve_until_stopped(service, *, artifact: str, stop: threading.Event, swap: threading.Event,
+def serve_until_stopped(service, *, artifact: str, stop: launch.SignalFlag, swap: launch.SignalFlag,
                         log_every_s: float, clock=time.monotonic) -> None:
     """Serves until ``stop`` is set: swaps in what ``artifact`` points to now each time
     ``swap`` is set (SIGHUP), and logs the stats line every ``log_every_s`` seconds
@@ -268,7 +267,8 @@ def main(argv):
     except (ValueError, OSError, client.ServingError) as e:
         logging.debug("start-up failed", exc_info=True)  # --verbosity=1 shows it
         sys.exit(f"serve_ranker: cannot start: {e}")
-    stop, swap = threading.Event(), launch.HANGUP_PENDING  # set: a SIGHUP while starting
+    # Not threading.Event: its set() in a handler can deadlock (launch.SignalFlag).
+    stop, swap = launch.SignalFlag(), launch.HANGUP_PENDING  # set: a SIGHUP while starting
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # serving: a graceful stop from now
     signal.signal(signal.SIGHUP, lambda *_: swap.set())
