@@ -112,14 +112,9 @@ def main(argv):
         ),
         flush=True,
     )
-    while not stop.wait(0.2):
-        if swap.is_set():
-            swap.clear()
-            try:
-                version = server.swap(os.path.realpath(config.artifact))
-                print(json.dumps({"event": "swapped", "version": version}), flush=True)
-            except Exception as e:  # a bad new artifact must not take the shard down
-                logging.error("swap failed, still serving %s: %s", server.version, e)
+    # The shard logs its own stats lines (a thread of the server: --log_every_s).
+    grpc_util.serve_until_stopped(server, artifact=config.artifact, stop=stop, swap=swap,
+                                  log_every_s=0)
     logging.info("stopping (grace %.1fs); stats %s", _GRACE.value,
                  grpc_util.stats_line(server.stats()))
     server.stop(_GRACE.value).wait()

@@ -193,34 +193,6 @@ def _hedge_after_s() -> float | str | None:
     return value / 1000.0
 
 
-def serve_until_stopped(service, *, artifact: str, stop: launch.SignalFlag, swap: launch.SignalFlag,
-                        log_every_s: float, clock=time.monotonic) -> None:
-    """Serves until ``stop`` is set: swaps in what ``artifact`` points to now each time
-    ``swap`` is set (SIGHUP), and logs the stats line every ``log_every_s`` seconds
-    (0: never) on a fixed cadence (``grpc_util.Cadence``), which a slow swap does not
-    shift.
-
-    Args:
-      service: the started ``RankerService`` (``swap``, ``version``, ``stats``).
-      artifact: the --artifact path (a symlink to the current version).
-      stop: set to return.
-      swap: set to swap; cleared here.
-      log_every_s: stats line period in seconds, 0: no stats lines.
-      clock: monotonic seconds, for the cadence.
-    """
-    stats_due = grpc_util.Cadence(log_every_s, clock=clock) if log_every_s > 0 else None
-    while not stop.wait(0.2 if stats_due is None else min(0.2, stats_due.left_s())):
-        if swap.is_set():
-            swap.clear()
-            try:
-                version = service.swap(os.path.realpath(artifact))
-                print(json.dumps({"event": "swapped", "version": version}), flush=True)
-            except Exception as e:  # a bad new artifact must not take the ranker down
-                logging.error("swap failed, still serving %s: %s", service.version, e)
-        if stats_due is not None and stats_due.due():
-            logging.info("stats %s", grpc_util.stats_line(service.stats()))
-
-
 def main(argv):
     del argv
     std_logging.getLogger("serving").setLevel(std_logging.INFO)
@@ -288,8 +260,8 @@ def main(argv):
         ),
         flush=True,
     )
-    serve_until_stopped(service, artifact=config.artifact, stop=stop, swap=swap,
-                        log_every_s=_LOG_EVERY.value)
+    grpc_util.serve_until_stopped(service, artifact=config.artifact, stop=stop, swap=swap,
+                                  log_every_s=_LOG_EVERY.value)
     service.stop(grace=2.0)
     print(json.dumps({"event": "stopped", "stats": service.stats()}), flush=True)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import numbers
 import os
 import socket
@@ -33,6 +34,8 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2
+
+_log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 _EXPRESS_THREADS = 2
@@ -157,6 +160,36 @@ class Cadence:
             return False
         self._due += self.period_s * (1 + (now - self._due) // self.period_s)
         return True
+
+
+def serve_until_stopped(service, *, artifact: str, stop, swap, log_every_s: float,
+                        clock=time.monotonic) -> None:
+    """A server launcher's main loop (``launch.serve_embeddings``, ``launch.serve_ranker``):
+    serves until ``stop`` is set, swaps in what ``artifact`` points to now each time
+    ``swap`` is set (SIGHUP; a ``{"event": "swapped"}`` line on stdout, or an error
+    log line and the old version kept), and logs the stats line every ``log_every_s``
+    seconds (0: never) on a fixed cadence (``Cadence``), which a slow swap does not
+    shift.
+
+    Args:
+      service: the started server (``swap(path)``, ``version``, ``stats()``).
+      artifact: the --artifact path (a symlink to the current version).
+      stop: set to return (``launch.SignalFlag``: a signal handler sets it).
+      swap: set to swap; cleared here (``launch.SignalFlag``).
+      log_every_s: stats line period in seconds, 0: no stats lines here.
+      clock: monotonic seconds, for the cadence.
+    """
+    stats_due = Cadence(log_every_s, clock=clock) if log_every_s > 0 else None
+    while not stop.wait(0.2 if stats_due is None else min(0.2, stats_due.left_s())):
+        if swap.is_set():
+            swap.clear()
+            try:
+                version = service.swap(os.path.realpath(artifact))
+                print(json.dumps({"event": "swapped", "version": version}), flush=True)
+            except Exception as e:  # a bad new artifact must not take the server down
+                _log.error("swap failed, still serving %s: %s", service.version, e)
+        if stats_due is not None and stats_due.due():
+            _log.info("stats %s", stats_line(service.stats()))
 
 
 def check_seconds(name: str, value, *, positive: bool = False) -> None:

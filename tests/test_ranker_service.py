@@ -1325,8 +1325,6 @@ def test_serve_ranker_logs_stats_on_a_fixed_cadence_through_a_slow_swap(capsys):
     """The stats period counted the 0.2 s polls of serve_ranker's loop, so a SIGHUP swap
     of 2.5 s moved every later stats line 2.3 s later (here: 3.5, 4.5, 5.5 instead of
     one late line and then 3.0, 4.0, 5.0, 6.0)."""
-    from launch import serve_ranker
-
     now = [0.0]
     swap = threading.Event()
 
@@ -1349,8 +1347,10 @@ def test_serve_ranker_logs_stats_on_a_fixed_cadence_through_a_slow_swap(capsys):
             self.stats_at.append(round(now[0], 6))
             return {"requests": 0}
 
-    serve_ranker.serve_until_stopped(Service(), artifact="art", stop=Stop(), swap=swap,
-                                     log_every_s=1.0, clock=lambda: now[0])
+    # (grpc_util, not launch.serve_ranker: importing a launcher defines its absl flags,
+    # which clash with another launcher's imported by a test in the same worker.)
+    grpc_util.serve_until_stopped(Service(), artifact="art", stop=Stop(), swap=swap,
+                                  log_every_s=1.0, clock=lambda: now[0])
     assert Service.stats_at == [2.9, 3.0, 4.0, 5.0, 6.0]
     assert json.loads(capsys.readouterr().out) == {"event": "swapped", "version": "v2"}
 
