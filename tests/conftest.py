@@ -5,6 +5,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -30,6 +31,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # compilation cache entry" on stderr, where tests assert one-line errors).
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
     atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+
+# Many tests send Ctrl-C (SIGINT) to entry points they start and check what happens. A
+# run started where SIGINT is ignored (a background job of a non-interactive shell:
+# `(make test &)`, `nohup ... &`) passes the ignore on to every child process, which
+# then never sees those signals (its start-up keeps an ignored SIGINT ignored, by
+# design): a dozen such tests failed at their timeouts. Python's own handler here makes
+# the children start as from a terminal (exec resets a handled signal to its default).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -980,7 +980,11 @@ def test_serve_ranker_refuses_durations_no_timer_can_wait(tmp_path, flag, sign):
 
 
 _SERVER_APP = '''
-import importlib.abc, json, runpy, sys, time
+import importlib.abc, json, runpy, signal, sys, time
+
+# SIGHUP as a process started without nohup gets it (a run under nohup passes its ignore
+# on, and a server keeps an ignored SIGHUP ignored while it starts, by design).
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 module, where = sys.argv[1:]
 lib = __import__("serving." + ("ranker_service" if module == "serve_ranker" else
