@@ -797,3 +797,11 @@ def test_a_compressed_table_is_named_when_the_table_is_missing(tmp_path):
         "read: a table is a .csv or .tsv file (uncompressed) or a folder of .npy columns")
     e = _err(lambda: DatasetFolder(tmp_path).table("clicks"))  # nothing like it: no hint
     assert str(e) == f"{tmp_path}: no table 'clicks' (have ['users'])"
+
+
+def test_check_day_window_is_the_one_empty_window_check():
+    """select_days, window_days, day_window and the TFDS builders each had their own."""
+    assert folder.check_day_window(1, 3) == (1, 3)
+    e = _err(lambda: folder.check_day_window(2, 2, name="w", file="d.json", note=" (why)"))
+    assert str(e) == "d.json: empty day window 'w': [2, 2) (why)"
+    assert str(_err(lambda: folder.check_day_window(3, 1))) == "empty day window [3, 1)"

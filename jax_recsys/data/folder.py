@@ -978,6 +978,35 @@ def row_days(
     return times.astype(np.int64, copy=False), time_column
 
 
+def check_day_window(
+    start: int,
+    end: int,
+    *,
+    name: object = None,
+    file: str | os.PathLike | None = None,
+    note: str = "",
+) -> tuple[int, int]:
+    """The one check that a half-open day window ``[start, end)`` holds a day.
+
+    Args:
+      start: first day (inclusive).
+      end: last day (exclusive).
+      name: how the window was given (a name or "START,END"), quoted in the message.
+      file: named in the error.
+      note: appended to the message (what the caller's input syntax means).
+
+    Returns:
+      (start, end).
+
+    Raises:
+      DataError: ``end <= start``.
+    """
+    if end <= start:
+        given = "" if name is None else f"{name!r}: "
+        raise DataError(f"empty day window {given}[{start}, {end}){note}", file=file)
+    return start, end
+
+
 def select_days(
     cols: Mapping[str, np.ndarray],
     start: int,
@@ -1010,8 +1039,7 @@ def select_days(
     """
     day, time_column = row_days(cols, day_column=day_column,
                                 timestamp_column=timestamp_column, file=file)
-    if end <= start:
-        raise DataError(f"empty day window [{start}, {end})", file=file)
+    check_day_window(start, end, file=file)
     mask = (day >= start) & (day < end)
     if not allow_empty and not mask.any():
         what = day_column if time_column == day_column else f"{time_column} // 86400"
@@ -1261,10 +1289,9 @@ class DatasetFolder:
         if isinstance(window, str) and m is None:
             return self.day_window(window, hint="; or give days as START,END (END exclusive)")
         start, end = (int(x) for x in (m.groups() if m else window))
-        if end <= start:
-            raise DataError(f"empty day window {window!r}: [{start}, {end}) (START,END: END "
-                            "is exclusive and must be above START)")
-        return start, end
+        return check_day_window(
+            start, end, name=window,
+            note=" (START,END: END is exclusive and must be above START)")
 
     def day_window(self, name: str, *, hint: str = "") -> tuple[int, int]:
         """The half-open day window ``name`` (aliases: train, valid, test, pretrain,
@@ -1287,9 +1314,4 @@ class DatasetFolder:
             where, have = ((meta, f"have {sorted(splits)}") if meta.exists()
                            else (self.path, "the folder has no dataset.json to name windows"))
             raise DataError(f"no day window {name!r} ({have}){hint}", file=where)
-        start, end = splits[key]
-        if end <= start:
-            raise DataError(
-                f"empty day window {name!r}: [{start}, {end})", file=self.path / "dataset.json"
-            )
-        return start, end
+        return check_day_window(*splits[key], name=name, file=self.path / "dataset.json")

@@ -46,7 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jax_recsys.data.folder import DataError, DatasetFolder, select_days
+from jax_recsys.data.folder import DataError, DatasetFolder, check_day_window, select_days
 
 _CHUNK = 65536
 
@@ -281,10 +281,7 @@ def _renamed(init, **names) -> dict:
 def _resolve_window(folder: DatasetFolder, window) -> tuple[int, int]:
     if isinstance(window, str):
         return folder.day_window(window)
-    start, end = (int(x) for x in window)
-    if end <= start:
-        raise DataError(f"empty day window [{start}, {end})")
-    return start, end
+    return check_day_window(*(int(x) for x in window))
 
 
 def read_columns(data_source, *, columns: Sequence[str] | None = None,
