@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jax_recsys.quant import rowwise
+from jax_recsys.quant import export_rules
 
 TASKS = ("ctr", "cvr", "ctcvr")
 # Pretraining metrics shown in the report (the rest stay in each run's metrics.json):
@@ -27,11 +27,13 @@ _CURVE_KEY = re.compile(r"(.*_)?(recall|ndcg|hits)@(\d+)")
 
 
 def _served_width(bits) -> str:
-    """How the export's tables are named by their width: "INT4", "INT8" or "float32"
-    (bits 4, 8, 32; the export's default, INT4, when the report does not say)."""
-    if bits is None:
-        return "INT4"
-    return rowwise.WIDTH_NAMES.get(bits, f"{bits}-bit")
+    """`export_rules.served_width` of the export report's ``bits``, which a report never
+    fails over: INT4 (the export's default) for a report that does not say, "<bits>-bit"
+    for a width the rules do not name."""
+    try:
+        return export_rules.served_width(4 if bits is None else bits)
+    except ValueError:
+        return f"{bits}-bit"
 
 
 def _num(x) -> float | int | None:
