@@ -364,14 +364,15 @@ def prepare_data(data: DataConfig, *, id_columns: tuple[str, ...]) -> RankerData
             raise folder.error(
                 data.table, f"coarse feature {c!r} has negative value {v[i]}", column=c, row=i
             )
-        if v.size and v.max() >= MAX_COARSE_VALUES:
+        top = int(v.max()) if v.size else 0  # an empty column: a table of 1 row
+        if top >= MAX_COARSE_VALUES:
             i = int(np.argmax(v))
             raise folder.error(
                 data.table, f"coarse feature {c!r} has value {v[i]}: a coarse feature is a small "
                 f"categorical embedded in a table of max value + 1 rows (below {MAX_COARSE_VALUES});"
                 " list the coarse features (data.coarse_features) or make an id column an "
                 "entity (entities)", column=c, row=i)
-        sizes.append((c, int(v.max()) + 1 if v.size else 1))
+        sizes.append((c, top + 1))
     vocabs = {c: np.unique(np.asarray(cols[c])) for c in id_columns}
     splits = {}
     # Each window's rows carry their table row, so a bad label names its line; only the
