@@ -107,24 +107,6 @@ def test_a_workdir_that_cannot_be_written_is_refused_before_any_work(read_only_d
             flags.FLAGS.unparse_flags()
 
 
-def test_unknown_config_key_is_one_line(tmp_path):
-    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.no_such_key=1",
-                                  f"--workdir={tmp_path / 'w'}"])
-    _assert_one_line(proc, "generate_data: error:", "unknown config key", "no_such_key")
-    assert not (tmp_path / "w").exists()
-
-
-def test_misspelt_config_key_names_the_key_and_the_near_miss(tmp_path):
-    # Was "unknown config key '\\\'batch_sise\\\'\\nDid you mean ...": the repr of a
-    # KeyError inside an AttributeError, escapes and all.
-    proc = _run("generate_data", ["--config=configs/world.py:smoke", "--config.world.num_user=1",
-                                  f"--workdir={tmp_path / 'w'}"])
-    line = _assert_one_line(proc, "generate_data: error:")
-    assert line == ("generate_data: error: unknown config key 'num_user' in a --config.KEY=VALUE "
-                    'override; did you mean "num_users" instead of "num_user"? (AttributeError)')
-    assert not (tmp_path / "w").exists()
-
-
 def test_config_override_of_the_wrong_type_is_one_line_naming_the_key(tmp_path):
     # Was absl's "FATAL Flags parsing error: flag --config.train.num_epochs=1.5: ..." and
     # "Pass --helpshort or --helpfull to see help on flags.".
@@ -140,14 +122,24 @@ def test_config_override_of_the_wrong_type_is_one_line_naming_the_key(tmp_path):
 @pytest.mark.parametrize("config, message", [
     # Was 4 lines: "Configuration is not available because of an earlier failure to load:
     # Failed loading config file config_config", the attempted paths, the errno.
-    ("configs/no_such.py", "generate_data: error: cannot load --config: [Errno 2] No such file "
-     "or directory: 'configs/no_such.py'"),
+    (["configs/no_such.py"], "generate_data: error: cannot load --config: [Errno 2] No such "
+     "file or directory: 'configs/no_such.py'"),
     # Was absl's "FATAL Flags parsing error:" with ml_collections' traceback in it.
-    ("configs/world.py:smok", "generate_data: error: --config=configs/world.py:smok: ValueError: "
-     "unknown config arg 'smok'; use nothing, 'smoke' or 'large'"),
+    (["configs/world.py:smok"], "generate_data: error: --config=configs/world.py:smok: "
+     "ValueError: unknown config arg 'smok'; use nothing, 'smoke' or 'large'"),
+    (["configs/world.py:smoke", "no_such_key=1"], "generate_data: error: unknown config key "
+     "'no_such_key' in a --config.KEY=VALUE override (AttributeError)"),
+    # Was "unknown config key '\\\'batch_sise\\\'\\nDid you mean ...": the repr of a
+    # KeyError inside an AttributeError, escapes and all.
+    (["configs/world.py:smoke", "world.num_user=1"], "generate_data: error: unknown config key "
+     "'num_user' in a --config.KEY=VALUE override; did you mean \"num_users\" instead of "
+     "\"num_user\"? (AttributeError)"),
 ])
-def test_a_config_file_that_does_not_load_is_one_line(tmp_path, config, message):
-    proc = _run("generate_data", [f"--config={config}", f"--workdir={tmp_path / 'w'}"])
+def test_a_config_that_does_not_load_is_one_line(tmp_path, config, message):
+    """config: the --config file, then --config.KEY=VALUE overrides."""
+    file, *overrides = config
+    proc = _run("generate_data", [f"--config={file}", *(f"--config.{o}" for o in overrides),
+                                  f"--workdir={tmp_path / 'w'}"])
     assert _assert_one_line(proc, "generate_data: error:") == message
     assert "FATAL" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
