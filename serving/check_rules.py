@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from serving import grpc_util
+from serving.limits import MAX_SECONDS
 
 # name -> (accepts(value), the rule as messages state it: "must be <rule>").
 RULES = {
@@ -17,8 +17,8 @@ RULES = {
     "num_requests": (lambda v: v >= 1, ">= 1"),
     "candidates": (lambda v: v >= 1, ">= 1"),
     "concurrency": (lambda v: v >= 0, ">= 0"),
-    "deadline_s": (lambda v: math.isfinite(v) and 0 < v <= grpc_util.MAX_SECONDS,
-                   f"finite, > 0 and at most {grpc_util.MAX_SECONDS:g} (1 day), as the ranker's"),
+    "deadline_s": (lambda v: math.isfinite(v) and 0 < v <= MAX_SECONDS,
+                   f"finite, > 0 and at most {MAX_SECONDS:g} (1 day), as the ranker's"),
     "tolerance": (lambda v: v >= 0, ">= 0"),
     "start_timeout_s": (lambda v: v > 0, "> 0"),
     "seed": (lambda v: v >= 0, ">= 0"),

@@ -35,12 +35,12 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from serving.limits import MAX_SECONDS
+
 _log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 _EXPRESS_THREADS = 2
-# The longest duration a server setting may hold (deadlines, waits, windows, periods).
-MAX_SECONDS = 86400.0
 
 
 def check_pem(data: bytes, what: str) -> None:

@@ -697,7 +697,8 @@ def test_a_damaged_stage_marker_reruns_the_stage_and_a_damaged_output_is_named(t
 def test_the_up_front_check_and_the_report_do_not_import_jax(tmp_path):
     # run_pipeline runs every stage in a child process; its own process imported JAX
     # (seconds) only for the export's setting rules (pipeline_stages.check) and the
-    # names of the rows an export adds (the report).
+    # names of the rows an export adds (the report); and gRPC with protobuf (0.35 s) for
+    # the serving check's longest deadline (serving.check_rules).
     wd = tmp_path / "wd"
     (wd / "ablation").mkdir(parents=True)
     (wd / "ablation" / "ablation.json").write_text('{"variants": {"cl_kg_int4": {"bits": 4}}}')
@@ -710,8 +711,8 @@ def test_the_up_front_check_and_the_report_do_not_import_jax(tmp_path):
             "results = [{'stage': s, 'seconds': 1.0, 'summary': ''} for s in ('ablation', 'export')]\n"
             "text = run_pipeline.write_pipeline_report(cfg, wd, results).read_text()\n"
             "print(\"cl_kg_int4 (this run's artifact)\" in text)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'jax'\n"
-            "             or m == 'jax_recsys.quant.export'))\n")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'grpc')\n"
+            "             or m in ('jax_recsys.quant.export', 'google.protobuf')))\n")
     proc = _run_child(code)
     assert proc.stdout.splitlines() == ["True", "[]"]
 
