@@ -162,7 +162,8 @@ def serve_tcp_forever(port_queue, *, host: str = "127.0.0.1") -> None:
       port_queue: a ``multiprocessing`` queue; the bound port is put on it.
       host: interface to bind.
     """
-    with socket.create_server((host, 0)) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::1" was not bound
+    with socket.create_server((host, 0), family=family) as sock:
         port_queue.put(sock.getsockname()[1])
         while True:
             conn, _ = sock.accept()
@@ -170,11 +171,11 @@ def serve_tcp_forever(port_queue, *, host: str = "127.0.0.1") -> None:
 
 
 class TcpEchoClient:
-    """One connection to ``serve_tcp_forever``; ``call()`` is one round trip."""
+    """One connection to ``serve_tcp_forever`` at ``host:port`` (an IPv6 host in
+    brackets: ``[::1]:P``); ``call()`` is one round trip."""
 
     def __init__(self, address: str, *, request_bytes: int, response_bytes: int):
-        host, port = address.rsplit(":", 1)
-        self._conn = socket.create_connection((host, int(port)))
+        self._conn = socket.create_connection(grpc_util.split_host_port(address))
         self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._request = _TCP_HEAD.pack(request_bytes, response_bytes) + bytes(request_bytes)
         self._response = bytearray(response_bytes)

@@ -228,6 +228,17 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of ``host:port``, the inverse of `host_port`: an IPv6 host loses its
+    brackets (``[::1]:50051`` -> ``("::1", 50051)``); no colon: an empty host.
+
+    Raises:
+      ValueError: the port is not an integer.
+    """
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 def bind(
     server: grpc.Server, address: str, *, tls_cert: str | None = None, tls_key: str | None = None
 ) -> int:
@@ -318,9 +329,9 @@ def _why_not_bound(address: str, grpc_log: str = "") -> str:
     """Why ``host:port`` cannot be bound, from a bind of a plain socket (as gRPC's:
     SO_REUSEADDR): 'Address already in use', an unknown host, a foreign address; else
     the last line gRPC logged of it (``grpc_log``)."""
-    host, _, port = address.rpartition(":")
     try:
-        infos = socket.getaddrinfo(host.strip("[]") or None, int(port),
+        host, port = split_host_port(address)
+        infos = socket.getaddrinfo(host or None, port,
                                    type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, ValueError, OverflowError) as e:
         return f"no such host or interface ({e})"

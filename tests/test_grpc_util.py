@@ -117,3 +117,13 @@ def test_cadence_keeps_its_due_times_after_late_checks_and_skips_those_missed_wh
     assert cadence.left_s() == 0.25  # at 8.75: the next is due at 9.0
     with pytest.raises(ValueError, match="period_s must be a finite number of seconds > 0"):
         grpc_util.Cadence(0.0)
+
+
+def test_split_host_port_is_host_ports_inverse():
+    # TcpEchoClient split with rsplit(":", 1): "[::1]:5" gave the host "[::1]".
+    for host in ("127.0.0.1", "localhost", "::1", "::"):
+        assert grpc_util.split_host_port(grpc_util.host_port(host, 50051)) == (host, 50051)
+    assert grpc_util.split_host_port("[::1]:0") == ("::1", 0)
+    assert grpc_util.split_host_port(":7") == ("", 7)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        grpc_util.split_host_port("[::1]")

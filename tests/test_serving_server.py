@@ -810,6 +810,14 @@ def test_an_ipv6_host_is_bound_in_brackets(arts, caplog):
     echo, echo_port = echo_server.start_echo_server(host="::1", workers=1)
     echo.stop(0)
     assert echo_port > 0
+    # The bare-TCP echo floor's client split "[::1]:P" into the host "[::1]".
+    ports = queue.Queue()
+    threading.Thread(target=echo_server.serve_tcp_forever, args=(ports,),
+                     kwargs={"host": "::1"}, daemon=True).start()
+    tcp = echo_server.TcpEchoClient(f"[::1]:{ports.get(timeout=10)}", request_bytes=3,
+                                    response_bytes=5)
+    assert bytes(tcp.call()) == bytes(5)
+    tcp.close()
     try:
         client = client_lib.EmbeddingClient.from_artifact(
             str(art.path), [f"[::1]:{server.port}"], deadline_s=10)
