@@ -332,6 +332,10 @@ class Checkpointer:
         (or force=True, or no checkpoint exists yet); >= 1.
       async_save: write in a background thread; `save` returns once device
         arrays are copied to host, so the caller may donate them afterwards.
+      trainer: the trainer that owns these checkpoints (one of `TRAINERS`), or None.
+        Recorded in every saved meta as meta[TRAINER_KEY]; `restore` and `restore_meta`
+        refuse a checkpoint of another trainer (`check_trainer`: a workdir shared by two
+        launchers), naming both.
 
     Raises:
       PermissionError: `directory` is not writable (a read-only file system, no
@@ -347,7 +351,12 @@ class Checkpointer:
         keep: int | None = 3,
         save_interval_steps: int = 1,
         async_save: bool = True,
+        trainer: str | None = None,
     ):
+        if trainer is not None and trainer not in TRAINERS:
+            raise ValueError(f"Checkpointer: trainer must be one of {TRAINERS} or None, "
+                             f"got {trainer!r}")
+        self.trainer = trainer
         # Orbax takes keep=0 as "keep none": every save is deleted once written.
         for name, value, none_ok in (("keep", keep, True),
                                      ("save_interval_steps", save_interval_steps, False)):
@@ -404,6 +413,8 @@ class Checkpointer:
             it too, once.
         """
         meta = {} if meta is None else meta
+        if self.trainer is not None:
+            meta = {**meta, TRAINER_KEY: self.trainer}
         try:
             json.dumps(meta)
         except TypeError as e:
@@ -454,7 +465,8 @@ class Checkpointer:
         Raises:
           ValueError: a restored leaf's shape or dtype differs from the target's
             (Orbax restores NumPy and unsharded targets in the saved shape, so a
-            run whose model changed would otherwise silently resume the old one).
+            run whose model changed would otherwise silently resume the old one),
+            or the checkpoint is another trainer's (`check_trainer`).
         """
         step = self._resolve(step)
         args = ocp.args.Composite(
@@ -462,9 +474,16 @@ class Checkpointer:
         )
         with self._reading(step):
             out = self._mgr.restore(step, args=args)
+        meta = self._of_trainer(step, dict(out["meta"] or {}))
         if target is not None:
             self._check_like_target(step, out["state"], target)
-        return out["state"], dict(out["meta"] or {})
+        return out["state"], meta
+
+    def _of_trainer(self, step: int, meta: dict) -> dict:
+        """`meta`, once `check_trainer` passed it (when this Checkpointer has a trainer)."""
+        if self.trainer is not None:
+            check_trainer(meta, self.trainer, f"{self.directory}/{step}")
+        return meta
 
     def _check_like_target(self, step: int, state, target) -> None:
         """Raises ValueError naming the first leaf whose shape / dtype is not the target's."""
@@ -498,12 +517,13 @@ class Checkpointer:
         """The JSON meta saved with `step` (None = latest), without reading any array.
 
         Trainers read it first: it says how the saved state was laid out, which
-        decides the restore target.
+        decides the restore target. Raises ValueError for another trainer's checkpoint
+        (`check_trainer`).
         """
         step = self._resolve(step)
         with self._reading(step):
             out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"] or {})
+        return self._of_trainer(step, dict(out["meta"] or {}))
 
     def restore_vocabs(self, step: int | None = None) -> dict[str, np.ndarray]:
         """Vocabularies saved with `step` (None = latest); {} if none were saved."""
@@ -638,15 +658,22 @@ def check_settings(*, checkpoint_every: int, keep_checkpoints: int) -> None:
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
 
 
-# Meta keys only one trainer saves with its checkpoints: who wrote a checkpoint found in
-# a workdir (the three launchers all use WORKDIR/checkpoints).
+# The meta key naming the trainer that saved a checkpoint (`Checkpointer(trainer=...)`):
+# the three launchers all use WORKDIR/checkpoints.
+TRAINER_KEY = "trainer"
+TRAINERS = ("pretrain_kg", "pretrain_contrastive", "train_ranker")
+# Meta keys only one trainer saves with its checkpoints: who wrote a checkpoint saved
+# before TRAINER_KEY was recorded.
 _TRAINER_KEYS = (("train_ranker", "loss_curve"), ("pretrain_contrastive", "num_pairs"),
                  ("pretrain_kg", "num_train_triples"))
 
 
 def trainer_of(meta: Mapping[str, Any]) -> str | None:
-    """The launcher whose trainer saved a checkpoint with this `meta` (or whose resume
-    check expects these keys), or None when the keys do not say."""
+    """The launcher whose trainer saved a checkpoint with this `meta`: its TRAINER_KEY, or
+    for a checkpoint saved without one, the trainer only whose meta has one of these keys;
+    None when the meta does not say."""
+    if isinstance(meta.get(TRAINER_KEY), str):
+        return meta[TRAINER_KEY]
     for name, key in _TRAINER_KEYS:
         if key in meta:
             return name
@@ -655,7 +682,8 @@ def trainer_of(meta: Mapping[str, Any]) -> str | None:
 
 def check_trainer(meta: Mapping[str, Any], trainer: str, where) -> None:
     """Raises ValueError when the checkpoint `where` was written by another trainer than
-    `trainer` (a workdir shared by two launchers), before its settings are compared."""
+    `trainer` (a workdir shared by two launchers), before its settings are compared.
+    A checkpoint whose meta does not say (`trainer_of` is None) passes."""
     saved_by = trainer_of(meta)
     if saved_by is not None and saved_by != trainer:
         raise ValueError(f"{where}: a {saved_by} checkpoint, not a {trainer} one (the "

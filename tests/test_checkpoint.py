@@ -286,6 +286,56 @@ def test_restore_refuses_a_target_of_another_shape(tmp_path):
     ck.close()
 
 
+def test_a_checkpoint_of_another_trainer_is_refused_naming_both(tmp_path):
+    """The trainer that saved a checkpoint is recorded in its meta: one of another
+    trainer (a workdir shared by two launchers) is refused by restore_meta and restore,
+    whatever keys its meta has."""
+    state = {"x": np.arange(3, dtype=np.float32)}
+    with checkpoint.Checkpointer(tmp_path / "ck", async_save=False,
+                                 trainer="pretrain_kg") as ck:
+        ck.save(4, state, {"step": 4, "num_pairs": 9})  # (a key of the contrastive trainer's)
+    with checkpoint.Checkpointer(tmp_path / "ck", trainer="pretrain_kg") as ck:
+        assert ck.restore_meta() == {"step": 4, "num_pairs": 9, "trainer": "pretrain_kg"}
+        got, meta = ck.restore(target=state)
+        np.testing.assert_array_equal(got["x"], [0.0, 1.0, 2.0])
+        assert meta["trainer"] == "pretrain_kg"
+    want = (f"{tmp_path / 'ck'}/4: a pretrain_kg checkpoint, not a train_ranker one (the "
+            "workdir holds another trainer's checkpoints): give train_ranker its own workdir")
+    with checkpoint.Checkpointer(tmp_path / "ck", trainer="train_ranker") as ck:
+        for read in (ck.restore_meta, lambda: ck.restore(target=state)):
+            with pytest.raises(ValueError) as e:
+                read()
+            assert str(e.value) == want
+    with checkpoint.Checkpointer(tmp_path / "ck") as ck:  # no trainer: not checked
+        assert ck.restore_meta()["step"] == 4
+    with pytest.raises(ValueError, match=r"trainer must be one of \('pretrain_kg', "
+                       r"'pretrain_contrastive', 'train_ranker'\) or None, got 'kg'"):
+        checkpoint.Checkpointer(tmp_path / "ck", trainer="kg")
+
+
+@pytest.mark.parametrize("meta, saved_by", [
+    ({"step": 2, "num_train_triples": 40}, "pretrain_kg"),
+    ({"step": 2, "num_pairs": 40}, "pretrain_contrastive"),
+    ({"step": 2, "loss_curve": []}, "train_ranker"),
+    ({"step": 2}, None)])
+def test_a_checkpoint_saved_without_its_trainer_is_told_by_its_keys(tmp_path, meta, saved_by):
+    """Checkpoints saved before the trainer was recorded: the key only one trainer saves
+    says whose it is; a meta with none of them resumes in any trainer."""
+    with checkpoint.Checkpointer(tmp_path / "ck", async_save=False) as ck:
+        ck.save(2, {"x": np.zeros(2, np.float32)}, meta)
+    for trainer in checkpoint.TRAINERS:
+        with checkpoint.Checkpointer(tmp_path / "ck", trainer=trainer) as ck:
+            if saved_by in (None, trainer):
+                assert ck.restore_meta() == meta
+            else:
+                with pytest.raises(ValueError) as e:
+                    ck.restore_meta()
+                assert str(e.value) == (
+                    f"{tmp_path / 'ck'}/2: a {saved_by} checkpoint, not a {trainer} one (the "
+                    f"workdir holds another trainer's checkpoints): give {trainer} its own "
+                    "workdir")
+
+
 def test_empty_vocabularies_round_trip(tmp_path):
     ck = checkpoint.Checkpointer(tmp_path / "ck", async_save=False)
     vocabs = {"ints": np.array([], np.int64), "uints": np.array([], np.uint32),

@@ -388,6 +388,7 @@ def test_an_error_during_training_leaves_a_complete_checkpoint(tmp_path, devices
     assert sorted(p.name for p in ckpts.iterdir()) == ["2"]
     with checkpoint.Checkpointer(ckpts) as ckpt:
         assert ckpt.restore_meta()["step"] == 2
+        assert ckpt.restore_meta()["trainer"] == "pretrain_contrastive"
 
 
 def test_load_pairs_real_dates_start_at_their_first_day_and_unjoinable_conversions_warn(

@@ -253,6 +253,7 @@ def test_an_error_during_training_leaves_a_complete_checkpoint(tmp_path,
     assert not [t for t in threading.enumerate() if t.name == "save_finalize"]
     with checkpoint.Checkpointer(ckpts) as ckpt:
         assert ckpt.latest_step() == 2 and ckpt.restore_meta()["step"] == 2
+        assert ckpt.restore_meta()["trainer"] == "train_ranker"
     slow_checkpoint_finalize.undo()
     logs = []
     again = T.train_and_evaluate(cfg, None, log=logs.append, checkpoint_dir=ckpts)

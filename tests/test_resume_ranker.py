@@ -357,10 +357,11 @@ def test_resume_names_a_checkpoint_of_another_trainer(tmp_path):
     _save_facet(tmp_path / "cl", 1.0)
     cfg = _fingerprint_config(tmp_path / "cl")
     facet = {"cl": checkpoint.load_facet(tmp_path / "cl")}
+    # Saved before the trainer was recorded: its keys say whose it is.
     with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(506, {"x": np.zeros(2)}, {"num_pairs": 64800, "seed": 3, "dim": 16,
                                             "step": 506, "epoch": 2, "step_in_epoch": 0})
-        ckpt.wait()
+    with checkpoint.Checkpointer(tmp_path / "ckpt", trainer="train_ranker") as ckpt:
         with pytest.raises(ValueError, match=r"ckpt/506: a pretrain_contrastive checkpoint, "
                            r"not a train_ranker one .*give train_ranker its own workdir"):
             train._check_resume(ckpt.restore_meta(), ckpt, config=cfg,

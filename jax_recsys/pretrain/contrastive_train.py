@@ -506,7 +506,8 @@ def train_and_evaluate(
         from jax_recsys import checkpoint
 
         ckpt = checkpoint.Checkpointer(pathlib.Path(workdir) / "checkpoints",
-                                       keep=cfg.keep_checkpoints)
+                                       keep=cfg.keep_checkpoints,
+                                       trainer="pretrain_contrastive")
     # Closed also when training raises (Checkpointer.__exit__): a save still being
     # written is finished before the error reaches the caller.
     with ckpt if ckpt is not None else contextlib.nullcontext():
@@ -672,17 +673,15 @@ RESUME_KEYS_ADDED = frozenset({
 def check_resume_meta(meta: dict, expected: dict, where) -> None:
     """Raises ValueError naming `where` if a checkpoint's meta disagrees with `expected`.
 
+    (A checkpoint of another trainer is refused before, by the Checkpointer's
+    `restore_meta`: `checkpoint.check_trainer`.)
+
     Args:
       meta: the restored checkpoint meta.
       expected: keys that must match (seed, batch size, data sizes...); those of
         `RESUME_KEYS_ADDED` only when the meta has them.
       where: the checkpoint folder (for the message).
     """
-    from jax_recsys import checkpoint
-
-    now = checkpoint.trainer_of(expected)
-    if now is not None:
-        checkpoint.check_trainer(meta, now, where)
     unchecked = sorted(k for k in expected if k in RESUME_KEYS_ADDED and k not in meta)
     if unchecked:
         logging.warning("%s was saved without %s; resuming it without checking them", where,

@@ -617,7 +617,8 @@ def train(
     if train_config.checkpoint_every and checkpoint_dir is not None:
         from jax_recsys import checkpoint
 
-        ckpt = checkpoint.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints)
+        ckpt = checkpoint.Checkpointer(checkpoint_dir, keep=train_config.keep_checkpoints,
+                                       trainer="pretrain_kg")
     # Closed also when training raises (Checkpointer.__exit__): a save still being
     # written is finished before the error reaches the caller.
     with ckpt if ckpt is not None else contextlib.nullcontext():

@@ -898,7 +898,8 @@ def _labels(items: list) -> dict[str, Any] | None:
 def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int,
                   fingerprint: Mapping[str, Any] | None = None,
                   log: Callable[[str], None] = print) -> None:
-    """Refuses to resume a checkpoint of another run (names what differs).
+    """Refuses to resume a checkpoint of another run (names what differs). (One of
+    another trainer is refused before, by the Checkpointer's `restore_meta`.)
 
     Args:
       meta: the checkpoint's meta.
@@ -910,10 +911,7 @@ def _check_resume(meta, ckpt, *, config: TrainConfig, vocabs, total_steps: int,
         one saved as meta["run"]; a checkpoint saved without one resumes with a warning.
       log: where the warning goes.
     """
-    from jax_recsys import checkpoint as checkpoint_lib
-
     where = f"{ckpt.directory}/{meta.get('step')}"
-    checkpoint_lib.check_trainer(meta, "train_ranker", where)
     if int(meta.get("seed", config.seed)) != config.seed:
         raise ValueError(f"{where}: checkpoint seed {meta['seed']} != config seed {config.seed}")
     if fingerprint is not None:
@@ -1197,7 +1195,8 @@ def train_and_evaluate(
     if checkpoint_dir is not None and config.checkpoint_every > 0:  # 0: no checkpoints at
         from jax_recsys import checkpoint as checkpoint_lib  # all, as in the pretrainers
 
-        ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+        ckpt = checkpoint_lib.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
+                                           trainer="train_ranker")
 
     def save(force: bool):
         meta = {
