@@ -219,16 +219,22 @@ def _quiet() -> bool:
 
 
 class _NoOrbaxTracebacks(logging.Filter):
-    """Drops the tracebacks of Orbax's error logs, keeping their one-line message.
+    """Drops the tracebacks of Orbax's error logs, keeping their one-line message, and
+    the logs of a Ctrl-C.
 
     A save that cannot write (e.g. a full disk) fails in several Orbax writer threads,
     each logging its traceback; `Checkpointer` raises the failure as one OSError line,
-    and the launchers print that. JAX_RECSYS_TRACEBACK=1 (as for the launchers' own
-    errors) keeps them.
+    and the launchers print that. A Ctrl-C while Orbax waits for a save being written
+    (the next save, `wait`, `close`) was logged as an error, "Save Finalize thread
+    (save_finalize) failed", although that save goes on (the launchers wait for it):
+    dropped, the launchers' "interrupted" line says it. JAX_RECSYS_TRACEBACK=1 (as for
+    the launchers' own errors) keeps them.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname and _quiet():
+            if isinstance(record.exc_info[1], KeyboardInterrupt):
+                return False
             record.exc_info = record.exc_text = None
         return True
 

@@ -258,6 +258,10 @@ def _interrupted(name: str, resume_hint) -> None:
     except Exception:  # noqa: BLE001 (e.g. interrupted before the flags were parsed)
         hint = None
     sys.stderr.write(f"{name}: interrupted" + (f" ({hint})" if hint else "") + "\n")  # one write
+    # The line stays the last one: what Orbax's threads still finishing a checkpoint
+    # warn about (the interrupted process's teardown) is left out; an error (that
+    # checkpoint failed to write) is not.
+    _NoLibraryInfo.level = std_logging.ERROR
     try:
         # What a normal exit runs first (executors' shutdown, then joining the
         # threads: both done by now); skipped when a thread or an executor's task
@@ -298,10 +302,13 @@ _LIBRARY_FILE = re.compile(r"[/\\](orbax|tensorstore)[/\\]")
 
 
 class _NoLibraryInfo(std_logging.Filter):
-    """Drops the records below WARNING that Orbax or tensorstore log."""
+    """Drops the records below `level` (WARNING; ERROR once `_interrupted` said its line)
+    that Orbax or tensorstore log."""
+
+    level = std_logging.WARNING
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or not _LIBRARY_FILE.search(record.pathname)
+        return record.levelno >= self.level or not _LIBRARY_FILE.search(record.pathname)
 
 
 def quiet_library_logs() -> None:
@@ -309,7 +316,8 @@ def quiet_library_logs() -> None:
 
     An Orbax checkpoint save logs about 55 INFO lines (every save, every thread), which
     buried the trainers' own progress lines. A filter on absl's handler (Orbax logs with
-    absl.logging), so this process's own INFO lines are printed as before. Does nothing
+    absl.logging), so this process's own INFO lines are printed as before. After a
+    Ctrl-C's ``NAME: interrupted`` line, only their errors are printed. Does nothing
     when ``JAX_RECSYS_LIBRARY_LOGS`` is set (not "0").
     """
     if os.environ.get(LIBRARY_LOGS_ENV, "").strip() not in ("", "0"):

@@ -858,6 +858,53 @@ def test_ctrl_c_is_one_line_exit_130_after_background_work(tmp_path):
     assert out.read_text() == "saved"
 
 
+_SAVING_APP = '''
+import os, pathlib, sys, threading, time
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax_recsys import checkpoint
+from launch import common
+
+out = pathlib.Path(sys.argv.pop())
+finalize = ocp.CheckpointManager._finalize
+# An Orbax thread still finishing its work warns after the Ctrl-C was handled.
+late_warning = compile("time.sleep(0.5); logging.warning('late orbax warning')",
+                       os.path.join(os.sep, "x", "orbax", "late.py"), "exec")
+
+
+def slow_finalize(self, *args, **kwargs):  # a slow disk: the save is still being written
+    time.sleep(1.0)
+    threading.Thread(target=exec, args=(late_warning, {"time": time, "logging": logging})).start()
+    return finalize(self, *args, **kwargs)
+
+
+ocp.CheckpointManager._finalize = slow_finalize
+
+
+def main(argv):
+    with checkpoint.Checkpointer(out) as ckpt:
+        ckpt.save(1, {"x": np.arange(4.0)}, {"step": 1})
+        print("ready", flush=True)
+        ckpt.save(2, {"x": np.arange(4.0)}, {"step": 2})  # waits for step 1's save
+
+
+common.run(main, name="saving", resume_hint=common.RESUME)
+'''
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_ends_with_our_line(tmp_path):
+    """Ctrl-C while Orbax waited for a save being written printed "E... Save Finalize
+    thread (save_finalize) failed." (the save did not fail: it goes on), and what Orbax
+    logged while finishing it came after the "interrupted" line."""
+    rc, err, _ = _interrupt(_SAVING_APP, {"JAX_RECSYS_TRACEBACK": "",
+                                          "JAX_RECSYS_LIBRARY_LOGS": ""}, str(tmp_path / "ck"))
+    assert rc == 130, err[-3000:]
+    assert err.strip().splitlines() == ["saving: interrupted (rerun the same command to "
+                                        "resume)"], err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]  # finished
+
+
 _STUCK_APP = '''
 import os, threading, time
 from concurrent import futures
