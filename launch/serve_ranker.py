@@ -7,7 +7,7 @@ The scorer runs on the default JAX device (GPU when present). Prints one JSON
 line on stdout once serving, e.g. ``{"event": "serving", "port": 40125,
 "mode": "hybrid", "version": "...", "device": "cuda:0", "start_s": 3.1}``, so
 scripts and tests can bind port 0 and read the port back (``start_s``: seconds
-from flags parsed to serving, the bucket compiles included; see
+from flags parsed to serving, JAX's import and the bucket compiles included; see
 ``--compilation_cache_dir``). SIGTERM/SIGINT stop it; SIGHUP swaps in
 the artifact --artifact points to now (a symlink to the current version):
 swap the shards first (``serve_embeddings`` also swaps on SIGHUP), then the
@@ -15,7 +15,7 @@ ranker. Request contract and status codes: ``serving/ranker_service.py``.
 A start that cannot succeed (bad flags, no artifact, an address that cannot be
 bound, a shard that does not answer within ``--wait_for_shards_s`` or serves another
 version) prints one ``serve_ranker: cannot start: ...`` line on stderr and exits
-with status 1; Ctrl-C
+with status 1 (bad flags at once: JAX is imported only after they are checked); Ctrl-C
 before it serves (JAX's import and the compiles take seconds, 40 s on a GPU host)
 prints ``serve_ranker: interrupted`` and exits with status 130.
 """
@@ -37,7 +37,7 @@ if __name__ == "__main__":  # until serving: Ctrl-C is one line, exit 130; SIGHU
 
 from absl import app, flags, logging  # noqa: E402
 
-from serving import client, grpc_util, ranker_service  # noqa: E402 (JAX: seconds)
+from serving import client, grpc_util, ranker_config  # noqa: E402 (no JAX: flags checked at once)
 
 _ARTIFACT = flags.DEFINE_string("artifact", None, "Serving artifact folder.", required=True)
 _SHARDS = flags.DEFINE_list(
@@ -197,16 +197,10 @@ def main(argv):
     del argv
     std_logging.getLogger("serving").setLevel(std_logging.INFO)
     t0 = time.perf_counter()
-    if _CACHE_DIR.value:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
-        # Every bucket program, however quick to compile here: on a GPU each takes seconds.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:  # a bad flag, artifact, address or shard: one line and exit status 1
         hedge_after_s = _hedge_after_s()
         grpc_util.check_seconds("log_every_s", _LOG_EVERY.value)  # not in the config
-        config = ranker_service.RankerServiceConfig(
+        config = ranker_config.RankerServiceConfig(
             artifact=_ARTIFACT.value,
             shards=tuple(_SHARDS.value),
             host=_HOST.value,
@@ -235,6 +229,14 @@ def main(argv):
             tls_cert=_TLS_CERT.value,
             tls_key=_TLS_KEY.value,
         )
+        from serving import ranker_service  # JAX: seconds, after the flags are checked
+
+        if _CACHE_DIR.value:
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", _CACHE_DIR.value)
+            # Every bucket program, however quick to compile: on a GPU each takes seconds.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         service = ranker_service.serve(config)
     except (ValueError, OSError, client.ServingError) as e:
         logging.debug("start-up failed", exc_info=True)  # --verbosity=1 shows it

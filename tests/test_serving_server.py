@@ -577,11 +577,13 @@ def test_echo_floors_answer_the_sizes_asked_for_and_refuse_garbage():
         assert raw.recv(16) == b""
 
 
-def test_server_and_client_import_no_jax():
+@pytest.mark.parametrize("launcher", ["serve_embeddings", "serve_ranker"])
+def test_server_and_client_import_no_jax(launcher):
+    # launch.serve_ranker too: its flags are checked (serving.ranker_config) before JAX loads.
     code = (
         "import sys\n"
         "import serving.embedding_server, serving.client, serving.echo_server\n"
-        "import launch.serve_embeddings\n"
+        f"import serving.ranker_config, launch.{launcher}\n"
         "bad = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'jaxlib', 'flax')))\n"
         "assert not bad, bad\n"
     )
