@@ -176,42 +176,6 @@ def test_rankers_sharing_a_gpu_get_a_share_of_its_memory_unless_told(monkeypatch
     assert bench_serving._ranker_env(3) == {}
 
 
-@pytest.mark.slow  # ~20 s: two rankers start one after the other
-@pytest.mark.multiprocess
-def test_rankers_one_at_a_time_each_get_a_turn_alone_and_the_same_lines(rank_workdir):
-    args = [
-        "--parts=rank",
-        "--duration_s=0.4",
-        "--warmup=3",
-        "--rank_rows=5000",
-        "--rank_candidates=100",
-        "--rank_shards=1",
-        "--rank_wires=quantized",
-        "--rank_clients=1,2",
-        "--rank_one_at_a_time",
-        f"--workdir={rank_workdir}",
-    ]
-    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
-    kinds = [x["kind"] for x in lines]
-    # Each ranker's counters are printed when its turn ends, before the comparisons.
-    assert kinds == ["rank_artifact", "rank_service", "rank_service"] + [
-        "rank_serial_floor", "rank", "rank"
-    ] * 2
-    services = [x for x in lines if x["kind"] == "rank_service"]
-    assert [x["mode"] for x in services] == ["monolithic", "hybrid"]
-    assert all(set(x["by_code"]) == {"OK"} for x in services)
-    for c in (1, 2):
-        mono, hybrid = (x for x in lines if x["kind"] == "rank" and x["clients"] == c)
-        (floor,) = (x for x in lines if x["kind"] == "rank_serial_floor" and x["clients"] == c)
-        assert mono["one_at_a_time"] and mono["mode"] == "monolithic" and mono["requests"] > 0
-        assert hybrid["p50_vs_monolithic"] == pytest.approx(
-            hybrid["p50_ms"] / mono["p50_ms"], abs=1e-3
-        )
-        assert floor["p50_vs_monolithic"] == pytest.approx(
-            floor["p50_ms"] / mono["p50_ms"], abs=1e-3
-        )
-
-
 # A child that runs bench_serving on an "accelerator" that takes one process: a
 # ranker started while another is alive fails as on the lent H200 hosts.
 _ONE_PROCESS_DEVICE = """
@@ -266,47 +230,47 @@ def test_rankers_fall_back_to_one_at_a_time_when_a_second_finds_no_device(tmp_pa
     assert all(x["one_at_a_time"] and x["requests"] > 0 for x in ranks)
 
 
-# One uncached and one cached hybrid (its cache holds every row) beside the monolithic
-# ranker, candidates from an ads inventory of 200 pins.
-_CACHED_RANK_ARGS = (
-    "--parts=rank", "--duration_s=0.4", "--rank_rows=5000", "--rank_candidates=100",
-    "--rank_shards=1", "--rank_wires=quantized", "--rank_clients=1",
-    "--rank_cache_rows=0,6000", "--rank_ad_pool=200",
-)
-
-
-@pytest.mark.slow  # ~15-25 s: three rankers
+# One run (its rankers start once: ~35 s on a 2-core box) for three things: the rankers
+# one at a time (--rank_one_at_a_time), a row cache with an ads inventory of 200 pins,
+# and Prefetch. One uncached and one cached hybrid (the cache holds every row) beside
+# the monolithic ranker, 1 and 2 clients.
+@pytest.mark.slow
 @pytest.mark.multiprocess
-def test_rank_part_with_a_row_cache_and_an_ads_inventory(rank_workdir):
-    args = [*_CACHED_RANK_ARGS, "--warmup=3", f"--workdir={rank_workdir}"]
+def test_rank_part_one_at_a_time_with_a_row_cache_an_ads_inventory_and_prefetch(rank_workdir):
+    args = ["--parts=rank", "--duration_s=0.4", "--rank_rows=5000", "--rank_candidates=100",
+            "--rank_shards=1", "--rank_wires=quantized", "--rank_clients=1,2",
+            "--rank_cache_rows=0,6000", "--rank_ad_pool=200", "--warmup=20", "--rank_prefetch",
+            "--rank_one_at_a_time", f"--workdir={rank_workdir}"]
     lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
+    kinds = [x["kind"] for x in lines]
+    # Each ranker's counters are printed when its turn ends, before the comparisons.
+    assert kinds == ["rank_artifact"] + ["rank_service"] * 3 + [
+        "rank_serial_floor", "rank", "rank", "rank"
+    ] * 2
     services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
-    assert sorted(services) == [("hybrid", 0), ("hybrid", 6000), ("monolithic", 0)]
+    assert list(services) == [("monolithic", 0), ("hybrid", 0), ("hybrid", 6000)]
     assert all(set(x["by_code"]) == {"OK"} for x in services.values())
     assert services["hybrid", 0]["cache_hit_rate"] is None
-    # 100 of an inventory of 200 pins and 100 of a few advertisers per call: after the
-    # first calls only the (random) user row misses.
-    assert services["hybrid", 6000]["cache_hit_rate"] > 0.9
-    ranks = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank"}
-    assert sorted(ranks) == sorted(services)
-    for x in ranks.values():
-        assert x["ad_pool"] == 200 and x["requests"] > 0
-
-
-@pytest.mark.slow  # ~15-25 s: three rankers
-@pytest.mark.multiprocess
-def test_rank_prefetch_reaches_the_rankers_that_cache_users_only(rank_workdir):
-    args = [*_CACHED_RANK_ARGS, "--warmup=20", "--rank_prefetch",
-            f"--workdir={rank_workdir}"]
-    lines = mp_util.json_lines("launch.bench_serving", args, timeout_s=300)
-    services = {(x["mode"], x["cache_rows"]): x for x in lines if x["kind"] == "rank_service"}
-    assert all(set(x["by_code"]) == {"OK"} for x in services.values())
     cached = services["hybrid", 6000]
+    # 100 of an inventory of 200 pins and 100 of a few advertisers per call, and the
+    # (random) user prefetched: after the first calls hardly a row misses.
+    assert cached["cache_hit_rate"] > 0.9
     # Every Rank call's user was prefetched first: fetched then, unless a random user
     # of the 5,000 came back while still cached.
     assert 0.8 * cached["by_code"]["OK"] <= cached["prefetch_rows"] <= cached["by_code"]["OK"]
     assert services["hybrid", 0]["prefetch_rows"] is None  # no cache: no Prefetch sent
-    assert all(x["prefetch"] for x in lines if x["kind"] == "rank")
+    for c in (1, 2):
+        ranks = {(x["mode"], x["cache_rows"]): x for x in lines
+                 if x["kind"] == "rank" and x["clients"] == c}
+        assert list(ranks) == list(services)
+        (floor,) = (x for x in lines if x["kind"] == "rank_serial_floor" and x["clients"] == c)
+        mono = ranks["monolithic", 0]
+        for x in ranks.values():
+            assert x["one_at_a_time"] and x["prefetch"] and x["ad_pool"] == 200
+            assert x["requests"] > 0
+        for x in (floor, ranks["hybrid", 0], ranks["hybrid", 6000]):
+            assert x["p50_vs_monolithic"] == pytest.approx(x["p50_ms"] / mono["p50_ms"],
+                                                           abs=1e-3)
 
 
 def test_rank_payloads_are_fresh_and_drawn_from_the_ads_inventory():
