@@ -84,7 +84,7 @@ _INT4_SOURCE = flags.DEFINE_string(
 def main(argv):
     del argv
     from jax_recsys import fsutil
-    from jax_recsys.quant import artifact, export
+    from jax_recsys.quant import artifact  # NumPy only: the checks below answer at once
 
     if _OUT.value:  # before any work (the --ablation row too)
         artifact.check_not_symlink(_OUT.value)
@@ -106,6 +106,8 @@ def main(argv):
                 raise ValueError(f"--workdir={_WORKDIR.value} holds a metrics.json that is not "
                                  "an export report (a training run's?), which the report would "
                                  "replace; give another --workdir")
+    from jax_recsys.quant import export  # JAX: seconds
+
     exporting = bool(_RANKER.value or _OUT.value) or not _ABLATION.value
     cfg = None
     if exporting:
