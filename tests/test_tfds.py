@@ -289,3 +289,45 @@ def test_engagements_take_the_contrastive_column_names(tmp_path):
     assert json.loads(b.builder_config.options) == {
         "table": "engagements", "window": [3, 6], "holdout_days": 1, "user_column": "uid",
         "item_column": "pin", "day_column": "date"}
+
+
+def test_windows_as_start_end_days_as_the_ranker_takes_them(tmp_path):
+    """A "START,END" window (the ranker's --config.data.*_window, serving_check's
+    --window) was taken for a window name: "no day window '0,2'", so a folder without
+    dataset.json could not be split by days given as text. The builders now read
+    windows as the ranker does, with its error messages."""
+    src = tmp_path / "csvds"
+    src.mkdir()
+    (src / "impressions.csv").write_text(
+        "user_id,item_id,click,conversion,day\n"
+        "u_a,p_1,1,0,0\nu_b,p_2,0,0,1\nu_a,p_3,1,1,2\nu_c,p_1,0,0,3\n")
+    (src / "engagements.csv").write_text(
+        "user_id,item_id,day\nu_a,p_1,0\nu_b,p_2,1\nu_c,p_3,2\nu_a,p_2,3\n")
+    b = tfds_builders.AdsImpressions(source_dir=src, data_dir=tmp_path / "tfds",
+                                     windows={"train": "0,2", "test": " 2 , 4 "})
+    b.download_and_prepare()
+    train = tfds_builders.read_columns(b.as_data_source("train"))
+    test = tfds_builders.read_columns(b.as_data_source("test"))
+    assert (train["user_id"].tolist(), train["item_id"].tolist()) == (["u_a", "u_b"],
+                                                                      ["p_1", "p_2"])
+    assert (test["user_id"].tolist(), test["click"].tolist()) == (["u_a", "u_c"], [1, 0])
+    assert b.info.metadata["windows"] == {"train": [0, 2], "test": [2, 4]}
+    e = tfds_builders.Engagements(source_dir=src, data_dir=tmp_path / "tfds", window="1,4",
+                                  holdout_days=1)
+    e.download_and_prepare()
+    assert tfds_builders.read_columns(e.as_data_source("train"))["item_id"].tolist() == [
+        "p_2", "p_3"]
+    assert tfds_builders.read_columns(e.as_data_source("valid"))["item_id"].tolist() == ["p_2"]
+    # The same messages as the ranker's (DatasetFolder.window_days).
+    ds = folder.DatasetFolder(src)
+    for bad in ("2,2", "train"):
+        with pytest.raises(folder.DataError) as want:
+            ds.window_days(bad)
+        for cls, kw in ((tfds_builders.AdsImpressions, {"windows": {"train": bad}}),
+                        (tfds_builders.Engagements, {"window": bad})):
+            with pytest.raises(folder.DataError) as got:
+                cls(source_dir=src, data_dir=tmp_path / "t2", **kw).download_and_prepare()
+            assert str(got.value) == str(want.value)
+    assert str(want.value) == (f"{src}: no day window 'train' (the folder has no "
+                               "dataset.json to name windows); or give days as START,END "
+                               "(END exclusive)")

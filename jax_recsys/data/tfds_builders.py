@@ -15,6 +15,10 @@ Two ``tfds.core.GeneratorBasedBuilder`` subclasses turn tables of a dataset fold
   day window (default ``fresh_pretrain``); ``train`` is the window, and with
   ``holdout_days > 0`` its last days form a ``valid`` split.
 
+A window is a name of ``dataset.json``'s ``splits`` (or its alias), ``"START,END"``
+days (END exclusive; what a folder without ``dataset.json`` needs) or a pair, read by
+``DatasetFolder.window_days`` as the ranker and ``serving_check`` read theirs.
+
 Usage (never ``tfds.load``/``as_dataset``, which need TensorFlow)::
 
     b = AdsImpressions(source_dir="data/world", data_dir="data/tfds")
@@ -46,7 +50,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jax_recsys.data.folder import DataError, DatasetFolder, check_day_window, select_days
+from jax_recsys.data.folder import DataError, DatasetFolder, select_days
 
 _CHUNK = 65536
 
@@ -180,7 +184,8 @@ class AdsImpressions(_FolderBuilder):
     Args:
       source_dir: the dataset folder.
       data_dir: where TFDS writes the prepared files (TFDS default if None).
-      windows: split -> window name or (start_day, end_day); default
+      windows: split -> window name, ``"START,END"`` days (END exclusive, as the
+        ranker's ``--config.data.*_window``) or (start_day, end_day); default
         ``{"train": "train", "valid": "valid", "test": "test"}`` (aliases of the
         ``ranker_*`` windows in dataset.json).
       table: the impressions table's name.
@@ -217,7 +222,7 @@ class AdsImpressions(_FolderBuilder):
                          timestamp_column=timestamp_column)
 
     def _windows(self) -> dict[str, tuple[int, int]]:
-        return {split: _resolve_window(self._folder, w) for split, w in self._window_spec.items()}
+        return {split: self._folder.window_days(w) for split, w in self._window_spec.items()}
 
 
 class Engagements(_FolderBuilder):
@@ -227,7 +232,8 @@ class Engagements(_FolderBuilder):
       source_dir: the dataset folder.
       data_dir: where TFDS writes the prepared files.
       window: window name in dataset.json (default "pretrain" = ``fresh_pretrain``;
-        "stale" for the stale window) or (start_day, end_day).
+        "stale" for the stale window), ``"START,END"`` days (END exclusive) or
+        (start_day, end_day).
       holdout_days: the window's last days form a ``valid`` split (0: no valid split).
       table: the engagements table's name.
       config_name: override the derived config name.
@@ -260,7 +266,7 @@ class Engagements(_FolderBuilder):
                          timestamp_column=timestamp_column)
 
     def _windows(self) -> dict[str, tuple[int, int]]:
-        start, end = _resolve_window(self._folder, self._window_spec)
+        start, end = self._folder.window_days(self._window_spec)
         if self._holdout_days == 0:
             return {"train": (start, end)}
         cut = end - self._holdout_days
@@ -276,12 +282,6 @@ def _renamed(init, **names) -> dict:
     builders took column names keep their name."""
     defaults = inspect.signature(init).parameters
     return {k: v for k, v in names.items() if v != defaults[k].default}
-
-
-def _resolve_window(folder: DatasetFolder, window) -> tuple[int, int]:
-    if isinstance(window, str):
-        return folder.day_window(window)
-    return check_day_window(*(int(x) for x in window))
 
 
 def read_columns(data_source, *, columns: Sequence[str] | None = None,
