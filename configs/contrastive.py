@@ -7,8 +7,9 @@ Command:
   writes the synthetic world of the matching size into WORKDIR/world.)
 
 Day window: `--config.data.window=stale` (a named window of the folder's
-dataset.json), or `--config.data.window_start=0 --config.data.window_end=20`
-(-1 = unset). Held-out pairs come from the `eval_days` days after the window.
+dataset.json), `--config.data.window=0,20` (days, END exclusive, as the ranker's
+windows) or `--config.data.window_start=0 --config.data.window_end=20` (-1 = unset).
+Held-out pairs come from the `eval_days` days after the window.
 
 Run time on a 2-core box: smoke ~1 min (mostly compilation); default world a few
 minutes per epoch (~10-30k examples/s at batch 4096).
@@ -39,7 +40,7 @@ def get_config(arg=None):
     c.data.type_column = "engagement_type"
     # Weight per engagement type: 0 = save, 1 = click, 2 = closeup.
     c.data.type_weights = (2.0, 1.0, 0.5)
-    # Named window ("fresh", "stale", ...), not together with the days below;
+    # Named window ("fresh", "stale", ...) or "START,END" days, not with the days below;
     # "auto" = the folder's fresh_pretrain window if it has one and no day below
     # is set; "" = the days below.
     c.data.window = "auto"

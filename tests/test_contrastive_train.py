@@ -1,5 +1,6 @@
 """Contrastive pretraining: data loading, sparse updates, sharded == unsharded, planted world."""
 
+import functools
 import gzip
 import math
 
@@ -128,6 +129,37 @@ def test_a_named_window_and_explicit_days_are_not_combined(tmp_path):
     assert days(window="stale") == ("stale", 0, 2)
     assert days(window_start=1) == ("", 1, 5)
     assert days(window_start=0, window_end=3) == ("", 0, 3)
+
+
+def test_window_as_start_end_days_as_the_ranker_takes_them(tmp_path):
+    """``window="0,2"`` (days, as the ranker's --config.data.train_window) was looked up
+    as a window name: "no day window '0,2' (the folder has no dataset.json to name
+    windows)", a folder without dataset.json could name no window at all."""
+    (tmp_path / "engagements.csv").write_text(
+        "uid,pin_id,ts\nu_a,p_1,10\nu_b,p_2,86410\nu_a,p_2,172810\nu_b,p_2,259210\n")
+    cfg = functools.partial(cd.ContrastiveDataConfig, path=str(tmp_path), user_column="uid",
+                            item_column="pin_id", timestamp_column="ts")
+    pairs = cd.load_pairs(cfg(window=" 1 , 3 "))
+    s = pairs.stats
+    assert (s["window"], s["window_start"], s["window_end"], s["eval_start"], s["eval_end"]) \
+        == (" 1 , 3 ", 1, 3, 3, 4)
+    assert (pairs.user_ids[pairs.train_user].tolist(), pairs.pin_ids[pairs.train_pin].tolist()) \
+        == (["u_b", "u_a"], ["p_2", "p_2"])
+    assert (pairs.user_ids[pairs.eval_user].tolist(), pairs.pin_ids[pairs.eval_pin].tolist()) \
+        == (["u_b"], ["p_2"])
+    # The ranker's messages (DatasetFolder.window_days); days given twice are refused.
+    with pytest.raises(DataError) as e:
+        cd.load_pairs(cfg(window="3,3"))
+    assert str(e.value) == ("empty day window '3,3': [3, 3) (START,END: END is exclusive and "
+                            "must be above START)")
+    with pytest.raises(DataError) as e:
+        cd.load_pairs(cfg(window="fresh"))
+    assert str(e.value) == (f"{tmp_path}: no day window 'fresh' (the folder has no "
+                            "dataset.json to name windows); or give days as START,END (END "
+                            "exclusive)")
+    with pytest.raises(ValueError, match="^give a named window or window_start/window_end, "
+                       "not both: window '1,3' with window_end=4"):
+        cfg(window="1,3", window_end=4)
 
 
 def test_load_pairs_errors_name_the_problem(tmp_path):

@@ -56,7 +56,8 @@ class ContrastiveDataConfig:
       type_weights: weight of engagement type t (t indexes the tuple; the world
         uses 0=save, 1=click, 2=closeup).
       window: a named day window of the folder (dataset.json "splits", aliases
-        "fresh"/"stale" allowed); a named window and window_start/window_end
+        "fresh"/"stale" allowed) or "START,END" days (END exclusive, as the ranker's
+        windows: `DatasetFolder.window_days`); a window and window_start/window_end
         together are refused. "auto": the folder's `fresh_pretrain` window when it
         has one and neither window_start nor window_end is given, else none.
       window_start, window_end: training days [start, end); None (and no
@@ -234,7 +235,7 @@ def load_pairs(cfg: ContrastiveDataConfig, folder=None) -> ContrastivePairs:
     if window == "auto":  # explicit days override it
         explicit = (cfg.window_start, cfg.window_end) != (None, None)
         window = "fresh_pretrain" if "fresh_pretrain" in folder.splits and not explicit else None
-    named = folder.day_window(window) if window else None
+    named = folder.window_days(window) if window else None
     w_end = (cfg.window_end if cfg.window_end is not None
              else named[1] if named else last_day + 1 - cfg.eval_days)
     w_start = (cfg.window_start if cfg.window_start is not None
