@@ -16,6 +16,9 @@ WORKDIR/pretrain/<facet>_<window>; existing facet checkpoints can be given inste
 with `--config.facet_dirs.cl_fresh=DIR` etc. The stale KG comes from the same world
 regenerated with its KG window set to the stale pretraining window (same seed, so the
 same logs; only kg/ differs).
+A relative path (a config file, a path in the flags, a facet dir) means the folder
+the ablation is started from, where the pretrainers run too; a config file not there is
+read from the checkout, as the defaults below are.
 
 Run time on a 2-core box: smoke ~5-10 min (21 tiny ranker runs, mostly compilation);
 default world: target under 30 min including pretraining (~1 min per ranker run).

@@ -26,6 +26,8 @@ def get_config(arg=None):
     smoke = arg == "smoke"
     suffix = ":smoke" if smoke else ""
     c = ml_collections.ConfigDict()
+    # Config files: relative to the folder the pipeline is started from, or, when not
+    # there, to the checkout (these defaults); the stages run in that folder.
     c.world_config = "configs/world.py" + suffix
     c.ablation_config = "configs/ablation.py" + suffix
     # Extra `--config.*` overrides passed to run_ablation, space-separated.

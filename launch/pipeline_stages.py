@@ -29,14 +29,56 @@ from jax_recsys import fsutil
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def config_file(spec: str) -> pathlib.Path:
+    """The file of config ``FILE[:ARG]``, absolute: ``FILE`` as given when absolute; a
+    relative one in the current folder (the one the pipeline or ablation was started
+    from, where its children run too), or, when it is not there, in the checkout (the
+    configs' defaults, ``configs/...``, name the project's own files from any folder).
+    A file found in both that differs gets a warning naming the one read.
+
+    Raises:
+      FileNotFoundError: no such file, one line naming where it was looked for.
+    """
+    path = pathlib.Path(spec.partition(":")[0])
+    if path.is_absolute():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        return path
+    here, repo = pathlib.Path.cwd() / path, _REPO / path
+    if here.is_file():
+        if repo.is_file() and here.resolve() != repo.resolve():
+            _warn_shadowed(str(here), str(repo))
+        return here
+    if repo.is_file():
+        return repo
+    raise FileNotFoundError(f"config file {path} not found in the current folder "
+                            f"({pathlib.Path.cwd()}) nor in the checkout ({_REPO})")
+
+
+@functools.cache
+def _warn_shadowed(here: str, repo: str) -> None:
+    """Once per file: a relative config name found in the current folder (read) and
+    in the checkout (not read), with other content."""
+    if pathlib.Path(here).read_bytes() != pathlib.Path(repo).read_bytes():
+        logging.warning("config file %s is read, not the checkout's %s (a relative config "
+                        "path is read against the current folder first)", here, repo)
+
+
+def resolved_spec(spec: str) -> str:
+    """Config ``FILE[:ARG]`` with ``FILE`` made absolute by `config_file`, for a child
+    process (whatever folder it runs in)."""
+    _, colon, arg = spec.partition(":")
+    return f"{config_file(spec)}{colon}{arg}"
+
+
 def load_config(spec: str):
-    """Evaluates config ``FILE[:ARG]`` (a path relative to the repository root or
-    absolute) the way ``--config=FILE[:ARG]`` does: ``FILE``'s ``get_config(ARG)``."""
-    path, _, arg = spec.partition(":")
-    fpath = pathlib.Path(path) if pathlib.Path(path).is_absolute() else _REPO / path
+    """Evaluates config ``FILE[:ARG]`` (``FILE`` found by `config_file`) the way
+    ``--config=FILE[:ARG]`` does: ``FILE``'s ``get_config(ARG)``."""
+    _, _, arg = spec.partition(":")
+    fpath = config_file(spec)
     module_spec = importlib.util.spec_from_file_location("_pipeline_config", fpath)
-    if module_spec is None or not fpath.is_file():
-        raise FileNotFoundError(f"config file {fpath} not found")
+    if module_spec is None:
+        raise FileNotFoundError(f"config file {fpath} is not a Python file")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
@@ -47,7 +89,10 @@ class Stage:
 
     Args:
       name: the stage's name (``--force`` takes it).
-      cmd: the command (run from the repository root), or None with ``fn``.
+      cmd: the command, or None with ``fn``. It runs in the current folder (the one
+        the pipeline was started from, so a relative path in ``ablation_flags`` means
+        what it means there); its ``--config=FILE[:ARG]`` arguments are given to it
+        with ``FILE`` absolute (`resolved_spec`), and the key holds them as given.
       done_file: the file the stage writes last; present = finished.
       summarize: ``workdir -> one-line summary``.
       fn: in-process work instead of ``cmd``.
@@ -91,8 +136,8 @@ class Stage:
 def _portable_arg(arg: str, wd: pathlib.Path | None) -> str:
     """A command argument as a stage key holds it: the interpreter as ``python``; an
     absolute path (alone or as ``--flag=PATH``) inside workdir ``wd`` as
-    ``$WORKDIR/REL``, else inside the repository as REL (the commands run from the
-    repository root, so it names the same file); any other argument as given (a
+    ``$WORKDIR/REL``, else inside the repository as REL (the form the configs'
+    defaults, ``configs/...``, are given in); any other argument as given (a
     path outside both, e.g. a user's dataset, is part of what the stage reads)."""
     if arg == sys.executable:
         return "python"
@@ -147,9 +192,8 @@ def config_fingerprint(spec: str) -> str:
         text = cfg.to_json_best_effort(sort_keys=True) if hasattr(cfg, "to_json_best_effort") \
             else json.dumps(cfg, sort_keys=True, default=str)
     except Exception:  # a broken or missing config: its bytes (the stage reports the error)
-        path = pathlib.Path(spec.partition(":")[0])
         try:
-            text = (path if path.is_absolute() else _REPO / path).read_bytes().hex()
+            text = config_file(spec).read_bytes().hex()
         except OSError:
             text = "missing"
     return hashlib.sha256(text.encode()).hexdigest()
@@ -253,7 +297,8 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
     print(f"[{stage.name}] running ...", flush=True)
     t0 = time.time()
     if stage.cmd is not None:
-        cmd = [*stage.cmd, *(stage.forced_args if user_forced else ())]
+        cmd = [_resolved_config_arg(a) for a in stage.cmd]
+        cmd += stage.forced_args if user_forced else ()
         logging.info("%s", " ".join(shlex.quote(c) for c in cmd))
         code = _run_command(stage.name, cmd, timeout_s)
         if code != 0:
@@ -270,10 +315,18 @@ def _run_stage(stage: Stage, wd: pathlib.Path, force: bool, timeout_s: int,
     return {**out, "skipped": False}
 
 
+def _resolved_config_arg(arg: str) -> str:
+    """A stage's ``--config=FILE[:ARG]`` argument with ``FILE`` absolute (`resolved_spec`);
+    any other argument as it is."""
+    if not arg.startswith("--config="):
+        return arg
+    return "--config=" + resolved_spec(arg.split("=", 1)[1])
+
+
 def _run_command(name: str, cmd: list[str], timeout_s: int) -> int:
     """Runs ``cmd`` in its own process group; on timeout or interrupt the whole group
     (the stage and every process it started) is stopped, never left running."""
-    proc = subprocess.Popen(cmd, cwd=_REPO, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -385,7 +438,8 @@ _SERVING_CHECKED = ("num_shards", "num_requests", "candidates", "concurrency", "
 
 def check(cfg, plan: dict) -> None:
     """Refuses, before anything runs, an export, a serving check or a stage timeout that
-    could only fail after the ablation (with the rules of export_int4 and serving_check)."""
+    could only fail after the ablation (with the rules of export_int4 and serving_check),
+    and a config file (the world's, the ablation's pretraining ones) that is not there."""
     e = cfg.export
     problems = []
     if not (math.isfinite(cfg.stage_timeout_s) and cfg.stage_timeout_s > 0):
@@ -410,6 +464,13 @@ def check(cfg, plan: dict) -> None:
                         "would not be saved; add it with --config.ablation_flags)")
     if e.seed not in plan["seeds"]:
         problems.append(f"export.seed={e.seed} is not an ablation seed {plan['seeds']}")
+    cl, kg = plan["configs"]  # the ablation's own file is loaded by ablation_plan
+    for key, spec in (("world_config", cfg.world_config), ("the ablation's pretrain.cl_config", cl),
+                      ("the ablation's pretrain.kg_config", kg)):
+        try:
+            config_file(spec)
+        except FileNotFoundError as err:
+            problems.append(f"{key}={spec!r}: {err}")
     if problems:
         raise ValueError("pipeline config: " + "; ".join(problems))
 

@@ -16,6 +16,16 @@ moved or copied elsewhere (mtimes kept: mv, cp -a) keeps its runs and facets; th
 made until 2026-11-27, whose keys held the path, are recognized through the path
 then given or recorded in the report of the last finished ablation (WORKDIR/ablation.json
 or metrics.json), and their keys rewritten.
+
+Relative paths mean the folder the ablation is started from, for every one of them:
+the pretrainers run there. A config file (``pretrain.cl_config`` / ``kg_config``,
+``FILE[:ARG]``) is read from there, or, when it is not there, from the checkout (the
+defaults, ``configs/...``, work from any folder; a file of that name in both that
+differs gets a warning), and given to the pretrainer absolute; a path in
+``pretrain.cl_flags`` / ``kg_flags`` (e.g. ``--config.data.path=DIR``) reaches it as
+given. A missing config file or facet dir (``facet_dirs``) ends the run with one line
+naming it before anything runs. The keys hold a config as given (and its resolved
+content), so a moved folder keeps its facets.
 """
 
 from __future__ import annotations
@@ -50,23 +60,31 @@ def _define_flags():
         "Retrain every run and pretrain every facet instead of reusing finished ones.")
 
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
 def _run(module: str, config: str, out: pathlib.Path, extra: list[str], timeout_s: int) -> None:
-    # It runs in the checkout (configs/... are relative to it): a relative --workdir of
-    # run_ablation started elsewhere put the facet into the checkout, and the run
-    # then failed with "ablrel/pretrain/cl_fresh/facet_cl is not a facet checkpoint".
-    cmd = [sys.executable, "-m", module, f"--config={config}",
+    """Runs pretrainer ``module`` with config ``config`` into ``out``.
+
+    It runs in this process's folder, so a relative path in ``extra`` (``cl_flags``,
+    ``kg_flags``) means the folder the ablation was started from, and gets ``config``
+    with its file absolute (`pipeline_stages.resolved_spec`: from that folder, else
+    from the checkout, where the defaults are). It ran in the checkout, which read a
+    relative path and a relative config there."""
+    from launch import pipeline_stages
+
+    cmd = [sys.executable, "-m", module, f"--config={pipeline_stages.resolved_spec(config)}",
            f"--workdir={os.path.abspath(out)}", *extra]
     logging.info("running %s", " ".join(shlex.quote(c) for c in cmd))
-    subprocess.run(cmd, cwd=_REPO, check=True, timeout=timeout_s)
+    subprocess.run(cmd, check=True, timeout=timeout_s)
 
 
 def _config_file_digest(spec: str) -> str | None:
-    """Digest of a ``FILE[:ARG]`` config's file (relative to the repository root)."""
-    path = pathlib.Path(spec.partition(":")[0])
-    return fsutil.file_digest(path if path.is_absolute() else _REPO / path)
+    """Digest of a ``FILE[:ARG]`` config's file (`pipeline_stages.config_file`), None
+    when it is not there."""
+    from launch import pipeline_stages
+
+    try:
+        return fsutil.file_digest(pipeline_stages.config_file(spec))
+    except FileNotFoundError:
+        return None
 
 
 def _cl_args(p, window: str) -> list[str]:
@@ -159,6 +177,41 @@ def _stale_kg_world(data_path: str, out: pathlib.Path) -> str:
     return str(out)
 
 
+def _facet_dirs(given) -> tuple[tuple[str, str], ...]:
+    """config.facet_dirs as ("cl/fresh", absolute dir) pairs (a relative one: from the
+    current folder, as recorded in ablation.json); ValueError naming one that is not a
+    facet checkpoint, before any pretraining or training."""
+    out = []
+    for k, v in given.items():
+        if not v:
+            continue
+        path = os.path.abspath(v)
+        if not os.path.isfile(os.path.join(path, "facet.json")):
+            raise ValueError(f"facet_dirs.{k}={v}: {path} is not a facet checkpoint "
+                             "(no facet.json)")
+        out.append((k.replace("_", "/", 1), path))
+    return tuple(out)
+
+
+def _check_pretrain_configs(p, config) -> None:
+    """FileNotFoundError, one line, for pretrain.cl_config / kg_config of a facet to be
+    pretrained whose file is not there (`pipeline_stages.config_file`), before any
+    pretraining (the second pretrainer's child found out after the first had run)."""
+    from jax_recsys.ranking import ablation
+    from launch import pipeline_stages
+
+    given = dict(config.facet_dirs)
+    needed = {f for v in config.variants if v in ablation.VARIANTS
+              for f in ablation.VARIANTS[v].facets
+              if f"{f}/{ablation.VARIANTS[v].window}" not in given}
+    for facet in sorted(needed):
+        spec = p[f"{facet}_config"]
+        try:
+            pipeline_stages.config_file(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"pretrain.{facet}_config={spec!r}: {e}") from None
+
+
 def parse_seeds(value) -> tuple[int, ...]:
     """config.seeds as ints: a non-empty list of distinct seeds >= 0 (`--config.seeds=0,1,2`;
     run_pipeline checks its ablation's seeds with it before any stage runs)."""
@@ -219,11 +272,11 @@ def main(argv):
         facet_missing=cfg.ranker.get("facet_missing", "random"),
         variants=names(cfg.variants),
         seeds=seeds,
-        facet_dirs=tuple((k.replace("_", "/", 1), v) for k, v in cfg.facet_dirs.items() if v),
+        facet_dirs=_facet_dirs(cfg.facet_dirs),
         save_ranker_variants=names(cfg.save_ranker_variants),
     )
-    # Absolute: the pretrainers run in the checkout, and ablation.json records it for
-    # export_int4 (a relative path was read against their folders).
+    _check_pretrain_configs(cfg.pretrain, config)
+    # Absolute: ablation.json records it for export_int4, which may run in another folder.
     data_path = os.path.abspath(common.dataset_path(cfg.ranker, workdir, key="ranker.data"))
     config = dataclasses.replace(config, base=train_ranker.with_data_path(config.base, data_path))
     p = cfg.pretrain

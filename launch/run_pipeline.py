@@ -3,8 +3,10 @@ live hybrid serving check → report.md.
 
   python -m launch.run_pipeline --config=configs/pipeline.py[:smoke] --workdir=DIR
 
-Each stage runs its own entry point in a subprocess (so its flags and outputs are
-exactly what a user would get running it by hand) and leaves a marker
+Each stage runs its own entry point in a subprocess, in the folder the pipeline was
+started from (so its flags, relative paths included, and outputs are exactly what a
+user would get running it by hand there; a config file of a relative path is read
+from there, else from the checkout: `pipeline_stages.config_file`) and leaves a marker
 `DIR/stages/<stage>.json` with its key, written only once the stage has succeeded
 (a stage about to run first removes its marker and its output file, so a killed
 stage is never taken for a finished one). The key hashes the command, the resolved

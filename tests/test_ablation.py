@@ -591,12 +591,86 @@ def test_a_damaged_run_metrics_json_is_retrained_with_a_line_naming_it(tmp_path,
     assert json.loads((runs / "kg_s0" / "metrics.json").read_text())["test"]["cvr_auc"] != "NaN"
 
 
+def test_pretrainers_run_in_the_current_folder_with_their_config_made_absolute(
+        tmp_path, monkeypatch):
+    # They ran in the checkout: --config.pretrain.cl_config=my_cl.py:smoke given in another
+    # folder ended "No such file or directory: 'my_cl.py'", a changed copy of
+    # configs/contrastive.py there was silently passed over for the checkout's, and
+    # "--config.data.path=mydata" in cl_flags ended "mydata: dataset folder not found".
+    from launch import run_ablation
+
+    calls = []
+    monkeypatch.setattr(run_ablation.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw)))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "configs" / "contrastive.py", tmp_path / "my_cl.py")
+    run_ablation._run("launch.pretrain_contrastive", "my_cl.py:smoke", pathlib.Path("out"),
+                      ["--config.data.path=mydata"], 60)
+    run_ablation._run("launch.pretrain_kg", "configs/kg.py:smoke", tmp_path / "kg", [], 60)
+    assert calls == [
+        ([sys.executable, "-m", "launch.pretrain_contrastive", f"--config={tmp_path}/my_cl.py:smoke",
+          f"--workdir={tmp_path}/out", "--config.data.path=mydata"], {"check": True, "timeout": 60}),
+        ([sys.executable, "-m", "launch.pretrain_kg", f"--config={REPO}/configs/kg.py:smoke",
+          f"--workdir={tmp_path}/kg"], {"check": True, "timeout": 60})]
+
+
+def test_pretrain_keys_hold_a_relative_config_as_given_and_its_content_from_the_current_folder(
+        tmp_path, monkeypatch):
+    # The key's resolved config of my_cl.py:smoke was that of the checkout's my_cl.py:
+    # "missing", whatever the file given held.
+    from launch import pipeline_stages, run_ablation
+
+    _write_data(tmp_path / "a" / "world")
+    shutil.copytree(tmp_path / "a" / "world", tmp_path / "b" / "world")  # mtimes kept
+    for d in ("a", "b"):
+        shutil.copy(REPO / "configs" / "contrastive.py", tmp_path / d / "my_cl.py")
+    p = ml_collections.ConfigDict({**_PRETRAIN, "cl_config": "my_cl.py:smoke"})
+
+    def key(root):
+        monkeypatch.chdir(root)
+        return run_ablation.pretrain_keys(p, str(root / "world"), root / "ablation")["cl"]("fresh")[0]
+
+    a = key(tmp_path / "a")
+    assert json.loads(a)[1:4] == ["my_cl.py:smoke", ["--config.data.window=fresh", *_PRETRAIN["cl_flags"].split()],
+                                  {"resolved_config": pipeline_stages.config_fingerprint(
+                                      f"{REPO}/configs/contrastive.py:smoke")}]
+    assert key(tmp_path / "b") == a  # the folder moved, its config with it
+    cl = tmp_path / "b" / "my_cl.py"
+    cl.write_text(cl.read_text().replace("c.model.dim = 16 if smoke", "c.model.dim = 8 if smoke"))
+    assert key(tmp_path / "b") != a
+
+
+def test_missing_pretrain_configs_and_facet_dirs_are_named_before_anything_runs(
+        tmp_path, monkeypatch):
+    from launch import run_ablation
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save_facet(tmp_path / "f", facet="cl", tables={"user": np.zeros((2, 4), np.float32)},
+                          vocabs={"user": np.arange(2)})
+    dirs = run_ablation._facet_dirs(ml_collections.ConfigDict(
+        {"cl_fresh": "f", "cl_stale": "", "kg_fresh": "", "kg_stale": ""}))
+    assert dirs == (("cl/fresh", str(tmp_path / "f")),)  # absolute, as ablation.json records it
+    with pytest.raises(ValueError) as e:
+        run_ablation._facet_dirs(ml_collections.ConfigDict({"kg_stale": "g"}))
+    assert str(e.value) == f"facet_dirs.kg_stale=g: {tmp_path / 'g'} is not a facet checkpoint (no facet.json)"
+    p = ml_collections.ConfigDict({**_PRETRAIN, "cl_config": "my_cl.py", "kg_config": "my_kg.py:smoke"})
+    base = T.TrainConfig(data=T.DataConfig(path=""), batch_size=256)
+    cfg = A.AblationConfig(base=base, variants=("no_large_tables", "cl", "kg"), facet_dirs=dirs)
+    with pytest.raises(FileNotFoundError) as e:
+        run_ablation._check_pretrain_configs(p, cfg)  # cl/fresh is given: its config is not read
+    assert str(e.value) == (
+        f"pretrain.kg_config='my_kg.py:smoke': config file my_kg.py not found in the current "
+        f"folder ({tmp_path}) nor in the checkout ({REPO})")
+    shutil.copy(REPO / "configs" / "kg.py", tmp_path / "my_kg.py")
+    run_ablation._check_pretrain_configs(p, cfg)
+
+
 @pytest.mark.slow  # ~30-60 s: one contrastive pretraining and two ranker runs, real processes
 def test_run_ablation_with_relative_paths_from_another_folder(tmp_path):
-    # Its pretrainers run in the checkout: --workdir=abl from elsewhere put the facet into
+    # Its pretrainers ran in the checkout: --workdir=abl from elsewhere put the facet into
     # the checkout's abl/ and ended "abl/pretrain/cl_fresh/facet_cl is not a facet
     # checkpoint"; --config.ranker.data.path=mydata was read against the checkout too,
-    # and ablation.json recorded it relative, for export_int4 to read against its own.
+    # and ablation.json recorded it relative, for export_int4 to read against its own;
+    # --config.pretrain.cl_config=my_cl.py:smoke was not found there.
     import subprocess
     import sys
 
@@ -613,15 +687,19 @@ def test_run_ablation_with_relative_paths_from_another_folder(tmp_path):
     meta["tables"]["engagements"] = t
     meta["splits"]["fresh_pretrain"] = [0, 2]
     (here / "mydata" / "dataset.json").write_text(json.dumps(meta))
+    cl = (REPO / "configs" / "contrastive.py").read_text()
+    (here / "my_cl.py").write_text(cl.replace("c.model.dim = 16 if smoke", "c.model.dim = 8 if smoke"))
     proc = subprocess.run(
         [sys.executable, "-m", "launch.run_ablation",
          f"--config={mp_util.REPO}/configs/ablation.py:smoke", "--config.ranker.data.path=mydata",
          "--workdir=abl", "--config.variants=no_large_tables,cl", "--config.seeds=0",
          "--config.ranker.entities=user:user_id,pin:item_id",
-         "--config.pretrain.cl_flags=--config.train.max_steps=1"],
+         "--config.pretrain.cl_flags=--config.train.max_steps=1",
+         "--config.pretrain.cl_config=my_cl.py:smoke"],
         cwd=here, env=mp_util.child_env(1), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (here / "abl" / "pretrain" / "cl_fresh" / "facet_cl" / "facet.json").exists()
+    facet = json.loads((here / "abl" / "pretrain" / "cl_fresh" / "facet_cl" / "facet.json").read_text())
+    assert {t: v["dim"] for t, v in facet["tables"].items()} == {"pin": 8, "user": 8}  # my_cl.py's
     assert not (mp_util.REPO / "abl").exists()
     result = json.loads((here / "abl" / "ablation.json").read_text())
     assert result["data"]["path"] == str(here / "mydata")

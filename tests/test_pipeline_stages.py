@@ -376,6 +376,84 @@ def test_config_fingerprint_is_stable_and_resolved(tmp_path):
     assert len(missing) == 64 and missing != a
 
 
+def _where_config(path, where):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("def get_config(arg=None):\n"
+                    f"    return {{'where': {where!r}, 'arg': arg}}\n")
+
+
+def test_a_relative_config_is_read_from_the_current_folder_then_the_checkout(
+        tmp_path, monkeypatch, caplog):
+    # It was read against the checkout only: --config.world_config=my_world.py:smoke given
+    # in another folder was not found, and configs/world.py there (a changed copy) was
+    # silently taken for the checkout's.
+    monkeypatch.chdir(tmp_path)
+    _where_config(tmp_path / "my_world.py", "here")
+    _where_config(tmp_path / "configs" / "world.py", "here too")
+    assert rp.load_config("my_world.py:smoke") == {"where": "here", "arg": "smoke"}
+    with caplog.at_level("WARNING"):
+        assert rp.load_config("configs/world.py") == {"where": "here too", "arg": None}
+        rp.load_config("configs/world.py:smoke")
+    assert [r.getMessage() for r in caplog.records if "checkout's" in r.getMessage()] == [
+        f"config file {tmp_path}/configs/world.py is read, not the checkout's "
+        f"{rp._REPO}/configs/world.py (a relative config path is read against the current "
+        "folder first)"]  # once
+    assert rp.resolved_spec("my_world.py:smoke") == f"{tmp_path}/my_world.py:smoke"
+    assert rp.resolved_spec("configs/kg.py:smoke") == f"{rp._REPO}/configs/kg.py:smoke"
+    assert rp.config_fingerprint("configs/world.py:smoke") != \
+        rp.config_fingerprint(f"{rp._REPO}/configs/world.py:smoke")
+    with pytest.raises(FileNotFoundError) as e:
+        rp.config_file("nope.py:smoke")
+    assert str(e.value) == (f"config file nope.py not found in the current folder ({tmp_path}) "
+                            f"nor in the checkout ({rp._REPO})")
+
+
+def test_a_stage_runs_in_the_current_folder_with_its_config_absolute_keyed_as_given(
+        tmp_path, monkeypatch):
+    # Stages ran in the checkout with --config as given: a relative config or a relative
+    # path in ablation_flags, given in another folder, was read against the checkout.
+    log, wd = tmp_path / "log.json", tmp_path / "wd"
+    script = ("import json, os, pathlib, sys; "
+              f"open({str(log)!r}, 'w').write(json.dumps([os.getcwd(), *sys.argv[1:]])); "
+              f"pathlib.Path({str(wd / 'done')!r}).write_text('ok')")
+
+    def stage():
+        return rp.Stage("world", [sys.executable, "-c", script, "--config=c.py:smoke",
+                                  "--data=mydata"], wd / "done", lambda wd: "")
+
+    wd.mkdir()
+    for d in ("a", "b"):
+        _where_config(tmp_path / d / "c.py", "a")
+    monkeypatch.chdir(tmp_path / "a")
+    rp.run_stages([stage()], wd, set(), 60)
+    assert json.loads(log.read_text()) == [
+        str(tmp_path / "a"), f"--config={tmp_path}/a/c.py:smoke", "--data=mydata"]
+    key = rp.read_json(wd / "stages" / "world.json")["key"]
+    assert key == stage().keys(wd=wd)[0]
+    monkeypatch.chdir(tmp_path / "b")  # the same config elsewhere: the same key
+    assert stage().keys(wd=wd)[0] == key
+    _where_config(tmp_path / "b" / "c.py", "b")  # its content counts
+    assert stage().keys(wd=wd)[0] != key
+
+
+def test_a_missing_config_file_is_refused_before_any_stage_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summaries = dict.fromkeys(("world", "ablation", "export", "serving"), lambda wd: "")
+    cfg = rp.load_config("configs/pipeline.py:smoke")
+    cfg.world_config = "my_world.py:smoke"
+    cfg.ablation_flags += " --config.pretrain.kg_config=my_kg.py"
+    with pytest.raises(ValueError) as e:
+        rp.build(cfg, tmp_path / "wd", summaries=summaries)
+    where = f"not found in the current folder ({tmp_path}) nor in the checkout ({rp._REPO})"
+    assert str(e.value) == (
+        f"pipeline config: world_config='my_world.py:smoke': config file my_world.py {where}; "
+        f"the ablation's pretrain.kg_config='my_kg.py': config file my_kg.py {where}")
+    _where_config(tmp_path / "my_world.py", "here")
+    _where_config(tmp_path / "my_kg.py", "here")
+    world = rp.build(cfg, tmp_path / "wd", summaries=summaries)[0]
+    assert "--config=my_world.py:smoke" in world.cmd  # as given; absolute when it runs
+
+
 def test_a_stage_made_by_other_code_is_skipped_but_says_so(tmp_path, monkeypatch, capsys):
     wd = tmp_path / "wd"
     monkeypatch.setattr(rp, "code_digest", lambda: "aaaa")
