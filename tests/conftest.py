@@ -3,6 +3,7 @@ before JAX is imported anywhere."""
 
 import atexit
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -45,6 +46,17 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(autouse=True)
+def _absl_logger_level():
+    """Restores the "absl" logger's level after each test: absl sets it (WARNING) when
+    its --verbosity flag is reset (``flags.FLAGS.unparse_flags()``), and a later test in
+    the same worker then saw no INFO record logged through absl (Orbax's)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

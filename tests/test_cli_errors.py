@@ -1368,7 +1368,9 @@ def test_orbax_info_logs_are_left_out_of_the_console(tmp_path, monkeypatch, capl
 
     handler = absl_logging.get_absl_handler()
     monkeypatch.setattr(handler, "filters", [])  # the filters this test adds go with it
-    with caplog.at_level(logging.INFO):
+    # The "absl" logger's own level too: absl sets it (WARNING) when its --verbosity flag
+    # is reset, as a test before this one in the same process may have done.
+    with caplog.at_level(logging.INFO, logger="absl"), caplog.at_level(logging.INFO):
         with checkpoint.Checkpointer(tmp_path / "ck") as ck:  # real Orbax records
             ck.save(1, {"w": np.ones(3)})
         absl_logging.info("step 1: loss 0.5")  # ours
